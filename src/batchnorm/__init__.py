@@ -1,0 +1,27 @@
+"""batchnorm: the complete Keras/TensorFlow batch-normalization system for PyTorch.
+
+Example:
+    >>> import torch, batchnorm
+    >>> layer = batchnorm.BatchNormalization(axis=1)       # NCHW, built on the first call
+    >>> y = layer(torch.randn(8, 3, 5, 5), training=True)  # batch statistics, moving update
+    >>> y = layer(torch.randn(2, 3, 5, 5), training=False) # moving statistics
+"""
+
+from batchnorm import constraints, functional, initializers, regularizers
+from batchnorm._batch_normalization import BatchNormalization
+from batchnorm._constraint_hook import apply_constraints, apply_constraints_after_step
+from batchnorm.functional import BatchNormStatistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormStatistics",
+    "BatchNormalization",
+    "__version__",
+    "apply_constraints",
+    "apply_constraints_after_step",
+    "constraints",
+    "functional",
+    "initializers",
+    "regularizers",
+]

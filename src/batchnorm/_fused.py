@@ -1,0 +1,62 @@
+"""tf-keras' choice between its fused and non-fused batch-norm paths.
+
+It matters beyond speed: the fused path stores the Bessel-corrected batch variance in
+``moving_variance``, the non-fused path the biased one, and the fused path ignores ``mask``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fused_unsupported_reason(
+    *,
+    axis: list[int],
+    renorm: bool,
+    virtual_batch_size: int | None,
+    adjustment_given: bool,
+    compute_dtype: torch.dtype,
+) -> str | None:
+    """Why ``fused=True`` cannot be honoured (tf-keras' ``_raise_if_fused_cannot_be_used``), or None."""
+    if renorm:
+        return "Passing both `fused=True` and `renorm=True` is not supported."
+    if len(axis) > 1 or axis[0] not in (-4, -3, -1, 1, 3, 4):
+        return (
+            "Passing `fused=True` is only supported when axis is 1 or 3 for input rank 4, "
+            f"or 1 or 4 for input rank 5. Received: axis={axis}"
+        )
+    if virtual_batch_size is not None:
+        return "Passing `fused=True` is not supported when `virtual_batch_size` is specified."
+    if adjustment_given:
+        return "Passing `fused=True` is not supported when `adjustment` is specified."
+    if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return (
+            "Passing `fused=True` is only supported when the compute dtype is float16, bfloat16 "
+            f"or float32. Received: dtype={compute_dtype}"
+        )
+    return None
+
+
+def resolve_fused_at_build(fused: bool | None, axes: tuple[int, ...], rank: int) -> bool:
+    """tf-keras' build-time resolution: fused needs rank 4 or 5 with the channel first or last.
+
+    ``fused=None`` on rank 4/5 with an unusable axis silently falls back on rank 5 but raises on
+    rank 4, exactly as tf-keras does.
+    """
+    if fused is False:
+        return False
+    if rank not in (4, 5):
+        if fused:
+            raise ValueError(
+                "Batch normalization layers with `fused=True` only support 4D or 5D input "
+                f"tensors. Received: an input of rank {rank}"
+            )
+        return False
+    if axes in ((1,), (rank - 1,)):
+        return True
+    if rank == 5:
+        return False
+    raise ValueError(
+        "Unsupported axis. The use of `fused=True` is only possible with `axis=1` or `axis=3` "
+        f"for 4D input tensors. Received: axis={axes}"
+    )

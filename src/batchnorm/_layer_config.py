@@ -1,0 +1,79 @@
+"""get_config / from_config for BatchNormalization, compatible with tf-keras and Keras 3 configs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from batchnorm.constraints import serialize_constraint
+from batchnorm.initializers import serialize_initializer
+from batchnorm.regularizers import serialize_regularizer
+
+if TYPE_CHECKING:
+    from batchnorm._batch_normalization import BatchNormalization
+
+_INIT_KEYS = {
+    "num_features", "axis", "momentum", "epsilon", "center", "scale",
+    "beta_initializer", "gamma_initializer", "moving_mean_initializer",
+    "moving_variance_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
+    "gamma_constraint", "renorm", "renorm_clipping", "renorm_momentum", "fused", "trainable",
+    "virtual_batch_size", "dtype", "name",
+}
+# Keys Keras writes that carry nothing this layer needs.
+_IGNORED_KERAS_KEYS = {"batch_input_shape", "input_shape", "build_config", "module", "registered_name"}
+
+
+def layer_config(layer: BatchNormalization) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "name": layer.name,
+        "trainable": layer.trainable,
+        "dtype": layer.dtype_policy.name,
+        "axis": list(layer.axis) if isinstance(layer.axis, list) else layer.axis,
+        "momentum": layer.momentum,
+        "epsilon": layer.epsilon,
+        "center": layer.center,
+        "scale": layer.scale,
+        "beta_initializer": serialize_initializer(layer.beta_initializer),
+        "gamma_initializer": serialize_initializer(layer.gamma_initializer),
+        "moving_mean_initializer": serialize_initializer(layer.moving_mean_initializer),
+        "moving_variance_initializer": serialize_initializer(layer.moving_variance_initializer),
+        "beta_regularizer": serialize_regularizer(layer.beta_regularizer),
+        "gamma_regularizer": serialize_regularizer(layer.gamma_regularizer),
+        "beta_constraint": serialize_constraint(layer.beta_constraint),
+        "gamma_constraint": serialize_constraint(layer.gamma_constraint),
+    }
+    if layer.renorm:
+        config["renorm"] = True
+        config["renorm_clipping"] = dict(layer.renorm_clipping)
+        config["renorm_momentum"] = layer.renorm_momentum
+    if layer.virtual_batch_size is not None:
+        config["virtual_batch_size"] = layer.virtual_batch_size
+    if layer._fused_argument is not None:
+        config["fused"] = layer._fused_argument
+    if layer.built:
+        shape = tuple(layer.moving_mean.shape)
+        config["num_features"] = shape[0] if len(shape) == 1 else list(shape)
+    return config
+
+
+def layer_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(config, Mapping):
+        raise TypeError(f"`config` must be a dict. Received: config of type {type(config).__name__}")
+    # A full Keras layer entry {"class_name": "BatchNormalization", "config": {...}} is unwrapped.
+    if "config" in config and "class_name" in config:
+        config = config["config"]
+    kwargs = {key: value for key, value in config.items() if key not in _IGNORED_KERAS_KEYS}
+    if kwargs.pop("synchronized", False):
+        raise ValueError(
+            "`synchronized=True` is not supported by BatchNormalization yet. "
+            "Received: config with synchronized=True"
+        )
+    unknown = sorted(set(kwargs) - _INIT_KEYS)
+    if unknown:
+        raise ValueError(
+            f"Unknown BatchNormalization config keys {unknown}; expected keys among "
+            f"{sorted(_INIT_KEYS)}. Received: config={dict(config)!r}"
+        )
+    if kwargs.get("renorm_clipping") is not None:
+        kwargs["renorm_clipping"] = dict(kwargs["renorm_clipping"])
+    return kwargs

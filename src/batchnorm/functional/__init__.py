@@ -1,0 +1,35 @@
+"""The functional core of batchnorm: stateless functions on tensors.
+
+- :func:`moments`: tf.nn.moments / weighted_moments.
+- :func:`batch_normalization`: tf.nn.batch_normalization.
+- :func:`batch_norm`: one full layer step (training or inference) returning the output and the new
+  statistics instead of mutating buffers, so it composes with ``torch.func.vmap`` and
+  ``functional_call``.
+"""
+
+from batchnorm.functional._backend import (
+    BatchNormBackend,
+    Moments,
+    TorchOpsBackend,
+    backend_for,
+    register_backend,
+)
+from batchnorm.functional._batch_norm import BatchNormStatistics, batch_norm
+from batchnorm.functional._moments import moments
+from batchnorm.functional._moving_average import moving_average_update
+from batchnorm.functional._normalization import batch_normalization
+from batchnorm.functional._renorm import RenormCorrection, renorm_correction
+
+__all__ = [
+    "BatchNormBackend",
+    "BatchNormStatistics",
+    "Moments",
+    "RenormCorrection",
+    "TorchOpsBackend",
+    "backend_for",
+    "batch_norm",
+    "batch_normalization",
+    "moments",
+    "moving_average_update",
+    "register_backend",
+]

@@ -1,0 +1,101 @@
+"""The operations a kernel backend can replace, and the registry that picks one per device.
+
+The functional core calls exactly two primitives on the hot path:
+
+- ``moments(x, reduce_dims, weights)``: per-channel ``mean = sum(w x) / sum(w)`` and biased
+  ``variance = sum(w (x - mean)^2) / sum(w)`` (``w = 1`` without weights), kept with size-1 reduced
+  dimensions, plus the per-channel count ``sum(w)``;
+- ``normalize(x, mean, variance, scale, offset, epsilon)``: tf.nn.batch_normalization,
+  ``inv = rsqrt(variance + epsilon) * scale; y = x * inv + (offset - mean * inv)``.
+
+The torch-op backend serves every device. A faster backend registers itself for a device type
+with :func:`register_backend`; it must be differentiable (autograd) for both primitives.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+
+class Moments(NamedTuple):
+    mean: torch.Tensor
+    variance: torch.Tensor
+    count: torch.Tensor
+
+
+class BatchNormBackend(Protocol):
+    name: str
+
+    def moments(
+        self, x: torch.Tensor, reduce_dims: tuple[int, ...], weights: torch.Tensor | None
+    ) -> Moments: ...
+
+    def normalize(
+        self,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        variance: torch.Tensor,
+        scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        epsilon: float,
+    ) -> torch.Tensor: ...
+
+
+def divide_no_nan(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator`` with 0 where the denominator is 0, as tf.math.divide_no_nan."""
+    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
+
+
+class TorchOpsBackend:
+    """Composed torch operations: runs on every device and is the reference for other backends."""
+
+    name = "torch"
+
+    def moments(
+        self, x: torch.Tensor, reduce_dims: tuple[int, ...], weights: torch.Tensor | None
+    ) -> Moments:
+        if weights is None:
+            mean = x.mean(dim=reduce_dims, keepdim=True)
+            # tf.nn.moments: the centred square uses stop_gradient(mean); the gradient is the same.
+            variance = (x - mean.detach()).square().mean(dim=reduce_dims, keepdim=True)
+            count = torch.full_like(mean, x.numel() / max(mean.numel(), 1)).detach()
+            return Moments(mean, variance, count)
+        weights = weights.to(x.dtype)
+        count = (weights + torch.zeros_like(x)).sum(dim=reduce_dims, keepdim=True)
+        mean = divide_no_nan((weights * x).sum(dim=reduce_dims, keepdim=True), count)
+        squared = (weights * (x - mean).square()).sum(dim=reduce_dims, keepdim=True)
+        return Moments(mean, divide_no_nan(squared, count), count.detach())
+
+    def normalize(
+        self,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        variance: torch.Tensor,
+        scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        epsilon: float,
+    ) -> torch.Tensor:
+        inv = torch.rsqrt(variance + epsilon)
+        if scale is not None:
+            inv = inv * scale
+        shift = -mean * inv if offset is None else offset - mean * inv
+        return x * inv + shift
+
+
+TORCH_OPS = TorchOpsBackend()
+_BACKENDS: dict[str, BatchNormBackend] = {}
+
+
+def register_backend(device_type: str, backend: BatchNormBackend | None) -> None:
+    """Use ``backend`` for tensors on ``device_type`` ("cpu", "cuda", ...); ``None`` restores torch ops."""
+    if backend is None:
+        _BACKENDS.pop(device_type, None)
+    else:
+        _BACKENDS[device_type] = backend
+
+
+def backend_for(x: torch.Tensor) -> BatchNormBackend:
+    return _BACKENDS.get(x.device.type, TORCH_OPS)

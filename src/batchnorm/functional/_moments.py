@@ -1,0 +1,50 @@
+"""Batch moments with tf.nn semantics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from batchnorm.functional._backend import backend_for
+from batchnorm.functional._validation import check_floating_input, normalize_axes
+
+
+def moments(
+    x: torch.Tensor, axes: Any, mask: torch.Tensor | None = None, keepdims: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of ``x`` over ``axes`` (tf.nn.moments / tf.nn.weighted_moments).
+
+    .. math::
+        \\mu = \\frac{\\sum w x}{\\sum w}, \\qquad \\sigma^2 = \\frac{\\sum w (x - \\mu)^2}{\\sum w}
+
+    with ``w = mask`` (frequency weights broadcastable to ``x``) or 1. Where the weights of a
+    channel sum to 0 the mean and variance are 0, not NaN (tf.math.divide_no_nan).
+
+    Args:
+        x: floating tensor.
+        axes: int or sequence of ints, the axes reduced (negative allowed).
+        mask: optional weights broadcastable to ``x`` (bool or float).
+        keepdims: keep the reduced axes with size 1.
+
+    Example:
+        >>> mean, variance = moments(torch.randn(8, 3), axes=[0])
+    """
+    check_floating_input(x)
+    dims = normalize_axes(axes, x.ndim)
+    weights = None
+    if mask is not None:
+        try:
+            torch.broadcast_shapes(tuple(mask.shape), tuple(x.shape))
+        except RuntimeError as error:
+            raise ValueError(
+                f"`mask` must broadcast to the shape of `x` {tuple(x.shape)}. "
+                f"Received: mask.shape={tuple(mask.shape)}"
+            ) from error
+        weights = mask
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    result = backend_for(x).moments(x.to(compute_dtype), dims, weights)
+    mean, variance = result.mean, result.variance
+    if not keepdims:
+        mean, variance = mean.squeeze(dims) if dims else mean, variance.squeeze(dims) if dims else variance
+    return mean.to(x.dtype), variance.to(x.dtype)

@@ -1,0 +1,47 @@
+"""Batch Renormalization (Ioffe 2017): the r/d correction from the pre-update renorm statistics."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class RenormCorrection(NamedTuple):
+    r: torch.Tensor
+    d: torch.Tensor
+    stddev: torch.Tensor
+
+
+def renorm_correction(
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    renorm_mean: torch.Tensor,
+    renorm_stddev: torch.Tensor,
+    epsilon: float,
+    clipping: dict[str, float],
+) -> RenormCorrection:
+    """r and d of Batch Renormalization, as tf-keras computes them.
+
+    .. math::
+        s = \\sqrt{\\sigma_B^2 + \\epsilon}, \\quad s_r = \\max(\\text{renorm\\_stddev}, \\sqrt{\\epsilon}),
+        \\quad r = \\text{clip}_{[r_{min}, r_{max}]}(s / s_r),
+        \\quad d = \\text{clip}_{[-d_{max}, d_{max}]}((\\mu_B - \\text{renorm\\_mean}) / s_r)
+
+    Each bound applies only when present in ``clipping``. r and d carry no gradient
+    (tf.stop_gradient); ``stddev`` (s) does, and is the value the renorm moving averages track.
+    The training output is ``xhat * (r * gamma) + (d * gamma + beta)``.
+    """
+    stddev = torch.sqrt(variance + epsilon)
+    floor = math.sqrt(epsilon)
+    renorm_stddev = torch.clamp(renorm_stddev.to(stddev.dtype), min=floor)
+    r = stddev.detach() / renorm_stddev
+    d = (mean.detach() - renorm_mean.to(mean.dtype)) / renorm_stddev
+    if "rmin" in clipping:
+        r = torch.clamp(r, min=clipping["rmin"])
+    if "rmax" in clipping:
+        r = torch.clamp(r, max=clipping["rmax"])
+    if "dmax" in clipping:
+        d = torch.clamp(d, min=-clipping["dmax"], max=clipping["dmax"])
+    return RenormCorrection(r.detach(), d.detach(), stddev)

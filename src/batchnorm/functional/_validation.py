@@ -1,0 +1,127 @@
+"""Argument and shape checks shared by the functional core and the layer.
+
+Every error names the argument, says what was expected and shows the value received, in the
+Keras form ``... Received: name=value``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+
+def check_axis_type(axis: Any) -> list[int]:
+    """``axis`` as a list of ints; a TypeError for anything but an int or a sequence of ints."""
+    if isinstance(axis, bool):
+        raise TypeError(f"`axis` must be an int or a list/tuple of ints. Received: axis={axis!r}")
+    if isinstance(axis, numbers.Integral):
+        return [int(axis)]
+    if isinstance(axis, Sequence) and not isinstance(axis, str):
+        items = list(axis)
+        if not items or not all(
+            isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in items
+        ):
+            raise TypeError(
+                f"`axis` must be an int or a non-empty list/tuple of ints. Received: axis={axis!r}"
+            )
+        return [int(a) for a in items]
+    raise TypeError(f"`axis` must be an int or a list/tuple of ints. Received: axis={axis!r}")
+
+
+def normalize_axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    """Sorted non-negative channel axes for an input of rank ``ndim``; negative axes count from the end."""
+    axes = check_axis_type(axis)
+    resolved = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"`axis` is out of range for an input of rank {ndim}: every axis must be in "
+                f"[{-ndim}, {ndim - 1}]. Received: axis={axis!r}"
+            )
+        resolved.append(a % ndim)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"`axis` contains duplicate axes. Received: axis={axis!r}")
+    return tuple(sorted(resolved))
+
+
+def check_floating_input(x: Any, argument: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"`{argument}` must be a torch.Tensor. Received: {argument} of type {type(x).__name__}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"`{argument}` must be a floating-point tensor (float16, bfloat16, float32 or float64). "
+            f"Received: {argument}.dtype={x.dtype}"
+        )
+
+
+def check_fraction(value: Any, argument: str) -> float:
+    """A number in [0, 1], as momentum and renorm_momentum are."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{argument}` must be a number in [0, 1]. Received: {argument}={value!r}")
+    return float(value)
+
+
+def check_positive(value: Any, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0.0:
+        raise ValueError(f"`{argument}` must be a number > 0. Received: {argument}={value!r}")
+    return float(value)
+
+
+def check_virtual_batch_size(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(
+            "`virtual_batch_size` must be a positive integer that divides the batch size. "
+            f"Received: virtual_batch_size={value!r}"
+        )
+    return int(value)
+
+
+def check_renorm_clipping(clipping: Any) -> dict[str, float]:
+    """Keys rmin, rmax, dmax only; rmax >= rmin (and >= 1 would be usual, but Keras does not ask)."""
+    if clipping is None:
+        return {}
+    if not isinstance(clipping, Mapping):
+        raise TypeError(
+            "`renorm_clipping` must be a dict with keys among 'rmin', 'rmax', 'dmax'. "
+            f"Received: renorm_clipping={clipping!r}"
+        )
+    unknown = set(clipping) - {"rmin", "rmax", "dmax"}
+    if unknown:
+        raise ValueError(
+            "`renorm_clipping` accepts only the keys 'rmin', 'rmax' and 'dmax'. "
+            f"Received: renorm_clipping={dict(clipping)!r}"
+        )
+    values = {key: value for key, value in clipping.items() if value is not None}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(
+                f"`renorm_clipping['{key}']` must be a number. "
+                f"Received: renorm_clipping={dict(clipping)!r}"
+            )
+    if "rmin" in values and "rmax" in values and values["rmax"] < values["rmin"]:
+        raise ValueError(
+            "`renorm_clipping` needs rmax >= rmin. "
+            f"Received: renorm_clipping={dict(clipping)!r}"
+        )
+    if "dmax" in values and values["dmax"] < 0:
+        raise ValueError(
+            f"`renorm_clipping` needs dmax >= 0. Received: renorm_clipping={dict(clipping)!r}"
+        )
+    return {key: float(value) for key, value in values.items()}
+
+
+def check_tensor_shape(
+    tensor: torch.Tensor | None, expected: tuple[int, ...], argument: str
+) -> None:
+    if tensor is not None and tuple(tensor.shape) != expected:
+        raise ValueError(
+            f"`{argument}` must have the per-channel shape {expected}. "
+            f"Received: {argument}.shape={tuple(tensor.shape)}"
+        )
