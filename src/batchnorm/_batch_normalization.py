@@ -192,7 +192,8 @@ class BatchNormalization(nn.Module):
         else:
             self._create_weights(channel_shape, keras_shape)
         self.fused, self._axes, self._input_rank = fused, axes, rank
-        self.axis = list(axes)
+        # Keras keeps the order the user gave, with negative axes made positive.
+        self.axis = [a % rank for a in check_axis_type(self.axis)]
 
     def _create_weights(
         self, channel_shape: tuple[int, ...], keras_shape: tuple[int, ...] | None

@@ -74,6 +74,16 @@ def layer_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
             f"Unknown BatchNormalization config keys {unknown}; expected keys among "
             f"{sorted(_INIT_KEYS)}. Received: config={dict(config)!r}"
         )
+    axis = kwargs.get("axis")
+    if (
+        kwargs.get("virtual_batch_size") is not None
+        and "num_features" not in kwargs
+        and isinstance(axis, list)
+        and all(isinstance(a, int) and a > 0 for a in axis)
+    ):
+        # tf-keras writes the axes of a built ghost-batch layer shifted by its extra ghost
+        # dimension; this layer's own configs carry num_features and are not shifted.
+        kwargs["axis"] = [a - 1 for a in axis]
     if kwargs.get("renorm_clipping") is not None:
         kwargs["renorm_clipping"] = dict(kwargs["renorm_clipping"])
     return kwargs

@@ -6,7 +6,7 @@ The functional core calls exactly two primitives on the hot path:
   ``variance = sum(w (x - mean)^2) / sum(w)`` (``w = 1`` without weights), kept with size-1 reduced
   dimensions, plus the per-channel count ``sum(w)``;
 - ``normalize(x, mean, variance, scale, offset, epsilon)``: tf.nn.batch_normalization,
-  ``inv = rsqrt(variance + epsilon) * scale; y = x * inv + (offset - mean * inv)``.
+  ``inv = rsqrt(variance + epsilon) * scale; y = (x - mean) * inv + offset``.
 
 The torch-op backend serves every device. A faster backend registers itself for a device type
 with :func:`register_backend`; it must be differentiable (autograd) for both primitives.
@@ -49,6 +49,11 @@ def divide_no_nan(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.T
     return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
 
 
+def _accumulator(x: torch.Tensor) -> torch.dtype:
+    # MPS has no float64; it keeps float32 accumulation.
+    return x.dtype if x.device.type == "mps" else torch.float64
+
+
 class TorchOpsBackend:
     """Composed torch operations: runs on every device and is the reference for other backends."""
 
@@ -58,14 +63,17 @@ class TorchOpsBackend:
         self, x: torch.Tensor, reduce_dims: tuple[int, ...], weights: torch.Tensor | None
     ) -> Moments:
         if weights is None:
-            mean = x.mean(dim=reduce_dims, keepdim=True)
+            # A float64 accumulator makes the float32 mean correctly rounded; with |mean| >> std
+            # (1000 + 0.01 * randn) its rounding is the error that dominates everything after.
+            mean = x.mean(dim=reduce_dims, keepdim=True, dtype=_accumulator(x)).to(x.dtype)
             # tf.nn.moments: the centred square uses stop_gradient(mean); the gradient is the same.
             variance = (x - mean.detach()).square().mean(dim=reduce_dims, keepdim=True)
             count = torch.full_like(mean, x.numel() / max(mean.numel(), 1)).detach()
             return Moments(mean, variance, count)
         weights = weights.to(x.dtype)
         count = (weights + torch.zeros_like(x)).sum(dim=reduce_dims, keepdim=True)
-        mean = divide_no_nan((weights * x).sum(dim=reduce_dims, keepdim=True), count)
+        weighted_sum = (weights * x).sum(dim=reduce_dims, keepdim=True, dtype=_accumulator(x))
+        mean = divide_no_nan(weighted_sum.to(x.dtype), count)
         squared = (weights * (x - mean).square()).sum(dim=reduce_dims, keepdim=True)
         return Moments(mean, divide_no_nan(squared, count), count.detach())
 
@@ -81,8 +89,10 @@ class TorchOpsBackend:
         inv = torch.rsqrt(variance + epsilon)
         if scale is not None:
             inv = inv * scale
-        shift = -mean * inv if offset is None else offset - mean * inv
-        return x * inv + shift
+        # (x - mean) * inv rather than tf's x * inv + (offset - mean * inv): the same value, but
+        # without cancelling two large terms when |mean| >> std (e.g. 1000 + 0.01 * randn).
+        centred = (x - mean) * inv
+        return centred if offset is None else centred + offset
 
 
 TORCH_OPS = TorchOpsBackend()

@@ -21,8 +21,8 @@ def batch_normalization(
     .. math::
         y = \\frac{\\gamma (x - \\mu)}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
 
-    computed as tf does: ``inv = rsqrt(variance + epsilon) * scale``,
-    ``y = x * inv + (offset - mean * inv)``. ``mean``, ``variance``, ``offset`` and ``scale``
+    computed as ``inv = rsqrt(variance + epsilon) * scale``, ``y = (x - mean) * inv + offset``
+    (tf writes ``x * inv + (offset - mean * inv)``, which loses digits when ``|mean| >> std``). ``mean``, ``variance``, ``offset`` and ``scale``
     broadcast against ``x``; ``offset`` / ``scale`` may be None (0 / 1).
 
     Example:
