@@ -40,7 +40,7 @@ def reference_train_step(
     for index in groups:
         part = x[index]
         w = np.ones(part.shape) if weights is None else np.broadcast_to(
-            np.asarray(weights, np.float64)[index], part.shape)
+            np.asarray(weights, np.float64), x.shape)[index]
         total = w.sum(axis=reduce, keepdims=True)
         mean = np.where(total > 0, (w * part).sum(axis=reduce, keepdims=True) / np.maximum(total, 1e-300), 0)
         var = np.where(total > 0, (w * (part - mean) ** 2).sum(axis=reduce, keepdims=True)

@@ -62,6 +62,10 @@ class TorchOpsBackend:
     def moments(
         self, x: torch.Tensor, reduce_dims: tuple[int, ...], weights: torch.Tensor | None
     ) -> Moments:
+        if not reduce_dims:
+            # torch reads dim=() as "every dim"; reducing over nothing leaves each value its own mean.
+            ones = torch.ones_like(x) if weights is None else weights.to(x.dtype) + torch.zeros_like(x)
+            return Moments(x * (ones > 0), torch.zeros_like(x), ones)
         if weights is None:
             # A float64 accumulator makes the float32 mean correctly rounded; with |mean| >> std
             # (1000 + 0.01 * randn) its rounding is the error that dominates everything after.

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import torch
+import torch.utils._pytree as pytree
 
 from batchnorm.functional._backend import backend_for
 from batchnorm.functional._moving_average import moving_average_update
@@ -25,11 +28,13 @@ VarianceEstimator = Literal["biased", "unbiased"]
 Adjustment = Callable[[torch.Size], tuple[torch.Tensor, torch.Tensor]]
 
 
-class BatchNormStatistics(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class BatchNormStatistics:
     """The state of a batch-norm layer, per channel (shape = the input's sizes on the channel axes).
 
     ``moving_stddev``, ``renorm_mean`` and ``renorm_stddev`` are present with Batch
-    Renormalization only; their presence switches it on in :func:`batch_norm`.
+    Renormalization only; their presence switches it on in :func:`batch_norm`. It is a pytree
+    whose leaves are the tensors present, so ``torch.func.vmap`` and ``torch.compile`` take it.
     """
 
     moving_mean: torch.Tensor
@@ -38,9 +43,33 @@ class BatchNormStatistics(NamedTuple):
     renorm_mean: torch.Tensor | None = None
     renorm_stddev: torch.Tensor | None = None
 
+    _fields = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
+
+    def __iter__(self) -> Iterator[torch.Tensor | None]:
+        return iter([getattr(self, name) for name in self._fields])
+
     @property
     def renorm(self) -> bool:
         return self.renorm_mean is not None
+
+
+def _flatten_statistics(
+    statistics: BatchNormStatistics,
+) -> tuple[list[torch.Tensor], tuple[str, ...]]:
+    present = tuple(n for n in BatchNormStatistics._fields if getattr(statistics, n) is not None)
+    return [getattr(statistics, n) for n in present], present
+
+
+def _unflatten_statistics(values: Any, present: tuple[str, ...]) -> BatchNormStatistics:
+    return BatchNormStatistics(**dict(zip(present, values, strict=True)))
+
+
+pytree.register_pytree_node(
+    BatchNormStatistics,
+    _flatten_statistics,
+    _unflatten_statistics,
+    serialized_type_name="batchnorm.functional.BatchNormStatistics",
+)
 
 
 def _compose(

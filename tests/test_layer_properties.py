@@ -1,0 +1,302 @@
+"""Properties of BatchNormalization: statistics, modes, trainable, round trips, torch interop."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import batchnorm
+from batchnorm import BatchNormalization
+from batchnorm.functional import BatchNormStatistics, batch_norm
+
+
+def snapshot(layer):
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def assert_same_state(before, layer):
+    after = layer.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((64, 5), -1), ((16, 3, 6, 6), 1), ((16, 6, 6, 3), -1), ((8, 4, 3, 5, 2), [1, 3]), ((10, 7, 4), 1)],
+)
+def test_training_output_has_zero_mean_unit_std_per_channel(shape, axis):
+    torch.manual_seed(0)
+    layer = BatchNormalization(axis=axis, epsilon=1e-6)
+    x = torch.randn(shape) * 3 + 2
+    y = layer(x, training=True).detach().double()
+    axes = layer._axes
+    reduce = tuple(i for i in range(len(shape)) if i not in axes)
+    assert torch.allclose(y.mean(reduce), torch.zeros(()).double(), atol=1e-5)
+    assert torch.allclose(y.std(reduce, unbiased=False), torch.ones(()).double(), atol=1e-4)
+
+
+def test_momentum_zero_makes_moving_statistics_the_batch_statistics():
+    layer = BatchNormalization(momentum=0.0, fused=False)
+    x = torch.randn(32, 4) * 2 + 1
+    layer(x, training=True)
+    torch.testing.assert_close(layer.moving_mean, x.mean(0))
+    torch.testing.assert_close(layer.moving_variance, x.var(0, unbiased=False))
+
+
+def test_fused_layer_stores_bessel_corrected_variance():
+    layer = BatchNormalization(axis=1, momentum=0.0)
+    x = torch.randn(4, 3, 2, 2)
+    layer(x, training=True)
+    assert layer.fused is True
+    torch.testing.assert_close(layer.moving_variance, x.var((0, 2, 3), unbiased=True))
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_inference_leaves_buffers_untouched(renorm):
+    layer = BatchNormalization(3, axis=1, renorm=renorm)
+    layer(torch.randn(8, 3, 4), training=True)
+    before = snapshot(layer)
+    layer.eval()
+    layer(torch.randn(8, 3, 4))
+    layer.train()
+    layer(torch.randn(8, 3, 4), training=False)
+    assert_same_state(before, layer)
+
+
+def test_training_none_follows_module_mode():
+    layer = BatchNormalization(2)
+    x = torch.randn(16, 2) + 5
+    layer.eval()
+    torch.testing.assert_close(layer(x), (x - 0) / torch.sqrt(torch.tensor(1 + 1e-3)))
+    layer.train()
+    layer(x)
+    assert not torch.equal(layer.moving_mean, torch.zeros(2))
+
+
+def test_trainable_false_freezes_and_forces_inference():
+    layer = BatchNormalization(3)
+    layer(torch.randn(8, 3), training=True)
+    layer.trainable = False
+    assert not layer.gamma.requires_grad and not layer.beta.requires_grad
+    before = snapshot(layer)
+    x = torch.randn(8, 3)
+    y = layer(x, training=True)
+    assert_same_state(before, layer)
+    torch.testing.assert_close(y, layer(x, training=False))
+    layer.trainable = True
+    assert layer.gamma.requires_grad
+    layer(x, training=True)
+    assert not torch.equal(layer.moving_mean, before["moving_mean"])
+
+
+def test_one_value_per_channel_gives_beta():
+    layer = BatchNormalization(3)
+    layer.set_weights([np.full(3, 2.0), np.array([0.1, -0.2, 0.3]), np.zeros(3), np.ones(3)])
+    y = layer(torch.randn(1, 3), training=True)
+    np.testing.assert_array_equal(y.detach().numpy(), np.array([[0.1, -0.2, 0.3]], np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_keep_their_dtype_with_float32_state(dtype):
+    layer = BatchNormalization(4)
+    x = torch.randn(32, 4)
+    y = layer(x.to(dtype), training=True)
+    assert y.dtype == dtype
+    assert layer.moving_mean.dtype == torch.float32 and layer.gamma.dtype == torch.float32
+    reference = BatchNormalization(4)
+    expected = reference(x.to(dtype).float(), training=True)
+    torch.testing.assert_close(y.float(), expected.to(dtype).float())
+    torch.testing.assert_close(layer.moving_variance, reference.moving_variance)
+
+
+def test_matches_torch_batchnorm_with_conventions_mapped():
+    torch.manual_seed(1)
+    ours = BatchNormalization(5, axis=1, momentum=0.9, epsilon=1e-5, fused=True)
+    theirs = torch.nn.BatchNorm2d(5, momentum=0.1, eps=1e-5)
+    with torch.no_grad():
+        ours.gamma.copy_(torch.rand(5) + 0.5)
+        ours.beta.copy_(torch.randn(5))
+        theirs.weight.copy_(ours.gamma)
+        theirs.bias.copy_(ours.beta)
+    for _ in range(5):
+        x = torch.randn(6, 5, 3, 4) * 2 + 1
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1, training=True), theirs(x2)
+        dy = torch.randn_like(y1)
+        (y1 * dy).sum().backward()
+        (y2 * dy).sum().backward()
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.gamma.grad, theirs.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.beta.grad, theirs.bias.grad, rtol=1e-4, atol=1e-5)
+        ours.gamma.grad = ours.beta.grad = theirs.weight.grad = theirs.bias.grad = None
+    torch.testing.assert_close(ours.moving_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.moving_variance, theirs.running_var)
+    theirs.eval()
+    x = torch.randn(2, 5, 3, 4)
+    torch.testing.assert_close(ours(x, training=False), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_training_tensor_compiles_without_graph_break():
+    layer = BatchNormalization(3, axis=1)
+    reference = copy.deepcopy(layer)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    x = torch.randn(8, 3, 4)
+    y_train = compiled(x, training=torch.tensor(True))
+    torch.testing.assert_close(y_train, reference(x, training=True))
+    torch.testing.assert_close(layer.moving_mean, reference.moving_mean)
+    before = snapshot(layer)
+    y_test = compiled(x, training=torch.tensor(False))
+    torch.testing.assert_close(y_test, reference(x, training=False))
+    assert_same_state(before, layer)
+
+
+def test_stateless_batch_norm_with_vmap_and_functional_call():
+    state = BatchNormStatistics(torch.zeros(3), torch.ones(3))
+    xs = torch.randn(4, 10, 3)
+
+    def step(x):
+        return batch_norm(x, state, training=True, momentum=0.5)
+
+    ys, new_states = torch.func.vmap(step)(xs)
+    for i in range(4):
+        y, new = batch_norm(xs[i], state, training=True, momentum=0.5)
+        torch.testing.assert_close(ys[i], y)
+        torch.testing.assert_close(new_states.moving_mean[i], new.moving_mean)
+    assert torch.equal(state.moving_mean, torch.zeros(3))
+
+    layer = BatchNormalization(3)
+    params = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = torch.func.functional_call(layer, params, (xs[0],), {"training": False})
+    torch.testing.assert_close(y, layer(xs[0], training=False))
+
+
+def test_state_dict_round_trip_into_unbuilt_layer():
+    layer = BatchNormalization(axis=1, renorm=True, gamma_initializer="random_normal")
+    for _ in range(3):
+        layer(torch.randn(8, 4, 5), training=True)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    restored = BatchNormalization(axis=1, renorm=True)
+    restored.load_state_dict(torch.load(buffer))
+    assert_same_state(layer.state_dict(), restored)
+    x = torch.randn(8, 4, 5)
+    torch.testing.assert_close(restored(x, training=True), layer(x, training=True))
+    assert_same_state(layer.state_dict(), restored)
+
+
+def test_config_round_trip_is_json_serialisable():
+    layer = BatchNormalization(
+        axis=[1, 3], momentum=0.9, epsilon=1e-4, renorm=True,
+        renorm_clipping={"rmax": 2.0, "dmax": 1.0}, gamma_regularizer="l2",
+        beta_constraint="non_neg", moving_variance_initializer={"class_name": "Constant", "config": {"value": 2.0}},
+        virtual_batch_size=2, name="bn",
+    )
+    layer.build((4, 3, 5, 6))
+    config = json.loads(json.dumps(layer.get_config()))
+    clone = BatchNormalization.from_config(config)
+    assert clone.get_config() == {**config, "num_features": config["num_features"]}
+    clone.build((4, 3, 5, 6))
+    assert clone.get_config() == config
+    assert [w.shape for w in clone.get_weights()] == [w.shape for w in layer.get_weights()]
+
+
+def test_pickle_round_trip():
+    layer = BatchNormalization(3, gamma_regularizer="l1", beta_constraint="max_norm")
+    layer(torch.randn(5, 3), training=True)
+    clone = pickle.loads(pickle.dumps(layer))
+    assert_same_state(layer.state_dict(), clone)
+    assert clone.get_config() == layer.get_config()
+
+
+def test_set_weights_accepts_flat_and_keras_shapes():
+    layer = BatchNormalization(axis=[1, 2])
+    layer.build((2, 3, 4))
+    values = [np.arange(12, dtype=np.float32) + i for i in range(4)]
+    layer.set_weights([v.reshape(1, 3, 4) for v in values])
+    assert [w.shape for w in layer.get_weights()] == [(1, 3, 4)] * 4
+    layer.set_weights(values)
+    np.testing.assert_array_equal(layer.get_weights()[2].reshape(-1), values[2])
+
+
+def test_losses_are_differentiable_penalties():
+    layer = BatchNormalization(3, gamma_regularizer={"class_name": "L2", "config": {"l2": 0.5}},
+                               beta_regularizer="l1")
+    with torch.no_grad():
+        layer.beta.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    gamma_loss, beta_loss = layer.losses
+    assert gamma_loss.item() == pytest.approx(0.5 * 3)
+    assert beta_loss.item() == pytest.approx(0.01 * 3.5)
+    (gamma_loss + beta_loss).backward()
+    torch.testing.assert_close(layer.gamma.grad, torch.ones(3))
+
+
+def test_constraints_applied_after_each_optimizer_step():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), BatchNormalization(3, beta_constraint="non_neg"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=10.0)
+    handle = batchnorm.apply_constraints_after_step(optimizer, model)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 4)).sum() + model[1].beta.sum()
+        loss.backward()
+        optimizer.step()
+        assert (model[1].beta >= 0).all()
+    handle.remove()
+
+
+def test_variance_scaling_initializer_statistics():
+    from batchnorm import initializers
+
+    init = initializers.get({"class_name": "VarianceScaling", "config": {"scale": 2.0, "mode": "fan_in",
+                                                                         "distribution": "uniform", "seed": 3}})
+    sample = init((40000,))
+    limit = np.sqrt(3 * 2.0 / 40000)
+    assert sample.abs().max() <= limit
+    assert sample.std().item() == pytest.approx(np.sqrt(2.0 / 40000), rel=0.02)
+    assert torch.equal(sample, init((40000,)))
+    assert torch.equal(initializers.get("constant")((2,)), torch.zeros(2))
+
+
+def test_mask_excludes_positions_from_statistics():
+    layer = BatchNormalization(2, momentum=0.0)
+    x = torch.randn(4, 6, 2)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[:, 3:] = False
+    layer(x, training=True, mask=mask)
+    kept = x[:, :3].reshape(-1, 2)
+    torch.testing.assert_close(layer.moving_mean, kept.mean(0))
+    torch.testing.assert_close(layer.moving_variance, kept.var(0, unbiased=False))
+
+
+def test_fused_layer_ignores_mask_with_warning_like_tf_keras():
+    layer = BatchNormalization(2)
+    x = torch.randn(2, 3, 3, 2)
+    with pytest.warns(UserWarning, match="Masking is not supported with `fused=True`"):
+        y = layer(x, training=True, mask=torch.zeros(2, 3, 3))
+    torch.testing.assert_close(y, BatchNormalization(2)(x, training=True))
+
+
+def test_empty_batch_updates_nothing():
+    layer = BatchNormalization(3)
+    before = snapshot(layer)
+    y = layer(torch.randn(0, 3), training=True)
+    assert y.shape == (0, 3)
+    assert_same_state(before, layer)
+
+
+def test_lazy_build_from_first_input_and_explicit_build():
+    layer = BatchNormalization(axis=1)
+    assert not layer.built and list(layer.parameters()) == []
+    layer.build((2, 7, 3))
+    assert layer.gamma.shape == (7,) and layer.axis == [1]
+    lazy = BatchNormalization(axis=-1)
+    lazy(torch.randn(4, 5))
+    assert lazy.moving_variance.shape == (5,) and lazy.axis == [1]

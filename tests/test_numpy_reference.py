@@ -1,0 +1,82 @@
+"""Random configurations against the plain float64 NumPy reference (tests/numpy_reference.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchnorm import BatchNormalization
+from tests.numpy_reference import reference_inference, reference_train_step
+
+
+@st.composite
+def configurations(draw):
+    rank = draw(st.integers(2, 5))
+    shape = [draw(st.integers(1, 4)) for _ in range(rank)]
+    ghost = draw(st.sampled_from([None, 1, 2]))
+    shape[0] = draw(st.integers(2, 6)) * (ghost or 1)
+    candidates = list(range(1, rank)) if ghost else list(range(rank))
+    count = draw(st.integers(1, min(2, len(candidates))))
+    axes = sorted(draw(st.permutations(candidates))[:count])
+    signed = [a - rank if draw(st.booleans()) else a for a in axes]
+    return {
+        "shape": shape,
+        "axis": signed[0] if len(signed) == 1 and draw(st.booleans()) else signed,
+        "axes": tuple(axes),
+        "momentum": draw(st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0])),
+        "epsilon": draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+        "center": draw(st.booleans()),
+        "scale": draw(st.booleans()),
+        "virtual_batch_size": ghost,
+        "mask": ghost is None and len(axes) == 1 and draw(st.booleans()),
+        "fused": draw(st.sampled_from([None, False])),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(configurations())
+def test_train_and_inference_match_float64_reference(config):
+    rng = np.random.default_rng(config["seed"])
+    kwargs = {k: config[k] for k in ("axis", "momentum", "epsilon", "center", "scale", "fused")}
+    layer = BatchNormalization(virtual_batch_size=config["virtual_batch_size"], dtype="float64", **kwargs)
+    shape = config["shape"]
+    layer.build(shape)
+    channel_shape = tuple(shape[a] for a in config["axes"])
+    weights = []
+    if config["scale"]:
+        weights.append(rng.uniform(0.5, 2.0, channel_shape))
+    if config["center"]:
+        weights.append(rng.normal(size=channel_shape))
+    weights += [rng.normal(size=channel_shape), rng.uniform(0.5, 2.0, channel_shape)]
+    layer.set_weights(weights)
+    gamma = weights[0] if config["scale"] else None
+    beta = weights[int(config["scale"])] if config["center"] else None
+    mean_state, var_state = weights[-2], weights[-1]
+    x = rng.normal(1.0, 3.0, shape)
+    mask = None
+    if config["mask"]:
+        mask_shape = [s for i, s in enumerate(shape) if i not in config["axes"]]
+        mask = rng.uniform(size=mask_shape) > 0.4
+    y = layer(torch.tensor(x), training=True, mask=None if mask is None else torch.tensor(mask))
+    weights_for_reference = None
+    if mask is not None and not layer.fused:
+        weights_for_reference = np.expand_dims(mask, config["axes"][0]).astype(np.float64)
+    expected_y, expected_mean, expected_var = reference_train_step(
+        x, mean_state, var_state, gamma, beta, axes=config["axes"], momentum=config["momentum"],
+        epsilon=config["epsilon"], unbiased=bool(layer.fused),
+        virtual_batch_size=config["virtual_batch_size"], weights=weights_for_reference,
+    )
+    np.testing.assert_allclose(y.detach().numpy(), expected_y, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), expected_mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), expected_var, rtol=1e-9, atol=1e-12)
+
+    test_batch = shape[0] if 0 in config["axes"] else 3
+    x_test = rng.normal(size=[test_batch, *shape[1:]])
+    y_test = layer(torch.tensor(x_test), training=False)
+    expected_test = reference_inference(
+        x_test, expected_mean, expected_var, gamma, beta, axes=config["axes"], epsilon=config["epsilon"]
+    )
+    np.testing.assert_allclose(y_test.detach().numpy(), expected_test, rtol=1e-9, atol=1e-9)
