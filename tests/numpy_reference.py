@@ -39,12 +39,20 @@ def reference_train_step(
     means, variances = [], []
     for index in groups:
         part = x[index]
-        w = np.ones(part.shape) if weights is None else np.broadcast_to(
-            np.asarray(weights, np.float64), x.shape)[index]
+        w = (
+            np.ones(part.shape)
+            if weights is None
+            else np.broadcast_to(np.asarray(weights, np.float64), x.shape)[index]
+        )
         total = w.sum(axis=reduce, keepdims=True)
-        mean = np.where(total > 0, (w * part).sum(axis=reduce, keepdims=True) / np.maximum(total, 1e-300), 0)
-        var = np.where(total > 0, (w * (part - mean) ** 2).sum(axis=reduce, keepdims=True)
-                       / np.maximum(total, 1e-300), 0)
+        mean = np.where(
+            total > 0, (w * part).sum(axis=reduce, keepdims=True) / np.maximum(total, 1e-300), 0
+        )
+        var = np.where(
+            total > 0,
+            (w * (part - mean) ** 2).sum(axis=reduce, keepdims=True) / np.maximum(total, 1e-300),
+            0,
+        )
         y[index] = (part - mean) / np.sqrt(var + epsilon) * gamma.reshape(view) + beta.reshape(view)
         count = total.reshape(channel_shape)
         means.append(mean.reshape(channel_shape))
@@ -64,6 +72,6 @@ def reference_inference(x, mean_state, var_state, gamma, beta, *, axes, epsilon)
     channel_shape = tuple(x.shape[a] for a in axes)
     gamma = np.ones(channel_shape) if gamma is None else np.asarray(gamma, np.float64)
     beta = np.zeros(channel_shape) if beta is None else np.asarray(beta, np.float64)
-    return (x - mean_state.reshape(view)) / np.sqrt(var_state.reshape(view) + epsilon) * gamma.reshape(
-        view
-    ) + beta.reshape(view)
+    return (x - mean_state.reshape(view)) / np.sqrt(
+        var_state.reshape(view) + epsilon
+    ) * gamma.reshape(view) + beta.reshape(view)

@@ -69,7 +69,9 @@ def test_layer_matches_tf_keras(spec, keras_golden):
     for step in range(spec["steps"]):
         x = torch.tensor(arrays[f"{name}/x_{step}"], requires_grad=True)
         mask = arrays.get(f"{name}/mask_{step}")
-        y = layer(x, training=spec["call_training"], mask=None if mask is None else torch.tensor(mask))
+        y = layer(
+            x, training=spec["call_training"], mask=None if mask is None else torch.tensor(mask)
+        )
         assert y.dtype == x.dtype
         loss = (y.float() * torch.tensor(arrays[f"{name}/dy_{step}"])).sum()
         loss.backward()
@@ -85,12 +87,20 @@ def test_layer_matches_tf_keras(spec, keras_golden):
         for weight_name in [] if ill else spec["trainable_names"]:
             grad = getattr(layer, weight_name).grad
             expected = arrays[f"{name}/grad_{weight_name}_{step}"]
-            assert_close(grad.reshape(expected.shape), expected, gradient_rtol, f"d{weight_name} {step}")
+            assert_close(
+                grad.reshape(expected.shape), expected, gradient_rtol, f"d{weight_name} {step}"
+            )
             getattr(layer, weight_name).grad = None
-        for i, (ours, theirs) in enumerate(zip(layer.get_weights(), [
-            arrays[f"{name}/weights_{step}_{i}"] for i in range(len(spec["weight_names"]))
-        ], strict=True)):
-            assert_close(ours, theirs, forward_rtol, f"weight {spec['weight_names'][i]} step {step}")
+        for i, (ours, theirs) in enumerate(
+            zip(
+                layer.get_weights(),
+                [arrays[f"{name}/weights_{step}_{i}"] for i in range(len(spec["weight_names"]))],
+                strict=True,
+            )
+        ):
+            assert_close(
+                ours, theirs, forward_rtol, f"weight {spec['weight_names'][i]} step {step}"
+            )
     y = layer(torch.tensor(arrays[f"{name}/x_infer"]), training=False)
     assert_close(y.detach(), arrays[f"{name}/y_infer"], forward_rtol, "inference")
 
@@ -107,8 +117,15 @@ def test_ill_conditioned_data_at_least_as_accurate_as_tf_keras(name, keras_golde
         x = arrays[f"{name}/x_{step}"]
         y = layer(torch.tensor(x), training=True).detach().numpy()
         expected, _, _ = reference_train_step(
-            x, moving_mean, moving_variance, gamma, beta, axes=axes,
-            momentum=layer.momentum, epsilon=layer.epsilon, unbiased=bool(layer.fused),
+            x,
+            moving_mean,
+            moving_variance,
+            gamma,
+            beta,
+            axes=axes,
+            momentum=layer.momentum,
+            epsilon=layer.epsilon,
+            unbiased=bool(layer.fused),
         )
         ours = np.max(np.abs(y - expected))
         theirs = np.max(np.abs(arrays[f"{name}/y_{step}"] - expected))
@@ -120,7 +137,9 @@ def test_ill_conditioned_data_at_least_as_accurate_as_tf_keras(name, keras_golde
         floor = np.max(half_ulp * np.abs(gamma) / np.sqrt(variance + layer.epsilon))
         floor += np.finfo(np.float32).eps * np.max(np.abs(expected))
         assert ours <= max(theirs, floor), f"step {step}: ours {ours:.3g}, tf-keras {theirs:.3g}"
-        assert ours <= 1.5 * floor, f"step {step}: ours {ours:.3g} vs float32-mean floor {floor:.3g}"
+        assert ours <= 1.5 * floor, (
+            f"step {step}: ours {ours:.3g} vs float32-mean floor {floor:.3g}"
+        )
 
 
 def test_regularization_losses_match_tf_keras(keras_golden):
@@ -166,6 +185,9 @@ def test_constraints_match_tf_keras(keras_golden):
             for key in ("vector", "full_rank"):
                 w = torch.tensor(arrays[f"constraints/{key}"])
                 np.testing.assert_allclose(
-                    constraint(w).numpy(), arrays[f"constraints/{index}/{key}"], rtol=1e-6, atol=1e-7,
+                    constraint(w).numpy(),
+                    arrays[f"constraints/{index}/{key}"],
+                    rtol=1e-6,
+                    atol=1e-7,
                     err_msg=f"{identifier} on {key}",
                 )

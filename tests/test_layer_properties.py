@@ -29,7 +29,13 @@ def assert_same_state(before, layer):
 
 @pytest.mark.parametrize(
     ("shape", "axis"),
-    [((64, 5), -1), ((16, 3, 6, 6), 1), ((16, 6, 6, 3), -1), ((8, 4, 3, 5, 2), [1, 3]), ((10, 7, 4), 1)],
+    [
+        ((64, 5), -1),
+        ((16, 3, 6, 6), 1),
+        ((16, 6, 6, 3), -1),
+        ((8, 4, 3, 5, 2), [1, 3]),
+        ((10, 7, 4), 1),
+    ],
 )
 def test_training_output_has_zero_mean_unit_std_per_channel(shape, axis):
     torch.manual_seed(0)
@@ -195,10 +201,16 @@ def test_state_dict_round_trip_into_unbuilt_layer():
 
 def test_config_round_trip_is_json_serialisable():
     layer = BatchNormalization(
-        axis=[1, 3], momentum=0.9, epsilon=1e-4, renorm=True,
-        renorm_clipping={"rmax": 2.0, "dmax": 1.0}, gamma_regularizer="l2",
-        beta_constraint="non_neg", moving_variance_initializer={"class_name": "Constant", "config": {"value": 2.0}},
-        virtual_batch_size=2, name="bn",
+        axis=[1, 3],
+        momentum=0.9,
+        epsilon=1e-4,
+        renorm=True,
+        renorm_clipping={"rmax": 2.0, "dmax": 1.0},
+        gamma_regularizer="l2",
+        beta_constraint="non_neg",
+        moving_variance_initializer={"class_name": "Constant", "config": {"value": 2.0}},
+        virtual_batch_size=2,
+        name="bn",
     )
     layer.build((4, 3, 5, 6))
     config = json.loads(json.dumps(layer.get_config()))
@@ -228,8 +240,9 @@ def test_set_weights_accepts_flat_and_keras_shapes():
 
 
 def test_losses_are_differentiable_penalties():
-    layer = BatchNormalization(3, gamma_regularizer={"class_name": "L2", "config": {"l2": 0.5}},
-                               beta_regularizer="l1")
+    layer = BatchNormalization(
+        3, gamma_regularizer={"class_name": "L2", "config": {"l2": 0.5}}, beta_regularizer="l1"
+    )
     with torch.no_grad():
         layer.beta.copy_(torch.tensor([1.0, -2.0, 0.5]))
     gamma_loss, beta_loss = layer.losses
@@ -240,7 +253,9 @@ def test_losses_are_differentiable_penalties():
 
 
 def test_constraints_applied_after_each_optimizer_step():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), BatchNormalization(3, beta_constraint="non_neg"))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), BatchNormalization(3, beta_constraint="non_neg")
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=10.0)
     handle = batchnorm.apply_constraints_after_step(optimizer, model)
     for _ in range(3):
@@ -255,8 +270,12 @@ def test_constraints_applied_after_each_optimizer_step():
 def test_variance_scaling_initializer_statistics():
     from batchnorm import initializers
 
-    init = initializers.get({"class_name": "VarianceScaling", "config": {"scale": 2.0, "mode": "fan_in",
-                                                                         "distribution": "uniform", "seed": 3}})
+    init = initializers.get(
+        {
+            "class_name": "VarianceScaling",
+            "config": {"scale": 2.0, "mode": "fan_in", "distribution": "uniform", "seed": 3},
+        }
+    )
     sample = init((40000,))
     limit = np.sqrt(3 * 2.0 / 40000)
     assert sample.abs().max() <= limit

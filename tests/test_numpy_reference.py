@@ -41,7 +41,9 @@ def configurations(draw):
 def test_train_and_inference_match_float64_reference(config):
     rng = np.random.default_rng(config["seed"])
     kwargs = {k: config[k] for k in ("axis", "momentum", "epsilon", "center", "scale", "fused")}
-    layer = BatchNormalization(virtual_batch_size=config["virtual_batch_size"], dtype="float64", **kwargs)
+    layer = BatchNormalization(
+        virtual_batch_size=config["virtual_batch_size"], dtype="float64", **kwargs
+    )
     shape = config["shape"]
     layer.build(shape)
     channel_shape = tuple(shape[a] for a in config["axes"])
@@ -65,9 +67,17 @@ def test_train_and_inference_match_float64_reference(config):
     if mask is not None and not layer.fused:
         weights_for_reference = np.expand_dims(mask, config["axes"][0]).astype(np.float64)
     expected_y, expected_mean, expected_var = reference_train_step(
-        x, mean_state, var_state, gamma, beta, axes=config["axes"], momentum=config["momentum"],
-        epsilon=config["epsilon"], unbiased=bool(layer.fused),
-        virtual_batch_size=config["virtual_batch_size"], weights=weights_for_reference,
+        x,
+        mean_state,
+        var_state,
+        gamma,
+        beta,
+        axes=config["axes"],
+        momentum=config["momentum"],
+        epsilon=config["epsilon"],
+        unbiased=bool(layer.fused),
+        virtual_batch_size=config["virtual_batch_size"],
+        weights=weights_for_reference,
     )
     np.testing.assert_allclose(y.detach().numpy(), expected_y, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(layer.moving_mean.numpy(), expected_mean, rtol=1e-9, atol=1e-12)
@@ -77,6 +87,12 @@ def test_train_and_inference_match_float64_reference(config):
     x_test = rng.normal(size=[test_batch, *shape[1:]])
     y_test = layer(torch.tensor(x_test), training=False)
     expected_test = reference_inference(
-        x_test, expected_mean, expected_var, gamma, beta, axes=config["axes"], epsilon=config["epsilon"]
+        x_test,
+        expected_mean,
+        expected_var,
+        gamma,
+        beta,
+        axes=config["axes"],
+        epsilon=config["epsilon"],
     )
     np.testing.assert_allclose(y_test.detach().numpy(), expected_test, rtol=1e-9, atol=1e-9)

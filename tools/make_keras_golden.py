@@ -22,16 +22,27 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf_keras  # noqa: E402
+import numpy as np
+import tensorflow as tf
+import tf_keras
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "golden"
 SEED = 20261122
 
 
-def case(name, shape, layer=None, *, steps=3, dtype="float32", mask=False, adjustment=False,
-         call_training=True, data="normal", infer_batch=None):
+def case(
+    name,
+    shape,
+    layer=None,
+    *,
+    steps=3,
+    dtype="float32",
+    mask=False,
+    adjustment=False,
+    call_training=True,
+    data="normal",
+    infer_batch=None,
+):
     return {
         "name": name,
         "input_shape": list(shape),
@@ -69,15 +80,33 @@ CASES = [
     case("trainable_false", (12, 4), {"trainable": False}),
     case("trainable_false_fused", (6, 3, 4, 5), {"axis": 1, "trainable": False}),
     case("renorm", (16, 4), {"renorm": True}, steps=4),
-    case("renorm_clipping", (16, 4), {"renorm": True, "renorm_momentum": 0.9,
-                                      "renorm_clipping": {"rmin": 0.8, "rmax": 1.2, "dmax": 0.1}},
-         steps=4),
-    case("renorm_rank4_axis1", (6, 3, 4, 5), {"axis": 1, "renorm": True, "momentum": 0.8,
-                                              "renorm_clipping": {"rmax": 1.5}}, steps=4),
+    case(
+        "renorm_clipping",
+        (16, 4),
+        {
+            "renorm": True,
+            "renorm_momentum": 0.9,
+            "renorm_clipping": {"rmin": 0.8, "rmax": 1.2, "dmax": 0.1},
+        },
+        steps=4,
+    ),
+    case(
+        "renorm_rank4_axis1",
+        (6, 3, 4, 5),
+        {"axis": 1, "renorm": True, "momentum": 0.8, "renorm_clipping": {"rmax": 1.5}},
+        steps=4,
+    ),
     case("ghost_dense", (16, 4), {"virtual_batch_size": 4}, infer_batch=6),
     case("ghost_rank4_nhwc", (8, 3, 4, 3), {"virtual_batch_size": 2}),
-    case("ghost_renorm", (16, 4), {"virtual_batch_size": 4, "renorm": True,
-                                   "renorm_clipping": {"rmin": 0.5, "rmax": 2.0, "dmax": 1.0}}),
+    case(
+        "ghost_renorm",
+        (16, 4),
+        {
+            "virtual_batch_size": 4,
+            "renorm": True,
+            "renorm_clipping": {"rmin": 0.5, "rmax": 2.0, "dmax": 1.0},
+        },
+    ),
     case("adjustment", (12, 4), {}, adjustment=True),
     case("adjustment_rank4", (6, 3, 4, 5), {"axis": 1}, adjustment=True),
     case("mask_rank3", (6, 7, 3), {}, mask=True),
@@ -90,16 +119,26 @@ CASES = [
     case("ill_conditioned_dense", (64, 4), {}, data="ill", steps=2),
     case("ill_conditioned_fused", (8, 4, 4, 3), {}, data="ill", steps=2),
     case("regularized", (12, 4), {"gamma_regularizer": "l2", "beta_regularizer": "l1"}, steps=1),
-    case("regularized_dicts", (6, 3, 4, 5), {
-        "axis": [1, 3],
-        "gamma_regularizer": {"class_name": "L1L2", "config": {"l1": 0.003, "l2": 0.02}},
-        "beta_regularizer": {"class_name": "L2", "config": {"l2": 0.5}},
-    }, steps=1),
-    case("initializers", (12, 4), {
-        "gamma_initializer": {"class_name": "Constant", "config": {"value": 0.5}},
-        "beta_initializer": "ones",
-        "moving_variance_initializer": {"class_name": "Constant", "config": {"value": 2.0}},
-    }, steps=1),
+    case(
+        "regularized_dicts",
+        (6, 3, 4, 5),
+        {
+            "axis": [1, 3],
+            "gamma_regularizer": {"class_name": "L1L2", "config": {"l1": 0.003, "l2": 0.02}},
+            "beta_regularizer": {"class_name": "L2", "config": {"l2": 0.5}},
+        },
+        steps=1,
+    ),
+    case(
+        "initializers",
+        (12, 4),
+        {
+            "gamma_initializer": {"class_name": "Constant", "config": {"value": 0.5}},
+            "beta_initializer": "ones",
+            "moving_variance_initializer": {"class_name": "Constant", "config": {"value": 2.0}},
+        },
+        steps=1,
+    ),
 ]
 
 CONSTRAINTS = [
@@ -108,13 +147,18 @@ CONSTRAINTS = [
     "unit_norm",
     "min_max_norm",
     {"class_name": "MaxNorm", "config": {"max_value": 0.5, "axis": 0}},
-    {"class_name": "MinMaxNorm", "config": {"min_value": 0.2, "max_value": 0.6, "rate": 0.5, "axis": 0}},
+    {
+        "class_name": "MinMaxNorm",
+        "config": {"min_value": 0.2, "max_value": 0.6, "rate": 0.5, "axis": 0},
+    },
 ]
 
 
 def adjustment_arrays(channels, rng):
-    return (rng.uniform(0.5, 1.5, channels).astype("float32"),
-            rng.normal(0.0, 0.3, channels).astype("float32"))
+    return (
+        rng.uniform(0.5, 1.5, channels).astype("float32"),
+        rng.normal(0.0, 0.3, channels).astype("float32"),
+    )
 
 
 def initial_weights(layer, rng):
@@ -159,8 +203,10 @@ def run_case(spec, arrays, rng):
         broadcast[axis] = channels
         arrays[f"{name}/adjustment_scale"] = adj_scale
         arrays[f"{name}/adjustment_bias"] = adj_bias
-        kwargs["adjustment"] = lambda shape: (tf.reshape(tf.constant(adj_scale), broadcast),
-                                              tf.reshape(tf.constant(adj_bias), broadcast))
+        kwargs["adjustment"] = lambda shape: (
+            tf.reshape(tf.constant(adj_scale), broadcast),
+            tf.reshape(tf.constant(adj_bias), broadcast),
+        )
     layer = tf_keras.layers.BatchNormalization(**kwargs)
     layer.build(tuple(layer_shape))
     weights = initial_weights(layer, rng)
@@ -182,14 +228,16 @@ def run_case(spec, arrays, rng):
         xt = tf.constant(x)
         with tf.GradientTape() as tape:
             tape.watch(xt)
-            y = layer(xt, training=spec["call_training"], mask=None if mask is None else tf.constant(mask))
+            y = layer(
+                xt, training=spec["call_training"], mask=None if mask is None else tf.constant(mask)
+            )
             loss = tf.reduce_sum(tf.cast(y, tf.float32) * dy)
         grads = tape.gradient(loss, [xt, *layer.trainable_weights])
         arrays[f"{name}/x_{step}"] = x
         arrays[f"{name}/dy_{step}"] = dy
         arrays[f"{name}/y_{step}"] = y.numpy()
         arrays[f"{name}/dx_{step}"] = grads[0].numpy()
-        for weight_name, grad in zip(spec["trainable_names"], grads[1:]):
+        for weight_name, grad in zip(spec["trainable_names"], grads[1:], strict=True):
             arrays[f"{name}/grad_{weight_name}_{step}"] = grad.numpy()
         for i, w in enumerate(layer.get_weights()):
             arrays[f"{name}/weights_{step}_{i}"] = w
@@ -200,14 +248,20 @@ def run_case(spec, arrays, rng):
 
 def run_constraints(arrays, specs):
     rng = np.random.default_rng(SEED + 1)
-    weights = {"vector": rng.normal(0, 0.8, (5,)).astype("float32"),
-               "full_rank": rng.normal(0, 0.8, (1, 3, 1, 4)).astype("float32")}
+    weights = {
+        "vector": rng.normal(0, 0.8, (5,)).astype("float32"),
+        "full_rank": rng.normal(0, 0.8, (1, 3, 1, 4)).astype("float32"),
+    }
     for key, w in weights.items():
         arrays[f"constraints/{key}"] = w
     for index, identifier in enumerate(CONSTRAINTS):
         constraint = tf_keras.constraints.get(identifier)
-        specs.append({"identifier": identifier,
-                      "config": json.loads(json.dumps(tf_keras.constraints.serialize(constraint)))})
+        specs.append(
+            {
+                "identifier": identifier,
+                "config": json.loads(json.dumps(tf_keras.constraints.serialize(constraint))),
+            }
+        )
         for key, w in weights.items():
             arrays[f"constraints/{index}/{key}"] = constraint(tf.constant(w)).numpy()
 

@@ -83,6 +83,14 @@ class BatchNormalization(nn.Module):
         >>> y = layer(torch.randn(8, 3, 5, 5), training=True)
     """
 
+    gamma: nn.Parameter
+    beta: nn.Parameter
+    moving_mean: torch.Tensor
+    moving_variance: torch.Tensor
+    moving_stddev: torch.Tensor
+    renorm_mean: torch.Tensor
+    renorm_stddev: torch.Tensor
+
     def __init__(
         self,
         num_features: int | Sequence[int] | None = None,
@@ -206,7 +214,9 @@ class BatchNormalization(nn.Module):
             return value.to(dtype=dtype, device=device).reshape(channel_shape).clone()
 
         if self.scale:
-            self.gamma = nn.Parameter(initial(self.gamma_initializer), requires_grad=self._trainable)
+            self.gamma = nn.Parameter(
+                initial(self.gamma_initializer), requires_grad=self._trainable
+            )
         if self.center:
             self.beta = nn.Parameter(initial(self.beta_initializer), requires_grad=self._trainable)
         moving_variance = initial(self.moving_variance_initializer)
@@ -239,7 +249,11 @@ class BatchNormalization(nn.Module):
             parameter.requires_grad_(self._trainable)
 
     def _affine_parameters(self) -> list[nn.Parameter]:
-        return [getattr(self, n) for n in ("gamma", "beta") if isinstance(getattr(self, n, None), nn.Parameter)]
+        return [
+            getattr(self, n)
+            for n in ("gamma", "beta")
+            if isinstance(getattr(self, n, None), nn.Parameter)
+        ]
 
     def _resolve_training(self, training: Any) -> bool | torch.Tensor:
         if not self._trainable:
@@ -261,7 +275,8 @@ class BatchNormalization(nn.Module):
 
     def statistics(self) -> BatchNormStatistics:
         """The current buffers as a :class:`~batchnorm.functional.BatchNormStatistics`."""
-        return BatchNormStatistics(*(getattr(self, n, None) for n in STATISTIC_NAMES))
+        present = {n: getattr(self, n) for n in STATISTIC_NAMES if hasattr(self, n)}
+        return BatchNormStatistics(**present)
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_floating_input(x, "x")
@@ -325,7 +340,7 @@ class BatchNormalization(nn.Module):
         if resolved is not False:
             with torch.no_grad():
                 for old, new in zip(statistics, updated, strict=True):
-                    if old is not None and new is not old:
+                    if old is not None and new is not None and new is not old:
                         old.copy_(new)
         return y
 
@@ -371,7 +386,8 @@ class BatchNormalization(nn.Module):
         self._require_built("get_weights")
         shape = self._keras_shape()
         return [
-            getattr(self, n).detach().cpu().numpy().reshape(shape).copy() for n in self._weight_names()
+            getattr(self, n).detach().cpu().numpy().reshape(shape).copy()
+            for n in self._weight_names()
         ]
 
     def set_weights(self, weights: Sequence[Any]) -> None:
@@ -416,12 +432,13 @@ def _default_name() -> str:
 
 def _channel_shape_argument(num_features: Any) -> tuple[int, ...]:
     values = [num_features] if isinstance(num_features, numbers.Integral) else num_features
-    if (
-        isinstance(num_features, bool)
-        or not isinstance(values, Sequence)
-        or not values
-        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in values)
-    ):
+    valid = (
+        not isinstance(num_features, bool)
+        and isinstance(values, Sequence)
+        and len(values) > 0
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values)
+    )
+    if not valid or min(int(v) for v in values) <= 0:
         raise ValueError(
             "`num_features` must be a positive int or a tuple of positive ints. "
             f"Received: num_features={num_features!r}"

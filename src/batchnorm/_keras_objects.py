@@ -11,7 +11,7 @@ Initializers, regularizers and constraints share one lookup rule, the one tf-ker
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -48,7 +48,7 @@ def resolve(
     *,
     kind: str,
     argument: str,
-) -> Callable[..., Any] | None:
+) -> Any:
     """Turn ``identifier`` into a callable object, or raise an error that names ``argument``.
 
     Names match case-insensitively and with or without underscores, so ``"l1_l2"``, ``"L1L2"``,

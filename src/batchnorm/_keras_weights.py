@@ -47,9 +47,14 @@ def weights_from_arrays(
     size = math.prod(channel_shape)
     tensors = []
     for name, array in zip(names, arrays, strict=True):
-        tensor = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
-        if tensor.numel() != size or (tensor.ndim > 1 and sorted(
-            d for d in tensor.shape if d != 1) != sorted(d for d in channel_shape if d != 1)):
+        tensor = torch.as_tensor(
+            np.asarray(array) if not isinstance(array, torch.Tensor) else array
+        )
+        if tensor.numel() != size or (
+            tensor.ndim > 1
+            and sorted(d for d in tensor.shape if d != 1)
+            != sorted(d for d in channel_shape if d != 1)
+        ):
             raise ValueError(
                 f"Weight `{name}` must have {size} values in the per-channel shape {channel_shape} "
                 f"or tf-keras' shape. Received: shape {tuple(tensor.shape)}"

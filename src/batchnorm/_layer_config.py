@@ -13,14 +13,37 @@ if TYPE_CHECKING:
     from batchnorm._batch_normalization import BatchNormalization
 
 _INIT_KEYS = {
-    "num_features", "axis", "momentum", "epsilon", "center", "scale",
-    "beta_initializer", "gamma_initializer", "moving_mean_initializer",
-    "moving_variance_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
-    "gamma_constraint", "renorm", "renorm_clipping", "renorm_momentum", "fused", "trainable",
-    "virtual_batch_size", "dtype", "name",
+    "num_features",
+    "axis",
+    "momentum",
+    "epsilon",
+    "center",
+    "scale",
+    "beta_initializer",
+    "gamma_initializer",
+    "moving_mean_initializer",
+    "moving_variance_initializer",
+    "beta_regularizer",
+    "gamma_regularizer",
+    "beta_constraint",
+    "gamma_constraint",
+    "renorm",
+    "renorm_clipping",
+    "renorm_momentum",
+    "fused",
+    "trainable",
+    "virtual_batch_size",
+    "dtype",
+    "name",
 }
 # Keys Keras writes that carry nothing this layer needs.
-_IGNORED_KERAS_KEYS = {"batch_input_shape", "input_shape", "build_config", "module", "registered_name"}
+_IGNORED_KERAS_KEYS = {
+    "batch_input_shape",
+    "input_shape",
+    "build_config",
+    "module",
+    "registered_name",
+}
 
 
 def layer_config(layer: BatchNormalization) -> dict[str, Any]:
@@ -58,7 +81,9 @@ def layer_config(layer: BatchNormalization) -> dict[str, Any]:
 
 def layer_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(config, Mapping):
-        raise TypeError(f"`config` must be a dict. Received: config of type {type(config).__name__}")
+        raise TypeError(
+            f"`config` must be a dict. Received: config of type {type(config).__name__}"
+        )
     # A full Keras layer entry {"class_name": "BatchNormalization", "config": {...}} is unwrapped.
     if "config" in config and "class_name" in config:
         config = config["config"]

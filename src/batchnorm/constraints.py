@@ -97,7 +97,10 @@ _REGISTRY: dict[str, type[KerasObject]] = {
 
 
 def get(identifier: Any, *, argument: str = "constraint") -> Callable[..., torch.Tensor] | None:
-    return resolve(identifier, _REGISTRY, kind="constraint", argument=argument)
+    constraint: Callable[..., torch.Tensor] | None = resolve(
+        identifier, _REGISTRY, kind="constraint", argument=argument
+    )
+    return constraint
 
 
 def serialize_constraint(constraint: Any) -> Any:

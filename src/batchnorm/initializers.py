@@ -49,12 +49,16 @@ class Initializer(KerasObject):
 
 
 class Zeros(Initializer):
-    def __call__(self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
+    def __call__(
+        self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None
+    ) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=device)
 
 
 class Ones(Initializer):
-    def __call__(self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
+    def __call__(
+        self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None
+    ) -> torch.Tensor:
         return torch.ones(shape, dtype=dtype, device=device)
 
 
@@ -62,7 +66,9 @@ class Constant(Initializer):
     def __init__(self, value: float = 0.0) -> None:
         self.value = value
 
-    def __call__(self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
+    def __call__(
+        self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None
+    ) -> torch.Tensor:
         return torch.full(shape, float(self.value), dtype=dtype, device=device)
 
     def get_config(self) -> dict[str, Any]:
@@ -73,7 +79,9 @@ class RandomNormal(Initializer):
     def __init__(self, mean: float = 0.0, stddev: float = 0.05, seed: int | None = None) -> None:
         self.mean, self.stddev, self.seed = mean, stddev, seed
 
-    def __call__(self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
+    def __call__(
+        self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None
+    ) -> torch.Tensor:
         sample = torch.randn(shape, generator=_generator(self.seed), dtype=torch.float64)
         return (sample * self.stddev + self.mean).to(dtype=dtype, device=device)
 
@@ -82,10 +90,14 @@ class RandomNormal(Initializer):
 
 
 class RandomUniform(Initializer):
-    def __init__(self, minval: float = -0.05, maxval: float = 0.05, seed: int | None = None) -> None:
+    def __init__(
+        self, minval: float = -0.05, maxval: float = 0.05, seed: int | None = None
+    ) -> None:
         self.minval, self.maxval, self.seed = minval, maxval, seed
 
-    def __call__(self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
+    def __call__(
+        self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None
+    ) -> torch.Tensor:
         sample = torch.rand(shape, generator=_generator(self.seed), dtype=torch.float64)
         return (sample * (self.maxval - self.minval) + self.minval).to(dtype=dtype, device=device)
 
@@ -104,7 +116,9 @@ class TruncatedNormal(Initializer):
     def __init__(self, mean: float = 0.0, stddev: float = 0.05, seed: int | None = None) -> None:
         self.mean, self.stddev, self.seed = mean, stddev, seed
 
-    def __call__(self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
+    def __call__(
+        self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None
+    ) -> torch.Tensor:
         sample = _truncated_normal(shape, self.stddev, self.seed) + self.mean
         return sample.to(dtype=dtype, device=device)
 
@@ -147,7 +161,9 @@ class VarianceScaling(Initializer):
             )
         self.scale, self.mode, self.distribution, self.seed = scale, mode, distribution, seed
 
-    def __call__(self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
+    def __call__(
+        self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None
+    ) -> torch.Tensor:
         fan_in, fan_out = compute_fans(tuple(shape))
         fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2.0}[self.mode]
         variance = self.scale / max(1.0, fan)
@@ -156,7 +172,9 @@ class VarianceScaling(Initializer):
             # 0.879... is the stddev of a unit normal truncated to [-2, 2], as tf-keras corrects.
             sample = _truncated_normal(shape, math.sqrt(variance) / 0.87962566103423978, self.seed)
         elif self.distribution == "untruncated_normal":
-            sample = torch.randn(shape, generator=generator, dtype=torch.float64) * math.sqrt(variance)
+            sample = torch.randn(shape, generator=generator, dtype=torch.float64) * math.sqrt(
+                variance
+            )
         else:
             limit = math.sqrt(3.0 * variance)
             sample = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 * limit - limit
@@ -174,15 +192,19 @@ class VarianceScaling(Initializer):
 def _variance_scaling_preset(
     class_name: str, scale: float, mode: str, distribution: str
 ) -> type[VarianceScaling]:
-    def __init__(self: VarianceScaling, seed: int | None = None) -> None:
+    def initialise(self: VarianceScaling, seed: int | None = None) -> None:
         VarianceScaling.__init__(self, scale, mode, distribution, seed)
 
     def get_config(self: VarianceScaling) -> dict[str, Any]:
         return {"seed": self.seed}
 
-    preset = type(class_name, (VarianceScaling,), {"__init__": __init__, "get_config": get_config})
+    preset = type(
+        class_name, (VarianceScaling,), {"__init__": initialise, "get_config": get_config}
+    )
     preset.__module__ = __name__
-    preset.__doc__ = f"VarianceScaling(scale={scale}, mode={mode!r}, distribution={distribution!r})."
+    preset.__doc__ = (
+        f"VarianceScaling(scale={scale}, mode={mode!r}, distribution={distribution!r})."
+    )
     return preset
 
 
@@ -220,7 +242,10 @@ def get(identifier: Any, *, argument: str = "initializer") -> Callable[..., torc
             f"`{argument}` must be an initializer name, a Keras config dict or a callable. "
             f"Received: {argument}=None"
         )
-    return resolve(identifier, _REGISTRY, kind="initializer", argument=argument)  # type: ignore[return-value]
+    initializer: Callable[..., torch.Tensor] = resolve(
+        identifier, _REGISTRY, kind="initializer", argument=argument
+    )
+    return initializer
 
 
 def serialize_initializer(initializer: Any) -> Any:

@@ -70,7 +70,10 @@ def get(identifier: Any, *, argument: str = "regularizer") -> Callable[..., torc
     if isinstance(identifier, str) and identifier.replace("_", "").lower() == "l1l2":
         # tf-keras resolves this name to its l1_l2() function, whose defaults are 0.01 each.
         return L1L2(l1=0.01, l2=0.01)
-    return resolve(identifier, _REGISTRY, kind="regularizer", argument=argument)
+    regularizer: Callable[..., torch.Tensor] | None = resolve(
+        identifier, _REGISTRY, kind="regularizer", argument=argument
+    )
+    return regularizer
 
 
 def serialize_regularizer(regularizer: Any) -> Any:

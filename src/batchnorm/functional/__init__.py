@@ -32,4 +32,5 @@ __all__ = [
     "moments",
     "moving_average_update",
     "register_backend",
+    "renorm_correction",
 ]

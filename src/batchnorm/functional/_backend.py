@@ -4,7 +4,7 @@ The functional core calls exactly two primitives on the hot path:
 
 - ``moments(x, reduce_dims, weights)``: per-channel ``mean = sum(w x) / sum(w)`` and biased
   ``variance = sum(w (x - mean)^2) / sum(w)`` (``w = 1`` without weights), kept with size-1 reduced
-  dimensions, plus the per-channel count ``sum(w)``;
+  dimensions, plus the per-channel ``total_weight = sum(w)`` (the element count without weights);
 - ``normalize(x, mean, variance, scale, offset, epsilon)``: tf.nn.batch_normalization,
   ``inv = rsqrt(variance + epsilon) * scale; y = (x - mean) * inv + offset``.
 
@@ -22,7 +22,7 @@ import torch
 class Moments(NamedTuple):
     mean: torch.Tensor
     variance: torch.Tensor
-    count: torch.Tensor
+    total_weight: torch.Tensor
 
 
 class BatchNormBackend(Protocol):
@@ -64,7 +64,9 @@ class TorchOpsBackend:
     ) -> Moments:
         if not reduce_dims:
             # torch reads dim=() as "every dim"; reducing over nothing leaves each value its own mean.
-            ones = torch.ones_like(x) if weights is None else weights.to(x.dtype) + torch.zeros_like(x)
+            ones = (
+                torch.ones_like(x) if weights is None else weights.to(x.dtype) + torch.zeros_like(x)
+            )
             return Moments(x * (ones > 0), torch.zeros_like(x), ones)
         if weights is None:
             # A float64 accumulator makes the float32 mean correctly rounded; with |mean| >> std

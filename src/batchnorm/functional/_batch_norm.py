@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 import dataclasses
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -91,9 +90,7 @@ def _select(training: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tenso
     return torch.where(training, if_true, if_false)
 
 
-def _check_mask(
-    mask: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]
-) -> torch.Tensor:
+def _check_mask(mask: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
     expected = tuple(size for i, size in enumerate(x.shape) if i not in axes)
     if tuple(mask.shape) != expected:
         raise ValueError(
@@ -185,7 +182,7 @@ def batch_norm(
             f"Received: training with shape {tuple(training.shape)} and dtype {training.dtype}"
         )
     weights = None if mask is None else _check_mask(mask, x, axes)
-    may_train = not (training is False)
+    may_train = training is not False
     if may_train and virtual_batch_size is not None:
         if 0 in axes:
             raise ValueError(
@@ -199,22 +196,32 @@ def batch_norm(
             )
 
     backend = backend_for(x)
-    compute_dtype = torch.promote_types(x.dtype, torch.promote_types(
-        statistics.moving_mean.dtype, torch.float32))
+    compute_dtype = torch.promote_types(
+        x.dtype, torch.promote_types(statistics.moving_mean.dtype, torch.float32)
+    )
     xc = x.to(compute_dtype)
     param_view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
 
-    def view(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.reshape(param_view).to(compute_dtype)
+    def view(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(param_view).to(compute_dtype)
 
-    scale, offset = view(gamma), view(beta)
-    if training is False:
-        y = backend.normalize(
-            xc, view(statistics.moving_mean), view(statistics.moving_variance),  # type: ignore[arg-type]
-            scale, offset, epsilon,
+    def optional_view(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else view(tensor)
+
+    def inference_output() -> torch.Tensor:
+        return backend.normalize(
+            xc,
+            view(statistics.moving_mean),
+            view(statistics.moving_variance),
+            optional_view(gamma),
+            optional_view(beta),
+            epsilon,
         )
-        return y.to(x.dtype), statistics
 
+    if training is False:
+        return inference_output().to(x.dtype), statistics
+
+    scale, offset = optional_view(gamma), optional_view(beta)
     if adjustment is not None:
         adjust_scale, adjust_offset = adjustment(x.shape)
         scale, offset = _compose(
@@ -228,9 +235,9 @@ def batch_norm(
         grouped = xc.reshape(virtual_batch_size, -1, *x.shape[1:])
         if weights is not None:
             group_weights = weights.reshape(virtual_batch_size, -1, *weights.shape[1:])
-        reduce_dims = (0,) + tuple(i + 1 for i in reduce_dims if i != 0)
+        reduce_dims = (0, *(i + 1 for i in reduce_dims if i != 0))
     batch = backend.moments(grouped, reduce_dims, group_weights)
-    mean, variance, count = batch.mean, batch.variance, batch.count
+    mean, variance, count = batch.mean, batch.variance, batch.total_weight
     if virtual_batch_size is not None:
         mean, variance = mean.mean(dim=1), variance.mean(dim=1)
         count = count.mean(dim=1)
@@ -243,18 +250,29 @@ def batch_norm(
         return shaped.unsqueeze(0) if virtual_batch_size is not None else shaped
 
     new_statistics = _updated_statistics(
-        statistics, batch_mean.detach(), batch_variance.detach(), count,
-        momentum=momentum, renorm_momentum=renorm_momentum, epsilon=epsilon,
+        statistics,
+        batch_mean.detach(),
+        batch_variance.detach(),
+        count,
+        momentum=momentum,
+        renorm_momentum=renorm_momentum,
+        epsilon=epsilon,
         unbiased=moving_variance_estimator == "unbiased",
     )
-    if statistics.renorm:
+    if statistics.renorm_mean is not None and statistics.renorm_stddev is not None:
         correction = renorm_correction(
-            batch_mean, batch_variance, statistics.renorm_mean,  # type: ignore[arg-type]
-            statistics.renorm_stddev, epsilon, clipping,  # type: ignore[arg-type]
+            batch_mean,
+            batch_variance,
+            statistics.renorm_mean,
+            statistics.renorm_stddev,
+            epsilon,
+            clipping,
         )
         scale, offset = _compose(
-            group_view(correction.r), group_view(correction.d),
-            None if scale is None else group_view(scale), None if offset is None else group_view(offset),
+            group_view(correction.r),
+            group_view(correction.d),
+            None if scale is None else group_view(scale),
+            None if offset is None else group_view(offset),
         )
     elif virtual_batch_size is not None:
         scale = None if scale is None else group_view(scale)
@@ -268,16 +286,15 @@ def batch_norm(
         return y_train.to(x.dtype), new_statistics
 
     assert isinstance(training, torch.Tensor)
-    y_inference = backend.normalize(
-        xc, view(statistics.moving_mean), view(statistics.moving_variance),  # type: ignore[arg-type]
-        view(gamma), view(beta), epsilon,
-    )
-    y = _select(training, y_train, y_inference)
-    selected = BatchNormStatistics(*(
-        None if old is None else _select(training, new, old)
-        for new, old in zip(new_statistics, statistics, strict=True)
-    ))
-    return y.to(x.dtype), selected
+    y = _select(training, y_train, inference_output())
+    selected = {
+        name: _select(training, new, old)
+        for name, new, old in zip(
+            BatchNormStatistics._fields, new_statistics, statistics, strict=True
+        )
+        if new is not None and old is not None
+    }
+    return y.to(x.dtype), BatchNormStatistics(**selected)
 
 
 def _updated_statistics(
@@ -313,4 +330,6 @@ def _updated_statistics(
     renorm_stddev = moving_average_update(
         statistics.renorm_stddev, torch.sqrt(batch_variance + epsilon), renorm_momentum
     )
-    return BatchNormStatistics(moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev)
+    return BatchNormStatistics(
+        moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev
+    )

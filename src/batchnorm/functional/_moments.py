@@ -35,7 +35,7 @@ def moments(
     weights = None
     if mask is not None:
         try:
-            torch.broadcast_shapes(tuple(mask.shape), tuple(x.shape))
+            torch.broadcast_shapes(tuple(mask.shape), tuple(x.shape))  # type: ignore[no-untyped-call]
         except RuntimeError as error:
             raise ValueError(
                 f"`mask` must broadcast to the shape of `x` {tuple(x.shape)}. "
@@ -46,5 +46,8 @@ def moments(
     result = backend_for(x).moments(x.to(compute_dtype), dims, weights)
     mean, variance = result.mean, result.variance
     if not keepdims:
-        mean, variance = mean.squeeze(dims) if dims else mean, variance.squeeze(dims) if dims else variance
+        mean, variance = (
+            mean.squeeze(dims) if dims else mean,
+            variance.squeeze(dims) if dims else variance,
+        )
     return mean.to(x.dtype), variance.to(x.dtype)

@@ -61,13 +61,17 @@ def check_floating_input(x: Any, argument: str = "x") -> None:
 
 def check_fraction(value: Any, argument: str) -> float:
     """A number in [0, 1], as momentum and renorm_momentum are."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 <= float(value) <= 1.0
+    ):
         raise ValueError(f"`{argument}` must be a number in [0, 1]. Received: {argument}={value!r}")
     return float(value)
 
 
 def check_positive(value: Any, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0.0:
         raise ValueError(f"`{argument}` must be a number > 0. Received: {argument}={value!r}")
     return float(value)
 
@@ -105,12 +109,11 @@ def check_renorm_clipping(clipping: Any) -> dict[str, float]:
                 f"`renorm_clipping['{key}']` must be a number. "
                 f"Received: renorm_clipping={dict(clipping)!r}"
             )
-    if "rmin" in values and "rmax" in values and values["rmax"] < values["rmin"]:
+    if "rmin" in values and "rmax" in values and float(values["rmax"]) < float(values["rmin"]):
         raise ValueError(
-            "`renorm_clipping` needs rmax >= rmin. "
-            f"Received: renorm_clipping={dict(clipping)!r}"
+            f"`renorm_clipping` needs rmax >= rmin. Received: renorm_clipping={dict(clipping)!r}"
         )
-    if "dmax" in values and values["dmax"] < 0:
+    if "dmax" in values and float(values["dmax"]) < 0:
         raise ValueError(
             f"`renorm_clipping` needs dmax >= 0. Received: renorm_clipping={dict(clipping)!r}"
         )

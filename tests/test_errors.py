@@ -1,0 +1,292 @@
+"""Every bad input gets a clear error naming the argument, and a call that raises changes no state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import BatchNormalization, constraints, initializers, regularizers
+from batchnorm.functional import BatchNormStatistics, batch_norm, batch_normalization, moments
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"axis": "1"},
+            TypeError,
+            r"`axis` must be an int or a list/tuple of ints. Received: axis='1'",
+        ),
+        ({"axis": [1.5]}, TypeError, r"`axis` must be an int or a non-empty list/tuple of ints"),
+        ({"axis": []}, TypeError, r"non-empty list/tuple"),
+        (
+            {"momentum": 1.5},
+            ValueError,
+            r"`momentum` must be a number in \[0, 1\]. Received: momentum=1.5",
+        ),
+        ({"momentum": -0.1}, ValueError, r"Received: momentum=-0.1"),
+        ({"renorm_momentum": 2}, ValueError, r"`renorm_momentum` must be a number in \[0, 1\]"),
+        ({"epsilon": 0}, ValueError, r"`epsilon` must be a number > 0. Received: epsilon=0"),
+        ({"epsilon": -1e-3}, ValueError, r"Received: epsilon=-0.001"),
+        (
+            {"gamma_initializer": "zeroz"},
+            ValueError,
+            r"Unknown initializer name for `gamma_initializer`.*zeroz",
+        ),
+        ({"beta_initializer": {"config": {}}}, ValueError, r"needs a 'class_name' key"),
+        (
+            {"moving_mean_initializer": 3},
+            TypeError,
+            r"`moving_mean_initializer` must be a initializer name",
+        ),
+        (
+            {"gamma_regularizer": "l3"},
+            ValueError,
+            r"Unknown regularizer name for `gamma_regularizer`",
+        ),
+        (
+            {"beta_regularizer": {"class_name": "L2", "config": {"l2": -1}}},
+            ValueError,
+            r"`l2` must be",
+        ),
+        (
+            {"beta_constraint": "positive"},
+            ValueError,
+            r"Unknown constraint name for `beta_constraint`",
+        ),
+        (
+            {"gamma_constraint": {"class_name": "MaxNorm", "config": {"bogus": 1}}},
+            ValueError,
+            r"Invalid config for constraint MaxNorm in `gamma_constraint`",
+        ),
+        (
+            {"renorm": True, "renorm_clipping": {"rmax": 2, "r": 1}},
+            ValueError,
+            r"`renorm_clipping` accepts only the keys 'rmin', 'rmax' and 'dmax'",
+        ),
+        (
+            {"renorm": True, "renorm_clipping": {"rmin": 2, "rmax": 1}},
+            ValueError,
+            r"needs rmax >= rmin",
+        ),
+        ({"renorm": True, "renorm_clipping": {"dmax": -1}}, ValueError, r"needs dmax >= 0"),
+        (
+            {"renorm": True, "renorm_clipping": [1, 2]},
+            TypeError,
+            r"`renorm_clipping` must be a dict",
+        ),
+        (
+            {"virtual_batch_size": 0},
+            ValueError,
+            r"`virtual_batch_size` must be a positive integer.*=0",
+        ),
+        ({"virtual_batch_size": 2, "axis": 0}, ValueError, r"axis cannot include 0"),
+        (
+            {"virtual_batch_size": 2, "adjustment": lambda s: (1, 0)},
+            ValueError,
+            r"`adjustment` cannot be specified",
+        ),
+        ({"adjustment": 3}, TypeError, r"`adjustment` must be a callable"),
+        ({"fused": True, "renorm": True}, ValueError, r"`fused=True` and `renorm=True`"),
+        (
+            {"fused": True, "axis": [1, 2]},
+            ValueError,
+            r"`fused=True` is only supported when axis is 1 or 3",
+        ),
+        ({"fused": True, "axis": 2}, ValueError, r"Received: axis=\[2\]"),
+        (
+            {"fused": True, "virtual_batch_size": 2},
+            ValueError,
+            r"`virtual_batch_size` is specified",
+        ),
+        ({"fused": True, "adjustment": lambda s: (1, 0)}, ValueError, r"`adjustment` is specified"),
+        (
+            {"fused": True, "dtype": "float64"},
+            ValueError,
+            r"compute dtype is float16, bfloat16 or float32",
+        ),
+        ({"fused": "yes"}, TypeError, r"`fused` must be None, True or False"),
+        ({"dtype": "int8"}, ValueError, r"`dtype` must be None, a torch floating dtype.*'int8'"),
+        ({"dtype": torch.int32}, ValueError, r"`dtype` must be a floating dtype"),
+    ],
+)
+def test_constructor_rejects(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BatchNormalization(**kwargs)
+
+
+@pytest.mark.parametrize("num_features", [0, -3, 2.5, "3", (), (2, 0), True])
+def test_bad_num_features(num_features):
+    with pytest.raises(ValueError, match=r"`num_features` must be a positive int or a tuple"):
+        BatchNormalization(num_features)
+
+
+def trained_layer(**kwargs):
+    layer = BatchNormalization(**kwargs)
+    layer(torch.randn(12, 3, 4) if kwargs.get("axis") == 1 else torch.randn(12, 3), training=True)
+    return layer
+
+
+def state(layer):
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("layer_kwargs", "call", "error", "match"),
+    [
+        (
+            {},
+            lambda layer: layer(torch.randn(8, 5), training=True),
+            ValueError,
+            r"was built for \(3,\) channels on axis \[1\], but the input has \(5,\). Received: x.shape=\(8, 5\)",
+        ),
+        (
+            {},
+            lambda layer: layer(torch.randn(8, 3, 1), training=True),
+            ValueError,
+            r"expects inputs of rank 2",
+        ),
+        (
+            {},
+            lambda layer: layer(torch.ones(8, 3, dtype=torch.int64), training=True),
+            TypeError,
+            r"`x` must be a floating-point tensor.*Received: x.dtype=torch.int64",
+        ),
+        (
+            {},
+            lambda layer: layer([[1.0, 2.0, 3.0]], training=True),
+            TypeError,
+            r"`x` must be a torch.Tensor",
+        ),
+        (
+            {},
+            lambda layer: layer(torch.randn(8, 3), training=True, mask=torch.ones(7)),
+            ValueError,
+            r"`mask` must have the shape of `x` without its channel axes, \(8,\). Received: mask.shape=\(7,\)",
+        ),
+        (
+            {},
+            lambda layer: layer(torch.randn(8, 3), training="yes"),
+            TypeError,
+            r"`training` must be None, a bool",
+        ),
+        (
+            {},
+            lambda layer: layer(torch.randn(8, 3), training=torch.ones(2, dtype=torch.bool)),
+            ValueError,
+            r"`training` must be a Python bool or a 0-d bool tensor",
+        ),
+        (
+            {"virtual_batch_size": 3},
+            lambda layer: layer(torch.randn(8, 3), training=True),
+            ValueError,
+            r"`virtual_batch_size` must divide the batch size. Received: virtual_batch_size=3 for a batch of 8",
+        ),
+        (
+            {"renorm": True},
+            lambda layer: layer(torch.randn(8, 3), training=True, mask=torch.ones(8, 3)),
+            ValueError,
+            r"`mask` must have the shape",
+        ),
+        (
+            {"axis": 1},
+            lambda layer: layer(torch.randn(8, 4, 4), training=True),
+            ValueError,
+            r"was built for \(3,\)",
+        ),
+    ],
+)
+def test_call_errors_leave_state_unchanged(layer_kwargs, call, error, match):
+    layer = trained_layer(**layer_kwargs)
+    before = state(layer)
+    with pytest.raises(error, match=match):
+        call(layer)
+    after = layer.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+
+
+def test_axis_out_of_range_for_input():
+    with pytest.raises(
+        ValueError, match=r"`axis` is out of range for an input of rank 2.*Received: axis=3"
+    ):
+        BatchNormalization(axis=3)(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"`axis` is out of range.*Received: axis=-3"):
+        BatchNormalization(axis=-3).build((4, 3))
+    with pytest.raises(ValueError, match=r"`axis` contains duplicate axes"):
+        BatchNormalization(axis=[1, -1]).build((4, 3))
+
+
+def test_fused_true_on_unsupported_rank_raises_at_build():
+    layer = BatchNormalization(fused=True)
+    with pytest.raises(ValueError, match=r"`fused=True` only support 4D or 5D input tensors"):
+        layer.build((4, 3))
+
+
+def test_fused_auto_on_rank4_batch_axis_raises_like_tf_keras():
+    with pytest.raises(ValueError, match=r"Unsupported axis. The use of `fused=True`"):
+        BatchNormalization(axis=-4).build((2, 3, 4, 5))
+
+
+def test_set_weights_errors_write_nothing():
+    layer = trained_layer()
+    before = state(layer)
+    good = layer.get_weights()
+    with pytest.raises(
+        ValueError,
+        match=r"`weights` must hold 4 arrays \(gamma, beta, moving_mean, moving_variance\)",
+    ):
+        layer.set_weights(good[:3])
+    with pytest.raises(
+        ValueError, match=r"Weight `moving_variance` must have 3 values.*Received: shape \(4,\)"
+    ):
+        layer.set_weights([*good[:3], np.ones(4)])
+    with pytest.raises(TypeError, match=r"`weights` must be a list of 4 arrays"):
+        layer.set_weights("weights")
+    for key, value in before.items():
+        assert torch.equal(value, layer.state_dict()[key])
+    with pytest.raises(ValueError, match=r"has no weights yet"):
+        BatchNormalization().get_weights()
+
+
+def test_from_config_errors():
+    with pytest.raises(ValueError, match=r"Unknown BatchNormalization config keys \['bogus'\]"):
+        BatchNormalization.from_config({"axis": -1, "bogus": 1})
+    with pytest.raises(TypeError, match=r"`config` must be a dict"):
+        BatchNormalization.from_config([("axis", -1)])
+    with pytest.raises(ValueError, match=r"`synchronized=True` is not supported"):
+        BatchNormalization.from_config({"synchronized": True})
+
+
+def test_functional_errors():
+    x = torch.randn(4, 3)
+    stats = BatchNormStatistics(torch.zeros(3), torch.ones(3))
+    with pytest.raises(
+        ValueError, match=r"`statistics.moving_variance` must have the per-channel shape \(3,\)"
+    ):
+        batch_norm(x, BatchNormStatistics(torch.zeros(3), torch.ones(2)))
+    with pytest.raises(ValueError, match=r"`gamma` must have the per-channel shape \(3,\)"):
+        batch_norm(x, stats, torch.ones(4))
+    with pytest.raises(
+        ValueError, match=r"`moving_variance_estimator` must be 'biased' or 'unbiased'"
+    ):
+        batch_norm(x, stats, moving_variance_estimator="bessel")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`epsilon` must be a number > 0"):
+        batch_normalization(x, x.mean(0), x.var(0), None, None, 0.0)
+    with pytest.raises(ValueError, match=r"`mask` must broadcast to the shape of `x`"):
+        moments(x, [0], mask=torch.ones(5))
+    with pytest.raises(TypeError, match=r"`x` must be a floating-point tensor"):
+        moments(torch.ones(3, dtype=torch.int32), [0])
+
+
+def test_keras_object_errors():
+    with pytest.raises(
+        ValueError, match=r"`initializer` must be an initializer name.*Received: initializer=None"
+    ):
+        initializers.get(None)
+    with pytest.raises(ValueError, match=r"`mode` must be one of"):
+        initializers.VarianceScaling(mode="fan_sum")
+    with pytest.raises(ValueError, match=r"Unknown regularizer class for `regularizer`"):
+        regularizers.get({"class_name": "L3", "config": {}})
+    assert constraints.get(None) is None
