@@ -122,6 +122,11 @@ def test_bad_num_features(num_features):
         BatchNormalization(num_features)
 
 
+def test_num_features_must_match_axis_count():
+    with pytest.raises(ValueError, match=r"`num_features` needs one size per channel axis"):
+        BatchNormalization((3, 4), axis=1)
+
+
 def trained_layer(**kwargs):
     layer = BatchNormalization(**kwargs)
     layer(torch.randn(12, 3, 4) if kwargs.get("axis") == 1 else torch.randn(12, 3), training=True)

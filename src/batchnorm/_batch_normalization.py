@@ -177,7 +177,13 @@ class BatchNormalization(nn.Module):
         self._input_rank: int | None = None
         self.built = False
         if num_features is not None:
-            self._create_weights(_channel_shape_argument(num_features), keras_shape=None)
+            channel_shape = _channel_shape_argument(num_features)
+            if len(channel_shape) != len(check_axis_type(axis)):
+                raise ValueError(
+                    "`num_features` needs one size per channel axis. "
+                    f"Received: num_features={num_features!r} for axis={axis!r}"
+                )
+            self._create_weights(channel_shape, keras_shape=None)
 
     # ------------------------------------------------------------------ building
     def build(self, input_shape: Sequence[int]) -> None:
