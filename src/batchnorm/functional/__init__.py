@@ -10,7 +10,6 @@
 from batchnorm.functional._backend import (
     BatchNormBackend,
     Moments,
-    TorchOpsBackend,
     backend_for,
     register_backend,
 )
@@ -19,6 +18,7 @@ from batchnorm.functional._moments import moments
 from batchnorm.functional._moving_average import moving_average_update
 from batchnorm.functional._normalization import batch_normalization
 from batchnorm.functional._renorm import RenormCorrection, renorm_correction
+from batchnorm.functional._torch_ops import TorchOpsBackend
 
 __all__ = [
     "BatchNormBackend",

@@ -1,15 +1,20 @@
-"""The operations a kernel backend can replace, and the registry that picks one per device.
+"""The operations a kernel backend provides, and the registry that picks one per device.
 
-The functional core calls exactly two primitives on the hot path:
+The layer step (:func:`batchnorm.functional.batch_norm`) calls three primitives, each on the input
+``x`` with its channel ``axes`` (sorted) and per-channel parameters (shape ``channel_shape``):
 
-- ``moments(x, reduce_dims, weights)``: per-channel ``mean = sum(w x) / sum(w)`` and biased
-  ``variance = sum(w (x - mean)^2) / sum(w)`` (``w = 1`` without weights), kept with size-1 reduced
-  dimensions, plus the per-channel ``total_weight = sum(w)`` (the element count without weights);
-- ``normalize(x, mean, variance, scale, offset, epsilon)``: tf.nn.batch_normalization,
-  ``inv = rsqrt(variance + epsilon) * scale; y = (x - mean) * inv + offset``.
+- ``batch_moments(x, axes, weights, ghost_batches)``: per ghost batch and channel, the mean
+  ``sum(w x) / sum(w)``, the biased variance ``sum(w (x - mean)^2) / sum(w)`` and ``sum(w)``
+  (``w = 1`` without weights; 0 / 0 gives 0), each of shape ``(ghost_batches, *channel_shape)``.
+  Ghost batch ``j`` holds samples ``{j, j + G, j + 2G, ...}`` (tf-keras' interleaving).
+- ``normalize_batch(x, axes, moments, scale, offset, epsilon, weights, ghost_batches)``:
+  ``y = (x - mean) * rsqrt(variance + epsilon) * scale + offset`` with the moments just computed;
+  its gradient treats them as functions of ``x`` (the full batch-norm backward).
+- ``normalize(x, axes, mean, variance, scale, offset, epsilon)``: the same with given statistics
+  (inference), differentiable in ``x``, ``scale`` and ``offset``.
 
-The torch-op backend serves every device. A faster backend registers itself for a device type
-with :func:`register_backend`; it must be differentiable (autograd) for both primitives.
+The torch-op backend (:mod:`batchnorm.functional._torch_ops`) serves every device and is the
+reference; faster backends register for a device type with :func:`register_backend`.
 """
 
 from __future__ import annotations
@@ -28,13 +33,32 @@ class Moments(NamedTuple):
 class BatchNormBackend(Protocol):
     name: str
 
-    def moments(
-        self, x: torch.Tensor, reduce_dims: tuple[int, ...], weights: torch.Tensor | None
+    def supports(self, x: torch.Tensor) -> bool: ...
+
+    def batch_moments(
+        self,
+        x: torch.Tensor,
+        axes: tuple[int, ...],
+        weights: torch.Tensor | None,
+        ghost_batches: int,
     ) -> Moments: ...
+
+    def normalize_batch(
+        self,
+        x: torch.Tensor,
+        axes: tuple[int, ...],
+        moments: Moments,
+        scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        epsilon: float,
+        weights: torch.Tensor | None,
+        ghost_batches: int,
+    ) -> torch.Tensor: ...
 
     def normalize(
         self,
         x: torch.Tensor,
+        axes: tuple[int, ...],
         mean: torch.Tensor,
         variance: torch.Tensor,
         scale: torch.Tensor | None,
@@ -43,70 +67,11 @@ class BatchNormBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
-def divide_no_nan(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """``numerator / denominator`` with 0 where the denominator is 0, as tf.math.divide_no_nan."""
-    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
-    return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
-
-
-def _accumulator(x: torch.Tensor) -> torch.dtype:
-    # MPS has no float64; it keeps float32 accumulation.
-    return x.dtype if x.device.type == "mps" else torch.float64
-
-
-class TorchOpsBackend:
-    """Composed torch operations: runs on every device and is the reference for other backends."""
-
-    name = "torch"
-
-    def moments(
-        self, x: torch.Tensor, reduce_dims: tuple[int, ...], weights: torch.Tensor | None
-    ) -> Moments:
-        if not reduce_dims:
-            # torch reads dim=() as "every dim"; reducing over nothing leaves each value its own mean.
-            ones = (
-                torch.ones_like(x) if weights is None else weights.to(x.dtype) + torch.zeros_like(x)
-            )
-            return Moments(x * (ones > 0), torch.zeros_like(x), ones)
-        if weights is None:
-            # A float64 accumulator makes the float32 mean correctly rounded; with |mean| >> std
-            # (1000 + 0.01 * randn) its rounding is the error that dominates everything after.
-            mean = x.mean(dim=reduce_dims, keepdim=True, dtype=_accumulator(x)).to(x.dtype)
-            # tf.nn.moments: the centred square uses stop_gradient(mean); the gradient is the same.
-            variance = (x - mean.detach()).square().mean(dim=reduce_dims, keepdim=True)
-            count = torch.full_like(mean, x.numel() / max(mean.numel(), 1)).detach()
-            return Moments(mean, variance, count)
-        weights = weights.to(x.dtype)
-        count = (weights + torch.zeros_like(x)).sum(dim=reduce_dims, keepdim=True)
-        weighted_sum = (weights * x).sum(dim=reduce_dims, keepdim=True, dtype=_accumulator(x))
-        mean = divide_no_nan(weighted_sum.to(x.dtype), count)
-        squared = (weights * (x - mean).square()).sum(dim=reduce_dims, keepdim=True)
-        return Moments(mean, divide_no_nan(squared, count), count.detach())
-
-    def normalize(
-        self,
-        x: torch.Tensor,
-        mean: torch.Tensor,
-        variance: torch.Tensor,
-        scale: torch.Tensor | None,
-        offset: torch.Tensor | None,
-        epsilon: float,
-    ) -> torch.Tensor:
-        inv = torch.rsqrt(variance + epsilon)
-        if scale is not None:
-            inv = inv * scale
-        # (x - mean) * inv rather than tf's x * inv + (offset - mean * inv): the same value, but
-        # without cancelling two large terms when |mean| >> std (e.g. 1000 + 0.01 * randn).
-        centred = (x - mean) * inv
-        return centred if offset is None else centred + offset
-
-
-TORCH_OPS = TorchOpsBackend()
 _BACKENDS: dict[str, BatchNormBackend] = {}
 
 
 def register_backend(device_type: str, backend: BatchNormBackend | None) -> None:
-    """Use ``backend`` for tensors on ``device_type`` ("cpu", "cuda", ...); ``None`` restores torch ops."""
+    """Use ``backend`` for tensors on ``device_type`` ("cpu", "cuda", ...); None restores torch ops."""
     if backend is None:
         _BACKENDS.pop(device_type, None)
     else:
@@ -114,4 +79,7 @@ def register_backend(device_type: str, backend: BatchNormBackend | None) -> None
 
 
 def backend_for(x: torch.Tensor) -> BatchNormBackend:
-    return _BACKENDS.get(x.device.type, TORCH_OPS)
+    from batchnorm.functional._torch_ops import TORCH_OPS
+
+    backend = _BACKENDS.get(x.device.type)
+    return backend if backend is not None and backend.supports(x) else TORCH_OPS

@@ -13,6 +13,7 @@ import torch.utils._pytree as pytree
 from batchnorm.functional._backend import backend_for
 from batchnorm.functional._moving_average import moving_average_update
 from batchnorm.functional._renorm import renorm_correction
+from batchnorm.functional._torch_ops import TORCH_OPS
 from batchnorm.functional._validation import (
     check_floating_input,
     check_fraction,
@@ -84,10 +85,6 @@ def _compose(
     if then_offset is not None:
         offset = then_offset if offset is None else offset + then_offset
     return scale, offset
-
-
-def _select(training: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:
-    return torch.where(training, if_true, if_false)
 
 
 def _check_mask(mask: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
@@ -195,64 +192,61 @@ def batch_norm(
                 f"Received: virtual_batch_size={virtual_batch_size} for a batch of {x.shape[0]}"
             )
 
-    backend = backend_for(x)
     compute_dtype = torch.promote_types(
         x.dtype, torch.promote_types(statistics.moving_mean.dtype, torch.float32)
     )
-    xc = x.to(compute_dtype)
-    param_view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
 
-    def view(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.reshape(param_view).to(compute_dtype)
+    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(compute_dtype)
 
-    def optional_view(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else view(tensor)
+    if x.dtype in (torch.float32, torch.float64) and x.dtype != compute_dtype:
+        # A float32 input to a float64 layer is computed in float64; half precision inputs are
+        # upcast inside each backend, which may read them in their own type.
+        x = x.to(compute_dtype)
+    backend = backend_for(x)
 
     def inference_output() -> torch.Tensor:
         return backend.normalize(
-            xc,
-            view(statistics.moving_mean),
-            view(statistics.moving_variance),
-            optional_view(gamma),
-            optional_view(beta),
+            x,
+            axes,
+            statistics.moving_mean,
+            statistics.moving_variance,
+            cast(gamma),
+            cast(beta),
             epsilon,
         )
 
     if training is False:
         return inference_output().to(x.dtype), statistics
 
-    scale, offset = optional_view(gamma), optional_view(beta)
+    scale, offset = cast(gamma), cast(beta)
     if adjustment is not None:
-        adjust_scale, adjust_offset = adjustment(x.shape)
+        adjust_scale, adjust_offset = (torch.as_tensor(t) for t in adjustment(x.shape))
+        channel_scale = _per_channel(adjust_scale, x, axes)
+        channel_offset = _per_channel(adjust_offset, x, axes)
+        if channel_scale is not None and channel_offset is not None:
+            adjust_scale, adjust_offset = channel_scale, channel_offset
+        else:
+            # An adjustment that varies inside a channel only fits the composed-op path, with
+            # scale and offset broadcast against x instead of per channel.
+            backend = TORCH_OPS
+            view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+            scale = None if scale is None else scale.reshape(view)
+            offset = None if offset is None else offset.reshape(view)
         scale, offset = _compose(
             adjust_scale.to(compute_dtype), adjust_offset.to(compute_dtype), scale, offset
         )
 
-    reduce_dims = tuple(i for i in range(x.ndim) if i not in axes)
-    grouped, group_weights = xc, weights
-    if virtual_batch_size is not None:
-        # Ghost batch j holds samples {j, j + B/v, ...}: tf-keras reshapes to [v, B/v, ...].
-        grouped = xc.reshape(virtual_batch_size, -1, *x.shape[1:])
-        if weights is not None:
-            group_weights = weights.reshape(virtual_batch_size, -1, *weights.shape[1:])
-        reduce_dims = (0, *(i + 1 for i in reduce_dims if i != 0))
-    batch = backend.moments(grouped, reduce_dims, group_weights)
-    mean, variance, count = batch.mean, batch.variance, batch.total_weight
-    if virtual_batch_size is not None:
-        mean, variance = mean.mean(dim=1), variance.mean(dim=1)
-        count = count.mean(dim=1)
-    batch_mean = mean.reshape(channel_shape)
-    batch_variance = variance.reshape(channel_shape)
-    count = count.reshape(channel_shape)
-
-    def group_view(tensor: torch.Tensor) -> torch.Tensor:
-        shaped = tensor.reshape(param_view)
-        return shaped.unsqueeze(0) if virtual_batch_size is not None else shaped
-
+    ghost_batches = 1 if virtual_batch_size is None else x.shape[0] // virtual_batch_size
+    moments = backend.batch_moments(x, axes, weights, ghost_batches)
+    # Ghost batches update the moving statistics once, with the mean of their statistics.
+    batch_mean = moments.mean.detach().mean(dim=0).to(compute_dtype)
+    batch_variance = moments.variance.detach().mean(dim=0).to(compute_dtype)
+    count = moments.total_weight.detach().to(compute_dtype).mean(dim=0)
     new_statistics = _updated_statistics(
         statistics,
-        batch_mean.detach(),
-        batch_variance.detach(),
+        batch_mean,
+        batch_variance,
         count,
         momentum=momentum,
         renorm_momentum=renorm_momentum,
@@ -268,33 +262,50 @@ def batch_norm(
             epsilon,
             clipping,
         )
-        scale, offset = _compose(
-            group_view(correction.r),
-            group_view(correction.d),
-            None if scale is None else group_view(scale),
-            None if offset is None else group_view(offset),
-        )
-    elif virtual_batch_size is not None:
-        scale = None if scale is None else group_view(scale)
-        offset = None if offset is None else group_view(offset)
-    y_train = backend.normalize(
-        grouped, batch.mean, batch.variance, scale, offset, epsilon
-    ).reshape(x.shape)
-    if x.shape[0] == 0 or math.prod(x.shape) == 0:
+        scale, offset = _compose(correction.r, correction.d, scale, offset)
+    y_train = backend.normalize_batch(
+        x, axes, moments, scale, offset, epsilon, weights, ghost_batches
+    )
+    if math.prod(x.shape) == 0:
         new_statistics = statistics
     if training is True:
         return y_train.to(x.dtype), new_statistics
+    y, selected = _select_branch(training, y_train, inference_output(), new_statistics, statistics)
+    return y.to(x.dtype), selected
 
-    assert isinstance(training, torch.Tensor)
-    y = _select(training, y_train, inference_output())
+
+def _per_channel(
+    tensor: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]
+) -> torch.Tensor | None:
+    """``tensor`` as a per-channel tensor if it is constant within each channel, else None."""
+    tensor = torch.as_tensor(tensor)
+    channel_shape = tuple(x.shape[a] for a in axes)
+    view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+    try:
+        shape = torch.broadcast_shapes(tuple(tensor.shape), tuple(view))  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        return None
+    if list(shape) != view:
+        return None
+    return tensor.broadcast_to(view).reshape(channel_shape)
+
+
+def _select_branch(
+    training: torch.Tensor,
+    y_train: torch.Tensor,
+    y_inference: torch.Tensor,
+    new_statistics: BatchNormStatistics,
+    statistics: BatchNormStatistics,
+) -> tuple[torch.Tensor, BatchNormStatistics]:
+    """Both branches computed, one selected: a tensor ``training`` traces without a graph break."""
     selected = {
-        name: _select(training, new, old)
+        name: torch.where(training, new, old)
         for name, new, old in zip(
             BatchNormStatistics._fields, new_statistics, statistics, strict=True
         )
         if new is not None and old is not None
     }
-    return y.to(x.dtype), BatchNormStatistics(**selected)
+    return torch.where(training, y_train, y_inference), BatchNormStatistics(**selected)
 
 
 def _updated_statistics(

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from batchnorm.functional._backend import backend_for
+from batchnorm.functional._torch_ops import reduced_moments
 from batchnorm.functional._validation import check_floating_input, normalize_axes
 
 
@@ -43,7 +43,7 @@ def moments(
             ) from error
         weights = mask
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    result = backend_for(x).moments(x.to(compute_dtype), dims, weights)
+    result = reduced_moments(x.to(compute_dtype), dims, weights)
     mean, variance = result.mean, result.variance
     if not keepdims:
         mean, variance = (

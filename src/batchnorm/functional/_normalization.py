@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from batchnorm.functional._backend import backend_for
+from batchnorm.functional._torch_ops import affine_normalize
 from batchnorm.functional._validation import check_floating_input, check_positive
 
 
@@ -31,4 +31,4 @@ def batch_normalization(
     """
     check_floating_input(x)
     check_positive(epsilon, "epsilon")
-    return backend_for(x).normalize(x, mean, variance, scale, offset, epsilon)
+    return affine_normalize(x, mean, variance, scale, offset, epsilon)

@@ -1,0 +1,160 @@
+"""The torch-op backend: composed torch operations, on every device; the reference for kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from batchnorm.functional._backend import Moments
+
+
+def divide_no_nan(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator`` with 0 where the denominator is 0, as tf.math.divide_no_nan."""
+    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
+
+
+def _accumulator(x: torch.Tensor) -> torch.dtype:
+    # MPS has no float64; it keeps float32 accumulation.
+    return x.dtype if x.device.type == "mps" else torch.float64
+
+
+def reduced_moments(
+    x: torch.Tensor, reduce_dims: tuple[int, ...], weights: torch.Tensor | None
+) -> Moments:
+    """Mean, biased variance and total weight over ``reduce_dims``, kept with size-1 dimensions."""
+    if not reduce_dims:
+        # torch reads dim=() as "every dim"; reducing over nothing leaves each value its own mean.
+        ones = torch.ones_like(x) if weights is None else weights.to(x.dtype) + torch.zeros_like(x)
+        return Moments(x * (ones > 0), torch.zeros_like(x), ones)
+    if weights is None:
+        # A float64 accumulator makes the float32 mean correctly rounded; with |mean| >> std
+        # (1000 + 0.01 * randn) its rounding is the error that dominates everything after.
+        mean = x.mean(dim=reduce_dims, keepdim=True, dtype=_accumulator(x)).to(x.dtype)
+        # tf.nn.moments: the centred square uses stop_gradient(mean); the gradient is the same.
+        variance = (x - mean.detach()).square().mean(dim=reduce_dims, keepdim=True)
+        count = torch.full_like(mean, x.numel() / max(mean.numel(), 1)).detach()
+        return Moments(mean, variance, count)
+    weights = weights.to(x.dtype)
+    count = (weights + torch.zeros_like(x)).sum(dim=reduce_dims, keepdim=True)
+    weighted_sum = (weights * x).sum(dim=reduce_dims, keepdim=True, dtype=_accumulator(x))
+    mean = divide_no_nan(weighted_sum.to(x.dtype), count)
+    squared = (weights * (x - mean).square()).sum(dim=reduce_dims, keepdim=True)
+    return Moments(mean, divide_no_nan(squared, count), count.detach())
+
+
+def affine_normalize(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    epsilon: float,
+) -> torch.Tensor:
+    """``(x - mean) * rsqrt(variance + epsilon) * scale + offset``, all broadcast against ``x``.
+
+    tf writes ``x * inv + (offset - mean * inv)``: the same value, but it cancels two large terms
+    when ``|mean| >> std`` (1000 + 0.01 * randn), so the centred form is used.
+    """
+    inv = torch.rsqrt(variance + epsilon)
+    if scale is not None:
+        inv = inv * scale
+    centred = (x - mean) * inv
+    return centred if offset is None else centred + offset
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    # float16/bfloat16 inputs are computed in float32, as tf-keras does.
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class TorchOpsBackend:
+    """Composed torch operations; moments stay attached to autograd, so gradients flow through them."""
+
+    name = "torch"
+
+    def supports(self, x: torch.Tensor) -> bool:
+        return True
+
+    @staticmethod
+    def _parameter(
+        tensor: torch.Tensor | None, view: list[int], channel_count: int
+    ) -> torch.Tensor | None:
+        """Per-channel parameters take the view; tensors already broadcastable to x stay as they are."""
+        if tensor is None or (tensor.ndim == len(view) and tensor.numel() != channel_count):
+            return tensor
+        return tensor.reshape(view)
+
+    @staticmethod
+    def _grouped(
+        x: torch.Tensor, axes: tuple[int, ...], ghost_batches: int
+    ) -> tuple[torch.Tensor, tuple[int, ...], list[int]]:
+        """x as [v, G, ...] for ghost batches, the dims to reduce, and the statistics' view shape."""
+        view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+        reduce_dims = tuple(i for i in range(x.ndim) if i not in axes)
+        if ghost_batches == 1:
+            return x, reduce_dims, view
+        # Ghost batch j holds samples {j, j + G, ...}: tf-keras reshapes to [B/G, G, ...].
+        grouped = x.reshape(-1, ghost_batches, *x.shape[1:])
+        return grouped, (0, *(i + 1 for i in reduce_dims if i != 0)), [1, ghost_batches, *view[1:]]
+
+    def batch_moments(
+        self,
+        x: torch.Tensor,
+        axes: tuple[int, ...],
+        weights: torch.Tensor | None,
+        ghost_batches: int,
+    ) -> Moments:
+        grouped, reduce_dims, _ = self._grouped(_upcast(x), axes, ghost_batches)
+        if weights is not None and ghost_batches > 1:
+            weights = weights.reshape(-1, ghost_batches, *weights.shape[1:])
+        channel_shape = (ghost_batches, *(x.shape[a] for a in axes))
+        moments = reduced_moments(grouped, reduce_dims, weights)
+        return Moments(*(t.reshape(channel_shape) for t in moments))
+
+    def normalize_batch(
+        self,
+        x: torch.Tensor,
+        axes: tuple[int, ...],
+        moments: Moments,
+        scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        epsilon: float,
+        weights: torch.Tensor | None,
+        ghost_batches: int,
+    ) -> torch.Tensor:
+        grouped, _, view = self._grouped(_upcast(x), axes, ghost_batches)
+        parameter_view = view if ghost_batches == 1 else [1, 1, *view[2:]]
+        channels = moments.mean[0].numel()
+        y = affine_normalize(
+            grouped,
+            moments.mean.reshape(view),
+            moments.variance.reshape(view),
+            self._parameter(scale, parameter_view, channels),
+            self._parameter(offset, parameter_view, channels),
+            epsilon,
+        )
+        return y.reshape(x.shape).to(x.dtype)
+
+    def normalize(
+        self,
+        x: torch.Tensor,
+        axes: tuple[int, ...],
+        mean: torch.Tensor,
+        variance: torch.Tensor,
+        scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        epsilon: float,
+    ) -> torch.Tensor:
+        view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+        y = affine_normalize(
+            _upcast(x),
+            mean.reshape(view),
+            variance.reshape(view),
+            None if scale is None else scale.reshape(view),
+            None if offset is None else offset.reshape(view),
+            epsilon,
+        )
+        return y.to(x.dtype)
+
+
+TORCH_OPS = TorchOpsBackend()
