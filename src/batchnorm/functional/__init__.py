@@ -14,16 +14,21 @@ from batchnorm.functional._backend import (
     register_backend,
 )
 from batchnorm.functional._batch_norm import BatchNormStatistics, batch_norm
+from batchnorm.functional._cpu_backend import NUMBA_CPU, NumbaCpuBackend
 from batchnorm.functional._moments import moments
 from batchnorm.functional._moving_average import moving_average_update
 from batchnorm.functional._normalization import batch_normalization
 from batchnorm.functional._renorm import RenormCorrection, renorm_correction
 from batchnorm.functional._torch_ops import TorchOpsBackend
 
+register_backend("cpu", NUMBA_CPU)
+
 __all__ = [
+    "NUMBA_CPU",
     "BatchNormBackend",
     "BatchNormStatistics",
     "Moments",
+    "NumbaCpuBackend",
     "RenormCorrection",
     "TorchOpsBackend",
     "backend_for",

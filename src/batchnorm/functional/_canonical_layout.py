@@ -1,0 +1,116 @@
+"""Viewing a tensor as ``(rows, channels, inner)`` for the CPU kernels, without a copy where possible.
+
+The tensor's dimensions are taken in memory order (largest stride first). When that order is
+contiguous and the channel axes form one run in it, ``x`` is a view ``x3[o, c, i]``: NCHW with
+axis 1 gives ``(N, C, H*W)``; NHWC, or NCHW in ``torch.channels_last`` memory, gives
+``(N*H*W, C, 1)``. Otherwise one explicit copy brings the channel axes together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class CanonicalLayout(NamedTuple):
+    order: tuple[int, ...]  # x.permute(order) is contiguous
+    rows: int
+    channels: int
+    inner: int
+    period: int  # rows per sample of the batch axis (ghost-batch grouping)
+    channel_permutation: tuple[int, ...]  # sorted channel axes -> their memory order
+    copied: bool
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (shaped like x) as ``(rows, channels, inner)``; copies if its strides differ."""
+        return tensor.permute(self.order).reshape(self.rows, self.channels, self.inner)
+
+    def restore(self, canonical: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The inverse of :meth:`view` for a tensor made in canonical layout."""
+        permuted_shape = [shape[d] for d in self.order]
+        inverse = [0] * len(self.order)
+        for position, dim in enumerate(self.order):
+            inverse[dim] = position
+        return canonical.reshape(permuted_shape).permute(inverse)
+
+    def channels_to_canonical(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Per-channel ``(..., *channel_shape)`` (sorted axes) to ``(..., channels)`` in memory order."""
+        lead = tensor.ndim - len(self.channel_permutation)
+        permutation = [*range(lead), *(lead + p for p in self.channel_permutation)]
+        return tensor.permute(permutation).reshape(*tensor.shape[:lead], self.channels)
+
+    def channels_from_canonical(
+        self, tensor: torch.Tensor, channel_shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        memory_shape = [channel_shape[p] for p in self.channel_permutation]
+        lead = tensor.shape[:-1]
+        shaped = tensor.reshape(*lead, *memory_shape)
+        inverse = [0] * len(self.channel_permutation)
+        for position, p in enumerate(self.channel_permutation):
+            inverse[p] = position
+        return shaped.permute([*range(len(lead)), *(len(lead) + i for i in inverse)])
+
+
+def _memory_order(x: torch.Tensor) -> list[int]:
+    # Size-1 dimensions have meaningless strides: they go last, where they cannot break contiguity.
+    strides = x.stride()
+    return sorted(range(x.ndim), key=lambda d: (-strides[d] if x.shape[d] != 1 else 0, d))
+
+
+def canonical_layout(
+    x: torch.Tensor, axes: tuple[int, ...], batch_outermost: bool
+) -> tuple[torch.Tensor, CanonicalLayout]:
+    """Returns ``(x_source, layout)`` where ``layout.view(x_source)`` is a free view.
+
+    ``x_source`` is ``x`` itself, or one contiguous copy when no view fits (the channel axes not
+    adjacent in memory, or ``batch_outermost`` asked for ghost batches and the batch axis is not
+    the slowest-varying one).
+    """
+    order = _memory_order(x)
+    copied = False
+    if not x.permute(order).is_contiguous():
+        order, copied = list(range(x.ndim)), True
+    positions = sorted(order.index(a) for a in axes)
+    adjacent = positions == list(range(positions[0], positions[0] + len(positions)))
+    batch_ok = not batch_outermost or x.ndim == 0 or order[0] == 0 or x.shape[0] == 1
+    if not adjacent or not batch_ok:
+        # Keep the batch first, then every other axis in logical order with the channels together.
+        first = min(axes)
+        before = [d for d in range(x.ndim) if d not in axes and d < first]
+        after = [d for d in range(x.ndim) if d not in axes and d > first]
+        order, copied = [*before, *axes, *after], True
+        positions = sorted(order.index(a) for a in axes)
+    source = x.permute(order).contiguous().permute(_inverse(order)) if copied else x
+    start, stop = positions[0], positions[-1] + 1
+    sizes = [x.shape[d] for d in order]
+    rows = math.prod(sizes[:start])
+    memory_channels = [d for d in order if d in axes]
+    batch_rows = x.shape[0] if x.ndim and order.index(0) < start else 1
+    layout = CanonicalLayout(
+        order=tuple(order),
+        rows=rows,
+        channels=math.prod(sizes[start:stop]),
+        inner=math.prod(sizes[stop:]),
+        period=max(rows // max(batch_rows, 1), 1),
+        channel_permutation=tuple(axes.index(d) for d in memory_channels),
+        copied=copied,
+    )
+    return source, layout
+
+
+def _inverse(order: list[int]) -> list[int]:
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return inverse
+
+
+def canonical_weights(
+    weights: torch.Tensor, layout: CanonicalLayout, axes: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """A mask with the shape of x minus its channel axes, as a contiguous ``(rows, inner)`` array."""
+    remaining = [d for d in range(len(layout.order)) if d not in axes]
+    order = [remaining.index(d) for d in layout.order if d not in axes]
+    return weights.to(dtype).permute(order).contiguous().reshape(layout.rows, layout.inner)
