@@ -53,8 +53,18 @@ def golden_cases():
     return [pytest.param(spec, id=spec["name"]) for spec in document["cases"]]
 
 
+@pytest.fixture(params=["numba", "torch"])
+def cpu_backend(request):
+    """Every golden case runs through the Numba kernels and through the composed torch ops."""
+    from batchnorm.functional import NUMBA_CPU, register_backend
+
+    register_backend("cpu", NUMBA_CPU if request.param == "numba" else None)
+    yield request.param
+    register_backend("cpu", NUMBA_CPU)
+
+
 @pytest.mark.parametrize("spec", golden_cases())
-def test_layer_matches_tf_keras(spec, keras_golden):
+def test_layer_matches_tf_keras(spec, keras_golden, cpu_backend):
     _, arrays = keras_golden
     name = spec["name"]
     layer = build_layer(spec, arrays)
@@ -106,7 +116,7 @@ def test_layer_matches_tf_keras(spec, keras_golden):
 
 
 @pytest.mark.parametrize("name", ["ill_conditioned_dense", "ill_conditioned_fused"])
-def test_ill_conditioned_data_at_least_as_accurate_as_tf_keras(name, keras_golden):
+def test_ill_conditioned_data_at_least_as_accurate_as_tf_keras(name, keras_golden, cpu_backend):
     document, arrays = keras_golden
     spec = next(s for s in document["cases"] if s["name"] == name)
     layer = build_layer(spec, arrays)

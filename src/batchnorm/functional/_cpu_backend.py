@@ -259,26 +259,18 @@ def _normalize_batch_backward(ctx, grad):  # type: ignore[no-untyped-def]
 
 
 def _double_backward_path(ctx, grad, x, scale, offset, weights):  # type: ignore[no-untyped-def]
-    with torch.enable_grad():
-        inputs = [
-            t.detach().requires_grad_() if t is not None else None for t in (x, scale, offset)
-        ]
-        source = inputs[0]
-        assert source is not None
-        moments = TORCH_OPS.batch_moments(source, tuple(ctx.axes), weights, ctx.ghost_batches)
-        y = TORCH_OPS.normalize_batch(
-            source,
-            tuple(ctx.axes),
-            moments,
-            inputs[1],
-            inputs[2],
-            ctx.epsilon,
-            weights,
-            ctx.ghost_batches,
-        )
-    wanted = [t for t in inputs if t is not None]
+    # The saved tensors carry their autograd history here, so the gradient computed from them
+    # is itself differentiable with respect to the original inputs.
+    inputs = [x, scale, offset]
+    moments = TORCH_OPS.batch_moments(x, tuple(ctx.axes), weights, ctx.ghost_batches)
+    y = TORCH_OPS.normalize_batch(
+        x, tuple(ctx.axes), moments, scale, offset, ctx.epsilon, weights, ctx.ghost_batches
+    )
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
-    dx, dscale, doffset = (next(grads) if t is not None else None for t in inputs)
+    dx, dscale, doffset = (
+        next(grads) if t is not None and t.requires_grad else None for t in inputs
+    )
     return dx, None, None, None, None, dscale, doffset, None, None, None
 
 

@@ -30,8 +30,9 @@ def reduced_moments(
         # A float64 accumulator makes the float32 mean correctly rounded; with |mean| >> std
         # (1000 + 0.01 * randn) its rounding is the error that dominates everything after.
         mean = x.mean(dim=reduce_dims, keepdim=True, dtype=_accumulator(x)).to(x.dtype)
-        # tf.nn.moments: the centred square uses stop_gradient(mean); the gradient is the same.
-        variance = (x - mean.detach()).square().mean(dim=reduce_dims, keepdim=True)
+        # tf.nn.moments centres with stop_gradient(mean): the same first derivative, but a wrong
+        # second one, so the mean stays attached here (double backward must be exact).
+        variance = (x - mean).square().mean(dim=reduce_dims, keepdim=True)
         count = torch.full_like(mean, x.numel() / max(mean.numel(), 1)).detach()
         return Moments(mean, variance, count)
     weights = weights.to(x.dtype)

@@ -1,0 +1,250 @@
+"""The Numba CPU path against the float64 reference, across layouts, sizes, dtypes and autograd."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import BatchNormalization
+from batchnorm.functional import (
+    NUMBA_CPU,
+    BatchNormStatistics,
+    TorchOpsBackend,
+    backend_for,
+    batch_norm,
+    register_backend,
+)
+from batchnorm.functional._canonical_layout import canonical_layout
+from tests.numpy_reference import reference_train_step
+
+
+@pytest.fixture
+def torch_ops_backend():
+    register_backend("cpu", None)
+    yield
+    register_backend("cpu", NUMBA_CPU)
+
+
+def test_cpu_tensors_use_the_numba_backend():
+    assert backend_for(torch.randn(2, 3)) is NUMBA_CPU
+
+
+def run_train_step(x, axes, *, ghost=None, mask=None, gamma=None, beta=None, epsilon=1e-3):
+    channel_shape = tuple(x.shape[a] for a in axes)
+    state = BatchNormStatistics(
+        torch.zeros(channel_shape, dtype=torch.float64),
+        torch.ones(channel_shape, dtype=torch.float64),
+    )
+    return batch_norm(
+        x,
+        state,
+        gamma,
+        beta,
+        axis=list(axes),
+        training=True,
+        momentum=0.0,
+        epsilon=epsilon,
+        virtual_batch_size=ghost,
+        mask=mask,
+    )
+
+
+LAYOUTS = [
+    ((64, 1), (1,)),
+    ((2, 3), (1,)),
+    ((5, 7, 9), (1,)),
+    ((5, 7, 9), (2,)),
+    ((4, 3, 5, 6), (1,)),
+    ((4, 5, 6, 3), (3,)),
+    ((2, 1023, 1, 1), (1,)),
+    ((3, 7, 1, 1), (1,)),
+    ((2, 4, 3, 2, 5), (1,)),
+    ((2, 4, 3, 2, 5), (4,)),
+    ((3, 4, 5, 6), (1, 3)),
+    ((3, 4, 5, 6), (2, 3)),
+    ((6, 4), (0,)),
+    ((4, 20000), (1,)),
+]
+
+
+@pytest.mark.parametrize(("shape", "axes"), LAYOUTS)
+def test_training_step_matches_float64_reference(shape, axes):
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, shape)
+    channel_shape = tuple(shape[a] for a in axes)
+    gamma, beta = rng.uniform(0.5, 2, channel_shape), rng.normal(size=channel_shape)
+    y, state = run_train_step(
+        torch.tensor(x, dtype=torch.float32),
+        axes,
+        gamma=torch.tensor(gamma, dtype=torch.float32),
+        beta=torch.tensor(beta, dtype=torch.float32),
+    )
+    expected, mean, variance = reference_train_step(
+        x.astype(np.float32),
+        np.zeros(channel_shape),
+        np.ones(channel_shape),
+        gamma,
+        beta,
+        axes=axes,
+        momentum=0.0,
+        epsilon=1e-3,
+    )
+    np.testing.assert_allclose(y.numpy(), expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(state.moving_mean.numpy(), mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(state.moving_variance.numpy(), variance, rtol=1e-5, atol=1e-7)
+
+
+def layouts_of(x):
+    """The same values in other memory layouts: channels_last, transposed views, a strided slice."""
+    yield "contiguous", x
+    if x.ndim == 4:
+        yield "channels_last", x.contiguous(memory_format=torch.channels_last)
+    yield "transposed", x.transpose(0, -1).contiguous().transpose(0, -1)
+    wide = torch.stack([x, torch.zeros_like(x)], dim=-1).reshape(*x.shape[:-1], -1)
+    yield "strided slice", wide[..., ::2]
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_non_contiguous_inputs_give_identical_results(axis):
+    x = torch.randn(6, 5, 4, 3)
+    reference = BatchNormalization(axis=axis)(x, training=True)
+    for name, variant in layouts_of(x):
+        layer = BatchNormalization(axis=axis)
+        torch.testing.assert_close(layer(variant, training=True), reference, msg=name)
+
+
+def test_channels_last_is_a_free_view_and_output_keeps_the_layout():
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    source, layout = canonical_layout(x, (1,), batch_outermost=False)
+    assert source is x and not layout.copied
+    assert (layout.rows, layout.channels, layout.inner) == (100, 8, 1)
+    y = BatchNormalization(axis=1)(x, training=True)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_through_kernels(dtype):
+    x = torch.randn(16, 3, 4, 4)
+    y, state = run_train_step(x.to(dtype), (1,))
+    expected, mean, _ = reference_train_step(
+        x.to(dtype).double().numpy(),
+        np.zeros(3),
+        np.ones(3),
+        None,
+        None,
+        axes=(1,),
+        momentum=0.0,
+        epsilon=1e-3,
+    )
+    assert y.dtype == dtype
+    np.testing.assert_allclose(
+        y.double().numpy(), expected, atol=2e-2 if dtype == torch.bfloat16 else 3e-3
+    )
+    np.testing.assert_allclose(state.moving_mean.numpy(), mean, atol=1e-6)
+
+
+def test_ill_conditioned_variance_relative_error():
+    rng = np.random.default_rng(1)
+    x = (1000.0 + 0.01 * rng.standard_normal((64, 16, 8, 8))).astype(np.float32)
+    _, state = run_train_step(torch.tensor(x), (1,))
+    exact = x.astype(np.float64).var(axis=(0, 2, 3))
+    relative = np.max(np.abs(state.moving_variance.numpy() - exact) / exact)
+    assert relative <= 1e-5, relative
+
+
+def test_repeated_runs_are_bit_identical():
+    x = torch.randn(32, 16, 7, 7)
+    first = run_train_step(x, (1,))
+    for _ in range(3):
+        again = run_train_step(x, (1,))
+        assert torch.equal(first[0], again[0])
+        assert torch.equal(first[1].moving_variance, again[1].moving_variance)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "ghost", "use_mask"),
+    [
+        ((6, 3, 4), (1,), None, False),
+        ((6, 4, 3), (2,), None, True),
+        ((8, 3), (1,), 2, False),
+        ((4, 2, 3, 3), (1,), 2, False),
+        ((6, 3, 2, 2), (1, 3), None, False),
+    ],
+)
+def test_gradcheck_float64(shape, axes, ghost, use_mask):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    channel_shape = tuple(shape[a] for a in axes)
+    gamma = (torch.rand(channel_shape, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(channel_shape, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if use_mask:
+        mask = torch.rand([s for i, s in enumerate(shape) if i not in axes]) > 0.3
+
+    def function(x, gamma, beta):
+        return run_train_step(x, axes, ghost=ghost, mask=mask, gamma=gamma, beta=beta)[0]
+
+    assert torch.autograd.gradcheck(function, (x, gamma, beta))
+    assert torch.autograd.gradgradcheck(function, (x, gamma, beta))
+
+
+def test_inference_gradients_match_torch_ops(torch_ops_backend):
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    stats = [torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5]
+    scale = torch.rand(4, dtype=torch.float64)
+    results = []
+    for backend in (TorchOpsBackend(), NUMBA_CPU):
+        inputs = [t.clone().requires_grad_() for t in (x, *stats, scale)]
+        y = backend.normalize(inputs[0], (1,), inputs[1], inputs[2], inputs[3], None, 1e-3)
+        grads = torch.autograd.grad((y * torch.arange(60.0).reshape(5, 4, 3)).sum(), inputs)
+        results.append(grads)
+    for ours, theirs in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_kernel_path_equals_torch_ops_path(renorm, torch_ops_backend):
+    torch.manual_seed(3)
+    x = torch.randn(8, 5, 6)
+    outputs = []
+    for backend in (None, NUMBA_CPU):
+        register_backend("cpu", backend)
+        layer = BatchNormalization(5, axis=1, renorm=renorm, renorm_clipping={"rmax": 1.2})
+        xg = x.clone().requires_grad_()
+        y = layer(xg, training=True)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        outputs.append((y.detach(), xg.grad, layer.gamma.grad, layer.moving_variance.clone()))
+    for ours, theirs in zip(outputs[1], outputs[0], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def make_model():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        BatchNormalization(4, axis=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 2),
+    )
+
+
+def test_model_under_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    model = make_model()
+    reference = make_model()
+    reference.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(5, 3, 6, 6)
+    torch.testing.assert_close(compiled(x), reference(x))
+    torch.testing.assert_close(model[1].moving_mean, reference[1].moving_mean)
+    compiled(x).sum().backward()
+    assert model[1].gamma.grad is not None
+
+
+def test_model_exports_with_torch_export():
+    model = make_model().eval()
+    x = torch.randn(2, 3, 6, 6)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+    assert "batchnorm.normalize" in str(exported.graph)
