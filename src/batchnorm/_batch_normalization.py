@@ -17,7 +17,8 @@ from batchnorm._dtype_policy import resolve_dtype_policy
 from batchnorm._fused import fused_unsupported_reason, resolve_fused_at_build
 from batchnorm._keras_weights import keras_parameter_shape, weights_from_arrays
 from batchnorm._layer_config import layer_config, layer_kwargs_from_config
-from batchnorm.functional import BatchNormStatistics, batch_norm
+from batchnorm.functional import BatchNormStatistics
+from batchnorm.functional._batch_norm import BatchNormOptions, batch_norm_step
 from batchnorm.functional._validation import (
     check_axis_type,
     check_floating_input,
@@ -327,21 +328,25 @@ class BatchNormalization(nn.Module):
             )
             mask = None
         statistics = self.statistics()
-        y, updated = batch_norm(
-            x,
-            statistics,
-            getattr(self, "gamma", None),
-            getattr(self, "beta", None),
-            axis=self._axes,
-            training=resolved,
+        options = BatchNormOptions(
             momentum=self.momentum,
             epsilon=self.epsilon,
-            moving_variance_estimator="unbiased" if self.fused else "biased",
+            unbiased_moving_variance=bool(self.fused),
             renorm_clipping=self.renorm_clipping,
             renorm_momentum=self.renorm_momentum,
             virtual_batch_size=self.virtual_batch_size,
             adjustment=self.adjustment,
-            mask=mask,
+        )
+        assert self._axes is not None
+        y, updated = batch_norm_step(
+            x,
+            statistics,
+            getattr(self, "gamma", None),
+            getattr(self, "beta", None),
+            self._axes,
+            options,
+            resolved,
+            mask,
         )
         if resolved is not False:
             with torch.no_grad():

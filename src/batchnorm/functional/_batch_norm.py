@@ -157,34 +157,70 @@ def batch_norm(
         >>> y, state = batch_norm(x, state, training=True)
     """
     check_floating_input(x)
-    axes = normalize_axes(axis, x.ndim)
-    channel_shape = tuple(x.shape[a] for a in axes)
-    for name, tensor in zip(BatchNormStatistics._fields, statistics, strict=True):
-        check_tensor_shape(tensor, channel_shape, f"statistics.{name}")
-    check_tensor_shape(gamma, channel_shape, "gamma")
-    check_tensor_shape(beta, channel_shape, "beta")
-    momentum = check_fraction(momentum, "momentum")
-    renorm_momentum = check_fraction(renorm_momentum, "renorm_momentum")
-    epsilon = check_positive(epsilon, "epsilon")
-    clipping = check_renorm_clipping(renorm_clipping)
-    virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
     if moving_variance_estimator not in ("biased", "unbiased"):
         raise ValueError(
             "`moving_variance_estimator` must be 'biased' or 'unbiased'. "
             f"Received: moving_variance_estimator={moving_variance_estimator!r}"
         )
+    options = BatchNormOptions(
+        momentum=check_fraction(momentum, "momentum"),
+        epsilon=check_positive(epsilon, "epsilon"),
+        unbiased_moving_variance=moving_variance_estimator == "unbiased",
+        renorm_clipping=check_renorm_clipping(renorm_clipping),
+        renorm_momentum=check_fraction(renorm_momentum, "renorm_momentum"),
+        virtual_batch_size=check_virtual_batch_size(virtual_batch_size),
+        adjustment=adjustment,
+    )
+    return batch_norm_step(
+        x, statistics, gamma, beta, normalize_axes(axis, x.ndim), options, training, mask
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormOptions:
+    """The validated, per-layer settings of :func:`batch_norm_step` (see :func:`batch_norm`)."""
+
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+    unbiased_moving_variance: bool = False
+    renorm_clipping: dict[str, float] = dataclasses.field(default_factory=dict)
+    renorm_momentum: float = 0.99
+    virtual_batch_size: int | None = None
+    adjustment: Adjustment | None = None
+
+
+def batch_norm_step(
+    x: torch.Tensor,
+    statistics: BatchNormStatistics,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    axes: tuple[int, ...],
+    options: BatchNormOptions,
+    training: bool | torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, BatchNormStatistics]:
+    """:func:`batch_norm` with settings already validated and ``axes`` sorted and non-negative.
+
+    Only what depends on this call is checked here: the shapes of ``x``, the statistics, gamma,
+    beta and mask, ``training``, and that ghost batches divide the batch.
+    """
+    channel_shape = tuple(x.shape[a] for a in axes)
+    for name, tensor in zip(BatchNormStatistics._fields, statistics, strict=True):
+        check_tensor_shape(tensor, channel_shape, f"statistics.{name}")
+    check_tensor_shape(gamma, channel_shape, "gamma")
+    check_tensor_shape(beta, channel_shape, "beta")
     if isinstance(training, torch.Tensor) and (training.ndim != 0 or training.dtype != torch.bool):
         raise ValueError(
             "`training` must be a Python bool or a 0-d bool tensor. "
             f"Received: training with shape {tuple(training.shape)} and dtype {training.dtype}"
         )
     weights = None if mask is None else _check_mask(mask, x, axes)
-    may_train = training is not False
-    if may_train and virtual_batch_size is not None:
+    virtual_batch_size, epsilon = options.virtual_batch_size, options.epsilon
+    if training is not False and virtual_batch_size is not None:
         if 0 in axes:
             raise ValueError(
                 "With `virtual_batch_size` the batch axis 0 cannot be a channel axis. "
-                f"Received: axis={axis!r}"
+                f"Received: axis={list(axes)}"
             )
         if x.shape[0] % virtual_batch_size != 0:
             raise ValueError(
@@ -220,8 +256,8 @@ def batch_norm(
         return inference_output().to(x.dtype), statistics
 
     scale, offset = cast(gamma), cast(beta)
-    if adjustment is not None:
-        adjust_scale, adjust_offset = (torch.as_tensor(t) for t in adjustment(x.shape))
+    if options.adjustment is not None:
+        adjust_scale, adjust_offset = (torch.as_tensor(t) for t in options.adjustment(x.shape))
         channel_scale = _per_channel(adjust_scale, x, axes)
         channel_offset = _per_channel(adjust_offset, x, axes)
         if channel_scale is not None and channel_offset is not None:
@@ -243,16 +279,7 @@ def batch_norm(
     batch_mean = moments.mean.detach().mean(dim=0).to(compute_dtype)
     batch_variance = moments.variance.detach().mean(dim=0).to(compute_dtype)
     count = moments.total_weight.detach().to(compute_dtype).mean(dim=0)
-    new_statistics = _updated_statistics(
-        statistics,
-        batch_mean,
-        batch_variance,
-        count,
-        momentum=momentum,
-        renorm_momentum=renorm_momentum,
-        epsilon=epsilon,
-        unbiased=moving_variance_estimator == "unbiased",
-    )
+    new_statistics = _updated_statistics(statistics, batch_mean, batch_variance, count, options)
     if statistics.renorm_mean is not None and statistics.renorm_stddev is not None:
         correction = renorm_correction(
             batch_mean,
@@ -260,7 +287,7 @@ def batch_norm(
             statistics.renorm_mean,
             statistics.renorm_stddev,
             epsilon,
-            clipping,
+            options.renorm_clipping,
         )
         scale, offset = _compose(correction.r, correction.d, scale, offset)
     y_train = backend.normalize_batch(
@@ -313,15 +340,12 @@ def _updated_statistics(
     batch_mean: torch.Tensor,
     batch_variance: torch.Tensor,
     count: torch.Tensor,
-    *,
-    momentum: float,
-    renorm_momentum: float,
-    epsilon: float,
-    unbiased: bool,
+    options: BatchNormOptions,
 ) -> BatchNormStatistics:
     """Moving averages after one training step, as tf-keras' mean_update / variance_update."""
+    momentum, renorm_momentum, epsilon = options.momentum, options.renorm_momentum, options.epsilon
     stored_variance = batch_variance
-    if unbiased:
+    if options.unbiased_moving_variance:
         # tf's fused kernel: factor n / (n - 1), and 1 when a channel has a single element.
         bessel = torch.where(count > 1, count / (count - 1).clamp(min=1), torch.ones_like(count))
         stored_variance = batch_variance * bessel

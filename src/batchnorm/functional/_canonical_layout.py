@@ -25,7 +25,10 @@ class CanonicalLayout(NamedTuple):
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (shaped like x) as ``(rows, channels, inner)``; copies if its strides differ."""
-        return tensor.permute(self.order).reshape(self.rows, self.channels, self.inner)
+        shape = (self.rows, self.channels, self.inner)
+        if self.order == tuple(range(len(self.order))):
+            return tensor.reshape(shape)
+        return tensor.permute(self.order).reshape(shape)
 
     def restore(self, canonical: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """The inverse of :meth:`view` for a tensor made in canonical layout."""
@@ -68,6 +71,20 @@ def canonical_layout(
     adjacent in memory, or ``batch_outermost`` asked for ghost batches and the batch axis is not
     the slowest-varying one).
     """
+    if len(axes) == 1 and x.is_contiguous():
+        # The common case, without the search below: NCHW, NHWC, NC, NLC in logical order.
+        axis, shape = axes[0], x.shape
+        rows, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
+        batch_rows = shape[0] if axis > 0 else 1
+        return x, CanonicalLayout(
+            order=tuple(range(x.ndim)),
+            rows=rows,
+            channels=shape[axis],
+            inner=inner,
+            period=max(rows // max(batch_rows, 1), 1),
+            channel_permutation=(0,),
+            copied=False,
+        )
     order = _memory_order(x)
     copied = False
     if not x.permute(order).is_contiguous():

@@ -1,22 +1,25 @@
-"""The CPU backend: Numba kernels registered as PyTorch custom operators.
+"""The CPU backend: Numba kernels, exposed to PyTorch as custom operators and autograd functions.
 
-Three operators, each with a fake (meta) implementation so ``torch.compile(fullgraph=True)`` and
-``torch.export`` trace them:
+Passes over the input: training forward two (moments, normalise), inference one, backward two
+(gradient sums, input gradient). Per-channel arithmetic runs in NumPy on ``[groups, C]`` arrays.
 
-- ``batchnorm::batch_moments``: one pass over x; float64 mean, biased variance and total weight
-  per ghost batch and channel (no gradient: the layer uses them detached).
-- ``batchnorm::normalize_batch``: one pass, ``y = (x - mean) * rsqrt(var + eps) * scale + offset``;
-  its backward is the full batch-norm backward (the moments are x's own), in two passes
-  (``batchnorm::normalize_batch_backward``). Under ``create_graph=True`` the backward is recomputed
-  with torch ops so that second derivatives exist.
-- ``batchnorm::normalize``: inference with given statistics, one pass; backward one elementwise
-  pass and one reduction.
+Each operation has one implementation on tensors (``*_impl``) and two doors into autograd:
 
-float16/bfloat16 are converted to float32 around the kernels (Numba has no half type).
+- ``torch.library`` custom operators (``batchnorm::batch_moments``, ``batchnorm::normalize_batch``,
+  ``batchnorm::normalize_batch_backward``, ``batchnorm::normalize``) with fake implementations and
+  registered autograd, used while ``torch.compile`` / ``torch.export`` trace;
+- ``torch.autograd.Function`` subclasses for eager calls, which skip the dispatcher's overhead
+  (it dominates on small batches).
+
+Under ``create_graph=True`` the backward is recomputed with torch ops so that second derivatives
+exist. float16/bfloat16 are converted to float32 around the kernels (Numba has no half type).
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
+import numpy as np
 import torch
 
 from batchnorm import kernels
@@ -29,106 +32,297 @@ from batchnorm.functional._canonical_layout import (
 from batchnorm.functional._torch_ops import TORCH_OPS
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NO_WEIGHTS = {
+    torch.float32: np.zeros((1, 1), np.float32),
+    torch.float64: np.zeros((1, 1), np.float64),
+}
 
 
-def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _blocks(rows: int) -> int:
-    return max(1, min(kernels.set_threads(torch.get_num_threads()), rows))
+class _Canonical(NamedTuple):
+    source: torch.Tensor  # x itself or its one copy, in the kernel dtype
+    layout: CanonicalLayout
+    x3: np.ndarray
+    weights: np.ndarray
+    has_weights: bool
+    blocks: int
 
 
 def _prepare(
     x: torch.Tensor, axes: list[int], weights: torch.Tensor | None, batch_outermost: bool
-) -> tuple[torch.Tensor, CanonicalLayout, torch.Tensor, torch.Tensor, bool]:
-    """x in canonical layout (kernel dtype) and its weights as (rows, inner), or a 1x1 dummy."""
-    dtype = _kernel_dtype(x)
-    source, layout = canonical_layout(x.to(dtype), tuple(axes), batch_outermost)
-    x3 = layout.view(source)
+) -> _Canonical:
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    source, layout = canonical_layout(x.detach().to(dtype), tuple(axes), batch_outermost)
+    x3 = layout.view(source).numpy()
+    threads = kernels.set_threads(torch.get_num_threads())
+    blocks = kernels.blocks_for(x3.size, layout.rows, threads)
     if weights is None:
-        return source, layout, x3, torch.zeros((1, 1), dtype=dtype), False
-    squeezed = weights.squeeze(tuple(axes)) if weights.ndim == x.ndim else weights
-    return source, layout, x3, canonical_weights(squeezed, layout, tuple(axes), dtype), True
+        return _Canonical(source, layout, x3, _NO_WEIGHTS[dtype], False, blocks)
+    squeezed = weights.detach().squeeze(tuple(axes)) if weights.ndim == x.ndim else weights.detach()
+    w2 = canonical_weights(squeezed, layout, tuple(axes), dtype).numpy()
+    return _Canonical(source, layout, x3, w2, True, blocks)
 
 
-def _split_mean(mean: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    high = mean.to(dtype)
-    return high, (mean - high.to(mean.dtype)).to(dtype)
+def _to_canonical(
+    tensor: torch.Tensor | None, layout: CanonicalLayout, fill: float, groups: int | None = None
+) -> np.ndarray:
+    """A per-channel tensor ``(..., *channel_shape)`` as an array ``(..., C)`` in memory order.
 
-
-def _channel_vector(
-    tensor: torch.Tensor | None, layout: CanonicalLayout, fill: float, dtype: torch.dtype
-) -> torch.Tensor:
+    float32/float64 tensors are shared, not copied; None becomes ``fill``. With ``groups`` the
+    result is ``[groups, C]`` float64 (statistics).
+    """
     if tensor is None:
-        return torch.full((layout.channels,), fill, dtype=dtype)
-    return layout.channels_to_canonical(tensor.detach().to(dtype))
+        array = np.full(layout.channels, fill)
+    else:
+        detached = tensor.detach()
+        if detached.dtype not in (torch.float32, torch.float64):
+            detached = detached.to(torch.float64)
+        array = detached.numpy()
+        permutation = layout.channel_permutation
+        lead = array.ndim - len(permutation)
+        if permutation != tuple(range(len(permutation))):
+            array = array.transpose((*range(lead), *(lead + p for p in permutation)))
+        array = array.reshape(*array.shape[:lead], layout.channels)
+    if groups is not None:
+        array = np.ascontiguousarray(np.broadcast_to(array, (groups, layout.channels)), np.float64)
+    return array
 
 
-# ---------------------------------------------------------------------------- batch_moments
+def _from_canonical(
+    array: np.ndarray, layout: CanonicalLayout, channel_shape: tuple[int, ...]
+) -> torch.Tensor:
+    return layout.channels_from_canonical(torch.from_numpy(array), channel_shape).contiguous()
+
+
+def _normalized(
+    prepared: _Canonical,
+    mean: np.ndarray,
+    variance: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    epsilon: float,
+    groups: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The affine kernel into a new tensor with x's memory layout."""
+    out = torch.empty_like(prepared.source)
+    kernels.run(
+        kernels.affine_normalize,
+        prepared.blocks,
+        prepared.x3,
+        mean,
+        variance,
+        scale,
+        offset,
+        epsilon,
+        groups,
+        prepared.layout.period,
+        prepared.blocks,
+        prepared.layout.view(out).numpy(),
+    )
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------- implementations
+def batch_moments_impl(
+    x: torch.Tensor, axes: list[int], weights: torch.Tensor | None, ghost_batches: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    prepared = _prepare(x, axes, weights, ghost_batches > 1)
+    mean, variance, total = kernels.run(
+        kernels.batch_moments,
+        prepared.blocks,
+        prepared.x3,
+        prepared.weights,
+        prepared.has_weights,
+        ghost_batches,
+        prepared.layout.period,
+        prepared.blocks,
+    )
+    channel_shape = tuple(x.shape[a] for a in axes)
+    return tuple(
+        _from_canonical(a, prepared.layout, channel_shape) for a in (mean, variance, total)
+    )  # type: ignore[return-value]
+
+
+def normalize_batch_impl(
+    x: torch.Tensor,
+    axes: list[int],
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    epsilon: float,
+    ghost_batches: int,
+) -> torch.Tensor:
+    prepared = _prepare(x, axes, None, ghost_batches > 1)
+    layout = prepared.layout
+    return _normalized(
+        prepared,
+        _to_canonical(mean, layout, 0.0, ghost_batches),
+        _to_canonical(variance, layout, 1.0, ghost_batches),
+        _to_canonical(scale, layout, 1.0),
+        _to_canonical(offset, layout, 0.0),
+        epsilon,
+        ghost_batches,
+        x.dtype,
+    )
+
+
+def normalize_batch_backward_impl(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    axes: list[int],
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    total_weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    epsilon: float,
+    weights: torch.Tensor | None,
+    ghost_batches: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dscale, doffset of ``y = (x - mean(x)) * rsqrt(var(x) + eps) * scale + offset``.
+
+    ``dscale = sum(dy * (x - mean)) * inv`` and ``doffset = sum(dy)`` per channel (summed over
+    ghost batches); dx is :func:`batchnorm.kernels.batch_norm_input_gradient`.
+    """
+    prepared = _prepare(x, axes, weights, ghost_batches > 1)
+    layout = prepared.layout
+    dy3 = layout.view(grad.detach().to(prepared.source.dtype)).numpy()
+    mean_c = _to_canonical(mean, layout, 0.0, ghost_batches)
+    variance_c = _to_canonical(variance, layout, 1.0, ghost_batches)
+    sums = kernels.run(
+        kernels.gradient_sums,
+        prepared.blocks,
+        dy3,
+        prepared.x3,
+        mean_c,
+        ghost_batches,
+        layout.period,
+        prepared.blocks,
+    )
+    dx = torch.empty_like(prepared.source)
+    kernels.run(
+        kernels.batch_norm_input_gradient,
+        prepared.blocks,
+        dy3,
+        prepared.x3,
+        prepared.weights,
+        prepared.has_weights,
+        mean_c,
+        variance_c,
+        _to_canonical(total_weight, layout, 1.0, ghost_batches),
+        _to_canonical(scale, layout, 1.0),
+        sums,
+        epsilon,
+        ghost_batches,
+        layout.period,
+        prepared.blocks,
+        layout.view(dx).numpy(),
+    )
+    channel_shape = tuple(x.shape[a] for a in axes)
+    inv = 1.0 / np.sqrt(variance_c + epsilon)
+    dscale = _from_canonical((sums[1] * inv).sum(0), layout, channel_shape)
+    doffset = _from_canonical(sums[0].sum(0), layout, channel_shape)
+    return dx.to(x.dtype), dscale, doffset
+
+
+def normalize_impl(
+    x: torch.Tensor,
+    axes: list[int],
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    epsilon: float,
+) -> torch.Tensor:
+    prepared = _prepare(x, axes, None, False)
+    layout = prepared.layout
+    return _normalized(
+        prepared,
+        _to_canonical(mean, layout, 0.0, 1),
+        _to_canonical(variance, layout, 1.0, 1),
+        _to_canonical(scale, layout, 1.0),
+        _to_canonical(offset, layout, 0.0),
+        epsilon,
+        1,
+        x.dtype,
+    )
+
+
+# ---------------------------------------------------------------------------- gradients
+def _normalize_batch_gradients(
+    grad: torch.Tensor,
+    saved: tuple[Any, ...],
+    axes: list[int],
+    epsilon: float,
+    ghost_batches: int,
+    backward_op: Any,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    x, mean, variance, total_weight, scale, offset, weights = saved
+    if torch.is_grad_enabled():
+        # create_graph=True: the saved tensors carry their history, so a torch-op recomputation
+        # gives a gradient that is itself differentiable.
+        inputs = [x, scale, offset]
+        moments = TORCH_OPS.batch_moments(x, tuple(axes), weights, ghost_batches)
+        y = TORCH_OPS.normalize_batch(
+            x, tuple(axes), moments, scale, offset, epsilon, weights, ghost_batches
+        )
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
+        dx, dscale, doffset = (
+            next(found) if t is not None and t.requires_grad else None for t in inputs
+        )
+        return dx, dscale, doffset
+    dx, dscale, doffset = backward_op(
+        grad, x, axes, mean, variance, total_weight, scale, epsilon, weights, ghost_batches
+    )
+    return (
+        dx,
+        None if scale is None else dscale.to(scale.dtype),
+        None if offset is None else doffset.to(offset.dtype),
+    )
+
+
+def _normalize_gradients(
+    grad: torch.Tensor,
+    saved: tuple[Any, ...],
+    axes: list[int],
+    epsilon: float,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of inference ``y = (x - mean) * rsqrt(variance + eps) * scale + offset``."""
+    x, mean, variance, scale = saved
+    view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+    inv = torch.rsqrt(variance.to(torch.float64) + epsilon)
+    gamma = torch.ones_like(inv) if scale is None else scale.to(torch.float64)
+    # y is affine in x: an element-wise product, differentiable again for double backward.
+    dx = (grad * (gamma * inv).to(grad.dtype).reshape(view)).to(x.dtype)
+    dmean = dvariance = dscale = doffset = None
+    if any(needs[1:]):
+        reduce = tuple(i for i in range(x.ndim) if i not in axes)
+        centred = x.to(torch.float64) - mean.to(torch.float64).reshape(view)
+        sum_dy = grad.to(torch.float64).sum(reduce).reshape(inv.shape)
+        sum_dy_centred = (grad.to(torch.float64) * centred).sum(reduce).reshape(inv.shape)
+        dmean = (-sum_dy * gamma * inv).to(mean.dtype) if needs[1] else None
+        dvariance = (
+            (-0.5 * gamma * inv**3 * sum_dy_centred).to(variance.dtype) if needs[2] else None
+        )
+        dscale = (sum_dy_centred * inv).to(scale.dtype) if needs[3] and scale is not None else None
+        doffset = sum_dy.to(grad.dtype) if needs[4] else None
+    return dx, dmean, dvariance, dscale, doffset
+
+
+# ---------------------------------------------------------------------------- custom operators
 @torch.library.custom_op("batchnorm::batch_moments", mutates_args=())
 def batch_moments_op(
     x: torch.Tensor, axes: list[int], weights: torch.Tensor | None, ghost_batches: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, layout, x3, w2, has_weights = _prepare(x, axes, weights, ghost_batches > 1)
-    shift, sums = kernels.shifted_channel_sums(
-        x3.numpy(), w2.numpy(), has_weights, ghost_batches, layout.period, _blocks(layout.rows)
-    )
-    s0, s1, s2 = (torch.from_numpy(sums[i]) for i in range(3))
-    empty = s0 == 0
-    safe = torch.where(empty, torch.ones_like(s0), s0)
-    centred_mean = s1 / safe
-    mean = torch.where(empty, torch.zeros_like(s0), torch.from_numpy(shift) + centred_mean)
-    variance = torch.where(empty, torch.zeros_like(s0), (s2 / safe - centred_mean**2).clamp(min=0))
-    channel_shape = tuple(x.shape[a] for a in axes)
-    return tuple(  # type: ignore[return-value]
-        layout.channels_from_canonical(t, channel_shape).contiguous() for t in (mean, variance, s0)
-    )
+    return batch_moments_impl(x, axes, weights, ghost_batches)
 
 
 @batch_moments_op.register_fake
-def _(
-    x: torch.Tensor, axes: list[int], weights: torch.Tensor | None, ghost_batches: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(x, axes, weights, ghost_batches):  # type: ignore[no-untyped-def]
     shape = (ghost_batches, *(x.shape[a] for a in axes))
-    return tuple(x.new_empty(shape, dtype=torch.float64) for _ in range(3))  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------- normalize_batch
-def _normalize_into(
-    source: torch.Tensor,
-    layout: CanonicalLayout,
-    x3: torch.Tensor,
-    mean: torch.Tensor,
-    factor: torch.Tensor,
-    offset: torch.Tensor,
-    groups: int,
-    out_dtype: torch.dtype,
-    shape: torch.Size,
-) -> torch.Tensor:
-    """Run the affine kernel with per-(group, canonical channel) coefficients; y in x's layout."""
-    dtype = x3.dtype
-    high, low = _split_mean(mean, dtype)
-    out = (
-        torch.empty_like(source) if source.dtype == dtype else torch.empty_like(source, dtype=dtype)
-    )
-    out3 = layout.view(out)
-    kernels.affine_normalize(
-        x3.numpy(),
-        high.numpy(),
-        low.numpy(),
-        factor.to(dtype).contiguous().numpy(),
-        offset.to(dtype).contiguous().numpy(),
-        groups,
-        layout.period,
-        _blocks(layout.rows),
-        out3.numpy(),
-    )
-    return out.to(out_dtype) if out_dtype != dtype else out
-
-
-def _inverse_std(variance: torch.Tensor, epsilon: float) -> torch.Tensor:
-    return torch.rsqrt(variance + epsilon)
+    return tuple(x.new_empty(shape, dtype=torch.float64) for _ in range(3))
 
 
 @torch.library.custom_op("batchnorm::normalize_batch", mutates_args=())
@@ -144,14 +338,7 @@ def normalize_batch_op(
     weights: torch.Tensor | None,
     ghost_batches: int,
 ) -> torch.Tensor:
-    source, layout, x3, _, _ = _prepare(x, axes, None, ghost_batches > 1)
-    mean_c = layout.channels_to_canonical(mean)
-    inv = _inverse_std(layout.channels_to_canonical(variance), epsilon)
-    factor = inv * _channel_vector(scale, layout, 1.0, torch.float64)
-    shift = _channel_vector(offset, layout, 0.0, torch.float64).expand_as(factor)
-    return _normalize_into(
-        source, layout, x3, mean_c, factor, shift, ghost_batches, x.dtype, x.shape
-    )
+    return normalize_batch_impl(x, axes, mean, variance, scale, offset, epsilon, ghost_batches)
 
 
 @normalize_batch_op.register_fake
@@ -166,61 +353,19 @@ def normalize_batch_backward_op(
     axes: list[int],
     mean: torch.Tensor,
     variance: torch.Tensor,
+    total_weight: torch.Tensor,
     scale: torch.Tensor | None,
     epsilon: float,
     weights: torch.Tensor | None,
-    total_weight: torch.Tensor,
     ghost_batches: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    source, layout, x3, w2, has_weights = _prepare(x, axes, weights, ghost_batches > 1)
-    dtype = x3.dtype
-    dy3 = layout.view(grad.to(dtype))
-    mean_c = layout.channels_to_canonical(mean)
-    inv = _inverse_std(layout.channels_to_canonical(variance), epsilon)
-    sums = torch.from_numpy(
-        kernels.gradient_sums(
-            dy3.numpy(),
-            x3.numpy(),
-            mean_c.numpy(),
-            ghost_batches,
-            layout.period,
-            _blocks(layout.rows),
-        )
+    return normalize_batch_backward_impl(
+        grad, x, axes, mean, variance, total_weight, scale, epsilon, weights, ghost_batches
     )
-    sum_dy, sum_dy_centred = sums[0], sums[1]
-    gamma = _channel_vector(scale, layout, 1.0, torch.float64)
-    count = layout.channels_to_canonical(total_weight)
-    per_weight = torch.where(count > 0, 1.0 / torch.where(count > 0, count, 1.0), 0.0)
-    k_dy = gamma * inv
-    k_centred = -k_dy * inv * inv * sum_dy_centred * per_weight
-    k_constant = -k_dy * sum_dy * per_weight
-    high, low = _split_mean(mean_c, dtype)
-    dx = (
-        torch.empty_like(source) if source.dtype == dtype else torch.empty_like(source, dtype=dtype)
-    )
-    kernels.batch_norm_input_gradient(
-        dy3.numpy(),
-        x3.numpy(),
-        w2.numpy(),
-        has_weights,
-        high.numpy(),
-        low.numpy(),
-        k_dy.to(dtype).numpy(),
-        k_centred.to(dtype).numpy(),
-        k_constant.to(dtype).numpy(),
-        ghost_batches,
-        layout.period,
-        _blocks(layout.rows),
-        layout.view(dx).numpy(),
-    )
-    channel_shape = tuple(x.shape[a] for a in axes)
-    dscale = layout.channels_from_canonical((sum_dy_centred * inv).sum(0), channel_shape)
-    doffset = layout.channels_from_canonical(sum_dy.sum(0), channel_shape)
-    return dx.to(x.dtype), dscale.contiguous(), doffset.contiguous()
 
 
 @normalize_batch_backward_op.register_fake
-def _(grad, x, axes, mean, variance, scale, epsilon, weights, total_weight, ghost_batches):  # type: ignore[no-untyped-def]
+def _(grad, x, axes, mean, variance, total_weight, scale, epsilon, weights, ghost_batches):  # type: ignore[no-untyped-def]
     channel_shape = tuple(x.shape[a] for a in axes)
     return (
         torch.empty_like(x),
@@ -235,51 +380,23 @@ def _normalize_batch_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
     ctx.axes, ctx.epsilon, ctx.ghost_batches = axes, epsilon, ghost_batches
 
 
-def _normalize_batch_backward(ctx, grad):  # type: ignore[no-untyped-def]
-    x, mean, variance, total_weight, scale, offset, weights = ctx.saved_tensors
-    axes, epsilon, ghost_batches = ctx.axes, ctx.epsilon, ctx.ghost_batches
-    if torch.is_grad_enabled():
-        # create_graph=True: recompute with torch ops so that the gradient is differentiable too.
-        return _double_backward_path(ctx, grad, x, scale, offset, weights)  # type: ignore[no-untyped-call]
-    dx, dscale, doffset = normalize_batch_backward_op(
-        grad, x, axes, mean, variance, scale, epsilon, weights, total_weight, ghost_batches
-    )
-    return (
-        dx,
-        None,
-        None,
-        None,
-        None,
-        None if scale is None else dscale.to(scale.dtype),
-        None if offset is None else doffset.to(offset.dtype),
-        None,
-        None,
-        None,
-    )
-
-
-def _double_backward_path(ctx, grad, x, scale, offset, weights):  # type: ignore[no-untyped-def]
-    # The saved tensors carry their autograd history here, so the gradient computed from them
-    # is itself differentiable with respect to the original inputs.
-    inputs = [x, scale, offset]
-    moments = TORCH_OPS.batch_moments(x, tuple(ctx.axes), weights, ctx.ghost_batches)
-    y = TORCH_OPS.normalize_batch(
-        x, tuple(ctx.axes), moments, scale, offset, ctx.epsilon, weights, ctx.ghost_batches
-    )
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
-    dx, dscale, doffset = (
-        next(grads) if t is not None and t.requires_grad else None for t in inputs
+def _normalize_batch_op_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    dx, dscale, doffset = _normalize_batch_gradients(
+        grad,
+        ctx.saved_tensors,
+        ctx.axes,
+        ctx.epsilon,
+        ctx.ghost_batches,
+        normalize_batch_backward_op,
     )
     return dx, None, None, None, None, dscale, doffset, None, None, None
 
 
 normalize_batch_op.register_autograd(
-    _normalize_batch_backward, setup_context=_normalize_batch_setup
+    _normalize_batch_op_backward, setup_context=_normalize_batch_setup
 )
 
 
-# ---------------------------------------------------------------------------- normalize
 @torch.library.custom_op("batchnorm::normalize", mutates_args=())
 def normalize_op(
     x: torch.Tensor,
@@ -290,12 +407,7 @@ def normalize_op(
     offset: torch.Tensor | None,
     epsilon: float,
 ) -> torch.Tensor:
-    source, layout, x3, _, _ = _prepare(x, axes, None, False)
-    mean_c = layout.channels_to_canonical(mean.to(torch.float64))[None]
-    inv = _inverse_std(layout.channels_to_canonical(variance.to(torch.float64)), epsilon)[None]
-    factor = inv * _channel_vector(scale, layout, 1.0, torch.float64)
-    shift = _channel_vector(offset, layout, 0.0, torch.float64)[None]
-    return _normalize_into(source, layout, x3, mean_c, factor, shift, 1, x.dtype, x.shape)
+    return normalize_impl(x, axes, mean, variance, scale, offset, epsilon)
 
 
 @normalize_op.register_fake
@@ -309,41 +421,72 @@ def _normalize_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
     ctx.axes, ctx.epsilon = axes, epsilon
 
 
-def _normalize_backward(ctx, grad):  # type: ignore[no-untyped-def]
-    x, mean, variance, scale = ctx.saved_tensors
-    axes, epsilon = ctx.axes, ctx.epsilon
-    view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
-    inv = torch.rsqrt(variance.to(torch.float64) + epsilon)
-    gamma = torch.ones_like(inv) if scale is None else scale.to(torch.float64)
-    # y is affine in x: dx = dy * gamma * inv, element-wise (differentiable, double backward too).
-    dx = (grad * (gamma * inv).to(grad.dtype).reshape(view)).to(x.dtype)
-    needs = ctx.needs_input_grad
-    dmean = dvariance = dscale = doffset = None
-    if needs[2] or needs[3] or needs[4] or needs[5]:
-        reduce = tuple(i for i in range(x.ndim) if i not in axes)
-        centred = x.to(torch.float64) - mean.to(torch.float64).reshape(view)
-        sum_dy = grad.to(torch.float64).sum(reduce)
-        sum_dy_centred = (grad.to(torch.float64) * centred).sum(reduce).reshape(inv.shape)
-        sum_dy = sum_dy.reshape(inv.shape)
-        dmean = (-sum_dy * gamma * inv).to(mean.dtype) if needs[2] else None
-        dvariance = (
-            (-0.5 * gamma * inv**3 * sum_dy_centred).to(variance.dtype) if needs[3] else None
-        )
-        dscale = (sum_dy_centred * inv).to(scale.dtype) if needs[4] and scale is not None else None
-        doffset = sum_dy.to(grad.dtype) if needs[5] else None
+def _normalize_op_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])
+    dx, dmean, dvariance, dscale, doffset = _normalize_gradients(
+        grad, ctx.saved_tensors, ctx.axes, ctx.epsilon, needs
+    )
     return dx, None, dmean, dvariance, dscale, doffset, None
 
 
-normalize_op.register_autograd(_normalize_backward, setup_context=_normalize_setup)
+normalize_op.register_autograd(_normalize_op_backward, setup_context=_normalize_setup)
+
+
+# ---------------------------------------------------------------------------- eager autograd
+class _NormalizeBatch(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x, axes, mean, variance, total_weight, scale, offset, epsilon, weights, ghost_batches
+    ):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x, mean, variance, total_weight, scale, offset, weights)
+        ctx.axes, ctx.epsilon, ctx.ghost_batches = axes, epsilon, ghost_batches
+        return normalize_batch_impl(x, axes, mean, variance, scale, offset, epsilon, ghost_batches)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        dx, dscale, doffset = _normalize_batch_gradients(
+            grad,
+            ctx.saved_tensors,
+            ctx.axes,
+            ctx.epsilon,
+            ctx.ghost_batches,
+            normalize_batch_backward_impl,
+        )
+        return dx, None, None, None, None, dscale, doffset, None, None, None
+
+
+class _Normalize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, axes, mean, variance, scale, offset, epsilon):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x, mean, variance, scale)
+        ctx.axes, ctx.epsilon = axes, epsilon
+        return normalize_impl(x, axes, mean, variance, scale, offset, epsilon)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])
+        dx, dmean, dvariance, dscale, doffset = _normalize_gradients(
+            grad, ctx.saved_tensors, ctx.axes, ctx.epsilon, needs
+        )
+        return dx, None, dmean, dvariance, dscale, doffset, None
+
+
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class NumbaCpuBackend:
-    """Batch norm on CPU tensors through the Numba custom operators above."""
+    """Batch norm on CPU tensors through the Numba kernels."""
 
     name = "numba"
 
     def supports(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype in _SUPPORTED and x.ndim >= 1
+        if x.device.type != "cpu" or x.dtype not in _SUPPORTED or x.ndim == 0:
+            return False
+        # vmap / grad transforms wrap tensors that NumPy cannot see: those take the torch ops.
+        return torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(
+            x
+        )
 
     def batch_moments(
         self,
@@ -352,10 +495,9 @@ class NumbaCpuBackend:
         weights: torch.Tensor | None,
         ghost_batches: int,
     ) -> Moments:
-        mean, variance, total = batch_moments_op(
-            x.detach(), list(axes), None if weights is None else weights.detach(), ghost_batches
-        )
-        return Moments(mean, variance, total)
+        if torch.compiler.is_compiling():
+            return Moments(*batch_moments_op(x.detach(), list(axes), weights, ghost_batches))
+        return Moments(*batch_moments_impl(x, list(axes), weights, ghost_batches))
 
     def normalize_batch(
         self,
@@ -368,7 +510,7 @@ class NumbaCpuBackend:
         weights: torch.Tensor | None,
         ghost_batches: int,
     ) -> torch.Tensor:
-        y: torch.Tensor = normalize_batch_op(
+        arguments = (
             x,
             list(axes),
             moments.mean,
@@ -380,6 +522,14 @@ class NumbaCpuBackend:
             None if weights is None else weights.detach(),
             ghost_batches,
         )
+        if torch.compiler.is_compiling():
+            y: torch.Tensor = normalize_batch_op(*arguments)
+        elif _needs_autograd(x, scale, offset):
+            y = _NormalizeBatch.apply(*arguments)
+        else:
+            y = normalize_batch_impl(
+                x, list(axes), moments.mean, moments.variance, scale, offset, epsilon, ghost_batches
+            )
         return y
 
     def normalize(
@@ -392,7 +542,13 @@ class NumbaCpuBackend:
         offset: torch.Tensor | None,
         epsilon: float,
     ) -> torch.Tensor:
-        y: torch.Tensor = normalize_op(x, list(axes), mean, variance, scale, offset, epsilon)
+        arguments = (x, list(axes), mean, variance, scale, offset, epsilon)
+        if torch.compiler.is_compiling():
+            y: torch.Tensor = normalize_op(*arguments)
+        elif _needs_autograd(x, mean, variance, scale, offset):
+            y = _Normalize.apply(*arguments)
+        else:
+            y = normalize_impl(*arguments)
         return y
 
 

@@ -5,13 +5,16 @@ PyTorch custom operators.
 """
 
 from batchnorm.kernels._elementwise import affine_normalize, batch_norm_input_gradient
-from batchnorm.kernels._jit import set_threads
-from batchnorm.kernels._statistics import gradient_sums, shifted_channel_sums
+from batchnorm.kernels._jit import Kernel, blocks_for, run, set_threads
+from batchnorm.kernels._statistics import batch_moments, gradient_sums
 
 __all__ = [
+    "Kernel",
     "affine_normalize",
+    "batch_moments",
     "batch_norm_input_gradient",
+    "blocks_for",
     "gradient_sums",
+    "run",
     "set_threads",
-    "shifted_channel_sums",
 ]

@@ -1,20 +1,62 @@
-"""Element-wise passes in canonical layout ``x[o, c, i]``, coefficients per (group, channel).
+"""Element-wise passes in canonical layout ``x[o, c, i]``, with per-(group, channel) statistics.
 
-The mean is split in two numbers of the compute dtype, ``mean_high + mean_low``, so that
-``(x - mean_high) - mean_low`` keeps the digits a single rounded mean would lose.
+Each kernel first turns the float64 statistics into coefficients of the compute dtype (a short loop
+over channels), then makes one pass over the data. The mean is split in two numbers of the compute
+dtype, ``high + low``; subtracting ``high`` first and folding ``low`` into the additive term keeps
+the digits a single rounded mean loses (data like 1000 + 0.01 * randn).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import kernel
+from batchnorm.kernels._jit import helper, kernel
+
+
+@helper
+def split_mean(mean, dtype_example):  # type: ignore[no-untyped-def]
+    """``mean`` (float64) as ``high + low``, both of the compute dtype."""
+    high = np.empty(mean.shape, dtype_example.dtype)
+    low = np.empty(mean.shape, dtype_example.dtype)
+    for g in range(mean.shape[0]):
+        for c in range(mean.shape[1]):
+            high[g, c] = mean[g, c]
+            low[g, c] = mean[g, c] - np.float64(high[g, c])
+    return high, low
+
+
+@helper
+def affine_coefficients(mean, variance, scale, offset, epsilon, dtype_example):  # type: ignore[no-untyped-def]
+    """``y = (x - high) * factor + shift`` per group and channel, in the compute dtype.
+
+    ``high`` is the mean rounded to the compute dtype and ``shift = offset - low * factor`` folds
+    in the rounding residue ``low = mean - high``: no large terms cancel, unlike
+    ``x * factor + (offset - mean * factor)``.
+    """
+    groups, channels = variance.shape
+    high = np.empty((groups, channels), dtype_example.dtype)
+    factor = np.empty((groups, channels), dtype_example.dtype)
+    shift = np.empty((groups, channels), dtype_example.dtype)
+    for g in range(groups):
+        for c in range(channels):
+            high[g, c] = mean[g, c]
+            f = np.float64(scale[c]) / np.sqrt(variance[g, c] + epsilon)
+            factor[g, c] = f
+            shift[g, c] = np.float64(offset[c]) - (mean[g, c] - np.float64(high[g, c])) * f
+    return high, factor, shift
 
 
 @kernel
-def affine_normalize(x, mean_high, mean_low, factor, offset, groups, period, blocks, out):  # type: ignore[no-untyped-def]
-    """``out = ((x - mean_high) - mean_low) * factor + offset``."""
+def affine_normalize(  # type: ignore[no-untyped-def]
+    x, mean, variance, scale, offset, epsilon, groups, period, blocks, out
+):
+    """``out = (x - mean) / sqrt(variance + epsilon) * scale + offset``.
+
+    ``mean``, ``variance``: float64 ``[groups, C]``; ``scale``, ``offset``: ``[C]``.
+    """
     rows, channels, inner = x.shape
+    high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     rows_per_block = (rows + blocks - 1) // blocks
     for block in prange(blocks):
         start = block * rows_per_block
@@ -23,17 +65,32 @@ def affine_normalize(x, mean_high, mean_low, factor, offset, groups, period, blo
             g = (o // period) % groups
             if inner == 1:
                 for c in range(channels):
-                    out[o, c, 0] = ((x[o, c, 0] - mean_high[g, c]) - mean_low[g, c]) * factor[
-                        g, c
-                    ] + offset[g, c]
+                    out[o, c, 0] = (x[o, c, 0] - high[g, c]) * factor[g, c] + shift[g, c]
             else:
                 for c in range(channels):
-                    high = mean_high[g, c]
-                    low = mean_low[g, c]
+                    h = high[g, c]
                     f = factor[g, c]
-                    b = offset[g, c]
+                    b = shift[g, c]
                     for i in range(inner):
-                        out[o, c, i] = ((x[o, c, i] - high) - low) * f + b
+                        out[o, c, i] = (x[o, c, i] - h) * f + b
+
+
+@helper
+def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_example):  # type: ignore[no-untyped-def]
+    """``k_dy = s``, ``k_centred = -s inv^2 Sdc / W``, ``k_constant = -s Sdy / W``."""
+    groups, channels = variance.shape
+    k_dy = np.empty((groups, channels), dtype_example.dtype)
+    k_centred = np.empty((groups, channels), dtype_example.dtype)
+    k_constant = np.empty((groups, channels), dtype_example.dtype)
+    for g in range(groups):
+        for c in range(channels):
+            inv = 1.0 / np.sqrt(variance[g, c] + epsilon)
+            s = np.float64(scale[c]) * inv
+            per_weight = 1.0 / total_weight[g, c] if total_weight[g, c] > 0 else 0.0
+            k_dy[g, c] = s
+            k_centred[g, c] = -s * inv * inv * sums[1, g, c] * per_weight
+            k_constant[g, c] = -s * sums[0, g, c] * per_weight
+    return k_dy, k_centred, k_constant
 
 
 @kernel
@@ -42,18 +99,28 @@ def batch_norm_input_gradient(  # type: ignore[no-untyped-def]
     x,
     weights,
     has_weights,
-    mean_high,
-    mean_low,
-    k_dy,
-    k_centred,
-    k_constant,
+    mean,
+    variance,
+    total_weight,
+    scale,
+    sums,
+    epsilon,
     groups,
     period,
     blocks,
     out,
 ):
-    """``out = k_dy * dy + w * (k_centred * (x - mean) + k_constant)`` (w = 1 without weights)."""
+    """The input gradient of batch norm with the batch's own statistics.
+
+    With ``inv = 1 / sqrt(variance + epsilon)``, ``s = scale * inv``, ``W`` the total weight,
+    ``Sdy = sums[0]``, ``Sdc = sums[1] = sum(dy * (x - mean))``:
+    ``out = s * dy - w * s * (inv^2 * Sdc * (x - mean) + Sdy) / W`` (w = 1 without weights).
+    """
     rows, channels, inner = x.shape
+    high, low = split_mean(mean, x)
+    k_dy, k_centred, k_constant = gradient_coefficients(
+        variance, total_weight, scale, sums, epsilon, x
+    )
     rows_per_block = (rows + blocks - 1) // blocks
     for block in prange(blocks):
         start = block * rows_per_block
@@ -63,21 +130,21 @@ def batch_norm_input_gradient(  # type: ignore[no-untyped-def]
             if inner == 1:
                 w = weights[o, 0] if has_weights else 1.0
                 for c in range(channels):
-                    centred = (x[o, c, 0] - mean_high[g, c]) - mean_low[g, c]
+                    centred = (x[o, c, 0] - high[g, c]) - low[g, c]
                     out[o, c, 0] = k_dy[g, c] * dy[o, c, 0] + w * (
                         k_centred[g, c] * centred + k_constant[g, c]
                     )
             else:
                 for c in range(channels):
-                    high = mean_high[g, c]
-                    low = mean_low[g, c]
+                    h = high[g, c]
+                    lo = low[g, c]
                     a = k_dy[g, c]
                     b = k_centred[g, c]
                     d = k_constant[g, c]
                     if has_weights:
                         for i in range(inner):
-                            centred = (x[o, c, i] - high) - low
+                            centred = (x[o, c, i] - h) - lo
                             out[o, c, i] = a * dy[o, c, i] + weights[o, i] * (b * centred + d)
                     else:
                         for i in range(inner):
-                            out[o, c, i] = a * dy[o, c, i] + (b * ((x[o, c, i] - high) - low) + d)
+                            out[o, c, i] = a * dy[o, c, i] + (b * ((x[o, c, i] - h) - lo) + d)

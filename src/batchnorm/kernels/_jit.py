@@ -17,8 +17,47 @@ import numba
 FASTMATH = {"reassoc", "contract", "nsz"}
 
 
-def kernel(function: Any) -> Any:
-    return numba.njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)(function)
+# Below this many elements a kernel runs on the calling thread: waking the pool costs more.
+PARALLEL_THRESHOLD = 1 << 16
+
+
+class Kernel:
+    """A kernel compiled twice, threaded (``prange`` over row blocks) and serial."""
+
+    def __init__(self, function: Any) -> None:
+        self.parallel = numba.njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)(
+            function
+        )
+        self.serial = numba.njit(parallel=False, cache=True, fastmath=FASTMATH, nogil=True)(
+            function
+        )
+        self.__doc__ = function.__doc__
+        self.__name__ = function.__name__
+
+    def __call__(self, *args: Any) -> Any:
+        return self.parallel(*args)
+
+
+def helper(function: Any) -> Any:
+    """A serial compiled function that kernels call for their per-channel set-up."""
+    return numba.njit(parallel=False, cache=True, fastmath=FASTMATH, nogil=True)(function)
+
+
+def kernel(function: Any) -> Kernel:
+    return Kernel(function)
+
+
+def blocks_for(elements: int, rows: int, threads: int) -> int:
+    """Row blocks for a pass over ``elements`` values: one per thread, or 1 for small inputs."""
+    if elements < PARALLEL_THRESHOLD:
+        return 1
+    return max(1, min(threads, rows))
+
+
+def run(kernel: Kernel, blocks: int, *args: Any) -> Any:
+    """Call the serial build for one block, the threaded one otherwise; ``blocks`` is the last argument."""
+    compiled = kernel.serial if blocks == 1 else kernel.parallel
+    return compiled(*args)
 
 
 def set_threads(count: int) -> int:

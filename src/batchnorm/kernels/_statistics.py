@@ -19,8 +19,8 @@ from batchnorm.kernels._jit import kernel
 
 
 @kernel
-def shifted_channel_sums(x, weights, has_weights, groups, period, blocks):  # type: ignore[no-untyped-def]
-    """Returns ``(shift[C], sums[3, groups, C])`` with sums S0, S1, S2 as above."""
+def batch_moments(x, weights, has_weights, groups, period, blocks):  # type: ignore[no-untyped-def]
+    """``(mean, variance, total_weight)``, each ``[groups, C]`` float64; 0 where no weight."""
     rows, channels, inner = x.shape
     shift = np.zeros(channels, np.float64)
     if rows * inner > 0:
@@ -37,7 +37,7 @@ def shifted_channel_sums(x, weights, has_weights, groups, period, blocks):  # ty
         for o in range(start, stop):
             g = (o // period) % groups
             if inner == 1:
-                w = weights[o, 0] if has_weights else 1.0
+                w = np.float64(weights[o, 0]) if has_weights else 1.0
                 for c in range(channels):
                     v = np.float64(x[o, c, 0]) - shift[c]
                     s1[g, c] += w * v
@@ -66,20 +66,33 @@ def shifted_channel_sums(x, weights, has_weights, groups, period, blocks):  # ty
                     s0[g, c] += a0
                     s1[g, c] += a1
                     s2[g, c] += a2
-    sums = np.zeros((3, groups, channels), np.float64)
-    for block in range(blocks):
+    sums = partial[0].copy()
+    for block in range(1, blocks):
         sums += partial[block]
     if not has_weights:
+        rows_in_group = np.zeros(groups, np.float64)
         for o in range(rows):
-            g = (o // period) % groups
-            for c in range(channels):
-                sums[0, g, c] += inner
-    return shift, sums
+            rows_in_group[(o // period) % groups] += 1.0
+        for g in range(groups):
+            sums[0, g, :] = rows_in_group[g] * inner
+    mean = np.zeros((groups, channels), np.float64)
+    variance = np.zeros((groups, channels), np.float64)
+    for g in range(groups):
+        for c in range(channels):
+            total = sums[0, g, c]
+            if total > 0:
+                centred = sums[1, g, c] / total
+                mean[g, c] = shift[c] + centred
+                variance[g, c] = max(sums[2, g, c] / total - centred * centred, 0.0)
+    return mean, variance, sums[0].copy()
 
 
 @kernel
 def gradient_sums(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyped-def]
-    """``sums[0] = sum(dy)`` and ``sums[1] = sum(dy * (x - mean))`` per group and channel (float64)."""
+    """``sums[0] = sum(dy)`` and ``sums[1] = sum(dy * (x - mean))`` per group and channel (float64).
+
+    ``mean`` is float64 ``[groups, C]``.
+    """
     rows, channels, inner = x.shape
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
     rows_per_block = (rows + blocks - 1) // blocks

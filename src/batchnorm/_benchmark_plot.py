@@ -1,0 +1,39 @@
+"""The benchmark as a PNG bar chart: multiples of the copy floor, batchnorm beside torch native."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_benchmark(report: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            "Drawing the chart needs matplotlib: pip install 'batchnorm[plot]'"
+        ) from error
+    modes = list(report["cases"][0]["modes"])
+    figure, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.5), sharey=False)
+    for axis, mode in zip(axes, modes, strict=True):
+        names = [r["name"] for r in report["cases"]]
+        ours = [r["modes"][mode]["floor_multiple"]["batchnorm"] for r in report["cases"]]
+        native = [r["modes"][mode]["floor_multiple"]["torch"] for r in report["cases"]]
+        positions = range(len(names))
+        axis.bar([p - 0.2 for p in positions], ours, width=0.4, label="batchnorm")
+        axis.bar([p + 0.2 for p in positions], native, width=0.4, label="torch native")
+        axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="copy floor")
+        axis.set_xticks(list(positions), names, rotation=35, ha="right", fontsize=8)
+        axis.set_title(mode)
+        axis.set_ylabel("time / one copy of the input")
+        axis.legend(fontsize=8)
+    threads = report["machine"]["threads"]
+    figure.suptitle(
+        f"batchnorm vs torch native batch norm, CPU, {threads} threads (lower is better)"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
