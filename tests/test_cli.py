@@ -28,3 +28,38 @@ def test_python_dash_m_entry_point():
         check=True,
     )
     assert "after   5 steps: moving mean" in result.stdout
+
+
+def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
+    import json
+
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(
+        [
+            "bench",
+            "--quick",
+            "--repeats",
+            "1",
+            "--no-compile-time",
+            "--json",
+            str(json_path),
+            "--png",
+            str(png_path),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| conv-early NCHW |" in out and "speedup over torch" in out
+    report = json.loads(json_path.read_text())
+    assert {c["name"] for c in report["cases"]} >= {"dense NC", "sequence NLC", "small-batch NC"}
+    for case in report["cases"]:
+        assert set(case["modes"]) == {"train forward", "inference", "train forward+backward"}
+        for numbers in case["modes"].values():
+            assert numbers["seconds"]["batchnorm"] > 0 and numbers["seconds"]["torch"] > 0
+    assert {t["target"].split(":")[0] for t in report["summary"]["targets"]} >= {"renorm NHWC"}
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_bad_repeats(capsys):
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1. Received: 0" in capsys.readouterr().err

@@ -63,14 +63,17 @@ def quick_cases() -> tuple[list[BenchCase], list[BenchCase]]:
     return [shrink(c) for c in MAIN_CASES], [shrink(c) for c in EXTRA_CASES]
 
 
-def median_seconds(function: Callable[[], Any], repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_medians(functions: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run round-robin so that drift hits all of them alike."""
+    for function in functions.values():
         function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _torch_layout(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -141,7 +144,6 @@ def run_case(case: BenchCase, repeats: int, modes: tuple[str, ...] = MODES) -> d
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(case.shape, generator=generator)
     functions = _mode_functions(case, x)
-    floor = median_seconds(x.clone, repeats)
     _, layout = canonical_layout(
         x, (case.axis % x.ndim,), bool(case.options.get("virtual_batch_size"))
     )
@@ -160,6 +162,7 @@ def run_case(case: BenchCase, repeats: int, modes: tuple[str, ...] = MODES) -> d
             "floor_multiple": {name: t / floor for name, t in timings.items()},
             "speedup_over_torch": timings["torch"] / timings["batchnorm"],
         }
+    result["floor_seconds"] = statistics.median(floors)
     return result
 
 

@@ -186,7 +186,8 @@ def normalize_batch_backward_impl(
     """
     prepared = _prepare(x, axes, weights, ghost_batches > 1)
     layout = prepared.layout
-    dy3 = layout.view(grad.detach().to(prepared.source.dtype)).numpy()
+    # A gradient of expanded ones (from .sum()) has zero strides: the kernels need it dense.
+    dy3 = np.ascontiguousarray(layout.view(grad.detach().to(prepared.source.dtype)).numpy())
     mean_c = _to_canonical(mean, layout, 0.0, ghost_batches)
     variance_c = _to_canonical(variance, layout, 1.0, ghost_batches)
     sums = kernels.run(

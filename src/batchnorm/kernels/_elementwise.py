@@ -58,21 +58,29 @@ def affine_normalize(  # type: ignore[no-untyped-def]
     rows, channels, inner = x.shape
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     rows_per_block = (rows + blocks - 1) // blocks
+    if inner == 1:
+        # Channels last: rows of C contiguous values, so the channel loop vectorises.
+        x2 = x.reshape((rows, channels))
+        out2 = out.reshape((rows, channels))
+        for block in prange(blocks):
+            for o in range(block * rows_per_block, min(rows, (block + 1) * rows_per_block)):
+                g = (o // period) % groups
+                row, target = x2[o], out2[o]
+                h, f, b = high[g], factor[g], shift[g]
+                for c in range(channels):
+                    target[c] = (row[c] - h[c]) * f[c] + b[c]
+        return
     for block in prange(blocks):
-        start = block * rows_per_block
-        stop = min(rows, start + rows_per_block)
-        for o in range(start, stop):
+        for o in range(block * rows_per_block, min(rows, (block + 1) * rows_per_block)):
             g = (o // period) % groups
-            if inner == 1:
-                for c in range(channels):
-                    out[o, c, 0] = (x[o, c, 0] - high[g, c]) * factor[g, c] + shift[g, c]
-            else:
-                for c in range(channels):
-                    h = high[g, c]
-                    f = factor[g, c]
-                    b = shift[g, c]
-                    for i in range(inner):
-                        out[o, c, i] = (x[o, c, i] - h) * f + b
+            for c in range(channels):
+                h = high[g, c]
+                f = factor[g, c]
+                b = shift[g, c]
+                row = x[o, c]
+                target = out[o, c]
+                for i in range(inner):
+                    target[i] = (row[i] - h) * f + b
 
 
 @helper
@@ -122,29 +130,35 @@ def batch_norm_input_gradient(  # type: ignore[no-untyped-def]
         variance, total_weight, scale, sums, epsilon, x
     )
     rows_per_block = (rows + blocks - 1) // blocks
-    for block in prange(blocks):
-        start = block * rows_per_block
-        stop = min(rows, start + rows_per_block)
-        for o in range(start, stop):
-            g = (o // period) % groups
-            if inner == 1:
+    if inner == 1:
+        x2 = x.reshape((rows, channels))
+        dy2 = dy.reshape((rows, channels))
+        out2 = out.reshape((rows, channels))
+        for block in prange(blocks):
+            for o in range(block * rows_per_block, min(rows, (block + 1) * rows_per_block)):
+                g = (o // period) % groups
                 w = weights[o, 0] if has_weights else 1.0
+                row, grad_row, target = x2[o], dy2[o], out2[o]
+                h, lo, a, b, d = high[g], low[g], k_dy[g], k_centred[g], k_constant[g]
                 for c in range(channels):
-                    centred = (x[o, c, 0] - high[g, c]) - low[g, c]
-                    out[o, c, 0] = k_dy[g, c] * dy[o, c, 0] + w * (
-                        k_centred[g, c] * centred + k_constant[g, c]
-                    )
-            else:
-                for c in range(channels):
-                    h = high[g, c]
-                    lo = low[g, c]
-                    a = k_dy[g, c]
-                    b = k_centred[g, c]
-                    d = k_constant[g, c]
-                    if has_weights:
-                        for i in range(inner):
-                            centred = (x[o, c, i] - h) - lo
-                            out[o, c, i] = a * dy[o, c, i] + weights[o, i] * (b * centred + d)
-                    else:
-                        for i in range(inner):
-                            out[o, c, i] = a * dy[o, c, i] + (b * ((x[o, c, i] - h) - lo) + d)
+                    target[c] = a[c] * grad_row[c] + w * (b[c] * ((row[c] - h[c]) - lo[c]) + d[c])
+        return
+    for block in prange(blocks):
+        for o in range(block * rows_per_block, min(rows, (block + 1) * rows_per_block)):
+            g = (o // period) % groups
+            for c in range(channels):
+                h = high[g, c]
+                lo = low[g, c]
+                a = k_dy[g, c]
+                b = k_centred[g, c]
+                d = k_constant[g, c]
+                row = x[o, c]
+                grad_row = dy[o, c]
+                target = out[o, c]
+                if has_weights:
+                    weight_row = weights[o]
+                    for i in range(inner):
+                        target[i] = a * grad_row[i] + weight_row[i] * (b * ((row[i] - h) - lo) + d)
+                else:
+                    for i in range(inner):
+                        target[i] = a * grad_row[i] + (b * ((row[i] - h) - lo) + d)

@@ -28,6 +28,7 @@ def batch_moments(x, weights, has_weights, groups, period, blocks):  # type: ign
             shift[c] = x[0, c, 0]
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
     rows_per_block = (rows + blocks - 1) // blocks
+    x2 = x.reshape((rows, channels * inner))
     for block in prange(blocks):
         start = block * rows_per_block
         stop = min(rows, start + rows_per_block)
@@ -37,14 +38,17 @@ def batch_moments(x, weights, has_weights, groups, period, blocks):  # type: ign
         for o in range(start, stop):
             g = (o // period) % groups
             if inner == 1:
+                # Channels last: a row is C contiguous values, accumulated into C-vectors.
                 w = np.float64(weights[o, 0]) if has_weights else 1.0
+                row, a1, a2 = x2[o], s1[g], s2[g]
                 for c in range(channels):
-                    v = np.float64(x[o, c, 0]) - shift[c]
-                    s1[g, c] += w * v
-                    s2[g, c] += w * v * v
+                    v = np.float64(row[c]) - shift[c]
+                    a1[c] += w * v
+                    a2[c] += w * v * v
                 if has_weights:
+                    a0 = s0[g]
                     for c in range(channels):
-                        s0[g, c] += w
+                        a0[c] += w
             else:
                 for c in range(channels):
                     k = shift[c]
@@ -96,6 +100,8 @@ def gradient_sums(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyp
     rows, channels, inner = x.shape
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
     rows_per_block = (rows + blocks - 1) // blocks
+    x2 = x.reshape((rows, channels * inner))
+    dy2 = dy.reshape((rows, channels * inner))
     for block in prange(blocks):
         start = block * rows_per_block
         stop = min(rows, start + rows_per_block)
@@ -104,10 +110,11 @@ def gradient_sums(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyp
         for o in range(start, stop):
             g = (o // period) % groups
             if inner == 1:
+                row, grad_row, a0, a1, m = x2[o], dy2[o], t0[g], t1[g], mean[g]
                 for c in range(channels):
-                    d = np.float64(dy[o, c, 0])
-                    t0[g, c] += d
-                    t1[g, c] += d * (np.float64(x[o, c, 0]) - mean[g, c])
+                    d = np.float64(grad_row[c])
+                    a0[c] += d
+                    a1[c] += d * (np.float64(row[c]) - m[c])
             else:
                 for c in range(channels):
                     m = mean[g, c]
