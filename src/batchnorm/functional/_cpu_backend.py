@@ -32,7 +32,7 @@ from batchnorm.functional._canonical_layout import (
 from batchnorm.functional._torch_ops import TORCH_OPS
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_NO_WEIGHTS = {
+_NO_WEIGHTS: dict[torch.dtype, np.ndarray] = {
     torch.float32: np.zeros((1, 1), np.float32),
     torch.float64: np.zeros((1, 1), np.float64),
 }
@@ -436,9 +436,9 @@ normalize_op.register_autograd(_normalize_op_backward, setup_context=_normalize_
 # ---------------------------------------------------------------------------- eager autograd
 class _NormalizeBatch(torch.autograd.Function):
     @staticmethod
-    def forward(
+    def forward(  # type: ignore[no-untyped-def, override]
         ctx, x, axes, mean, variance, total_weight, scale, offset, epsilon, weights, ghost_batches
-    ):  # type: ignore[no-untyped-def, override]
+    ):
         ctx.save_for_backward(x, mean, variance, total_weight, scale, offset, weights)
         ctx.axes, ctx.epsilon, ctx.ghost_batches = axes, epsilon, ghost_batches
         return normalize_batch_impl(x, axes, mean, variance, scale, offset, epsilon, ghost_batches)
@@ -526,7 +526,7 @@ class NumbaCpuBackend:
         if torch.compiler.is_compiling():
             y: torch.Tensor = normalize_batch_op(*arguments)
         elif _needs_autograd(x, scale, offset):
-            y = _NormalizeBatch.apply(*arguments)
+            y = _NormalizeBatch.apply(*arguments)  # type: ignore[no-untyped-call]
         else:
             y = normalize_batch_impl(
                 x, list(axes), moments.mean, moments.variance, scale, offset, epsilon, ghost_batches
@@ -547,7 +547,7 @@ class NumbaCpuBackend:
         if torch.compiler.is_compiling():
             y: torch.Tensor = normalize_op(*arguments)
         elif _needs_autograd(x, mean, variance, scale, offset):
-            y = _Normalize.apply(*arguments)
+            y = _Normalize.apply(*arguments)  # type: ignore[no-untyped-call]
         else:
             y = normalize_impl(*arguments)
         return y
