@@ -319,3 +319,25 @@ def test_lazy_build_from_first_input_and_explicit_build():
     lazy = BatchNormalization(axis=-1)
     lazy(torch.randn(4, 5))
     assert lazy.moving_variance.shape == (5,) and lazy.axis == [1]
+
+
+def test_adjustment_varying_inside_a_channel_uses_elementwise_scale():
+    torch.manual_seed(4)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    a = torch.rand(6, 3, dtype=torch.float64) + 0.5
+    b = torch.randn(6, 3, dtype=torch.float64)
+    layer = BatchNormalization(3, adjustment=lambda shape: (a, b), dtype="float64", momentum=0.0)
+    with torch.no_grad():
+        layer.gamma.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        layer.beta.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    y = layer(x, training=True)
+    xhat = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-3)
+    expected = xhat * (a * layer.gamma) + (b * layer.gamma + layer.beta)
+    torch.testing.assert_close(y, expected.detach())
+    torch.testing.assert_close(layer.moving_mean, x.mean(0))
+    torch.testing.assert_close(
+        layer(x, training=False),
+        (
+            (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-3) * layer.gamma + layer.beta
+        ).detach(),
+    )
