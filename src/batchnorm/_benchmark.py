@@ -162,33 +162,25 @@ def run_case(case: BenchCase, repeats: int, modes: tuple[str, ...] = MODES) -> d
     return result
 
 
-def cold_compile_seconds() -> float:
-    """First call in a fresh process with an empty Numba cache: compilation included."""
-    code = (
-        "import time, torch; t = time.perf_counter(); import batchnorm; "
-        "layer = batchnorm.BatchNormalization(3, axis=1); x = torch.randn(4, 3, 5, requires_grad=True); "
-        "layer(x, training=True).sum().backward(); layer(x, training=False); "
-        "print(time.perf_counter() - t)"
-    )
+_FIRST_CALL = (
+    "import time, torch; t = time.perf_counter(); import batchnorm; "
+    "layer = batchnorm.BatchNormalization(3, axis=1); x = torch.randn(4, 3, 5, requires_grad=True); "
+    "layer(x, training=True).sum().backward(); layer(x, training=False); "
+    "print(time.perf_counter() - t)"
+)
+
+
+def first_call_seconds(*, cold_cache: bool) -> float:
+    """Import plus a first training and inference call in a fresh process.
+
+    With ``cold_cache`` Numba's cache points at an empty folder, so JIT compilation is included;
+    otherwise the process finds the compiled kernels on disk.
+    """
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache} if cold_cache else dict(os.environ)
         output = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            [sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, check=True
         )
-    return float(output.stdout.strip().splitlines()[-1])
-
-
-def warm_start_seconds() -> float:
-    """First call in a fresh process that finds the compiled kernels in the on-disk cache."""
-    code = (
-        "import time, torch; t = time.perf_counter(); import batchnorm; "
-        "layer = batchnorm.BatchNormalization(3, axis=1); x = torch.randn(4, 3, 5, requires_grad=True); "
-        "layer(x, training=True).sum().backward(); layer(x, training=False); "
-        "print(time.perf_counter() - t)"
-    )
-    output = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
     return float(output.stdout.strip().splitlines()[-1])
 
 
@@ -274,8 +266,8 @@ def run_benchmark(
     if compile_time:
         log("timing the first call in fresh processes (cold Numba cache, then warm cache)...")
         report["first_call_seconds"] = {
-            "cold_cache": cold_compile_seconds(),
-            "warm_cache": warm_start_seconds(),
+            "cold_cache": first_call_seconds(cold_cache=True),
+            "warm_cache": first_call_seconds(cold_cache=False),
         }
     main_results, extra_results = [], []
     for case in main_cases:

@@ -30,29 +30,14 @@ class CanonicalLayout(NamedTuple):
             return tensor.reshape(shape)
         return tensor.permute(self.order).reshape(shape)
 
-    def restore(self, canonical: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """The inverse of :meth:`view` for a tensor made in canonical layout."""
-        permuted_shape = [shape[d] for d in self.order]
-        inverse = [0] * len(self.order)
-        for position, dim in enumerate(self.order):
-            inverse[dim] = position
-        return canonical.reshape(permuted_shape).permute(inverse)
-
-    def channels_to_canonical(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Per-channel ``(..., *channel_shape)`` (sorted axes) to ``(..., channels)`` in memory order."""
-        lead = tensor.ndim - len(self.channel_permutation)
-        permutation = [*range(lead), *(lead + p for p in self.channel_permutation)]
-        return tensor.permute(permutation).reshape(*tensor.shape[:lead], self.channels)
-
     def channels_from_canonical(
         self, tensor: torch.Tensor, channel_shape: tuple[int, ...]
     ) -> torch.Tensor:
+        """``(..., channels)`` in memory order back to ``(..., *channel_shape)`` (sorted axes)."""
         memory_shape = [channel_shape[p] for p in self.channel_permutation]
         lead = tensor.shape[:-1]
         shaped = tensor.reshape(*lead, *memory_shape)
-        inverse = [0] * len(self.channel_permutation)
-        for position, p in enumerate(self.channel_permutation):
-            inverse[p] = position
+        inverse = _inverse(list(self.channel_permutation))
         return shaped.permute([*range(len(lead)), *(len(lead) + i for i in inverse)])
 
 

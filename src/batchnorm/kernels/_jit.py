@@ -34,9 +34,6 @@ class Kernel:
         self.__doc__ = function.__doc__
         self.__name__ = function.__name__
 
-    def __call__(self, *args: Any) -> Any:
-        return self.parallel(*args)
-
 
 def helper(function: Any) -> Any:
     """A serial compiled function that kernels call for their per-channel set-up."""
