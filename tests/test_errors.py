@@ -260,8 +260,8 @@ def test_from_config_errors():
         BatchNormalization.from_config({"axis": -1, "bogus": 1})
     with pytest.raises(TypeError, match=r"`config` must be a dict"):
         BatchNormalization.from_config([("axis", -1)])
-    with pytest.raises(ValueError, match=r"`synchronized=True` is not supported"):
-        BatchNormalization.from_config({"synchronized": True})
+    with pytest.raises(ValueError, match=r"`fused=True` is not supported when `synchronized=True`"):
+        BatchNormalization.from_config({"synchronized": True, "fused": True})
 
 
 def test_functional_errors():

@@ -10,6 +10,7 @@ Example:
 from batchnorm import constraints, functional, initializers, regularizers
 from batchnorm._batch_normalization import BatchNormalization
 from batchnorm._constraint_hook import apply_constraints, apply_constraints_after_step
+from batchnorm._sync_batch_normalization import SyncBatchNormalization, convert_sync
 from batchnorm.functional import BatchNormStatistics
 
 __version__ = "0.1.0"
@@ -17,10 +18,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNormStatistics",
     "BatchNormalization",
+    "SyncBatchNormalization",
     "__version__",
     "apply_constraints",
     "apply_constraints_after_step",
     "constraints",
+    "convert_sync",
     "functional",
     "initializers",
     "regularizers",

@@ -17,6 +17,7 @@ from batchnorm._dtype_policy import resolve_dtype_policy
 from batchnorm._fused import fused_unsupported_reason, resolve_fused_at_build
 from batchnorm._keras_weights import keras_parameter_shape, weights_from_arrays
 from batchnorm._layer_config import layer_config, layer_kwargs_from_config
+from batchnorm.functional._synchronized import check_synchronized
 from batchnorm.functional import BatchNormStatistics
 from batchnorm.functional._batch_norm import BatchNormOptions, batch_norm_step
 from batchnorm.functional._validation import (
@@ -74,6 +75,10 @@ class BatchNormalization(nn.Module):
         dtype: parameter/compute policy (None = float32, "float64", "mixed_float16", ...).
         device: where to create the weights.
         name: layer name (default ``batch_normalization_<n>``).
+        synchronized: training statistics over the global batch of a torch.distributed process
+            group (tf-keras' argument; implies ``fused=False``). Without an initialised group,
+            or with a group of one, the layer computes exactly as unsynchronized.
+        process_group: the group to synchronize over; None is the default group (WORLD).
 
     Shape:
         Input: any rank; output: same shape and dtype. float16/bfloat16 inputs are computed with
@@ -119,8 +124,13 @@ class BatchNormalization(nn.Module):
         dtype: Any = None,
         device: Any = None,
         name: str | None = None,
+        synchronized: bool = False,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
+        self.synchronized, self.process_group = check_synchronized(synchronized, process_group, fused)
+        self._unbiased_moving_variance = False  # torch's convention, set by convert_sync
+        fused = False if self.synchronized else fused
         self.axis: list[int] | int = check_axis_type(axis) if not isinstance(axis, int) else axis
         self.momentum = check_fraction(momentum, "momentum")
         self.epsilon = check_positive(epsilon, "epsilon")
@@ -331,11 +341,13 @@ class BatchNormalization(nn.Module):
         options = BatchNormOptions(
             momentum=self.momentum,
             epsilon=self.epsilon,
-            unbiased_moving_variance=bool(self.fused),
+            unbiased_moving_variance=bool(self.fused) or self._unbiased_moving_variance,
             renorm_clipping=self.renorm_clipping,
             renorm_momentum=self.renorm_momentum,
             virtual_batch_size=self.virtual_batch_size,
             adjustment=self.adjustment,
+            synchronized=self.synchronized,
+            process_group=self.process_group,
         )
         assert self._axes is not None
         y, updated = batch_norm_step(

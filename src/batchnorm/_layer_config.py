@@ -35,6 +35,7 @@ _INIT_KEYS = {
     "virtual_batch_size",
     "dtype",
     "name",
+    "synchronized",
 }
 # Keys Keras writes that carry nothing this layer needs.
 _IGNORED_KERAS_KEYS = {
@@ -71,6 +72,8 @@ def layer_config(layer: BatchNormalization) -> dict[str, Any]:
         config["renorm_momentum"] = layer.renorm_momentum
     if layer.virtual_batch_size is not None:
         config["virtual_batch_size"] = layer.virtual_batch_size
+    if layer.synchronized:
+        config["synchronized"] = True
     if layer._fused_argument is not None:
         config["fused"] = layer._fused_argument
     if layer.built:
@@ -88,11 +91,6 @@ def layer_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if "config" in config and "class_name" in config:
         config = config["config"]
     kwargs = {key: value for key, value in config.items() if key not in _IGNORED_KERAS_KEYS}
-    if kwargs.pop("synchronized", False):
-        raise ValueError(
-            "`synchronized=True` is not supported by BatchNormalization yet. "
-            "Received: config with synchronized=True"
-        )
     unknown = sorted(set(kwargs) - _INIT_KEYS)
     if unknown:
         raise ValueError(

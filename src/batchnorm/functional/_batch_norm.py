@@ -13,6 +13,11 @@ import torch.utils._pytree as pytree
 from batchnorm.functional._backend import backend_for
 from batchnorm.functional._moving_average import moving_average_update
 from batchnorm.functional._renorm import renorm_correction
+from batchnorm.functional._synchronized import (
+    resolve_process_group,
+    synchronized_moments,
+    synchronized_normalize,
+)
 from batchnorm.functional._torch_ops import TORCH_OPS
 from batchnorm.functional._validation import (
     check_floating_input,
@@ -116,6 +121,8 @@ def batch_norm(
     virtual_batch_size: int | None = None,
     adjustment: Adjustment | None = None,
     mask: torch.Tensor | None = None,
+    synchronized: bool = False,
+    process_group: Any = None,
 ) -> tuple[torch.Tensor, BatchNormStatistics]:
     """One batch-norm call without side effects: returns ``(y, new_statistics)``.
 
@@ -136,7 +143,9 @@ def batch_norm(
     (ghost batches ``{j, j + B/v, ...}``, one moving update with the mean of the ghost statistics);
     ``adjustment(x.shape) -> (a, b)`` making the training scale ``a * gamma`` and offset
     ``b * gamma + beta``; ``mask`` (shape of ``x`` without the channel axes) for weighted moments.
-    An empty batch updates nothing.
+    An empty batch updates nothing. ``synchronized=True`` computes the training statistics over
+    the global batch of ``process_group`` (default: torch.distributed's WORLD; no communication
+    without an initialised group); see :mod:`batchnorm.functional._synchronized`.
 
     Args:
         x: input, any floating dtype; float16/bfloat16 are computed in float32.
@@ -170,6 +179,8 @@ def batch_norm(
         renorm_momentum=check_fraction(renorm_momentum, "renorm_momentum"),
         virtual_batch_size=check_virtual_batch_size(virtual_batch_size),
         adjustment=adjustment,
+        synchronized=bool(synchronized),
+        process_group=process_group,
     )
     return batch_norm_step(
         x, statistics, gamma, beta, normalize_axes(axis, x.ndim), options, training, mask
@@ -187,6 +198,8 @@ class BatchNormOptions:
     renorm_momentum: float = 0.99
     virtual_batch_size: int | None = None
     adjustment: Adjustment | None = None
+    synchronized: bool = False
+    process_group: Any = None
 
 
 def batch_norm_step(
@@ -274,7 +287,13 @@ def batch_norm_step(
         )
 
     ghost_batches = 1 if virtual_batch_size is None else x.shape[0] // virtual_batch_size
-    moments = backend.batch_moments(x, axes, weights, ghost_batches)
+    group = resolve_process_group(options.process_group) if options.synchronized else None
+    empty = math.prod(x.shape) == 0
+    if group is not None:
+        moments, any_elements = synchronized_moments(x, axes, weights, ghost_batches, backend, group)
+        ghost_batches, empty = moments.mean.shape[0], not any_elements
+    else:
+        moments = backend.batch_moments(x, axes, weights, ghost_batches)
     # Ghost batches update the moving statistics once, with the mean of their statistics.
     batch_mean = moments.mean.detach().mean(dim=0).to(compute_dtype)
     batch_variance = moments.variance.detach().mean(dim=0).to(compute_dtype)
@@ -290,10 +309,15 @@ def batch_norm_step(
             options.renorm_clipping,
         )
         scale, offset = _compose(correction.r, correction.d, scale, offset)
-    y_train = backend.normalize_batch(
-        x, axes, moments, scale, offset, epsilon, weights, ghost_batches
-    )
-    if math.prod(x.shape) == 0:
+    if group is not None:
+        y_train = synchronized_normalize(
+            x, axes, moments, scale, offset, epsilon, weights, ghost_batches, group
+        )
+    else:
+        y_train = backend.normalize_batch(
+            x, axes, moments, scale, offset, epsilon, weights, ghost_batches
+        )
+    if empty:
         new_statistics = statistics
     if training is True:
         return y_train.to(x.dtype), new_statistics

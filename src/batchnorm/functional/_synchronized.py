@@ -1,0 +1,307 @@
+"""Synchronized batch norm: global batch statistics over a torch.distributed process group.
+
+Each rank computes, per ghost batch and channel, its count ``n_r`` (sum of weights), mean and
+centred sum of squares ``M2_r``; one ``all_gather`` shares them and every rank combines them with
+the parallel variance formula (Chan, Golub and LeVeque 1979),
+
+.. math::
+    N = \\sum_r n_r, \\quad \\mu = \\frac{1}{N} \\sum_r n_r \\mu_r, \\quad
+    \\sigma^2 = \\frac{1}{N} \\sum_r \\left( M2_r + n_r (\\mu_r - \\mu)^2 \\right),
+
+which is exact for uneven batches and for ranks with an empty batch (``n_r = 0``), and keeps the
+accuracy of centred sums. Every rank combines the same gathered tensor in the same order, so the
+global statistics (and so the moving statistics) are bitwise identical on every rank.
+
+The backward all-reduces the two per-channel sums ``sum(g)`` and ``sum(g * xhat)`` (``g = dy *
+scale``), so the input gradient is that of one process running the concatenated batch:
+
+.. math::
+    \\frac{\\partial L}{\\partial x_i} = \\frac{1}{\\sqrt{\\sigma^2 + \\epsilon}} \\left( g_i -
+    \\frac{w_i}{N} \\left( \\sum_j g_j + \\hat{x}_i \\sum_j g_j \\hat{x}_j \\right) \\right)
+
+with the sums over the global batch. Gradients of scale and offset stay local (DDP reduces them).
+
+Ghost batches: global ghost batch ``j`` is the union of every rank's ghost batch ``j``, as
+tf-keras' synchronized layer sums per-replica ghost statistics; so every rank with a non-empty
+batch must hold the same number of ghost batches (``local batch / virtual_batch_size``).
+
+Before the statistics, a small ``all_gather`` of each rank's channel shape and ghost-batch count
+makes disagreements between ranks an error on every rank instead of a hang or garbage.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from batchnorm.functional._backend import BatchNormBackend, Moments
+from batchnorm.functional._torch_ops import TorchOpsBackend, divide_no_nan
+
+# Per rank: channel-shape rank, channel count, shape code, ghost batches, element count.
+_HEADER_SIZE = 5
+
+
+def check_synchronized(synchronized: Any, process_group: Any, fused: Any) -> tuple[bool, Any]:
+    """Validate a layer's ``synchronized`` / ``process_group`` arguments (tf-keras' rules)."""
+    if not isinstance(synchronized, bool):
+        raise TypeError(
+            f"`synchronized` must be True or False. Received: synchronized={synchronized!r}"
+        )
+    if synchronized and fused is True:
+        raise ValueError(
+            "`fused=True` is not supported when `synchronized=True`. "
+            f"Received: fused={fused!r}, synchronized={synchronized!r}"
+        )
+    if process_group is not None and not synchronized:
+        raise ValueError(
+            "`process_group` is only used with `synchronized=True`. "
+            f"Received: process_group={process_group!r}, synchronized={synchronized!r}"
+        )
+    if _is_non_member(process_group):
+        raise ValueError(
+            "This process is not a member of `process_group` (torch.distributed.new_group "
+            "returns GroupMember.NON_GROUP_MEMBER on ranks outside the group). "
+            f"Received: process_group={process_group!r}"
+        )
+    if process_group is not None and not (
+        dist.is_available() and isinstance(process_group, dist.ProcessGroup)
+    ):
+        raise TypeError(
+            "`process_group` must be a torch.distributed.ProcessGroup or None. "
+            f"Received: process_group={process_group!r}"
+        )
+    return synchronized, process_group
+
+
+def _is_non_member(process_group: Any) -> bool:
+    return (
+        dist.is_available()
+        and isinstance(process_group, int)
+        and process_group == dist.GroupMember.NON_GROUP_MEMBER
+    )
+
+
+def resolve_process_group(process_group: Any) -> Any:
+    """The group to synchronize over, or None when there is nothing to synchronize.
+
+    ``None`` means the default group (WORLD) when torch.distributed is initialised, and no
+    synchronization otherwise; a group of one rank needs no communication either.
+    """
+    initialized = dist.is_available() and dist.is_initialized()
+    if not initialized:
+        if process_group is not None:
+            raise RuntimeError(
+                "Synchronized batch norm was given a `process_group` but torch.distributed is "
+                "not initialised: call torch.distributed.init_process_group first (torchrun sets "
+                f"up its environment). Received: process_group={process_group!r}"
+            )
+        return None
+    group = dist.group.WORLD if process_group is None else process_group
+    if _is_non_member(group) or dist.get_rank(group) < 0:
+        raise ValueError(
+            "This process is not a member of the `process_group` given to synchronized batch "
+            f"norm (global rank {dist.get_rank()}). Received: process_group={process_group!r}"
+        )
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _collective_error(operation: str, group: Any, error: Exception) -> RuntimeError:
+    timeout = _group_timeout(group)
+    return RuntimeError(
+        f"Synchronized batch norm: {operation} over a process group of "
+        f"{dist.get_world_size(group)} ranks failed (this is rank {dist.get_rank(group)}"
+        f"{timeout}). Every rank must call the layer in training mode the same number of times, "
+        "and run backward through it when any rank does; a rank that stopped, crashed or fell "
+        f"behind makes the others fail here. Cause: {error}"
+    )
+
+
+def _group_timeout(group: Any) -> str:
+    try:
+        options = group._get_backend(torch.device("cpu")).options
+        return f", timeout {options._timeout.total_seconds():g} s"
+    except (AttributeError, RuntimeError):
+        return ""
+
+
+def _all_gather(tensor: torch.Tensor, group: Any, what: str) -> torch.Tensor:
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    try:
+        dist.all_gather(gathered, tensor, group=group)
+    except RuntimeError as error:
+        raise _collective_error(f"all_gather of {what}", group, error) from error
+    return torch.stack(gathered)
+
+
+def _shape_code(shape: tuple[int, ...]) -> int:
+    code = 0
+    for size in shape:
+        code = (code * 1_000_003 + size + 1) % (2**61 - 1)
+    return code
+
+
+def agree_on_layout(
+    x: torch.Tensor, channel_shape: tuple[int, ...], ghost_batches: int, group: Any
+) -> tuple[int, bool]:
+    """Check the ranks agree on channels and ghost batches; return (ghost batches, any elements).
+
+    A rank with an empty batch takes the ghost-batch count of the others.
+    """
+    local = [len(channel_shape), math.prod(channel_shape), _shape_code(channel_shape)]
+    header = torch.tensor([*local, ghost_batches, x.numel()], dtype=torch.int64, device=x.device)
+    table = _all_gather(header, group, "the channel shapes").cpu().tolist()
+    if any(row[:3] != table[0][:3] for row in table):
+        described = ", ".join(f"rank {r}: {row[1]} channels" for r, row in enumerate(table))
+        raise ValueError(
+            "Synchronized batch norm needs the same channel shape on every rank of the process "
+            f"group. Received: {described} (this rank: channel shape {channel_shape})"
+        )
+    counts = {row[3] for row in table if row[4] > 0}
+    if len(counts) > 1:
+        described = ", ".join(f"rank {r}: {row[3]}" for r, row in enumerate(table) if row[4] > 0)
+        raise ValueError(
+            "With `virtual_batch_size`, every rank with a non-empty batch must hold the same "
+            "number of ghost batches (global ghost batch j is the union of the ranks' ghost "
+            f"batches j). Received ghost batches per rank: {described}"
+        )
+    agreed = counts.pop() if counts else max(ghost_batches, 1)
+    return agreed, any(row[4] > 0 for row in table)
+
+
+def synchronized_moments(
+    x: torch.Tensor,
+    axes: tuple[int, ...],
+    weights: torch.Tensor | None,
+    ghost_batches: int,
+    backend: BatchNormBackend,
+    group: Any,
+) -> tuple[Moments, bool]:
+    """Global per-ghost-batch mean, biased variance and total weight (detached), by Chan's formula.
+
+    Returns the moments, each of shape ``(ghost_batches, *channel_shape)`` and identical on every
+    rank of ``group`` (``ghost_batches`` as agreed, see :func:`agree_on_layout`), and whether the
+    global batch has any element.
+    """
+    channel_shape = tuple(x.shape[a] for a in axes)
+    ghost_batches, any_elements = agree_on_layout(x, channel_shape, ghost_batches, group)
+    with torch.no_grad():
+        local = backend.batch_moments(x.detach(), axes, weights, ghost_batches)
+        count = local.total_weight.to(torch.float64)
+        mean = local.mean.to(torch.float64)
+        squares = local.variance.to(torch.float64) * count
+        packed = torch.stack([count, mean, squares]).reshape(3, ghost_batches, -1)
+        gathered = _all_gather(packed, group, "the batch statistics")
+        counts, means, squares = gathered.unbind(dim=1)
+        total = counts.sum(dim=0)
+        global_mean = divide_no_nan((counts * means).sum(dim=0), total)
+        spread = squares + counts * (means - global_mean).square()
+        global_variance = divide_no_nan(spread.sum(dim=0), total)
+    shape = (ghost_batches, *channel_shape)
+    moments = Moments(
+        global_mean.reshape(shape), global_variance.reshape(shape), total.reshape(shape)
+    )
+    return moments, any_elements
+
+
+class _SynchronizedNormalize(torch.autograd.Function):
+    """``y = xhat * scale + offset`` with global statistics; backward all-reduces two sums."""
+
+    @staticmethod
+    def forward(  # type: ignore[no-untyped-def, override]
+        ctx, x, mean, variance, total_weight, scale, offset, weights, epsilon, view, reduce_dims, group
+    ):
+        inv = torch.rsqrt(variance.reshape(view) + epsilon).to(x.dtype)
+        centred_mean = mean.reshape(view).to(x.dtype)
+        xhat = (x - centred_mean) * inv
+        y = xhat if scale is None else xhat * scale
+        y = y if offset is None else y + offset
+        ctx.save_for_backward(x, centred_mean, inv, total_weight.reshape(view), scale, weights)
+        ctx.offset_shape = None if offset is None else offset.shape
+        ctx.group, ctx.reduce_dims = group, reduce_dims
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[no-untyped-def, override]
+        x, mean, inv, total_weight, scale, weights = ctx.saved_tensors
+        xhat = (x - mean) * inv
+        dx = dscale = doffset = None
+        if ctx.needs_input_grad[0]:
+            g = dy if scale is None else dy * scale
+            reduce_dims = ctx.reduce_dims
+            gs, gx = g, g * xhat
+            if reduce_dims:
+                gs = gs.sum(dim=reduce_dims, keepdim=True, dtype=torch.float64)
+                gx = gx.sum(dim=reduce_dims, keepdim=True, dtype=torch.float64)
+            sums = torch.stack([gs.to(torch.float64), gx.to(torch.float64)])
+            try:
+                dist.all_reduce(sums, group=ctx.group)
+            except RuntimeError as error:
+                raise _collective_error("all_reduce of the gradient sums", ctx.group, error) from error
+            share = divide_no_nan(
+                torch.ones_like(total_weight) if weights is None else weights.to(total_weight),
+                total_weight,
+            )
+            correction = share * (sums[0] + xhat.to(torch.float64) * sums[1])
+            dx = inv * (g - correction.to(g.dtype))
+        if scale is not None and ctx.needs_input_grad[4]:
+            dscale = (dy * xhat).sum_to_size(scale.shape)
+        if ctx.offset_shape is not None and ctx.needs_input_grad[5]:
+            doffset = dy.sum_to_size(ctx.offset_shape)
+        return dx, None, None, None, dscale, doffset, None, None, None, None, None
+
+
+def synchronized_normalize(
+    x: torch.Tensor,
+    axes: tuple[int, ...],
+    moments: Moments,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    epsilon: float,
+    weights: torch.Tensor | None,
+    ghost_batches: int,
+    group: Any,
+) -> torch.Tensor:
+    """``(x - mean) * rsqrt(variance + epsilon) * scale + offset`` with the global ``moments``.
+
+    Its gradient treats the moments as functions of the global batch (see the module docstring).
+    ``scale`` / ``offset`` are per channel, or broadcastable to ``x`` without ghost batches.
+    """
+    compute = x.to(torch.promote_types(x.dtype, torch.float32))
+    grouped, reduce_dims, view = TorchOpsBackend._grouped(compute, axes, ghost_batches)
+    parameter_view = view if ghost_batches == 1 else [1, 1, *view[2:]]
+    channels = moments.mean[0].numel()
+    grouped_weights = None
+    if weights is not None:
+        grouped_weights = weights.detach().to(compute.dtype)
+        if ghost_batches > 1:
+            grouped_weights = grouped_weights.reshape(-1, ghost_batches, *weights.shape[1:])
+    y = _SynchronizedNormalize.apply(  # type: ignore[no-untyped-call]
+        grouped,
+        moments.mean,
+        moments.variance,
+        moments.total_weight,
+        TorchOpsBackend._parameter(scale, parameter_view, channels),
+        TorchOpsBackend._parameter(offset, parameter_view, channels),
+        grouped_weights,
+        epsilon,
+        view,
+        reduce_dims,
+        group,
+    )
+    result: torch.Tensor = y.reshape(x.shape)
+    return result
+
+
+def communicated_bytes(channels: int, ghost_batches: int = 1, world_size: int = 2) -> dict[str, int]:
+    """Bytes each rank sends per training step (forward + backward) for ``channels`` channels."""
+    header = _HEADER_SIZE * 8
+    statistics = 3 * ghost_batches * channels * 8
+    gradients = 2 * ghost_batches * channels * 8
+    return {
+        "forward_sent": header + statistics,
+        "forward_received": (world_size - 1) * (header + statistics),
+        "backward_all_reduce": gradients,
+    }

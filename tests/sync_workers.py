@@ -1,0 +1,292 @@
+"""Code run inside the gloo processes spawned by test_synchronized.py, and the scenarios they share.
+
+Each scenario is generated from a seed, so the test process rebuilds the concatenated batch and
+runs it through the unsynchronized layer (or torch.nn) as the oracle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import batchnorm
+from batchnorm import BatchNormalization, BatchNormStatistics
+from batchnorm.functional import batch_norm
+
+# name -> (per-rank batch sizes by world size, layer kwargs, input trailing shape, mask?)
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "even": {"sizes": {2: [4, 4], 3: [3, 3, 3]}, "kwargs": {"axis": -1}, "shape": (5,)},
+    "uneven_nchw": {
+        "sizes": {2: [5, 2], 3: [1, 4, 2]},
+        "kwargs": {"axis": 1},
+        "shape": (3, 4, 2),
+    },
+    "empty": {"sizes": {2: [6, 0], 3: [3, 0, 4]}, "kwargs": {"axis": 1}, "shape": (3, 2)},
+    "ghost": {
+        "sizes": {2: [4, 6], 3: [4, 0, 2]},
+        "kwargs": {"axis": -1},
+        "shape": (3,),
+        "ghost_batches": 2,
+    },
+    "mask": {"sizes": {2: [3, 4], 3: [2, 0, 5]}, "kwargs": {"axis": 1}, "shape": (2, 6), "mask": True},
+    "renorm": {
+        "sizes": {2: [5, 3], 3: [2, 3, 4]},
+        "kwargs": {
+            "axis": -1,
+            "renorm": True,
+            "renorm_clipping": {"rmin": 0.8, "rmax": 1.25, "dmax": 0.1},
+            "renorm_momentum": 0.9,
+        },
+        "shape": (4,),
+    },
+    "multi_axis": {
+        "sizes": {2: [2, 3], 3: [2, 2, 1]},
+        "kwargs": {"axis": [1, 3]},
+        "shape": (2, 3, 3),
+    },
+}
+STEPS = 2
+MOMENTUM = 0.8
+
+
+def scenario_data(name: str, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Per-step inputs and cotangents for every rank, and the per-rank ghost-batch sizes."""
+    spec = SCENARIOS[name]
+    sizes = spec["sizes"][world_size]
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{name}{world_size}".encode()))
+    steps = []
+    for step in range(STEPS):
+        total = sum(sizes)
+        x = torch.randn(total, *spec["shape"], generator=generator, dtype=dtype) * 2 + step + 1
+        cotangent = torch.randn(x.shape, generator=generator, dtype=dtype)
+        mask = None
+        if spec.get("mask"):
+            axes = batchnorm.functional._validation.normalize_axes(spec["kwargs"]["axis"], x.ndim)
+            mask_shape = [size for i, size in enumerate(x.shape) if i not in axes]
+            mask = (torch.rand(mask_shape, generator=generator) > 0.4).to(dtype)
+        steps.append({"x": x, "cotangent": cotangent, "mask": mask})
+    ghosts = spec.get("ghost_batches")
+    virtual = None if ghosts is None else [max(size // ghosts, 1) for size in sizes]
+    return {"sizes": sizes, "steps": steps, "virtual_batch_sizes": virtual, "ghosts": ghosts}
+
+
+def make_layer(name: str, dtype: torch.dtype, virtual_batch_size: int | None, **extra: Any):
+    kwargs = dict(SCENARIOS[name]["kwargs"])
+    kwargs.update(momentum=MOMENTUM, epsilon=1e-3, dtype=str(dtype).removeprefix("torch."))
+    kwargs.update(virtual_batch_size=virtual_batch_size, fused=False)
+    torch.manual_seed(0)
+    layer = BatchNormalization(**kwargs, **extra)
+    with torch.no_grad():
+        x = torch.zeros(4, *SCENARIOS[name]["shape"], dtype=dtype)
+        layer.build(x.shape)
+        layer.gamma.copy_(torch.linspace(0.5, 1.5, layer.gamma.numel()).reshape(layer.gamma.shape))
+        layer.beta.copy_(torch.linspace(-1, 1, layer.beta.numel()).reshape(layer.beta.shape))
+    return layer
+
+
+def run_scenario(layer: nn.Module, steps: list[dict[str, Any]], rows: slice) -> dict[str, Any]:
+    """Two training steps (gradients of the first), then an inference call; all on ``rows``."""
+    result: dict[str, Any] = {}
+    for index, step in enumerate(steps):
+        x = step["x"][rows].clone().requires_grad_(True)
+        mask = None if step["mask"] is None else step["mask"][rows]
+        y = layer(x, training=True, mask=mask) if mask is not None else layer(x, training=True)
+        if index == 0:
+            (y * step["cotangent"][rows]).sum().backward()
+            result["y"] = y.detach()
+            result["x_grad"] = x.grad
+            result["gamma_grad"] = layer.gamma.grad.clone()
+            result["beta_grad"] = layer.beta.grad.clone()
+    result["statistics"] = {k: v.clone() for k, v in layer.state_dict().items() if "moving" in k or "renorm" in k}
+    result["inference"] = layer(steps[0]["x"][rows], training=False).detach()
+    return result
+
+
+class CollectiveCounter:
+    """Counts the collectives torch.distributed runs (to prove inference communicates nothing)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        for name in ("all_gather", "all_reduce"):
+            original = getattr(dist, name)
+            setattr(dist, name, self._wrap(name, original))
+
+    def _wrap(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return original(*args, **kwargs)
+
+        return counted
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn(worker: Callable[..., None], world_size: int, directory: Path, *args: Any) -> None:
+    """Run ``worker(rank, world_size, directory, *args)`` in ``world_size`` gloo processes."""
+    port = free_port()
+    mp.start_processes(
+        _entry,
+        args=(worker, world_size, port, directory, args),
+        nprocs=world_size,
+        join=True,
+        start_method="spawn",
+    )
+
+
+def _entry(rank: int, worker: Callable[..., None], world_size: int, port: int, directory: Path, args: tuple) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        worker(rank, world_size, directory, *args)
+    except Exception:
+        (directory / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def layer_worker(rank: int, world_size: int, directory: Path, dtype: torch.dtype) -> None:
+    """Every scenario through a synchronized layer; results to ``rank{r}.pt``."""
+    counter = CollectiveCounter()
+    results: dict[str, Any] = {}
+    for name in SCENARIOS:
+        data = scenario_data(name, world_size, dtype)
+        sizes = data["sizes"]
+        start = sum(sizes[:rank])
+        virtual = None if data["virtual_batch_sizes"] is None else data["virtual_batch_sizes"][rank]
+        layer = make_layer(name, dtype, virtual, synchronized=True)
+        counter.calls.clear()
+        result = run_scenario(layer, data["steps"], slice(start, start + sizes[rank]))
+        result["collectives"] = list(counter.calls)
+        results[name] = result
+    # A torch model converted with convert_sync, against torch.nn.BatchNorm2d on the full batch.
+    converted = batchnorm.convert_sync(torch_batch_norm(dtype))
+    data = scenario_data("uneven_nchw", world_size, dtype)
+    sizes = data["sizes"]
+    start = sum(sizes[:rank])
+    results["torch_converted"] = run_scenario(converted, data["steps"], slice(start, start + sizes[rank]))
+    torch.save(results, directory / f"rank{rank}.pt")
+
+
+def torch_batch_norm(dtype: torch.dtype) -> nn.BatchNorm2d:
+    module = nn.BatchNorm2d(3, momentum=0.3, eps=1e-4).to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor([0.5, 1.0, 1.5]))
+        module.bias.copy_(torch.tensor([-1.0, 0.0, 1.0]))
+        module.running_var.fill_(2.0)
+    return module
+
+
+def error_worker(rank: int, world_size: int, directory: Path) -> None:
+    """Error paths: each must raise on every rank, and leave the group usable."""
+    messages: dict[str, str] = {}
+
+    def attempt(name: str, call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except (ValueError, RuntimeError) as error:
+            messages[name] = f"{type(error).__name__}: {error}"
+        else:
+            messages[name] = "no error"
+
+    channels = 3 if rank == 0 else 4
+    layer = BatchNormalization(channels, synchronized=True)
+    attempt("channels", lambda: layer(torch.randn(4, channels), training=True))
+    state_after = layer.moving_mean.clone()
+    messages["channels_state_unchanged"] = str(bool(torch.equal(state_after, torch.zeros(channels))))
+    ghost_layer = BatchNormalization(3, synchronized=True, virtual_batch_size=2)
+    attempt("ghosts", lambda: ghost_layer(torch.randn(4 + 2 * rank, 3), training=True))
+    # The group still works after the errors above.
+    good = BatchNormalization(3, synchronized=True)
+    attempt("recovered", lambda: good(torch.randn(4, 3), training=True))
+    # A group of one behaves exactly as the unsynchronized layer; a non-member is refused.
+    solo = dist.new_group([0])
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(rank))
+    statistics = BatchNormStatistics(torch.zeros(3), torch.ones(3))
+    if rank == 0:
+        alone = BatchNormalization(3, synchronized=True, process_group=solo)
+        local = BatchNormalization(3, fused=False)
+        same = torch.equal(alone(x, training=True), local(x, training=True))
+        same = same and torch.equal(alone.moving_variance, local.moving_variance)
+        messages["group_of_one_equal"] = str(same)
+    else:
+        attempt("non_member", lambda: BatchNormalization(3, synchronized=True, process_group=solo))
+        attempt(
+            "non_member_functional",
+            lambda: batch_norm(x, statistics, training=True, synchronized=True, process_group=solo),
+        )
+    # A rank that never joins the collective: the other one times out with a clear error.
+    short = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=2))
+    if rank == 0:
+        waiting = BatchNormalization(3, synchronized=True, process_group=short)
+        attempt("timeout", lambda: waiting(torch.randn(4, 3), training=True))
+    dist.barrier()
+    dist.destroy_process_group()
+    # A specific group asked for after torch.distributed is shut down.
+    stale = BatchNormalization(3, synchronized=True, process_group=short)
+    attempt("not_initialized", lambda: stale(torch.randn(4, 3), training=True))
+    torch.save(messages, directory / f"errors{rank}.pt")
+
+
+class SmallCnn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4, momentum=0.2)
+        self.head = nn.Linear(4 * 5 * 5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+def cnn_data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(7)
+    return [
+        (
+            torch.randn(8, 3, 5, 5, generator=generator, dtype=torch.float64),
+            torch.randn(8, 2, generator=generator, dtype=torch.float64),
+        )
+        for _ in range(steps)
+    ]
+
+
+def cnn_model() -> SmallCnn:
+    torch.manual_seed(3)
+    return SmallCnn().double()
+
+
+def ddp_worker(rank: int, world_size: int, directory: Path, steps: int) -> None:
+    """The small CNN, converted, under DistributedDataParallel; final weights to ``ddp{r}.pt``."""
+    model = nn.parallel.DistributedDataParallel(batchnorm.convert_sync(cnn_model()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    share = 8 // world_size
+    for x, target in cnn_data(steps):
+        rows = slice(rank * share, (rank + 1) * share)
+        loss = nn.functional.mse_loss(model(x[rows]), target[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(model.module.state_dict(), directory / f"ddp{rank}.pt")

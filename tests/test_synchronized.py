@@ -1,0 +1,217 @@
+"""Synchronized batch norm over gloo processes against one process running the concatenated batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm import BatchNormalization, BatchNormStatistics, SyncBatchNormalization
+from batchnorm.functional import batch_norm
+from tests import sync_workers
+from tests.sync_workers import SCENARIOS, make_layer, run_scenario, scenario_data, spawn
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
+
+
+def _rank_results(directory, prefix, world_size):
+    return [torch.load(directory / f"{prefix}{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _close(actual, expected, dtype, what):
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance, msg=what)
+
+
+def _check_against_reference(ranks, reference, dtype, name, gamma_key="gamma_grad"):
+    _close(torch.cat([r["y"] for r in ranks]), reference["y"], dtype, f"{name}: y")
+    _close(torch.cat([r["x_grad"] for r in ranks]), reference["x_grad"], dtype, f"{name}: dx")
+    # gamma/beta gradients are local per rank; DDP sums (averages) them like this.
+    _close(sum(r["gamma_grad"] for r in ranks), reference[gamma_key], dtype, f"{name}: dgamma")
+    _close(sum(r["beta_grad"] for r in ranks), reference["beta_grad"], dtype, f"{name}: dbeta")
+    for key, value in reference["statistics"].items():
+        _close(ranks[0]["statistics"][key], value, dtype, f"{name}: {key}")
+        for other in ranks[1:]:
+            assert torch.equal(other["statistics"][key], ranks[0]["statistics"][key]), key
+    inference = torch.cat([r["inference"] for r in ranks])
+    _close(inference, reference["inference"], dtype, f"{name}: inference")
+
+
+def _torch_reference(steps, dtype):
+    module = sync_workers.torch_batch_norm(dtype)
+    result = {}
+    for index, step in enumerate(steps):
+        x = step["x"].clone().requires_grad_(True)
+        y = module(x)
+        if index == 0:
+            (y * step["cotangent"]).sum().backward()
+            result.update(y=y.detach(), x_grad=x.grad, gamma_grad=module.weight.grad.clone())
+            result["beta_grad"] = module.bias.grad.clone()
+    result["statistics"] = {
+        "moving_mean": module.running_mean.clone(),
+        "moving_variance": module.running_var.clone(),
+    }
+    result["inference"] = module.eval()(steps[0]["x"]).detach()
+    return result
+
+
+@pytest.mark.parametrize(
+    ("world_size", "dtype"), [(2, torch.float64), (3, torch.float64), (2, torch.float32)]
+)
+def test_synchronized_layer_equals_concatenated_batch(tmp_path, world_size, dtype):
+    spawn(sync_workers.layer_worker, world_size, tmp_path, dtype)
+    results = _rank_results(tmp_path, "rank", world_size)
+    for name in SCENARIOS:
+        data = scenario_data(name, world_size, dtype)
+        ghosts = data["ghosts"]
+        virtual = None if ghosts is None else sum(data["sizes"]) // ghosts
+        reference = run_scenario(make_layer(name, dtype, virtual), data["steps"], slice(None))
+        ranks = [results[r][name] for r in range(world_size)]
+        _check_against_reference(ranks, reference, dtype, name)
+        # Two training forwards (shapes, statistics), one backward, no inference traffic.
+        expected = ["all_gather", "all_gather", "all_reduce", "all_gather", "all_gather"]
+        assert all(r["collectives"] == expected for r in ranks), ranks[0]["collectives"]
+    data = scenario_data("uneven_nchw", world_size, dtype)
+    reference = _torch_reference(data["steps"], dtype)
+    ranks = [results[r]["torch_converted"] for r in range(world_size)]
+    _check_against_reference(ranks, reference, dtype, "convert_sync(BatchNorm2d)")
+
+
+def test_errors_raise_on_every_rank(tmp_path):
+    spawn(sync_workers.error_worker, 2, tmp_path)
+    first, second = _rank_results(tmp_path, "errors", 2)
+    for messages in (first, second):
+        assert "same channel shape on every rank" in messages["channels"]
+        assert "rank 0: 3 channels, rank 1: 4 channels" in messages["channels"]
+        assert messages["channels_state_unchanged"] == "True"
+        assert "same number of ghost batches" in messages["ghosts"]
+        assert "rank 0: 2, rank 1: 3" in messages["ghosts"]
+        assert messages["recovered"] == "no error"
+        assert messages["not_initialized"].startswith("RuntimeError: ")
+        assert "torch.distributed is not initialised" in messages["not_initialized"]
+    assert first["group_of_one_equal"] == "True"
+    assert "not a member of `process_group`" in second["non_member"]
+    assert "not a member of the `process_group`" in second["non_member_functional"]
+    assert first["timeout"].startswith("RuntimeError: Synchronized batch norm: all_gather")
+    assert "timeout 2 s" in first["timeout"]
+
+
+def test_ddp_cnn_matches_single_process_training(tmp_path):
+    steps = 3
+    spawn(sync_workers.ddp_worker, 2, tmp_path, steps)
+    model = sync_workers.cnn_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, target in sync_workers.cnn_data(steps):
+        loss = nn.functional.mse_loss(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    expected = model.state_dict()
+    renamed = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean"}
+    renamed["running_var"] = "moving_variance"
+    for state in _rank_results(tmp_path, "ddp", 2):
+        for key, value in expected.items():
+            if key.endswith("num_batches_tracked"):
+                continue
+            module, _, leaf = key.rpartition(".")
+            ours = f"{module}.{renamed[leaf]}" if module == "norm" else key
+            torch.testing.assert_close(state[ours], value, rtol=1e-9, atol=1e-9, msg=key)
+
+
+def test_without_process_group_behaves_as_unsynchronized():
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    mask = (torch.rand(6, 3, 3) > 0.3).double()
+    synchronized = SyncBatchNormalization(4, axis=1, dtype="float64", momentum=0.5)
+    plain = BatchNormalization(4, axis=1, dtype="float64", momentum=0.5, fused=False)
+    for call in (
+        lambda layer: layer(x, training=True),
+        lambda layer: layer(x, training=True, mask=mask),
+        lambda layer: layer(x, training=False),
+    ):
+        assert torch.equal(call(synchronized), call(plain))
+        assert torch.equal(synchronized.moving_variance, plain.moving_variance)
+    assert synchronized.fused is False
+
+
+def test_configs_and_arguments():
+    layer = BatchNormalization(3, synchronized=True)
+    config = layer.get_config()
+    assert config["synchronized"] is True
+    assert "synchronized" not in BatchNormalization(3).get_config()
+    rebuilt = BatchNormalization.from_config(config)
+    assert rebuilt.synchronized and rebuilt.fused is False
+    assert SyncBatchNormalization.from_config(config).synchronized
+    keras_config = {"name": "bn", "axis": -1, "synchronized": True, "fused": None}
+    assert BatchNormalization.from_config(keras_config).synchronized
+    with pytest.raises(ValueError, match=r"`fused=True` is not supported when `synchronized=True`"):
+        BatchNormalization(synchronized=True, fused=True)
+    with pytest.raises(TypeError, match=r"`synchronized` must be True or False. Received: synchronized='yes'"):
+        BatchNormalization(synchronized="yes")
+    with pytest.raises(ValueError, match=r"`process_group` is only used with `synchronized=True`"):
+        BatchNormalization(process_group=object())
+    with pytest.raises(TypeError, match=r"`process_group` must be a torch.distributed.ProcessGroup"):
+        SyncBatchNormalization(process_group="world")
+    with pytest.raises(ValueError, match=r"SyncBatchNormalization is always synchronized"):
+        SyncBatchNormalization(synchronized=False)
+
+
+def test_explicit_group_without_initialised_distributed_raises():
+    x = torch.randn(4, 3)
+    statistics = BatchNormStatistics(torch.zeros(3), torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"torch.distributed is not initialised"):
+        batch_norm(x, statistics, training=True, synchronized=True, process_group=object())
+    # Inference never communicates, so it needs no group.
+    y, _ = batch_norm(x, statistics, training=False, synchronized=True, process_group=object())
+    assert y.shape == x.shape
+
+
+def test_convert_sync_replaces_every_batch_norm():
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 1),
+        nn.BatchNorm1d(3, momentum=0.25, eps=1e-4),
+        nn.Sequential(nn.BatchNorm2d(3, affine=False).double()),
+        BatchNormalization(3, axis=1, fused=True),
+        nn.SyncBatchNorm(3),
+    )
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+        model[1].weight.fill_(2.0)
+    weight = model[1].weight
+    converted = batchnorm.convert_sync(model)
+    assert converted is model
+    first = model[1]
+    assert isinstance(first, SyncBatchNormalization)
+    assert first.momentum == pytest.approx(0.75) and first.epsilon == 1e-4 and first.axis == 1
+    assert torch.equal(first.gamma, weight) and torch.all(first.moving_mean == 0.5)
+    assert first._unbiased_moving_variance
+    inner = model[2][0]
+    assert isinstance(inner, SyncBatchNormalization) and not inner.center and not inner.scale
+    assert inner.moving_mean.dtype == torch.float64
+    assert model[3].synchronized and model[3].fused is False
+    assert isinstance(model[4], SyncBatchNormalization)
+    assert set(first.state_dict()) == {"gamma", "beta", "moving_mean", "moving_variance"}
+    assert isinstance(batchnorm.convert_sync(nn.BatchNorm3d(2)), SyncBatchNormalization)
+
+
+def test_convert_sync_keeps_torch_numerics_without_group():
+    torch.manual_seed(0)
+    reference = nn.BatchNorm2d(3, momentum=0.3, eps=1e-4).double()
+    converted = batchnorm.convert_sync(sync_workers.torch_batch_norm(torch.float64))
+    reference.load_state_dict(sync_workers.torch_batch_norm(torch.float64).state_dict())
+    for _ in range(2):
+        x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+        torch.testing.assert_close(converted(x), reference(x))
+    torch.testing.assert_close(converted.moving_variance, reference.running_var)
+    torch.testing.assert_close(converted.moving_mean, reference.running_mean)
+
+
+def test_convert_sync_errors():
+    with pytest.raises(NotImplementedError, match=r"use_global_stats=False.*track_running_stats=False"):
+        batchnorm.convert_sync(nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(NotImplementedError, match=r"moving_average='debiased'.*momentum=None"):
+        batchnorm.convert_sync(nn.Sequential(nn.BatchNorm1d(3, momentum=None)))
+    with pytest.raises(ValueError, match=r"run LazyBatchNorm2d once"):
+        batchnorm.convert_sync(nn.LazyBatchNorm2d())
+    with pytest.raises(TypeError, match=r"`process_group` must be a torch.distributed.ProcessGroup"):
+        batchnorm.convert_sync(nn.BatchNorm1d(3), process_group=3.5)
