@@ -39,7 +39,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "shape": (3,),
         "ghost_batches": 2,
     },
-    "mask": {"sizes": {2: [3, 4], 3: [2, 0, 5]}, "kwargs": {"axis": 1}, "shape": (2, 6), "mask": True},
+    "mask": {
+        "sizes": {2: [3, 4], 3: [2, 0, 5]},
+        "kwargs": {"axis": 1},
+        "shape": (2, 6),
+        "mask": True,
+    },
     "renorm": {
         "sizes": {2: [5, 3], 3: [2, 3, 4]},
         "kwargs": {
@@ -57,6 +62,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
 }
 STEPS = 2
+DDP_STEPS = 3
 MOMENTUM = 0.8
 
 
@@ -108,7 +114,9 @@ def run_scenario(layer: nn.Module, steps: list[dict[str, Any]], rows: slice) -> 
             result["x_grad"] = x.grad
             result["gamma_grad"] = layer.gamma.grad.clone()
             result["beta_grad"] = layer.beta.grad.clone()
-    result["statistics"] = {k: v.clone() for k, v in layer.state_dict().items() if "moving" in k or "renorm" in k}
+    result["statistics"] = {
+        k: v.clone() for k, v in layer.state_dict().items() if "moving" in k or "renorm" in k
+    }
     result["inference"] = layer(steps[0]["x"][rows], training=False).detach()
     return result
 
@@ -148,7 +156,9 @@ def spawn(worker: Callable[..., None], world_size: int, directory: Path, *args: 
     )
 
 
-def _entry(rank: int, worker: Callable[..., None], world_size: int, port: int, directory: Path, args: tuple) -> None:
+def _entry(
+    rank: int, worker: Callable[..., None], world_size: int, port: int, directory: Path, args: tuple
+) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -168,8 +178,24 @@ def _entry(rank: int, worker: Callable[..., None], world_size: int, port: int, d
             dist.destroy_process_group()
 
 
+def suite_worker(rank: int, world_size: int, directory: Path, tasks: list[str]) -> None:
+    """Run ``tasks`` in order in one set of processes (each spawn costs seconds of imports).
+
+    "layers-float64" / "layers-float32", "ddp" and "errors" (last: it shuts the group down).
+    """
+    for task in tasks:
+        if task.startswith("layers-"):
+            layer_worker(rank, world_size, directory, getattr(torch, task.removeprefix("layers-")))
+        elif task == "ddp":
+            ddp_worker(rank, world_size, directory, DDP_STEPS)
+        elif task == "errors":
+            error_worker(rank, world_size, directory)
+        if dist.is_initialized():
+            dist.barrier()
+
+
 def layer_worker(rank: int, world_size: int, directory: Path, dtype: torch.dtype) -> None:
-    """Every scenario through a synchronized layer; results to ``rank{r}.pt``."""
+    """Every scenario through a synchronized layer; results to ``<dtype>-rank{r}.pt``."""
     counter = CollectiveCounter()
     results: dict[str, Any] = {}
     for name in SCENARIOS:
@@ -187,8 +213,10 @@ def layer_worker(rank: int, world_size: int, directory: Path, dtype: torch.dtype
     data = scenario_data("uneven_nchw", world_size, dtype)
     sizes = data["sizes"]
     start = sum(sizes[:rank])
-    results["torch_converted"] = run_scenario(converted, data["steps"], slice(start, start + sizes[rank]))
-    torch.save(results, directory / f"rank{rank}.pt")
+    results["torch_converted"] = run_scenario(
+        converted, data["steps"], slice(start, start + sizes[rank])
+    )
+    torch.save(results, directory / f"{dtype}-rank{rank}.pt".removeprefix("torch."))
 
 
 def torch_batch_norm(dtype: torch.dtype) -> nn.BatchNorm2d:
@@ -216,7 +244,9 @@ def error_worker(rank: int, world_size: int, directory: Path) -> None:
     layer = BatchNormalization(channels, synchronized=True)
     attempt("channels", lambda: layer(torch.randn(4, channels), training=True))
     state_after = layer.moving_mean.clone()
-    messages["channels_state_unchanged"] = str(bool(torch.equal(state_after, torch.zeros(channels))))
+    messages["channels_state_unchanged"] = str(
+        bool(torch.equal(state_after, torch.zeros(channels)))
+    )
     ghost_layer = BatchNormalization(3, synchronized=True, virtual_batch_size=2)
     attempt("ghosts", lambda: ghost_layer(torch.randn(4 + 2 * rank, 3), training=True))
     # The group still works after the errors above.

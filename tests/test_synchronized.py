@@ -15,8 +15,26 @@ from tests.sync_workers import SCENARIOS, make_layer, run_scenario, scenario_dat
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One spawn of 2 gloo processes runs every 2-rank check; the tests below read its files."""
+    directory = tmp_path_factory.mktemp("two_ranks")
+    tasks = ["layers-float64", "layers-float32", "ddp", "errors"]
+    spawn(sync_workers.suite_worker, 2, directory, tasks)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("three_ranks")
+    spawn(sync_workers.suite_worker, 3, directory, ["layers-float64"])
+    return directory
+
+
 def _rank_results(directory, prefix, world_size):
-    return [torch.load(directory / f"{prefix}{r}.pt", weights_only=False) for r in range(world_size)]
+    return [
+        torch.load(directory / f"{prefix}{r}.pt", weights_only=False) for r in range(world_size)
+    ]
 
 
 def _close(actual, expected, dtype, what):
@@ -59,9 +77,10 @@ def _torch_reference(steps, dtype):
 @pytest.mark.parametrize(
     ("world_size", "dtype"), [(2, torch.float64), (3, torch.float64), (2, torch.float32)]
 )
-def test_synchronized_layer_equals_concatenated_batch(tmp_path, world_size, dtype):
-    spawn(sync_workers.layer_worker, world_size, tmp_path, dtype)
-    results = _rank_results(tmp_path, "rank", world_size)
+def test_synchronized_layer_equals_concatenated_batch(request, world_size, dtype):
+    directory = request.getfixturevalue("two_ranks" if world_size == 2 else "three_ranks")
+    prefix = f"{dtype}-rank".removeprefix("torch.")
+    results = _rank_results(directory, prefix, world_size)
     for name in SCENARIOS:
         data = scenario_data(name, world_size, dtype)
         ghosts = data["ghosts"]
@@ -78,9 +97,8 @@ def test_synchronized_layer_equals_concatenated_batch(tmp_path, world_size, dtyp
     _check_against_reference(ranks, reference, dtype, "convert_sync(BatchNorm2d)")
 
 
-def test_errors_raise_on_every_rank(tmp_path):
-    spawn(sync_workers.error_worker, 2, tmp_path)
-    first, second = _rank_results(tmp_path, "errors", 2)
+def test_errors_raise_on_every_rank(two_ranks):
+    first, second = _rank_results(two_ranks, "errors", 2)
     for messages in (first, second):
         assert "same channel shape on every rank" in messages["channels"]
         assert "rank 0: 3 channels, rank 1: 4 channels" in messages["channels"]
@@ -97,12 +115,10 @@ def test_errors_raise_on_every_rank(tmp_path):
     assert "timeout 2 s" in first["timeout"]
 
 
-def test_ddp_cnn_matches_single_process_training(tmp_path):
-    steps = 3
-    spawn(sync_workers.ddp_worker, 2, tmp_path, steps)
+def test_ddp_cnn_matches_single_process_training(two_ranks):
     model = sync_workers.cnn_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for x, target in sync_workers.cnn_data(steps):
+    for x, target in sync_workers.cnn_data(sync_workers.DDP_STEPS):
         loss = nn.functional.mse_loss(model(x), target)
         optimizer.zero_grad()
         loss.backward()
@@ -110,7 +126,7 @@ def test_ddp_cnn_matches_single_process_training(tmp_path):
     expected = model.state_dict()
     renamed = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean"}
     renamed["running_var"] = "moving_variance"
-    for state in _rank_results(tmp_path, "ddp", 2):
+    for state in _rank_results(two_ranks, "ddp", 2):
         for key, value in expected.items():
             if key.endswith("num_batches_tracked"):
                 continue
@@ -146,11 +162,15 @@ def test_configs_and_arguments():
     assert BatchNormalization.from_config(keras_config).synchronized
     with pytest.raises(ValueError, match=r"`fused=True` is not supported when `synchronized=True`"):
         BatchNormalization(synchronized=True, fused=True)
-    with pytest.raises(TypeError, match=r"`synchronized` must be True or False. Received: synchronized='yes'"):
+    with pytest.raises(
+        TypeError, match=r"`synchronized` must be True or False. Received: synchronized='yes'"
+    ):
         BatchNormalization(synchronized="yes")
     with pytest.raises(ValueError, match=r"`process_group` is only used with `synchronized=True`"):
         BatchNormalization(process_group=object())
-    with pytest.raises(TypeError, match=r"`process_group` must be a torch.distributed.ProcessGroup"):
+    with pytest.raises(
+        TypeError, match=r"`process_group` must be a torch.distributed.ProcessGroup"
+    ):
         SyncBatchNormalization(process_group="world")
     with pytest.raises(ValueError, match=r"SyncBatchNormalization is always synchronized"):
         SyncBatchNormalization(synchronized=False)
@@ -207,11 +227,15 @@ def test_convert_sync_keeps_torch_numerics_without_group():
 
 
 def test_convert_sync_errors():
-    with pytest.raises(NotImplementedError, match=r"use_global_stats=False.*track_running_stats=False"):
+    with pytest.raises(
+        NotImplementedError, match=r"use_global_stats=False.*track_running_stats=False"
+    ):
         batchnorm.convert_sync(nn.BatchNorm2d(3, track_running_stats=False))
     with pytest.raises(NotImplementedError, match=r"moving_average='debiased'.*momentum=None"):
         batchnorm.convert_sync(nn.Sequential(nn.BatchNorm1d(3, momentum=None)))
     with pytest.raises(ValueError, match=r"run LazyBatchNorm2d once"):
         batchnorm.convert_sync(nn.LazyBatchNorm2d())
-    with pytest.raises(TypeError, match=r"`process_group` must be a torch.distributed.ProcessGroup"):
+    with pytest.raises(
+        TypeError, match=r"`process_group` must be a torch.distributed.ProcessGroup"
+    ):
         batchnorm.convert_sync(nn.BatchNorm1d(3), process_group=3.5)

@@ -17,9 +17,9 @@ from batchnorm._dtype_policy import resolve_dtype_policy
 from batchnorm._fused import fused_unsupported_reason, resolve_fused_at_build
 from batchnorm._keras_weights import keras_parameter_shape, weights_from_arrays
 from batchnorm._layer_config import layer_config, layer_kwargs_from_config
-from batchnorm.functional._synchronized import check_synchronized
 from batchnorm.functional import BatchNormStatistics
 from batchnorm.functional._batch_norm import BatchNormOptions, batch_norm_step
+from batchnorm.functional._synchronized import check_synchronized
 from batchnorm.functional._validation import (
     check_axis_type,
     check_floating_input,
@@ -128,7 +128,9 @@ class BatchNormalization(nn.Module):
         process_group: Any = None,
     ) -> None:
         super().__init__()
-        self.synchronized, self.process_group = check_synchronized(synchronized, process_group, fused)
+        self.synchronized, self.process_group = check_synchronized(
+            synchronized, process_group, fused
+        )
         self._unbiased_moving_variance = False  # torch's convention, set by convert_sync
         fused = False if self.synchronized else fused
         self.axis: list[int] | int = check_axis_type(axis) if not isinstance(axis, int) else axis

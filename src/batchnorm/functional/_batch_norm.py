@@ -290,7 +290,9 @@ def batch_norm_step(
     group = resolve_process_group(options.process_group) if options.synchronized else None
     empty = math.prod(x.shape) == 0
     if group is not None:
-        moments, any_elements = synchronized_moments(x, axes, weights, ghost_batches, backend, group)
+        moments, any_elements = synchronized_moments(
+            x, axes, weights, ghost_batches, backend, group
+        )
         ghost_batches, empty = moments.mean.shape[0], not any_elements
     else:
         moments = backend.batch_moments(x, axes, weights, ghost_batches)

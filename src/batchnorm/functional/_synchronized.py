@@ -211,7 +211,18 @@ class _SynchronizedNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[no-untyped-def, override]
-        ctx, x, mean, variance, total_weight, scale, offset, weights, epsilon, view, reduce_dims, group
+        ctx,
+        x,
+        mean,
+        variance,
+        total_weight,
+        scale,
+        offset,
+        weights,
+        epsilon,
+        view,
+        reduce_dims,
+        group,
     ):
         inv = torch.rsqrt(variance.reshape(view) + epsilon).to(x.dtype)
         centred_mean = mean.reshape(view).to(x.dtype)
@@ -239,7 +250,9 @@ class _SynchronizedNormalize(torch.autograd.Function):
             try:
                 dist.all_reduce(sums, group=ctx.group)
             except RuntimeError as error:
-                raise _collective_error("all_reduce of the gradient sums", ctx.group, error) from error
+                raise _collective_error(
+                    "all_reduce of the gradient sums", ctx.group, error
+                ) from error
             share = divide_no_nan(
                 torch.ones_like(total_weight) if weights is None else weights.to(total_weight),
                 total_weight,
@@ -295,7 +308,9 @@ def synchronized_normalize(
     return result
 
 
-def communicated_bytes(channels: int, ghost_batches: int = 1, world_size: int = 2) -> dict[str, int]:
+def communicated_bytes(
+    channels: int, ghost_batches: int = 1, world_size: int = 2
+) -> dict[str, int]:
     """Bytes each rank sends per training step (forward + backward) for ``channels`` channels."""
     header = _HEADER_SIZE * 8
     statistics = 3 * ghost_batches * channels * 8
