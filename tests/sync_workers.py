@@ -22,7 +22,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import BatchNormalization, BatchNormStatistics
-from batchnorm.functional import batch_norm
+from batchnorm.functional import NUMBA_CPU, batch_norm, register_backend
 
 # name -> (per-rank batch sizes by world size, layer kwargs, input trailing shape, mask?)
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -181,10 +181,15 @@ def _entry(
 def suite_worker(rank: int, world_size: int, directory: Path, tasks: list[str]) -> None:
     """Run ``tasks`` in order in one set of processes (each spawn costs seconds of imports).
 
-    "layers-float64" / "layers-float32", "ddp" and "errors" (last: it shuts the group down).
+    "layers-float64" / "layers-float32", "torch-ops" (layers-float64 with the torch-op backend,
+    the path other devices take), "ddp" and "errors" (last: it shuts the group down).
     """
     for task in tasks:
-        if task.startswith("layers-"):
+        if task == "torch-ops":
+            register_backend("cpu", None)
+            layer_worker(rank, world_size, directory, torch.float64, prefix="torch-ops-")
+            register_backend("cpu", NUMBA_CPU)
+        elif task.startswith("layers-"):
             layer_worker(rank, world_size, directory, getattr(torch, task.removeprefix("layers-")))
         elif task == "ddp":
             ddp_worker(rank, world_size, directory, DDP_STEPS)
@@ -194,7 +199,9 @@ def suite_worker(rank: int, world_size: int, directory: Path, tasks: list[str]) 
             dist.barrier()
 
 
-def layer_worker(rank: int, world_size: int, directory: Path, dtype: torch.dtype) -> None:
+def layer_worker(
+    rank: int, world_size: int, directory: Path, dtype: torch.dtype, prefix: str = ""
+) -> None:
     """Every scenario through a synchronized layer; results to ``<dtype>-rank{r}.pt``."""
     counter = CollectiveCounter()
     results: dict[str, Any] = {}
@@ -216,7 +223,7 @@ def layer_worker(rank: int, world_size: int, directory: Path, dtype: torch.dtype
     results["torch_converted"] = run_scenario(
         converted, data["steps"], slice(start, start + sizes[rank])
     )
-    torch.save(results, directory / f"{dtype}-rank{rank}.pt".removeprefix("torch."))
+    torch.save(results, directory / f"{prefix}{dtype}-rank{rank}.pt".replace("torch.", ""))
 
 
 def torch_batch_norm(dtype: torch.dtype) -> nn.BatchNorm2d:

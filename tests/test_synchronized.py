@@ -19,7 +19,7 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 def two_ranks(tmp_path_factory):
     """One spawn of 2 gloo processes runs every 2-rank check; the tests below read its files."""
     directory = tmp_path_factory.mktemp("two_ranks")
-    tasks = ["layers-float64", "layers-float32", "ddp", "errors"]
+    tasks = ["layers-float64", "layers-float32", "torch-ops", "ddp", "errors"]
     spawn(sync_workers.suite_worker, 2, directory, tasks)
     return directory
 
@@ -75,11 +75,17 @@ def _torch_reference(steps, dtype):
 
 
 @pytest.mark.parametrize(
-    ("world_size", "dtype"), [(2, torch.float64), (3, torch.float64), (2, torch.float32)]
+    ("world_size", "dtype", "path"),
+    [
+        (2, torch.float64, "kernels"),
+        (3, torch.float64, "kernels"),
+        (2, torch.float32, "kernels"),
+        (2, torch.float64, "torch-ops"),
+    ],
 )
-def test_synchronized_layer_equals_concatenated_batch(request, world_size, dtype):
+def test_synchronized_layer_equals_concatenated_batch(request, world_size, dtype, path):
     directory = request.getfixturevalue("two_ranks" if world_size == 2 else "three_ranks")
-    prefix = f"{dtype}-rank".removeprefix("torch.")
+    prefix = ("torch-ops-" if path == "torch-ops" else "") + f"{dtype}-rank".replace("torch.", "")
     results = _rank_results(directory, prefix, world_size)
     for name in SCENARIOS:
         data = scenario_data(name, world_size, dtype)

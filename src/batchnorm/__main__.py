@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip timing the first call in fresh processes",
     )
+    bench.add_argument(
+        "--sync",
+        action="store_true",
+        help="time synchronized batch norm over 2 gloo processes instead (default json: bench-sync.json)",
+    )
     return parser
 
 
@@ -42,6 +47,10 @@ def run_bench(arguments: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if arguments.sync:
+        from batchnorm._benchmark_sync import run_sync_bench
+
+        return run_sync_bench(arguments)
     report = run_benchmark(
         quick=arguments.quick,
         repeats=arguments.repeats,

@@ -13,11 +13,8 @@ import torch.utils._pytree as pytree
 from batchnorm.functional._backend import backend_for
 from batchnorm.functional._moving_average import moving_average_update
 from batchnorm.functional._renorm import renorm_correction
-from batchnorm.functional._synchronized import (
-    resolve_process_group,
-    synchronized_moments,
-    synchronized_normalize,
-)
+from batchnorm.functional._synchronized import resolve_process_group, synchronized_moments
+from batchnorm.functional._synchronized_normalize import synchronized_normalize
 from batchnorm.functional._torch_ops import TORCH_OPS
 from batchnorm.functional._validation import (
     check_floating_input,
@@ -313,7 +310,7 @@ def batch_norm_step(
         scale, offset = _compose(correction.r, correction.d, scale, offset)
     if group is not None:
         y_train = synchronized_normalize(
-            x, axes, moments, scale, offset, epsilon, weights, ghost_batches, group
+            x, axes, moments, scale, offset, epsilon, weights, ghost_batches, backend, group
         )
     else:
         y_train = backend.normalize_batch(

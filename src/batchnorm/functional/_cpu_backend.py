@@ -17,6 +17,7 @@ exist. float16/bfloat16 are converted to float32 around the kernels (Numba has n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -178,11 +179,14 @@ def normalize_batch_backward_impl(
     epsilon: float,
     weights: torch.Tensor | None,
     ghost_batches: int,
+    reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx, dscale, doffset of ``y = (x - mean(x)) * rsqrt(var(x) + eps) * scale + offset``.
 
     ``dscale = sum(dy * (x - mean)) * inv`` and ``doffset = sum(dy)`` per channel (summed over
-    ghost batches); dx is :func:`batchnorm.kernels.batch_norm_input_gradient`.
+    ghost batches); dx is :func:`batchnorm.kernels.batch_norm_input_gradient`. ``reduce_sums``
+    (synchronized batch norm) maps the local sums ``(2, ghost_batches, *channel_shape)`` to the
+    global ones that dx uses; dscale and doffset stay local.
     """
     prepared = _prepare(x, axes, weights, ghost_batches > 1)
     layout = prepared.layout
@@ -200,6 +204,11 @@ def normalize_batch_backward_impl(
         layout.period,
         prepared.blocks,
     )
+    channel_shape = tuple(x.shape[a] for a in axes)
+    global_sums = sums
+    if reduce_sums is not None:
+        reduced = reduce_sums(_from_canonical(sums, layout, channel_shape))
+        global_sums = np.ascontiguousarray(_to_canonical(reduced, layout, 0.0), np.float64)
     dx = torch.empty_like(prepared.source)
     kernels.run(
         kernels.batch_norm_input_gradient,
@@ -212,14 +221,13 @@ def normalize_batch_backward_impl(
         variance_c,
         _to_canonical(total_weight, layout, 1.0, ghost_batches),
         _to_canonical(scale, layout, 1.0),
-        sums,
+        global_sums,
         epsilon,
         ghost_batches,
         layout.period,
         prepared.blocks,
         layout.view(dx).numpy(),
     )
-    channel_shape = tuple(x.shape[a] for a in axes)
     inv = 1.0 / np.sqrt(variance_c + epsilon)
     dscale = _from_canonical((sums[1] * inv).sum(0), layout, channel_shape)
     doffset = _from_canonical(sums[0].sum(0), layout, channel_shape)

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from batchnorm.functional._backend import BatchNormBackend, Moments
-from batchnorm.functional._torch_ops import TorchOpsBackend, divide_no_nan
+from batchnorm.functional._torch_ops import divide_no_nan
 
 # Per rank: channel-shape rank, channel count, shape code, ghost batches, element count.
 _HEADER_SIZE = 5
@@ -108,7 +108,7 @@ def resolve_process_group(process_group: Any) -> Any:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _collective_error(operation: str, group: Any, error: Exception) -> RuntimeError:
+def collective_error(operation: str, group: Any, error: Exception) -> RuntimeError:
     timeout = _group_timeout(group)
     return RuntimeError(
         f"Synchronized batch norm: {operation} over a process group of "
@@ -132,7 +132,7 @@ def _all_gather(tensor: torch.Tensor, group: Any, what: str) -> torch.Tensor:
     try:
         dist.all_gather(gathered, tensor, group=group)
     except RuntimeError as error:
-        raise _collective_error(f"all_gather of {what}", group, error) from error
+        raise collective_error(f"all_gather of {what}", group, error) from error
     return torch.stack(gathered)
 
 
@@ -190,8 +190,10 @@ def synchronized_moments(
     with torch.no_grad():
         local = backend.batch_moments(x.detach(), axes, weights, ghost_batches)
         count = local.total_weight.to(torch.float64)
-        mean = local.mean.to(torch.float64)
-        squares = local.variance.to(torch.float64) * count
+        # An empty batch has a NaN mean with torch ops; it weighs nothing, so it becomes 0.
+        present = count > 0
+        mean = torch.where(present, local.mean.to(torch.float64), 0.0)
+        squares = torch.where(present, local.variance.to(torch.float64) * count, 0.0)
         packed = torch.stack([count, mean, squares]).reshape(3, ghost_batches, -1)
         gathered = _all_gather(packed, group, "the batch statistics")
         counts, means, squares = gathered.unbind(dim=1)
@@ -204,108 +206,6 @@ def synchronized_moments(
         global_mean.reshape(shape), global_variance.reshape(shape), total.reshape(shape)
     )
     return moments, any_elements
-
-
-class _SynchronizedNormalize(torch.autograd.Function):
-    """``y = xhat * scale + offset`` with global statistics; backward all-reduces two sums."""
-
-    @staticmethod
-    def forward(  # type: ignore[no-untyped-def, override]
-        ctx,
-        x,
-        mean,
-        variance,
-        total_weight,
-        scale,
-        offset,
-        weights,
-        epsilon,
-        view,
-        reduce_dims,
-        group,
-    ):
-        inv = torch.rsqrt(variance.reshape(view) + epsilon).to(x.dtype)
-        centred_mean = mean.reshape(view).to(x.dtype)
-        xhat = (x - centred_mean) * inv
-        y = xhat if scale is None else xhat * scale
-        y = y if offset is None else y + offset
-        ctx.save_for_backward(x, centred_mean, inv, total_weight.reshape(view), scale, weights)
-        ctx.offset_shape = None if offset is None else offset.shape
-        ctx.group, ctx.reduce_dims = group, reduce_dims
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[no-untyped-def, override]
-        x, mean, inv, total_weight, scale, weights = ctx.saved_tensors
-        xhat = (x - mean) * inv
-        dx = dscale = doffset = None
-        if ctx.needs_input_grad[0]:
-            g = dy if scale is None else dy * scale
-            reduce_dims = ctx.reduce_dims
-            gs, gx = g, g * xhat
-            if reduce_dims:
-                gs = gs.sum(dim=reduce_dims, keepdim=True, dtype=torch.float64)
-                gx = gx.sum(dim=reduce_dims, keepdim=True, dtype=torch.float64)
-            sums = torch.stack([gs.to(torch.float64), gx.to(torch.float64)])
-            try:
-                dist.all_reduce(sums, group=ctx.group)
-            except RuntimeError as error:
-                raise _collective_error(
-                    "all_reduce of the gradient sums", ctx.group, error
-                ) from error
-            share = divide_no_nan(
-                torch.ones_like(total_weight) if weights is None else weights.to(total_weight),
-                total_weight,
-            )
-            correction = share * (sums[0] + xhat.to(torch.float64) * sums[1])
-            dx = inv * (g - correction.to(g.dtype))
-        if scale is not None and ctx.needs_input_grad[4]:
-            dscale = (dy * xhat).sum_to_size(scale.shape)
-        if ctx.offset_shape is not None and ctx.needs_input_grad[5]:
-            doffset = dy.sum_to_size(ctx.offset_shape)
-        return dx, None, None, None, dscale, doffset, None, None, None, None, None
-
-
-def synchronized_normalize(
-    x: torch.Tensor,
-    axes: tuple[int, ...],
-    moments: Moments,
-    scale: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    epsilon: float,
-    weights: torch.Tensor | None,
-    ghost_batches: int,
-    group: Any,
-) -> torch.Tensor:
-    """``(x - mean) * rsqrt(variance + epsilon) * scale + offset`` with the global ``moments``.
-
-    Its gradient treats the moments as functions of the global batch (see the module docstring).
-    ``scale`` / ``offset`` are per channel, or broadcastable to ``x`` without ghost batches.
-    """
-    compute = x.to(torch.promote_types(x.dtype, torch.float32))
-    grouped, reduce_dims, view = TorchOpsBackend._grouped(compute, axes, ghost_batches)
-    parameter_view = view if ghost_batches == 1 else [1, 1, *view[2:]]
-    channels = moments.mean[0].numel()
-    grouped_weights = None
-    if weights is not None:
-        grouped_weights = weights.detach().to(compute.dtype)
-        if ghost_batches > 1:
-            grouped_weights = grouped_weights.reshape(-1, ghost_batches, *weights.shape[1:])
-    y = _SynchronizedNormalize.apply(  # type: ignore[no-untyped-call]
-        grouped,
-        moments.mean,
-        moments.variance,
-        moments.total_weight,
-        TorchOpsBackend._parameter(scale, parameter_view, channels),
-        TorchOpsBackend._parameter(offset, parameter_view, channels),
-        grouped_weights,
-        epsilon,
-        view,
-        reduce_dims,
-        group,
-    )
-    result: torch.Tensor = y.reshape(x.shape)
-    return result
 
 
 def communicated_bytes(

@@ -1,0 +1,198 @@
+"""The normalising step of synchronized batch norm, whose backward all-reduces two gradient sums.
+
+With the global statistics (:func:`~batchnorm.functional._synchronized.synchronized_moments`),
+``y = (x - mean) * rsqrt(variance + epsilon) * scale + offset``. The backward computes the local
+per-channel sums ``sum(dy)`` and ``sum(dy * (x - mean))`` (per ghost batch), all-reduces them and
+applies the batch-norm input gradient with the global sums and total weight,
+
+.. math::
+    \\frac{\\partial L}{\\partial x_i} = s\\, dy_i - \\frac{w_i\\, s}{W} \\left( \\sum dy +
+    \\frac{x_i - \\mu}{\\sigma^2 + \\epsilon} \\sum dy\\,(x - \\mu) \\right), \\quad
+    s = \\frac{\\text{scale}}{\\sqrt{\\sigma^2 + \\epsilon}},
+
+which is the gradient of one process on the concatenated batch. The scale and offset gradients
+stay local (data-parallel training reduces them with the other parameters). On CPU the Numba
+kernels do both passes (the sums go through the all-reduce between them); elsewhere, and for an
+adjustment that varies inside a channel, composed torch ops do. Not twice differentiable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from batchnorm.functional._backend import BatchNormBackend, Moments
+from batchnorm.functional._cpu_backend import (
+    NumbaCpuBackend,
+    normalize_batch_backward_impl,
+    normalize_batch_impl,
+)
+from batchnorm.functional._synchronized import collective_error
+from batchnorm.functional._torch_ops import TorchOpsBackend, divide_no_nan
+
+
+def _all_reduce(sums: torch.Tensor, group: Any) -> torch.Tensor:
+    sums = sums.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+    try:
+        dist.all_reduce(sums, group=group)
+    except RuntimeError as error:
+        raise collective_error("all_reduce of the gradient sums", group, error) from error
+    return sums
+
+
+class _KernelSynchronizedNormalize(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[no-untyped-def, override]
+        ctx, x, axes, moments, scale, offset, epsilon, weights, ghost_batches, group
+    ):
+        mean, variance, total_weight = moments
+        ctx.save_for_backward(x, mean, variance, total_weight, scale, weights)
+        ctx.axes, ctx.epsilon, ctx.ghost_batches, ctx.group = axes, epsilon, ghost_batches, group
+        ctx.has_offset = offset is not None
+        return normalize_batch_impl(
+            x, list(axes), mean, variance, scale, offset, epsilon, ghost_batches
+        )
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[no-untyped-def, override]
+        x, mean, variance, total_weight, scale, weights = ctx.saved_tensors
+        dx, dscale, doffset = normalize_batch_backward_impl(
+            dy,
+            x,
+            list(ctx.axes),
+            mean,
+            variance,
+            total_weight,
+            scale,
+            ctx.epsilon,
+            weights,
+            ctx.ghost_batches,
+            reduce_sums=lambda sums: _all_reduce(sums, ctx.group),
+        )
+        return (
+            dx,
+            None,
+            None,
+            None if scale is None else dscale.to(scale.dtype),
+            doffset.to(dy.dtype) if ctx.has_offset else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class _TorchSynchronizedNormalize(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[no-untyped-def, override]
+        ctx,
+        x,
+        mean,
+        variance,
+        total_weight,
+        scale,
+        offset,
+        weights,
+        epsilon,
+        view,
+        reduce_dims,
+        group,
+    ):
+        inv = torch.rsqrt(variance.reshape(view) + epsilon).to(x.dtype)
+        centred_mean = mean.reshape(view).to(x.dtype)
+        xhat = (x - centred_mean) * inv
+        y = xhat if scale is None else xhat * scale
+        y = y if offset is None else y + offset
+        ctx.save_for_backward(x, centred_mean, inv, total_weight.reshape(view), scale, weights)
+        ctx.offset_shape = None if offset is None else offset.shape
+        ctx.group, ctx.reduce_dims = group, reduce_dims
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[no-untyped-def, override]
+        x, mean, inv, total_weight, scale, weights = ctx.saved_tensors
+        xhat = (x - mean) * inv
+        dx = dscale = doffset = None
+        if ctx.needs_input_grad[0]:
+            g = dy if scale is None else dy * scale
+            sum_g, sum_gx = g, g * xhat
+            if ctx.reduce_dims:
+                sum_g = sum_g.sum(dim=ctx.reduce_dims, keepdim=True, dtype=torch.float64)
+                sum_gx = sum_gx.sum(dim=ctx.reduce_dims, keepdim=True, dtype=torch.float64)
+            sums = _all_reduce(torch.stack([sum_g.to(torch.float64), sum_gx]), ctx.group)
+            share = divide_no_nan(
+                torch.ones_like(total_weight) if weights is None else weights.to(total_weight),
+                total_weight,
+            )
+            correction = share * (sums[0] + xhat.to(torch.float64) * sums[1])
+            dx = inv * (g - correction.to(g.dtype))
+        if scale is not None and ctx.needs_input_grad[4]:
+            dscale = (dy * xhat).sum_to_size(scale.shape)
+        if ctx.offset_shape is not None and ctx.needs_input_grad[5]:
+            doffset = dy.sum_to_size(ctx.offset_shape)
+        return dx, None, None, None, dscale, doffset, None, None, None, None, None
+
+
+def synchronized_normalize(
+    x: torch.Tensor,
+    axes: tuple[int, ...],
+    moments: Moments,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    epsilon: float,
+    weights: torch.Tensor | None,
+    ghost_batches: int,
+    backend: BatchNormBackend,
+    group: Any,
+) -> torch.Tensor:
+    """``(x - mean) * rsqrt(variance + epsilon) * scale + offset`` with the global ``moments``.
+
+    Its gradient treats the moments as functions of the global batch (see the module docstring).
+    ``scale`` / ``offset`` are per channel, or broadcastable to ``x`` without ghost batches.
+
+    Shape:
+        ``moments``: each ``(ghost_batches, *channel_shape)``; the output has ``x``'s shape.
+    """
+    channel_shape = tuple(x.shape[a] for a in axes)
+    per_channel = all(t is None or tuple(t.shape) == channel_shape for t in (scale, offset))
+    if isinstance(backend, NumbaCpuBackend) and per_channel and not torch.compiler.is_compiling():
+        y: torch.Tensor = _KernelSynchronizedNormalize.apply(  # type: ignore[no-untyped-call]
+            x,
+            axes,
+            moments,
+            scale,
+            offset,
+            epsilon,
+            None if weights is None else weights.detach(),
+            ghost_batches,
+            group,
+        )
+        return y
+    compute = x.to(torch.promote_types(x.dtype, torch.float32))
+    grouped, reduce_dims, view = TorchOpsBackend._grouped(compute, axes, ghost_batches)
+    parameter_view = view if ghost_batches == 1 else [1, 1, *view[2:]]
+    channels = moments.mean[0].numel()
+    grouped_weights = None
+    if weights is not None:
+        grouped_weights = weights.detach().to(compute.dtype)
+        if ghost_batches > 1:
+            grouped_weights = grouped_weights.reshape(-1, ghost_batches, *weights.shape[1:])
+    y = _TorchSynchronizedNormalize.apply(  # type: ignore[no-untyped-call]
+        grouped,
+        moments.mean,
+        moments.variance,
+        moments.total_weight,
+        TorchOpsBackend._parameter(scale, parameter_view, channels),
+        TorchOpsBackend._parameter(offset, parameter_view, channels),
+        grouped_weights,
+        epsilon,
+        view,
+        reduce_dims,
+        group,
+    )
+    return y.reshape(x.shape)
