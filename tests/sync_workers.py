@@ -259,6 +259,11 @@ def error_worker(rank: int, world_size: int, directory: Path) -> None:
     # The group still works after the errors above.
     good = BatchNormalization(3, synchronized=True)
     attempt("recovered", lambda: good(torch.randn(4, 3), training=True))
+    # Every rank empty: nothing to learn, the statistics stay as they were.
+    before = {k: v.clone() for k, v in good.state_dict().items()}
+    empty_y = good(torch.randn(0, 3), training=True)
+    unchanged = all(torch.equal(before[k], v) for k, v in good.state_dict().items())
+    messages["all_empty_unchanged"] = str(unchanged and empty_y.shape == (0, 3))
     # A group of one behaves exactly as the unsynchronized layer; a non-member is refused.
     solo = dist.new_group([0])
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(rank))

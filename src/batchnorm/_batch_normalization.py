@@ -19,7 +19,7 @@ from batchnorm._keras_weights import keras_parameter_shape, weights_from_arrays
 from batchnorm._layer_config import layer_config, layer_kwargs_from_config
 from batchnorm.functional import BatchNormStatistics
 from batchnorm.functional._batch_norm import BatchNormOptions, batch_norm_step
-from batchnorm.functional._synchronized import check_synchronized
+from batchnorm.functional._synchronized import check_synchronized, synchronizes
 from batchnorm.functional._validation import (
     check_axis_type,
     check_floating_input,
@@ -132,6 +132,7 @@ class BatchNormalization(nn.Module):
             synchronized, process_group, fused
         )
         self._unbiased_moving_variance = False  # torch's convention, set by convert_sync
+        self._layout_agreed = False  # set once the ranks agreed on the channel shape
         fused = False if self.synchronized else fused
         self.axis: list[int] | int = check_axis_type(axis) if not isinstance(axis, int) else axis
         self.momentum = check_fraction(momentum, "momentum")
@@ -350,6 +351,7 @@ class BatchNormalization(nn.Module):
             adjustment=self.adjustment,
             synchronized=self.synchronized,
             process_group=self.process_group,
+            layout_agreed=self._layout_agreed and self.virtual_batch_size is None,
         )
         assert self._axes is not None
         y, updated = batch_norm_step(
@@ -362,6 +364,8 @@ class BatchNormalization(nn.Module):
             resolved,
             mask,
         )
+        if resolved is not False and self.synchronized and not self._layout_agreed:
+            self._layout_agreed = synchronizes(self.process_group)
         if resolved is not False:
             with torch.no_grad():
                 for old, new in zip(statistics, updated, strict=True):

@@ -197,6 +197,7 @@ class BatchNormOptions:
     adjustment: Adjustment | None = None
     synchronized: bool = False
     process_group: Any = None
+    layout_agreed: bool = False  # the ranks are known to agree on channels and ghost batches
 
 
 def batch_norm_step(
@@ -288,7 +289,7 @@ def batch_norm_step(
     empty = math.prod(x.shape) == 0
     if group is not None:
         moments, any_elements = synchronized_moments(
-            x, axes, weights, ghost_batches, backend, group
+            x, axes, weights, ghost_batches, backend, group, not options.layout_agreed
         )
         ghost_batches, empty = moments.mean.shape[0], not any_elements
     else:

@@ -84,6 +84,11 @@ def _is_non_member(process_group: Any) -> bool:
     )
 
 
+def synchronizes(process_group: Any) -> bool:
+    """Whether a synchronized layer with ``process_group`` communicates now."""
+    return resolve_process_group(process_group) is not None
+
+
 def resolve_process_group(process_group: Any) -> Any:
     """The group to synchronize over, or None when there is nothing to synchronize.
 
@@ -145,8 +150,8 @@ def _shape_code(shape: tuple[int, ...]) -> int:
 
 def agree_on_layout(
     x: torch.Tensor, channel_shape: tuple[int, ...], ghost_batches: int, group: Any
-) -> tuple[int, bool]:
-    """Check the ranks agree on channels and ghost batches; return (ghost batches, any elements).
+) -> int:
+    """Check the ranks agree on channels and ghost batches; return the ghost-batch count.
 
     A rank with an empty batch takes the ghost-batch count of the others.
     """
@@ -167,8 +172,7 @@ def agree_on_layout(
             "number of ghost batches (global ghost batch j is the union of the ranks' ghost "
             f"batches j). Received ghost batches per rank: {described}"
         )
-    agreed = counts.pop() if counts else max(ghost_batches, 1)
-    return agreed, any(row[4] > 0 for row in table)
+    return counts.pop() if counts else max(ghost_batches, 1)
 
 
 def synchronized_moments(
@@ -178,15 +182,19 @@ def synchronized_moments(
     ghost_batches: int,
     backend: BatchNormBackend,
     group: Any,
+    check_layout: bool = True,
 ) -> tuple[Moments, bool]:
     """Global per-ghost-batch mean, biased variance and total weight (detached), by Chan's formula.
 
     Returns the moments, each of shape ``(ghost_batches, *channel_shape)`` and identical on every
     rank of ``group`` (``ghost_batches`` as agreed, see :func:`agree_on_layout`), and whether the
-    global batch has any element.
+    global batch has any element. ``check_layout=False`` skips the agreement (one collective
+    instead of two): only for callers that know every rank has the same channel shape and ghost
+    batch count, as a built layer without ghost batches that has been checked once.
     """
     channel_shape = tuple(x.shape[a] for a in axes)
-    ghost_batches, any_elements = agree_on_layout(x, channel_shape, ghost_batches, group)
+    if check_layout:
+        ghost_batches = agree_on_layout(x, channel_shape, ghost_batches, group)
     with torch.no_grad():
         local = backend.batch_moments(x.detach(), axes, weights, ghost_batches)
         count = local.total_weight.to(torch.float64)
@@ -194,9 +202,12 @@ def synchronized_moments(
         present = count > 0
         mean = torch.where(present, local.mean.to(torch.float64), 0.0)
         squares = torch.where(present, local.variance.to(torch.float64) * count, 0.0)
-        packed = torch.stack([count, mean, squares]).reshape(3, ghost_batches, -1)
+        elements = torch.full((1,), float(x.numel()), dtype=torch.float64, device=x.device)
+        packed = torch.cat([torch.stack([count, mean, squares]).flatten(), elements])
         gathered = _all_gather(packed, group, "the batch statistics")
-        counts, means, squares = gathered.unbind(dim=1)
+        any_elements = bool((gathered[:, -1] > 0).any())
+        ranks = gathered.shape[0]
+        counts, means, squares = gathered[:, :-1].reshape(ranks, 3, ghost_batches, -1).unbind(1)
         total = counts.sum(dim=0)
         global_mean = divide_no_nan((counts * means).sum(dim=0), total)
         spread = squares + counts * (means - global_mean).square()
@@ -209,14 +220,17 @@ def synchronized_moments(
 
 
 def communicated_bytes(
-    channels: int, ghost_batches: int = 1, world_size: int = 2
+    channels: int, ghost_batches: int = 1, world_size: int = 2, check_layout: bool = False
 ) -> dict[str, int]:
-    """Bytes each rank sends per training step (forward + backward) for ``channels`` channels."""
-    header = _HEADER_SIZE * 8
-    statistics = 3 * ghost_batches * channels * 8
-    gradients = 2 * ghost_batches * channels * 8
+    """Payload bytes per rank and training step (forward + backward) for ``channels`` channels.
+
+    The forward all_gathers ``3 * ghost_batches * channels + 1`` float64 (plus the 5-int64 layout
+    check on a layer's first call and with ghost batches); the backward all-reduces
+    ``2 * ghost_batches * channels`` float64.
+    """
+    forward = (3 * ghost_batches * channels + 1) * 8 + (_HEADER_SIZE * 8 if check_layout else 0)
     return {
-        "forward_sent": header + statistics,
-        "forward_received": (world_size - 1) * (header + statistics),
-        "backward_all_reduce": gradients,
+        "forward_sent": forward,
+        "forward_received": (world_size - 1) * forward,
+        "backward_all_reduce": 2 * ghost_batches * channels * 8,
     }
