@@ -259,6 +259,14 @@ def error_worker(rank: int, world_size: int, directory: Path) -> None:
     # The group still works after the errors above.
     good = BatchNormalization(3, synchronized=True)
     attempt("recovered", lambda: good(torch.randn(4, 3), training=True))
+
+    # Twice differentiable it is not: the second derivative raises, on every rank.
+    def second_derivative() -> None:
+        x = torch.randn(4, 3, requires_grad=True)
+        (dx,) = torch.autograd.grad((good(x, training=True) ** 3).sum(), x, create_graph=True)
+        dx.sum().backward()
+
+    attempt("double_backward", second_derivative)
     # Every rank empty: nothing to learn, the statistics stay as they were.
     before = {k: v.clone() for k, v in good.state_dict().items()}
     empty_y = good(torch.randn(0, 3), training=True)

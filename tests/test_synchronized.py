@@ -116,6 +116,7 @@ def test_errors_raise_on_every_rank(two_ranks):
         assert "rank 0: 2, rank 1: 3" in messages["ghosts"]
         assert messages["recovered"] == "no error"
         assert messages["all_empty_unchanged"] == "True"
+        assert "marked with @once_differentiable" in messages["double_backward"]
         assert messages["not_initialized"].startswith("RuntimeError: ")
         assert "torch.distributed is not initialised" in messages["not_initialized"]
     assert first["group_of_one_equal"] == "True"
