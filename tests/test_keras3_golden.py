@@ -32,7 +32,7 @@ def keras3_layer(**kwargs) -> BatchNormalization:
     """Our layer with Keras 3's conventions (biased moving variance)."""
     if hasattr(BatchNormalization, "like"):
         return BatchNormalization.like("keras3", **kwargs)
-    return BatchNormalization(fused=False, **kwargs)
+    return BatchNormalization(moving_variance_estimator="biased", **kwargs)
 
 
 def golden_cases():

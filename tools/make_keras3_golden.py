@@ -13,7 +13,8 @@ It writes into tests/golden/:
   training steps (outputs, gradients, weights after every step) and then in inference.
 - keras_files.json plus the model files tfk_model.h5 (tf-keras ``model.save``), tfk_weights.h5
   (tf-keras ``model.save_weights``), tfk_nested.h5 (a Sequential inside a functional model),
-  k3_model.keras (Keras 3 ``model.save``), tfk_no_bn.h5 and k3_no_bn.keras (no batch norm);
+  k3_model.keras (Keras 3 ``model.save``), k3_model.weights.h5 (Keras 3 ``model.save_weights``),
+  tfk_no_bn.h5 and k3_no_bn.keras (no batch norm);
   the JSON records each file's batch-norm weights and an inference input/output pair, the
   convolution and dense weights are in keras3_cases.npz under ``files/``.
 """
@@ -223,8 +224,10 @@ def make_files(arrays):
     model3 = keras.Sequential([keras.Input((6, 6, 2)), *conv_stack(keras.layers, scale=False)])
     train_a_little(model3, rng, (6, 6, 2))
     model3.save(OUT / "k3_model.keras")
+    model3.save_weights(OUT / "k3_model.weights.h5")
     bn = [model3.get_layer("bn_conv"), model3.get_layer("bn_dense")]
     record_file(files, arrays, "k3_model.keras", model3, bn, rng, (6, 6, 2))
+    files["k3_model.weights.h5"] = files["k3_model.keras"]
 
     plain = tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(2, name="dense")])
     plain.save(OUT / "tfk_no_bn.h5")
