@@ -202,7 +202,7 @@ def make_files(arrays):
     bn = [model.get_layer("bn_conv"), model.get_layer("bn_dense")]
     extra = {"fused": [bool(layer.fused) for layer in bn]}
     record_file(files, arrays, "tfk_model.h5", model, bn, rng, (6, 6, 2), extra)
-    files["tfk_weights.h5"] = files["tfk_model.h5"]
+    files["tfk_weights.h5"] = {**files["tfk_model.h5"], "arrays_of": "tfk_model.h5"}
 
     inner = tf_keras.Sequential(
         [
@@ -221,13 +221,15 @@ def make_files(arrays):
     record_file(files, arrays, "tfk_nested.h5", nested, bn, rng, (4,))
 
     keras.utils.set_random_seed(SEED)
-    model3 = keras.Sequential([keras.Input((6, 6, 2)), *conv_stack(keras.layers, scale=False)])
+    model3 = keras.Sequential(
+        [keras.Input((6, 6, 2)), *conv_stack(keras.layers, center=False, scale=False)]
+    )
     train_a_little(model3, rng, (6, 6, 2))
     model3.save(OUT / "k3_model.keras")
     model3.save_weights(OUT / "k3_model.weights.h5")
     bn = [model3.get_layer("bn_conv"), model3.get_layer("bn_dense")]
     record_file(files, arrays, "k3_model.keras", model3, bn, rng, (6, 6, 2))
-    files["k3_model.weights.h5"] = files["k3_model.keras"]
+    files["k3_model.weights.h5"] = {**files["k3_model.keras"], "arrays_of": "k3_model.keras"}
 
     plain = tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(2, name="dense")])
     plain.save(OUT / "tfk_no_bn.h5")

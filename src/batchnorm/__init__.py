@@ -7,7 +7,7 @@ Example:
     >>> y = layer(torch.randn(2, 3, 5, 5), training=False) # moving statistics
 """
 
-from batchnorm import constraints, functional, initializers, regularizers
+from batchnorm import constraints, functional, initializers, keras, regularizers
 from batchnorm._batch_normalization import BatchNormalization
 from batchnorm._constraint_hook import apply_constraints, apply_constraints_after_step
 from batchnorm.functional import BatchNormStatistics
@@ -23,5 +23,6 @@ __all__ = [
     "constraints",
     "functional",
     "initializers",
+    "keras",
     "regularizers",
 ]

@@ -87,7 +87,7 @@ def layer_differences(
     # An unbuilt "auto" layer follows tf-keras' rule itself, which a Keras 3 file does not.
     undecided = in_module is None and record.file_format == "Keras 3"
     if in_file is not None and (undecided or in_module not in (None, in_file)):
-        in_module_text = in_module or "auto (tf-keras' rule, decided at build)"
+        in_module_text = in_module or "auto (tf-keras rule, decided at build)"
         differences.append(
             Difference("moving_variance_estimator", in_file, in_module_text, "configure")
         )
