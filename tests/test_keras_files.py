@@ -417,3 +417,32 @@ def test_missing_h5py_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ImportError, match=r"needs h5py.*pip install 'batchnorm\[keras\]'"):
         read_batch_norm_layers(GOLDEN / "tfk_model.h5")
+
+
+def test_invalid_setting_in_the_file_is_named(tmp_path):
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "bad_momentum.h5"
+    shutil.copy(GOLDEN / "tfk_model.h5", path)
+    with h5py.File(path, "r+") as handle:
+        handle.attrs["model_config"] = handle.attrs["model_config"].replace(
+            '"momentum": 0.9,', '"momentum": 1.5,'
+        )
+    model = nn.Sequential(BatchNormalization(3), BatchNormalization(5, renorm=True, center=False))
+    with pytest.raises(
+        ValueError,
+        match=r"Keras layer 'bn_conv' in the file has an invalid setting: `momentum` must be a "
+        r"number in \[0, 1\]. Received: momentum=1.5",
+    ):
+        load_weights(model, path, configure=True)
+    assert model[0].momentum == 0.99
+
+
+def test_report_text_lists_each_pair():
+    model = nn.Sequential(BatchNormalization(3), BatchNormalization(5, renorm=True, center=False))
+    text = str(load_weights(model, GOLDEN / "tfk_model.h5", configure=True))
+    assert "bn_conv -> 0: loaded" in text
+    assert "note: configured epsilon: 0.001 -> 0.01" in text
+    assert "bn_dense -> 1: loaded" in text

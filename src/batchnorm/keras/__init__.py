@@ -10,9 +10,10 @@ Example:
 """
 
 from batchnorm.keras._compare import Difference
-from batchnorm.keras._load import LayerLoad, LoadReport, batch_norm_modules, load_weights
+from batchnorm.keras._load import batch_norm_modules, load_weights
 from batchnorm.keras._read import read_batch_norm_layers
 from batchnorm.keras._records import KerasBatchNormLayer
+from batchnorm.keras._report import LayerLoad, LoadReport
 
 __all__ = [
     "Difference",

@@ -71,7 +71,8 @@ def layer_differences(
     record: KerasBatchNormLayer, layer: BatchNormalization
 ) -> tuple[list[Difference], list[str]]:
     """Differences between a file layer and one of our BatchNormalization layers, and notes."""
-    differences, notes = _structure_differences(record, layer)
+    differences = _structure_differences(record, layer)
+    notes: list[str] = []
     config = record.config
     if config is None:
         notes.append(
@@ -96,9 +97,8 @@ def layer_differences(
 
 def _structure_differences(
     record: KerasBatchNormLayer, layer: BatchNormalization
-) -> tuple[list[Difference], list[str]]:
+) -> list[Difference]:
     differences = []
-    notes: list[str] = []
     file_shape = record.channel_shape
     if layer.built:
         module_shape = tuple(layer.moving_mean.shape)
@@ -115,7 +115,7 @@ def _structure_differences(
             differences.append(Difference(setting, in_file, in_module, resolution))
     if record.renorm != layer.renorm:
         differences.append(Difference("renorm", record.renorm, layer.renorm, "adapt"))
-    return differences, notes
+    return differences
 
 
 def _setting_differences(config: Mapping[str, Any], layer: BatchNormalization) -> list[Difference]:
