@@ -446,3 +446,17 @@ def test_report_text_lists_each_pair():
     assert "bn_conv -> 0: loaded" in text
     assert "note: configured epsilon: 0.001 -> 0.01" in text
     assert "bn_dense -> 1: loaded" in text
+
+
+def test_channels_last_keras_layer_into_channels_first_module(arrays):
+    """The usual port: Keras' NHWC layer (axis 3) into an NCHW model (axis 1); a note, no error."""
+    file = "tfk_model.h5"
+    bn_conv = BatchNormalization(3, axis=1, momentum=0.9, epsilon=0.01)
+    bn_conv.build((4, 3, 4, 4))
+    model = ConvStack(
+        arrays, file, bn_conv, BatchNormalization(5, renorm=True, center=False), nchw=True
+    )
+    report = load_weights(model, GOLDEN / file)
+    assert report.ok
+    assert any("normalises axis 3, the module axis 1" in note for note in report[0].notes)
+    assert_close(infer(model, arrays, file), arrays[f"files/{file}/y"], 1e-5, "model output")

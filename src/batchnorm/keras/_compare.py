@@ -155,17 +155,25 @@ def _axis_differences(
     in_module = _axis_list(layer.axis)
     rank = layer._input_rank if layer.built else record.input_rank
     if rank is not None:
-        if sorted(a % rank for a in in_file) != sorted(a % rank for a in in_module):
-            return [Difference("axis", in_file, in_module, "adapt")]
-        return []
-    if in_file != in_module:
-        if all((a < 0) == (b < 0) for a, b in zip(in_file, in_module, strict=False)):
-            return [Difference("axis", in_file, in_module, "adapt")]
+        same = sorted(a % rank for a in in_file) == sorted(a % rank for a in in_module)
+    elif all((a < 0) == (b < 0) for a, b in zip(in_file, in_module, strict=False)):
+        same = in_file == in_module
+    else:
         notes.append(
             f"axis {in_file} in the file and {in_module} in the module could not be compared: "
             "the input rank is not known yet"
         )
-    return []
+        return []
+    if same:
+        return []
+    if len(in_file) == len(in_module) == 1:
+        # A channels-last Keras layer ported to a channels-first torch model is the usual case.
+        notes.append(
+            f"the file's layer normalises axis {in_file[0]}, the module axis {in_module[0]}: "
+            "right when the module's inputs are laid out accordingly (e.g. NHWC -> NCHW)"
+        )
+        return []
+    return [Difference("axis", in_file, in_module, "adapt")]
 
 
 def torch_differences(
@@ -197,7 +205,7 @@ def torch_differences(
         epsilon = float(config.get("epsilon", 1e-3))
         if not _equal(epsilon, module.eps):
             differences.append(Difference("epsilon (eps)", epsilon, module.eps, "configure"))
-        torch_momentum = 1.0 - float(config.get("momentum", 0.99))
+        torch_momentum = round(1.0 - float(config.get("momentum", 0.99)), 12)
         if module.momentum is None or not _equal(torch_momentum, module.momentum):
             differences.append(
                 Difference(
