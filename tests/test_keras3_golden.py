@@ -28,20 +28,13 @@ def keras3_golden() -> tuple[dict, dict]:
     return document, arrays
 
 
-def keras3_layer(**kwargs) -> BatchNormalization:
-    """Our layer with Keras 3's conventions (biased moving variance)."""
-    if hasattr(BatchNormalization, "like"):
-        return BatchNormalization.like("keras3", **kwargs)
-    return BatchNormalization(moving_variance_estimator="biased", **kwargs)
-
-
 def golden_cases():
     document = json.loads((GOLDEN / "keras3_cases.json").read_text())
     return [pytest.param(spec, id=spec["name"]) for spec in document["cases"]]
 
 
 def build_layer(spec, arrays):
-    layer = keras3_layer(**spec["layer"])
+    layer = BatchNormalization.like("keras3", **spec["layer"])
     layer.build(spec["input_shape"])
     initial = [arrays[f"{spec['name']}/initial_{i}"] for i in range(len(spec["weight_names"]))]
     layer.set_weights(initial)

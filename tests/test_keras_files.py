@@ -237,8 +237,8 @@ def test_keras3_files_load_into_unbuilt_layers(file, arrays):
     model = ConvStack(
         arrays,
         file,
-        BatchNormalization(momentum=0.9, epsilon=0.01, moving_variance_estimator="biased"),
-        BatchNormalization(center=False, scale=False, moving_variance_estimator="biased"),
+        BatchNormalization.like("keras3", momentum=0.9, epsilon=0.01),
+        BatchNormalization.like("keras3", center=False, scale=False),
     )
     assert load_weights(model, GOLDEN / file).ok
     assert_close(

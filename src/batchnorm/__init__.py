@@ -9,20 +9,31 @@ Example:
 
 from batchnorm import constraints, functional, initializers, keras, regularizers
 from batchnorm._batch_normalization import BatchNormalization
+from batchnorm._caffe import from_caffe
 from batchnorm._constraint_hook import apply_constraints, apply_constraints_after_step
+from batchnorm._presets import FRAMEWORK_PRESETS, porting_table
+from batchnorm._sample_normalization import SampleNormalization
+from batchnorm._torch_conversion import convert, from_torch, to_torch
 from batchnorm.functional import BatchNormStatistics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FRAMEWORK_PRESETS",
     "BatchNormStatistics",
     "BatchNormalization",
+    "SampleNormalization",
     "__version__",
     "apply_constraints",
     "apply_constraints_after_step",
     "constraints",
+    "convert",
+    "from_caffe",
+    "from_torch",
     "functional",
     "initializers",
     "keras",
+    "porting_table",
     "regularizers",
+    "to_torch",
 ]

@@ -17,6 +17,7 @@ from batchnorm._dtype_policy import resolve_dtype_policy
 from batchnorm._fused import fused_unsupported_reason, resolve_fused_at_build
 from batchnorm._keras_weights import keras_parameter_shape, weights_from_arrays
 from batchnorm._layer_config import layer_config, layer_kwargs_from_config
+from batchnorm._presets import Framework, preset_kwargs
 from batchnorm.functional import BatchNormStatistics
 from batchnorm.functional._batch_norm import (
     BatchNormOptions,
@@ -111,6 +112,7 @@ class BatchNormalization(nn.Module):
     moving_stddev: torch.Tensor
     renorm_mean: torch.Tensor
     renorm_stddev: torch.Tensor
+    moving_average_weight: torch.Tensor
 
     def __init__(
         self,
@@ -464,6 +466,25 @@ class BatchNormalization(nn.Module):
     def from_config(cls, config: Mapping[str, Any]) -> BatchNormalization:
         """Rebuild a layer from :meth:`get_config` or from a tf-keras / Keras 3 layer config."""
         return cls(**layer_kwargs_from_config(config))
+
+    @classmethod
+    def like(
+        cls,
+        framework: Framework,
+        num_features: int | Sequence[int] | None = None,
+        **overrides: Any,
+    ) -> BatchNormalization:
+        """A layer that reproduces ``framework``'s batch norm: "keras" (tf-keras 2), "keras3",
+        "torch", "caffe" or "flax".
+
+        The preset sets axis, momentum (converted to this layer's Keras convention: PyTorch's 0.1
+        is 0.9 here), epsilon, the moving-variance estimator, the moving-average kind, gamma/beta
+        and global-stats behaviour; ``overrides`` are this layer's own arguments and win.
+
+        Example:
+            >>> bn = BatchNormalization.like("torch", 64)  # as torch.nn.BatchNorm2d(64)
+        """
+        return cls(num_features, **preset_kwargs(framework, overrides))
 
     def extra_repr(self) -> str:
         shape = tuple(self.moving_mean.shape) if self.built else None

@@ -321,9 +321,9 @@ def batch_norm_step(
     ghost_batches = 1 if virtual_batch_size is None else x.shape[0] // virtual_batch_size
     moments = backend.batch_moments(x, axes, weights, ghost_batches)
     # Ghost batches update the moving statistics once, with the mean of their statistics.
-    batch_mean = moments.mean.detach().mean(dim=0).to(compute_dtype)
-    batch_variance = moments.variance.detach().mean(dim=0).to(compute_dtype)
-    count = moments.total_weight.detach().to(compute_dtype).mean(dim=0)
+    batch_mean = _mean_over_ghost_batches(moments.mean.detach()).to(compute_dtype)
+    batch_variance = _mean_over_ghost_batches(moments.variance.detach()).to(compute_dtype)
+    count = _mean_over_ghost_batches(moments.total_weight.detach().to(compute_dtype))
     new_statistics = _updated_statistics(statistics, batch_mean, batch_variance, count, options)
     if statistics.renorm_mean is not None and statistics.renorm_stddev is not None:
         correction = renorm_correction(
@@ -346,6 +346,13 @@ def batch_norm_step(
         return y_train.to(x.dtype), new_statistics
     y, selected = _select_branch(training, y_train, inference_output(), new_statistics, statistics)
     return y.to(x.dtype), selected
+
+
+def _mean_over_ghost_batches(per_ghost_batch: torch.Tensor) -> torch.Tensor:
+    # A view when there is one ghost batch: this runs on every training step.
+    if per_ghost_batch.shape[0] == 1:
+        return per_ghost_batch[0]
+    return per_ghost_batch.mean(dim=0)
 
 
 def _per_channel(
