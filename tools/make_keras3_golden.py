@@ -221,9 +221,7 @@ def make_files(arrays):
     record_file(files, arrays, "tfk_nested.h5", nested, bn, rng, (4,))
 
     keras.utils.set_random_seed(SEED)
-    model3 = keras.Sequential(
-        [keras.Input((6, 6, 2)), *conv_stack(keras.layers, center=False, scale=False)]
-    )
+    model3 = keras.Sequential([keras.Input((6, 6, 2)), *conv_stack(keras.layers, scale=False)])
     train_a_little(model3, rng, (6, 6, 2))
     model3.save(OUT / "k3_model.keras")
     model3.save_weights(OUT / "k3_model.weights.h5")

@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple
 from torch import nn
 
 from batchnorm._batch_normalization import BatchNormalization
-from batchnorm.keras._records import KerasBatchNormLayer
+from batchnorm.keras._records import GAMMA_OR_BETA, KerasBatchNormLayer
 
 Resolution = Literal["configure", "adapt", "cannot load"]
 TorchBatchNorm = nn.modules.batchnorm._BatchNorm
@@ -108,9 +108,11 @@ def _structure_differences(
         differences.append(
             Difference("channels", file_shape, "not built: build the layer first", "cannot load")
         )
+    if GAMMA_OR_BETA in record.weights:
+        differences.append(_unresolved_gamma_or_beta(f"scale={layer.scale}, center={layer.center}"))
     for weight, setting in (("gamma", "scale"), ("beta", "center")):
         in_file, in_module = weight in record.weights, bool(getattr(layer, setting))
-        if in_file != in_module:
+        if in_file != in_module and GAMMA_OR_BETA not in record.weights:
             resolution: Resolution = "adapt" if in_module else "cannot load"
             differences.append(Difference(setting, in_file, in_module, resolution))
     if record.renorm != layer.renorm:
@@ -189,9 +191,11 @@ def torch_differences(
         )
     if not module.track_running_stats:
         differences.append(Difference("track_running_stats", True, False, "cannot load"))
+    if GAMMA_OR_BETA in record.weights:
+        differences.append(_unresolved_gamma_or_beta(f"affine={module.affine}"))
     for weight, setting in (("gamma", "scale"), ("beta", "center")):
         in_file = weight in record.weights
-        if in_file != module.affine:
+        if in_file != module.affine and GAMMA_OR_BETA not in record.weights:
             resolution: Resolution = "adapt" if module.affine else "cannot load"
             differences.append(
                 Difference(f"{setting} (affine)", in_file, module.affine, resolution)
@@ -219,6 +223,15 @@ def torch_differences(
             f"stores the {estimator or 'biased or unbiased'} one (loaded as it is)"
         )
     return differences, notes
+
+
+def _unresolved_gamma_or_beta(in_module: str) -> Difference:
+    return Difference(
+        "scale/center",
+        "gamma or beta (a weights-only file does not say which)",
+        in_module,
+        "cannot load",
+    )
 
 
 def record_renorm(config: Mapping[str, Any]) -> bool:

@@ -25,15 +25,30 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm.keras._records import KerasBatchNormLayer, batch_norm_configs, decode
+from batchnorm.keras._records import (
+    GAMMA_OR_BETA,
+    KerasBatchNormLayer,
+    batch_norm_configs,
+    decode,
+)
 
 _ARCHIVE_MEMBERS = ("config.json", "model.weights.h5")
 _SNAKE_GROUP = re.compile(r"^batch_normalization(_\d+)?$")
-# A weights-only file does not say whether a layer has gamma or beta; the count does, except 3/6.
+# A weights-only file does not name the variables; the count does, except which of gamma and
+# beta a layer with 3 (6 with renorm) holds.
 _NAMES_BY_COUNT = {
     2: ("moving_mean", "moving_variance"),
+    3: (GAMMA_OR_BETA, "moving_mean", "moving_variance"),
     4: ("gamma", "beta", "moving_mean", "moving_variance"),
     5: ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev"),
+    6: (
+        GAMMA_OR_BETA,
+        "moving_mean",
+        "moving_variance",
+        "moving_stddev",
+        "renorm_mean",
+        "renorm_stddev",
+    ),
     7: (
         "gamma",
         "beta",
@@ -97,7 +112,12 @@ def is_keras3_weights_h5(handle: Any) -> bool:
 
 
 def read_keras3_weights_h5(handle: Any) -> list[KerasBatchNormLayer]:
-    """A Keras 3 ``.weights.h5`` without a config: batch-norm layers known by their group name."""
+    """A Keras 3 ``.weights.h5`` without a config: batch-norm layers known by their group name.
+
+    The order is that of the group names (``batch_normalization``, ``_1``, ... ``_10``), which is
+    the layer order within one model; layers of nested models come after or before those of the
+    outer model by name, so pair such files with an explicit ``mapping``.
+    """
     layers = []
     for name, found in _vars_groups(handle).items():
         for location, arrays in found:
@@ -107,9 +127,8 @@ def read_keras3_weights_h5(handle: Any) -> list[KerasBatchNormLayer]:
             names = _NAMES_BY_COUNT.get(len(arrays))
             if names is None:
                 raise ValueError(
-                    f"Layer {name!r} at {location} has {len(arrays)} variables: without the "
-                    "model config a weights-only file cannot tell whether they include gamma or "
-                    "beta. Load the `.keras` file that holds config.json instead."
+                    f"Expected 2 to 7 variables for BatchNormalization layer {name!r}. "
+                    f"Received: {len(arrays)} at {location}"
                 )
             layers.append(
                 KerasBatchNormLayer(

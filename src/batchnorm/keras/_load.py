@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -21,7 +22,7 @@ from batchnorm.keras._compare import (
     torch_differences,
 )
 from batchnorm.keras._read import read_batch_norm_layers
-from batchnorm.keras._records import KerasBatchNormLayer
+from batchnorm.keras._records import GAMMA_OR_BETA, KerasBatchNormLayer
 from batchnorm.keras._report import LayerLoad, LoadReport, Status, shown
 
 
@@ -201,10 +202,12 @@ def _pairs_by_mapping(
 def _plan(
     record: KerasBatchNormLayer, module_name: str, module: BatchNormModule, configure: bool
 ) -> _Plan:
+    record, resolved = _resolve_gamma_or_beta(record, module)
     if isinstance(module, BatchNormalization):
         differences, notes = layer_differences(record, module)
     else:
         differences, notes = torch_differences(record, module)
+    notes = resolved + notes
     settable = [d for d in differences if d.resolution == "configure"] if configure else []
     for difference in settable:
         _check_setting(record, difference)
@@ -216,6 +219,23 @@ def _plan(
             _layer_arrays(plan), module._weight_names(), tuple(module.moving_mean.shape)
         )
     return plan
+
+
+def _resolve_gamma_or_beta(
+    record: KerasBatchNormLayer, module: BatchNormModule
+) -> tuple[KerasBatchNormLayer, list[str]]:
+    """Name a weights-only file's unnamed gamma-or-beta after the one weight the module has."""
+    if GAMMA_OR_BETA not in record.weights or not isinstance(module, BatchNormalization):
+        return record, []
+    present = [n for n, on in (("gamma", module.scale), ("beta", module.center)) if on]
+    if len(present) != 1:
+        return record, []
+    weights = {(present[0] if k == GAMMA_OR_BETA else k): v for k, v in record.weights.items()}
+    note = (
+        f"the file does not say whether its first variable is gamma or beta; loaded as "
+        f"{present[0]}, the module's only one"
+    )
+    return dataclasses.replace(record, weights=weights), [note]
 
 
 def _check_setting(record: KerasBatchNormLayer, difference: Difference) -> None:

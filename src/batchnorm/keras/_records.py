@@ -9,6 +9,9 @@ from typing import Any, Literal
 import numpy as np
 
 KerasFormat = Literal["tf-keras HDF5", "Keras 3"]
+# A Keras 3 weights-only file stores 3 (or 6 with renorm) unnamed variables for a layer with only
+# one of gamma and beta; which one is decided by the module it is loaded into.
+GAMMA_OR_BETA = "gamma_or_beta"
 BATCH_NORM_WEIGHT_NAMES = (
     "gamma",
     "beta",
@@ -28,7 +31,9 @@ class KerasBatchNormLayer:
         name: the Keras layer name (``"bn_conv"``, ``"batch_normalization_3"``).
         weights: arrays by Keras weight name, in Keras order: gamma, beta, moving_mean,
             moving_variance[, moving_stddev, renorm_mean, renorm_stddev]; gamma/beta absent
-            when the layer was built with ``scale=False`` / ``center=False``.
+            when the layer was built with ``scale=False`` / ``center=False``. A Keras 3
+            weights-only file cannot say which of the two a layer with one of them holds: that
+            weight is named ``"gamma_or_beta"``.
         config: the layer config as Keras wrote it, or None when the file holds weights only.
         file_format: ``"tf-keras HDF5"`` (tf.keras 2.x ``.h5``) or ``"Keras 3"`` (``.keras``).
         location: where the weights are inside the file (an HDF5 group path).
