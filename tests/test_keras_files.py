@@ -323,7 +323,7 @@ def test_channel_count_mismatch_loads_nothing():
         (
             {"bn_missing": "0"},
             ValueError,
-            r"`mapping` names Keras layers \['bn_missing'\] that the file does not have; its batch-norm layers are 2 batch-norm layers \['bn_conv', 'bn_dense'\]",
+            r"`mapping` names Keras layers \['bn_missing'\] that the file does not have; it has 2 batch-norm layers \['bn_conv', 'bn_dense'\]",
         ),
         (
             {"bn_conv": "7"},

@@ -174,8 +174,8 @@ def _pairs_by_mapping(
     unknown = [name for name in mapping if name not in by_name]
     if unknown:
         raise ValueError(
-            f"`mapping` names Keras layers {unknown} that the file does not have; its "
-            f"batch-norm layers are {_names(records)}. Received: mapping={dict(mapping)!r}"
+            f"`mapping` names Keras layers {unknown} that the file does not have; it has "
+            f"{_names(records)}. Received: mapping={dict(mapping)!r}"
         )
     available = dict(modules)
     missing = [name for name in mapping.values() if name not in available]
