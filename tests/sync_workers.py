@@ -55,6 +55,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         },
         "shape": (4,),
     },
+    "debiased": {
+        "sizes": {2: [3, 5], 3: [2, 2, 3]},
+        "kwargs": {
+            "axis": -1,
+            "moving_average": "debiased",
+            "moving_variance_estimator": "unbiased",
+        },
+        "shape": (3,),
+    },
     "multi_axis": {
         "sizes": {2: [2, 3], 3: [2, 2, 1]},
         "kwargs": {"axis": [1, 3]},

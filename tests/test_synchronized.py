@@ -204,6 +204,8 @@ def test_convert_sync_replaces_every_batch_norm():
         nn.Sequential(nn.BatchNorm2d(3, affine=False).double()),
         BatchNormalization(3, axis=1, fused=True),
         nn.SyncBatchNorm(3),
+        nn.BatchNorm2d(3, momentum=None, track_running_stats=False),
+        nn.LazyBatchNorm3d(),
     )
     with torch.no_grad():
         model[1].running_mean.fill_(0.5)
@@ -211,25 +213,26 @@ def test_convert_sync_replaces_every_batch_norm():
     weight = model[1].weight
     converted = batchnorm.convert_sync(model)
     assert converted is model
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    layers = [m for m in model.modules() if isinstance(m, BatchNormalization)]
+    assert len(layers) == 6 and all(m.synchronized and m.fused is False for m in layers)
     first = model[1]
-    assert isinstance(first, SyncBatchNormalization)
     assert first.momentum == pytest.approx(0.75) and first.epsilon == 1e-4 and first.axis == 1
     assert torch.equal(first.gamma, weight) and torch.all(first.moving_mean == 0.5)
-    assert first._unbiased_moving_variance
+    assert first.moving_variance_estimator == "unbiased"
     inner = model[2][0]
-    assert isinstance(inner, SyncBatchNormalization) and not inner.center and not inner.scale
-    assert inner.moving_mean.dtype == torch.float64
-    assert model[3].synchronized and model[3].fused is False
-    assert isinstance(model[4], SyncBatchNormalization)
+    assert not inner.center and not inner.scale and inner.moving_mean.dtype == torch.float64
+    # A layer that resolved to tf-keras' fused path keeps its unbiased moving variance.
+    assert model[3].moving_variance_estimator == "unbiased"
+    assert model[5].use_global_stats is False and model[5].moving_average == "debiased"
     assert set(first.state_dict()) == {"gamma", "beta", "moving_mean", "moving_variance"}
-    assert isinstance(batchnorm.convert_sync(nn.BatchNorm3d(2)), SyncBatchNormalization)
+    single = batchnorm.convert_sync(nn.BatchNorm3d(2))
+    assert isinstance(single, BatchNormalization) and single.synchronized
 
 
 def test_convert_sync_keeps_torch_numerics_without_group():
-    torch.manual_seed(0)
-    reference = nn.BatchNorm2d(3, momentum=0.3, eps=1e-4).double()
+    reference = sync_workers.torch_batch_norm(torch.float64)
     converted = batchnorm.convert_sync(sync_workers.torch_batch_norm(torch.float64))
-    reference.load_state_dict(sync_workers.torch_batch_norm(torch.float64).state_dict())
     for _ in range(2):
         x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
         torch.testing.assert_close(converted(x), reference(x))
@@ -239,14 +242,8 @@ def test_convert_sync_keeps_torch_numerics_without_group():
 
 def test_convert_sync_errors():
     with pytest.raises(
-        NotImplementedError, match=r"use_global_stats=False.*track_running_stats=False"
-    ):
-        batchnorm.convert_sync(nn.BatchNorm2d(3, track_running_stats=False))
-    with pytest.raises(NotImplementedError, match=r"moving_average='debiased'.*momentum=None"):
-        batchnorm.convert_sync(nn.Sequential(nn.BatchNorm1d(3, momentum=None)))
-    with pytest.raises(ValueError, match=r"run LazyBatchNorm2d once"):
-        batchnorm.convert_sync(nn.LazyBatchNorm2d())
-    with pytest.raises(
         TypeError, match=r"`process_group` must be a torch.distributed.ProcessGroup"
     ):
         batchnorm.convert_sync(nn.BatchNorm1d(3), process_group=3.5)
+    with pytest.raises(ValueError, match=r"`process_group` is only used with `synchronized=True`"):
+        BatchNormalization(3, process_group=object())

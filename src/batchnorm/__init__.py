@@ -7,24 +7,36 @@ Example:
     >>> y = layer(torch.randn(2, 3, 5, 5), training=False) # moving statistics
 """
 
-from batchnorm import constraints, functional, initializers, regularizers
+from batchnorm import constraints, functional, initializers, keras, regularizers
 from batchnorm._batch_normalization import BatchNormalization
+from batchnorm._caffe import from_caffe
 from batchnorm._constraint_hook import apply_constraints, apply_constraints_after_step
+from batchnorm._presets import FRAMEWORK_PRESETS, porting_table
+from batchnorm._sample_normalization import SampleNormalization
 from batchnorm._sync_batch_normalization import SyncBatchNormalization, convert_sync
+from batchnorm._torch_conversion import convert, from_torch, to_torch
 from batchnorm.functional import BatchNormStatistics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FRAMEWORK_PRESETS",
     "BatchNormStatistics",
     "BatchNormalization",
+    "SampleNormalization",
     "SyncBatchNormalization",
     "__version__",
     "apply_constraints",
     "apply_constraints_after_step",
     "constraints",
+    "convert",
     "convert_sync",
+    "from_caffe",
+    "from_torch",
     "functional",
     "initializers",
+    "keras",
+    "porting_table",
     "regularizers",
+    "to_torch",
 ]

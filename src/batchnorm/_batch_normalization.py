@@ -6,7 +6,7 @@ import itertools
 import numbers
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -17,8 +17,13 @@ from batchnorm._dtype_policy import resolve_dtype_policy
 from batchnorm._fused import fused_unsupported_reason, resolve_fused_at_build
 from batchnorm._keras_weights import keras_parameter_shape, weights_from_arrays
 from batchnorm._layer_config import layer_config, layer_kwargs_from_config
+from batchnorm._presets import Framework, preset_kwargs
 from batchnorm.functional import BatchNormStatistics
-from batchnorm.functional._batch_norm import BatchNormOptions, batch_norm_step
+from batchnorm.functional._batch_norm import (
+    BatchNormOptions,
+    batch_norm_step,
+    check_use_global_stats,
+)
 from batchnorm.functional._synchronized import check_synchronized, synchronizes
 from batchnorm.functional._validation import (
     check_axis_type,
@@ -32,6 +37,8 @@ from batchnorm.functional._validation import (
 
 _NAME_COUNTER = itertools.count()
 STATISTIC_NAMES = BatchNormStatistics._fields
+MovingVarianceEstimator = Literal["auto", "biased", "unbiased"]
+MovingAverage = Literal["ema", "debiased"]
 
 
 class BatchNormalization(nn.Module):
@@ -48,10 +55,17 @@ class BatchNormalization(nn.Module):
     (``training=False`` or ``module.eval()``) the moving statistics are used and left unchanged.
     ``trainable=False`` freezes gamma/beta AND forces inference, as in tf-keras 2.
 
-    Which variance is stored follows tf-keras: its fused path (rank 4/5 input, channel axis first
-    or last, float32/16 compute, no renorm, ghost batches or adjustment; ``fused=None`` picks it
-    when possible) stores the Bessel-corrected ``Var[x] * n / (n - 1)``, the non-fused path the
-    biased ``Var[x]``.
+    Which variance is stored follows tf-keras by default (``moving_variance_estimator="auto"``):
+    its fused path (rank 4/5 input, channel axis first or last, float32/16 compute, no renorm,
+    ghost batches or adjustment; ``fused=None`` picks it when possible) stores the
+    Bessel-corrected ``Var[x] * n / (n - 1)``, the non-fused path the biased ``Var[x]``.
+    ``"biased"`` / ``"unbiased"`` choose one whatever the path (Keras 3 and Flax store the biased
+    one, PyTorch and Caffe the unbiased one).
+
+    ``moving_average="debiased"`` replaces the exponential average by Caffe's bias-corrected one,
+    ``m <- m + (batch - m) / s`` with ``s <- momentum * s + 1`` kept in the buffer
+    ``moving_average_weight`` (the first batch replaces the initial value; ``momentum=1.0`` is
+    the plain average of all batches, PyTorch's ``momentum=None``).
 
     Args:
         num_features: channel count (int), or a tuple for several axes; builds the weights now.
@@ -69,6 +83,13 @@ class BatchNormalization(nn.Module):
             ``renorm_momentum`` (default 0.99) configure it.
         fused: None (tf-keras' automatic choice), True (must be fusable) or False.
         trainable: False freezes gamma/beta and runs in inference mode.
+        moving_variance_estimator: "auto" (tf-keras: unbiased on the fused path, biased
+            otherwise), "biased" or "unbiased": the variance the moving average stores.
+        moving_average: "ema" (Keras/PyTorch exponential average) or "debiased" (Caffe).
+        use_global_stats: None (batch statistics in training, moving ones in inference), True
+            (moving statistics always, never updated; gamma/beta still train: Caffe's TEST
+            phase) or False (batch statistics always; moving ones still update in training:
+            Keras 1 ``mode=2``, PyTorch ``track_running_stats=False``).
         virtual_batch_size: ghost-batch size; must divide the training batch.
         adjustment: ``f(input_shape) -> (a, b)`` applied in training: scale ``a * gamma``,
             offset ``b * gamma + beta``.
@@ -96,6 +117,7 @@ class BatchNormalization(nn.Module):
     moving_stddev: torch.Tensor
     renorm_mean: torch.Tensor
     renorm_stddev: torch.Tensor
+    moving_average_weight: torch.Tensor
 
     def __init__(
         self,
@@ -121,6 +143,9 @@ class BatchNormalization(nn.Module):
         trainable: bool = True,
         virtual_batch_size: int | None = None,
         adjustment: Callable[[torch.Size], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        moving_variance_estimator: MovingVarianceEstimator = "auto",
+        moving_average: MovingAverage = "ema",
+        use_global_stats: bool | None = None,
         dtype: Any = None,
         device: Any = None,
         name: str | None = None,
@@ -131,7 +156,6 @@ class BatchNormalization(nn.Module):
         self.synchronized, self.process_group = check_synchronized(
             synchronized, process_group, fused
         )
-        self._unbiased_moving_variance = False  # torch's convention, set by convert_sync
         self._layout_agreed = False  # set once the ranks agreed on the channel shape
         fused = False if self.synchronized else fused
         self.axis: list[int] | int = check_axis_type(axis) if not isinstance(axis, int) else axis
@@ -170,6 +194,11 @@ class BatchNormalization(nn.Module):
                 f"cannot include 0. Received: axis={axis!r}"
             )
         self.adjustment = adjustment
+        self.moving_variance_estimator = _check_choice(
+            moving_variance_estimator, "moving_variance_estimator", MovingVarianceEstimator
+        )
+        self.moving_average = _check_choice(moving_average, "moving_average", MovingAverage)
+        self.use_global_stats = check_use_global_stats(use_global_stats)
         self.dtype_policy = resolve_dtype_policy(dtype)
         if fused not in (None, True, False):
             raise TypeError(f"`fused` must be None, True or False. Received: fused={fused!r}")
@@ -246,6 +275,10 @@ class BatchNormalization(nn.Module):
             self.register_buffer("moving_stddev", moving_variance.sqrt())
             self.register_buffer("renorm_mean", initial(self.moving_mean_initializer))
             self.register_buffer("renorm_stddev", moving_variance.sqrt())
+        if self.moving_average == "debiased":
+            # float64: with momentum=1 it counts batches, exactly up to 2**53.
+            weight = torch.zeros((), dtype=torch.float64, device=device)
+            self.register_buffer("moving_average_weight", weight)
         self.built = True
 
     def _load_from_state_dict(
@@ -344,11 +377,12 @@ class BatchNormalization(nn.Module):
         options = BatchNormOptions(
             momentum=self.momentum,
             epsilon=self.epsilon,
-            unbiased_moving_variance=bool(self.fused) or self._unbiased_moving_variance,
+            unbiased_moving_variance=self._stores_unbiased_variance(),
             renorm_clipping=self.renorm_clipping,
             renorm_momentum=self.renorm_momentum,
             virtual_batch_size=self.virtual_batch_size,
             adjustment=self.adjustment,
+            use_global_stats=self.use_global_stats,
             synchronized=self.synchronized,
             process_group=self.process_group,
             layout_agreed=self._layout_agreed and self.virtual_batch_size is None,
@@ -364,14 +398,19 @@ class BatchNormalization(nn.Module):
             resolved,
             mask,
         )
-        if resolved is not False and self.synchronized and not self._layout_agreed:
-            self._layout_agreed = synchronizes(self.process_group)
+        if self.synchronized and not self._layout_agreed and self.use_global_stats is not True:
+            self._layout_agreed = resolved is not False and synchronizes(self.process_group)
         if resolved is not False:
             with torch.no_grad():
                 for old, new in zip(statistics, updated, strict=True):
                     if old is not None and new is not None and new is not old:
                         old.copy_(new)
         return y
+
+    def _stores_unbiased_variance(self) -> bool:
+        if self.moving_variance_estimator == "auto":
+            return bool(self.fused)
+        return bool(self.moving_variance_estimator == "unbiased")
 
     # ------------------------------------------------------------------ Keras API
     @property
@@ -445,13 +484,43 @@ class BatchNormalization(nn.Module):
         """Rebuild a layer from :meth:`get_config` or from a tf-keras / Keras 3 layer config."""
         return cls(**layer_kwargs_from_config(config))
 
+    @classmethod
+    def like(
+        cls,
+        framework: Framework,
+        num_features: int | Sequence[int] | None = None,
+        **overrides: Any,
+    ) -> BatchNormalization:
+        """A layer that reproduces ``framework``'s batch norm: "keras" (tf-keras 2), "keras3",
+        "torch", "caffe" or "flax".
+
+        The preset sets axis, momentum (converted to this layer's Keras convention: PyTorch's 0.1
+        is 0.9 here), epsilon, the moving-variance estimator, the moving-average kind, gamma/beta
+        and global-stats behaviour; ``overrides`` are this layer's own arguments and win.
+
+        Example:
+            >>> bn = BatchNormalization.like("torch", 64)  # as torch.nn.BatchNorm2d(64)
+        """
+        return cls(num_features, **preset_kwargs(framework, overrides))
+
     def extra_repr(self) -> str:
         shape = tuple(self.moving_mean.shape) if self.built else None
         return (
             f"num_features={shape}, axis={self.axis}, momentum={self.momentum}, "
             f"epsilon={self.epsilon}, center={self.center}, scale={self.scale}, "
             f"renorm={self.renorm}, fused={self.fused}, trainable={self._trainable}"
+            + "".join(f", {k}={v!r}" for k, v in self._convention_options().items())
         )
+
+    def _convention_options(self) -> dict[str, Any]:
+        """The framework-convention options that differ from tf-keras' defaults."""
+        options = {
+            "moving_variance_estimator": self.moving_variance_estimator,
+            "moving_average": self.moving_average,
+            "use_global_stats": self.use_global_stats,
+        }
+        defaults = {"moving_variance_estimator": "auto", "moving_average": "ema"}
+        return {k: v for k, v in options.items() if v != defaults.get(k)}
 
 
 def _default_name() -> str:
@@ -473,3 +542,13 @@ def _channel_shape_argument(num_features: Any) -> tuple[int, ...]:
             f"Received: num_features={num_features!r}"
         )
     return tuple(int(v) for v in values)
+
+
+def _check_choice(value: Any, argument: str, choices: Any) -> Any:
+    allowed = get_args(choices)
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(
+            f"`{argument}` must be one of {', '.join(repr(c) for c in allowed)}. "
+            f"Received: {argument}={value!r}"
+        )
+    return value

@@ -33,6 +33,9 @@ _INIT_KEYS = {
     "fused",
     "trainable",
     "virtual_batch_size",
+    "moving_variance_estimator",
+    "moving_average",
+    "use_global_stats",
     "dtype",
     "name",
     "synchronized",
@@ -76,6 +79,7 @@ def layer_config(layer: BatchNormalization) -> dict[str, Any]:
         config["synchronized"] = True
     if layer._fused_argument is not None:
         config["fused"] = layer._fused_argument
+    config.update(layer._convention_options())
     if layer.built:
         shape = tuple(layer.moving_mean.shape)
         config["num_features"] = shape[0] if len(shape) == 1 else list(shape)

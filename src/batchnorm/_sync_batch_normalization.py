@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from batchnorm._batch_normalization import BatchNormalization
+from batchnorm._torch_conversion import convert
 from batchnorm.functional._synchronized import check_synchronized
 
 
@@ -57,13 +57,15 @@ class SyncBatchNormalization(BatchNormalization):
 def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
     """Make every batch norm in ``model`` synchronized; returns the model (or its replacement).
 
-    Our :class:`BatchNormalization` layers are switched in place (same parameters, buffers and
-    moving-variance convention: a layer that resolved to tf-keras' fused path keeps storing the
-    Bessel-corrected variance). ``torch.nn.BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` are replaced
-    by a :class:`SyncBatchNormalization` with the same weights, statistics and conventions:
-    ``axis=1``, Keras momentum ``1 - momentum``, the same ``eps``, the unbiased moving variance
-    torch stores, ``affine=False`` as ``center=scale=False``. State-dict keys become ours
-    (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``).
+    ``torch.nn.BatchNorm1d/2d/3d``, their Lazy versions and ``SyncBatchNorm`` are first replaced
+    by :class:`BatchNormalization` layers with the same weights, statistics and conventions
+    (:func:`batchnorm.from_torch`: ``axis=1``, Keras momentum ``1 - momentum``, the same ``eps``,
+    the unbiased moving variance torch stores, ``affine=False`` as ``center=scale=False``,
+    ``momentum=None`` as ``moving_average="debiased"``, ``track_running_stats=False`` as
+    ``use_global_stats=False``). Then every :class:`BatchNormalization` is switched in place to
+    ``synchronized=True`` (same parameters and buffers; a layer that resolved to tf-keras' fused
+    path keeps storing the Bessel-corrected variance). State-dict keys become ours (``gamma``,
+    ``beta``, ``moving_mean``, ``moving_variance``).
 
     Args:
         model: any module; a batch-norm module itself is converted and returned.
@@ -71,69 +73,20 @@ def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
-        >>> model = convert_sync(model)  # then wrap in DistributedDataParallel
+        >>> model = convert_sync(model)  # then wrap it in DistributedDataParallel
     """
     check_synchronized(True, process_group, None)
-    if isinstance(model, BatchNormalization):
-        _synchronize_in_place(model, process_group)
-        return model
-    if isinstance(model, nn.modules.batchnorm._BatchNorm):
-        return _from_torch(model, process_group)
-    for name, child in model.named_children():
-        converted = convert_sync(child, process_group)
-        if converted is not child:
-            model.add_module(name, converted)
+    model = convert(model, to="batchnorm")
+    for module in model.modules():
+        if isinstance(module, BatchNormalization):
+            _synchronize_in_place(module, process_group)
     return model
 
 
 def _synchronize_in_place(layer: BatchNormalization, process_group: Any) -> None:
-    layer._unbiased_moving_variance = layer._unbiased_moving_variance or bool(layer.fused)
+    if layer.moving_variance_estimator == "auto" and layer.fused:
+        layer.moving_variance_estimator = "unbiased"
     layer.synchronized, layer.process_group = True, process_group
     layer.fused = False
     if layer._fused_argument:
         layer._fused_argument = False
-
-
-def _from_torch(module: nn.modules.batchnorm._BatchNorm, process_group: Any) -> nn.Module:
-    kind = type(module).__name__
-    if not module.track_running_stats or module.running_mean is None:
-        raise NotImplementedError(
-            f"convert_sync cannot convert {kind}(track_running_stats=False) yet: it needs "
-            "BatchNormalization's `use_global_stats=False` option (batch statistics in "
-            "inference). Received: track_running_stats=False"
-        )
-    if module.momentum is None:
-        raise NotImplementedError(
-            f"convert_sync cannot convert {kind}(momentum=None) yet: the cumulative average needs "
-            "BatchNormalization's `moving_average='debiased'` option. Received: momentum=None"
-        )
-    if isinstance(module.running_mean, nn.parameter.UninitializedBuffer):
-        raise ValueError(
-            f"convert_sync needs the channel count: run {kind} once (or build it) before "
-            "converting. Received: an uninitialised lazy batch norm"
-        )
-    running_mean = module.running_mean
-    assert module.running_var is not None
-    dtype = running_mean.dtype
-    layer = SyncBatchNormalization(
-        module.num_features,
-        process_group=process_group,
-        axis=1,
-        momentum=1.0 - float(module.momentum),
-        epsilon=float(module.eps),
-        center=module.affine,
-        scale=module.affine,
-        dtype=None if dtype == torch.float32 else str(dtype).removeprefix("torch."),
-        device=running_mean.device,
-    )
-    layer._unbiased_moving_variance = True
-    with torch.no_grad():
-        layer.moving_mean.copy_(running_mean)
-        layer.moving_variance.copy_(module.running_var)
-        if module.affine:
-            layer.gamma.copy_(module.weight)
-            layer.beta.copy_(module.bias)
-            layer.gamma.requires_grad_(module.weight.requires_grad)
-            layer.beta.requires_grad_(module.bias.requires_grad)
-    layer.train(module.training)
-    return layer

@@ -11,7 +11,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from batchnorm.functional._backend import backend_for
-from batchnorm.functional._moving_average import moving_average_update
+from batchnorm.functional._moving_average import (
+    debiased_average_update,
+    debiased_weight_update,
+    moving_average_update,
+)
 from batchnorm.functional._renorm import renorm_correction
 from batchnorm.functional._synchronized import resolve_process_group, synchronized_moments
 from batchnorm.functional._synchronized_normalize import synchronized_normalize
@@ -35,8 +39,11 @@ class BatchNormStatistics:
     """The state of a batch-norm layer, per channel (shape = the input's sizes on the channel axes).
 
     ``moving_stddev``, ``renorm_mean`` and ``renorm_stddev`` are present with Batch
-    Renormalization only; their presence switches it on in :func:`batch_norm`. It is a pytree
-    whose leaves are the tensors present, so ``torch.func.vmap`` and ``torch.compile`` take it.
+    Renormalization only; their presence switches it on in :func:`batch_norm`.
+    ``moving_average_weight`` (a 0-d tensor, Caffe's scale factor ``s``) is present with the
+    debiased moving average only, and switches it on: the moving statistics then step as
+    ``m <- m + (batch - m) / s'`` with ``s' = momentum * s + 1``. It is a pytree whose leaves
+    are the tensors present, so ``torch.func.vmap`` and ``torch.compile`` take it.
     """
 
     moving_mean: torch.Tensor
@@ -44,8 +51,16 @@ class BatchNormStatistics:
     moving_stddev: torch.Tensor | None = None
     renorm_mean: torch.Tensor | None = None
     renorm_stddev: torch.Tensor | None = None
+    moving_average_weight: torch.Tensor | None = None
 
-    _fields = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
+    _fields = (
+        "moving_mean",
+        "moving_variance",
+        "moving_stddev",
+        "renorm_mean",
+        "renorm_stddev",
+        "moving_average_weight",
+    )
 
     def __iter__(self) -> Iterator[torch.Tensor | None]:
         return iter([getattr(self, name) for name in self._fields])
@@ -53,6 +68,10 @@ class BatchNormStatistics:
     @property
     def renorm(self) -> bool:
         return self.renorm_mean is not None
+
+    @property
+    def debiased(self) -> bool:
+        return self.moving_average_weight is not None
 
 
 def _flatten_statistics(
@@ -118,6 +137,7 @@ def batch_norm(
     virtual_batch_size: int | None = None,
     adjustment: Adjustment | None = None,
     mask: torch.Tensor | None = None,
+    use_global_stats: bool | None = None,
     synchronized: bool = False,
     process_group: Any = None,
 ) -> tuple[torch.Tensor, BatchNormStatistics]:
@@ -133,7 +153,15 @@ def batch_norm(
     convention; PyTorch's momentum is ``1 - momentum``). ``moving_variance_estimator="biased"``
     stores ``sigma_B^2`` (tf-keras' non-fused path), ``"unbiased"`` stores
     ``sigma_B^2 * n / (n - 1)`` (its fused path, and PyTorch); normalisation always uses the biased
-    one. Inference uses the moving statistics and returns them unchanged.
+    one. Inference uses the moving statistics and returns them unchanged. When ``statistics``
+    carries ``moving_average_weight`` the moving statistics follow Caffe's debiased average
+    instead (see :class:`BatchNormStatistics`).
+
+    ``use_global_stats`` decouples the statistics used from ``training``: None uses batch
+    statistics in training and moving ones in inference; True always normalises with the moving
+    statistics and never updates them (Caffe's TEST phase; gamma/beta still get gradients);
+    False always normalises with batch statistics (Keras 1 ``mode=2``, PyTorch
+    ``track_running_stats=False``) and updates the moving ones in training only.
 
     Options, with tf-keras semantics: Batch Renormalization when ``statistics`` carries the renorm
     buffers (``renorm_clipping`` keys rmin/rmax/dmax, ``renorm_momentum``); ``virtual_batch_size``
@@ -150,6 +178,7 @@ def batch_norm(
         gamma, beta: per-channel scale and offset, or None.
         training: Python bool, or a 0-d bool tensor (both branches are computed and selected,
             so the call traces without a graph break).
+        use_global_stats: None, True or False, as above.
 
     Returns:
         ``y`` in ``x.dtype`` and the new statistics (detached).
@@ -176,6 +205,7 @@ def batch_norm(
         renorm_momentum=check_fraction(renorm_momentum, "renorm_momentum"),
         virtual_batch_size=check_virtual_batch_size(virtual_batch_size),
         adjustment=adjustment,
+        use_global_stats=check_use_global_stats(use_global_stats),
         synchronized=bool(synchronized),
         process_group=process_group,
     )
@@ -195,9 +225,18 @@ class BatchNormOptions:
     renorm_momentum: float = 0.99
     virtual_batch_size: int | None = None
     adjustment: Adjustment | None = None
+    use_global_stats: bool | None = None
     synchronized: bool = False
     process_group: Any = None
     layout_agreed: bool = False  # the ranks are known to agree on channels and ghost batches
+
+
+def check_use_global_stats(value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(
+            f"`use_global_stats` must be None, True or False. Received: use_global_stats={value!r}"
+        )
+    return value
 
 
 def batch_norm_step(
@@ -217,7 +256,8 @@ def batch_norm_step(
     """
     channel_shape = tuple(x.shape[a] for a in axes)
     for name, tensor in zip(BatchNormStatistics._fields, statistics, strict=True):
-        check_tensor_shape(tensor, channel_shape, f"statistics.{name}")
+        expected = () if name == "moving_average_weight" else channel_shape
+        check_tensor_shape(tensor, expected, f"statistics.{name}")
     check_tensor_shape(gamma, channel_shape, "gamma")
     check_tensor_shape(beta, channel_shape, "beta")
     if isinstance(training, torch.Tensor) and (training.ndim != 0 or training.dtype != torch.bool):
@@ -226,6 +266,11 @@ def batch_norm_step(
             f"Received: training with shape {tuple(training.shape)} and dtype {training.dtype}"
         )
     weights = None if mask is None else _check_mask(mask, x, axes)
+    # Which statistics normalise (training) and whether the moving ones step (update).
+    update: bool | torch.Tensor = training
+    if options.use_global_stats is not None:
+        training = not options.use_global_stats
+        update = False if options.use_global_stats else update
     virtual_batch_size, epsilon = options.virtual_batch_size, options.epsilon
     if training is not False and virtual_batch_size is not None:
         if 0 in axes:
@@ -285,7 +330,10 @@ def batch_norm_step(
         )
 
     ghost_batches = 1 if virtual_batch_size is None else x.shape[0] // virtual_batch_size
-    group = resolve_process_group(options.process_group) if options.synchronized else None
+    # Only a training call synchronizes (with use_global_stats=False, inference normalises with
+    # the local batch, as torch.nn.SyncBatchNorm in eval mode): inference never communicates.
+    synchronizing = options.synchronized and update is not False
+    group = resolve_process_group(options.process_group) if synchronizing else None
     empty = math.prod(x.shape) == 0
     if group is not None:
         moments, any_elements = synchronized_moments(
@@ -295,9 +343,9 @@ def batch_norm_step(
     else:
         moments = backend.batch_moments(x, axes, weights, ghost_batches)
     # Ghost batches update the moving statistics once, with the mean of their statistics.
-    batch_mean = moments.mean.detach().mean(dim=0).to(compute_dtype)
-    batch_variance = moments.variance.detach().mean(dim=0).to(compute_dtype)
-    count = moments.total_weight.detach().to(compute_dtype).mean(dim=0)
+    batch_mean = _mean_over_ghost_batches(moments.mean.detach()).to(compute_dtype)
+    batch_variance = _mean_over_ghost_batches(moments.variance.detach()).to(compute_dtype)
+    count = _mean_over_ghost_batches(moments.total_weight.detach().to(compute_dtype))
     new_statistics = _updated_statistics(statistics, batch_mean, batch_variance, count, options)
     if statistics.renorm_mean is not None and statistics.renorm_stddev is not None:
         correction = renorm_correction(
@@ -317,12 +365,21 @@ def batch_norm_step(
         y_train = backend.normalize_batch(
             x, axes, moments, scale, offset, epsilon, weights, ghost_batches
         )
-    if empty:
+    if empty or update is False:
         new_statistics = statistics
+    elif update is not True and update is not training:
+        new_statistics = _select_statistics(update, new_statistics, statistics)
     if training is True:
         return y_train.to(x.dtype), new_statistics
     y, selected = _select_branch(training, y_train, inference_output(), new_statistics, statistics)
     return y.to(x.dtype), selected
+
+
+def _mean_over_ghost_batches(per_ghost_batch: torch.Tensor) -> torch.Tensor:
+    # A view when there is one ghost batch: this runs on every training step.
+    if per_ghost_batch.shape[0] == 1:
+        return per_ghost_batch[0]
+    return per_ghost_batch.mean(dim=0)
 
 
 def _per_channel(
@@ -349,14 +406,21 @@ def _select_branch(
     statistics: BatchNormStatistics,
 ) -> tuple[torch.Tensor, BatchNormStatistics]:
     """Both branches computed, one selected: a tensor ``training`` traces without a graph break."""
+    selected = _select_statistics(training, new_statistics, statistics)
+    return torch.where(training, y_train, y_inference), selected
+
+
+def _select_statistics(
+    condition: torch.Tensor, new_statistics: BatchNormStatistics, statistics: BatchNormStatistics
+) -> BatchNormStatistics:
     selected = {
-        name: torch.where(training, new, old)
+        name: torch.where(condition, new, old)
         for name, new, old in zip(
             BatchNormStatistics._fields, new_statistics, statistics, strict=True
         )
         if new is not None and old is not None
     }
-    return torch.where(training, y_train, y_inference), BatchNormStatistics(**selected)
+    return BatchNormStatistics(**selected)
 
 
 def _updated_statistics(
@@ -373,16 +437,23 @@ def _updated_statistics(
         # tf's fused kernel: factor n / (n - 1), and 1 when a channel has a single element.
         bessel = torch.where(count > 1, count / (count - 1).clamp(min=1), torch.ones_like(count))
         stored_variance = batch_variance * bessel
-    moving_mean = moving_average_update(statistics.moving_mean, batch_mean, momentum)
+    weight = statistics.moving_average_weight
+    if weight is not None:
+        weight = debiased_weight_update(weight, momentum)
+
+    def step(moving: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if weight is None:
+            return moving_average_update(moving, value, momentum)
+        return debiased_average_update(moving, value, weight)
+
+    moving_mean = step(statistics.moving_mean, batch_mean)
     if not statistics.renorm:
-        moving_variance = moving_average_update(
-            statistics.moving_variance, stored_variance, momentum
-        )
-        return BatchNormStatistics(moving_mean, moving_variance)
+        moving_variance = step(statistics.moving_variance, stored_variance)
+        return BatchNormStatistics(moving_mean, moving_variance, moving_average_weight=weight)
     assert statistics.moving_stddev is not None and statistics.renorm_stddev is not None
     assert statistics.renorm_mean is not None
     stddev = torch.sqrt(stored_variance + epsilon)
-    moving_stddev = moving_average_update(statistics.moving_stddev, stddev, momentum)
+    moving_stddev = step(statistics.moving_stddev, stddev)
     # Epsilon lives inside moving_stddev; the variance used at inference takes it back out.
     moving_variance = torch.relu(moving_stddev * moving_stddev - epsilon)
     renorm_mean = moving_average_update(statistics.renorm_mean, batch_mean, renorm_momentum)
@@ -390,5 +461,5 @@ def _updated_statistics(
         statistics.renorm_stddev, torch.sqrt(batch_variance + epsilon), renorm_momentum
     )
     return BatchNormStatistics(
-        moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev
+        moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev, weight
     )

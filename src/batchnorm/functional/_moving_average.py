@@ -1,4 +1,4 @@
-"""The moving-average update of the inference statistics."""
+"""The moving-average updates of the inference statistics: exponential and debiased."""
 
 from __future__ import annotations
 
@@ -18,3 +18,31 @@ def moving_average_update(
     ``assign_sub((variable - value) * (1 - momentum))`` so results round the same way.
     """
     return moving - (moving - value.to(moving.dtype)) * (1.0 - momentum)
+
+
+def debiased_weight_update(weight: torch.Tensor, momentum: float) -> torch.Tensor:
+    """The total weight of a debiased average after one more step: ``s <- momentum * s + 1``.
+
+    This is Caffe's ``scale_factor`` blob (``moving_average_fraction`` = ``momentum``); with
+    ``momentum = 1`` it counts the batches, like PyTorch's ``num_batches_tracked``.
+    """
+    return weight * momentum + 1.0
+
+
+def debiased_average_update(
+    moving: torch.Tensor, value: torch.Tensor, new_weight: torch.Tensor
+) -> torch.Tensor:
+    """One step of Caffe's bias-corrected moving average, kept in its debiased form.
+
+    Caffe stores ``sum_k lambda^k v_k`` and the weight ``s = sum_k lambda^k`` and divides at
+    inference; this keeps ``m = sum / s`` itself, updated with the new weight ``s'``:
+
+    .. math::
+        m \\leftarrow m + (v - m) / s', \\qquad s' = \\lambda s + 1
+
+    which equals ``(v + lambda * s * m) / s'``. With ``lambda = momentum = 1`` it is the plain
+    cumulative average of every batch (PyTorch's ``momentum=None``); the first step (``s = 0``)
+    replaces the initial value by the batch statistic.
+    """
+    step = (value.to(moving.dtype) - moving) / new_weight.to(moving.dtype)
+    return moving + step

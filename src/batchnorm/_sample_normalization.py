@@ -1,0 +1,127 @@
+"""``SampleNormalization``: Keras 1's BatchNormalization(mode=1), sample-wise normalisation."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchnorm.functional._validation import check_floating_input, check_positive
+
+
+class SampleNormalization(nn.Module):
+    """Keras 1's ``BatchNormalization(mode=1)``: each sample normalised over its feature axis.
+
+    .. math::
+        y = \\gamma \\frac{x - \\mu}{\\sigma + \\epsilon} + \\beta, \\qquad
+        \\mu = E_{axis}[x], \\quad \\sigma = \\sqrt{E_{axis}[(x - \\mu)^2]}
+
+    with the population standard deviation and epsilon added to the standard deviation, not the
+    variance, exactly as Keras 1.0 wrote it. Keras 1.1 and 1.2 computed
+    ``sigma = sqrt(Var + epsilon)`` and still added epsilon again; ``epsilon_in_sqrt=True`` gives
+    that form. There is no state: training and inference are the same. gamma and beta have the
+    size of the feature axis.
+
+    Args:
+        axis: the feature axis (default -1).
+        epsilon: added to the standard deviation (default 1e-3).
+        center, scale: learn beta / gamma (default True).
+        num_features: the feature count; without it the weights are created on the first call.
+        epsilon_in_sqrt: Keras 1.1/1.2's ``(x - mean) / (sqrt(var + eps) + eps)`` (default False).
+
+    Shape:
+        Input: any rank >= 1 (Keras 1 used 2-D ``(batch, features)``); output: the same.
+
+    Example:
+        >>> layer = SampleNormalization(num_features=10)
+        >>> y = layer(torch.randn(4, 10))
+    """
+
+    gamma: nn.Parameter
+    beta: nn.Parameter
+    axis: int
+    epsilon: float
+    center: bool
+    scale: bool
+    epsilon_in_sqrt: bool
+
+    def __init__(
+        self,
+        axis: int = -1,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        *,
+        num_features: int | None = None,
+        epsilon_in_sqrt: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+            raise TypeError(f"`axis` must be an int. Received: axis={axis!r}")
+        self.axis = int(axis)
+        self.epsilon = check_positive(epsilon, "epsilon")
+        self.center, self.scale = bool(center), bool(scale)
+        self.epsilon_in_sqrt = bool(epsilon_in_sqrt)
+        self.num_features: int | None = None
+        if num_features is not None:
+            if not isinstance(num_features, numbers.Integral) or num_features <= 0:
+                raise ValueError(
+                    "`num_features` must be a positive int. "
+                    f"Received: num_features={num_features!r}"
+                )
+            self._create_weights(int(num_features), torch.float32)
+
+    def _create_weights(self, features: int, dtype: torch.dtype) -> None:
+        if self.scale:
+            self.gamma = nn.Parameter(torch.ones(features, dtype=dtype))
+        if self.center:
+            self.beta = nn.Parameter(torch.zeros(features, dtype=dtype))
+        self.num_features = features
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # An unbuilt layer takes its feature count from the checkpoint.
+        for name in ("gamma", "beta"):
+            if self.num_features is None and f"{prefix}{name}" in state_dict:
+                value = state_dict[f"{prefix}{name}"]
+                self._create_weights(int(value.shape[0]), value.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_floating_input(x, "x")
+        if not -x.ndim <= self.axis < x.ndim:
+            raise ValueError(
+                f"`axis` {self.axis} is out of range for an input of rank {x.ndim}. "
+                f"Received: x.shape={tuple(x.shape)}"
+            )
+        features = x.shape[self.axis]
+        if self.num_features is None:
+            self._create_weights(features, torch.promote_types(x.dtype, torch.float32))
+        elif features != self.num_features:
+            raise ValueError(
+                f"SampleNormalization was built for {self.num_features} features on axis "
+                f"{self.axis}. Received: x.shape={tuple(x.shape)}"
+            )
+        compute = x.to(torch.promote_types(x.dtype, torch.float32))
+        mean = compute.mean(dim=self.axis, keepdim=True)
+        variance = (compute - mean).square().mean(dim=self.axis, keepdim=True)
+        if self.epsilon_in_sqrt:
+            variance = variance + self.epsilon
+        y = (compute - mean) / (variance.sqrt() + self.epsilon)
+        view = [1] * x.ndim
+        view[self.axis] = features
+        if self.scale:
+            y = y * self.gamma.reshape(view)
+        if self.center:
+            y = y + self.beta.reshape(view)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_features={self.num_features}, axis={self.axis}, epsilon={self.epsilon}, "
+            f"center={self.center}, scale={self.scale}, epsilon_in_sqrt={self.epsilon_in_sqrt}"
+        )

@@ -1,0 +1,109 @@
+"""What a Keras file says about one batch-normalization layer, whatever the file format."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+KerasFormat = Literal["tf-keras HDF5", "Keras 3"]
+# A Keras 3 weights-only file stores 3 (or 6 with renorm) unnamed variables for a layer with only
+# one of gamma and beta; which one is decided by the module it is loaded into.
+GAMMA_OR_BETA = "gamma_or_beta"
+BATCH_NORM_WEIGHT_NAMES = (
+    "gamma",
+    "beta",
+    "moving_mean",
+    "moving_variance",
+    "moving_stddev",
+    "renorm_mean",
+    "renorm_stddev",
+)
+
+
+@dataclass(frozen=True)
+class KerasBatchNormLayer:
+    """One BatchNormalization layer read from a Keras file.
+
+    Attributes:
+        name: the Keras layer name (``"bn_conv"``, ``"batch_normalization_3"``).
+        weights: arrays by Keras weight name, in Keras order: gamma, beta, moving_mean,
+            moving_variance[, moving_stddev, renorm_mean, renorm_stddev]; gamma/beta absent
+            when the layer was built with ``scale=False`` / ``center=False``. A Keras 3
+            weights-only file cannot say which of the two a layer with one of them holds: that
+            weight is named ``"gamma_or_beta"``.
+        config: the layer config as Keras wrote it, or None when the file holds weights only.
+        file_format: ``"tf-keras HDF5"`` (tf.keras 2.x ``.h5``) or ``"Keras 3"`` (``.keras``).
+        location: where the weights are inside the file (an HDF5 group path).
+        input_rank: the input rank the layer was built for, when the file records it.
+    """
+
+    name: str
+    weights: Mapping[str, np.ndarray]
+    config: Mapping[str, Any] | None
+    file_format: KerasFormat
+    location: str
+    input_rank: int | None = None
+    keras_version: str | None = field(default=None, compare=False)
+
+    @property
+    def channel_shape(self) -> tuple[int, ...]:
+        """The shape of ``moving_mean`` as stored (``(C,)`` for one channel axis)."""
+        return tuple(int(d) for d in self.weights["moving_mean"].shape)
+
+    @property
+    def renorm(self) -> bool:
+        return "moving_stddev" in self.weights
+
+
+def import_h5py() -> Any:
+    """h5py, imported on first use: it is an optional dependency (``batchnorm[keras]``)."""
+    try:
+        import h5py
+    except ImportError as error:
+        raise ImportError(
+            "Reading Keras files needs h5py, an optional dependency of batchnorm. "
+            "Install it with `pip install 'batchnorm[keras]'` (or `pip install h5py`)."
+        ) from error
+    return h5py
+
+
+def walk_layer_configs(config: Any) -> Iterator[Mapping[str, Any]]:
+    """Every layer entry ``{"class_name", "config", ...}`` in a model config, depth first.
+
+    Nested models (their ``config["layers"]``) and wrappers (``config["layer"]``) are entered, so
+    the order is the order in which Keras creates and saves the layers.
+    """
+    if isinstance(config, Mapping):
+        if "class_name" in config and isinstance(config.get("config"), Mapping):
+            yield config
+            inner = config["config"]
+            for key in ("layers", "layer"):
+                yield from walk_layer_configs(inner.get(key))
+    elif isinstance(config, list):
+        for entry in config:
+            yield from walk_layer_configs(entry)
+
+
+def is_batch_norm_entry(entry: Mapping[str, Any]) -> bool:
+    """tf-keras writes BatchNormalization (V1/V2 in old files), SyncBatchNormalization too."""
+    class_name = str(entry.get("class_name", ""))
+    return "BatchNormalization" in class_name
+
+
+def batch_norm_configs(model_config: Any) -> list[tuple[str, Mapping[str, Any], int | None]]:
+    """(name, layer config, input rank or None) of every batch-norm layer in a model config."""
+    found = []
+    for entry in walk_layer_configs(model_config):
+        if is_batch_norm_entry(entry):
+            layer_config = entry["config"]
+            shape = (entry.get("build_config") or {}).get("input_shape")
+            rank = len(shape) if isinstance(shape, list) else None
+            found.append((str(layer_config.get("name")), layer_config, rank))
+    return found
+
+
+def decode(value: Any) -> str:
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,488 @@
+"""batchnorm.keras against model files written by real tf-keras 2.20.1 and Keras 3.15.1.
+
+tools/make_keras3_golden.py saved the files in tests/golden/ and recorded, in keras_files.json and
+keras3_cases.npz, each file's batch-norm weights as Keras returned them and an inference
+input/output pair of the whole model (Conv2D -> BN -> ReLU -> Flatten -> Dense -> BN).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from batchnorm import BatchNormalization
+from batchnorm.keras import LoadReport, load_weights, read_batch_norm_layers
+from tests.test_keras_golden import assert_close
+
+pytest.importorskip("h5py")
+
+GOLDEN = Path(__file__).parent / "golden"
+FILES = json.loads((GOLDEN / "keras_files.json").read_text())["files"]
+
+
+@pytest.fixture(scope="module")
+def arrays() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / "keras3_cases.npz") as data:
+        return {key: data[key] for key in data.files if key.startswith("files/")}
+
+
+class ConvStack(nn.Module):
+    """The generator's Keras model in torch: NHWC input, Keras kernels transposed for torch."""
+
+    def __init__(self, arrays, file, bn_conv: nn.Module, bn_dense: nn.Module, nchw: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, bias=False)
+        self.dense = nn.Linear(48, 5)
+        with torch.no_grad():
+            self.conv.weight.copy_(
+                torch.tensor(arrays[f"files/{source(file)}/conv_0"]).permute(3, 2, 0, 1)
+            )
+            self.dense.weight.copy_(torch.tensor(arrays[f"files/{source(file)}/dense_0"]).T)
+            self.dense.bias.copy_(torch.tensor(arrays[f"files/{source(file)}/dense_1"]))
+        self.bn_conv, self.bn_dense, self.nchw = bn_conv, bn_dense, nchw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.permute(0, 3, 1, 2))
+        if not self.nchw:
+            y = y.permute(0, 2, 3, 1)
+        y = torch.relu(self.bn_conv(y))
+        if self.nchw:
+            y = y.permute(0, 2, 3, 1)  # Keras flattens channels last
+        return self.bn_dense(self.dense(y.flatten(1)))
+
+
+def source(file: str) -> str:
+    """A weights-only file holds the same model as the full file saved beside it."""
+    return FILES[file].get("arrays_of", file)
+
+
+def infer(model: nn.Module, arrays, file: str) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor(arrays[f"files/{source(file)}/x"]))
+
+
+def assert_layer_weights(layer: BatchNormalization, arrays, file: str, keras_name: str):
+    spec = next(s for s in FILES[file]["batch_norm_layers"] if s["name"] == keras_name)
+    ours = dict(zip(layer._weight_names(), layer.get_weights(), strict=True))
+    for weight_name in spec["weight_names"]:
+        expected = arrays[f"files/{source(file)}/{keras_name}/{weight_name}"]
+        np.testing.assert_array_equal(ours[weight_name], expected, err_msg=weight_name)
+
+
+@pytest.mark.parametrize(
+    ("file", "file_format", "has_config"),
+    [
+        ("tfk_model.h5", "tf-keras HDF5", True),
+        ("tfk_weights.h5", "tf-keras HDF5", False),
+        ("tfk_nested.h5", "tf-keras HDF5", True),
+        ("k3_model.keras", "Keras 3", True),
+        ("k3_model.weights.h5", "Keras 3", False),
+    ],
+)
+def test_read_batch_norm_layers_returns_what_keras_saved(file, file_format, has_config, arrays):
+    layers = read_batch_norm_layers(GOLDEN / file)
+    specs = FILES[file]["batch_norm_layers"]
+    assert [layer.name for layer in layers] == [spec["name"] for spec in specs]
+    for layer, spec in zip(layers, specs, strict=True):
+        assert layer.file_format == file_format
+        names = list(layer.weights)
+        if "gamma_or_beta" in names:  # a Keras 3 weights-only file does not say which
+            assert file == "k3_model.weights.h5" and spec["weight_names"][0] == "beta"
+            names[0] = "beta"
+        assert names == spec["weight_names"]
+        for weight_name, value in zip(names, layer.weights.values(), strict=True):
+            expected = arrays[f"files/{source(file)}/{spec['name']}/{weight_name}"]
+            np.testing.assert_array_equal(value, expected)
+        if has_config:
+            for key in ("axis", "momentum", "epsilon", "center", "scale"):
+                assert layer.config[key] == spec["config"][key], key
+        else:
+            assert layer.config is None
+
+
+def test_tf_keras_model_loads_into_matching_layers_and_reproduces_the_output(arrays):
+    file = "tfk_model.h5"
+    model = ConvStack(
+        arrays,
+        file,
+        BatchNormalization(3, momentum=0.9, epsilon=0.01),
+        BatchNormalization(5, renorm=True, center=False),
+    )
+    report = load_weights(model, GOLDEN / file)
+    assert isinstance(report, LoadReport) and report.ok
+    assert [(e.keras_name, e.module_name, e.status) for e in report] == [
+        ("bn_conv", "bn_conv", "loaded"),
+        ("bn_dense", "bn_dense", "loaded"),
+    ]
+    assert_layer_weights(model.bn_conv, arrays, file, "bn_conv")
+    assert_layer_weights(model.bn_dense, arrays, file, "bn_dense")
+    assert_close(
+        infer(model, arrays, file), arrays[f"files/{source(file)}/y"], 1e-5, "model output"
+    )
+
+
+def test_tf_keras_fused_layer_keeps_storing_the_unbiased_variance(arrays):
+    """tf-keras resolved fused for the rank-4 layer; ours does the same from the same config."""
+    file = "tfk_model.h5"
+    assert FILES[file]["fused"] == [True, False]
+    model = ConvStack(
+        arrays,
+        file,
+        BatchNormalization(momentum=0.9, epsilon=0.01),
+        BatchNormalization(5, renorm=True, center=False),
+    )
+    model.bn_conv.build((4, 4, 4, 3))
+    load_weights(model, GOLDEN / file)
+    before = model.bn_conv.moving_variance.double().clone()
+    x = torch.randn(8, 4, 4, 3)
+    model.bn_conv(x, training=True)
+    batch = x.double().reshape(-1, 3).var(dim=0, unbiased=True)
+    np.testing.assert_allclose(model.bn_conv.moving_variance, 0.9 * before + 0.1 * batch, rtol=1e-5)
+
+
+def test_configure_adopts_the_file_settings_and_strict_reports_what_it_cannot(arrays):
+    file = "tfk_model.h5"
+    model = ConvStack(arrays, file, BatchNormalization(3), BatchNormalization(5))
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)bn_dense -> bn_dense: center: file False, module True.*renorm: file True, module False",
+    ) as error:
+        load_weights(model, GOLDEN / file, configure=True)
+    assert "momentum" not in str(error.value)  # configure=True settles it
+    assert model.bn_conv.momentum == 0.99  # strict raised before changing anything
+    report = load_weights(model, GOLDEN / file, configure=True, strict=False)
+    assert not report.ok
+    assert (model.bn_conv.momentum, model.bn_conv.epsilon) == (0.9, 0.01)
+    assert any("configured momentum: 0.99 -> 0.9" in note for note in report[0].notes)
+    assert [d.setting for d in report[1].differences] == ["center", "renorm"]
+    np.testing.assert_array_equal(model.bn_dense.beta.detach(), np.zeros(5))  # file has no beta
+    assert_close(
+        infer(model, arrays, file), arrays[f"files/{source(file)}/y"], 1e-5, "model output"
+    )
+
+
+def test_without_configure_strict_lists_every_setting_that_differs(arrays):
+    model = ConvStack(
+        arrays,
+        "tfk_model.h5",
+        BatchNormalization(3),
+        BatchNormalization(5, renorm=True, center=False),
+    )
+    with pytest.raises(
+        ValueError, match=r"2 way\(s\):\n  bn_conv -> bn_conv: momentum: file 0.9, module 0.99"
+    ) as error:
+        load_weights(model, GOLDEN / "tfk_model.h5")
+    assert "epsilon: file 0.01, module 0.001" in str(error.value)
+    assert "configure=True" in str(error.value)
+
+
+def test_weights_only_h5_loads_and_says_what_it_could_not_check(arrays):
+    file = "tfk_weights.h5"
+    model = ConvStack(
+        arrays,
+        file,
+        BatchNormalization(3, momentum=0.9, epsilon=0.01),
+        BatchNormalization(5, renorm=True, center=False),
+    )
+    report = load_weights(model, GOLDEN / file)
+    assert report.ok
+    assert all("weights only" in " ".join(entry.notes) for entry in report)
+    assert_close(
+        infer(model, arrays, file), arrays[f"files/{source(file)}/y"], 1e-5, "model output"
+    )
+
+
+def test_nested_tf_keras_model_loads_by_mapping(arrays):
+    file = "tfk_nested.h5"
+    model = nn.Sequential()
+    model.add_module("second", BatchNormalization(3, axis=1, epsilon=0.1))
+    model.add_module("first", BatchNormalization(3, scale=False))
+    report = load_weights(model, GOLDEN / file, mapping={"inner_bn": "first", "outer_bn": "second"})
+    assert report.ok
+    assert_layer_weights(model.first, arrays, file, "inner_bn")
+    assert_layer_weights(model.second, arrays, file, "outer_bn")
+
+
+def test_keras3_model_needs_the_biased_estimator(arrays):
+    file = "k3_model.keras"
+    model = ConvStack(
+        arrays,
+        file,
+        BatchNormalization(3, momentum=0.9, epsilon=0.01),
+        BatchNormalization(5, scale=False),
+    )
+    with pytest.raises(ValueError, match=r"moving_variance_estimator: file 'biased', module 'auto"):
+        load_weights(model, GOLDEN / file)
+    report = load_weights(model, GOLDEN / file, configure=True)
+    assert report.ok
+    assert model.bn_conv.moving_variance_estimator == "biased"
+    assert_layer_weights(model.bn_conv, arrays, file, "bn_conv")
+    assert_layer_weights(model.bn_dense, arrays, file, "bn_dense")
+    assert_close(
+        infer(model, arrays, file), arrays[f"files/{source(file)}/y"], 1e-5, "model output"
+    )
+    # The loaded layer then keeps Keras 3's biased moving variance when training on.
+    model.bn_conv.build((4, 4, 4, 3))
+    before = model.bn_conv.moving_variance.double().clone()
+    x = torch.randn(8, 4, 4, 3)
+    model.bn_conv(x, training=True)
+    batch = x.double().reshape(-1, 3).var(dim=0, unbiased=False)
+    np.testing.assert_allclose(model.bn_conv.moving_variance, 0.9 * before + 0.1 * batch, rtol=1e-5)
+
+
+@pytest.mark.parametrize("file", ["k3_model.keras", "k3_model.weights.h5"])
+def test_keras3_files_load_into_unbuilt_layers(file, arrays):
+    model = ConvStack(
+        arrays,
+        file,
+        BatchNormalization.like("keras3", momentum=0.9, epsilon=0.01),
+        BatchNormalization.like("keras3", scale=False),
+    )
+    report = load_weights(model, GOLDEN / file)
+    assert report.ok
+    if file.endswith(".weights.h5"):
+        assert "loaded as beta, the module's only one" in " ".join(report[1].notes)
+    assert_close(
+        infer(model, arrays, file), arrays[f"files/{source(file)}/y"], 1e-5, "model output"
+    )
+
+
+def test_torch_batch_norm_modules_take_keras_weights(arrays):
+    file = "k3_model.keras"
+    model = ConvStack(arrays, file, nn.BatchNorm2d(3), nn.BatchNorm1d(5), nchw=True)
+    with pytest.raises(ValueError, match=r"epsilon \(eps\): file 0.01, module 1e-05"):
+        load_weights(model, GOLDEN / file)
+    report = load_weights(model, GOLDEN / file, configure=True, strict=False)
+    assert (model.bn_conv.eps, model.bn_conv.momentum) == (0.01, pytest.approx(0.1))
+    assert [d.setting for d in report[1].differences] == ["scale (affine)"]
+    assert any("unbiased" in note for note in report[0].notes)
+    np.testing.assert_array_equal(model.bn_dense.weight.detach(), np.ones(5))
+    assert_close(
+        infer(model, arrays, file), arrays[f"files/{source(file)}/y"], 1e-5, "model output"
+    )
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("file", ["tfk_no_bn.h5", "k3_no_bn.keras"])
+def test_file_without_batch_norm(file):
+    with pytest.raises(
+        ValueError,
+        match=r"Expected a Keras file with at least one BatchNormalization layer.*with none",
+    ):
+        load_weights(nn.Sequential(BatchNormalization(3)), GOLDEN / file)
+
+
+def test_model_with_fewer_batch_norm_modules_than_the_file(arrays):
+    model = nn.Sequential(BatchNormalization(3, momentum=0.9, epsilon=0.01))
+    with pytest.raises(
+        ValueError, match=r"bn_dense -> \(none\): no batch-norm module left in the model"
+    ):
+        load_weights(model, GOLDEN / "tfk_model.h5")
+    report = load_weights(model, GOLDEN / "tfk_model.h5", strict=False)
+    assert [e.status for e in report] == ["loaded", "no module"]
+    assert_layer_weights(model[0], arrays, "tfk_model.h5", "bn_conv")
+
+
+def test_model_with_more_batch_norm_modules_than_the_file():
+    model = nn.Sequential(*[BatchNormalization(3, momentum=0.9, epsilon=0.01) for _ in range(3)])
+    with pytest.raises(ValueError, match=r"None -> 2: no file layer left for this module"):
+        load_weights(model, GOLDEN / "tfk_nested.h5", strict=True)
+
+
+def test_model_without_batch_norm_modules():
+    with pytest.raises(
+        ValueError, match=r"`model` must hold batch-norm modules.*Received: a Linear with none"
+    ):
+        load_weights(nn.Linear(3, 3), GOLDEN / "tfk_model.h5")
+
+
+def test_channel_count_mismatch_loads_nothing():
+    model = nn.Sequential(BatchNormalization(4, momentum=0.9, epsilon=0.01), nn.BatchNorm1d(5))
+    before = [t.clone() for t in model.state_dict().values()]
+    with pytest.raises(
+        ValueError,
+        match=r"bn_conv -> 0: channels: file \(3,\), module \(4,\) \(the weights cannot be loaded\)",
+    ):
+        load_weights(model, GOLDEN / "tfk_model.h5", configure=True)
+    for old, new in zip(before, model.state_dict().values(), strict=True):
+        torch.testing.assert_close(old, new)
+    report = load_weights(model, GOLDEN / "tfk_model.h5", configure=True, strict=False)
+    assert report[0].status == "skipped"
+    np.testing.assert_array_equal(model[0].moving_mean, np.zeros(4))
+
+
+@pytest.mark.parametrize(
+    ("mapping", "error", "match"),
+    [
+        (
+            {"bn_missing": "0"},
+            ValueError,
+            r"`mapping` names Keras layers \['bn_missing'\] that the file does not have; it has 2 batch-norm layers \['bn_conv', 'bn_dense'\]",
+        ),
+        (
+            {"bn_conv": "7"},
+            ValueError,
+            r"`mapping` names modules \['7'\] that are not batch-norm modules of `model`; its batch-norm modules are \['0', '1'\]",
+        ),
+        (
+            {"bn_conv": "0", "bn_dense": "0"},
+            ValueError,
+            r"several Keras layers into the same modules \['0'\]",
+        ),
+        (
+            ["bn_conv"],
+            TypeError,
+            r"`mapping` must be a dict \{keras_layer_name: module_qualified_name\}",
+        ),
+    ],
+)
+def test_bad_mapping(mapping, error, match):
+    model = nn.Sequential(BatchNormalization(3), BatchNormalization(5))
+    with pytest.raises(error, match=match):
+        load_weights(model, GOLDEN / "tfk_model.h5", mapping=mapping)
+
+
+def test_mapping_leaves_other_layers_unused(arrays):
+    model = nn.Sequential(BatchNormalization(5, renorm=True, center=False))
+    report = load_weights(model, GOLDEN / "tfk_model.h5", mapping={"bn_dense": "0"})
+    assert [(e.keras_name, e.status) for e in report] == [
+        ("bn_conv", "unused"),
+        ("bn_dense", "loaded"),
+    ]
+    assert report.ok
+
+
+def test_missing_and_non_keras_paths(tmp_path):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"`path` must name an existing Keras file. Received: path='.*nope.h5'",
+    ):
+        read_batch_norm_layers(tmp_path / "nope.h5")
+    text = tmp_path / "model.h5"
+    text.write_text("not a model")
+    with pytest.raises(
+        ValueError, match=r"`path` must be a Keras file: a Keras 3 `.keras` zip archive or an HDF5"
+    ):
+        read_batch_norm_layers(text)
+    with pytest.raises(
+        TypeError, match=r"`path` must be a str or os.PathLike. Received: path of type int"
+    ):
+        read_batch_norm_layers(3)
+    with pytest.raises(
+        TypeError, match=r"`model` must be a torch.nn.Module. Received: model of type str"
+    ):
+        load_weights("model", GOLDEN / "tfk_model.h5")
+
+
+def test_zip_and_hdf5_files_that_keras_did_not_write(tmp_path):
+    import zipfile
+
+    import h5py
+
+    archive = tmp_path / "x.keras"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("config.json", "{}")
+    with pytest.raises(
+        ValueError, match=r"not a Keras 3 `.keras` file: it lacks \['model.weights.h5'\]"
+    ):
+        read_batch_norm_layers(archive)
+    other = tmp_path / "x.h5"
+    with h5py.File(other, "w") as handle:
+        handle["data"] = np.zeros(3)
+    with pytest.raises(
+        ValueError, match=r"HDF5 file but not one Keras wrote.*top-level keys \['data'\]"
+    ):
+        read_batch_norm_layers(other)
+
+
+def test_keras3_weights_only_file_with_a_wrong_variable_count(tmp_path):
+    import h5py
+
+    path = tmp_path / "odd.weights.h5"
+    with h5py.File(path, "w") as handle:
+        group = handle.create_group("layers/batch_normalization/vars")
+        group.attrs["name"] = "bn"
+        for i in range(8):
+            group[str(i)] = np.ones(2, dtype="float32")
+    with pytest.raises(
+        ValueError,
+        match=r"Expected 2 to 7 variables for BatchNormalization layer 'bn'. "
+        r"Received: 8 at /layers/batch_normalization/vars",
+    ):
+        read_batch_norm_layers(path)
+
+
+def test_keras3_weights_only_gamma_or_beta_needs_a_module_with_one_of_them(arrays):
+    file = "k3_model.weights.h5"
+    model = ConvStack(
+        arrays,
+        file,
+        BatchNormalization.like("keras3", momentum=0.9, epsilon=0.01),
+        BatchNormalization.like("keras3"),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"bn_dense -> bn_dense: scale/center: file 'gamma or beta \(a weights-only file "
+        r"does not say which\)', module 'scale=True, center=True' \(the weights cannot be loaded\)",
+    ):
+        load_weights(model, GOLDEN / file)
+    report = load_weights(model, GOLDEN / file, strict=False)
+    assert [entry.status for entry in report] == ["loaded", "skipped"]
+    assert model.bn_conv.built and not model.bn_dense.built
+
+
+def test_missing_h5py_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(ImportError, match=r"needs h5py.*pip install 'batchnorm\[keras\]'"):
+        read_batch_norm_layers(GOLDEN / "tfk_model.h5")
+
+
+def test_invalid_setting_in_the_file_is_named(tmp_path):
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "bad_momentum.h5"
+    shutil.copy(GOLDEN / "tfk_model.h5", path)
+    with h5py.File(path, "r+") as handle:
+        handle.attrs["model_config"] = handle.attrs["model_config"].replace(
+            '"momentum": 0.9,', '"momentum": 1.5,'
+        )
+    model = nn.Sequential(BatchNormalization(3), BatchNormalization(5, renorm=True, center=False))
+    with pytest.raises(
+        ValueError,
+        match=r"Keras layer 'bn_conv' in the file has an invalid setting: `momentum` must be a "
+        r"number in \[0, 1\]. Received: momentum=1.5",
+    ):
+        load_weights(model, path, configure=True)
+    assert model[0].momentum == 0.99
+
+
+def test_report_text_lists_each_pair():
+    model = nn.Sequential(BatchNormalization(3), BatchNormalization(5, renorm=True, center=False))
+    text = str(load_weights(model, GOLDEN / "tfk_model.h5", configure=True))
+    assert "bn_conv -> 0: loaded" in text
+    assert "note: configured epsilon: 0.001 -> 0.01" in text
+    assert "bn_dense -> 1: loaded" in text
+
+
+def test_channels_last_keras_layer_into_channels_first_module(arrays):
+    """The usual port: Keras' NHWC layer (axis 3) into an NCHW model (axis 1); a note, no error."""
+    file = "tfk_model.h5"
+    bn_conv = BatchNormalization(3, axis=1, momentum=0.9, epsilon=0.01)
+    bn_conv.build((4, 3, 4, 4))
+    model = ConvStack(
+        arrays, file, bn_conv, BatchNormalization(5, renorm=True, center=False), nchw=True
+    )
+    report = load_weights(model, GOLDEN / file)
+    assert report.ok
+    assert any("normalises axis 3, the module axis 1" in note for note in report[0].notes)
+    assert_close(infer(model, arrays, file), arrays[f"files/{file}/y"], 1e-5, "model output")

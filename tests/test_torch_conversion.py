@@ -1,0 +1,181 @@
+"""from_torch / to_torch / convert: step-for-step equality with torch.nn.BatchNorm*."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+
+CASES = [
+    (nn.BatchNorm1d, (6,), {}),
+    (nn.BatchNorm1d, (6, 5), {"momentum": 0.3}),
+    (nn.BatchNorm2d, (4, 3, 3), {}),
+    (nn.BatchNorm2d, (4, 3, 3), {"momentum": None}),
+    (nn.BatchNorm2d, (4, 3, 3), {"affine": False}),
+    (nn.BatchNorm2d, (4, 3, 3), {"track_running_stats": False}),
+    (nn.BatchNorm3d, (3, 2, 3, 2), {"eps": 1e-3, "momentum": None, "affine": False}),
+]
+
+
+def _batches(feature_shape, steps=20, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        batch = 3 + step % 4
+        scale = 1.0 + step % 3
+        yield torch.randn((batch, *feature_shape), generator=generator) * scale + step * 0.1
+
+
+@pytest.mark.parametrize(("torch_class", "feature_shape", "kwargs"), CASES)
+def test_from_torch_follows_torch_step_for_step(torch_class, feature_shape, kwargs):
+    torch.manual_seed(1)
+    reference = torch_class(feature_shape[0], **kwargs)
+    if reference.affine:
+        with torch.no_grad():
+            reference.weight.uniform_(0.5, 1.5)
+            reference.bias.uniform_(-0.5, 0.5)
+    layer = batchnorm.from_torch(reference)
+    reference.train()
+    layer.train()
+    for x in _batches(feature_shape):
+        x_ref = x.clone().requires_grad_()
+        x_ours = x.clone().requires_grad_()
+        y_ref, y_ours = reference(x_ref), layer(x_ours)
+        torch.testing.assert_close(y_ours, y_ref, rtol=1e-6, atol=1e-6)
+        upstream = torch.cos(torch.arange(y_ref.numel(), dtype=torch.float32)).reshape(y_ref.shape)
+        (y_ref * upstream).sum().backward()
+        (y_ours * upstream).sum().backward()
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+        if reference.track_running_stats:
+            torch.testing.assert_close(
+                layer.moving_mean, reference.running_mean, rtol=1e-6, atol=1e-6
+            )
+            torch.testing.assert_close(
+                layer.moving_variance, reference.running_var, rtol=1e-6, atol=1e-6
+            )
+    if reference.affine:
+        torch.testing.assert_close(layer.gamma.grad, reference.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.beta.grad, reference.bias.grad, rtol=1e-5, atol=1e-5)
+    reference.eval()
+    layer.eval()
+    x = next(_batches(feature_shape, steps=1, seed=5))
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("torch_class", "feature_shape", "kwargs"), CASES)
+def test_to_torch_round_trip_is_exact(torch_class, feature_shape, kwargs):
+    reference = torch_class(feature_shape[0], **kwargs)
+    for x in _batches(feature_shape, steps=3):
+        reference(x)
+    layer = batchnorm.from_torch(reference)
+    layer.build((2, *feature_shape))  # fixes the input rank, without a step
+    back = batchnorm.to_torch(layer)
+    assert type(back) is torch_class
+    assert (back.momentum, back.eps, back.affine, back.track_running_stats) == (
+        reference.momentum,
+        reference.eps,
+        reference.affine,
+        reference.track_running_stats,
+    )
+    expected = reference.state_dict()
+    if reference.momentum is not None:
+        expected.pop("num_batches_tracked", None)  # only the cumulative average keeps the count
+    actual = back.state_dict()
+    actual.pop("num_batches_tracked", None) if reference.momentum is not None else None
+    assert actual.keys() == expected.keys()
+    for key, value in actual.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+def test_lazy_batch_norm_converts_to_a_lazy_layer():
+    reference = nn.LazyBatchNorm2d(momentum=0.2)
+    layer = batchnorm.from_torch(reference)
+    assert not layer.built
+    for x in _batches((3, 4, 4), steps=4):
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.moving_variance, reference.running_var)
+    unbuilt = batchnorm.BatchNormalization.like("torch")
+    assert isinstance(batchnorm.to_torch(unbuilt, dims=2), nn.LazyBatchNorm2d)
+
+
+def test_requires_grad_and_mode_are_kept():
+    reference = nn.BatchNorm1d(4).eval()
+    reference.weight.requires_grad_(False)
+    layer = batchnorm.from_torch(reference)
+    assert not layer.training
+    assert not layer.gamma.requires_grad and layer.beta.requires_grad
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Sequential(nn.Flatten(), nn.Linear(4 * 5 * 5, 6), nn.BatchNorm1d(6, momentum=None)),
+    )
+
+
+def test_convert_swaps_every_batch_norm_and_keeps_outputs():
+    original = _small_model()
+    model = batchnorm.convert(copy.deepcopy(original), to="batchnorm")
+    kinds = [type(m) for m in model.modules()]
+    assert kinds.count(batchnorm.BatchNormalization) == 2
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    for x in _batches((2, 5, 5), steps=5):
+        torch.testing.assert_close(model(x), original(x), rtol=1e-5, atol=1e-5)
+    model.eval()
+    original.eval()
+    x = next(_batches((2, 5, 5), steps=1, seed=3))
+    torch.testing.assert_close(model(x), original(x), rtol=1e-5, atol=1e-5)
+    back = batchnorm.convert(model, to="torch")
+    assert sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in back.modules()) == 2
+    torch.testing.assert_close(back(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_of_a_batch_norm_itself_returns_the_converted_module():
+    converted = batchnorm.convert(nn.BatchNorm2d(3))
+    assert isinstance(converted, batchnorm.BatchNormalization)
+
+
+def test_to_torch_lists_everything_torch_cannot_express():
+    layer = batchnorm.BatchNormalization(4, axis=1, renorm=True, virtual_batch_size=2)
+    layer.build((4, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"renorm=True.*virtual_batch_size=2.*stored biased"):
+        batchnorm.to_torch(layer)
+    channels_last = batchnorm.BatchNormalization.like("torch", axis=-1)
+    channels_last.build((2, 5, 5, 3))
+    with pytest.raises(ValueError, match=r"channel axes \[3\]"):
+        batchnorm.to_torch(channels_last)
+    caffe = batchnorm.BatchNormalization.like("caffe", 3)
+    with pytest.raises(ValueError, match=r"moving_average='debiased' with momentum=0.999"):
+        batchnorm.to_torch(caffe, dims=2)
+    with pytest.raises(ValueError, match=r"pass `dims`"):
+        batchnorm.to_torch(batchnorm.BatchNormalization.like("torch", 3))
+    with pytest.raises(ValueError, match=r"`dims` must be 1, 2 or 3. Received: dims=4"):
+        batchnorm.to_torch(batchnorm.BatchNormalization.like("torch", 3), dims=4)
+
+
+def test_conversion_errors_name_the_argument():
+    with pytest.raises(TypeError, match=r"`module` must be a torch.nn.BatchNorm.*Received: Linear"):
+        batchnorm.from_torch(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"`layer` must be a batchnorm.BatchNormalization"):
+        batchnorm.to_torch(nn.BatchNorm1d(2))  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"`to` must be 'batchnorm' or 'torch'. Received: to='jax'"
+    ):
+        batchnorm.convert(nn.Sequential(), to="jax")  # type: ignore[arg-type]
+
+
+def test_convert_to_torch_raises_before_replacing_anything():
+    model = nn.Sequential(
+        batchnorm.BatchNormalization.like("torch", 3), batchnorm.BatchNormalization(3, renorm=True)
+    )
+    model[0].build((2, 3, 4, 4))
+    model[1].build((2, 4, 4, 3))
+    with pytest.raises(ValueError, match="renorm"):
+        batchnorm.convert(model, to="torch")
+    assert all(isinstance(m, batchnorm.BatchNormalization) for m in model)

@@ -1,0 +1,265 @@
+"""Generate golden cases from real Keras 3, and small Keras model files for the loader tests.
+
+Run it in a throwaway virtual environment outside the repository (neither TensorFlow nor Keras is
+ever a dependency of batchnorm):
+
+    python3.11 -m venv /tmp/tfenv
+    /tmp/tfenv/bin/pip install tensorflow-cpu==2.20.0 tf-keras==2.20.1 keras==3.15.1
+    KERAS_BACKEND=tensorflow /tmp/tfenv/bin/python tools/make_keras3_golden.py
+
+It writes into tests/golden/:
+
+- keras3_cases.json / keras3_cases.npz: Keras 3 ``BatchNormalization`` layers run for a few
+  training steps (outputs, gradients, weights after every step) and then in inference.
+- keras_files.json plus the model files tfk_model.h5 (tf-keras ``model.save``), tfk_weights.h5
+  (tf-keras ``model.save_weights``), tfk_nested.h5 (a Sequential inside a functional model),
+  k3_model.keras (Keras 3 ``model.save``), k3_model.weights.h5 (Keras 3 ``model.save_weights``),
+  tfk_no_bn.h5 and k3_no_bn.keras (no batch norm);
+  the JSON records each file's batch-norm weights and an inference input/output pair, the
+  convolution and dense weights are in keras3_cases.npz under ``files/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "golden"
+SEED = 20261123
+
+
+def case(name, shape, layer=None, *, steps=3, dtype="float32", mask=False, call_training=True):
+    return {
+        "name": name,
+        "input_shape": list(shape),
+        "layer": layer or {},
+        "steps": steps,
+        "input_dtype": dtype,
+        "mask": mask,
+        "call_training": call_training,
+    }
+
+
+CASES = [
+    case("dense_default", (16, 5)),
+    case("rank3_axis_last", (6, 4, 3)),
+    case("rank3_axis1", (6, 4, 3), {"axis": 1}),
+    case("rank4_nhwc", (6, 4, 5, 3)),
+    case("rank4_nchw", (6, 3, 4, 5), {"axis": 1}),
+    case("rank5_ndhwc", (4, 2, 3, 4, 3)),
+    case("no_center_no_scale", (12, 4), {"center": False, "scale": False}),
+    case("no_center_rank4", (6, 3, 4, 5), {"axis": 1, "center": False}),
+    case("momentum_eps", (12, 4), {"momentum": 0.9, "epsilon": 0.01}),
+    case("momentum_eps_rank4", (6, 4, 5, 3), {"momentum": 0.5, "epsilon": 1e-5}),
+    case("trainable_false", (12, 4), {"trainable": False}),
+    case("mask_rank3", (6, 7, 3), {}, mask=True),
+    case("mask_rank2", (16, 3), {}, mask=True),
+    case("renorm", (16, 4), {"renorm": True}, steps=4),
+    case(
+        "renorm_clipping_rank4",
+        (6, 3, 4, 5),
+        {
+            "axis": 1,
+            "renorm": True,
+            "renorm_momentum": 0.9,
+            "renorm_clipping": {"rmin": 0.8, "rmax": 1.2, "dmax": 0.1},
+        },
+        steps=4,
+    ),
+    case("float64_rank4", (6, 3, 4, 5), {"axis": 1, "dtype": "float64"}, dtype="float64"),
+    case("float16_mixed", (16, 4), {"dtype": "mixed_float16"}, dtype="float16"),
+]
+
+
+def initial_weights(layer, rng):
+    weights = []
+    for variable in layer.weights:
+        shape = tuple(variable.shape)
+        name = variable.path.split("/")[-1]
+        if name == "gamma":
+            value = 1.0 + 0.3 * rng.standard_normal(shape)
+        elif name == "beta":
+            value = 0.2 * rng.standard_normal(shape)
+        elif name in ("moving_mean", "renorm_mean"):
+            value = 0.1 * rng.standard_normal(shape)
+        elif name == "moving_variance":
+            value = rng.uniform(0.5, 1.5, shape)
+        else:  # moving_stddev, renorm_stddev
+            value = rng.uniform(0.8, 1.2, shape)
+        weights.append(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+    return weights
+
+
+def make_input(spec, rng):
+    return (0.5 + 2.0 * rng.standard_normal(spec["input_shape"])).astype(spec["input_dtype"])
+
+
+def run_case(spec, arrays, rng):
+    name = spec["name"]
+    layer = keras.layers.BatchNormalization(**spec["layer"])
+    layer.build(tuple(spec["input_shape"]))
+    weights = initial_weights(layer, rng)
+    layer.set_weights(weights)
+    for i, w in enumerate(weights):
+        arrays[f"{name}/initial_{i}"] = w
+    spec["weight_names"] = [v.path.split("/")[-1] for v in layer.weights]
+    spec["trainable_names"] = [v.path.split("/")[-1] for v in layer.trainable_weights]
+    spec["keras_config"] = json.loads(json.dumps(layer.get_config(), default=str))
+    for step in range(spec["steps"]):
+        x = make_input(spec, rng)
+        dy = rng.standard_normal(x.shape).astype("float32")
+        mask = None
+        if spec["mask"]:
+            mask = rng.uniform(size=x.shape[:-1]) > 0.3
+            arrays[f"{name}/mask_{step}"] = mask
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = layer(
+                xt, training=spec["call_training"], mask=None if mask is None else tf.constant(mask)
+            )
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * dy)
+        variables = [v.value for v in layer.trainable_weights]
+        grads = tape.gradient(loss, [xt, *variables])
+        arrays[f"{name}/x_{step}"] = x
+        arrays[f"{name}/dy_{step}"] = dy
+        arrays[f"{name}/y_{step}"] = y.numpy()
+        arrays[f"{name}/dx_{step}"] = grads[0].numpy()
+        for weight_name, grad in zip(spec["trainable_names"], grads[1:], strict=True):
+            arrays[f"{name}/grad_{weight_name}_{step}"] = grad.numpy()
+        for i, w in enumerate(layer.get_weights()):
+            arrays[f"{name}/weights_{step}_{i}"] = w
+    x = make_input(spec, rng)
+    arrays[f"{name}/x_infer"] = x
+    arrays[f"{name}/y_infer"] = np.asarray(layer(tf.constant(x), training=False))
+
+
+# ---------------------------------------------------------------------------- model files
+def conv_stack(layers, **second_bn):
+    """Input (6, 6, 2) -> Conv2D -> BN -> ReLU -> Flatten -> Dense -> BN, in either Keras."""
+    return [
+        layers.Conv2D(3, 3, use_bias=False, name="conv"),
+        layers.BatchNormalization(momentum=0.9, epsilon=0.01, name="bn_conv"),
+        layers.ReLU(name="relu"),
+        layers.Flatten(name="flatten"),
+        layers.Dense(5, name="dense"),
+        layers.BatchNormalization(name="bn_dense", **second_bn),
+    ]
+
+
+def train_a_little(model, rng, x_shape):
+    model.compile(optimizer="sgd", loss="mse")
+    x = rng.standard_normal((32, *x_shape)).astype("float32") * 2.0 + 0.5
+    y = rng.standard_normal((32, *model.output_shape[1:])).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+
+
+def bn_weights(layer, prefix, arrays):
+    names = [v.name.split("/")[-1].split(":")[0] for v in layer.weights]
+    for weight_name, value in zip(names, layer.get_weights(), strict=True):
+        arrays[f"{prefix}/{layer.name}/{weight_name}"] = value
+    return {"name": layer.name, "weight_names": names, "config": _plain(layer.get_config())}
+
+
+def _plain(config):
+    return json.loads(json.dumps(config, default=str))
+
+
+def record_file(files, arrays, key, model, bn_layers, rng, input_shape, extra=None):
+    x = rng.standard_normal((4, *input_shape)).astype("float32")
+    arrays[f"files/{key}/x"] = x
+    arrays[f"files/{key}/y"] = np.asarray(model(x, training=False))
+    for layer in model.layers:
+        if layer.name in ("conv", "dense"):
+            for i, w in enumerate(layer.get_weights()):
+                arrays[f"files/{key}/{layer.name}_{i}"] = w
+    files[key] = {
+        "batch_norm_layers": [bn_weights(layer, f"files/{key}", arrays) for layer in bn_layers],
+        **(extra or {}),
+    }
+
+
+def make_files(arrays):
+    rng = np.random.default_rng(SEED + 1)
+    files = {}
+    tf_keras.utils.set_random_seed(SEED)
+    model = tf_keras.Sequential(
+        [tf_keras.Input((6, 6, 2)), *conv_stack(tf_keras.layers, renorm=True, center=False)]
+    )
+    train_a_little(model, rng, (6, 6, 2))
+    model.save(OUT / "tfk_model.h5")
+    model.save_weights(OUT / "tfk_weights.h5")
+    bn = [model.get_layer("bn_conv"), model.get_layer("bn_dense")]
+    extra = {"fused": [bool(layer.fused) for layer in bn]}
+    record_file(files, arrays, "tfk_model.h5", model, bn, rng, (6, 6, 2), extra)
+    files["tfk_weights.h5"] = {**files["tfk_model.h5"], "arrays_of": "tfk_model.h5"}
+
+    inner = tf_keras.Sequential(
+        [
+            tf_keras.Input((4,)),
+            tf_keras.layers.Dense(3, name="inner_dense"),
+            tf_keras.layers.BatchNormalization(scale=False, name="inner_bn"),
+        ],
+        name="inner",
+    )
+    x = tf_keras.Input((4,))
+    y = tf_keras.layers.BatchNormalization(axis=1, epsilon=0.1, name="outer_bn")(inner(x))
+    nested = tf_keras.Model(x, y)
+    train_a_little(nested, rng, (4,))
+    nested.save(OUT / "tfk_nested.h5")
+    bn = [inner.get_layer("inner_bn"), nested.get_layer("outer_bn")]
+    record_file(files, arrays, "tfk_nested.h5", nested, bn, rng, (4,))
+
+    keras.utils.set_random_seed(SEED)
+    model3 = keras.Sequential([keras.Input((6, 6, 2)), *conv_stack(keras.layers, scale=False)])
+    train_a_little(model3, rng, (6, 6, 2))
+    model3.save(OUT / "k3_model.keras")
+    model3.save_weights(OUT / "k3_model.weights.h5")
+    bn = [model3.get_layer("bn_conv"), model3.get_layer("bn_dense")]
+    record_file(files, arrays, "k3_model.keras", model3, bn, rng, (6, 6, 2))
+    files["k3_model.weights.h5"] = {**files["k3_model.keras"], "arrays_of": "k3_model.keras"}
+
+    plain = tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(2, name="dense")])
+    plain.save(OUT / "tfk_no_bn.h5")
+    plain3 = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
+    plain3.save(OUT / "k3_no_bn.keras")
+    return files
+
+
+def main() -> int:
+    keras.utils.set_random_seed(SEED)
+    rng = np.random.default_rng(SEED)
+    arrays: dict[str, np.ndarray] = {}
+    for spec in CASES:
+        run_case(spec, arrays, rng)
+    OUT.mkdir(parents=True, exist_ok=True)
+    files = make_files(arrays)
+    versions = {
+        "generator": "tools/make_keras3_golden.py",
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "tf_keras": tf_keras.__version__,
+        "backend": keras.backend.backend(),
+    }
+    document = {**versions, "cases": CASES}
+    (OUT / "keras3_cases.json").write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+    (OUT / "keras_files.json").write_text(
+        json.dumps({**versions, "files": files}, indent=1, sort_keys=True) + "\n"
+    )
+    np.savez_compressed(OUT / "keras3_cases.npz", **arrays)
+    print(f"wrote {len(CASES)} Keras 3 cases, {len(files)} model files, {len(arrays)} arrays")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
