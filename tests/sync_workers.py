@@ -224,6 +224,17 @@ def layer_worker(
         result = run_scenario(layer, data["steps"], slice(start, start + sizes[rank]))
         result["collectives"] = list(counter.calls)
         results[name] = result
+    # use_global_stats: False normalises inference with the local batch, True always uses the
+    # moving statistics; neither communicates outside a training call that uses batch statistics.
+    x = torch.randn(3 + rank, 4, dtype=dtype)
+    counter.calls.clear()
+    same = True
+    for use_global_stats, training in ((False, False), (True, True)):
+        kwargs = {"use_global_stats": use_global_stats, "dtype": str(dtype).replace("torch.", "")}
+        synchronized = BatchNormalization(4, synchronized=True, **kwargs)
+        local = BatchNormalization(4, fused=False, **kwargs)
+        same = same and torch.equal(synchronized(x, training=training), local(x, training=training))
+    results["global_stats"] = {"collectives": list(counter.calls), "same_as_local": same}
     # A torch model converted with convert_sync, against torch.nn.BatchNorm2d on the full batch.
     converted = batchnorm.convert_sync(torch_batch_norm(dtype))
     data = scenario_data("uneven_nchw", world_size, dtype)

@@ -100,6 +100,7 @@ def test_synchronized_layer_equals_concatenated_batch(request, world_size, dtype
         if ghosts is not None:
             expected.append("all_gather")
         assert all(r["collectives"] == expected for r in ranks), ranks[0]["collectives"]
+    assert all(r["global_stats"] == {"collectives": [], "same_as_local": True} for r in results)
     data = scenario_data("uneven_nchw", world_size, dtype)
     reference = _torch_reference(data["steps"], dtype)
     ranks = [results[r]["torch_converted"] for r in range(world_size)]
