@@ -10,6 +10,12 @@ Example:
 from batchnorm import constraints, functional, initializers, regularizers
 from batchnorm._batch_normalization import BatchNormalization
 from batchnorm._constraint_hook import apply_constraints, apply_constraints_after_step
+from batchnorm._diagnose import diagnose
+from batchnorm._diagnosis_report import DiagnosisReport, LayerDiagnosis
+from batchnorm._fold import FoldedBatchNorm, FoldResult, fold
+from batchnorm._fold_weights import fold_weights
+from batchnorm._freeze import freeze, frozen, unfreeze
+from batchnorm._recalibrate import RecalibrationResult, recalibrate
 from batchnorm.functional import BatchNormStatistics
 
 __version__ = "0.1.0"
@@ -17,11 +23,23 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNormStatistics",
     "BatchNormalization",
+    "DiagnosisReport",
+    "FoldResult",
+    "FoldedBatchNorm",
+    "LayerDiagnosis",
+    "RecalibrationResult",
     "__version__",
     "apply_constraints",
     "apply_constraints_after_step",
     "constraints",
+    "diagnose",
+    "fold",
+    "fold_weights",
+    "freeze",
+    "frozen",
     "functional",
     "initializers",
+    "recalibrate",
     "regularizers",
+    "unfreeze",
 ]
