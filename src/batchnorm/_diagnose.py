@@ -118,7 +118,8 @@ def diagnose(
             _add_distances(row, module, statistics)
         row.train_inference_gap = gaps.get(name)
         row.smallest_batch = population.smallest_batch.get(name)
-        updated = before[name] is not None and _changed(before[name], current_layers[name])
+        saved = before[name]
+        updated = saved is not None and _changed(saved, current_layers[name])
         row.frozen_but_updating = _looks_frozen(module) and updated
         rows.append(row)
     return DiagnosisReport(rows, population.batches)
@@ -137,10 +138,7 @@ def _check_steps(steps: Any) -> None:
 
 
 def _steps_for(name: str, module: nn.Module, steps: Any) -> int | None:
-    if isinstance(steps, Mapping):
-        given = steps.get(name)
-    else:
-        given = steps
+    given = steps.get(name) if isinstance(steps, Mapping) else steps
     return bn.steps_taken(module) if given is None else int(given)
 
 
@@ -175,7 +173,7 @@ def _add_distances(
     shift = (mean - population_mean).abs() / torch.sqrt(population_variance + epsilon)
     ratio = (variance + epsilon) / (population_variance + epsilon)
     row.mean_shift = float(shift.max())
-    row.samples = int(round(float(statistics.count.min())))
+    row.samples = round(float(statistics.count.min()))
     row.variance_ratio = float(torch.maximum(ratio, 1 / ratio).max())
 
 
@@ -185,6 +183,8 @@ def _train_inference_gap(module: nn.Module, args: tuple, kwargs: dict) -> float 
     if not bn.normalises_with_moving_statistics(module):
         return None
     x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+    if not isinstance(x, torch.Tensor):
+        return None
     clone = copy.deepcopy(module)
     if isinstance(clone, BatchNormalization):
         mask = args[2] if len(args) > 2 else kwargs.get("mask")

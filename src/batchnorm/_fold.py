@@ -7,7 +7,7 @@ import dataclasses
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.utils._pytree as pytree
@@ -133,7 +133,8 @@ def fold(
     folded_model = copy.deepcopy(model).eval()
     modules = dict(folded_model.named_modules())
     inputs = None if example_input is None else _as_inputs(example_input)
-    reference, ranks = None, {}
+    reference: Any = None
+    ranks: dict[str, int] = {}
     if inputs is not None:
         reference, ranks = _run_recording_ranks(folded_model, inputs)
     if pairs is None:
@@ -199,16 +200,18 @@ def _traced_pairs(
         )
         return [], dict.fromkeys(norms, reason)
     calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
-    candidates, not_folded = [], {}
+    candidates: list[tuple[str, str]] = []
+    not_folded: dict[str, str] = {}
     for node in graph.nodes:
         if node.op != "call_module" or not bn.is_batch_norm(modules[str(node.target)]):
             continue
         name = str(node.target)
-        reason = _why_not_a_pair(node, modules, calls)
-        if reason is None:
-            candidates.append((str(node.args[0].target), name))
+        problem = _why_not_a_pair(node, modules, calls)
+        if problem is None:
+            source = cast(fx.Node, node.args[0])
+            candidates.append((str(source.target), name))
         else:
-            not_folded[name] = reason
+            not_folded[name] = problem
     for name in norms:
         if name not in not_folded and name not in {n for _, n in candidates}:
             not_folded[name] = "not called in the traced forward"
@@ -244,7 +247,9 @@ def _checked_pairs(
         raise TypeError(f"`pairs` must be a list of (layer, batch_norm) names. Received: {pairs!r}")
     seen: set[str] = set()
     for pair in pairs:
-        if not (isinstance(pair, Sequence) and len(pair) == 2 and all(isinstance(n, str) for n in pair)):
+        if not (
+            isinstance(pair, Sequence) and len(pair) == 2 and all(isinstance(n, str) for n in pair)
+        ):
             raise TypeError(
                 f"Each entry of `pairs` must be a (layer, batch_norm) pair of names. Received: {pair!r}"
             )
@@ -309,9 +314,10 @@ def _why_not_foldable(
 
 
 def _out_channels(layer: nn.Module) -> int:
+    weight = cast(torch.Tensor, layer.weight)
     if isinstance(layer, _TRANSPOSED):
-        return int(layer.weight.shape[1] * layer.groups)
-    return int(layer.weight.shape[0])
+        return int(weight.shape[1] * layer.groups)
+    return int(weight.shape[0])
 
 
 def _fold_pair(layer: nn.Module, norm: nn.Module) -> None:
@@ -319,8 +325,8 @@ def _fold_pair(layer: nn.Module, norm: nn.Module) -> None:
     assert buffers is not None
     gamma, beta = bn.affine(norm)
     weight, bias = fold_weights(
-        layer.weight,
-        layer.bias,
+        cast(torch.Tensor, layer.weight),
+        cast("torch.Tensor | None", layer.bias),
         buffers[0],
         buffers[1],
         gamma,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm._batch_norm_modules import (
     affine_parameters,
@@ -24,20 +25,11 @@ _STATE = "_batchnorm_frozen"
 class _FrozenStatistics:
     """Mixin: normalise with the running statistics whatever ``training`` says; never update them."""
 
-    running_mean: torch.Tensor
-    running_var: torch.Tensor
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    eps: float
-
-    if TYPE_CHECKING:
-
-        def _check_input_dim(self, input: torch.Tensor) -> None: ...
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
+        norm = cast(_BatchNorm, self)
+        norm._check_input_dim(input)  # type: ignore[no-untyped-call]
         return F.batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            input, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
         )
 
 
@@ -127,7 +119,9 @@ def unfreeze(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def frozen(model: nn.Module, *, statistics: bool = True, affine: bool = True) -> Iterator[nn.Module]:
+def frozen(
+    model: nn.Module, *, statistics: bool = True, affine: bool = True
+) -> Iterator[nn.Module]:
     """Context manager: ``model`` frozen as by :func:`freeze` inside, as it was on exit.
 
     Example:

@@ -68,7 +68,11 @@ class PopulationStatistics:
         delta = other.mean - self.mean
         positive = count > 0
         mean = torch.where(positive, self.mean + delta * other.count / safe, 0.0)
-        m2 = self.m2 + other.m2 + torch.where(positive, delta**2 * self.count * other.count / safe, 0.0)
+        m2 = (
+            self.m2
+            + other.m2
+            + torch.where(positive, delta**2 * self.count * other.count / safe, 0.0)
+        )
         return PopulationStatistics(count, mean, m2)
 
     def variance(self, unbiased: bool) -> torch.Tensor:
@@ -227,7 +231,7 @@ def _mask_weights(
     mask = args[2] if len(args) > 2 else kwargs.get("mask")
     if mask is None:
         return None
-    weights = mask
+    weights: torch.Tensor = torch.as_tensor(mask)
     for a in axes:
         weights = weights.unsqueeze(a)
     return weights
@@ -240,7 +244,9 @@ def _length(batches: Any) -> int | None:
         return None
 
 
-def _restore(layers: list[tuple[str, nn.Module]], saved: dict[str, dict[str, torch.Tensor]]) -> None:
+def _restore(
+    layers: list[tuple[str, nn.Module]], saved: dict[str, dict[str, torch.Tensor]]
+) -> None:
     for name, module in layers:
         for key, value in saved[name].items():
             buffer = module._buffers.get(key)
@@ -261,7 +267,9 @@ def _gathered(
             shapes[name] = tuple(totals[name].mean.shape)
         elif buffers is not None:
             shapes[name] = tuple(buffers[0].shape)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
     pieces = [torch.tensor([float(count)], dtype=torch.float64, device=device)]
     for name, shape in shapes.items():
         local = totals.get(name) or PopulationStatistics.zeros(shape)
@@ -279,7 +287,9 @@ def _gathered(
             size = 1
             for s in shape:
                 size *= s
-            parts = [vector[offset + i * size : offset + (i + 1) * size].reshape(shape) for i in range(3)]
+            parts = [
+                vector[offset + i * size : offset + (i + 1) * size].reshape(shape) for i in range(3)
+            ]
             offset += 3 * size
             statistics = PopulationStatistics(*parts)
             merged[name] = merged[name].merged(statistics) if name in merged else statistics

@@ -36,7 +36,9 @@ class RecalibrationResult:
 
     def __str__(self) -> str:
         lines = [f"recalibrated {len(self.samples)} batch norm(s) over {self.batches} batches"]
-        lines += [f"  {bn.display_name(n)}: {s} samples per channel" for n, s in self.samples.items()]
+        lines += [
+            f"  {bn.display_name(n)}: {s} samples per channel" for n, s in self.samples.items()
+        ]
         lines += [f"  skipped {bn.display_name(n)}: {why}" for n, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -127,7 +129,7 @@ def recalibrate(
             continue
         assert statistics is not None
         _write(module, statistics)
-        samples[name] = int(round(float(statistics.count.max())))
+        samples[name] = round(float(statistics.count.max()))
     return RecalibrationResult(population.batches, samples, skipped)
 
 
