@@ -150,6 +150,7 @@ def fold(
         _fold_pair(modules[layer_name], modules[norm_name])
         _replace(folded_model, norm_name, FoldedBatchNorm(layer_name))
         folded.append((layer_name, norm_name))
+    not_folded = {name: not_folded[name] for name in modules if name in not_folded}
     max_difference = None
     if inputs is not None and reference is not None:
         with torch.no_grad():
@@ -227,8 +228,7 @@ def _why_not_a_pair(node: fx.Node, modules: dict[str, nn.Module], calls: Counter
         return f"called with arguments {extra} (only the input can be folded)"
     source = node.args[0]
     if not isinstance(source, fx.Node) or source.op != "call_module":
-        what = source.format_node() if isinstance(source, fx.Node) else repr(source)
-        return f"its input does not come from a Conv/ConvTranspose/Linear module but from {what}"
+        return f"its input comes from {_describe(source)}, not a Conv/ConvTranspose/Linear"
     layer_name = str(source.target)
     layer = modules[layer_name]
     if not isinstance(layer, FOLDABLE_LAYERS):
@@ -238,6 +238,15 @@ def _why_not_a_pair(node: fx.Node, modules: dict[str, nn.Module], calls: Counter
     if len(source.users) != 1:
         return f"the output of {layer_name} is also used elsewhere"
     return None
+
+
+def _describe(source: Any) -> str:
+    if not isinstance(source, fx.Node):
+        return repr(source)
+    if source.op == "placeholder":
+        return f"the model input {source.target}"
+    target = getattr(source.target, "__name__", source.target)
+    return f"{source.op} {target}"
 
 
 def _checked_pairs(
