@@ -264,7 +264,7 @@ def test_fold_on_training_model_works_on_a_copy_and_says_so():
     model = built_resnet().train()
     state = copy.deepcopy(model.state_dict())
     x = torch.randn(2, 3, 6, 6)
-    with pytest.warns(UserWarning, match="the model is in training mode"):
+    with pytest.warns(UserWarning, match=r"the model is in training mode"):
         result = fold(model, x)
     assert any("training mode" in note for note in result.notes)
     assert model.training and not result.model.training
@@ -275,9 +275,11 @@ def test_fold_on_training_model_works_on_a_copy_and_says_so():
 
 def test_fold_errors():
     model = built_resnet()
-    with pytest.raises(TypeError, match="`model` must be an nn.Module. Received: model of type str"):
+    with pytest.raises(
+        TypeError, match=r"`model` must be an nn.Module. Received: model of type str"
+    ):
         fold("model")
-    with pytest.raises(ValueError, match="`pairs` names a module the model does not have"):
+    with pytest.raises(ValueError, match=r"`pairs` names a module the model does not have"):
         fold(model, pairs=[("stem.0", "nope")])
     with pytest.raises(ValueError, match=r"`pairs`: stem.2 must be a Conv1d/2d/3d"):
         fold(model, pairs=[("stem.2", "stem.1")])
@@ -286,7 +288,16 @@ def test_fold_errors():
     with pytest.raises(TypeError, match=r"`pairs` must be a list of \(layer, batch_norm\) names"):
         fold(model, pairs="stem.0")
     with pytest.raises(ValueError, match=r"`groups` must be a positive int dividing"):
-        fold_weights(torch.ones(3, 2, 1), None, *[torch.ones(4)] * 2, None, None, 1e-3, transposed=True, groups=2)
+        fold_weights(
+            torch.ones(3, 2, 1),
+            None,
+            *[torch.ones(4)] * 2,
+            None,
+            None,
+            1e-3,
+            transposed=True,
+            groups=2,
+        )
     with pytest.raises(ValueError, match=r"`mean` must have one value per output channel"):
         fold_weights(torch.ones(3, 2), None, torch.ones(4), torch.ones(3), None, None, 1e-3)
 

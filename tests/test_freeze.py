@@ -130,13 +130,15 @@ def test_frozen_model_copies_pickles_and_reloads():
 
 
 def test_freeze_errors_change_nothing():
-    with pytest.raises(TypeError, match="`freeze` takes an nn.Module.*Received: model of type str"):
+    with pytest.raises(
+        TypeError, match=r"`freeze` takes an nn.Module.*Received: model of type str"
+    ):
         freeze("model")
-    with pytest.raises(ValueError, match="`freeze` found no batch-norm layer.*Linear"):
+    with pytest.raises(ValueError, match=r"`freeze` found no batch-norm layer.*Linear"):
         freeze(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="`unfreeze` found no batch-norm layer"):
+    with pytest.raises(ValueError, match=r"`unfreeze` found no batch-norm layer"):
         unfreeze(nn.Sequential(nn.ReLU()))
-    with pytest.raises(ValueError, match="`statistics` or `affine` must be True"):
+    with pytest.raises(ValueError, match=r"`statistics` or `affine` must be True"):
         freeze(make_model(), statistics=False, affine=False)
     model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3, track_running_stats=False))
     with pytest.raises(ValueError, match=r"Cannot freeze the statistics of 1 \(BatchNorm1d\)"):
@@ -148,7 +150,7 @@ def test_freeze_errors_change_nothing():
     class CustomNorm(nn.BatchNorm2d):
         pass
 
-    with pytest.raises(ValueError, match="class .*CustomNorm is not one of torch.nn.BatchNorm1d"):
+    with pytest.raises(ValueError, match=r"class .*CustomNorm is not one of torch.nn.BatchNorm1d"):
         freeze(nn.Sequential(CustomNorm(3)))
-    with pytest.raises(ValueError, match="`frozen` found no batch-norm layer"), frozen(nn.ReLU()):
+    with pytest.raises(ValueError, match=r"`frozen` found no batch-norm layer"), frozen(nn.ReLU()):
         pass

@@ -26,7 +26,9 @@ def numpy_population(model: TwoNormNet, batches: list[torch.Tensor]) -> dict[str
     def array(t: torch.Tensor) -> np.ndarray:
         return t.detach().numpy().astype(np.float64)
 
-    w1, b1, w2, b2 = (array(p) for p in (model.lin1.weight, model.lin1.bias, model.lin2.weight, model.lin2.bias))
+    w1, b1, w2, b2 = (
+        array(p) for p in (model.lin1.weight, model.lin1.bias, model.lin2.weight, model.lin2.bias)
+    )
     gamma, beta, eps = array(model.bn1.gamma), array(model.bn1.beta), model.bn1.epsilon
     first, second = [], []
     for x in batches:
@@ -123,7 +125,9 @@ def test_fused_ghost_batch_renorm_and_masked_layers():
 
 
 def test_frozen_and_statistics_free_layers_are_skipped():
-    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3, track_running_stats=False), nn.BatchNorm1d(3))
+    model = nn.Sequential(
+        nn.BatchNorm1d(3), nn.BatchNorm1d(3, track_running_stats=False), nn.BatchNorm1d(3)
+    )
     freeze(model[2])
     before = model[2].running_mean.clone()
     result = recalibrate(model, [torch.randn(5, 3) + 4], progress=False)
@@ -137,17 +141,23 @@ def test_frozen_and_statistics_free_layers_are_skipped():
 def test_recalibrate_errors_change_nothing():
     model = trained_net()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="`batches` is empty: recalibrate needs at least one batch"):
+    with pytest.raises(
+        ValueError, match=r"`batches` is empty: recalibrate needs at least one batch"
+    ):
         recalibrate(model, [], progress=False)
-    with pytest.raises(ValueError, match="found no batch-norm layer.*Received: model of type Linear"):
+    with pytest.raises(
+        ValueError, match=r"found no batch-norm layer.*Received: model of type Linear"
+    ):
         recalibrate(nn.Linear(4, 4), [torch.randn(2, 4)])
-    with pytest.raises(ValueError, match="`num_batches` must be a positive int or None. Received: num_batches=0"):
+    with pytest.raises(
+        ValueError, match=r"`num_batches` must be a positive int or None. Received: num_batches=0"
+    ):
         recalibrate(model, [torch.randn(2, 4)], num_batches=0)
-    with pytest.raises(TypeError, match="`batches` must be an iterable of batches.*Tensor"):
+    with pytest.raises(TypeError, match=r"`batches` must be an iterable of batches.*Tensor"):
         recalibrate(model, torch.randn(2, 4))
-    with pytest.raises(TypeError, match='A dict batch must hold the model input under "input"'):
+    with pytest.raises(TypeError, match=r'A dict batch must hold the model input under "input"'):
         recalibrate(model, [torch.randn(4, 4), {"x": torch.randn(4, 4)}], progress=False)
-    with pytest.raises(TypeError, match="`model` must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"`model` must be an nn.Module"):
         recalibrate(None, [])
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
@@ -179,4 +189,6 @@ def test_distributed_ranks_end_identical_and_exact(tmp_path):
     torch.manual_seed(0)
     expected = numpy_population(TwoNormNet(), rank_batches(0) + rank_batches(1))
     for key in ("bn1.moving_mean", "bn1.moving_variance", "bn2.running_mean", "bn2.running_var"):
-        np.testing.assert_allclose(saved[0]["state"][key].numpy(), expected[key], rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            saved[0]["state"][key].numpy(), expected[key], rtol=2e-6, atol=1e-6
+        )

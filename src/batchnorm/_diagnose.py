@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -49,7 +50,8 @@ def diagnose(
       (torch's ``num_batches_tracked``, or ``steps``).
 
     Limits flagged: mean shift > 0.25 and variance ratio > 1.5 (each widened by three standard
-    errors of the population estimate, see :attr:`LayerDiagnosis.limits`), gap > 0.5, batch < 8.
+    errors of the population estimate), gap > 0.5 (widened by two standard errors of batch
+    statistics, ``sqrt(1.5 / n)``), batch < 8: see :attr:`LayerDiagnosis.limits`.
     Pass batches like the training batches (same size), as many as you can afford. The model is not changed: the current-mode pass runs
     on a deep copy, the population pass restores every buffer and mode.
 
@@ -91,7 +93,7 @@ def diagnose(
     current_layers = dict(bn.batch_norm_modules(current))
     before = {name: _statistics_copy(module) for name, module in current_layers.items()}
     run = _default_forward if forward is None else forward
-    gaps: dict[str, float | None] = {}
+    gaps: dict[str, tuple[float | None, int]] = {}
 
     def run_both(target: nn.Module, batch: Any) -> Any:
         run(current, batch)
@@ -116,7 +118,7 @@ def diagnose(
         statistics = population.statistics.get(name)
         if statistics is not None:
             _add_distances(row, module, statistics)
-        row.train_inference_gap = gaps.get(name)
+        row.train_inference_gap, row.gap_samples = gaps.get(name, (None, None))
         row.smallest_batch = population.smallest_batch.get(name)
         saved = before[name]
         updated = saved is not None and _changed(saved, current_layers[name])
@@ -178,13 +180,15 @@ def _add_distances(
 
 
 @torch.no_grad()
-def _train_inference_gap(module: nn.Module, args: tuple, kwargs: dict) -> float | None:
-    """RMS of (y_train - y_inference) / |gamma| for one call, on a copy of the layer."""
-    if not bn.normalises_with_moving_statistics(module):
-        return None
+def _train_inference_gap(module: nn.Module, args: tuple, kwargs: dict) -> tuple[float | None, int]:
+    """RMS of (y_train - y_inference) / |gamma| for one call, on a copy of the layer, and the
+    samples per channel it was measured on."""
     x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-    if not isinstance(x, torch.Tensor):
-        return None
+    if not isinstance(x, torch.Tensor) or not bn.normalises_with_moving_statistics(module):
+        return None, 0
+    axes = bn.channel_axes(module, x.ndim)
+    channels = math.prod(x.shape[a] for a in axes)
+    samples = x.numel() // channels if channels else 0
     clone = copy.deepcopy(module)
     if isinstance(clone, BatchNormalization):
         mask = args[2] if len(args) > 2 else kwargs.get("mask")
@@ -196,13 +200,12 @@ def _train_inference_gap(module: nn.Module, args: tuple, kwargs: dict) -> float 
     difference = (y_train.to(torch.float64) - y_inference.to(torch.float64)).cpu()
     gamma, _ = bn.affine(module)
     if gamma is not None:
-        axes = bn.channel_axes(module, x.ndim)
         view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
         scale = gamma.detach().to(torch.float64).abs().reshape(view).cpu()
         difference = torch.where(scale > 0, difference / scale.clamp(min=1e-300), 0.0)
     if difference.numel() == 0:
-        return None
-    return float(torch.sqrt((difference**2).mean()))
+        return None, 0
+    return float(torch.sqrt((difference**2).mean())), samples
 
 
 def _statistics_copy(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -34,6 +34,7 @@ class LayerDiagnosis:
         train_inference_gap: RMS over the first batch of ``(y_train - y_inference) / |gamma|``:
             how far, in normalised units, the output with batch statistics is from the output
             with the moving statistics on the same batch.
+        gap_samples: samples per channel in that batch.
         frozen_but_updating: the layer looks frozen (gamma/beta with ``requires_grad=False``)
             but its moving statistics changed when the batches ran in the model's current mode.
         samples: samples per channel behind the population statistics (sum of mask weights).
@@ -54,6 +55,7 @@ class LayerDiagnosis:
     mean_shift: float | None = None
     variance_ratio: float | None = None
     train_inference_gap: float | None = None
+    gap_samples: int | None = None
     frozen_but_updating: bool = False
     samples: int | None = None
     smallest_batch: int | None = None
@@ -76,7 +78,7 @@ class LayerDiagnosis:
                 found.append(f"{label} in {len(channels)} channel(s) {_short(channels)}")
         # The moving statistics should estimate the population ones; beyond these limits the
         # inference output is visibly shifted / rescaled.
-        mean_limit, variance_limit = self.limits
+        mean_limit, variance_limit, gap_limit = self.limits
         if self.mean_shift is not None and not self.mean_shift <= mean_limit:
             found.append(
                 f"moving mean {self.mean_shift:.3g} std away from the population mean "
@@ -87,10 +89,12 @@ class LayerDiagnosis:
                 f"moving variance off by a factor {self.variance_ratio:.3g} from the population "
                 f"variance (limit {variance_limit:.3g}): recalibrate"
             )
-        # Batch-statistics noise alone gives a gap of about sqrt(1.5 / n) for n samples.
         gap = self.train_inference_gap
-        if gap is not None and not gap <= GAP_LIMIT:
-            found.append(f"training and inference outputs differ by {gap:.3g} (RMS, normalised)")
+        if gap is not None and not gap <= gap_limit:
+            found.append(
+                f"training and inference outputs differ by {gap:.3g} (RMS, normalised; limit "
+                f"{gap_limit:.3g})"
+            )
         if self.frozen_but_updating:
             found.append("frozen (gamma/beta requires_grad=False) but its statistics still update")
         # Batch statistics over fewer samples than this are too noisy to train on (Wu & He 2018).
@@ -108,17 +112,22 @@ class LayerDiagnosis:
         return found
 
     @property
-    def limits(self) -> tuple[float, float]:
-        """The mean-shift and variance-ratio limits: 0.25 and 1.5, widened by three standard
+    def limits(self) -> tuple[float, float, float]:
+        """The mean-shift, variance-ratio and gap limits.
+
+        0.25, 1.5 and 0.5, widened by the noise of what they are measured from: three standard
         errors of the population estimate over ``samples`` (``1/sqrt(n)`` for the mean in
-        standard deviations, ``sqrt(2/n)`` for the log variance)."""
-        n = self.samples
-        if not n:
-            return MEAN_SHIFT_LIMIT, VARIANCE_RATIO_LIMIT
-        return (
-            MEAN_SHIFT_LIMIT + 3 / math.sqrt(n),
-            VARIANCE_RATIO_LIMIT * math.exp(3 * math.sqrt(2 / n)),
-        )
+        standard deviations, ``sqrt(2/n)`` for the log variance), and for the gap two standard
+        deviations of batch-statistics noise over ``gap_samples`` (``sqrt(1.5/n)``: the mean
+        error ``1/n`` plus the scale error ``1/(2n)`` on unit-variance activations).
+        """
+        mean_limit, variance_limit, gap_limit = MEAN_SHIFT_LIMIT, VARIANCE_RATIO_LIMIT, GAP_LIMIT
+        if self.samples:
+            mean_limit += 3 / math.sqrt(self.samples)
+            variance_limit *= math.exp(3 * math.sqrt(2 / self.samples))
+        if self.gap_samples:
+            gap_limit += 2 * math.sqrt(1.5 / self.gap_samples)
+        return mean_limit, variance_limit, gap_limit
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: non-finite floats become None; ``problems`` included."""
