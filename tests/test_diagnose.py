@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from batchnorm import BatchNormalization, DiagnosisReport, diagnose, freeze
+from batchnorm import BatchNormalization, DiagnosisReport, diagnose, freeze, recalibrate
 from batchnorm.__main__ import main
 
 
@@ -197,3 +197,19 @@ def test_inspect_statistics_takes_a_mapping():
     assert any("only 5 were taken" in p for p in report["slow"].problems)
     with pytest.raises(ValueError, match=r"Layer bad needs one of moving_variance / running_var"):
         inspect_statistics({"bad": {"moving_mean": [0.0]}})
+
+
+def test_recalibrate_clears_what_diagnose_flags():
+    model = healthy_model()
+    model.bn_a.reset_running_stats()
+    model.bn_a.momentum = 0.001
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for _ in range(10):
+            model.bn_a(model.lin_a(data(32, generator)))
+    data_batches = batches(count=8)
+    assert set(diagnose(model, data_batches, steps=150).problems) == {"bn_a"}
+    recalibrate(model, data_batches, progress=False)
+    after = diagnose(model, data_batches, steps=150)
+    assert after.healthy, str(after)
+    assert after["bn_a"].mean_shift < 1e-5 and after["bn_a"].variance_ratio < 1 + 1e-5

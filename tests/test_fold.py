@@ -304,3 +304,16 @@ def test_fold_errors():
 
 def test_fold_is_exported():
     assert batchnorm.fold is fold and "fold_weights" in batchnorm.__all__
+
+
+def test_fold_frozen_batch_norms_and_linear_on_3d_input():
+    model = randomise(
+        nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4), nn.Linear(5, 4), nn.BatchNorm1d(4))
+    )
+    batchnorm.freeze(model)
+    x = torch.randn(2, 3, 5)
+    result = fold(model.eval(), x)
+    # BatchNorm1d normalises axis 1 of (N, 4, 4); the Linear's features are axis 2.
+    assert result.folded == [("0", "1")]
+    assert "normalises axis 1 but 2's features are axis 2" in result.not_folded["3"]
+    assert result.max_difference < 1e-5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from batchnorm import BatchNormalization, freeze, recalibrate
+from batchnorm._progress import ProgressBar
 from tests.distributed_recalibrate_worker import TwoNormNet, rank_batches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,3 +194,23 @@ def test_distributed_ranks_end_identical_and_exact(tmp_path):
         np.testing.assert_allclose(
             saved[0]["state"][key].numpy(), expected[key], rtol=2e-6, atol=1e-6
         )
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_only_on_a_terminal(capsys):
+    terminal = FakeTerminal()
+    bar = ProgressBar("recalibrate", total=4, stream=terminal)
+    for _ in range(4):
+        bar.update()
+    bar.close()
+    assert terminal.getvalue().endswith("\rrecalibrate: [####################] 4/4 batches\n")
+    silent = ProgressBar("recalibrate", total=4, stream=io.StringIO())
+    silent.update()
+    silent.close()
+    assert silent.stream.getvalue() == ""
+    recalibrate(trained_net(), [torch.randn(4, 4)], progress=True)  # stderr is not a terminal
+    assert capsys.readouterr().err == ""

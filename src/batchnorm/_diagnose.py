@@ -47,7 +47,8 @@ def diagnose(
       (``model.train()`` re-enabled them: use :func:`batchnorm.freeze`);
     - the smallest batch or ghost batch seen (fewer than 8 samples is flagged);
     - momentum whose horizon ``1 / (1 - momentum)`` (Keras convention) exceeds the steps taken
-      (torch's ``num_batches_tracked``, or ``steps``).
+      (torch's ``num_batches_tracked``, or ``steps``), unless the moving statistics already
+      match the population (after :func:`batchnorm.recalibrate`).
 
     Limits flagged: mean shift > 0.25 and variance ratio > 1.5 (each widened by three standard
     errors of the population estimate), gap > 0.5 (widened by two standard errors of batch

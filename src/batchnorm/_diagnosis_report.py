@@ -40,7 +40,9 @@ class LayerDiagnosis:
         samples: samples per channel behind the population statistics (sum of mask weights).
         smallest_batch: the smallest batch (or ghost batch) the layer normalised over.
         momentum: Keras-convention momentum (None: cumulative / debiased average or unknown).
-        horizon: ``1 / (1 - momentum)``, the steps the moving average looks back.
+        horizon: ``1 / (1 - momentum)``, the steps the moving average looks back; flagged when
+            it exceeds ``steps`` unless the moving statistics are measured to match the
+            population (as after :func:`batchnorm.recalibrate`).
         steps: training steps taken, when known (torch's ``num_batches_tracked``, or given).
     """
 
@@ -103,8 +105,21 @@ class LayerDiagnosis:
                 f"batch (or ghost batch) of {self.smallest_batch} is too small for stable "
                 f"statistics (< {SMALL_BATCH})"
             )
+        # A long horizon matters while the moving statistics have not converged: once they
+        # match the population (e.g. after recalibrate) it is not flagged.
         steps, horizon = self.steps, self.horizon
-        if horizon is not None and steps is not None and horizon > steps * (1 + 1e-9):
+        converged = (
+            self.mean_shift is not None
+            and self.variance_ratio is not None
+            and self.mean_shift <= mean_limit
+            and self.variance_ratio <= variance_limit
+        )
+        if (
+            horizon is not None
+            and steps is not None
+            and horizon > steps * (1 + 1e-9)
+            and not converged
+        ):
             found.append(
                 f"momentum {self.momentum:g} averages over ~{self.horizon:.0f} steps but only "
                 f"{self.steps} were taken: the initial values still dominate"

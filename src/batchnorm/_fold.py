@@ -116,7 +116,8 @@ def fold(
 
     Example:
         >>> result = batchnorm.fold(model, torch.randn(1, 3, 32, 32))
-        >>> fast, result.max_difference
+        >>> print(result)  # pairs folded, batch norms left and why, largest difference
+        >>> fast_model = result.model
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
