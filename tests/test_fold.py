@@ -317,3 +317,18 @@ def test_fold_frozen_batch_norms_and_linear_on_3d_input():
     assert result.folded == [("0", "1")]
     assert "normalises axis 1 but 2's features are axis 2" in result.not_folded["3"]
     assert result.max_difference < 1e-5
+
+
+def test_fold_layers_never_called():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), BatchNormalization(axis=1), nn.Linear(2, 5), BatchNormalization(5)
+    ).eval()
+    result = fold(model)
+    assert result.not_folded == {"1": "not built yet: call the model once or pass example_input"}
+    # Built from num_features with axis=-1: the last axis whatever the rank, so it folds.
+    assert result.folded == [("2", "3")]
+    with torch.no_grad():
+        randomise(model)
+        x = torch.randn(2, 3, 2, 2)
+        folded = fold(model, x)
+    assert folded.folded == [("0", "1"), ("2", "3")] and folded.max_difference < 1e-5

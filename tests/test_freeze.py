@@ -154,3 +154,16 @@ def test_freeze_errors_change_nothing():
         freeze(nn.Sequential(CustomNorm(3)))
     with pytest.raises(ValueError, match=r"`frozen` found no batch-norm layer"), frozen(nn.ReLU()):
         pass
+
+
+def test_frozen_sync_batch_norm_runs_on_cpu_in_training_mode():
+    torch.manual_seed(0)
+    norm = nn.SyncBatchNorm(3)
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.tensor([1.0, -1.0, 0.5]))
+    x = torch.randn(4, 3, 2)
+    freeze(norm).train()
+    expected = (x - norm.running_mean[:, None]) / torch.sqrt(norm.running_var[:, None] + norm.eps)
+    torch.testing.assert_close(norm(x), expected)
+    unfreeze(norm)
+    assert type(norm) is nn.SyncBatchNorm

@@ -127,6 +127,4 @@ def uses_batch_statistics_in_training(module: nn.Module) -> bool:
     torch's frozen by :func:`batchnorm.freeze`."""
     if isinstance(module, BatchNormalization):
         return module.use_global_stats is not True and module.trainable
-    from batchnorm._freeze import is_frozen_torch_batch_norm
-
-    return not is_frozen_torch_batch_norm(module)
+    return not getattr(type(module), "frozen_statistics", False)

@@ -293,6 +293,8 @@ def _why_not_foldable(
     layer: nn.Module, norm: nn.Module, layer_name: str, ranks: dict[str, int]
 ) -> str | None:
     buffers = bn.statistics_buffers(norm)
+    if isinstance(norm, BatchNormalization) and not norm.built:
+        return "not built yet: call the model once or pass example_input"
     if buffers is None or not bn.normalises_with_moving_statistics(norm):
         return "it normalises with batch statistics at inference (no moving statistics used)"
     out_channels = _out_channels(layer)

@@ -25,6 +25,8 @@ _STATE = "_batchnorm_frozen"
 class _FrozenStatistics:
     """Mixin: normalise with the running statistics whatever ``training`` says; never update them."""
 
+    frozen_statistics = True
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         norm = cast(_BatchNorm, self)
         norm._check_input_dim(input)  # type: ignore[no-untyped-call]

@@ -200,7 +200,9 @@ def collect_population_statistics(
     model.eval()
     for _, module in layers:
         module.train()
-    bar = ProgressBar(label, num_batches or _length(batches), enabled=progress)
+    length = _length(batches)
+    total = length if num_batches is None else min(num_batches, length or num_batches)
+    bar = ProgressBar(label, total, enabled=progress)
     count = 0
     try:
         for batch in batches:
