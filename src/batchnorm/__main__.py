@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from batchnorm._demo_modes import run_modes_demo
+from batchnorm._inspect_cli import add_inspect_parser, run_inspect
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip timing the first call in fresh processes",
     )
+    add_inspect_parser(commands)
     return parser
 
 
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(run_modes_demo(seed=arguments.seed, steps=arguments.steps))
     elif arguments.command == "bench":
         return run_bench(arguments)
+    elif arguments.command == "inspect":
+        return run_inspect(arguments)
     return 0
 
 
