@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from batchnorm._demo_modes import run_modes_demo
+from batchnorm._inspect_cli import add_inspect_parser, run_inspect
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time synchronized batch norm over 2 gloo processes instead (default json: bench-sync.json)",
     )
+    add_inspect_parser(commands)
     return parser
 
 
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(run_modes_demo(seed=arguments.seed, steps=arguments.steps))
     elif arguments.command == "bench":
         return run_bench(arguments)
+    elif arguments.command == "inspect":
+        return run_inspect(arguments)
     return 0
 
 

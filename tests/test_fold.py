@@ -1,0 +1,334 @@
+"""fold / fold_weights: folded inference models against the original model and torch's fusion."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+import batchnorm
+from batchnorm import BatchNormalization, FoldedBatchNorm, fold, fold_weights
+from batchnorm._batch_norm_modules import is_batch_norm
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial statistics and affine parameters in every batch norm."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if not is_batch_norm(module):
+                continue
+            names = ("running_mean", "running_var", "weight", "bias")
+            if isinstance(module, BatchNormalization):
+                names = ("moving_mean", "moving_variance", "gamma", "beta")
+            for name in names:
+                tensor = getattr(module, name, None)
+                if tensor is None:
+                    continue
+                shape = tensor.shape
+                if "var" in name:
+                    tensor.copy_(torch.rand(shape, generator=generator) * 2 + 0.3)
+                else:
+                    tensor.copy_(torch.randn(shape, generator=generator))
+    return model
+
+
+class Block(nn.Module):
+    """Residual block: conv-BN-ReLU, grouped conv-BN, then the skip connection."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = BatchNormalization(channels, axis=1, epsilon=1e-5)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, groups=4)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.bn3 = BatchNormalization(axis=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(x + self.bn3(self.depthwise(y)))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = Block(8)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2, bias=False)
+        self.up_bn = BatchNormalization(axis=1)
+        # Channels-last head: Linear over the last axis, our batch norm on axis -1.
+        self.project = nn.Linear(8, 6)
+        self.project_bn = BatchNormalization(axis=-1, momentum=0.9)
+        self.head = nn.Linear(6, 4, bias=False)
+        self.head_bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(self.stem(x))
+        x = torch.relu(self.up_bn(self.up(x)))
+        x = self.project_bn(self.project(x.permute(0, 2, 3, 1)))
+        return self.head_bn(self.head(torch.relu(x).mean(dim=(1, 2))))
+
+
+def built_resnet() -> SmallResNet:
+    torch.manual_seed(0)
+    model = SmallResNet()
+    model(torch.randn(4, 3, 6, 6))  # builds our layers
+    return randomise(model).eval()
+
+
+def test_fold_small_resnet_matches_original_and_leaves_no_batch_norm():
+    model = built_resnet()
+    x = torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    result = fold(model, example_input=x)
+    assert sorted(result.folded) == sorted(
+        [
+            ("stem.0", "stem.1"),
+            ("block.conv1", "block.bn1"),
+            ("block.conv2", "block.bn2"),
+            ("block.depthwise", "block.bn3"),
+            ("up", "up_bn"),
+            ("project", "project_bn"),
+            ("head", "head_bn"),
+        ]
+    )
+    assert result.not_folded == {}
+    assert not any(is_batch_norm(m) for m in result.model.modules())
+    assert isinstance(result.model.block.bn1, FoldedBatchNorm)
+    with torch.no_grad():
+        folded = result.model(x)
+    assert (folded - expected).abs().max() < 1e-5
+    assert result.max_difference is not None and result.max_difference < 1e-5
+    assert result.max_difference == pytest.approx(float((folded - expected).abs().max()))
+    assert model.block.bn1.moving_mean.abs().sum() > 0  # the original keeps its layers
+    assert isinstance(model.block.bn1, BatchNormalization)
+    assert "folded 7 batch norm(s)" in str(result)
+
+
+def test_fold_on_channels_last_memory_format():
+    model = built_resnet().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    result = fold(model, x)
+    assert result.not_folded == {} and result.max_difference < 1e-5
+
+
+@pytest.mark.parametrize(
+    "conv_type",
+    [
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+    ],
+)
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("ours", [True, False])
+def test_fold_every_convolution_type(conv_type, groups, bias, ours):
+    dims = int(conv_type.__name__[-2])
+    torch_norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+    norm = BatchNormalization(6, axis=1, epsilon=1e-4) if ours else torch_norm(6)
+    model = randomise(nn.Sequential(conv_type(4, 6, 3, groups=groups, bias=bias), norm)).eval()
+    x = torch.randn(2, 4, *([5] * dims))
+    result = fold(model, x)
+    assert result.folded == [("0", "1")]
+    assert result.max_difference < 1e-5
+
+
+def test_fold_weights_matches_torch_fusion():
+    torch.manual_seed(1)
+    for transposed, conv in ((False, nn.Conv2d(3, 5, 3)), (True, nn.ConvTranspose2d(3, 5, 3))):
+        norm = randomise(nn.BatchNorm2d(5))
+        ours = fold_weights(
+            conv.weight,
+            conv.bias,
+            norm.running_mean,
+            norm.running_var,
+            norm.weight,
+            norm.bias,
+            norm.eps,
+            transposed=transposed,
+        )
+        reference = fuse_conv_bn_weights(
+            conv.weight,
+            conv.bias,
+            norm.running_mean,
+            norm.running_var,
+            norm.eps,
+            norm.weight,
+            norm.bias,
+            transpose=transposed,
+        )
+        torch.testing.assert_close(ours[0], reference[0].detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours[1], reference[1].detach(), rtol=1e-6, atol=1e-6)
+    linear, norm = nn.Linear(4, 3, bias=False), randomise(nn.BatchNorm1d(3))
+    weight, folded_bias = fold_weights(
+        linear.weight, None, norm.running_mean, norm.running_var, None, None, 1e-3
+    )
+    reference = fuse_linear_bn_weights(
+        linear.weight,
+        torch.zeros(3),
+        norm.running_mean,
+        norm.running_var,
+        1e-3,
+        torch.ones(3),
+        torch.zeros(3),
+    )
+    torch.testing.assert_close(weight, reference[0].detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(folded_bias, reference[1].detach(), rtol=1e-6, atol=1e-6)
+
+
+class Unfoldable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 1)
+        self.wrong_axis = BatchNormalization(axis=-1)  # normalises W, not the channels
+        self.conv_b = nn.Conv2d(3, 4, 1)
+        self.shared_output = nn.BatchNorm2d(4)  # conv_b's output is also used by the skip
+        self.after_relu = nn.BatchNorm2d(4)
+        self.conv_c = nn.Conv2d(3, 4, 1)
+        self.batch_statistics = BatchNormalization(4, axis=1, use_global_stats=False)
+        self.conv_d = nn.Conv2d(3, 4, 1)
+        self.no_running_stats = nn.BatchNorm2d(4, track_running_stats=False)
+        self.unused = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.wrong_axis(self.conv_a(x))
+        b = self.conv_b(x)
+        b = self.shared_output(b) + b
+        c = self.after_relu(torch.relu(b))
+        d = self.batch_statistics(self.conv_c(x))
+        e = self.no_running_stats(self.conv_d(x))
+        return a + c + d + e
+
+
+def test_unfoldable_batch_norms_stay_in_inference_mode_and_are_listed():
+    torch.manual_seed(2)
+    model = Unfoldable()
+    model(torch.randn(2, 3, 4, 4))
+    randomise(model).eval()
+    x = torch.randn(3, 3, 4, 4)
+    result = fold(model, x)
+    assert result.folded == []
+    reasons = result.not_folded
+    assert set(reasons) == {
+        "wrong_axis",
+        "shared_output",
+        "after_relu",
+        "batch_statistics",
+        "no_running_stats",
+        "unused",
+    }
+    assert "not the output-channel axis 1" in reasons["wrong_axis"]
+    assert "also used elsewhere" in reasons["shared_output"]
+    assert "not a Conv/ConvTranspose/Linear" in reasons["after_relu"]
+    assert "batch statistics at inference" in reasons["batch_statistics"]
+    assert "batch statistics at inference" in reasons["no_running_stats"]
+    assert reasons["unused"] == "not called in the traced forward"
+    assert not result.model.shared_output.training
+    assert result.max_difference == 0.0
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # torch.fx cannot trace this
+            x = -x
+        return self.norm(self.conv(x))
+
+
+def test_untraceable_model_folds_with_pairs_named_by_hand():
+    model = randomise(DataDependent()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    traced = fold(model, x)
+    assert traced.folded == []
+    assert "name the pairs by hand" in traced.not_folded["norm"]
+    by_hand = fold(model, x, pairs=[("conv", "norm")])
+    assert by_hand.folded == [("conv", "norm")] and by_hand.not_folded == {}
+    assert by_hand.max_difference < 1e-5
+
+
+def test_fold_on_training_model_works_on_a_copy_and_says_so():
+    model = built_resnet().train()
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match=r"the model is in training mode"):
+        result = fold(model, x)
+    assert any("training mode" in note for note in result.notes)
+    assert model.training and not result.model.training
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    assert result.max_difference < 1e-5  # compared with the original's inference output
+
+
+def test_fold_errors():
+    model = built_resnet()
+    with pytest.raises(
+        TypeError, match=r"`model` must be an nn.Module. Received: model of type str"
+    ):
+        fold("model")
+    with pytest.raises(ValueError, match=r"`pairs` names a module the model does not have"):
+        fold(model, pairs=[("stem.0", "nope")])
+    with pytest.raises(ValueError, match=r"`pairs`: stem.2 must be a Conv1d/2d/3d"):
+        fold(model, pairs=[("stem.2", "stem.1")])
+    with pytest.raises(ValueError, match=r"`pairs`: stem.0 must be a batch norm"):
+        fold(model, pairs=[("block.conv1", "stem.0")])
+    with pytest.raises(TypeError, match=r"`pairs` must be a list of \(layer, batch_norm\) names"):
+        fold(model, pairs="stem.0")
+    with pytest.raises(ValueError, match=r"`groups` must be a positive int dividing"):
+        fold_weights(
+            torch.ones(3, 2, 1),
+            None,
+            *[torch.ones(4)] * 2,
+            None,
+            None,
+            1e-3,
+            transposed=True,
+            groups=2,
+        )
+    with pytest.raises(ValueError, match=r"`mean` must have one value per output channel"):
+        fold_weights(torch.ones(3, 2), None, torch.ones(4), torch.ones(3), None, None, 1e-3)
+
+
+def test_fold_is_exported():
+    assert batchnorm.fold is fold and "fold_weights" in batchnorm.__all__
+
+
+def test_fold_frozen_batch_norms_and_linear_on_3d_input():
+    model = randomise(
+        nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4), nn.Linear(5, 4), nn.BatchNorm1d(4))
+    )
+    batchnorm.freeze(model)
+    x = torch.randn(2, 3, 5)
+    result = fold(model.eval(), x)
+    # BatchNorm1d normalises axis 1 of (N, 4, 4); the Linear's features are axis 2.
+    assert result.folded == [("0", "1")]
+    assert "normalises axis 1 but 2's features are axis 2" in result.not_folded["3"]
+    assert result.max_difference < 1e-5
+
+
+def test_fold_layers_never_called():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), BatchNormalization(axis=1), nn.Linear(2, 5), BatchNormalization(5)
+    ).eval()
+    result = fold(model)
+    assert result.not_folded == {"1": "not built yet: call the model once or pass example_input"}
+    # Built from num_features with axis=-1: the last axis whatever the rank, so it folds.
+    assert result.folded == [("2", "3")]
+    with torch.no_grad():
+        randomise(model)
+        x = torch.randn(2, 3, 2, 2)
+        folded = fold(model, x)
+    assert folded.folded == [("0", "1"), ("2", "3")] and folded.max_difference < 1e-5

@@ -1,0 +1,169 @@
+"""freeze / unfreeze / frozen: statistics stay fixed through model.train() and optimizer steps."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from batchnorm import BatchNormalization, freeze, frozen, unfreeze
+from batchnorm._freeze import FrozenBatchNorm2d, is_frozen
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 1),
+        BatchNormalization(axis=1, momentum=0.5),
+        nn.Flatten(),
+        nn.Linear(5 * 9, 3),
+        nn.BatchNorm1d(3),
+    )
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 5, 5) * 2 + 1)
+    return model
+
+
+def statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "moving" in k}
+
+
+def train_step(model: nn.Module, x: torch.Tensor) -> None:
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=0.1)
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    optimizer.step()
+
+
+def test_freeze_survives_train_and_an_optimizer_step():
+    model = make_model()
+    before = statistics(model)
+    gamma_before = model[4].gamma.detach().clone()
+    keys = list(model.state_dict())
+    freeze(model)
+    for _ in range(3):
+        model.train()
+        train_step(model, torch.randn(8, 3, 5, 5) * 3 - 2)
+    for key, value in statistics(model).items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    torch.testing.assert_close(model[4].gamma.detach(), gamma_before, rtol=0, atol=0)
+    x = torch.randn(6, 3, 5, 5)
+    model.train()
+    with torch.no_grad():
+        in_training = model(x)
+    model.eval()
+    with torch.no_grad():
+        in_inference = model(x)
+    torch.testing.assert_close(in_training, in_inference, rtol=0, atol=0)
+    assert list(model.state_dict()) == keys
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[1], FrozenBatchNorm2d)
+    assert model[4].use_global_stats is True
+    assert not model[1].weight.requires_grad and not model[4].gamma.requires_grad
+
+
+def test_freeze_statistics_only_keeps_gamma_and_beta_training():
+    model = make_model()
+    before = statistics(model)
+    weight_before = model[1].weight.detach().clone()
+    gamma_before = model[4].gamma.detach().clone()
+    freeze(model, affine=False)
+    model.train()
+    train_step(model, torch.randn(8, 3, 5, 5))
+    for key, value in statistics(model).items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert not torch.equal(model[1].weight.detach(), weight_before)
+    assert not torch.equal(model[4].gamma.detach(), gamma_before)
+
+
+def test_unfreeze_restores_previous_settings_and_updates_again():
+    model = make_model()
+    model[7].bias.requires_grad_(False)  # a choice of the user's that unfreeze must keep
+    model[4].use_global_stats = False
+    freeze(model)
+    freeze(model)  # freezing twice remembers the original settings, not the frozen ones
+    unfreeze(model)
+    assert type(model[1]) is nn.BatchNorm2d and not is_frozen(model[1])
+    assert model[4].use_global_stats is False
+    assert model[1].weight.requires_grad and not model[7].bias.requires_grad
+    before = statistics(model)
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 5, 5))
+    assert not torch.equal(statistics(model)["1.running_mean"], before["1.running_mean"])
+
+
+def test_frozen_context_manager_restores_the_outer_state():
+    model = make_model()
+    freeze(model[7], affine=False)  # already frozen before the context
+    with frozen(model) as inside:
+        assert inside is model
+        assert isinstance(model[1], FrozenBatchNorm2d) and not model[7].weight.requires_grad
+        before = statistics(model)
+        with torch.no_grad():
+            model.train()(torch.randn(8, 3, 5, 5))
+        for key, value in statistics(model).items():
+            torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert type(model[1]) is nn.BatchNorm2d and model[4].use_global_stats is None
+    assert is_frozen(model[7]) and model[7].weight.requires_grad  # as it was
+
+
+def test_frozen_model_copies_pickles_and_reloads():
+    model = freeze(make_model())
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert isinstance(clone[1], FrozenBatchNorm2d) and clone[4].use_global_stats is True
+        unfreeze(clone)
+        assert type(clone[1]) is nn.BatchNorm2d
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = make_model()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+
+
+def test_freeze_errors_change_nothing():
+    with pytest.raises(
+        TypeError, match=r"`freeze` takes an nn.Module.*Received: model of type str"
+    ):
+        freeze("model")
+    with pytest.raises(ValueError, match=r"`freeze` found no batch-norm layer.*Linear"):
+        freeze(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"`unfreeze` found no batch-norm layer"):
+        unfreeze(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match=r"`statistics` or `affine` must be True"):
+        freeze(make_model(), statistics=False, affine=False)
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"Cannot freeze the statistics of 1 \(BatchNorm1d\)"):
+        freeze(model)
+    assert type(model[0]) is nn.BatchNorm1d and model[0].weight.requires_grad
+    freeze(model, statistics=False)  # gamma/beta alone can be frozen
+    assert not model[1].weight.requires_grad
+
+    class CustomNorm(nn.BatchNorm2d):
+        pass
+
+    with pytest.raises(ValueError, match=r"class .*CustomNorm is not one of torch.nn.BatchNorm1d"):
+        freeze(nn.Sequential(CustomNorm(3)))
+    with pytest.raises(ValueError, match=r"`frozen` found no batch-norm layer"), frozen(nn.ReLU()):
+        pass
+
+
+def test_frozen_sync_batch_norm_runs_on_cpu_in_training_mode():
+    torch.manual_seed(0)
+    norm = nn.SyncBatchNorm(3)
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.tensor([1.0, -1.0, 0.5]))
+    x = torch.randn(4, 3, 2)
+    freeze(norm).train()
+    expected = (x - norm.running_mean[:, None]) / torch.sqrt(norm.running_var[:, None] + norm.eps)
+    torch.testing.assert_close(norm(x), expected)
+    unfreeze(norm)
+    assert type(norm) is nn.SyncBatchNorm

@@ -1,0 +1,216 @@
+"""recalibrate: population statistics against a float64 NumPy computation over the concatenated data."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from batchnorm import BatchNormalization, freeze, recalibrate
+from batchnorm._progress import ProgressBar
+from tests.distributed_recalibrate_worker import TwoNormNet, rank_batches
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def numpy_population(model: TwoNormNet, batches: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    """bn1's input over all samples; bn2's input with bn1 normalising each batch by its own
+    (biased) statistics, as in training; dropout off."""
+
+    def array(t: torch.Tensor) -> np.ndarray:
+        return t.detach().numpy().astype(np.float64)
+
+    w1, b1, w2, b2 = (
+        array(p) for p in (model.lin1.weight, model.lin1.bias, model.lin2.weight, model.lin2.bias)
+    )
+    gamma, beta, eps = array(model.bn1.gamma), array(model.bn1.beta), model.bn1.epsilon
+    first, second = [], []
+    for x in batches:
+        h = array(x) @ w1.T + b1
+        first.append(h)
+        y = gamma * (h - h.mean(0)) / np.sqrt(h.var(0) + eps) + beta
+        second.append(np.maximum(y, 0) @ w2.T + b2)
+    h1, h2 = np.concatenate(first), np.concatenate(second)
+    return {
+        "bn1.moving_mean": h1.mean(0),
+        "bn1.moving_variance": h1.var(0),  # ours, non-fused: biased
+        "bn2.running_mean": h2.mean(0),
+        "bn2.running_var": h2.var(0, ddof=1),  # torch: unbiased
+        "per_batch_average_var": np.mean([h.var(0, ddof=1) for h in second], axis=0),
+    }
+
+
+def trained_net() -> TwoNormNet:
+    torch.manual_seed(0)
+    model = TwoNormNet()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 4))
+    return model.train()
+
+
+def test_recalibrate_equals_statistics_over_the_concatenated_data():
+    model = trained_net()
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(n, 4, generator=generator) * 2 + 1 for n in (5, 17, 3, 9)]
+    tracked = int(model.bn2.num_batches_tracked)
+    result = recalibrate(model, [(x, torch.zeros(len(x))) for x in batches], progress=False)
+    expected = numpy_population(model, batches)
+    state = model.state_dict()
+    for key in ("bn1.moving_mean", "bn1.moving_variance", "bn2.running_mean", "bn2.running_var"):
+        np.testing.assert_allclose(state[key].numpy(), expected[key], rtol=2e-6, atol=1e-6)
+    # Pooled exactly: the average of the per-batch variances is measurably different.
+    assert np.abs(expected["per_batch_average_var"] - expected["bn2.running_var"]).max() > 1e-3
+    assert result.batches == 4 and result.samples == {"bn1": 34, "bn2": 34}
+    assert result.skipped == {}
+    assert model.training and model.drop.training  # modes restored
+    assert int(model.bn2.num_batches_tracked) == tracked
+
+
+def test_batch_formats_and_num_batches():
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.randn(n, 4, generator=generator) for n in (6, 4, 8)]
+    reference = trained_net()
+    recalibrate(reference, batches[:2], progress=False)
+    for given in ([{"input": x} for x in batches], [[x] for x in batches], iter(batches)):
+        model = trained_net()
+        result = recalibrate(model, given, num_batches=2, progress=False)
+        assert result.batches == 2
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, reference.state_dict()[key], rtol=0, atol=0)
+
+
+def test_fused_ghost_batch_renorm_and_masked_layers():
+    generator = torch.Generator().manual_seed(3)
+    # Fused (rank 4, axis 1): the unbiased variance over N*H*W samples per channel.
+    fused = BatchNormalization(axis=1)
+    data = [torch.randn(n, 3, 4, 5, generator=generator) * 3 + 2 for n in (2, 5)]
+    recalibrate(fused, data, progress=False)
+    assert fused.fused
+    values = np.concatenate([x.numpy() for x in data]).transpose(1, 0, 2, 3).reshape(3, -1)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), values.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), values.var(1, ddof=1), rtol=1e-5)
+
+    # Ghost batches and renorm: statistics over every sample, renorm buffers consistent.
+    ghost = BatchNormalization(virtual_batch_size=2, renorm=True, epsilon=1e-2)
+    data = [torch.randn(n, 4, generator=generator) * 2 - 1 for n in (4, 8, 2)]
+    recalibrate(ghost, data, progress=False)
+    values = np.concatenate([x.numpy() for x in data]).astype(np.float64)
+    mean, variance = values.mean(0), values.var(0)
+    np.testing.assert_allclose(ghost.moving_mean.numpy(), mean, rtol=1e-5)
+    np.testing.assert_allclose(ghost.moving_variance.numpy(), variance, rtol=1e-5)
+    np.testing.assert_allclose(ghost.moving_stddev.numpy(), np.sqrt(variance + 1e-2), rtol=1e-5)
+    np.testing.assert_allclose(ghost.renorm_mean.numpy(), mean, rtol=1e-5)
+    np.testing.assert_allclose(ghost.renorm_stddev.numpy(), np.sqrt(variance + 1e-2), rtol=1e-5)
+
+    # Masks weight the samples: only unmasked positions count.
+    masked = BatchNormalization(momentum=0.5)
+    data = [
+        (torch.randn(n, 7, 4, generator=generator), torch.rand(n, 7, generator=generator) > 0.4)
+        for n in (3, 6)
+    ]
+    result = recalibrate(
+        masked, data, progress=False, forward=lambda layer, batch: layer(batch[0], mask=batch[1])
+    )
+    kept = np.concatenate([x.numpy()[m.numpy()] for x, m in data]).astype(np.float64)
+    np.testing.assert_allclose(masked.moving_mean.numpy(), kept.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(masked.moving_variance.numpy(), kept.var(0), rtol=1e-5)
+    assert result.samples == {"": len(kept)}
+
+
+def test_frozen_and_statistics_free_layers_are_skipped():
+    model = nn.Sequential(
+        nn.BatchNorm1d(3), nn.BatchNorm1d(3, track_running_stats=False), nn.BatchNorm1d(3)
+    )
+    freeze(model[2])
+    before = model[2].running_mean.clone()
+    result = recalibrate(model, [torch.randn(5, 3) + 4], progress=False)
+    assert set(result.samples) == {"0"}
+    assert result.skipped["1"].startswith("no moving statistics")
+    assert result.skipped["2"].startswith("frozen")
+    torch.testing.assert_close(model[2].running_mean, before, rtol=0, atol=0)
+    assert model[0].running_mean.min() > 2
+
+
+def test_recalibrate_errors_change_nothing():
+    model = trained_net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"`batches` is empty: recalibrate needs at least one batch"
+    ):
+        recalibrate(model, [], progress=False)
+    with pytest.raises(
+        ValueError, match=r"found no batch-norm layer.*Received: model of type Linear"
+    ):
+        recalibrate(nn.Linear(4, 4), [torch.randn(2, 4)])
+    with pytest.raises(
+        ValueError, match=r"`num_batches` must be a positive int or None. Received: num_batches=0"
+    ):
+        recalibrate(model, [torch.randn(2, 4)], num_batches=0)
+    with pytest.raises(TypeError, match=r"`batches` must be an iterable of batches.*Tensor"):
+        recalibrate(model, torch.randn(2, 4))
+    with pytest.raises(TypeError, match=r'A dict batch must hold the model input under "input"'):
+        recalibrate(model, [torch.randn(4, 4), {"x": torch.randn(4, 4)}], progress=False)
+    with pytest.raises(TypeError, match=r"`model` must be an nn.Module"):
+        recalibrate(None, [])
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    assert model.training
+
+
+def test_distributed_ranks_end_identical_and_exact(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    worker = str(ROOT / "tests" / "distributed_recalibrate_worker.py")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, worker, str(rank), "2", str(port), str(tmp_path / f"{rank}.pt")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in range(2)
+    ]
+    for process in processes:
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, output.decode()
+    saved = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    assert saved[0]["batches"] == saved[1]["batches"] == 3
+    for key, value in saved[0]["state"].items():
+        assert torch.equal(value, saved[1]["state"][key]), key
+    torch.manual_seed(0)
+    expected = numpy_population(TwoNormNet(), rank_batches(0) + rank_batches(1))
+    for key in ("bn1.moving_mean", "bn1.moving_variance", "bn2.running_mean", "bn2.running_var"):
+        np.testing.assert_allclose(
+            saved[0]["state"][key].numpy(), expected[key], rtol=2e-6, atol=1e-6
+        )
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_only_on_a_terminal(capsys):
+    terminal = FakeTerminal()
+    bar = ProgressBar("recalibrate", total=4, stream=terminal)
+    for _ in range(4):
+        bar.update()
+    bar.close()
+    assert terminal.getvalue().endswith("\rrecalibrate: [####################] 4/4 batches\n")
+    silent = ProgressBar("recalibrate", total=4, stream=io.StringIO())
+    silent.update()
+    silent.close()
+    assert silent.stream.getvalue() == ""
+    recalibrate(trained_net(), [torch.randn(4, 4)], progress=True)  # stderr is not a terminal
+    assert capsys.readouterr().err == ""
