@@ -74,7 +74,7 @@ def _holdout(split: ImageSplit, peak: float, name: str) -> ImageDataset:
 def load_digits_dataset() -> ImageDataset:
     """scikit-learn's 1797 handwritten digits (8x8, values 0..16), 20% held out for validation."""
     try:
-        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+        from sklearn.datasets import load_digits
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
             "the default demo data needs scikit-learn: pip install 'batchnorm[demo]' "
