@@ -71,13 +71,14 @@ def run_modes_demo(seed: int = 0, steps: int = 3000) -> ModesResult:
     result = ModesResult(text="")
     lines = ["batchnorm: training vs inference on data with mean [3, -1, 0.5], std [2, 0.5, 1]", ""]
     x = batch(256)
-    layers = {momentum: BatchNormalization(3, momentum=momentum) for momentum in MOMENTA}
-    fresh = layers[0.99]
+    fresh = BatchNormalization(3, momentum=0.99)
     lines.append("1. Batch vs moving statistics, before training (moving mean 0, variance 1):")
+    inference_mean = fresh(x, training=False).mean(0)  # first: training=True moves the averages
     lines.append(_row("training=True  (batch stats) -> mean", fresh(x, training=True).mean(0)))
-    lines.append(_row("training=False (moving stats) -> mean", fresh(x, training=False).mean(0)))
+    lines.append(_row("training=False (moving stats) -> mean", inference_mean))
     lines.append("")
 
+    layers = {momentum: BatchNormalization(3, momentum=momentum) for momentum in MOMENTA}
     for momentum in MOMENTA:
         result.moving_mean[momentum], result.moving_variance[momentum] = [0.0], [1.0]
     checkpoints = sorted({10, 30, 100, 300, 1000, 3000, steps} & set(range(1, steps + 1)))
