@@ -118,7 +118,7 @@ def test_digits_default():
     data = load_dataset(None)
     assert (len(data.train_labels), len(data.validation_labels)) == (1438, 359)
     assert data.train_images.shape[1:] == (8, 8)
-    assert 0.0 <= float(data.train_images.min()) and float(data.train_images.max()) == 1.0
+    assert float(data.train_images.min()) >= 0.0 and float(data.train_images.max()) == 1.0
     labels = np.concatenate([data.train_labels.numpy(), data.validation_labels.numpy()])
     assert np.bincount(labels).tolist() == np.bincount(digits.target).tolist()
 
@@ -156,7 +156,7 @@ def test_truncated_and_trailing_data(tmp_path):
 def test_corrupt_gzip(tmp_path):
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(gzip.compress(idx_bytes(np.arange(100) % 10))[:30])
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: corrupt or truncated gzip"):
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: corrupt or truncated gzip"):
         read_idx(path, 1)
 
 
@@ -182,7 +182,7 @@ def test_folder_problems(tmp_path):
     other = tmp_path / "notes.txt"
     other.write_text("hello")
     with pytest.raises(
-        DataError, match="expected a folder of MNIST IDX files or a Keras mnist.npz"
+        DataError, match=r"expected a folder of MNIST IDX files or a Keras mnist\.npz"
     ):
         read_mnist(other)
 
@@ -204,9 +204,9 @@ def test_malformed_npz(tmp_path):
     with pytest.raises(DataError, match=r"images must have shape \(N, H, W\). Received: \(4, 36\)"):
         read_mnist(path)
     path.write_bytes(b"this is not a zip archive")
-    with pytest.raises(DataError, match="mnist.npz: not a readable .npz archive"):
+    with pytest.raises(DataError, match=r"mnist\.npz: not a readable \.npz archive"):
         read_mnist(path)
     with path.open("wb") as handle:
         np.save(handle, images)
-    with pytest.raises(DataError, match="expected a .npz archive of named arrays"):
+    with pytest.raises(DataError, match=r"expected a \.npz archive of named arrays"):
         read_mnist(path)
