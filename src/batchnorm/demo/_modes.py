@@ -145,7 +145,7 @@ def _freezing_comparison(
         uses_moving = torch.allclose(output.detach(), inference_output)
         lines.append(
             f"  {label:<32}"
-            f"{float((layer.gamma - gamma).abs().max()):>12.4f}"
+            f"{float((layer.gamma.detach() - gamma).abs().max()):>12.4f}"
             f"{float((layer.moving_mean - moving_mean).abs().max()):>19.4f}"
             f"{'yes' if uses_moving else 'no':>19}"
         )
