@@ -44,8 +44,10 @@ def _check_history(history: dict, epochs: int) -> None:
 
 
 def test_classic_cli_writes_curves_and_history(tmp_path, capsys):
+    threads = torch.get_num_threads()
     code = main(["demo", "--epochs", "2", "--max-batches", "2", "--out", str(tmp_path), *TINY])
     assert code == 0
+    assert torch.get_num_threads() == threads  # --threads applies to the run only
     out = capsys.readouterr().out
     assert "Epochs to reach 95.0% validation accuracy" in out and "Final accuracy" in out
     assert f"wrote {tmp_path / 'curves.png'}" in out
@@ -249,6 +251,7 @@ def test_progress_bar_is_quiet_off_a_terminal():
         (["--epochs", "2", "shift"], "--epochs does not apply to the shift demo"),
         (["--data", "x", "modes"], "--data does not apply to the modes demo"),
         (["shift", "--steps", "0"], "--steps must be >= 1. Received: 0"),
+        (["modes", "--threads", "0"], "--threads must be >= 1. Received: 0"),
         (["--data", "/nonexistent/mnist"], "/nonexistent/mnist: no such file or folder"),
         (["placement", "--data", "/nonexistent/x.npz"], "x.npz: no such file or folder"),
     ],
