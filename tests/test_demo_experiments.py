@@ -85,6 +85,8 @@ def test_classic_runs_share_initial_weights_and_train_batch_norm(small_digits):
     assert float(layer.moving_mean.abs().max()) > 0
     assert not torch.equal(layer.moving_variance, torch.ones(1000))
     assert result.steps_per_epoch == 3
+    other = run_classic_demo(small_digits, epochs=1, seed=1, momentum=0.5, max_batches=1)
+    assert batch_norm_layers(other.models["with_bn"])[0].momentum == 0.5
 
 
 def test_keras_glorot_uniform_initialisation():
@@ -247,6 +249,8 @@ def test_progress_bar_is_quiet_off_a_terminal():
         (["--epochs", "0"], "--epochs must be >= 1. Received: 0"),
         (["--max-batches", "0"], "--max-batches must be >= 1. Received: 0"),
         (["--target", "1.5"], r"--target must be in \(0, 1\]. Received: 1.5"),
+        (["placement", "--momentum", "1"], r"--momentum must be in \[0, 1\). Received: 1.0"),
+        (["--momentum", "0.9", "shift"], "--momentum does not apply to the shift demo"),
         (["--steps", "5"], "--steps does not apply to the classic demo"),
         (["--epochs", "2", "shift"], "--epochs does not apply to the shift demo"),
         (["--data", "x", "modes"], "--data does not apply to the modes demo"),

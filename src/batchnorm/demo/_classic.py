@@ -28,6 +28,7 @@ def run_classic_demo(
     *,
     epochs: int,
     seed: int,
+    momentum: float = 0.99,
     max_batches: int | None = None,
     stream: TextIO | None = None,
 ) -> Comparison:
@@ -35,7 +36,9 @@ def run_classic_demo(
     inputs = dataset.train_images[0].numel()
     return compare(
         {
-            "with_bn": lambda: classic_network(inputs, with_batch_norm=True, seed=seed),
+            "with_bn": lambda: classic_network(
+                inputs, with_batch_norm=True, seed=seed, momentum=momentum
+            ),
             "without_bn": lambda: classic_network(inputs, with_batch_norm=False, seed=seed),
         },
         CLASSIC_LABELS,
@@ -46,16 +49,4 @@ def run_classic_demo(
         seed=seed,
         max_batches=max_batches,
         stream=stream,
-    )
-
-
-def moving_average_note(steps_per_epoch: int, momentum: float = 0.99) -> str:
-    """Why the with-BN validation numbers can lag in the first epochs on a small dataset."""
-    remaining = momentum**steps_per_epoch
-    return (
-        f"Note: validation runs in inference mode, on the moving averages (momentum {momentum}). "
-        f"With {steps_per_epoch} steps per epoch they still hold {remaining:.0%} of their initial "
-        f"values (mean 0, variance 1) after the first epoch and {remaining**3:.0%} after the "
-        "third, so the with-BN validation accuracy can trail its training accuracy early on "
-        "(see `batchnorm demo modes`)."
     )

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from batchnorm.demo._mnist import DataError
+from batchnorm.demo._report import moving_average_note
 
 DEFAULT_OUT = Path("demo-output")
 # Epochs per data set: the digits are 23 batches an epoch, MNIST 938.
@@ -74,6 +75,12 @@ def _add_epochs(parser: argparse.ArgumentParser, name: str, *, top: bool) -> Non
         type=float,
         default=None if top else argparse.SUPPRESS,
         help="validation accuracy to reach (default 0.95 on the digits, 0.97 on MNIST)",
+    )
+    parser.add_argument(
+        "--momentum",
+        type=float,
+        default=None if top else argparse.SUPPRESS,
+        help="the BatchNormalization layers' momentum (default 0.99, Keras')",
     )
     parser.add_argument(
         "--max-batches",
@@ -134,6 +141,9 @@ def _check(arguments: argparse.Namespace, experiment: str) -> None:
     target = getattr(arguments, "target", None)
     if target is not None and not 0 < target <= 1:
         raise _UsageError(f"--target must be in (0, 1]. Received: {target}")
+    momentum = getattr(arguments, "momentum", None)
+    if momentum is not None and not 0 <= momentum < 1:
+        raise _UsageError(f"--momentum must be in [0, 1). Received: {momentum}")
     uses_steps = experiment in DEFAULT_STEPS
     wrong = [
         flag
@@ -141,6 +151,7 @@ def _check(arguments: argparse.Namespace, experiment: str) -> None:
             ("--epochs", arguments.epochs, not uses_steps),
             ("--steps", arguments.steps, uses_steps),
             ("--target", arguments.target, not uses_steps),
+            ("--momentum", arguments.momentum, not uses_steps),
             ("--data", arguments.data, experiment != "modes"),
         )
         if given is not None and not applies
@@ -194,25 +205,36 @@ def _run(experiment: str, arguments: argparse.Namespace) -> list[Path]:
         return shift.write(arguments.out)
 
     epochs = arguments.epochs or DEFAULT_EPOCHS[experiment][on_mnist]
+    momentum = 0.99 if arguments.momentum is None else arguments.momentum
+    target = arguments.target or DEFAULT_TARGET[on_mnist]
     print(f"Training 2 x {epochs} epochs (Adam, batch size 64), seed {arguments.seed}")
     if experiment == "placement":
         from batchnorm.demo._placement import run_placement_demo
 
         placement = run_placement_demo(
-            dataset, epochs=epochs, seed=arguments.seed, max_batches=arguments.max_batches
+            dataset,
+            epochs=epochs,
+            seed=arguments.seed,
+            momentum=momentum,
+            max_batches=arguments.max_batches,
         )
-        print(placement.report(arguments.target or DEFAULT_TARGET[on_mnist]))
+        print(placement.report(target))
+        print(moving_average_note(placement.steps_per_epoch, momentum))
         return placement.write(
             arguments.out, "placement.json", "placement.png", "BatchNormalization placement"
         )
 
-    from batchnorm.demo._classic import moving_average_note, run_classic_demo
+    from batchnorm.demo._classic import run_classic_demo
 
     classic = run_classic_demo(
-        dataset, epochs=epochs, seed=arguments.seed, max_batches=arguments.max_batches
+        dataset,
+        epochs=epochs,
+        seed=arguments.seed,
+        momentum=momentum,
+        max_batches=arguments.max_batches,
     )
-    print(classic.report(arguments.target or DEFAULT_TARGET[on_mnist]))
-    print(moving_average_note(classic.steps_per_epoch))
+    print(classic.report(target))
+    print(moving_average_note(classic.steps_per_epoch, momentum))
     return classic.write(
         arguments.out,
         "history.json",

@@ -40,30 +40,34 @@ def keras_conv2d(
     return layer
 
 
-def classic_network(inputs: int, *, with_batch_norm: bool, seed: int) -> nn.Sequential:
+def classic_network(
+    inputs: int, *, with_batch_norm: bool, seed: int, momentum: float = 0.99
+) -> nn.Sequential:
     """Flatten -> Dense(1000, relu) -> [BatchNormalization] -> Dense(10) (logits).
 
-    The classic Keras example; softmax is applied by the cross-entropy loss.
+    The classic Keras example; softmax is applied by the cross-entropy loss. ``momentum`` is the
+    BatchNormalization layer's (Keras' default 0.99).
     """
     generator = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = [nn.Flatten(), keras_dense(inputs, 1000, generator), nn.ReLU()]
     if with_batch_norm:
-        layers.append(BatchNormalization(1000))
+        layers.append(BatchNormalization(1000, momentum=momentum))
     layers.append(keras_dense(1000, 10, generator))
     return nn.Sequential(*layers)
 
 
 def placement_network(
-    height: int, width: int, *, batch_norm_before_relu: bool, seed: int
+    height: int, width: int, *, batch_norm_before_relu: bool, seed: int, momentum: float = 0.99
 ) -> nn.Sequential:
     """Conv2D(64, 3x3) with BatchNormalization before or after its ReLU, then a linear classifier.
 
     Input ``(N, H, W)`` gray images; the network adds the channel axis (NCHW) and uses
-    ``BatchNormalization(64, axis=1)``. After the block: 2x2 max pooling, flatten, Dense(10).
+    ``BatchNormalization(64, axis=1, momentum=momentum)``. After the block: 2x2 max pooling,
+    flatten, Dense(10).
     """
     generator = torch.Generator().manual_seed(seed)
     conv = keras_conv2d(1, 64, 3, generator)
-    norm = BatchNormalization(64, axis=1)
+    norm = BatchNormalization(64, axis=1, momentum=momentum)
     block = [conv, norm, nn.ReLU()] if batch_norm_before_relu else [conv, nn.ReLU(), norm]
     pooled = ((height - 2) // 2) * ((width - 2) // 2) * 64
     return nn.Sequential(

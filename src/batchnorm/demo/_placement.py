@@ -28,6 +28,7 @@ def run_placement_demo(
     *,
     epochs: int,
     seed: int,
+    momentum: float = 0.99,
     max_batches: int | None = None,
     stream: TextIO | None = None,
 ) -> Comparison:
@@ -36,10 +37,10 @@ def run_placement_demo(
     return compare(
         {
             "bn_before_relu": lambda: placement_network(
-                height, width, batch_norm_before_relu=True, seed=seed
+                height, width, batch_norm_before_relu=True, seed=seed, momentum=momentum
             ),
             "bn_after_relu": lambda: placement_network(
-                height, width, batch_norm_before_relu=False, seed=seed
+                height, width, batch_norm_before_relu=False, seed=seed, momentum=momentum
             ),
         },
         PLACEMENT_LABELS,

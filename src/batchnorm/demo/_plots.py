@@ -130,6 +130,7 @@ def plot_modes(result: ModesResult, true_mean: float, true_variance: float, path
     axes[1].set(xlabel="training steps", ylabel="moving_variance[0]", title="moving variance")
     for panel in axes:
         panel.set_xscale("symlog", linthresh=10)
+        panel.set_xlim(0, len(result.moving_mean[result.momenta[0]]) - 1)
         panel.grid(alpha=0.3)
         panel.legend(fontsize=8)
     figure.suptitle("How the moving statistics used in inference converge (Keras momentum)")

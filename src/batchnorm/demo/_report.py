@@ -61,3 +61,16 @@ def write_json(path: Path, document: Mapping[str, object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1) + "\n")
     return path
+
+
+def moving_average_note(steps_per_epoch: int, momentum: float = 0.99) -> str:
+    """Why validation numbers with batch norm can lag in the first epochs on a small dataset."""
+    remaining = momentum**steps_per_epoch
+    return (
+        f"Note: validation runs in inference mode, on the moving averages (momentum {momentum}). "
+        f"With {steps_per_epoch} steps per epoch they still hold {remaining:.0%} of their initial "
+        f"values (mean 0, variance 1) after the first epoch and {remaining**3:.0%} after the "
+        "third, so the validation numbers of networks with batch norm can trail their training "
+        "numbers early on "
+        "(see `batchnorm demo modes`)."
+    )
