@@ -26,7 +26,7 @@ from batchnorm.demo._report import moving_average_note
 
 DEFAULT_OUT = Path("demo-output")
 # Epochs per data set: the digits are 23 batches an epoch, MNIST 938.
-DEFAULT_EPOCHS = {"classic": (30, 5), "placement": (10, 3)}
+DEFAULT_EPOCHS = {"classic": (30, 3), "placement": (10, 2)}
 DEFAULT_TARGET = (0.95, 0.97)
 DEFAULT_STEPS = {"shift": 3000, "modes": 3000}
 
