@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
+STAMP_DEMO := $(VENV)/.installed-demo
 
 .PHONY: demo test lint typecheck unit clean
 
@@ -18,9 +19,13 @@ $(STAMP_RUN): $(BIN)/python pyproject.toml constraints.txt
 
 $(STAMP_DEV): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@ $(STAMP_RUN) $(STAMP_DEMO)
+
+$(STAMP_DEMO): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[demo]"
 	touch $@ $(STAMP_RUN)
 
-demo: $(STAMP_RUN)
+demo: $(STAMP_DEMO)
 	$(BIN)/python -m batchnorm demo
 
 lint: $(STAMP_DEV)

@@ -5,29 +5,50 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from batchnorm.__main__ import main
 
 
-def test_demo_shows_modes_and_frozen_layer(capsys):
-    assert main(["demo", "--steps", "20", "--seed", "1"]) == 0
+def test_demo_modes_shows_modes_and_frozen_layer(capsys, tmp_path):
+    assert main(["demo", "modes", "--steps", "20", "--seed", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "training=False -> output mean" in out
-    assert "moving statistics unchanged" in out
+    assert "training=False (moving stats) -> mean" in out
+    assert "moving statistics unchanged, frozen layers run in inference mode" in out
+    assert (tmp_path / "modes.png").is_file()
 
 
 def test_demo_rejects_bad_steps(capsys):
-    assert main(["demo", "--steps", "0"]) == 2
+    assert main(["demo", "modes", "--steps", "0"]) == 2
     assert "--steps must be >= 1. Received: 0" in capsys.readouterr().err
 
 
-def test_python_dash_m_entry_point():
+def test_python_dash_m_entry_point(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "batchnorm", "demo", "--steps", "5"],
+        [
+            sys.executable,
+            "-m",
+            "batchnorm",
+            "demo",
+            "modes",
+            "--steps",
+            "5",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert "after   5 steps: moving mean" in result.stdout
+    assert "2. Moving mean of channel 0" in result.stdout
+    assert f"wrote {tmp_path / 'modes.png'}" in result.stdout
+
+
+def test_demo_help_lists_the_experiments(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "{placement,shift,modes}" in out and "--data" in out and "--epochs" in out
 
 
 def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Command line: ``batchnorm demo`` and ``batchnorm bench`` (also ``python -m batchnorm ...``)."""
+"""Command line: ``batchnorm demo``, ``batchnorm bench`` and ``batchnorm inspect`` (also ``python -m batchnorm ...``)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from batchnorm._demo_modes import run_modes_demo
 from batchnorm._inspect_cli import add_inspect_parser, run_inspect
+from batchnorm.demo import add_demo_parser, run_demo
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="show training vs inference mode on a small example")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    add_demo_parser(commands)
     bench = commands.add_parser(
         "bench", help="time batchnorm against torch native batch norm and the copy floor"
     )
@@ -83,13 +81,7 @@ def run_bench(arguments: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     if arguments.command == "demo":
-        if arguments.steps < 1:
-            print(
-                f"batchnorm demo: --steps must be >= 1. Received: {arguments.steps}",
-                file=sys.stderr,
-            )
-            return 2
-        print(run_modes_demo(seed=arguments.seed, steps=arguments.steps))
+        return run_demo(arguments)
     elif arguments.command == "bench":
         return run_bench(arguments)
     elif arguments.command == "inspect":

@@ -1,0 +1,23 @@
+"""The ``batchnorm demo`` experiments: batch normalization on real data, with plots.
+
+- ``batchnorm demo``: the classic Keras Dense network with and without BatchNormalization.
+- ``batchnorm demo placement``: BatchNormalization before vs after the ReLU of a Conv2D.
+- ``batchnorm demo shift``: internal covariate shift, Ioffe & Szegedy (2015) Figure 1.
+- ``batchnorm demo modes``: training vs inference, momentum, trainable=False vs training=False.
+
+Data: scikit-learn's bundled digits by default, or MNIST (IDX files or a Keras ``mnist.npz``).
+"""
+
+from batchnorm.demo._cli import add_demo_parser, run_demo
+from batchnorm.demo._datasets import ImageDataset, load_dataset
+from batchnorm.demo._mnist import DataError, read_idx, read_mnist
+
+__all__ = [
+    "DataError",
+    "ImageDataset",
+    "add_demo_parser",
+    "load_dataset",
+    "read_idx",
+    "read_mnist",
+    "run_demo",
+]
