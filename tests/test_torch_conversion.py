@@ -179,3 +179,16 @@ def test_convert_to_torch_raises_before_replacing_anything():
     with pytest.raises(ValueError, match="renorm"):
         batchnorm.convert(model, to="torch")
     assert all(isinstance(m, batchnorm.BatchNormalization) for m in model)
+
+
+def test_sync_batch_norm_converts_to_a_synchronized_layer_and_back():
+    reference = nn.SyncBatchNorm(3, momentum=0.2)
+    layer = batchnorm.from_torch(reference)
+    assert layer.synchronized and layer.process_group is None
+    plain = nn.BatchNorm2d(3, momentum=0.2)
+    for x in _batches((3, 2, 2), steps=4):  # no process group: the single-process result
+        torch.testing.assert_close(layer(x), plain(x), rtol=1e-6, atol=1e-6)
+    layer.build((2, 3, 2, 2))
+    back = batchnorm.to_torch(layer)
+    assert type(back) is nn.SyncBatchNorm
+    torch.testing.assert_close(back.running_var, plain.running_var, rtol=1e-6, atol=1e-6)

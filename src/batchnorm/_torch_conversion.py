@@ -38,7 +38,8 @@ def from_torch(module: nn.Module) -> BatchNormalization:
     """A :class:`BatchNormalization` whose outputs and running-statistic trajectory equal ``module``'s.
 
     Takes torch.nn.BatchNorm1d/2d/3d, their Lazy versions (an uninitialised one gives a layer
-    built on its first input) and SyncBatchNorm, affine or not, with or without running
+    built on its first input) and SyncBatchNorm (a ``synchronized=True`` layer over the same
+    process group, which also runs on CPU), affine or not, with or without running
     statistics, any momentum including None. Parameters and buffers are copied (same device;
     float64 stays float64, other dtypes become float32 parameters), ``requires_grad`` and the
     train/eval mode are kept.
@@ -69,6 +70,8 @@ def from_torch(module: nn.Module) -> BatchNormalization:
         moving_variance_estimator="unbiased",
         moving_average="debiased" if cumulative else "ema",
         use_global_stats=None if module.track_running_stats else False,
+        synchronized=isinstance(module, nn.SyncBatchNorm),
+        process_group=getattr(module, "process_group", None),
         dtype=dtype,
         device=device,
     )
@@ -142,7 +145,8 @@ def to_torch(layer: BatchNormalization, *, dims: int | None = None) -> _BatchNor
     """The torch.nn.BatchNorm1d/2d/3d equal to ``layer``, step for step.
 
     The class follows the input rank the layer was built for (rank 2 or 3: 1d, 4: 2d, 5: 3d), or
-    ``dims`` (1, 2 or 3) when given; an unbuilt layer gives the Lazy class. Raises ValueError
+    ``dims`` (1, 2 or 3) when given; an unbuilt layer gives the Lazy class, a synchronized one
+    torch.nn.SyncBatchNorm (which torch runs on GPUs only). Raises ValueError
     listing every setting torch cannot express (renorm, ghost batches, adjustment, regularizers or
     constraints, biased moving variance, debiased averaging with momentum != 1,
     use_global_stats=True, trainable=False, channel axes other than dim 1).
@@ -169,6 +173,13 @@ def to_torch(layer: BatchNormalization, *, dims: int | None = None) -> _BatchNor
     if dims not in _TORCH_CLASSES:
         raise ValueError(f"`dims` must be 1, 2 or 3. Received: dims={dims!r}")
     eager_class, lazy_class = _TORCH_CLASSES[dims]
+    if layer.synchronized:
+        if not layer.built:
+            raise ValueError(
+                f"Layer {layer.name} is synchronized and not built: torch has no lazy "
+                "SyncBatchNorm. Build it (num_features or build(input_shape)) first."
+            )
+        eager_class = nn.SyncBatchNorm
     options: dict[str, Any] = {
         "eps": layer.epsilon,
         "momentum": None if layer.moving_average == "debiased" else _complement(layer.momentum),
@@ -179,6 +190,8 @@ def to_torch(layer: BatchNormalization, *, dims: int | None = None) -> _BatchNor
         module: _BatchNorm = lazy_class(**options)
     else:
         reference = layer.moving_mean
+        if layer.synchronized:
+            options["process_group"] = layer.process_group
         module = eager_class(
             int(reference.shape[0]), device=reference.device, dtype=reference.dtype, **options
         )
