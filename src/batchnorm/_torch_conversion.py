@@ -81,20 +81,32 @@ def from_torch(module: nn.Module) -> BatchNormalization:
     return layer
 
 
+_NAME_PAIRS = (
+    ("weight", "gamma"),
+    ("bias", "beta"),
+    ("running_mean", "moving_mean"),
+    ("running_var", "moving_variance"),
+)
+
+
 def _copy_torch_state(module: _BatchNorm, layer: BatchNormalization) -> None:
-    pairs: list[tuple[str, torch.Tensor | None]] = [
-        ("gamma", module.weight),
-        ("beta", module.bias),
-        ("moving_mean", module.running_mean),
-        ("moving_variance", module.running_var),
-    ]
-    if layer.moving_average == "debiased" and module.num_batches_tracked is not None:
-        pairs.append(("moving_average_weight", module.num_batches_tracked))
+    _copy_state(module, layer, to_layer=True)
+
+
+def _copy_state(module: _BatchNorm, layer: BatchNormalization, *, to_layer: bool) -> None:
+    """Copy parameters, buffers and ``requires_grad`` between the two, in either direction."""
+    names = list(_NAME_PAIRS)
+    if layer.moving_average == "debiased":
+        names.append(("num_batches_tracked", "moving_average_weight"))
     with torch.no_grad():
-        for name, source in pairs:
-            if source is None:
+        for torch_name, layer_name in names:
+            torch_tensor = getattr(module, torch_name, None)
+            layer_tensor = getattr(layer, layer_name, None)
+            if torch_tensor is None or layer_tensor is None:
                 continue
-            target = getattr(layer, name)
+            source, target = (
+                (torch_tensor, layer_tensor) if to_layer else (layer_tensor, torch_tensor)
+            )
             target.copy_(source.detach().to(dtype=target.dtype))
             if isinstance(source, nn.Parameter):
                 target.requires_grad_(source.requires_grad)
@@ -195,28 +207,9 @@ def to_torch(layer: BatchNormalization, *, dims: int | None = None) -> _BatchNor
         module = eager_class(
             int(reference.shape[0]), device=reference.device, dtype=reference.dtype, **options
         )
-        _copy_layer_state(layer, module)
+        _copy_state(module, layer, to_layer=False)
     module.train(layer.training)
     return module
-
-
-def _copy_layer_state(layer: BatchNormalization, module: _BatchNorm) -> None:
-    pairs: list[tuple[torch.Tensor | None, str]] = [
-        (module.weight, "gamma"),
-        (module.bias, "beta"),
-        (module.running_mean, "moving_mean"),
-        (module.running_var, "moving_variance"),
-    ]
-    if layer.moving_average == "debiased" and module.num_batches_tracked is not None:
-        pairs.append((module.num_batches_tracked, "moving_average_weight"))
-    with torch.no_grad():
-        for target, name in pairs:
-            if target is None:
-                continue
-            source = getattr(layer, name)
-            target.copy_(source.detach().to(dtype=target.dtype))
-            if isinstance(source, nn.Parameter):
-                target.requires_grad_(source.requires_grad)
 
 
 def convert(model: nn.Module, to: Literal["batchnorm", "torch"] = "batchnorm") -> nn.Module:
