@@ -94,6 +94,27 @@ def _from_canonical(
     return layout.channels_from_canonical(torch.from_numpy(array), channel_shape).contiguous()
 
 
+def _fresh_like(prepared: _Canonical) -> torch.Tensor:
+    """An uninitialised tensor shaped and laid out like the kernel's source, allocated by NumPy.
+
+    NumPy advises the kernel to back large allocations with transparent huge pages, so writing a
+    fresh output takes far fewer page faults than with torch's CPU allocator: on the 2-core
+    development machine a new 51 MB output cost 37 ms to fill from torch.empty_like and 11 ms
+    from NumPy (5 ms into memory already touched). The kernels' passes are that fast; the page
+    faults were most of the time.
+    """
+    source, order = prepared.source, prepared.layout.order
+    dtype = np.float64 if source.dtype == torch.float64 else np.float32
+    array = np.empty([source.shape[d] for d in order], dtype)
+    fresh = torch.from_numpy(array)
+    if order == tuple(range(len(order))):
+        return fresh
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return fresh.permute(inverse)
+
+
 def _normalized(
     prepared: _Canonical,
     mean: np.ndarray,
@@ -105,7 +126,7 @@ def _normalized(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """The affine kernel into a new tensor with x's memory layout."""
-    out = torch.empty_like(prepared.source)
+    out = _fresh_like(prepared)
     kernels.run(
         kernels.affine_normalize,
         prepared.blocks,
@@ -209,7 +230,7 @@ def normalize_batch_backward_impl(
     if reduce_sums is not None:
         reduced = reduce_sums(_from_canonical(sums, layout, channel_shape))
         global_sums = np.ascontiguousarray(_to_canonical(reduced, layout, 0.0), np.float64)
-    dx = torch.empty_like(prepared.source)
+    dx = _fresh_like(prepared)
     kernels.run(
         kernels.batch_norm_input_gradient,
         prepared.blocks,
