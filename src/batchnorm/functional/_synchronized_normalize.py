@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from batchnorm.functional._backend import BatchNormBackend, Moments
-from batchnorm.functional._cpu_backend import (
-    NumbaCpuBackend,
+from batchnorm.functional._cpu_backend import NumbaCpuBackend
+from batchnorm.functional._cpu_operations import (
     normalize_batch_backward_impl,
     normalize_batch_impl,
 )

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numba
@@ -57,10 +58,20 @@ def run(kernel: Kernel, blocks: int, *args: Any) -> Any:
     return compiled(*args)
 
 
+_threads_set: dict[int, int] = {}
+
+
 def set_threads(count: int) -> int:
-    """Use ``count`` threads (clamped to Numba's pool); returns the count in effect."""
+    """Use ``count`` threads (clamped to Numba's pool); returns the count in effect.
+
+    Numba's setting is per calling thread; asking Numba each call costs microseconds that show
+    on small batches, so what was set is remembered per thread. Results do not depend on it:
+    the kernels' row blocks are passed explicitly.
+    """
     limit: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
     count = max(1, min(int(count), limit))
-    if numba.get_num_threads() != count:
+    caller = threading.get_ident()
+    if _threads_set.get(caller) != count:
         numba.set_num_threads(count)
+        _threads_set[caller] = count
     return count
