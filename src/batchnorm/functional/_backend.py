@@ -32,6 +32,8 @@ class Moments(NamedTuple):
 
 class BatchNormBackend(Protocol):
     name: str
+    # False: float16/bfloat16 inputs are converted to float32 once, before the first operation.
+    reads_half_precision: bool
 
     def supports(self, x: torch.Tensor) -> bool: ...
 

@@ -296,6 +296,10 @@ def batch_norm_step(
         # upcast inside each backend, which may read them in their own type.
         x = x.to(compute_dtype)
     backend = backend_for(x)
+    output_dtype = x.dtype
+    if x.dtype in (torch.float16, torch.bfloat16) and not backend.reads_half_precision:
+        # Converted once here rather than in each of the backend's passes.
+        x = x.to(compute_dtype)
 
     def inference_output() -> torch.Tensor:
         return backend.normalize(
@@ -309,7 +313,7 @@ def batch_norm_step(
         )
 
     if training is False:
-        return inference_output().to(x.dtype), statistics
+        return inference_output().to(output_dtype), statistics
 
     scale, offset = cast(gamma), cast(beta)
     if options.adjustment is not None:
@@ -370,9 +374,9 @@ def batch_norm_step(
     elif update is not True and update is not training:
         new_statistics = _select_statistics(update, new_statistics, statistics)
     if training is True:
-        return y_train.to(x.dtype), new_statistics
+        return y_train.to(output_dtype), new_statistics
     y, selected = _select_branch(training, y_train, inference_output(), new_statistics, statistics)
-    return y.to(x.dtype), selected
+    return y.to(output_dtype), selected
 
 
 def _mean_over_ghost_batches(per_ghost_batch: torch.Tensor) -> torch.Tensor:

@@ -200,6 +200,7 @@ class NumbaCpuBackend:
     """Batch norm on CPU tensors through the Numba kernels."""
 
     name = "numba"
+    reads_half_precision = False  # Numba has no half type
 
     def supports(self, x: torch.Tensor) -> bool:
         if x.device.type != "cpu" or x.dtype not in SUPPORTED_DTYPES or x.ndim == 0:

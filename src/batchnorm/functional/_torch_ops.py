@@ -72,6 +72,7 @@ class TorchOpsBackend:
     """Composed torch operations; moments stay attached to autograd, so gradients flow through them."""
 
     name = "torch"
+    reads_half_precision = True  # upcasts inside its ops
 
     def supports(self, x: torch.Tensor) -> bool:
         return True
