@@ -168,7 +168,7 @@ def state(layer):
             {},
             lambda layer: layer(torch.randn(8, 3), training=True, mask=torch.ones(7)),
             ValueError,
-            r"`mask` must have the shape of `x` without its channel axes, \(8,\). Received: mask.shape=\(7,\)",
+            r"`mask` must have the shape of `x` without its channel axis, \(8,\). Received: mask.shape=\(7,\)",
         ),
         (
             {},
@@ -295,3 +295,13 @@ def test_keras_object_errors():
     with pytest.raises(ValueError, match=r"Unknown regularizer class for `regularizer`"):
         regularizers.get({"class_name": "L3", "config": {}})
     assert constraints.get(None) is None
+
+
+def test_mask_error_names_both_accepted_shapes_when_they_differ():
+    layer = BatchNormalization(axis=1)
+    with pytest.raises(
+        ValueError,
+        match=r"without its last axis, \(2, 3\) \(as Keras\), or without its channel axes, "
+        r"\(2, 4\)\. Received: mask.shape=\(3, 4\)",
+    ):
+        layer(torch.randn(2, 3, 4), training=True, mask=torch.ones(3, 4, dtype=torch.bool))

@@ -139,6 +139,10 @@ CASES = [
         },
         steps=1,
     ),
+    # Appended last so the random draws of the cases above are unchanged. tf-keras' mask has the
+    # shape of x without its LAST axis, whatever the channel axis, and is broadcast along it.
+    case("mask_axis1_rank3", (6, 3, 4), {"axis": 1}, mask=True),
+    case("mask_axis1_rank4", (4, 3, 2, 5), {"axis": 1, "fused": False}, mask=True),
 ]
 
 CONSTRAINTS = [

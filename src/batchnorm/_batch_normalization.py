@@ -360,8 +360,9 @@ class BatchNormalization(nn.Module):
         Args:
             x: input tensor.
             training: None follows ``module.training``; a bool or 0-d bool tensor overrides it.
-            mask: optional weights with the shape of ``x`` minus the channel axis; masked
-                positions do not count in the batch statistics.
+            mask: optional weights with the shape of ``x`` without its last axis, broadcast
+                along it (tf-keras / Keras 3), or without its channel axes; masked positions do
+                not count in the batch statistics.
         """
         self._check_input(x)
         if self._input_rank is None:

@@ -109,10 +109,27 @@ def _compose(
 
 
 def _check_mask(mask: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
-    expected = tuple(size for i, size in enumerate(x.shape) if i not in axes)
-    if tuple(mask.shape) != expected:
+    """The mask as weights broadcastable against ``x``.
+
+    tf-keras and Keras 3 take a mask with the shape of ``x`` without its LAST axis and broadcast
+    it along that axis, whatever the channel axis is; with ``axis=-1`` that is the shape of ``x``
+    without its channel axis. For other channel axes a mask of the shape of ``x`` without the
+    channel axes (one weight per position, shared by the channels) is accepted too; when both
+    readings have the same shape, Keras' is taken.
+    """
+    keras_shape = tuple(x.shape[:-1])
+    if tuple(mask.shape) == keras_shape:
+        return mask.unsqueeze(-1)
+    per_position = tuple(size for i, size in enumerate(x.shape) if i not in axes)
+    if tuple(mask.shape) != per_position:
+        expected = (
+            f"without its channel axis, {per_position}"
+            if keras_shape == per_position
+            else f"without its last axis, {keras_shape} (as Keras), or without its channel "
+            f"axes, {per_position}"
+        )
         raise ValueError(
-            f"`mask` must have the shape of `x` without its channel axes, {expected}. "
+            f"`mask` must have the shape of `x` {expected}. "
             f"Received: mask.shape={tuple(mask.shape)} for x.shape={tuple(x.shape)}"
         )
     weights = mask
@@ -296,6 +313,10 @@ def batch_norm_step(
         # upcast inside each backend, which may read them in their own type.
         x = x.to(compute_dtype)
     backend = backend_for(x)
+    if weights is not None and any(weights.shape[a] != 1 for a in axes):
+        # Keras' mask on a channel axis that is not last weighs (sample, channel) positions:
+        # weights that vary inside a channel only fit the composed-op path.
+        backend = TORCH_OPS
     output_dtype = x.dtype
     if x.dtype in (torch.float16, torch.bfloat16) and not backend.reads_half_precision:
         # Converted once here rather than in each of the backend's passes.
