@@ -13,7 +13,8 @@ Each operation has one implementation on tensors (``*_impl`` in
   (it dominates on small batches).
 
 Under ``create_graph=True`` the backward is recomputed with torch ops so that second derivatives
-exist. float16/bfloat16 are converted to float32 around the kernels (Numba has no half type).
+exist. float16/bfloat16 are converted to float32 around the kernels (Numba has no half type); the
+layer step converts them once, before the first operation (``reads_half_precision = False``).
 """
 
 from __future__ import annotations
