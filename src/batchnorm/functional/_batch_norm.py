@@ -306,7 +306,7 @@ def batch_norm_step(
     )
 
     def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.to(compute_dtype)
+        return None if tensor is None else _as_dtype(tensor, compute_dtype)
 
     if x.dtype in (torch.float32, torch.float64) and x.dtype != compute_dtype:
         # A float32 input to a float64 layer is computed in float64; half precision inputs are
@@ -334,7 +334,7 @@ def batch_norm_step(
         )
 
     if training is False:
-        return inference_output().to(output_dtype), statistics
+        return _as_dtype(inference_output(), output_dtype), statistics
 
     scale, offset = cast(gamma), cast(beta)
     if options.adjustment is not None:
@@ -368,9 +368,9 @@ def batch_norm_step(
     else:
         moments = backend.batch_moments(x, axes, weights, ghost_batches)
     # Ghost batches update the moving statistics once, with the mean of their statistics.
-    batch_mean = _mean_over_ghost_batches(moments.mean.detach()).to(compute_dtype)
-    batch_variance = _mean_over_ghost_batches(moments.variance.detach()).to(compute_dtype)
-    count = _mean_over_ghost_batches(moments.total_weight.detach().to(compute_dtype))
+    batch_mean = _as_dtype(_mean_over_ghost_batches(moments.mean.detach()), compute_dtype)
+    batch_variance = _as_dtype(_mean_over_ghost_batches(moments.variance.detach()), compute_dtype)
+    count = _mean_over_ghost_batches(_as_dtype(moments.total_weight.detach(), compute_dtype))
     new_statistics = _updated_statistics(statistics, batch_mean, batch_variance, count, options)
     if statistics.renorm_mean is not None and statistics.renorm_stddev is not None:
         correction = renorm_correction(
@@ -395,9 +395,15 @@ def batch_norm_step(
     elif update is not True and update is not training:
         new_statistics = _select_statistics(update, new_statistics, statistics)
     if training is True:
-        return y_train.to(output_dtype), new_statistics
+        return _as_dtype(y_train, output_dtype), new_statistics
     y, selected = _select_branch(training, y_train, inference_output(), new_statistics, statistics)
-    return y.to(output_dtype), selected
+    return _as_dtype(y, output_dtype), selected
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Tensor.to returns the tensor itself for its own dtype, but through the dispatcher: this
+    # runs several times on every step, where microseconds show on small batches.
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _mean_over_ghost_batches(per_ghost_batch: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,8 @@ def _prepare(
     x: torch.Tensor, axes: list[int], weights: torch.Tensor | None, batch_outermost: bool
 ) -> _Canonical:
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    source, layout = canonical_layout(x.detach().to(dtype), tuple(axes), batch_outermost)
+    detached = x.detach() if x.dtype == dtype else x.detach().to(dtype)
+    source, layout = canonical_layout(detached, tuple(axes), batch_outermost)
     x3 = layout.view(source).numpy()
     threads = kernels.set_threads(torch.get_num_threads())
     blocks = kernels.blocks_for(x3.size, layout.rows, threads)
@@ -63,18 +64,16 @@ def _to_canonical(
     float32/float64 tensors are shared, not copied; None becomes ``fill``. With ``groups`` the
     result is ``[groups, C]`` float64 (statistics).
     """
-    if tensor is not None and layout.channel_permutation == (0,) and tensor.ndim == 1:
-        # One channel axis, per-channel values: the common case, a shared view.
+    if tensor is not None and layout.channel_permutation == (0,) and tensor.ndim <= 2:
+        # One channel axis: (C,) or (groups, C) values are already in memory order.
         array = tensor.detach().numpy() if tensor.dtype in _KERNEL_DTYPES else _float64(tensor)
         if groups is None:
             return array
-        return (
-            array.reshape(1, -1)
-            if groups == 1 and array.dtype == np.float64
-            else (
-                np.ascontiguousarray(np.broadcast_to(array, (groups, layout.channels)), np.float64)
-            )
-        )
+        if array.dtype == np.float64 and array.shape == (groups, layout.channels):
+            return np.ascontiguousarray(array)
+        if array.dtype == np.float64 and groups == 1 and array.ndim == 1:
+            return array.reshape(1, -1)
+        return np.ascontiguousarray(np.broadcast_to(array, (groups, layout.channels)), np.float64)
     if tensor is None:
         array = np.full(layout.channels, fill)
     else:

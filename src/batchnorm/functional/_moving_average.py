@@ -17,7 +17,8 @@ def moving_average_update(
     ``momentum_torch = 1 - momentum_keras`` (0.99 here is 0.01 there). Written as tf-keras'
     ``assign_sub((variable - value) * (1 - momentum))`` so results round the same way.
     """
-    return moving - (moving - value.to(moving.dtype)) * (1.0 - momentum)
+    value = value if value.dtype == moving.dtype else value.to(moving.dtype)
+    return moving - (moving - value) * (1.0 - momentum)
 
 
 def debiased_weight_update(weight: torch.Tensor, momentum: float) -> torch.Tensor:
