@@ -330,8 +330,9 @@ class BatchNormalization(nn.Module):
 
     def statistics(self) -> BatchNormStatistics:
         """The current buffers as a :class:`~batchnorm.functional.BatchNormStatistics`."""
-        present = {n: getattr(self, n) for n in STATISTIC_NAMES if hasattr(self, n)}
-        return BatchNormStatistics(**present)
+        buffers = self._buffers
+        present = {n: buffers[n] for n in STATISTIC_NAMES if buffers.get(n) is not None}
+        return BatchNormStatistics(**present)  # type: ignore[arg-type]
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_floating_input(x, "x")
@@ -340,7 +341,8 @@ class BatchNormalization(nn.Module):
                 f"Layer {self.name} expects inputs of rank {self._input_rank}. "
                 f"Received: x.shape={tuple(x.shape)}"
             )
-        axes = normalize_axes(self.axis, x.ndim)
+        axes = self._axes if self._input_rank is not None else normalize_axes(self.axis, x.ndim)
+        assert axes is not None
         channel_shape = tuple(x.shape[a] for a in axes)
         if self.built and channel_shape != tuple(self.moving_mean.shape):
             raise ValueError(
