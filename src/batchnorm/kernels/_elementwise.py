@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import helper, kernel
+from batchnorm.kernels._jit import by_layout, helper, kernel
 
 
 @helper
@@ -48,7 +48,26 @@ def affine_coefficients(mean, variance, scale, offset, epsilon, dtype_example): 
 
 
 @kernel
-def affine_normalize(  # type: ignore[no-untyped-def]
+def _affine_normalize_rows(  # type: ignore[no-untyped-def]
+    x, mean, variance, scale, offset, epsilon, groups, period, blocks, out
+):
+    """:data:`affine_normalize` for ``inner == 1``: rows of C contiguous values (channels last)."""
+    rows, channels, _ = x.shape
+    high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
+    rows_per_block = (rows + blocks - 1) // blocks
+    x2 = x.reshape((rows, channels))
+    out2 = out.reshape((rows, channels))
+    for block in prange(blocks):
+        for o in range(block * rows_per_block, min(rows, (block + 1) * rows_per_block)):
+            g = (o // period) % groups
+            row, target = x2[o], out2[o]
+            h, f, b = high[g], factor[g], shift[g]
+            for c in range(channels):
+                target[c] = (row[c] - h[c]) * f[c] + b[c]
+
+
+@kernel
+def _affine_normalize_planes(  # type: ignore[no-untyped-def]
     x, mean, variance, scale, offset, epsilon, groups, period, blocks, out
 ):
     """``out = (x - mean) / sqrt(variance + epsilon) * scale + offset``.
@@ -58,18 +77,6 @@ def affine_normalize(  # type: ignore[no-untyped-def]
     rows, channels, inner = x.shape
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     rows_per_block = (rows + blocks - 1) // blocks
-    if inner == 1:
-        # Channels last: rows of C contiguous values, so the channel loop vectorises.
-        x2 = x.reshape((rows, channels))
-        out2 = out.reshape((rows, channels))
-        for block in prange(blocks):
-            for o in range(block * rows_per_block, min(rows, (block + 1) * rows_per_block)):
-                g = (o // period) % groups
-                row, target = x2[o], out2[o]
-                h, f, b = high[g], factor[g], shift[g]
-                for c in range(channels):
-                    target[c] = (row[c] - h[c]) * f[c] + b[c]
-        return
     for block in prange(blocks):
         for o in range(block * rows_per_block, min(rows, (block + 1) * rows_per_block)):
             g = (o // period) % groups
@@ -81,6 +88,9 @@ def affine_normalize(  # type: ignore[no-untyped-def]
                 target = out[o, c]
                 for i in range(inner):
                     target[i] = (row[i] - h) * f + b
+
+
+affine_normalize = by_layout(_affine_normalize_rows, _affine_normalize_planes)
 
 
 @helper
@@ -102,7 +112,44 @@ def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_ex
 
 
 @kernel
-def batch_norm_input_gradient(  # type: ignore[no-untyped-def]
+def _input_gradient_rows(  # type: ignore[no-untyped-def]
+    dy,
+    x,
+    weights,
+    has_weights,
+    mean,
+    variance,
+    total_weight,
+    scale,
+    sums,
+    epsilon,
+    groups,
+    period,
+    blocks,
+    out,
+):
+    """:data:`batch_norm_input_gradient` for ``inner == 1`` (channels last)."""
+    rows, channels, _ = x.shape
+    high, low = split_mean(mean, x)
+    k_dy, k_centred, k_constant = gradient_coefficients(
+        variance, total_weight, scale, sums, epsilon, x
+    )
+    rows_per_block = (rows + blocks - 1) // blocks
+    x2 = x.reshape((rows, channels))
+    dy2 = dy.reshape((rows, channels))
+    out2 = out.reshape((rows, channels))
+    for block in prange(blocks):
+        for o in range(block * rows_per_block, min(rows, (block + 1) * rows_per_block)):
+            g = (o // period) % groups
+            w = weights[o, 0] if has_weights else 1.0
+            row, grad_row, target = x2[o], dy2[o], out2[o]
+            h, lo, a, b, d = high[g], low[g], k_dy[g], k_centred[g], k_constant[g]
+            for c in range(channels):
+                target[c] = a[c] * grad_row[c] + w * (b[c] * ((row[c] - h[c]) - lo[c]) + d[c])
+
+
+@kernel
+def _input_gradient_planes(  # type: ignore[no-untyped-def]
     dy,
     x,
     weights,
@@ -130,19 +177,6 @@ def batch_norm_input_gradient(  # type: ignore[no-untyped-def]
         variance, total_weight, scale, sums, epsilon, x
     )
     rows_per_block = (rows + blocks - 1) // blocks
-    if inner == 1:
-        x2 = x.reshape((rows, channels))
-        dy2 = dy.reshape((rows, channels))
-        out2 = out.reshape((rows, channels))
-        for block in prange(blocks):
-            for o in range(block * rows_per_block, min(rows, (block + 1) * rows_per_block)):
-                g = (o // period) % groups
-                w = weights[o, 0] if has_weights else 1.0
-                row, grad_row, target = x2[o], dy2[o], out2[o]
-                h, lo, a, b, d = high[g], low[g], k_dy[g], k_centred[g], k_constant[g]
-                for c in range(channels):
-                    target[c] = a[c] * grad_row[c] + w * (b[c] * ((row[c] - h[c]) - lo[c]) + d[c])
-        return
     for block in prange(blocks):
         for o in range(block * rows_per_block, min(rows, (block + 1) * rows_per_block)):
             g = (o // period) % groups
@@ -162,3 +196,6 @@ def batch_norm_input_gradient(  # type: ignore[no-untyped-def]
                 else:
                     for i in range(inner):
                         target[i] = a * grad_row[i] + (b * ((row[i] - h) - lo) + d)
+
+
+batch_norm_input_gradient = by_layout(_input_gradient_rows, _input_gradient_planes)

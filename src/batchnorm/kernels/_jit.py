@@ -36,6 +36,33 @@ class Kernel:
         self.__name__ = function.__name__
 
 
+class LayoutKernel:
+    """One operation compiled as two kernels, chosen by the layout of the first array argument.
+
+    ``rows``: ``inner == 1`` (channels last: rows of C contiguous values); ``planes``: channel
+    planes of ``inner`` contiguous values. Numba optimises each loop nest better in a function of
+    its own: the planes loop reached memcpy speed alone and ran ~1.25x slower compiled beside the
+    rows loop.
+    """
+
+    def __init__(self, rows: Kernel, planes: Kernel, doc: str | None) -> None:
+        self.rows, self.planes = rows, planes
+        self.__doc__ = doc
+
+    def _pick(self, first: Any) -> Kernel:
+        return self.rows if first.shape[2] == 1 else self.planes
+
+    def parallel(self, *args: Any) -> Any:
+        return self._pick(args[0]).parallel(*args)
+
+    def serial(self, *args: Any) -> Any:
+        return self._pick(args[0]).serial(*args)
+
+
+def by_layout(rows: Kernel, planes: Kernel) -> LayoutKernel:
+    return LayoutKernel(rows, planes, planes.__doc__)
+
+
 def helper(function: Any) -> Any:
     """A serial compiled function that kernels call for their per-channel set-up."""
     return numba.njit(parallel=False, cache=True, fastmath=FASTMATH, nogil=True)(function)
@@ -52,7 +79,7 @@ def blocks_for(elements: int, rows: int, threads: int) -> int:
     return max(1, min(threads, rows))
 
 
-def run(kernel: Kernel, blocks: int, *args: Any) -> Any:
+def run(kernel: Kernel | LayoutKernel, blocks: int, *args: Any) -> Any:
     """Call the serial build for one block, the threaded one otherwise; ``blocks`` is the last argument."""
     compiled = kernel.serial if blocks == 1 else kernel.parallel
     return compiled(*args)
