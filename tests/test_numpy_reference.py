@@ -31,6 +31,7 @@ def configurations(draw):
         "scale": draw(st.booleans()),
         "virtual_batch_size": ghost,
         "mask": ghost is None and len(axes) == 1 and draw(st.booleans()),
+        "mask_style": draw(st.sampled_from(["keras", "per_position"])),
         "fused": draw(st.sampled_from([None, False])),
         "seed": draw(st.integers(0, 2**31 - 1)),
     }
@@ -59,13 +60,18 @@ def test_train_and_inference_match_float64_reference(config):
     mean_state, var_state = weights[-2], weights[-1]
     x = rng.normal(1.0, 3.0, shape)
     mask = None
+    # Keras' mask: x without its last axis, broadcast along it. A mask of x without the channel
+    # axes is one weight per position; where both shapes coincide, the layer reads Keras'.
+    keras_shape = shape[:-1]
+    per_position = [s for i, s in enumerate(shape) if i not in config["axes"]]
+    keras_style = config["mask_style"] == "keras" or per_position == keras_shape
     if config["mask"]:
-        mask_shape = [s for i, s in enumerate(shape) if i not in config["axes"]]
-        mask = rng.uniform(size=mask_shape) > 0.4
+        mask = rng.uniform(size=keras_shape if keras_style else per_position) > 0.4
     y = layer(torch.tensor(x), training=True, mask=None if mask is None else torch.tensor(mask))
     weights_for_reference = None
     if mask is not None and not layer.fused:
-        weights_for_reference = np.expand_dims(mask, config["axes"][0]).astype(np.float64)
+        expand_at = -1 if keras_style else config["axes"][0]
+        weights_for_reference = np.expand_dims(mask, expand_at).astype(np.float64)
     expected_y, expected_mean, expected_var = reference_train_step(
         x,
         mean_state,
