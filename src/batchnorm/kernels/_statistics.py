@@ -67,6 +67,15 @@ def _flush_span(span1, span2, weight_sum, s0, s1, s2):  # type: ignore[no-untype
         span2[c] = 0
 
 
+@helper
+def _flush_pair(span0, span1, s0, s1):  # type: ignore[no-untyped-def]
+    for c in range(span0.shape[0]):
+        s0[c] += np.float64(span0[c])
+        s1[c] += np.float64(span1[c])
+        span0[c] = 0
+        span1[c] = 0
+
+
 @kernel
 def _batch_moments_rows(x, weights, has_weights, groups, period, blocks):  # type: ignore[no-untyped-def]
     """:data:`batch_moments` for ``inner == 1``: rows of C contiguous values (channels last).
@@ -160,8 +169,60 @@ def _batch_moments_planes(x, weights, has_weights, groups, period, blocks):  # t
 batch_moments = by_layout(_batch_moments_rows, _batch_moments_planes)
 
 
+@helper
+def _sum_blocks(partial):  # type: ignore[no-untyped-def]
+    sums = partial[0].copy()
+    for block in range(1, partial.shape[0]):
+        sums += partial[block]
+    return sums
+
+
 @kernel
-def gradient_sums(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyped-def]
+def _gradient_sums_rows(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyped-def]
+    """:data:`gradient_sums` for ``inner == 1`` (channels last), in spans of ``SPAN_ROWS`` rows.
+
+    The mean is split as ``high + low`` in the input's dtype, so ``(x - high) - low`` keeps the
+    digits a single rounded mean would lose; spans add in the input's dtype, then in float64.
+    """
+    rows, channels, _ = x.shape
+    partial = np.zeros((blocks, 2, groups, channels), np.float64)
+    rows_per_block = (rows + blocks - 1) // blocks
+    x2 = x.reshape((rows, channels))
+    dy2 = dy.reshape((rows, channels))
+    high = np.empty(mean.shape, x.dtype)
+    low = np.empty(mean.shape, x.dtype)
+    for g in range(mean.shape[0]):
+        for c in range(channels):
+            high[g, c] = mean[g, c]
+            low[g, c] = mean[g, c] - np.float64(high[g, c])
+    for block in prange(blocks):
+        start = block * rows_per_block
+        stop = min(rows, start + rows_per_block)
+        t0 = partial[block, 0]
+        t1 = partial[block, 1]
+        span0 = np.zeros(channels, x.dtype)
+        span1 = np.zeros(channels, x.dtype)
+        pending = 0
+        current = (start // period) % groups
+        for o in range(start, stop):
+            g = (o // period) % groups
+            if g != current or pending == SPAN_ROWS:
+                _flush_pair(span0, span1, t0[current], t1[current])
+                pending = 0
+                current = g
+            row, grad_row, h, lo = x2[o], dy2[o], high[g], low[g]
+            for c in range(channels):
+                d = grad_row[c]
+                span0[c] += d
+                span1[c] += d * ((row[c] - h[c]) - lo[c])
+            pending += 1
+        if pending > 0:
+            _flush_pair(span0, span1, t0[current], t1[current])
+    return _sum_blocks(partial)
+
+
+@kernel
+def _gradient_sums_planes(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyped-def]
     """``sums[0] = sum(dy)`` and ``sums[1] = sum(dy * (x - mean))`` per group and channel (float64).
 
     ``mean`` is float64 ``[groups, C]``.
@@ -169,8 +230,6 @@ def gradient_sums(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyp
     rows, channels, inner = x.shape
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
     rows_per_block = (rows + blocks - 1) // blocks
-    x2 = x.reshape((rows, channels * inner))
-    dy2 = dy.reshape((rows, channels * inner))
     for block in prange(blocks):
         start = block * rows_per_block
         stop = min(rows, start + rows_per_block)
@@ -178,24 +237,17 @@ def gradient_sums(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyp
         t1 = partial[block, 1]
         for o in range(start, stop):
             g = (o // period) % groups
-            if inner == 1:
-                row, grad_row, a0, a1, m = x2[o], dy2[o], t0[g], t1[g], mean[g]
-                for c in range(channels):
-                    d = np.float64(grad_row[c])
-                    a0[c] += d
-                    a1[c] += d * (np.float64(row[c]) - m[c])
-            else:
-                for c in range(channels):
-                    m = mean[g, c]
-                    a0 = 0.0
-                    a1 = 0.0
-                    for i in range(inner):
-                        d = np.float64(dy[o, c, i])
-                        a0 += d
-                        a1 += d * (np.float64(x[o, c, i]) - m)
-                    t0[g, c] += a0
-                    t1[g, c] += a1
-    sums = np.zeros((2, groups, channels), np.float64)
-    for block in range(blocks):
-        sums += partial[block]
-    return sums
+            for c in range(channels):
+                m = mean[g, c]
+                a0 = 0.0
+                a1 = 0.0
+                for i in range(inner):
+                    d = np.float64(dy[o, c, i])
+                    a0 += d
+                    a1 += d * (np.float64(x[o, c, i]) - m)
+                t0[g, c] += a0
+                t1[g, c] += a1
+    return _sum_blocks(partial)
+
+
+gradient_sums = by_layout(_gradient_sums_rows, _gradient_sums_planes)
