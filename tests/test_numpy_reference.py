@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from batchnorm import BatchNormalization
@@ -37,8 +37,25 @@ def configurations(draw):
     }
 
 
+_KERAS_MASK_ONE_CHANNEL = {
+    "shape": [2, 1, 2],
+    "axis": [1],
+    "axes": (1,),
+    "momentum": 0.0,
+    "epsilon": 1e-05,
+    "center": False,
+    "scale": False,
+    "virtual_batch_size": None,
+    "mask": True,
+    "mask_style": "keras",
+    "fused": None,
+    "seed": 0,
+}
+
+
 @settings(max_examples=60, deadline=None)
 @given(configurations())
+@example(config=_KERAS_MASK_ONE_CHANNEL)
 def test_train_and_inference_match_float64_reference(config):
     rng = np.random.default_rng(config["seed"])
     kwargs = {k: config[k] for k in ("axis", "momentum", "epsilon", "center", "scale", "fused")}

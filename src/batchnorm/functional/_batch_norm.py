@@ -317,6 +317,9 @@ def batch_norm_step(
         # Keras' mask on a channel axis that is not last weighs (sample, channel) positions:
         # weights that vary inside a channel only fit the composed-op path.
         backend = TORCH_OPS
+    elif weights is not None:
+        # One weight per position (a Keras mask over size-1 channel axes broadcasts too).
+        weights = weights.expand([1 if i in axes else size for i, size in enumerate(x.shape)])
     output_dtype = x.dtype
     if x.dtype in (torch.float16, torch.bfloat16) and not backend.reads_half_precision:
         # Converted once here rather than in each of the backend's passes.
