@@ -109,17 +109,16 @@ def _batch_moments_rows(x, weights, has_weights, groups, period, blocks):  # typ
                 weight_sum = 0.0
                 pending = 0
                 current = g
-            row = x2[o]
             if has_weights:
                 w = weights[o, 0]
                 weight_sum += np.float64(w)
                 for c in range(channels):
-                    v = row[c] - local_shift[c]
+                    v = x2[o, c] - local_shift[c]
                     span1[c] += w * v
                     span2[c] += w * v * v
             else:
                 for c in range(channels):
-                    v = row[c] - local_shift[c]
+                    v = x2[o, c] - local_shift[c]
                     span1[c] += v
                     span2[c] += v * v
             pending += 1
@@ -210,11 +209,10 @@ def _gradient_sums_rows(dy, x, mean, groups, period, blocks):  # type: ignore[no
                 _flush_pair(span0, span1, t0[current], t1[current])
                 pending = 0
                 current = g
-            row, grad_row, h, lo = x2[o], dy2[o], high[g], low[g]
             for c in range(channels):
-                d = grad_row[c]
+                d = dy2[o, c]
                 span0[c] += d
-                span1[c] += d * ((row[c] - h[c]) - lo[c])
+                span1[c] += d * ((x2[o, c] - high[g, c]) - low[g, c])
             pending += 1
         if pending > 0:
             _flush_pair(span0, span1, t0[current], t1[current])
