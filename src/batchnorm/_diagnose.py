@@ -17,7 +17,7 @@ from batchnorm._population_statistics import (
     Forward,
     PopulationStatistics,
     _default_forward,
-    check_num_batches,
+    check_model_and_batches,
     collect_population_statistics,
 )
 
@@ -73,23 +73,8 @@ def diagnose(
         >>> report = batchnorm.diagnose(model, [next(iter(loader))[0] for _ in range(4)])
         >>> print(report)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"`model` must be an nn.Module. Received: model of type {type(model).__name__}"
-        )
-    check_num_batches(num_batches)
+    layers = check_model_and_batches(model, batches, num_batches, "diagnose")
     _check_steps(steps)
-    layers = bn.batch_norm_modules(model)
-    if not layers:
-        raise ValueError(
-            "`diagnose` found no batch-norm layer (batchnorm.BatchNormalization or "
-            f"torch.nn.BatchNorm*) in the model. Received: model of type {type(model).__name__}"
-        )
-    if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
-        raise TypeError(
-            "`batches` must be an iterable of batches (a DataLoader, a list of tensors...). "
-            f"Received: batches of type {type(batches).__name__}"
-        )
     current = copy.deepcopy(model)
     current_layers = dict(bn.batch_norm_modules(current))
     before = {name: _statistics_copy(module) for name, module in current_layers.items()}

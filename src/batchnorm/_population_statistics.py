@@ -145,6 +145,29 @@ def check_num_batches(num_batches: Any) -> int | None:
     return num_batches
 
 
+def check_model_and_batches(
+    model: Any, batches: Any, num_batches: Any, caller: str
+) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the batch norms of ``model``, after checking the arguments ``caller`` shares."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`model` must be an nn.Module. Received: model of type {type(model).__name__}"
+        )
+    check_num_batches(num_batches)
+    layers = bn.batch_norm_modules(model)
+    if not layers:
+        raise ValueError(
+            f"`{caller}` found no batch-norm layer (batchnorm.BatchNormalization or "
+            f"torch.nn.BatchNorm*) in the model. Received: model of type {type(model).__name__}"
+        )
+    if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            "`batches` must be an iterable of batches (a DataLoader, a list of tensors...). "
+            f"Received: batches of type {type(batches).__name__}"
+        )
+    return layers
+
+
 @torch.no_grad()
 def collect_population_statistics(
     model: nn.Module,

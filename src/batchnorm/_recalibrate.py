@@ -14,7 +14,7 @@ from batchnorm._batch_normalization import BatchNormalization
 from batchnorm._population_statistics import (
     Forward,
     PopulationStatistics,
-    check_num_batches,
+    check_model_and_batches,
     collect_population_statistics,
 )
 
@@ -94,22 +94,7 @@ def recalibrate(
     Example:
         >>> batchnorm.recalibrate(model, train_loader, num_batches=200)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"`model` must be an nn.Module. Received: model of type {type(model).__name__}"
-        )
-    check_num_batches(num_batches)
-    layers = bn.batch_norm_modules(model)
-    if not layers:
-        raise ValueError(
-            "`recalibrate` found no batch-norm layer (batchnorm.BatchNormalization or "
-            f"torch.nn.BatchNorm*) in the model. Received: model of type {type(model).__name__}"
-        )
-    if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
-        raise TypeError(
-            "`batches` must be an iterable of batches (a DataLoader, a list of tensors...). "
-            f"Received: batches of type {type(batches).__name__}"
-        )
+    layers = check_model_and_batches(model, batches, num_batches, "recalibrate")
     population = collect_population_statistics(
         model,
         batches,
