@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from batchnorm.kernels._elementwise import split_mean
 from batchnorm.kernels._jit import by_layout, helper, kernel
 
 # Rows a channels-last span accumulates in the input's dtype before joining the float64 sums.
@@ -33,11 +34,18 @@ def _first_values(x):  # type: ignore[no-untyped-def]
 
 
 @helper
-def _moments_from_sums(partial, shift, has_weights, rows, inner, groups, period):  # type: ignore[no-untyped-def]
-    """Mean, variance and total weight from the per-block shifted sums ``[blocks, 3, groups, C]``."""
+def _sum_blocks(partial):  # type: ignore[no-untyped-def]
+    """The per-thread partial sums ``[blocks, ...]`` added in block order (deterministic)."""
     sums = partial[0].copy()
     for block in range(1, partial.shape[0]):
         sums += partial[block]
+    return sums
+
+
+@helper
+def _moments_from_sums(partial, shift, has_weights, rows, inner, groups, period):  # type: ignore[no-untyped-def]
+    """Mean, variance and total weight from the per-block shifted sums ``[blocks, 3, groups, C]``."""
+    sums = _sum_blocks(partial)
     channels = shift.shape[0]
     if not has_weights:
         rows_in_group = np.zeros(groups, np.float64)
@@ -58,22 +66,21 @@ def _moments_from_sums(partial, shift, has_weights, rows, inner, groups, period)
 
 
 @helper
-def _flush_span(span1, span2, weight_sum, s0, s1, s2):  # type: ignore[no-untyped-def]
-    for c in range(span1.shape[0]):
-        s0[c] += weight_sum
-        s1[c] += np.float64(span1[c])
-        s2[c] += np.float64(span2[c])
-        span1[c] = 0
-        span2[c] = 0
-
-
-@helper
 def _flush_pair(span0, span1, s0, s1):  # type: ignore[no-untyped-def]
+    """Add two input-dtype span vectors into float64 sums and zero them."""
     for c in range(span0.shape[0]):
         s0[c] += np.float64(span0[c])
         s1[c] += np.float64(span1[c])
         span0[c] = 0
         span1[c] = 0
+
+
+@helper
+def _flush_span(span1, span2, weight_sum, s0, s1, s2):  # type: ignore[no-untyped-def]
+    """:func:`_flush_pair` for the moments, plus the span's total weight into every channel."""
+    for c in range(span1.shape[0]):
+        s0[c] += weight_sum
+    _flush_pair(span1, span2, s1, s2)
 
 
 @kernel
@@ -168,14 +175,6 @@ def _batch_moments_planes(x, weights, has_weights, groups, period, blocks):  # t
 batch_moments = by_layout(_batch_moments_rows, _batch_moments_planes)
 
 
-@helper
-def _sum_blocks(partial):  # type: ignore[no-untyped-def]
-    sums = partial[0].copy()
-    for block in range(1, partial.shape[0]):
-        sums += partial[block]
-    return sums
-
-
 @kernel
 def _gradient_sums_rows(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyped-def]
     """:data:`gradient_sums` for ``inner == 1`` (channels last), in spans of ``SPAN_ROWS`` rows.
@@ -188,12 +187,7 @@ def _gradient_sums_rows(dy, x, mean, groups, period, blocks):  # type: ignore[no
     rows_per_block = (rows + blocks - 1) // blocks
     x2 = x.reshape((rows, channels))
     dy2 = dy.reshape((rows, channels))
-    high = np.empty(mean.shape, x.dtype)
-    low = np.empty(mean.shape, x.dtype)
-    for g in range(mean.shape[0]):
-        for c in range(channels):
-            high[g, c] = mean[g, c]
-            low[g, c] = mean[g, c] - np.float64(high[g, c])
+    high, low = split_mean(mean, x)
     for block in prange(blocks):
         start = block * rows_per_block
         stop = min(rows, start + rows_per_block)
