@@ -64,31 +64,23 @@ def _to_canonical(
     float32/float64 tensors are shared, not copied; None becomes ``fill``. With ``groups`` the
     result is ``[groups, C]`` float64 (statistics).
     """
-    if tensor is not None and layout.channel_permutation == (0,) and tensor.ndim <= 2:
-        # One channel axis: (C,) or (groups, C) values are already in memory order.
-        array = tensor.detach().numpy() if tensor.dtype in _KERNEL_DTYPES else _float64(tensor)
-        if groups is None:
-            return array
-        if array.dtype == np.float64 and array.shape == (groups, layout.channels):
-            return np.ascontiguousarray(array)
-        if array.dtype == np.float64 and groups == 1 and array.ndim == 1:
-            return array.reshape(1, -1)
-        return np.ascontiguousarray(np.broadcast_to(array, (groups, layout.channels)), np.float64)
     if tensor is None:
         array = np.full(layout.channels, fill)
     else:
         detached = tensor.detach()
-        if detached.dtype not in (torch.float32, torch.float64):
-            detached = detached.to(torch.float64)
-        array = detached.numpy()
+        array = detached.numpy() if detached.dtype in _KERNEL_DTYPES else _float64(detached)
         permutation = layout.channel_permutation
         lead = array.ndim - len(permutation)
         if permutation != tuple(range(len(permutation))):
             array = array.transpose((*range(lead), *(lead + p for p in permutation)))
-        array = array.reshape(*array.shape[:lead], layout.channels)
-    if groups is not None:
-        array = np.ascontiguousarray(np.broadcast_to(array, (groups, layout.channels)), np.float64)
-    return array
+        if len(permutation) > 1:
+            array = array.reshape(*array.shape[:lead], layout.channels)
+    if groups is None:
+        return array
+    if array.dtype == np.float64 and array.size == groups * layout.channels:
+        # (C,) for one group or (groups, C): a view, no copy, on every training step.
+        return np.ascontiguousarray(array.reshape(groups, layout.channels))
+    return np.ascontiguousarray(np.broadcast_to(array, (groups, layout.channels)), np.float64)
 
 
 def _float64(tensor: torch.Tensor) -> np.ndarray:
