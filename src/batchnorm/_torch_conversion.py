@@ -76,7 +76,7 @@ def from_torch(module: nn.Module) -> BatchNormalization:
         device=device,
     )
     if not lazy:
-        _copy_torch_state(module, layer)
+        _copy_state(module, layer, to_layer=True)
     layer.train(module.training)
     return layer
 
@@ -87,10 +87,6 @@ _NAME_PAIRS = (
     ("running_mean", "moving_mean"),
     ("running_var", "moving_variance"),
 )
-
-
-def _copy_torch_state(module: _BatchNorm, layer: BatchNormalization) -> None:
-    _copy_state(module, layer, to_layer=True)
 
 
 def _copy_state(module: _BatchNorm, layer: BatchNormalization, *, to_layer: bool) -> None:
