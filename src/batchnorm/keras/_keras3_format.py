@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from batchnorm.keras._records import (
+    BATCH_NORM_WEIGHT_NAMES,
     GAMMA_OR_BETA,
     KerasBatchNormLayer,
     batch_norm_configs,
@@ -36,28 +37,18 @@ _ARCHIVE_MEMBERS = ("config.json", "model.weights.h5")
 _SNAKE_GROUP = re.compile(r"^batch_normalization(_\d+)?$")
 # A weights-only file does not name the variables; the count does, except which of gamma and
 # beta a layer with 3 (6 with renorm) holds.
+_AFFINE, _STATISTICS, _RENORM = (
+    BATCH_NORM_WEIGHT_NAMES[:2],
+    BATCH_NORM_WEIGHT_NAMES[2:4],
+    BATCH_NORM_WEIGHT_NAMES[4:],
+)
 _NAMES_BY_COUNT = {
-    2: ("moving_mean", "moving_variance"),
-    3: (GAMMA_OR_BETA, "moving_mean", "moving_variance"),
-    4: ("gamma", "beta", "moving_mean", "moving_variance"),
-    5: ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev"),
-    6: (
-        GAMMA_OR_BETA,
-        "moving_mean",
-        "moving_variance",
-        "moving_stddev",
-        "renorm_mean",
-        "renorm_stddev",
-    ),
-    7: (
-        "gamma",
-        "beta",
-        "moving_mean",
-        "moving_variance",
-        "moving_stddev",
-        "renorm_mean",
-        "renorm_stddev",
-    ),
+    2: _STATISTICS,
+    3: (GAMMA_OR_BETA, *_STATISTICS),
+    4: (*_AFFINE, *_STATISTICS),
+    5: (*_STATISTICS, *_RENORM),
+    6: (GAMMA_OR_BETA, *_STATISTICS, *_RENORM),
+    7: BATCH_NORM_WEIGHT_NAMES,
 }
 
 
