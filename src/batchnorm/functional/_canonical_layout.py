@@ -37,7 +37,7 @@ class CanonicalLayout(NamedTuple):
         memory_shape = [channel_shape[p] for p in self.channel_permutation]
         lead = tensor.shape[:-1]
         shaped = tensor.reshape(*lead, *memory_shape)
-        inverse = _inverse(list(self.channel_permutation))
+        inverse = inverse_permutation(list(self.channel_permutation))
         return shaped.permute([*range(len(lead)), *(len(lead) + i for i in inverse)])
 
 
@@ -84,7 +84,7 @@ def canonical_layout(
         after = [d for d in range(x.ndim) if d not in axes and d > first]
         order, copied = [*before, *axes, *after], True
         positions = sorted(order.index(a) for a in axes)
-    source = x.permute(order).contiguous().permute(_inverse(order)) if copied else x
+    source = x.permute(order).contiguous().permute(inverse_permutation(order)) if copied else x
     start, stop = positions[0], positions[-1] + 1
     sizes = [x.shape[d] for d in order]
     rows = math.prod(sizes[:start])
@@ -102,7 +102,7 @@ def canonical_layout(
     return source, layout
 
 
-def _inverse(order: list[int]) -> list[int]:
+def inverse_permutation(order: list[int]) -> list[int]:
     inverse = [0] * len(order)
     for position, dim in enumerate(order):
         inverse[dim] = position

@@ -20,6 +20,7 @@ from batchnorm.functional._canonical_layout import (
     CanonicalLayout,
     canonical_layout,
     canonical_weights,
+    inverse_permutation,
 )
 from batchnorm.functional._torch_ops import TORCH_OPS
 
@@ -110,10 +111,7 @@ def _fresh_like(prepared: _Canonical) -> torch.Tensor:
     fresh = torch.from_numpy(array)
     if order == tuple(range(len(order))):
         return fresh
-    inverse = [0] * len(order)
-    for position, dim in enumerate(order):
-        inverse[dim] = position
-    return fresh.permute(inverse)
+    return fresh.permute(inverse_permutation(list(order)))
 
 
 def _normalized(
