@@ -209,35 +209,20 @@ def _run(experiment: str, arguments: argparse.Namespace) -> list[Path]:
     target = arguments.target or DEFAULT_TARGET[on_mnist]
     print(f"Training 2 x {epochs} epochs (Adam, batch size 64), seed {arguments.seed}")
     if experiment == "placement":
-        from batchnorm.demo._placement import run_placement_demo
+        from batchnorm.demo._placement import run_placement_demo as run_comparison
 
-        placement = run_placement_demo(
-            dataset,
-            epochs=epochs,
-            seed=arguments.seed,
-            momentum=momentum,
-            max_batches=arguments.max_batches,
-        )
-        print(placement.report(target))
-        print(moving_average_note(placement.steps_per_epoch, momentum))
-        return placement.write(
-            arguments.out, "placement.json", "placement.png", "BatchNormalization placement"
-        )
+        files = ("placement.json", "placement.png", "BatchNormalization placement")
+    else:
+        from batchnorm.demo._classic import run_classic_demo as run_comparison
 
-    from batchnorm.demo._classic import run_classic_demo
-
-    classic = run_classic_demo(
+        files = ("history.json", "curves.png", "Dense(1000) with and without BatchNormalization")
+    comparison = run_comparison(
         dataset,
         epochs=epochs,
         seed=arguments.seed,
         momentum=momentum,
         max_batches=arguments.max_batches,
     )
-    print(classic.report(target))
-    print(moving_average_note(classic.steps_per_epoch, momentum))
-    return classic.write(
-        arguments.out,
-        "history.json",
-        "curves.png",
-        "Dense(1000) with and without BatchNormalization",
-    )
+    print(comparison.report(target))
+    print(moving_average_note(comparison.steps_per_epoch, momentum))
+    return comparison.write(arguments.out, *files)
