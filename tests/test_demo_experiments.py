@@ -21,9 +21,9 @@ from batchnorm.demo._models import (
     sigmoid_network,
 )
 from batchnorm.demo._modes import MOMENTA, TRUE_MEAN, TRUE_STD, run_modes_demo, steps_to_within
-from batchnorm.demo._progress import ProgressBar
 from batchnorm.demo._shift import PERCENTILES, WATCHED_UNIT, run_shift_demo
 from batchnorm.demo._training import HISTORY_KEYS, Split, epochs_to_reach, evaluate, fit
+from batchnorm.tools._progress import Progress
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--limit", "120", "--seed", "3"]
@@ -225,9 +225,9 @@ def test_modes_freezing_table_numbers():
 
 def test_progress_bar_is_quiet_off_a_terminal():
     stream = io.StringIO()
-    bar = ProgressBar("run", total=50, stream=stream)
+    bar = Progress("run", total=50, summary=True, stream=stream)
     for step in range(1, 51):
-        bar.update(step, loss=1.0 / step)
+        bar.update(loss=1.0 / step)
     bar.close(val_accuracy=0.5)
     assert stream.getvalue().count("\n") == 1 and "\r" not in stream.getvalue()
     assert "50/50" in stream.getvalue() and "val_accuracy 0.5000" in stream.getvalue()
@@ -237,7 +237,7 @@ def test_progress_bar_is_quiet_off_a_terminal():
             return True
 
     terminal = Terminal()
-    bar = ProgressBar("run", total=3, stream=terminal)
+    bar = Progress("run", total=3, summary=True, stream=terminal)
     bar.update(3, loss=0.5)
     bar.close()
     assert terminal.getvalue().startswith("\r") and terminal.getvalue().endswith("\n")

@@ -186,7 +186,7 @@ def test_inspect_command_errors(tmp_path, capsys):
 
 
 def test_inspect_statistics_takes_a_mapping():
-    from batchnorm._inspect import inspect_statistics
+    from batchnorm.tools._inspect import inspect_statistics
 
     report = inspect_statistics(
         {

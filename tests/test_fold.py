@@ -11,7 +11,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 import batchnorm
 from batchnorm import BatchNormalization, FoldedBatchNorm, fold, fold_weights
-from batchnorm._batch_norm_modules import is_batch_norm
+from batchnorm.tools._batch_norm_modules import is_batch_norm
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:

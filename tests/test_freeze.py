@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from batchnorm import BatchNormalization, freeze, frozen, unfreeze
-from batchnorm._freeze import FrozenBatchNorm2d, is_frozen
+from batchnorm.tools._freeze import FrozenBatchNorm2d, is_frozen
 
 
 def make_model() -> nn.Sequential:

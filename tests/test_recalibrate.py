@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from batchnorm import BatchNormalization, freeze, recalibrate
-from batchnorm._progress import ProgressBar
+from batchnorm.tools._progress import Progress
 from tests.distributed_recalibrate_worker import TwoNormNet, rank_batches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,16 +201,23 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def test_progress_bar_draws_only_on_a_terminal(capsys):
+def test_progress_bar_draws_only_on_a_terminal(capsys, monkeypatch):
     terminal = FakeTerminal()
-    bar = ProgressBar("recalibrate", total=4, stream=terminal)
+    bar = Progress("recalibrate", total=4, stream=terminal)
     for _ in range(4):
         bar.update()
     bar.close()
-    assert terminal.getvalue().endswith("\rrecalibrate: [####################] 4/4 batches\n")
-    silent = ProgressBar("recalibrate", total=4, stream=io.StringIO())
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\r") and drawn.endswith("\n")
+    assert drawn.rsplit("\r", 1)[-1].startswith("recalibrate: 100%") and "4/4" in drawn
+    silent = Progress("recalibrate", total=4, stream=io.StringIO())
     silent.update()
     silent.close()
     assert silent.stream.getvalue() == ""
     recalibrate(trained_net(), [torch.randn(4, 4)], progress=True)  # stderr is not a terminal
     assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys, "stderr", FakeTerminal())
+    recalibrate(trained_net(), [torch.randn(4, 4)], progress=False)
+    assert sys.stderr.getvalue() == ""
+    recalibrate(trained_net(), [torch.randn(4, 4)] * 3, progress=True)
+    assert "3/3" in sys.stderr.getvalue()

@@ -8,20 +8,31 @@ Example:
 """
 
 from batchnorm import constraints, functional, initializers, keras, regularizers
-from batchnorm._batch_normalization import BatchNormalization
-from batchnorm._caffe import from_caffe
-from batchnorm._constraint_hook import apply_constraints, apply_constraints_after_step
-from batchnorm._diagnose import diagnose
-from batchnorm._diagnosis_report import DiagnosisReport, LayerDiagnosis
-from batchnorm._fold import FoldedBatchNorm, FoldResult, fold
-from batchnorm._fold_weights import fold_weights
-from batchnorm._freeze import freeze, frozen, unfreeze
-from batchnorm._presets import FRAMEWORK_PRESETS, porting_table
-from batchnorm._recalibrate import RecalibrationResult, recalibrate
-from batchnorm._sample_normalization import SampleNormalization
-from batchnorm._sync_batch_normalization import SyncBatchNormalization, convert_sync
-from batchnorm._torch_conversion import convert, from_torch, to_torch
 from batchnorm.functional import BatchNormStatistics
+from batchnorm.interop import convert, convert_sync, from_caffe, from_torch, to_torch
+from batchnorm.layers import (
+    FRAMEWORK_PRESETS,
+    BatchNormalization,
+    SampleNormalization,
+    SyncBatchNormalization,
+    porting_table,
+)
+from batchnorm.tools import (
+    DiagnosisReport,
+    FoldedBatchNorm,
+    FoldResult,
+    LayerDiagnosis,
+    RecalibrationResult,
+    apply_constraints,
+    apply_constraints_after_step,
+    diagnose,
+    fold,
+    fold_weights,
+    freeze,
+    frozen,
+    recalibrate,
+    unfreeze,
+)
 
 __version__ = "0.1.0"
 

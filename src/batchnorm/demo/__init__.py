@@ -6,18 +6,16 @@
 - ``batchnorm demo modes``: training vs inference, momentum, trainable=False vs training=False.
 
 Data: scikit-learn's bundled digits by default, or MNIST (IDX files or a Keras ``mnist.npz``).
+The command-line front is :mod:`batchnorm.cli`.
 """
 
-from batchnorm.demo._cli import add_demo_parser, run_demo
 from batchnorm.demo._datasets import ImageDataset, load_dataset
 from batchnorm.demo._mnist import DataError, read_idx, read_mnist
 
 __all__ = [
     "DataError",
     "ImageDataset",
-    "add_demo_parser",
     "load_dataset",
     "read_idx",
     "read_mnist",
-    "run_demo",
 ]

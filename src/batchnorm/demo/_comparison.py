@@ -25,6 +25,7 @@ from typing import TextIO
 from torch import nn
 
 from batchnorm.demo._datasets import ImageDataset
+from batchnorm.demo._plots import plot_histories
 from batchnorm.demo._report import history_table, target_summary, write_json
 from batchnorm.demo._training import History, Split, batch_count, fit
 
@@ -56,8 +57,6 @@ class Comparison:
 
     def write(self, out: Path, json_name: str, png_name: str, title: str) -> list[Path]:
         """Write the histories as JSON and the curves as a PNG into ``out``; returns the paths."""
-        from batchnorm.demo._plots import plot_histories
-
         json_path = write_json(out / json_name, self.histories)
         png_path = plot_histories(self.histories, self.labels, out / png_name, title)
         return [png_path, json_path]

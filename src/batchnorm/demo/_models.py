@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from batchnorm._batch_normalization import BatchNormalization
+from batchnorm.layers import BatchNormalization
 
 
 def keras_dense(inputs: int, units: int, generator: torch.Generator) -> nn.Linear:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from batchnorm._batch_normalization import BatchNormalization
+from batchnorm.demo._plots import plot_modes
+from batchnorm.layers import BatchNormalization
 
 MOMENTA = (0.9, 0.99, 0.999)
 TRUE_MEAN = (3.0, -1.0, 0.5)
@@ -41,9 +42,9 @@ class ModesResult:
     moving_variance: dict[float, list[float]] = field(default_factory=dict)
 
     def write(self, out: Path) -> list[Path]:
-        from batchnorm.demo._plots import plot_modes
-
-        return [plot_modes(self, TRUE_MEAN[0], TRUE_STD[0] ** 2, out / "modes.png")]
+        path = out / "modes.png"
+        variance = TRUE_STD[0] ** 2
+        return [plot_modes(self.moving_mean, self.moving_variance, TRUE_MEAN[0], variance, path)]
 
 
 def _row(label: str, values: torch.Tensor) -> str:

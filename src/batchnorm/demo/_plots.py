@@ -11,13 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from batchnorm.demo._training import History
-
-if TYPE_CHECKING:
-    from batchnorm.demo._modes import ModesResult
-    from batchnorm.demo._shift import ShiftResult
 
 
 def _pyplot() -> Any:
@@ -76,12 +72,21 @@ def plot_histories(
     return _save(figure, path)
 
 
-def plot_shift(result: ShiftResult, labels: Mapping[str, str], path: Path) -> Path:
-    """Ioffe & Szegedy's Figure 1: validation accuracy, and the sigmoid input's percentiles."""
+def plot_shift(
+    steps: list[int],
+    val_accuracy: Mapping[str, list[float]],
+    percentiles: Mapping[str, Mapping[int, list[float]]],
+    labels: Mapping[str, str],
+    path: Path,
+) -> Path:
+    """Ioffe & Szegedy's Figure 1: validation accuracy, and the sigmoid input's percentiles.
+
+    ``val_accuracy[run]`` and ``percentiles[run][q]`` hold one value per entry of ``steps``.
+    """
     plt = _pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for index, (name, label) in enumerate(labels.items()):
-        axes[0].plot(result.steps, result.val_accuracy[name], color=f"C{index}", label=label)
+        axes[0].plot(steps, val_accuracy[name], color=f"C{index}", label=label)
     axes[0].set(
         xlabel="training steps", ylabel="validation accuracy", title="(a) validation accuracy"
     )
@@ -90,14 +95,14 @@ def plot_shift(result: ShiftResult, labels: Mapping[str, str], path: Path) -> Pa
     for panel, (name, label) in zip(axes[1:], labels.items(), strict=True):
         for q, style in zip((15, 50, 85), (":", "-", "--"), strict=True):
             panel.plot(
-                result.steps,
-                result.percentiles[name][q],
+                steps,
+                percentiles[name][q],
                 style,
                 color="k",
                 label=f"{q}th percentile",
             )
-        low.append(min(result.percentiles[name][15]))
-        high.append(max(result.percentiles[name][85]))
+        low.append(min(percentiles[name][15]))
+        high.append(max(percentiles[name][85]))
         panel.set(
             xlabel="training steps",
             ylabel="input to one sigmoid (last hidden layer)",
@@ -112,17 +117,24 @@ def plot_shift(result: ShiftResult, labels: Mapping[str, str], path: Path) -> Pa
     return _save(figure, path)
 
 
-def plot_modes(result: ModesResult, true_mean: float, true_variance: float, path: Path) -> Path:
-    """The moving mean and variance of one channel against steps, one line per momentum."""
+def plot_modes(
+    moving_mean: Mapping[float, list[float]],
+    moving_variance: Mapping[float, list[float]],
+    true_mean: float,
+    true_variance: float,
+    path: Path,
+) -> Path:
+    """The moving mean and variance of one channel against steps, one line per momentum.
+
+    ``moving_mean[momentum]`` / ``moving_variance[momentum]``: the value after each step.
+    """
     plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for index, momentum in enumerate(result.momenta):
-        steps = range(len(result.moving_mean[momentum]))
-        axes[0].plot(
-            steps, result.moving_mean[momentum], color=f"C{index}", label=f"momentum {momentum}"
-        )
+    for index, (momentum, means) in enumerate(moving_mean.items()):
+        steps = range(len(means))
+        axes[0].plot(steps, means, color=f"C{index}", label=f"momentum {momentum}")
         axes[1].plot(
-            steps, result.moving_variance[momentum], color=f"C{index}", label=f"momentum {momentum}"
+            steps, moving_variance[momentum], color=f"C{index}", label=f"momentum {momentum}"
         )
     axes[0].axhline(true_mean, color="k", linestyle=":", label="data mean")
     axes[1].axhline(true_variance, color="k", linestyle=":", label="data variance")
@@ -130,7 +142,7 @@ def plot_modes(result: ModesResult, true_mean: float, true_variance: float, path
     axes[1].set(xlabel="training steps", ylabel="moving_variance[0]", title="moving variance")
     for panel in axes:
         panel.set_xscale("symlog", linthresh=10)
-        panel.set_xlim(0, len(result.moving_mean[result.momenta[0]]) - 1)
+        panel.set_xlim(0, len(next(iter(moving_mean.values()))) - 1)
         panel.grid(alpha=0.3)
         panel.legend(fontsize=8)
     figure.suptitle("How the moving statistics used in inference converge (Keras momentum)")

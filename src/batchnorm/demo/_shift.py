@@ -26,9 +26,10 @@ from torch import nn
 
 from batchnorm.demo._datasets import ImageDataset
 from batchnorm.demo._models import sigmoid_network
-from batchnorm.demo._progress import ProgressBar
+from batchnorm.demo._plots import plot_shift
 from batchnorm.demo._report import write_json
 from batchnorm.demo._training import evaluate, shuffled_batches
+from batchnorm.tools._progress import Progress
 
 SHIFT_LABELS = {"with_bn": "with BN", "without_bn": "without BN"}
 PERCENTILES = (15, 50, 85)
@@ -94,10 +95,11 @@ class ShiftResult:
         return "\n".join(lines)
 
     def write(self, out: Path) -> list[Path]:
-        from batchnorm.demo._plots import plot_shift
-
         json_path = write_json(out / "shift.json", self.as_json())
-        return [plot_shift(self, SHIFT_LABELS, out / "shift.png"), json_path]
+        png_path = plot_shift(
+            self.steps, self.val_accuracy, self.percentiles, SHIFT_LABELS, out / "shift.png"
+        )
+        return [png_path, json_path]
 
 
 def _watched_input(model: nn.Sequential, images: torch.Tensor) -> torch.Tensor:
@@ -130,7 +132,7 @@ def _train(
     accuracy: list[float] = []
     percentiles: dict[int, list[float]] = {q: [] for q in PERCENTILES}
     quantile_levels = torch.tensor([q / 100 for q in PERCENTILES])
-    bar = ProgressBar(f"{label:<11} steps", steps, stream)
+    bar = Progress(f"{label:<11}", steps, unit="step", summary=True, stream=stream)
 
     def record(step: int) -> None:
         recorded.append(step)
@@ -149,7 +151,7 @@ def _train(
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             step += 1
-            bar.update(step, loss=float(loss.detach()))
+            bar.update(loss=float(loss.detach()))
             if step % record_every == 0 or step == steps:
                 record(step)
             if step == steps:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchnorm.demo._progress import ProgressBar
+from batchnorm.tools._progress import Progress
 
 History = dict[str, list[float]]
 HISTORY_KEYS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
@@ -102,12 +102,10 @@ def fit(
     history: History = {key: [] for key in HISTORY_KEYS}
     total = batch_count(len(data.train_labels), batch_size, max_batches)
     for epoch in range(1, epochs + 1):
-        bar = ProgressBar(f"{label}  epoch {epoch}/{epochs}", total, stream)
+        bar = Progress(f"{label}  epoch {epoch}/{epochs}", total, summary=True, stream=stream)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        for step, index in enumerate(
-            shuffled_batches(len(data.train_labels), batch_size, generator, max_batches), 1
-        ):
+        for index in shuffled_batches(len(data.train_labels), batch_size, generator, max_batches):
             logits = model(data.train_inputs[index])
             target = data.train_labels[index]
             loss = F.cross_entropy(logits, target)
@@ -117,7 +115,7 @@ def fit(
             loss_sum += float(loss.detach()) * len(index)
             correct += int((logits.detach().argmax(dim=1) == target).sum())
             seen += len(index)
-            bar.update(step, loss=loss_sum / seen, accuracy=correct / seen)
+            bar.update(loss=loss_sum / seen, accuracy=correct / seen)
         val_loss, val_accuracy = evaluate(model, data.validation_inputs, data.validation_labels)
         history["train_loss"].append(loss_sum / seen)
         history["train_accuracy"].append(correct / seen)

@@ -7,14 +7,10 @@
   ``functional_call``.
 """
 
-from batchnorm.functional._backend import (
-    BatchNormBackend,
-    Moments,
-    backend_for,
-    register_backend,
-)
+from batchnorm.functional._backend import BatchNormBackend, Moments
 from batchnorm.functional._batch_norm import BatchNormStatistics, batch_norm
 from batchnorm.functional._cpu_backend import NUMBA_CPU, NumbaCpuBackend
+from batchnorm.functional._dispatch import backend_for, register_backend
 from batchnorm.functional._moments import moments
 from batchnorm.functional._moving_average import moving_average_update
 from batchnorm.functional._normalization import batch_normalization

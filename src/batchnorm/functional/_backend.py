@@ -14,7 +14,7 @@ The layer step (:func:`batchnorm.functional.batch_norm`) calls three primitives,
   (inference), differentiable in ``x``, ``scale`` and ``offset``.
 
 The torch-op backend (:mod:`batchnorm.functional._torch_ops`) serves every device and is the
-reference; faster backends register for a device type with :func:`register_backend`.
+reference; faster backends register for a device type (:mod:`batchnorm.functional._dispatch`).
 """
 
 from __future__ import annotations
@@ -67,21 +67,3 @@ class BatchNormBackend(Protocol):
         offset: torch.Tensor | None,
         epsilon: float,
     ) -> torch.Tensor: ...
-
-
-_BACKENDS: dict[str, BatchNormBackend] = {}
-
-
-def register_backend(device_type: str, backend: BatchNormBackend | None) -> None:
-    """Use ``backend`` for tensors on ``device_type`` ("cpu", "cuda", ...); None restores torch ops."""
-    if backend is None:
-        _BACKENDS.pop(device_type, None)
-    else:
-        _BACKENDS[device_type] = backend
-
-
-def backend_for(x: torch.Tensor) -> BatchNormBackend:
-    from batchnorm.functional._torch_ops import TORCH_OPS
-
-    backend = _BACKENDS.get(x.device.type)
-    return backend if backend is not None and backend.supports(x) else TORCH_OPS

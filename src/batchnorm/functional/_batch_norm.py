@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 import torch.utils._pytree as pytree
 
-from batchnorm.functional._backend import backend_for
+from batchnorm.functional._dispatch import backend_for
 from batchnorm.functional._moving_average import (
     debiased_average_update,
     debiased_weight_update,

@@ -1,6 +1,6 @@
 """Read Keras files (tf-keras ``.h5``, Keras 3 ``.keras``) and load their batch-norm layers.
 
-Needs h5py, an optional dependency: ``pip install 'batchnorm[keras]'``.
+The public name of :mod:`batchnorm.interop.keras`; needs h5py: ``pip install 'batchnorm[keras]'``.
 
 Example:
     >>> import torch, batchnorm
@@ -9,11 +9,15 @@ Example:
     >>> print(load_weights(model, "model.keras", configure=True))     # doctest: +SKIP
 """
 
-from batchnorm.keras._compare import Difference
-from batchnorm.keras._load import batch_norm_modules, load_weights
-from batchnorm.keras._read import read_batch_norm_layers
-from batchnorm.keras._records import KerasBatchNormLayer
-from batchnorm.keras._report import LayerLoad, LoadReport
+from batchnorm.interop.keras import (
+    Difference,
+    KerasBatchNormLayer,
+    LayerLoad,
+    LoadReport,
+    batch_norm_modules,
+    load_weights,
+    read_batch_norm_layers,
+)
 
 __all__ = [
     "Difference",

@@ -1,0 +1,88 @@
+"""``batchnorm bench [--quick] [--sync] [--png PATH]``: time batchnorm against torch native batch norm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_JSON = Path("bench.json")
+DEFAULT_SYNC_JSON = Path("bench-sync.json")
+
+
+def add_bench_parser(commands: Any) -> None:
+    """Register the ``bench`` sub-command on an ``add_subparsers()`` object."""
+    bench = commands.add_parser(
+        "bench", help="time batchnorm against torch native batch norm and the copy floor"
+    )
+    bench.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    bench.add_argument("--repeats", type=int, default=9, help="timed runs per median (default 9)")
+    bench.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write numbers")
+    bench.add_argument("--png", type=Path, default=None, help="also draw a bar chart here")
+    bench.add_argument(
+        "--no-compile-time",
+        action="store_true",
+        help="skip timing the first call in fresh processes",
+    )
+    bench.add_argument(
+        "--sync",
+        action="store_true",
+        help="time synchronized batch norm over 2 gloo processes instead (default json: bench-sync.json)",
+    )
+
+
+def run_bench(arguments: argparse.Namespace) -> int:
+    """Print the table and write the JSON (and chart); exit status 2 on a bad argument."""
+    if arguments.repeats < 1:
+        print(
+            f"batchnorm bench: --repeats must be >= 1. Received: {arguments.repeats}",
+            file=sys.stderr,
+        )
+        return 2
+    if arguments.sync:
+        return _run_sync_bench(arguments)
+    from batchnorm.bench import format_table, run_benchmark
+
+    report = run_benchmark(
+        quick=arguments.quick,
+        repeats=arguments.repeats,
+        compile_time=not arguments.no_compile_time,
+    )
+    machine = report["machine"]
+    print(
+        f"CPU, {machine['threads']} threads, torch {machine['torch']}; medians of {report['repeats']} runs"
+    )
+    if "first_call_seconds" in report:
+        first = report["first_call_seconds"]
+        print(
+            f"first call: {first['cold_cache']:.1f} s with JIT compilation, "
+            f"{first['warm_cache']:.1f} s from the on-disk cache"
+        )
+    print(format_table(report["cases"], report["extra_cases"], report["summary"]))
+    arguments.json.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"numbers written to {arguments.json}")
+    if arguments.png is not None:
+        from batchnorm.bench._chart import plot_benchmark
+
+        plot_benchmark(report, arguments.png)
+        print(f"chart written to {arguments.png}")
+    return 0
+
+
+def _run_sync_bench(arguments: argparse.Namespace) -> int:
+    from batchnorm.bench import format_sync_table, run_sync_benchmark
+
+    report = run_sync_benchmark(quick=arguments.quick, repeats=arguments.repeats)
+    machine = report["machine"]
+    print(
+        f"CPU ({machine['cpu_count']} cores), {report['world_size']} gloo processes on 127.0.0.1, "
+        f"1 thread each, torch {machine['torch']}; training step = forward + backward, "
+        f"medians of {report['repeats']} runs (rank 0)"
+    )
+    print(format_sync_table(report["cases"]))
+    path = DEFAULT_SYNC_JSON if arguments.json == DEFAULT_JSON else arguments.json
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"numbers written to {path}")
+    return 0

@@ -1,0 +1,49 @@
+"""``convert_sync``: every batch norm of a model made synchronized over a torch.distributed group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from batchnorm.functional._synchronized import check_synchronized
+from batchnorm.interop._torch_conversion import convert
+from batchnorm.layers import BatchNormalization
+
+
+def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
+    """Make every batch norm in ``model`` synchronized; returns the model (or its replacement).
+
+    ``torch.nn.BatchNorm1d/2d/3d``, their Lazy versions and ``SyncBatchNorm`` are first replaced
+    by :class:`BatchNormalization` layers with the same weights, statistics and conventions
+    (:func:`batchnorm.from_torch`: ``axis=1``, Keras momentum ``1 - momentum``, the same ``eps``,
+    the unbiased moving variance torch stores, ``affine=False`` as ``center=scale=False``,
+    ``momentum=None`` as ``moving_average="debiased"``, ``track_running_stats=False`` as
+    ``use_global_stats=False``). Then every :class:`BatchNormalization` is switched in place to
+    ``synchronized=True`` (same parameters and buffers; a layer that resolved to tf-keras' fused
+    path keeps storing the Bessel-corrected variance). State-dict keys become ours (``gamma``,
+    ``beta``, ``moving_mean``, ``moving_variance``).
+
+    Args:
+        model: any module; a batch-norm module itself is converted and returned.
+        process_group: the group to synchronize over, None for the default group.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> model = convert_sync(model)  # then wrap it in DistributedDataParallel
+    """
+    check_synchronized(True, process_group, None)
+    model = convert(model, to="batchnorm")
+    for module in model.modules():
+        if isinstance(module, BatchNormalization):
+            _synchronize_in_place(module, process_group)
+    return model
+
+
+def _synchronize_in_place(layer: BatchNormalization, process_group: Any) -> None:
+    if layer.moving_variance_estimator == "auto" and layer.fused:
+        layer.moving_variance_estimator = "unbiased"
+    layer.synchronized, layer.process_group = True, process_group
+    layer.fused = False
+    if layer._fused_argument:
+        layer._fused_argument = False

@@ -1,0 +1,239 @@
+"""Lossless conversion between torch.nn.BatchNorm* and :class:`BatchNormalization`.
+
+PyTorch's conventions mapped to this layer's:
+
+- ``momentum_here = 1 - momentum_torch`` (PyTorch weights the new value, Keras the old one);
+  ``momentum=None`` (cumulative average) is ``moving_average="debiased", momentum=1.0`` with
+  ``num_batches_tracked`` as ``moving_average_weight``;
+- ``running_var`` is the unbiased variance: ``moving_variance_estimator="unbiased"``;
+- channels at dim 1: ``axis=1``; ``eps`` is ``epsilon``; ``affine`` is ``center`` and ``scale``;
+- ``track_running_stats=False`` (batch statistics always) is ``use_global_stats=False``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from batchnorm.layers import BatchNormalization
+
+_TORCH_CLASSES: dict[int, tuple[type[_BatchNorm], type[_BatchNorm]]] = {
+    1: (nn.BatchNorm1d, nn.LazyBatchNorm1d),
+    2: (nn.BatchNorm2d, nn.LazyBatchNorm2d),
+    3: (nn.BatchNorm3d, nn.LazyBatchNorm3d),
+}
+_SPATIAL_DIMS_OF_RANK = {2: 1, 3: 1, 4: 2, 5: 3}
+
+
+def _complement(momentum: float) -> float:
+    """``1 - momentum``, rounded so that converting twice gives the value back (0.1 -> 0.9 -> 0.1)."""
+    return round(1.0 - momentum, 15)
+
+
+def from_torch(module: nn.Module) -> BatchNormalization:
+    """A :class:`BatchNormalization` whose outputs and running-statistic trajectory equal ``module``'s.
+
+    Takes torch.nn.BatchNorm1d/2d/3d, their Lazy versions (an uninitialised one gives a layer
+    built on its first input) and SyncBatchNorm (a ``synchronized=True`` layer over the same
+    process group, which also runs on CPU), affine or not, with or without running
+    statistics, any momentum including None. Parameters and buffers are copied (same device;
+    float64 stays float64, other dtypes become float32 parameters), ``requires_grad`` and the
+    train/eval mode are kept.
+
+    Example:
+        >>> layer = from_torch(torch.nn.BatchNorm2d(16))
+        >>> (layer.axis, layer.momentum, layer.epsilon)
+        (1, 0.9, 1e-05)
+    """
+    if not isinstance(module, _BatchNorm):
+        raise TypeError(
+            "`module` must be a torch.nn.BatchNorm1d/2d/3d, LazyBatchNorm or SyncBatchNorm. "
+            f"Received: {type(module).__name__}"
+        )
+    lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()  # type: ignore[no-untyped-call]
+    present = [] if lazy else [t for t in (module.weight, module.running_mean) if t is not None]
+    reference = present[0] if present else None
+    dtype = "float64" if reference is not None and reference.dtype == torch.float64 else None
+    device = reference.device if reference is not None else None
+    cumulative = module.momentum is None
+    layer = BatchNormalization(
+        None if lazy else module.num_features,
+        axis=1,
+        momentum=1.0 if cumulative else _complement(float(module.momentum)),  # type: ignore[arg-type]
+        epsilon=float(module.eps),
+        center=module.affine,
+        scale=module.affine,
+        moving_variance_estimator="unbiased",
+        moving_average="debiased" if cumulative else "ema",
+        use_global_stats=None if module.track_running_stats else False,
+        synchronized=isinstance(module, nn.SyncBatchNorm),
+        process_group=getattr(module, "process_group", None),
+        dtype=dtype,
+        device=device,
+    )
+    if not lazy:
+        _copy_state(module, layer, to_layer=True)
+    layer.train(module.training)
+    return layer
+
+
+_NAME_PAIRS = (
+    ("weight", "gamma"),
+    ("bias", "beta"),
+    ("running_mean", "moving_mean"),
+    ("running_var", "moving_variance"),
+)
+
+
+def _copy_state(module: _BatchNorm, layer: BatchNormalization, *, to_layer: bool) -> None:
+    """Copy parameters, buffers and ``requires_grad`` between the two, in either direction."""
+    names = list(_NAME_PAIRS)
+    if layer.moving_average == "debiased":
+        names.append(("num_batches_tracked", "moving_average_weight"))
+    with torch.no_grad():
+        for torch_name, layer_name in names:
+            torch_tensor = getattr(module, torch_name, None)
+            layer_tensor = getattr(layer, layer_name, None)
+            if torch_tensor is None or layer_tensor is None:
+                continue
+            source, target = (
+                (torch_tensor, layer_tensor) if to_layer else (layer_tensor, torch_tensor)
+            )
+            target.copy_(source.detach().to(dtype=target.dtype))
+            if isinstance(source, nn.Parameter):
+                target.requires_grad_(source.requires_grad)
+
+
+def torch_incompatibilities(layer: BatchNormalization) -> list[str]:
+    """Why torch.nn.BatchNorm cannot reproduce ``layer`` exactly (empty when it can)."""
+    reasons = []
+    if layer.renorm:
+        reasons.append("renorm=True (Batch Renormalization)")
+    if layer.virtual_batch_size is not None:
+        reasons.append(f"virtual_batch_size={layer.virtual_batch_size} (ghost batches)")
+    if layer.adjustment is not None:
+        reasons.append("adjustment is set")
+    for name in ("gamma_regularizer", "beta_regularizer", "gamma_constraint", "beta_constraint"):
+        if getattr(layer, name) is not None:
+            reasons.append(f"{name} is set")
+    if layer.center != layer.scale:
+        reasons.append(f"center={layer.center} with scale={layer.scale} (torch's affine is both)")
+    if not layer.trainable:
+        reasons.append("trainable=False (torch's train() would re-enable batch statistics)")
+    if layer.use_global_stats is True:
+        reasons.append("use_global_stats=True (torch has no moving statistics in training)")
+    if layer.moving_average == "debiased" and layer.momentum != 1.0:
+        reasons.append(
+            f"moving_average='debiased' with momentum={layer.momentum} (torch's momentum=None "
+            "is the debiased average with momentum=1.0 only)"
+        )
+    if not layer._stores_unbiased_variance():
+        reasons.append(
+            "the moving variance is stored biased (torch stores the unbiased one); pass "
+            "moving_variance_estimator='unbiased'"
+        )
+    axes = layer._axes
+    if axes is None:
+        axes_list = layer.axis if isinstance(layer.axis, list) else [layer.axis]
+        if axes_list != [1]:
+            reasons.append(
+                f"axis={layer.axis} cannot be placed before the layer is built; call it once or "
+                "build(input_shape) first"
+            )
+    elif axes != (1,):
+        reasons.append(f"channel axes {list(axes)} (torch normalises dim 1 only)")
+    return reasons
+
+
+def to_torch(layer: BatchNormalization, *, dims: int | None = None) -> _BatchNorm:
+    """The torch.nn.BatchNorm1d/2d/3d equal to ``layer``, step for step.
+
+    The class follows the input rank the layer was built for (rank 2 or 3: 1d, 4: 2d, 5: 3d), or
+    ``dims`` (1, 2 or 3) when given; an unbuilt layer gives the Lazy class, a synchronized one
+    torch.nn.SyncBatchNorm (which torch runs on GPUs only). Raises ValueError
+    listing every setting torch cannot express (renorm, ghost batches, adjustment, regularizers or
+    constraints, biased moving variance, debiased averaging with momentum != 1,
+    use_global_stats=True, trainable=False, channel axes other than dim 1).
+    ``use_global_stats=False`` becomes ``track_running_stats=False``: the outputs are the same,
+    the moving statistics (unused by the outputs) are dropped.
+    """
+    if not isinstance(layer, BatchNormalization):
+        raise TypeError(
+            f"`layer` must be a batchnorm.BatchNormalization. Received: {type(layer).__name__}"
+        )
+    reasons = torch_incompatibilities(layer)
+    if reasons:
+        raise ValueError(
+            f"torch.nn.BatchNorm cannot express layer {layer.name}: " + "; ".join(reasons) + "."
+        )
+    if dims is None:
+        rank = layer._input_rank
+        if rank is None:
+            raise ValueError(
+                f"Layer {layer.name} has not seen an input, so the torch class is unknown: pass "
+                "`dims` (1 for BatchNorm1d, 2 for BatchNorm2d, 3 for BatchNorm3d). Received: dims=None"
+            )
+        dims = _SPATIAL_DIMS_OF_RANK.get(rank)
+    if dims not in _TORCH_CLASSES:
+        raise ValueError(f"`dims` must be 1, 2 or 3. Received: dims={dims!r}")
+    eager_class, lazy_class = _TORCH_CLASSES[dims]
+    if layer.synchronized:
+        if not layer.built:
+            raise ValueError(
+                f"Layer {layer.name} is synchronized and not built: torch has no lazy "
+                "SyncBatchNorm. Build it (num_features or build(input_shape)) first."
+            )
+        eager_class = nn.SyncBatchNorm
+    options: dict[str, Any] = {
+        "eps": layer.epsilon,
+        "momentum": None if layer.moving_average == "debiased" else _complement(layer.momentum),
+        "affine": layer.center,
+        "track_running_stats": layer.use_global_stats is None,
+    }
+    if not layer.built:
+        module: _BatchNorm = lazy_class(**options)
+    else:
+        reference = layer.moving_mean
+        if layer.synchronized:
+            options["process_group"] = layer.process_group
+        module = eager_class(
+            int(reference.shape[0]), device=reference.device, dtype=reference.dtype, **options
+        )
+        _copy_state(module, layer, to_layer=False)
+    module.train(layer.training)
+    return module
+
+
+def convert(model: nn.Module, to: Literal["batchnorm", "torch"] = "batchnorm") -> nn.Module:
+    """Swap every batch norm in ``model`` in place and return ``model``; outputs are unchanged.
+
+    ``to="batchnorm"`` replaces torch.nn.BatchNorm* modules with :class:`BatchNormalization`
+    (:func:`from_torch`); ``to="torch"`` does the reverse (:func:`to_torch`, which raises for layers
+    torch cannot express, before anything is replaced). A batch norm passed as ``model`` itself is
+    returned converted (a module cannot replace itself in place).
+    """
+    if to not in ("batchnorm", "torch"):
+        raise ValueError(f"`to` must be 'batchnorm' or 'torch'. Received: to={to!r}")
+    source_type: type[nn.Module] = _BatchNorm if to == "batchnorm" else BatchNormalization
+
+    def converted(module: nn.Module) -> nn.Module:
+        if to == "batchnorm":
+            return from_torch(module)
+        assert isinstance(module, BatchNormalization)
+        return to_torch(module)
+
+    if isinstance(model, source_type):
+        return converted(model)
+    replacements = [
+        (parent, name, converted(child))
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, source_type)
+    ]
+    for parent, name, replacement in replacements:
+        setattr(parent, name, replacement)
+    return model

@@ -1,0 +1,82 @@
+"""tf-keras' legacy HDF5 format (``model.save("m.h5")`` and ``model.save_weights("w.h5")``).
+
+Layout, as tf-keras 2.x writes it (checked with tf-keras 2.20.1)::
+
+    /                          attrs: model_config (JSON; full models only), keras_version
+    /model_weights             attrs: layer_names  (full models; weights-only files use /)
+    /model_weights/<layer>     attrs: weight_names = ["<bn>/gamma:0", "<bn>/beta:0", ...]
+    /model_weights/<layer>/<bn>/gamma:0, beta:0, moving_mean:0, moving_variance:0, ...
+
+A nested model is one top-level layer whose ``weight_names`` list the weights of all its inner
+layers, each under the inner layer's name. Weights are found through ``weight_names`` (their
+names say which is which); configs come from ``model_config``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from batchnorm.interop.keras._records import (
+    BATCH_NORM_WEIGHT_NAMES,
+    KerasBatchNormLayer,
+    batch_norm_configs,
+    decode,
+)
+
+
+def is_tf_keras_h5(handle: Any) -> bool:
+    return "layer_names" in handle.attrs or "model_weights" in handle
+
+
+def read_tf_keras_h5(handle: Any) -> list[KerasBatchNormLayer]:
+    """Every batch-norm layer of an open tf-keras HDF5 file, in the model's layer order."""
+    root = handle.get("model_weights", handle)
+    version = decode(root.attrs.get("keras_version", handle.attrs.get("keras_version", "")))
+    configs: dict[str, tuple[Any, int | None]] = {}
+    has_config = "model_config" in handle.attrs
+    if has_config:
+        model_config = json.loads(decode(handle.attrs["model_config"]))
+        configs = {name: (config, rank) for name, config, rank in batch_norm_configs(model_config)}
+    layers = []
+    for layer_name in (decode(n) for n in root.attrs["layer_names"]):
+        group = root[layer_name]
+        for prefix, names in _weights_by_owner(group).items():
+            name = prefix.split("/")[-1]
+            if not {"moving_mean", "moving_variance"} <= set(names):
+                continue
+            if has_config and name not in configs:
+                continue  # another layer type that happens to track moving statistics
+            config, rank = configs.get(name, (None, None))
+            weights = {
+                base: np.asarray(group[full_name])
+                for base, full_name in sorted(names.items(), key=_keras_order)
+            }
+            layers.append(
+                KerasBatchNormLayer(
+                    name=name,
+                    weights=weights,
+                    config=config,
+                    file_format="tf-keras HDF5",
+                    location=f"{group.name}/{prefix}",
+                    input_rank=rank,
+                    keras_version=version or None,
+                )
+            )
+    return layers
+
+
+def _weights_by_owner(group: Any) -> dict[str, dict[str, str]]:
+    """``{"inner_bn": {"gamma": "inner_bn/gamma:0", ...}}`` from a layer group's weight_names."""
+    owners: dict[str, dict[str, str]] = {}
+    for full_name in (decode(n) for n in group.attrs.get("weight_names", [])):
+        prefix, _, base = full_name.rpartition("/")
+        owners.setdefault(prefix, {})[base.split(":")[0]] = full_name
+    return owners
+
+
+def _keras_order(item: tuple[str, str]) -> int:
+    name = item[0]
+    return BATCH_NORM_WEIGHT_NAMES.index(name) if name in BATCH_NORM_WEIGHT_NAMES else 99

@@ -1,0 +1,311 @@
+"""``load_weights``: a Keras file's batch-norm layers into the batch-norm modules of a torch model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from batchnorm.functional._validation import check_fraction, check_positive
+from batchnorm.interop.keras._compare import (
+    BatchNormModule,
+    Difference,
+    TorchBatchNorm,
+    layer_differences,
+    torch_differences,
+)
+from batchnorm.interop.keras._read import read_batch_norm_layers
+from batchnorm.interop.keras._records import GAMMA_OR_BETA, KerasBatchNormLayer
+from batchnorm.interop.keras._report import LayerLoad, LoadReport, Status, shown
+from batchnorm.layers import BatchNormalization
+from batchnorm.layers._keras_weights import weights_from_arrays
+
+
+class _Plan(NamedTuple):
+    record: KerasBatchNormLayer
+    module_name: str
+    module: BatchNormModule
+    configure: list[Difference]
+    remaining: list[Difference]
+    notes: list[str]
+
+    @property
+    def loadable(self) -> bool:
+        return all(d.resolution != "cannot load" for d in self.remaining)
+
+
+def batch_norm_modules(model: nn.Module) -> list[tuple[str, BatchNormModule]]:
+    """(qualified name, module) of every BatchNormalization / torch BatchNorm in ``modules()`` order."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (BatchNormalization, TorchBatchNorm))
+    ]
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    mapping: Mapping[str, str] | None = None,
+    configure: bool = False,
+    strict: bool = True,
+) -> LoadReport:
+    """Load the BatchNormalization layers of a Keras file into a torch model's batch-norm modules.
+
+    The i-th batch-norm layer of the file (tf-keras ``.h5``, Keras 3 ``.keras``; see
+    :func:`read_batch_norm_layers`) goes into the i-th :class:`~batchnorm.BatchNormalization` or
+    ``torch.nn.BatchNorm*d`` of ``model.modules()``, or as ``mapping`` says. Weights load as
+    Keras stored them: ``moving_variance`` is tf-keras' unbiased variance for a layer on its fused
+    path, and the biased one otherwise and in Keras 3; the module keeps updating it the same way
+    only if it is configured the same way, so each pair is compared on channels, center, scale,
+    renorm, axis, momentum, epsilon, trainable, renorm settings and moving-variance estimator.
+
+    A file layer without gamma (``scale=False``) loads gamma = 1 into a module that has one, and
+    beta = 0 likewise; a file layer without renorm statistics gives a renorm module
+    ``moving_stddev = renorm_stddev = sqrt(moving_variance + epsilon)`` and
+    ``renorm_mean = moving_mean``. torch.nn.BatchNorm*d get weight, bias, running_mean and
+    running_var (``momentum_torch = 1 - momentum_keras``, ``eps = epsilon``).
+
+    Args:
+        model: the torch model (or a single batch-norm module).
+        path: the Keras file.
+        mapping: ``{keras_layer_name: module_qualified_name}``; only those layers load.
+            Default None: by order.
+        configure: set each module's momentum, epsilon, trainable, renorm_momentum,
+            renorm_clipping and moving_variance_estimator (torch: momentum, eps) from the file.
+            Structure (channels, axis, center, scale, renorm) is never changed. Default False.
+        strict: raise ValueError listing every mismatch, before anything is loaded. With False,
+            load every pair whose weights fit and report the rest. Default True.
+
+    Returns:
+        A :class:`LoadReport`: ``(keras_name, module_name, status, differences)`` per layer.
+
+    Example:
+        >>> model = torch.nn.Sequential(BatchNormalization(3, axis=1))  # doctest: +SKIP
+        >>> report = load_weights(model, "model.keras", configure=True)  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`model` must be a torch.nn.Module. Received: model of type {type(model).__name__}"
+        )
+    records = read_batch_norm_layers(path)
+    modules = batch_norm_modules(model)
+    if mapping is None:
+        if not modules:
+            raise ValueError(
+                "`model` must hold batch-norm modules (batchnorm.BatchNormalization or "
+                f"torch.nn.BatchNorm*d) to load the file's {_names(records)} into. "
+                f"Received: a {type(model).__name__} with none"
+            )
+        pairs = _pairs_by_order(records, modules)
+    else:
+        pairs = _pairs_by_mapping(records, modules, mapping)
+    steps: list[LayerLoad | _Plan] = []
+    for record, module_name, module in pairs:
+        if record is None:
+            steps.append(LayerLoad(None, module_name, "not in file", ()))
+        elif module is None:
+            status: Status = "unused" if mapping is not None else "no module"
+            steps.append(LayerLoad(record.name, None, status, ()))
+        else:
+            steps.append(_plan(record, str(module_name), module, configure))
+    plans = [step for step in steps if isinstance(step, _Plan)]
+    report = LoadReport(str(path), [_entry(step) for step in steps])
+    if strict and report.mismatches:
+        raise ValueError(
+            f"The Keras file does not match the model in {len(report.mismatches)} way(s):\n  "
+            + "\n  ".join(report.mismatches)
+            + "\nPass configure=True to adopt the file's settings where they are settings, "
+            "strict=False to load what fits and get a report, or `mapping` to pair layers "
+            f"by name. Received: path={str(path)!r}"
+        )
+    for plan in plans:
+        if plan.loadable:
+            _apply(plan)
+    return report
+
+
+def _entry(step: LayerLoad | _Plan) -> LayerLoad:
+    if isinstance(step, LayerLoad):
+        return step
+    notes = [f"configured {d.setting}: {d.in_module!r} -> {d.in_file!r}" for d in step.configure]
+    return LayerLoad(
+        step.record.name,
+        step.module_name,
+        "loaded" if step.loadable else "skipped",
+        tuple(step.remaining),
+        tuple(notes + step.notes),
+    )
+
+
+def _pairs_by_order(
+    records: list[KerasBatchNormLayer], modules: list[tuple[str, BatchNormModule]]
+) -> list[tuple[KerasBatchNormLayer | None, str | None, BatchNormModule | None]]:
+    count = max(len(records), len(modules))
+    return [
+        (
+            records[i] if i < len(records) else None,
+            modules[i][0] if i < len(modules) else None,
+            modules[i][1] if i < len(modules) else None,
+        )
+        for i in range(count)
+    ]
+
+
+def _pairs_by_mapping(
+    records: list[KerasBatchNormLayer],
+    modules: list[tuple[str, BatchNormModule]],
+    mapping: Mapping[str, str],
+) -> list[tuple[KerasBatchNormLayer | None, str | None, BatchNormModule | None]]:
+    if not isinstance(mapping, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+    ):
+        raise TypeError(
+            "`mapping` must be a dict {keras_layer_name: module_qualified_name} of strings. "
+            f"Received: mapping={mapping!r}"
+        )
+    by_name = {record.name: record for record in records}
+    unknown = [name for name in mapping if name not in by_name]
+    if unknown:
+        raise ValueError(
+            f"`mapping` names Keras layers {unknown} that the file does not have; it has "
+            f"{_names(records)}. Received: mapping={dict(mapping)!r}"
+        )
+    available = dict(modules)
+    missing = [name for name in mapping.values() if name not in available]
+    if missing:
+        raise ValueError(
+            f"`mapping` names modules {missing} that are not batch-norm modules of `model`; "
+            f"its batch-norm modules are {[shown(n) for n in available]}. "
+            f"Received: mapping={dict(mapping)!r}"
+        )
+    targets = list(mapping.values())
+    repeated = sorted({name for name in targets if targets.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"`mapping` sends several Keras layers into the same modules {repeated}. "
+            f"Received: mapping={dict(mapping)!r}"
+        )
+    pairs: list[tuple[KerasBatchNormLayer | None, str | None, BatchNormModule | None]] = []
+    for record in records:
+        target = mapping.get(record.name)
+        pairs.append((record, target, None if target is None else available[target]))
+    return pairs
+
+
+def _plan(
+    record: KerasBatchNormLayer, module_name: str, module: BatchNormModule, configure: bool
+) -> _Plan:
+    record, resolved = _resolve_gamma_or_beta(record, module)
+    if isinstance(module, BatchNormalization):
+        differences, notes = layer_differences(record, module)
+    else:
+        differences, notes = torch_differences(record, module)
+    notes = resolved + notes
+    settable = [d for d in differences if d.resolution == "configure"] if configure else []
+    for difference in settable:
+        _check_setting(record, difference)
+    remaining = [d for d in differences if d not in settable]
+    plan = _Plan(record, module_name, module, settable, remaining, notes)
+    if plan.loadable and isinstance(module, BatchNormalization) and module.built:
+        # Fails here, before any module changes, if a weight does not fit.
+        weights_from_arrays(
+            _layer_arrays(plan), module._weight_names(), tuple(module.moving_mean.shape)
+        )
+    return plan
+
+
+def _resolve_gamma_or_beta(
+    record: KerasBatchNormLayer, module: BatchNormModule
+) -> tuple[KerasBatchNormLayer, list[str]]:
+    """Name a weights-only file's unnamed gamma-or-beta after the one weight the module has."""
+    if GAMMA_OR_BETA not in record.weights or not isinstance(module, BatchNormalization):
+        return record, []
+    present = [n for n, on in (("gamma", module.scale), ("beta", module.center)) if on]
+    if len(present) != 1:
+        return record, []
+    weights = {(present[0] if k == GAMMA_OR_BETA else k): v for k, v in record.weights.items()}
+    note = (
+        f"the file does not say whether its first variable is gamma or beta; loaded as "
+        f"{present[0]}, the module's only one"
+    )
+    return dataclasses.replace(record, weights=weights), [note]
+
+
+def _check_setting(record: KerasBatchNormLayer, difference: Difference) -> None:
+    value, setting = difference.in_file, difference.setting
+    try:
+        if setting in ("momentum", "renorm_momentum", "momentum (PyTorch convention)"):
+            check_fraction(value, setting)
+        elif setting.startswith("epsilon"):
+            check_positive(value, setting)
+    except ValueError as error:
+        raise ValueError(
+            f"Keras layer {record.name!r} in the file has an invalid setting: {error}"
+        ) from None
+
+
+def _apply(plan: _Plan) -> None:
+    module = plan.module
+    for difference in plan.configure:
+        _set(module, difference)
+    if isinstance(module, BatchNormalization):
+        if not module.built:
+            module._create_weights(plan.record.channel_shape, keras_shape=None)
+        module.set_weights(_layer_arrays(plan))
+        return
+    with torch.no_grad():
+        for weight, target in (
+            ("gamma", module.weight),
+            ("beta", module.bias),
+            ("moving_mean", module.running_mean),
+            ("moving_variance", module.running_var),
+        ):
+            if target is not None and weight in plan.record.weights:
+                value = torch.as_tensor(plan.record.weights[weight].reshape(-1))
+                target.copy_(value.to(dtype=target.dtype, device=target.device))
+            elif target is not None:
+                target.fill_(1.0 if weight == "gamma" else 0.0)
+
+
+def _set(module: BatchNormModule, difference: Difference) -> None:
+    value = difference.in_file
+    if isinstance(module, BatchNormalization):
+        if difference.setting == "renorm_clipping":
+            value = dict(value)
+        setattr(module, difference.setting, value)
+    elif difference.setting.startswith("epsilon"):
+        module.eps = float(value)
+    else:
+        module.momentum = float(value)
+
+
+def _layer_arrays(plan: _Plan) -> list[np.ndarray]:
+    """The module's weights in its order, from the file, filled where the file has none."""
+    assert isinstance(plan.module, BatchNormalization)
+    weights = plan.record.weights
+    mean = weights["moving_mean"].astype(np.float64)
+    variance = weights["moving_variance"].astype(np.float64)
+    configured = {d.setting: d.in_file for d in plan.configure}
+    epsilon = float(configured.get("epsilon", plan.module.epsilon))
+    stddev = np.sqrt(variance + epsilon)
+    fill = {
+        "gamma": np.ones_like(mean),
+        "beta": np.zeros_like(mean),
+        "moving_stddev": stddev,
+        "renorm_mean": mean,
+        "renorm_stddev": stddev,
+    }
+    return [
+        weights[name] if name in weights else fill[name] for name in plan.module._weight_names()
+    ]
+
+
+def _names(records: list[KerasBatchNormLayer]) -> str:
+    return f"{len(records)} batch-norm layers {[r.name for r in records]}"

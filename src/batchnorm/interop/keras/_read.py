@@ -1,0 +1,80 @@
+"""``read_batch_norm_layers``: find a Keras file's format and read its batch-norm layers."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+from batchnorm.interop.keras._h5_format import is_tf_keras_h5, read_tf_keras_h5
+from batchnorm.interop.keras._keras3_format import (
+    is_keras3_weights_h5,
+    read_keras3_weights_h5,
+    read_keras_archive,
+)
+from batchnorm.interop.keras._records import KerasBatchNormLayer, import_h5py
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def read_batch_norm_layers(path: str | os.PathLike[str]) -> list[KerasBatchNormLayer]:
+    """The BatchNormalization layers of a Keras file, in the model's layer order.
+
+    Reads, without TensorFlow or Keras (h5py only, ``pip install 'batchnorm[keras]'``):
+
+    - tf-keras 2.x HDF5 files: ``model.save("m.h5")`` (weights and layer configs) and
+      ``model.save_weights("w.h5")`` (weights only: ``config`` is None);
+    - Keras 3 ``.keras`` archives (``model.save("m.keras")``) and Keras 3 ``.weights.h5``
+      files (weights only).
+
+    Args:
+        path: the file.
+
+    Returns:
+        One :class:`KerasBatchNormLayer` (name, weights by Keras name, config) per layer.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not a Keras file, or no batch-norm layer.
+        ImportError: h5py is not installed.
+
+    Example:
+        >>> for layer in read_batch_norm_layers("model.h5"):  # doctest: +SKIP
+        ...     print(layer.name, layer.channel_shape, layer.config["momentum"])
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"`path` must be a str or os.PathLike. Received: path of type {type(path).__name__}"
+        )
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"`path` must name an existing Keras file. Received: path={str(path)!r}"
+        )
+    h5py = import_h5py()
+    with file.open("rb") as stream:
+        signature = stream.read(len(_HDF5_SIGNATURE))
+    if zipfile.is_zipfile(file):
+        layers = read_keras_archive(file, h5py)
+    elif signature == _HDF5_SIGNATURE:
+        with h5py.File(file, "r") as handle:
+            if is_tf_keras_h5(handle):
+                layers = read_tf_keras_h5(handle)
+            elif is_keras3_weights_h5(handle):
+                layers = read_keras3_weights_h5(handle)
+            else:
+                raise ValueError(
+                    "`path` is an HDF5 file but not one Keras wrote: expected tf-keras' "
+                    "`layer_names` attribute or Keras 3's `layers` group. "
+                    f"Received: path={str(path)!r} with top-level keys {sorted(handle.keys())}"
+                )
+    else:
+        raise ValueError(
+            "`path` must be a Keras file: a Keras 3 `.keras` zip archive or an HDF5 `.h5` file "
+            f"written by tf-keras or Keras 3. Received: path={str(path)!r}, which is neither"
+        )
+    if not layers:
+        raise ValueError(
+            "Expected a Keras file with at least one BatchNormalization layer. "
+            f"Received: path={str(path)!r} with none"
+        )
+    return layers

@@ -1,0 +1,208 @@
+"""Freeze batch norms so that ``model.train()`` does not wake their statistics up again."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from batchnorm.layers import BatchNormalization
+from batchnorm.tools._batch_norm_modules import (
+    affine_parameters,
+    batch_norm_modules,
+    display_name,
+    statistics_buffers,
+)
+
+_STATE = "_batchnorm_frozen"
+
+
+class _FrozenStatistics:
+    """Mixin: normalise with the running statistics whatever ``training`` says; never update them."""
+
+    frozen_statistics = True
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        norm = cast(_BatchNorm, self)
+        norm._check_input_dim(input)  # type: ignore[no-untyped-call]
+        return F.batch_norm(
+            input, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
+        )
+
+
+class FrozenBatchNorm1d(_FrozenStatistics, nn.BatchNorm1d):
+    """A :class:`torch.nn.BatchNorm1d` frozen by :func:`batchnorm.freeze` (same state_dict keys)."""
+
+
+class FrozenBatchNorm2d(_FrozenStatistics, nn.BatchNorm2d):
+    """A :class:`torch.nn.BatchNorm2d` frozen by :func:`batchnorm.freeze` (same state_dict keys)."""
+
+
+class FrozenBatchNorm3d(_FrozenStatistics, nn.BatchNorm3d):
+    """A :class:`torch.nn.BatchNorm3d` frozen by :func:`batchnorm.freeze` (same state_dict keys)."""
+
+
+class FrozenSyncBatchNorm(_FrozenStatistics, nn.SyncBatchNorm):
+    """A :class:`torch.nn.SyncBatchNorm` frozen by :func:`batchnorm.freeze` (same state_dict keys)."""
+
+
+_FROZEN_CLASSES: dict[type, type] = {
+    nn.BatchNorm1d: FrozenBatchNorm1d,
+    nn.BatchNorm2d: FrozenBatchNorm2d,
+    nn.BatchNorm3d: FrozenBatchNorm3d,
+    nn.SyncBatchNorm: FrozenSyncBatchNorm,
+}
+
+
+def is_frozen_torch_batch_norm(module: nn.Module) -> bool:
+    return isinstance(module, _FrozenStatistics)
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """Whether :func:`freeze` froze this batch norm (and :func:`unfreeze` has not undone it)."""
+    return _STATE in vars(module)
+
+
+def freeze(model: nn.Module, *, statistics: bool = True, affine: bool = True) -> nn.Module:
+    """Freeze every batch norm in ``model``, through any number of ``model.train()`` calls.
+
+    A frozen layer normalises with its moving statistics,
+    ``y = gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta``, in training and
+    in inference, and never updates them, until :func:`unfreeze`. Our
+    :class:`~batchnorm.BatchNormalization` gets ``use_global_stats=True``; torch's
+    BatchNorm1d/2d/3d and SyncBatchNorm get their class swapped to a frozen subclass
+    (``FrozenBatchNorm2d`` ...) that keeps the state_dict keys, pickles and deep-copies.
+    The previous settings are remembered on the module for :func:`unfreeze`.
+
+    Args:
+        model: a batch norm or a model containing some.
+        statistics: freeze the moving statistics (default True).
+        affine: also stop gradients to gamma/beta (``requires_grad=False``; default True).
+            With ``affine=False`` gamma and beta keep training on the frozen statistics.
+
+    Returns:
+        ``model``, frozen in place.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ValueError: it holds no batch norm, or a
+        torch batch norm without running statistics (``track_running_stats=False``) or of a
+        subclass that cannot be frozen. Nothing is changed when it raises.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        >>> batchnorm.freeze(model).train()  # statistics stay frozen in training mode
+    """
+    if not statistics and not affine:
+        raise ValueError(
+            "`freeze` needs something to freeze: `statistics` or `affine` must be True. "
+            f"Received: statistics={statistics}, affine={affine}"
+        )
+    layers = _batch_norms_of(model, "freeze")
+    if statistics:
+        for name, module in layers:
+            _check_freezable(name, module)
+    for _, module in layers:
+        _unfreeze_module(module)
+        _freeze_module(module, statistics=statistics, affine=affine)
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Undo :func:`freeze` on every batch norm of ``model``: previous statistics mode and
+    ``requires_grad`` come back; the statistics themselves are unchanged. Returns ``model``."""
+    for _, module in _batch_norms_of(model, "unfreeze"):
+        _unfreeze_module(module)
+    return model
+
+
+@contextlib.contextmanager
+def frozen(
+    model: nn.Module, *, statistics: bool = True, affine: bool = True
+) -> Iterator[nn.Module]:
+    """Context manager: ``model`` frozen as by :func:`freeze` inside, as it was on exit.
+
+    Example:
+        >>> with batchnorm.frozen(model):
+        ...     train_head(model)
+    """
+    layers = _batch_norms_of(model, "frozen")
+    before = {id(module): dict(vars(module)[_STATE]) for _, module in layers if is_frozen(module)}
+    freeze(model, statistics=statistics, affine=affine)
+    try:
+        yield model
+    finally:
+        for _, module in layers:
+            _unfreeze_module(module)
+            if id(module) in before:
+                flags = before[id(module)]
+                _freeze_module(module, statistics=flags["statistics"], affine=flags["affine"])
+
+
+def _batch_norms_of(model: Any, function: str) -> list[tuple[str, nn.Module]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`{function}` takes an nn.Module (a batch norm or a model holding some). "
+            f"Received: model of type {type(model).__name__}"
+        )
+    layers = batch_norm_modules(model)
+    if not layers:
+        raise ValueError(
+            f"`{function}` found no batch-norm layer (batchnorm.BatchNormalization or "
+            f"torch.nn.BatchNorm*) in the model. Received: model of type {type(model).__name__}"
+        )
+    return layers
+
+
+def _check_freezable(name: str, module: nn.Module) -> None:
+    if isinstance(module, BatchNormalization):
+        return
+    if statistics_buffers(module) is None:
+        raise ValueError(
+            f"Cannot freeze the statistics of {display_name(name)} ({type(module).__name__}): it "
+            "has no running statistics (track_running_stats=False or not initialised). Use "
+            "freeze(model, statistics=False) to freeze only gamma/beta."
+        )
+    if type(module) not in _FROZEN_CLASSES and not is_frozen_torch_batch_norm(module):
+        raise ValueError(
+            f"Cannot freeze the statistics of {display_name(name)}: class "
+            f"{type(module).__qualname__} is not one of torch.nn.BatchNorm1d/2d/3d or "
+            "SyncBatchNorm."
+        )
+
+
+def _freeze_module(module: nn.Module, *, statistics: bool, affine: bool) -> None:
+    state: dict[str, Any] = {"statistics": statistics, "affine": affine}
+    if statistics:
+        if isinstance(module, BatchNormalization):
+            state["use_global_stats"] = module.use_global_stats
+            module.use_global_stats = True
+        elif not is_frozen_torch_batch_norm(module):
+            state["class"] = type(module)
+            module.__class__ = _FROZEN_CLASSES[type(module)]
+    if affine:
+        names = [n for n in ("gamma", "beta", "weight", "bias") if _is_parameter(module, n)]
+        state["requires_grad"] = {n: getattr(module, n).requires_grad for n in names}
+        for parameter in affine_parameters(module):
+            parameter.requires_grad_(False)
+    setattr(module, _STATE, state)
+
+
+def _unfreeze_module(module: nn.Module) -> None:
+    state = vars(module).pop(_STATE, None)
+    if state is None:
+        return
+    if "use_global_stats" in state:
+        module.use_global_stats = state["use_global_stats"]
+    if "class" in state:
+        module.__class__ = state["class"]
+    for name, requires_grad in state.get("requires_grad", {}).items():
+        getattr(module, name).requires_grad_(requires_grad)
+
+
+def _is_parameter(module: nn.Module, name: str) -> bool:
+    return isinstance(getattr(module, name, None), nn.Parameter)
