@@ -69,8 +69,10 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
         ]
     )
     assert code == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "| conv-early NCHW |" in out and "speedup over torch" in out
+    # stderr is not a terminal here: no redrawn bar, one closing progress line.
+    assert "\r" not in err and err.count("\n") == 1 and err.startswith("bench: 100%")
     report = json.loads(json_path.read_text())
     assert {c["name"] for c in report["cases"]} >= {"dense NC", "sequence NLC", "small-batch NC"}
     for case in report["cases"]:
