@@ -5,24 +5,5 @@ step (:func:`batchnorm.apply_constraints_after_step`), on the weight in its tf-k
 implementations live in :mod:`batchnorm.layers`.
 """
 
-from batchnorm.layers._constraints import (
-    KERAS_EPSILON,
-    Constraint,
-    MaxNorm,
-    MinMaxNorm,
-    NonNeg,
-    UnitNorm,
-    get,
-    serialize_constraint,
-)
-
-__all__ = [
-    "KERAS_EPSILON",
-    "Constraint",
-    "MaxNorm",
-    "MinMaxNorm",
-    "NonNeg",
-    "UnitNorm",
-    "get",
-    "serialize_constraint",
-]
+from batchnorm.layers._constraints import *  # noqa: F403 (the same names, under their public module)
+from batchnorm.layers._constraints import __all__ as __all__

@@ -5,42 +5,5 @@
 live in :mod:`batchnorm.layers`, beside the layer that uses them.
 """
 
-from batchnorm.layers._initializers import (
-    Constant,
-    GlorotNormal,
-    GlorotUniform,
-    HeNormal,
-    HeUniform,
-    Initializer,
-    LecunNormal,
-    LecunUniform,
-    Ones,
-    RandomNormal,
-    RandomUniform,
-    TruncatedNormal,
-    VarianceScaling,
-    Zeros,
-    compute_fans,
-    get,
-    serialize_initializer,
-)
-
-__all__ = [
-    "Constant",
-    "GlorotNormal",
-    "GlorotUniform",
-    "HeNormal",
-    "HeUniform",
-    "Initializer",
-    "LecunNormal",
-    "LecunUniform",
-    "Ones",
-    "RandomNormal",
-    "RandomUniform",
-    "TruncatedNormal",
-    "VarianceScaling",
-    "Zeros",
-    "compute_fans",
-    "get",
-    "serialize_initializer",
-]
+from batchnorm.layers._initializers import *  # noqa: F403 (the same names, under their public module)
+from batchnorm.layers._initializers import __all__ as __all__

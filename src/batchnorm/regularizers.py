@@ -4,6 +4,5 @@
 the penalties in ``layer.losses``. The implementations live in :mod:`batchnorm.layers`.
 """
 
-from batchnorm.layers._regularizers import L1, L1L2, L2, Regularizer, get, serialize_regularizer
-
-__all__ = ["L1", "L1L2", "L2", "Regularizer", "get", "serialize_regularizer"]
+from batchnorm.layers._regularizers import *  # noqa: F403 (the same names, under their public module)
+from batchnorm.layers._regularizers import __all__ as __all__

@@ -9,22 +9,5 @@ Example:
     >>> print(load_weights(model, "model.keras", configure=True))     # doctest: +SKIP
 """
 
-from batchnorm.interop.keras import (
-    Difference,
-    KerasBatchNormLayer,
-    LayerLoad,
-    LoadReport,
-    batch_norm_modules,
-    load_weights,
-    read_batch_norm_layers,
-)
-
-__all__ = [
-    "Difference",
-    "KerasBatchNormLayer",
-    "LayerLoad",
-    "LoadReport",
-    "batch_norm_modules",
-    "load_weights",
-    "read_batch_norm_layers",
-]
+from batchnorm.interop.keras import *  # noqa: F403 (the same names, under their public module)
+from batchnorm.interop.keras import __all__ as __all__

@@ -20,7 +20,16 @@ import torch
 
 from batchnorm.layers._keras_objects import KerasObject, resolve, serialize
 
-__all__ = ["MaxNorm", "MinMaxNorm", "NonNeg", "UnitNorm", "get", "serialize_constraint"]
+__all__ = [
+    "KERAS_EPSILON",
+    "Constraint",
+    "MaxNorm",
+    "MinMaxNorm",
+    "NonNeg",
+    "UnitNorm",
+    "get",
+    "serialize_constraint",
+]
 
 KERAS_EPSILON = 1e-7
 

@@ -22,6 +22,7 @@ __all__ = [
     "GlorotUniform",
     "HeNormal",
     "HeUniform",
+    "Initializer",
     "LecunNormal",
     "LecunUniform",
     "Ones",
@@ -30,6 +31,7 @@ __all__ = [
     "TruncatedNormal",
     "VarianceScaling",
     "Zeros",
+    "compute_fans",
     "get",
     "serialize_initializer",
 ]

@@ -14,7 +14,7 @@ import torch
 
 from batchnorm.layers._keras_objects import KerasObject, resolve, serialize
 
-__all__ = ["L1", "L1L2", "L2", "get", "serialize_regularizer"]
+__all__ = ["L1", "L1L2", "L2", "Regularizer", "get", "serialize_regularizer"]
 
 
 class Regularizer(KerasObject):
