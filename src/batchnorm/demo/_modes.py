@@ -37,7 +37,6 @@ class ModesResult:
     """The printed text and, per momentum, the moving mean/variance of channel 0 after each step."""
 
     text: str
-    momenta: tuple[float, ...] = MOMENTA
     moving_mean: dict[float, list[float]] = field(default_factory=dict)
     moving_variance: dict[float, list[float]] = field(default_factory=dict)
 
