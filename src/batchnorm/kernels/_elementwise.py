@@ -95,20 +95,23 @@ affine_normalize = by_layout(_affine_normalize_rows, _affine_normalize_planes)
 
 @helper
 def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_example):  # type: ignore[no-untyped-def]
-    """``k_dy = s``, ``k_centred = -s inv^2 Sdc / W``, ``k_constant = -s Sdy / W``."""
+    """``k_dy = s = scale * inv``, ``mean_dy = Sdy / W``, ``k_centred = inv^2 Sdc / W``.
+
+    The input gradient is ``s * ((dy - w * mean_dy) - w * k_centred * (x - mean))``: with ``s``
+    factored out, a channel with one value per batch (``dy == mean_dy``) gets exactly 0.
+    """
     groups, channels = variance.shape
     k_dy = np.empty((groups, channels), dtype_example.dtype)
+    mean_dy = np.empty((groups, channels), dtype_example.dtype)
     k_centred = np.empty((groups, channels), dtype_example.dtype)
-    k_constant = np.empty((groups, channels), dtype_example.dtype)
     for g in range(groups):
         for c in range(channels):
             inv = 1.0 / np.sqrt(variance[g, c] + epsilon)
-            s = np.float64(scale[c]) * inv
             per_weight = 1.0 / total_weight[g, c] if total_weight[g, c] > 0 else 0.0
-            k_dy[g, c] = s
-            k_centred[g, c] = -s * inv * inv * sums[1, g, c] * per_weight
-            k_constant[g, c] = -s * sums[0, g, c] * per_weight
-    return k_dy, k_centred, k_constant
+            k_dy[g, c] = np.float64(scale[c]) * inv
+            mean_dy[g, c] = sums[0, g, c] * per_weight
+            k_centred[g, c] = inv * inv * sums[1, g, c] * per_weight
+    return k_dy, mean_dy, k_centred
 
 
 @kernel
@@ -131,7 +134,7 @@ def _input_gradient_rows(  # type: ignore[no-untyped-def]
     """:data:`batch_norm_input_gradient` for ``inner == 1`` (channels last)."""
     rows, channels, _ = x.shape
     high, low = split_mean(mean, x)
-    k_dy, k_centred, k_constant = gradient_coefficients(
+    k_dy, mean_dy, k_centred = gradient_coefficients(
         variance, total_weight, scale, sums, epsilon, x
     )
     rows_per_block = (rows + blocks - 1) // blocks
@@ -144,8 +147,8 @@ def _input_gradient_rows(  # type: ignore[no-untyped-def]
             w = weights[o, 0] if has_weights else 1.0
             for c in range(channels):
                 centred = (x2[o, c] - high[g, c]) - low[g, c]
-                out2[o, c] = k_dy[g, c] * dy2[o, c] + w * (
-                    k_centred[g, c] * centred + k_constant[g, c]
+                out2[o, c] = k_dy[g, c] * (
+                    (dy2[o, c] - w * mean_dy[g, c]) - w * k_centred[g, c] * centred
                 )
 
 
@@ -170,11 +173,12 @@ def _input_gradient_planes(  # type: ignore[no-untyped-def]
 
     With ``inv = 1 / sqrt(variance + epsilon)``, ``s = scale * inv``, ``W`` the total weight,
     ``Sdy = sums[0]``, ``Sdc = sums[1] = sum(dy * (x - mean))``:
-    ``out = s * dy - w * s * (inv^2 * Sdc * (x - mean) + Sdy) / W`` (w = 1 without weights).
+    ``out = s * ((dy - w * Sdy / W) - w * inv^2 * Sdc / W * (x - mean))`` (w = 1 without
+    weights).
     """
     rows, channels, inner = x.shape
     high, low = split_mean(mean, x)
-    k_dy, k_centred, k_constant = gradient_coefficients(
+    k_dy, mean_dy, k_centred = gradient_coefficients(
         variance, total_weight, scale, sums, epsilon, x
     )
     rows_per_block = (rows + blocks - 1) // blocks
@@ -186,17 +190,18 @@ def _input_gradient_planes(  # type: ignore[no-untyped-def]
                 lo = low[g, c]
                 a = k_dy[g, c]
                 b = k_centred[g, c]
-                d = k_constant[g, c]
+                d = mean_dy[g, c]
                 row = x[o, c]
                 grad_row = dy[o, c]
                 target = out[o, c]
                 if has_weights:
                     weight_row = weights[o]
                     for i in range(inner):
-                        target[i] = a * grad_row[i] + weight_row[i] * (b * ((row[i] - h) - lo) + d)
+                        w = weight_row[i]
+                        target[i] = a * ((grad_row[i] - w * d) - w * b * ((row[i] - h) - lo))
                 else:
                     for i in range(inner):
-                        target[i] = a * grad_row[i] + (b * ((row[i] - h) - lo) + d)
+                        target[i] = a * ((grad_row[i] - d) - b * ((row[i] - h) - lo))
 
 
 batch_norm_input_gradient = by_layout(_input_gradient_rows, _input_gradient_planes)

@@ -1,0 +1,85 @@
+"""Inputs that broke the CPU kernels' numerics (issue 12), against a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchnorm import BatchNormalization
+
+
+def _reference_moments(x: torch.Tensor, mask: torch.Tensor | None = None):
+    x = x.double()
+    w = torch.ones(x.shape[:-1], dtype=torch.float64) if mask is None else mask.double()
+    w = w.unsqueeze(-1).expand_as(x)
+    dims = tuple(range(x.ndim - 1))
+    total = w.sum(dims)
+    mean = (w * x).sum(dims) / total
+    variance = (w * (x - mean) ** 2).sum(dims) / total
+    return mean, variance
+
+
+def _train_once(x: torch.Tensor, mask: torch.Tensor | None = None) -> BatchNormalization:
+    layer = BatchNormalization(x.shape[-1], fused=False, momentum=0.0)
+    layer(x, training=True, mask=mask)
+    return layer
+
+
+def test_masked_padding_far_from_the_data_does_not_shift_the_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(16, 50, 8)
+    mask = torch.ones(16, 50)
+    mask[0, :3] = 0
+    mask[:, 40:] = 0
+    x[mask == 0] = -1e4
+    layer = _train_once(x, mask)
+    mean, variance = _reference_moments(x, mask)
+    torch.testing.assert_close(layer.moving_mean.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.moving_variance.double(), variance, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1000, 8), (10, 8, 8, 4)])
+def test_float32_values_near_3e18_do_not_overflow_the_variance(shape):
+    torch.manual_seed(1)
+    x = torch.randn(*shape) * 3e18
+    layer = _train_once(x)
+    _, variance = _reference_moments(x)
+    assert torch.isfinite(layer.moving_variance).all()
+    torch.testing.assert_close(layer.moving_variance.double(), variance, rtol=1e-5, atol=0)
+
+
+def test_an_outlier_in_the_first_row_keeps_the_variance_accurate():
+    torch.manual_seed(2)
+    x = torch.randn(100000, 8)
+    x[0] = 1000
+    layer = _train_once(x)
+    _, variance = _reference_moments(x)
+    relative = ((layer.moving_variance.double() - variance) / variance).abs().max()
+    assert relative < 1e-6
+
+
+def test_tensor_training_flag_backward_through_the_layer():
+    torch.manual_seed(3)
+    layer = BatchNormalization(8, fused=False)
+    x = torch.randn(4, 8, requires_grad=True)
+    layer(x, training=torch.tensor(True)).pow(2).sum().backward()
+    plain = BatchNormalization(8, fused=False)
+    x2 = x.detach().clone().requires_grad_()
+    plain(x2, training=True).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.moving_mean, plain.moving_mean)
+
+
+@pytest.mark.parametrize("shape, axis", [((1, 8), -1), ((1, 4, 1, 1), 1)])
+def test_one_value_per_channel_gives_beta_and_an_exactly_zero_input_gradient(shape, axis):
+    torch.manual_seed(4)
+    layer = BatchNormalization(shape[axis], axis=axis, fused=False)
+    with torch.no_grad():
+        layer.gamma.uniform_(1, 2)
+        layer.beta.normal_()
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x, training=True)
+    view = [shape[i] if i == axis % len(shape) else 1 for i in range(len(shape))]
+    torch.testing.assert_close(y, layer.beta.detach().reshape(view).expand(shape))
+    y.mul(torch.randn(shape)).sum().backward()
+    assert torch.equal(x.grad, torch.zeros(shape))
