@@ -2,7 +2,7 @@
 
 Inputs are in canonical layout ``x[o, c, i]`` (rows, channels, inner elements). Row ``o`` belongs to
 group ``(o // period) % groups`` (ghost batches; ``groups = 1`` otherwise). Each channel is shifted by
-its first element ``k`` before summing, so
+its first element with non-zero weight ``k`` before summing, so
 
     mean = k + S1 / S0,   variance = S2 / S0 - (S1 / S0)^2
 
@@ -18,7 +18,8 @@ from numba import prange
 from batchnorm.kernels._elementwise import split_mean
 from batchnorm.kernels._jit import by_layout, helper, kernel
 
-# Rows a channels-last span accumulates in the input's dtype before joining the float64 sums.
+# Rows a channels-last span accumulates before joining the per-block sums (float64 for the
+# moments; the gradient sums still span in the input's dtype).
 SPAN_ROWS = 32
 
 
