@@ -83,3 +83,17 @@ def test_one_value_per_channel_gives_beta_and_an_exactly_zero_input_gradient(sha
     torch.testing.assert_close(y, layer.beta.detach().reshape(view).expand(shape))
     y.mul(torch.randn(shape)).sum().backward()
     assert torch.equal(x.grad, torch.zeros(shape))
+
+
+def test_float32_values_near_3e18_keep_the_gamma_gradient():
+    torch.manual_seed(5)
+    x = torch.randn(1000, 8) * 3e18
+    upstream = torch.randn(1000, 8)
+    layer = BatchNormalization(8, fused=False, epsilon=1e-5)
+    layer(x, training=True).mul(upstream).sum().backward()
+    reference = torch.nn.BatchNorm1d(8, eps=1e-5).double()
+    reference(x.double()).mul(upstream.double()).sum().backward()
+    assert layer.gamma.grad.abs().min() > 0
+    torch.testing.assert_close(
+        layer.gamma.grad.double(), reference.weight.grad, rtol=1e-4, atol=1e-3
+    )

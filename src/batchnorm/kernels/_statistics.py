@@ -15,11 +15,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._elementwise import split_mean
 from batchnorm.kernels._jit import by_layout, helper, kernel
 
-# Rows a channels-last span accumulates before joining the per-block sums (float64 for the
-# moments; the gradient sums still span in the input's dtype).
+# Rows a channels-last span accumulates (in float64) before joining the per-block sums.
 SPAN_ROWS = 32
 
 
@@ -185,22 +183,21 @@ batch_moments = by_layout(_batch_moments_rows, _batch_moments_planes)
 def _gradient_sums_rows(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyped-def]
     """:data:`gradient_sums` for ``inner == 1`` (channels last), in spans of ``SPAN_ROWS`` rows.
 
-    The mean is split as ``high + low`` in the input's dtype, so ``(x - high) - low`` keeps the
-    digits a single rounded mean would lose; spans add in the input's dtype, then in float64.
+    Products and spans are float64, as in the moments: float32 spans of ``dy * (x - mean)``
+    overflow where the data are near 1e18 although the sums fit.
     """
     rows, channels, _ = x.shape
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
     rows_per_block = (rows + blocks - 1) // blocks
     x2 = x.reshape((rows, channels))
     dy2 = dy.reshape((rows, channels))
-    high, low = split_mean(mean, x)
     for block in prange(blocks):
         start = block * rows_per_block
         stop = min(rows, start + rows_per_block)
         t0 = partial[block, 0]
         t1 = partial[block, 1]
-        span0 = np.zeros(channels, x.dtype)
-        span1 = np.zeros(channels, x.dtype)
+        span0 = np.zeros(channels, np.float64)
+        span1 = np.zeros(channels, np.float64)
         pending = 0
         current = (start // period) % groups
         for o in range(start, stop):
@@ -210,9 +207,9 @@ def _gradient_sums_rows(dy, x, mean, groups, period, blocks):  # type: ignore[no
                 pending = 0
                 current = g
             for c in range(channels):
-                d = dy2[o, c]
+                d = np.float64(dy2[o, c])
                 span0[c] += d
-                span1[c] += d * ((x2[o, c] - high[g, c]) - low[g, c])
+                span1[c] += d * (np.float64(x2[o, c]) - mean[g, c])
             pending += 1
         if pending > 0:
             _flush_pair(span0, span1, t0[current], t1[current])
