@@ -17,9 +17,6 @@ from numba import prange
 
 from batchnorm.kernels._jit import by_layout, helper, kernel
 
-# Rows a channels-last span accumulates (in float64) before joining the per-block sums.
-SPAN_ROWS = 32
-
 
 @helper
 def _first_values(x, weights, has_weights):  # type: ignore[no-untyped-def]
@@ -69,30 +66,11 @@ def _moments_from_sums(partial, shift, has_weights, rows, inner, groups, period)
     return mean, variance, sums[0].copy()
 
 
-@helper
-def _flush_pair(span0, span1, s0, s1):  # type: ignore[no-untyped-def]
-    """Add two input-dtype span vectors into float64 sums and zero them."""
-    for c in range(span0.shape[0]):
-        s0[c] += np.float64(span0[c])
-        s1[c] += np.float64(span1[c])
-        span0[c] = 0
-        span1[c] = 0
-
-
-@helper
-def _flush_span(span1, span2, weight_sum, s0, s1, s2):  # type: ignore[no-untyped-def]
-    """:func:`_flush_pair` for the moments, plus the span's total weight into every channel."""
-    for c in range(span1.shape[0]):
-        s0[c] += weight_sum
-    _flush_pair(span1, span2, s1, s2)
-
-
 @kernel
 def _batch_moments_rows(x, weights, has_weights, groups, period, blocks):  # type: ignore[no-untyped-def]
     """:data:`batch_moments` for ``inner == 1``: rows of C contiguous values (channels last).
 
-    Each thread adds rows into float64 C-vectors for at most ``SPAN_ROWS`` rows, then into the
-    per-block sums. ``x - shift`` is taken in float64: in float32 an outlier as the shift cost
+    Each row block adds its rows straight into its float64 sums. ``x - shift`` is taken in float64: in float32 an outlier as the shift cost
     the variance 4e-4 relative error, and float32 squares of values near 3e18 overflowed.
     Rows with zero weight are skipped, whatever their values.
     """
@@ -107,34 +85,21 @@ def _batch_moments_rows(x, weights, has_weights, groups, period, blocks):  # typ
         s0 = partial[block, 0]
         s1 = partial[block, 1]
         s2 = partial[block, 2]
-        span1 = np.zeros(channels, np.float64)
-        span2 = np.zeros(channels, np.float64)
-        weight_sum = 0.0
-        pending = 0
-        current = (start // period) % groups
         for o in range(start, stop):
             g = (o // period) % groups
-            if g != current or pending == SPAN_ROWS:
-                _flush_span(span1, span2, weight_sum, s0[current], s1[current], s2[current])
-                weight_sum = 0.0
-                pending = 0
-                current = g
             if has_weights:
                 w = np.float64(weights[o, 0])
-                weight_sum += w
                 if w != 0:
                     for c in range(channels):
                         v = np.float64(x2[o, c]) - shift[c]
-                        span1[c] += w * v
-                        span2[c] += w * v * v
+                        s0[g, c] += w
+                        s1[g, c] += w * v
+                        s2[g, c] += w * v * v
             else:
                 for c in range(channels):
                     v = np.float64(x2[o, c]) - shift[c]
-                    span1[c] += v
-                    span2[c] += v * v
-            pending += 1
-        if pending > 0:
-            _flush_span(span1, span2, weight_sum, s0[current], s1[current], s2[current])
+                    s1[g, c] += v
+                    s2[g, c] += v * v
     return _moments_from_sums(partial, shift, has_weights, rows, 1, groups, period)
 
 
@@ -181,10 +146,10 @@ batch_moments = by_layout(_batch_moments_rows, _batch_moments_planes)
 
 @kernel
 def _gradient_sums_rows(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyped-def]
-    """:data:`gradient_sums` for ``inner == 1`` (channels last), in spans of ``SPAN_ROWS`` rows.
+    """:data:`gradient_sums` for ``inner == 1`` (channels last).
 
-    Products and spans are float64, as in the moments: float32 spans of ``dy * (x - mean)``
-    overflow where the data are near 1e18 although the sums fit.
+    Products and sums are float64, as in the moments: float32 partial sums of
+    ``dy * (x - mean)`` overflowed where the data are near 1e18 although the sums fit.
     """
     rows, channels, _ = x.shape
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
@@ -196,23 +161,12 @@ def _gradient_sums_rows(dy, x, mean, groups, period, blocks):  # type: ignore[no
         stop = min(rows, start + rows_per_block)
         t0 = partial[block, 0]
         t1 = partial[block, 1]
-        span0 = np.zeros(channels, np.float64)
-        span1 = np.zeros(channels, np.float64)
-        pending = 0
-        current = (start // period) % groups
         for o in range(start, stop):
             g = (o // period) % groups
-            if g != current or pending == SPAN_ROWS:
-                _flush_pair(span0, span1, t0[current], t1[current])
-                pending = 0
-                current = g
             for c in range(channels):
                 d = np.float64(dy2[o, c])
-                span0[c] += d
-                span1[c] += d * (np.float64(x2[o, c]) - mean[g, c])
-            pending += 1
-        if pending > 0:
-            _flush_pair(span0, span1, t0[current], t1[current])
+                t0[g, c] += d
+                t1[g, c] += d * (np.float64(x2[o, c]) - mean[g, c])
     return _sum_blocks(partial)
 
 

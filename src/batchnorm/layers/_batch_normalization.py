@@ -380,12 +380,12 @@ class BatchNormalization(nn.Module):
                 stacklevel=2,
             )
             mask = None
-        statistics = self.statistics()
+        buffers = statistics = self.statistics()
         if isinstance(resolved, torch.Tensor):
             # Both branches run; the inference one saves the moving statistics for its backward,
             # so it must not see the buffers that the update below overwrites in place.
             statistics = BatchNormStatistics(
-                *(None if t is None else t.clone() for t in statistics)  # type: ignore[arg-type]
+                *(None if t is None else t.clone() for t in buffers)  # type: ignore[arg-type]
             )
         options = BatchNormOptions(
             momentum=self.momentum,
@@ -415,7 +415,7 @@ class BatchNormalization(nn.Module):
             self._layout_agreed = resolved is not False and synchronizes(self.process_group)
         if resolved is not False:
             with torch.no_grad():
-                for old, new in zip(self.statistics(), updated, strict=True):
+                for old, new in zip(buffers, updated, strict=True):
                     if old is not None and new is not None and new is not old:
                         old.copy_(new)
         return y
