@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from batchnorm import BatchNormalization
+from batchnorm.functional import register_backend
+from batchnorm.functional._cpu_backend import NUMBA_CPU
 
 
 def _reference_moments(x: torch.Tensor, mask: torch.Tensor | None = None):
@@ -97,3 +99,27 @@ def test_float32_values_near_3e18_keep_the_gamma_gradient():
     torch.testing.assert_close(
         layer.gamma.grad.double(), reference.weight.grad, rtol=1e-4, atol=1e-3
     )
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_composed_path_keeps_the_variance_exact_when_the_mean_rounds_in_float32(masked):
+    # |mean| / std ~ 1e6: the float32 mean is off by up to half an ulp (0.03 std), which centring
+    # on it alone added to the variance (1e-2 relative). A Keras-shaped mask (x without its last
+    # axis) with channel axis 1 takes the composed torch-op path; unmasked, it is forced there.
+    torch.manual_seed(0)
+    x = (1e6 + torch.randn(8, 4, 30, dtype=torch.float64)).float()
+    mask = (torch.rand(8, 4) > 0.3).float() if masked else None
+    layer = BatchNormalization(4, axis=1, fused=False, momentum=0.0)
+    register_backend("cpu", None)
+    try:
+        layer(x, training=True, mask=mask)
+    finally:
+        register_backend("cpu", NUMBA_CPU)
+    xd = x.double()
+    w = torch.ones(8, 4, 30, dtype=torch.float64) if mask is None else mask.double()[..., None]
+    w = w.expand_as(xd)
+    mean = (w * xd).sum((0, 2)) / w.sum((0, 2))
+    variance = (w * (xd - mean[None, :, None]) ** 2).sum((0, 2)) / w.sum((0, 2))
+    torch.testing.assert_close(layer.moving_variance.double(), variance, rtol=1e-6, atol=0)
+    # The stored mean is float32: one rounding of the float64 mean (half an ulp of 1e6).
+    torch.testing.assert_close(layer.moving_mean.double(), mean, rtol=0, atol=0.0313)

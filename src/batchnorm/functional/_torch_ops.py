@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from batchnorm.functional._backend import Moments
@@ -21,26 +23,46 @@ def _accumulator(x: torch.Tensor) -> torch.dtype:
 def reduced_moments(
     x: torch.Tensor, reduce_dims: tuple[int, ...], weights: torch.Tensor | None
 ) -> Moments:
-    """Mean, biased variance and total weight over ``reduce_dims``, kept with size-1 dimensions."""
+    """Mean, biased variance and total weight over ``reduce_dims``, kept with size-1 dimensions.
+
+    With ``W = sum(w)``, ``m = sum(w x) / W`` accumulated in float64 and ``k = m`` rounded to
+    ``x.dtype``, the variance is
+
+    .. math:: \\sigma^2 = \\frac{\\sum w (x - k)^2}{W} - (m - k)^2
+
+    with the squares summed in float64: exact to float64 precision although ``k``, the mean that
+    normalises, is rounded to float32. Centring on ``k`` alone left the variance off by
+    ``(m - k)^2``, 1e-2 relative at ``|mean| / std ~ 1e6``. ``(x - k)`` is exact in float32
+    wherever ``x`` is within a factor 2 of ``k`` (Sterbenz), which is where it matters.
+    """
     if not reduce_dims:
         # torch reads dim=() as "every dim"; reducing over nothing leaves each value its own mean.
         ones = torch.ones_like(x) if weights is None else weights.to(x.dtype) + torch.zeros_like(x)
         return Moments(x * (ones > 0), torch.zeros_like(x), ones)
+    accumulator = _accumulator(x)
     if weights is None:
-        # A float64 accumulator makes the float32 mean correctly rounded; with |mean| >> std
-        # (1000 + 0.01 * randn) its rounding is the error that dominates everything after.
-        mean = x.mean(dim=reduce_dims, keepdim=True, dtype=_accumulator(x)).to(x.dtype)
+        elements = math.prod(x.shape[i] for i in reduce_dims)
+        exact_mean = x.sum(dim=reduce_dims, keepdim=True, dtype=accumulator) / max(elements, 1)
+        mean = exact_mean.to(x.dtype)
         # tf.nn.moments centres with stop_gradient(mean): the same first derivative, but a wrong
         # second one, so the mean stays attached here (double backward must be exact).
-        variance = (x - mean).square().mean(dim=reduce_dims, keepdim=True)
-        count = torch.full_like(mean, x.numel() / max(mean.numel(), 1)).detach()
-        return Moments(mean, variance, count)
-    weights = weights.to(x.dtype)
-    count = (weights + torch.zeros_like(x)).sum(dim=reduce_dims, keepdim=True)
-    weighted_sum = (weights * x).sum(dim=reduce_dims, keepdim=True, dtype=_accumulator(x))
-    mean = divide_no_nan(weighted_sum.to(x.dtype), count)
-    squared = (weights * (x - mean).square()).sum(dim=reduce_dims, keepdim=True)
-    return Moments(mean, divide_no_nan(squared, count), count.detach())
+        squared = (x - mean).square().sum(dim=reduce_dims, keepdim=True, dtype=accumulator)
+        count = torch.full_like(exact_mean, elements)
+    else:
+        weights = weights.to(x.dtype)
+        count = (weights + torch.zeros_like(x)).sum(
+            dim=reduce_dims, keepdim=True, dtype=accumulator
+        )
+        weighted_sum = (weights * x).sum(dim=reduce_dims, keepdim=True, dtype=accumulator)
+        exact_mean = divide_no_nan(weighted_sum, count)
+        mean = exact_mean.to(x.dtype)
+        squared = (weights * (x - mean).square()).sum(
+            dim=reduce_dims, keepdim=True, dtype=accumulator
+        )
+    residual = exact_mean - mean.to(accumulator)
+    # d(residual)/dx = 0: the rounding passes the gradient through, so derivatives are exact.
+    variance = (divide_no_nan(squared, count) - residual.square()).clamp(min=0)
+    return Moments(mean, variance.to(x.dtype), count.to(x.dtype).detach())
 
 
 def affine_normalize(
