@@ -39,6 +39,7 @@ class _Canonical(NamedTuple):
     weights: np.ndarray
     has_weights: bool
     blocks: int
+    parallel: bool  # threaded build: more than one block and more than one thread
 
 
 def _prepare(
@@ -48,13 +49,13 @@ def _prepare(
     detached = x.detach() if x.dtype == dtype else x.detach().to(dtype)
     source, layout = canonical_layout(detached, tuple(axes), batch_outermost)
     x3 = layout.view(source).numpy()
-    threads = kernels.set_threads(torch.get_num_threads())
-    blocks = kernels.blocks_for(x3.size, layout.rows, threads)
+    blocks = kernels.blocks_for(x3.size, layout.rows)
+    parallel = blocks > 1 and kernels.set_threads(torch.get_num_threads()) > 1
     if weights is None:
-        return _Canonical(source, layout, x3, _NO_WEIGHTS[dtype], False, blocks)
+        return _Canonical(source, layout, x3, _NO_WEIGHTS[dtype], False, blocks, parallel)
     squeezed = weights.detach().squeeze(tuple(axes)) if weights.ndim == x.ndim else weights.detach()
     w2 = canonical_weights(squeezed, layout, tuple(axes), dtype).numpy()
-    return _Canonical(source, layout, x3, w2, True, blocks)
+    return _Canonical(source, layout, x3, w2, True, blocks, parallel)
 
 
 def _to_canonical(
@@ -128,7 +129,7 @@ def _normalized(
     out = _fresh_like(prepared)
     kernels.run(
         kernels.affine_normalize,
-        prepared.blocks,
+        prepared.parallel,
         prepared.x3,
         mean,
         variance,
@@ -150,7 +151,7 @@ def batch_moments_impl(
     prepared = _prepare(x, axes, weights, ghost_batches > 1)
     mean, variance, total = kernels.run(
         kernels.batch_moments,
-        prepared.blocks,
+        prepared.parallel,
         prepared.x3,
         prepared.weights,
         prepared.has_weights,
@@ -216,7 +217,7 @@ def normalize_batch_backward_impl(
     variance_c = _to_canonical(variance, layout, 1.0, ghost_batches)
     sums = kernels.run(
         kernels.gradient_sums,
-        prepared.blocks,
+        prepared.parallel,
         dy3,
         prepared.x3,
         mean_c,
@@ -232,7 +233,7 @@ def normalize_batch_backward_impl(
     dx = _fresh_like(prepared)
     kernels.run(
         kernels.batch_norm_input_gradient,
-        prepared.blocks,
+        prepared.parallel,
         dy3,
         prepared.x3,
         prepared.weights,

@@ -1,7 +1,8 @@
 """The one place where Numba's compilation flags live.
 
-- ``parallel``: kernels split rows into one block per thread (``prange``); the block layout depends
-  only on the thread count, so repeated runs with the same count are bit-identical.
+- ``parallel``: kernels split rows into blocks (``prange``) whose number depends only on the
+  input's shape (:func:`blocks_for`), and add the blocks' partial sums in block order: results are
+  bit-identical for any thread count, and between the serial and the threaded build.
 - ``cache``: compiled code is written next to the sources (or Numba's user cache directory), so a
   second process starts without compiling.
 - ``fastmath``: reassociation and contraction only, so reductions vectorise; no ``nnan``/``ninf``,
@@ -18,8 +19,11 @@ import numba
 FASTMATH = {"reassoc", "contract", "nsz"}
 
 
-# Below this many elements a kernel runs on the calling thread: waking the pool costs more.
+# Below this many elements a kernel runs as one block on the calling thread: waking the pool
+# costs more. Above it, blocks of at least BLOCK_ELEMENTS, at most MAX_BLOCKS of them.
 PARALLEL_THRESHOLD = 1 << 16
+BLOCK_ELEMENTS = 1 << 15
+MAX_BLOCKS = 16
 
 
 class Kernel:
@@ -72,16 +76,21 @@ def kernel(function: Any) -> Kernel:
     return Kernel(function)
 
 
-def blocks_for(elements: int, rows: int, threads: int) -> int:
-    """Row blocks for a pass over ``elements`` values: one per thread, or 1 for small inputs."""
+def blocks_for(elements: int, rows: int) -> int:
+    """Row blocks for a pass over ``elements`` values, from the shape alone.
+
+    A power of two (1, 2, 4, 8 or 16), so that 1, 2, 4, 8 or 16 threads get equal shares; the
+    reduction order, and so every result, does not depend on the thread count.
+    """
     if elements < PARALLEL_THRESHOLD:
         return 1
-    return max(1, min(threads, rows))
+    blocks = max(1, min(MAX_BLOCKS, rows, elements // BLOCK_ELEMENTS))
+    return 1 << (blocks.bit_length() - 1)
 
 
-def run(kernel: Kernel | LayoutKernel, blocks: int, *args: Any) -> Any:
-    """Call the serial build for one block, the threaded one otherwise; ``blocks`` is the last argument."""
-    compiled = kernel.serial if blocks == 1 else kernel.parallel
+def run(kernel: Kernel | LayoutKernel, parallel: bool, *args: Any) -> Any:
+    """Call the threaded build when ``parallel``, the serial one otherwise (same results)."""
+    compiled = kernel.parallel if parallel else kernel.serial
     return compiled(*args)
 
 
@@ -93,7 +102,7 @@ def set_threads(count: int) -> int:
 
     Numba's setting is per calling thread; asking Numba each call costs microseconds that show
     on small batches, so what was set is remembered per thread. Results do not depend on it:
-    the kernels' row blocks are passed explicitly.
+    the kernels' row blocks come from the shape (:func:`blocks_for`).
     """
     limit: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
     count = max(1, min(int(count), limit))
