@@ -72,6 +72,13 @@ def helper(function: Any) -> Any:
     return numba.njit(parallel=False, cache=True, fastmath=FASTMATH, nogil=True)(function)
 
 
+@helper
+def block_rows(rows, blocks, block):  # type: ignore[no-untyped-def]
+    """The rows ``(start, stop)`` of block ``block`` of ``blocks`` near-equal row blocks."""
+    rows_per_block = (rows + blocks - 1) // blocks
+    return block * rows_per_block, min(rows, (block + 1) * rows_per_block)
+
+
 def kernel(function: Any) -> Kernel:
     return Kernel(function)
 
