@@ -13,6 +13,11 @@ The layer step (:func:`batchnorm.functional.batch_norm`) calls three primitives,
 - ``normalize(x, axes, mean, variance, scale, offset, epsilon)``: the same with given statistics
   (inference), differentiable in ``x``, ``scale`` and ``offset``.
 
+A backend may also provide ``train_in_place(x, axis, moving, scale, offset, weights,
+ghost_batches, momentum, epsilon, unbiased)``: the training output over one channel axis with the
+moving statistics stepped in place, in one native call (the layer's eager path; see
+:mod:`batchnorm.functional._in_place_training`).
+
 The torch-op backend (:mod:`batchnorm.functional._torch_ops`) serves every device and is the
 reference; faster backends register for a device type (:mod:`batchnorm.functional._dispatch`).
 """

@@ -108,7 +108,7 @@ def _compose(
     return scale, offset
 
 
-def _check_mask(mask: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+def check_mask(mask: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
     """The mask as weights broadcastable against ``x``.
 
     tf-keras and Keras 3 take a mask with the shape of ``x`` without its LAST axis and broadcast
@@ -282,24 +282,15 @@ def batch_norm_step(
             "`training` must be a Python bool or a 0-d bool tensor. "
             f"Received: training with shape {tuple(training.shape)} and dtype {training.dtype}"
         )
-    weights = None if mask is None else _check_mask(mask, x, axes)
+    weights = None if mask is None else check_mask(mask, x, axes)
     # Which statistics normalise (training) and whether the moving ones step (update).
     update: bool | torch.Tensor = training
     if options.use_global_stats is not None:
         training = not options.use_global_stats
         update = False if options.use_global_stats else update
     virtual_batch_size, epsilon = options.virtual_batch_size, options.epsilon
-    if training is not False and virtual_batch_size is not None:
-        if 0 in axes:
-            raise ValueError(
-                "With `virtual_batch_size` the batch axis 0 cannot be a channel axis. "
-                f"Received: axis={list(axes)}"
-            )
-        if x.shape[0] % virtual_batch_size != 0:
-            raise ValueError(
-                "`virtual_batch_size` must divide the batch size. "
-                f"Received: virtual_batch_size={virtual_batch_size} for a batch of {x.shape[0]}"
-            )
+    if training is not False:
+        check_ghost_batches(x, axes, virtual_batch_size)
 
     compute_dtype = torch.promote_types(
         x.dtype, torch.promote_types(statistics.moving_mean.dtype, torch.float32)
@@ -401,6 +392,25 @@ def batch_norm_step(
         return _as_dtype(y_train, output_dtype), new_statistics
     y, selected = _select_branch(training, y_train, inference_output(), new_statistics, statistics)
     return _as_dtype(y, output_dtype), selected
+
+
+def check_ghost_batches(
+    x: torch.Tensor, axes: tuple[int, ...], virtual_batch_size: int | None
+) -> int:
+    """The number of ghost batches ``B / virtual_batch_size`` (1 without), checked against ``x``."""
+    if virtual_batch_size is None:
+        return 1
+    if 0 in axes:
+        raise ValueError(
+            "With `virtual_batch_size` the batch axis 0 cannot be a channel axis. "
+            f"Received: axis={list(axes)}"
+        )
+    if x.shape[0] % virtual_batch_size != 0:
+        raise ValueError(
+            "`virtual_batch_size` must divide the batch size. "
+            f"Received: virtual_batch_size={virtual_batch_size} for a batch of {x.shape[0]}"
+        )
+    return x.shape[0] // virtual_batch_size
 
 
 def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

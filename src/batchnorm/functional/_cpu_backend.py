@@ -25,11 +25,14 @@ from batchnorm.functional._backend import Moments
 from batchnorm.functional._cpu_operations import (
     SUPPORTED_DTYPES,
     batch_moments_impl,
+    moments_of,
     normalize_batch_backward_impl,
     normalize_batch_gradients,
     normalize_batch_impl,
     normalize_gradients,
     normalize_impl,
+    train_backward_impl,
+    train_in_place_impl,
 )
 
 
@@ -177,6 +180,46 @@ class _NormalizeBatch(torch.autograd.Function):
         return dx, None, None, None, None, dscale, doffset, None, None, None
 
 
+class _TrainInPlace(torch.autograd.Function):
+    """The training forward in one kernel call (moving statistics stepped in place), and its
+    backward in one more (or, under ``create_graph=True``, :func:`normalize_batch_gradients`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[no-untyped-def, override]
+        ctx, x, axes, scale, offset, epsilon, weights, ghost_batches, moving, momentum, unbiased
+    ):
+        y, training_pass = train_in_place_impl(
+            x, axes, scale, offset, epsilon, weights, ghost_batches, moving, momentum, unbiased
+        )
+        ctx.save_for_backward(x, scale, offset, weights)
+        ctx.training_pass = training_pass
+        ctx.axes, ctx.epsilon, ctx.ghost_batches = axes, epsilon, ghost_batches
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        x, scale, offset, weights = ctx.saved_tensors  # checks that x was not modified since
+        if torch.is_grad_enabled():
+            channel_shape = tuple(x.shape[a] for a in ctx.axes)
+            mean, variance, total = moments_of(ctx.training_pass, channel_shape)
+            dx, dscale, doffset = normalize_batch_gradients(
+                grad,
+                (x, mean, variance, total, scale, offset, weights),
+                ctx.axes,
+                ctx.epsilon,
+                ctx.ghost_batches,
+                normalize_batch_backward_impl,
+            )
+        else:
+            dx, dscale, doffset = train_backward_impl(
+                grad, ctx.training_pass, ctx.epsilon, ctx.ghost_batches
+            )
+            dx = dx if dx.dtype == x.dtype else dx.to(x.dtype)
+            dscale = None if scale is None else dscale.to(scale.dtype)
+            doffset = None if offset is None else doffset.to(offset.dtype)
+        return dx, None, dscale, doffset, None, None, None, None, None, None
+
+
 class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, axes, mean, variance, scale, offset, epsilon):  # type: ignore[no-untyped-def, override]
@@ -254,6 +297,40 @@ class NumbaCpuBackend:
                 x, list(axes), moments.mean, moments.variance, scale, offset, epsilon, ghost_batches
             )
         return y
+
+    def train_in_place(
+        self,
+        x: torch.Tensor,
+        axis: int,
+        moving: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        ghost_batches: int,
+        momentum: float,
+        epsilon: float,
+        unbiased: bool,
+    ) -> torch.Tensor:
+        """Training output over one channel axis; the moving statistics step in place.
+
+        Eager only (``torch.compile`` traces :meth:`batch_moments` and :meth:`normalize_batch`).
+        """
+        arguments = (
+            x,
+            [axis],
+            scale,
+            offset,
+            epsilon,
+            None if weights is None else weights.detach(),
+            ghost_batches,
+            moving,
+            momentum,
+            unbiased,
+        )
+        if _needs_autograd(x, scale, offset):
+            y: torch.Tensor = _TrainInPlace.apply(*arguments)  # type: ignore[no-untyped-call]
+            return y
+        return train_in_place_impl(*arguments)[0]
 
     def normalize(
         self,

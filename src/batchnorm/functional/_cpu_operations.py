@@ -189,6 +189,109 @@ def normalize_batch_impl(
     )
 
 
+class TrainingPass(NamedTuple):
+    """What the one-call training forward leaves for its backward: the canonical input and the
+    batch statistics as the kernels read them, so the backward prepares nothing again."""
+
+    prepared: _Canonical
+    mean: np.ndarray  # [groups, C] float64
+    variance: np.ndarray
+    total_weight: np.ndarray
+    scale: np.ndarray  # [C]
+
+
+def train_in_place_impl(
+    x: torch.Tensor,
+    axes: list[int],
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    epsilon: float,
+    weights: torch.Tensor | None,
+    ghost_batches: int,
+    moving: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    momentum: float,
+    unbiased: bool,
+) -> tuple[torch.Tensor, TrainingPass]:
+    """:func:`batch_moments_impl` then :func:`normalize_batch_impl` in one kernel call, which also
+    steps the moving statistics in place; returns ``y`` and what :func:`train_backward_impl` needs.
+
+    ``moving`` is ``(moving_mean, moving_variance, moving_average_weight or None)``: contiguous
+    tensors of x's dtype over ONE channel axis, written through NumPy views. Their version
+    counters are bumped, so autograd still sees that they changed.
+    """
+    prepared = _prepare(x, axes, weights, ghost_batches > 1)
+    layout = prepared.layout
+    out = _fresh_like(prepared)
+    scale_c = _to_canonical(scale, layout, 1.0)
+    moving_mean, moving_variance, average_weight = moving
+    mean, variance, total = kernels.run(
+        kernels.train_forward,
+        prepared.parallel,
+        prepared.x3,
+        prepared.weights,
+        prepared.has_weights,
+        ghost_batches,
+        layout.period,
+        prepared.blocks,
+        scale_c,
+        _to_canonical(offset, layout, 0.0),
+        epsilon,
+        layout.view(out).numpy(),
+        moving_mean.numpy(),
+        moving_variance.numpy(),
+        _NO_WEIGHTS[x.dtype][0] if average_weight is None else average_weight.reshape(1).numpy(),
+        average_weight is not None,
+        momentum,
+        unbiased,
+    )
+    for tensor in moving:
+        if tensor is not None:
+            torch.autograd.graph.increment_version(tensor)
+    return out, TrainingPass(prepared, mean, variance, total, scale_c)
+
+
+def train_backward_impl(
+    grad: torch.Tensor, training_pass: TrainingPass, epsilon: float, ghost_batches: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dscale, doffset)`` of :func:`train_in_place_impl`'s output in one kernel call (as
+    :func:`normalize_batch_backward_impl`, without re-preparing the input)."""
+    prepared = training_pass.prepared
+    layout = prepared.layout
+    # A gradient of expanded ones (from .sum()) has zero strides: the kernels need it dense.
+    dy3 = np.ascontiguousarray(layout.view(grad.detach().to(prepared.source.dtype)).numpy())
+    dx = _fresh_like(prepared)
+    dscale, doffset = kernels.run(
+        kernels.train_backward,
+        prepared.parallel,
+        dy3,
+        prepared.x3,
+        prepared.weights,
+        prepared.has_weights,
+        training_pass.mean,
+        training_pass.variance,
+        training_pass.total_weight,
+        training_pass.scale,
+        epsilon,
+        ghost_batches,
+        layout.period,
+        prepared.blocks,
+        layout.view(dx).numpy(),
+    )
+    return dx, torch.from_numpy(dscale), torch.from_numpy(doffset)
+
+
+def moments_of(
+    training_pass: TrainingPass, channel_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, ...]:
+    """The batch ``(mean, variance, total_weight)`` of a training pass as tensors
+    ``(groups, *channel_shape)`` float64."""
+    layout = training_pass.prepared.layout
+    return tuple(
+        _from_canonical(a, layout, channel_shape)
+        for a in (training_pass.mean, training_pass.variance, training_pass.total_weight)
+    )
+
+
 def normalize_batch_backward_impl(
     grad: torch.Tensor,
     x: torch.Tensor,

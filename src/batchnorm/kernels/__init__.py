@@ -7,6 +7,7 @@ PyTorch custom operators.
 from batchnorm.kernels._elementwise import affine_normalize, batch_norm_input_gradient
 from batchnorm.kernels._jit import Kernel, blocks_for, run, set_threads
 from batchnorm.kernels._statistics import batch_moments, gradient_sums
+from batchnorm.kernels._training import train_backward, train_forward
 
 __all__ = [
     "Kernel",
@@ -17,4 +18,6 @@ __all__ = [
     "gradient_sums",
     "run",
     "set_threads",
+    "train_backward",
+    "train_forward",
 ]

@@ -18,6 +18,7 @@ from batchnorm.functional._batch_norm import (
     batch_norm_step,
     check_use_global_stats,
 )
+from batchnorm.functional._in_place_training import train_in_place
 from batchnorm.functional._synchronized import check_synchronized, synchronizes
 from batchnorm.functional._validation import (
     check_axis_type,
@@ -401,6 +402,18 @@ class BatchNormalization(nn.Module):
             layout_agreed=self._layout_agreed and self.virtual_batch_size is None,
         )
         assert self._axes is not None
+        if resolved is True:
+            y_in_place = train_in_place(
+                x,
+                buffers,
+                getattr(self, "gamma", None),
+                getattr(self, "beta", None),
+                self._axes,
+                options,
+                mask,
+            )
+            if y_in_place is not None:
+                return y_in_place
         y, updated = batch_norm_step(
             x,
             statistics,

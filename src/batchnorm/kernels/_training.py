@@ -1,0 +1,284 @@
+"""A training step's forward and backward, each in one kernel call.
+
+Forward (:data:`train_forward`): batch moments, the normalising pass and the moving-average step;
+backward (:data:`train_backward`): the gradient sums, the input-gradient pass and the gamma/beta
+gradients. Each pass over ``x[o, c, i]`` uses the row blocks of
+:func:`batchnorm.kernels._jit.blocks_for` and the same per-block loops as the one-pass kernels
+(:data:`batchnorm.kernels.batch_moments`, :data:`batchnorm.kernels.affine_normalize`,
+:data:`batchnorm.kernels.gradient_sums`, :data:`batchnorm.kernels.batch_norm_input_gradient`), so
+the results are bit-identical to those calls in sequence; what is saved is the Python and
+dispatch work between them, which dominates small inputs. The moving statistics step in place
+(the arrays are views of the layer's buffers), as ``F.batch_norm`` updates ``running_mean`` and
+``running_var``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from batchnorm.kernels._elementwise import (
+    affine_coefficients,
+    gradient_coefficients,
+    input_gradient_planes_block,
+    input_gradient_rows_block,
+    normalize_planes_block,
+    normalize_rows_block,
+    split_mean,
+)
+from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel
+from batchnorm.kernels._statistics import (
+    first_values,
+    gradient_sums_planes_block,
+    gradient_sums_rows_block,
+    moments_from_sums,
+    moments_planes_block,
+    moments_rows_block,
+    sum_blocks,
+)
+
+
+@helper
+def update_moving_statistics(  # type: ignore[no-untyped-def]
+    mean,
+    variance,
+    total,
+    moving_mean,
+    moving_variance,
+    average_weight,
+    debiased,
+    momentum,
+    unbiased,
+):
+    """One moving-average step, in place, with the mean of the ghost batches' statistics.
+
+    With ``m``, ``v``, ``n`` the batch mean, biased variance and weight per channel (averaged over
+    ghost batches) and ``v' = v * n / (n - 1)`` if ``unbiased`` and ``n > 1`` (else ``v``):
+
+    - exponential (Keras): ``M <- M - (M - m) * (1 - momentum)``, the same for ``V`` with ``v'``;
+    - ``debiased`` (Caffe): ``s <- momentum * s + 1``, then ``M <- M + (m - M) / s``.
+
+    Computed in float64 and rounded once into the buffers' dtype (the composed torch-op path rounds
+    each operation in that dtype: the two differ by at most an ulp).
+    """
+    groups, channels = mean.shape
+    weight = 1.0
+    if debiased:
+        average_weight[0] = np.float64(average_weight[0]) * momentum + 1.0
+        weight = np.float64(average_weight[0])
+    for c in range(channels):
+        m = 0.0
+        v = 0.0
+        n = 0.0
+        for g in range(groups):
+            m += mean[g, c]
+            v += variance[g, c]
+            n += total[g, c]
+        m /= groups
+        v /= groups
+        n /= groups
+        if unbiased and n > 1.0:
+            v *= n / (n - 1.0)
+        old_mean = np.float64(moving_mean[c])
+        old_variance = np.float64(moving_variance[c])
+        if debiased:
+            moving_mean[c] = old_mean + (m - old_mean) / weight
+            moving_variance[c] = old_variance + (v - old_variance) / weight
+        else:
+            moving_mean[c] = old_mean - (old_mean - m) * (1.0 - momentum)
+            moving_variance[c] = old_variance - (old_variance - v) * (1.0 - momentum)
+
+
+@kernel
+def _train_forward_rows(  # type: ignore[no-untyped-def]
+    x,
+    weights,
+    has_weights,
+    groups,
+    period,
+    blocks,
+    scale,
+    offset,
+    epsilon,
+    out,
+    moving_mean,
+    moving_variance,
+    average_weight,
+    debiased,
+    momentum,
+    unbiased,
+):
+    """:data:`train_forward` for ``inner == 1`` (channels last)."""
+    rows, channels, _ = x.shape
+    x2 = x.reshape((rows, channels))
+    out2 = out.reshape((rows, channels))
+    first = first_values(x, weights, has_weights)
+    partial = np.zeros((blocks, 3, groups, channels), np.float64)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        moments_rows_block(
+            x2, weights, has_weights, first, groups, period, start, stop, partial[block]
+        )
+    mean, variance, total = moments_from_sums(partial, first, has_weights, rows, 1, groups, period)
+    high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        normalize_rows_block(x2, high, factor, shift, groups, period, start, stop, out2)
+    update_moving_statistics(
+        mean,
+        variance,
+        total,
+        moving_mean,
+        moving_variance,
+        average_weight,
+        debiased,
+        momentum,
+        unbiased,
+    )
+    return mean, variance, total
+
+
+@kernel
+def _train_forward_planes(  # type: ignore[no-untyped-def]
+    x,
+    weights,
+    has_weights,
+    groups,
+    period,
+    blocks,
+    scale,
+    offset,
+    epsilon,
+    out,
+    moving_mean,
+    moving_variance,
+    average_weight,
+    debiased,
+    momentum,
+    unbiased,
+):
+    """Batch moments, ``out = (x - mean) / sqrt(variance + epsilon) * scale + offset``, and the
+    moving-average step (:func:`update_moving_statistics`) in one call.
+
+    Returns the batch ``(mean, variance, total_weight)``, each ``[groups, C]`` float64.
+    """
+    rows, channels, inner = x.shape
+    first = first_values(x, weights, has_weights)
+    partial = np.zeros((blocks, 3, groups, channels), np.float64)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        moments_planes_block(
+            x, weights, has_weights, first, groups, period, start, stop, partial[block]
+        )
+    mean, variance, total = moments_from_sums(
+        partial, first, has_weights, rows, inner, groups, period
+    )
+    high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        normalize_planes_block(x, high, factor, shift, groups, period, start, stop, out)
+    update_moving_statistics(
+        mean,
+        variance,
+        total,
+        moving_mean,
+        moving_variance,
+        average_weight,
+        debiased,
+        momentum,
+        unbiased,
+    )
+    return mean, variance, total
+
+
+train_forward = by_layout(_train_forward_rows, _train_forward_planes)
+
+
+@helper
+def parameter_gradients(sums, variance, epsilon):  # type: ignore[no-untyped-def]
+    """``dscale = sum_g Sdc / sqrt(variance + epsilon)`` and ``doffset = sum_g Sdy`` per channel."""
+    groups, channels = variance.shape
+    dscale = np.zeros(channels, np.float64)
+    doffset = np.zeros(channels, np.float64)
+    for g in range(groups):
+        for c in range(channels):
+            dscale[c] += sums[1, g, c] / np.sqrt(variance[g, c] + epsilon)
+            doffset[c] += sums[0, g, c]
+    return dscale, doffset
+
+
+@kernel
+def _train_backward_rows(  # type: ignore[no-untyped-def]
+    dy, x, weights, has_weights, mean, variance, total, scale, epsilon, groups, period, blocks, out
+):
+    """:data:`train_backward` for ``inner == 1`` (channels last)."""
+    rows, channels, _ = x.shape
+    x2 = x.reshape((rows, channels))
+    dy2 = dy.reshape((rows, channels))
+    out2 = out.reshape((rows, channels))
+    partial = np.zeros((blocks, 2, groups, channels), np.float64)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        gradient_sums_rows_block(dy2, x2, mean, groups, period, start, stop, partial[block])
+    sums = sum_blocks(partial)
+    high, low = split_mean(mean, x)
+    k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        input_gradient_rows_block(
+            dy2,
+            x2,
+            weights,
+            has_weights,
+            high,
+            low,
+            k_dy,
+            mean_dy,
+            k_centred,
+            groups,
+            period,
+            start,
+            stop,
+            out2,
+        )
+    return parameter_gradients(sums, variance, epsilon)
+
+
+@kernel
+def _train_backward_planes(  # type: ignore[no-untyped-def]
+    dy, x, weights, has_weights, mean, variance, total, scale, epsilon, groups, period, blocks, out
+):
+    """The batch-norm backward with the batch's own statistics, in one call: ``out = dL/dx``
+    (:data:`batchnorm.kernels.batch_norm_input_gradient`), returns ``(dscale, doffset)`` ``[C]``
+    float64 (:func:`parameter_gradients`).
+    """
+    rows, channels, _ = x.shape
+    partial = np.zeros((blocks, 2, groups, channels), np.float64)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, partial[block])
+    sums = sum_blocks(partial)
+    high, low = split_mean(mean, x)
+    k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        input_gradient_planes_block(
+            dy,
+            x,
+            weights,
+            has_weights,
+            high,
+            low,
+            k_dy,
+            mean_dy,
+            k_centred,
+            groups,
+            period,
+            start,
+            stop,
+            out,
+        )
+    return parameter_gradients(sums, variance, epsilon)
+
+
+train_backward = by_layout(_train_backward_rows, _train_backward_planes)
