@@ -6,7 +6,8 @@ gradients. Each pass over ``x[o, c, i]`` uses the row blocks of
 :func:`batchnorm.kernels._jit.blocks_for` and the same per-block loops as the one-pass kernels
 (:data:`batchnorm.kernels.batch_moments`, :data:`batchnorm.kernels.affine_normalize`,
 :data:`batchnorm.kernels.gradient_sums`, :data:`batchnorm.kernels.batch_norm_input_gradient`), so
-the results are bit-identical to those calls in sequence; what is saved is the Python and
+the results equal those calls in sequence to rounding (the compiler may contract multiply-adds
+differently in each kernel); what is saved is the Python and
 dispatch work between them, which dominates small inputs. The moving statistics step in place
 (the arrays are views of the layer's buffers), as ``F.batch_norm`` updates ``running_mean`` and
 ``running_var``.
@@ -202,7 +203,8 @@ def parameter_gradients(sums, variance, epsilon):  # type: ignore[no-untyped-def
     doffset = np.zeros(channels, np.float64)
     for g in range(groups):
         for c in range(channels):
-            dscale[c] += sums[1, g, c] / np.sqrt(variance[g, c] + epsilon)
+            inv = 1.0 / np.sqrt(variance[g, c] + epsilon)
+            dscale[c] += sums[1, g, c] * inv
             doffset[c] += sums[0, g, c]
     return dscale, doffset
 

@@ -1,0 +1,138 @@
+"""The layer's one-call training step (moving statistics stepped in place) against the stateless step.
+
+The stateless :func:`batchnorm.functional.batch_norm` runs the moments, the moving-average
+arithmetic (torch ops) and the normalisation as separate calls; the layer's plain training steps
+take :mod:`batchnorm.functional._in_place_training`. Both must agree to rounding: the kernels
+share their loops, but the compiler may contract (fuse multiply-adds) differently in each; the
+moving statistics are float64 arithmetic rounded once, against torch ops rounded at each step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchnorm import BatchNormalization
+from batchnorm.functional import BatchNormStatistics, batch_norm
+
+CASES = [
+    # shape, axis, layer options, mask
+    ((32, 64), -1, {}, False),
+    ((6, 5, 7, 3), 1, {}, False),
+    ((6, 7, 3, 5), -1, {"moving_variance_estimator": "unbiased"}, False),
+    ((8, 10, 4), -1, {"virtual_batch_size": 2}, False),
+    ((8, 5, 9), 1, {"virtual_batch_size": 4, "moving_average": "debiased"}, False),
+    ((4, 12, 6), -1, {"fused": False}, True),
+    ((64, 40, 33), 1, {"moving_average": "debiased", "momentum": 1.0}, False),  # threaded
+    ((300, 300), -1, {}, False),  # threaded, rows
+]
+
+
+def close(actual, expected, ulp):
+    # A few roundings of values of the size of the largest one.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=4 * ulp, atol=8 * ulp * scale)
+
+
+def _stateless(layer: BatchNormalization, x, mask, statistics):
+    average = layer.moving_average_weight if layer.moving_average == "debiased" else None
+    state = BatchNormStatistics(
+        statistics.moving_mean.clone(),
+        statistics.moving_variance.clone(),
+        moving_average_weight=None if average is None else average.clone(),
+    )
+    y, new = batch_norm(
+        x,
+        state,
+        layer.gamma,
+        layer.beta,
+        axis=layer.axis,
+        training=True,
+        momentum=layer.momentum,
+        epsilon=layer.epsilon,
+        moving_variance_estimator="unbiased" if layer._stores_unbiased_variance() else "biased",
+        virtual_batch_size=layer.virtual_batch_size,
+        mask=mask,
+    )
+    return y, new
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("shape", "axis", "options", "masked"), CASES)
+def test_in_place_step_matches_the_stateless_step(shape, axis, options, masked, dtype):
+    torch.manual_seed(0)
+    channels = shape[axis]
+    layer = BatchNormalization(
+        channels, axis=axis, momentum=options.pop("momentum", 0.7), dtype=dtype, **options
+    )
+    with torch.no_grad():
+        layer.gamma.copy_(torch.rand(channels) + 0.5)
+        layer.beta.copy_(torch.randn(channels))
+    x = (torch.randn(shape) * 2 + 3).to(dtype)
+    mask = None
+    if masked:
+        mask = (torch.rand(shape[:-1]) > 0.3).to(dtype)
+    upstream = torch.randn(shape).to(dtype)
+    layer.build(shape)  # resolves fused=None, and with it the stored variance estimator
+    for _ in range(2):  # the second step starts from stepped statistics (and weight)
+        before = layer.statistics()
+        before = BatchNormStatistics(*(None if t is None else t.clone() for t in before))
+        expected_y, expected = _stateless(layer, x, mask, before)
+        x_ours = x.clone().requires_grad_()
+        y = layer(x_ours, training=True, mask=mask)
+        ulp = torch.finfo(dtype).eps
+        close(y, expected_y, ulp)
+        torch.testing.assert_close(
+            layer.moving_mean, expected.moving_mean, rtol=2 * ulp, atol=4 * ulp
+        )
+        torch.testing.assert_close(
+            layer.moving_variance, expected.moving_variance, rtol=2 * ulp, atol=0
+        )
+        if expected.moving_average_weight is not None:
+            torch.testing.assert_close(
+                layer.moving_average_weight, expected.moving_average_weight, rtol=ulp, atol=0
+            )
+        # Gradients: the same sums in the same order as the stateless step's two kernels.
+        x_ref = x.clone().requires_grad_()
+        gamma = layer.gamma.detach().clone().requires_grad_()
+        beta = layer.beta.detach().clone().requires_grad_()
+        y_ref, _ = batch_norm(
+            x_ref,
+            before,
+            gamma,
+            beta,
+            axis=layer.axis,
+            training=True,
+            momentum=layer.momentum,
+            epsilon=layer.epsilon,
+            virtual_batch_size=layer.virtual_batch_size,
+            mask=mask,
+        )
+        y_ref.backward(upstream)
+        layer.zero_grad()
+        y.backward(upstream)
+        close(x_ours.grad, x_ref.grad, ulp)
+        close(layer.gamma.grad, gamma.grad, ulp)
+        close(layer.beta.grad, beta.grad, ulp)
+
+
+def test_a_graph_that_saved_the_buffers_sees_the_in_place_step():
+    # Inference saves the moving statistics for its backward; a training step then changes them
+    # in place through NumPy. Autograd must notice, as it does for torch's own in-place ops.
+    layer = BatchNormalization(4)
+    x = torch.randn(8, 4, requires_grad=True)
+    y_inference = layer(x, training=False)
+    layer(torch.randn(8, 4), training=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y_inference.sum().backward()
+
+
+def test_double_backward_through_the_in_place_step():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    layer = BatchNormalization(3, dtype="float64")
+
+    def through_layer(inputs):
+        return layer(inputs, training=True)
+
+    assert torch.autograd.gradgradcheck(through_layer, (x,))
