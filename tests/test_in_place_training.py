@@ -136,3 +136,22 @@ def test_double_backward_through_the_in_place_step():
         return layer(inputs, training=True)
 
     assert torch.autograd.gradgradcheck(through_layer, (x,))
+
+
+def test_settings_and_buffers_changed_between_calls_take_effect():
+    # The layer remembers its step options, statistics and accepted input between calls: each
+    # must follow a change of attribute, of dtype (new buffers) and of input shape.
+    torch.manual_seed(0)
+    layer = BatchNormalization(3, momentum=0.9)
+    layer(torch.randn(8, 3), training=True)
+    layer.momentum = 0.0
+    x = torch.randn(8, 3) + 5
+    layer(x, training=True)
+    torch.testing.assert_close(layer.moving_mean, x.mean(0))
+    layer.to(torch.float64)
+    x64 = torch.randn(5, 3, dtype=torch.float64) - 2
+    layer(x64, training=True)
+    assert layer.moving_mean.dtype == torch.float64
+    torch.testing.assert_close(layer.moving_mean, x64.mean(0))
+    with pytest.raises(ValueError, match="channels"):
+        layer(torch.randn(5, 4, dtype=torch.float64), training=True)

@@ -42,13 +42,27 @@ class _Canonical(NamedTuple):
     parallel: bool  # threaded build: more than one block and more than one thread
 
 
+# Layouts of the input signatures seen, so that each call does not search them again.
+_LAYOUTS: dict[tuple[object, ...], CanonicalLayout] = {}
+_LAYOUTS_KEPT = 256
+
+
 def _prepare(
     x: torch.Tensor, axes: list[int], weights: torch.Tensor | None, batch_outermost: bool
 ) -> _Canonical:
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     detached = x.detach() if x.dtype == dtype else x.detach().to(dtype)
-    source, layout = canonical_layout(detached, tuple(axes), batch_outermost)
-    x3 = layout.view(source).numpy()
+    key = (detached.shape, detached.stride(), tuple(axes), batch_outermost)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        source, layout = canonical_layout(detached, tuple(axes), batch_outermost)
+        if not layout.copied:
+            if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+                _LAYOUTS.clear()
+            _LAYOUTS[key] = layout
+    else:
+        source = detached  # only layouts that view x without a copy are kept
+    x3 = _canonical_array(source.numpy(), layout)
     blocks = kernels.blocks_for(x3.size, layout.rows)
     parallel = blocks > 1 and kernels.set_threads(torch.get_num_threads()) > 1
     if weights is None:
@@ -56,6 +70,35 @@ def _prepare(
     squeezed = weights.detach().squeeze(tuple(axes)) if weights.ndim == x.ndim else weights.detach()
     w2 = canonical_weights(squeezed, layout, tuple(axes), dtype).numpy()
     return _Canonical(source, layout, x3, w2, True, blocks, parallel)
+
+
+def _canonical_array(array: np.ndarray, layout: CanonicalLayout) -> np.ndarray:
+    """``layout.view`` in NumPy (a fraction of torch's per-call cost); a view, never a copy."""
+    if layout.order != tuple(range(len(layout.order))):
+        array = array.transpose(layout.order)
+    canonical = array.reshape(layout.rows, layout.channels, layout.inner)
+    assert canonical.base is not None or canonical is array or array.size == 0
+    return canonical
+
+
+# NumPy views of the long-lived per-channel tensors (parameters, buffers), by id: Tensor.numpy()
+# costs about a microsecond, four times on every call. An entry is used only while the tensor
+# still has the same memory and shape; the view keeps its tensor alive, so an id cannot be reused
+# while its entry exists. Cleared when it grows past _ARRAYS_KEPT.
+_ARRAYS: dict[int, tuple[int, torch.Size, np.ndarray]] = {}
+_ARRAYS_KEPT = 1024
+
+
+def shared_array(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor.detach().numpy()``, remembered for the next call with the same tensor."""
+    entry = _ARRAYS.get(id(tensor))
+    if entry is not None and entry[0] == tensor.data_ptr() and entry[1] == tensor.shape:
+        return entry[2]
+    array = tensor.detach().numpy()
+    if len(_ARRAYS) >= _ARRAYS_KEPT:
+        _ARRAYS.clear()
+    _ARRAYS[id(tensor)] = (tensor.data_ptr(), tensor.shape, array)
+    return array
 
 
 def _to_canonical(
@@ -66,6 +109,14 @@ def _to_canonical(
     float32/float64 tensors are shared, not copied; None becomes ``fill``. With ``groups`` the
     result is ``[groups, C]`` float64 (statistics).
     """
+    if (
+        tensor is not None
+        and groups is None
+        and tensor.ndim == 1
+        and tensor.dtype in _KERNEL_DTYPES
+        and layout.channel_permutation == (0,)
+    ):
+        return shared_array(tensor)  # the common case, on every call: a view
     if tensor is None:
         array = np.full(layout.channels, fill)
     else:
@@ -97,8 +148,9 @@ def _from_canonical(
     return layout.channels_from_canonical(torch.from_numpy(array), channel_shape).contiguous()
 
 
-def _fresh_like(prepared: _Canonical) -> torch.Tensor:
-    """An uninitialised tensor shaped and laid out like the kernel's source, allocated by NumPy.
+def _fresh_like(prepared: _Canonical) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised tensor shaped and laid out like the kernel's source, allocated by NumPy,
+    and its canonical ``(rows, channels, inner)`` array.
 
     NumPy advises the kernel to back large allocations with transparent huge pages, so writing a
     fresh output takes far fewer page faults than with torch's CPU allocator: on the 2-core
@@ -106,13 +158,15 @@ def _fresh_like(prepared: _Canonical) -> torch.Tensor:
     from NumPy (5 ms into memory already touched). The kernels' passes are that fast; the page
     faults were most of the time.
     """
-    source, order = prepared.source, prepared.layout.order
+    source, layout = prepared.source, prepared.layout
+    order = layout.order
     dtype = np.float64 if source.dtype == torch.float64 else np.float32
     array = np.empty([source.shape[d] for d in order], dtype)
+    canonical = array.reshape(layout.rows, layout.channels, layout.inner)
     fresh = torch.from_numpy(array)
     if order == tuple(range(len(order))):
-        return fresh
-    return fresh.permute(inverse_permutation(list(order)))
+        return fresh, canonical
+    return fresh.permute(inverse_permutation(list(order))), canonical
 
 
 def _normalized(
@@ -126,7 +180,7 @@ def _normalized(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """The affine kernel into a new tensor with x's memory layout."""
-    out = _fresh_like(prepared)
+    out, out3 = _fresh_like(prepared)
     kernels.run(
         kernels.affine_normalize,
         prepared.parallel,
@@ -139,7 +193,7 @@ def _normalized(
         groups,
         prepared.layout.period,
         prepared.blocks,
-        prepared.layout.view(out).numpy(),
+        out3,
     )
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
@@ -221,7 +275,7 @@ def train_in_place_impl(
     """
     prepared = _prepare(x, axes, weights, ghost_batches > 1)
     layout = prepared.layout
-    out = _fresh_like(prepared)
+    out, out3 = _fresh_like(prepared)
     scale_c = _to_canonical(scale, layout, 1.0)
     moving_mean, moving_variance, average_weight = moving
     mean, variance, total = kernels.run(
@@ -236,17 +290,15 @@ def train_in_place_impl(
         scale_c,
         _to_canonical(offset, layout, 0.0),
         epsilon,
-        layout.view(out).numpy(),
-        moving_mean.numpy(),
-        moving_variance.numpy(),
+        out3,
+        shared_array(moving_mean),
+        shared_array(moving_variance),
         _NO_WEIGHTS[x.dtype][0] if average_weight is None else average_weight.reshape(1).numpy(),
         average_weight is not None,
         momentum,
         unbiased,
     )
-    for tensor in moving:
-        if tensor is not None:
-            torch.autograd.graph.increment_version(tensor)
+    torch.autograd.graph.increment_version([t for t in moving if t is not None])
     return out, TrainingPass(prepared, mean, variance, total, scale_c)
 
 
@@ -259,7 +311,7 @@ def train_backward_impl(
     layout = prepared.layout
     # A gradient of expanded ones (from .sum()) has zero strides: the kernels need it dense.
     dy3 = np.ascontiguousarray(layout.view(grad.detach().to(prepared.source.dtype)).numpy())
-    dx = _fresh_like(prepared)
+    dx, dx3 = _fresh_like(prepared)
     dscale, doffset = kernels.run(
         kernels.train_backward,
         prepared.parallel,
@@ -275,7 +327,7 @@ def train_backward_impl(
         ghost_batches,
         layout.period,
         prepared.blocks,
-        layout.view(dx).numpy(),
+        dx3,
     )
     return dx, torch.from_numpy(dscale), torch.from_numpy(doffset)
 
@@ -333,7 +385,7 @@ def normalize_batch_backward_impl(
     if reduce_sums is not None:
         reduced = reduce_sums(_from_canonical(sums, layout, channel_shape))
         global_sums = np.ascontiguousarray(_to_canonical(reduced, layout, 0.0), np.float64)
-    dx = _fresh_like(prepared)
+    dx, dx3 = _fresh_like(prepared)
     kernels.run(
         kernels.batch_norm_input_gradient,
         prepared.parallel,
@@ -350,7 +402,7 @@ def normalize_batch_backward_impl(
         ghost_batches,
         layout.period,
         prepared.blocks,
-        layout.view(dx).numpy(),
+        dx3,
     )
     inv = 1.0 / np.sqrt(variance_c + epsilon)
     dscale = _from_canonical((sums[1] * inv).sum(0), layout, channel_shape)

@@ -334,10 +334,32 @@ class BatchNormalization(nn.Module):
     def statistics(self) -> BatchNormStatistics:
         """The current buffers as a :class:`~batchnorm.functional.BatchNormStatistics`."""
         buffers = self._buffers
-        present = {n: buffers[n] for n in STATISTIC_NAMES if buffers.get(n) is not None}
-        return BatchNormStatistics(**present)  # type: ignore[arg-type]
+        present = tuple(buffers.get(n) for n in STATISTIC_NAMES)
+        cached = self.__dict__.get("_statistics")
+        # Identity, not tensor equality; the cached tensors stay alive, so ids are not reused.
+        if cached is not None and all(a is b for a, b in zip(cached, present, strict=True)):
+            return cached  # type: ignore[no-any-return]
+        statistics = BatchNormStatistics(*present)  # type: ignore[arg-type]
+        self.__dict__["_statistics"] = statistics
+        return statistics
 
     def _check_input(self, x: torch.Tensor) -> None:
+        # The checks below depend only on x's shape and dtype and on what build fixed: a built
+        # layer remembers the last signature it accepted (they cost microseconds per call).
+        accepted = self.__dict__.get("_accepted_input")
+        moving_mean = self._buffers.get("moving_mean")
+        if (
+            accepted is not None
+            and accepted[0] is moving_mean
+            and accepted[1] == x.shape
+            and accepted[2] == x.dtype
+        ):
+            return
+        self._check_new_input(x)
+        if self._input_rank is not None:
+            self.__dict__["_accepted_input"] = (moving_mean, x.shape, x.dtype)
+
+    def _check_new_input(self, x: torch.Tensor) -> None:
         check_floating_input(x, "x")
         if self._input_rank is not None and x.ndim != self._input_rank:
             raise ValueError(
@@ -388,19 +410,7 @@ class BatchNormalization(nn.Module):
             statistics = BatchNormStatistics(
                 *(None if t is None else t.clone() for t in buffers)  # type: ignore[arg-type]
             )
-        options = BatchNormOptions(
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            unbiased_moving_variance=self._stores_unbiased_variance(),
-            renorm_clipping=self.renorm_clipping,
-            renorm_momentum=self.renorm_momentum,
-            virtual_batch_size=self.virtual_batch_size,
-            adjustment=self.adjustment,
-            use_global_stats=self.use_global_stats,
-            synchronized=self.synchronized,
-            process_group=self.process_group,
-            layout_agreed=self._layout_agreed and self.virtual_batch_size is None,
-        )
+        options = self._step_options()
         assert self._axes is not None
         if resolved is True:
             y_in_place = train_in_place(
@@ -432,6 +442,28 @@ class BatchNormalization(nn.Module):
                     if old is not None and new is not None and new is not old:
                         old.copy_(new)
         return y
+
+    def _step_options(self) -> BatchNormOptions:
+        """The settings of the functional step, rebuilt only when an attribute changed."""
+        settings = (
+            self.momentum,
+            self.epsilon,
+            self._stores_unbiased_variance(),
+            self.renorm_clipping,
+            self.renorm_momentum,
+            self.virtual_batch_size,
+            self.adjustment,
+            self.use_global_stats,
+            self.synchronized,
+            self.process_group,
+            self._layout_agreed and self.virtual_batch_size is None,
+        )
+        cached = self.__dict__.get("_options")
+        if cached is not None and cached[0] == settings:
+            return cached[1]  # type: ignore[no-any-return]
+        options = BatchNormOptions(*settings)
+        self.__dict__["_options"] = (settings, options)
+        return options
 
     def _stores_unbiased_variance(self) -> bool:
         if self.moving_variance_estimator == "auto":
