@@ -2,7 +2,7 @@
 
 The stateless :func:`batchnorm.functional.batch_norm` runs the moments, the moving-average
 arithmetic (torch ops) and the normalisation as separate calls; the layer's plain training steps
-take :mod:`batchnorm.functional._in_place_training`. Both must agree to rounding: the kernels
+take :mod:`batchnorm.functional._direct_step`. Both must agree to rounding: the kernels
 share their loops, but the compiler may contract (fuse multiply-adds) differently in each; the
 moving statistics are float64 arithmetic rounded once, against torch ops rounded at each step.
 """

@@ -16,7 +16,7 @@ The layer step (:func:`batchnorm.functional.batch_norm`) calls three primitives,
 A backend may also provide ``train_in_place(x, axis, moving, scale, offset, weights,
 ghost_batches, momentum, epsilon, unbiased)``: the training output over one channel axis with the
 moving statistics stepped in place, in one native call (the layer's eager path; see
-:mod:`batchnorm.functional._in_place_training`).
+:mod:`batchnorm.functional._direct_step`).
 
 The torch-op backend (:mod:`batchnorm.functional._torch_ops`) serves every device and is the
 reference; faster backends register for a device type (:mod:`batchnorm.functional._dispatch`).

@@ -136,6 +136,14 @@ def _to_canonical(
     return np.ascontiguousarray(np.broadcast_to(array, (groups, layout.channels)), np.float64)
 
 
+def _statistic_row(tensor: torch.Tensor, layout: CanonicalLayout, fill: float) -> np.ndarray:
+    """A per-channel statistic as ``[1, C]``: a view of a float32/float64 tensor (the moving
+    statistics at inference, read on every call), else the float64 copy of :func:`_to_canonical`."""
+    if tensor.ndim == 1 and tensor.dtype in _KERNEL_DTYPES and layout.channel_permutation == (0,):
+        return shared_array(tensor).reshape(1, -1)
+    return _to_canonical(tensor, layout, fill, 1)
+
+
 def _float64(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to(torch.float64).numpy()
 
@@ -423,8 +431,8 @@ def normalize_impl(
     layout = prepared.layout
     return _normalized(
         prepared,
-        _to_canonical(mean, layout, 0.0, 1),
-        _to_canonical(variance, layout, 1.0, 1),
+        _statistic_row(mean, layout, 0.0),
+        _statistic_row(variance, layout, 1.0),
         _to_canonical(scale, layout, 1.0),
         _to_canonical(offset, layout, 0.0),
         epsilon,

@@ -18,7 +18,7 @@ from batchnorm.functional._batch_norm import (
     batch_norm_step,
     check_use_global_stats,
 )
-from batchnorm.functional._in_place_training import train_in_place
+from batchnorm.functional._direct_step import infer, train_in_place
 from batchnorm.functional._synchronized import check_synchronized, synchronizes
 from batchnorm.functional._validation import (
     check_axis_type,
@@ -412,23 +412,19 @@ class BatchNormalization(nn.Module):
             )
         options = self._step_options()
         assert self._axes is not None
-        if resolved is True:
-            y_in_place = train_in_place(
-                x,
-                buffers,
-                getattr(self, "gamma", None),
-                getattr(self, "beta", None),
-                self._axes,
-                options,
-                mask,
-            )
-            if y_in_place is not None:
-                return y_in_place
+        gamma, beta = getattr(self, "gamma", None), getattr(self, "beta", None)
+        direct = None
+        if resolved is False and self.use_global_stats is not False:
+            direct = infer(x, buffers, gamma, beta, self._axes, self.epsilon, mask)
+        elif resolved is True:
+            direct = train_in_place(x, buffers, gamma, beta, self._axes, options, mask)
+        if direct is not None:
+            return direct
         y, updated = batch_norm_step(
             x,
             statistics,
-            getattr(self, "gamma", None),
-            getattr(self, "beta", None),
+            gamma,
+            beta,
             self._axes,
             options,
             resolved,

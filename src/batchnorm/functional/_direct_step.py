@@ -1,4 +1,5 @@
-"""The layer's training step in one native call, with the moving statistics updated in place.
+"""The layer's direct calls: a training step in one native call with the moving statistics
+updated in place, and inference straight to the backend.
 
 :func:`batchnorm.functional._batch_norm.batch_norm_step` is stateless: it returns new statistics,
 which the layer copies into its buffers, and it runs the moments, the moving-average arithmetic
@@ -12,6 +13,9 @@ A plain step: a Python ``training=True``, one channel axis, x, the buffers and g
 float32/float64 dtype, a non-empty batch, exponential or debiased moving averages (no renorm), no
 adjustment, no synchronization, no ``use_global_stats``, a mask with one weight per position, and
 not inside ``torch.compile`` (which traces the stateless step's custom operators).
+
+Inference (:func:`infer`) has nothing to update; it skips only the stateless step's general
+checks and casts when x, the buffers and gamma/beta share one float32/float64 dtype.
 """
 
 from __future__ import annotations
@@ -89,3 +93,32 @@ def train_in_place(
         options.unbiased_moving_variance,
     )
     return y
+
+
+def infer(
+    x: torch.Tensor,
+    statistics: BatchNormStatistics,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    axes: tuple[int, ...],
+    epsilon: float,
+    mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The inference output ``(x - M) / sqrt(V + epsilon) * gamma + beta`` with the moving
+    statistics; None when dtypes differ (the caller takes the stateless step, which casts).
+
+    The mask is checked (its shape) and, as in tf-keras' inference, does not change the output.
+    """
+    dtype = x.dtype
+    if (
+        dtype not in (torch.float32, torch.float64)
+        or statistics.moving_mean.dtype != dtype
+        or statistics.moving_variance.dtype != dtype
+        or any(p is not None and p.dtype != dtype for p in (gamma, beta))
+    ):
+        return None
+    if mask is not None:
+        check_mask(mask, x, axes)
+    return backend_for(x).normalize(
+        x, axes, statistics.moving_mean, statistics.moving_variance, gamma, beta, epsilon
+    )
