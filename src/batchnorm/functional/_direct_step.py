@@ -31,6 +31,22 @@ from batchnorm.functional._batch_norm import (
 from batchnorm.functional._dispatch import backend_for
 
 
+def _one_kernel_dtype(
+    x: torch.Tensor,
+    statistics: BatchNormStatistics,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+) -> bool:
+    """x, the moving statistics and gamma/beta all float32, or all float64: nothing to cast."""
+    dtype = x.dtype
+    return (
+        dtype in (torch.float32, torch.float64)
+        and statistics.moving_mean.dtype == dtype
+        and statistics.moving_variance.dtype == dtype
+        and all(p is None or p.dtype == dtype for p in (gamma, beta))
+    )
+
+
 def train_in_place(
     x: torch.Tensor,
     statistics: BatchNormStatistics,
@@ -47,17 +63,13 @@ def train_in_place(
     Same checks and errors as the stateless step for what a plain step reads (the mask, ghost
     batches); the caller has checked the shapes of x against the statistics.
     """
-    dtype = x.dtype
     if (
         len(axes) != 1
         or statistics.renorm
         or options.adjustment is not None
         or options.synchronized
         or options.use_global_stats is not None
-        or dtype not in (torch.float32, torch.float64)
-        or statistics.moving_mean.dtype != dtype
-        or statistics.moving_variance.dtype != dtype
-        or any(p is not None and p.dtype != dtype for p in (gamma, beta))
+        or not _one_kernel_dtype(x, statistics, gamma, beta)
         or x.numel() == 0
         or torch.compiler.is_compiling()
     ):
@@ -109,13 +121,7 @@ def infer(
 
     The mask is checked (its shape) and, as in tf-keras' inference, does not change the output.
     """
-    dtype = x.dtype
-    if (
-        dtype not in (torch.float32, torch.float64)
-        or statistics.moving_mean.dtype != dtype
-        or statistics.moving_variance.dtype != dtype
-        or any(p is not None and p.dtype != dtype for p in (gamma, beta))
-    ):
+    if not _one_kernel_dtype(x, statistics, gamma, beta):
         return None
     if mask is not None:
         check_mask(mask, x, axes)
