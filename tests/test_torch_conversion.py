@@ -21,10 +21,10 @@ CASES = [
 ]
 
 
-def _batches(feature_shape, steps=20, seed=0):
+def _batches(feature_shape, steps=20, seed=0, smallest=3):
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        batch = 3 + step % 4
+        batch = smallest + step % 4
         scale = 1.0 + step % 3
         yield torch.randn((batch, *feature_shape), generator=generator) * scale + step * 0.1
 
@@ -125,7 +125,10 @@ def test_convert_swaps_every_batch_norm_and_keeps_outputs():
     kinds = [type(m) for m in model.modules()]
     assert kinds.count(batchnorm.BatchNormalization) == 2
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    for x in _batches((2, 5, 5), steps=5):
+    # Batches of 16 or more: with 3 samples a BatchNorm1d channel can have a batch variance near
+    # epsilon, which amplifies one-ulp differences in the Conv/Linear outputs (they vary with the
+    # CPU's vector width) a few hundred times, in torch as in this layer.
+    for x in _batches((2, 5, 5), steps=5, smallest=16):
         torch.testing.assert_close(model(x), original(x), rtol=1e-5, atol=1e-5)
     model.eval()
     original.eval()

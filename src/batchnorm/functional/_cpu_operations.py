@@ -316,10 +316,9 @@ def train_backward_impl(
     """``(dx, dscale, doffset)`` of :func:`train_in_place_impl`'s output in one kernel call (as
     :func:`normalize_batch_backward_impl`, without re-preparing the input)."""
     prepared = training_pass.prepared
-    layout = prepared.layout
-    # A gradient of expanded ones (from .sum()) has zero strides: the kernels need it dense.
-    dy3 = np.ascontiguousarray(layout.view(grad.detach().to(prepared.source.dtype)).numpy())
+    dy3 = _canonical_gradient(grad, prepared)
     dx, dx3 = _fresh_like(prepared)
+    layout = prepared.layout
     dscale, doffset = kernels.run(
         kernels.train_backward,
         prepared.parallel,
@@ -337,7 +336,22 @@ def train_backward_impl(
         prepared.blocks,
         dx3,
     )
-    return dx, torch.from_numpy(dscale), torch.from_numpy(doffset)
+    parameter_dtype = np.float64 if training_pass.scale.dtype == np.float64 else np.float32
+    return (
+        dx,
+        torch.from_numpy(dscale.astype(parameter_dtype, copy=False)),
+        torch.from_numpy(doffset.astype(parameter_dtype, copy=False)),
+    )
+
+
+def _canonical_gradient(grad: torch.Tensor, prepared: _Canonical) -> np.ndarray:
+    """The upstream gradient as a dense canonical array, a view where it is laid out like x."""
+    grad = grad.detach()
+    source = prepared.source
+    if grad.dtype == source.dtype and grad.stride() == source.stride():
+        return _canonical_array(grad.numpy(), prepared.layout)
+    # A gradient of expanded ones (from .sum()) has zero strides: the kernels need it dense.
+    return np.ascontiguousarray(prepared.layout.view(grad.to(source.dtype)).numpy())
 
 
 def moments_of(
@@ -375,7 +389,7 @@ def normalize_batch_backward_impl(
     prepared = _prepare(x, axes, weights, ghost_batches > 1)
     layout = prepared.layout
     # A gradient of expanded ones (from .sum()) has zero strides: the kernels need it dense.
-    dy3 = np.ascontiguousarray(layout.view(grad.detach().to(prepared.source.dtype)).numpy())
+    dy3 = _canonical_gradient(grad, prepared)
     mean_c = _to_canonical(mean, layout, 0.0, ghost_batches)
     variance_c = _to_canonical(variance, layout, 1.0, ghost_batches)
     sums = kernels.run(
