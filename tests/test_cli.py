@@ -62,6 +62,8 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
             "--repeats",
             "1",
             "--no-compile-time",
+            "--allocators",
+            "default",
             "--json",
             str(json_path),
             "--png",
@@ -70,7 +72,8 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
     )
     assert code == 0
     out, err = capsys.readouterr()
-    assert "| conv-early NCHW |" in out and "speedup over torch" in out
+    assert "| conv-early NCHW |" in out and "ours / torch (spread)" in out
+    assert "| mlp 784-1000-10, batch 64 |" in out
     # stderr is not a terminal here: no redrawn bar, one closing progress line.
     assert "\r" not in err and err.count("\n") == 1 and err.startswith("bench: 100%")
     report = json.loads(json_path.read_text())
@@ -80,6 +83,11 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
         for numbers in case["modes"].values():
             assert numbers["seconds"]["batchnorm"] > 0 and numbers["seconds"]["torch"] > 0
     assert {t["target"].split(":")[0] for t in report["summary"]["targets"]} >= {"renorm NHWC"}
+    assert {t["verdict"] for t in report["summary"]["targets"]} <= {"met", "NO", "unclear"}
+    assert {m["name"] for m in report["models"]} == {
+        "mlp 784-1000-10, batch 64",
+        "conv net 3x32x32, batch 32",
+    }
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -12,7 +12,9 @@ import datetime
 import json
 import os
 import socket
+import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,6 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing.spawn import start_processes
 
-from batchnorm.bench._benchmark import interleaved_medians
 from batchnorm.functional._synchronized import communicated_bytes
 from batchnorm.layers import BatchNormalization
 
@@ -34,6 +35,23 @@ CASES = [
     ("small NC", (16, 64), -1),
 ]
 QUICK_CASES = [("conv NCHW", (4, 8, 6, 6), 1), ("small NC", (8, 16), -1)]
+
+
+def interleaved_medians(functions: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run round-robin so that drift hits all of them alike.
+
+    A fixed number of calls, not ``blocked_autorange``: the ranks' collectives must pair up, so
+    every rank has to make the same calls.
+    """
+    for function in functions.values():
+        function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _free_port() -> int:

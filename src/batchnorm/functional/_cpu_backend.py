@@ -24,6 +24,7 @@ import torch
 from batchnorm.functional._backend import Moments
 from batchnorm.functional._cpu_operations import (
     SUPPORTED_DTYPES,
+    TrainStep,
     batch_moments_impl,
     moments_of,
     normalize_batch_backward_impl,
@@ -180,20 +181,16 @@ class _NormalizeBatch(torch.autograd.Function):
         return dx, None, None, None, None, dscale, doffset, None, None, None
 
 
-class _TrainInPlace(torch.autograd.Function):
+class TrainInPlace(torch.autograd.Function):
     """The training forward in one kernel call (moving statistics stepped in place), and its
     backward in one more (or, under ``create_graph=True``, :func:`normalize_batch_gradients`)."""
 
     @staticmethod
-    def forward(  # type: ignore[no-untyped-def, override]
-        ctx, x, axes, scale, offset, epsilon, weights, ghost_batches, moving, momentum, unbiased
-    ):
-        y, training_pass = train_in_place_impl(
-            x, axes, scale, offset, epsilon, weights, ghost_batches, moving, momentum, unbiased
-        )
-        ctx.save_for_backward(x, scale, offset, weights)
+    def forward(ctx, x, scale, offset, step):  # type: ignore[no-untyped-def, override]
+        y, training_pass = train_in_place_impl(x, scale, offset, step)
+        ctx.save_for_backward(x, scale, offset, step.weights)
         ctx.training_pass = training_pass
-        ctx.axes, ctx.epsilon, ctx.ghost_batches = axes, epsilon, ghost_batches
+        ctx.axes, ctx.epsilon, ctx.ghost_batches = step.axes, step.epsilon, step.ghost_batches
         return y
 
     @staticmethod
@@ -215,9 +212,13 @@ class _TrainInPlace(torch.autograd.Function):
                 grad, ctx.training_pass, ctx.epsilon, ctx.ghost_batches
             )
             dx = dx if dx.dtype == x.dtype else dx.to(x.dtype)
-            dscale = None if scale is None else dscale.to(scale.dtype)
-            doffset = None if offset is None else doffset.to(offset.dtype)
-        return dx, None, dscale, doffset, None, None, None, None, None, None
+            dscale = None if scale is None else _as_dtype(dscale, scale.dtype)
+            doffset = None if offset is None else _as_dtype(doffset, offset.dtype)
+        return dx, dscale, doffset, None
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _Normalize(torch.autograd.Function):
@@ -315,11 +316,8 @@ class NumbaCpuBackend:
 
         Eager only (``torch.compile`` traces :meth:`batch_moments` and :meth:`normalize_batch`).
         """
-        arguments = (
-            x,
+        step = TrainStep(
             [axis],
-            scale,
-            offset,
             epsilon,
             None if weights is None else weights.detach(),
             ghost_batches,
@@ -328,9 +326,9 @@ class NumbaCpuBackend:
             unbiased,
         )
         if _needs_autograd(x, scale, offset):
-            y: torch.Tensor = _TrainInPlace.apply(*arguments)  # type: ignore[no-untyped-call]
+            y: torch.Tensor = TrainInPlace.apply(x, scale, offset, step)  # type: ignore[no-untyped-call]
             return y
-        return train_in_place_impl(*arguments)[0]
+        return train_in_place_impl(x, scale, offset, step)[0]
 
     def normalize(
         self,

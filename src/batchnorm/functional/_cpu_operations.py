@@ -2,7 +2,8 @@
 
 Passes over the input: training forward two (moments, normalise), inference one, backward two
 (gradient sums, input gradient). Per-channel arithmetic runs in NumPy on ``[groups, C]`` arrays.
-Fresh outputs are allocated by NumPy (see :func:`_fresh_like`). float16/bfloat16 are converted to
+Fresh outputs are allocated by NumPy (see :meth:`CpuPlan.fresh`); layouts, row blocks and kernels
+come from the plan of the input's signature (:mod:`batchnorm.functional._cpu_plan`). float16/bfloat16 are converted to
 float32 around the kernels (Numba has no half type). :mod:`batchnorm.functional._cpu_backend`
 exposes these functions to PyTorch's autograd, ``torch.compile`` and ``torch.export``.
 """
@@ -15,90 +16,17 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from batchnorm import kernels
-from batchnorm.functional._canonical_layout import (
-    CanonicalLayout,
-    canonical_layout,
-    canonical_weights,
-    inverse_permutation,
+from batchnorm.functional._canonical_layout import CanonicalLayout
+from batchnorm.functional._cpu_plan import (
+    KERNEL_DTYPES,
+    Prepared,
+    constant_channels,
+    prepare,
+    shared_array,
 )
 from batchnorm.functional._torch_ops import TORCH_OPS
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-_NO_WEIGHTS: dict[torch.dtype, np.ndarray] = {
-    torch.float32: np.zeros((1, 1), np.float32),
-    torch.float64: np.zeros((1, 1), np.float64),
-}
-
-
-class _Canonical(NamedTuple):
-    source: torch.Tensor  # x itself or its one copy, in the kernel dtype
-    layout: CanonicalLayout
-    x3: np.ndarray
-    weights: np.ndarray
-    has_weights: bool
-    blocks: int
-    parallel: bool  # threaded build: more than one block and more than one thread
-
-
-# Layouts of the input signatures seen, so that each call does not search them again.
-_LAYOUTS: dict[tuple[object, ...], CanonicalLayout] = {}
-_LAYOUTS_KEPT = 256
-
-
-def _prepare(
-    x: torch.Tensor, axes: list[int], weights: torch.Tensor | None, batch_outermost: bool
-) -> _Canonical:
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    detached = x.detach() if x.dtype == dtype else x.detach().to(dtype)
-    key = (detached.shape, detached.stride(), tuple(axes), batch_outermost)
-    layout = _LAYOUTS.get(key)
-    if layout is None:
-        source, layout = canonical_layout(detached, tuple(axes), batch_outermost)
-        if not layout.copied:
-            if len(_LAYOUTS) >= _LAYOUTS_KEPT:
-                _LAYOUTS.clear()
-            _LAYOUTS[key] = layout
-    else:
-        source = detached  # only layouts that view x without a copy are kept
-    x3 = _canonical_array(source.numpy(), layout)
-    blocks = kernels.blocks_for(x3.size, layout.rows)
-    parallel = blocks > 1 and kernels.set_threads(torch.get_num_threads()) > 1
-    if weights is None:
-        return _Canonical(source, layout, x3, _NO_WEIGHTS[dtype], False, blocks, parallel)
-    squeezed = weights.detach().squeeze(tuple(axes)) if weights.ndim == x.ndim else weights.detach()
-    w2 = canonical_weights(squeezed, layout, tuple(axes), dtype).numpy()
-    return _Canonical(source, layout, x3, w2, True, blocks, parallel)
-
-
-def _canonical_array(array: np.ndarray, layout: CanonicalLayout) -> np.ndarray:
-    """``layout.view`` in NumPy (a fraction of torch's per-call cost); a view, never a copy."""
-    if layout.order != tuple(range(len(layout.order))):
-        array = array.transpose(layout.order)
-    canonical = array.reshape(layout.rows, layout.channels, layout.inner)
-    assert canonical.base is not None or canonical is array or array.size == 0
-    return canonical
-
-
-# NumPy views of the long-lived per-channel tensors (parameters, buffers), by id: Tensor.numpy()
-# costs about a microsecond, four times on every call. An entry is used only while the tensor
-# still has the same memory and shape; the view keeps its tensor alive, so an id cannot be reused
-# while its entry exists. Cleared when it grows past _ARRAYS_KEPT.
-_ARRAYS: dict[int, tuple[int, torch.Size, np.ndarray]] = {}
-_ARRAYS_KEPT = 1024
-
-
-def shared_array(tensor: torch.Tensor) -> np.ndarray:
-    """``tensor.detach().numpy()``, remembered for the next call with the same tensor."""
-    entry = _ARRAYS.get(id(tensor))
-    if entry is not None and entry[0] == tensor.data_ptr() and entry[1] == tensor.shape:
-        return entry[2]
-    array = tensor.detach().numpy()
-    if len(_ARRAYS) >= _ARRAYS_KEPT:
-        _ARRAYS.clear()
-    _ARRAYS[id(tensor)] = (tensor.data_ptr(), tensor.shape, array)
-    return array
 
 
 def _to_canonical(
@@ -113,15 +41,17 @@ def _to_canonical(
         tensor is not None
         and groups is None
         and tensor.ndim == 1
-        and tensor.dtype in _KERNEL_DTYPES
+        and tensor.dtype in KERNEL_DTYPES
         and layout.channel_permutation == (0,)
     ):
         return shared_array(tensor)  # the common case, on every call: a view
     if tensor is None:
+        if groups is None:
+            return constant_channels(layout.channels, fill, np.float64)
         array = np.full(layout.channels, fill)
     else:
         detached = tensor.detach()
-        array = detached.numpy() if detached.dtype in _KERNEL_DTYPES else _float64(detached)
+        array = detached.numpy() if detached.dtype in KERNEL_DTYPES else _float64(detached)
         permutation = layout.channel_permutation
         lead = array.ndim - len(permutation)
         if permutation != tuple(range(len(permutation))):
@@ -139,7 +69,7 @@ def _to_canonical(
 def _statistic_row(tensor: torch.Tensor, layout: CanonicalLayout, fill: float) -> np.ndarray:
     """A per-channel statistic as ``[1, C]``: a view of a float32/float64 tensor (the moving
     statistics at inference, read on every call), else the float64 copy of :func:`_to_canonical`."""
-    if tensor.ndim == 1 and tensor.dtype in _KERNEL_DTYPES and layout.channel_permutation == (0,):
+    if tensor.ndim == 1 and tensor.dtype in KERNEL_DTYPES and layout.channel_permutation == (0,):
         return shared_array(tensor).reshape(1, -1)
     return _to_canonical(tensor, layout, fill, 1)
 
@@ -156,29 +86,8 @@ def _from_canonical(
     return layout.channels_from_canonical(torch.from_numpy(array), channel_shape).contiguous()
 
 
-def _fresh_like(prepared: _Canonical) -> tuple[torch.Tensor, np.ndarray]:
-    """An uninitialised tensor shaped and laid out like the kernel's source, allocated by NumPy,
-    and its canonical ``(rows, channels, inner)`` array.
-
-    NumPy advises the kernel to back large allocations with transparent huge pages, so writing a
-    fresh output takes far fewer page faults than with torch's CPU allocator: on the 2-core
-    development machine a new 51 MB output cost 37 ms to fill from torch.empty_like and 11 ms
-    from NumPy (5 ms into memory already touched). The kernels' passes are that fast; the page
-    faults were most of the time.
-    """
-    source, layout = prepared.source, prepared.layout
-    order = layout.order
-    dtype = np.float64 if source.dtype == torch.float64 else np.float32
-    array = np.empty([source.shape[d] for d in order], dtype)
-    canonical = array.reshape(layout.rows, layout.channels, layout.inner)
-    fresh = torch.from_numpy(array)
-    if order == tuple(range(len(order))):
-        return fresh, canonical
-    return fresh.permute(inverse_permutation(list(order))), canonical
-
-
-def _normalized(
-    prepared: _Canonical,
+def normalize_prepared(
+    prepared: Prepared,
     mean: np.ndarray,
     variance: np.ndarray,
     scale: np.ndarray,
@@ -187,11 +96,14 @@ def _normalized(
     groups: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The affine kernel into a new tensor with x's memory layout."""
-    out, out3 = _fresh_like(prepared)
-    kernels.run(
-        kernels.affine_normalize,
-        prepared.parallel,
+    """The affine kernel on an input already prepared, into a new tensor with x's memory layout;
+    the statistics are ``[groups, C]`` arrays."""
+    plan = prepared.plan
+    out, out3 = plan.fresh()
+    normalize = (
+        plan.affine_normalize.parallel if prepared.parallel else plan.affine_normalize.serial
+    )
+    normalize(
         prepared.x3,
         mean,
         variance,
@@ -199,8 +111,8 @@ def _normalized(
         offset,
         epsilon,
         groups,
-        prepared.layout.period,
-        prepared.blocks,
+        plan.layout.period,
+        plan.blocks,
         out3,
     )
     return out if out.dtype == out_dtype else out.to(out_dtype)
@@ -210,16 +122,16 @@ def _normalized(
 def batch_moments_impl(
     x: torch.Tensor, axes: list[int], weights: torch.Tensor | None, ghost_batches: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    prepared = _prepare(x, axes, weights, ghost_batches > 1)
-    mean, variance, total = kernels.run(
-        kernels.batch_moments,
-        prepared.parallel,
+    prepared = prepare(x, axes, weights, ghost_batches > 1)
+    plan = prepared.plan
+    moments = plan.batch_moments.parallel if prepared.parallel else plan.batch_moments.serial
+    mean, variance, total = moments(
         prepared.x3,
         prepared.weights,
         prepared.has_weights,
         ghost_batches,
-        prepared.layout.period,
-        prepared.blocks,
+        plan.layout.period,
+        plan.blocks,
     )
     channel_shape = tuple(x.shape[a] for a in axes)
     return tuple(
@@ -237,9 +149,9 @@ def normalize_batch_impl(
     epsilon: float,
     ghost_batches: int,
 ) -> torch.Tensor:
-    prepared = _prepare(x, axes, None, ghost_batches > 1)
+    prepared = prepare(x, axes, None, ghost_batches > 1)
     layout = prepared.layout
-    return _normalized(
+    return normalize_prepared(
         prepared,
         _to_canonical(mean, layout, 0.0, ghost_batches),
         _to_canonical(variance, layout, 1.0, ghost_batches),
@@ -255,59 +167,110 @@ class TrainingPass(NamedTuple):
     """What the one-call training forward leaves for its backward: the canonical input and the
     batch statistics as the kernels read them, so the backward prepares nothing again."""
 
-    prepared: _Canonical
+    prepared: Prepared
     mean: np.ndarray  # [groups, C] float64
     variance: np.ndarray
     total_weight: np.ndarray
     scale: np.ndarray  # [C]
 
 
-def train_in_place_impl(
-    x: torch.Tensor,
-    axes: list[int],
+class StepArrays(NamedTuple):
+    """The per-channel tensors of a one-call training step as the kernels read them (views)."""
+
+    scale: np.ndarray
+    offset: np.ndarray
+    moving_mean: np.ndarray
+    moving_variance: np.ndarray
+    average_weight: np.ndarray  # [1] float64 (Caffe's scale factor), a dummy without one
+    debiased: bool
+
+
+def step_arrays(
     scale: torch.Tensor | None,
     offset: torch.Tensor | None,
-    epsilon: float,
-    weights: torch.Tensor | None,
-    ghost_batches: int,
     moving: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    momentum: float,
-    unbiased: bool,
+    layout: CanonicalLayout,
+) -> StepArrays:
+    """Views of gamma, beta and the moving statistics (one channel axis, contiguous)."""
+    moving_mean, moving_variance, average_weight = moving
+    return StepArrays(
+        _to_canonical(scale, layout, 1.0),
+        _to_canonical(offset, layout, 0.0),
+        shared_array(moving_mean),
+        shared_array(moving_variance),
+        _NO_AVERAGE_WEIGHT if average_weight is None else shared_array(average_weight).reshape(1),
+        average_weight is not None,
+    )
+
+
+_NO_AVERAGE_WEIGHT = np.zeros(1, np.float64)
+
+
+class TrainStep(NamedTuple):
+    """What a one-call training step needs besides x, gamma and beta.
+
+    ``moving`` is ``(moving_mean, moving_variance, moving_average_weight or None)``: contiguous
+    tensors of x's dtype over ONE channel axis, written through NumPy views (``arrays``, made
+    by :func:`train_in_place_impl` when None; ``prepared``, x as the kernels read it, likewise).
+    """
+
+    axes: list[int]
+    epsilon: float
+    weights: torch.Tensor | None
+    ghost_batches: int
+    moving: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+    momentum: float
+    unbiased: bool
+    arrays: StepArrays | None = None
+    prepared: Prepared | None = None
+
+
+def train_in_place_impl(
+    x: torch.Tensor, scale: torch.Tensor | None, offset: torch.Tensor | None, step: TrainStep
 ) -> tuple[torch.Tensor, TrainingPass]:
     """:func:`batch_moments_impl` then :func:`normalize_batch_impl` in one kernel call, which also
     steps the moving statistics in place; returns ``y`` and what :func:`train_backward_impl` needs.
 
-    ``moving`` is ``(moving_mean, moving_variance, moving_average_weight or None)``: contiguous
-    tensors of x's dtype over ONE channel axis, written through NumPy views. Their version
-    counters are bumped, so autograd still sees that they changed.
+    The moving statistics' version counters are bumped, so autograd still sees that they changed.
     """
-    prepared = _prepare(x, axes, weights, ghost_batches > 1)
-    layout = prepared.layout
-    out, out3 = _fresh_like(prepared)
-    scale_c = _to_canonical(scale, layout, 1.0)
-    moving_mean, moving_variance, average_weight = moving
-    mean, variance, total = kernels.run(
-        kernels.train_forward,
-        prepared.parallel,
+    prepared = step.prepared
+    if prepared is None:
+        prepared = prepare(x, step.axes, step.weights, step.ghost_batches > 1)
+    plan = prepared.plan
+    arrays = step.arrays
+    if arrays is None:
+        arrays = step_arrays(scale, offset, step.moving, plan.layout)
+    epsilon, ghost_batches, momentum, unbiased = (
+        step.epsilon,
+        step.ghost_batches,
+        step.momentum,
+        step.unbiased,
+    )
+    out, out3 = plan.fresh()
+    forward = plan.train_forward.parallel if prepared.parallel else plan.train_forward.serial
+    mean, variance, total = forward(
         prepared.x3,
         prepared.weights,
         prepared.has_weights,
         ghost_batches,
-        layout.period,
-        prepared.blocks,
-        scale_c,
-        _to_canonical(offset, layout, 0.0),
+        plan.layout.period,
+        plan.blocks,
+        arrays.scale,
+        arrays.offset,
         epsilon,
         out3,
-        shared_array(moving_mean),
-        shared_array(moving_variance),
-        _NO_WEIGHTS[x.dtype][0] if average_weight is None else average_weight.reshape(1).numpy(),
-        average_weight is not None,
+        arrays.moving_mean,
+        arrays.moving_variance,
+        arrays.average_weight,
+        arrays.debiased,
         momentum,
         unbiased,
     )
-    torch.autograd.graph.increment_version([t for t in moving if t is not None])
-    return out, TrainingPass(prepared, mean, variance, total, scale_c)
+    moving_mean, moving_variance, average_weight = step.moving
+    torch.autograd.graph.increment_version(
+        [moving_mean, moving_variance] if average_weight is None else list(step.moving)  # type: ignore[arg-type]
+    )
+    return out, TrainingPass(prepared, mean, variance, total, arrays.scale)
 
 
 def train_backward_impl(
@@ -317,11 +280,10 @@ def train_backward_impl(
     :func:`normalize_batch_backward_impl`, without re-preparing the input)."""
     prepared = training_pass.prepared
     dy3 = _canonical_gradient(grad, prepared)
-    dx, dx3 = _fresh_like(prepared)
-    layout = prepared.layout
-    dscale, doffset = kernels.run(
-        kernels.train_backward,
-        prepared.parallel,
+    plan = prepared.plan
+    dx, dx3 = plan.fresh()
+    backward = plan.train_backward.parallel if prepared.parallel else plan.train_backward.serial
+    dscale, doffset = backward(
         dy3,
         prepared.x3,
         prepared.weights,
@@ -332,8 +294,8 @@ def train_backward_impl(
         training_pass.scale,
         epsilon,
         ghost_batches,
-        layout.period,
-        prepared.blocks,
+        plan.layout.period,
+        plan.blocks,
         dx3,
     )
     parameter_dtype = np.float64 if training_pass.scale.dtype == np.float64 else np.float32
@@ -344,12 +306,12 @@ def train_backward_impl(
     )
 
 
-def _canonical_gradient(grad: torch.Tensor, prepared: _Canonical) -> np.ndarray:
+def _canonical_gradient(grad: torch.Tensor, prepared: Prepared) -> np.ndarray:
     """The upstream gradient as a dense canonical array, a view where it is laid out like x."""
     grad = grad.detach()
     source = prepared.source
     if grad.dtype == source.dtype and grad.stride() == source.stride():
-        return _canonical_array(grad.numpy(), prepared.layout)
+        return prepared.plan.canonical(grad.numpy())
     # A gradient of expanded ones (from .sum()) has zero strides: the kernels need it dense.
     return np.ascontiguousarray(prepared.layout.view(grad.to(source.dtype)).numpy())
 
@@ -386,31 +348,24 @@ def normalize_batch_backward_impl(
     (synchronized batch norm) maps the local sums ``(2, ghost_batches, *channel_shape)`` to the
     global ones that dx uses; dscale and doffset stay local.
     """
-    prepared = _prepare(x, axes, weights, ghost_batches > 1)
-    layout = prepared.layout
-    # A gradient of expanded ones (from .sum()) has zero strides: the kernels need it dense.
+    prepared = prepare(x, axes, weights, ghost_batches > 1)
+    plan = prepared.plan
+    layout = plan.layout
     dy3 = _canonical_gradient(grad, prepared)
     mean_c = _to_canonical(mean, layout, 0.0, ghost_batches)
     variance_c = _to_canonical(variance, layout, 1.0, ghost_batches)
-    sums = kernels.run(
-        kernels.gradient_sums,
-        prepared.parallel,
-        dy3,
-        prepared.x3,
-        mean_c,
-        ghost_batches,
-        layout.period,
-        prepared.blocks,
-    )
+    gradient_sums = plan.gradient_sums.parallel if prepared.parallel else plan.gradient_sums.serial
+    sums = gradient_sums(dy3, prepared.x3, mean_c, ghost_batches, layout.period, plan.blocks)
     channel_shape = tuple(x.shape[a] for a in axes)
     global_sums = sums
     if reduce_sums is not None:
         reduced = reduce_sums(_from_canonical(sums, layout, channel_shape))
         global_sums = np.ascontiguousarray(_to_canonical(reduced, layout, 0.0), np.float64)
-    dx, dx3 = _fresh_like(prepared)
-    kernels.run(
-        kernels.batch_norm_input_gradient,
-        prepared.parallel,
+    dx, dx3 = plan.fresh()
+    input_gradient = (
+        plan.input_gradient.parallel if prepared.parallel else plan.input_gradient.serial
+    )
+    input_gradient(
         dy3,
         prepared.x3,
         prepared.weights,
@@ -423,7 +378,7 @@ def normalize_batch_backward_impl(
         epsilon,
         ghost_batches,
         layout.period,
-        prepared.blocks,
+        plan.blocks,
         dx3,
     )
     inv = 1.0 / np.sqrt(variance_c + epsilon)
@@ -441,9 +396,9 @@ def normalize_impl(
     offset: torch.Tensor | None,
     epsilon: float,
 ) -> torch.Tensor:
-    prepared = _prepare(x, axes, None, False)
+    prepared = prepare(x, axes, None, False)
     layout = prepared.layout
-    return _normalized(
+    return normalize_prepared(
         prepared,
         _statistic_row(mean, layout, 0.0),
         _statistic_row(variance, layout, 1.0),

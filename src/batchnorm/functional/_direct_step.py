@@ -16,9 +16,17 @@ not inside ``torch.compile`` (which traces the stateless step's custom operators
 
 Inference (:func:`infer`) has nothing to update; it skips only the stateless step's general
 checks and casts when x, the buffers and gamma/beta share one float32/float64 dtype.
+
+:class:`DirectCalls` goes further for the calls that a layer repeats (no mask, a bool
+``training``, a CPU input of a signature seen before): everything those calls decide from the
+layer's settings and the input's signature is decided once, so a call is the kernel and little
+more.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -28,7 +36,16 @@ from batchnorm.functional._batch_norm import (
     check_ghost_batches,
     check_mask,
 )
-from batchnorm.functional._dispatch import backend_for
+from batchnorm.functional._cpu_backend import NUMBA_CPU, TrainInPlace
+from batchnorm.functional._cpu_operations import (
+    StepArrays,
+    TrainStep,
+    normalize_prepared,
+    step_arrays,
+    train_in_place_impl,
+)
+from batchnorm.functional._cpu_plan import CpuPlan, plan_of, prepare_with
+from batchnorm.functional._dispatch import backend_for, registered_backend
 
 
 def _one_kernel_dtype(
@@ -128,3 +145,183 @@ def infer(
     return backend_for(x).normalize(
         x, axes, statistics.moving_mean, statistics.moving_variance, gamma, beta, epsilon
     )
+
+
+_Signature = tuple[torch.Size, tuple[int, ...]]
+_UNSEEN: Any = object()
+
+
+class DirectCalls:
+    """A layer's repeated plain calls on CPU, with everything fixed by its settings decided once.
+
+    Built by the layer for its current settings (it drops the object when an attribute is set);
+    holds the layer's parameter and buffer dicts and checks on every call that they still hold
+    the same tensors over the same memory (``.to()``, ``load_state_dict`` with ``assign=True``,
+    ``.data =`` all change that). Per input signature ``(shape, strides)`` it keeps the kernel
+    plan and the number of ghost batches. A call it does not cover returns None, and the layer
+    takes its general path: a mask, a non-bool ``training``, another dtype or device,
+    ``torch.compile`` tracing, vmap/grad transforms, another backend registered for CPU.
+
+    The results are those of :func:`train_in_place` and :func:`infer`, which run the same
+    kernels.
+    """
+
+    def __init__(
+        self,
+        parameters: Mapping[str, torch.Tensor | None],
+        buffers: Mapping[str, torch.Tensor | None],
+        axis: int,
+        rank: int,
+        options: BatchNormOptions,
+        *,
+        training: bool,
+        trainable: bool,
+        renorm: bool,
+    ) -> None:
+        self._parameters, self._buffers = parameters, buffers
+        self.tensors = tuple(
+            where.get(name)
+            for where, name in (
+                (parameters, "gamma"),
+                (parameters, "beta"),
+                (buffers, "moving_mean"),
+                (buffers, "moving_variance"),
+                (buffers, "moving_average_weight"),
+            )
+        )
+        self.pointers = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
+        self.axis, self.rank, self.options = axis, rank, options
+        self.training, self.trainable = training and trainable, trainable
+        moving_mean = self.tensors[2]
+        assert moving_mean is not None
+        self.dtype = moving_mean.dtype
+        self.channels = moving_mean.shape[0]
+        _, _, _, moving_variance, average_weight = self.tensors
+        assert moving_variance is not None
+        self.moving = (moving_mean, moving_variance, average_weight)
+        self.can_infer = options.use_global_stats is not False
+        self.can_train = (
+            not renorm
+            and options.adjustment is None
+            and not options.synchronized
+            and options.use_global_stats is None
+            and all(t.is_contiguous() and not t.requires_grad for t in self.moving if t is not None)
+        )
+        self.signatures: dict[_Signature, tuple[CpuPlan, int] | None] = {}
+        self.arrays: StepArrays | None = None
+        self.statistic_rows: tuple[object, object] | None = None
+
+    @classmethod
+    def applicable(cls, dtype: torch.dtype, tensors: tuple[torch.Tensor | None, ...]) -> bool:
+        """One kernel dtype for everything, all on the CPU, the Numba backend registered."""
+        return (
+            dtype in (torch.float32, torch.float64)
+            and all(t is None or (t.dtype == dtype and t.is_cpu) for t in tensors[:4])
+            and registered_backend("cpu") is NUMBA_CPU
+        )
+
+    def current(self) -> bool:
+        """Whether the layer still holds the tensors (and memory) this was built over."""
+        parameters, buffers = self._parameters, self._buffers
+        gamma, beta, moving_mean, moving_variance, average_weight = self.tensors
+        if (
+            parameters.get("gamma") is not gamma
+            or parameters.get("beta") is not beta
+            or buffers.get("moving_mean") is not moving_mean
+            or buffers.get("moving_variance") is not moving_variance
+            or buffers.get("moving_average_weight") is not average_weight
+        ):
+            return False
+        return self.pointers == tuple(0 if t is None else t.data_ptr() for t in self.tensors)
+
+    def __call__(self, x: torch.Tensor, training: bool | None) -> torch.Tensor | None:
+        """The layer's output for ``layer(x, training)`` without a mask, or None (not covered)."""
+        training = self.training if training is None else training and self.trainable
+        if not (self.can_train if training else self.can_infer):
+            return None
+        if (
+            type(x) is not torch.Tensor  # subclasses may override what the kernels bypass
+            or x.dtype is not self.dtype
+            or not x.is_cpu
+            or torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)
+            or registered_backend("cpu") is not NUMBA_CPU
+            or not self.current()
+        ):
+            return None
+        signature = (x.shape, x.stride())
+        entry = self.signatures.get(signature, _UNSEEN)
+        if entry is _UNSEEN:
+            entry = self._plan(x, signature)
+        if entry is None:
+            return None
+        plan, ghost_batches = entry  # type: ignore[misc]
+        gamma, beta = self.tensors[0], self.tensors[1]
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or (gamma is not None and gamma.requires_grad)
+            or (beta is not None and beta.requires_grad)
+        )
+        arrays = self.arrays
+        assert arrays is not None
+        options = self.options
+        if not training:
+            moving_mean, moving_variance, _ = self.moving
+            if needs_grad:
+                return NUMBA_CPU.normalize(
+                    x, (self.axis,), moving_mean, moving_variance, gamma, beta, options.epsilon
+                )
+            mean, variance = self.statistic_rows  # type: ignore[misc]
+            return normalize_prepared(
+                prepare_with(plan, x),
+                mean,  # type: ignore[arg-type]
+                variance,  # type: ignore[arg-type]
+                arrays.scale,
+                arrays.offset,
+                options.epsilon,
+                1,
+                x.dtype,
+            )
+        step = TrainStep(
+            [self.axis],
+            options.epsilon,
+            None,
+            ghost_batches,
+            self.moving,
+            options.momentum,
+            options.unbiased_moving_variance,
+            arrays,
+            prepare_with(plan, x),
+        )
+        if needs_grad:
+            y: torch.Tensor = TrainInPlace.apply(x, gamma, beta, step)  # type: ignore[no-untyped-call]
+            return y
+        return train_in_place_impl(x, gamma, beta, step)[0]
+
+    def _plan(self, x: torch.Tensor, signature: _Signature) -> tuple[CpuPlan, int] | None:
+        """The plan and ghost batches of a new signature; None (remembered) for an input the
+        general path must see: another rank or channel count, an empty batch, ghost batches
+        that do not divide the batch, a layout that needs a copy."""
+        axis, entry = self.axis, None
+        virtual_batch_size = self.options.virtual_batch_size
+        if (
+            x.ndim == self.rank
+            and x.shape[axis] == self.channels
+            and x.numel() > 0
+            and (virtual_batch_size is None or (axis != 0 and x.shape[0] % virtual_batch_size == 0))
+        ):
+            ghost_batches = 1 if virtual_batch_size is None else x.shape[0] // virtual_batch_size
+            plan = plan_of(x, [axis], ghost_batches > 1)
+            if plan is not None:
+                entry = (plan, ghost_batches)
+                if self.arrays is None:
+                    gamma, beta = self.tensors[0], self.tensors[1]
+                    self.arrays = step_arrays(gamma, beta, self.moving, plan.layout)
+                    self.statistic_rows = (
+                        self.arrays.moving_mean.reshape(1, -1),
+                        self.arrays.moving_variance.reshape(1, -1),
+                    )
+        if len(self.signatures) >= 64:
+            self.signatures.clear()
+        self.signatures[signature] = entry
+        return entry

@@ -24,3 +24,8 @@ def backend_for(x: torch.Tensor) -> BatchNormBackend:
     """The backend registered for ``x.device.type`` when it supports ``x``; torch ops otherwise."""
     backend = _BACKENDS.get(x.device.type)
     return backend if backend is not None and backend.supports(x) else TORCH_OPS
+
+
+def registered_backend(device_type: str) -> BatchNormBackend | None:
+    """The backend registered for ``device_type``, if any."""
+    return _BACKENDS.get(device_type)

@@ -18,7 +18,7 @@ from batchnorm.functional._batch_norm import (
     batch_norm_step,
     check_use_global_stats,
 )
-from batchnorm.functional._direct_step import infer, train_in_place
+from batchnorm.functional._direct_step import DirectCalls, infer, train_in_place
 from batchnorm.functional._synchronized import check_synchronized, synchronizes
 from batchnorm.functional._validation import (
     check_axis_type,
@@ -391,9 +391,21 @@ class BatchNormalization(nn.Module):
                 along it (tf-keras / Keras 3), or without its channel axes; masked positions do
                 not count in the batch statistics.
         """
+        compiling = torch.compiler.is_compiling()  # traced: no shortcut, nothing remembered
+        direct_calls: DirectCalls | None = None if compiling else self.__dict__.get("_direct_calls")
+        if (
+            direct_calls is not None
+            and mask is None
+            and (training is None or type(training) is bool)
+        ):
+            y = direct_calls(x, training)
+            if y is not None:
+                return y
         self._check_input(x)
         if self._input_rank is None:
             self.build(x.shape)
+        if not compiling and (direct_calls is None or not direct_calls.current()):
+            self.__dict__["_direct_calls"] = self._make_direct_calls()
         resolved = self._resolve_training(training)
         if mask is not None and self.fused:
             warnings.warn(
@@ -438,6 +450,38 @@ class BatchNormalization(nn.Module):
                     if old is not None and new is not None and new is not old:
                         old.copy_(new)
         return y
+
+    def _make_direct_calls(self) -> DirectCalls | None:
+        """The shortcut for this layer's repeated plain calls (None where none applies)."""
+        assert self._axes is not None and self._input_rank is not None
+        tensors = (
+            self._parameters.get("gamma"),
+            self._parameters.get("beta"),
+            self._buffers.get("moving_mean"),
+            self._buffers.get("moving_variance"),
+        )
+        if len(self._axes) != 1 or not DirectCalls.applicable(self.moving_mean.dtype, tensors):
+            return None
+        return DirectCalls(
+            self._parameters,
+            self._buffers,
+            self._axes[0],
+            self._input_rank,
+            self._step_options(),
+            training=self.training,
+            trainable=self._trainable,
+            renorm=self.renorm,
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Any setting may change what a call does: the shortcut is rebuilt on the next call.
+        self.__dict__.pop("_direct_calls", None)
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
+        state.pop("_direct_calls", None)  # NumPy views of this layer's memory: rebuilt on use
+        return state
 
     def _step_options(self) -> BatchNormOptions:
         """The settings of the functional step, rebuilt only when an attribute changed."""

@@ -1,0 +1,176 @@
+"""The layer's shortcut for repeated plain calls on CPU (:class:`DirectCalls`) against torch.
+
+The shortcut decides once what a call does from the layer's settings and the input's signature.
+These tests change what it decided from (settings, modes, tensors, memory, copies) between calls
+and check every time against ``torch.nn.BatchNorm1d`` / ``BatchNorm2d`` with the conventions
+mapped (Keras momentum m is torch momentum 1 - m; the stored variance is the biased one unless
+the layer is fused).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from batchnorm import BatchNormalization
+from batchnorm.functional import register_backend
+from batchnorm.functional._cpu_backend import NUMBA_CPU
+
+
+def _pair(channels: int, dims: int, momentum: float = 0.9, dtype=torch.float32):
+    """Our layer (axis 1, unbiased moving variance like torch) and torch's, same parameters."""
+    layer = BatchNormalization(
+        channels,
+        axis=1,
+        momentum=momentum,
+        epsilon=1e-5,
+        moving_variance_estimator="unbiased",
+        dtype=dtype,
+    )
+    reference = (nn.BatchNorm2d if dims == 4 else nn.BatchNorm1d)(
+        channels, eps=1e-5, momentum=1 - momentum, dtype=dtype
+    )
+    torch.manual_seed(3)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+        layer.gamma.copy_(reference.weight)
+        layer.beta.copy_(reference.bias)
+    return layer, reference
+
+
+def _check_state(layer, reference):
+    torch.testing.assert_close(layer.moving_mean, reference.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.moving_variance, reference.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (8, 16, 8, 8), (64, 40, 33)])
+def test_repeated_calls_follow_torch_with_gradients(shape):
+    layer, reference = _pair(shape[1], len(shape))
+    generator = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x = torch.randn(shape, generator=generator) * (1 + step) + step
+        upstream = torch.randn(shape, generator=generator)
+        ours_x, their_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours, theirs = layer(ours_x, training=True), reference(their_x)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        ours.backward(upstream)
+        theirs.backward(upstream)
+        torch.testing.assert_close(ours_x.grad, their_x.grad, rtol=1e-4, atol=1e-5)
+        _check_state(layer, reference)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                layer(x, training=False), reference.eval()(x), rtol=1e-5, atol=1e-5
+            )
+        reference.train()
+    torch.testing.assert_close(layer.gamma.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.beta.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_settings_changed_between_calls_take_effect():
+    layer, reference = _pair(6, 2)
+    x = torch.randn(10, 6) * 3 + 1
+    with torch.no_grad():
+        layer(x, training=True)
+        reference(x)
+        layer.momentum = 0.5  # a new momentum for the next steps
+        reference.momentum = 0.5
+        layer(x * 2, training=True)
+        reference(x * 2)
+        _check_state(layer, reference)
+        layer.epsilon = 1e-1
+        reference.eps = 1e-1
+        reference.eval()
+        torch.testing.assert_close(layer(x, training=False), reference(x), rtol=1e-5, atol=1e-5)
+        before = layer.moving_mean.clone()
+        layer.trainable = False  # frozen: inference mode even with training=True
+        torch.testing.assert_close(layer(x, training=True), reference(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer.moving_mean, before)
+        layer.trainable = True
+        layer.eval()  # training=None follows the module mode
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+        layer.train()
+        layer(x)
+        assert not torch.equal(layer.moving_mean, before)
+
+
+def test_replaced_tensors_and_memory_are_followed():
+    layer, reference = _pair(5, 2)
+    x = torch.randn(12, 5) + 2
+    with torch.no_grad():
+        layer(x, training=True)
+        reference(x)
+        # .data = : same tensor object, new memory
+        layer.moving_mean.data = reference.running_mean.clone()
+        layer.moving_variance.data = reference.running_var.clone()
+        layer(x * 3, training=True)
+        reference(x * 3)
+        _check_state(layer, reference)
+        # load_state_dict with assign=True: new tensor objects
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state, assign=True)
+        layer(x - 1, training=True)
+        reference(x - 1)
+        _check_state(layer, reference)
+        # a float64 layer reads float64 inputs
+        layer.double()
+        reference.double()
+        y = layer(x.double(), training=True)
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, reference(x.double()), rtol=1e-10, atol=1e-10)
+        _check_state(layer, reference)
+
+
+def test_copies_do_not_share_state():
+    layer, _ = _pair(4, 2)
+    x = torch.randn(9, 4) + 5
+    with torch.no_grad():
+        layer(x, training=True)
+        twin = copy.deepcopy(layer)
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        pickled = pickle.loads(pickle.dumps(layer))
+        before = layer.moving_mean.clone()
+        for other in (twin, loaded, pickled):
+            other(x * 2, training=True)
+            assert torch.equal(layer.moving_mean, before)
+            assert not torch.equal(other.moving_mean, before)
+            layer(x, training=False)
+
+
+def test_another_cpu_backend_is_used_when_registered():
+    layer, reference = _pair(3, 2)
+    x = torch.randn(7, 3) * 2
+    with torch.no_grad():
+        layer(x, training=True)
+        reference(x)
+        register_backend("cpu", None)  # the torch-op backend
+        try:
+            torch.testing.assert_close(layer(x, training=True), reference(x), rtol=1e-5, atol=1e-5)
+        finally:
+            register_backend("cpu", NUMBA_CPU)
+        _check_state(layer, reference)
+
+
+def test_new_signatures_and_bad_inputs_take_the_general_path():
+    layer, _ = _pair(4, 2)
+    with torch.no_grad():
+        layer(torch.randn(8, 4), training=True)
+        with pytest.raises(ValueError, match="built for"):
+            layer(torch.randn(8, 5), training=True)
+        with pytest.raises(ValueError, match="rank"):
+            layer(torch.randn(8, 4, 2), training=True)
+        before = layer.moving_mean.clone()
+        empty = layer(torch.empty(0, 4), training=True)
+        assert empty.shape == (0, 4)
+        assert torch.equal(layer.moving_mean, before)
+        strided = torch.randn(4, 16)[:, ::2].t()  # (8, 4), not contiguous
+        expected = layer(strided.contiguous(), training=False)
+        torch.testing.assert_close(layer(strided, training=False), expected)

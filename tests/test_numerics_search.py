@@ -1,0 +1,138 @@
+"""A hypothesis search for float32 inputs that break the statistics, through every CPU backend.
+
+Layouts (contiguous, channels-last memory, transposed views), masks (none, Keras-shaped, one weight
+per position) with padding values far from the data, offsets up to |mean| / std = 1e6 and values
+up to 1e30: each draw runs one training step and one inference call of the layer with the Numba
+backend and with the torch-op backend, against the float64 reference of tests/numpy_reference.py
+fed the same float32 values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from batchnorm import BatchNormalization
+from batchnorm.functional import register_backend
+from batchnorm.functional._cpu_backend import NUMBA_CPU
+from tests.numpy_reference import reference_inference, reference_train_step
+
+
+@st.composite
+def numerics_cases(draw):
+    rank = draw(st.integers(2, 4))
+    shape = [draw(st.integers(2, 9)) for _ in range(rank)]
+    axis = draw(st.integers(1, rank - 1))
+    return {
+        "shape": shape,
+        "axis": axis,
+        # memory order: logical, channels last (the axis moved innermost), or reversed
+        "layout": draw(st.sampled_from(["contiguous", "channels_last", "reversed"])),
+        "mask": draw(st.sampled_from([None, "keras", "per_position"])),
+        "padding": draw(st.sampled_from([0.0, -1e4, 1e9])),
+        "offset_ratio": draw(st.sampled_from([0.0, 1.0, 1e3, 1e6])),
+        "magnitude": draw(st.sampled_from([1.0, 1e-20, 1e18, 1e19, 1e24, 1e30])),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def _laid_out(x: np.ndarray, axis: int, layout: str) -> torch.Tensor:
+    tensor = torch.from_numpy(x)
+    if layout == "contiguous":
+        return tensor
+    order = (
+        [d for d in range(x.ndim) if d != axis] + [axis]
+        if layout == "channels_last"
+        else list(reversed(range(x.ndim)))
+    )
+    inverse = [order.index(d) for d in range(x.ndim)]
+    return tensor.permute(order).contiguous().permute(inverse)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch ops"])
+@settings(max_examples=40, deadline=None)
+@given(case=numerics_cases())
+def test_float32_statistics_match_the_float64_reference(case, backend):
+    rng = np.random.default_rng(case["seed"])
+    shape, axis = case["shape"], case["axis"]
+    channels = shape[axis]
+    scale = case["magnitude"]
+    means = rng.normal(size=channels) * case["offset_ratio"] * scale
+    x = rng.normal(size=shape) * scale + np.expand_dims(
+        means, [d for d in range(len(shape)) if d != axis]
+    )
+    mask = weights = None
+    if case["mask"] is not None:
+        # A Keras mask drops the last axis: it is one weight per position when that is the
+        # channel axis, and is drawn only then.
+        assume(case["mask"] == "per_position" or axis == len(shape) - 1)
+        mask_shape = [s for d, s in enumerate(shape) if d != axis]
+        mask = rng.uniform(size=mask_shape) > 0.3
+        # A mask shaped like x without its last axis is Keras' (broadcast along that axis),
+        # whichever the channel axis is.
+        keras_style = mask_shape == shape[:-1]
+        weights = np.expand_dims(mask, -1 if keras_style else axis).astype(np.float64)
+        weights = np.broadcast_to(weights, shape)
+        others = tuple(d for d in range(len(shape)) if d != axis)
+        assume(np.all(weights.sum(axis=others) > 0))  # every channel has a value
+        x = np.where(weights > 0, x, case["padding"] * scale)
+    assume(np.abs(x).max() < 3e38)  # the data fit in float32
+    x32 = x.astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, channels)
+    beta = rng.normal(size=channels)
+    layer = BatchNormalization(channels, axis=axis, momentum=0.0, epsilon=1e-3, fused=False)
+    with torch.no_grad():
+        layer.gamma.copy_(torch.from_numpy(gamma))
+        layer.beta.copy_(torch.from_numpy(beta))
+    x_tensor = _laid_out(x32, axis, case["layout"])
+    mask_tensor = None if mask is None else torch.from_numpy(mask)
+    if backend == "torch ops":
+        register_backend("cpu", None)
+    try:
+        with torch.no_grad():
+            y = layer(x_tensor, training=True, mask=mask_tensor)
+            y_inference = layer(x_tensor, training=False)
+    finally:
+        register_backend("cpu", NUMBA_CPU)
+    x64 = x32.astype(np.float64)
+    expected_y, expected_mean, expected_variance = reference_train_step(
+        x64,
+        np.zeros(channels),
+        np.ones(channels),
+        gamma,
+        beta,
+        axes=(axis,),
+        momentum=0.0,
+        epsilon=1e-3,
+        weights=weights,
+    )
+    rounding = 2.0**-24  # float32's relative rounding: the moving statistics are stored in it
+    fits = expected_variance.max() < 1e38
+    std = np.sqrt(expected_variance + 1e-3)
+    # The torch-op backend normalises with the variance in x's dtype: its training output is
+    # right where that variance fits; the Numba kernels normalise in float64 wherever it does not.
+    checks = [(y, expected_y, 0.0)] if fits or backend == "numba" else []
+    if fits:
+        # tf-keras' float32 step M - (M - v) * (1 - momentum) from M = 1 (the torch-op backend
+        # follows it; the kernels step in float64) rounds at the size of 1.
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy(), expected_variance, rtol=1e-5, atol=4 * rounding
+        )
+        # The mean counts to the precision of the spread, plus its own rounding to float32.
+        mean_error = np.abs(layer.moving_mean.numpy() - expected_mean)
+        assert np.all(mean_error <= 1e-5 * std + 2 * rounding * np.abs(expected_mean)), mean_error
+        expected_inference = reference_inference(
+            x64, expected_mean, expected_variance, gamma, beta, axes=(axis,), epsilon=1e-3
+        )
+        # Inference reads the stored float32 mean: its rounding, over the spread, times gamma.
+        stored_mean_error = (gamma * rounding * np.abs(expected_mean) / std).max()
+        checks.append((y_inference, expected_inference, stored_mean_error))
+    # Outputs: a few float32 roundings of the normalised values' size (masked positions too,
+    # which can be far from the data: their size is what counts there).
+    for actual, expected, extra in checks:
+        size = np.abs(expected) + np.abs(beta).max() + 1.0
+        error = np.abs(actual.numpy().astype(np.float64) - expected)
+        assert np.all(error <= 1e-5 * size + 2 * extra), error.max()
