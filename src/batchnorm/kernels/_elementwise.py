@@ -55,6 +55,15 @@ def normalize_rows_block(x2, high, factor, shift, groups, period, start, stop, o
     output memory.
     """
     channels = x2.shape[1]
+    if groups == 1:
+        # The coefficients as one row each, loop-invariant: vectorised over the channels.
+        h = high[0]
+        f = factor[0]
+        b = shift[0]
+        for o in range(start, stop):
+            for c in range(channels):
+                out2[o, c] = (x2[o, c] - h[c]) * f[c] + b[c]
+        return
     for o in range(start, stop):
         g = (o // period) % groups
         for c in range(channels):
@@ -149,6 +158,17 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
 ):
     """The input gradient on rows ``start:stop`` (channels last); see :func:`gradient_coefficients`."""
     channels = x2.shape[1]
+    if groups == 1 and not has_weights:
+        # The common case with its coefficients as rows: vectorised over the channels.
+        h = high[0]
+        lo = low[0]
+        a = k_dy[0]
+        d = mean_dy[0]
+        b = k_centred[0]
+        for o in range(start, stop):
+            for c in range(channels):
+                out2[o, c] = a[c] * ((dy2[o, c] - d[c]) - b[c] * ((x2[o, c] - h[c]) - lo[c]))
+        return
     for o in range(start, stop):
         g = (o // period) % groups
         w = weights[o, 0] if has_weights else 1.0
