@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel
+from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, setup_helper
 
 
-@helper
+@setup_helper
 def split_mean(mean, dtype_example):  # type: ignore[no-untyped-def]
     """``mean`` (float64) as ``high + low``, both of the compute dtype."""
     high = np.empty(mean.shape, dtype_example.dtype)
@@ -26,7 +26,7 @@ def split_mean(mean, dtype_example):  # type: ignore[no-untyped-def]
     return high, low
 
 
-@helper
+@setup_helper
 def affine_coefficients(mean, variance, scale, offset, epsilon, dtype_example):  # type: ignore[no-untyped-def]
     """``y = (x - high) * factor + shift`` per group and channel, in the compute dtype.
 
@@ -118,7 +118,7 @@ def _affine_normalize_planes(  # type: ignore[no-untyped-def]
 affine_normalize = by_layout(_affine_normalize_rows, _affine_normalize_planes)
 
 
-@helper
+@setup_helper
 def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_example):  # type: ignore[no-untyped-def]
     """``k_dy = s = scale * inv``, ``mean_dy = Sdy / W``, ``k_centred = inv^2 Sdc / W``.
 

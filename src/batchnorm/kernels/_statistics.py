@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel
+from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, setup_helper
 
 
-@helper
+@setup_helper
 def first_values(x, weights, has_weights):  # type: ignore[no-untyped-def]
     """Each channel's first element with a non-zero weight (float64): the shift that keeps the
     sums well conditioned. A masked element (padding far from the data) must not be the shift.
@@ -34,36 +34,42 @@ def first_values(x, weights, has_weights):  # type: ignore[no-untyped-def]
     return shift
 
 
-@helper
+@setup_helper
 def sum_blocks(partial):  # type: ignore[no-untyped-def]
-    """The per-thread partial sums ``[blocks, ...]`` added in block order (deterministic)."""
-    sums = partial[0].copy()
-    for block in range(1, partial.shape[0]):
-        sums += partial[block]
+    """The per-thread partial sums ``[blocks, k, groups, C]`` added in block order
+    (deterministic). Plain loops: array expressions here cost a second of JIT compilation."""
+    blocks, kinds, groups, channels = partial.shape
+    sums = np.empty((kinds, groups, channels), np.float64)
+    for k in range(kinds):
+        for g in range(groups):
+            for c in range(channels):
+                total = partial[0, k, g, c]
+                for block in range(1, blocks):
+                    total += partial[block, k, g, c]
+                sums[k, g, c] = total
     return sums
 
 
-@helper
+@setup_helper
 def moments_from_sums(partial, shift, has_weights, rows, inner, groups, period):  # type: ignore[no-untyped-def]
     """Mean, variance and total weight from the per-block shifted sums ``[blocks, 3, groups, C]``."""
     sums = sum_blocks(partial)
     channels = shift.shape[0]
-    if not has_weights:
-        rows_in_group = np.zeros(groups, np.float64)
-        for o in range(rows):
-            rows_in_group[(o // period) % groups] += 1.0
-        for g in range(groups):
-            sums[0, g, :] = rows_in_group[g] * inner
     mean = np.zeros((groups, channels), np.float64)
     variance = np.zeros((groups, channels), np.float64)
+    total_weight = np.empty((groups, channels), np.float64)
+    rows_in_group = np.zeros(groups, np.float64)
+    for o in range(rows):
+        rows_in_group[(o // period) % groups] += 1.0
     for g in range(groups):
         for c in range(channels):
-            total = sums[0, g, c]
+            total = sums[0, g, c] if has_weights else rows_in_group[g] * inner
+            total_weight[g, c] = total
             if total > 0:
                 centred = sums[1, g, c] / total
                 mean[g, c] = shift[c] + centred
                 variance[g, c] = max(sums[2, g, c] / total - centred * centred, 0.0)
-    return mean, variance, sums[0].copy()
+    return mean, variance, total_weight
 
 
 @helper

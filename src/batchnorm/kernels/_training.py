@@ -27,7 +27,7 @@ from batchnorm.kernels._elementwise import (
     normalize_rows_block,
     split_mean,
 )
-from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel
+from batchnorm.kernels._jit import block_rows, by_layout, kernel, setup_helper
 from batchnorm.kernels._statistics import (
     first_values,
     gradient_sums_planes_block,
@@ -39,7 +39,7 @@ from batchnorm.kernels._statistics import (
 )
 
 
-@helper
+@setup_helper
 def update_moving_statistics(  # type: ignore[no-untyped-def]
     mean,
     variance,
@@ -195,7 +195,7 @@ def _train_forward_planes(  # type: ignore[no-untyped-def]
 train_forward = by_layout(_train_forward_rows, _train_forward_planes)
 
 
-@helper
+@setup_helper
 def parameter_gradients(sums, variance, epsilon):  # type: ignore[no-untyped-def]
     """``dscale = sum_g Sdc / sqrt(variance + epsilon)`` and ``doffset = sum_g Sdy`` per channel."""
     groups, channels = variance.shape
