@@ -72,6 +72,22 @@ def test_tensor_training_flag_backward_through_the_layer():
     torch.testing.assert_close(layer.moving_mean, plain.moving_mean)
 
 
+# Inductor's own import of torch.jit warns (torch 2.13), not our code.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_tensor_training_flag_backward_under_torch_compile(backend):
+    torch.manual_seed(3)
+    layer = BatchNormalization(8, fused=False)
+    x = torch.randn(4, 8, requires_grad=True)
+    step = torch.compile(lambda x, flag: layer(x, training=flag), backend=backend)
+    step(x, torch.tensor(True)).pow(2).sum().backward()
+    plain = BatchNormalization(8, fused=False)
+    x2 = x.detach().clone().requires_grad_()
+    plain(x2, training=True).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.moving_mean, plain.moving_mean)
+
+
 @pytest.mark.parametrize("shape, axis", [((1, 8), -1), ((1, 4, 1, 1), 1)])
 def test_one_value_per_channel_gives_beta_and_an_exactly_zero_input_gradient(shape, axis):
     torch.manual_seed(4)
