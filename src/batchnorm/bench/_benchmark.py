@@ -334,18 +334,23 @@ _FIRST_CALL = (
 )
 
 
-def first_call_seconds(*, cold_cache: bool) -> float:
-    """Import plus a first training and inference call in a fresh process.
-
-    With ``cold_cache`` Numba's cache points at an empty folder, so JIT compilation is included;
-    otherwise the process finds the compiled kernels on disk.
-    """
+def first_call_seconds() -> dict[str, float]:
+    """Import plus a first training step and inference call, in two fresh processes that share
+    an empty Numba cache folder: the first compiles the kernels it needs ("cold_cache"), the
+    second finds them on disk ("warm_cache")."""
+    seconds = {}
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache} if cold_cache else dict(os.environ)
-        output = subprocess.run(
-            [sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, check=True
-        )
-    return float(output.stdout.strip().splitlines()[-1])
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for name in ("cold_cache", "warm_cache"):
+            output = subprocess.run(
+                [sys.executable, "-c", _FIRST_CALL],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            seconds[name] = float(output.stdout.strip().splitlines()[-1])
+    return seconds
 
 
 def geometric_mean(values: list[float]) -> float:
@@ -496,15 +501,12 @@ def run_benchmark(
         "repeats": repeats,
     }
     steps = len(main_cases) + len(extra_cases) + len(MODEL_CASES)
-    steps += (2 if compile_time else 0) + (1 if allocator_runs else 0)
+    steps += (1 if compile_time else 0) + (1 if allocator_runs else 0)
     bar = Progress("bench", steps, unit="step", enabled=progress, summary=True)
     try:
         if compile_time:
-            cold = first_call_seconds(cold_cache=True)
+            report["first_call_seconds"] = first_call_seconds()
             bar.update()
-            warm = first_call_seconds(cold_cache=False)
-            bar.update()
-            report["first_call_seconds"] = {"cold_cache": cold, "warm_cache": warm}
         main_results, extra_results, model_results = [], [], []
         for case in main_cases:
             main_results.append(run_case(case, repeats))
