@@ -23,8 +23,8 @@ CASES = [
     ((8, 10, 4), -1, {"virtual_batch_size": 2}, False),
     ((8, 5, 9), 1, {"virtual_batch_size": 4, "moving_average": "debiased"}, False),
     ((4, 12, 6), -1, {"fused": False}, True),
-    ((64, 40, 33), 1, {"moving_average": "debiased", "momentum": 1.0}, False),  # threaded
-    ((300, 300), -1, {}, False),  # threaded, rows
+    ((64, 40, 110), 1, {"moving_average": "debiased", "momentum": 1.0}, False),  # threaded
+    ((600, 600), -1, {}, False),  # threaded, rows
 ]
 
 
