@@ -100,9 +100,7 @@ def normalize_prepared(
     the statistics are ``[groups, C]`` arrays."""
     plan = prepared.plan
     out, out3 = plan.fresh()
-    normalize = (
-        plan.affine_normalize.parallel if prepared.parallel else plan.affine_normalize.serial
-    )
+    normalize = prepared.compiled(plan.affine_normalize)
     normalize(
         prepared.x3,
         mean,
@@ -124,7 +122,7 @@ def batch_moments_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     prepared = prepare(x, axes, weights, ghost_batches > 1)
     plan = prepared.plan
-    moments = plan.batch_moments.parallel if prepared.parallel else plan.batch_moments.serial
+    moments = prepared.compiled(plan.batch_moments)
     mean, variance, total = moments(
         prepared.x3,
         prepared.weights,
@@ -247,7 +245,7 @@ def train_in_place_impl(
         step.unbiased,
     )
     out, out3 = plan.fresh()
-    forward = plan.train_forward.parallel if prepared.parallel else plan.train_forward.serial
+    forward = prepared.compiled(plan.train_forward)
     mean, variance, total = forward(
         prepared.x3,
         prepared.weights,
@@ -282,7 +280,7 @@ def train_backward_impl(
     dy3 = _canonical_gradient(grad, prepared)
     plan = prepared.plan
     dx, dx3 = plan.fresh()
-    backward = plan.train_backward.parallel if prepared.parallel else plan.train_backward.serial
+    backward = prepared.compiled(plan.train_backward)
     dscale, doffset = backward(
         dy3,
         prepared.x3,
@@ -354,7 +352,7 @@ def normalize_batch_backward_impl(
     dy3 = _canonical_gradient(grad, prepared)
     mean_c = _to_canonical(mean, layout, 0.0, ghost_batches)
     variance_c = _to_canonical(variance, layout, 1.0, ghost_batches)
-    gradient_sums = plan.gradient_sums.parallel if prepared.parallel else plan.gradient_sums.serial
+    gradient_sums = prepared.compiled(plan.gradient_sums)
     sums = gradient_sums(dy3, prepared.x3, mean_c, ghost_batches, layout.period, plan.blocks)
     channel_shape = tuple(x.shape[a] for a in axes)
     global_sums = sums
@@ -362,9 +360,7 @@ def normalize_batch_backward_impl(
         reduced = reduce_sums(_from_canonical(sums, layout, channel_shape))
         global_sums = np.ascontiguousarray(_to_canonical(reduced, layout, 0.0), np.float64)
     dx, dx3 = plan.fresh()
-    input_gradient = (
-        plan.input_gradient.parallel if prepared.parallel else plan.input_gradient.serial
-    )
+    input_gradient = prepared.compiled(plan.input_gradient)
     input_gradient(
         dy3,
         prepared.x3,

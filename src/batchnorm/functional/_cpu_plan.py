@@ -14,7 +14,7 @@ tensor, for the same reason.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -114,6 +114,10 @@ class Prepared(NamedTuple):
     @property
     def layout(self) -> CanonicalLayout:
         return self.plan.layout
+
+    def compiled(self, kernel: Kernel) -> Any:
+        """The kernel's threaded build when this call runs threaded, else its serial one."""
+        return kernel.parallel if self.parallel else kernel.serial
 
 
 # Plans of the input signatures seen. Only plans that view x without a copy are kept: the others
