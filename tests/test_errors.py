@@ -27,8 +27,29 @@ from batchnorm.functional import BatchNormStatistics, batch_norm, batch_normaliz
         ),
         ({"momentum": -0.1}, ValueError, r"Received: momentum=-0.1"),
         ({"renorm_momentum": 2}, ValueError, r"`renorm_momentum` must be a number in \[0, 1\]"),
-        ({"epsilon": 0}, ValueError, r"`epsilon` must be a number > 0. Received: epsilon=0"),
+        (
+            {"epsilon": 0},
+            ValueError,
+            r"`epsilon` must be a finite number > 0. Received: epsilon=0",
+        ),
         ({"epsilon": -1e-3}, ValueError, r"Received: epsilon=-0.001"),
+        ({"epsilon": float("inf")}, ValueError, r"finite number > 0. Received: epsilon=inf"),
+        ({"epsilon": float("nan")}, ValueError, r"Received: epsilon=nan"),
+        ({"trainable": "False"}, TypeError, r"`trainable` must be True or False.*'False'"),
+        ({"renorm": "False"}, TypeError, r"`renorm` must be True or False.*'False'"),
+        ({"center": "no"}, TypeError, r"`center` must be True or False. Received: center='no'"),
+        ({"scale": 1}, TypeError, r"`scale` must be True or False. Received: scale=1"),
+        ({"name": 123}, TypeError, r"`name` must be a string or None. Received: name=123"),
+        (
+            {"renorm": True, "renorm_clipping": {"rmax": float("nan")}},
+            ValueError,
+            r"`renorm_clipping\['rmax'\]` must be a number",
+        ),
+        (
+            {"renorm": True, "renorm_clipping": {"dmax": float("nan")}},
+            ValueError,
+            r"`renorm_clipping\['dmax'\]` must be a number",
+        ),
         (
             {"gamma_initializer": "zeroz"},
             ValueError,
@@ -183,6 +204,18 @@ def state(layer):
             r"`training` must be a Python bool or a 0-d bool tensor",
         ),
         (
+            {},
+            lambda layer: layer(torch.randn(8, 3), training=torch.tensor(0.3)),
+            ValueError,
+            r"0-d bool tensor. Received: training with shape \(\) and dtype torch.float32",
+        ),
+        (
+            {},
+            lambda layer: layer(torch.randn(8, 3), training=2),
+            TypeError,
+            r"`training` must be None, a bool or a 0-d bool tensor. Received: training=2",
+        ),
+        (
             {"virtual_batch_size": 3},
             lambda layer: layer(torch.randn(8, 3), training=True),
             ValueError,
@@ -277,7 +310,7 @@ def test_functional_errors():
         ValueError, match=r"`moving_variance_estimator` must be 'biased' or 'unbiased'"
     ):
         batch_norm(x, stats, moving_variance_estimator="bessel")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"`epsilon` must be a number > 0"):
+    with pytest.raises(ValueError, match=r"`epsilon` must be a finite number > 0"):
         batch_normalization(x, x.mean(0), x.var(0), None, None, 0.0)
     with pytest.raises(ValueError, match=r"`mask` must broadcast to the shape of `x`"):
         moments(x, [0], mask=torch.ones(5))
@@ -305,3 +338,12 @@ def test_mask_error_names_both_accepted_shapes_when_they_differ():
         r"\(2, 4\)\. Received: mask.shape=\(3, 4\)",
     ):
         layer(torch.randn(2, 3, 4), training=True, mask=torch.ones(3, 4, dtype=torch.bool))
+
+
+def test_trainable_setter_rejects_non_bools():
+    layer = BatchNormalization(3)
+    with pytest.raises(
+        TypeError, match=r"`trainable` must be True or False. Received: trainable='False'"
+    ):
+        layer.trainable = "False"
+    assert layer.trainable is True and layer.gamma.requires_grad

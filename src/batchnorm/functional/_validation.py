@@ -6,10 +6,12 @@ Keras form ``... Received: name=value``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -71,9 +73,23 @@ def check_fraction(value: Any, argument: str) -> float:
 
 
 def check_positive(value: Any, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0.0:
-        raise ValueError(f"`{argument}` must be a number > 0. Received: {argument}={value!r}")
+    """A finite number > 0, as epsilon is (an infinite epsilon turns every output into beta)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 < float(value) < math.inf
+    ):
+        raise ValueError(
+            f"`{argument}` must be a finite number > 0. Received: {argument}={value!r}"
+        )
     return float(value)
+
+
+def check_bool(value: Any, argument: str) -> bool:
+    """A Python or NumPy bool: a string such as "False" would otherwise read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{argument}` must be True or False. Received: {argument}={value!r}")
+    return bool(value)
 
 
 def check_virtual_batch_size(value: Any) -> int | None:
@@ -104,7 +120,7 @@ def check_renorm_clipping(clipping: Any) -> dict[str, float]:
         )
     values = {key: value for key, value in clipping.items() if value is not None}
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
             raise ValueError(
                 f"`renorm_clipping['{key}']` must be a number. "
                 f"Received: renorm_clipping={dict(clipping)!r}"

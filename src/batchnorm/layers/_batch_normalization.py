@@ -22,6 +22,7 @@ from batchnorm.functional._direct_step import DirectCalls, infer, train_in_place
 from batchnorm.functional._synchronized import check_synchronized, synchronizes
 from batchnorm.functional._validation import (
     check_axis_type,
+    check_bool,
     check_floating_input,
     check_fraction,
     check_positive,
@@ -166,7 +167,8 @@ class BatchNormalization(nn.Module):
         self.axis: list[int] | int = check_axis_type(axis) if not isinstance(axis, int) else axis
         self.momentum = check_fraction(momentum, "momentum")
         self.epsilon = check_positive(epsilon, "epsilon")
-        self.center, self.scale = bool(center), bool(scale)
+        self.center = check_bool(center, "center")
+        self.scale = check_bool(scale, "scale")
         self.beta_initializer = initializers.get(beta_initializer, argument="beta_initializer")
         self.gamma_initializer = initializers.get(gamma_initializer, argument="gamma_initializer")
         self.moving_mean_initializer = initializers.get(
@@ -179,7 +181,7 @@ class BatchNormalization(nn.Module):
         self.gamma_regularizer = regularizers.get(gamma_regularizer, argument="gamma_regularizer")
         self.beta_constraint = constraints.get(beta_constraint, argument="beta_constraint")
         self.gamma_constraint = constraints.get(gamma_constraint, argument="gamma_constraint")
-        self.renorm = bool(renorm)
+        self.renorm = check_bool(renorm, "renorm")
         self.renorm_clipping = check_renorm_clipping(renorm_clipping)
         self.renorm_momentum = check_fraction(renorm_momentum, "renorm_momentum")
         self.virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
@@ -218,9 +220,11 @@ class BatchNormalization(nn.Module):
             raise ValueError(reason)
         self.fused: bool | None = False if (fused is None and reason is not None) else fused
         self._fused_argument = fused
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"`name` must be a string or None. Received: name={name!r}")
         self.name = name if name is not None else _default_name()
         self._device = device
-        self._trainable = bool(trainable)
+        self._trainable = check_bool(trainable, "trainable")
         self._axes: tuple[int, ...] | None = None
         self._input_rank: int | None = None
         self.built = False
@@ -302,7 +306,7 @@ class BatchNormalization(nn.Module):
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
-        self._trainable = bool(value)
+        self._trainable = check_bool(value, "trainable")
         for parameter in self._affine_parameters():
             parameter.requires_grad_(self._trainable)
 
@@ -319,13 +323,14 @@ class BatchNormalization(nn.Module):
         if training is None:
             return bool(self.training)
         if isinstance(training, torch.Tensor):
-            if training.ndim != 0:
+            if training.ndim != 0 or training.dtype != torch.bool:
                 raise ValueError(
                     "`training` must be a Python bool or a 0-d bool tensor. "
-                    f"Received: training with shape {tuple(training.shape)}"
+                    f"Received: training with shape {tuple(training.shape)} and dtype "
+                    f"{training.dtype}"
                 )
-            return training.to(torch.bool)
-        if isinstance(training, (bool, numbers.Integral, np.bool_)):
+            return training
+        if isinstance(training, (bool, np.bool_)):
             return bool(training)
         raise TypeError(
             f"`training` must be None, a bool or a 0-d bool tensor. Received: training={training!r}"
