@@ -36,7 +36,7 @@ def reference_train_step(
         ghost_count = x.shape[0] // virtual_batch_size
         groups = [np.arange(j, x.shape[0], ghost_count) for j in range(ghost_count)]
     y = np.empty_like(x)
-    means, variances = [], []
+    means, variances, counts = [], [], []
     for index in groups:
         part = x[index]
         w = (
@@ -55,6 +55,7 @@ def reference_train_step(
         )
         y[index] = (part - mean) / np.sqrt(var + epsilon) * gamma.reshape(view) + beta.reshape(view)
         count = total.reshape(channel_shape)
+        counts.append(count)
         means.append(mean.reshape(channel_shape))
         stored = var.reshape(channel_shape)
         if unbiased:
@@ -63,7 +64,9 @@ def reference_train_step(
     batch_mean, batch_var = np.mean(means, axis=0), np.mean(variances, axis=0)
     new_mean = mean_state * momentum + batch_mean * (1 - momentum)
     new_var = var_state * momentum + batch_var * (1 - momentum)
-    return y, new_mean, new_var
+    # A channel whose weights sum to 0 saw no sample: its statistics stay (as an empty batch).
+    seen = np.mean(counts, axis=0) > 0
+    return y, np.where(seen, new_mean, mean_state), np.where(seen, new_var, var_state)
 
 
 def reference_inference(x, mean_state, var_state, gamma, beta, *, axes, epsilon):

@@ -23,6 +23,7 @@ from batchnorm.functional._torch_ops import TORCH_OPS
 from batchnorm.functional._validation import (
     check_floating_input,
     check_fraction,
+    check_mask_values,
     check_positive,
     check_renorm_clipping,
     check_tensor_shape,
@@ -117,6 +118,7 @@ def check_mask(mask: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]) -> to
     channel axes (one weight per position, shared by the channels) is accepted too; when both
     readings have the same shape, Keras' is taken.
     """
+    check_mask_values(mask)
     keras_shape = tuple(x.shape[:-1])
     if tuple(mask.shape) == keras_shape:
         return mask.unsqueeze(-1)
@@ -366,6 +368,8 @@ def batch_norm_step(
     batch_variance = _as_dtype(_mean_over_ghost_batches(moments.variance.detach()), compute_dtype)
     count = _mean_over_ghost_batches(_as_dtype(moments.total_weight.detach(), compute_dtype))
     new_statistics = _updated_statistics(statistics, batch_mean, batch_variance, count, options)
+    if weights is not None:
+        new_statistics = _keep_unseen_channels(count > 0, new_statistics, statistics)
     if statistics.renorm_mean is not None and statistics.renorm_stddev is not None:
         correction = renorm_correction(
             batch_mean,
@@ -464,6 +468,20 @@ def _select_statistics(
         )
         if new is not None and old is not None
     }
+    return BatchNormStatistics(**selected)
+
+
+def _keep_unseen_channels(
+    seen: torch.Tensor, new_statistics: BatchNormStatistics, statistics: BatchNormStatistics
+) -> BatchNormStatistics:
+    """The old statistics of channels whose mask weights sum to 0: they saw no sample and stay
+    as after an empty batch (tf-keras would pull them toward 0 / 0 = 0). The debiased average's
+    weight steps only when some channel saw a sample."""
+    selected = {}
+    for name, new, old in zip(BatchNormStatistics._fields, new_statistics, statistics, strict=True):
+        if new is None or old is None:
+            continue
+        selected[name] = torch.where(seen.any() if new.ndim == 0 else seen, new, old)
     return BatchNormStatistics(**selected)
 
 

@@ -7,7 +7,11 @@ from typing import Any
 import torch
 
 from batchnorm.functional._torch_ops import reduced_moments
-from batchnorm.functional._validation import check_floating_input, normalize_axes
+from batchnorm.functional._validation import (
+    check_floating_input,
+    check_mask_values,
+    normalize_axes,
+)
 
 
 def moments(
@@ -34,6 +38,7 @@ def moments(
     dims = normalize_axes(axes, x.ndim)
     weights = None
     if mask is not None:
+        check_mask_values(mask)
         try:
             torch.broadcast_shapes(tuple(mask.shape), tuple(x.shape))  # type: ignore[no-untyped-call]
         except RuntimeError as error:

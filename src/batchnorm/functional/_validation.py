@@ -144,3 +144,40 @@ def check_tensor_shape(
             f"`{argument}` must have the per-channel shape {expected}. "
             f"Received: {argument}.shape={tuple(tensor.shape)}"
         )
+
+
+def check_mask_values(mask: Any) -> torch.Tensor:
+    """``mask`` checked as frequency weights: a real (bool, integer or floating) tensor whose
+    values are finite and >= 0.
+
+    The value check reads the mask once (it is the size of ``x`` without its channel axes); it is
+    skipped while ``torch.compile`` traces, where it would break the graph.
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            "`mask` must be a torch.Tensor (`torch.as_tensor(mask)` converts an array). "
+            f"Received: mask of type {type(mask).__name__}"
+        )
+    if mask.is_complex():
+        raise TypeError(
+            f"`mask` must hold real weights (bool, integer or floating). Received: mask.dtype={mask.dtype}"
+        )
+    if (
+        mask.dtype != torch.bool
+        and not torch.compiler.is_compiling()
+        and not bool(((mask >= 0) & (mask < math.inf)).all())
+    ):
+        problems = [
+            label
+            for label, bad in (
+                ("NaN", mask.isnan()),
+                ("negative", mask < 0),
+                ("infinite", mask.isinf()),
+            )
+            if bool(bad.any())
+        ]
+        raise ValueError(
+            "`mask` must hold finite weights >= 0 (0 leaves a position out of the statistics). "
+            f"Received: a mask with {' and '.join(problems)} values"
+        )
+    return mask

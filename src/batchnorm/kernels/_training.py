@@ -59,10 +59,20 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
     - exponential (Keras): ``M <- M - (M - m) * (1 - momentum)``, the same for ``V`` with ``v'``;
     - ``debiased`` (Caffe): ``s <- momentum * s + 1``, then ``M <- M + (m - M) / s``.
 
+    A channel whose weights sum to 0 (masked out entirely) saw no sample and keeps its
+    statistics, as after an empty batch; ``s`` steps only when some channel saw one.
+
     Computed in float64 and rounded once into the buffers' dtype (the composed torch-op path rounds
     each operation in that dtype: the two differ by at most an ulp).
     """
     groups, channels = mean.shape
+    seen = False
+    for c in range(channels):
+        for g in range(groups):
+            if total[g, c] > 0.0:
+                seen = True
+    if not seen:
+        return
     weight = 1.0
     if debiased:
         average_weight[0] = np.float64(average_weight[0]) * momentum + 1.0
@@ -75,6 +85,8 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
             m += mean[g, c]
             v += variance[g, c]
             n += total[g, c]
+        if n == 0.0:
+            continue
         m /= groups
         v /= groups
         n /= groups

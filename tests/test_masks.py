@@ -1,0 +1,127 @@
+"""Masks: what is accepted as weights, and masks that leave channels without any sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import BatchNormalization
+from batchnorm.functional import BatchNormStatistics, batch_norm, moments
+from tests.numpy_reference import reference_train_step
+
+
+def _layer_state(layer: BatchNormalization) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def _assert_state_equal(before: dict[str, torch.Tensor], layer: BatchNormalization) -> None:
+    after = layer.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "match"),
+    [
+        ([1.0] * 8, TypeError, r"`mask` must be a torch.Tensor .* Received: mask of type list"),
+        (np.ones(8), TypeError, r"`mask` must be a torch.Tensor .* Received: mask of type ndarray"),
+        (
+            torch.ones(8, dtype=torch.complex64),
+            TypeError,
+            r"`mask` must hold real weights .* Received: mask.dtype=torch.complex64",
+        ),
+        (
+            torch.tensor([1.0, float("nan"), 1, 1, 1, 1, 1, 1]),
+            ValueError,
+            r"`mask` must hold finite weights >= 0 .* Received: a mask with NaN values",
+        ),
+        (
+            torch.tensor([1.0, -1, 1, 1, 1, 1, 1, float("inf")]),
+            ValueError,
+            r"Received: a mask with negative and infinite values",
+        ),
+    ],
+)
+@pytest.mark.parametrize("fused", [False, None])
+def test_bad_masks_raise_and_change_nothing(mask, error, match, fused):
+    layer = BatchNormalization(3, fused=fused, moving_average="debiased")
+    layer(torch.randn(8, 3), training=True)
+    before = _layer_state(layer)
+    with pytest.raises(error, match=match):
+        layer(torch.randn(8, 3) + 5, training=True, mask=mask)
+    _assert_state_equal(before, layer)
+
+
+def test_functional_moments_checks_mask_values():
+    with pytest.raises(ValueError, match=r"Received: a mask with negative values"):
+        moments(torch.randn(4, 3), [0], mask=-torch.ones(4, 1))
+
+
+@pytest.mark.parametrize("moving_average", ["ema", "debiased"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_zero_mask_leaves_moving_statistics_unchanged(moving_average, dtype):
+    # As an empty batch: nothing was seen, so nothing is averaged in (not 0 / 0 = 0).
+    layer = BatchNormalization(4, fused=False, moving_average=moving_average, dtype=dtype)
+    layer(torch.randn(16, 4, dtype=dtype) * 3 + 2, training=True)
+    before = _layer_state(layer)
+    for mask in (torch.zeros(16), torch.zeros(16, dtype=torch.bool)):
+        for _ in range(2):  # the second call takes the layer's direct path on CPU
+            y = layer(torch.randn(16, 4, dtype=dtype), training=True, mask=mask)
+            assert torch.isfinite(y).all()
+            _assert_state_equal(before, layer)
+
+
+def test_all_zero_mask_through_the_functional_core():
+    statistics = BatchNormStatistics(torch.full((3,), 0.5), torch.full((3,), 2.0))
+    _, new = batch_norm(
+        torch.randn(6, 5, 3), statistics, training=True, mask=torch.zeros(6, 5), momentum=0.5
+    )
+    assert torch.equal(new.moving_mean, statistics.moving_mean)
+    assert torch.equal(new.moving_variance, statistics.moving_variance)
+
+
+def test_a_channel_masked_out_entirely_keeps_its_statistics():
+    # Keras' mask broadcasts along the last axis: with the channel axis first, a mask row of
+    # zeros for channel 1 leaves that channel without samples, while the others update.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 4)) * 2 + 1
+    mask = (rng.random((5, 3)) > 0.3).astype(np.float64)
+    mask[:, 1] = 0.0
+    layer = BatchNormalization(3, axis=1, momentum=0.75, fused=False, dtype="float64")
+    with torch.no_grad():
+        layer.moving_mean.fill_(0.25)
+        layer.moving_variance.fill_(4.0)
+    layer(torch.tensor(x), training=True, mask=torch.tensor(mask))
+    weights = np.broadcast_to(mask[:, :, None], x.shape)
+    for channel in (0, 2):
+        w = weights[:, channel]
+        mean = (w * x[:, channel]).sum() / w.sum()
+        variance = (w * (x[:, channel] - mean) ** 2).sum() / w.sum()
+        assert layer.moving_mean[channel].item() == pytest.approx(0.75 * 0.25 + 0.25 * mean)
+        assert layer.moving_variance[channel].item() == pytest.approx(0.75 * 4.0 + 0.25 * variance)
+    assert layer.moving_mean[1].item() == 0.25
+    assert layer.moving_variance[1].item() == 4.0
+
+
+def test_partial_masks_still_match_the_float64_reference():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((12, 4)) * 3 + 5
+    weights = (rng.random(12) > 0.4).astype(np.float64)
+    layer = BatchNormalization(4, momentum=0.9, fused=False, dtype="float64")
+    y = layer(torch.tensor(x), training=True, mask=torch.tensor(weights))
+    expected_y, expected_mean, expected_variance = reference_train_step(
+        x,
+        np.zeros(4),
+        np.ones(4),
+        None,
+        None,
+        axes=(1,),
+        momentum=0.9,
+        epsilon=1e-3,
+        weights=weights[:, None],
+    )
+    np.testing.assert_allclose(y.detach().numpy(), expected_y, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), expected_mean, rtol=1e-12)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), expected_variance, rtol=1e-12)
