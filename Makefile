@@ -35,8 +35,14 @@ lint: $(STAMP_DEV)
 typecheck: $(STAMP_DEV)
 	$(BIN)/mypy
 
+# The kernels' tests run a second time on one thread: results must not depend on the thread
+# count (the main run uses two, whatever the machine has).
+KERNEL_TESTS := tests/test_cpu_kernels.py tests/test_cpu_numerics.py tests/test_numerics_search.py \
+	tests/test_direct_calls.py tests/test_masks.py tests/test_numpy_reference.py
+
 unit: $(STAMP_DEV)
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 $(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(BIN)/python -m pytest -q $(KERNEL_TESTS)
 
 test: lint typecheck unit
 
