@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from batchnorm import BatchNormalization
+from batchnorm.functional import NATIVE, NUMBA_CPU, register_backend
 from tests.numpy_reference import reference_inference, reference_train_step
 
 
@@ -53,10 +55,22 @@ _KERAS_MASK_ONE_CHANNEL = {
 }
 
 
-@settings(max_examples=60, deadline=None)
-@given(configurations())
+@pytest.fixture(params=["default", "native"])
+def cpu_backend(request):
+    """The CPU's default backends (Numba kernels, composed ops where they do not reach), then
+    torch's own kernels (the native backend, default on GPUs) for what they express."""
+    if request.param == "native":
+        register_backend("cpu", NATIVE)
+    yield request.param
+    register_backend("cpu", NUMBA_CPU)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(config=configurations())
 @example(config=_KERAS_MASK_ONE_CHANNEL)
-def test_train_and_inference_match_float64_reference(config):
+def test_train_and_inference_match_float64_reference(config, cpu_backend):
     rng = np.random.default_rng(config["seed"])
     kwargs = {k: config[k] for k in ("axis", "momentum", "epsilon", "center", "scale", "fused")}
     layer = BatchNormalization(

@@ -10,26 +10,37 @@
 from batchnorm.functional._backend import BatchNormBackend, Moments
 from batchnorm.functional._batch_norm import BatchNormStatistics, batch_norm
 from batchnorm.functional._cpu_backend import NUMBA_CPU, NumbaCpuBackend
-from batchnorm.functional._dispatch import backend_for, register_backend
+from batchnorm.functional._dispatch import (
+    apply_environment,
+    backend_for,
+    force_backend,
+    register_backend,
+)
 from batchnorm.functional._moments import moments
 from batchnorm.functional._moving_average import moving_average_update
+from batchnorm.functional._native import NATIVE, NativeBackend
 from batchnorm.functional._normalization import batch_normalization
 from batchnorm.functional._renorm import RenormCorrection, renorm_correction
-from batchnorm.functional._torch_ops import TorchOpsBackend
+from batchnorm.functional._torch_ops import TORCH_OPS, TorchOpsBackend
 
 register_backend("cpu", NUMBA_CPU)
+apply_environment()
 
 __all__ = [
+    "NATIVE",
     "NUMBA_CPU",
+    "TORCH_OPS",
     "BatchNormBackend",
     "BatchNormStatistics",
     "Moments",
+    "NativeBackend",
     "NumbaCpuBackend",
     "RenormCorrection",
     "TorchOpsBackend",
     "backend_for",
     "batch_norm",
     "batch_normalization",
+    "force_backend",
     "moments",
     "moving_average_update",
     "register_backend",

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 import torch.utils._pytree as pytree
 
-from batchnorm.functional._dispatch import backend_for
+from batchnorm.functional._dispatch import backend_for, composed_backend
 from batchnorm.functional._moving_average import (
     debiased_average_update,
     debiased_weight_update,
@@ -19,7 +19,6 @@ from batchnorm.functional._moving_average import (
 from batchnorm.functional._renorm import renorm_correction
 from batchnorm.functional._synchronized import resolve_process_group, synchronized_moments
 from batchnorm.functional._synchronized_normalize import synchronized_normalize
-from batchnorm.functional._torch_ops import TORCH_OPS
 from batchnorm.functional._validation import (
     check_floating_input,
     check_fraction,
@@ -309,7 +308,7 @@ def batch_norm_step(
     if weights is not None and any(weights.shape[a] != 1 for a in axes):
         # Keras' mask on a channel axis that is not last weighs (sample, channel) positions:
         # weights that vary inside a channel only fit the composed-op path.
-        backend = TORCH_OPS
+        backend = composed_backend()
     elif weights is not None:
         # One weight per position (a Keras mask over size-1 channel axes broadcasts too).
         weights = weights.expand([1 if i in axes else size for i, size in enumerate(x.shape)])
@@ -342,7 +341,7 @@ def batch_norm_step(
         else:
             # An adjustment that varies inside a channel only fits the composed-op path, with
             # scale and offset broadcast against x instead of per channel.
-            backend = TORCH_OPS
+            backend = composed_backend()
             view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
             scale = None if scale is None else scale.reshape(view)
             offset = None if offset is None else offset.reshape(view)
@@ -356,11 +355,23 @@ def batch_norm_step(
     synchronizing = options.synchronized and update is not False
     group = resolve_process_group(options.process_group) if synchronizing else None
     empty = math.prod(x.shape) == 0
+    y_train: torch.Tensor | None = None
+    train_batch, expresses = (getattr(backend, name, None) for name in ("train_batch", "expresses"))
     if group is not None:
         moments, any_elements = synchronized_moments(
             x, axes, weights, ghost_batches, backend, group, not options.layout_agreed
         )
         ghost_batches, empty = moments.mean.shape[0], not any_elements
+    elif (
+        train_batch is not None
+        and expresses is not None
+        and weights is None
+        and ghost_batches == 1
+        and not statistics.renorm
+        and expresses(x, axes, (scale, offset), training=True)
+    ):
+        # One native call gives the output and the batch moments.
+        y_train, moments = train_batch(x, axes, scale, offset, epsilon)
     else:
         moments = backend.batch_moments(x, axes, weights, ghost_batches)
     # Ghost batches update the moving statistics once, with the mean of their statistics.
@@ -384,7 +395,7 @@ def batch_norm_step(
         y_train = synchronized_normalize(
             x, axes, moments, scale, offset, epsilon, weights, ghost_batches, backend, group
         )
-    else:
+    elif y_train is None:
         y_train = backend.normalize_batch(
             x, axes, moments, scale, offset, epsilon, weights, ghost_batches
         )

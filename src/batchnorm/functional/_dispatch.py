@@ -1,31 +1,73 @@
-"""Which backend runs a call: the one registered for the tensor's device type, if it supports the
-tensor, else the torch-op backend (every device; the reference the kernels are tested against).
+"""Which backend runs a call, decided here and nowhere else.
+
+Per call, by device: the backend registered for the tensor's device type when it supports the
+tensor (the Numba kernels for "cpu", registered on import); otherwise the native backend
+(torch's own batch-norm kernels, :mod:`batchnorm.functional._native`) on every other device, and
+the composed torch ops on the CPU. By configuration: the step runs a backend's one-call native
+training (``train_batch``) only where the backend ``expresses`` it (one channel axis, no mask, no
+ghost batches, no renorm, per-channel scale and offset), and weights or an adjustment that vary
+inside a channel always take the composed torch ops (:func:`composed_backend`).
+
+``BATCHNORM_BACKEND=numba|native|torch`` in the environment (read on import; for debugging and
+comparisons) forces one backend for every device it supports, as :func:`force_backend` does.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from batchnorm.functional._backend import BatchNormBackend
+from batchnorm.functional._native import NATIVE
 from batchnorm.functional._torch_ops import TORCH_OPS
 
 _BACKENDS: dict[str, BatchNormBackend] = {}
+_FORCED: list[BatchNormBackend] = []
+_NAMED: dict[str, BatchNormBackend] = {"native": NATIVE, "torch": TORCH_OPS}
 
 
 def register_backend(device_type: str, backend: BatchNormBackend | None) -> None:
-    """Use ``backend`` for tensors on ``device_type`` ("cpu", "cuda", ...); None restores torch ops."""
+    """Use ``backend`` for tensors on ``device_type`` ("cpu", "cuda", ...); None restores the
+    default (native kernels on accelerators, composed torch ops on the CPU)."""
     if backend is None:
         _BACKENDS.pop(device_type, None)
-    else:
-        _BACKENDS[device_type] = backend
+        return
+    _BACKENDS[device_type] = backend
+    _NAMED.setdefault(backend.name, backend)
+
+
+def force_backend(name: str | None) -> None:
+    """Run every call on the backend ``name`` ("numba", "native", "torch") wherever it supports
+    the tensor, whatever is registered; None ends it. ``BATCHNORM_BACKEND`` sets it on import."""
+    if name is None or name == "":
+        _FORCED.clear()
+        return
+    if name not in _NAMED:
+        raise ValueError(f"`BATCHNORM_BACKEND` must be one of {sorted(_NAMED)}. Received: {name!r}")
+    _FORCED[:] = [_NAMED[name]]
 
 
 def backend_for(x: torch.Tensor) -> BatchNormBackend:
-    """The backend registered for ``x.device.type`` when it supports ``x``; torch ops otherwise."""
+    """The backend that runs a call on ``x`` (see the module docstring)."""
+    if _FORCED and _FORCED[0].supports(x):
+        return _FORCED[0]
     backend = _BACKENDS.get(x.device.type)
-    return backend if backend is not None and backend.supports(x) else TORCH_OPS
+    if backend is not None and backend.supports(x):
+        return backend
+    return TORCH_OPS if x.device.type == "cpu" else NATIVE
+
+
+def composed_backend() -> BatchNormBackend:
+    """The backend for weights or adjustments that vary inside a channel: composed torch ops."""
+    return TORCH_OPS
 
 
 def registered_backend(device_type: str) -> BatchNormBackend | None:
-    """The backend registered for ``device_type``, if any."""
-    return _BACKENDS.get(device_type)
+    """The backend a call on ``device_type`` takes first: the forced one, else the registered one."""
+    return _FORCED[0] if _FORCED else _BACKENDS.get(device_type)
+
+
+def apply_environment() -> None:
+    """Read ``BATCHNORM_BACKEND`` (called once, after the backends are registered)."""
+    force_backend(os.environ.get("BATCHNORM_BACKEND"))
