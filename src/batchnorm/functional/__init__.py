@@ -9,6 +9,7 @@
 
 from batchnorm.functional._backend import BatchNormBackend, Moments
 from batchnorm.functional._batch_norm import BatchNormStatistics, batch_norm
+from batchnorm.functional._composed import compile_composed
 from batchnorm.functional._cpu_backend import NUMBA_CPU, NumbaCpuBackend
 from batchnorm.functional._dispatch import (
     apply_environment,
@@ -40,6 +41,7 @@ __all__ = [
     "backend_for",
     "batch_norm",
     "batch_normalization",
+    "compile_composed",
     "force_backend",
     "moments",
     "moving_average_update",

@@ -3,7 +3,7 @@
 Per call, by device: the backend registered for the tensor's device type when it supports the
 tensor (the Numba kernels for "cpu", registered on import); otherwise the native backend
 (torch's own batch-norm kernels, :mod:`batchnorm.functional._native`) on every other device, and
-the composed torch ops on the CPU. By configuration: the step runs a backend's one-call native
+the composed torch ops on the CPU (eager, or compiled after ``compile_composed()``). By configuration: the step runs a backend's one-call native
 training (``train_batch``) only where the backend ``expresses`` it (one channel axis, no mask, no
 ghost batches, no renorm, per-channel scale and offset), and weights or an adjustment that vary
 inside a channel always take the composed torch ops (:func:`composed_backend`).
@@ -19,6 +19,7 @@ import os
 import torch
 
 from batchnorm.functional._backend import BatchNormBackend
+from batchnorm.functional._composed import composed_ops
 from batchnorm.functional._native import NATIVE
 from batchnorm.functional._torch_ops import TORCH_OPS
 
@@ -55,12 +56,13 @@ def backend_for(x: torch.Tensor) -> BatchNormBackend:
     backend = _BACKENDS.get(x.device.type)
     if backend is not None and backend.supports(x):
         return backend
-    return TORCH_OPS if x.device.type == "cpu" else NATIVE
+    return composed_ops() if x.device.type == "cpu" else NATIVE
 
 
 def composed_backend() -> BatchNormBackend:
-    """The backend for weights or adjustments that vary inside a channel: composed torch ops."""
-    return TORCH_OPS
+    """The backend for weights or adjustments that vary inside a channel: the composed torch ops
+    (compiled after :func:`~batchnorm.functional._composed.compile_composed`)."""
+    return composed_ops()
 
 
 def registered_backend(device_type: str) -> BatchNormBackend | None:

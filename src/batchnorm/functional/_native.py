@@ -5,8 +5,8 @@ ops for the rest.
 with its backward; it normalises one channel axis at dim 1 (a channels-last tensor is read in
 place). It expresses a training or inference step with one channel axis, no mask, no ghost batches,
 no renorm and per-channel scale and offset, on a batch with at least two elements per channel.
-Everything else runs the composed ops of :class:`~batchnorm.functional._torch_ops.TorchOpsBackend`,
-which this class extends.
+Everything else runs the composed ops (:func:`~batchnorm.functional._composed.composed_ops`: eager,
+or compiled after ``compile_composed()``).
 
 The batch statistics come from the same kernel call: running buffers that start at 0 and step
 with torch's momentum 1 hold, after the call, the batch mean and torch's unbiased variance
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from batchnorm.functional._backend import Moments
-from batchnorm.functional._torch_ops import TorchOpsBackend
+from batchnorm.functional._composed import composed_ops
 
 _NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -37,11 +37,38 @@ def _channels_at_dim_1(x: torch.Tensor, axis: int) -> torch.Tensor:
     return x if axis == 1 else x.movedim(axis, 1)
 
 
-class NativeBackend(TorchOpsBackend):
+class NativeBackend:
     """``torch.batch_norm`` where it expresses the call; the composed torch ops otherwise."""
 
     name = "native"
     reads_half_precision = True
+
+    def supports(self, x: torch.Tensor) -> bool:
+        return True
+
+    def batch_moments(
+        self,
+        x: torch.Tensor,
+        axes: tuple[int, ...],
+        weights: torch.Tensor | None,
+        ghost_batches: int,
+    ) -> Moments:
+        return composed_ops().batch_moments(x, axes, weights, ghost_batches)
+
+    def normalize_batch(
+        self,
+        x: torch.Tensor,
+        axes: tuple[int, ...],
+        moments: Moments,
+        scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        epsilon: float,
+        weights: torch.Tensor | None,
+        ghost_batches: int,
+    ) -> torch.Tensor:
+        return composed_ops().normalize_batch(
+            x, axes, moments, scale, offset, epsilon, weights, ghost_batches
+        )
 
     def expresses(
         self,
@@ -119,7 +146,7 @@ class NativeBackend(TorchOpsBackend):
             or mean.requires_grad
             or variance.requires_grad
         ):
-            return super().normalize(x, axes, mean, variance, scale, offset, epsilon)
+            return composed_ops().normalize(x, axes, mean, variance, scale, offset, epsilon)
         axis = axes[0]
         y = torch.batch_norm(
             _channels_at_dim_1(x, axis),

@@ -42,7 +42,7 @@ def reduced_moments(
         return Moments(x * (ones > 0), torch.zeros_like(x), ones)
     accumulator = _accumulator(x)
     if weights is None:
-        elements = math.prod(x.shape[i] for i in reduce_dims)
+        elements = math.prod([x.shape[i] for i in reduce_dims])
         exact_mean = x.sum(dim=reduce_dims, keepdim=True, dtype=accumulator) / max(elements, 1)
         mean = exact_mean.to(x.dtype)
         # tf.nn.moments centres with stop_gradient(mean): the same first derivative, but a wrong
@@ -145,12 +145,12 @@ class TorchOpsBackend:
     ) -> tuple[torch.Tensor, tuple[int, ...], list[int]]:
         """x as [v, G, ...] for ghost batches, the dims to reduce, and the statistics' view shape."""
         view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
-        reduce_dims = tuple(i for i in range(x.ndim) if i not in axes)
+        reduce_dims = tuple([i for i in range(x.ndim) if i not in axes])
         if ghost_batches == 1:
             return x, reduce_dims, view
         # Ghost batch j holds samples {j, j + G, ...}: tf-keras reshapes to [B/G, G, ...].
         grouped = x.reshape(-1, ghost_batches, *x.shape[1:])
-        return grouped, (0, *(i + 1 for i in reduce_dims if i != 0)), [1, ghost_batches, *view[1:]]
+        return grouped, (0, *[i + 1 for i in reduce_dims if i != 0]), [1, ghost_batches, *view[1:]]
 
     def batch_moments(
         self,
@@ -162,9 +162,9 @@ class TorchOpsBackend:
         grouped, reduce_dims, _ = self._grouped(_upcast(x), axes, ghost_batches)
         if weights is not None and ghost_batches > 1:
             weights = weights.reshape(-1, ghost_batches, *weights.shape[1:])
-        channel_shape = (ghost_batches, *(x.shape[a] for a in axes))
+        channel_shape = (ghost_batches, *[x.shape[a] for a in axes])
         moments = reduced_moments(grouped, reduce_dims, weights)
-        return Moments(*(t.reshape(channel_shape) for t in moments))
+        return Moments(*[t.reshape(channel_shape) for t in moments])
 
     def normalize_batch(
         self,

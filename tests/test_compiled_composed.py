@@ -1,0 +1,65 @@
+"""The composed torch-op path through torch.compile (``compile_composed``): no graph break, the
+same numbers as eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchnorm import BatchNormalization
+from batchnorm.functional import NUMBA_CPU, compile_composed, register_backend
+
+
+@pytest.fixture
+def composed_on_cpu():
+    register_backend("cpu", None)  # the CPU then runs the composed ops
+    yield
+    compile_composed(False)
+    register_backend("cpu", NUMBA_CPU)
+
+
+CASES = [
+    ({"axis": -1}, (32, 6, 4), {"mask": "keras"}),
+    ({"axis": 1}, (32, 6, 4), {"mask": "keras"}),
+    ({"axis": -1, "virtual_batch_size": 8}, (32, 5), {}),
+    ({"axis": -1, "renorm": True, "renorm_clipping": {"rmax": 2.0, "dmax": 1.0}}, (16, 5), {}),
+    ({"axis": [1, 2]}, (8, 3, 4, 2), {}),
+]
+
+
+def _run(kwargs, shape, call, seed):
+    torch.manual_seed(seed)
+    layer = BatchNormalization(fused=False, **kwargs)
+    x = (torch.randn(shape) * 3 + 2).requires_grad_()
+    mask = (torch.rand(shape[:-1]) > 0.3).float() if call.get("mask") == "keras" else None
+    outputs = []
+    for _ in range(2):
+        y = layer(x, training=True, mask=mask)
+        (y * y.detach().sin()).sum().backward()
+        outputs.append(y.detach())
+    outputs.append(layer(x, training=False).detach())
+    return outputs, x.grad, [p.grad for p in layer.parameters()], layer.get_weights()
+
+
+@pytest.mark.parametrize(("kwargs", "shape", "call"), CASES)
+def test_compiled_composed_path_equals_eager(composed_on_cpu, kwargs, shape, call):
+    eager = _run(kwargs, shape, call, seed=5)
+    compile_composed(backend="aot_eager")  # traces forward and backward, fullgraph
+    compiled = _run(kwargs, shape, call, seed=5)
+    for a, b in zip(eager[0], compiled[0], strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(eager[1], compiled[1])
+    for a, b in zip(eager[2], compiled[2], strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(eager[3], compiled[3], strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_composed_path_with_inductor(composed_on_cpu):
+    eager = _run({"axis": -1}, (16, 4, 3), {"mask": "keras"}, seed=6)
+    compile_composed()
+    compiled = _run({"axis": -1}, (16, 4, 3), {"mask": "keras"}, seed=6)
+    for a, b in zip(eager[0], compiled[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager[1], compiled[1], rtol=1e-4, atol=1e-5)
