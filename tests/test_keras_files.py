@@ -486,3 +486,279 @@ def test_channels_last_keras_layer_into_channels_first_module(arrays):
     assert report.ok
     assert any("normalises axis 3, the module axis 1" in note for note in report[0].notes)
     assert_close(infer(model, arrays, file), arrays[f"files/{file}/y"], 1e-5, "model output")
+
+
+# ------------------------------------------------ damaged files: checked before anything changes
+def write_tf_keras_weights(path: Path, layers: dict[str, dict[str, np.ndarray]]) -> Path:
+    """A tf-keras ``save_weights`` HDF5 file: layer_names on the root, weights under weight_names."""
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        handle.attrs["layer_names"] = [name.encode() for name in layers]
+        handle.attrs["keras_version"] = b"2.20.1"
+        for name, weights in layers.items():
+            group = handle.create_group(name)
+            group.attrs["weight_names"] = [f"{name}/{w}:0".encode() for w in weights]
+            for weight, value in weights.items():
+                group[f"{name}/{weight}:0"] = value
+    return path
+
+
+def write_keras3_weights(path: Path, layers: dict[str, dict[str, np.ndarray]]) -> Path:
+    """A Keras 3 ``.weights.h5``: unnamed variables under layers/batch_normalization[_n]/vars."""
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        for i, (name, weights) in enumerate(layers.items()):
+            group = handle.create_group(
+                "layers/batch_normalization" + (f"_{i}" if i else "") + "/vars"
+            )
+            group.attrs["name"] = name
+            for j, value in enumerate(weights.values()):
+                group[str(j)] = value
+    return path
+
+
+def bn_weights(channels: int, *, seed: int = 0, **sizes: int) -> dict[str, np.ndarray]:
+    """gamma, beta, moving_mean, moving_variance of ``channels`` values (``sizes`` overrides)."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: (rng.random(sizes.get(name, channels)) + 0.5).astype(np.float32)
+        for name in ("gamma", "beta", "moving_mean", "moving_variance")
+    }
+
+
+def snapshot(model: nn.Module) -> list[tuple[str, torch.Tensor | str]]:
+    """Every tensor of the state dict, and every module's settings and build state."""
+    state: list[tuple[str, torch.Tensor | str]] = [
+        (k, v.clone()) for k, v in model.state_dict().items()
+    ]
+    for name, module in model.named_modules():
+        settings = {
+            key: getattr(module, key, None)
+            for key in ("momentum", "epsilon", "eps", "trainable", "renorm_clipping", "built")
+        }
+        state.append((name, repr(settings)))
+    return state
+
+
+def assert_unchanged(model: nn.Module, before: list[tuple[str, torch.Tensor | str]]) -> None:
+    after = snapshot(model)
+    assert [key for key, _ in after] == [key for key, _ in before]
+    for (key, old), (_, new) in zip(before, after, strict=True):
+        if isinstance(old, torch.Tensor):
+            assert isinstance(new, torch.Tensor)
+            torch.testing.assert_close(new, old, rtol=0, atol=0, msg=key)
+        else:
+            assert new == old, key
+
+
+def first_then_second(kind: str) -> nn.Module:
+    """A module for a good 3-channel layer, then one for a 5-channel layer."""
+    if kind == "ours":
+        return nn.Sequential(BatchNormalization(3), BatchNormalization(5))
+    if kind == "ours unbuilt":
+        return nn.Sequential(BatchNormalization(), BatchNormalization())
+    return nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(5))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("kind", ["ours", "ours unbuilt", "torch"])
+@pytest.mark.parametrize("writer", [write_tf_keras_weights, write_keras3_weights])
+def test_weights_of_different_lengths_are_refused_before_any_module_changes(
+    tmp_path, writer, kind, strict
+):
+    """gamma/beta of 4 values and moving statistics of 5 in the second layer: the first layer,
+    which fits, is not loaded either, in strict and non-strict mode."""
+    path = writer(
+        tmp_path / "bad.weights.h5",
+        {"bn_good": bn_weights(3), "bn_bad": bn_weights(5, gamma=4, beta=4)},
+    )
+    model = first_then_second(kind)
+    before = snapshot(model)
+    match = (
+        r"Every weight of Keras layer 'bn_bad' must have the same shape, one value per channel. "
+        r"Received: gamma \(4,\), beta \(4,\), moving_mean \(5,\), moving_variance \(5,\) "
+        r"at /layers/batch_normalization_1/vars in path='.*bad.weights.h5'"
+    )
+    if writer is write_tf_keras_weights:
+        match = match.replace("/layers/batch_normalization_1/vars", "/bn_bad/bn_bad")
+    with pytest.raises(ValueError, match=match):
+        load_weights(model, path, strict=strict, configure=True)
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match=match):
+        read_batch_norm_layers(path)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_moving_statistics_that_disagree_are_refused(tmp_path, strict):
+    path = write_tf_keras_weights(
+        tmp_path / "w.h5", {"bn_good": bn_weights(3), "bn_bad": bn_weights(5, moving_variance=6)}
+    )
+    model = first_then_second("torch")
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"'bn_bad'.*moving_mean \(5,\), moving_variance \(6,\) at /bn_bad/bn_bad"
+    ):
+        load_weights(model, path, strict=strict)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("value", "expectation"),
+    [
+        (np.array([b"a", b"b", b"c"]), "real numbers"),
+        (np.array([1 + 1j, 2, 3]), "real numbers"),
+        (np.zeros(0, np.float32), "one value per channel"),
+        (np.float32(1), "one value per channel"),
+    ],
+)
+def test_weights_that_are_not_per_channel_numbers_are_refused(tmp_path, value, expectation):
+    path = write_tf_keras_weights(tmp_path / "w.h5", {"bn": {**bn_weights(3), "gamma": value}})
+    model = nn.Sequential(BatchNormalization(3))
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=rf"Weight `gamma` of Keras layer 'bn' must hold {expectation}. "
+        r"Received: .* at /bn/bn in path='.*w.h5'",
+    ):
+        load_weights(model, path, strict=False)
+    assert_unchanged(model, before)
+
+
+def test_module_whose_tensors_do_not_match_its_channel_count_changes_nothing(tmp_path):
+    """torch's num_features says 3, the running_var put in by hand has 4 values."""
+    path = write_tf_keras_weights(tmp_path / "w.h5", {"a": bn_weights(3), "b": bn_weights(3)})
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3))
+    model[1].running_var = torch.ones(4)
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"Keras layer 'b' holds 3 values per weight, which module '1' must take. "
+        r"Received: `running_var` of shape \(4,\) in the module, path='.*w.h5'",
+    ):
+        load_weights(model, path, strict=False)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kind", ["ours", "torch"])
+def test_non_finite_weights_are_a_mismatch_that_strict_false_still_loads(tmp_path, kind):
+    """A diverged run saves NaN statistics: strict names them; strict=False loads them as Keras would."""
+    bad = bn_weights(5)
+    bad["moving_mean"][[1, 3]] = [np.nan, np.inf]
+    bad["moving_variance"][0] = -0.5
+    path = write_tf_keras_weights(tmp_path / "w.h5", {"bn_good": bn_weights(3), "bn_bad": bad})
+    model = first_then_second(kind)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"2 way\(s\)") as error:
+        load_weights(model, path)
+    assert (
+        "bn_bad -> 1: moving_mean values: file '2 of 5 not finite', module 'finite expected' "
+        "(the weights still load)" in str(error.value)
+    )
+    assert "bn_bad -> 1: moving_variance values: file '1 of 5 negative'" in str(error.value)
+    assert_unchanged(model, before)
+    report = load_weights(model, path, strict=False)
+    assert [entry.status for entry in report] == ["loaded", "loaded"]
+    assert [d.setting for d in report[1].differences] == [
+        "moving_mean values",
+        "moving_variance values",
+    ]
+    mean = model[1].moving_mean if kind == "ours" else model[1].running_mean
+    np.testing.assert_array_equal(mean.numpy(), bad["moving_mean"])
+
+
+@pytest.mark.parametrize("writer", [write_tf_keras_weights, write_keras3_weights])
+def test_big_endian_arrays_load(tmp_path, writer):
+    """h5py returns arrays in the byte order stored; torch refuses non-native ones."""
+    weights = {k: v.astype(">f4") for k, v in bn_weights(3).items()}
+    path = writer(tmp_path / "big.weights.h5", {"bn": weights})
+    ours, theirs = BatchNormalization(3), nn.BatchNorm1d(3, eps=1e-3, momentum=0.01)
+    assert load_weights(ours, path, configure=True).ok
+    assert load_weights(theirs, path).ok
+    expected = [v.astype(np.float32) for v in weights.values()]
+    for got, want in zip(ours.get_weights(), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(
+        (theirs.weight, theirs.bias, theirs.running_mean, theirs.running_var), expected, strict=True
+    ):
+        np.testing.assert_array_equal(got.detach().numpy(), want)
+
+
+def test_invalid_setting_in_a_later_layer_changes_no_earlier_module(tmp_path):
+    """configure=True, strict=False: bn_dense's renorm_clipping (rmax < rmin) is refused before
+    bn_conv, which fits, is configured or loaded."""
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "bad_clipping.h5"
+    shutil.copy(GOLDEN / "tfk_model.h5", path)
+    with h5py.File(path, "r+") as handle:
+        config = json.loads(handle.attrs["model_config"])
+        for layer in config["config"]["layers"]:
+            if layer["config"]["name"] == "bn_dense":
+                layer["config"]["renorm_clipping"] = {"rmin": 2.0, "rmax": 1.0}
+        handle.attrs["model_config"] = json.dumps(config)
+    model = nn.Sequential(BatchNormalization(3), BatchNormalization(5, renorm=True, center=False))
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"Keras layer 'bn_dense' in the file has an invalid setting: `renorm_clipping` "
+        r"needs rmax >= rmin. Received: renorm_clipping=\{'rmin': 2.0, 'rmax': 1.0\}",
+    ):
+        load_weights(model, path, configure=True, strict=False)
+    assert_unchanged(model, before)
+
+
+def test_truncated_and_damaged_files_name_the_path(tmp_path):
+    data = (GOLDEN / "tfk_model.h5").read_bytes()
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(data[: len(data) // 2])
+    model = nn.Sequential(BatchNormalization(3), BatchNormalization(5))
+    before = snapshot(model)
+    with pytest.raises(
+        OSError,
+        match=r"`path` could not be read as a Keras file \(.*truncated file.*\); it may be "
+        r"truncated or damaged. Received: path='.*truncated.h5'",
+    ):
+        load_weights(model, truncated, strict=False)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(data[:8] + b"\0" * 200)  # the HDF5 signature, then nothing HDF5
+    with pytest.raises(OSError, match=r"could not be read as a Keras file.*path='.*garbage.h5'"):
+        load_weights(model, garbage)
+    archive = (GOLDEN / "k3_model.keras").read_bytes()
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(archive[: len(archive) // 2])
+    with pytest.raises(
+        ValueError, match=r"no end-of-archive record: a truncated `.keras` file\? .*'.*cut.keras'"
+    ):
+        load_weights(model, cut)
+    with pytest.raises(
+        FileNotFoundError, match=r"must name an existing Keras file. Received: path='.*gone.h5'"
+    ):
+        load_weights(model, tmp_path / "gone.h5")
+    assert_unchanged(model, before)
+
+
+def test_keras_archive_with_a_damaged_weights_member_names_the_path(tmp_path):
+    import zipfile
+
+    path = tmp_path / "damaged.keras"
+    with zipfile.ZipFile(GOLDEN / "k3_model.keras") as source_archive:
+        members = {name: source_archive.read(name) for name in source_archive.namelist()}
+    weights = members["model.weights.h5"]
+    members["model.weights.h5"] = weights[: len(weights) // 2]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    with pytest.raises(OSError, match=r"could not be read as a Keras file.*path='.*damaged.keras'"):
+        read_batch_norm_layers(path)
+    members["config.json"] = b"{not json"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    with pytest.raises(
+        ValueError, match=r"lacks or garbles what a Keras file of its format holds.*damaged.keras"
+    ):
+        read_batch_norm_layers(path)

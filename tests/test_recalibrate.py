@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from batchnorm import BatchNormalization, freeze, recalibrate
 from batchnorm.tools._progress import Progress
@@ -86,6 +87,95 @@ def test_batch_formats_and_num_batches():
         assert result.batches == 2
         for key, value in model.state_dict().items():
             torch.testing.assert_close(value, reference.state_dict()[key], rtol=0, atol=0)
+
+
+def conv_net() -> nn.Module:
+    """torch batch norms only, no dropout: what torch.optim.swa_utils.update_bn handles too."""
+    torch.manual_seed(5)
+    return nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+
+
+def drifting_images(samples: int = 96) -> torch.Tensor:
+    """Channels with a mean that drifts from sample to sample, so batch means differ."""
+    generator = torch.Generator().manual_seed(4)
+    drift = torch.linspace(-2, 2, samples).reshape(-1, 1, 1, 1)
+    scale = torch.tensor([1.0, 2.0, 0.5]).reshape(1, 3, 1, 1)
+    return torch.randn(samples, 3, 5, 5, generator=generator) * scale + drift + 1
+
+
+@pytest.mark.parametrize("with_targets", [False, True], ids=["TensorDataset(x)", "(x, y)"])
+def test_data_loader_batches_against_update_bn_and_the_population(with_targets):
+    """DataLoader(TensorDataset(x)) yields 1-element lists, TensorDataset(x, y) [x, y] lists:
+    the input is the first element for both, as torch.optim.swa_utils.update_bn takes it.
+
+    update_bn resets the statistics and averages every batch with momentum=None (a cumulative
+    average): with equal batch sizes its running_mean is the population mean, but its
+    running_var is the mean of the per-batch unbiased variances; recalibrate stores the
+    population's unbiased variance."""
+    x = drifting_images()
+    dataset = TensorDataset(x, torch.arange(len(x)) % 2) if with_targets else TensorDataset(x)
+    loader = DataLoader(dataset, batch_size=16)
+    assert isinstance(next(iter(loader)), list)
+
+    ours, swa = conv_net(), conv_net()
+    result = recalibrate(ours, loader, progress=False)
+    torch.optim.swa_utils.update_bn(loader, swa)
+    assert result.batches == 6 and result.samples == {"0": 96 * 25, "3": 96 * 9}
+    for name in ("0", "3"):
+        np.testing.assert_allclose(
+            ours.get_submodule(name).running_mean.numpy(),
+            swa.get_submodule(name).running_mean.numpy(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    # The first batch norm's input is x itself: float64 NumPy statistics over all samples.
+    values = x.numpy().astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1)
+    np.testing.assert_allclose(ours[0].running_mean.numpy(), values.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(ours[0].running_var.numpy(), values.var(1, ddof=1), rtol=1e-6)
+    per_batch = np.mean(
+        [b.reshape(3, -1).var(1, ddof=1) for b in np.split(values.reshape(3, 6, -1), 6, axis=1)],
+        axis=0,
+    )
+    np.testing.assert_allclose(swa[0].running_var.numpy(), per_batch, rtol=1e-5)
+    assert np.abs(per_batch - values.var(1, ddof=1)).min() > 0.1  # the drift between batches
+
+    # One batch holding everything: both compute the population statistics.
+    whole = DataLoader(dataset, batch_size=len(x))
+    ours, swa = conv_net(), conv_net()
+    recalibrate(ours, whole, progress=False)
+    torch.optim.swa_utils.update_bn(whole, swa)
+    for key, value in swa.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_tensors_and_tuples_as_update_bn_takes_them():
+    x = drifting_images(48)
+    reference = conv_net()
+    recalibrate(reference, DataLoader(TensorDataset(x), batch_size=12), progress=False)
+    for given in (
+        list(x.split(12)),
+        [(b, torch.zeros(len(b))) for b in x.split(12)],
+        (b for b in x.split(12)),
+    ):
+        model = conv_net()
+        assert recalibrate(model, given, progress=False).batches == 4
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, reference.state_dict()[key], rtol=0, atol=0)
+
+
+def test_update_bn_skips_our_layer_and_recalibrate_does_not():
+    """update_bn looks for torch.nn.modules.batchnorm._BatchNorm only: our layer is left
+    untouched, without an error or a warning."""
+    layer = BatchNormalization(axis=1)
+    layer.build((8, 3, 5, 5))
+    loader = DataLoader(TensorDataset(drifting_images(32)), batch_size=8)
+    torch.optim.swa_utils.update_bn(loader, nn.Sequential(layer))
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(3))
+    recalibrate(layer, loader, progress=False)
+    values = drifting_images(32).numpy().astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), values.var(1, ddof=1), rtol=1e-6)
 
 
 def test_fused_ghost_batch_renorm_and_masked_layers():

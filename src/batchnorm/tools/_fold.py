@@ -104,6 +104,14 @@ def fold(
     from ``model.named_modules()``; no tracing is done then, and you vouch that each batch norm
     takes exactly that layer's output.
 
+    torch's fusers do not fold ``batchnorm.BatchNormalization``; use ``batchnorm.fold``:
+    ``torch.fx.experimental.optimization.fuse`` matches only the exact types
+    ``nn.BatchNorm1d/2d/3d`` (its ``symbolic_trace`` also fails inside our layer, which refuses
+    the tracing Proxy, and on a graph where our layer is a leaf it leaves it in place silently);
+    ``torch.ao.quantization.fuse_modules`` raises "did not find fuser method" for
+    ``(Conv2d, BatchNormalization)``; ``torch.nn.utils.fusion.fuse_conv_bn_eval`` looks for
+    ``running_mean``, which our layer calls ``moving_mean``.
+
     Args:
         model: the model; it is deep-copied, never modified. A model in training mode is folded
             in eval mode (a warning says so).

@@ -79,11 +79,23 @@ def recalibrate(
     statistics are merged across all processes, so every rank ends with identical statistics;
     every rank must call it (a rank may have no batches).
 
+    ``torch.optim.swa_utils.update_bn`` looks only for ``torch.nn.modules.batchnorm._BatchNorm``,
+    so it skips ``batchnorm.BatchNormalization`` silently (no error, no warning, statistics
+    unchanged); use ``batchnorm.recalibrate``, which takes the loaders ``update_bn`` takes (an
+    iterable of tensors, or of tuples/lists with the input first, as a
+    ``DataLoader(TensorDataset(x))`` or ``DataLoader(TensorDataset(x, y))`` yields) and
+    recalibrates torch's batch norms as well. Where ``update_bn`` keeps a cumulative average of
+    per-batch statistics (the population mean for equal batch sizes, but the mean of the per-batch
+    variances) with every module in training mode, this stores the population variance and keeps
+    dropout off.
+
     Args:
         model: a model holding batch norms (or one batch norm).
-        batches: an iterable of batches: a tensor, a tuple/list whose first element is the
-            model input (e.g. ``(input, target)``), or a dict with the input under ``"input"``;
-            tensors are moved to the model's device. ``forward(model, batch)`` overrides this.
+        batches: an iterable of batches (a ``DataLoader``, a list, a generator): each a tensor,
+            a tuple/list whose first element is the model input (``(input, target)``, or the
+            1-element list a ``DataLoader(TensorDataset(x))`` yields), or a dict with the input
+            under ``"input"``; tensors are moved to the model's device.
+            ``forward(model, batch)`` overrides this.
         num_batches: stop after this many batches (default: all).
         progress: draw a progress bar on stderr when it is a terminal (default True).
         forward: optional ``forward(model, batch)`` running one batch.

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 from torch import nn
 
 from batchnorm.interop.keras._records import GAMMA_OR_BETA, KerasBatchNormLayer
@@ -223,6 +224,23 @@ def torch_differences(
             f"stores the {estimator or 'biased or unbiased'} one (loaded as it is)"
         )
     return differences, notes
+
+
+def value_differences(record: KerasBatchNormLayer) -> list[Difference]:
+    """Weights that would turn the module's output into NaN or inf: non-finite values, and a
+    negative moving variance. A diverged training run saves such files; they still load
+    (``strict=False``), as Keras would load them."""
+    differences = []
+    for name, array in record.weights.items():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            found = f"{bad} of {array.size} not finite"
+            differences.append(Difference(f"{name} values", found, "finite expected", "adapt"))
+    negative = int(np.count_nonzero(record.weights["moving_variance"] < 0))
+    if negative:
+        found = f"{negative} of {record.weights['moving_variance'].size} negative"
+        differences.append(Difference("moving_variance values", found, ">= 0 expected", "adapt"))
+    return differences
 
 
 def _unresolved_gamma_or_beta(in_module: str) -> Difference:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -11,13 +12,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchnorm.functional._validation import check_fraction, check_positive
+from batchnorm.functional._validation import (
+    check_bool,
+    check_fraction,
+    check_positive,
+    check_renorm_clipping,
+)
 from batchnorm.interop.keras._compare import (
     BatchNormModule,
     Difference,
     TorchBatchNorm,
     layer_differences,
     torch_differences,
+    value_differences,
 )
 from batchnorm.interop.keras._read import read_batch_norm_layers
 from batchnorm.interop.keras._records import GAMMA_OR_BETA, KerasBatchNormLayer
@@ -72,6 +79,13 @@ def load_weights(
     ``renorm_mean = moving_mean``. torch.nn.BatchNorm*d get weight, bias, running_mean and
     running_var (``momentum_torch = 1 - momentum_keras``, ``eps = epsilon``).
 
+    Every layer is checked before any module changes, with ``strict`` True or False: a layer
+    whose weights disagree in shape (gamma of 4 values, moving_mean of 5) or are not real
+    numbers, a file h5py cannot read (truncated, damaged), an invalid setting taken with
+    ``configure``, or a module tensor of another size than the file's weights raises, naming the
+    layer, the sizes and the file, and leaves every module as it was. Non-finite weights and a
+    negative moving variance are mismatches: ``strict=False`` loads them as Keras would.
+
     Args:
         model: the torch model (or a single batch-norm module).
         path: the Keras file.
@@ -114,7 +128,7 @@ def load_weights(
             status: Status = "unused" if mapping is not None else "no module"
             steps.append(LayerLoad(record.name, None, status, ()))
         else:
-            steps.append(_plan(record, str(module_name), module, configure))
+            steps.append(_plan(record, str(module_name), module, configure, str(path)))
     plans = [step for step in steps if isinstance(step, _Plan)]
     report = LoadReport(str(path), [_entry(step) for step in steps])
     if strict and report.mismatches:
@@ -200,25 +214,68 @@ def _pairs_by_mapping(
 
 
 def _plan(
-    record: KerasBatchNormLayer, module_name: str, module: BatchNormModule, configure: bool
+    record: KerasBatchNormLayer,
+    module_name: str,
+    module: BatchNormModule,
+    configure: bool,
+    path: str,
 ) -> _Plan:
     record, resolved = _resolve_gamma_or_beta(record, module)
     if isinstance(module, BatchNormalization):
         differences, notes = layer_differences(record, module)
     else:
         differences, notes = torch_differences(record, module)
+    differences += value_differences(record)
     notes = resolved + notes
     settable = [d for d in differences if d.resolution == "configure"] if configure else []
     for difference in settable:
         _check_setting(record, difference)
     remaining = [d for d in differences if d not in settable]
     plan = _Plan(record, module_name, module, settable, remaining, notes)
-    if plan.loadable and isinstance(module, BatchNormalization) and module.built:
-        # Fails here, before any module changes, if a weight does not fit.
-        weights_from_arrays(
-            _layer_arrays(plan), module._weight_names(), tuple(module.moving_mean.shape)
-        )
+    if plan.loadable:
+        _check_fits(plan, path)
     return plan
+
+
+def _check_fits(plan: _Plan, path: str) -> None:
+    """Fails, before any module changes, if a weight does not fit the tensor it is copied into.
+
+    The channel comparison reads ``num_features`` or ``moving_mean``; this reads every tensor
+    that ``_apply`` writes, so a load never stops half-way on a size error from ``copy_``.
+    """
+    module, record = plan.module, plan.record
+    if isinstance(module, BatchNormalization):
+        if not module.built:
+            return  # its weights are created from the file's shape
+        names = module._weight_names()
+        targets = {name: getattr(module, name) for name in names}
+        try:
+            weights_from_arrays(_layer_arrays(plan), names, tuple(module.moving_mean.shape))
+        except ValueError as error:
+            raise ValueError(
+                f"Keras layer {record.name!r} (path={path!r}) cannot be loaded into module "
+                f"{shown(plan.module_name)!r}: {error}"
+            ) from None
+    else:
+        targets = {
+            name: tensor
+            for name, tensor in (
+                ("weight", module.weight),
+                ("bias", module.bias),
+                ("running_mean", module.running_mean),
+                ("running_var", module.running_var),
+            )
+            if tensor is not None
+        }
+    size = math.prod(record.channel_shape)
+    wrong = {name: tuple(t.shape) for name, t in targets.items() if t.numel() != size}
+    if wrong:
+        shapes = ", ".join(f"`{name}` of shape {shape}" for name, shape in wrong.items())
+        raise ValueError(
+            f"Keras layer {record.name!r} holds {size} values per weight, which module "
+            f"{shown(plan.module_name)!r} must take. Received: {shapes} in the module, "
+            f"path={path!r}"
+        )
 
 
 def _resolve_gamma_or_beta(
@@ -245,7 +302,11 @@ def _check_setting(record: KerasBatchNormLayer, difference: Difference) -> None:
             check_fraction(value, setting)
         elif setting.startswith("epsilon"):
             check_positive(value, setting)
-    except ValueError as error:
+        elif setting == "trainable":
+            check_bool(value, setting)
+        elif setting == "renorm_clipping":
+            check_renorm_clipping(value)
+    except (TypeError, ValueError) as error:
         raise ValueError(
             f"Keras layer {record.name!r} in the file has an invalid setting: {error}"
         ) from None
@@ -278,7 +339,7 @@ def _set(module: BatchNormModule, difference: Difference) -> None:
     value = difference.in_file
     if isinstance(module, BatchNormalization):
         if difference.setting == "renorm_clipping":
-            value = dict(value)
+            value = check_renorm_clipping(value)
         setattr(module, difference.setting, value)
     elif difference.setting.startswith("epsilon"):
         module.eps = float(value)
@@ -294,7 +355,8 @@ def _layer_arrays(plan: _Plan) -> list[np.ndarray]:
     variance = weights["moving_variance"].astype(np.float64)
     configured = {d.setting: d.in_file for d in plan.configure}
     epsilon = float(configured.get("epsilon", plan.module.epsilon))
-    stddev = np.sqrt(variance + epsilon)
+    with np.errstate(invalid="ignore"):  # a negative variance is reported; NaN is its root
+        stddev = np.sqrt(variance + epsilon)
     fill = {
         "gamma": np.ones_like(mean),
         "beta": np.zeros_like(mean),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -56,6 +56,38 @@ class KerasBatchNormLayer:
     @property
     def renorm(self) -> bool:
         return "moving_stddev" in self.weights
+
+
+def checked_weights(layer: KerasBatchNormLayer, path: str) -> KerasBatchNormLayer:
+    """``layer`` with its arrays in native byte order, after checking they can be a batch norm's.
+
+    Every weight must hold real numbers, at least one per channel, and all must have the same
+    shape: a file whose gamma has 4 values and moving_mean 5 is refused here, before any module
+    is touched, rather than half-way through a load. (h5py returns big-endian arrays as stored;
+    torch refuses them.)
+    """
+    where = f"at {layer.location} in path={path!r}"
+    weights = {}
+    for name, value in layer.weights.items():
+        array = np.asarray(value)
+        if array.dtype.kind not in "fiu":
+            raise ValueError(
+                f"Weight `{name}` of Keras layer {layer.name!r} must hold real numbers. "
+                f"Received: dtype {array.dtype} {where}"
+            )
+        if array.ndim == 0 or array.size == 0:
+            raise ValueError(
+                f"Weight `{name}` of Keras layer {layer.name!r} must hold one value per channel. "
+                f"Received: shape {array.shape} {where}"
+            )
+        weights[name] = array.astype(array.dtype.newbyteorder("="), copy=False)
+    if len({array.shape for array in weights.values()}) > 1:
+        shapes = ", ".join(f"{name} {array.shape}" for name, array in weights.items())
+        raise ValueError(
+            f"Every weight of Keras layer {layer.name!r} must have the same shape, one value per "
+            f"channel. Received: {shapes} {where}"
+        )
+    return replace(layer, weights=weights)
 
 
 def import_h5py() -> Any:
