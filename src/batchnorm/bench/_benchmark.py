@@ -31,6 +31,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import timeit
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -95,17 +97,43 @@ def quick_cases() -> tuple[list[BenchCase], list[BenchCase]]:
     return [shrink(c) for c in MAIN_CASES], [shrink(c) for c in EXTRA_CASES]
 
 
+def _synchronizing_timer(device: str) -> Callable[[], float]:
+    """A clock that first waits for the device's queued work (``Timer`` does so for CUDA)."""
+    if device == "mps":
+
+        def mps_clock() -> float:
+            torch.mps.synchronize()
+            return time.perf_counter()
+
+        return mps_clock
+    if device == "xpu":
+
+        def xpu_clock() -> float:
+            torch.xpu.synchronize()
+            return time.perf_counter()
+
+        return xpu_clock
+    return timeit.default_timer
+
+
 def interleaved_timings(
-    functions: dict[str, Callable[[], Any]], rounds: int, min_run_time: float = 0.05
+    functions: dict[str, Callable[[], Any]],
+    rounds: int,
+    min_run_time: float = 0.05,
+    device: str = "cpu",
 ) -> dict[str, Timing]:
-    """Each function timed by ``blocked_autorange`` once per round, round-robin, after a warm-up."""
+    """Each function timed by ``blocked_autorange`` once per round, round-robin, after a warm-up.
+
+    On CUDA, ``Timer`` synchronises the device around every timed block; on MPS and XPU the clock
+    synchronises itself."""
     for function in functions.values():
         function()
         function()
     times: dict[str, list[float]] = {name: [] for name in functions}
+    clock = _synchronizing_timer(device)
     for _ in range(rounds):
         for name, function in functions.items():
-            measurement = Timer("f()", globals={"f": function}).blocked_autorange(
+            measurement = Timer("f()", globals={"f": function}, timer=clock).blocked_autorange(
                 min_run_time=min_run_time
             )
             times[name].extend(measurement.times)
@@ -124,18 +152,21 @@ def _torch_layout(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def _mode_functions(case: BenchCase, x: torch.Tensor) -> dict[str, dict[str, Callable[[], Any]]]:
-    channels = x.shape[case.axis]
-    layer = BatchNormalization(channels, axis=case.axis, **case.options)
+    channels, device = x.shape[case.axis], x.device
+    layer = BatchNormalization(channels, axis=case.axis, device=device, **case.options)
     mask = None
     if case.mask:
-        mask = torch.rand([s for i, s in enumerate(x.shape) if i != case.axis % x.ndim]) > 0.2
+        mask = (torch.rand([s for i, s in enumerate(x.shape) if i != case.axis % x.ndim]) > 0.2).to(
+            device
+        )
     torch_x = _torch_layout(x, case.axis)
     module_class = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-    module = module_class[x.ndim](channels, eps=1e-3, momentum=0.01)
+    module = module_class[x.ndim](channels, eps=1e-3, momentum=0.01, device=device)
     frozen = copy.deepcopy(module).eval()
-    weight = torch.ones(channels, requires_grad=True)
-    bias = torch.zeros(channels, requires_grad=True)
-    running_mean, running_var = torch.zeros(channels), torch.ones(channels)
+    weight = torch.ones(channels, requires_grad=True, device=device)
+    bias = torch.zeros(channels, requires_grad=True, device=device)
+    running_mean = torch.zeros(channels, device=device)
+    running_var = torch.ones(channels, device=device)
     x_grad = x.detach().clone().requires_grad_()
     torch_x_grad = _torch_layout(x_grad, case.axis)
     upstream = torch.randn_like(x)
@@ -215,9 +246,11 @@ def _ratio(numerator: Timing, denominator: Timing) -> dict[str, float]:
     }
 
 
-def run_case(case: BenchCase, rounds: int, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+def run_case(
+    case: BenchCase, rounds: int, modes: tuple[str, ...] = MODES, device: str = "cpu"
+) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(case.shape, generator=generator)
+    x = torch.randn(case.shape, generator=generator).to(device)
     functions = _mode_functions(case, x)
     ghost = bool(case.options.get("virtual_batch_size"))
     _, layout = canonical_layout(x, (case.axis % x.ndim,), ghost)
@@ -230,7 +263,7 @@ def run_case(case: BenchCase, rounds: int, modes: tuple[str, ...] = MODES) -> di
     }
     floor_timings: dict[str, list[Timing]] = {name: [] for name in copies}
     for mode in modes:
-        timings = interleaved_timings({**copies, **functions[mode]}, rounds)
+        timings = interleaved_timings({**copies, **functions[mode]}, rounds, device=device)
         for name in copies:
             floor_timings[name].append(timings.pop(name))
         result["modes"][mode] = {
@@ -257,14 +290,17 @@ def run_case(case: BenchCase, rounds: int, modes: tuple[str, ...] = MODES) -> di
 
 
 def fresh_copy(x: torch.Tensor) -> torch.Tensor:
-    """One out-of-place copy of ``x`` into new NumPy-allocated (huge-page advised) memory."""
+    """One out-of-place copy of ``x`` into new NumPy-allocated (huge-page advised) memory; on
+    other devices into memory new from torch's allocator."""
+    if not x.is_cpu:
+        return torch.empty_like(x).copy_(x)
     fresh = torch.from_numpy(
         np.empty(tuple(x.shape), np.float32 if x.dtype == torch.float32 else np.float64)
     )
     return fresh.copy_(x)
 
 
-def _model(name: str, ours: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def _model(name: str, ours: bool, device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A small network with our layer or torch's, its input batch and labels (fixed seed)."""
     torch.manual_seed(0)
     if name.startswith("mlp"):
@@ -296,14 +332,14 @@ def _model(name: str, ours: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor
         )
         x = torch.rand(32, 3, 32, 32)
     labels = torch.randint(0, 10, (x.shape[0],))
-    return model, x, labels
+    return model.to(device), x.to(device), labels.to(device)
 
 
-def run_model_case(name: str, rounds: int) -> dict[str, Any]:
+def run_model_case(name: str, rounds: int, device: str = "cpu") -> dict[str, Any]:
     """One training step (forward, loss, backward, Adam step) with each batch norm."""
     steps: dict[str, Callable[[], Any]] = {}
     for label, ours in (("batchnorm", True), ("torch", False)):
-        model, x, labels = _model(name, ours)
+        model, x, labels = _model(name, ours, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def step(
@@ -317,7 +353,7 @@ def run_model_case(name: str, rounds: int) -> dict[str, Any]:
             optimizer.step()
 
         steps[label] = step
-    timings = interleaved_timings(steps, rounds)
+    timings = interleaved_timings(steps, rounds, device=device)
     return {
         "name": name,
         "seconds": {label: t.seconds for label, t in timings.items()},
@@ -479,16 +515,23 @@ def run_benchmark(
     compile_time: bool,
     progress: bool = True,
     allocator_runs: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Time every case (and, with ``compile_time``, the first call in fresh processes).
 
     ``repeats`` is the number of interleaved rounds. ``allocator_runs`` times the cases again in
-    a second process with ``THP_MEM_ALLOC_ENABLE=1`` (``report["huge_page_run"]``).
+    a second process with ``THP_MEM_ALLOC_ENABLE=1`` (``report["huge_page_run"]``). ``device``
+    ("cpu", "cuda", "mps", ...) holds every tensor and module; off the CPU there is no
+    first-call (JIT) timing and no second allocator run, which concern the CPU kernels.
     ``progress`` draws a bar over the cases on stderr when it is a terminal, and writes one
     closing line when it is not.
     """
     main_cases, extra_cases = quick_cases() if quick else (MAIN_CASES, EXTRA_CASES)
+    on_cpu = torch.device(device).type == "cpu"
+    compile_time, allocator_runs = compile_time and on_cpu, allocator_runs and on_cpu
     report: dict[str, Any] = {
+        "device": str(device),
+        "device_name": _device_name(device),
         "machine": {
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
@@ -509,13 +552,13 @@ def run_benchmark(
             bar.update()
         main_results, extra_results, model_results = [], [], []
         for case in main_cases:
-            main_results.append(run_case(case, repeats))
+            main_results.append(run_case(case, repeats, device=device))
             bar.update()
         for case in extra_cases:
-            extra_results.append(run_case(case, repeats, modes=("train forward",)))
+            extra_results.append(run_case(case, repeats, modes=("train forward",), device=device))
             bar.update()
         for name in MODEL_CASES:
-            model_results.append(run_model_case(name, repeats))
+            model_results.append(run_model_case(name, repeats, device=device))
             bar.update()
         if allocator_runs:
             report["huge_page_run"] = _huge_page_run(quick, repeats)
@@ -527,6 +570,13 @@ def run_benchmark(
     report["models"] = model_results
     report["summary"] = summarise(main_results, extra_results, model_results)
     return report
+
+
+def _device_name(device: str) -> str:
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return kind
 
 
 def _huge_page_run(quick: bool, repeats: int) -> dict[str, Any]:
