@@ -94,3 +94,216 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
 def test_bench_rejects_bad_repeats(capsys):
     assert main(["bench", "--repeats", "0"]) == 2
     assert "--repeats must be >= 1. Received: 0" in capsys.readouterr().err
+
+
+def _subcommand_parsers(parser, path=()):
+    """Every (command path, parser, help line) below ``parser``, depth first."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, subparser in action.choices.items():
+                yield (*path, name), subparser, helps.get(name)
+                yield from _subcommand_parsers(subparser, (*path, name))
+
+
+def test_version_prints_the_package_version(capsys):
+    import batchnorm
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"batchnorm {batchnorm.__version__}\n"
+
+
+def test_every_command_has_a_help_line_and_a_description(capsys):
+    from batchnorm.cli import build_parser
+
+    parser = build_parser()
+    found = list(_subcommand_parsers(parser))
+    assert {path for path, _, _ in found} == {
+        ("demo",),
+        ("bench",),
+        ("inspect",),
+        ("demo", "placement"),
+        ("demo", "shift"),
+        ("demo", "modes"),
+    }
+    for path, subparser, help_line in found:
+        assert help_line, f"{' '.join(path)} has no help line in its parent's -h"
+        assert subparser.description, f"{' '.join(path)} -h has no description"
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    top = capsys.readouterr().out
+    for path, _, help_line in found:
+        if len(path) == 1:
+            assert path[0] in top and help_line.split()[0] in top
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["demo"], ["bench"], ["inspect"], ["demo", "placement"], ["demo", "shift"]]
+)
+def test_help_texts_have_no_restructuredtext_markup(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "-h"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {' '.join(['batchnorm', *command])}")
+    assert "``" not in out and ":func:" not in out
+
+
+def test_plain_text_unmarks_docstrings():
+    from batchnorm.cli._main import plain_text
+
+    assert (
+        plain_text("Run ``batchnorm demo`` (see :func:`~batchnorm.diagnose`).")
+        == "Run batchnorm demo (see batchnorm.diagnose)."
+    )
+
+
+def _no_training(monkeypatch):
+    import batchnorm.cli._demo as demo_cli
+
+    monkeypatch.setattr(demo_cli, "_run", lambda *_: pytest.fail("the demo started"))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["demo", "--out", "{file}"],
+        ["demo", "--out", "{file}", "shift"],
+        ["demo", "placement", "--out", "{file}"],
+        ["demo", "shift", "--out", "{file}"],
+        ["demo", "modes", "--out", "{file}"],
+    ],
+)
+def test_demo_out_an_existing_file_stops_before_training(command, tmp_path, monkeypatch, capsys):
+    _no_training(monkeypatch)
+    existing = tmp_path / "notes.txt"
+    existing.write_text("kept\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([part.format(file=existing) for part in command])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --out: must be a directory to write into" in err
+    assert f"Received: {str(existing)!r}, an existing file" in err
+    assert existing.read_text() == "kept\n"
+
+
+def test_demo_out_below_a_file_cannot_be_created(tmp_path, monkeypatch, capsys):
+    _no_training(monkeypatch)
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "modes", "--out", str(tmp_path / "notes.txt" / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out: must be a directory to write into, but it cannot be created" in err
+    assert f"{str(tmp_path / 'notes.txt')!r} is a file" in err
+
+
+def test_demo_default_out_is_checked_too(tmp_path, monkeypatch, capsys):
+    _no_training(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo-output").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "modes"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out: must be a directory" in err and "Received: 'demo-output'" in err
+
+
+def test_demo_out_not_writable(tmp_path, monkeypatch, capsys):
+    import batchnorm.cli._paths as paths
+
+    _no_training(monkeypatch)
+    monkeypatch.setattr(paths.os, "access", lambda *_: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "modes", "--out", str(tmp_path / "new")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be a directory this user can write into" in err
+    assert f"({str(tmp_path)!r} is not writable)" in err
+
+
+def test_demo_out_that_does_not_exist_yet_is_accepted_and_not_created(tmp_path):
+    from batchnorm.cli import build_parser
+
+    out = tmp_path / "a" / "b"
+    assert build_parser().parse_args(["demo", "shift", "--out", str(out)]).out == out
+    assert not (tmp_path / "a").exists()
+
+
+def test_demo_without_matplotlib_stops_before_training(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    _no_training(monkeypatch)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "matplotlib" else find_spec(name)
+    )
+    assert main(["demo", "modes", "--out", str(tmp_path)]) == 2
+    assert "the demo's plots need matplotlib" in capsys.readouterr().err
+
+
+def _no_timing(monkeypatch):
+    import batchnorm.bench as bench
+
+    monkeypatch.setattr(bench, "run_benchmark", lambda **_: pytest.fail("the bench started"))
+    monkeypatch.setattr(bench, "run_sync_benchmark", lambda **_: pytest.fail("the bench started"))
+
+
+@pytest.mark.parametrize("option", ["--json", "--png"])
+def test_bench_output_a_directory_stops_before_timing(option, tmp_path, monkeypatch, capsys):
+    _no_timing(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", option, str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {option}: must be a file to write, not a directory" in err
+    assert f"Received: {str(tmp_path)!r}, an existing directory" in err
+
+
+@pytest.mark.parametrize("option", ["--json", "--png"])
+def test_bench_output_in_a_missing_folder_stops_before_timing(
+    option, tmp_path, monkeypatch, capsys
+):
+    _no_timing(monkeypatch)
+    target = tmp_path / "missing" / "bench.out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", option, str(target)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: must be a file in an existing directory" in err
+    assert f"({str(tmp_path / 'missing')!r} does not exist)" in err
+
+
+@pytest.mark.parametrize(("sync", "default"), [(False, "bench.json"), (True, "bench-sync.json")])
+def test_bench_default_json_is_checked_before_timing(sync, default, tmp_path, monkeypatch, capsys):
+    _no_timing(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / default).mkdir()
+    assert main(["bench", "--quick", *(["--sync"] if sync else [])]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"argument --json: must be a file to write, not a directory. Received: {default!r}" in err
+    )
+
+
+def test_bench_png_does_not_apply_with_sync(tmp_path, monkeypatch, capsys):
+    _no_timing(monkeypatch)
+    png = tmp_path / "chart.png"
+    assert main(["bench", "--sync", "--png", str(png)]) == 2
+    assert f"--png does not apply with --sync. Received: --png {png}" in capsys.readouterr().err
+
+
+def test_bench_png_without_matplotlib_stops_before_timing(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    _no_timing(monkeypatch)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "matplotlib" else find_spec(name)
+    )
+    assert main(["bench", "--png", str(tmp_path / "chart.png")]) == 2
+    assert "--png needs matplotlib" in capsys.readouterr().err

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from batchnorm.cli._paths import output_file
 
 DEFAULT_JSON = Path("bench.json")
 DEFAULT_SYNC_JSON = Path("bench-sync.json")
@@ -15,7 +18,13 @@ DEFAULT_SYNC_JSON = Path("bench-sync.json")
 def add_bench_parser(commands: Any) -> None:
     """Register the ``bench`` sub-command on an ``add_subparsers()`` object."""
     bench = commands.add_parser(
-        "bench", help="time batchnorm against torch native batch norm and the copy floor"
+        "bench",
+        help="time batchnorm against torch native batch norm and the copy floor",
+        description="Time batchnorm's CPU batch norm against torch's native one in training "
+        "forward, training forward+backward and inference, on dense, sequence and image shapes "
+        "and two small models; each time is also given as a multiple of the floor, one copy of "
+        "the input. Prints a table and writes the numbers as JSON (and a bar chart with --png). "
+        "With --sync: synchronized batch norm over 2 gloo processes instead.",
     )
     bench.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     bench.add_argument(
@@ -31,8 +40,18 @@ def add_bench_parser(commands: Any) -> None:
         help="'both' also times every case in a second process with THP_MEM_ALLOC_ENABLE=1 "
         "(huge pages for torch's allocator too); default: both",
     )
-    bench.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write numbers")
-    bench.add_argument("--png", type=Path, default=None, help="also draw a bar chart here")
+    bench.add_argument(
+        "--json",
+        type=output_file,
+        default=None,
+        help=f"where to write the numbers (default {DEFAULT_JSON}, {DEFAULT_SYNC_JSON} with --sync)",
+    )
+    bench.add_argument(
+        "--png",
+        type=output_file,
+        default=None,
+        help="also draw a bar chart here (needs matplotlib: pip install 'batchnorm[plot]')",
+    )
     bench.add_argument(
         "--no-compile-time",
         action="store_true",
@@ -41,17 +60,15 @@ def add_bench_parser(commands: Any) -> None:
     bench.add_argument(
         "--sync",
         action="store_true",
-        help="time synchronized batch norm over 2 gloo processes instead (default json: bench-sync.json)",
+        help="time synchronized batch norm over 2 gloo processes instead (no chart)",
     )
 
 
 def run_bench(arguments: argparse.Namespace) -> int:
     """Print the table and write the JSON (and chart); exit status 2 on a bad argument."""
-    if arguments.repeats < 1:
-        print(
-            f"batchnorm bench: --repeats must be >= 1. Received: {arguments.repeats}",
-            file=sys.stderr,
-        )
+    problem = _check(arguments)
+    if problem is not None:
+        print(f"batchnorm bench: {problem}", file=sys.stderr)
         return 2
     if arguments.sync:
         return _run_sync_bench(arguments)
@@ -86,6 +103,26 @@ def run_bench(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _check(arguments: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, found before any timing starts; None when nothing."""
+    if arguments.repeats < 1:
+        return f"--repeats must be >= 1. Received: {arguments.repeats}"
+    if arguments.sync and arguments.png is not None:
+        return f"--png does not apply with --sync. Received: --png {arguments.png}"
+    if arguments.png is not None and importlib.util.find_spec("matplotlib") is None:
+        return (
+            "--png needs matplotlib: pip install 'batchnorm[plot]'. "
+            f"Received: --png {arguments.png} without it"
+        )
+    if arguments.json is None:
+        default = DEFAULT_SYNC_JSON if arguments.sync else DEFAULT_JSON
+        try:
+            arguments.json = output_file(str(default))
+        except argparse.ArgumentTypeError as error:
+            return f"error: argument --json: {error}"
+    return None
+
+
 def _run_sync_bench(arguments: argparse.Namespace) -> int:
     from batchnorm.bench import format_sync_table, run_sync_benchmark
 
@@ -97,7 +134,6 @@ def _run_sync_bench(arguments: argparse.Namespace) -> int:
         f"medians of {report['repeats']} runs (rank 0)"
     )
     print(format_sync_table(report["cases"]))
-    path = DEFAULT_SYNC_JSON if arguments.json == DEFAULT_JSON else arguments.json
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"numbers written to {path}")
+    arguments.json.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"numbers written to {arguments.json}")
     return 0

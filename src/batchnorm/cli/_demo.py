@@ -2,7 +2,8 @@
 
 ``batchnorm demo`` alone runs the classic Keras experiment (Dense network with and without batch
 norm). Options shared by every experiment (``--seed``, ``--out``) may come before or after the
-experiment's name.
+experiment's name. The output folder is checked while the arguments are parsed: a path that
+cannot be written stops the command before any training.
 
 Example:
     >>> import argparse
@@ -15,12 +16,14 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from batchnorm.cli._paths import output_directory
 from batchnorm.demo._mnist import DataError
 from batchnorm.demo._report import moving_average_note
 
@@ -36,11 +39,12 @@ def _add_common(parser: argparse.ArgumentParser, *, top: bool, data: bool) -> No
     parser.add_argument(
         "--seed", type=int, default=default(0), help="seed for weights and batches (default 0)"
     )
+    # A string default: argparse runs it through `type` too, so the default folder is checked.
     parser.add_argument(
         "--out",
-        type=Path,
-        default=default(DEFAULT_OUT),
-        help="output folder (default demo-output/)",
+        type=output_directory,
+        default=default(str(DEFAULT_OUT)),
+        help="output folder, created if missing (default demo-output/)",
     )
     parser.add_argument(
         "--threads",
@@ -104,19 +108,34 @@ def add_demo_parser(commands: Any) -> None:
     demo.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     experiments = demo.add_subparsers(dest="experiment", metavar="{placement,shift,modes}")
     placement = experiments.add_parser(
-        "placement", help="Conv2D -> BN -> ReLU against Conv2D -> ReLU -> BN"
+        "placement",
+        help="Conv2D -> BN -> ReLU against Conv2D -> ReLU -> BN",
+        description="BatchNormalization before or after the activation: Conv2D(64, 3x3) -> BN "
+        "-> ReLU (the original paper's placement) against Conv2D -> ReLU -> BN (common in Keras "
+        "code), each followed by 2x2 max pooling and Dense(10), from the same initial weights on "
+        "the same batches; writes placement.png and placement.json.",
     )
     _add_common(placement, top=False, data=True)
     _add_epochs(placement, "placement", top=False)
     shift = experiments.add_parser(
-        "shift", help="internal covariate shift: Ioffe & Szegedy 2015, Figure 1"
+        "shift",
+        help="internal covariate shift: Ioffe & Szegedy 2015, Figure 1",
+        description="Internal covariate shift, after Ioffe & Szegedy (2015), Figure 1: three "
+        "hidden layers of 100 sigmoids trained with plain SGD (batches of 60) with and without "
+        "BatchNormalization before each sigmoid, recording the validation accuracy and the "
+        "15th/50th/85th percentiles of one sigmoid's input; writes shift.png and shift.json.",
     )
     _add_common(shift, top=False, data=True)
     shift.add_argument(
         "--steps", type=int, default=argparse.SUPPRESS, help="SGD steps (default 3000)"
     )
     modes = experiments.add_parser(
-        "modes", help="training vs inference, momentum, trainable=False vs training=False"
+        "modes",
+        help="training vs inference, momentum, trainable=False vs training=False",
+        description="Training vs inference mode on synthetic data, printed with numbers: batch "
+        "vs moving statistics, how fast the moving averages converge for each momentum, and "
+        "training=False (moving statistics, gamma and beta still learn) against trainable=False "
+        "(frozen, and inference mode even when training=True); writes modes.png.",
     )
     _add_common(modes, top=False, data=False)
     modes.add_argument(
@@ -158,6 +177,12 @@ def _check(arguments: argparse.Namespace, experiment: str) -> None:
     ]
     if wrong:
         raise _UsageError(f"{', '.join(wrong)} does not apply to the {experiment} demo")
+    if importlib.util.find_spec("matplotlib") is None:
+        # Checked now: the plots are drawn only after the training.
+        raise _UsageError(
+            "the demo's plots need matplotlib: pip install 'batchnorm[demo]'. "
+            f"Received: --out {arguments.out} without it"
+        )
 
 
 def run_demo(arguments: argparse.Namespace) -> int:

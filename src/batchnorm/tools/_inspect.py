@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,13 +16,44 @@ from batchnorm.tools._diagnosis_report import DiagnosisReport, LayerDiagnosis, v
 
 _MEAN_KEYS = ("moving_mean", "running_mean")
 _VARIANCE_KEYS = ("moving_variance", "running_var")
+_STEP_KEYS = ("steps", "num_batches_tracked")
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
+EXPECTED_FILES = (
+    "a state_dict saved with torch.save (.pt/.pth), a tf-keras .h5 or a Keras 3 .keras file"
+)
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_ZIP_SIGNATURE = b"PK\x03\x04"
+_PICKLE_PROTOCOL = b"\x80"  # torch.save's legacy (pre-1.6) format is a bare pickle stream
+_TAR_MAGIC_AT_257 = b"ustar"  # and its oldest format a tar archive
+# CSI sequences (colours, cursor moves), OSC sequences (titles, links) and two-byte escapes.
+_TERMINAL_CODES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+
+
+@dataclasses.dataclass
+class InspectedLayer(LayerDiagnosis):
+    """A :class:`~batchnorm.tools.LayerDiagnosis` read from saved statistics, which may also be
+    unusable as statistics at all.
+
+    Attributes:
+        unusable: one sentence per saved entry that is not what a batch norm stores (complex
+            moving statistics, a ``num_batches_tracked`` that is not one count); each is a problem.
+    """
+
+    unusable: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        """The unusable entries, then the findings of :class:`LayerDiagnosis`."""
+        return [*self.unusable, *super().problems]
 
 
 def inspect_statistics(layers: Mapping[str, Mapping[str, Any]]) -> DiagnosisReport:
     """Check each layer's saved statistics: NaN / Inf / negative / zero variance, non-finite
     mean, and momentum horizon versus steps where both are known.
+
+    Statistics that are not real numbers (complex tensors) and a step count that is not one
+    non-negative whole number are reported as problems of their layer, not raised.
 
     Args:
         layers: ``{layer_name: {"moving_mean": array, "moving_variance": array, ...}}``; torch's
@@ -29,34 +63,43 @@ def inspect_statistics(layers: Mapping[str, Mapping[str, Any]]) -> DiagnosisRepo
     Returns:
         A :class:`~batchnorm.DiagnosisReport` without the data-dependent columns.
 
+    Raises:
+        ValueError: a layer lacks its mean or variance, they differ in shape, or one is not an
+            array of numbers.
+
     Example:
         >>> report = inspect_statistics({"bn": {"moving_mean": [0.0], "moving_variance": [-1.0]}})
+        >>> report.problems
+        {'bn': ['negative variance in 1 channel(s) [0]']}
     """
-    rows = []
+    rows: list[LayerDiagnosis] = []
     for name, entries in layers.items():
-        mean = _first(entries, _MEAN_KEYS, name)
-        variance = _first(entries, _VARIANCE_KEYS, name)
+        unusable: list[str] = []
+        mean = _statistic(entries, _MEAN_KEYS, name, unusable)
+        variance = _statistic(entries, _VARIANCE_KEYS, name, unusable)
         if mean.shape != variance.shape:
             raise ValueError(
                 f"Layer {name}: the mean and variance must have the same shape. "
                 f"Received: {tuple(mean.shape)} and {tuple(variance.shape)}"
             )
-        steps = entries.get("steps", entries.get("num_batches_tracked"))
         momentum = entries.get("momentum")
         kind = entries.get("kind") or (
             "BatchNorm (torch)" if "running_mean" in entries else "BatchNormalization"
         )
-        row = LayerDiagnosis(
+        row = InspectedLayer(
             name=name,
             kind=str(kind),
             channels=int(mean.numel()),
-            steps=None if steps is None else int(torch.as_tensor(steps).item()),
+            steps=_step_count(entries, unusable),
             momentum=None if momentum is None else float(momentum),
+            unusable=unusable,
         )
         if row.momentum is not None:
             row.horizon = averaging_horizon(row.momentum)
-        for key, value in variance_findings(mean, variance).items():
-            setattr(row, key, value)
+        # Complex statistics have no meaningful sign or NaN checks: they are flagged alone.
+        if not (mean.is_complex() or variance.is_complex()):
+            for key, value in variance_findings(mean, variance).items():
+                setattr(row, key, value)
         rows.append(row)
     return DiagnosisReport(rows)
 
@@ -78,20 +121,47 @@ def batch_norm_layers_from_state_dict(state_dict: Mapping[str, Any]) -> dict[str
 
 
 def inspect_checkpoint(path: str | Path) -> DiagnosisReport:
-    """:func:`inspect_statistics` on the batch norms of a saved state_dict (``torch.save``d,
-    read with ``weights_only=True``; a dict holding it under ``"state_dict"``, ``"model"``... is
-    searched too)."""
+    """:func:`inspect_statistics` on the batch norms of a saved checkpoint.
+
+    A torch state_dict (``torch.save``d, read with ``weights_only=True``; a dict holding it under
+    ``"state_dict"``, ``"model"``... is searched too), or a tf-keras ``.h5`` / Keras 3 ``.keras``
+    file (read with :func:`batchnorm.interop.keras.read_batch_norm_layers`, which needs h5py).
+    The format is recognised from the file's first bytes, so a renamed file reads too.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``. IsADirectoryError: ``path`` is a folder.
+        OSError: the file cannot be opened. ValueError: it is not a torch checkpoint or Keras
+            file, torch cannot load it with ``weights_only=True``, or it holds no batch norm.
+        ImportError: a Keras file and h5py is not installed.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint file at {str(path)!r}")
-    if path.suffix.lower() in KERAS_SUFFIXES:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No checkpoint file at {str(path)!r}. Expected {EXPECTED_FILES}. "
+            "Received: a path where nothing exists"
+        )
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{str(path)!r} is a directory, not a checkpoint file. Expected {EXPECTED_FILES}. "
+            f"Received: the directory {str(path)!r}"
+        )
+    with path.open("rb") as stream:
+        head = stream.read(512)
+    if path.suffix.lower() in KERAS_SUFFIXES or _is_keras_file(path, head):
         return inspect_statistics(_keras_statistics(path))
+    if not _may_be_torch_file(head):
+        received = "an empty file" if not head else f"a file starting with {head[:24]!r}"
+        raise ValueError(
+            f"Could not read {str(path)!r}: it is not a PyTorch checkpoint or a Keras file. "
+            f"Expected {EXPECTED_FILES}. Received: {received}"
+        )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        message = without_terminal_codes(str(error)).strip()
         raise ValueError(
             f"Could not read {str(path)!r} as a torch state_dict with weights_only=True "
-            f"({type(error).__name__}: {error}). Save `model.state_dict()` rather than the model."
+            f"({type(error).__name__}: {message}). Save `model.state_dict()` rather than the model."
         ) from error
     state_dict = _find_state_dict(loaded)
     layers = batch_norm_layers_from_state_dict(state_dict) if state_dict is not None else {}
@@ -100,6 +170,28 @@ def inspect_checkpoint(path: str | Path) -> DiagnosisReport:
             f"No batch-norm statistics (keys ending in running_mean or moving_mean) in {str(path)!r}"
         )
     return inspect_statistics(layers)
+
+
+def without_terminal_codes(text: str) -> str:
+    """``text`` without ANSI escape sequences (torch colours parts of its load errors)."""
+    return _TERMINAL_CODES.sub("", text)
+
+
+def _is_keras_file(path: Path, head: bytes) -> bool:
+    if head.startswith(_HDF5_SIGNATURE):
+        return True
+    if not head.startswith(_ZIP_SIGNATURE):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            # Keras 3 keeps the weights of a .keras archive there; torch under <name>/data/.
+            return "model.weights.h5" in archive.namelist()
+    except zipfile.BadZipFile:
+        return False
+
+
+def _may_be_torch_file(head: bytes) -> bool:
+    return head.startswith((_ZIP_SIGNATURE, _PICKLE_PROTOCOL)) or head[257:262] == _TAR_MAGIC_AT_257
 
 
 def _find_state_dict(loaded: Any) -> Mapping[str, Any] | None:
@@ -114,13 +206,50 @@ def _find_state_dict(loaded: Any) -> Mapping[str, Any] | None:
     return None
 
 
-def _first(entries: Mapping[str, Any], keys: tuple[str, ...], name: str) -> torch.Tensor:
+def _statistic(
+    entries: Mapping[str, Any], keys: tuple[str, ...], name: str, unusable: list[str]
+) -> torch.Tensor:
+    """The first of ``keys`` as float64, or as saved (noted in ``unusable``) when complex."""
     for key in keys:
         if key in entries:
-            return torch.as_tensor(entries[key]).detach().to(torch.float64)
+            try:
+                value = torch.as_tensor(entries[key]).detach()
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise ValueError(
+                    f"Layer {name}: `{key}` must be an array of real numbers. "
+                    f"Received: {entries[key]!r} ({error})"
+                ) from error
+            if value.is_complex():
+                unusable.append(
+                    f"{key} holds complex numbers ({str(value.dtype).removeprefix('torch.')}): "
+                    "batch-norm statistics must be real"
+                )
+                return value
+            return value.to(torch.float64)
     raise ValueError(
         f"Layer {name} needs one of {' / '.join(keys)}. Received keys: {sorted(entries)}"
     )
+
+
+def _step_count(entries: Mapping[str, Any], unusable: list[str]) -> int | None:
+    """The saved step count, or None (noted in ``unusable``) when it is not one whole number."""
+    key = next((key for key in _STEP_KEYS if key in entries), None)
+    if key is None or entries[key] is None:
+        return None
+    value: Any = entries[key]
+    try:
+        count = torch.as_tensor(value).detach()
+    except (TypeError, ValueError, RuntimeError):
+        count = None
+    if count is not None and count.numel() != 1:
+        value = f"a tensor of shape {tuple(count.shape)}"
+    elif count is not None:
+        value = count.reshape(()).item()
+        real = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if real and value >= 0 and float(value).is_integer():
+            return int(value)
+    unusable.append(f"{key} must be one non-negative whole number. Received: {value}")
+    return None
 
 
 def _keras_statistics(path: Path) -> dict[str, dict[str, Any]]:

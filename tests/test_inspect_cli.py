@@ -1,0 +1,169 @@
+"""`batchnorm inspect` on checkpoints that are broken, not checkpoints, or not files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from batchnorm.__main__ import main
+from batchnorm.tools._inspect import inspect_checkpoint, inspect_statistics, without_terminal_codes
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _torch_batch_norm(**buffers: torch.Tensor) -> dict[str, torch.Tensor]:
+    state = {"bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(3)}
+    state.update({f"bn.{name}": value for name, value in buffers.items()})
+    return state
+
+
+def test_non_scalar_num_batches_tracked_is_a_problem(tmp_path, capsys):
+    path = tmp_path / "steps.pt"
+    torch.save(_torch_batch_norm(num_batches_tracked=torch.tensor([3, 4])), path)
+    report_path = tmp_path / "report.json"
+    assert main(["inspect", str(path), "--json", str(report_path)]) == 1
+    out, err = capsys.readouterr()
+    assert (
+        "bn: num_batches_tracked must be one non-negative whole number. "
+        "Received: a tensor of shape (2,)"
+    ) in out
+    assert err == ""
+    layer = json.loads(report_path.read_text())["layers"][0]
+    assert layer["steps"] is None and layer["problems"] == layer["unusable"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "received"), [(-1, "-1"), (2.5, "2.5"), (float("nan"), "nan"), ([], "a tensor")]
+)
+def test_a_step_count_that_is_not_one_whole_number_is_a_problem(steps, received):
+    report = inspect_statistics(
+        {"bn": {"moving_mean": [0.0], "moving_variance": [1.0], "steps": steps}}
+    )
+    (problem,) = report.problems["bn"]
+    assert problem.startswith("steps must be one non-negative whole number. Received: " + received)
+
+
+def test_a_whole_float_step_count_is_accepted():
+    report = inspect_statistics(
+        {"bn": {"moving_mean": [0.0], "moving_variance": [1.0], "steps": 4.0}}
+    )
+    assert report.healthy and report["bn"].steps == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_statistics_are_a_problem(dtype, tmp_path, capsys):
+    path = tmp_path / "complex.pt"
+    state = _torch_batch_norm()
+    state["bn.running_var"] = state["bn.running_var"].to(dtype)
+    torch.save(state, path)
+    assert main(["inspect", str(path)]) == 1
+    out = capsys.readouterr().out
+    name = str(dtype).removeprefix("torch.")
+    assert (
+        f"bn: running_var holds complex numbers ({name}): batch-norm statistics must be real" in out
+    )
+    assert "running_mean holds" not in out
+
+
+def test_complex_statistics_from_a_mapping():
+    report = inspect_statistics({"bn": {"moving_mean": [0j, 1j], "moving_variance": [1.0, 1.0]}})
+    assert report.problems == {
+        "bn": ["moving_mean holds complex numbers (complex64): batch-norm statistics must be real"]
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "received"),
+    [
+        (b"epoch,loss\n1,0.5\n", "Received: a file starting with b'epoch,loss\\n1,0.5\\n'"),
+        (b"", "Received: an empty file"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_named(content, received, tmp_path, capsys):
+    path = tmp_path / "log.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"is not a PyTorch checkpoint or a Keras file") as error:
+        inspect_checkpoint(path)
+    assert received in str(error.value)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"Could not read {str(path)!r}: it is not a PyTorch checkpoint or a Keras file" in err
+    assert "Expected a state_dict saved with torch.save (.pt/.pth)" in err
+    assert received in err and "KeyError" not in err
+
+
+def test_a_directory_is_named_as_one(tmp_path, capsys):
+    folder = tmp_path / "checkpoints.pt"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a checkpoint file"):
+        inspect_checkpoint(folder)
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(folder)!r} is a directory, not a checkpoint file" in err
+    assert f"Received: the directory {str(folder)!r}" in err
+
+
+def test_a_missing_file_is_named(tmp_path):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint file at .*missing.pt'.*Received"):
+        inspect_checkpoint(missing)
+
+
+def test_torch_load_errors_reach_the_terminal_without_escape_codes(tmp_path, capsys):
+    path = tmp_path / "whole_model.pt"
+    torch.save(nn.BatchNorm1d(3), path)
+    with pytest.raises(ValueError, match=r"Could not read .* with weights_only=True") as error:
+        inspect_checkpoint(path)
+    assert "\x1b" not in str(error.value)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Weights only load failed" in err and "\x1b" not in err
+
+
+def test_layer_names_reach_the_terminal_without_escape_codes(tmp_path, capsys):
+    path = tmp_path / "names.pt"
+    state = _torch_batch_norm()
+    state["\x1b[31mred\x1b[0m.running_mean"] = torch.zeros(1)
+    state["\x1b[31mred\x1b[0m.running_var"] = -torch.ones(1)
+    torch.save(state, path)
+    assert main(["inspect", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "red: negative variance in 1 channel(s) [0]" in out and "\x1b" not in out
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["\x1b[1mbold\x1b[0m", "\x1b[38;5;196mred\x1b[m", "\x1b]8;;https://x\x07link\x1b]8;;\x07"],
+)
+def test_without_terminal_codes(text):
+    assert without_terminal_codes(text) in {"bold", "red", "link"}
+
+
+@pytest.mark.parametrize(
+    ("name", "renamed"), [("tfk_model.h5", "model.pt"), ("k3_model.keras", "model.pth")]
+)
+def test_a_renamed_keras_file_is_read_by_content(name, renamed, tmp_path, capsys):
+    pytest.importorskip("h5py")
+    shutil.copy(GOLDEN / name, tmp_path / renamed)
+    assert main(["inspect", str(tmp_path / renamed)]) == 0
+    assert "BatchNormalization (" in capsys.readouterr().out
+
+
+def test_inspect_help_names_every_format_and_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        main(["inspect", "-h"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert ".pt/.pth" in out and ".h5" in out and ".keras" in out
+    assert "Exit status: 0 healthy, 1 problems found, 2 the file cannot be read" in out
+
+
+def test_inspect_json_into_a_directory_stops_before_reading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(tmp_path / "missing.pt"), "--json", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "argument --json: must be a file to write, not a directory" in capsys.readouterr().err
