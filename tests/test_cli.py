@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from batchnorm.__main__ import main
 
@@ -94,6 +95,15 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
 def test_bench_rejects_bad_repeats(capsys):
     assert main(["bench", "--repeats", "0"]) == 2
     assert "--repeats must be >= 1. Received: 0" in capsys.readouterr().err
+
+
+def test_bench_rejects_devices_it_cannot_use(capsys, tmp_path):
+    out = str(tmp_path / "b.json")
+    assert main(["bench", "--device", "gpu0", "--json", out]) == 2
+    assert "--device must name a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda", "--json", out]) == 2
+        assert "no such device is available on this machine" in capsys.readouterr().err
 
 
 def _subcommand_parsers(parser, path=()):

@@ -53,6 +53,13 @@ def add_bench_parser(commands: Any) -> None:
         help="also draw a bar chart here (needs matplotlib: pip install 'batchnorm[plot]')",
     )
     bench.add_argument(
+        "--device",
+        default="cpu",
+        help="where every tensor and module lives: cpu (default), cuda, cuda:1, mps, xpu; off "
+        "the CPU the timing waits for the device, and the first-call and allocator runs "
+        "(which concern the CPU kernels) are skipped",
+    )
+    bench.add_argument(
         "--no-compile-time",
         action="store_true",
         help="skip timing the first call in fresh processes",
@@ -79,10 +86,13 @@ def run_bench(arguments: argparse.Namespace) -> int:
         repeats=arguments.repeats,
         compile_time=not arguments.no_compile_time,
         allocator_runs=arguments.allocators == "both",
+        device=arguments.device,
     )
     machine = report["machine"]
+    where = "" if report["device"] == "cpu" else f"{report['device_name']} ({report['device']}), "
     print(
-        f"CPU ({machine['cpu_count']} cores), {machine['threads']} threads, torch {machine['torch']}; "
+        f"{where}CPU ({machine['cpu_count']} cores), {machine['threads']} threads, "
+        f"torch {machine['torch']}; "
         f"medians over {report['repeats']} interleaved rounds of blocked_autorange; spread = "
         "interquartile range / median; floor = one copy of the input into preallocated memory"
     )
@@ -114,12 +124,38 @@ def _check(arguments: argparse.Namespace) -> str | None:
             "--png needs matplotlib: pip install 'batchnorm[plot]'. "
             f"Received: --png {arguments.png} without it"
         )
+    problem = _device_problem(arguments.device)
+    if problem is not None:
+        return problem
     if arguments.json is None:
         default = DEFAULT_SYNC_JSON if arguments.sync else DEFAULT_JSON
         try:
             arguments.json = output_file(str(default))
         except argparse.ArgumentTypeError as error:
             return f"error: argument --json: {error}"
+    return None
+
+
+def _device_problem(device: str) -> str | None:
+    """Why ``--device`` cannot be used here, or None."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        return (
+            f"--device must name a torch device (cpu, cuda, cuda:1, mps, xpu). Received: {device!r}"
+        )
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "xpu": hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }.get(kind, False)
+    if not available:
+        return (
+            f"--device {device}: no such device is available on this machine. Received: {device!r}"
+        )
     return None
 
 
