@@ -22,7 +22,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import BatchNormalization, BatchNormStatistics
-from batchnorm.functional import NUMBA_CPU, batch_norm, register_backend
+from batchnorm.functional import NUMBA_CPU, _synchronized, batch_norm, register_backend
 
 # name -> (per-rank batch sizes by world size, layer kwargs, input trailing shape, mask?)
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -279,6 +279,7 @@ def error_worker(rank: int, world_size: int, directory: Path) -> None:
     # The group still works after the errors above.
     good = BatchNormalization(3, synchronized=True)
     attempt("recovered", lambda: good(torch.randn(4, 3), training=True))
+    call_order_errors(rank, attempt, messages)
 
     # Twice differentiable it is not: the second derivative raises, on every rank.
     def second_derivative() -> None:
@@ -319,6 +320,60 @@ def error_worker(rank: int, world_size: int, directory: Path) -> None:
     stale = BatchNormalization(3, synchronized=True, process_group=short)
     attempt("not_initialized", lambda: stale(torch.randn(4, 3), training=True))
     torch.save(messages, directory / f"errors{rank}.pt")
+
+
+def call_order_errors(
+    rank: int, attempt: Callable[[str, Callable[[], Any]], None], messages: dict[str, str]
+) -> None:
+    """Ranks that call synchronized layers in different orders, after first calls in one order."""
+    small, large = (
+        BatchNormalization(8, synchronized=True),
+        BatchNormalization(16, synchronized=True),
+    )
+    x8, x16 = torch.randn(4, 8), torch.randn(4, 16)
+    small(x8, training=True)
+    large(x16, training=True)
+    before = [small.moving_mean.clone(), large.moving_mean.clone()]
+    counter = CollectiveCounter()
+    attempt(
+        "order_sizes", lambda: small(x8, training=True) if rank == 0 else large(x16, training=True)
+    )
+    messages["order_sizes_collectives"] = " ".join(counter.calls)
+    after = [small.moving_mean, large.moving_mean]
+    unchanged = all(torch.equal(old, new) for old, new in zip(before, after, strict=True))
+    messages["order_sizes_state_unchanged"] = str(unchanged)
+    # A layer larger than any before on the group, against a known one: the headers still pair.
+    larger = BatchNormalization(32, synchronized=True)
+    attempt(
+        "order_new_larger",
+        lambda: (
+            small(x8, training=True) if rank == 0 else larger(torch.randn(4, 32), training=True)
+        ),
+    )
+    # Two layers of the same size, swapped: nothing in the exchange tells them apart.
+    twins = [BatchNormalization(8, synchronized=True) for _ in range(2)]
+    for twin in twins:
+        twin(x8, training=True)
+    swapped = twins if rank == 0 else twins[::-1]
+    attempt("order_equal_sizes", lambda: [twin(x8, training=True) for twin in swapped])
+
+    # Backward through different calls: rank 0 through the small layer's, rank 1 the large one's.
+    def backward_through_one_call() -> None:
+        y_small = small(x8.clone().requires_grad_(True), training=True)
+        y_large = large(x16.clone().requires_grad_(True), training=True)
+        (y_small if rank == 0 else y_large).sum().backward()
+
+    attempt("order_backward", backward_through_one_call)
+    attempt(
+        "order_backward_recovered",
+        lambda: (small(x8, training=True).sum() + large(x16, training=True).sum()).backward(),
+    )
+    # A rank that counted a call whose collective never ran (simulated by its counter): the next
+    # call is refused on every rank, the one after it works.
+    if rank == 1:
+        _synchronized._group_state(dist.group.WORLD).calls += 1
+    attempt("out_of_step", lambda: small(x8, training=True))
+    attempt("realigned", lambda: small(x8, training=True))
 
 
 class SmallCnn(nn.Module):

@@ -21,14 +21,15 @@ def test_bench_sync_quick_writes_table_and_json(tmp_path, capsys):
 
 
 def test_communicated_bytes_counts_the_packed_tensors():
-    # forward: (count, mean, M2) per channel + the element count, float64; backward: 2 sums.
+    # forward: a 5-number header + (count, mean, M2) per channel, float64; backward: 2 sums per
+    # channel + the 2-number call check.
     assert communicated_bytes(64) == {
-        "forward_sent": (3 * 64 + 1) * 8,
-        "forward_received": (3 * 64 + 1) * 8,
-        "backward_all_reduce": 2 * 64 * 8,
+        "forward_sent": (5 + 3 * 64) * 8,
+        "forward_received": (5 + 3 * 64) * 8,
+        "backward_all_reduce": (2 * 64 + 2) * 8,
     }
-    assert communicated_bytes(4, ghost_batches=2, world_size=3, check_layout=True) == {
-        "forward_sent": (3 * 8 + 1) * 8 + 40,
-        "forward_received": 2 * ((3 * 8 + 1) * 8 + 40),
-        "backward_all_reduce": 2 * 8 * 8,
+    assert communicated_bytes(4, ghost_batches=2, world_size=3, first_call=True) == {
+        "forward_sent": (5 + 3 * 8) * 8 + 40,
+        "forward_received": 2 * ((5 + 3 * 8) * 8 + 40),
+        "backward_all_reduce": (2 * 8 + 2) * 8,
     }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +12,7 @@ from torch import nn
 import batchnorm
 from batchnorm import BatchNormalization, BatchNormStatistics, SyncBatchNormalization
 from batchnorm.functional import batch_norm
+from batchnorm.functional._validation import normalize_axes
 from tests import sync_workers
 from tests.sync_workers import SCENARIOS, make_layer, run_scenario, scenario_data, spawn
 
@@ -56,6 +60,24 @@ def _check_against_reference(ranks, reference, dtype, name, gamma_key="gamma_gra
     _close(inference, reference["inference"], dtype, f"{name}: inference")
 
 
+def _expected_collectives(world_size, first_task):
+    """Per scenario: forward, backward, forward. A forward gathers once, twice when its
+    ghost_batches * channels exceeds every earlier call's on the group (the first task of a
+    process starts from a fresh group; later ones find the largest scenario already exchanged)."""
+    slots = {}
+    for name, spec in SCENARIOS.items():
+        x = scenario_data(name, world_size, torch.float64)["steps"][0]["x"]
+        channels = math.prod(x.shape[a] for a in normalize_axes(spec["kwargs"]["axis"], x.ndim))
+        slots[name] = channels * spec.get("ghost_batches", 1)
+    largest = 0 if first_task else max(slots.values())
+    expected = {}
+    for name, needed in slots.items():
+        expected[name] = ["all_gather"] * (2 if needed > largest else 1)
+        expected[name] += ["all_reduce", "all_gather"]
+        largest = max(largest, needed)
+    return expected
+
+
 def _torch_reference(steps, dtype):
     module = sync_workers.torch_batch_norm(dtype)
     result = {}
@@ -87,6 +109,8 @@ def test_synchronized_layer_equals_concatenated_batch(request, world_size, dtype
     directory = request.getfixturevalue("two_ranks" if world_size == 2 else "three_ranks")
     prefix = ("torch-ops-" if path == "torch-ops" else "") + f"{dtype}-rank".replace("torch.", "")
     results = _rank_results(directory, prefix, world_size)
+    first_task = dtype == torch.float64 and path == "kernels"
+    collectives = _expected_collectives(world_size, first_task)
     for name in SCENARIOS:
         data = scenario_data(name, world_size, dtype)
         ghosts = data["ghosts"]
@@ -94,12 +118,9 @@ def test_synchronized_layer_equals_concatenated_batch(request, world_size, dtype
         reference = run_scenario(make_layer(name, dtype, virtual), data["steps"], slice(None))
         ranks = [results[r][name] for r in range(world_size)]
         _check_against_reference(ranks, reference, dtype, name)
-        # Forward: the layout check (first call, and every call with ghost batches), then the
-        # statistics; backward: one all_reduce; inference: nothing.
-        expected = ["all_gather", "all_gather", "all_reduce", "all_gather"]
-        if ghosts is not None:
-            expected.append("all_gather")
-        assert all(r["collectives"] == expected for r in ranks), ranks[0]["collectives"]
+        # Forward: one all_gather of header and statistics (two where the group grows); backward:
+        # one all_reduce; inference: nothing.
+        assert all(r["collectives"] == collectives[name] for r in ranks), ranks[0]["collectives"]
     assert all(r["global_stats"] == {"collectives": [], "same_as_local": True} for r in results)
     data = scenario_data("uneven_nchw", world_size, dtype)
     reference = _torch_reference(data["steps"], dtype)
@@ -125,6 +146,32 @@ def test_errors_raise_on_every_rank(two_ranks):
     assert "not a member of the `process_group`" in second["non_member_functional"]
     assert first["timeout"].startswith("RuntimeError: Synchronized batch norm: all_gather")
     assert "timeout 2 s" in first["timeout"]
+
+
+def test_call_order_errors_raise_on_every_rank(two_ranks):
+    first, second = _rank_results(two_ranks, "errors", 2)
+    for messages in (first, second):
+        # Layers of different sizes, after their first calls: one all_gather, an error everywhere.
+        assert messages["order_sizes"].startswith("ValueError: Synchronized batch norm needs")
+        assert "same synchronized layers in the same order" in messages["order_sizes"]
+        assert "rank 0: 8 channels, rank 1: 16 channels" in messages["order_sizes"]
+        assert messages["order_sizes_collectives"] == "all_gather"
+        assert messages["order_sizes_state_unchanged"] == "True"
+        assert "rank 0: 8 channels, rank 1: 32 channels" in messages["order_new_larger"]
+        # Same size, swapped: not detectable (see _synchronized's docstring), the statistics mix.
+        assert messages["order_equal_sizes"] == "no error"
+        found = re.search(
+            r"rank 0: call (\d+) \(16 gradient sums\), rank 1: call (\d+) \(32 gradient sums\)",
+            messages["order_backward"],
+        )
+        assert found and int(found[2]) == int(found[1]) + 1, messages["order_backward"]
+        assert messages["order_backward"].startswith("RuntimeError: Synchronized batch norm: the")
+        assert messages["order_backward_recovered"] == "no error"
+        assert messages["out_of_step"].startswith("RuntimeError: Synchronized batch norm: the")
+        found = re.search(r"per rank: rank 0: (\d+), rank 1: (\d+)", messages["out_of_step"])
+        assert found and int(found[2]) == int(found[1]) + 1, messages["out_of_step"]
+        assert messages["realigned"] == "no error"
+    assert first["order_sizes"] == second["order_sizes"].replace("(16,)", "(8,)")
 
 
 def test_ddp_cnn_matches_single_process_training(two_ranks):

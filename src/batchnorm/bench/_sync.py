@@ -70,8 +70,9 @@ def _step(layer: BatchNormalization, x: torch.Tensor, iterations: int) -> Callab
 
 def _collectives(channels: int, iterations: int) -> Callable[[], None]:
     """The two collectives of one synchronized step, on tensors of the same sizes."""
-    statistics = torch.zeros(3 * channels + 1, dtype=torch.float64)
-    gradients = torch.zeros(2, channels, dtype=torch.float64)
+    sizes = communicated_bytes(channels, 1, WORLD_SIZE)
+    statistics = torch.zeros(sizes["forward_sent"] // 8, dtype=torch.float64)
+    gradients = torch.zeros(sizes["backward_all_reduce"] // 8, dtype=torch.float64)
 
     def run() -> None:
         for _ in range(iterations):

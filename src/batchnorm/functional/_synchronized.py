@@ -25,13 +25,37 @@ Ghost batches: global ghost batch ``j`` is the union of every rank's ghost batch
 tf-keras' synchronized layer sums per-replica ghost statistics; so every rank with a non-empty
 batch must hold the same number of ghost batches (``local batch / virtual_batch_size``).
 
-Before the statistics, a small ``all_gather`` of each rank's channel shape and ghost-batch count
-makes disagreements between ranks an error on every rank instead of a hang or garbage.
+One collective per forward: each rank's ``all_gather`` payload is a header of 5 numbers (its
+call number on the process group, channel count, channel-shape code, ghost batches, element count)
+and its statistics, and every rank checks the gathered headers before it combines anything.
+``all_gather`` needs the same size on every rank, and ranks that disagree on the layer cannot agree
+on a size, so the statistics are padded to the group's channel slots: the largest
+``ghost_batches * channels`` of any call on the group so far, alike on every rank because it only
+grows from gathered headers. A call that needs more slots (a group's first call, a layer larger
+than any before) gathers once more at the grown size, after its headers passed. The backward pads
+its sums to the channel slots too and appends ``v`` and ``v**2``, ``v`` the number of the forward
+call it differentiates: after the sum, ``world_size * sum(v**2) == sum(v)**2`` exactly when every
+rank differentiates the same call.
+
+Detected, with the same error on every rank, and the group usable afterwards:
+
+- ranks calling layers of different channel shapes, in any call, or holding different numbers
+  of ghost batches;
+- ranks whose call numbers differ (a rank counted a call whose collective never ran: it failed on
+  some ranks only, or a rank went on after an error); the numbers are realigned;
+- ranks running the backward of different calls together (a rank skipped a layer's backward).
+
+Not detected: layers of the same channel shape called in a different order, or one in place of the
+other (collectives pair in order, so the ranks always agree on the number of the call they are in):
+their statistics mix. Nor a forward on one rank against a backward on another (an ``all_gather``
+against an ``all_reduce``), which the backend reports or hangs on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -40,8 +64,35 @@ import torch.distributed as dist
 from batchnorm.functional._backend import BatchNormBackend, Moments
 from batchnorm.functional._torch_ops import divide_no_nan
 
-# Per rank: channel-shape rank, channel count, shape code, ghost batches, element count.
+# Per rank, ahead of its statistics: call number on the group, channel count, channel-shape code,
+# ghost batches, element count (float64, so every value stays below 2**53).
 _HEADER_SIZE = 5
+# The backward's check after its gradient sums: the call number v (modulo a bound) and v**2.
+_CHECK_SIZE = 2
+
+
+@dataclasses.dataclass
+class _GroupState:
+    """What the ranks of a process group know alike, since it changes only with gathered data."""
+
+    calls: int = 0  # synchronized training calls this rank started on the group
+    channel_slots: int = 0  # the largest ghost_batches * channels exchanged on the group
+
+
+# Keyed by the group object, so a destroyed group's state goes with it.
+_GROUP_STATES: weakref.WeakKeyDictionary[Any, _GroupState] = weakref.WeakKeyDictionary()
+
+
+def _group_state(group: Any) -> _GroupState:
+    state = _GROUP_STATES.get(group)
+    if state is None:
+        state = _GROUP_STATES[group] = _GroupState()
+    return state
+
+
+def current_call(group: Any) -> int:
+    """The number of the latest synchronized call on ``group`` (what its backward checks)."""
+    return _group_state(group).calls
 
 
 def check_synchronized(synchronized: Any, process_group: Any, fused: Any) -> tuple[bool, Any]:
@@ -144,25 +195,70 @@ def _all_gather(tensor: torch.Tensor, group: Any, what: str) -> torch.Tensor:
 def _shape_code(shape: tuple[int, ...]) -> int:
     code = 0
     for size in shape:
-        code = (code * 1_000_003 + size + 1) % (2**61 - 1)
+        code = (code * 1_000_003 + size + 1) % (2**31 - 1)
     return code
 
 
-def agree_on_layout(
-    x: torch.Tensor, channel_shape: tuple[int, ...], ghost_batches: int, group: Any
-) -> int:
-    """Check the ranks agree on channels and ghost batches; return the ghost-batch count.
+def _local_statistics(
+    x: torch.Tensor,
+    axes: tuple[int, ...],
+    weights: torch.Tensor | None,
+    ghost_batches: int,
+    backend: BatchNormBackend,
+) -> torch.Tensor:
+    """Count, mean and centred sum of squares per ghost batch and channel, flat float64.
 
-    A rank with an empty batch takes the ghost-batch count of the others.
+    Empty for an empty batch: it weighs nothing, and its rank may not know the ghost-batch count.
     """
-    local = [len(channel_shape), math.prod(channel_shape), _shape_code(channel_shape)]
-    header = torch.tensor([*local, ghost_batches, x.numel()], dtype=torch.int64, device=x.device)
-    table = _all_gather(header, group, "the channel shapes").cpu().tolist()
-    if any(row[:3] != table[0][:3] for row in table):
+    if x.numel() == 0:
+        return x.new_zeros(0, dtype=torch.float64)
+    local = backend.batch_moments(x.detach(), axes, weights, ghost_batches)
+    count = local.total_weight.to(torch.float64)
+    # A channel without weight has a NaN mean with torch ops; it weighs nothing, so it becomes 0.
+    present = count > 0
+    mean = torch.where(present, local.mean.to(torch.float64), 0.0)
+    squares = torch.where(present, local.variance.to(torch.float64) * count, 0.0)
+    return torch.stack([count, mean, squares]).flatten()
+
+
+def _gather(
+    header: list[int], statistics: torch.Tensor, slots: int, group: Any
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """All-gather header + statistics padded to ``3 * slots``; the statistics only if they fit."""
+    payload = statistics.new_zeros(_HEADER_SIZE + 3 * slots)
+    payload[:_HEADER_SIZE] = torch.tensor(header, dtype=torch.float64)
+    if statistics.numel() <= 3 * slots:
+        payload[_HEADER_SIZE : _HEADER_SIZE + statistics.numel()] = statistics
+    gathered = _all_gather(payload, group, "the batch statistics")
+    table = [[int(value) for value in row] for row in gathered[:, :_HEADER_SIZE].cpu().tolist()]
+    return gathered, table
+
+
+def _agreed_ghost_batches(
+    table: list[list[int]], state: _GroupState, channel_shape: tuple[int, ...]
+) -> int:
+    """Check the gathered headers; return the ghost-batch count of the ranks with elements.
+
+    Every rank sees the same table, so every rank raises the same error, and the group state stays
+    the same on every rank. A rank with an empty batch takes the ghost-batch count of the others.
+    """
+    calls = [row[0] for row in table]
+    if len(set(calls)) > 1:
+        state.calls = max(calls)
+        described = ", ".join(f"rank {r}: {call}" for r, call in enumerate(calls))
+        raise RuntimeError(
+            "Synchronized batch norm: the ranks of the process group are out of step (a "
+            "collective of an earlier synchronized call failed on some ranks only, or a rank "
+            "went on after an error), so this call is refused on every rank and the ranks' call "
+            f"numbers are realigned. Received synchronized call number per rank: {described}"
+        )
+    if any(row[1:3] != table[0][1:3] for row in table):
         described = ", ".join(f"rank {r}: {row[1]} channels" for r, row in enumerate(table))
         raise ValueError(
             "Synchronized batch norm needs the same channel shape on every rank of the process "
-            f"group. Received: {described} (this rank: channel shape {channel_shape})"
+            "group in every call: every rank must call the same synchronized layers in the same "
+            f"order. Received in synchronized call {calls[0]} on the group: {described} (this "
+            f"rank: channel shape {channel_shape})"
         )
     counts = {row[3] for row in table if row[4] > 0}
     if len(counts) > 1:
@@ -170,9 +266,10 @@ def agree_on_layout(
         raise ValueError(
             "With `virtual_batch_size`, every rank with a non-empty batch must hold the same "
             "number of ghost batches (global ghost batch j is the union of the ranks' ghost "
-            f"batches j). Received ghost batches per rank: {described}"
+            f"batches j). Received in synchronized call {calls[0]}, ghost batches per rank: "
+            f"{described}"
         )
-    return counts.pop() if counts else max(ghost_batches, 1)
+    return counts.pop() if counts else max(*(row[3] for row in table), 1)
 
 
 def synchronized_moments(
@@ -187,50 +284,96 @@ def synchronized_moments(
     """Global per-ghost-batch mean, biased variance and total weight (detached), by Chan's formula.
 
     Returns the moments, each of shape ``(ghost_batches, *channel_shape)`` and identical on every
-    rank of ``group`` (``ghost_batches`` as agreed, see :func:`agree_on_layout`), and whether the
-    global batch has any element. ``check_layout=False`` skips the agreement (one collective
-    instead of two): only for callers that know every rank has the same channel shape and ghost
-    batch count, as a built layer without ghost batches that has been checked once.
+    rank of ``group`` (``ghost_batches`` as the ranks with elements hold it), and whether the
+    global batch has any element. Every call checks that the ranks agree on the channel shape, the
+    ghost-batch count and the call number, in the one ``all_gather`` that carries the statistics
+    (a second one only when the call needs more channel slots than the group had, see the module
+    docstring), and raises the same error on every rank if not. ``check_layout`` is ignored: it
+    remains for callers that used to skip a separate layout check.
     """
     channel_shape = tuple(x.shape[a] for a in axes)
-    if check_layout:
-        ghost_batches = agree_on_layout(x, channel_shape, ghost_batches, group)
+    channels = math.prod(channel_shape)
+    state = _group_state(group)
+    state.calls += 1
+    header = [state.calls, channels, _shape_code(channel_shape), ghost_batches, x.numel()]
     with torch.no_grad():
-        local = backend.batch_moments(x.detach(), axes, weights, ghost_batches)
-        count = local.total_weight.to(torch.float64)
-        # An empty batch has a NaN mean with torch ops; it weighs nothing, so it becomes 0.
-        present = count > 0
-        mean = torch.where(present, local.mean.to(torch.float64), 0.0)
-        squares = torch.where(present, local.variance.to(torch.float64) * count, 0.0)
-        elements = torch.full((1,), float(x.numel()), dtype=torch.float64, device=x.device)
-        packed = torch.cat([torch.stack([count, mean, squares]).flatten(), elements])
-        gathered = _all_gather(packed, group, "the batch statistics")
-        any_elements = bool((gathered[:, -1] > 0).any())
+        local = _local_statistics(x, axes, weights, ghost_batches, backend)
+        gathered, table = _gather(header, local, state.channel_slots, group)
+        ghost_batches = _agreed_ghost_batches(table, state, channel_shape)
+        any_elements = any(row[4] > 0 for row in table)
+        shape = (ghost_batches, *channel_shape)
+        if not any_elements:
+            zeros = torch.zeros(shape, dtype=torch.float64, device=x.device)
+            return Moments(zeros, zeros.clone(), zeros.clone()), False
+        slots = ghost_batches * channels
+        if slots > state.channel_slots:
+            state.channel_slots = slots
+            gathered, _ = _gather(header, local, slots, group)
         ranks = gathered.shape[0]
-        counts, means, squares = gathered[:, :-1].reshape(ranks, 3, ghost_batches, -1).unbind(1)
+        statistics = gathered[:, _HEADER_SIZE : _HEADER_SIZE + 3 * slots]
+        counts, means, squares = statistics.reshape(ranks, 3, ghost_batches, -1).unbind(1)
         total = counts.sum(dim=0)
         global_mean = divide_no_nan((counts * means).sum(dim=0), total)
         spread = squares + counts * (means - global_mean).square()
         global_variance = divide_no_nan(spread.sum(dim=0), total)
-    shape = (ghost_batches, *channel_shape)
     moments = Moments(
         global_mean.reshape(shape), global_variance.reshape(shape), total.reshape(shape)
     )
-    return moments, any_elements
+    return moments, True
+
+
+def reduce_gradient_sums(sums: torch.Tensor, group: Any, call: int) -> torch.Tensor:
+    """All-reduce (sum) the backward's local gradient sums of synchronized call ``call``.
+
+    The sums are padded to the group's channel slots, so every rank sends the same size whatever
+    layer it differentiates, and followed by ``v = call % bound`` and ``v**2`` (``bound`` keeps
+    ``world_size * v**2`` exact in float64): the ranks differentiate the same call exactly when
+    ``world_size * sum(v**2) == sum(v)**2``. Otherwise every rank raises a RuntimeError naming
+    each rank's call (one more, fixed-size, ``all_gather`` for the message).
+
+    Shape:
+        ``sums``: any, float64 after the sum; the result has its shape.
+    """
+    size = sums.numel()
+    world_size = dist.get_world_size(group)
+    slots = max(_group_state(group).channel_slots, math.ceil(size / 2))
+    tag = call % math.isqrt(2**53 // world_size)
+    payload = torch.zeros(2 * slots + _CHECK_SIZE, dtype=torch.float64, device=sums.device)
+    payload[:size] = sums.flatten()
+    payload[-_CHECK_SIZE:] = torch.tensor([tag, tag * tag], dtype=torch.float64)
+    try:
+        dist.all_reduce(payload, group=group)
+    except RuntimeError as error:
+        raise collective_error("all_reduce of the gradient sums", group, error) from error
+    total, total_squares = (int(value) for value in payload[-_CHECK_SIZE:].tolist())
+    if world_size * total_squares != total * total:
+        local = torch.tensor([call, size], dtype=torch.int64, device=sums.device)
+        table = _all_gather(local, group, "the backward call numbers").cpu().tolist()
+        described = ", ".join(
+            f"rank {r}: call {row[0]} ({row[1]} gradient sums)" for r, row in enumerate(table)
+        )
+        raise RuntimeError(
+            "Synchronized batch norm: the ranks ran the backward of different synchronized calls "
+            "together; every rank must run backward through the same layer calls, in the same "
+            f"order. Received per rank: {described}"
+        )
+    return payload[:size].reshape(sums.shape)
 
 
 def communicated_bytes(
-    channels: int, ghost_batches: int = 1, world_size: int = 2, check_layout: bool = False
+    channels: int, ghost_batches: int = 1, world_size: int = 2, first_call: bool = False
 ) -> dict[str, int]:
     """Payload bytes per rank and training step (forward + backward) for ``channels`` channels.
 
-    The forward all_gathers ``3 * ghost_batches * channels + 1`` float64 (plus the 5-int64 layout
-    check on a layer's first call and with ghost batches); the backward all-reduces
-    ``2 * ghost_batches * channels`` float64.
+    For the largest layer of its group (smaller layers are padded to the largest): the forward
+    all_gathers the header and ``3 * ghost_batches * channels`` float64 (``first_call``: plus the
+    header alone, gathered first on a group's first call); the backward all-reduces
+    ``2 * ghost_batches * channels`` float64 and the 2-number check.
     """
-    forward = (3 * ghost_batches * channels + 1) * 8 + (_HEADER_SIZE * 8 if check_layout else 0)
+    slots = ghost_batches * channels
+    forward = (_HEADER_SIZE + 3 * slots) * 8 + (_HEADER_SIZE * 8 if first_call else 0)
     return {
         "forward_sent": forward,
         "forward_received": (world_size - 1) * forward,
-        "backward_all_reduce": 2 * ghost_batches * channels * 8,
+        "backward_all_reduce": (2 * slots + _CHECK_SIZE) * 8,
     }

@@ -14,6 +14,11 @@ which is the gradient of one process on the concatenated batch. The scale and of
 stay local (data-parallel training reduces them with the other parameters). On CPU the Numba
 kernels do both passes (the sums go through the all-reduce between them); elsewhere, and for an
 adjustment that varies inside a channel, composed torch ops do. Not twice differentiable.
+
+Each backward remembers the number of its forward call on the process group; the all-reduce pads
+the sums to the group's size and checks that every rank differentiates that same call
+(:func:`~batchnorm.functional._synchronized.reduce_gradient_sums`), so a rank that runs backward
+through other calls, or skips one, raises on every rank instead of mixing or aborting.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from batchnorm.functional._backend import BatchNormBackend, Moments
@@ -30,17 +34,8 @@ from batchnorm.functional._cpu_operations import (
     normalize_batch_backward_impl,
     normalize_batch_impl,
 )
-from batchnorm.functional._synchronized import collective_error
+from batchnorm.functional._synchronized import current_call, reduce_gradient_sums
 from batchnorm.functional._torch_ops import TorchOpsBackend, divide_no_nan
-
-
-def _all_reduce(sums: torch.Tensor, group: Any) -> torch.Tensor:
-    sums = sums.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
-    try:
-        dist.all_reduce(sums, group=group)
-    except RuntimeError as error:
-        raise collective_error("all_reduce of the gradient sums", group, error) from error
-    return sums
 
 
 class _KernelSynchronizedNormalize(torch.autograd.Function):
@@ -51,6 +46,7 @@ class _KernelSynchronizedNormalize(torch.autograd.Function):
         mean, variance, total_weight = moments
         ctx.save_for_backward(x, mean, variance, total_weight, scale, weights)
         ctx.axes, ctx.epsilon, ctx.ghost_batches, ctx.group = axes, epsilon, ghost_batches, group
+        ctx.call = current_call(group)
         ctx.has_offset = offset is not None
         return normalize_batch_impl(
             x, list(axes), mean, variance, scale, offset, epsilon, ghost_batches
@@ -71,7 +67,7 @@ class _KernelSynchronizedNormalize(torch.autograd.Function):
             ctx.epsilon,
             weights,
             ctx.ghost_batches,
-            reduce_sums=lambda sums: _all_reduce(sums, ctx.group),
+            reduce_sums=lambda sums: reduce_gradient_sums(sums, ctx.group, ctx.call),
         )
         return (
             dx,
@@ -109,7 +105,7 @@ class _TorchSynchronizedNormalize(torch.autograd.Function):
         y = y if offset is None else y + offset
         ctx.save_for_backward(x, centred_mean, inv, total_weight.reshape(view), scale, weights)
         ctx.offset_shape = None if offset is None else offset.shape
-        ctx.group, ctx.reduce_dims = group, reduce_dims
+        ctx.group, ctx.reduce_dims, ctx.call = group, reduce_dims, current_call(group)
         return y
 
     @staticmethod
@@ -124,7 +120,8 @@ class _TorchSynchronizedNormalize(torch.autograd.Function):
             if ctx.reduce_dims:
                 sum_g = sum_g.sum(dim=ctx.reduce_dims, keepdim=True, dtype=torch.float64)
                 sum_gx = sum_gx.sum(dim=ctx.reduce_dims, keepdim=True, dtype=torch.float64)
-            sums = _all_reduce(torch.stack([sum_g.to(torch.float64), sum_gx]), ctx.group)
+            local_sums = torch.stack([sum_g.to(torch.float64), sum_gx])
+            sums = reduce_gradient_sums(local_sums, ctx.group, ctx.call)
             share = divide_no_nan(
                 torch.ones_like(total_weight) if weights is None else weights.to(total_weight),
                 total_weight,
