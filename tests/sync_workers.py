@@ -246,6 +246,33 @@ def layer_worker(
     torch.save(results, directory / f"{prefix}{dtype}-rank{rank}.pt".replace("torch.", ""))
 
 
+def cuda_worker(rank: int, world_size: int, directory: Path) -> None:
+    """Every scenario with the layer and the data on CUDA (both processes share the GPU; gloo
+    moves the statistics through host memory); results, on the CPU, to ``cuda-rank{r}.pt``."""
+    results: dict[str, Any] = {}
+    for name in SCENARIOS:
+        data = scenario_data(name, world_size, torch.float32)
+        sizes = data["sizes"]
+        start = sum(sizes[:rank])
+        virtual = None if data["virtual_batch_sizes"] is None else data["virtual_batch_sizes"][rank]
+        layer = make_layer(name, torch.float32, virtual, synchronized=True).to("cuda")
+        steps = [
+            {key: None if value is None else value.to("cuda") for key, value in step.items()}
+            for step in data["steps"]
+        ]
+        result = run_scenario(layer, steps, slice(start, start + sizes[rank]))
+        results[name] = _to_cpu(result)
+    torch.save(results, directory / f"cuda-rank{rank}.pt")
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    return value
+
+
 def torch_batch_norm(dtype: torch.dtype) -> nn.BatchNorm2d:
     module = nn.BatchNorm2d(3, momentum=0.3, eps=1e-4).to(dtype)
     with torch.no_grad():

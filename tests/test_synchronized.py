@@ -78,6 +78,22 @@ def _expected_collectives(world_size, first_task):
     return expected
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_synchronized_layer_on_cuda_tensors_equals_concatenated_batch(tmp_path):
+    # Two gloo processes sharing one GPU: the layer's statistics travel through host memory.
+    spawn(sync_workers.cuda_worker, 2, tmp_path)
+    results = _rank_results(tmp_path, "cuda-rank", 2)
+    for name in SCENARIOS:
+        data = scenario_data(name, 2, torch.float32)
+        ghosts = data["ghosts"]
+        virtual = None if ghosts is None else sum(data["sizes"]) // ghosts
+        reference = run_scenario(
+            make_layer(name, torch.float32, virtual), data["steps"], slice(None)
+        )
+        ranks = [results[r][name] for r in range(2)]
+        _check_against_reference(ranks, reference, torch.float32, f"cuda {name}")
+
+
 def _torch_reference(steps, dtype):
     module = sync_workers.torch_batch_norm(dtype)
     result = {}
