@@ -10,7 +10,15 @@ from typing import Any, Literal
 import torch
 import torch.utils._pytree as pytree
 
+from batchnorm.functional._activation import (
+    Activation,
+    ActivationName,
+    activate,
+    check_activation,
+)
+from batchnorm.functional._backend import Moments
 from batchnorm.functional._dispatch import backend_for, composed_backend
+from batchnorm.functional._in_place import InPlaceNormalizeActivate, check_in_place
 from batchnorm.functional._moving_average import (
     debiased_average_update,
     debiased_weight_update,
@@ -31,6 +39,7 @@ from batchnorm.functional._validation import (
 )
 
 VarianceEstimator = Literal["biased", "unbiased"]
+Memory = Literal["default", "in_place"]
 Adjustment = Callable[[torch.Size], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -158,6 +167,9 @@ def batch_norm(
     use_global_stats: bool | None = None,
     synchronized: bool = False,
     process_group: Any = None,
+    activation: ActivationName | None = None,
+    activation_param: float | None = None,
+    memory: Memory = "default",
 ) -> tuple[torch.Tensor, BatchNormStatistics]:
     """One batch-norm call without side effects: returns ``(y, new_statistics)``.
 
@@ -197,6 +209,15 @@ def batch_norm(
         training: Python bool, or a 0-d bool tensor (both branches are computed and selected,
             so the call traces without a graph break).
         use_global_stats: None, True or False, as above.
+        activation, activation_param: ``y = f(batch norm)`` with ``f`` one of "identity",
+            "relu", "leaky_relu" (param: negative slope, default 0.01), "elu" (param: alpha,
+            default 1.0); see :mod:`batchnorm.functional._activation`.
+        memory: "default", or "in_place": a training call writes ``y`` over ``x`` and its
+            backward recovers what it needs from ``y`` alone (one tensor of x's size kept for
+            the backward instead of two; see :mod:`batchnorm.functional._in_place`). Needs a
+            Python bool ``training``, an invertible activation (identity, leaky_relu with a
+            slope > 0, elu; none means identity), nonzero gamma, an ``x`` that is not a leaf
+            requiring grad, and no synchronization.
 
     Returns:
         ``y`` in ``x.dtype`` and the new statistics (detached).
@@ -226,6 +247,8 @@ def batch_norm(
         use_global_stats=check_use_global_stats(use_global_stats),
         synchronized=bool(synchronized),
         process_group=process_group,
+        activation=check_activation(activation, activation_param),
+        in_place=check_memory(memory) == "in_place",
     )
     return batch_norm_step(
         x, statistics, gamma, beta, normalize_axes(axis, x.ndim), options, training, mask
@@ -247,6 +270,14 @@ class BatchNormOptions:
     synchronized: bool = False
     process_group: Any = None
     layout_agreed: bool = False  # the ranks are known to agree on channels and ghost batches
+    activation: Activation | None = None
+    in_place: bool = False
+
+
+def check_memory(value: Any) -> str:
+    if value not in ("default", "in_place"):
+        raise ValueError(f"`memory` must be 'default' or 'in_place'. Received: memory={value!r}")
+    return str(value)
 
 
 def check_use_global_stats(value: Any) -> bool | None:
@@ -272,6 +303,7 @@ def batch_norm_step(
     Only what depends on this call is checked here: the shapes of ``x``, the statistics, gamma,
     beta and mask, ``training``, and that ghost batches divide the batch.
     """
+    x_given = x
     channel_shape = tuple(x.shape[a] for a in axes)
     for name, tensor in zip(BatchNormStatistics._fields, statistics, strict=True):
         expected = () if name == "moving_average_weight" else channel_shape
@@ -329,7 +361,7 @@ def batch_norm_step(
         )
 
     if training is False:
-        return _as_dtype(inference_output(), output_dtype), statistics
+        return _as_dtype(activate(inference_output(), options.activation), output_dtype), statistics
 
     scale, offset = cast(gamma), cast(beta)
     if options.adjustment is not None:
@@ -357,7 +389,13 @@ def batch_norm_step(
     empty = math.prod(x.shape) == 0
     y_train: torch.Tensor | None = None
     train_batch, expresses = (getattr(backend, name, None) for name in ("train_batch", "expresses"))
-    if group is not None:
+    in_place = options.in_place
+    if in_place:
+        # A converted copy of x (another dtype) is overwritten instead of x itself.
+        _check_in_place_call(x_given, scale, options, training)
+    if in_place and not empty:
+        moments = backend.batch_moments(x.detach(), axes, weights, ghost_batches)
+    elif group is not None:
         moments, any_elements = synchronized_moments(
             x, axes, weights, ghost_batches, backend, group, not options.layout_agreed
         )
@@ -391,7 +429,19 @@ def batch_norm_step(
             options.renorm_clipping,
         )
         scale, offset = _compose(correction.r, correction.d, scale, offset)
-    if group is not None:
+    if in_place and not empty:
+        y_train = _normalize_in_place(
+            x,
+            axes,
+            moments,
+            scale,
+            offset,
+            epsilon,
+            weights,
+            ghost_batches,
+            options.activation,
+        )
+    elif group is not None:
         y_train = synchronized_normalize(
             x, axes, moments, scale, offset, epsilon, weights, ghost_batches, backend, group
         )
@@ -399,14 +449,80 @@ def batch_norm_step(
         y_train = backend.normalize_batch(
             x, axes, moments, scale, offset, epsilon, weights, ghost_batches
         )
+    if not (in_place and not empty):
+        y_train = activate(y_train, options.activation)
     if empty or update is False:
         new_statistics = statistics
     elif update is not True and update is not training:
         new_statistics = _select_statistics(update, new_statistics, statistics)
     if training is True:
         return _as_dtype(y_train, output_dtype), new_statistics
-    y, selected = _select_branch(training, y_train, inference_output(), new_statistics, statistics)
+    y_inference = activate(inference_output(), options.activation)
+    y, selected = _select_branch(training, y_train, y_inference, new_statistics, statistics)
     return _as_dtype(y, output_dtype), selected
+
+
+def _check_in_place_call(
+    x_given: torch.Tensor,
+    scale: torch.Tensor | None,
+    options: BatchNormOptions,
+    training: bool | torch.Tensor,
+) -> None:
+    """Why this call cannot train in place, as an error (before anything is computed)."""
+    if training is not True:
+        raise ValueError(
+            "memory='in_place' needs a Python bool `training` (a tensor flag computes both "
+            "branches, which both read x). Received: training as a tensor"
+        )
+    if options.synchronized:
+        raise ValueError(
+            "memory='in_place' does not combine with `synchronized=True` (its backward "
+            "reduces across processes). Received: synchronized=True"
+        )
+    if scale is not None and scale.ndim > 1 and scale.shape[0] != 1:
+        raise ValueError(
+            "memory='in_place' needs an adjustment that is constant within each channel. "
+            "Received: an adjustment that varies inside a channel"
+        )
+    check_in_place(x_given, scale, options.activation)
+
+
+def _normalize_in_place(
+    x: torch.Tensor,
+    axes: tuple[int, ...],
+    moments: Moments,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    epsilon: float,
+    weights: torch.Tensor | None,
+    ghost_batches: int,
+    activation: Activation | None,
+) -> torch.Tensor:
+    """The training output written over ``x`` (see :mod:`batchnorm.functional._in_place`)."""
+    view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+    reduce_dims = tuple([i for i in range(x.ndim) if i not in axes])
+    grouped = x
+    statistic_view, parameter_view = view, view
+    if ghost_batches > 1:
+        # Ghost batch j holds samples {j, j + G, ...}, as the composed ops group them.
+        grouped = x.view(-1, ghost_batches, *x.shape[1:])
+        reduce_dims = (0, *[i + 1 for i in reduce_dims if i != 0])
+        statistic_view = [1, ghost_batches, *view[1:]]
+        parameter_view = [1, 1, *view[1:]]
+        if weights is not None:
+            weights = weights.reshape(-1, ghost_batches, *weights.shape[1:])
+    y = InPlaceNormalizeActivate.apply(  # type: ignore[no-untyped-call]
+        grouped,
+        None if scale is None else scale.reshape(parameter_view),
+        None if offset is None else offset.reshape(parameter_view),
+        moments.mean.detach().reshape(statistic_view),
+        moments.variance.detach().reshape(statistic_view),
+        None if weights is None else weights.detach(),
+        epsilon,
+        activation,
+        reduce_dims,
+    )
+    return y.view(x.shape)  # type: ignore[no-any-return]
 
 
 def check_ghost_batches(

@@ -1,0 +1,130 @@
+"""In-place training: the output of batch norm and its activation written over the input, and
+a backward that needs only that output.
+
+Batch norm followed by an activation keeps two tensors of the input's size alive for the
+backward: batch norm's input ``x`` and the activation's output ``y``. Written in place, only
+``y`` exists (in ``x``'s memory), and the backward recovers what it needs from it (InPlace-ABN,
+Rota Bulo et al., 2018):
+
+.. math::
+    z = f^{-1}(y), \\quad \\hat x = (z - \\beta) / \\gamma, \\quad
+    \\delta = \\frac{\\partial L}{\\partial y} f'(z)
+
+    \\frac{\\partial L}{\\partial \\beta} = \\sum \\delta, \\quad
+    \\frac{\\partial L}{\\partial \\gamma} = \\sum \\delta \\hat x, \\quad
+    \\frac{\\partial L}{\\partial x} = \\frac{\\gamma}{\\sigma}
+        \\Big(\\delta - \\frac{w}{W}\\sum \\delta - \\hat x \\frac{w}{W} \\sum \\delta \\hat x\\Big)
+
+with ``sigma = sqrt(var + epsilon)`` and, per ghost batch and channel, ``w`` the mask weight of
+each position (1 without a mask) and ``W`` their sum. The activation must be invertible (identity,
+leaky_relu with a positive slope, elu) and every ``gamma`` nonzero. Overwriting ``x`` is safe only
+where nothing else needs it: autograd's version counters make a backward that did need it raise,
+and a leaf that requires grad is refused up front.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from batchnorm.functional._activation import (
+    Activation,
+    activate_,
+    derivative_from_output,
+    invert,
+)
+
+
+def check_in_place(
+    x: torch.Tensor, scale: torch.Tensor | None, activation: Activation | None
+) -> None:
+    """Why ``x`` cannot be trained in place, as an error; nothing when it can."""
+    if activation is not None and not activation.invertible:
+        raise ValueError(
+            "memory='in_place' recovers the normalised input by inverting the activation; "
+            f"{activation.name!r} (with activation_param={activation.parameter}) is not "
+            "invertible: use 'identity', 'leaky_relu' with a slope > 0 or 'elu', or "
+            f"memory='default'. Received: activation={activation.name!r}"
+        )
+    if x.is_leaf and x.requires_grad:
+        raise ValueError(
+            "memory='in_place' overwrites its input, which must not be a leaf that requires "
+            "grad (autograd needs a leaf's value). Received: x with requires_grad=True and no "
+            "history"
+        )
+    if scale is not None and not torch.compiler.is_compiling() and bool((scale == 0).any()):
+        raise ValueError(
+            "memory='in_place' recovers the normalised input as (z - beta) / gamma: every "
+            "gamma must be nonzero. Received: a gamma with zeros"
+        )
+
+
+class InPlaceNormalizeActivate(torch.autograd.Function):
+    """``f(gamma * (x - mean) / sqrt(var + epsilon) + beta)`` written over ``x`` (the batch
+    statistics given, detached; broadcast against ``x`` in its grouped view)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        mean: torch.Tensor,
+        variance: torch.Tensor,
+        weights: torch.Tensor | None,
+        epsilon: float,
+        activation: Activation | None,
+        reduce_dims: tuple[int, ...],
+    ) -> torch.Tensor:
+        inverse_std = torch.rsqrt(variance + epsilon)
+        factor = inverse_std if scale is None else inverse_std * scale
+        high = mean.to(x.dtype)
+        # The mean as high + low (low folded into the shift): |mean| >> std costs nothing.
+        shift = -(mean - high.to(mean.dtype)) * factor
+        if offset is not None:
+            shift = shift + offset
+        with torch.no_grad():
+            x.sub_(high).mul_(factor.to(x.dtype)).add_(shift.to(x.dtype))
+            activate_(x, activation)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x, scale, offset, inverse_std, weights)
+        ctx.activation, ctx.reduce_dims = activation, reduce_dims
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        y, scale, offset, inverse_std, weights = ctx.saved_tensors
+        dims = ctx.reduce_dims
+        compute = inverse_std.dtype
+        z = invert(y.to(compute), ctx.activation)
+        derivative = derivative_from_output(y.to(compute), ctx.activation)
+        delta = grad.to(compute) if derivative is None else grad.to(compute) * derivative
+        centred = z if offset is None else z - offset
+        x_hat = centred if scale is None else centred / scale
+        sum_delta = delta.sum(dim=dims, keepdim=True)
+        sum_delta_x_hat = (delta * x_hat).sum(dim=dims, keepdim=True)
+        if weights is None:
+            count = y.numel() // max(sum_delta.numel(), 1)
+            share: torch.Tensor | float = 1.0 / count
+        else:
+            weights = weights.to(compute)
+            total = (weights + torch.zeros_like(y, dtype=compute)).sum(dim=dims, keepdim=True)
+            share = weights / total.clamp(min=torch.finfo(compute).tiny)
+        factor = inverse_std if scale is None else inverse_std * scale
+        dx = factor * (delta - share * sum_delta - x_hat * (share * sum_delta_x_hat))
+        dscale = None if scale is None else _reduce_to(sum_delta_x_hat, scale)
+        doffset = None if offset is None else _reduce_to(sum_delta, offset)
+        return dx.to(y.dtype), dscale, doffset, None, None, None, None, None, None
+
+
+def _reduce_to(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """A gradient summed over what ``parameter`` broadcast across (ghost batches)."""
+    while value.ndim > parameter.ndim:
+        value = value.sum(dim=0)
+    dims = [
+        i
+        for i, (v, p) in enumerate(zip(value.shape, parameter.shape, strict=True))
+        if p == 1 and v != 1
+    ]
+    return (value.sum(dim=dims, keepdim=True) if dims else value).to(parameter.dtype)

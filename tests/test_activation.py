@@ -1,0 +1,198 @@
+"""Batch norm fused with an activation, and in-place training (functional core)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchnorm.functional import (
+    NATIVE,
+    NUMBA_CPU,
+    BatchNormStatistics,
+    batch_norm,
+    register_backend,
+)
+
+ACTIVATIONS = [
+    ("identity", None, lambda z: z),
+    ("relu", None, F.relu),
+    ("leaky_relu", None, lambda z: F.leaky_relu(z, 0.01)),
+    ("leaky_relu", 0.2, lambda z: F.leaky_relu(z, 0.2)),
+    ("elu", None, F.elu),
+    ("elu", 0.5, lambda z: F.elu(z, 0.5)),
+]
+
+
+def _state(channels, dtype=torch.float64):
+    return BatchNormStatistics(
+        torch.linspace(-1, 1, channels, dtype=dtype), torch.linspace(0.5, 2, channels, dtype=dtype)
+    )
+
+
+@pytest.fixture(params=["numba", "torch", "native"])
+def cpu_backend(request):
+    register_backend("cpu", {"numba": NUMBA_CPU, "torch": None, "native": NATIVE}[request.param])
+    yield request.param
+    register_backend("cpu", NUMBA_CPU)
+
+
+@pytest.mark.parametrize(("name", "param", "reference"), ACTIVATIONS)
+def test_activation_follows_batch_norm_then_torch_activation(cpu_backend, name, param, reference):
+    torch.manual_seed(0)
+    x = (torch.randn(16, 3, 5, dtype=torch.float64) * 2 + 1).requires_grad_()
+    gamma = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(3, dtype=torch.float64).requires_grad_()
+    upstream = torch.randn(16, 3, 5, dtype=torch.float64)
+    kwargs = {"axis": 1, "momentum": 0.5}
+    for training in (True, False):
+        fused, fused_state = batch_norm(
+            x,
+            _state(3),
+            gamma,
+            beta,
+            training=training,
+            activation=name,
+            activation_param=param,
+            **kwargs,
+        )
+        plain, plain_state = batch_norm(x, _state(3), gamma, beta, training=training, **kwargs)
+        expected = reference(plain)
+        torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fused_state.moving_variance, plain_state.moving_variance)
+        got = torch.autograd.grad((fused * upstream).sum(), (x, gamma, beta))
+        want = torch.autograd.grad((expected * upstream).sum(), (x, gamma, beta))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _in_place_step(x, gamma, beta, **kwargs):
+    # A copy that is not a leaf: in-place training may overwrite it.
+    y, _ = batch_norm(
+        x * 1,
+        _state(x.shape[1], x.dtype),
+        gamma,
+        beta,
+        training=True,
+        axis=1,
+        memory="in_place",
+        **kwargs,
+    )
+    return y
+
+
+@pytest.mark.parametrize(
+    ("name", "param"), [(None, None), ("identity", None), ("leaky_relu", 0.1), ("elu", 1.0)]
+)
+@pytest.mark.parametrize(("ghost", "masked"), [(None, False), (None, True), (2, False), (2, True)])
+def test_in_place_training_gradcheck(name, param, ghost, masked):
+    torch.manual_seed(1)
+    x = (torch.randn(8, 3, 4, dtype=torch.float64) * 2 + 1).requires_grad_()
+    gamma = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(3, dtype=torch.float64).requires_grad_()
+    mask = (torch.rand(8, 4) > 0.3).double() if masked else None
+    kwargs = {
+        "activation": name,
+        "activation_param": param,
+        "virtual_batch_size": ghost,
+        "mask": mask,
+    }
+    assert torch.autograd.gradcheck(lambda *t: _in_place_step(*t, **kwargs), (x, gamma, beta))
+
+
+@pytest.mark.parametrize(
+    ("name", "param"), [("identity", None), ("leaky_relu", 0.01), ("elu", 1.0)]
+)
+def test_in_place_overwrites_its_input_and_matches_the_plain_path_in_float32(name, param):
+    torch.manual_seed(2)
+    source = torch.randn(32, 8, 6, 6) * 3 + 2
+    gamma = (torch.rand(8) + 0.5).requires_grad_()
+    beta = torch.randn(8).requires_grad_()
+    upstream = torch.randn_like(source)
+    results = []
+    for memory in ("default", "in_place"):
+        leaf = source.clone().requires_grad_()
+        x = leaf * 1
+        y, state = batch_norm(
+            x,
+            _state(8, torch.float32),
+            gamma,
+            beta,
+            axis=1,
+            training=True,
+            activation=name,
+            activation_param=param,
+            memory=memory,
+        )
+        if memory == "in_place":
+            assert y.data_ptr() == x.data_ptr()
+        grads = torch.autograd.grad((y * upstream).sum(), (leaf, gamma, beta))
+        results.append((y.detach(), state.moving_variance, *grads))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_in_place_refusals_change_nothing():
+    x = torch.randn(8, 3)
+    state = _state(3, torch.float32)
+    before = [t.clone() for t in state if t is not None]
+    cases = [
+        (
+            {"activation": "relu"},
+            x * 1,
+            torch.ones(3),
+            r"'relu' .* is not invertible: use 'identity', 'leaky_relu'",
+        ),
+        (
+            {"activation": "leaky_relu", "activation_param": 0.0},
+            x * 1,
+            torch.ones(3),
+            r"not invertible",
+        ),
+        ({}, x.clone().requires_grad_(), torch.ones(3), r"must not be a leaf that requires grad"),
+        ({}, x * 1, torch.tensor([1.0, 0.0, 1.0]), r"every gamma must be nonzero"),
+    ]
+    for kwargs, source, gamma, match in cases:
+        copy = source.detach().clone()
+        with pytest.raises(ValueError, match=match):
+            batch_norm(source, state, gamma, training=True, memory="in_place", **kwargs)
+        assert torch.equal(source.detach(), copy)
+    with pytest.raises(ValueError, match=r"needs a Python bool `training`"):
+        batch_norm(x * 1, state, training=torch.tensor(True), memory="in_place")
+    with pytest.raises(
+        ValueError, match=r"`memory` must be 'default' or 'in_place'. Received: memory='inplace'"
+    ):
+        batch_norm(x, state, training=True, memory="inplace")  # type: ignore[arg-type]
+    for old, new in zip(before, [t for t in state if t is not None], strict=True):
+        assert torch.equal(old, new)
+
+
+def test_in_place_input_needed_elsewhere_fails_at_backward():
+    # sin saves its input for its backward: overwriting that input must not pass silently.
+    leaf = torch.randn(8, 3, requires_grad=True)
+    x = leaf * 1
+    other = x.sin()
+    y, _ = batch_norm(x, _state(3, torch.float32), training=True, memory="in_place")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (y.sum() + other.sum()).backward()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"activation": "gelu"},
+            r"`activation` must be None or one of .* Received: activation='gelu'",
+        ),
+        ({"activation": "relu", "activation_param": 0.1}, r"does not apply to activation='relu'"),
+        ({"activation": "elu", "activation_param": -1.0}, r"alpha\) must be > 0"),
+        (
+            {"activation": "leaky_relu", "activation_param": float("nan")},
+            r"must be a finite number",
+        ),
+        ({"activation_param": 0.1}, r"`activation_param` needs an `activation`"),
+    ],
+)
+def test_bad_activation_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        batch_norm(torch.randn(4, 3), _state(3, torch.float32), training=True, **kwargs)
