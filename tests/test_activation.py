@@ -196,3 +196,34 @@ def test_in_place_input_needed_elsewhere_fails_at_backward():
 def test_bad_activation_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         batch_norm(torch.randn(4, 3), _state(3, torch.float32), training=True, **kwargs)
+
+
+@pytest.mark.parametrize(("name", "param", "reference"), ACTIVATIONS)
+@pytest.mark.parametrize(
+    ("shape", "axis", "ghost"),
+    [((64, 6), -1, None), ((16, 6, 5), 1, None), ((8, 5, 5, 6), -1, 2), ((16, 6, 5), 1, 4)],
+)
+def test_activation_in_the_kernels_normalising_pass(name, param, reference, shape, axis, ghost):
+    # Without autograd the CPU kernels apply the activation in their normalising pass.
+    torch.manual_seed(3)
+    x = torch.randn(shape) * 2 + 0.5
+    channels = shape[axis]
+    gamma, beta = torch.rand(channels) + 0.5, torch.randn(channels)
+    kwargs = {"axis": axis, "momentum": 0.5, "virtual_batch_size": ghost}
+    with torch.no_grad():
+        for training in (True, False):
+            fused, fused_state = batch_norm(
+                x,
+                _state(channels, torch.float32),
+                gamma,
+                beta,
+                training=training,
+                activation=name,
+                activation_param=param,
+                **kwargs,
+            )
+            plain, plain_state = batch_norm(
+                x, _state(channels, torch.float32), gamma, beta, training=training, **kwargs
+            )
+            torch.testing.assert_close(fused, reference(plain), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(fused_state.moving_mean, plain_state.moving_mean)

@@ -13,6 +13,10 @@ The layer step (:func:`batchnorm.functional.batch_norm`) calls three primitives,
 - ``normalize(x, axes, mean, variance, scale, offset, epsilon)``: the same with given statistics
   (inference), differentiable in ``x``, ``scale`` and ``offset``.
 
+``normalize_batch`` and ``normalize`` may take an ``activation`` keyword
+(:class:`batchnorm.functional._activation.Activation`): the output is then ``f(y)``, computed in
+the same pass where the backend can. The step passes it only when an activation is set.
+
 A backend may also provide ``train_in_place(x, axis, moving, scale, offset, weights,
 ghost_batches, momentum, epsilon, unbiased)``: the training output over one channel axis with the
 moving statistics stepped in place, in one native call (the layer's eager path; see

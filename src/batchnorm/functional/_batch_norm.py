@@ -349,6 +349,12 @@ def batch_norm_step(
         # Converted once here rather than in each of the backend's passes.
         x = x.to(compute_dtype)
 
+    # Each backend applies the activation itself (the CPU kernels in their normalising pass);
+    # backends registered from elsewhere that do not take it never see the keyword.
+    with_activation: dict[str, Any] = (
+        {} if options.activation is None else {"activation": options.activation}
+    )
+
     def inference_output() -> torch.Tensor:
         return backend.normalize(
             x,
@@ -358,10 +364,11 @@ def batch_norm_step(
             cast(gamma),
             cast(beta),
             epsilon,
+            **with_activation,
         )
 
     if training is False:
-        return _as_dtype(activate(inference_output(), options.activation), output_dtype), statistics
+        return _as_dtype(inference_output(), output_dtype), statistics
 
     scale, offset = cast(gamma), cast(beta)
     if options.adjustment is not None:
@@ -409,7 +416,7 @@ def batch_norm_step(
         and expresses(x, axes, (scale, offset), training=True)
     ):
         # One native call gives the output and the batch moments.
-        y_train, moments = train_batch(x, axes, scale, offset, epsilon)
+        y_train, moments = train_batch(x, axes, scale, offset, epsilon, **with_activation)
     else:
         moments = backend.batch_moments(x, axes, weights, ghost_batches)
     # Ghost batches update the moving statistics once, with the mean of their statistics.
@@ -445,20 +452,18 @@ def batch_norm_step(
         y_train = synchronized_normalize(
             x, axes, moments, scale, offset, epsilon, weights, ghost_batches, backend, group
         )
+        y_train = activate(y_train, options.activation)
     elif y_train is None:
         y_train = backend.normalize_batch(
-            x, axes, moments, scale, offset, epsilon, weights, ghost_batches
+            x, axes, moments, scale, offset, epsilon, weights, ghost_batches, **with_activation
         )
-    if not (in_place and not empty):
-        y_train = activate(y_train, options.activation)
     if empty or update is False:
         new_statistics = statistics
     elif update is not True and update is not training:
         new_statistics = _select_statistics(update, new_statistics, statistics)
     if training is True:
         return _as_dtype(y_train, output_dtype), new_statistics
-    y_inference = activate(inference_output(), options.activation)
-    y, selected = _select_branch(training, y_train, y_inference, new_statistics, statistics)
+    y, selected = _select_branch(training, y_train, inference_output(), new_statistics, statistics)
     return _as_dtype(y, output_dtype), selected
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from batchnorm.functional._activation import Activation
 from batchnorm.functional._backend import Moments
 from batchnorm.functional._torch_ops import TORCH_OPS, TorchOpsBackend
 
@@ -70,8 +71,9 @@ class CompiledTorchOpsBackend(TorchOpsBackend):
         epsilon: float,
         weights: torch.Tensor | None,
         ghost_batches: int,
+        activation: Activation | None = None,
     ) -> torch.Tensor:
-        arguments = (x, axes, moments, scale, offset, epsilon, weights, ghost_batches)
+        arguments = (x, axes, moments, scale, offset, epsilon, weights, ghost_batches, activation)
         if torch.compiler.is_compiling():
             return TORCH_OPS.normalize_batch(*arguments)
         y: torch.Tensor = self._normalize_batch(TORCH_OPS, *arguments)
@@ -86,8 +88,9 @@ class CompiledTorchOpsBackend(TorchOpsBackend):
         scale: torch.Tensor | None,
         offset: torch.Tensor | None,
         epsilon: float,
+        activation: Activation | None = None,
     ) -> torch.Tensor:
-        arguments = (x, axes, mean, variance, scale, offset, epsilon)
+        arguments = (x, axes, mean, variance, scale, offset, epsilon, activation)
         if torch.compiler.is_compiling():
             return TORCH_OPS.normalize(*arguments)
         y: torch.Tensor = self._normalize(TORCH_OPS, *arguments)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from batchnorm.functional._activation import Activation, activate
 from batchnorm.functional._backend import Moments
 from batchnorm.functional._cpu_operations import (
     SUPPORTED_DTYPES,
@@ -276,7 +277,10 @@ class NumbaCpuBackend:
         epsilon: float,
         weights: torch.Tensor | None,
         ghost_batches: int,
+        activation: Activation | None = None,
     ) -> torch.Tensor:
+        """The training output; ``activation`` runs in the same kernel pass when no autograd
+        graph is recorded, as a torch op after it otherwise."""
         arguments = (
             x,
             list(axes),
@@ -294,10 +298,18 @@ class NumbaCpuBackend:
         elif _needs_autograd(x, scale, offset):
             y = _NormalizeBatch.apply(*arguments)  # type: ignore[no-untyped-call]
         else:
-            y = normalize_batch_impl(
-                x, list(axes), moments.mean, moments.variance, scale, offset, epsilon, ghost_batches
+            return normalize_batch_impl(
+                x,
+                list(axes),
+                moments.mean,
+                moments.variance,
+                scale,
+                offset,
+                epsilon,
+                ghost_batches,
+                activation,
             )
-        return y
+        return activate(y, activation)
 
     def train_in_place(
         self,
@@ -311,8 +323,10 @@ class NumbaCpuBackend:
         momentum: float,
         epsilon: float,
         unbiased: bool,
+        activation: Activation | None = None,
     ) -> torch.Tensor:
         """Training output over one channel axis; the moving statistics step in place.
+        ``activation`` as in :meth:`normalize_batch`.
 
         Eager only (``torch.compile`` traces :meth:`batch_moments` and :meth:`normalize_batch`).
         """
@@ -327,8 +341,8 @@ class NumbaCpuBackend:
         )
         if _needs_autograd(x, scale, offset):
             y: torch.Tensor = TrainInPlace.apply(x, scale, offset, step)  # type: ignore[no-untyped-call]
-            return y
-        return train_in_place_impl(x, scale, offset, step)[0]
+            return activate(y, activation)
+        return train_in_place_impl(x, scale, offset, step._replace(activation=activation))[0]
 
     def normalize(
         self,
@@ -339,6 +353,7 @@ class NumbaCpuBackend:
         scale: torch.Tensor | None,
         offset: torch.Tensor | None,
         epsilon: float,
+        activation: Activation | None = None,
     ) -> torch.Tensor:
         arguments = (x, list(axes), mean, variance, scale, offset, epsilon)
         if torch.compiler.is_compiling():
@@ -346,8 +361,8 @@ class NumbaCpuBackend:
         elif _needs_autograd(x, mean, variance, scale, offset):
             y = _Normalize.apply(*arguments)  # type: ignore[no-untyped-call]
         else:
-            y = normalize_impl(*arguments)
-        return y
+            return normalize_impl(*arguments, activation)
+        return activate(y, activation)
 
 
 NUMBA_CPU = NumbaCpuBackend()

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from batchnorm.functional._activation import Activation
 from batchnorm.functional._canonical_layout import CanonicalLayout
 from batchnorm.functional._cpu_plan import (
     KERNEL_DTYPES,
@@ -25,6 +26,7 @@ from batchnorm.functional._cpu_plan import (
     shared_array,
 )
 from batchnorm.functional._torch_ops import TORCH_OPS
+from batchnorm.kernels._elementwise import ELU, LEAKY_RELU, NO_ACTIVATION, RELU
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -95,9 +97,10 @@ def normalize_prepared(
     epsilon: float,
     groups: int,
     out_dtype: torch.dtype,
+    activation: Activation | None = None,
 ) -> torch.Tensor:
-    """The affine kernel on an input already prepared, into a new tensor with x's memory layout;
-    the statistics are ``[groups, C]`` arrays."""
+    """The affine kernel (and ``activation``, in the same pass) on an input already prepared,
+    into a new tensor with x's memory layout; the statistics are ``[groups, C]`` arrays."""
     plan = prepared.plan
     out, out3 = plan.fresh()
     normalize = prepared.compiled(plan.affine_normalize)
@@ -112,8 +115,17 @@ def normalize_prepared(
         plan.layout.period,
         plan.blocks,
         out3,
+        *activation_code(activation),
     )
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def activation_code(activation: Activation | None) -> tuple[int, float]:
+    """The kernels' ``(code, parameter)`` of an activation (:mod:`batchnorm.kernels._elementwise`)."""
+    if activation is None or activation.name == "identity":
+        return NO_ACTIVATION, 0.0
+    code = {"relu": RELU, "leaky_relu": LEAKY_RELU, "elu": ELU}[activation.name]
+    return code, 0.0 if activation.parameter is None else activation.parameter
 
 
 # ---------------------------------------------------------------------------- implementations
@@ -146,6 +158,7 @@ def normalize_batch_impl(
     offset: torch.Tensor | None,
     epsilon: float,
     ghost_batches: int,
+    activation: Activation | None = None,
 ) -> torch.Tensor:
     prepared = prepare(x, axes, None, ghost_batches > 1)
     layout = prepared.layout
@@ -158,6 +171,7 @@ def normalize_batch_impl(
         epsilon,
         ghost_batches,
         x.dtype,
+        activation,
     )
 
 
@@ -221,6 +235,7 @@ class TrainStep(NamedTuple):
     unbiased: bool
     arrays: StepArrays | None = None
     prepared: Prepared | None = None
+    activation: Activation | None = None  # applied in the normalising pass (no autograd only)
 
 
 def train_in_place_impl(
@@ -263,6 +278,7 @@ def train_in_place_impl(
         arrays.debiased,
         momentum,
         unbiased,
+        *activation_code(step.activation),
     )
     moving_mean, moving_variance, average_weight = step.moving
     torch.autograd.graph.increment_version(
@@ -391,6 +407,7 @@ def normalize_impl(
     scale: torch.Tensor | None,
     offset: torch.Tensor | None,
     epsilon: float,
+    activation: Activation | None = None,
 ) -> torch.Tensor:
     prepared = prepare(x, axes, None, False)
     layout = prepared.layout
@@ -403,6 +420,7 @@ def normalize_impl(
         epsilon,
         1,
         x.dtype,
+        activation,
     )
 
 

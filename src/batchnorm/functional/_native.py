@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from batchnorm.functional._activation import Activation, activate
 from batchnorm.functional._backend import Moments
 from batchnorm.functional._composed import composed_ops
 
@@ -65,9 +66,10 @@ class NativeBackend:
         epsilon: float,
         weights: torch.Tensor | None,
         ghost_batches: int,
+        activation: Activation | None = None,
     ) -> torch.Tensor:
         return composed_ops().normalize_batch(
-            x, axes, moments, scale, offset, epsilon, weights, ghost_batches
+            x, axes, moments, scale, offset, epsilon, weights, ghost_batches, activation
         )
 
     def expresses(
@@ -102,6 +104,7 @@ class NativeBackend:
         scale: torch.Tensor | None,
         offset: torch.Tensor | None,
         epsilon: float,
+        activation: Activation | None = None,
     ) -> tuple[torch.Tensor, Moments]:
         """The training output ``(x - mean) / sqrt(var + epsilon) * scale + offset`` with the
         batch moments, from one native call; differentiable (the native backward) in x, scale and
@@ -126,7 +129,7 @@ class NativeBackend:
         variance = unbiased_variance * ((elements - 1) / elements)
         total_weight = torch.full_like(mean, float(elements))
         moments = Moments(mean.unsqueeze(0), variance.unsqueeze(0), total_weight.unsqueeze(0))
-        return y.movedim(1, axis), moments
+        return activate(y, activation).movedim(1, axis), moments
 
     def normalize(
         self,
@@ -137,6 +140,7 @@ class NativeBackend:
         scale: torch.Tensor | None,
         offset: torch.Tensor | None,
         epsilon: float,
+        activation: Activation | None = None,
     ) -> torch.Tensor:
         """Inference: ``(x - mean) / sqrt(variance + epsilon) * scale + offset``, natively where
         the statistics are plain per-channel tensors (the native backward does not differentiate
@@ -146,7 +150,9 @@ class NativeBackend:
             or mean.requires_grad
             or variance.requires_grad
         ):
-            return composed_ops().normalize(x, axes, mean, variance, scale, offset, epsilon)
+            return composed_ops().normalize(
+                x, axes, mean, variance, scale, offset, epsilon, activation
+            )
         axis = axes[0]
         y = torch.batch_norm(
             _channels_at_dim_1(x, axis),
@@ -159,7 +165,7 @@ class NativeBackend:
             epsilon,
             torch.backends.cudnn.enabled,
         )
-        return y.movedim(1, axis)
+        return activate(y, activation).movedim(1, axis)
 
 
 NATIVE = NativeBackend()

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from batchnorm.functional._activation import Activation, activate
 from batchnorm.functional._backend import Moments
 
 
@@ -176,6 +177,7 @@ class TorchOpsBackend:
         epsilon: float,
         weights: torch.Tensor | None,
         ghost_batches: int,
+        activation: Activation | None = None,
     ) -> torch.Tensor:
         grouped, _, view = self._grouped(_upcast(x), axes, ghost_batches)
         parameter_view = view if ghost_batches == 1 else [1, 1, *view[2:]]
@@ -188,7 +190,7 @@ class TorchOpsBackend:
             self._parameter(offset, parameter_view, channels),
             epsilon,
         )
-        return y.reshape(x.shape).to(x.dtype)
+        return activate(y, activation).reshape(x.shape).to(x.dtype)
 
     def normalize(
         self,
@@ -199,6 +201,7 @@ class TorchOpsBackend:
         scale: torch.Tensor | None,
         offset: torch.Tensor | None,
         epsilon: float,
+        activation: Activation | None = None,
     ) -> torch.Tensor:
         view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
         y = affine_normalize(
@@ -209,7 +212,7 @@ class TorchOpsBackend:
             None if offset is None else offset.reshape(view),
             epsilon,
         )
-        return y.to(x.dtype)
+        return activate(y, activation).to(x.dtype)
 
 
 TORCH_OPS = TorchOpsBackend()

@@ -120,6 +120,8 @@ def _train_forward_rows(  # type: ignore[no-untyped-def]
     debiased,
     momentum,
     unbiased,
+    activation,
+    parameter,
 ):
     """:data:`train_forward` for ``inner == 1`` (channels last)."""
     rows, channels, _ = x.shape
@@ -136,7 +138,9 @@ def _train_forward_rows(  # type: ignore[no-untyped-def]
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     for block in prange(blocks):
         start, stop = block_rows(rows, blocks, block)
-        normalize_rows_block(x2, high, factor, shift, groups, period, start, stop, out2)
+        normalize_rows_block(
+            x2, high, factor, shift, groups, period, start, stop, out2, activation, parameter
+        )
     update_moving_statistics(
         mean,
         variance,
@@ -169,9 +173,11 @@ def _train_forward_planes(  # type: ignore[no-untyped-def]
     debiased,
     momentum,
     unbiased,
+    activation,
+    parameter,
 ):
-    """Batch moments, ``out = (x - mean) / sqrt(variance + epsilon) * scale + offset``, and the
-    moving-average step (:func:`update_moving_statistics`) in one call.
+    """Batch moments, ``out = f((x - mean) / sqrt(variance + epsilon) * scale + offset)`` (``f``
+    the activation of code ``activation``, 0 for none), and the moving-average step (:func:`update_moving_statistics`) in one call.
 
     Returns the batch ``(mean, variance, total_weight)``, each ``[groups, C]`` float64.
     """
@@ -189,7 +195,9 @@ def _train_forward_planes(  # type: ignore[no-untyped-def]
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     for block in prange(blocks):
         start, stop = block_rows(rows, blocks, block)
-        normalize_planes_block(x, high, factor, shift, groups, period, start, stop, out)
+        normalize_planes_block(
+            x, high, factor, shift, groups, period, start, stop, out, activation, parameter
+        )
     update_moving_statistics(
         mean,
         variance,
