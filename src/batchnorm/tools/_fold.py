@@ -13,6 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
+from batchnorm.functional._activation import Activation, activate, check_activation
 from batchnorm.functional._validation import check_axis_type
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools import _batch_norm_modules as bn
@@ -55,18 +56,23 @@ class FoldResult:
 
 
 class FoldedBatchNorm(nn.Module):
-    """Stands where a folded batch norm was and returns its input unchanged (extra arguments such
-    as ``training`` or ``mask`` are ignored): its transform now lives in the layer ``into``."""
+    """Stands where a folded batch norm was and returns its input unchanged, or with the batch
+    norm's fused activation applied (extra arguments such as ``training`` or ``mask`` are
+    ignored): its affine transform now lives in the layer ``into``."""
 
-    def __init__(self, into: str) -> None:
+    def __init__(self, into: str, activation: Activation | None = None) -> None:
         super().__init__()
         self.into = into
+        self.activation = activation
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return x
+        return activate(x, self.activation)
 
     def extra_repr(self) -> str:
-        return f"into={self.into!r}"
+        if self.activation is None:
+            return f"into={self.into!r}"
+        parameter = "" if self.activation.parameter is None else f"({self.activation.parameter})"
+        return f"into={self.into!r}, activation={self.activation.name}{parameter}"
 
 
 class _BatchNormLeafTracer(fx.Tracer):
@@ -157,7 +163,8 @@ def fold(
             not_folded[norm_name] = reason
             continue
         _fold_pair(modules[layer_name], modules[norm_name])
-        _replace(folded_model, norm_name, FoldedBatchNorm(layer_name))
+        kept = _fused_activation(modules[norm_name])
+        _replace(folded_model, norm_name, FoldedBatchNorm(layer_name, kept))
         folded.append((layer_name, norm_name))
     not_folded = {name: not_folded[name] for name in modules if name in not_folded}
     max_difference = None
@@ -358,6 +365,13 @@ def _fold_pair(layer: nn.Module, norm: nn.Module) -> None:
     requires_grad = bool(layer.weight.requires_grad)
     layer.weight = nn.Parameter(weight, requires_grad=requires_grad)
     layer.bias = nn.Parameter(bias.to(weight.device), requires_grad=requires_grad)
+
+
+def _fused_activation(norm: nn.Module) -> Activation | None:
+    """The activation a batch norm applies after normalising (our layer's ``activation``)."""
+    return check_activation(
+        getattr(norm, "activation", None), getattr(norm, "activation_param", None)
+    )
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
