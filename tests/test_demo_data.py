@@ -109,6 +109,41 @@ def test_real_mnist_test_set():
     if "train" not in splits:
         data = load_dataset(MNIST)
         assert (len(data.train_labels), len(data.validation_labels)) == (8000, 2000)
+    raw = load_dataset(MNIST, inputs="raw")
+    assert raw.pixels == "raw, 0..255" and float(raw.train_images.max()) == 255.0
+    assert set(np.unique(raw.validation_images.numpy())) <= set(range(256))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_raw_inputs_keep_the_pixel_values(tmp_path, gz):
+    train, test = random_split(9, seed=7), random_split(4, seed=8)
+    write_split(tmp_path, "train", *train, gz=gz)
+    write_split(tmp_path, "t10k", *test, gz=gz)
+    raw = load_dataset(tmp_path, inputs="raw")
+    np.testing.assert_array_equal(raw.train_images.numpy(), train[0].astype(np.float32))
+    np.testing.assert_array_equal(raw.validation_images.numpy(), test[0].astype(np.float32))
+    assert raw.pixels == "raw, 0..255" and raw.limited(3, 2).pixels == "raw, 0..255"
+    assert load_dataset(tmp_path).pixels == "scaled to [0, 1]"
+    for test_file in tmp_path.glob("t10k-*"):
+        test_file.unlink()
+    held_out = load_dataset(tmp_path, inputs="raw")  # one split: a fifth held out, still raw
+    assert float(held_out.train_images.max()) > 1 and held_out.pixels == "raw, 0..255"
+
+
+def test_raw_digits_are_the_sixteen_gray_levels():
+    from sklearn.datasets import load_digits
+
+    raw, scaled = load_dataset(None, inputs="raw"), load_dataset(None)
+    assert raw.pixels == "raw, 0..16" and "pixels raw, 0..16" in raw.describe()
+    np.testing.assert_array_equal(raw.train_images.numpy(), scaled.train_images.numpy() * 16)
+    np.testing.assert_array_equal(raw.validation_labels, scaled.validation_labels)
+    assert set(np.unique(raw.train_images.numpy())) <= set(range(17))
+    assert float(raw.train_images.max()) == float(np.max(load_digits().images)) == 16.0
+
+
+def test_unknown_inputs_name_the_argument():
+    with pytest.raises(ValueError, match=r"`inputs` must be one of \('scaled', 'raw'\). Received"):
+        load_dataset(None, inputs="unscaled")  # type: ignore[arg-type]
 
 
 def test_digits_default():

@@ -14,6 +14,7 @@ import torch
 from batchnorm.__main__ import main
 from batchnorm.demo._classic import run_classic_demo
 from batchnorm.demo._datasets import load_dataset
+from batchnorm.demo._measures import POPULATION_KEYS
 from batchnorm.demo._models import (
     batch_norm_layers,
     classic_network,
@@ -34,13 +35,15 @@ def small_digits():
     return load_dataset(None).limited(160, 60)
 
 
-def _check_history(history: dict, epochs: int) -> None:
-    assert set(history) == set(HISTORY_KEYS)
-    for key in HISTORY_KEYS:
+def _check_history(history: dict, epochs: int, with_batch_norm: bool) -> None:
+    keys = set(HISTORY_KEYS) | (set(POPULATION_KEYS) if with_batch_norm else set())
+    assert set(history) == keys
+    for key in keys:
         assert len(history[key]) == epochs
         assert all(math.isfinite(value) for value in history[key])
-    for key in ("train_accuracy", "val_accuracy"):
-        assert all(0.0 <= value <= 1.0 for value in history[key])
+    for key in keys:
+        if key.endswith("accuracy"):
+            assert all(0.0 <= value <= 1.0 for value in history[key])
 
 
 def test_classic_cli_writes_curves_and_history(tmp_path, capsys):
@@ -49,13 +52,30 @@ def test_classic_cli_writes_curves_and_history(tmp_path, capsys):
     assert code == 0
     assert torch.get_num_threads() == threads  # --threads applies to the run only
     out = capsys.readouterr().out
-    assert "Epochs to reach 95.0% validation accuracy" in out and "Final accuracy" in out
+    assert "pixels scaled to [0, 1]" in out
+    for measure in ("training", "validation, moving averages", "validation, population"):
+        assert out.count(measure) >= 2  # in the table and in the epochs-to-target lines
+    assert "Epochs to reach 95.0% accuracy" in out and "In words: on training accuracy" in out
+    assert "Final accuracy" in out
     assert f"wrote {tmp_path / 'curves.png'}" in out
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC
     history = json.loads((tmp_path / "history.json").read_text())
     assert set(history) == {"with_bn", "without_bn"}
-    for run in history.values():
-        _check_history(run, epochs=2)
+    _check_history(history["with_bn"], epochs=2, with_batch_norm=True)
+    _check_history(history["without_bn"], epochs=2, with_batch_norm=False)
+
+
+def test_classic_cli_on_raw_pixels(tmp_path, capsys):
+    arguments = ["demo", "--inputs", "raw", "--epochs", "2", "--max-batches", "2"]
+    assert main([*arguments, "--out", str(tmp_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "120 training and 120 validation images of 8x8, pixels raw, 0..16" in out
+    history = json.loads((tmp_path / "history.json").read_text())
+    _check_history(history["with_bn"], epochs=2, with_batch_norm=True)
+    _check_history(history["without_bn"], epochs=2, with_batch_norm=False)
+    scaled = tmp_path / "scaled"
+    assert main(["demo", "--epochs", "2", "--max-batches", "2", "--out", str(scaled), *TINY]) == 0
+    assert json.loads((scaled / "history.json").read_text()) != history
 
 
 def test_classic_is_deterministic_with_seed(tmp_path):
@@ -107,7 +127,7 @@ def test_history_validation_numbers_match_a_numpy_evaluation(small_digits):
     )
     model = classic_network(64, with_batch_norm=True, seed=2)
     history = fit(model, data, epochs=2, batch_size=64, seed=2, label="t", stream=io.StringIO())
-    _check_history(history, epochs=2)
+    _check_history(history, epochs=2, with_batch_norm=False)
     model.eval()
     with torch.no_grad():
         logits = model(data.validation_inputs).double().numpy()
@@ -137,7 +157,7 @@ def test_placement_cli_and_networks(tmp_path, capsys, small_digits):
     history = json.loads((tmp_path / "placement.json").read_text())
     assert set(history) == {"bn_before_relu", "bn_after_relu"}
     for run in history.values():
-        _check_history(run, epochs=1)
+        _check_history(run, epochs=1, with_batch_norm=True)
     before = placement_network(8, 8, batch_norm_before_relu=True, seed=0)
     after = placement_network(8, 8, batch_norm_before_relu=False, seed=0)
     kinds = [type(module).__name__ for module in before][1:4]
@@ -254,6 +274,7 @@ def test_progress_bar_is_quiet_off_a_terminal():
         (["--steps", "5"], "--steps does not apply to the classic demo"),
         (["--epochs", "2", "shift"], "--epochs does not apply to the shift demo"),
         (["--data", "x", "modes"], "--data does not apply to the modes demo"),
+        (["--inputs", "raw", "modes"], "--inputs does not apply to the modes demo"),
         (["shift", "--steps", "0"], "--steps must be >= 1. Received: 0"),
         (["modes", "--threads", "0"], "--threads must be >= 1. Received: 0"),
         (["--data", "/nonexistent/mnist"], "/nonexistent/mnist: no such file or folder"),
@@ -279,8 +300,16 @@ def test_malformed_data_file_exits_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_modes_rejects_data_after_the_name(capsys):
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["modes", "--data", "x"], "unrecognized arguments: --data x"),
+        (["modes", "--inputs", "raw"], "unrecognized arguments: --inputs raw"),
+        (["--inputs", "unscaled"], "argument --inputs: invalid choice: 'unscaled'"),
+    ],
+)
+def test_parser_rejects_options_that_do_not_fit(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "modes", "--data", "x"])
+        main(["demo", *arguments])
     assert exit_info.value.code == 2
-    assert "unrecognized arguments: --data x" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """``batchnorm demo [placement | shift | modes]``: the command-line wiring of the demos.
 
 ``batchnorm demo`` alone runs the classic Keras experiment (Dense network with and without batch
-norm). Options shared by every experiment (``--seed``, ``--out``) may come before or after the
-experiment's name. The output folder is checked while the arguments are parsed: a path that
+norm; training, validation on the moving averages and on population statistics, side by side).
+Options shared by every experiment (``--seed``, ``--out``, and ``--data`` / ``--inputs`` for those
+on images) may come before or after the experiment's name. The output folder is checked while the arguments are parsed: a path that
 cannot be written stops the command before any training.
 
 Example:
@@ -24,8 +25,8 @@ from typing import Any
 import torch
 
 from batchnorm.cli._paths import output_directory
+from batchnorm.demo._datasets import INPUTS
 from batchnorm.demo._mnist import DataError
-from batchnorm.demo._report import moving_average_note
 
 DEFAULT_OUT = Path("demo-output")
 # Epochs per data set: the digits are 23 batches an epoch, MNIST 938.
@@ -60,6 +61,13 @@ def _add_common(parser: argparse.ArgumentParser, *, top: bool, data: bool) -> No
             default=default(None),
             help="MNIST: a folder of IDX files (train-*/t10k-*, .gz or not) or a Keras mnist.npz "
             "(default: scikit-learn's bundled 8x8 digits)",
+        )
+        parser.add_argument(
+            "--inputs",
+            choices=INPUTS,
+            default=None if top else argparse.SUPPRESS,
+            help="scaled: pixels divided by their peak, in [0, 1] (default); raw: the unscaled "
+            "pixel values (0-16 on the digits, 0-255 on MNIST), where hidden values are large",
         )
         parser.add_argument(
             "--limit", type=int, default=default(None), help=argparse.SUPPRESS
@@ -100,8 +108,11 @@ def add_demo_parser(commands: Any) -> None:
         "demo",
         help="what batch norm does: with vs without BN on real data (and more experiments)",
         description="Train Dense(1000, relu) -> BatchNormalization -> Dense(10) with and without "
-        "the BatchNormalization layer (Adam, batch size 64) and compare them; writes curves.png "
-        "and history.json.",
+        "the BatchNormalization layer (Adam, batch size 64) and compare them each epoch on three "
+        "measures: training loss and accuracy, validation on the moving averages (as Keras "
+        "evaluates), and validation of the BN network on population statistics "
+        "(batchnorm.recalibrate over the training set, on a copy); writes curves.png and "
+        "history.json.",
     )
     _add_common(demo, top=True, data=True)
     _add_epochs(demo, "classic", top=True)
@@ -172,6 +183,7 @@ def _check(arguments: argparse.Namespace, experiment: str) -> None:
             ("--target", arguments.target, not uses_steps),
             ("--momentum", arguments.momentum, not uses_steps),
             ("--data", arguments.data, experiment != "modes"),
+            ("--inputs", arguments.inputs, experiment != "modes"),
         )
         if given is not None and not applies
     ]
@@ -215,7 +227,7 @@ def _run(experiment: str, arguments: argparse.Namespace) -> list[Path]:
 
     from batchnorm.demo._datasets import load_dataset
 
-    dataset = load_dataset(arguments.data)
+    dataset = load_dataset(arguments.data, arguments.inputs or "scaled")
     if arguments.limit is not None:
         dataset = dataset.limited(arguments.limit, arguments.limit)
     on_mnist = arguments.data is not None
@@ -236,11 +248,20 @@ def _run(experiment: str, arguments: argparse.Namespace) -> list[Path]:
     if experiment == "placement":
         from batchnorm.demo._placement import run_placement_demo as run_comparison
 
-        files = ("placement.json", "placement.png", "BatchNormalization placement")
+        files = (
+            "placement.json",
+            "placement.png",
+            "BatchNormalization placement: Conv2D(64, 3x3) -> BN -> ReLU vs Conv2D -> ReLU -> BN",
+        )
     else:
         from batchnorm.demo._classic import run_classic_demo as run_comparison
 
-        files = ("history.json", "curves.png", "Dense(1000) with and without BatchNormalization")
+        files = (
+            "history.json",
+            "curves.png",
+            "Dense(1000, relu) -> BatchNormalization -> Dense(10), with and without the "
+            "BatchNormalization layer",
+        )
     comparison = run_comparison(
         dataset,
         epochs=epochs,
@@ -249,5 +270,4 @@ def _run(experiment: str, arguments: argparse.Namespace) -> list[Path]:
         max_batches=arguments.max_batches,
     )
     print(comparison.report(target))
-    print(moving_average_note(comparison.steps_per_epoch, momentum))
-    return comparison.write(arguments.out, *files)
+    return comparison.write(arguments.out, *files, target=target)

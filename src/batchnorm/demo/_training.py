@@ -2,7 +2,8 @@
 
 Like Keras, the training loss and accuracy of an epoch are the averages over its batches (in
 training mode, as the weights move), and the validation numbers are computed after the epoch in
-inference mode. The shuffling order comes from a ``torch.Generator`` seeded with ``seed``, so runs
+inference mode. Further measurements taken after each epoch (``after_epoch``) join the history
+under their own keys. The shuffling order comes from a ``torch.Generator`` seeded with ``seed``, so runs
 that share a seed see the same batches in the same order.
 
 Example:
@@ -16,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple, TextIO
 
 import torch
@@ -27,6 +28,7 @@ from batchnorm.tools._progress import Progress
 
 History = dict[str, list[float]]
 HISTORY_KEYS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
+EpochMeasurement = Callable[[nn.Module], Mapping[str, float]]
 _EVALUATION_BATCH = 2048
 
 
@@ -83,6 +85,7 @@ def fit(
     label: str,
     max_batches: int | None = None,
     stream: TextIO | None = None,
+    after_epoch: EpochMeasurement | None = None,
 ) -> History:
     """Train ``model`` (logits out) with Adam and cross-entropy; returns the per-epoch history.
 
@@ -96,6 +99,9 @@ def fit(
         label: the progress bar's title.
         max_batches: stop each epoch after this many batches (smoke runs and tests).
         stream: where the progress bar goes (default stderr).
+        after_epoch: called with the model after each epoch's validation; each key of the mapping
+            it returns gets one value per epoch in the history. It must leave the model as it
+            found it (measure a copy), so that training is the same with or without it.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = keras_adam(model)
@@ -121,7 +127,10 @@ def fit(
         history["train_accuracy"].append(correct / seen)
         history["val_loss"].append(val_loss)
         history["val_accuracy"].append(val_accuracy)
-        bar.close(val_loss=val_loss, val_accuracy=val_accuracy)
+        measured = dict(after_epoch(model)) if after_epoch is not None else {}
+        for key, value in measured.items():
+            history.setdefault(key, []).append(value)
+        bar.close(val_loss=val_loss, val_accuracy=val_accuracy, **measured)
     return history
 
 
