@@ -17,7 +17,7 @@ def plot_benchmark(report: dict[str, Any], path: Path) -> None:
             "Drawing the chart needs matplotlib: pip install 'batchnorm[plot]'"
         ) from error
     modes = list(report["cases"][0]["modes"])
-    figure, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.5), sharey=False)
+    figure, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 5), sharey=False)
     for axis, mode in zip(axes, modes, strict=True):
         names = [r["name"] for r in report["cases"]]
         ours = [r["modes"][mode]["floor_multiple"]["batchnorm"] for r in report["cases"]]
@@ -30,10 +30,14 @@ def plot_benchmark(report: dict[str, Any], path: Path) -> None:
             axis.set_yscale("log")  # tiny cases sit at 10-100x the floor, large ones near 1-5x
         axis.set_xticks(list(positions), names, rotation=35, ha="right", fontsize=8)
         axis.set_title(mode)
+        axis.set_xlabel("case")
         axis.set_ylabel("time / one copy of the input")
-        axis.legend(fontsize=8)
     threads = report["machine"]["threads"]
-    figure.suptitle(f"batchnorm vs torch's batch norm, CPU, {threads} threads (lower is better)")
-    figure.tight_layout()
+    where = "CPU" if report.get("device", "cpu") == "cpu" else report.get("device_name", "device")
+    figure.suptitle(f"batchnorm vs torch's batch norm, {where}, {threads} threads (lower is better)")
+    # One legend for every panel, below them, where it covers no bar.
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
