@@ -148,6 +148,43 @@ def test_num_features_must_match_axis_count():
         BatchNormalization((3, 4), axis=1)
 
 
+@pytest.mark.parametrize("num_features", [None, (3, 3)])
+def test_duplicate_axes_are_refused_at_construction(num_features):
+    with pytest.raises(
+        ValueError, match=r"`axis` contains duplicate axes. Received: axis=\[1, 1\]"
+    ):
+        BatchNormalization(num_features, axis=[1, 1])
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "match"),
+    [
+        (
+            torch.ones(7),
+            ValueError,
+            r"`mask` must have the shape of `x` without its channel axis, \(2, 3, 3\). "
+            r"Received: mask.shape=\(7,\)",
+        ),
+        ([1.0, 0.0], TypeError, r"`mask` must be a torch.Tensor.*Received: mask of type list"),
+    ],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_layer_checks_the_mask_before_ignoring_it(mask, error, match, training):
+    fused = BatchNormalization(4, fused=True)
+    fused(torch.randn(2, 3, 3, 4), training=True)
+    before = state(fused)
+    with pytest.raises(error, match=match):
+        fused(torch.randn(2, 3, 3, 4), training=training, mask=mask)
+    for key, value in before.items():
+        assert torch.equal(value, fused.state_dict()[key]), key
+    unbuilt = BatchNormalization(fused=True)
+    with pytest.raises(error, match=match):
+        unbuilt(torch.randn(2, 3, 3, 4), training=training, mask=mask)
+    assert not unbuilt.built and unbuilt._input_rank is None
+    with pytest.warns(UserWarning, match=r"Masking is not supported with `fused=True`"):
+        unbuilt(torch.randn(2, 3, 3, 4), training=training, mask=torch.ones(2, 3, 3))
+
+
 def trained_layer(**kwargs):
     layer = BatchNormalization(**kwargs)
     layer(torch.randn(12, 3, 4) if kwargs.get("axis") == 1 else torch.randn(12, 3), training=True)

@@ -26,7 +26,7 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
                 names = ("moving_mean", "moving_variance", "gamma", "beta")
             for name in names:
                 tensor = getattr(module, name, None)
-                if tensor is None:
+                if tensor is None or torch.nn.parameter.is_lazy(tensor):
                     continue
                 shape = tensor.shape
                 if "var" in name:

@@ -5,9 +5,13 @@ arithmetic (torch ops) and the normalisation as separate calls; the layer's plai
 take :mod:`batchnorm.functional._direct_step`. Both must agree to rounding: the kernels
 share their loops, but the compiler may contract (fuse multiply-adds) differently in each; the
 moving statistics are float64 arithmetic rounded once, against torch ops rounded at each step.
+
+The update is one step per layer at a time: threads training one layer lose no update.
 """
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -155,3 +159,52 @@ def test_settings_and_buffers_changed_between_calls_take_effect():
     torch.testing.assert_close(layer.moving_mean, x64.mean(0))
     with pytest.raises(ValueError, match="channels"):
         layer(torch.randn(5, 4, dtype=torch.float64), training=True)
+
+
+def _train_from_threads(layer, x, calls, threads, mask=None):
+    barrier = threading.Barrier(threads)
+
+    def train():
+        barrier.wait()
+        for _ in range(calls):
+            layer(x, training=True, mask=mask)
+
+    workers = [threading.Thread(target=train) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
+THREADED_CASES = [
+    # shape, layer options, input dtype, mask: the direct calls, the in-place step, the
+    # threaded kernels and the stateless step (renorm, half-precision input, a mask)
+    ((32, 6), {}, torch.float32, False),
+    ((64, 4096), {}, torch.float32, False),
+    ((16, 6), {"renorm": True}, torch.float32, False),
+    ((16, 6), {}, torch.bfloat16, False),
+    ((16, 5, 6), {"fused": False}, torch.float32, True),
+]
+
+
+@pytest.mark.parametrize(("shape", "options", "dtype", "masked"), THREADED_CASES)
+def test_two_threads_training_one_layer_lose_no_update(shape, options, dtype, masked):
+    # Every call sees the same batch, so the result does not depend on the order of the calls:
+    # 2 threads x N calls must equal 2N calls on one thread. A lost update shows as a shorter
+    # exponential average (momentum 0.999) and a smaller batch count (the debiased average with
+    # momentum 1 counts batches in moving_average_weight).
+    calls = 1000 if shape[0] * shape[-1] < 10_000 else 300
+    torch.manual_seed(0)
+    x = (torch.randn(shape) + 3).to(dtype)
+    mask = (torch.rand(shape[:-1]) > 0.3).float() if masked else None
+    for average, momentum in (("ema", 0.999), ("debiased", 1.0)):
+        threaded, serial = (
+            BatchNormalization(shape[-1], momentum=momentum, moving_average=average, **options)
+            for _ in range(2)
+        )
+        _train_from_threads(threaded, x, calls, threads=2, mask=mask)
+        _train_from_threads(serial, x, 2 * calls, threads=1, mask=mask)
+        torch.testing.assert_close(threaded.moving_mean, serial.moving_mean, rtol=0, atol=0)
+        torch.testing.assert_close(threaded.moving_variance, serial.moving_variance, rtol=0, atol=0)
+        if average == "debiased":
+            assert threaded.moving_average_weight.item() == 2 * calls

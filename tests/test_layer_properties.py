@@ -267,6 +267,30 @@ def test_constraints_applied_after_each_optimizer_step():
     handle.remove()
 
 
+def test_apply_constraints_after_step_registers_one_hook_however_often_called():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), BatchNormalization(beta_constraint="non_neg")
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # before the layer is built
+    calls = []
+    constraint = model[1].beta_constraint
+    model[1].beta_constraint = lambda w: calls.append(1) or constraint(w)
+    handles = [batchnorm.apply_constraints_after_step(optimizer, model) for _ in range(3)]
+    assert handles[0] is handles[1] is handles[2]
+    model(torch.randn(8, 4)).sum().backward()
+    optimizer.step()
+    assert calls == [1]
+    handles[0].remove()
+    optimizer.step()
+    assert calls == [1]
+    again = batchnorm.apply_constraints_after_step(optimizer, model)
+    assert again is not handles[0]
+    optimizer.step()
+    assert calls == [1, 1]
+    other = torch.nn.Sequential(BatchNormalization(3))
+    assert batchnorm.apply_constraints_after_step(optimizer, other) is not again
+
+
 def test_variance_scaling_initializer_statistics():
     from batchnorm import initializers
 
@@ -311,11 +335,77 @@ def test_empty_batch_updates_nothing():
     assert_same_state(before, layer)
 
 
+@pytest.mark.parametrize(
+    ("layer", "expected"),
+    [
+        (
+            lambda: BatchNormalization(axis=1),
+            "num_features=None, axis=1, momentum=0.99, epsilon=0.001",
+        ),
+        (
+            lambda: BatchNormalization(5, axis=-1),
+            "num_features=5, axis=-1, momentum=0.99, epsilon=0.001",
+        ),
+        (
+            lambda: BatchNormalization(
+                (3, 4), axis=(1, 3), momentum=0.9, epsilon=1e-5, center=False, fused=False
+            ),
+            "num_features=(3, 4), axis=[1, 3], momentum=0.9, epsilon=1e-05, center=False, "
+            "fused=False",
+        ),
+        (
+            lambda: BatchNormalization(
+                4,
+                gamma_initializer="random_normal",
+                beta_regularizer="l2",
+                renorm=True,
+                renorm_clipping={"rmax": 3.0},
+                trainable=False,
+                virtual_batch_size=2,
+                moving_variance_estimator="unbiased",
+                moving_average="debiased",
+                use_global_stats=True,
+                dtype="float64",
+            ),
+            "num_features=4, axis=-1, momentum=0.99, epsilon=0.001, "
+            "gamma_initializer=RandomNormal(mean=0.0, stddev=0.05, seed=None), "
+            "beta_regularizer=L2(l2=0.01), renorm=True, renorm_clipping={'rmax': 3.0}, "
+            "trainable=False, virtual_batch_size=2, moving_variance_estimator='unbiased', "
+            "moving_average='debiased', use_global_stats=True, dtype='float64'",
+        ),
+        (
+            lambda: BatchNormalization(3, synchronized=True, adjustment=_unit_adjustment),
+            "num_features=3, axis=-1, momentum=0.99, epsilon=0.001, "
+            "adjustment=_unit_adjustment, synchronized=True",
+        ),
+    ],
+)
+def test_repr_shows_every_option_that_differs_from_the_default(layer, expected):
+    layer = layer()
+    assert repr(layer) == f"BatchNormalization({expected})"
+
+
+def test_repr_keeps_the_axis_as_given_after_the_build():
+    layer = BatchNormalization(axis=-1)
+    layer(torch.randn(4, 3), training=True)
+    assert layer.axis == [1]
+    assert (
+        repr(layer) == "BatchNormalization(num_features=3, axis=-1, momentum=0.99, epsilon=0.001)"
+    )
+
+
+def _unit_adjustment(shape):
+    return torch.ones(()), torch.zeros(())
+
+
 def test_lazy_build_from_first_input_and_explicit_build():
     layer = BatchNormalization(axis=1)
-    assert not layer.built and list(layer.parameters()) == []
+    parameters = list(layer.parameters())
+    assert not layer.built and layer.num_features is None
+    assert all(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in parameters)
     layer.build((2, 7, 3))
-    assert layer.gamma.shape == (7,) and layer.axis == [1]
+    assert layer.gamma.shape == (7,) and layer.axis == [1] and layer.num_features == 7
+    assert all(a is b for a, b in zip(layer.parameters(), parameters, strict=True))
     lazy = BatchNormalization(axis=-1)
     lazy(torch.randn(4, 5))
     assert lazy.moving_variance.shape == (5,) and lazy.axis == [1]

@@ -34,7 +34,9 @@ def plot_benchmark(report: dict[str, Any], path: Path) -> None:
         axis.set_ylabel("time / one copy of the input")
     threads = report["machine"]["threads"]
     where = "CPU" if report.get("device", "cpu") == "cpu" else report.get("device_name", "device")
-    figure.suptitle(f"batchnorm vs torch's batch norm, {where}, {threads} threads (lower is better)")
+    figure.suptitle(
+        f"batchnorm vs torch's batch norm, {where}, {threads} threads (lower is better)"
+    )
     # One legend for every panel, below them, where it covers no bar.
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)

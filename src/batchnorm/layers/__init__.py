@@ -1,5 +1,6 @@
 """The layers: BatchNormalization, SampleNormalization and SyncBatchNormalization as torch modules,
-with what they are built from (config, dtype policy, fused rule, Keras weights, objects, presets).
+with what they are built from (arguments, lazy weights and build, call inputs and step, checkpoints,
+config, repr, dtype policy, fused rule, Keras weights, objects, presets).
 """
 
 from batchnorm.layers._batch_normalization import BatchNormalization

@@ -2,50 +2,64 @@
 
 from __future__ import annotations
 
-import itertools
-import numbers
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from batchnorm.functional import BatchNormStatistics
 from batchnorm.functional._batch_norm import (
-    BatchNormOptions,
-    batch_norm_step,
     check_use_global_stats,
 )
-from batchnorm.functional._direct_step import DirectCalls, infer, train_in_place
-from batchnorm.functional._synchronized import check_synchronized, synchronizes
+from batchnorm.functional._direct_step import DirectCalls
+from batchnorm.functional._synchronized import check_synchronized
 from batchnorm.functional._validation import (
-    check_axis_type,
     check_bool,
-    check_floating_input,
     check_fraction,
     check_positive,
     check_renorm_clipping,
     check_virtual_batch_size,
-    normalize_axes,
 )
 from batchnorm.layers import _constraints as constraints
 from batchnorm.layers import _initializers as initializers
 from batchnorm.layers import _regularizers as regularizers
 from batchnorm.layers._dtype_policy import resolve_dtype_policy
-from batchnorm.layers._fused import fused_unsupported_reason, resolve_fused_at_build
-from batchnorm.layers._keras_weights import keras_parameter_shape, weights_from_arrays
+from batchnorm.layers._keras_weights import (
+    apply_layer_constraints,
+    get_layer_weights,
+    regularization_losses,
+    set_layer_weights,
+    weight_names,
+)
+from batchnorm.layers._layer_arguments import (
+    MovingAverage,
+    MovingVarianceEstimator,
+    channel_shape_argument,
+    check_adjustment,
+    check_axis_argument,
+    check_choice,
+    check_fused,
+    check_name,
+)
+from batchnorm.layers._layer_build import buffer_dtypes, build_layer, first_call, initial_weights
 from batchnorm.layers._layer_config import layer_config, layer_kwargs_from_config
+from batchnorm.layers._layer_inputs import check_input, resolve_training
+from batchnorm.layers._layer_repr import layer_repr
+from batchnorm.layers._layer_state import load_layer_state, record_estimator
+from batchnorm.layers._layer_step import layer_statistics, run_step
+from batchnorm.layers._lazy_weights import (
+    materialize,
+    register_placeholders,
+)
 from batchnorm.layers._presets import Framework, preset_kwargs
 
-_NAME_COUNTER = itertools.count()
-STATISTIC_NAMES = BatchNormStatistics._fields
-MovingVarianceEstimator = Literal["auto", "biased", "unbiased"]
-MovingAverage = Literal["ema", "debiased"]
 
-
-class BatchNormalization(nn.Module):
+class BatchNormalization(LazyModuleMixin, nn.Module):
     """Batch normalization with the full tf-keras argument set and numerics.
 
     In training (``training=True``, or ``training=None`` under ``module.train()``) each channel is
@@ -71,9 +85,23 @@ class BatchNormalization(nn.Module):
     ``moving_average_weight`` (the first batch replaces the initial value; ``momentum=1.0`` is
     the plain average of all batches, PyTorch's ``momentum=None``).
 
+    ``state_dict()`` records which variance ``moving_variance`` holds (in the state_dict's
+    metadata). ``load_state_dict`` writes nothing and raises for a checkpoint of the other
+    variance, for a torch.nn.BatchNorm state_dict (convert with ``batchnorm.from_torch`` /
+    ``batchnorm.convert`` instead) and for shapes that do not fit; it casts tensors of another
+    dtype to the layer's, as torch does, but with a UserWarning. An unbuilt layer takes its
+    shape from the checkpoint, and loads only one with exactly its keys (else it stays unbuilt).
+    Training calls of one layer from several threads take turns, so no moving-average update is
+    lost; inference calls run concurrently.
+
     Args:
-        num_features: channel count (int), or a tuple for several axes; builds the weights now.
-            Without it the layer builds on its first input or on ``build(input_shape)``.
+        num_features: channel count (int), or a tuple for several axes; creates the weights
+            now. Without it gamma/beta and the buffers are placeholders (torch's
+            ``UninitializedParameter`` / ``UninitializedBuffer``, as ``nn.LazyBatchNorm2d`` has)
+            until the first input, ``build(input_shape)``, ``set_weights`` or ``load_state_dict``
+            gives their shape; they are filled in place, so an optimizer created before the
+            first call trains them. The attribute ``num_features`` is the channel count once
+            known (a tuple for several axes), None before.
         axis: channel axis or axes (int or list, negative allowed). Default -1 (channels last);
             use ``axis=1`` for PyTorch's NCHW.
         momentum: moving-average momentum, Keras convention. Default 0.99.
@@ -124,6 +152,10 @@ class BatchNormalization(nn.Module):
     renorm_mean: torch.Tensor
     renorm_stddev: torch.Tensor
     moving_average_weight: torch.Tensor
+    _update_lock: threading.RLock
+    # A lazy module to torch (and torch.compile, which builds one before tracing it), that stays
+    # this class when built: torch's LazyBatchNorm becomes BatchNorm.
+    cls_to_become = None
 
     def __init__(
         self,
@@ -159,12 +191,19 @@ class BatchNormalization(nn.Module):
         process_group: Any = None,
     ) -> None:
         super().__init__()
+        # The mixin's hooks would build before forward and materialise before the checks of
+        # load_state_dict; this layer does both itself (a failed first call or load is undone).
+        # Their handles stay until the build: torch.compile looks for `_initialize_hook`.
+        self._initialize_hook.remove()
+        self._load_hook.remove()
+        self.__dict__["_update_lock"] = threading.RLock()
         self.synchronized, self.process_group = check_synchronized(
             synchronized, process_group, fused
         )
         self._layout_agreed = False  # set once the ranks agreed on the channel shape
         fused = False if self.synchronized else fused
-        self.axis: list[int] | int = check_axis_type(axis) if not isinstance(axis, int) else axis
+        self.axis: list[int] | int = check_axis_argument(axis)
+        self._axis_argument = self.axis  # what the repr shows; build makes `axis` a list
         self.momentum = check_fraction(momentum, "momentum")
         self.epsilon = check_positive(epsilon, "epsilon")
         self.center = check_bool(center, "center")
@@ -185,119 +224,122 @@ class BatchNormalization(nn.Module):
         self.renorm_clipping = check_renorm_clipping(renorm_clipping)
         self.renorm_momentum = check_fraction(renorm_momentum, "renorm_momentum")
         self.virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
-        if adjustment is not None and not callable(adjustment):
-            raise TypeError(
-                "`adjustment` must be a callable (input_shape) -> (scale, offset) or None. "
-                f"Received: adjustment={adjustment!r}"
-            )
-        if adjustment is not None and self.virtual_batch_size is not None:
-            raise ValueError(
-                "When using `virtual_batch_size`, `adjustment` cannot be specified. "
-                f"Received: virtual_batch_size={self.virtual_batch_size}, adjustment={adjustment!r}"
-            )
-        if self.virtual_batch_size is not None and 0 in check_axis_type(axis):
-            raise ValueError(
-                "When using `virtual_batch_size`, the batch dimension must be 0 and thus axis "
-                f"cannot include 0. Received: axis={axis!r}"
-            )
+        check_adjustment(adjustment, self.virtual_batch_size, axis)
         self.adjustment = adjustment
-        self.moving_variance_estimator = _check_choice(
+        self.moving_variance_estimator = check_choice(
             moving_variance_estimator, "moving_variance_estimator", MovingVarianceEstimator
         )
-        self.moving_average = _check_choice(moving_average, "moving_average", MovingAverage)
+        self.moving_average = check_choice(moving_average, "moving_average", MovingAverage)
         self.use_global_stats = check_use_global_stats(use_global_stats)
         self.dtype_policy = resolve_dtype_policy(dtype)
-        if fused not in (None, True, False):
-            raise TypeError(f"`fused` must be None, True or False. Received: fused={fused!r}")
-        reason = fused_unsupported_reason(
-            axis=check_axis_type(axis),
+        self.fused: bool | None = check_fused(
+            fused,
+            axis=axis,
             renorm=self.renorm,
             virtual_batch_size=self.virtual_batch_size,
             adjustment_given=adjustment is not None,
             compute_dtype=self.dtype_policy.compute_dtype,
         )
-        if fused and reason is not None:
-            raise ValueError(reason)
-        self.fused: bool | None = False if (fused is None and reason is not None) else fused
         self._fused_argument = fused
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"`name` must be a string or None. Received: name={name!r}")
-        self.name = name if name is not None else _default_name()
+        self.name = check_name(name)
         self._device = device
         self._trainable = check_bool(trainable, "trainable")
         self._axes: tuple[int, ...] | None = None
         self._input_rank: int | None = None
         self.built = False
+        channel_shape = None
         if num_features is not None:
-            channel_shape = _channel_shape_argument(num_features)
-            if len(channel_shape) != len(check_axis_type(axis)):
-                raise ValueError(
-                    "`num_features` needs one size per channel axis. "
-                    f"Received: num_features={num_features!r} for axis={axis!r}"
-                )
+            channel_shape = channel_shape_argument(num_features, axis)
+        register_placeholders(
+            self,
+            [n for n, on in (("gamma", self.scale), ("beta", self.center)) if on],
+            buffer_dtypes(self),
+            dtype=self.dtype_policy.parameter_dtype,
+            device=device,
+            requires_grad=self._trainable,
+        )
+        if channel_shape is not None:
             self._create_weights(channel_shape, keras_shape=None)
 
     # ------------------------------------------------------------------ building
+    @property
+    def num_features(self) -> int | tuple[int, ...] | None:
+        """The channel count (a tuple for several channel axes); None until the layer is built."""
+        if not self.built:
+            return None
+        shape = tuple(self.moving_mean.shape)
+        return shape[0] if len(shape) == 1 else shape
+
     def build(self, input_shape: Sequence[int]) -> None:
-        """Create the weights for inputs of ``input_shape`` (Keras' ``build``); idempotent."""
-        input_shape = tuple(int(s) for s in input_shape)
-        rank = len(input_shape)
-        if self._input_rank is not None:
-            return
-        axes = normalize_axes(self.axis, rank)
-        fused = resolve_fused_at_build(self.fused, axes, rank)
-        channel_shape = tuple(input_shape[a] for a in axes)
-        keras_shape = keras_parameter_shape(channel_shape, axes, rank, self.virtual_batch_size)
-        if self.built:
-            built_shape = tuple(self.moving_mean.shape)
-            if built_shape != channel_shape:
-                raise ValueError(
-                    f"Input has {channel_shape} channels on axis {list(axes)}, but the layer was "
-                    f"built for {built_shape}. Received: input_shape={input_shape}"
-                )
-        else:
-            self._create_weights(channel_shape, keras_shape)
-        self.fused, self._axes, self._input_rank = fused, axes, rank
-        # Keras keeps the order the user gave, with negative axes made positive.
-        self.axis = [a % rank for a in check_axis_type(self.axis)]
+        """Create the weights for inputs of ``input_shape`` (Keras' ``build``); idempotent.
+
+        Fixes the input rank, the channel axes and (for ``fused=None``) tf-keras' path; the
+        placeholders of a lazy layer are materialised in place.
+        """
+        with self._update_lock:
+            self._build(tuple(int(s) for s in input_shape))
+
+    def _build(self, input_shape: tuple[int, ...]) -> list[str]:
+        return build_layer(self, input_shape)
+
+    def initialize_parameters(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """torch's lazy-module hook: :meth:`build` for the shape of ``x``."""
+        self.build(x.shape)
+
+    def _infer_parameters(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
+        # What torch.compile calls on a lazy module before tracing it (torch's version also
+        # removes the hooks, which a build of this layer does).
+        self.initialize_parameters(*args, **(kwargs or {}))
 
     def _create_weights(
-        self, channel_shape: tuple[int, ...], keras_shape: tuple[int, ...] | None
-    ) -> None:
-        init_shape = keras_shape or channel_shape
-        dtype, device = self.dtype_policy.parameter_dtype, self._device
+        self, channel_shape: tuple[int, ...], keras_shape: tuple[int, ...] | None = None
+    ) -> list[str]:
+        """Give the layer its weights of ``channel_shape`` (initializers see ``keras_shape``).
 
-        def initial(initializer: Callable[..., torch.Tensor]) -> torch.Tensor:
-            value = torch.as_tensor(initializer(init_shape, dtype=dtype, device=device))
-            return value.to(dtype=dtype, device=device).reshape(channel_shape).clone()
-
-        if self.scale:
-            self.gamma = nn.Parameter(
-                initial(self.gamma_initializer), requires_grad=self._trainable
-            )
-        if self.center:
-            self.beta = nn.Parameter(initial(self.beta_initializer), requires_grad=self._trainable)
-        moving_variance = initial(self.moving_variance_initializer)
-        self.register_buffer("moving_mean", initial(self.moving_mean_initializer))
-        self.register_buffer("moving_variance", moving_variance)
-        if self.renorm:
-            self.register_buffer("moving_stddev", moving_variance.sqrt())
-            self.register_buffer("renorm_mean", initial(self.moving_mean_initializer))
-            self.register_buffer("renorm_stddev", moving_variance.sqrt())
-        if self.moving_average == "debiased":
-            # float64: with momentum=1 it counts batches, exactly up to 2**53.
-            weight = torch.zeros((), dtype=torch.float64, device=device)
-            self.register_buffer("moving_average_weight", weight)
+        Every initial value is computed before anything is written; placeholders are filled in
+        place (their dtype and device follow ``.to()``). Returns the names materialised.
+        """
+        values = initial_weights(self, channel_shape, keras_shape)
+        materialized = materialize(self, values, parameters=("gamma", "beta"))
         self.built = True
+        return materialized
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        # An unbuilt layer saves no tensors (placeholders would not load with weights_only).
+        if self.built:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            # Undecided ("auto" before the build), the buffers may hold a loaded checkpoint's.
+            stored = self._stored_estimator(self.fused) or self.__dict__.get("_loaded_estimator")
+            record_estimator(destination, prefix, stored)
 
     def _load_from_state_dict(
-        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
-        # A layer that has not seen an input yet takes its channel shape from the checkpoint.
-        key = f"{prefix}moving_mean"
-        if not self.built and key in state_dict:
-            self._create_weights(tuple(state_dict[key].shape), keras_shape=None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        """Check everything first (:mod:`batchnorm.layers._layer_state`), write only if it fits.
+
+        An unbuilt layer takes its channel shape from a checkpoint with exactly its keys. Tensors
+        of another dtype are cast to the layer's with a UserWarning (torch casts silently); a
+        checkpoint that records the other moving-variance estimator is refused.
+        """
+        load_layer_state(
+            self,
+            state_dict,
+            prefix,
+            local_metadata,
+            strict,
+            (missing_keys, unexpected_keys, error_msgs),
+            lambda errors: super(BatchNormalization, self)._load_from_state_dict(
+                state_dict, prefix, local_metadata, False, [], [], errors
+            ),
+        )
 
     # ------------------------------------------------------------------ calling
     @property
@@ -317,69 +359,10 @@ class BatchNormalization(nn.Module):
             if isinstance(getattr(self, n, None), nn.Parameter)
         ]
 
-    def _resolve_training(self, training: Any) -> bool | torch.Tensor:
-        if not self._trainable:
-            return False
-        if training is None:
-            return bool(self.training)
-        if isinstance(training, torch.Tensor):
-            if training.ndim != 0 or training.dtype != torch.bool:
-                raise ValueError(
-                    "`training` must be a Python bool or a 0-d bool tensor. "
-                    f"Received: training with shape {tuple(training.shape)} and dtype "
-                    f"{training.dtype}"
-                )
-            return training
-        if isinstance(training, (bool, np.bool_)):
-            return bool(training)
-        raise TypeError(
-            f"`training` must be None, a bool or a 0-d bool tensor. Received: training={training!r}"
-        )
-
     def statistics(self) -> BatchNormStatistics:
         """The current buffers as a :class:`~batchnorm.functional.BatchNormStatistics`."""
-        buffers = self._buffers
-        present = tuple(buffers.get(n) for n in STATISTIC_NAMES)
-        cached = self.__dict__.get("_statistics")
-        # Identity, not tensor equality; the cached tensors stay alive, so ids are not reused.
-        if cached is not None and all(a is b for a, b in zip(cached, present, strict=True)):
-            return cached  # type: ignore[no-any-return]
-        statistics = BatchNormStatistics(*present)  # type: ignore[arg-type]
-        self.__dict__["_statistics"] = statistics
-        return statistics
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        # The checks below depend only on x's shape and dtype and on what build fixed: a built
-        # layer remembers the last signature it accepted (they cost microseconds per call).
-        accepted = self.__dict__.get("_accepted_input")
-        moving_mean = self._buffers.get("moving_mean")
-        if (
-            accepted is not None
-            and accepted[0] is moving_mean
-            and accepted[1] == x.shape
-            and accepted[2] == x.dtype
-        ):
-            return
-        self._check_new_input(x)
-        if self._input_rank is not None:
-            self.__dict__["_accepted_input"] = (moving_mean, x.shape, x.dtype)
-
-    def _check_new_input(self, x: torch.Tensor) -> None:
-        check_floating_input(x, "x")
-        if self._input_rank is not None and x.ndim != self._input_rank:
-            raise ValueError(
-                f"Layer {self.name} expects inputs of rank {self._input_rank}. "
-                f"Received: x.shape={tuple(x.shape)}"
-            )
-        axes = self._axes if self._input_rank is not None else normalize_axes(self.axis, x.ndim)
-        assert axes is not None
-        channel_shape = tuple(x.shape[a] for a in axes)
-        if self.built and channel_shape != tuple(self.moving_mean.shape):
-            raise ValueError(
-                f"Layer {self.name} was built for {tuple(self.moving_mean.shape)} channels on "
-                f"axis {self.axis}, but the input has {channel_shape}. "
-                f"Received: x.shape={tuple(x.shape)}"
-            )
+        self._require_built("statistics")
+        return layer_statistics(self)
 
     def forward(
         self,
@@ -403,80 +386,45 @@ class BatchNormalization(nn.Module):
             and mask is None
             and (training is None or type(training) is bool)
         ):
-            y = direct_calls(x, training)
+            if self._trainable and (self.training if training is None else training):
+                with self._update_lock:
+                    y = direct_calls(x, training)
+            else:
+                y = direct_calls(x, training)
             if y is not None:
                 return y
-        self._check_input(x)
+        check_input(self, x)
+        resolved = resolve_training(training, self._trainable, self.training)
+        if compiling:  # a traced graph updates the buffers by itself, without the lock
+            if self._input_rank is None:
+                self._build(tuple(x.shape))  # torch.compile builds lazy modules before
+            return self._step(x, resolved, mask, compiling=True)
         if self._input_rank is None:
-            self.build(x.shape)
-        if not compiling and (direct_calls is None or not direct_calls.current()):
-            self.__dict__["_direct_calls"] = self._make_direct_calls()
-        resolved = self._resolve_training(training)
-        if mask is not None and self.fused:
-            warnings.warn(
-                "Masking is not supported with `fused=True` (as in tf-keras): `mask` is ignored "
-                "for the normalization. Pass fused=False to use it.",
-                UserWarning,
-                stacklevel=2,
-            )
-            mask = None
-        buffers = statistics = self.statistics()
-        if isinstance(resolved, torch.Tensor):
-            # Both branches run; the inference one saves the moving statistics for its backward,
-            # so it must not see the buffers that the update below overwrites in place.
-            statistics = BatchNormStatistics(
-                *(None if t is None else t.clone() for t in buffers)  # type: ignore[arg-type]
-            )
-        options = self._step_options()
-        assert self._axes is not None
-        gamma, beta = getattr(self, "gamma", None), getattr(self, "beta", None)
-        direct = None
-        if resolved is False and self.use_global_stats is not False:
-            direct = infer(x, buffers, gamma, beta, self._axes, self.epsilon, mask)
-        elif resolved is True:
-            direct = train_in_place(x, buffers, gamma, beta, self._axes, options, mask)
-        if direct is not None:
-            return direct
-        y, updated = batch_norm_step(
-            x,
-            statistics,
-            gamma,
-            beta,
-            self._axes,
-            options,
-            resolved,
-            mask,
-        )
-        if self.synchronized and not self._layout_agreed and self.use_global_stats is not True:
-            self._layout_agreed = resolved is not False and synchronizes(self.process_group)
-        if resolved is not False:
-            with torch.no_grad():
-                for old, new in zip(buffers, updated, strict=True):
-                    if old is not None and new is not None and new is not old:
-                        old.copy_(new)
-        return y
+            with self._update_lock:
+                return self._first_call(x, resolved, mask)
+        if resolved is False:
+            return self._step(x, resolved, mask)
+        # Reading the moving statistics and writing their update is one step per layer at a
+        # time: two threads interleaving them would lose updates.
+        with self._update_lock:
+            return self._step(x, resolved, mask)
 
-    def _make_direct_calls(self) -> DirectCalls | None:
-        """The shortcut for this layer's repeated plain calls (None where none applies)."""
-        assert self._axes is not None and self._input_rank is not None
-        tensors = (
-            self._parameters.get("gamma"),
-            self._parameters.get("beta"),
-            self._buffers.get("moving_mean"),
-            self._buffers.get("moving_variance"),
-        )
-        if len(self._axes) != 1 or not DirectCalls.applicable(self.moving_mean.dtype, tensors):
-            return None
-        return DirectCalls(
-            self._parameters,
-            self._buffers,
-            self._axes[0],
-            self._input_rank,
-            self._step_options(),
-            training=self.training,
-            trainable=self._trainable,
-            renorm=self.renorm,
-        )
+    def _first_call(
+        self, x: torch.Tensor, resolved: bool | torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self._input_rank is not None:  # another thread built it while this one waited
+            return self._step(x, resolved, mask)
+        return first_call(self, tuple(x.shape), lambda: self._step(x, resolved, mask))
+
+    def _step(
+        self,
+        x: torch.Tensor,
+        resolved: bool | torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        compiling: bool = False,
+    ) -> torch.Tensor:
+        return run_step(self, x, resolved, mask, compiling=compiling)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Any setting may change what a call does: the shortcut is rebuilt on the next call.
@@ -486,90 +434,60 @@ class BatchNormalization(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
         state.pop("_direct_calls", None)  # NumPy views of this layer's memory: rebuilt on use
+        state.pop("_update_lock", None)
         return state
 
-    def _step_options(self) -> BatchNormOptions:
-        """The settings of the functional step, rebuilt only when an attribute changed."""
-        settings = (
-            self.momentum,
-            self.epsilon,
-            self._stores_unbiased_variance(),
-            self.renorm_clipping,
-            self.renorm_momentum,
-            self.virtual_batch_size,
-            self.adjustment,
-            self.use_global_stats,
-            self.synchronized,
-            self.process_group,
-            self._layout_agreed and self.virtual_batch_size is None,
-        )
-        cached = self.__dict__.get("_options")
-        if cached is not None and cached[0] == settings:
-            return cached[1]  # type: ignore[no-any-return]
-        options = BatchNormOptions(*settings)
-        self.__dict__["_options"] = (settings, options)
-        return options
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self.__dict__["_update_lock"] = threading.RLock()
+
+    def _replicate_for_data_parallel(self) -> BatchNormalization:
+        if not self.built:
+            raise RuntimeError(
+                f"Layer {self.name} has uninitialized parameters, which `DataParallel` cannot "
+                "replicate. Run a dummy forward pass (or pass `num_features`) first."
+            )
+        replica: BatchNormalization = nn.Module._replicate_for_data_parallel(self)  # type: ignore[no-untyped-call]
+        replica.__dict__["_update_lock"] = threading.RLock()  # replicas run side by side
+        return replica
 
     def _stores_unbiased_variance(self) -> bool:
         if self.moving_variance_estimator == "auto":
             return bool(self.fused)
         return bool(self.moving_variance_estimator == "unbiased")
 
+    def _stored_estimator(self, fused: bool | None) -> str | None:
+        """Which variance the layer stores on path ``fused``, "biased" or "unbiased"; None
+        while tf-keras' automatic choice is undecided."""
+        if self.moving_variance_estimator != "auto":
+            return str(self.moving_variance_estimator)
+        return None if fused is None else ("unbiased" if fused else "biased")
+
     # ------------------------------------------------------------------ Keras API
     @property
     def losses(self) -> list[torch.Tensor]:
         """Current regularization penalties (differentiable), gamma's first, as tf-keras lists them."""
-        penalties = []
-        for name in ("gamma", "beta"):
-            regularizer = getattr(self, f"{name}_regularizer")
-            weight = getattr(self, name, None)
-            if regularizer is not None and weight is not None:
-                penalties.append(regularizer(weight.reshape(self._keras_shape())))
-        return penalties
+        return regularization_losses(self)
 
-    @torch.no_grad()
     def apply_constraints(self) -> None:
         """Project gamma/beta with their constraints (run after each optimizer step)."""
-        for name in ("gamma", "beta"):
-            constraint = getattr(self, f"{name}_constraint")
-            weight = getattr(self, name, None)
-            if constraint is not None and weight is not None:
-                constrained = constraint(weight.reshape(self._keras_shape()))
-                weight.copy_(constrained.reshape(weight.shape))
-
-    def _keras_shape(self) -> tuple[int, ...]:
-        channel_shape = tuple(self.moving_mean.shape)
-        if self._axes is None or self._input_rank is None:
-            return channel_shape
-        return keras_parameter_shape(
-            channel_shape, self._axes, self._input_rank, self.virtual_batch_size
-        )
+        apply_layer_constraints(self)
 
     def _weight_names(self) -> list[str]:
-        names = [n for n in ("gamma", "beta") if getattr(self, n, None) is not None]
-        names += ["moving_mean", "moving_variance"]
-        if self.renorm:
-            names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
-        return names
+        return weight_names(self)
 
     def get_weights(self) -> list[np.ndarray]:
         """NumPy copies in tf-keras order and shapes: gamma, beta, moving_mean, moving_variance[, renorm]."""
         self._require_built("get_weights")
-        shape = self._keras_shape()
-        return [
-            getattr(self, n).detach().cpu().numpy().reshape(shape).copy()
-            for n in self._weight_names()
-        ]
+        return get_layer_weights(self)
 
     def set_weights(self, weights: Sequence[Any]) -> None:
-        """Load arrays in tf-keras order; each may have the Keras shape, the per-channel shape or be flat."""
-        self._require_built("set_weights")
-        names = self._weight_names()
-        tensors = weights_from_arrays(weights, names, tuple(self.moving_mean.shape))
-        with torch.no_grad():
-            for name, value in zip(names, tensors, strict=True):
-                target = getattr(self, name)
-                target.copy_(value.to(dtype=target.dtype, device=target.device))
+        """Load arrays in tf-keras order; each may have the Keras shape, the per-channel shape or be flat.
+
+        An unbuilt layer first takes its channel shape from the arrays (``moving_mean``'s), as
+        ``num_features`` would give it; every array is checked before anything is written.
+        """
+        set_layer_weights(self, weights)
 
     def _require_built(self, method: str) -> None:
         if not self.built:
@@ -579,7 +497,18 @@ class BatchNormalization(nn.Module):
             )
 
     def get_config(self) -> dict[str, Any]:
-        """A JSON-serialisable dict with tf-keras' keys (plus num_features / fused when set)."""
+        """A JSON-serialisable dict with tf-keras' keys (plus num_features / fused when set).
+
+        ``adjustment`` cannot be serialised: it is left out, with tf-keras' warning.
+        """
+        if self.adjustment is not None:
+            warnings.warn(
+                "The `adjustment` function of this `BatchNormalization` layer cannot be "
+                "serialized and has been omitted from the layer config. It will not be included "
+                "when re-creating the layer from the saved config.",
+                UserWarning,
+                stacklevel=2,
+            )
         return layer_config(self)
 
     @classmethod
@@ -607,13 +536,7 @@ class BatchNormalization(nn.Module):
         return cls(num_features, **preset_kwargs(framework, overrides))
 
     def extra_repr(self) -> str:
-        shape = tuple(self.moving_mean.shape) if self.built else None
-        return (
-            f"num_features={shape}, axis={self.axis}, momentum={self.momentum}, "
-            f"epsilon={self.epsilon}, center={self.center}, scale={self.scale}, "
-            f"renorm={self.renorm}, fused={self.fused}, trainable={self._trainable}"
-            + "".join(f", {k}={v!r}" for k, v in self._convention_options().items())
-        )
+        return layer_repr(self)
 
     def _convention_options(self) -> dict[str, Any]:
         """The framework-convention options that differ from tf-keras' defaults."""
@@ -624,34 +547,3 @@ class BatchNormalization(nn.Module):
         }
         defaults = {"moving_variance_estimator": "auto", "moving_average": "ema"}
         return {k: v for k, v in options.items() if v != defaults.get(k)}
-
-
-def _default_name() -> str:
-    index = next(_NAME_COUNTER)
-    return "batch_normalization" if index == 0 else f"batch_normalization_{index}"
-
-
-def _channel_shape_argument(num_features: Any) -> tuple[int, ...]:
-    values = [num_features] if isinstance(num_features, numbers.Integral) else num_features
-    valid = (
-        not isinstance(num_features, bool)
-        and isinstance(values, Sequence)
-        and len(values) > 0
-        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values)
-    )
-    if not valid or min(int(v) for v in values) <= 0:
-        raise ValueError(
-            "`num_features` must be a positive int or a tuple of positive ints. "
-            f"Received: num_features={num_features!r}"
-        )
-    return tuple(int(v) for v in values)
-
-
-def _check_choice(value: Any, argument: str, choices: Any) -> Any:
-    allowed = get_args(choices)
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(
-            f"`{argument}` must be one of {', '.join(repr(c) for c in allowed)}. "
-            f"Received: {argument}={value!r}"
-        )
-    return value

@@ -1,4 +1,5 @@
-"""tf-keras' weight shapes, so that ``get_weights`` / ``set_weights`` exchange arrays with Keras as they are.
+"""tf-keras' weights: their order and shapes, so that ``get_weights`` / ``set_weights`` exchange
+arrays with Keras as they are, and the penalties and constraints Keras applies to them.
 
 One channel axis gives ``(C,)``; several give a full-rank shape with 1 on the reduced axes
 (axis [1, 3] on (N, C, H, W) gives (1, C, 1, W)); ghost batches insert one more leading 1
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from batchnorm.functional._validation import check_axis_type
 
 
 def keras_parameter_shape(
@@ -30,10 +33,7 @@ def keras_parameter_shape(
     return tuple(shape)
 
 
-def weights_from_arrays(
-    arrays: Sequence[Any], names: list[str], channel_shape: tuple[int, ...]
-) -> list[torch.Tensor]:
-    """Validate every array before anything is written, so a bad list changes nothing."""
+def _check_array_list(arrays: Any, names: list[str]) -> None:
     if isinstance(arrays, (str, bytes)) or not isinstance(arrays, Sequence):
         raise TypeError(
             f"`weights` must be a list of {len(names)} arrays ({', '.join(names)}). "
@@ -44,6 +44,38 @@ def weights_from_arrays(
             f"`weights` must hold {len(names)} arrays ({', '.join(names)}). "
             f"Received: {len(arrays)} arrays"
         )
+
+
+def channel_shape_of_arrays(
+    arrays: Sequence[Any], names: list[str], axis: list[int], virtual_batch_size: int | None
+) -> tuple[int, ...]:
+    """The per-channel shape that an unbuilt layer with channel axes ``axis`` takes from arrays
+    in tf-keras order: ``moving_mean``'s size for one axis; for several, its per-channel shape
+    or tf-keras' full-rank shape (with the ghost-batch dimension when ``virtual_batch_size``)."""
+    _check_array_list(arrays, names)
+    reference = names.index("moving_mean")
+    array = arrays[reference]
+    shape = tuple(array.shape if isinstance(array, torch.Tensor) else np.shape(array))
+    if len(axis) == 1:
+        return (math.prod(shape),)
+    if len(shape) == len(axis):
+        return shape
+    rank = len(shape) - (virtual_batch_size is not None)
+    ghost = int(virtual_batch_size is not None)
+    if len(shape) > len(axis) and all(-rank <= a < rank for a in axis):
+        return tuple(shape[a % rank + ghost * (a % rank > 0)] for a in axis)
+    raise ValueError(
+        f"`weights` cannot give the channel shape of a layer with axis={axis} that is not built: "
+        "pass the arrays in tf-keras' full-rank shape or the per-channel shape, or build the "
+        f"layer first. Received: moving_mean of shape {shape}"
+    )
+
+
+def weights_from_arrays(
+    arrays: Sequence[Any], names: list[str], channel_shape: tuple[int, ...]
+) -> list[torch.Tensor]:
+    """Validate every array before anything is written, so a bad list changes nothing."""
+    _check_array_list(arrays, names)
     size = math.prod(channel_shape)
     tensors = []
     for name, array in zip(names, arrays, strict=True):
@@ -61,3 +93,90 @@ def weights_from_arrays(
             )
         tensors.append(tensor.reshape(channel_shape))
     return tensors
+
+
+class WeightedLayer(Protocol):
+    """What the functions below read from a :class:`~batchnorm.BatchNormalization` layer."""
+
+    name: str
+    built: bool
+    axis: list[int] | int
+    renorm: bool
+    virtual_batch_size: int | None
+    moving_mean: torch.Tensor
+    gamma_regularizer: Any
+    beta_regularizer: Any
+    gamma_constraint: Any
+    beta_constraint: Any
+    _axes: tuple[int, ...] | None
+    _input_rank: int | None
+    _update_lock: Any
+
+    def _create_weights(
+        self, channel_shape: tuple[int, ...], keras_shape: tuple[int, ...] | None = None
+    ) -> list[str]: ...
+
+
+def weight_names(layer: WeightedLayer) -> list[str]:
+    """The layer's weights in tf-keras' order (gamma/beta where present, renorm's last)."""
+    names = [n for n in ("gamma", "beta") if getattr(layer, n, None) is not None]
+    names += ["moving_mean", "moving_variance"]
+    if layer.renorm:
+        names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
+    return names
+
+
+def layer_keras_shape(layer: WeightedLayer) -> tuple[int, ...]:
+    channel_shape = tuple(layer.moving_mean.shape)
+    if layer._axes is None or layer._input_rank is None:
+        return channel_shape
+    return keras_parameter_shape(
+        channel_shape, layer._axes, layer._input_rank, layer.virtual_batch_size
+    )
+
+
+def get_layer_weights(layer: WeightedLayer) -> list[np.ndarray]:
+    shape = layer_keras_shape(layer)
+    return [
+        getattr(layer, n).detach().cpu().numpy().reshape(shape).copy() for n in weight_names(layer)
+    ]
+
+
+def set_layer_weights(layer: WeightedLayer, weights: Sequence[Any]) -> None:
+    """Check every array, then (an unbuilt layer taking moving_mean's channel shape) copy them."""
+    names = weight_names(layer)
+    if layer.built:
+        channel_shape = tuple(layer.moving_mean.shape)
+    else:
+        channel_shape = channel_shape_of_arrays(
+            weights, names, check_axis_type(layer.axis), layer.virtual_batch_size
+        )
+    tensors = weights_from_arrays(weights, names, channel_shape)
+    with layer._update_lock, torch.no_grad():
+        if not layer.built:
+            layer._create_weights(channel_shape)
+        for name, value in zip(names, tensors, strict=True):
+            target = getattr(layer, name)
+            target.copy_(value.to(dtype=target.dtype, device=target.device))
+
+
+def regularization_losses(layer: WeightedLayer) -> list[torch.Tensor]:
+    """gamma's then beta's penalty, on the weights in tf-keras' shape; none before the build."""
+    penalties: list[torch.Tensor] = []
+    for name in ("gamma", "beta") if layer.built else ():
+        regularizer = getattr(layer, f"{name}_regularizer")
+        weight = getattr(layer, name, None)
+        if regularizer is not None and weight is not None:
+            penalties.append(regularizer(weight.reshape(layer_keras_shape(layer))))
+    return penalties
+
+
+@torch.no_grad()
+def apply_layer_constraints(layer: WeightedLayer) -> None:
+    """Project gamma/beta in place with their constraints; nothing before the build."""
+    for name in ("gamma", "beta") if layer.built else ():
+        constraint = getattr(layer, f"{name}_constraint")
+        weight = getattr(layer, name, None)
+        if constraint is not None and weight is not None:
+            constrained = constraint(weight.reshape(layer_keras_shape(layer)))
+            weight.copy_(constrained.reshape(weight.shape))

@@ -6,11 +6,19 @@ nothing of constraints, so this hook does it.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from batchnorm.layers import BatchNormalization
+
+# Per optimizer, the handle of the hook registered for each model (by id: the hook holds the
+# model, so the id cannot be reused while the hook is registered).
+_HOOKS: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, RemovableHandle]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def apply_constraints(model: torch.nn.Module) -> None:
@@ -20,18 +28,33 @@ def apply_constraints(model: torch.nn.Module) -> None:
             module.apply_constraints()
 
 
-def apply_constraints_after_step(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
+def apply_constraints_after_step(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module
+) -> RemovableHandle:
     """Register a hook that applies the constraints after every ``optimizer.step()``.
 
-    Returns the hook handle; ``handle.remove()`` detaches it.
+    Call it once, before the training loop. It is idempotent: calling it again for the same
+    optimizer and model registers nothing more and returns the same handle (until
+    ``handle.remove()`` detaches the hook; a later call registers it anew).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), BatchNormalization(3, beta_constraint="non_neg"))
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> handle = apply_constraints_after_step(optimizer, model)
     """
+    handles = _HOOKS.setdefault(optimizer, {})
+    handle = handles.get(id(model))
+    if handle is not None and _registered(handle):
+        return handle
 
     def hook(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         apply_constraints(model)
 
-    return optimizer.register_step_post_hook(hook)
+    handle = optimizer.register_step_post_hook(hook)
+    handles[id(model)] = handle
+    return handle
+
+
+def _registered(handle: RemovableHandle) -> bool:
+    hooks = handle.hooks_dict_ref()
+    return hooks is not None and handle.id in hooks

@@ -214,7 +214,11 @@ def collect_population_statistics(
 
     modes = {module: module.training for module in model.modules()}
     saved = {
-        name: {k: v.clone() for k, v in module._buffers.items() if v is not None}
+        name: {
+            k: v.clone()
+            for k, v in module._buffers.items()
+            if v is not None and not nn.parameter.is_lazy(v)
+        }
         for name, module in layers
     }
     handles = []

@@ -1,0 +1,158 @@
+"""Building a BatchNormalization layer: its weights' initial values, Keras' ``build`` and the
+first call, which undoes the build when it raises.
+
+``build`` fixes what the first input decides: the input rank, the channel axes (negative ones made
+positive, as Keras keeps them in ``axis``), tf-keras' fused-or-not path for ``fused=None`` (and with
+it which variance an "auto" layer stores) and, for a lazy layer, the weights' shape. A first call
+that raises after its build (a mask or an ``adjustment`` that does not fit, say) leaves the layer
+as before the call: placeholders again, no rank fixed, as if never called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from batchnorm.functional._validation import check_axis_type, normalize_axes
+from batchnorm.layers._dtype_policy import DTypePolicy
+from batchnorm.layers._fused import resolve_fused_at_build
+from batchnorm.layers._keras_weights import keras_parameter_shape
+from batchnorm.layers._layer_state import estimator_mismatch
+from batchnorm.layers._lazy_weights import TensorOwner, unmaterialize
+
+# What a build sets, restored by a first call that raises; the last two are torch's lazy-module
+# hook handles, which a built layer no longer has (see BatchNormalization.__init__).
+_BUILD_STATE = (
+    "built",
+    "axis",
+    "fused",
+    "_axes",
+    "_input_rank",
+    "_layout_agreed",
+    "_loaded_estimator",
+    "_initialize_hook",
+    "_load_hook",
+)
+# What the layer remembers of its calls (see BatchNormalization.forward).
+_CALL_CACHES = ("_direct_calls", "_statistics", "_accepted_input", "_options")
+
+
+class BuildingLayer(TensorOwner, Protocol):
+    """What these functions read and set on a :class:`~batchnorm.BatchNormalization` layer."""
+
+    name: str
+    axis: list[int] | int
+    fused: bool | None
+    virtual_batch_size: int | None
+    built: bool
+    moving_mean: torch.Tensor
+    dtype_policy: DTypePolicy
+    scale: bool
+    center: bool
+    renorm: bool
+    moving_average: str
+    moving_variance_estimator: str
+    beta_initializer: Any
+    gamma_initializer: Any
+    moving_mean_initializer: Any
+    moving_variance_initializer: Any
+    _device: Any
+    _axes: tuple[int, ...] | None
+    _input_rank: int | None
+
+    def _stored_estimator(self, fused: bool | None) -> str | None: ...
+
+    def _create_weights(
+        self, channel_shape: tuple[int, ...], keras_shape: tuple[int, ...] | None = None
+    ) -> list[str]: ...
+
+
+def buffer_dtypes(layer: BuildingLayer) -> dict[str, torch.dtype]:
+    """The buffers the layer's options call for, with the dtype each is created in."""
+    dtype = layer.dtype_policy.parameter_dtype
+    names = ["moving_mean", "moving_variance"]
+    if layer.renorm:
+        names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
+    dtypes = dict.fromkeys(names, dtype)
+    if layer.moving_average == "debiased":
+        # float64: with momentum=1 it counts batches, exactly up to 2**53.
+        dtypes["moving_average_weight"] = torch.float64
+    return dtypes
+
+
+def initial_weights(
+    layer: BuildingLayer, channel_shape: tuple[int, ...], keras_shape: tuple[int, ...] | None
+) -> dict[str, torch.Tensor]:
+    """Every weight's initial value, in the per-channel shape; initializers see ``keras_shape``."""
+    init_shape = keras_shape or channel_shape
+    dtype, device = layer.dtype_policy.parameter_dtype, layer._device
+
+    def initial(initializer: Callable[..., torch.Tensor]) -> torch.Tensor:
+        value = torch.as_tensor(initializer(init_shape, dtype=dtype, device=device))
+        return value.to(dtype=dtype, device=device).reshape(channel_shape).clone()
+
+    values = {}
+    if layer.scale:
+        values["gamma"] = initial(layer.gamma_initializer)
+    if layer.center:
+        values["beta"] = initial(layer.beta_initializer)
+    values["moving_mean"] = initial(layer.moving_mean_initializer)
+    values["moving_variance"] = initial(layer.moving_variance_initializer)
+    if layer.renorm:
+        values["moving_stddev"] = values["moving_variance"].sqrt()
+        values["renorm_mean"] = initial(layer.moving_mean_initializer)
+        values["renorm_stddev"] = values["moving_variance"].sqrt()
+    if layer.moving_average == "debiased":
+        values["moving_average_weight"] = torch.zeros((), dtype=torch.float64, device=device)
+    return values
+
+
+def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]:
+    """Keras' ``build`` for inputs of ``input_shape`` (nothing when the rank is fixed already);
+    every check runs before anything is set. Returns the names materialised in place."""
+    rank = len(input_shape)
+    if layer._input_rank is not None:
+        return []
+    axes = normalize_axes(layer.axis, rank)
+    fused = resolve_fused_at_build(layer.fused, axes, rank)
+    channel_shape = tuple(input_shape[a] for a in axes)
+    keras_shape = keras_parameter_shape(channel_shape, axes, rank, layer.virtual_batch_size)
+    if layer.built:
+        built_shape = tuple(layer.moving_mean.shape)
+        if built_shape != channel_shape:
+            raise ValueError(
+                f"Input has {channel_shape} channels on axis {list(axes)}, but the layer was "
+                f"built for {built_shape}. Received: input_shape={input_shape}"
+            )
+    # A checkpoint loaded before the build recorded the variance it holds (see _layer_state).
+    loaded = vars(layer).get("_loaded_estimator")
+    stored = layer._stored_estimator(fused)
+    if loaded is not None and stored is not None and loaded != stored:
+        setting = layer.moving_variance_estimator
+        raise ValueError(estimator_mismatch(layer.name, setting, stored, loaded))
+    materialized = [] if layer.built else layer._create_weights(channel_shape, keras_shape)
+    layer.fused, layer._axes, layer._input_rank = fused, axes, rank
+    # Keras keeps the order the user gave, with negative axes made positive.
+    layer.axis = [a % rank for a in check_axis_type(layer.axis)]
+    for name in ("_loaded_estimator", "_initialize_hook", "_load_hook"):
+        vars(layer).pop(name, None)
+    return materialized
+
+
+def first_call(
+    layer: BuildingLayer, input_shape: tuple[int, ...], step: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """Build for ``input_shape``, then run ``step``; if it raises, undo the build."""
+    memory = vars(layer)
+    before = {name: memory[name] for name in _BUILD_STATE if name in memory}
+    materialized = build_layer(layer, input_shape)
+    try:
+        return step()
+    except BaseException:
+        unmaterialize(layer, materialized)
+        for name in (*_CALL_CACHES, *_BUILD_STATE):
+            memory.pop(name, None)
+        memory.update(before)
+        raise

@@ -1,0 +1,85 @@
+"""What a BatchNormalization call accepts: the input tensor against what the build fixed, and
+the ``training`` argument against the layer's mode.
+
+These checks run before anything is built or written, so a call they reject changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from batchnorm.functional._validation import check_floating_input, normalize_axes
+
+
+class CalledLayer(Protocol):
+    """What :func:`check_input` reads from a :class:`~batchnorm.BatchNormalization` layer."""
+
+    name: str
+    axis: list[int] | int
+    built: bool
+    moving_mean: torch.Tensor
+    _axes: tuple[int, ...] | None
+    _input_rank: int | None
+    _buffers: dict[str, Any]
+
+
+def resolve_training(training: Any, trainable: bool, module_training: bool) -> bool | torch.Tensor:
+    """The mode of a call: ``trainable=False`` forces inference (tf-keras 2); None follows the
+    module's mode; a 0-d bool tensor stays a tensor (both branches run, for torch.compile)."""
+    if not trainable:
+        return False
+    if training is None:
+        return bool(module_training)
+    if isinstance(training, torch.Tensor):
+        if training.ndim != 0 or training.dtype != torch.bool:
+            raise ValueError(
+                "`training` must be a Python bool or a 0-d bool tensor. "
+                f"Received: training with shape {tuple(training.shape)} and dtype "
+                f"{training.dtype}"
+            )
+        return training
+    if isinstance(training, (bool, np.bool_)):
+        return bool(training)
+    raise TypeError(
+        f"`training` must be None, a bool or a 0-d bool tensor. Received: training={training!r}"
+    )
+
+
+def check_input(layer: CalledLayer, x: torch.Tensor) -> None:
+    """A floating tensor of the built rank with the built channels (axes valid for its rank)."""
+    # The checks depend only on x's shape and dtype and on what the build fixed: a built layer
+    # remembers the last signature it accepted (they cost microseconds per call).
+    memory = vars(layer)
+    accepted = memory.get("_accepted_input")
+    moving_mean = layer._buffers.get("moving_mean")
+    if (
+        accepted is not None
+        and accepted[0] is moving_mean
+        and accepted[1] == x.shape
+        and accepted[2] == x.dtype
+    ):
+        return
+    _check_new_input(layer, x)
+    if layer._input_rank is not None:
+        memory["_accepted_input"] = (moving_mean, x.shape, x.dtype)
+
+
+def _check_new_input(layer: CalledLayer, x: torch.Tensor) -> None:
+    check_floating_input(x, "x")
+    rank = layer._input_rank
+    if rank is not None and x.ndim != rank:
+        raise ValueError(
+            f"Layer {layer.name} expects inputs of rank {rank}. Received: x.shape={tuple(x.shape)}"
+        )
+    axes = layer._axes if rank is not None else normalize_axes(layer.axis, x.ndim)
+    assert axes is not None
+    channel_shape = tuple(x.shape[a] for a in axes)
+    if layer.built and channel_shape != tuple(layer.moving_mean.shape):
+        raise ValueError(
+            f"Layer {layer.name} was built for {tuple(layer.moving_mean.shape)} channels on "
+            f"axis {layer.axis}, but the input has {channel_shape}. "
+            f"Received: x.shape={tuple(x.shape)}"
+        )

@@ -1,0 +1,283 @@
+"""state_dict, set_weights and get_config: what a layer saves and what it agrees to load.
+
+A load that fails writes nothing, into a built layer or an unbuilt one; a checkpoint whose
+buffers mean something else (the other variance estimator, torch's conventions) is refused with
+a message that says what to do; another dtype is cast with a warning.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.parameter import is_lazy
+
+from batchnorm import BatchNormalization
+
+
+def trained(**kwargs):
+    torch.manual_seed(0)
+    layer = BatchNormalization(**kwargs)
+    shape = (8, 3, 4, 4) if kwargs.get("axis") == 1 else (16, 3)
+    for _ in range(2):
+        layer(torch.randn(shape).to(layer.dtype_policy.parameter_dtype) * 2 + 1, training=True)
+    return layer
+
+
+def snapshot(layer):
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def assert_unchanged(layer, before):
+    after = layer.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+
+
+def assert_unbuilt(layer):
+    assert not layer.built and layer.num_features is None and layer._input_rank is None
+    assert all(is_lazy(t) for t in [*layer._parameters.values(), *layer._buffers.values()])
+
+
+# ------------------------------------------------------------------ the recorded estimator
+@pytest.mark.parametrize(
+    ("kwargs", "recorded"),
+    [
+        ({"axis": 1}, "unbiased"),  # tf-keras' fused path for rank 4
+        ({"axis": -1}, "biased"),
+        ({"axis": -1, "moving_variance_estimator": "unbiased"}, "unbiased"),
+    ],
+)
+def test_state_dict_records_which_variance_it_holds(kwargs, recorded):
+    state = trained(**kwargs).state_dict()
+    assert state._metadata[""]["moving_variance_estimator"] == recorded
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)._metadata[""]["moving_variance_estimator"] == (
+        recorded
+    )
+
+
+def test_a_layer_that_has_not_decided_its_variance_records_nothing():
+    state = BatchNormalization(3, axis=1).state_dict()  # fused=None, no input seen
+    assert "moving_variance_estimator" not in state._metadata[""]
+
+
+def test_checkpoint_of_the_other_estimator_is_refused_and_nothing_is_written():
+    source = trained(axis=-1, moving_variance_estimator="unbiased")
+    target = trained(axis=-1)  # biased
+    before = snapshot(target)
+    with pytest.raises(
+        RuntimeError,
+        match=r"moving_variance_estimator='auto' stores the biased moving variance .*"
+        r"checkpoint's moving_variance is the unbiased one.*"
+        r"Received: a state_dict recording moving_variance_estimator='unbiased'",
+    ):
+        target.load_state_dict(source.state_dict())
+    assert_unchanged(target, before)
+    unbuilt = BatchNormalization(moving_variance_estimator="biased")
+    with pytest.raises(RuntimeError, match=r"Create the layer with moving_variance_estimator="):
+        unbuilt.load_state_dict(source.state_dict())
+    assert_unbuilt(unbuilt)
+
+
+def test_an_auto_layer_checks_the_recorded_estimator_when_it_builds():
+    source = trained(axis=1)  # fused: unbiased
+    layer = BatchNormalization(axis=1)
+    layer.load_state_dict(source.state_dict())  # the path is not decided yet
+    assert layer.built and layer._input_rank is None
+    assert layer.state_dict()._metadata[""]["moving_variance_estimator"] == "unbiased"
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"stores the biased moving variance \(tf-keras' rule"):
+        layer(torch.randn(8, 3), training=True)  # rank 2: non-fused, biased
+    assert layer._input_rank is None and layer.axis == 1
+    assert_unchanged(layer, before)
+    x = torch.randn(8, 3, 4, 4)
+    torch.testing.assert_close(layer(x, training=False), source(x, training=False))
+    assert layer.fused is True
+
+
+def test_checkpoints_without_the_record_load_unchecked():
+    source = trained(axis=-1, moving_variance_estimator="unbiased")
+    plain = dict(source.state_dict())  # a dict rebuilt key by key keeps no metadata
+    target = BatchNormalization(axis=-1)
+    target.load_state_dict(plain)
+    assert_unchanged(target, source.state_dict())
+
+
+# ------------------------------------------------------------------ what else is refused
+def test_a_torch_batchnorm_state_dict_points_to_from_torch_and_convert():
+    state = torch.nn.BatchNorm2d(3).state_dict()
+    for layer in (BatchNormalization(axis=1), trained(axis=1)):
+        before = snapshot(layer)
+        with pytest.raises(
+            RuntimeError,
+            match=r"was given a torch.nn.BatchNorm state_dict.*`batchnorm.from_torch\(module\)`.*"
+            r"`batchnorm.convert\(model\)`.*Received: keys \['bias', 'num_batches_tracked', "
+            r"'running_mean', 'running_var', 'weight'\]",
+        ):
+            layer.load_state_dict(state)
+        assert_unchanged(layer, before)
+    with pytest.raises(RuntimeError, match=r"`batchnorm.from_torch"):
+        BatchNormalization(axis=1).load_state_dict(state, strict=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            lambda state: state.update(beta=torch.zeros(4)),
+            r"size mismatch for beta: copying a param with shape \(4,\) from checkpoint, "
+            r"the (shape in current model|layer's channel shape) is \(3,\)",
+        ),
+        (
+            lambda state: state.update(moving_mean=torch.zeros(3, 1)),
+            r"size mismatch for moving_mean|must have 1 non-empty dims",
+        ),
+        (
+            lambda state: state.update(gamma=[1.0, 2.0, 3.0]),
+            r"While copying the parameter named \"gamma\", expected torch.Tensor",
+        ),
+    ],
+)
+def test_a_load_that_raises_writes_nothing(change, match):
+    state = trained().state_dict()
+    change(state)
+    for layer in (BatchNormalization(), trained(momentum=0.5)):
+        before = snapshot(layer)
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=match):
+                layer.load_state_dict(state, strict=strict)
+            assert_unchanged(layer, before)
+        if not before:
+            assert_unbuilt(layer)
+
+
+@pytest.mark.parametrize(
+    ("change", "keys"),
+    [
+        (lambda state: state.pop("moving_variance"), r"Missing key\(s\).*moving_variance"),
+        (lambda state: state.update(extra=torch.ones(3)), r"Unexpected key\(s\).*extra"),
+        (
+            lambda state: state.update(moving_average_weight=torch.ones((), dtype=torch.float64)),
+            r"Unexpected key\(s\).*moving_average_weight",
+        ),
+    ],
+)
+def test_an_unbuilt_layer_loads_only_a_checkpoint_with_exactly_its_keys(change, keys):
+    state = trained().state_dict()
+    change(state)
+    layer = BatchNormalization()
+    with pytest.raises(RuntimeError, match=keys):
+        layer.load_state_dict(state)
+    assert_unbuilt(layer)
+    result = layer.load_state_dict(state, strict=False)  # reported, and still nothing written
+    assert result.missing_keys or result.unexpected_keys
+    assert_unbuilt(layer)
+
+
+def test_an_unbuilt_layer_needs_one_dim_per_channel_axis():
+    state = trained().state_dict()
+    layer = BatchNormalization(axis=[1, 2])
+    with pytest.raises(
+        RuntimeError, match=r"has 2 channel axes, so `moving_mean` must have 2 non-empty dims"
+    ):
+        layer.load_state_dict(state)
+    assert_unbuilt(layer)
+
+
+def test_a_built_layer_loads_what_fits_when_not_strict():
+    source = trained()
+    state = source.state_dict()
+    del state["gamma"]
+    layer = BatchNormalization(3)
+    result = layer.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["gamma"]
+    assert torch.equal(layer.gamma, torch.ones(3))
+    assert torch.equal(layer.moving_mean, source.moving_mean)
+
+
+def test_another_dtype_is_cast_with_a_warning():
+    source = trained(dtype="float64")
+    layer = BatchNormalization()
+    with pytest.warns(
+        UserWarning,
+        match=r"the checkpoint's gamma \(torch.float64 -> torch.float32\), .* are cast to the "
+        r"layer's dtype on loading",
+    ):
+        layer.load_state_dict(source.state_dict())
+    assert layer.moving_mean.dtype == torch.float32
+    torch.testing.assert_close(layer.moving_mean, source.moving_mean.float())
+    assigned = BatchNormalization()
+    assigned.load_state_dict(source.state_dict(), assign=True)  # takes the tensors: no cast
+    assert assigned.moving_mean.dtype == torch.float64
+
+
+# ------------------------------------------------------------------ set_weights
+def test_from_config_then_set_weights_builds_the_layer():
+    source = trained(axis=-1, renorm=True)
+    config = BatchNormalization(axis=-1, renorm=True, name="bn").get_config()
+    layer = BatchNormalization.from_config(config)
+    parameters = list(layer.parameters())
+    layer.set_weights(source.get_weights())
+    assert layer.num_features == 3
+    assert all(a is b for a, b in zip(layer.parameters(), parameters, strict=True))
+    for ours, theirs in zip(layer.get_weights(), source.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("axis", "virtual_batch_size", "shape", "expected"),
+    [
+        ([1, 3], None, (1, 3, 1, 5), (3, 5)),  # tf-keras' full-rank shape
+        ([1, 3], None, (3, 5), (3, 5)),  # per-channel
+        ([-3, -1], None, (1, 3, 1, 5), (3, 5)),
+        ([1, 2], 2, (1, 1, 3, 4), (3, 4)),  # ghost batches add a leading 1
+        (1, None, (6,), 6),
+    ],
+)
+def test_set_weights_on_an_unbuilt_layer_takes_the_arrays_shape(
+    axis, virtual_batch_size, shape, expected
+):
+    layer = BatchNormalization(axis=axis, virtual_batch_size=virtual_batch_size)
+    arrays = [np.full(shape, value, np.float32) for value in (2.0, 0.5, -1.0, 3.0)]
+    layer.set_weights(arrays)
+    assert layer.num_features == expected
+    assert torch.equal(layer.moving_variance, torch.full(layer.moving_mean.shape, 3.0))
+
+
+def test_set_weights_that_cannot_give_a_shape_leave_the_layer_unbuilt():
+    layer = BatchNormalization(axis=[1, 3])
+    with pytest.raises(
+        ValueError,
+        match=r"`weights` cannot give the channel shape of a layer with axis=\[1, 3\] that is "
+        r"not built.*Received: moving_mean of shape \(15,\)",
+    ):
+        layer.set_weights([np.ones(15)] * 4)
+    assert_unbuilt(layer)
+    with pytest.raises(ValueError, match=r"Weight `moving_variance` must have 3 values"):
+        BatchNormalization().set_weights([np.ones(3)] * 3 + [np.ones(4)])
+    with pytest.raises(ValueError, match=r"`weights` must hold 4 arrays"):
+        layer.set_weights([np.ones(3)] * 3)
+    assert_unbuilt(layer)
+
+
+# ------------------------------------------------------------------ get_config
+def test_get_config_warns_that_adjustment_is_left_out_as_tf_keras_does():
+    def adjustment(shape):
+        return torch.ones(()), torch.zeros(())
+
+    layer = BatchNormalization(3, adjustment=adjustment)
+    with pytest.warns(
+        UserWarning,
+        match=r"The `adjustment` function of this `BatchNormalization` layer cannot be "
+        r"serialized and has been omitted from the layer config. It will not be included when "
+        r"re-creating the layer from the saved config.",
+    ):
+        config = layer.get_config()
+    assert "adjustment" not in config
+    assert BatchNormalization.from_config(config).adjustment is None
