@@ -269,7 +269,6 @@ class BatchNormOptions:
     use_global_stats: bool | None = None
     synchronized: bool = False
     process_group: Any = None
-    layout_agreed: bool = False  # the ranks are known to agree on channels and ghost batches
     activation: Activation | None = None
     in_place: bool = False
 
@@ -404,7 +403,7 @@ def batch_norm_step(
         moments = backend.batch_moments(x.detach(), axes, weights, ghost_batches)
     elif group is not None:
         moments, any_elements = synchronized_moments(
-            x, axes, weights, ghost_batches, backend, group, not options.layout_agreed
+            x, axes, weights, ghost_batches, backend, group
         )
         ghost_batches, empty = moments.mean.shape[0], not any_elements
     elif (

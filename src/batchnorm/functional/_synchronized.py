@@ -135,11 +135,6 @@ def _is_non_member(process_group: Any) -> bool:
     )
 
 
-def synchronizes(process_group: Any) -> bool:
-    """Whether a synchronized layer with ``process_group`` communicates now."""
-    return resolve_process_group(process_group) is not None
-
-
 def resolve_process_group(process_group: Any) -> Any:
     """The group to synchronize over, or None when there is nothing to synchronize.
 
@@ -279,7 +274,6 @@ def synchronized_moments(
     ghost_batches: int,
     backend: BatchNormBackend,
     group: Any,
-    check_layout: bool = True,
 ) -> tuple[Moments, bool]:
     """Global per-ghost-batch mean, biased variance and total weight (detached), by Chan's formula.
 
@@ -288,8 +282,7 @@ def synchronized_moments(
     global batch has any element. Every call checks that the ranks agree on the channel shape, the
     ghost-batch count and the call number, in the one ``all_gather`` that carries the statistics
     (a second one only when the call needs more channel slots than the group had, see the module
-    docstring), and raises the same error on every rank if not. ``check_layout`` is ignored: it
-    remains for callers that used to skip a separate layout check.
+    docstring), and raises the same error on every rank if not.
     """
     channel_shape = tuple(x.shape[a] for a in axes)
     channels = math.prod(channel_shape)

@@ -200,7 +200,6 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         self.synchronized, self.process_group = check_synchronized(
             synchronized, process_group, fused
         )
-        self._layout_agreed = False  # set once the ranks agreed on the channel shape
         fused = False if self.synchronized else fused
         self.axis: list[int] | int = check_axis_argument(axis)
         self._axis_argument = self.axis  # what the repr shows; build makes `axis` a list

@@ -30,7 +30,6 @@ _BUILD_STATE = (
     "fused",
     "_axes",
     "_input_rank",
-    "_layout_agreed",
     "_loaded_estimator",
     "_initialize_hook",
     "_load_hook",

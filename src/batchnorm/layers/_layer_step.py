@@ -18,7 +18,6 @@ import torch
 from batchnorm.functional import BatchNormStatistics
 from batchnorm.functional._batch_norm import BatchNormOptions, batch_norm_step, check_mask
 from batchnorm.functional._direct_step import DirectCalls, infer, train_in_place
-from batchnorm.functional._synchronized import synchronizes
 
 STATISTIC_NAMES = BatchNormStatistics._fields
 
@@ -40,7 +39,6 @@ class SteppingLayer(Protocol):
     training: bool
     moving_mean: torch.Tensor
     _trainable: bool
-    _layout_agreed: bool
     _axes: tuple[int, ...] | None
     _input_rank: int | None
     _parameters: dict[str, Any]
@@ -74,7 +72,6 @@ def step_options(layer: SteppingLayer) -> BatchNormOptions:
         layer.use_global_stats,
         layer.synchronized,
         layer.process_group,
-        layer._layout_agreed and layer.virtual_batch_size is None,
     )
     cached = vars(layer).get("_options")
     if cached is not None and cached[0] == settings:
@@ -149,8 +146,6 @@ def run_step(
     if direct is not None:
         return direct
     y, updated = batch_norm_step(x, statistics, gamma, beta, axes, options, resolved, mask)
-    if layer.synchronized and not layer._layout_agreed and layer.use_global_stats is not True:
-        layer._layout_agreed = resolved is not False and synchronizes(layer.process_group)
     if resolved is not False:
         with torch.no_grad():
             for old, new in zip(buffers, updated, strict=True):
