@@ -27,6 +27,7 @@ from batchnorm.functional._moving_average import (
 from batchnorm.functional._renorm import renorm_correction
 from batchnorm.functional._synchronized import resolve_process_group, synchronized_moments
 from batchnorm.functional._synchronized_normalize import synchronized_normalize
+from batchnorm.functional._torch_ops import TorchOpsBackend
 from batchnorm.functional._validation import (
     check_floating_input,
     check_fraction,
@@ -503,18 +504,11 @@ def _normalize_in_place(
     activation: Activation | None,
 ) -> torch.Tensor:
     """The training output written over ``x`` (see :mod:`batchnorm.functional._in_place`)."""
-    view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
-    reduce_dims = tuple([i for i in range(x.ndim) if i not in axes])
-    grouped = x
-    statistic_view, parameter_view = view, view
-    if ghost_batches > 1:
-        # Ghost batch j holds samples {j, j + G, ...}, as the composed ops group them.
-        grouped = x.view(-1, ghost_batches, *x.shape[1:])
-        reduce_dims = (0, *[i + 1 for i in reduce_dims if i != 0])
-        statistic_view = [1, ghost_batches, *view[1:]]
-        parameter_view = [1, 1, *view[1:]]
-        if weights is not None:
-            weights = weights.reshape(-1, ghost_batches, *weights.shape[1:])
+    # Ghost batch j holds samples {j, j + G, ...}, grouped as the composed ops group them.
+    grouped, reduce_dims, statistic_view = TorchOpsBackend._grouped(x, axes, ghost_batches)
+    parameter_view = statistic_view if ghost_batches == 1 else [1, 1, *statistic_view[2:]]
+    if weights is not None and ghost_batches > 1:
+        weights = weights.reshape(-1, ghost_batches, *weights.shape[1:])
     y = InPlaceNormalizeActivate.apply(  # type: ignore[no-untyped-call]
         grouped,
         None if scale is None else scale.reshape(parameter_view),
@@ -526,7 +520,7 @@ def _normalize_in_place(
         activation,
         reduce_dims,
     )
-    return y.view(x.shape)  # type: ignore[no-any-return]
+    return y.reshape(x.shape)  # type: ignore[no-any-return]
 
 
 def check_ghost_batches(
