@@ -18,7 +18,11 @@ from batchnorm.functional._activation import (
 )
 from batchnorm.functional._backend import Moments
 from batchnorm.functional._dispatch import backend_for, composed_backend
-from batchnorm.functional._in_place import InPlaceNormalizeActivate, check_in_place
+from batchnorm.functional._in_place import (
+    InPlaceNormalizeActivate,
+    check_in_place,
+    check_in_place_settings,
+)
 from batchnorm.functional._moving_average import (
     debiased_average_update,
     debiased_weight_update,
@@ -479,11 +483,7 @@ def _check_in_place_call(
             "memory='in_place' needs a Python bool `training` (a tensor flag computes both "
             "branches, which both read x). Received: training as a tensor"
         )
-    if options.synchronized:
-        raise ValueError(
-            "memory='in_place' does not combine with `synchronized=True` (its backward "
-            "reduces across processes). Received: synchronized=True"
-        )
+    check_in_place_settings(options.activation, options.synchronized)
     if scale is not None and scale.ndim > 1 and scale.shape[0] != 1:
         raise ValueError(
             "memory='in_place' needs an adjustment that is constant within each channel. "

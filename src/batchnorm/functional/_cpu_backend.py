@@ -184,7 +184,8 @@ class _NormalizeBatch(torch.autograd.Function):
 
 class TrainInPlace(torch.autograd.Function):
     """The training forward in one kernel call (moving statistics stepped in place), and its
-    backward in one more (or, under ``create_graph=True``, :func:`normalize_batch_gradients`)."""
+    backward in one more (or, under ``create_graph=True``, :func:`normalize_batch_gradients`).
+    ``step.activation`` is applied in the forward's pass and folded into the backward's."""
 
     @staticmethod
     def forward(ctx, x, scale, offset, step):  # type: ignore[no-untyped-def, override]
@@ -207,6 +208,7 @@ class TrainInPlace(torch.autograd.Function):
                 ctx.epsilon,
                 ctx.ghost_batches,
                 normalize_batch_backward_impl,
+                ctx.training_pass.activation,
             )
         else:
             dx, dscale, doffset = train_backward_impl(
@@ -326,7 +328,8 @@ class NumbaCpuBackend:
         activation: Activation | None = None,
     ) -> torch.Tensor:
         """Training output over one channel axis; the moving statistics step in place.
-        ``activation`` as in :meth:`normalize_batch`.
+        ``activation`` runs in the forward's normalising pass and, under autograd, is folded
+        into the backward's two passes.
 
         Eager only (``torch.compile`` traces :meth:`batch_moments` and :meth:`normalize_batch`).
         """
@@ -339,10 +342,11 @@ class NumbaCpuBackend:
             momentum,
             unbiased,
         )
+        step = step._replace(activation=activation)
         if _needs_autograd(x, scale, offset):
             y: torch.Tensor = TrainInPlace.apply(x, scale, offset, step)  # type: ignore[no-untyped-call]
-            return activate(y, activation)
-        return train_in_place_impl(x, scale, offset, step._replace(activation=activation))[0]
+            return y
+        return train_in_place_impl(x, scale, offset, step)[0]
 
     def normalize(
         self,

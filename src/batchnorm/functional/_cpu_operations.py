@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from batchnorm.functional._activation import Activation
+from batchnorm.functional._activation import Activation, activate
 from batchnorm.functional._canonical_layout import CanonicalLayout
 from batchnorm.functional._cpu_plan import (
     KERNEL_DTYPES,
@@ -184,6 +184,8 @@ class TrainingPass(NamedTuple):
     variance: np.ndarray
     total_weight: np.ndarray
     scale: np.ndarray  # [C]
+    offset: np.ndarray  # [C]
+    activation: Activation | None  # applied in the forward: the backward folds in f'
 
 
 class StepArrays(NamedTuple):
@@ -284,34 +286,57 @@ def train_in_place_impl(
     torch.autograd.graph.increment_version(
         [moving_mean, moving_variance] if average_weight is None else list(step.moving)  # type: ignore[arg-type]
     )
-    return out, TrainingPass(prepared, mean, variance, total, arrays.scale)
+    training_pass = TrainingPass(
+        prepared, mean, variance, total, arrays.scale, arrays.offset, step.activation
+    )
+    return out, training_pass
 
 
 def train_backward_impl(
     grad: torch.Tensor, training_pass: TrainingPass, epsilon: float, ghost_batches: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dscale, doffset)`` of :func:`train_in_place_impl`'s output in one kernel call (as
-    :func:`normalize_batch_backward_impl`, without re-preparing the input)."""
+    :func:`normalize_batch_backward_impl`, without re-preparing the input); with the forward's
+    activation folded in (:mod:`batchnorm.kernels._activated_backward`)."""
     prepared = training_pass.prepared
     dy3 = _canonical_gradient(grad, prepared)
     plan = prepared.plan
     dx, dx3 = plan.fresh()
-    backward = prepared.compiled(plan.train_backward)
-    dscale, doffset = backward(
-        dy3,
-        prepared.x3,
-        prepared.weights,
-        prepared.has_weights,
-        training_pass.mean,
-        training_pass.variance,
-        training_pass.total_weight,
-        training_pass.scale,
-        epsilon,
-        ghost_batches,
-        plan.layout.period,
-        plan.blocks,
-        dx3,
-    )
+    statistics = (training_pass.mean, training_pass.variance, training_pass.total_weight)
+    code, parameter = activation_code(training_pass.activation)
+    if code == NO_ACTIVATION:
+        backward = prepared.compiled(plan.train_backward)
+        dscale, doffset = backward(
+            dy3,
+            prepared.x3,
+            prepared.weights,
+            prepared.has_weights,
+            *statistics,
+            training_pass.scale,
+            epsilon,
+            ghost_batches,
+            plan.layout.period,
+            plan.blocks,
+            dx3,
+        )
+    else:
+        backward = prepared.compiled(plan.train_backward_activated)
+        dscale, doffset = backward(
+            dy3,
+            prepared.x3,
+            prepared.weights,
+            prepared.has_weights,
+            *statistics,
+            training_pass.scale,
+            training_pass.offset,
+            epsilon,
+            code,
+            parameter,
+            ghost_batches,
+            plan.layout.period,
+            plan.blocks,
+            dx3,
+        )
     parameter_dtype = np.float64 if training_pass.scale.dtype == np.float64 else np.float32
     return (
         dx,
@@ -432,7 +457,11 @@ def normalize_batch_gradients(
     epsilon: float,
     ghost_batches: int,
     backward_op: Any,
+    activation: Activation | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dscale, doffset)`` of the training output, or of ``f(output)`` with an
+    ``activation`` (under create_graph only: :func:`train_backward_impl` folds it into the
+    kernels otherwise)."""
     x, mean, variance, total_weight, scale, offset, weights = saved
     if torch.is_grad_enabled():
         # create_graph=True: the saved tensors carry their history, so a torch-op recomputation
@@ -442,12 +471,14 @@ def normalize_batch_gradients(
         y = TORCH_OPS.normalize_batch(
             x, tuple(axes), moments, scale, offset, epsilon, weights, ghost_batches
         )
+        y = activate(y, activation)
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
         dx, dscale, doffset = (
             next(found) if t is not None and t.requires_grad else None for t in inputs
         )
         return dx, dscale, doffset
+    assert activation is None, "the kernels' backward with an activation is train_backward_impl"
     dx, dscale, doffset = backward_op(
         grad, x, axes, mean, variance, total_weight, scale, epsilon, weights, ghost_batches
     )

@@ -50,6 +50,7 @@ class CpuPlan:
         "memory_shape",
         "shape3",
         "train_backward",
+        "train_backward_activated",
         "train_forward",
         "transpose",
     )
@@ -73,6 +74,7 @@ class CpuPlan:
         self.input_gradient = pick(kernels.batch_norm_input_gradient)
         self.train_forward = pick(kernels.train_forward)
         self.train_backward = pick(kernels.train_backward)
+        self.train_backward_activated = pick(kernels.train_backward_activated)
 
     def parallel(self) -> bool:
         """Whether to call the threaded builds: more than one block and more than one thread."""

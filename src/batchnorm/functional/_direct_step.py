@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from batchnorm.functional._activation import Activation
 from batchnorm.functional._batch_norm import (
     BatchNormOptions,
     BatchNormStatistics,
@@ -82,6 +83,7 @@ def train_in_place(
     """
     if (
         len(axes) != 1
+        or options.in_place
         or statistics.renorm
         or options.adjustment is not None
         or options.synchronized
@@ -120,6 +122,7 @@ def train_in_place(
         options.momentum,
         options.epsilon,
         options.unbiased_moving_variance,
+        **({} if options.activation is None else {"activation": options.activation}),
     )
     return y
 
@@ -132,9 +135,11 @@ def infer(
     axes: tuple[int, ...],
     epsilon: float,
     mask: torch.Tensor | None,
+    activation: Activation | None = None,
 ) -> torch.Tensor | None:
-    """The inference output ``(x - M) / sqrt(V + epsilon) * gamma + beta`` with the moving
-    statistics; None when dtypes differ (the caller takes the stateless step, which casts).
+    """The inference output ``f((x - M) / sqrt(V + epsilon) * gamma + beta)`` with the moving
+    statistics (``f`` the activation, if any); None when dtypes differ (the caller takes the
+    stateless step, which casts).
 
     The mask is checked (its shape) and, as in tf-keras' inference, does not change the output.
     """
@@ -143,7 +148,14 @@ def infer(
     if mask is not None:
         check_mask(mask, x, axes)
     return backend_for(x).normalize(
-        x, axes, statistics.moving_mean, statistics.moving_variance, gamma, beta, epsilon
+        x,
+        axes,
+        statistics.moving_mean,
+        statistics.moving_variance,
+        gamma,
+        beta,
+        epsilon,
+        **({} if activation is None else {"activation": activation}),
     )
 
 
@@ -202,6 +214,7 @@ class DirectCalls:
         self.can_infer = options.use_global_stats is not False
         self.can_train = (
             not renorm
+            and not options.in_place
             and options.adjustment is None
             and not options.synchronized
             and options.use_global_stats is None
@@ -269,7 +282,14 @@ class DirectCalls:
             moving_mean, moving_variance, _ = self.moving
             if needs_grad:
                 return NUMBA_CPU.normalize(
-                    x, (self.axis,), moving_mean, moving_variance, gamma, beta, options.epsilon
+                    x,
+                    (self.axis,),
+                    moving_mean,
+                    moving_variance,
+                    gamma,
+                    beta,
+                    options.epsilon,
+                    options.activation,
                 )
             mean, variance = self.statistic_rows  # type: ignore[misc]
             return normalize_prepared(
@@ -281,6 +301,7 @@ class DirectCalls:
                 options.epsilon,
                 1,
                 x.dtype,
+                options.activation,
             )
         step = TrainStep(
             [self.axis],
@@ -292,6 +313,7 @@ class DirectCalls:
             options.unbiased_moving_variance,
             arrays,
             prepare_with(plan, x),
+            options.activation,
         )
         if needs_grad:
             y: torch.Tensor = TrainInPlace.apply(x, gamma, beta, step)  # type: ignore[no-untyped-call]

@@ -36,10 +36,8 @@ from batchnorm.functional._activation import (
 )
 
 
-def check_in_place(
-    x: torch.Tensor, scale: torch.Tensor | None, activation: Activation | None
-) -> None:
-    """Why ``x`` cannot be trained in place, as an error; nothing when it can."""
+def check_in_place_settings(activation: Activation | None, synchronized: bool) -> None:
+    """Why settings cannot train in place, as an error (checked when a layer is made)."""
     if activation is not None and not activation.invertible:
         raise ValueError(
             "memory='in_place' recovers the normalised input by inverting the activation; "
@@ -47,6 +45,18 @@ def check_in_place(
             "invertible: use 'identity', 'leaky_relu' with a slope > 0 or 'elu', or "
             f"memory='default'. Received: activation={activation.name!r}"
         )
+    if synchronized:
+        raise ValueError(
+            "memory='in_place' does not combine with `synchronized=True` (its backward "
+            "reduces across processes). Received: synchronized=True"
+        )
+
+
+def check_in_place(
+    x: torch.Tensor, scale: torch.Tensor | None, activation: Activation | None
+) -> None:
+    """Why ``x`` cannot be trained in place, as an error; nothing when it can."""
+    check_in_place_settings(activation, synchronized=False)
     if x.is_leaf and x.requires_grad:
         raise ValueError(
             "memory='in_place' overwrites its input, which must not be a leaf that requires "

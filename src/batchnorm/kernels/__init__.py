@@ -4,6 +4,7 @@ No torch here: :mod:`batchnorm.functional._cpu_backend` adapts tensors and regis
 PyTorch custom operators.
 """
 
+from batchnorm.kernels._activated_backward import train_backward_activated
 from batchnorm.kernels._elementwise import affine_normalize, batch_norm_input_gradient
 from batchnorm.kernels._jit import Kernel, blocks_for, run, set_threads
 from batchnorm.kernels._statistics import batch_moments, gradient_sums
@@ -19,5 +20,6 @@ __all__ = [
     "run",
     "set_threads",
     "train_backward",
+    "train_backward_activated",
     "train_forward",
 ]

@@ -13,10 +13,10 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from batchnorm.functional import BatchNormStatistics
-from batchnorm.functional._batch_norm import (
-    check_use_global_stats,
-)
+from batchnorm.functional._activation import ActivationName, check_activation
+from batchnorm.functional._batch_norm import Memory, check_memory, check_use_global_stats
 from batchnorm.functional._direct_step import DirectCalls
+from batchnorm.functional._in_place import check_in_place_settings
 from batchnorm.functional._synchronized import check_synchronized
 from batchnorm.functional._validation import (
     check_bool,
@@ -134,6 +134,18 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             group (tf-keras' argument; implies ``fused=False``). Without an initialised group,
             or with a group of one, the layer computes exactly as unsynchronized.
         process_group: the group to synchronize over; None is the default group (WORLD).
+        activation: None, "identity", "relu", "leaky_relu" or "elu", applied to the normalised
+            output ``y = f(gamma * x_hat + beta)`` in the same pass (on CPU, one pass over the
+            data fewer than batch norm then the activation). Not a tf-keras argument: it
+            appears in ``get_config`` only when set.
+        activation_param: leaky_relu's negative slope (default 0.01, as torch) or elu's alpha
+            (default 1.0).
+        memory: "default", or "in_place": training writes the output over the input and keeps
+            only the output for the backward, which recovers the normalised input by inverting
+            the activation (InPlace-ABN). Needs an invertible activation (None, "identity",
+            "leaky_relu" with a slope > 0, "elu"), nonzero gamma, an input nothing else needs
+            (a leaf requiring grad is refused; a backward that needed it raises), and no
+            ``synchronized``. Inference is not affected.
 
     Shape:
         Input: any rank; output: same shape and dtype. float16/bfloat16 inputs are computed with
@@ -189,6 +201,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         name: str | None = None,
         synchronized: bool = False,
         process_group: Any = None,
+        activation: ActivationName | None = None,
+        activation_param: float | None = None,
+        memory: Memory = "default",
     ) -> None:
         super().__init__()
         # The mixin's hooks would build before forward and materialise before the checks of
@@ -241,6 +256,12 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         )
         self._fused_argument = fused
         self.name = check_name(name)
+        self._activation = check_activation(activation, activation_param)
+        self.activation: str | None = activation
+        self.activation_param = activation_param
+        self.memory = check_memory(memory)
+        if self.memory == "in_place":
+            check_in_place_settings(self._activation, self.synchronized)
         self._device = device
         self._trainable = check_bool(trainable, "trainable")
         self._axes: tuple[int, ...] | None = None

@@ -39,6 +39,10 @@ _INIT_KEYS = {
     "dtype",
     "name",
     "synchronized",
+    # Not tf-keras keys: written only when set, so configs stay tf-keras' otherwise.
+    "activation",
+    "activation_param",
+    "memory",
 }
 # Keys Keras writes that carry nothing this layer needs.
 _IGNORED_KERAS_KEYS = {
@@ -74,6 +78,9 @@ class ConfiguredLayer(Protocol):
     renorm_momentum: float
     virtual_batch_size: int | None
     synchronized: bool
+    activation: str | None
+    activation_param: float | None
+    memory: str
     built: bool
     moving_mean: torch.Tensor
     # The `fused` argument as given (None: tf-keras' automatic choice), not the resolved path.
@@ -112,10 +119,23 @@ def layer_config(layer: ConfiguredLayer) -> dict[str, Any]:
     if layer._fused_argument is not None:
         config["fused"] = layer._fused_argument
     config.update(layer._convention_options())
+    config.update(_activation_options(layer))
     if layer.built:
         shape = tuple(layer.moving_mean.shape)
         config["num_features"] = shape[0] if len(shape) == 1 else list(shape)
     return config
+
+
+def _activation_options(layer: ConfiguredLayer) -> dict[str, Any]:
+    """``activation`` / ``activation_param`` / ``memory`` where they are not the defaults."""
+    options: dict[str, Any] = {}
+    if layer.activation is not None:
+        options["activation"] = layer.activation
+    if layer.activation_param is not None:
+        options["activation_param"] = layer.activation_param
+    if layer.memory != "default":
+        options["memory"] = layer.memory
+    return options
 
 
 def layer_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:

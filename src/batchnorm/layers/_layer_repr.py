@@ -37,6 +37,9 @@ class ShownLayer(Protocol):
     trainable: bool
     dtype_policy: DTypePolicy
     synchronized: bool
+    activation: str | None
+    activation_param: float | None
+    memory: str
     _fused_argument: bool | None
 
     @property
@@ -87,6 +90,10 @@ def layer_repr(layer: ShownLayer) -> str:
         shown["dtype"] = layer.dtype_policy.name
     if layer.synchronized:
         shown["synchronized"] = True
+    defaults: dict[str, Any] = {"activation": None, "activation_param": None, "memory": "default"}
+    for argument, default in defaults.items():
+        if getattr(layer, argument) != default:
+            shown[argument] = getattr(layer, argument)
     return ", ".join(f"{key}={value!r}" for key, value in shown.items())
 
 

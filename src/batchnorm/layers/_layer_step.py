@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from batchnorm.functional import BatchNormStatistics
+from batchnorm.functional._activation import Activation
 from batchnorm.functional._batch_norm import BatchNormOptions, batch_norm_step, check_mask
 from batchnorm.functional._direct_step import DirectCalls, infer, train_in_place
 
@@ -36,6 +37,8 @@ class SteppingLayer(Protocol):
     synchronized: bool
     process_group: Any
     fused: bool | None
+    memory: str
+    _activation: Activation | None
     training: bool
     moving_mean: torch.Tensor
     _trainable: bool
@@ -72,6 +75,8 @@ def step_options(layer: SteppingLayer) -> BatchNormOptions:
         layer.use_global_stats,
         layer.synchronized,
         layer.process_group,
+        layer._activation,
+        layer.memory == "in_place",
     )
     cached = vars(layer).get("_options")
     if cached is not None and cached[0] == settings:
@@ -116,10 +121,10 @@ def run_step(
     in place (the caller holds the layer's lock)."""
     axes = layer._axes
     assert axes is not None
-    memory = vars(layer)
-    direct_calls = memory.get("_direct_calls")
+    remembered = vars(layer)
+    direct_calls = remembered.get("_direct_calls")
     if not compiling and (direct_calls is None or not direct_calls.current()):
-        memory["_direct_calls"] = make_direct_calls(layer)
+        remembered["_direct_calls"] = make_direct_calls(layer)
     if mask is not None and layer.fused:
         check_mask(mask, x, axes)  # a malformed mask is an error, as without fusing
         warnings.warn(
@@ -140,7 +145,7 @@ def run_step(
     gamma, beta = layer._parameters.get("gamma"), layer._parameters.get("beta")
     direct = None
     if resolved is False and layer.use_global_stats is not False:
-        direct = infer(x, buffers, gamma, beta, axes, layer.epsilon, mask)
+        direct = infer(x, buffers, gamma, beta, axes, layer.epsilon, mask, layer._activation)
     elif resolved is True:
         direct = train_in_place(x, buffers, gamma, beta, axes, options, mask)
     if direct is not None:
