@@ -33,6 +33,7 @@ from batchnorm.functional._cpu_operations import (
     normalize_batch_impl,
     normalize_gradients,
     normalize_impl,
+    reads_output,
     train_backward_impl,
     train_in_place_impl,
 )
@@ -190,14 +191,16 @@ class TrainInPlace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, offset, step):  # type: ignore[no-untyped-def, override]
         y, training_pass = train_in_place_impl(x, scale, offset, step)
-        ctx.save_for_backward(x, scale, offset, step.weights)
+        # elu's backward reads y: saved, so autograd refuses a backward after y was modified.
+        output = y if reads_output(step.activation) else None
+        ctx.save_for_backward(x, scale, offset, step.weights, output)
         ctx.training_pass = training_pass
         ctx.axes, ctx.epsilon, ctx.ghost_batches = step.axes, step.epsilon, step.ghost_batches
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
-        x, scale, offset, weights = ctx.saved_tensors  # checks that x was not modified since
+        x, scale, offset, weights, _ = ctx.saved_tensors  # checks that x (and y) were not modified
         if torch.is_grad_enabled():
             channel_shape = tuple(x.shape[a] for a in ctx.axes)
             mean, variance, total = moments_of(ctx.training_pass, channel_shape)

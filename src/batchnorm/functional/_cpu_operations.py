@@ -128,6 +128,11 @@ def activation_code(activation: Activation | None) -> tuple[int, float]:
     return code, 0.0 if activation.parameter is None else activation.parameter
 
 
+def reads_output(activation: Activation | None) -> bool:
+    """Whether the fused backward reads the forward's output (elu's derivative, ``y + alpha``)."""
+    return activation is not None and activation.name == "elu"
+
+
 # ---------------------------------------------------------------------------- implementations
 def batch_moments_impl(
     x: torch.Tensor, axes: list[int], weights: torch.Tensor | None, ghost_batches: int
@@ -186,6 +191,7 @@ class TrainingPass(NamedTuple):
     scale: np.ndarray  # [C]
     offset: np.ndarray  # [C]
     activation: Activation | None  # applied in the forward: the backward folds in f'
+    output: np.ndarray  # the canonical output (elu's backward reads it), else x's
 
 
 class StepArrays(NamedTuple):
@@ -287,7 +293,14 @@ def train_in_place_impl(
         [moving_mean, moving_variance] if average_weight is None else list(step.moving)  # type: ignore[arg-type]
     )
     training_pass = TrainingPass(
-        prepared, mean, variance, total, arrays.scale, arrays.offset, step.activation
+        prepared,
+        mean,
+        variance,
+        total,
+        arrays.scale,
+        arrays.offset,
+        step.activation,
+        out3 if reads_output(step.activation) else prepared.x3,
     )
     return out, training_pass
 
@@ -324,6 +337,7 @@ def train_backward_impl(
         dscale, doffset = backward(
             dy3,
             prepared.x3,
+            training_pass.output,
             prepared.weights,
             prepared.has_weights,
             *statistics,

@@ -4,8 +4,9 @@ With ``z = (x - mean) * factor + shift`` the batch-norm output (``factor = scale
 epsilon)``, :func:`batchnorm.kernels._elementwise.affine_coefficients`) and ``y = f(z)``, the
 gradient reaching batch norm is ``delta = dy * f'(z)``. Instead of a pass that writes ``delta``
 (what the activation's own backward does), both passes of :data:`batchnorm.kernels.train_backward`
-recompute ``z`` from ``x`` with the forward's coefficients and use ``delta`` where they used
-``dy``:
+recompute ``z`` from ``x`` with the forward's coefficients (elu reads its output ``y`` instead:
+``f'(z) = y + alpha`` where ``z <= 0`` spares an exp per element, which made the passes
+compute-bound) and use ``delta`` where they used ``dy``:
 
 .. math::
     S_\\delta = \\sum \\delta, \\quad S_{\\delta c} = \\sum \\delta (x - \\mu), \\quad
@@ -13,7 +14,8 @@ recompute ``z`` from ``x`` with the forward's coefficients and use ``delta`` whe
 
 (:func:`batchnorm.kernels._elementwise.gradient_coefficients`). ``f'`` follows torch's backward
 of each activation at the kink: relu ``z > 0``, leaky_relu 1 or ``a``, elu 1 or
-``a * exp(z)`` (1 for ``z > 0``). Two passes over the data, where batch norm then the activation
+``a * exp(z)`` (1 for ``z > 0``); relu's is exactly 0 on the negative side, also for an infinite
+``dy``. Two passes over the data, where batch norm then the activation
 take four (the activation's forward and backward, then batch norm's two).
 """
 
@@ -36,48 +38,62 @@ from batchnorm.kernels._training import parameter_gradients
 
 
 @setup_helper
-def derivative_constants(parameter, dtype_example):  # type: ignore[no-untyped-def]
-    """``[0, 1, parameter]`` in the compute dtype, so that ``f'`` does not promote to float64."""
-    constants = np.empty(3, dtype_example.dtype)
-    constants[0] = 0.0
-    constants[1] = 1.0
-    constants[2] = parameter
-    return constants
+def derivative_constants(activation, parameter, dtype_example):  # type: ignore[no-untyped-def]
+    """``(exponential, leaky, slope, zero)``: ``f'(z) = 1`` for ``z > 0``, else ``slope *
+    exp(z)`` (elu, read as ``y + slope``), ``slope`` (leaky_relu) or exactly 0 (relu, so that an
+    infinite gradient where the output is 0 gives 0, as torch's); ``slope`` and ``zero`` in the
+    compute dtype."""
+    constants = np.empty(2, dtype_example.dtype)
+    constants[0] = parameter if activation != RELU else 0.0
+    constants[1] = 0.0
+    return activation == ELU, activation == LEAKY_RELU, constants[0], constants[1]
 
 
 @setup_helper
-def derivative(z, activation, constants):  # type: ignore[no-untyped-def]
-    """``f'(z)`` for an activation code (see the module docstring); 1 for none.
-    ``constants``: :func:`derivative_constants`."""
-    if activation == RELU:
-        return constants[1] if z > 0 else constants[0]
-    if activation == LEAKY_RELU:
-        return constants[1] if z > 0 else constants[2]
-    if activation == ELU:
-        return constants[1] if z > 0 else constants[2] * np.exp(z)
-    return constants[1]
+def delta(g, z, y, exponential, leaky, slope, zero):  # type: ignore[no-untyped-def]
+    """``g * f'(z)``, elu's from its output ``y`` (``f'(z) = y + alpha`` for ``z <= 0``: an exp
+    per element would make the pass compute-bound); the flags are the same for a whole kernel
+    call, so the compiler hoists their tests out of the loops."""
+    if exponential:
+        return g if y > 0 else g * (y + slope)
+    if leaky:
+        return g if z > 0 else g * slope
+    return g if z > 0 else zero
 
 
 @helper
 def activated_sums_rows_block(  # type: ignore[no-untyped-def]
-    dy2, x2, mean, high, factor, shift, activation, constants, groups, period, start, stop, sums
+    dy2, x2, y2, mean, coefficients, derivative, groups, period, start, stop, sums
 ):
     """``S_delta``, ``S_delta_c`` of rows ``start:stop`` (channels last) added into ``sums``."""
+    high, factor, shift = coefficients
+    exponential, leaky, slope, zero = derivative
     channels = x2.shape[1]
+    # Per-channel rows, made again only where the group changes (a view per row of a long
+    # loop is what slows these passes).
+    h, f, b, m, u0, u1 = high[0], factor[0], shift[0], mean[0], sums[0, 0], sums[1, 0]
     for o in range(start, stop):
-        g = (o // period) % groups
+        if groups > 1:
+            g = (o // period) % groups
+            h, f, b, m, u0, u1 = high[g], factor[g], shift[g], mean[g], sums[0, g], sums[1, g]
         for c in range(channels):
-            z = (x2[o, c] - high[g, c]) * factor[g, c] + shift[g, c]
-            d = np.float64(dy2[o, c] * derivative(z, activation, constants))
-            sums[0, g, c] += d
-            sums[1, g, c] += d * (np.float64(x2[o, c]) - mean[g, c])
+            v = x2[o, c]
+            d = np.float64(
+                delta(
+                    dy2[o, c], (v - h[c]) * f[c] + b[c], y2[o, c], exponential, leaky, slope, zero
+                )
+            )
+            u0[c] += d
+            u1[c] += d * (np.float64(v) - m[c])
 
 
 @helper
 def activated_sums_planes_block(  # type: ignore[no-untyped-def]
-    dy, x, mean, high, factor, shift, activation, constants, groups, period, start, stop, sums
+    dy, x, y, mean, coefficients, derivative, groups, period, start, stop, sums
 ):
     """``S_delta``, ``S_delta_c`` of rows ``start:stop`` (channel planes) added into ``sums``."""
+    high, factor, shift = coefficients
+    exponential, leaky, slope, zero = derivative
     channels, inner = x.shape[1], x.shape[2]
     for o in range(start, stop):
         g = (o // period) % groups
@@ -86,40 +102,62 @@ def activated_sums_planes_block(  # type: ignore[no-untyped-def]
             h = high[g, c]
             f = factor[g, c]
             b = shift[g, c]
+            row = x[o, c]
+            grad_row = dy[o, c]
+            output_row = y[o, c]
             a0 = 0.0
             a1 = 0.0
             for i in range(inner):
-                z = (x[o, c, i] - h) * f + b
-                d = np.float64(dy[o, c, i] * derivative(z, activation, constants))
+                v = row[i]
+                d = np.float64(
+                    delta(
+                        grad_row[i], (v - h) * f + b, output_row[i], exponential, leaky, slope, zero
+                    )
+                )
                 a0 += d
-                a1 += d * (np.float64(x[o, c, i]) - m)
+                a1 += d * (np.float64(v) - m)
             sums[0, g, c] += a0
             sums[1, g, c] += a1
 
 
 @helper
 def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
-    dy2, x2, weights, has_weights, coefficients, activation, constants, period, start, stop, out2
+    dy2, x2, y2, weights, has_weights, coefficients, derivative, period, start, stop, out2
 ):
     """``dx`` on rows ``start:stop`` (channels last); ``coefficients`` as the kernels make them."""
     high, low, factor, shift, k_dy, mean_dy, k_centred = coefficients
+    exponential, leaky, slope, zero = derivative
     groups, channels = high.shape[0], x2.shape[1]
+    h, lo, f, b, a, m, k = high[0], low[0], factor[0], shift[0], k_dy[0], mean_dy[0], k_centred[0]
     for o in range(start, stop):
-        g = (o // period) % groups
-        w = weights[o, 0] if has_weights else constants[1]
-        for c in range(channels):
-            z = (x2[o, c] - high[g, c]) * factor[g, c] + shift[g, c]
-            d = dy2[o, c] * derivative(z, activation, constants)
-            centred = (x2[o, c] - high[g, c]) - low[g, c]
-            out2[o, c] = k_dy[g, c] * ((d - w * mean_dy[g, c]) - w * k_centred[g, c] * centred)
+        if groups > 1:
+            g = (o // period) % groups
+            h, lo, f, b = high[g], low[g], factor[g], shift[g]
+            a, m, k = k_dy[g], mean_dy[g], k_centred[g]
+        if has_weights:
+            w = weights[o, 0]
+            for c in range(channels):
+                v = x2[o, c]
+                d = delta(
+                    dy2[o, c], (v - h[c]) * f[c] + b[c], y2[o, c], exponential, leaky, slope, zero
+                )
+                out2[o, c] = a[c] * ((d - w * m[c]) - w * k[c] * ((v - h[c]) - lo[c]))
+        else:
+            for c in range(channels):
+                v = x2[o, c]
+                d = delta(
+                    dy2[o, c], (v - h[c]) * f[c] + b[c], y2[o, c], exponential, leaky, slope, zero
+                )
+                out2[o, c] = a[c] * ((d - m[c]) - k[c] * ((v - h[c]) - lo[c]))
 
 
 @helper
 def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
-    dy, x, weights, has_weights, coefficients, activation, constants, period, start, stop, out
+    dy, x, y, weights, has_weights, coefficients, derivative, period, start, stop, out
 ):
     """``dx`` on rows ``start:stop`` (channel planes)."""
     high, low, factor, shift, k_dy, mean_dy, k_centred = coefficients
+    exponential, leaky, slope, zero = derivative
     groups = high.shape[0]
     channels, inner = x.shape[1], x.shape[2]
     for o in range(start, stop):
@@ -134,23 +172,31 @@ def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
             m = mean_dy[g, c]
             row = x[o, c]
             grad_row = dy[o, c]
+            output_row = y[o, c]
             target = out[o, c]
             if has_weights:
                 weight_row = weights[o]
                 for i in range(inner):
                     w = weight_row[i]
-                    d = grad_row[i] * derivative((row[i] - h) * f + b, activation, constants)
-                    target[i] = a * ((d - w * m) - w * k * ((row[i] - h) - lo))
+                    v = row[i]
+                    d = delta(
+                        grad_row[i], (v - h) * f + b, output_row[i], exponential, leaky, slope, zero
+                    )
+                    target[i] = a * ((d - w * m) - w * k * ((v - h) - lo))
             else:
                 for i in range(inner):
-                    d = grad_row[i] * derivative((row[i] - h) * f + b, activation, constants)
-                    target[i] = a * ((d - m) - k * ((row[i] - h) - lo))
+                    v = row[i]
+                    d = delta(
+                        grad_row[i], (v - h) * f + b, output_row[i], exponential, leaky, slope, zero
+                    )
+                    target[i] = a * ((d - m) - k * ((v - h) - lo))
 
 
 @kernel
 def _activated_backward_rows(  # type: ignore[no-untyped-def]
     dy,
     x,
+    y,
     weights,
     has_weights,
     mean,
@@ -169,22 +215,21 @@ def _activated_backward_rows(  # type: ignore[no-untyped-def]
     """:data:`train_backward_activated` for ``inner == 1`` (channels last)."""
     rows, channels, _ = x.shape
     x2 = x.reshape((rows, channels))
+    y2 = y.reshape((rows, channels))
     dy2 = dy.reshape((rows, channels))
     out2 = out.reshape((rows, channels))
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
-    constants = derivative_constants(parameter, x)
+    derivative = derivative_constants(activation, parameter, x)
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
     for block in prange(blocks):
         start, stop = block_rows(rows, blocks, block)
         activated_sums_rows_block(
             dy2,
             x2,
+            y2,
             mean,
-            high,
-            factor,
-            shift,
-            activation,
-            constants,
+            (high, factor, shift),
+            derivative,
             groups,
             period,
             start,
@@ -200,11 +245,11 @@ def _activated_backward_rows(  # type: ignore[no-untyped-def]
         activated_gradient_rows_block(
             dy2,
             x2,
+            y2,
             weights,
             has_weights,
             coefficients,
-            activation,
-            constants,
+            derivative,
             period,
             start,
             stop,
@@ -217,6 +262,7 @@ def _activated_backward_rows(  # type: ignore[no-untyped-def]
 def _activated_backward_planes(  # type: ignore[no-untyped-def]
     dy,
     x,
+    y,
     weights,
     has_weights,
     mean,
@@ -236,23 +282,22 @@ def _activated_backward_planes(  # type: ignore[no-untyped-def]
     ``out = dL/dx``, returns ``(dscale, doffset)`` ``[C]`` float64 (see the module docstring).
 
     ``mean``, ``variance``, ``total``: float64 ``[groups, C]``; ``scale``, ``offset``: ``[C]``;
-    ``activation``, ``parameter``: the code and parameter of the forward's activation.
+    ``activation``, ``parameter``: the code and parameter of the forward's activation; ``y``:
+    the forward's output (read for elu only; any array shaped like ``x`` otherwise).
     """
     rows, channels, _ = x.shape
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
-    constants = derivative_constants(parameter, x)
+    derivative = derivative_constants(activation, parameter, x)
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
     for block in prange(blocks):
         start, stop = block_rows(rows, blocks, block)
         activated_sums_planes_block(
             dy,
             x,
+            y,
             mean,
-            high,
-            factor,
-            shift,
-            activation,
-            constants,
+            (high, factor, shift),
+            derivative,
             groups,
             period,
             start,
@@ -268,11 +313,11 @@ def _activated_backward_planes(  # type: ignore[no-untyped-def]
         activated_gradient_planes_block(
             dy,
             x,
+            y,
             weights,
             has_weights,
             coefficients,
-            activation,
-            constants,
+            derivative,
             period,
             start,
             stop,
