@@ -21,6 +21,7 @@ from batchnorm.functional._moments import moments
 from batchnorm.functional._moving_average import moving_average_update
 from batchnorm.functional._native import NATIVE, NativeBackend
 from batchnorm.functional._normalization import batch_normalization
+from batchnorm.functional._output_memory import release_output_memory
 from batchnorm.functional._renorm import RenormCorrection, renorm_correction
 from batchnorm.functional._torch_ops import TORCH_OPS, TorchOpsBackend
 
@@ -46,5 +47,6 @@ __all__ = [
     "moments",
     "moving_average_update",
     "register_backend",
+    "release_output_memory",
     "renorm_correction",
 ]

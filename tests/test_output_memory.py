@@ -1,0 +1,124 @@
+"""Output memory reuse of the CPU kernels (batchnorm.functional._output_memory): an output's
+memory is handed out again only once nothing refers to it, and what is kept is bounded."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import BatchNormalization
+from batchnorm.functional import _output_memory as output_memory
+from batchnorm.functional import release_output_memory
+
+LARGE = (64, 16, 32, 32)  # 4 MiB of float32: above the size that is kept
+
+
+@pytest.fixture
+def layer() -> BatchNormalization:
+    torch.manual_seed(0)
+    return BatchNormalization(16, axis=1, beta_initializer="random_normal")
+
+
+def test_memory_of_a_dropped_output_is_reused(layer: BatchNormalization) -> None:
+    x = torch.randn(LARGE)
+    first = layer(x, training=False)
+    pointer = first.data_ptr()
+    del first
+    gc.collect()
+    assert layer(x, training=False).data_ptr() == pointer
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [
+        lambda y: y,
+        lambda y: y.view(-1)[7:],
+        lambda y: y.numpy(),
+        lambda y: y[:, 3],
+        lambda y: torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(y)),
+    ],
+    ids=["tensor", "view", "numpy", "slice", "dlpack"],
+)
+def test_memory_still_referenced_is_never_handed_out(layer: BatchNormalization, keep) -> None:  # type: ignore[no-untyped-def]
+    x = torch.randn(LARGE)
+    with torch.no_grad():
+        y = layer(x, training=False)
+    expected = y.clone()
+    kept = keep(y)
+    del y
+    gc.collect()
+    for _ in range(3):
+        with torch.no_grad():
+            other = layer(torch.randn(LARGE) * 5 + 3, training=False)
+        assert other.data_ptr() != expected.data_ptr()
+        del other
+    again = torch.as_tensor(kept)
+    assert torch.equal(again, keep(expected) if not isinstance(kept, np.ndarray) else expected)
+
+
+def test_outputs_saved_for_backward_survive_later_calls(layer: BatchNormalization) -> None:
+    x1 = torch.randn(LARGE, requires_grad=True)
+    x2 = torch.randn(LARGE, requires_grad=True)
+    reference = BatchNormalization(16, axis=1)
+    reference.load_state_dict(layer.state_dict())
+    # The squares keep the layer's outputs for their backward while the second call runs.
+    loss = layer(x1, training=True).square().sum() + layer(x2, training=True).square().sum()
+    loss.backward()  # type: ignore[no-untyped-call]
+    with torch.no_grad():
+        expected = sum(
+            reference(x, training=True).square().sum() for x in (x1.detach(), x2.detach())
+        )
+    torch.testing.assert_close(loss.detach(), expected)
+    a = x1.detach().clone().requires_grad_()
+    reference(a, training=True).square().sum().backward()  # type: ignore[no-untyped-call]
+    assert x1.grad is not None and a.grad is not None
+    # The first call's gradient: layer's moving statistics differ, its batch statistics do not.
+    torch.testing.assert_close(x1.grad, a.grad)
+
+
+def test_small_outputs_and_a_zero_limit_keep_nothing(
+    layer: BatchNormalization, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release_output_memory()
+    before = output_memory.kept_bytes()
+    layer(torch.randn(4, 16, 3, 3), training=False)
+    assert output_memory.kept_bytes() == before
+    monkeypatch.setitem(output_memory._state, "limit", 0)
+    layer(torch.randn(LARGE), training=False)
+    assert output_memory.kept_bytes() == before
+
+
+def test_the_limit_bounds_what_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    release_output_memory()
+    size = 1 << 20
+    monkeypatch.setitem(output_memory._state, "limit", 3 * size)
+    held = [output_memory.empty((size // 4,), np.float32) for _ in range(5)]
+    assert output_memory.kept_bytes() <= 3 * size
+    assert len({a.ctypes.data for a in held}) == 5  # all in use: five distinct arrays
+    del held
+    # Unused arrays of another shape are given back to make room.
+    fresh = output_memory.empty((size // 2,), np.float32)
+    assert output_memory.kept_bytes() <= 3 * size
+    del fresh
+    assert release_output_memory() == 0
+    assert output_memory.kept_bytes() == 0
+
+
+def test_release_reports_memory_in_use(layer: BatchNormalization) -> None:
+    release_output_memory()
+    y = layer(torch.randn(LARGE), training=False)
+    assert release_output_memory() == y.numel() * y.element_size()
+    del y
+    gc.collect()
+    assert release_output_memory() == 0
+
+
+def test_a_bad_environment_value_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHNORM_OUTPUT_MEMORY_MB", "lots")
+    with pytest.raises(ValueError, match=r"BATCHNORM_OUTPUT_MEMORY_MB.*'lots'"):
+        output_memory._limit_from_environment()
+    monkeypatch.setenv("BATCHNORM_OUTPUT_MEMORY_MB", "1.5")
+    assert output_memory._limit_from_environment() == int(1.5 * (1 << 20))
