@@ -8,6 +8,10 @@ PyTorch's conventions mapped to this layer's:
 - ``running_var`` is the unbiased variance: ``moving_variance_estimator="unbiased"``;
 - channels at dim 1: ``axis=1``; ``eps`` is ``epsilon``; ``affine`` is ``center`` and ``scale``;
 - ``track_running_stats=False`` (batch statistics always) is ``use_global_stats=False``.
+
+timm's and inplace_abn's batch norms with an activation convert the same way, their activation
+becoming the layer's (:mod:`batchnorm.interop._activation_conversion`); a layer's activation
+becomes a torch module after torch's batch norm.
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from batchnorm.interop._activation_conversion import (
+    ActivatedBatchNorm,
+    describe,
+    holds_unknown_activation,
+    is_activated_batch_norm,
+    torch_activation,
+)
 from batchnorm.layers import BatchNormalization
 
 _TORCH_CLASSES: dict[int, tuple[type[_BatchNorm], type[_BatchNorm]]] = {
@@ -44,39 +55,92 @@ def from_torch(module: nn.Module) -> BatchNormalization:
     float64 stays float64, other dtypes become float32 parameters), ``requires_grad`` and the
     train/eval mode are kept.
 
+    Also takes batch norms fused with an activation, recognised by class name and attributes:
+
+    - timm's ``BatchNormAct2d`` / ``SyncBatchNormAct``, ``act(drop(batch_norm(x)))``, when
+      ``drop`` is Identity and ``act`` is exactly torch.nn.ReLU, LeakyReLU, ELU (alpha > 0) or
+      Identity: ``activation="relu"``, ``"leaky_relu"`` (``activation_param=negative_slope``),
+      ``"elu"`` (``activation_param=alpha``) or none. Any other ``act`` (SiLU, GELU, a subclass)
+      or ``drop`` raises ValueError: one layer cannot compute it, :func:`convert` keeps it as a
+      module after the layer.
+    - inplace_abn's ``ABN`` (``activation`` and ``activation_param`` as given),
+      ``InPlaceABN`` (also ``memory="in_place"``) and ``InPlaceABNSync`` (``synchronized=True``
+      over its ``group``, ``memory="default"``: the layer does not train in place when
+      synchronized; same numbers). InPlaceABN and InPlaceABNSync scale by ``|weight| + eps``:
+      gamma is that value (outputs, input gradients and statistics equal; gamma's gradient is
+      ``sign(weight)`` times weight's). Raises ValueError for an InPlaceABN with "relu" (its
+      own forward raises) or leaky_relu with a slope <= 0 (not invertible).
+
+    A torch batch-norm subclass with an ``act`` module of another class raises ValueError (its
+    forward is unknown; converting it as a plain batch norm would drop the activation).
+
     Example:
         >>> layer = from_torch(torch.nn.BatchNorm2d(16))
         >>> (layer.axis, layer.momentum, layer.epsilon)
         (1, 0.9, 1e-05)
     """
+    activated = _activated(module)
+    if activated is not None and activated.following:
+        kept = ", ".join(type(m).__name__ for m in activated.following)
+        raise ValueError(
+            f"from_torch returns one layer, which cannot compute the {kept} of this "
+            f"{activated.source}: `batchnorm.convert(module)` keeps them as modules after the "
+            f"layer (nn.Sequential). Received: {module!r}"
+        )
+    return _layer_from(module, activated)
+
+
+def _activated(module: nn.Module) -> ActivatedBatchNorm | None:
+    """How ``module``'s activation converts; None for torch's own batch norms."""
+    if is_activated_batch_norm(module):
+        return describe(module)
+    if holds_unknown_activation(module):
+        raise ValueError(
+            f"{type(module).__name__} is a torch batch norm with an `act` module but not a "
+            "known batch norm with an activation (timm's BatchNormAct2d, SyncBatchNormAct): "
+            "its forward is unknown, and converting it as a plain batch norm would drop `act`. "
+            f"Received: {module!r}"
+        )
     if not isinstance(module, _BatchNorm):
         raise TypeError(
-            "`module` must be a torch.nn.BatchNorm1d/2d/3d, LazyBatchNorm or SyncBatchNorm. "
-            f"Received: {type(module).__name__}"
+            "`module` must be a torch.nn.BatchNorm1d/2d/3d, LazyBatchNorm, SyncBatchNorm, "
+            "timm BatchNormAct2d / SyncBatchNormAct or inplace_abn ABN / InPlaceABN / "
+            f"InPlaceABNSync. Received: {type(module).__name__}"
         )
-    lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()  # type: ignore[no-untyped-call]
+    return None
+
+
+def _layer_from(module: Any, activated: ActivatedBatchNorm | None) -> BatchNormalization:
+    """The layer for a torch batch norm or an inplace_abn one (the same attributes)."""
+    lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()  # type: ignore[no-untyped-call, misc]
     present = [] if lazy else [t for t in (module.weight, module.running_mean) if t is not None]
     reference = present[0] if present else None
     dtype = "float64" if reference is not None and reference.dtype == torch.float64 else None
     device = reference.device if reference is not None else None
     cumulative = module.momentum is None
+    options: dict[str, Any] = {
+        "synchronized": isinstance(module, nn.SyncBatchNorm),
+        "process_group": getattr(module, "process_group", None),
+    }
+    options.update(activated.layer_options if activated is not None else {})
     layer = BatchNormalization(
         None if lazy else module.num_features,
         axis=1,
-        momentum=1.0 if cumulative else _complement(float(module.momentum)),  # type: ignore[arg-type]
+        momentum=1.0 if cumulative else _complement(float(module.momentum)),
         epsilon=float(module.eps),
         center=module.affine,
         scale=module.affine,
         moving_variance_estimator="unbiased",
         moving_average="debiased" if cumulative else "ema",
         use_global_stats=None if module.track_running_stats else False,
-        synchronized=isinstance(module, nn.SyncBatchNorm),
-        process_group=getattr(module, "process_group", None),
         dtype=dtype,
         device=device,
+        **options,
     )
     if not lazy:
         _copy_state(module, layer, to_layer=True)
+        if activated is not None:
+            activated.finish(module, layer)
     layer.train(module.training)
     return layer
 
@@ -89,7 +153,7 @@ _NAME_PAIRS = (
 )
 
 
-def _copy_state(module: _BatchNorm, layer: BatchNormalization, *, to_layer: bool) -> None:
+def _copy_state(module: nn.Module, layer: BatchNormalization, *, to_layer: bool) -> None:
     """Copy parameters, buffers and ``requires_grad`` between the two, in either direction."""
     names = list(_NAME_PAIRS)
     if layer.moving_average == "debiased":
@@ -159,13 +223,29 @@ def to_torch(layer: BatchNormalization, *, dims: int | None = None) -> _BatchNor
     constraints, biased moving variance, debiased averaging with momentum != 1,
     use_global_stats=True, trainable=False, channel axes other than dim 1).
     ``use_global_stats=False`` becomes ``track_running_stats=False``: the outputs are the same,
-    the moving statistics (unused by the outputs) are dropped.
+    the moving statistics (unused by the outputs) are dropped. A layer with an activation other
+    than "identity" raises too: :func:`convert` gives the batch norm followed by the activation
+    module. ``memory="in_place"`` gives torch's ordinary batch norm (same numbers, the input is
+    not overwritten).
     """
     if not isinstance(layer, BatchNormalization):
         raise TypeError(
             f"`layer` must be a batchnorm.BatchNormalization. Received: {type(layer).__name__}"
         )
     reasons = torch_incompatibilities(layer)
+    activation = torch_activation(layer)
+    if activation is not None:
+        reasons.append(
+            f"activation={layer.activation!r} (to_torch gives the batch norm alone; "
+            f"`batchnorm.convert(layer, to='torch')` gives it followed by {activation})"
+        )
+    return _torch_batch_norm(layer, dims, reasons)
+
+
+def _torch_batch_norm(
+    layer: BatchNormalization, dims: int | None, reasons: list[str]
+) -> _BatchNorm:
+    """The torch batch norm of ``layer`` (without its activation); ValueError for ``reasons``."""
     if reasons:
         raise ValueError(
             f"torch.nn.BatchNorm cannot express layer {layer.name}: " + "; ".join(reasons) + "."
@@ -211,28 +291,53 @@ def to_torch(layer: BatchNormalization, *, dims: int | None = None) -> _BatchNor
 def convert(model: nn.Module, to: Literal["batchnorm", "torch"] = "batchnorm") -> nn.Module:
     """Swap every batch norm in ``model`` in place and return ``model``; outputs are unchanged.
 
-    ``to="batchnorm"`` replaces torch.nn.BatchNorm* modules with :class:`BatchNormalization`
-    (:func:`from_torch`); ``to="torch"`` does the reverse (:func:`to_torch`, which raises for layers
-    torch cannot express, before anything is replaced). A batch norm passed as ``model`` itself is
-    returned converted (a module cannot replace itself in place).
+    ``to="batchnorm"`` replaces torch.nn.BatchNorm* modules, timm's BatchNormAct2d /
+    SyncBatchNormAct and inplace_abn's ABN / InPlaceABN / InPlaceABNSync with
+    :class:`BatchNormalization` (:func:`from_torch`, which sets the activation). A timm module
+    whose ``act`` the layer cannot compute (SiLU, GELU, ...) or whose ``drop`` is not Identity
+    becomes ``nn.Sequential(layer, drop, act)`` (Identity left out; the same ``drop`` and ``act``
+    modules, so outputs and random draws are unchanged). ``to="torch"`` does the reverse
+    (:func:`to_torch`); a layer with an activation becomes ``nn.Sequential(batch_norm,
+    activation)`` (torch.nn.ReLU, LeakyReLU or ELU). Modules are not turned back into timm's
+    or inplace_abn's classes. Anything that cannot be converted raises (see :func:`from_torch`
+    and :func:`to_torch`) before anything is replaced. A batch norm passed as ``model`` itself
+    is returned converted (a module cannot replace itself in place).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        >>> model = convert(model)  # model[1] is a BatchNormalization
     """
     if to not in ("batchnorm", "torch"):
         raise ValueError(f"`to` must be 'batchnorm' or 'torch'. Received: to={to!r}")
-    source_type: type[nn.Module] = _BatchNorm if to == "batchnorm" else BatchNormalization
+
+    def is_source(module: nn.Module) -> bool:
+        if to == "batchnorm":
+            return isinstance(module, _BatchNorm) or is_activated_batch_norm(module)
+        return isinstance(module, BatchNormalization)
 
     def converted(module: nn.Module) -> nn.Module:
         if to == "batchnorm":
-            return from_torch(module)
+            activated = _activated(module)
+            layer = _layer_from(module, activated)
+            if activated is None or not activated.following:
+                return layer
+            chain = nn.Sequential(layer, *activated.following)
+            chain.training = module.training  # the kept modules keep their own modes
+            return chain
         assert isinstance(module, BatchNormalization)
-        return to_torch(module)
+        batch_norm = _torch_batch_norm(module, None, torch_incompatibilities(module))
+        activation = torch_activation(module)
+        if activation is None:
+            return batch_norm
+        return nn.Sequential(batch_norm, activation).train(module.training)
 
-    if isinstance(model, source_type):
+    if is_source(model):
         return converted(model)
     replacements = [
         (parent, name, converted(child))
         for parent in model.modules()
         for name, child in parent.named_children()
-        if isinstance(child, source_type)
+        if is_source(child)
     ]
     for parent, name, replacement in replacements:
         setattr(parent, name, replacement)
