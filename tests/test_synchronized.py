@@ -304,6 +304,17 @@ def test_convert_sync_keeps_torch_numerics_without_group():
     torch.testing.assert_close(converted.moving_mean, reference.running_mean)
 
 
+def test_convert_sync_trains_an_in_place_layer_without_overwriting_its_input():
+    in_place = BatchNormalization(3, axis=1, activation="leaky_relu", memory="in_place")
+    reference = BatchNormalization(3, axis=1, activation="leaky_relu")
+    converted = batchnorm.convert_sync(in_place)
+    assert converted.synchronized and converted.memory == "default"
+    x = torch.randn(4, 3, 5, 5)
+    given = x.clone()
+    torch.testing.assert_close(converted(x, training=True), reference(x, training=True))
+    assert torch.equal(x, given)
+
+
 def test_convert_sync_errors():
     with pytest.raises(
         TypeError, match=r"`process_group` must be a torch.distributed.ProcessGroup"

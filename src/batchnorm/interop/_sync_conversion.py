@@ -21,7 +21,9 @@ def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
     ``momentum=None`` as ``moving_average="debiased"``, ``track_running_stats=False`` as
     ``use_global_stats=False``). Then every :class:`BatchNormalization` is switched in place to
     ``synchronized=True`` (same parameters and buffers; a layer that resolved to tf-keras' fused
-    path keeps storing the Bessel-corrected variance). State-dict keys become ours (``gamma``,
+    path keeps storing the Bessel-corrected variance; an in-place layer, e.g. a converted
+    ``InPlaceABN``, trains with ``memory="default"``, since in-place training does not
+    synchronize: same numbers, its input no longer overwritten). State-dict keys become ours (``gamma``,
     ``beta``, ``moving_mean``, ``moving_variance``).
 
     Args:
@@ -44,6 +46,7 @@ def _synchronize_in_place(layer: BatchNormalization, process_group: Any) -> None
     if layer.moving_variance_estimator == "auto" and layer.fused:
         layer.moving_variance_estimator = "unbiased"
     layer.synchronized, layer.process_group = True, process_group
+    layer.memory = "default"
     layer.fused = False
     if layer._fused_argument:
         layer._fused_argument = False
