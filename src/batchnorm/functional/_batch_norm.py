@@ -16,7 +16,7 @@ from batchnorm.functional._activation import (
     activate,
     check_activation,
 )
-from batchnorm.functional._backend import Moments
+from batchnorm.functional._backend import BatchNormBackend, Moments
 from batchnorm.functional._dispatch import backend_for, composed_backend
 from batchnorm.functional._in_place import (
     InPlaceNormalizeActivate,
@@ -403,7 +403,7 @@ def batch_norm_step(
     in_place = options.in_place
     if in_place:
         # A converted copy of x (another dtype) is overwritten instead of x itself.
-        _check_in_place_call(x_given, scale, options, training)
+        _check_in_place_call(x_given, axes, scale, options, training)
     if in_place and not empty:
         moments = backend.batch_moments(x.detach(), axes, weights, ghost_batches)
     elif group is not None:
@@ -442,6 +442,7 @@ def batch_norm_step(
         scale, offset = _compose(correction.r, correction.d, scale, offset)
     if in_place and not empty:
         y_train = _normalize_in_place(
+            backend,
             x,
             axes,
             moments,
@@ -473,6 +474,7 @@ def batch_norm_step(
 
 def _check_in_place_call(
     x_given: torch.Tensor,
+    axes: tuple[int, ...],
     scale: torch.Tensor | None,
     options: BatchNormOptions,
     training: bool | torch.Tensor,
@@ -484,7 +486,9 @@ def _check_in_place_call(
             "branches, which both read x). Received: training as a tensor"
         )
     check_in_place_settings(options.activation, options.synchronized)
-    if scale is not None and scale.ndim > 1 and scale.shape[0] != 1:
+    channel_shape = tuple(x_given.shape[a] for a in axes)
+    if scale is not None and tuple(scale.shape) != channel_shape:
+        # The per-channel path has reshaped per-channel adjustments to the channel shape.
         raise ValueError(
             "memory='in_place' needs an adjustment that is constant within each channel. "
             "Received: an adjustment that varies inside a channel"
@@ -493,6 +497,7 @@ def _check_in_place_call(
 
 
 def _normalize_in_place(
+    backend: BatchNormBackend,
     x: torch.Tensor,
     axes: tuple[int, ...],
     moments: Moments,
@@ -503,13 +508,22 @@ def _normalize_in_place(
     ghost_batches: int,
     activation: Activation | None,
 ) -> torch.Tensor:
-    """The training output written over ``x`` (see :mod:`batchnorm.functional._in_place`)."""
+    """The training output written over ``x`` (see :mod:`batchnorm.functional._in_place`): by
+    the backend's ``normalize_in_place`` where it has one that takes x (the CPU kernels), else
+    by torch ops."""
+    own = getattr(backend, "normalize_in_place", None)
+    if own is not None:
+        y: torch.Tensor | None = own(
+            x, axes, moments, scale, offset, epsilon, weights, ghost_batches, activation
+        )
+        if y is not None:
+            return y
     # Ghost batch j holds samples {j, j + G, ...}, grouped as the composed ops group them.
     grouped, reduce_dims, statistic_view = TorchOpsBackend._grouped(x, axes, ghost_batches)
     parameter_view = statistic_view if ghost_batches == 1 else [1, 1, *statistic_view[2:]]
     if weights is not None and ghost_batches > 1:
         weights = weights.reshape(-1, ghost_batches, *weights.shape[1:])
-    y = InPlaceNormalizeActivate.apply(  # type: ignore[no-untyped-call]
+    grouped_y = InPlaceNormalizeActivate.apply(  # type: ignore[no-untyped-call]
         grouped,
         None if scale is None else scale.reshape(parameter_view),
         None if offset is None else offset.reshape(parameter_view),
@@ -520,7 +534,7 @@ def _normalize_in_place(
         activation,
         reduce_dims,
     )
-    return y.reshape(x.shape)  # type: ignore[no-any-return]
+    return grouped_y.reshape(x.shape)  # type: ignore[no-any-return]
 
 
 def check_ghost_batches(

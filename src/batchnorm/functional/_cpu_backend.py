@@ -23,6 +23,7 @@ import torch
 
 from batchnorm.functional._activation import Activation, activate
 from batchnorm.functional._backend import Moments
+from batchnorm.functional._cpu_in_place import normalize_in_place_kernels
 from batchnorm.functional._cpu_operations import (
     SUPPORTED_DTYPES,
     TrainStep,
@@ -350,6 +351,24 @@ class NumbaCpuBackend:
             y: torch.Tensor = TrainInPlace.apply(x, scale, offset, step)  # type: ignore[no-untyped-call]
             return y
         return train_in_place_impl(x, scale, offset, step)[0]
+
+    def normalize_in_place(
+        self,
+        x: torch.Tensor,
+        axes: tuple[int, ...],
+        moments: Moments,
+        scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        epsilon: float,
+        weights: torch.Tensor | None,
+        ghost_batches: int,
+        activation: Activation | None,
+    ) -> torch.Tensor | None:
+        """``memory="in_place"`` training on the kernels
+        (:mod:`batchnorm.functional._cpu_in_place`); None where they cannot write into x."""
+        return normalize_in_place_kernels(
+            x, axes, moments, scale, offset, epsilon, weights, ghost_batches, activation
+        )
 
     def normalize(
         self,

@@ -45,6 +45,7 @@ class CpuPlan:
         "blocks",
         "dtype",
         "gradient_sums",
+        "in_place_backward",
         "input_gradient",
         "inverse",
         "layout",
@@ -76,6 +77,7 @@ class CpuPlan:
         self.train_forward = pick(kernels.train_forward)
         self.train_backward = pick(kernels.train_backward)
         self.train_backward_activated = pick(kernels.train_backward_activated)
+        self.in_place_backward = pick(kernels.in_place_backward)
 
     def parallel(self) -> bool:
         """Whether to call the threaded builds: more than one block and more than one thread."""

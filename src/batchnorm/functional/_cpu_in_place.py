@@ -1,0 +1,166 @@
+"""In-place training (``memory="in_place"``) on the CPU kernels.
+
+The forward is the kernels' normalising pass (with the activation) written over ``x`` itself; the
+backward reads only that output and its gradient
+(:mod:`batchnorm.kernels._in_place_backward`): two passes, against the torch-op version's dozen
+element-wise operations in float64 (:class:`batchnorm.functional._in_place.InPlaceNormalizeActivate`,
+which the other devices, ``torch.compile`` and the inputs the kernels cannot view take).
+Same formulas and the same refusals (checked by the caller).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from batchnorm.functional._activation import Activation
+from batchnorm.functional._backend import Moments
+from batchnorm.functional._cpu_operations import (
+    _canonical_gradient,
+    _to_canonical,
+    activation_code,
+)
+from batchnorm.functional._cpu_plan import KERNEL_DTYPES, Prepared, prepare
+
+
+class InPlacePass(NamedTuple):
+    """What the in-place forward leaves for its backward (the output is the saved x)."""
+
+    prepared: Prepared
+    variance: np.ndarray  # [groups, C] float64
+    total_weight: np.ndarray
+    scale: np.ndarray  # [C], every value nonzero
+    offset: np.ndarray
+    activation: Activation | None
+    epsilon: float
+    ghost_batches: int
+
+
+def normalize_in_place_kernels(
+    x: torch.Tensor,
+    axes: tuple[int, ...],
+    moments: Moments,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    epsilon: float,
+    weights: torch.Tensor | None,
+    ghost_batches: int,
+    activation: Activation | None,
+) -> torch.Tensor | None:
+    """``f(batch norm of x)`` written over ``x``; None (nothing done) where the kernels cannot
+    write into x's own memory (another dtype, a layout that needs a copy, tracing)."""
+    if (
+        x.dtype not in KERNEL_DTYPES
+        or x.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or any(t is not None and t.dtype != x.dtype for t in (scale, offset))
+        or any(t is not None and t.ndim != len(axes) for t in (scale, offset))
+    ):
+        return None
+    prepared = prepare(x, list(axes), weights, ghost_batches > 1)
+    if prepared.layout.copied:
+        return None
+    layout = prepared.layout
+    in_place_pass = InPlacePass(
+        prepared,
+        _to_canonical(moments.variance.detach(), layout, 1.0, ghost_batches),
+        _to_canonical(moments.total_weight.detach(), layout, 0.0, ghost_batches),
+        _to_canonical(scale, layout, 1.0),
+        _to_canonical(offset, layout, 0.0),
+        activation,
+        epsilon,
+        ghost_batches,
+    )
+    mean = _to_canonical(moments.mean.detach(), layout, 0.0, ghost_batches)
+    y: torch.Tensor = _InPlaceKernels.apply(x, scale, offset, mean, in_place_pass)  # type: ignore[no-untyped-call]
+    return y
+
+
+class _InPlaceKernels(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        mean: np.ndarray,
+        in_place_pass: InPlacePass,
+    ) -> torch.Tensor:
+        prepared = in_place_pass.prepared
+        plan = prepared.plan
+        normalize = prepared.compiled(plan.affine_normalize)
+        normalize(
+            prepared.x3,
+            mean,
+            in_place_pass.variance,
+            in_place_pass.scale,
+            in_place_pass.offset,
+            in_place_pass.epsilon,
+            in_place_pass.ghost_batches,
+            plan.layout.period,
+            plan.blocks,
+            prepared.x3,  # elementwise: each value is read before it is written
+            *activation_code(in_place_pass.activation),
+        )
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x, scale, offset)
+        ctx.in_place_pass = in_place_pass
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        y, scale, offset = ctx.saved_tensors  # checks that y was not modified since
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "memory='in_place' has no double backward (create_graph=True): its backward "
+                "works from the output alone. Use memory='default'."
+            )
+        in_place_pass: InPlacePass = ctx.in_place_pass
+        prepared = in_place_pass.prepared
+        plan = prepared.plan
+        y3 = plan.canonical(y.detach().numpy())
+        dy3 = _canonical_gradient(grad, prepared)
+        dx, dx3 = plan.fresh()
+        code, parameter = activation_code(in_place_pass.activation)
+        floor = math.log(float(np.finfo(y3.dtype).eps) / 2)
+        backward = prepared.compiled(plan.in_place_backward)
+        dscale, doffset = backward(
+            dy3,
+            y3,
+            prepared.weights,
+            prepared.has_weights,
+            in_place_pass.variance,
+            in_place_pass.total_weight,
+            in_place_pass.scale,
+            in_place_pass.offset,
+            in_place_pass.epsilon,
+            code,
+            parameter if code else 1.0,
+            floor,
+            in_place_pass.ghost_batches,
+            plan.layout.period,
+            plan.blocks,
+            dx3,
+        )
+        return (
+            dx,
+            None if scale is None else _parameter_gradient(dscale, scale, prepared),
+            None if offset is None else _parameter_gradient(doffset, offset, prepared),
+            None,
+            None,
+        )
+
+
+def _parameter_gradient(
+    gradient: np.ndarray, parameter: torch.Tensor, prepared: Prepared
+) -> torch.Tensor:
+    """A ``[C]`` float64 gradient in memory order as a tensor shaped like ``parameter``."""
+    layout = prepared.layout
+    channel_shape = tuple(parameter.shape)
+    return layout.channels_from_canonical(torch.from_numpy(gradient), channel_shape).to(
+        parameter.dtype
+    )

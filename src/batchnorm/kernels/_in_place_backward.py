@@ -1,0 +1,286 @@
+"""The backward of in-place training (InPlace-ABN) from the output alone, in one kernel call.
+
+The forward wrote ``y = f(z)``, ``z = gamma * x_hat + beta``, over its input. With ``f``
+invertible (identity, leaky_relu with slope ``a > 0``, elu with ``alpha > 0``) each element gives
+back
+
+.. math::
+    z = f^{-1}(y), \\quad \\hat x = (z - \\beta) / \\gamma, \\quad \\delta = dy\\, f'(z)
+
+(leaky_relu: ``z = y / a``, ``f' = a`` where ``y <= 0``; elu: ``z = log1p(y / alpha)``,
+``f' = y + alpha``; identity: ``a = 1``), and, per ghost batch and channel, with ``w`` the mask
+weight of a position, ``W`` their sum and ``s = gamma / sqrt(var + epsilon)``:
+
+.. math::
+    S_0 = \\sum \\delta, \\quad S_1 = \\sum \\delta \\hat x, \\quad
+    dx = s \\big(\\delta - w S_0 / W - w \\hat x S_1 / W\\big), \\quad
+    d\\gamma = \\sum_g S_1, \\quad d\\beta = \\sum_g S_0.
+
+Two passes, sums in float64, as :data:`batchnorm.kernels.train_backward`. elu's inverse is -inf
+where ``y`` rounded to ``-alpha``; there ``f' = 0`` and ``z`` is clamped to ``floor`` (see
+:func:`batchnorm.functional._activation.invert`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from batchnorm.kernels._elementwise import ELU
+from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, setup_helper
+from batchnorm.kernels._statistics import sum_blocks
+
+
+@setup_helper
+def recovered(y, g, exponential, slope, inverse_slope, floor):  # type: ignore[no-untyped-def]
+    """``(z, delta)`` from the output ``y`` and its gradient ``g`` (see the module docstring)."""
+    if y > 0:
+        return y, g
+    if exponential:
+        return max(np.log1p(y * inverse_slope), floor), g * (y + slope)
+    return y * inverse_slope, g * slope
+
+
+@setup_helper
+def inverse_constants(activation, parameter, floor, dtype_example):  # type: ignore[no-untyped-def]
+    """``(exponential, slope, 1 / slope, floor)`` in the compute dtype (identity: slope 1)."""
+    constants = np.empty(3, dtype_example.dtype)
+    constants[0] = parameter
+    constants[1] = 1.0 / parameter
+    constants[2] = floor
+    return activation == ELU, constants[0], constants[1], constants[2]
+
+
+@setup_helper
+def channel_coefficients(scale, offset, dtype_example):  # type: ignore[no-untyped-def]
+    """``(1 / gamma, beta)`` per channel in the compute dtype."""
+    channels = scale.shape[0]
+    reciprocal = np.empty(channels, dtype_example.dtype)
+    shift = np.empty(channels, dtype_example.dtype)
+    for c in range(channels):
+        reciprocal[c] = 1.0 / np.float64(scale[c])
+        shift[c] = offset[c]
+    return reciprocal, shift
+
+
+@setup_helper
+def gradient_factors(variance, total, scale, sums, epsilon, dtype_example):  # type: ignore[no-untyped-def]
+    """``(s, S_0 / W, S_1 / W)`` per group and channel in the compute dtype."""
+    groups, channels = variance.shape
+    factor = np.empty((groups, channels), dtype_example.dtype)
+    mean_delta = np.empty((groups, channels), dtype_example.dtype)
+    mean_product = np.empty((groups, channels), dtype_example.dtype)
+    for g in range(groups):
+        for c in range(channels):
+            per_weight = 1.0 / total[g, c] if total[g, c] > 0 else 0.0
+            factor[g, c] = np.float64(scale[c]) / np.sqrt(variance[g, c] + epsilon)
+            mean_delta[g, c] = sums[0, g, c] * per_weight
+            mean_product[g, c] = sums[1, g, c] * per_weight
+    return factor, mean_delta, mean_product
+
+
+@helper
+def sums_rows_block(dy2, y2, channel, inverse, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
+    """``S_0``, ``S_1`` of rows ``start:stop`` (channels last) added into ``sums``."""
+    reciprocal, shift = channel
+    exponential, slope, inverse_slope, floor = inverse
+    channels = y2.shape[1]
+    u0, u1 = sums[0, 0], sums[1, 0]
+    for o in range(start, stop):
+        if groups > 1:
+            g = (o // period) % groups
+            u0, u1 = sums[0, g], sums[1, g]
+        for c in range(channels):
+            z, d = recovered(y2[o, c], dy2[o, c], exponential, slope, inverse_slope, floor)
+            d64 = np.float64(d)
+            u0[c] += d64
+            u1[c] += d64 * np.float64((z - shift[c]) * reciprocal[c])
+
+
+@helper
+def sums_planes_block(dy, y, channel, inverse, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
+    """``S_0``, ``S_1`` of rows ``start:stop`` (channel planes) added into ``sums``."""
+    reciprocal, shift = channel
+    exponential, slope, inverse_slope, floor = inverse
+    channels, inner = y.shape[1], y.shape[2]
+    for o in range(start, stop):
+        g = (o // period) % groups
+        for c in range(channels):
+            r = reciprocal[c]
+            b = shift[c]
+            output_row = y[o, c]
+            grad_row = dy[o, c]
+            a0 = 0.0
+            a1 = 0.0
+            for i in range(inner):
+                z, d = recovered(
+                    output_row[i], grad_row[i], exponential, slope, inverse_slope, floor
+                )
+                d64 = np.float64(d)
+                a0 += d64
+                a1 += d64 * np.float64((z - b) * r)
+            sums[0, g, c] += a0
+            sums[1, g, c] += a1
+
+
+@helper
+def gradient_rows_block(  # type: ignore[no-untyped-def]
+    dy2, y2, weights, has_weights, channel, inverse, factors, period, start, stop, out2
+):
+    """``dx`` on rows ``start:stop`` (channels last)."""
+    reciprocal, shift = channel
+    exponential, slope, inverse_slope, floor = inverse
+    factor, mean_delta, mean_product = factors
+    groups, channels = factor.shape[0], y2.shape[1]
+    s, m0, m1 = factor[0], mean_delta[0], mean_product[0]
+    for o in range(start, stop):
+        if groups > 1:
+            g = (o // period) % groups
+            s, m0, m1 = factor[g], mean_delta[g], mean_product[g]
+        if has_weights:
+            w = weights[o, 0]
+            for c in range(channels):
+                z, d = recovered(y2[o, c], dy2[o, c], exponential, slope, inverse_slope, floor)
+                x_hat = (z - shift[c]) * reciprocal[c]
+                out2[o, c] = s[c] * ((d - w * m0[c]) - w * x_hat * m1[c])
+        else:
+            for c in range(channels):
+                z, d = recovered(y2[o, c], dy2[o, c], exponential, slope, inverse_slope, floor)
+                x_hat = (z - shift[c]) * reciprocal[c]
+                out2[o, c] = s[c] * ((d - m0[c]) - x_hat * m1[c])
+
+
+@helper
+def gradient_planes_block(  # type: ignore[no-untyped-def]
+    dy, y, weights, has_weights, channel, inverse, factors, period, start, stop, out
+):
+    """``dx`` on rows ``start:stop`` (channel planes)."""
+    reciprocal, shift = channel
+    exponential, slope, inverse_slope, floor = inverse
+    factor, mean_delta, mean_product = factors
+    groups = factor.shape[0]
+    channels, inner = y.shape[1], y.shape[2]
+    for o in range(start, stop):
+        g = (o // period) % groups
+        for c in range(channels):
+            r = reciprocal[c]
+            b = shift[c]
+            s = factor[g, c]
+            m0 = mean_delta[g, c]
+            m1 = mean_product[g, c]
+            output_row = y[o, c]
+            grad_row = dy[o, c]
+            target = out[o, c]
+            if has_weights:
+                weight_row = weights[o]
+                for i in range(inner):
+                    w = weight_row[i]
+                    z, d = recovered(
+                        output_row[i], grad_row[i], exponential, slope, inverse_slope, floor
+                    )
+                    target[i] = s * ((d - w * m0) - w * ((z - b) * r) * m1)
+            else:
+                for i in range(inner):
+                    z, d = recovered(
+                        output_row[i], grad_row[i], exponential, slope, inverse_slope, floor
+                    )
+                    target[i] = s * ((d - m0) - ((z - b) * r) * m1)
+
+
+@setup_helper
+def in_place_parameter_gradients(sums):  # type: ignore[no-untyped-def]
+    """``dgamma = sum_g S_1``, ``dbeta = sum_g S_0`` per channel (float64)."""
+    groups, channels = sums.shape[1], sums.shape[2]
+    dscale = np.zeros(channels, np.float64)
+    doffset = np.zeros(channels, np.float64)
+    for g in range(groups):
+        for c in range(channels):
+            dscale[c] += sums[1, g, c]
+            doffset[c] += sums[0, g, c]
+    return dscale, doffset
+
+
+@kernel
+def _in_place_backward_rows(  # type: ignore[no-untyped-def]
+    dy,
+    y,
+    weights,
+    has_weights,
+    variance,
+    total,
+    scale,
+    offset,
+    epsilon,
+    activation,
+    parameter,
+    floor,
+    groups,
+    period,
+    blocks,
+    out,
+):
+    """:data:`in_place_backward` for ``inner == 1`` (channels last)."""
+    rows, channels, _ = y.shape
+    y2 = y.reshape((rows, channels))
+    dy2 = dy.reshape((rows, channels))
+    out2 = out.reshape((rows, channels))
+    channel = channel_coefficients(scale, offset, y)
+    inverse = inverse_constants(activation, parameter, floor, y)
+    partial = np.zeros((blocks, 2, groups, channels), np.float64)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        sums_rows_block(dy2, y2, channel, inverse, groups, period, start, stop, partial[block])
+    sums = sum_blocks(partial)
+    factors = gradient_factors(variance, total, scale, sums, epsilon, y)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        gradient_rows_block(
+            dy2, y2, weights, has_weights, channel, inverse, factors, period, start, stop, out2
+        )
+    return in_place_parameter_gradients(sums)
+
+
+@kernel
+def _in_place_backward_planes(  # type: ignore[no-untyped-def]
+    dy,
+    y,
+    weights,
+    has_weights,
+    variance,
+    total,
+    scale,
+    offset,
+    epsilon,
+    activation,
+    parameter,
+    floor,
+    groups,
+    period,
+    blocks,
+    out,
+):
+    """The in-place backward (see the module docstring): ``out = dL/dx`` from the output ``y``
+    and its gradient ``dy``; returns ``(dgamma, dbeta)`` ``[C]`` float64.
+
+    ``variance``, ``total``: float64 ``[groups, C]``; ``scale`` (nonzero), ``offset``: ``[C]``;
+    ``activation``, ``parameter``: the forward's activation code and parameter (identity: code
+    0 and parameter 1); ``floor``: the smallest ``z`` elu's inverse returns.
+    """
+    rows, channels, _ = y.shape
+    channel = channel_coefficients(scale, offset, y)
+    inverse = inverse_constants(activation, parameter, floor, y)
+    partial = np.zeros((blocks, 2, groups, channels), np.float64)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        sums_planes_block(dy, y, channel, inverse, groups, period, start, stop, partial[block])
+    sums = sum_blocks(partial)
+    factors = gradient_factors(variance, total, scale, sums, epsilon, y)
+    for block in prange(blocks):
+        start, stop = block_rows(rows, blocks, block)
+        gradient_planes_block(
+            dy, y, weights, has_weights, channel, inverse, factors, period, start, stop, out
+        )
+    return in_place_parameter_gradients(sums)
+
+
+in_place_backward = by_layout(_in_place_backward_rows, _in_place_backward_planes)

@@ -1,0 +1,140 @@
+"""memory="in_place" on the CPU kernels (batchnorm.functional._cpu_in_place) against the torch-op
+version (batchnorm.functional._in_place), which the composed backend runs: the same output
+written over x, the same gradients and statistics, in float64 to rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchnorm.functional import BatchNormStatistics, _cpu_backend, batch_norm, force_backend
+from batchnorm.functional._cpu_in_place import normalize_in_place_kernels
+
+ACTIVATIONS = [(None, None), ("identity", None), ("leaky_relu", 0.2), ("elu", 0.7)]
+LAYOUTS = [
+    ((8, 6, 5, 5), (1,)),  # channel planes
+    ((40, 7), (1,)),  # rows
+    ((8, 5, 5, 6), (3,)),  # channels last
+    ((4, 5, 3, 6), (2, 3)),  # two channel axes, adjacent in memory
+    ((64, 16, 16, 17), (1,)),  # several row blocks (threaded)
+]
+
+
+def _step(x0, gamma, beta, up, axes, ghost, mask, activation, parameter):
+    gamma = gamma.clone().requires_grad_()
+    beta = beta.clone().requires_grad_()
+    leaf = x0.clone().requires_grad_()
+    x = leaf * 1.0  # not a leaf: in place is allowed
+    channels = tuple(x0.shape[a] for a in axes)
+    state = BatchNormStatistics(
+        torch.zeros(channels, dtype=x0.dtype), torch.ones(channels, dtype=x0.dtype)
+    )
+    y, new = batch_norm(
+        x,
+        state,
+        gamma,
+        beta,
+        axis=list(axes),
+        training=True,
+        virtual_batch_size=ghost,
+        mask=mask,
+        activation=activation,
+        activation_param=parameter,
+        memory="in_place",
+    )
+    assert y.data_ptr() == x.data_ptr()  # written over its input
+    (y * up).sum().backward()
+    return (
+        y.detach().clone(),
+        leaf.grad,
+        gamma.grad,
+        beta.grad,
+        new.moving_mean,
+        new.moving_variance,
+    )
+
+
+@pytest.mark.parametrize(("activation", "parameter"), ACTIVATIONS)
+@pytest.mark.parametrize(("shape", "axes"), LAYOUTS)
+@pytest.mark.parametrize(("ghost", "masked"), [(None, False), (None, True), (2, False), (2, True)])
+def test_kernels_match_the_torch_op_version(
+    activation, parameter, shape, axes, ghost, masked, monkeypatch
+):
+    ran = []
+
+    def spy(*args):
+        y = normalize_in_place_kernels(*args)
+        ran.append(y is not None)
+        return y
+
+    monkeypatch.setattr(_cpu_backend, "normalize_in_place_kernels", spy)
+    if ghost and len(axes) > 1:
+        pytest.skip("covered with one axis")
+    torch.manual_seed(0)
+    x0 = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+    channels = tuple(shape[a] for a in axes)
+    gamma = torch.randn(channels, dtype=torch.float64) + 1.5
+    beta = torch.randn(channels, dtype=torch.float64)
+    up = torch.randn(shape, dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = (torch.rand([1 if i in axes else s for i, s in enumerate(shape)]) > 0.3).double()
+        mask = mask.squeeze(axes)
+    try:
+        force_backend("numba")
+        ours = _step(x0, gamma, beta, up, axes, ghost, mask, activation, parameter)
+        force_backend("torch")
+        reference = _step(x0, gamma, beta, up, axes, ghost, mask, activation, parameter)
+    finally:
+        force_backend(None)
+    assert ran == [True]  # the kernels ran the first step, torch ops the second
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * (1 + float(b.abs().max())))
+
+
+def test_float32_matches_the_default_path():
+    torch.manual_seed(1)
+    x0 = torch.randn(16, 8, 12, 12) * 3 + 1
+    up = torch.randn_like(x0)
+    gamma0 = torch.rand(8) + 0.5
+    results = []
+    for memory in ("in_place", "default"):
+        gamma = gamma0.clone().requires_grad_()
+        leaf = x0.clone().requires_grad_()
+        x = leaf * 1.0
+        state = BatchNormStatistics(torch.zeros(8), torch.ones(8))
+        y, _ = batch_norm(
+            x, state, gamma, None, axis=1, training=True, activation="elu", memory=memory
+        )
+        (y * up).sum().backward()
+        results.append((y.detach().clone(), leaf.grad, gamma.grad))
+    (y_in_place, dx_in_place, dgamma_in_place), (y, dx, dgamma) = results
+    torch.testing.assert_close(y_in_place, y, rtol=1e-5, atol=1e-5)
+    # Sums over 18432 float32 values, recovered from y in one path and from x in the other.
+    torch.testing.assert_close(dgamma_in_place, dgamma, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(dx_in_place, dx, rtol=1e-3, atol=1e-5 * float(dx.abs().max()))
+
+
+def test_double_backward_is_refused_with_a_clear_error():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    state = BatchNormStatistics(
+        torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    )
+    y, _ = batch_norm(x * 1.0, state, axis=-1, training=True, memory="in_place")
+    with pytest.raises(RuntimeError, match=r"no double backward.*memory='default'"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+def test_a_layout_the_kernels_cannot_view_is_written_in_place_by_torch_ops():
+    # Channel axes 0 and 2 of a (C0, N, C2) tensor are not adjacent in memory: the kernels would
+    # need a copy, so the torch-op version writes x itself.
+    torch.manual_seed(3)
+    x0 = torch.randn(3, 10, 4, dtype=torch.float64)
+    state = BatchNormStatistics(
+        torch.zeros(3, 4, dtype=torch.float64), torch.ones(3, 4, dtype=torch.float64)
+    )
+    x = x0 * torch.ones((), dtype=torch.float64, requires_grad=True)
+    y, _ = batch_norm(x, state, axis=[0, 2], training=True, memory="in_place")
+    assert y.data_ptr() == x.data_ptr()
+    expected, _ = batch_norm(x0, state, axis=[0, 2], training=True)
+    torch.testing.assert_close(y, expected)
