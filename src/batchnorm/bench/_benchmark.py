@@ -19,6 +19,10 @@ outputs are). ``run_benchmark(allocator_runs=True)`` repeats the cases in a seco
 
 Model cases time a whole training step (forward, cross-entropy, backward, Adam) of a small
 network with this package's layer against the same network with ``nn.BatchNorm1d/2d``.
+
+Activation cases (:mod:`batchnorm.bench._activation`): the layer with a fused ReLU against the
+layer then ``nn.ReLU`` on the large cases, and the peak and saved-for-backward memory of a
+conv-BN-activation stack's training step, separate, fused and in place.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.benchmark import Timer
 
+from batchnorm.bench._activation import (
+    activation_lines,
+    activation_targets,
+    fused_functions,
+    run_memory_case,
+)
 from batchnorm.functional._canonical_layout import canonical_layout
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools._progress import Progress
@@ -75,6 +85,9 @@ EXTRA_CASES = [
 ]
 MODES = ("train forward", "inference", "train forward+backward")
 MODEL_CASES = ("mlp 784-1000-10, batch 64", "conv net 3x32x32, batch 32")
+# The conv-BN-activation memory case for --quick (the full one: 8 blocks, 64 channels, 56x56,
+# batch 32); its tensors (400 KB) are still large enough for malloc to map them on their own.
+QUICK_MEMORY_CASE = {"blocks": 2, "channels": 16, "size": 28, "batch": 8}
 
 
 @dataclass(frozen=True)
@@ -289,6 +302,22 @@ def run_case(
     return result
 
 
+def run_fused_case(case: BenchCase, rounds: int, device: str = "cpu") -> dict[str, Any]:
+    """The layer with ``activation="relu"`` against the layer then ``nn.ReLU`` (and torch's batch
+    norm then ``nn.ReLU``), in a training forward and a training forward+backward."""
+    functions = fused_functions(case.shape, case.axis, device)
+    result: dict[str, Any] = {"name": case.name, "shape": list(case.shape), "modes": {}}
+    for mode, group in functions.items():
+        timings = interleaved_timings(group, rounds, device=device)
+        result["modes"][mode] = {
+            "seconds": {name: t.seconds for name, t in timings.items()},
+            "spread": {name: t.spread for name, t in timings.items()},
+            "ratio": _ratio(timings["fused"], timings["separate"]),
+            "ratio_to_torch": _ratio(timings["fused"], timings["torch"]),
+        }
+    return result
+
+
 def fresh_copy(x: torch.Tensor) -> torch.Tensor:
     """One out-of-place copy of ``x`` into new NumPy-allocated (huge-page advised) memory; on
     other devices into memory new from torch's allocator."""
@@ -404,9 +433,17 @@ def _verdict(value: float, spread: float, bound: float) -> str:
 
 
 def summarise(
-    main: list[dict[str, Any]], extra: list[dict[str, Any]], models: list[dict[str, Any]]
+    main: list[dict[str, Any]],
+    extra: list[dict[str, Any]],
+    models: list[dict[str, Any]],
+    fused: list[dict[str, Any]] | None = None,
+    memory: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The issue's targets, each with the measured value, its spread and a verdict."""
+    """The issues' targets, each with the measured value, its spread and a verdict.
+
+    ``fused`` (:func:`run_fused_case` results) adds fused / separate <= 0.8 per case and mode;
+    ``memory`` (:func:`run_memory_case`) adds in-place / separate peak memory <= 0.6, a single
+    measurement (spread 0), left out where the peak could not be measured."""
     targets: list[tuple[str, float, float, float]] = []
     for r in main:
         worst = max(MODES, key=lambda m: r["modes"][m]["ratio_to_torch"]["value"])
@@ -421,7 +458,8 @@ def summarise(
             )
         )
     large = [r for r in main if r["large"]]
-    for mode, bound in zip(MODES, (1.8, 1.3, 3.5), strict=True):
+    floor_bounds = dict(zip(MODES, (1.8, 1.3, 3.5), strict=True)) if large else {}
+    for mode, bound in floor_bounds.items():
         worst_case = max(large, key=lambda r: r["modes"][mode]["floor_multiple"]["batchnorm"])
         numbers = worst_case["modes"][mode]
         targets.append(
@@ -447,6 +485,7 @@ def summarise(
                     1.3,
                 )
             )
+    targets += activation_targets(fused or [], memory)
     return {
         "targets": [
             {
@@ -462,7 +501,8 @@ def summarise(
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """Markdown tables: every case and mode, the model steps, the targets."""
+    """Markdown tables: every case and mode, the model steps, the fused activation and the
+    conv-BN-activation memory (when the report has them), the targets."""
     thp = report.get("huge_page_run")
     thp_ratios = {}
     if thp is not None:
@@ -499,6 +539,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"| {model['name']} | {model['seconds']['batchnorm'] * 1e3:.2f} | "
             f"{model['seconds']['torch'] * 1e3:.2f} | {ratio['value']:.2f} (+-{ratio['spread']:.2f}) |"
         )
+    lines += activation_lines(report.get("fused_activation") or [], report.get("memory"))
     lines += ["", "| target | measured (spread) | verdict |", "|---|---|---|"]
     for target in report["summary"]["targets"]:
         lines.append(
@@ -516,6 +557,7 @@ def run_benchmark(
     progress: bool = True,
     allocator_runs: bool = False,
     device: str = "cpu",
+    activation: bool = True,
 ) -> dict[str, Any]:
     """Time every case (and, with ``compile_time``, the first call in fresh processes).
 
@@ -524,7 +566,9 @@ def run_benchmark(
     ("cpu", "cuda", "mps", ...) holds every tensor and module; off the CPU there is no
     first-call (JIT) timing and no second allocator run, which concern the CPU kernels.
     ``progress`` draws a bar over the cases on stderr when it is a terminal, and writes one
-    closing line when it is not.
+    closing line when it is not. ``activation`` adds the fused-activation timing of the large
+    cases (``report["fused_activation"]``) and the conv-BN-activation memory case, one fresh
+    process per variant (``report["memory"]``; small sizes with ``quick``).
     """
     main_cases, extra_cases = quick_cases() if quick else (MAIN_CASES, EXTRA_CASES)
     on_cpu = torch.device(device).type == "cpu"
@@ -544,7 +588,7 @@ def run_benchmark(
         "repeats": repeats,
     }
     steps = len(main_cases) + len(extra_cases) + len(MODEL_CASES)
-    steps += (1 if compile_time else 0) + (1 if allocator_runs else 0)
+    steps += (1 if compile_time else 0) + (1 if allocator_runs else 0) + (2 if activation else 0)
     bar = Progress("bench", steps, unit="step", enabled=progress, summary=True)
     try:
         if compile_time:
@@ -560,6 +604,15 @@ def run_benchmark(
         for name in MODEL_CASES:
             model_results.append(run_model_case(name, repeats, device=device))
             bar.update()
+        fused_results: list[dict[str, Any]] = []
+        memory: dict[str, Any] | None = None
+        if activation:
+            for case in main_cases:
+                if case.large:
+                    fused_results.append(run_fused_case(case, repeats, device=device))
+            bar.update()
+            memory = run_memory_case(**(QUICK_MEMORY_CASE if quick else {}), device=device)
+            bar.update()
         if allocator_runs:
             report["huge_page_run"] = _huge_page_run(quick, repeats)
             bar.update()
@@ -568,7 +621,10 @@ def run_benchmark(
     report["cases"] = main_results
     report["extra_cases"] = extra_results
     report["models"] = model_results
-    report["summary"] = summarise(main_results, extra_results, model_results)
+    if activation:
+        report["fused_activation"] = fused_results
+        report["memory"] = memory
+    report["summary"] = summarise(main_results, extra_results, model_results, fused_results, memory)
     return report
 
 
@@ -579,13 +635,21 @@ def _device_name(device: str) -> str:
     return kind
 
 
+_HUGE_PAGE_CHILD = (
+    "import json, pathlib, sys; from batchnorm.bench._benchmark import run_benchmark; "
+    "report = run_benchmark(quick=sys.argv[1] == 'quick', repeats=int(sys.argv[2]), "
+    "compile_time=False, progress=False, activation=False); "
+    "pathlib.Path(sys.argv[3]).write_text(json.dumps(report))"
+)
+
+
 def _huge_page_run(quick: bool, repeats: int) -> dict[str, Any]:
-    """The same cases in a child process whose torch allocator asks for huge pages."""
+    """The same cases (not the activation ones) in a child process whose torch allocator asks
+    for huge pages."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "bench.json")
-        command = [sys.executable, "-m", "batchnorm", "bench", "--no-compile-time"]
-        command += ["--allocators", "default", "--repeats", str(repeats), "--json", path]
-        command += ["--quick"] if quick else []
+        mode = "quick" if quick else "full"
+        command = [sys.executable, "-c", _HUGE_PAGE_CHILD, mode, str(repeats), path]
         env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}
         subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         with open(path) as file:
