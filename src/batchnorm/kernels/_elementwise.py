@@ -54,9 +54,10 @@ NO_ACTIVATION, RELU, LEAKY_RELU, ELU = 0, 1, 2, 3
 @setup_helper
 def activated(v, activation, parameter):  # type: ignore[no-untyped-def]
     """``f(v)`` for an activation code: relu ``max(v, 0)``, leaky_relu ``v`` or ``parameter * v``,
-    elu ``v`` or ``parameter * expm1(v)``; NaN stays NaN (as torch's)."""
+    elu ``v`` or ``parameter * expm1(v)``; NaN stays NaN, and relu's negative side is +0, also
+    for -inf (as torch's)."""
     if activation == RELU:
-        return v if not v < 0 else v * 0
+        return v if not v < 0 else 0.0
     if activation == LEAKY_RELU:
         return v if not v < 0 else v * parameter
     if activation == ELU:

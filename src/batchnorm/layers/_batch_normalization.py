@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from batchnorm.functional import BatchNormStatistics
-from batchnorm.functional._activation import ActivationName, check_activation
+from batchnorm.functional._activation import Activation, ActivationName, check_activation
 from batchnorm.functional._batch_norm import Memory, check_memory, check_use_global_stats
 from batchnorm.functional._direct_step import DirectCalls
 from batchnorm.functional._in_place import check_in_place_settings
@@ -167,6 +167,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
     renorm_stddev: torch.Tensor
     moving_average_weight: torch.Tensor
     _update_lock: threading.RLock
+    _activation: Activation | None  # checked from activation / activation_param
     # A lazy module to torch (and torch.compile, which builds one before tracing it), that stays
     # this class when built: torch's LazyBatchNorm becomes BatchNorm.
     cls_to_become = None
@@ -258,12 +259,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         )
         self._fused_argument = fused
         self.name = check_name(name)
-        self._activation = check_activation(activation, activation_param)
-        self.activation: str | None = activation
-        self.activation_param = activation_param
-        self.memory = check_memory(memory)
-        if self.memory == "in_place":
-            check_in_place_settings(self._activation, self.synchronized)
+        self._set_activation(activation, activation_param, memory)
         self._device = device
         self._trainable = check_bool(trainable, "trainable")
         self._axes: tuple[int, ...] | None = None
@@ -362,6 +358,48 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 state_dict, prefix, local_metadata, False, [], [], errors
             ),
         )
+
+    # ------------------------------------------------------------------ activation
+    def _set_activation(self, name: Any, parameter: Any, memory: Any) -> None:
+        """Check the three settings together, then set them (nothing changes on an error)."""
+        activation = check_activation(name, parameter)
+        memory = check_memory(memory)
+        if memory == "in_place":
+            check_in_place_settings(activation, self.synchronized)
+        self.__dict__.update(
+            _activation=activation,
+            _activation_name=name,
+            _activation_param=parameter,
+            _memory=memory,
+        )
+        self.__dict__.pop("_direct_calls", None)
+
+    @property
+    def activation(self) -> str | None:
+        """The activation applied after normalising (None: none); setting it is checked."""
+        return self.__dict__["_activation_name"]  # type: ignore[no-any-return]
+
+    @activation.setter
+    def activation(self, name: ActivationName | None) -> None:
+        self._set_activation(name, self.activation_param, self.memory)
+
+    @property
+    def activation_param(self) -> float | None:
+        """leaky_relu's slope or elu's alpha as given (None: the default)."""
+        return self.__dict__["_activation_param"]  # type: ignore[no-any-return]
+
+    @activation_param.setter
+    def activation_param(self, parameter: float | None) -> None:
+        self._set_activation(self.activation, parameter, self.memory)
+
+    @property
+    def memory(self) -> str:
+        """ "default" or "in_place" (training writes over its input); setting it is checked."""
+        return self.__dict__["_memory"]  # type: ignore[no-any-return]
+
+    @memory.setter
+    def memory(self, memory: str) -> None:
+        self._set_activation(self.activation, self.activation_param, memory)
 
     # ------------------------------------------------------------------ calling
     @property

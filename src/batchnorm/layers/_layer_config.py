@@ -78,9 +78,16 @@ class ConfiguredLayer(Protocol):
     renorm_momentum: float
     virtual_batch_size: int | None
     synchronized: bool
-    activation: str | None
-    activation_param: float | None
-    memory: str
+
+    @property
+    def activation(self) -> str | None: ...
+
+    @property
+    def activation_param(self) -> float | None: ...
+
+    @property
+    def memory(self) -> str: ...
+
     built: bool
     moving_mean: torch.Tensor
     # The `fused` argument as given (None: tf-keras' automatic choice), not the resolved path.

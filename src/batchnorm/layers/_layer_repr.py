@@ -37,9 +37,16 @@ class ShownLayer(Protocol):
     trainable: bool
     dtype_policy: DTypePolicy
     synchronized: bool
-    activation: str | None
-    activation_param: float | None
-    memory: str
+
+    @property
+    def activation(self) -> str | None: ...
+
+    @property
+    def activation_param(self) -> float | None: ...
+
+    @property
+    def memory(self) -> str: ...
+
     _fused_argument: bool | None
 
     @property

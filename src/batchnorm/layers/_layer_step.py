@@ -37,8 +37,11 @@ class SteppingLayer(Protocol):
     synchronized: bool
     process_group: Any
     fused: bool | None
-    memory: str
     _activation: Activation | None
+
+    @property
+    def memory(self) -> str: ...
+
     training: bool
     moving_mean: torch.Tensor
     _trainable: bool
