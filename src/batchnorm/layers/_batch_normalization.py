@@ -145,7 +145,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             the activation (InPlace-ABN). Needs an invertible activation (None, "identity",
             "leaky_relu" with a slope > 0, "elu"), nonzero gamma, an input nothing else needs
             (a leaf requiring grad is refused; a backward that needed it raises), and no
-            ``synchronized``. Inference with the moving statistics is not affected (with
+            ``synchronized``; no double backward; float16/bfloat16 inputs are computed in a
+            float32 copy, which is overwritten instead. Inference with the moving statistics is
+            not affected (with
             ``use_global_stats=False`` every call normalises with the batch's statistics and
             so writes in place, as InPlaceABN in eval mode).
 
