@@ -19,6 +19,7 @@ import numpy as np
 from numba import prange
 
 from batchnorm.kernels._elementwise import (
+    activation_constants,
     affine_coefficients,
     gradient_coefficients,
     input_gradient_planes_block,
@@ -136,10 +137,11 @@ def _train_forward_rows(  # type: ignore[no-untyped-def]
         )
     mean, variance, total = moments_from_sums(partial, first, has_weights, rows, 1, groups, period)
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
+    constants = activation_constants(parameter, x)
     for block in prange(blocks):
         start, stop = block_rows(rows, blocks, block)
         normalize_rows_block(
-            x2, high, factor, shift, groups, period, start, stop, out2, activation, parameter
+            x2, high, factor, shift, groups, period, start, stop, out2, activation, constants
         )
     update_moving_statistics(
         mean,
@@ -193,10 +195,11 @@ def _train_forward_planes(  # type: ignore[no-untyped-def]
         partial, first, has_weights, rows, inner, groups, period
     )
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
+    constants = activation_constants(parameter, x)
     for block in prange(blocks):
         start, stop = block_rows(rows, blocks, block)
         normalize_planes_block(
-            x, high, factor, shift, groups, period, start, stop, out, activation, parameter
+            x, high, factor, shift, groups, period, start, stop, out, activation, constants
         )
     update_moving_statistics(
         mean,
