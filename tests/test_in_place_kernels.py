@@ -138,3 +138,19 @@ def test_a_layout_the_kernels_cannot_view_is_written_in_place_by_torch_ops():
     assert y.data_ptr() == x.data_ptr()
     expected, _ = batch_norm(x0, state, axis=[0, 2], training=True)
     torch.testing.assert_close(y, expected)
+
+
+def test_an_input_its_producer_saved_is_refused_before_anything_changes():
+    from batchnorm import BatchNormalization
+
+    layer = BatchNormalization(3, axis=1, activation="leaky_relu", memory="in_place")
+    a = torch.randn(4, 3, 5, 5, requires_grad=True)
+    x = torch.sigmoid(a)  # SigmoidBackward keeps its output
+    given, statistics = x.detach().clone(), layer.moving_mean.clone()
+    with pytest.raises(ValueError, match=r"Received: x saved as SigmoidBackward0\.result"):
+        layer(x, training=True)
+    assert torch.equal(x, given) and torch.equal(layer.moving_mean, statistics)
+    # A convolution keeps its input and weight, not its output: in place is fine after it.
+    conv = torch.nn.Conv2d(3, 3, 1)
+    layer(conv(a), training=True).sum().backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()

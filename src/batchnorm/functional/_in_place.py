@@ -63,11 +63,39 @@ def check_in_place(
             "grad (autograd needs a leaf's value). Received: x with requires_grad=True and no "
             "history"
         )
+    saved_as = _saved_by_producer(x)
+    if saved_as is not None:
+        raise ValueError(
+            "memory='in_place' overwrites its input, which the operation that produced it keeps "
+            "for its own backward (an activation that saves its output, for instance): put the "
+            "in-place batch norm right after an operation that does not (a convolution or a "
+            f"linear layer), or use memory='default'. Received: x saved as {saved_as}"
+        )
     if scale is not None and not torch.compiler.is_compiling() and bool((scale == 0).any()):
         raise ValueError(
             "memory='in_place' recovers the normalised input as (z - beta) / gamma: every "
             "gamma must be nonzero. Received: a gamma with zeros"
         )
+
+
+def _saved_by_producer(x: torch.Tensor) -> str | None:
+    """``"<node>.<name>"`` where the autograd node that produced ``x`` saved x's memory for its
+    backward (which overwriting x would break), else None. Later users of x that saved it are
+    not reachable from x: their backward raises autograd's version-counter error instead."""
+    node = x.grad_fn
+    if node is None or torch.compiler.is_compiling():
+        return None
+    storage = x.untyped_storage().data_ptr()
+    for name in dir(node):
+        if not name.startswith("_saved_"):
+            continue
+        try:
+            value = getattr(node, name)
+        except RuntimeError:  # already freed by a backward
+            continue
+        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == storage:
+            return f"{type(node).__name__}.{name[len('_saved_') :]}"
+    return None
 
 
 class InPlaceNormalizeActivate(torch.autograd.Function):
