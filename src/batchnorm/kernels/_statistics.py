@@ -76,6 +76,19 @@ def moments_from_sums(partial, shift, has_weights, rows, inner, groups, period):
     return mean, variance, total_weight
 
 
+@setup_helper
+def weighted_row(x2, o, w, shift, t1, t2):  # type: ignore[no-untyped-def]
+    """Row ``o`` with weight ``w`` added into ``t1``, ``t2`` (nothing, whatever its values, for
+    ``w == 0``); returns the weight counted."""
+    if w == 0:
+        return 0.0
+    for c in range(x2.shape[1]):
+        v = np.float64(x2[o, c]) - shift[c]
+        t1[c] += w * v
+        t2[c] += w * v * v
+    return w
+
+
 @helper
 def moments_rows_block(x2, weights, has_weights, shift, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
     """Rows ``start:stop`` of ``x2[o, c]`` (channels last) added into ``sums[3, groups, C]``.
@@ -106,6 +119,37 @@ def moments_rows_block(x2, weights, has_weights, shift, groups, period, start, s
                 v = np.float64(x2[o, c]) - shift[c]
                 t1[c] += v
                 t2[c] += v * v
+        return
+    if has_weights and groups == 1:
+        # A mask with one weight per row (padded sequences): four rows per update where all
+        # four count, the total weight summed once per row rather than per channel.
+        t1 = sums[1, 0]
+        t2 = sums[2, 0]
+        total = 0.0
+        unrolled = start + (stop - start) // 4 * 4
+        for o in range(start, unrolled, 4):
+            w0 = np.float64(weights[o, 0])
+            w1 = np.float64(weights[o + 1, 0])
+            w2 = np.float64(weights[o + 2, 0])
+            w3 = np.float64(weights[o + 3, 0])
+            if w0 != 0 and w1 != 0 and w2 != 0 and w3 != 0:
+                total += (w0 + w1) + (w2 + w3)
+                for c in range(channels):
+                    k = shift[c]
+                    v0 = np.float64(x2[o, c]) - k
+                    v1 = np.float64(x2[o + 1, c]) - k
+                    v2 = np.float64(x2[o + 2, c]) - k
+                    v3 = np.float64(x2[o + 3, c]) - k
+                    t1[c] += (w0 * v0 + w1 * v1) + (w2 * v2 + w3 * v3)
+                    t2[c] += (w0 * v0 * v0 + w1 * v1 * v1) + (w2 * v2 * v2 + w3 * v3 * v3)
+            else:
+                for r in range(o, o + 4):
+                    total += weighted_row(x2, r, np.float64(weights[r, 0]), shift, t1, t2)
+        for o in range(unrolled, stop):
+            total += weighted_row(x2, o, np.float64(weights[o, 0]), shift, t1, t2)
+        t0 = sums[0, 0]
+        for c in range(channels):
+            t0[c] += total
         return
     s0 = sums[0]
     s1 = sums[1]
