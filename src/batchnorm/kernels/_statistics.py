@@ -98,27 +98,33 @@ def moments_rows_block(x2, weights, has_weights, shift, groups, period, start, s
     skipped, whatever their values.
     """
     channels = x2.shape[1]
-    if not has_weights and groups == 1:
-        # The common case as its own loop nest: one row of accumulators, no branch per row,
-        # four rows per update of the accumulators (which otherwise cost a load and a store per
-        # element): on 51 MB of NHWC input 3.4 ms -> 1.5 ms, the speed of the channel planes.
-        t1 = sums[1, 0]
-        t2 = sums[2, 0]
-        unrolled = start + (stop - start) // 4 * 4
-        for o in range(start, unrolled, 4):
-            for c in range(channels):
-                k = shift[c]
-                v0 = np.float64(x2[o, c]) - k
-                v1 = np.float64(x2[o + 1, c]) - k
-                v2 = np.float64(x2[o + 2, c]) - k
-                v3 = np.float64(x2[o + 3, c]) - k
-                t1[c] += (v0 + v1) + (v2 + v3)
-                t2[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
-        for o in range(unrolled, stop):
-            for c in range(channels):
-                v = np.float64(x2[o, c]) - shift[c]
-                t1[c] += v
-                t2[c] += v * v
+    if not has_weights:
+        # Without a mask, runs of rows of one group (the whole block, or `period` rows of a
+        # ghost batch) each with its row of accumulators, updated every four rows (they
+        # otherwise cost a load and a store per element): on 51 MB of NHWC input 3.4 ms ->
+        # 1.5 ms, the speed of the channel planes.
+        o = start
+        while o < stop:
+            g = (o // period) % groups
+            run_stop = stop if groups == 1 else min(stop, (o // period + 1) * period)
+            t1 = sums[1, g]
+            t2 = sums[2, g]
+            unrolled = o + (run_stop - o) // 4 * 4
+            for r in range(o, unrolled, 4):
+                for c in range(channels):
+                    k = shift[c]
+                    v0 = np.float64(x2[r, c]) - k
+                    v1 = np.float64(x2[r + 1, c]) - k
+                    v2 = np.float64(x2[r + 2, c]) - k
+                    v3 = np.float64(x2[r + 3, c]) - k
+                    t1[c] += (v0 + v1) + (v2 + v3)
+                    t2[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
+            for r in range(unrolled, run_stop):
+                for c in range(channels):
+                    v = np.float64(x2[r, c]) - shift[c]
+                    t1[c] += v
+                    t2[c] += v * v
+            o = run_stop
         return
     if has_weights and groups == 1:
         # A mask with one weight per row (padded sequences): four rows per update where all
@@ -154,21 +160,15 @@ def moments_rows_block(x2, weights, has_weights, shift, groups, period, start, s
     s0 = sums[0]
     s1 = sums[1]
     s2 = sums[2]
-    for o in range(start, stop):
+    for o in range(start, stop):  # a mask and ghost batches
         g = (o // period) % groups
-        if has_weights:
-            w = np.float64(weights[o, 0])
-            if w != 0:
-                for c in range(channels):
-                    v = np.float64(x2[o, c]) - shift[c]
-                    s0[g, c] += w
-                    s1[g, c] += w * v
-                    s2[g, c] += w * v * v
-        else:
+        w = np.float64(weights[o, 0])
+        if w != 0:
             for c in range(channels):
                 v = np.float64(x2[o, c]) - shift[c]
-                s1[g, c] += v
-                s2[g, c] += v * v
+                s0[g, c] += w
+                s1[g, c] += w * v
+                s2[g, c] += w * v * v
 
 
 @helper
