@@ -59,12 +59,17 @@ _UNUSED = sys.getrefcount(_kept_alone[0])
 del _kept_alone
 
 
+def is_kept(shape: tuple[int, ...], dtype: type | np.dtype) -> bool:
+    """Whether arrays of this shape and dtype are large enough to be kept (the limit aside)."""
+    return math.prod(shape) * np.dtype(dtype).itemsize >= SMALLEST_KEPT
+
+
 def empty(shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
     """An uninitialised array, in memory that a previous output no longer needs where there is
     one (see the module docstring)."""
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
-    if size < SMALLEST_KEPT or _state["limit"] == 0:
+    if not is_kept(shape, dtype) or _state["limit"] == 0:
         return np.empty(shape, dtype)
     key = (shape, dtype)
     with _lock:
