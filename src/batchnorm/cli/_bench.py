@@ -23,7 +23,10 @@ def add_bench_parser(commands: Any) -> None:
         description="Time batchnorm's CPU batch norm against torch's native one in training "
         "forward, training forward+backward and inference, on dense, sequence and image shapes "
         "and two small models; each time is also given as a multiple of the floor, one copy of "
-        "the input. Prints a table and writes the numbers as JSON (and a bar chart with --png). "
+        "the input. Also times the layer with a fused ReLU against the layer then nn.ReLU, and "
+        "measures the peak memory of a conv-BN-leaky_relu stack's training step with the "
+        "activation separate, fused and in place (one fresh process each). "
+        "Prints a table and writes the numbers as JSON (and a bar chart with --png). "
         "With --sync: synchronized batch norm over 2 gloo processes instead.",
     )
     bench.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
