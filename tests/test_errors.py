@@ -384,3 +384,24 @@ def test_trainable_setter_rejects_non_bools():
     ):
         layer.trainable = "False"
     assert layer.trainable is True and layer.gamma.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ((torch.ones(2), torch.zeros(3)), r"a scale that broadcasts against x of shape \(5, 3\)"),
+        ((torch.ones(3), torch.zeros(5, 3, 1)), r"Received: offset of shape \(5, 3, 1\)"),
+        (torch.ones(3), r"`adjustment` must return a pair \(scale, offset\). Received: Tensor"),
+    ],
+)
+def test_an_adjustment_of_the_wrong_shape_is_named_and_changes_nothing(bad, match):
+    def adjustment(shape):
+        return (torch.ones(3), torch.zeros(3)) if shape[0] == 12 else bad
+
+    layer = trained_layer(adjustment=adjustment)
+    before = state(layer)
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(5, 3), training=True)
+    after = layer.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key

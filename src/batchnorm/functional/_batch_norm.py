@@ -376,7 +376,7 @@ def batch_norm_step(
 
     scale, offset = cast(gamma), cast(beta)
     if options.adjustment is not None:
-        adjust_scale, adjust_offset = (torch.as_tensor(t) for t in options.adjustment(x.shape))
+        adjust_scale, adjust_offset = _adjustment_of(options.adjustment, x)
         channel_scale = _per_channel(adjust_scale, x, axes)
         channel_offset = _per_channel(adjust_offset, x, axes)
         if channel_scale is not None and channel_offset is not None:
@@ -470,6 +470,29 @@ def batch_norm_step(
         return _as_dtype(y_train, output_dtype), new_statistics
     y, selected = _select_branch(training, y_train, inference_output(), new_statistics, statistics)
     return _as_dtype(y, output_dtype), selected
+
+
+def _adjustment_of(adjustment: Adjustment, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``adjustment(x.shape)`` as two tensors that broadcast against x, or a clear error."""
+    result = adjustment(x.shape)
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise ValueError(
+            "`adjustment` must return a pair (scale, offset). "
+            f"Received: {type(result).__name__} for x.shape={tuple(x.shape)}"
+        )
+    pair = tuple(torch.as_tensor(t) for t in result)
+    for name, tensor in zip(("scale", "offset"), pair, strict=True):
+        try:
+            shape = torch.broadcast_shapes(tuple(tensor.shape), tuple(x.shape))  # type: ignore[no-untyped-call]
+        except RuntimeError:
+            shape = None
+        if shape != x.shape:
+            raise ValueError(
+                f"`adjustment` must return a {name} that broadcasts against x of shape "
+                f"{tuple(x.shape)} without enlarging it. Received: {name} of shape "
+                f"{tuple(tensor.shape)}"
+            )
+    return pair  # type: ignore[return-value]
 
 
 def _check_in_place_call(
