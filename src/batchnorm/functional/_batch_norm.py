@@ -221,8 +221,10 @@ def batch_norm(
             backward recovers what it needs from ``y`` alone (one tensor of x's size kept for
             the backward instead of two; see :mod:`batchnorm.functional._in_place`). Needs a
             Python bool ``training``, an invertible activation (identity, leaky_relu with a
-            slope > 0, elu; none means identity), nonzero gamma, an ``x`` that is not a leaf
-            requiring grad, and no synchronization.
+            slope > 0, elu; none means identity), nonzero gamma, an ``x`` that is neither a
+            leaf requiring grad nor saved by the operation that produced it, and no
+            synchronization. On the CPU the kernels write into x and run the backward from
+            the output (:mod:`batchnorm.functional._cpu_in_place`); no double backward.
 
     Returns:
         ``y`` in ``x.dtype`` and the new statistics (detached).
