@@ -177,8 +177,8 @@ def _bad_adjustment(shape):
         (
             {"axis": 1, "adjustment": _bad_adjustment},
             lambda layer: layer(torch.randn(4, 3, 2), training=True),
-            RuntimeError,
-            r"must match the size",
+            ValueError,
+            r"`adjustment` must return a scale that broadcasts against x",
         ),
         (
             {"axis": 1},
@@ -218,7 +218,7 @@ def test_a_first_call_that_raises_leaves_the_layer_unbuilt(kwargs, call, error, 
 def test_a_first_call_that_raises_on_a_layer_with_num_features_unlocks_its_rank():
     layer = BatchNormalization(3, axis=1, adjustment=_bad_adjustment)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    with pytest.raises(RuntimeError, match=r"must match the size"):
+    with pytest.raises(ValueError, match=r"`adjustment` must return a scale that broadcasts"):
         layer(torch.randn(4, 3, 2), training=True)
     assert layer.built and layer._input_rank is None and layer.axis == 1
     for key, value in layer.state_dict().items():
