@@ -24,6 +24,7 @@ import math
 import numbers
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -84,6 +85,18 @@ def check_activation(name: Any, parameter: Any = None) -> Activation | None:
     return Activation(name, float(parameter))
 
 
+def activation_keyword(activation: Activation | None) -> dict[str, Activation]:
+    """``{"activation": activation}``, or nothing without one: what backends are called with, so
+    that backends registered from elsewhere that take no activation never see the keyword."""
+    return {} if activation is None else {"activation": activation}
+
+
+def elu_inverse_floor(dtype: torch.dtype | np.dtype) -> float:
+    """The most negative ``z`` elu's inverse returns in ``dtype`` (see :func:`invert`)."""
+    eps = torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) else np.finfo(dtype).eps
+    return math.log(float(eps) / 2)
+
+
 def activate(z: torch.Tensor, activation: Activation | None) -> torch.Tensor:
     """``f(z)``, differentiable (torch's own activation ops)."""
     if activation is None or activation.name == "identity":
@@ -135,5 +148,5 @@ def invert(y: torch.Tensor, activation: Activation | None) -> torch.Tensor:
     a = activation.parameter
     if activation.name == "leaky_relu":
         return torch.where(y > 0, y, y / a)
-    floor = math.log(torch.finfo(y.dtype).eps / 2)
+    floor = elu_inverse_floor(y.dtype)
     return torch.where(y > 0, y, torch.log1p(y / a).clamp(min=floor))

@@ -14,6 +14,7 @@ from batchnorm.functional._activation import (
     Activation,
     ActivationName,
     activate,
+    activation_keyword,
     check_activation,
 )
 from batchnorm.functional._backend import BatchNormBackend, Moments
@@ -355,11 +356,8 @@ def batch_norm_step(
         # Converted once here rather than in each of the backend's passes.
         x = x.to(compute_dtype)
 
-    # Each backend applies the activation itself (the CPU kernels in their normalising pass);
-    # backends registered from elsewhere that do not take it never see the keyword.
-    with_activation: dict[str, Any] = (
-        {} if options.activation is None else {"activation": options.activation}
-    )
+    # Each backend applies the activation itself (the CPU kernels in their normalising pass).
+    with_activation = activation_keyword(options.activation)
 
     def inference_output() -> torch.Tensor:
         return backend.normalize(

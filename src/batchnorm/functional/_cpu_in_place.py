@@ -10,18 +10,19 @@ Same formulas and the same refusals (checked by the caller).
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from batchnorm.functional._activation import Activation
+from batchnorm.functional._activation import Activation, elu_inverse_floor
 from batchnorm.functional._backend import Moments
 from batchnorm.functional._cpu_operations import (
     _canonical_gradient,
+    _from_canonical,
     _to_canonical,
     activation_code,
+    normalize_into,
 )
 from batchnorm.functional._cpu_plan import KERNEL_DTYPES, Prepared, prepare
 
@@ -91,20 +92,16 @@ class _InPlaceKernels(torch.autograd.Function):
         in_place_pass: InPlacePass,
     ) -> torch.Tensor:
         prepared = in_place_pass.prepared
-        plan = prepared.plan
-        normalize = prepared.compiled(plan.affine_normalize)
-        normalize(
-            prepared.x3,
+        normalize_into(
+            prepared,
             mean,
             in_place_pass.variance,
             in_place_pass.scale,
             in_place_pass.offset,
             in_place_pass.epsilon,
             in_place_pass.ghost_batches,
-            plan.layout.period,
-            plan.blocks,
-            prepared.x3,  # elementwise: each value is read before it is written
-            *activation_code(in_place_pass.activation),
+            in_place_pass.activation,
+            prepared.x3,
         )
         ctx.mark_dirty(x)
         ctx.save_for_backward(x, scale, offset)
@@ -126,7 +123,7 @@ class _InPlaceKernels(torch.autograd.Function):
         dy3 = _canonical_gradient(grad, prepared)
         dx, dx3 = plan.fresh()
         code, parameter = activation_code(in_place_pass.activation)
-        floor = math.log(float(np.finfo(y3.dtype).eps) / 2)
+        floor = elu_inverse_floor(y3.dtype)
         backward = prepared.compiled(plan.in_place_backward)
         dscale, doffset = backward(
             dy3,
@@ -159,8 +156,5 @@ def _parameter_gradient(
     gradient: np.ndarray, parameter: torch.Tensor, prepared: Prepared
 ) -> torch.Tensor:
     """A ``[C]`` float64 gradient in memory order as a tensor shaped like ``parameter``."""
-    layout = prepared.layout
     channel_shape = tuple(parameter.shape)
-    return layout.channels_from_canonical(torch.from_numpy(gradient), channel_shape).to(
-        parameter.dtype
-    )
+    return _from_canonical(gradient, prepared.layout, channel_shape).to(parameter.dtype)

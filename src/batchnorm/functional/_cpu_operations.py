@@ -101,8 +101,26 @@ def normalize_prepared(
 ) -> torch.Tensor:
     """The affine kernel (and ``activation``, in the same pass) on an input already prepared,
     into a new tensor with x's memory layout; the statistics are ``[groups, C]`` arrays."""
+    out, out3 = prepared.plan.fresh()
+    normalize_into(prepared, mean, variance, scale, offset, epsilon, groups, activation, out3)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def normalize_into(
+    prepared: Prepared,
+    mean: np.ndarray,
+    variance: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    epsilon: float,
+    groups: int,
+    activation: Activation | None,
+    out3: np.ndarray,
+) -> None:
+    """The affine kernel of :func:`normalize_prepared` writing into ``out3``, an array in the
+    canonical layout (``prepared.x3`` itself for in-place training: each value is read before
+    it is written)."""
     plan = prepared.plan
-    out, out3 = plan.fresh()
     normalize = prepared.compiled(plan.affine_normalize)
     normalize(
         prepared.x3,
@@ -117,7 +135,6 @@ def normalize_prepared(
         out3,
         *activation_code(activation),
     )
-    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def activation_code(activation: Activation | None) -> tuple[int, float]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from batchnorm.functional._activation import Activation
+from batchnorm.functional._activation import Activation, activation_keyword
 from batchnorm.functional._batch_norm import (
     BatchNormOptions,
     BatchNormStatistics,
@@ -122,7 +122,7 @@ def train_in_place(
         options.momentum,
         options.epsilon,
         options.unbiased_moving_variance,
-        **({} if options.activation is None else {"activation": options.activation}),
+        **activation_keyword(options.activation),
     )
     return y
 
@@ -155,7 +155,7 @@ def infer(
         gamma,
         beta,
         epsilon,
-        **({} if activation is None else {"activation": activation}),
+        **activation_keyword(activation),
     )
 
 

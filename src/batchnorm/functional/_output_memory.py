@@ -69,7 +69,7 @@ def empty(shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
     one (see the module docstring)."""
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
-    if not is_kept(shape, dtype) or _state["limit"] == 0:
+    if size < SMALLEST_KEPT or _state["limit"] == 0:
         return np.empty(shape, dtype)
     key = (shape, dtype)
     with _lock:
