@@ -352,23 +352,9 @@ class NumbaCpuBackend:
             return y
         return train_in_place_impl(x, scale, offset, step)[0]
 
-    def normalize_in_place(
-        self,
-        x: torch.Tensor,
-        axes: tuple[int, ...],
-        moments: Moments,
-        scale: torch.Tensor | None,
-        offset: torch.Tensor | None,
-        epsilon: float,
-        weights: torch.Tensor | None,
-        ghost_batches: int,
-        activation: Activation | None,
-    ) -> torch.Tensor | None:
-        """``memory="in_place"`` training on the kernels
-        (:mod:`batchnorm.functional._cpu_in_place`); None where they cannot write into x."""
-        return normalize_in_place_kernels(
-            x, axes, moments, scale, offset, epsilon, weights, ghost_batches, activation
-        )
+    # ``memory="in_place"`` training on the kernels (batchnorm.functional._cpu_in_place); None
+    # where they cannot write into x.
+    normalize_in_place = staticmethod(normalize_in_place_kernels)
 
     def normalize(
         self,

@@ -600,6 +600,18 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
     def extra_repr(self) -> str:
         return layer_repr(self)
 
+    def _activation_options(self) -> dict[str, Any]:
+        """``activation`` / ``activation_param`` / ``memory`` where they are not the defaults
+        (the config and the repr show only these)."""
+        options: dict[str, Any] = {}
+        if self.activation is not None:
+            options["activation"] = self.activation
+        if self.activation_param is not None:
+            options["activation_param"] = self.activation_param
+        if self.memory != "default":
+            options["memory"] = self.memory
+        return options
+
     def _convention_options(self) -> dict[str, Any]:
         """The framework-convention options that differ from tf-keras' defaults."""
         options = {

@@ -79,21 +79,14 @@ class ConfiguredLayer(Protocol):
     virtual_batch_size: int | None
     synchronized: bool
 
-    @property
-    def activation(self) -> str | None: ...
-
-    @property
-    def activation_param(self) -> float | None: ...
-
-    @property
-    def memory(self) -> str: ...
-
     built: bool
     moving_mean: torch.Tensor
     # The `fused` argument as given (None: tf-keras' automatic choice), not the resolved path.
     _fused_argument: bool | None
 
     def _convention_options(self) -> dict[str, Any]: ...
+
+    def _activation_options(self) -> dict[str, Any]: ...
 
 
 def layer_config(layer: ConfiguredLayer) -> dict[str, Any]:
@@ -126,23 +119,11 @@ def layer_config(layer: ConfiguredLayer) -> dict[str, Any]:
     if layer._fused_argument is not None:
         config["fused"] = layer._fused_argument
     config.update(layer._convention_options())
-    config.update(_activation_options(layer))
+    config.update(layer._activation_options())
     if layer.built:
         shape = tuple(layer.moving_mean.shape)
         config["num_features"] = shape[0] if len(shape) == 1 else list(shape)
     return config
-
-
-def _activation_options(layer: ConfiguredLayer) -> dict[str, Any]:
-    """``activation`` / ``activation_param`` / ``memory`` where they are not the defaults."""
-    options: dict[str, Any] = {}
-    if layer.activation is not None:
-        options["activation"] = layer.activation
-    if layer.activation_param is not None:
-        options["activation_param"] = layer.activation_param
-    if layer.memory != "default":
-        options["memory"] = layer.memory
-    return options
 
 
 def layer_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -38,21 +38,14 @@ class ShownLayer(Protocol):
     dtype_policy: DTypePolicy
     synchronized: bool
 
-    @property
-    def activation(self) -> str | None: ...
-
-    @property
-    def activation_param(self) -> float | None: ...
-
-    @property
-    def memory(self) -> str: ...
-
     _fused_argument: bool | None
 
     @property
     def num_features(self) -> int | tuple[int, ...] | None: ...
 
     def _convention_options(self) -> dict[str, Any]: ...
+
+    def _activation_options(self) -> dict[str, Any]: ...
 
 
 def layer_repr(layer: ShownLayer) -> str:
@@ -97,10 +90,7 @@ def layer_repr(layer: ShownLayer) -> str:
         shown["dtype"] = layer.dtype_policy.name
     if layer.synchronized:
         shown["synchronized"] = True
-    defaults: dict[str, Any] = {"activation": None, "activation_param": None, "memory": "default"}
-    for argument, default in defaults.items():
-        if getattr(layer, argument) != default:
-            shown[argument] = getattr(layer, argument)
+    shown.update(layer._activation_options())
     return ", ".join(f"{key}={value!r}" for key, value in shown.items())
 
 
