@@ -516,7 +516,7 @@ def _check_in_place_call(
             "memory='in_place' needs an adjustment that is constant within each channel. "
             "Received: an adjustment that varies inside a channel"
         )
-    check_in_place(x_given, scale, options.activation)
+    check_in_place(x_given, scale)
 
 
 def _normalize_in_place(

@@ -141,8 +141,11 @@ def activation_code(activation: Activation | None) -> tuple[int, float]:
     """The kernels' ``(code, parameter)`` of an activation (:mod:`batchnorm.kernels._elementwise`)."""
     if activation is None or activation.name == "identity":
         return NO_ACTIVATION, 0.0
-    code = {"relu": RELU, "leaky_relu": LEAKY_RELU, "elu": ELU}[activation.name]
+    code = _ACTIVATION_CODES[activation.name]
     return code, 0.0 if activation.parameter is None else activation.parameter
+
+
+_ACTIVATION_CODES = {"relu": RELU, "leaky_relu": LEAKY_RELU, "elu": ELU}
 
 
 def reads_output(activation: Activation | None) -> bool:

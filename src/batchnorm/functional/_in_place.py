@@ -52,11 +52,9 @@ def check_in_place_settings(activation: Activation | None, synchronized: bool) -
         )
 
 
-def check_in_place(
-    x: torch.Tensor, scale: torch.Tensor | None, activation: Activation | None
-) -> None:
-    """Why ``x`` cannot be trained in place, as an error; nothing when it can."""
-    check_in_place_settings(activation, synchronized=False)
+def check_in_place(x: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """Why this call's ``x`` and ``scale`` cannot be trained in place, as an error; nothing when
+    they can (the settings are :func:`check_in_place_settings`')."""
     if x.is_leaf and x.requires_grad:
         raise ValueError(
             "memory='in_place' overwrites its input, which must not be a leaf that requires "
