@@ -373,8 +373,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             _activation_name=name,
             _activation_param=parameter,
             _memory=memory,
-        )
-        self.__dict__.pop("_direct_calls", None)
+        )  # assigning a property went through __setattr__, which dropped the direct calls
 
     @property
     def activation(self) -> str | None:
