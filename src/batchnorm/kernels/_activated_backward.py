@@ -32,7 +32,7 @@ from batchnorm.kernels._elementwise import (
     gradient_coefficients,
     split_mean,
 )
-from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, setup_helper
+from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, runner, setup_helper
 from batchnorm.kernels._statistics import sum_blocks
 from batchnorm.kernels._training import parameter_gradients
 
@@ -192,6 +192,54 @@ def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
                     target[i] = a * ((d - m) - k * ((v - h) - lo))
 
 
+@runner
+def activated_sums_rows_blocks(  # type: ignore[no-untyped-def]
+    dy2, x2, y2, mean, coefficients, derivative, groups, period, blocks, sums
+):
+    """:func:`activated_sums_rows_block` on each row block, into ``sums[block]``."""
+    for block in prange(blocks):
+        start, stop = block_rows(x2.shape[0], blocks, block)
+        activated_sums_rows_block(
+            dy2, x2, y2, mean, coefficients, derivative, groups, period, start, stop, sums[block]
+        )
+
+
+@runner
+def activated_sums_planes_blocks(  # type: ignore[no-untyped-def]
+    dy, x, y, mean, coefficients, derivative, groups, period, blocks, sums
+):
+    """:func:`activated_sums_planes_block` on each row block, into ``sums[block]``."""
+    for block in prange(blocks):
+        start, stop = block_rows(x.shape[0], blocks, block)
+        activated_sums_planes_block(
+            dy, x, y, mean, coefficients, derivative, groups, period, start, stop, sums[block]
+        )
+
+
+@runner
+def activated_gradient_rows_blocks(  # type: ignore[no-untyped-def]
+    dy2, x2, y2, weights, has_weights, coefficients, derivative, period, blocks, out2
+):
+    """:func:`activated_gradient_rows_block` on each row block."""
+    for block in prange(blocks):
+        start, stop = block_rows(x2.shape[0], blocks, block)
+        activated_gradient_rows_block(
+            dy2, x2, y2, weights, has_weights, coefficients, derivative, period, start, stop, out2
+        )
+
+
+@runner
+def activated_gradient_planes_blocks(  # type: ignore[no-untyped-def]
+    dy, x, y, weights, has_weights, coefficients, derivative, period, blocks, out
+):
+    """:func:`activated_gradient_planes_block` on each row block."""
+    for block in prange(blocks):
+        start, stop = block_rows(x.shape[0], blocks, block)
+        activated_gradient_planes_block(
+            dy, x, y, weights, has_weights, coefficients, derivative, period, start, stop, out
+        )
+
+
 @kernel
 def _activated_backward_rows(  # type: ignore[no-untyped-def]
     dy,
@@ -221,40 +269,16 @@ def _activated_backward_rows(  # type: ignore[no-untyped-def]
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     derivative = derivative_constants(activation, parameter, x)
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        activated_sums_rows_block(
-            dy2,
-            x2,
-            y2,
-            mean,
-            (high, factor, shift),
-            derivative,
-            groups,
-            period,
-            start,
-            stop,
-            partial[block],
-        )
+    activated_sums_rows_blocks(
+        dy2, x2, y2, mean, (high, factor, shift), derivative, groups, period, blocks, partial
+    )
     sums = sum_blocks(partial)
     _, low = split_mean(mean, x)
     k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
     coefficients = (high, low, factor, shift, k_dy, mean_dy, k_centred)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        activated_gradient_rows_block(
-            dy2,
-            x2,
-            y2,
-            weights,
-            has_weights,
-            coefficients,
-            derivative,
-            period,
-            start,
-            stop,
-            out2,
-        )
+    activated_gradient_rows_blocks(
+        dy2, x2, y2, weights, has_weights, coefficients, derivative, period, blocks, out2
+    )
     return parameter_gradients(sums, variance, epsilon)
 
 
@@ -285,44 +309,20 @@ def _activated_backward_planes(  # type: ignore[no-untyped-def]
     ``activation``, ``parameter``: the code and parameter of the forward's activation; ``y``:
     the forward's output (read for elu only; any array shaped like ``x`` otherwise).
     """
-    rows, channels, _ = x.shape
+    channels = x.shape[1]
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     derivative = derivative_constants(activation, parameter, x)
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        activated_sums_planes_block(
-            dy,
-            x,
-            y,
-            mean,
-            (high, factor, shift),
-            derivative,
-            groups,
-            period,
-            start,
-            stop,
-            partial[block],
-        )
+    activated_sums_planes_blocks(
+        dy, x, y, mean, (high, factor, shift), derivative, groups, period, blocks, partial
+    )
     sums = sum_blocks(partial)
     _, low = split_mean(mean, x)
     k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
     coefficients = (high, low, factor, shift, k_dy, mean_dy, k_centred)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        activated_gradient_planes_block(
-            dy,
-            x,
-            y,
-            weights,
-            has_weights,
-            coefficients,
-            derivative,
-            period,
-            start,
-            stop,
-            out,
-        )
+    activated_gradient_planes_blocks(
+        dy, x, y, weights, has_weights, coefficients, derivative, period, blocks, out
+    )
     return parameter_gradients(sums, variance, epsilon)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, setup_helper
+from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, runner, setup_helper
 
 
 @setup_helper
@@ -133,6 +133,30 @@ def normalize_planes_block(  # type: ignore[no-untyped-def]
                     target[i] = activated((row[i] - h) * f + b, activation, constants)
 
 
+@runner
+def normalize_rows_blocks(  # type: ignore[no-untyped-def]
+    x2, high, factor, shift, groups, period, blocks, out2, activation, constants
+):
+    """:func:`normalize_rows_block` on each row block."""
+    for block in prange(blocks):
+        start, stop = block_rows(x2.shape[0], blocks, block)
+        normalize_rows_block(
+            x2, high, factor, shift, groups, period, start, stop, out2, activation, constants
+        )
+
+
+@runner
+def normalize_planes_blocks(  # type: ignore[no-untyped-def]
+    x, high, factor, shift, groups, period, blocks, out, activation, constants
+):
+    """:func:`normalize_planes_block` on each row block."""
+    for block in prange(blocks):
+        start, stop = block_rows(x.shape[0], blocks, block)
+        normalize_planes_block(
+            x, high, factor, shift, groups, period, start, stop, out, activation, constants
+        )
+
+
 @kernel
 def _affine_normalize_rows(  # type: ignore[no-untyped-def]
     x, mean, variance, scale, offset, epsilon, groups, period, blocks, out, activation, parameter
@@ -143,11 +167,9 @@ def _affine_normalize_rows(  # type: ignore[no-untyped-def]
     constants = activation_constants(parameter, x)
     x2 = x.reshape((rows, channels))
     out2 = out.reshape((rows, channels))
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        normalize_rows_block(
-            x2, high, factor, shift, groups, period, start, stop, out2, activation, constants
-        )
+    normalize_rows_blocks(
+        x2, high, factor, shift, groups, period, blocks, out2, activation, constants
+    )
 
 
 @kernel
@@ -159,14 +181,11 @@ def _affine_normalize_planes(  # type: ignore[no-untyped-def]
 
     ``mean``, ``variance``: float64 ``[groups, C]``; ``scale``, ``offset``: ``[C]``.
     """
-    rows = x.shape[0]
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     constants = activation_constants(parameter, x)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        normalize_planes_block(
-            x, high, factor, shift, groups, period, start, stop, out, activation, constants
-        )
+    normalize_planes_blocks(
+        x, high, factor, shift, groups, period, blocks, out, activation, constants
+    )
 
 
 affine_normalize = by_layout(_affine_normalize_rows, _affine_normalize_planes)
@@ -273,6 +292,56 @@ def input_gradient_planes_block(  # type: ignore[no-untyped-def]
                     target[i] = a * ((grad_row[i] - d) - b * ((row[i] - h) - lo))
 
 
+@runner
+def input_gradient_rows_blocks(  # type: ignore[no-untyped-def]
+    dy2, x2, weights, has_weights, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out2
+):
+    """:func:`input_gradient_rows_block` on each row block."""
+    for block in prange(blocks):
+        start, stop = block_rows(x2.shape[0], blocks, block)
+        input_gradient_rows_block(
+            dy2,
+            x2,
+            weights,
+            has_weights,
+            high,
+            low,
+            k_dy,
+            mean_dy,
+            k_centred,
+            groups,
+            period,
+            start,
+            stop,
+            out2,
+        )
+
+
+@runner
+def input_gradient_planes_blocks(  # type: ignore[no-untyped-def]
+    dy, x, weights, has_weights, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out
+):
+    """:func:`input_gradient_planes_block` on each row block."""
+    for block in prange(blocks):
+        start, stop = block_rows(x.shape[0], blocks, block)
+        input_gradient_planes_block(
+            dy,
+            x,
+            weights,
+            has_weights,
+            high,
+            low,
+            k_dy,
+            mean_dy,
+            k_centred,
+            groups,
+            period,
+            start,
+            stop,
+            out,
+        )
+
+
 @kernel
 def _input_gradient_rows(  # type: ignore[no-untyped-def]
     dy,
@@ -299,24 +368,21 @@ def _input_gradient_rows(  # type: ignore[no-untyped-def]
     x2 = x.reshape((rows, channels))
     dy2 = dy.reshape((rows, channels))
     out2 = out.reshape((rows, channels))
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        input_gradient_rows_block(
-            dy2,
-            x2,
-            weights,
-            has_weights,
-            high,
-            low,
-            k_dy,
-            mean_dy,
-            k_centred,
-            groups,
-            period,
-            start,
-            stop,
-            out2,
-        )
+    input_gradient_rows_blocks(
+        dy2,
+        x2,
+        weights,
+        has_weights,
+        high,
+        low,
+        k_dy,
+        mean_dy,
+        k_centred,
+        groups,
+        period,
+        blocks,
+        out2,
+    )
 
 
 @kernel
@@ -343,29 +409,25 @@ def _input_gradient_planes(  # type: ignore[no-untyped-def]
     ``out = s * ((dy - w * Sdy / W) - w * inv^2 * Sdc / W * (x - mean))`` (w = 1 without
     weights).
     """
-    rows = x.shape[0]
     high, low = split_mean(mean, x)
     k_dy, mean_dy, k_centred = gradient_coefficients(
         variance, total_weight, scale, sums, epsilon, x
     )
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        input_gradient_planes_block(
-            dy,
-            x,
-            weights,
-            has_weights,
-            high,
-            low,
-            k_dy,
-            mean_dy,
-            k_centred,
-            groups,
-            period,
-            start,
-            stop,
-            out,
-        )
+    input_gradient_planes_blocks(
+        dy,
+        x,
+        weights,
+        has_weights,
+        high,
+        low,
+        k_dy,
+        mean_dy,
+        k_centred,
+        groups,
+        period,
+        blocks,
+        out,
+    )
 
 
 batch_norm_input_gradient = by_layout(_input_gradient_rows, _input_gradient_planes)

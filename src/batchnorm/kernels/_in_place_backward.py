@@ -27,7 +27,7 @@ import numpy as np
 from numba import prange
 
 from batchnorm.kernels._elementwise import ELU
-from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, setup_helper
+from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, runner, setup_helper
 from batchnorm.kernels._statistics import sum_blocks
 
 
@@ -200,6 +200,50 @@ def in_place_parameter_gradients(sums):  # type: ignore[no-untyped-def]
     return dscale, doffset
 
 
+@runner
+def sums_rows_blocks(  # type: ignore[no-untyped-def]
+    dy2, y2, channel, inverse, groups, period, blocks, sums
+):
+    """:func:`sums_rows_block` on each row block, into ``sums[block]``."""
+    for block in prange(blocks):
+        start, stop = block_rows(y2.shape[0], blocks, block)
+        sums_rows_block(dy2, y2, channel, inverse, groups, period, start, stop, sums[block])
+
+
+@runner
+def sums_planes_blocks(  # type: ignore[no-untyped-def]
+    dy, y, channel, inverse, groups, period, blocks, sums
+):
+    """:func:`sums_planes_block` on each row block, into ``sums[block]``."""
+    for block in prange(blocks):
+        start, stop = block_rows(y.shape[0], blocks, block)
+        sums_planes_block(dy, y, channel, inverse, groups, period, start, stop, sums[block])
+
+
+@runner
+def gradient_rows_blocks(  # type: ignore[no-untyped-def]
+    dy2, y2, weights, has_weights, channel, inverse, factors, period, blocks, out2
+):
+    """:func:`gradient_rows_block` on each row block."""
+    for block in prange(blocks):
+        start, stop = block_rows(y2.shape[0], blocks, block)
+        gradient_rows_block(
+            dy2, y2, weights, has_weights, channel, inverse, factors, period, start, stop, out2
+        )
+
+
+@runner
+def gradient_planes_blocks(  # type: ignore[no-untyped-def]
+    dy, y, weights, has_weights, channel, inverse, factors, period, blocks, out
+):
+    """:func:`gradient_planes_block` on each row block."""
+    for block in prange(blocks):
+        start, stop = block_rows(y.shape[0], blocks, block)
+        gradient_planes_block(
+            dy, y, weights, has_weights, channel, inverse, factors, period, start, stop, out
+        )
+
+
 @kernel
 def _in_place_backward_rows(  # type: ignore[no-untyped-def]
     dy,
@@ -227,16 +271,12 @@ def _in_place_backward_rows(  # type: ignore[no-untyped-def]
     channel = channel_coefficients(scale, offset, y)
     inverse = inverse_constants(activation, parameter, floor, y)
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        sums_rows_block(dy2, y2, channel, inverse, groups, period, start, stop, partial[block])
+    sums_rows_blocks(dy2, y2, channel, inverse, groups, period, blocks, partial)
     sums = sum_blocks(partial)
     factors = gradient_factors(variance, total, scale, sums, epsilon, y)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        gradient_rows_block(
-            dy2, y2, weights, has_weights, channel, inverse, factors, period, start, stop, out2
-        )
+    gradient_rows_blocks(
+        dy2, y2, weights, has_weights, channel, inverse, factors, period, blocks, out2
+    )
     return in_place_parameter_gradients(sums)
 
 
@@ -266,20 +306,16 @@ def _in_place_backward_planes(  # type: ignore[no-untyped-def]
     ``activation``, ``parameter``: the forward's activation code and parameter (identity: code
     0 and parameter 1); ``floor``: the smallest ``z`` elu's inverse returns.
     """
-    rows, channels, _ = y.shape
+    channels = y.shape[1]
     channel = channel_coefficients(scale, offset, y)
     inverse = inverse_constants(activation, parameter, floor, y)
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        sums_planes_block(dy, y, channel, inverse, groups, period, start, stop, partial[block])
+    sums_planes_blocks(dy, y, channel, inverse, groups, period, blocks, partial)
     sums = sum_blocks(partial)
     factors = gradient_factors(variance, total, scale, sums, epsilon, y)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        gradient_planes_block(
-            dy, y, weights, has_weights, channel, inverse, factors, period, start, stop, out
-        )
+    gradient_planes_blocks(
+        dy, y, weights, has_weights, channel, inverse, factors, period, blocks, out
+    )
     return in_place_parameter_gradients(sums)
 
 

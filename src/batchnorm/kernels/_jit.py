@@ -1,8 +1,9 @@
 """The one place where Numba's compilation flags live.
 
-- ``parallel``: kernels split rows into blocks (``prange``) whose number depends only on the
-  input's shape (:func:`blocks_for`), and add the blocks' partial sums in block order: results are
-  bit-identical for any thread count, and between the serial and the threaded build.
+- ``parallel``: kernels split rows into blocks whose number depends only on the input's shape
+  (:func:`blocks_for`), and add the blocks' partial sums in block order: results are
+  bit-identical for any thread count, and between the serial and the threaded build. The blocks
+  run in :class:`Runner` loops (``prange``), the only functions compiled with ``parallel=True``.
 - ``cache``: compiled code is written next to the sources (or Numba's user cache directory), so a
   second process starts without compiling.
 - ``fastmath``: reassociation and contraction only, so reductions vectorise; no ``nnan``/``ninf``,
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import types
 from typing import Any
@@ -29,32 +31,80 @@ BLOCK_ELEMENTS = 1 << 15
 MAX_BLOCKS = 16
 
 
-class Kernel:
-    """A kernel compiled twice, threaded (``prange`` over row blocks) and serial.
+class Runner:
+    """A loop over row blocks that calls one block helper, compiled threaded (``prange``) and
+    serial; kernels call it by name (:class:`Kernel` picks the build).
 
-    The serial build compiles a copy of the function under another name: Numba's on-disk cache
-    keys a function by its name and signature, not by its options, so the two builds of one
-    function shared a cache entry, and whichever was compiled second loaded the first's code
-    (the serial call of a (32, 64) training step then ran the threaded code, 12 us instead of
-    4 us, or a 51 MB one ran on one thread, 5.2 ms instead of 3.5 ms).
+    Only these small functions are compiled with ``parallel=True``: Numba's parallel lowering
+    compiles each ``prange`` loop of a function as a function of its own, with everything else
+    in that function around it, which made every threaded kernel cost twice its serial build
+    to compile (a first (32, 64, 56, 56) training step took 12 s with a cold cache). A runner
+    is compiled once and shared by every kernel that runs its helper.
     """
 
     def __init__(self, function: Any) -> None:
         self.parallel = numba.njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)(
             function
         )
-        self.serial = numba.njit(parallel=False, cache=True, fastmath=FASTMATH, nogil=True)(
-            _renamed(function, "_serial")
-        )
+        # Inlined into the serial kernels: the loop as they had it written in, with nothing
+        # more to compile.
+        self.serial = numba.njit(
+            parallel=False, cache=True, fastmath=FASTMATH, nogil=True, inline="always"
+        )(_renamed(function, "_serial"))
         self.__doc__ = function.__doc__
         self.__name__ = function.__name__
 
+    def __call__(self, *args: Any) -> Any:
+        """From Python, the threaded build (a kernel calls the build :class:`Kernel` gives it)."""
+        return self.parallel(*args)
 
-def _renamed(function: Any, suffix: str) -> Any:
-    """A copy of ``function`` (same code, globals and defaults) named ``<name><suffix>``."""
+
+def runner(function: Any) -> Runner:
+    return Runner(function)
+
+
+class Kernel:
+    """A kernel compiled twice, as one native call each: its "parallel" build calls the threaded
+    builds of the :class:`Runner` loops it names, its serial build their serial builds.
+
+    Both builds compile a renamed copy of the function (Numba's on-disk cache keys a function by
+    its name and signature, not by its options or globals: two builds of one name shared a cache
+    entry, and whichever was compiled second loaded the first's code; the serial call of a
+    (32, 64) training step then ran the threaded code, 12 us instead of 4 us). The copies are
+    made on first use, once the kernel's module has defined every name it calls.
+    """
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self.__doc__ = function.__doc__
+        self.__name__ = function.__name__
+
+    @functools.cached_property
+    def parallel(self) -> Any:
+        return self._build("_parallel", threaded=True)
+
+    @functools.cached_property
+    def serial(self) -> Any:
+        return self._build("_serial", threaded=False)
+
+    def _build(self, suffix: str, *, threaded: bool) -> Any:
+        function = self.function
+        names = function.__code__.co_names
+        runners = {
+            name: value.parallel if threaded else value.serial
+            for name, value in function.__globals__.items()
+            if isinstance(value, Runner) and name in names
+        }
+        copy = _renamed(function, suffix, {**function.__globals__, **runners})
+        return numba.njit(parallel=False, cache=True, fastmath=FASTMATH, nogil=True)(copy)
+
+
+def _renamed(function: Any, suffix: str, namespace: dict[str, Any] | None = None) -> Any:
+    """A copy of ``function`` (same code and defaults; its globals, or ``namespace``) named
+    ``<name><suffix>``."""
     copy = types.FunctionType(
         function.__code__,
-        function.__globals__,
+        function.__globals__ if namespace is None else namespace,
         function.__name__ + suffix,
         function.__defaults__,
         function.__closure__,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, setup_helper
+from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, runner, setup_helper
 
 
 @setup_helper
@@ -199,6 +199,26 @@ def moments_planes_block(x, weights, has_weights, shift, groups, period, start, 
             sums[2, g, c] += a2
 
 
+@runner
+def moments_rows_blocks(x2, weights, has_weights, shift, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
+    """:func:`moments_rows_block` on each row block, into ``partial[block]``."""
+    for block in prange(blocks):
+        start, stop = block_rows(x2.shape[0], blocks, block)
+        moments_rows_block(
+            x2, weights, has_weights, shift, groups, period, start, stop, partial[block]
+        )
+
+
+@runner
+def moments_planes_blocks(x, weights, has_weights, shift, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
+    """:func:`moments_planes_block` on each row block, into ``partial[block]``."""
+    for block in prange(blocks):
+        start, stop = block_rows(x.shape[0], blocks, block)
+        moments_planes_block(
+            x, weights, has_weights, shift, groups, period, start, stop, partial[block]
+        )
+
+
 @kernel
 def _batch_moments_rows(x, weights, has_weights, groups, period, blocks):  # type: ignore[no-untyped-def]
     """:data:`batch_moments` for ``inner == 1``: rows of C contiguous values (channels last).
@@ -209,11 +229,7 @@ def _batch_moments_rows(x, weights, has_weights, groups, period, blocks):  # typ
     shift = first_values(x, weights, has_weights)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
     x2 = x.reshape((rows, channels))
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        moments_rows_block(
-            x2, weights, has_weights, shift, groups, period, start, stop, partial[block]
-        )
+    moments_rows_blocks(x2, weights, has_weights, shift, groups, period, blocks, partial)
     return moments_from_sums(partial, shift, has_weights, rows, 1, groups, period)
 
 
@@ -223,11 +239,7 @@ def _batch_moments_planes(x, weights, has_weights, groups, period, blocks):  # t
     rows, channels, inner = x.shape
     shift = first_values(x, weights, has_weights)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        moments_planes_block(
-            x, weights, has_weights, shift, groups, period, start, stop, partial[block]
-        )
+    moments_planes_blocks(x, weights, has_weights, shift, groups, period, blocks, partial)
     return moments_from_sums(partial, shift, has_weights, rows, inner, groups, period)
 
 
@@ -293,6 +305,22 @@ def gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, sums): 
             sums[1, g, c] += a1
 
 
+@runner
+def gradient_sums_rows_blocks(dy2, x2, mean, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
+    """:func:`gradient_sums_rows_block` on each row block, into ``partial[block]``."""
+    for block in prange(blocks):
+        start, stop = block_rows(x2.shape[0], blocks, block)
+        gradient_sums_rows_block(dy2, x2, mean, groups, period, start, stop, partial[block])
+
+
+@runner
+def gradient_sums_planes_blocks(dy, x, mean, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
+    """:func:`gradient_sums_planes_block` on each row block, into ``partial[block]``."""
+    for block in prange(blocks):
+        start, stop = block_rows(x.shape[0], blocks, block)
+        gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, partial[block])
+
+
 @kernel
 def _gradient_sums_rows(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyped-def]
     """:data:`gradient_sums` for ``inner == 1`` (channels last)."""
@@ -300,9 +328,7 @@ def _gradient_sums_rows(dy, x, mean, groups, period, blocks):  # type: ignore[no
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
     x2 = x.reshape((rows, channels))
     dy2 = dy.reshape((rows, channels))
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        gradient_sums_rows_block(dy2, x2, mean, groups, period, start, stop, partial[block])
+    gradient_sums_rows_blocks(dy2, x2, mean, groups, period, blocks, partial)
     return sum_blocks(partial)
 
 
@@ -312,11 +338,9 @@ def _gradient_sums_planes(dy, x, mean, groups, period, blocks):  # type: ignore[
 
     ``mean`` is float64 ``[groups, C]``.
     """
-    rows, channels, _ = x.shape
+    channels = x.shape[1]
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, partial[block])
+    gradient_sums_planes_blocks(dy, x, mean, groups, period, blocks, partial)
     return sum_blocks(partial)
 
 

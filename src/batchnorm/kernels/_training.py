@@ -16,26 +16,25 @@ dispatch work between them, which dominates small inputs. The moving statistics 
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
 from batchnorm.kernels._elementwise import (
     activation_constants,
     affine_coefficients,
     gradient_coefficients,
-    input_gradient_planes_block,
-    input_gradient_rows_block,
-    normalize_planes_block,
-    normalize_rows_block,
+    input_gradient_planes_blocks,
+    input_gradient_rows_blocks,
+    normalize_planes_blocks,
+    normalize_rows_blocks,
     split_mean,
 )
-from batchnorm.kernels._jit import block_rows, by_layout, kernel, setup_helper
+from batchnorm.kernels._jit import by_layout, kernel, setup_helper
 from batchnorm.kernels._statistics import (
     first_values,
-    gradient_sums_planes_block,
-    gradient_sums_rows_block,
+    gradient_sums_planes_blocks,
+    gradient_sums_rows_blocks,
     moments_from_sums,
-    moments_planes_block,
-    moments_rows_block,
+    moments_planes_blocks,
+    moments_rows_blocks,
     sum_blocks,
 )
 
@@ -130,19 +129,13 @@ def _train_forward_rows(  # type: ignore[no-untyped-def]
     out2 = out.reshape((rows, channels))
     first = first_values(x, weights, has_weights)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        moments_rows_block(
-            x2, weights, has_weights, first, groups, period, start, stop, partial[block]
-        )
+    moments_rows_blocks(x2, weights, has_weights, first, groups, period, blocks, partial)
     mean, variance, total = moments_from_sums(partial, first, has_weights, rows, 1, groups, period)
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     constants = activation_constants(parameter, x)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        normalize_rows_block(
-            x2, high, factor, shift, groups, period, start, stop, out2, activation, constants
-        )
+    normalize_rows_blocks(
+        x2, high, factor, shift, groups, period, blocks, out2, activation, constants
+    )
     update_moving_statistics(
         mean,
         variance,
@@ -186,21 +179,15 @@ def _train_forward_planes(  # type: ignore[no-untyped-def]
     rows, channels, inner = x.shape
     first = first_values(x, weights, has_weights)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        moments_planes_block(
-            x, weights, has_weights, first, groups, period, start, stop, partial[block]
-        )
+    moments_planes_blocks(x, weights, has_weights, first, groups, period, blocks, partial)
     mean, variance, total = moments_from_sums(
         partial, first, has_weights, rows, inner, groups, period
     )
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     constants = activation_constants(parameter, x)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        normalize_planes_block(
-            x, high, factor, shift, groups, period, start, stop, out, activation, constants
-        )
+    normalize_planes_blocks(
+        x, high, factor, shift, groups, period, blocks, out, activation, constants
+    )
     update_moving_statistics(
         mean,
         variance,
@@ -242,30 +229,25 @@ def _train_backward_rows(  # type: ignore[no-untyped-def]
     dy2 = dy.reshape((rows, channels))
     out2 = out.reshape((rows, channels))
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        gradient_sums_rows_block(dy2, x2, mean, groups, period, start, stop, partial[block])
+    gradient_sums_rows_blocks(dy2, x2, mean, groups, period, blocks, partial)
     sums = sum_blocks(partial)
     high, low = split_mean(mean, x)
     k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        input_gradient_rows_block(
-            dy2,
-            x2,
-            weights,
-            has_weights,
-            high,
-            low,
-            k_dy,
-            mean_dy,
-            k_centred,
-            groups,
-            period,
-            start,
-            stop,
-            out2,
-        )
+    input_gradient_rows_blocks(
+        dy2,
+        x2,
+        weights,
+        has_weights,
+        high,
+        low,
+        k_dy,
+        mean_dy,
+        k_centred,
+        groups,
+        period,
+        blocks,
+        out2,
+    )
     return parameter_gradients(sums, variance, epsilon)
 
 
@@ -277,32 +259,27 @@ def _train_backward_planes(  # type: ignore[no-untyped-def]
     (:data:`batchnorm.kernels.batch_norm_input_gradient`), returns ``(dscale, doffset)`` ``[C]``
     float64 (:func:`parameter_gradients`).
     """
-    rows, channels, _ = x.shape
+    channels = x.shape[1]
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, partial[block])
+    gradient_sums_planes_blocks(dy, x, mean, groups, period, blocks, partial)
     sums = sum_blocks(partial)
     high, low = split_mean(mean, x)
     k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
-    for block in prange(blocks):
-        start, stop = block_rows(rows, blocks, block)
-        input_gradient_planes_block(
-            dy,
-            x,
-            weights,
-            has_weights,
-            high,
-            low,
-            k_dy,
-            mean_dy,
-            k_centred,
-            groups,
-            period,
-            start,
-            stop,
-            out,
-        )
+    input_gradient_planes_blocks(
+        dy,
+        x,
+        weights,
+        has_weights,
+        high,
+        low,
+        k_dy,
+        mean_dy,
+        k_centred,
+        groups,
+        period,
+        blocks,
+        out,
+    )
     return parameter_gradients(sums, variance, epsilon)
 
 
