@@ -99,10 +99,11 @@ def run_bench(arguments: argparse.Namespace) -> int:
         f"medians over {report['repeats']} interleaved rounds of blocked_autorange; spread = "
         "interquartile range / median; floor = one copy of the input into preallocated memory"
     )
-    if "first_call_seconds" in report:
-        first = report["first_call_seconds"]
+    for label, first in report.get("first_call_seconds", {}).items():
+        shape = "x".join(map(str, first["shape"]))
         print(
-            f"first call: {first['cold_cache']:.1f} s with JIT compilation, "
+            f"first training step and inference call, {label} input {shape}: "
+            f"{first['cold_cache']:.1f} s with JIT compilation, "
             f"{first['warm_cache']:.1f} s from the on-disk cache"
         )
     print(format_table(report))

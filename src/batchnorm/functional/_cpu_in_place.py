@@ -25,6 +25,7 @@ from batchnorm.functional._cpu_operations import (
     normalize_into,
 )
 from batchnorm.functional._cpu_plan import KERNEL_DTYPES, Prepared, prepare
+from batchnorm.kernels._elementwise import NO_ACTIVATION
 
 
 class InPlacePass(NamedTuple):
@@ -135,8 +136,8 @@ class _InPlaceKernels(torch.autograd.Function):
             in_place_pass.scale,
             in_place_pass.offset,
             in_place_pass.epsilon,
-            code,
-            parameter if code else 1.0,
+            NO_ACTIVATION if code is None else code,
+            1.0 if code is None else parameter,
             floor,
             in_place_pass.ghost_batches,
             plan.layout.period,

@@ -26,7 +26,7 @@ from batchnorm.functional._cpu_plan import (
     shared_array,
 )
 from batchnorm.functional._torch_ops import TORCH_OPS
-from batchnorm.kernels._elementwise import ELU, LEAKY_RELU, NO_ACTIVATION, RELU
+from batchnorm.kernels._elementwise import ELU, LEAKY_RELU, RELU
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -137,10 +137,12 @@ def normalize_into(
     )
 
 
-def activation_code(activation: Activation | None) -> tuple[int, float]:
-    """The kernels' ``(code, parameter)`` of an activation (:mod:`batchnorm.kernels._elementwise`)."""
+def activation_code(activation: Activation | None) -> tuple[int | None, float]:
+    """The kernels' ``(code, parameter)`` of an activation (:mod:`batchnorm.kernels._elementwise`);
+    code None for none (a type of its own to Numba: calls without an activation run kernels
+    compiled without its loops)."""
     if activation is None or activation.name == "identity":
-        return NO_ACTIVATION, 0.0
+        return None, 0.0
     code = _ACTIVATION_CODES[activation.name]
     return code, 0.0 if activation.parameter is None else activation.parameter
 
@@ -337,7 +339,7 @@ def train_backward_impl(
     dx, dx3 = plan.fresh()
     statistics = (training_pass.mean, training_pass.variance, training_pass.total_weight)
     code, parameter = activation_code(training_pass.activation)
-    if code == NO_ACTIVATION:
+    if code is None:
         backward = prepared.compiled(plan.train_backward)
         dscale, doffset = backward(
             dy3,

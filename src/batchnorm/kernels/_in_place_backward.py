@@ -67,9 +67,9 @@ def channel_coefficients(scale, offset, dtype_example):  # type: ignore[no-untyp
 def gradient_factors(variance, total, scale, sums, epsilon, dtype_example):  # type: ignore[no-untyped-def]
     """``(s, S_0 / W, S_1 / W)`` per group and channel in the compute dtype."""
     groups, channels = variance.shape
-    factor = np.empty((groups, channels), dtype_example.dtype)
-    mean_delta = np.empty((groups, channels), dtype_example.dtype)
-    mean_product = np.empty((groups, channels), dtype_example.dtype)
+    factor = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
+    mean_delta = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
+    mean_product = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
     for g in range(groups):
         for c in range(channels):
             per_weight = 1.0 / total[g, c] if total[g, c] > 0 else 0.0

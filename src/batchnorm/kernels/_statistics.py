@@ -39,7 +39,7 @@ def sum_blocks(partial):  # type: ignore[no-untyped-def]
     """The per-thread partial sums ``[blocks, k, groups, C]`` added in block order
     (deterministic). Plain loops: array expressions here cost a second of JIT compilation."""
     blocks, kinds, groups, channels = partial.shape
-    sums = np.empty((kinds, groups, channels), np.float64)
+    sums = np.empty(kinds * groups * channels, np.float64).reshape((kinds, groups, channels))
     for k in range(kinds):
         for g in range(groups):
             for c in range(channels):
@@ -55,9 +55,9 @@ def moments_from_sums(partial, shift, has_weights, rows, inner, groups, period):
     """Mean, variance and total weight from the per-block shifted sums ``[blocks, 3, groups, C]``."""
     sums = sum_blocks(partial)
     channels = shift.shape[0]
-    mean = np.zeros((groups, channels), np.float64)
-    variance = np.zeros((groups, channels), np.float64)
-    total_weight = np.empty((groups, channels), np.float64)
+    mean = np.zeros(groups * channels, np.float64).reshape((groups, channels))
+    variance = np.zeros(groups * channels, np.float64).reshape((groups, channels))
+    total_weight = np.empty(groups * channels, np.float64).reshape((groups, channels))
     # Row o is in group (o // period) % groups: whole cycles of period * groups rows, then the
     # rest (a loop over the rows cost 0.8 ms for 200,000 rows, half the moments pass).
     rows_in_group = np.empty(groups, np.float64)

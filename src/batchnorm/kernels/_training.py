@@ -172,7 +172,8 @@ def _train_forward_planes(  # type: ignore[no-untyped-def]
     parameter,
 ):
     """Batch moments, ``out = f((x - mean) / sqrt(variance + epsilon) * scale + offset)`` (``f``
-    the activation of code ``activation``, 0 for none), and the moving-average step (:func:`update_moving_statistics`) in one call.
+    the activation of code ``activation``, None for none), and the moving-average step
+    (:func:`update_moving_statistics`) in one call.
 
     Returns the batch ``(mean, variance, total_weight)``, each ``[groups, C]`` float64.
     """
