@@ -130,7 +130,7 @@ class _InPlaceKernels(torch.autograd.Function):
             dy3,
             y3,
             prepared.weights,
-            prepared.has_weights,
+            prepared.masked,
             in_place_pass.variance,
             in_place_pass.total_weight,
             in_place_pass.scale,

@@ -119,8 +119,11 @@ class Prepared(NamedTuple):
     plan: CpuPlan
     source: torch.Tensor  # x itself or its one copy, in the kernel dtype
     x3: np.ndarray
-    weights: np.ndarray
-    has_weights: bool
+    weights: np.ndarray  # a dummy array without a mask
+    # True with a mask, None without: None is a type of its own to Numba, and the kernels' mask
+    # branches test ``masked is None``, which Numba prunes before compiling (a plain call then
+    # compiles without them).
+    masked: bool | None
     parallel: bool
 
     @property
@@ -161,7 +164,7 @@ def prepare(
     x3 = plan.canonical(source.numpy())
     parallel = plan.parallel()
     if weights is None:
-        return Prepared(plan, source, x3, NO_WEIGHTS[dtype], False, parallel)
+        return Prepared(plan, source, x3, NO_WEIGHTS[dtype], None, parallel)
     squeezed = weights.detach().squeeze(tuple(axes)) if weights.ndim == x.ndim else weights.detach()
     w2 = canonical_weights(squeezed, plan.layout, tuple(axes), dtype).numpy()
     return Prepared(plan, source, x3, w2, True, parallel)
@@ -172,7 +175,7 @@ def prepare_with(plan: CpuPlan, x: torch.Tensor) -> Prepared:
     the search for its plan."""
     detached = x.detach()
     x3 = plan.canonical(detached.numpy())
-    return Prepared(plan, detached, x3, NO_WEIGHTS[x.dtype], False, plan.parallel())
+    return Prepared(plan, detached, x3, NO_WEIGHTS[x.dtype], None, plan.parallel())
 
 
 def plan_of(x: torch.Tensor, axes: list[int], batch_outermost: bool) -> CpuPlan | None:

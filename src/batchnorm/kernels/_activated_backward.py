@@ -122,7 +122,7 @@ def activated_sums_planes_block(  # type: ignore[no-untyped-def]
 
 @helper
 def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
-    dy2, x2, y2, weights, has_weights, coefficients, derivative, period, start, stop, out2
+    dy2, x2, y2, weights, masked, coefficients, derivative, period, start, stop, out2
 ):
     """``dx`` on rows ``start:stop`` (channels last); ``coefficients`` as the kernels make them."""
     high, low, factor, shift, k_dy, mean_dy, k_centred = coefficients
@@ -134,7 +134,7 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
             g = (o // period) % groups
             h, lo, f, b = high[g], low[g], factor[g], shift[g]
             a, m, k = k_dy[g], mean_dy[g], k_centred[g]
-        if has_weights:
+        if masked is not None:
             w = weights[o, 0]
             for c in range(channels):
                 v = x2[o, c]
@@ -153,7 +153,7 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
 
 @helper
 def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
-    dy, x, y, weights, has_weights, coefficients, derivative, period, start, stop, out
+    dy, x, y, weights, masked, coefficients, derivative, period, start, stop, out
 ):
     """``dx`` on rows ``start:stop`` (channel planes)."""
     high, low, factor, shift, k_dy, mean_dy, k_centred = coefficients
@@ -174,7 +174,7 @@ def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
             grad_row = dy[o, c]
             output_row = y[o, c]
             target = out[o, c]
-            if has_weights:
+            if masked is not None:
                 weight_row = weights[o]
                 for i in range(inner):
                     w = weight_row[i]
@@ -218,25 +218,25 @@ def activated_sums_planes_blocks(  # type: ignore[no-untyped-def]
 
 @runner
 def activated_gradient_rows_blocks(  # type: ignore[no-untyped-def]
-    dy2, x2, y2, weights, has_weights, coefficients, derivative, period, blocks, out2
+    dy2, x2, y2, weights, masked, coefficients, derivative, period, blocks, out2
 ):
     """:func:`activated_gradient_rows_block` on each row block."""
     for block in prange(blocks):
         start, stop = block_rows(x2.shape[0], blocks, block)
         activated_gradient_rows_block(
-            dy2, x2, y2, weights, has_weights, coefficients, derivative, period, start, stop, out2
+            dy2, x2, y2, weights, masked, coefficients, derivative, period, start, stop, out2
         )
 
 
 @runner
 def activated_gradient_planes_blocks(  # type: ignore[no-untyped-def]
-    dy, x, y, weights, has_weights, coefficients, derivative, period, blocks, out
+    dy, x, y, weights, masked, coefficients, derivative, period, blocks, out
 ):
     """:func:`activated_gradient_planes_block` on each row block."""
     for block in prange(blocks):
         start, stop = block_rows(x.shape[0], blocks, block)
         activated_gradient_planes_block(
-            dy, x, y, weights, has_weights, coefficients, derivative, period, start, stop, out
+            dy, x, y, weights, masked, coefficients, derivative, period, start, stop, out
         )
 
 
@@ -246,7 +246,7 @@ def _activated_backward_rows(  # type: ignore[no-untyped-def]
     x,
     y,
     weights,
-    has_weights,
+    masked,
     mean,
     variance,
     total,
@@ -277,7 +277,7 @@ def _activated_backward_rows(  # type: ignore[no-untyped-def]
     k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
     coefficients = (high, low, factor, shift, k_dy, mean_dy, k_centred)
     activated_gradient_rows_blocks(
-        dy2, x2, y2, weights, has_weights, coefficients, derivative, period, blocks, out2
+        dy2, x2, y2, weights, masked, coefficients, derivative, period, blocks, out2
     )
     return parameter_gradients(sums, variance, epsilon)
 
@@ -288,7 +288,7 @@ def _activated_backward_planes(  # type: ignore[no-untyped-def]
     x,
     y,
     weights,
-    has_weights,
+    masked,
     mean,
     variance,
     total,
@@ -321,7 +321,7 @@ def _activated_backward_planes(  # type: ignore[no-untyped-def]
     k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
     coefficients = (high, low, factor, shift, k_dy, mean_dy, k_centred)
     activated_gradient_planes_blocks(
-        dy, x, y, weights, has_weights, coefficients, derivative, period, blocks, out
+        dy, x, y, weights, masked, coefficients, derivative, period, blocks, out
     )
     return parameter_gradients(sums, variance, epsilon)
 

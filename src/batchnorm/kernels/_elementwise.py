@@ -215,7 +215,7 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
     dy2,
     x2,
     weights,
-    has_weights,
+    masked,
     high,
     low,
     k_dy,
@@ -229,7 +229,7 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
 ):
     """The input gradient on rows ``start:stop`` (channels last); see :func:`gradient_coefficients`."""
     channels = x2.shape[1]
-    if groups == 1 and not has_weights:
+    if groups == 1 and masked is None:
         # The common case with its coefficients as rows: vectorised over the channels.
         h = high[0]
         lo = low[0]
@@ -242,7 +242,7 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
         return
     for o in range(start, stop):
         g = (o // period) % groups
-        w = weights[o, 0] if has_weights else 1.0
+        w = weights[o, 0] if masked is not None else 1.0
         for c in range(channels):
             centred = (x2[o, c] - high[g, c]) - low[g, c]
             out2[o, c] = k_dy[g, c] * (
@@ -255,7 +255,7 @@ def input_gradient_planes_block(  # type: ignore[no-untyped-def]
     dy,
     x,
     weights,
-    has_weights,
+    masked,
     high,
     low,
     k_dy,
@@ -280,7 +280,7 @@ def input_gradient_planes_block(  # type: ignore[no-untyped-def]
             row = x[o, c]
             grad_row = dy[o, c]
             target = out[o, c]
-            if has_weights:
+            if masked is not None:
                 weight_row = weights[o]
                 for i in range(inner):
                     w = weight_row[i]
@@ -292,7 +292,7 @@ def input_gradient_planes_block(  # type: ignore[no-untyped-def]
 
 @runner
 def input_gradient_rows_blocks(  # type: ignore[no-untyped-def]
-    dy2, x2, weights, has_weights, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out2
+    dy2, x2, weights, masked, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out2
 ):
     """:func:`input_gradient_rows_block` on each row block."""
     for block in prange(blocks):
@@ -301,7 +301,7 @@ def input_gradient_rows_blocks(  # type: ignore[no-untyped-def]
             dy2,
             x2,
             weights,
-            has_weights,
+            masked,
             high,
             low,
             k_dy,
@@ -317,7 +317,7 @@ def input_gradient_rows_blocks(  # type: ignore[no-untyped-def]
 
 @runner
 def input_gradient_planes_blocks(  # type: ignore[no-untyped-def]
-    dy, x, weights, has_weights, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out
+    dy, x, weights, masked, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out
 ):
     """:func:`input_gradient_planes_block` on each row block."""
     for block in prange(blocks):
@@ -326,7 +326,7 @@ def input_gradient_planes_blocks(  # type: ignore[no-untyped-def]
             dy,
             x,
             weights,
-            has_weights,
+            masked,
             high,
             low,
             k_dy,
@@ -345,7 +345,7 @@ def _input_gradient_rows(  # type: ignore[no-untyped-def]
     dy,
     x,
     weights,
-    has_weights,
+    masked,
     mean,
     variance,
     total_weight,
@@ -370,7 +370,7 @@ def _input_gradient_rows(  # type: ignore[no-untyped-def]
         dy2,
         x2,
         weights,
-        has_weights,
+        masked,
         high,
         low,
         k_dy,
@@ -388,7 +388,7 @@ def _input_gradient_planes(  # type: ignore[no-untyped-def]
     dy,
     x,
     weights,
-    has_weights,
+    masked,
     mean,
     variance,
     total_weight,
@@ -415,7 +415,7 @@ def _input_gradient_planes(  # type: ignore[no-untyped-def]
         dy,
         x,
         weights,
-        has_weights,
+        masked,
         high,
         low,
         k_dy,

@@ -125,7 +125,7 @@ def sums_planes_block(dy, y, channel, inverse, groups, period, start, stop, sums
 
 @helper
 def gradient_rows_block(  # type: ignore[no-untyped-def]
-    dy2, y2, weights, has_weights, channel, inverse, factors, period, start, stop, out2
+    dy2, y2, weights, masked, channel, inverse, factors, period, start, stop, out2
 ):
     """``dx`` on rows ``start:stop`` (channels last)."""
     reciprocal, shift = channel
@@ -137,7 +137,7 @@ def gradient_rows_block(  # type: ignore[no-untyped-def]
         if groups > 1:
             g = (o // period) % groups
             s, m0, m1 = factor[g], mean_delta[g], mean_product[g]
-        if has_weights:
+        if masked is not None:
             w = weights[o, 0]
             for c in range(channels):
                 z, d = recovered(y2[o, c], dy2[o, c], exponential, slope, inverse_slope, floor)
@@ -152,7 +152,7 @@ def gradient_rows_block(  # type: ignore[no-untyped-def]
 
 @helper
 def gradient_planes_block(  # type: ignore[no-untyped-def]
-    dy, y, weights, has_weights, channel, inverse, factors, period, start, stop, out
+    dy, y, weights, masked, channel, inverse, factors, period, start, stop, out
 ):
     """``dx`` on rows ``start:stop`` (channel planes)."""
     reciprocal, shift = channel
@@ -171,7 +171,7 @@ def gradient_planes_block(  # type: ignore[no-untyped-def]
             output_row = y[o, c]
             grad_row = dy[o, c]
             target = out[o, c]
-            if has_weights:
+            if masked is not None:
                 weight_row = weights[o]
                 for i in range(inner):
                     w = weight_row[i]
@@ -222,25 +222,25 @@ def sums_planes_blocks(  # type: ignore[no-untyped-def]
 
 @runner
 def gradient_rows_blocks(  # type: ignore[no-untyped-def]
-    dy2, y2, weights, has_weights, channel, inverse, factors, period, blocks, out2
+    dy2, y2, weights, masked, channel, inverse, factors, period, blocks, out2
 ):
     """:func:`gradient_rows_block` on each row block."""
     for block in prange(blocks):
         start, stop = block_rows(y2.shape[0], blocks, block)
         gradient_rows_block(
-            dy2, y2, weights, has_weights, channel, inverse, factors, period, start, stop, out2
+            dy2, y2, weights, masked, channel, inverse, factors, period, start, stop, out2
         )
 
 
 @runner
 def gradient_planes_blocks(  # type: ignore[no-untyped-def]
-    dy, y, weights, has_weights, channel, inverse, factors, period, blocks, out
+    dy, y, weights, masked, channel, inverse, factors, period, blocks, out
 ):
     """:func:`gradient_planes_block` on each row block."""
     for block in prange(blocks):
         start, stop = block_rows(y.shape[0], blocks, block)
         gradient_planes_block(
-            dy, y, weights, has_weights, channel, inverse, factors, period, start, stop, out
+            dy, y, weights, masked, channel, inverse, factors, period, start, stop, out
         )
 
 
@@ -249,7 +249,7 @@ def _in_place_backward_rows(  # type: ignore[no-untyped-def]
     dy,
     y,
     weights,
-    has_weights,
+    masked,
     variance,
     total,
     scale,
@@ -274,9 +274,7 @@ def _in_place_backward_rows(  # type: ignore[no-untyped-def]
     sums_rows_blocks(dy2, y2, channel, inverse, groups, period, blocks, partial)
     sums = sum_blocks(partial)
     factors = gradient_factors(variance, total, scale, sums, epsilon, y)
-    gradient_rows_blocks(
-        dy2, y2, weights, has_weights, channel, inverse, factors, period, blocks, out2
-    )
+    gradient_rows_blocks(dy2, y2, weights, masked, channel, inverse, factors, period, blocks, out2)
     return in_place_parameter_gradients(sums)
 
 
@@ -285,7 +283,7 @@ def _in_place_backward_planes(  # type: ignore[no-untyped-def]
     dy,
     y,
     weights,
-    has_weights,
+    masked,
     variance,
     total,
     scale,
@@ -313,9 +311,7 @@ def _in_place_backward_planes(  # type: ignore[no-untyped-def]
     sums_planes_blocks(dy, y, channel, inverse, groups, period, blocks, partial)
     sums = sum_blocks(partial)
     factors = gradient_factors(variance, total, scale, sums, epsilon, y)
-    gradient_planes_blocks(
-        dy, y, weights, has_weights, channel, inverse, factors, period, blocks, out
-    )
+    gradient_planes_blocks(dy, y, weights, masked, channel, inverse, factors, period, blocks, out)
     return in_place_parameter_gradients(sums)
 
 

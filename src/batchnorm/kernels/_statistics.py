@@ -19,7 +19,7 @@ from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, runner
 
 
 @setup_helper
-def first_values(x, weights, has_weights):  # type: ignore[no-untyped-def]
+def first_values(x, weights, masked):  # type: ignore[no-untyped-def]
     """Each channel's first element with a non-zero weight (float64): the shift that keeps the
     sums well conditioned. A masked element (padding far from the data) must not be the shift.
     """
@@ -27,7 +27,7 @@ def first_values(x, weights, has_weights):  # type: ignore[no-untyped-def]
     shift = np.zeros(channels, np.float64)
     for o in range(rows):
         for i in range(inner):
-            if not has_weights or weights[o, i] != 0:
+            if masked is None or weights[o, i] != 0:
                 for c in range(channels):
                     shift[c] = x[o, c, i]
                 return shift
@@ -51,7 +51,7 @@ def sum_blocks(partial):  # type: ignore[no-untyped-def]
 
 
 @setup_helper
-def moments_from_sums(partial, shift, has_weights, rows, inner, groups, period):  # type: ignore[no-untyped-def]
+def moments_from_sums(partial, shift, masked, rows, inner, groups, period):  # type: ignore[no-untyped-def]
     """Mean, variance and total weight from the per-block shifted sums ``[blocks, 3, groups, C]``."""
     sums = sum_blocks(partial)
     channels = shift.shape[0]
@@ -67,7 +67,7 @@ def moments_from_sums(partial, shift, has_weights, rows, inner, groups, period):
         rows_in_group[g] = (rows // cycle) * period + min(max(rest, 0), period)
     for g in range(groups):
         for c in range(channels):
-            total = sums[0, g, c] if has_weights else rows_in_group[g] * inner
+            total = sums[0, g, c] if masked is not None else rows_in_group[g] * inner
             total_weight[g, c] = total
             if total > 0:
                 centred = sums[1, g, c] / total
@@ -90,7 +90,7 @@ def weighted_row(x2, o, w, shift, t1, t2):  # type: ignore[no-untyped-def]
 
 
 @helper
-def moments_rows_block(x2, weights, has_weights, shift, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
+def moments_rows_block(x2, weights, masked, shift, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
     """Rows ``start:stop`` of ``x2[o, c]`` (channels last) added into ``sums[3, groups, C]``.
 
     ``x - shift`` is taken in float64: in float32 an outlier as the shift cost the variance 4e-4
@@ -98,7 +98,7 @@ def moments_rows_block(x2, weights, has_weights, shift, groups, period, start, s
     skipped, whatever their values.
     """
     channels = x2.shape[1]
-    if not has_weights:
+    if masked is None:
         # Without a mask, runs of rows of one group (the whole block, or `period` rows of a
         # ghost batch) each with its row of accumulators, updated every four rows (they
         # otherwise cost a load and a store per element): on 51 MB of NHWC input 3.4 ms ->
@@ -126,7 +126,7 @@ def moments_rows_block(x2, weights, has_weights, shift, groups, period, start, s
                     t2[c] += v * v
             o = run_stop
         return
-    if has_weights and groups == 1:
+    if masked is not None and groups == 1:
         # A mask with one weight per row (padded sequences): four rows per update where all
         # four count, the total weight summed once per row rather than per channel.
         t1 = sums[1, 0]
@@ -172,7 +172,7 @@ def moments_rows_block(x2, weights, has_weights, shift, groups, period, start, s
 
 
 @helper
-def moments_planes_block(x, weights, has_weights, shift, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
+def moments_planes_block(x, weights, masked, shift, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
     """Rows ``start:stop`` of ``x[o, c, i]`` (channel planes) added into ``sums[3, groups, C]``."""
     channels, inner = x.shape[1], x.shape[2]
     for o in range(start, stop):
@@ -182,7 +182,7 @@ def moments_planes_block(x, weights, has_weights, shift, groups, period, start, 
             a0 = 0.0
             a1 = 0.0
             a2 = 0.0
-            if has_weights:
+            if masked is not None:
                 for i in range(inner):
                     w = np.float64(weights[o, i])
                     v = np.float64(x[o, c, i]) - k
@@ -200,47 +200,43 @@ def moments_planes_block(x, weights, has_weights, shift, groups, period, start, 
 
 
 @runner
-def moments_rows_blocks(x2, weights, has_weights, shift, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
+def moments_rows_blocks(x2, weights, masked, shift, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
     """:func:`moments_rows_block` on each row block, into ``partial[block]``."""
     for block in prange(blocks):
         start, stop = block_rows(x2.shape[0], blocks, block)
-        moments_rows_block(
-            x2, weights, has_weights, shift, groups, period, start, stop, partial[block]
-        )
+        moments_rows_block(x2, weights, masked, shift, groups, period, start, stop, partial[block])
 
 
 @runner
-def moments_planes_blocks(x, weights, has_weights, shift, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
+def moments_planes_blocks(x, weights, masked, shift, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
     """:func:`moments_planes_block` on each row block, into ``partial[block]``."""
     for block in prange(blocks):
         start, stop = block_rows(x.shape[0], blocks, block)
-        moments_planes_block(
-            x, weights, has_weights, shift, groups, period, start, stop, partial[block]
-        )
+        moments_planes_block(x, weights, masked, shift, groups, period, start, stop, partial[block])
 
 
 @kernel
-def _batch_moments_rows(x, weights, has_weights, groups, period, blocks):  # type: ignore[no-untyped-def]
+def _batch_moments_rows(x, weights, masked, groups, period, blocks):  # type: ignore[no-untyped-def]
     """:data:`batch_moments` for ``inner == 1``: rows of C contiguous values (channels last).
 
     Each row block adds its rows straight into its float64 sums (:func:`moments_rows_block`).
     """
     rows, channels, _ = x.shape
-    shift = first_values(x, weights, has_weights)
+    shift = first_values(x, weights, masked)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
     x2 = x.reshape((rows, channels))
-    moments_rows_blocks(x2, weights, has_weights, shift, groups, period, blocks, partial)
-    return moments_from_sums(partial, shift, has_weights, rows, 1, groups, period)
+    moments_rows_blocks(x2, weights, masked, shift, groups, period, blocks, partial)
+    return moments_from_sums(partial, shift, masked, rows, 1, groups, period)
 
 
 @kernel
-def _batch_moments_planes(x, weights, has_weights, groups, period, blocks):  # type: ignore[no-untyped-def]
+def _batch_moments_planes(x, weights, masked, groups, period, blocks):  # type: ignore[no-untyped-def]
     """``(mean, variance, total_weight)``, each ``[groups, C]`` float64; 0 where no weight."""
     rows, channels, inner = x.shape
-    shift = first_values(x, weights, has_weights)
+    shift = first_values(x, weights, masked)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
-    moments_planes_blocks(x, weights, has_weights, shift, groups, period, blocks, partial)
-    return moments_from_sums(partial, shift, has_weights, rows, inner, groups, period)
+    moments_planes_blocks(x, weights, masked, shift, groups, period, blocks, partial)
+    return moments_from_sums(partial, shift, masked, rows, inner, groups, period)
 
 
 batch_moments = by_layout(_batch_moments_rows, _batch_moments_planes)

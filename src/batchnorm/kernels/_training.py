@@ -106,7 +106,7 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
 def _train_forward_rows(  # type: ignore[no-untyped-def]
     x,
     weights,
-    has_weights,
+    masked,
     groups,
     period,
     blocks,
@@ -127,10 +127,10 @@ def _train_forward_rows(  # type: ignore[no-untyped-def]
     rows, channels, _ = x.shape
     x2 = x.reshape((rows, channels))
     out2 = out.reshape((rows, channels))
-    first = first_values(x, weights, has_weights)
+    first = first_values(x, weights, masked)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
-    moments_rows_blocks(x2, weights, has_weights, first, groups, period, blocks, partial)
-    mean, variance, total = moments_from_sums(partial, first, has_weights, rows, 1, groups, period)
+    moments_rows_blocks(x2, weights, masked, first, groups, period, blocks, partial)
+    mean, variance, total = moments_from_sums(partial, first, masked, rows, 1, groups, period)
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     constants = activation_constants(parameter, x)
     normalize_rows_blocks(
@@ -154,7 +154,7 @@ def _train_forward_rows(  # type: ignore[no-untyped-def]
 def _train_forward_planes(  # type: ignore[no-untyped-def]
     x,
     weights,
-    has_weights,
+    masked,
     groups,
     period,
     blocks,
@@ -178,12 +178,10 @@ def _train_forward_planes(  # type: ignore[no-untyped-def]
     Returns the batch ``(mean, variance, total_weight)``, each ``[groups, C]`` float64.
     """
     rows, channels, inner = x.shape
-    first = first_values(x, weights, has_weights)
+    first = first_values(x, weights, masked)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
-    moments_planes_blocks(x, weights, has_weights, first, groups, period, blocks, partial)
-    mean, variance, total = moments_from_sums(
-        partial, first, has_weights, rows, inner, groups, period
-    )
+    moments_planes_blocks(x, weights, masked, first, groups, period, blocks, partial)
+    mean, variance, total = moments_from_sums(partial, first, masked, rows, inner, groups, period)
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     constants = activation_constants(parameter, x)
     normalize_planes_blocks(
@@ -222,7 +220,7 @@ def parameter_gradients(sums, variance, epsilon):  # type: ignore[no-untyped-def
 
 @kernel
 def _train_backward_rows(  # type: ignore[no-untyped-def]
-    dy, x, weights, has_weights, mean, variance, total, scale, epsilon, groups, period, blocks, out
+    dy, x, weights, masked, mean, variance, total, scale, epsilon, groups, period, blocks, out
 ):
     """:data:`train_backward` for ``inner == 1`` (channels last)."""
     rows, channels, _ = x.shape
@@ -238,7 +236,7 @@ def _train_backward_rows(  # type: ignore[no-untyped-def]
         dy2,
         x2,
         weights,
-        has_weights,
+        masked,
         high,
         low,
         k_dy,
@@ -254,7 +252,7 @@ def _train_backward_rows(  # type: ignore[no-untyped-def]
 
 @kernel
 def _train_backward_planes(  # type: ignore[no-untyped-def]
-    dy, x, weights, has_weights, mean, variance, total, scale, epsilon, groups, period, blocks, out
+    dy, x, weights, masked, mean, variance, total, scale, epsilon, groups, period, blocks, out
 ):
     """The batch-norm backward with the batch's own statistics, in one call: ``out = dL/dx``
     (:data:`batchnorm.kernels.batch_norm_input_gradient`), returns ``(dscale, doffset)`` ``[C]``
@@ -270,7 +268,7 @@ def _train_backward_planes(  # type: ignore[no-untyped-def]
         dy,
         x,
         weights,
-        has_weights,
+        masked,
         high,
         low,
         k_dy,
