@@ -2,6 +2,13 @@
 
 No torch here: :mod:`batchnorm.functional._cpu_backend` adapts tensors and registers the kernels as
 PyTorch custom operators.
+
+Optional inputs are None rather than a flag, where Numba can then compile less: ``masked`` is True
+with a mask (``weights``, one per row and inner element) and None without one (``weights`` is then
+a dummy), ``activation`` an activation code or None. The kernels test ``masked is None`` and
+``activation is None``, which Numba resolves from the argument's type before compiling, so a plain
+call compiles no mask or activation branches. Threaded loops live in :class:`~batchnorm.kernels._jit.Runner` functions
+(:mod:`batchnorm.kernels._jit`).
 """
 
 from batchnorm.kernels._activated_backward import train_backward_activated
