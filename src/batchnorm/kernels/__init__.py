@@ -7,8 +7,8 @@ Optional inputs are None rather than a flag, where Numba can then compile less: 
 with a mask (``weights``, one per row and inner element) and None without one (``weights`` is then
 a dummy), ``activation`` an activation code or None. The kernels test ``masked is None`` and
 ``activation is None``, which Numba resolves from the argument's type before compiling, so a plain
-call compiles no mask or activation branches. Threaded loops live in :class:`~batchnorm.kernels._jit.Runner` functions
-(:mod:`batchnorm.kernels._jit`).
+call compiles no mask or activation branches. Threaded loops live in
+:class:`~batchnorm.kernels._jit.Runner` functions.
 """
 
 from batchnorm.kernels._activated_backward import train_backward_activated
