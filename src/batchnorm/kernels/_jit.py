@@ -47,7 +47,11 @@ class Runner:
             function
         )
         # Inlined into the serial kernels: the loop as they had it written in, with nothing
-        # more to compile.
+        # more to compile. The serial and threaded builds then give the same bits only while
+        # LLVM compiles the block helper alike in both places: allocating the kernels' `partial`
+        # sums as a reshaped 1-D array (like their other temporaries) let it optimise the inlined
+        # helper differently, and 1- and 2-thread results differed in the last bit
+        # (tests/test_cpu_numerics.py); they keep np.zeros of the 4-d shape.
         self.serial = numba.njit(
             parallel=False, cache=True, fastmath=FASTMATH, nogil=True, inline="always"
         )(_renamed(function, "_serial"))
