@@ -8,6 +8,7 @@
   second process starts without compiling.
 - ``fastmath``: reassociation and contraction only, so reductions vectorise; no ``nnan``/``ninf``,
   so NaN and Inf inputs propagate as in PyTorch.
+- ``error_model="numpy"``: divisions are not tested for zero (:func:`compiled`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,26 @@ from typing import Any
 import numba
 
 FASTMATH = {"reassoc", "contract", "nsz"}
+
+
+def compiled(function: Any, *, parallel: bool = False, inline: bool = False) -> Any:
+    """``function`` compiled with the package's options (every compiled function goes here).
+
+    ``error_model="numpy"``: a float division by zero gives inf or NaN, as in NumPy and torch;
+    Python's model tests every divisor and raises, and that test kept each per-channel loop
+    with a division scalar (``1 / sqrt(v + eps)`` over 4096 channels took 16 us, vectorised
+    3.8 us; a (2, 4096) training forward 79 us, now 19). The kernels' divisors are zero only
+    where the data make them so (a zero variance with epsilon 0); integer divisors are >= 1.
+    """
+    return numba.njit(
+        function,
+        parallel=parallel,
+        inline="always" if inline else "never",
+        cache=True,
+        fastmath=FASTMATH,
+        nogil=True,
+        error_model="numpy",
+    )
 
 
 # Below this many elements a kernel runs as one block on the calling thread: waking the pool
@@ -43,18 +64,14 @@ class Runner:
     """
 
     def __init__(self, function: Any) -> None:
-        self.parallel = numba.njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)(
-            function
-        )
+        self.parallel = compiled(function, parallel=True)
         # Inlined into the serial kernels: the loop as they had it written in, with nothing
         # more to compile. The serial and threaded builds then give the same bits only while
         # LLVM compiles the block helper alike in both places: allocating the kernels' `partial`
         # sums as a reshaped 1-D array (like their other temporaries) let it optimise the inlined
         # helper differently, and 1- and 2-thread results differed in the last bit
         # (tests/test_cpu_numerics.py); they keep np.zeros of the 4-d shape.
-        self.serial = numba.njit(
-            parallel=False, cache=True, fastmath=FASTMATH, nogil=True, inline="always"
-        )(_renamed(function, "_serial"))
+        self.serial = compiled(_renamed(function, "_serial"), inline=True)
         self.__doc__ = function.__doc__
         self.__name__ = function.__name__
 
@@ -100,7 +117,7 @@ class Kernel:
             if isinstance(value, Runner) and name in names
         }
         copy = _renamed(function, suffix, {**function.__globals__, **runners})
-        return numba.njit(parallel=False, cache=True, fastmath=FASTMATH, nogil=True)(copy)
+        return compiled(copy)
 
 
 def _renamed(function: Any, suffix: str, namespace: dict[str, Any] | None = None) -> Any:
@@ -148,7 +165,7 @@ def by_layout(rows: Kernel, planes: Kernel) -> LayoutKernel:
 
 def helper(function: Any) -> Any:
     """A serial compiled function that kernels call for a loop over a block of rows."""
-    return numba.njit(parallel=False, cache=True, fastmath=FASTMATH, nogil=True)(function)
+    return compiled(function)
 
 
 def setup_helper(function: Any) -> Any:
@@ -158,9 +175,7 @@ def setup_helper(function: Any) -> Any:
     machine, however small; inlined, these cost the kernel a fraction of that. (The row-block
     loops stay separate: inlined into the kernels, the small-input backward ran 2.7x slower.)
     """
-    return numba.njit(parallel=False, cache=True, fastmath=FASTMATH, nogil=True, inline="always")(
-        function
-    )
+    return compiled(function, inline=True)
 
 
 @setup_helper
@@ -188,8 +203,8 @@ def blocks_for(elements: int, rows: int) -> int:
 
 def run(kernel: Kernel | LayoutKernel, parallel: bool, *args: Any) -> Any:
     """Call the threaded build when ``parallel``, the serial one otherwise (same results)."""
-    compiled = kernel.parallel if parallel else kernel.serial
-    return compiled(*args)
+    build = kernel.parallel if parallel else kernel.serial
+    return build(*args)
 
 
 _threads_set: dict[int, int] = {}
