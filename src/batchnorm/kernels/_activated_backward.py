@@ -32,7 +32,15 @@ from batchnorm.kernels._elementwise import (
     gradient_coefficients,
     split_mean,
 )
-from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, runner, setup_helper
+from batchnorm.kernels._jit import (
+    block_rows,
+    by_layout,
+    helper,
+    kernel,
+    rows_view,
+    runner,
+    setup_helper,
+)
 from batchnorm.kernels._statistics import sum_blocks
 from batchnorm.kernels._training import parameter_gradients
 
@@ -194,9 +202,13 @@ def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
 
 @runner
 def activated_sums_rows_blocks(  # type: ignore[no-untyped-def]
-    dy2, x2, y2, mean, coefficients, derivative, groups, period, blocks, sums
+    dy, x, y, mean, coefficients, derivative, groups, period, blocks, sums
 ):
-    """:func:`activated_sums_rows_block` on each row block, into ``sums[block]``."""
+    """:func:`activated_sums_rows_block` on each row block of ``x[o, c, 0]``, into
+    ``sums[block]``."""
+    dy2 = rows_view(dy)
+    x2 = rows_view(x)
+    y2 = rows_view(y)
     for block in prange(blocks):
         start, stop = block_rows(x2.shape[0], blocks, block)
         activated_sums_rows_block(
@@ -216,11 +228,18 @@ def activated_sums_planes_blocks(  # type: ignore[no-untyped-def]
         )
 
 
+activated_sums_blocks = by_layout(activated_sums_rows_blocks, activated_sums_planes_blocks)
+
+
 @runner
 def activated_gradient_rows_blocks(  # type: ignore[no-untyped-def]
-    dy2, x2, y2, weights, masked, coefficients, derivative, period, blocks, out2
+    dy, x, y, weights, masked, coefficients, derivative, period, blocks, out
 ):
-    """:func:`activated_gradient_rows_block` on each row block."""
+    """:func:`activated_gradient_rows_block` on each row block of ``x[o, c, 0]``."""
+    dy2 = rows_view(dy)
+    x2 = rows_view(x)
+    y2 = rows_view(y)
+    out2 = rows_view(out)
     for block in prange(blocks):
         start, stop = block_rows(x2.shape[0], blocks, block)
         activated_gradient_rows_block(
@@ -240,50 +259,13 @@ def activated_gradient_planes_blocks(  # type: ignore[no-untyped-def]
         )
 
 
-@kernel
-def _activated_backward_rows(  # type: ignore[no-untyped-def]
-    dy,
-    x,
-    y,
-    weights,
-    masked,
-    mean,
-    variance,
-    total,
-    scale,
-    offset,
-    epsilon,
-    activation,
-    parameter,
-    groups,
-    period,
-    blocks,
-    out,
-):
-    """:data:`train_backward_activated` for ``inner == 1`` (channels last)."""
-    rows, channels, _ = x.shape
-    x2 = x.reshape((rows, channels))
-    y2 = y.reshape((rows, channels))
-    dy2 = dy.reshape((rows, channels))
-    out2 = out.reshape((rows, channels))
-    high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
-    derivative = derivative_constants(activation, parameter, x)
-    partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    activated_sums_rows_blocks(
-        dy2, x2, y2, mean, (high, factor, shift), derivative, groups, period, blocks, partial
-    )
-    sums = sum_blocks(partial)
-    _, low = split_mean(mean, x)
-    k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
-    coefficients = (high, low, factor, shift, k_dy, mean_dy, k_centred)
-    activated_gradient_rows_blocks(
-        dy2, x2, y2, weights, masked, coefficients, derivative, period, blocks, out2
-    )
-    return parameter_gradients(sums, variance, epsilon)
+activated_gradient_blocks = by_layout(
+    activated_gradient_rows_blocks, activated_gradient_planes_blocks
+)
 
 
 @kernel
-def _activated_backward_planes(  # type: ignore[no-untyped-def]
+def train_backward_activated(  # type: ignore[no-untyped-def]
     dy,
     x,
     y,
@@ -313,17 +295,14 @@ def _activated_backward_planes(  # type: ignore[no-untyped-def]
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     derivative = derivative_constants(activation, parameter, x)
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    activated_sums_planes_blocks(
+    activated_sums_blocks(
         dy, x, y, mean, (high, factor, shift), derivative, groups, period, blocks, partial
     )
     sums = sum_blocks(partial)
     _, low = split_mean(mean, x)
     k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
     coefficients = (high, low, factor, shift, k_dy, mean_dy, k_centred)
-    activated_gradient_planes_blocks(
+    activated_gradient_blocks(
         dy, x, y, weights, masked, coefficients, derivative, period, blocks, out
     )
     return parameter_gradients(sums, variance, epsilon)
-
-
-train_backward_activated = by_layout(_activated_backward_rows, _activated_backward_planes)

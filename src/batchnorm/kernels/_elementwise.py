@@ -11,7 +11,15 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, runner, setup_helper
+from batchnorm.kernels._jit import (
+    block_rows,
+    by_layout,
+    helper,
+    kernel,
+    rows_view,
+    runner,
+    setup_helper,
+)
 
 
 @setup_helper
@@ -133,9 +141,11 @@ def normalize_planes_block(  # type: ignore[no-untyped-def]
 
 @runner
 def normalize_rows_blocks(  # type: ignore[no-untyped-def]
-    x2, high, factor, shift, groups, period, blocks, out2, activation, constants
+    x, high, factor, shift, groups, period, blocks, out, activation, constants
 ):
-    """:func:`normalize_rows_block` on each row block."""
+    """:func:`normalize_rows_block` on each row block of ``x[o, c, 0]``."""
+    x2 = rows_view(x)
+    out2 = rows_view(out)
     for block in prange(blocks):
         start, stop = block_rows(x2.shape[0], blocks, block)
         normalize_rows_block(
@@ -155,23 +165,11 @@ def normalize_planes_blocks(  # type: ignore[no-untyped-def]
         )
 
 
-@kernel
-def _affine_normalize_rows(  # type: ignore[no-untyped-def]
-    x, mean, variance, scale, offset, epsilon, groups, period, blocks, out, activation, parameter
-):
-    """:data:`affine_normalize` for ``inner == 1``: rows of C contiguous values (channels last)."""
-    rows, channels, _ = x.shape
-    high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
-    constants = activation_constants(parameter, x)
-    x2 = x.reshape((rows, channels))
-    out2 = out.reshape((rows, channels))
-    normalize_rows_blocks(
-        x2, high, factor, shift, groups, period, blocks, out2, activation, constants
-    )
+normalize_blocks = by_layout(normalize_rows_blocks, normalize_planes_blocks)
 
 
 @kernel
-def _affine_normalize_planes(  # type: ignore[no-untyped-def]
+def affine_normalize(  # type: ignore[no-untyped-def]
     x, mean, variance, scale, offset, epsilon, groups, period, blocks, out, activation, parameter
 ):
     """``out = f((x - mean) / sqrt(variance + epsilon) * scale + offset)``, ``f`` the activation
@@ -181,12 +179,7 @@ def _affine_normalize_planes(  # type: ignore[no-untyped-def]
     """
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     constants = activation_constants(parameter, x)
-    normalize_planes_blocks(
-        x, high, factor, shift, groups, period, blocks, out, activation, constants
-    )
-
-
-affine_normalize = by_layout(_affine_normalize_rows, _affine_normalize_planes)
+    normalize_blocks(x, high, factor, shift, groups, period, blocks, out, activation, constants)
 
 
 @setup_helper
@@ -292,9 +285,12 @@ def input_gradient_planes_block(  # type: ignore[no-untyped-def]
 
 @runner
 def input_gradient_rows_blocks(  # type: ignore[no-untyped-def]
-    dy2, x2, weights, masked, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out2
+    dy, x, weights, masked, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out
 ):
-    """:func:`input_gradient_rows_block` on each row block."""
+    """:func:`input_gradient_rows_block` on each row block of ``x[o, c, 0]``."""
+    dy2 = rows_view(dy)
+    x2 = rows_view(x)
+    out2 = rows_view(out)
     for block in prange(blocks):
         start, stop = block_rows(x2.shape[0], blocks, block)
         input_gradient_rows_block(
@@ -340,51 +336,11 @@ def input_gradient_planes_blocks(  # type: ignore[no-untyped-def]
         )
 
 
-@kernel
-def _input_gradient_rows(  # type: ignore[no-untyped-def]
-    dy,
-    x,
-    weights,
-    masked,
-    mean,
-    variance,
-    total_weight,
-    scale,
-    sums,
-    epsilon,
-    groups,
-    period,
-    blocks,
-    out,
-):
-    """:data:`batch_norm_input_gradient` for ``inner == 1`` (channels last)."""
-    rows, channels, _ = x.shape
-    high, low = split_mean(mean, x)
-    k_dy, mean_dy, k_centred = gradient_coefficients(
-        variance, total_weight, scale, sums, epsilon, x
-    )
-    x2 = x.reshape((rows, channels))
-    dy2 = dy.reshape((rows, channels))
-    out2 = out.reshape((rows, channels))
-    input_gradient_rows_blocks(
-        dy2,
-        x2,
-        weights,
-        masked,
-        high,
-        low,
-        k_dy,
-        mean_dy,
-        k_centred,
-        groups,
-        period,
-        blocks,
-        out2,
-    )
+input_gradient_blocks = by_layout(input_gradient_rows_blocks, input_gradient_planes_blocks)
 
 
 @kernel
-def _input_gradient_planes(  # type: ignore[no-untyped-def]
+def batch_norm_input_gradient(  # type: ignore[no-untyped-def]
     dy,
     x,
     weights,
@@ -411,7 +367,7 @@ def _input_gradient_planes(  # type: ignore[no-untyped-def]
     k_dy, mean_dy, k_centred = gradient_coefficients(
         variance, total_weight, scale, sums, epsilon, x
     )
-    input_gradient_planes_blocks(
+    input_gradient_blocks(
         dy,
         x,
         weights,
@@ -426,6 +382,3 @@ def _input_gradient_planes(  # type: ignore[no-untyped-def]
         blocks,
         out,
     )
-
-
-batch_norm_input_gradient = by_layout(_input_gradient_rows, _input_gradient_planes)

@@ -27,7 +27,15 @@ import numpy as np
 from numba import prange
 
 from batchnorm.kernels._elementwise import ELU
-from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, runner, setup_helper
+from batchnorm.kernels._jit import (
+    block_rows,
+    by_layout,
+    helper,
+    kernel,
+    rows_view,
+    runner,
+    setup_helper,
+)
 from batchnorm.kernels._statistics import sum_blocks
 
 
@@ -201,30 +209,34 @@ def in_place_parameter_gradients(sums):  # type: ignore[no-untyped-def]
 
 
 @runner
-def sums_rows_blocks(  # type: ignore[no-untyped-def]
-    dy2, y2, channel, inverse, groups, period, blocks, sums
-):
-    """:func:`sums_rows_block` on each row block, into ``sums[block]``."""
+def sums_rows_blocks(dy, y, channel, inverse, groups, period, blocks, sums):  # type: ignore[no-untyped-def]
+    """:func:`sums_rows_block` on each row block of ``y[o, c, 0]``, into ``sums[block]``."""
+    dy2 = rows_view(dy)
+    y2 = rows_view(y)
     for block in prange(blocks):
         start, stop = block_rows(y2.shape[0], blocks, block)
         sums_rows_block(dy2, y2, channel, inverse, groups, period, start, stop, sums[block])
 
 
 @runner
-def sums_planes_blocks(  # type: ignore[no-untyped-def]
-    dy, y, channel, inverse, groups, period, blocks, sums
-):
+def sums_planes_blocks(dy, y, channel, inverse, groups, period, blocks, sums):  # type: ignore[no-untyped-def]
     """:func:`sums_planes_block` on each row block, into ``sums[block]``."""
     for block in prange(blocks):
         start, stop = block_rows(y.shape[0], blocks, block)
         sums_planes_block(dy, y, channel, inverse, groups, period, start, stop, sums[block])
 
 
+sums_blocks = by_layout(sums_rows_blocks, sums_planes_blocks)
+
+
 @runner
 def gradient_rows_blocks(  # type: ignore[no-untyped-def]
-    dy2, y2, weights, masked, channel, inverse, factors, period, blocks, out2
+    dy, y, weights, masked, channel, inverse, factors, period, blocks, out
 ):
-    """:func:`gradient_rows_block` on each row block."""
+    """:func:`gradient_rows_block` on each row block of ``y[o, c, 0]``."""
+    dy2 = rows_view(dy)
+    y2 = rows_view(y)
+    out2 = rows_view(out)
     for block in prange(blocks):
         start, stop = block_rows(y2.shape[0], blocks, block)
         gradient_rows_block(
@@ -244,42 +256,11 @@ def gradient_planes_blocks(  # type: ignore[no-untyped-def]
         )
 
 
-@kernel
-def _in_place_backward_rows(  # type: ignore[no-untyped-def]
-    dy,
-    y,
-    weights,
-    masked,
-    variance,
-    total,
-    scale,
-    offset,
-    epsilon,
-    activation,
-    parameter,
-    floor,
-    groups,
-    period,
-    blocks,
-    out,
-):
-    """:data:`in_place_backward` for ``inner == 1`` (channels last)."""
-    rows, channels, _ = y.shape
-    y2 = y.reshape((rows, channels))
-    dy2 = dy.reshape((rows, channels))
-    out2 = out.reshape((rows, channels))
-    channel = channel_coefficients(scale, offset, y)
-    inverse = inverse_constants(activation, parameter, floor, y)
-    partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    sums_rows_blocks(dy2, y2, channel, inverse, groups, period, blocks, partial)
-    sums = sum_blocks(partial)
-    factors = gradient_factors(variance, total, scale, sums, epsilon, y)
-    gradient_rows_blocks(dy2, y2, weights, masked, channel, inverse, factors, period, blocks, out2)
-    return in_place_parameter_gradients(sums)
+gradient_blocks = by_layout(gradient_rows_blocks, gradient_planes_blocks)
 
 
 @kernel
-def _in_place_backward_planes(  # type: ignore[no-untyped-def]
+def in_place_backward(  # type: ignore[no-untyped-def]
     dy,
     y,
     weights,
@@ -308,11 +289,8 @@ def _in_place_backward_planes(  # type: ignore[no-untyped-def]
     channel = channel_coefficients(scale, offset, y)
     inverse = inverse_constants(activation, parameter, floor, y)
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    sums_planes_blocks(dy, y, channel, inverse, groups, period, blocks, partial)
+    sums_blocks(dy, y, channel, inverse, groups, period, blocks, partial)
     sums = sum_blocks(partial)
     factors = gradient_factors(variance, total, scale, sums, epsilon, y)
-    gradient_planes_blocks(dy, y, weights, masked, channel, inverse, factors, period, blocks, out)
+    gradient_blocks(dy, y, weights, masked, channel, inverse, factors, period, blocks, out)
     return in_place_parameter_gradients(sums)
-
-
-in_place_backward = by_layout(_in_place_backward_rows, _in_place_backward_planes)

@@ -84,9 +84,27 @@ def runner(function: Any) -> Runner:
     return Runner(function)
 
 
+class LayoutRunners:
+    """One pass's runners for the two layouts, which a kernel calls by one name: its rows build
+    calls ``rows``, its planes build ``planes`` (:class:`Kernel`). Both take the canonical
+    ``x[o, c, i]``; a rows runner views it as ``x2[o, c]``."""
+
+    def __init__(self, rows: Runner, planes: Runner) -> None:
+        self.rows, self.planes = rows, planes
+
+    def __call__(self, *args: Any) -> Any:
+        """From Python, the threaded build of the first array argument's layout's runner."""
+        return (self.rows if args[0].shape[2] == 1 else self.planes)(*args)
+
+
+def by_layout(rows: Runner, planes: Runner) -> LayoutRunners:
+    return LayoutRunners(rows, planes)
+
+
 class Kernel:
-    """A kernel compiled twice, as one native call each: its "parallel" build calls the threaded
-    builds of the :class:`Runner` loops it names, its serial build their serial builds.
+    """A kernel for one layout, compiled twice as one native call each: its "parallel" build
+    calls the threaded builds of the :class:`Runner` loops it names, its serial build their
+    serial builds; a name bound to :class:`LayoutRunners` is the runner of the kernel's layout.
 
     Both builds compile a renamed copy of the function (Numba's on-disk cache keys a function by
     its name and signature, not by its options or globals: two builds of one name shared a cache
@@ -95,28 +113,32 @@ class Kernel:
     made on first use, once the kernel's module has defined every name it calls.
     """
 
-    def __init__(self, function: Any) -> None:
+    def __init__(self, function: Any, layout: str) -> None:
         self.function = function
+        self.layout = layout
         self.__doc__ = function.__doc__
-        self.__name__ = function.__name__
+        self.__name__ = f"{function.__name__}_{layout}"
 
     @functools.cached_property
     def parallel(self) -> Any:
-        return self._build("_parallel", threaded=True)
+        return self._build("parallel")
 
     @functools.cached_property
     def serial(self) -> Any:
-        return self._build("_serial", threaded=False)
+        return self._build("serial")
 
-    def _build(self, suffix: str, *, threaded: bool) -> Any:
+    def _build(self, build: str) -> Any:
         function = self.function
         names = function.__code__.co_names
-        runners = {
-            name: value.parallel if threaded else value.serial
-            for name, value in function.__globals__.items()
-            if isinstance(value, Runner) and name in names
-        }
-        copy = _renamed(function, suffix, {**function.__globals__, **runners})
+        runners = {}
+        for name, value in function.__globals__.items():
+            if name not in names:
+                continue
+            if isinstance(value, LayoutRunners):
+                value = getattr(value, self.layout)
+            if isinstance(value, Runner):
+                runners[name] = getattr(value, build)
+        copy = _renamed(function, f"_{self.layout}_{build}", {**function.__globals__, **runners})
         return compiled(copy)
 
 
@@ -137,17 +159,20 @@ def _renamed(function: Any, suffix: str, namespace: dict[str, Any] | None = None
 
 
 class LayoutKernel:
-    """One operation compiled as two kernels, chosen by the layout of the first array argument.
+    """One kernel function compiled for the two layouts, chosen by the first array argument's.
 
     ``rows``: ``inner == 1`` (channels last: rows of C contiguous values); ``planes``: channel
-    planes of ``inner`` contiguous values. Numba optimises each loop nest better in a function of
-    its own: the planes loop reached memcpy speed alone and ran ~1.25x slower compiled beside the
-    rows loop.
+    planes of ``inner`` contiguous values. Each build calls its layout's runners
+    (:class:`LayoutRunners`): Numba optimises each loop nest better in a function of its own
+    (the planes loop reached memcpy speed alone and ran ~1.25x slower compiled beside the rows
+    loop), and a call compiles only its layout's loops.
     """
 
-    def __init__(self, rows: Kernel, planes: Kernel, doc: str | None) -> None:
-        self.rows, self.planes = rows, planes
-        self.__doc__ = doc
+    def __init__(self, function: Any) -> None:
+        self.rows = Kernel(function, "rows")
+        self.planes = Kernel(function, "planes")
+        self.__doc__ = function.__doc__
+        self.__name__ = function.__name__
 
     def _pick(self, first: Any) -> Kernel:
         return self.rows if first.shape[2] == 1 else self.planes
@@ -157,10 +182,6 @@ class LayoutKernel:
 
     def serial(self, *args: Any) -> Any:
         return self._pick(args[0]).serial(*args)
-
-
-def by_layout(rows: Kernel, planes: Kernel) -> LayoutKernel:
-    return LayoutKernel(rows, planes, planes.__doc__)
 
 
 def helper(function: Any) -> Any:
@@ -179,14 +200,20 @@ def setup_helper(function: Any) -> Any:
 
 
 @setup_helper
+def rows_view(x):  # type: ignore[no-untyped-def]
+    """``x[o, c, 0]`` (channels last, ``inner == 1``) as ``x2[o, c]``: the rows runners' view."""
+    return x.reshape((x.shape[0], x.shape[1]))
+
+
+@setup_helper
 def block_rows(rows, blocks, block):  # type: ignore[no-untyped-def]
     """The rows ``(start, stop)`` of block ``block`` of ``blocks`` near-equal row blocks."""
     rows_per_block = (rows + blocks - 1) // blocks
     return block * rows_per_block, min(rows, (block + 1) * rows_per_block)
 
 
-def kernel(function: Any) -> Kernel:
-    return Kernel(function)
+def kernel(function: Any) -> LayoutKernel:
+    return LayoutKernel(function)
 
 
 def blocks_for(elements: int, rows: int) -> int:

@@ -15,7 +15,15 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import block_rows, by_layout, helper, kernel, runner, setup_helper
+from batchnorm.kernels._jit import (
+    block_rows,
+    by_layout,
+    helper,
+    kernel,
+    rows_view,
+    runner,
+    setup_helper,
+)
 
 
 @setup_helper
@@ -200,8 +208,9 @@ def moments_planes_block(x, weights, masked, shift, groups, period, start, stop,
 
 
 @runner
-def moments_rows_blocks(x2, weights, masked, shift, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
-    """:func:`moments_rows_block` on each row block, into ``partial[block]``."""
+def moments_rows_blocks(x, weights, masked, shift, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
+    """:func:`moments_rows_block` on each row block of ``x[o, c, 0]``, into ``partial[block]``."""
+    x2 = rows_view(x)
     for block in prange(blocks):
         start, stop = block_rows(x2.shape[0], blocks, block)
         moments_rows_block(x2, weights, masked, shift, groups, period, start, stop, partial[block])
@@ -215,31 +224,21 @@ def moments_planes_blocks(x, weights, masked, shift, groups, period, blocks, par
         moments_planes_block(x, weights, masked, shift, groups, period, start, stop, partial[block])
 
 
-@kernel
-def _batch_moments_rows(x, weights, masked, groups, period, blocks):  # type: ignore[no-untyped-def]
-    """:data:`batch_moments` for ``inner == 1``: rows of C contiguous values (channels last).
+moments_blocks = by_layout(moments_rows_blocks, moments_planes_blocks)
 
-    Each row block adds its rows straight into its float64 sums (:func:`moments_rows_block`).
+
+@kernel
+def batch_moments(x, weights, masked, groups, period, blocks):  # type: ignore[no-untyped-def]
+    """``(mean, variance, total_weight)``, each ``[groups, C]`` float64; 0 where no weight.
+
+    Each row block adds its rows straight into its float64 sums (:func:`moments_rows_block`,
+    :func:`moments_planes_block`).
     """
-    rows, channels, _ = x.shape
-    shift = first_values(x, weights, masked)
-    partial = np.zeros((blocks, 3, groups, channels), np.float64)
-    x2 = x.reshape((rows, channels))
-    moments_rows_blocks(x2, weights, masked, shift, groups, period, blocks, partial)
-    return moments_from_sums(partial, shift, masked, rows, 1, groups, period)
-
-
-@kernel
-def _batch_moments_planes(x, weights, masked, groups, period, blocks):  # type: ignore[no-untyped-def]
-    """``(mean, variance, total_weight)``, each ``[groups, C]`` float64; 0 where no weight."""
     rows, channels, inner = x.shape
     shift = first_values(x, weights, masked)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
-    moments_planes_blocks(x, weights, masked, shift, groups, period, blocks, partial)
+    moments_blocks(x, weights, masked, shift, groups, period, blocks, partial)
     return moments_from_sums(partial, shift, masked, rows, inner, groups, period)
-
-
-batch_moments = by_layout(_batch_moments_rows, _batch_moments_planes)
 
 
 @helper
@@ -302,8 +301,11 @@ def gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, sums): 
 
 
 @runner
-def gradient_sums_rows_blocks(dy2, x2, mean, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
-    """:func:`gradient_sums_rows_block` on each row block, into ``partial[block]``."""
+def gradient_sums_rows_blocks(dy, x, mean, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
+    """:func:`gradient_sums_rows_block` on each row block (channels last), into
+    ``partial[block]``."""
+    dy2 = rows_view(dy)
+    x2 = rows_view(x)
     for block in prange(blocks):
         start, stop = block_rows(x2.shape[0], blocks, block)
         gradient_sums_rows_block(dy2, x2, mean, groups, period, start, stop, partial[block])
@@ -317,27 +319,16 @@ def gradient_sums_planes_blocks(dy, x, mean, groups, period, blocks, partial):  
         gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, partial[block])
 
 
-@kernel
-def _gradient_sums_rows(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyped-def]
-    """:data:`gradient_sums` for ``inner == 1`` (channels last)."""
-    rows, channels, _ = x.shape
-    partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    x2 = x.reshape((rows, channels))
-    dy2 = dy.reshape((rows, channels))
-    gradient_sums_rows_blocks(dy2, x2, mean, groups, period, blocks, partial)
-    return sum_blocks(partial)
+gradient_sums_blocks = by_layout(gradient_sums_rows_blocks, gradient_sums_planes_blocks)
 
 
 @kernel
-def _gradient_sums_planes(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyped-def]
+def gradient_sums(dy, x, mean, groups, period, blocks):  # type: ignore[no-untyped-def]
     """``sums[0] = sum(dy)`` and ``sums[1] = sum(dy * (x - mean))`` per group and channel (float64).
 
     ``mean`` is float64 ``[groups, C]``.
     """
     channels = x.shape[1]
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    gradient_sums_planes_blocks(dy, x, mean, groups, period, blocks, partial)
+    gradient_sums_blocks(dy, x, mean, groups, period, blocks, partial)
     return sum_blocks(partial)
-
-
-gradient_sums = by_layout(_gradient_sums_rows, _gradient_sums_planes)

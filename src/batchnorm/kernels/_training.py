@@ -21,20 +21,16 @@ from batchnorm.kernels._elementwise import (
     activation_constants,
     affine_coefficients,
     gradient_coefficients,
-    input_gradient_planes_blocks,
-    input_gradient_rows_blocks,
-    normalize_planes_blocks,
-    normalize_rows_blocks,
+    input_gradient_blocks,
+    normalize_blocks,
     split_mean,
 )
-from batchnorm.kernels._jit import by_layout, kernel, setup_helper
+from batchnorm.kernels._jit import kernel, setup_helper
 from batchnorm.kernels._statistics import (
     first_values,
-    gradient_sums_planes_blocks,
-    gradient_sums_rows_blocks,
+    gradient_sums_blocks,
+    moments_blocks,
     moments_from_sums,
-    moments_planes_blocks,
-    moments_rows_blocks,
     sum_blocks,
 )
 
@@ -111,55 +107,7 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
 
 
 @kernel
-def _train_forward_rows(  # type: ignore[no-untyped-def]
-    x,
-    weights,
-    masked,
-    groups,
-    period,
-    blocks,
-    scale,
-    offset,
-    epsilon,
-    out,
-    moving_mean,
-    moving_variance,
-    average_weight,
-    debiased,
-    momentum,
-    unbiased,
-    activation,
-    parameter,
-):
-    """:data:`train_forward` for ``inner == 1`` (channels last)."""
-    rows, channels, _ = x.shape
-    x2 = x.reshape((rows, channels))
-    out2 = out.reshape((rows, channels))
-    first = first_values(x, weights, masked)
-    partial = np.zeros((blocks, 3, groups, channels), np.float64)
-    moments_rows_blocks(x2, weights, masked, first, groups, period, blocks, partial)
-    mean, variance, total = moments_from_sums(partial, first, masked, rows, 1, groups, period)
-    high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
-    constants = activation_constants(parameter, x)
-    normalize_rows_blocks(
-        x2, high, factor, shift, groups, period, blocks, out2, activation, constants
-    )
-    update_moving_statistics(
-        mean,
-        variance,
-        total,
-        moving_mean,
-        moving_variance,
-        average_weight,
-        debiased,
-        momentum,
-        unbiased,
-    )
-    return mean, variance, total
-
-
-@kernel
-def _train_forward_planes(  # type: ignore[no-untyped-def]
+def train_forward(  # type: ignore[no-untyped-def]
     x,
     weights,
     masked,
@@ -188,13 +136,11 @@ def _train_forward_planes(  # type: ignore[no-untyped-def]
     rows, channels, inner = x.shape
     first = first_values(x, weights, masked)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
-    moments_planes_blocks(x, weights, masked, first, groups, period, blocks, partial)
+    moments_blocks(x, weights, masked, first, groups, period, blocks, partial)
     mean, variance, total = moments_from_sums(partial, first, masked, rows, inner, groups, period)
     high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
     constants = activation_constants(parameter, x)
-    normalize_planes_blocks(
-        x, high, factor, shift, groups, period, blocks, out, activation, constants
-    )
+    normalize_blocks(x, high, factor, shift, groups, period, blocks, out, activation, constants)
     update_moving_statistics(
         mean,
         variance,
@@ -207,9 +153,6 @@ def _train_forward_planes(  # type: ignore[no-untyped-def]
         unbiased,
     )
     return mean, variance, total
-
-
-train_forward = by_layout(_train_forward_rows, _train_forward_planes)
 
 
 @setup_helper
@@ -227,39 +170,7 @@ def parameter_gradients(sums, variance, epsilon):  # type: ignore[no-untyped-def
 
 
 @kernel
-def _train_backward_rows(  # type: ignore[no-untyped-def]
-    dy, x, weights, masked, mean, variance, total, scale, epsilon, groups, period, blocks, out
-):
-    """:data:`train_backward` for ``inner == 1`` (channels last)."""
-    rows, channels, _ = x.shape
-    x2 = x.reshape((rows, channels))
-    dy2 = dy.reshape((rows, channels))
-    out2 = out.reshape((rows, channels))
-    partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    gradient_sums_rows_blocks(dy2, x2, mean, groups, period, blocks, partial)
-    sums = sum_blocks(partial)
-    high, low = split_mean(mean, x)
-    k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
-    input_gradient_rows_blocks(
-        dy2,
-        x2,
-        weights,
-        masked,
-        high,
-        low,
-        k_dy,
-        mean_dy,
-        k_centred,
-        groups,
-        period,
-        blocks,
-        out2,
-    )
-    return parameter_gradients(sums, variance, epsilon)
-
-
-@kernel
-def _train_backward_planes(  # type: ignore[no-untyped-def]
+def train_backward(  # type: ignore[no-untyped-def]
     dy, x, weights, masked, mean, variance, total, scale, epsilon, groups, period, blocks, out
 ):
     """The batch-norm backward with the batch's own statistics, in one call: ``out = dL/dx``
@@ -268,11 +179,11 @@ def _train_backward_planes(  # type: ignore[no-untyped-def]
     """
     channels = x.shape[1]
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
-    gradient_sums_planes_blocks(dy, x, mean, groups, period, blocks, partial)
+    gradient_sums_blocks(dy, x, mean, groups, period, blocks, partial)
     sums = sum_blocks(partial)
     high, low = split_mean(mean, x)
     k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
-    input_gradient_planes_blocks(
+    input_gradient_blocks(
         dy,
         x,
         weights,
@@ -288,6 +199,3 @@ def _train_backward_planes(  # type: ignore[no-untyped-def]
         out,
     )
     return parameter_gradients(sums, variance, epsilon)
-
-
-train_backward = by_layout(_train_backward_rows, _train_backward_planes)
