@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from batchnorm import BatchNormalization
+from batchnorm import BatchNormalization, kernels
 from batchnorm.functional import register_backend
 from batchnorm.functional._cpu_backend import NUMBA_CPU
 
@@ -165,3 +166,24 @@ def test_results_are_bit_identical_for_one_and_two_threads(shape, axis, dtype):
 
     for one, two in zip(run(1), run(2), strict=True):
         assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+def test_a_zero_divisor_in_a_kernel_gives_nan_as_torch_does(layout):
+    """The kernels compile with NumPy's error model: ``1 / sqrt(variance + epsilon)`` with both 0
+    gives inf, and the normalised zero NaN, as torch's own batch norm; Python's model raised
+    ZeroDivisionError (and kept every per-channel loop with a division scalar). Reached only by
+    calling a kernel directly: the layer and the functional API require ``epsilon > 0``."""
+    shape = (4, 3, 1) if layout == "rows" else (4, 3, 5)
+    x = np.zeros(shape, np.float32)
+    statistic = np.zeros((1, 3))
+    out = np.empty_like(x)
+    scale, offset = np.ones(3, np.float32), np.zeros(3, np.float32)
+    kernels.affine_normalize.serial(
+        x, statistic, statistic, scale, offset, 0.0, 1, 4, 1, out, None, 1.0
+    )
+    expected = torch.nn.functional.batch_norm(
+        torch.from_numpy(x), torch.zeros(3), torch.zeros(3), torch.ones(3), torch.zeros(3), eps=0.0
+    )
+    assert torch.isnan(expected).all()
+    assert np.isnan(out).all()
