@@ -85,6 +85,12 @@ def runner(function: Any) -> Runner:
     return Runner(function)
 
 
+def layout_of(first: Any) -> str:
+    """``"rows"`` for a canonical ``x[o, c, i]`` with ``inner == 1`` (channels last), else
+    ``"planes"``: the build a call takes, from its first array argument."""
+    return "rows" if first.shape[2] == 1 else "planes"
+
+
 class LayoutRunners:
     """One pass's runners for the two layouts, which a kernel calls by one name: its rows build
     calls ``rows``, its planes build ``planes`` (:class:`Kernel`). Both take the canonical
@@ -95,7 +101,8 @@ class LayoutRunners:
 
     def __call__(self, *args: Any) -> Any:
         """From Python, the threaded build of the first array argument's layout's runner."""
-        return (self.rows if args[0].shape[2] == 1 else self.planes)(*args)
+        runner: Runner = getattr(self, layout_of(args[0]))
+        return runner(*args)
 
 
 def by_layout(rows: Runner, planes: Runner) -> LayoutRunners:
@@ -176,7 +183,8 @@ class LayoutKernel:
         self.__name__ = function.__name__
 
     def _pick(self, first: Any) -> Kernel:
-        return self.rows if first.shape[2] == 1 else self.planes
+        build: Kernel = getattr(self, layout_of(first))
+        return build
 
     def parallel(self, *args: Any) -> Any:
         return self._pick(args[0]).parallel(*args)
