@@ -8,9 +8,11 @@ with a mask (``weights``, one per row and inner element) and None without one (`
 a dummy), ``activation`` an activation code or None. The kernels test ``masked is None`` and
 ``activation is None``, which Numba resolves from the argument's type before compiling, so a plain
 call compiles no mask or activation branches. Threaded loops live in
-:class:`~batchnorm.kernels._jit.Runner` functions, one per layout (rows: channels last; planes:
-``inner > 1``); each kernel is written once and compiled per layout, its calls to a pass's
-:class:`~batchnorm.kernels._jit.LayoutRunners` bound to that layout's runner.
+:class:`~batchnorm.kernels._jit.Runner` functions, one per pass; kernels and runners are written
+once and compiled per layout (rows: channels last; planes: ``inner > 1``), a runner's call to its
+pass's :class:`~batchnorm.kernels._jit.ByLayout` block helpers bound to that layout's helper, and a
+kernel's calls to runners and other kernels bound to its layout and build
+(:func:`~batchnorm.kernels._jit.bound`).
 """
 
 from batchnorm.kernels._activated_backward import train_backward_activated

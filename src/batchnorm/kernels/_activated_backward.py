@@ -71,9 +71,10 @@ def delta(g, z, y, exponential, leaky, slope, zero):  # type: ignore[no-untyped-
 
 @helper
 def activated_sums_rows_block(  # type: ignore[no-untyped-def]
-    dy2, x2, y2, mean, coefficients, derivative, groups, period, start, stop, sums
+    dy, x, y, mean, coefficients, derivative, groups, period, start, stop, sums
 ):
     """``S_delta``, ``S_delta_c`` of rows ``start:stop`` (channels last) added into ``sums``."""
+    dy2, x2, y2 = rows_view(dy), rows_view(x), rows_view(y)
     high, factor, shift = coefficients
     exponential, leaky, slope, zero = derivative
     channels = x2.shape[1]
@@ -130,9 +131,10 @@ def activated_sums_planes_block(  # type: ignore[no-untyped-def]
 
 @helper
 def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
-    dy2, x2, y2, weights, masked, coefficients, derivative, period, start, stop, out2
+    dy, x, y, weights, masked, coefficients, derivative, period, start, stop, out
 ):
     """``dx`` on rows ``start:stop`` (channels last); ``coefficients`` as the kernels make them."""
+    dy2, x2, y2, out2 = rows_view(dy), rows_view(x), rows_view(y), rows_view(out)
     high, low, factor, shift, k_dy, mean_dy, k_centred = coefficients
     exponential, leaky, slope, zero = derivative
     groups, channels = high.shape[0], x2.shape[1]
@@ -200,68 +202,32 @@ def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
                     target[i] = a * ((d - m) - k * ((v - h) - lo))
 
 
-@runner
-def activated_sums_rows_blocks(  # type: ignore[no-untyped-def]
-    dy, x, y, mean, coefficients, derivative, groups, period, blocks, sums
-):
-    """:func:`activated_sums_rows_block` on each row block of ``x[o, c, 0]``, into
-    ``sums[block]``."""
-    dy2 = rows_view(dy)
-    x2 = rows_view(x)
-    y2 = rows_view(y)
-    for block in prange(blocks):
-        start, stop = block_rows(x2.shape[0], blocks, block)
-        activated_sums_rows_block(
-            dy2, x2, y2, mean, coefficients, derivative, groups, period, start, stop, sums[block]
-        )
+activated_sums_block = by_layout(activated_sums_rows_block, activated_sums_planes_block)
+activated_gradient_block = by_layout(activated_gradient_rows_block, activated_gradient_planes_block)
 
 
 @runner
-def activated_sums_planes_blocks(  # type: ignore[no-untyped-def]
+def activated_sums_blocks(  # type: ignore[no-untyped-def]
     dy, x, y, mean, coefficients, derivative, groups, period, blocks, sums
 ):
-    """:func:`activated_sums_planes_block` on each row block, into ``sums[block]``."""
+    """The layout's :data:`activated_sums_block` on each row block, into ``sums[block]``."""
     for block in prange(blocks):
         start, stop = block_rows(x.shape[0], blocks, block)
-        activated_sums_planes_block(
+        activated_sums_block(
             dy, x, y, mean, coefficients, derivative, groups, period, start, stop, sums[block]
         )
 
 
-activated_sums_blocks = by_layout(activated_sums_rows_blocks, activated_sums_planes_blocks)
-
-
 @runner
-def activated_gradient_rows_blocks(  # type: ignore[no-untyped-def]
+def activated_gradient_blocks(  # type: ignore[no-untyped-def]
     dy, x, y, weights, masked, coefficients, derivative, period, blocks, out
 ):
-    """:func:`activated_gradient_rows_block` on each row block of ``x[o, c, 0]``."""
-    dy2 = rows_view(dy)
-    x2 = rows_view(x)
-    y2 = rows_view(y)
-    out2 = rows_view(out)
-    for block in prange(blocks):
-        start, stop = block_rows(x2.shape[0], blocks, block)
-        activated_gradient_rows_block(
-            dy2, x2, y2, weights, masked, coefficients, derivative, period, start, stop, out2
-        )
-
-
-@runner
-def activated_gradient_planes_blocks(  # type: ignore[no-untyped-def]
-    dy, x, y, weights, masked, coefficients, derivative, period, blocks, out
-):
-    """:func:`activated_gradient_planes_block` on each row block."""
+    """The layout's :data:`activated_gradient_block` on each row block."""
     for block in prange(blocks):
         start, stop = block_rows(x.shape[0], blocks, block)
-        activated_gradient_planes_block(
+        activated_gradient_block(
             dy, x, y, weights, masked, coefficients, derivative, period, start, stop, out
         )
-
-
-activated_gradient_blocks = by_layout(
-    activated_gradient_rows_blocks, activated_gradient_planes_blocks
-)
 
 
 @kernel

@@ -86,15 +86,17 @@ def activated(v, activation, constants):  # type: ignore[no-untyped-def]
 
 @helper
 def normalize_rows_block(  # type: ignore[no-untyped-def]
-    x2, high, factor, shift, groups, period, start, stop, out2, activation, constants
+    x, high, factor, shift, groups, period, start, stop, out, activation, constants
 ):
-    """``out2 = f((x2 - high) * factor + shift)`` on rows ``start:stop`` (channels last), ``f``
+    """``out = f((x - high) * factor + shift)`` on rows ``start:stop`` (channels last), ``f``
     the activation of code ``activation`` (:func:`activated`, with ``constants``; none for None:
     Numba then compiles this without the activation's loops).
 
     Indexed in 2-D, without a view per row: per-row views made this loop 1.7x slower on fresh
     output memory.
     """
+    x2 = rows_view(x)
+    out2 = rows_view(out)
     channels = x2.shape[1]
     if groups == 1:
         # The coefficients as one row each, loop-invariant: vectorised over the channels.
@@ -139,33 +141,19 @@ def normalize_planes_block(  # type: ignore[no-untyped-def]
                     target[i] = activated((row[i] - h) * f + b, activation, constants)
 
 
-@runner
-def normalize_rows_blocks(  # type: ignore[no-untyped-def]
-    x, high, factor, shift, groups, period, blocks, out, activation, constants
-):
-    """:func:`normalize_rows_block` on each row block of ``x[o, c, 0]``."""
-    x2 = rows_view(x)
-    out2 = rows_view(out)
-    for block in prange(blocks):
-        start, stop = block_rows(x2.shape[0], blocks, block)
-        normalize_rows_block(
-            x2, high, factor, shift, groups, period, start, stop, out2, activation, constants
-        )
+normalize_block = by_layout(normalize_rows_block, normalize_planes_block)
 
 
 @runner
-def normalize_planes_blocks(  # type: ignore[no-untyped-def]
+def normalize_blocks(  # type: ignore[no-untyped-def]
     x, high, factor, shift, groups, period, blocks, out, activation, constants
 ):
-    """:func:`normalize_planes_block` on each row block."""
+    """The layout's :data:`normalize_block` on each row block."""
     for block in prange(blocks):
         start, stop = block_rows(x.shape[0], blocks, block)
-        normalize_planes_block(
+        normalize_block(
             x, high, factor, shift, groups, period, start, stop, out, activation, constants
         )
-
-
-normalize_blocks = by_layout(normalize_rows_blocks, normalize_planes_blocks)
 
 
 @kernel
@@ -205,8 +193,8 @@ def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_ex
 
 @helper
 def input_gradient_rows_block(  # type: ignore[no-untyped-def]
-    dy2,
-    x2,
+    dy,
+    x,
     weights,
     masked,
     high,
@@ -218,9 +206,12 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
     period,
     start,
     stop,
-    out2,
+    out,
 ):
     """The input gradient on rows ``start:stop`` (channels last); see :func:`gradient_coefficients`."""
+    dy2 = rows_view(dy)
+    x2 = rows_view(x)
+    out2 = rows_view(out)
     channels = x2.shape[1]
     if groups == 1 and masked is None:
         # The common case with its coefficients as rows: vectorised over the channels.
@@ -283,42 +274,17 @@ def input_gradient_planes_block(  # type: ignore[no-untyped-def]
                     target[i] = a * ((grad_row[i] - d) - b * ((row[i] - h) - lo))
 
 
-@runner
-def input_gradient_rows_blocks(  # type: ignore[no-untyped-def]
-    dy, x, weights, masked, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out
-):
-    """:func:`input_gradient_rows_block` on each row block of ``x[o, c, 0]``."""
-    dy2 = rows_view(dy)
-    x2 = rows_view(x)
-    out2 = rows_view(out)
-    for block in prange(blocks):
-        start, stop = block_rows(x2.shape[0], blocks, block)
-        input_gradient_rows_block(
-            dy2,
-            x2,
-            weights,
-            masked,
-            high,
-            low,
-            k_dy,
-            mean_dy,
-            k_centred,
-            groups,
-            period,
-            start,
-            stop,
-            out2,
-        )
+input_gradient_block = by_layout(input_gradient_rows_block, input_gradient_planes_block)
 
 
 @runner
-def input_gradient_planes_blocks(  # type: ignore[no-untyped-def]
+def input_gradient_blocks(  # type: ignore[no-untyped-def]
     dy, x, weights, masked, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out
 ):
-    """:func:`input_gradient_planes_block` on each row block."""
+    """The layout's :data:`input_gradient_block` on each row block."""
     for block in prange(blocks):
         start, stop = block_rows(x.shape[0], blocks, block)
-        input_gradient_planes_block(
+        input_gradient_block(
             dy,
             x,
             weights,
@@ -334,9 +300,6 @@ def input_gradient_planes_blocks(  # type: ignore[no-untyped-def]
             stop,
             out,
         )
-
-
-input_gradient_blocks = by_layout(input_gradient_rows_blocks, input_gradient_planes_blocks)
 
 
 @kernel

@@ -88,8 +88,9 @@ def gradient_factors(variance, total, scale, sums, epsilon, dtype_example):  # t
 
 
 @helper
-def sums_rows_block(dy2, y2, channel, inverse, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
+def sums_rows_block(dy, y, channel, inverse, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
     """``S_0``, ``S_1`` of rows ``start:stop`` (channels last) added into ``sums``."""
+    dy2, y2 = rows_view(dy), rows_view(y)
     reciprocal, shift = channel
     exponential, slope, inverse_slope, floor = inverse
     channels = y2.shape[1]
@@ -133,9 +134,10 @@ def sums_planes_block(dy, y, channel, inverse, groups, period, start, stop, sums
 
 @helper
 def gradient_rows_block(  # type: ignore[no-untyped-def]
-    dy2, y2, weights, masked, channel, inverse, factors, period, start, stop, out2
+    dy, y, weights, masked, channel, inverse, factors, period, start, stop, out
 ):
     """``dx`` on rows ``start:stop`` (channels last)."""
+    dy2, y2, out2 = rows_view(dy), rows_view(y), rows_view(out)
     reciprocal, shift = channel
     exponential, slope, inverse_slope, floor = inverse
     factor, mean_delta, mean_product = factors
@@ -208,55 +210,26 @@ def in_place_parameter_gradients(sums):  # type: ignore[no-untyped-def]
     return dscale, doffset
 
 
-@runner
-def sums_rows_blocks(dy, y, channel, inverse, groups, period, blocks, sums):  # type: ignore[no-untyped-def]
-    """:func:`sums_rows_block` on each row block of ``y[o, c, 0]``, into ``sums[block]``."""
-    dy2 = rows_view(dy)
-    y2 = rows_view(y)
-    for block in prange(blocks):
-        start, stop = block_rows(y2.shape[0], blocks, block)
-        sums_rows_block(dy2, y2, channel, inverse, groups, period, start, stop, sums[block])
+sums_block = by_layout(sums_rows_block, sums_planes_block)
+gradient_block = by_layout(gradient_rows_block, gradient_planes_block)
 
 
 @runner
-def sums_planes_blocks(dy, y, channel, inverse, groups, period, blocks, sums):  # type: ignore[no-untyped-def]
-    """:func:`sums_planes_block` on each row block, into ``sums[block]``."""
+def sums_blocks(dy, y, channel, inverse, groups, period, blocks, sums):  # type: ignore[no-untyped-def]
+    """The layout's :data:`sums_block` on each row block, into ``sums[block]``."""
     for block in prange(blocks):
         start, stop = block_rows(y.shape[0], blocks, block)
-        sums_planes_block(dy, y, channel, inverse, groups, period, start, stop, sums[block])
-
-
-sums_blocks = by_layout(sums_rows_blocks, sums_planes_blocks)
+        sums_block(dy, y, channel, inverse, groups, period, start, stop, sums[block])
 
 
 @runner
-def gradient_rows_blocks(  # type: ignore[no-untyped-def]
+def gradient_blocks(  # type: ignore[no-untyped-def]
     dy, y, weights, masked, channel, inverse, factors, period, blocks, out
 ):
-    """:func:`gradient_rows_block` on each row block of ``y[o, c, 0]``."""
-    dy2 = rows_view(dy)
-    y2 = rows_view(y)
-    out2 = rows_view(out)
-    for block in prange(blocks):
-        start, stop = block_rows(y2.shape[0], blocks, block)
-        gradient_rows_block(
-            dy2, y2, weights, masked, channel, inverse, factors, period, start, stop, out2
-        )
-
-
-@runner
-def gradient_planes_blocks(  # type: ignore[no-untyped-def]
-    dy, y, weights, masked, channel, inverse, factors, period, blocks, out
-):
-    """:func:`gradient_planes_block` on each row block."""
+    """The layout's :data:`gradient_block` on each row block."""
     for block in prange(blocks):
         start, stop = block_rows(y.shape[0], blocks, block)
-        gradient_planes_block(
-            dy, y, weights, masked, channel, inverse, factors, period, start, stop, out
-        )
-
-
-gradient_blocks = by_layout(gradient_rows_blocks, gradient_planes_blocks)
+        gradient_block(dy, y, weights, masked, channel, inverse, factors, period, start, stop, out)
 
 
 @kernel

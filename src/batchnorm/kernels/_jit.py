@@ -54,31 +54,42 @@ MAX_BLOCKS = 16
 
 
 class Runner:
-    """A loop over row blocks that calls one block helper, compiled threaded (``prange``) and
-    serial; kernels call it by name (:class:`Kernel` picks the build).
+    """A loop over row blocks (``prange``) that calls a pass's block helper by one name, compiled
+    per layout and build (:func:`bound`): threaded, and serial (inlined into the serial kernels).
 
     Only these small functions are compiled with ``parallel=True``: Numba's parallel lowering
     compiles each ``prange`` loop of a function as a function of its own, with everything else
     in that function around it, which made every threaded kernel cost twice its serial build
     to compile (a first (32, 64, 56, 56) training step took 12 s with a cold cache). A runner
-    is compiled once and shared by every kernel that runs its helper.
+    is compiled once per layout and build and shared by every kernel that runs its pass.
+
+    The serial and threaded builds give the same bits only while LLVM compiles the block helper
+    alike in both places: allocating the kernels' `partial` sums as a reshaped 1-D array (like
+    their other temporaries) let it optimise the inlined helper differently, and 1- and 2-thread
+    results differed in the last bit (tests/test_cpu_numerics.py); they keep np.zeros of the 4-d
+    shape.
     """
 
     def __init__(self, function: Any) -> None:
-        self.parallel = compiled(function, parallel=True)
-        # Inlined into the serial kernels: the loop as they had it written in, with nothing
-        # more to compile. The serial and threaded builds then give the same bits only while
-        # LLVM compiles the block helper alike in both places: allocating the kernels' `partial`
-        # sums as a reshaped 1-D array (like their other temporaries) let it optimise the inlined
-        # helper differently, and 1- and 2-thread results differed in the last bit
-        # (tests/test_cpu_numerics.py); they keep np.zeros of the 4-d shape.
-        self.serial = compiled(_renamed(function, "_serial"), inline=True)
+        self.function = function
         self.__doc__ = function.__doc__
         self.__name__ = function.__name__
+        self._builds: dict[tuple[str, str], Any] = {}
+
+    def build(self, layout: str, build: str) -> Any:
+        """The compiled ``build`` ("parallel" or "serial") for ``layout``, made on first use."""
+        key = (layout, build)
+        if key not in self._builds:
+            copy = bound(self.function, layout, build)
+            if build == "parallel":
+                self._builds[key] = compiled(copy, parallel=True)
+            else:
+                self._builds[key] = compiled(copy, inline=True)
+        return self._builds[key]
 
     def __call__(self, *args: Any) -> Any:
-        """From Python, the threaded build (a kernel calls the build :class:`Kernel` gives it)."""
-        return self.parallel(*args)
+        """From Python, the threaded build of the first array argument's layout."""
+        return self.build(layout_of(args[0]), "parallel")(*args)
 
 
 def runner(function: Any) -> Runner:
@@ -91,63 +102,73 @@ def layout_of(first: Any) -> str:
     return "rows" if first.shape[2] == 1 else "planes"
 
 
-class LayoutRunners:
-    """One pass's runners for the two layouts, which a kernel calls by one name: its rows build
-    calls ``rows``, its planes build ``planes`` (:class:`Kernel`). Both take the canonical
-    ``x[o, c, i]``; a rows runner views it as ``x2[o, c]``."""
+class ByLayout:
+    """A pass's block helpers for the two layouts, which a runner calls by one name: its rows
+    build calls ``rows``, its planes build ``planes`` (:func:`bound`). Both take the canonical
+    ``x[o, c, i]``; a rows helper views it as ``x2[o, c]`` (:func:`rows_view`)."""
 
-    def __init__(self, rows: Runner, planes: Runner) -> None:
+    def __init__(self, rows: Any, planes: Any) -> None:
         self.rows, self.planes = rows, planes
 
     def __call__(self, *args: Any) -> Any:
-        """From Python, the threaded build of the first array argument's layout's runner."""
-        runner: Runner = getattr(self, layout_of(args[0]))
-        return runner(*args)
+        """From Python, the helper of the first array argument's layout."""
+        return getattr(self, layout_of(args[0]))(*args)
 
 
-def by_layout(rows: Runner, planes: Runner) -> LayoutRunners:
-    return LayoutRunners(rows, planes)
+def by_layout(rows: Any, planes: Any) -> ByLayout:
+    return ByLayout(rows, planes)
+
+
+def bound(function: Any, layout: str, build: str) -> Any:
+    """A copy of ``function`` named ``<name>_<layout>_<build>`` whose calls are bound to
+    ``layout`` and ``build``: a :class:`ByLayout` name to that layout's helper, a
+    :class:`Runner` to its build, a :class:`LayoutKernel` to its build inlined (kernels compose:
+    a training step's kernel calls the one-pass kernels).
+
+    Numba's on-disk cache keys a function by its name and signature, not by its options or
+    globals: two builds of one name shared a cache entry, and whichever was compiled second
+    loaded the first's code (the serial call of a (32, 64) training step then ran the threaded
+    code, 12 us instead of 4 us); hence one name per build. Bound on first use, once the
+    function's module has defined every name it calls.
+    """
+    namespace = dict(function.__globals__)
+    for name in function.__code__.co_names:
+        value = namespace.get(name)
+        if isinstance(value, ByLayout):
+            namespace[name] = getattr(value, layout)
+        elif isinstance(value, Runner):
+            namespace[name] = value.build(layout, build)
+        elif isinstance(value, LayoutKernel):
+            namespace[name] = getattr(value, layout).inlined(build)
+    return _renamed(function, f"_{layout}_{build}", namespace)
 
 
 class Kernel:
-    """A kernel for one layout, compiled twice as one native call each: its "parallel" build
+    """A kernel for one layout, compiled as one native call per build: its "parallel" build
     calls the threaded builds of the :class:`Runner` loops it names, its serial build their
-    serial builds; a name bound to :class:`LayoutRunners` is the runner of the kernel's layout.
-
-    Both builds compile a renamed copy of the function (Numba's on-disk cache keys a function by
-    its name and signature, not by its options or globals: two builds of one name shared a cache
-    entry, and whichever was compiled second loaded the first's code; the serial call of a
-    (32, 64) training step then ran the threaded code, 12 us instead of 4 us). The copies are
-    made on first use, once the kernel's module has defined every name it calls.
-    """
+    serial builds (:func:`bound`)."""
 
     def __init__(self, function: Any, layout: str) -> None:
         self.function = function
         self.layout = layout
         self.__doc__ = function.__doc__
         self.__name__ = f"{function.__name__}_{layout}"
+        self._inlined: dict[str, Any] = {}
 
     @functools.cached_property
     def parallel(self) -> Any:
-        return self._build("parallel")
+        return compiled(bound(self.function, self.layout, "parallel"))
 
     @functools.cached_property
     def serial(self) -> Any:
-        return self._build("serial")
+        return compiled(bound(self.function, self.layout, "serial"))
 
-    def _build(self, build: str) -> Any:
-        function = self.function
-        names = function.__code__.co_names
-        runners = {}
-        for name, value in function.__globals__.items():
-            if name not in names:
-                continue
-            if isinstance(value, LayoutRunners):
-                value = getattr(value, self.layout)
-            if isinstance(value, Runner):
-                runners[name] = getattr(value, build)
-        copy = _renamed(function, f"_{self.layout}_{build}", {**function.__globals__, **runners})
-        return compiled(copy)
+    def inlined(self, build: str) -> Any:
+        """The ``build`` inlined into another kernel that calls this one."""
+        if build not in self._inlined:
+            copy = bound(self.function, self.layout, build)
+            self._inlined[build] = compiled(_renamed(copy, "_inlined"), inline=True)
+        return self._inlined[build]
 
 
 def _renamed(function: Any, suffix: str, namespace: dict[str, Any] | None = None) -> Any:
@@ -170,8 +191,8 @@ class LayoutKernel:
     """One kernel function compiled for the two layouts, chosen by the first array argument's.
 
     ``rows``: ``inner == 1`` (channels last: rows of C contiguous values); ``planes``: channel
-    planes of ``inner`` contiguous values. Each build calls its layout's runners
-    (:class:`LayoutRunners`): Numba optimises each loop nest better in a function of its own
+    planes of ``inner`` contiguous values. Each build's runners call its layout's block helpers
+    (:class:`ByLayout`): Numba optimises each loop nest better in a function of its own
     (the planes loop reached memcpy speed alone and ran ~1.25x slower compiled beside the rows
     loop), and a call compiles only its layout's loops.
     """
@@ -191,6 +212,11 @@ class LayoutKernel:
 
     def serial(self, *args: Any) -> Any:
         return self._pick(args[0]).serial(*args)
+
+    def __call__(self, *args: Any) -> Any:
+        """From Python, the threaded build (another kernel calls the build :func:`bound` gives
+        it)."""
+        return self.parallel(*args)
 
 
 def helper(function: Any) -> Any:

@@ -98,13 +98,14 @@ def weighted_row(x2, o, w, shift, t1, t2):  # type: ignore[no-untyped-def]
 
 
 @helper
-def moments_rows_block(x2, weights, masked, shift, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
-    """Rows ``start:stop`` of ``x2[o, c]`` (channels last) added into ``sums[3, groups, C]``.
+def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
+    """Rows ``start:stop`` of ``x[o, c, 0]`` (channels last) added into ``sums[3, groups, C]``.
 
     ``x - shift`` is taken in float64: in float32 an outlier as the shift cost the variance 4e-4
     relative error, and float32 squares of values near 3e18 overflowed. Rows with zero weight are
     skipped, whatever their values.
     """
+    x2 = rows_view(x)
     channels = x2.shape[1]
     if masked is None:
         # Without a mask, runs of rows of one group (the whole block, or `period` rows of a
@@ -207,24 +208,15 @@ def moments_planes_block(x, weights, masked, shift, groups, period, start, stop,
             sums[2, g, c] += a2
 
 
-@runner
-def moments_rows_blocks(x, weights, masked, shift, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
-    """:func:`moments_rows_block` on each row block of ``x[o, c, 0]``, into ``partial[block]``."""
-    x2 = rows_view(x)
-    for block in prange(blocks):
-        start, stop = block_rows(x2.shape[0], blocks, block)
-        moments_rows_block(x2, weights, masked, shift, groups, period, start, stop, partial[block])
+moments_block = by_layout(moments_rows_block, moments_planes_block)
 
 
 @runner
-def moments_planes_blocks(x, weights, masked, shift, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
-    """:func:`moments_planes_block` on each row block, into ``partial[block]``."""
+def moments_blocks(x, weights, masked, shift, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
+    """The layout's :data:`moments_block` on each row block, into ``partial[block]``."""
     for block in prange(blocks):
         start, stop = block_rows(x.shape[0], blocks, block)
-        moments_planes_block(x, weights, masked, shift, groups, period, start, stop, partial[block])
-
-
-moments_blocks = by_layout(moments_rows_blocks, moments_planes_blocks)
+        moments_block(x, weights, masked, shift, groups, period, start, stop, partial[block])
 
 
 @kernel
@@ -242,12 +234,14 @@ def batch_moments(x, weights, masked, groups, period, blocks):  # type: ignore[n
 
 
 @helper
-def gradient_sums_rows_block(dy2, x2, mean, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
+def gradient_sums_rows_block(dy, x, mean, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
     """Rows ``start:stop`` (channels last) added into ``sums[2, groups, C]``.
 
     Products and sums are float64, as in the moments: float32 partial sums of
     ``dy * (x - mean)`` overflowed where the data are near 1e18 although the sums fit.
     """
+    dy2 = rows_view(dy)
+    x2 = rows_view(x)
     channels = x2.shape[1]
     if groups == 1:
         # One row of accumulators, four rows per update, as in moments_rows_block.
@@ -300,26 +294,15 @@ def gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, sums): 
             sums[1, g, c] += a1
 
 
-@runner
-def gradient_sums_rows_blocks(dy, x, mean, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
-    """:func:`gradient_sums_rows_block` on each row block (channels last), into
-    ``partial[block]``."""
-    dy2 = rows_view(dy)
-    x2 = rows_view(x)
-    for block in prange(blocks):
-        start, stop = block_rows(x2.shape[0], blocks, block)
-        gradient_sums_rows_block(dy2, x2, mean, groups, period, start, stop, partial[block])
+gradient_sums_block = by_layout(gradient_sums_rows_block, gradient_sums_planes_block)
 
 
 @runner
-def gradient_sums_planes_blocks(dy, x, mean, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
-    """:func:`gradient_sums_planes_block` on each row block, into ``partial[block]``."""
+def gradient_sums_blocks(dy, x, mean, groups, period, blocks, partial):  # type: ignore[no-untyped-def]
+    """The layout's :data:`gradient_sums_block` on each row block, into ``partial[block]``."""
     for block in prange(blocks):
         start, stop = block_rows(x.shape[0], blocks, block)
-        gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, partial[block])
-
-
-gradient_sums_blocks = by_layout(gradient_sums_rows_blocks, gradient_sums_planes_blocks)
+        gradient_sums_block(dy, x, mean, groups, period, start, stop, partial[block])
 
 
 @kernel
