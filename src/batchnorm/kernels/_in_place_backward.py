@@ -45,7 +45,8 @@ def recovered(y, g, exponential, slope, inverse_slope, floor):  # type: ignore[n
     if y > 0:
         return y, g
     if exponential:
-        return max(np.log1p(y * inverse_slope), floor), g * (y + slope)
+        z = np.log1p(y * inverse_slope)
+        return floor if floor > z else z, g * (y + slope)  # max(z, floor), NaN kept
     return y * inverse_slope, g * slope
 
 
@@ -201,8 +202,11 @@ def gradient_planes_block(  # type: ignore[no-untyped-def]
 def in_place_parameter_gradients(sums):  # type: ignore[no-untyped-def]
     """``dgamma = sum_g S_1``, ``dbeta = sum_g S_0`` per channel (float64)."""
     groups, channels = sums.shape[1], sums.shape[2]
-    dscale = np.zeros(channels, np.float64)
-    doffset = np.zeros(channels, np.float64)
+    dscale = np.empty(channels, np.float64)
+    doffset = np.empty(channels, np.float64)
+    for c in range(channels):
+        dscale[c] = 0.0
+        doffset[c] = 0.0
     for g in range(groups):
         for c in range(channels):
             dscale[c] += sums[1, g, c]

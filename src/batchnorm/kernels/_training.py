@@ -150,8 +150,11 @@ def train_forward(  # type: ignore[no-untyped-def]
 def parameter_gradients(sums, variance, epsilon):  # type: ignore[no-untyped-def]
     """``dscale = sum_g Sdc / sqrt(variance + epsilon)`` and ``doffset = sum_g Sdy`` per channel."""
     groups, channels = variance.shape
-    dscale = np.zeros(channels, np.float64)
-    doffset = np.zeros(channels, np.float64)
+    dscale = np.empty(channels, np.float64)
+    doffset = np.empty(channels, np.float64)
+    for c in range(channels):
+        dscale[c] = 0.0
+        doffset[c] = 0.0
     for g in range(groups):
         for c in range(channels):
             inv = 1.0 / np.sqrt(variance[g, c] + epsilon)
