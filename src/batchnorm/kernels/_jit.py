@@ -132,8 +132,7 @@ def by_layout(rows: Any, planes: Any) -> ByLayout:
 def bound(function: Any, layout: str, build: str) -> Any:
     """A copy of ``function`` named ``<name>_<layout>_<build>`` whose calls are bound to
     ``layout`` and ``build``: a :class:`ByLayout` name to that layout's helper, a
-    :class:`Runner` to its build, a :class:`LayoutKernel` to its build inlined (kernels compose:
-    a training step's kernel calls the one-pass kernels).
+    :class:`Runner` to its build.
 
     Numba's on-disk cache keys a function by its name and signature, not by its options or
     globals: two builds of one name shared a cache entry, and whichever was compiled second
@@ -148,8 +147,6 @@ def bound(function: Any, layout: str, build: str) -> Any:
             namespace[name] = getattr(value, layout)
         elif isinstance(value, Runner):
             namespace[name] = value.build(layout, build)
-        elif isinstance(value, LayoutKernel):
-            namespace[name] = getattr(value, layout).inlined(build)
     return _renamed(function, f"_{layout}_{build}", namespace)
 
 
@@ -163,7 +160,6 @@ class Kernel:
         self.layout = layout
         self.__doc__ = function.__doc__
         self.__name__ = f"{function.__name__}_{layout}"
-        self._inlined: dict[str, Any] = {}
 
     @functools.cached_property
     def parallel(self) -> Any:
@@ -172,13 +168,6 @@ class Kernel:
     @functools.cached_property
     def serial(self) -> Any:
         return compiled(bound(self.function, self.layout, "serial"))
-
-    def inlined(self, build: str) -> Any:
-        """The ``build`` inlined into another kernel that calls this one."""
-        if build not in self._inlined:
-            copy = bound(self.function, self.layout, build)
-            self._inlined[build] = compiled(_renamed(copy, "_inlined"), inline=True)
-        return self._inlined[build]
 
 
 def _renamed(function: Any, suffix: str, namespace: dict[str, Any] | None = None) -> Any:
@@ -223,11 +212,6 @@ class LayoutKernel:
     def serial(self, *args: Any) -> Any:
         return self._pick(args[0]).serial(*args)
 
-    def __call__(self, *args: Any) -> Any:
-        """From Python, the threaded build (another kernel calls the build :func:`bound` gives
-        it)."""
-        return self.parallel(*args)
-
 
 def helper(function: Any) -> Any:
     """A serial compiled function that kernels call for a loop over a block of rows."""
@@ -251,19 +235,17 @@ def rows_view(x):  # type: ignore[no-untyped-def]
 
 
 @setup_helper
-def min_int(a, b):  # type: ignore[no-untyped-def]
-    """``min(a, b)`` for two integers. Each builtin overload a kernel calls (``min``, ``max``,
-    ``np.zeros``) is one more function Numba compiles on a cold cache (0.02-0.3 s each); the
-    kernels use ``np.empty`` and these conditionals instead, except for the 4-d partial sums
-    (see :class:`Runner`)."""
-    return b if b < a else a
-
-
-@setup_helper
 def block_rows(rows, blocks, block):  # type: ignore[no-untyped-def]
-    """The rows ``(start, stop)`` of block ``block`` of ``blocks`` near-equal row blocks."""
+    """The rows ``(start, stop)`` of block ``block`` of ``blocks`` near-equal row blocks.
+
+    The kernels compare rather than call ``min``/``max`` and zero with loops rather than call
+    ``np.zeros`` (except the 4-d partial sums, see :class:`Runner`): each builtin overload is
+    one more function Numba compiles on a cold cache (0.02-0.3 s each), and each inlined helper
+    one more pass of Numba's front end, hence no helper for these one-liners either.
+    """
     rows_per_block = (rows + blocks - 1) // blocks
-    return block * rows_per_block, min_int(rows, (block + 1) * rows_per_block)
+    stop = (block + 1) * rows_per_block
+    return block * rows_per_block, rows if rows < stop else stop  # min(rows, stop)
 
 
 def kernel(function: Any) -> LayoutKernel:

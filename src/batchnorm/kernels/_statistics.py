@@ -20,7 +20,6 @@ from batchnorm.kernels._jit import (
     by_layout,
     helper,
     kernel,
-    min_int,
     rows_view,
     runner,
     setup_helper,
@@ -75,7 +74,10 @@ def moments_from_sums(partial, shift, masked, rows, inner, groups, period):  # t
     cycle = period * groups
     for g in range(groups):
         rest = rows % cycle - g * period
-        rows_in_group[g] = (rows // cycle) * period + (0 if rest < 0 else min_int(rest, period))
+        in_cycle = (
+            0 if rest < 0 else (period if period < rest else rest)
+        )  # min(max(rest, 0), period)
+        rows_in_group[g] = (rows // cycle) * period + in_cycle
     for g in range(groups):
         for c in range(channels):
             total = sums[0, g, c] if masked is not None else rows_in_group[g] * inner
@@ -121,7 +123,8 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
         o = start
         while o < stop:
             g = (o // period) % groups
-            run_stop = stop if groups == 1 else min_int(stop, (o // period + 1) * period)
+            period_stop = (o // period + 1) * period
+            run_stop = stop if groups == 1 or stop < period_stop else period_stop
             t1 = sums[1, g]
             t2 = sums[2, g]
             unrolled = o + (run_stop - o) // 4 * 4
