@@ -9,6 +9,11 @@
 - ``fastmath``: reassociation and contraction only, so reductions vectorise; no ``nnan``/``ninf``,
   so NaN and Inf inputs propagate as in PyTorch.
 - ``error_model="numpy"``: divisions are not tested for zero (:func:`compiled`).
+
+Kernels compare rather than call ``min``/``max``, and zero with loops rather than call
+``np.zeros`` (except the 4-d partial sums, see :class:`Runner`): each builtin overload is one more
+function Numba compiles on a cold cache (0.02-0.3 s each), and each inlined helper one more pass of
+Numba's front end, so these one-liners get no helper either.
 """
 
 from __future__ import annotations
@@ -236,13 +241,7 @@ def rows_view(x):  # type: ignore[no-untyped-def]
 
 @setup_helper
 def block_rows(rows, blocks, block):  # type: ignore[no-untyped-def]
-    """The rows ``(start, stop)`` of block ``block`` of ``blocks`` near-equal row blocks.
-
-    The kernels compare rather than call ``min``/``max`` and zero with loops rather than call
-    ``np.zeros`` (except the 4-d partial sums, see :class:`Runner`): each builtin overload is
-    one more function Numba compiles on a cold cache (0.02-0.3 s each), and each inlined helper
-    one more pass of Numba's front end, hence no helper for these one-liners either.
-    """
+    """The rows ``(start, stop)`` of block ``block`` of ``blocks`` near-equal row blocks."""
     rows_per_block = (rows + blocks - 1) // blocks
     stop = (block + 1) * rows_per_block
     return block * rows_per_block, rows if rows < stop else stop  # min(rows, stop)

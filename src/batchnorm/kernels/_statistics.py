@@ -74,10 +74,8 @@ def moments_from_sums(partial, shift, masked, rows, inner, groups, period):  # t
     cycle = period * groups
     for g in range(groups):
         rest = rows % cycle - g * period
-        in_cycle = (
-            0 if rest < 0 else (period if period < rest else rest)
-        )  # min(max(rest, 0), period)
-        rows_in_group[g] = (rows // cycle) * period + in_cycle
+        rest = 0 if rest < 0 else rest  # min(max(rest, 0), period), without the builtins
+        rows_in_group[g] = (rows // cycle) * period + (period if period < rest else rest)
     for g in range(groups):
         for c in range(channels):
             total = sums[0, g, c] if masked is not None else rows_in_group[g] * inner

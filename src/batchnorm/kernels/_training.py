@@ -7,10 +7,12 @@ gradients. Each runs the passes of the one-pass kernels (:data:`batchnorm.kernel
 :data:`batchnorm.kernels.batch_norm_input_gradient`) with the same set-up helpers and runners;
 what is saved is the Python and dispatch work between them, which dominates small inputs.
 
+The moving statistics step in place (the arrays are views of the layer's buffers), as
+``F.batch_norm`` updates ``running_mean`` and ``running_var``.
+
 The kernels repeat those kernels' few set-up lines rather than call them: calling a kernel from
 a kernel (inlined) made Numba's compilation of a first training step run 26% more Python (17.3
-million calls against 13.7-14.0 million, counted with cProfile), about 0.2-0.5 s on a cold cache. The moving statistics step in place (the arrays are views of
-the layer's buffers), as ``F.batch_norm`` updates ``running_mean`` and ``running_var``.
+million calls against 13.7-14.0 million, counted with cProfile on a cold cache).
 """
 
 from __future__ import annotations
