@@ -248,3 +248,15 @@ def test_model_exports_with_torch_export():
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
     assert "batchnorm.normalize" in str(exported.graph)
+
+
+def test_runners_and_block_helpers_are_not_callable_from_python():
+    """Runners and block helpers are compiled without a CPython wrapper (only kernels call
+    them): calling one from Python says so instead of failing inside Numba."""
+    from batchnorm.kernels import _statistics
+
+    x = np.zeros((4, 3, 5), np.float32)
+    with pytest.raises(TypeError, match="runner moments_blocks is called from kernels only"):
+        _statistics.moments_blocks(x, x, None, np.zeros(3), 1, 4, 1, np.zeros((1, 3, 1, 3)))
+    with pytest.raises(TypeError, match="block helpers are called from runners only"):
+        _statistics.moments_block(x, x, None, np.zeros(3), 1, 4, 0, 4, np.zeros((3, 1, 3)))
