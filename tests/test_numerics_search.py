@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from batchnorm import BatchNormalization
@@ -55,6 +55,20 @@ def _laid_out(x: np.ndarray, axis: int, layout: str) -> torch.Tensor:
 @pytest.mark.parametrize("backend", ["numba", "torch ops"])
 @settings(max_examples=40, deadline=None)
 @given(case=numerics_cases())
+# Found by the search: a channel of variance 3.6e-4 and a masked value 1.5e4 spreads from the mean
+# (the torch-op backend's stored variance error, 2.9e-8, moves its inference output by 0.15).
+@example(
+    case={
+        "shape": [3, 4],
+        "axis": 1,
+        "layout": "contiguous",
+        "mask": "keras",
+        "padding": 0.0,
+        "offset_ratio": 1000.0,
+        "magnitude": 1.0,
+        "seed": 3,
+    }
+)
 def test_float32_statistics_match_the_float64_reference(case, backend):
     rng = np.random.default_rng(case["seed"])
     shape, axis = case["shape"], case["axis"]
@@ -127,9 +141,17 @@ def test_float32_statistics_match_the_float64_reference(case, backend):
         expected_inference = reference_inference(
             x64, expected_mean, expected_variance, gamma, beta, axes=(axis,), epsilon=1e-3
         )
-        # Inference reads the stored float32 mean: its rounding, over the spread, times gamma.
+        # Inference reads the stored float32 statistics. The mean's rounding, over the spread,
+        # times gamma; and the variance's absolute allowance above (the tf-keras step's rounding
+        # at the size of 1), which moves y - beta = gamma (x - m) / sqrt(v + eps) by the relative
+        # d sqrt(v + eps) / sqrt(v + eps) = dv / (2 (v + eps)): large for a tiny variance and a
+        # far masked value. Its rtol part is within the 1e-5 * size every check allows.
         stored_mean_error = (gamma * rounding * np.abs(expected_mean) / std).max()
-        checks.append((y_inference, expected_inference, stored_mean_error))
+        per_channel = [d for d in range(len(shape)) if d != axis]
+        variance_error = np.expand_dims(4 * rounding / (2 * std**2), per_channel)
+        beta_broadcast = np.expand_dims(beta, per_channel)
+        stored_variance_error = np.abs(expected_inference - beta_broadcast) * variance_error
+        checks.append((y_inference, expected_inference, stored_mean_error + stored_variance_error))
     # Outputs: a few float32 roundings of the normalised values' size (masked positions too,
     # which can be far from the data: their size is what counts there).
     for actual, expected, extra in checks:

@@ -70,7 +70,7 @@ class CpuPlan:
         self.blocks = kernels.blocks_for(layout.rows * layout.channels * layout.inner, layout.rows)
 
         def pick(operation: LayoutKernel) -> Kernel:
-            return operation.rows if layout.inner == 1 else operation.planes
+            return operation.for_inner(layout.inner)
 
         self.affine_normalize = pick(kernels.affine_normalize)
         self.batch_moments = pick(kernels.batch_moments)

@@ -11,8 +11,8 @@ call compiles no mask or activation branches. Threaded loops live in
 :class:`~batchnorm.kernels._jit.Runner` functions, one per pass; kernels and runners are written
 once and compiled per layout (rows: channels last; planes: ``inner > 1``), a runner's call to its
 pass's :class:`~batchnorm.kernels._jit.ByLayout` block helpers bound to that layout's helper, and a
-kernel's calls to runners and other kernels bound to its layout and build
-(:func:`~batchnorm.kernels._jit.bound`).
+kernel's calls to runners bound to its layout and build (:func:`~batchnorm.kernels._jit.bound`).
+Kernels do not call kernels (see :mod:`batchnorm.kernels._training`).
 """
 
 from batchnorm.kernels._activated_backward import train_backward_activated

@@ -111,10 +111,10 @@ def runner(function: Any) -> Runner:
     return Runner(function)
 
 
-def layout_of(first: Any) -> str:
+def layout_for(inner: int) -> str:
     """``"rows"`` for a canonical ``x[o, c, i]`` with ``inner == 1`` (channels last), else
-    ``"planes"``: the build a call takes, from its first array argument."""
-    return "rows" if first.shape[2] == 1 else "planes"
+    ``"planes"``: the build a call on that layout takes."""
+    return "rows" if inner == 1 else "planes"
 
 
 class ByLayout:
@@ -207,15 +207,18 @@ class LayoutKernel:
         self.__doc__ = function.__doc__
         self.__name__ = function.__name__
 
-    def _pick(self, first: Any) -> Kernel:
-        build: Kernel = getattr(self, layout_of(first))
+    def for_inner(self, inner: int) -> Kernel:
+        """The build for a canonical ``x[o, c, i]`` whose ``i`` has ``inner`` elements."""
+        build: Kernel = getattr(self, layout_for(inner))
         return build
 
     def parallel(self, *args: Any) -> Any:
-        return self._pick(args[0]).parallel(*args)
+        """The threaded build, chosen by the first array argument's layout."""
+        return self.for_inner(args[0].shape[2]).parallel(*args)
 
     def serial(self, *args: Any) -> Any:
-        return self._pick(args[0]).serial(*args)
+        """The serial build, chosen by the first array argument's layout."""
+        return self.for_inner(args[0].shape[2]).serial(*args)
 
 
 def helper(function: Any) -> Any:
