@@ -41,6 +41,25 @@ def test_masked_padding_far_from_the_data_does_not_shift_the_statistics():
     torch.testing.assert_close(layer.moving_variance.double(), variance, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(4099, 16), (33007, 16), (64, 9, 4, 8)])
+def test_inf_and_nan_at_masked_positions_change_no_statistic(shape):
+    # A Keras mask on channels-last data: the kernels read four rows at a time, and a row of
+    # weight 0 must add exactly nothing whatever it holds, also beside rows that count.
+    torch.manual_seed(1)
+    x = torch.randn(shape) * 2 + 3
+    mask = torch.rand(shape[:-1]) > 0.25
+    padded = {}
+    for name, value in (("zero", 0.0), ("inf", float("inf")), ("nan", float("nan"))):
+        layer = _train_once(x.masked_fill(~mask.unsqueeze(-1), value), mask)
+        padded[name] = (layer.moving_mean, layer.moving_variance)
+    for name in ("inf", "nan"):
+        assert torch.equal(padded[name][0], padded["zero"][0]), name
+        assert torch.equal(padded[name][1], padded["zero"][1]), name
+    mean, variance = _reference_moments(x, mask)
+    torch.testing.assert_close(padded["zero"][0].double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(padded["zero"][1].double(), variance, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("shape", [(1000, 8), (10, 8, 8, 4)])
 def test_float32_values_near_3e18_do_not_overflow_the_variance(shape):
     torch.manual_seed(1)
@@ -159,6 +178,32 @@ def test_results_are_bit_identical_for_one_and_two_threads(shape, axis, dtype):
             layer = BatchNormalization(shape[axis], axis=axis, momentum=0.5, dtype=dtype)
             x_grad = x.clone().requires_grad_()
             y = layer(x_grad, training=True)
+            y.backward(upstream)
+            return y, x_grad.grad, layer.gamma.grad, layer.moving_variance
+        finally:
+            torch.set_num_threads(previous)
+
+    for one, two in zip(run(1), run(2), strict=True):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_results_are_bit_identical_for_one_and_two_threads(dtype):
+    # The same with a Keras mask (one weight per row), whose rows of weight 0 sit among the
+    # four rows the kernels read at a time.
+    torch.manual_seed(0)
+    shape = (33007, 16)
+    x = (torch.randn(shape) * 3 + 5).to(dtype)
+    mask = torch.rand(shape[:-1]) > 0.25
+    upstream = torch.randn(shape).to(dtype)
+
+    def run(threads: int):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            layer = BatchNormalization(shape[-1], momentum=0.5, dtype=dtype)
+            x_grad = x.clone().requires_grad_()
+            y = layer(x_grad, training=True, mask=mask)
             y.backward(upstream)
             return y, x_grad.grad, layer.gamma.grad, layer.moving_variance
         finally:

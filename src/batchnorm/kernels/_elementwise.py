@@ -247,7 +247,30 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
             for c in range(channels):
                 out2[o, c] = a[c] * ((dy2[o, c] - d[c]) - b[c] * ((x2[o, c] - h[c]) - lo[c]))
         return
-    for o in range(start, stop):
+    if groups == 1:
+        # A mask with one weight per row (padded sequences), the same way.
+        h = high[0]
+        lo = low[0]
+        a = k_dy[0]
+        d = mean_dy[0]
+        b = k_centred[0]
+        q = (stop - start) // 2  # rows per half
+        for o in range(start, start + q):
+            w0 = weights[o, 0]
+            w1 = weights[o + q, 0]
+            for c in range(channels):
+                hc, lc, ac, dc, bc = h[c], lo[c], a[c], d[c], b[c]
+                centred0 = (x2[o, c] - hc) - lc
+                centred1 = (x2[o + q, c] - hc) - lc
+                out2[o, c] = ac * ((dy2[o, c] - w0 * dc) - w0 * bc * centred0)
+                out2[o + q, c] = ac * ((dy2[o + q, c] - w1 * dc) - w1 * bc * centred1)
+        for o in range(start + 2 * q, stop):
+            w = weights[o, 0]
+            for c in range(channels):
+                centred = (x2[o, c] - h[c]) - lo[c]
+                out2[o, c] = a[c] * ((dy2[o, c] - w * d[c]) - w * b[c] * centred)
+        return
+    for o in range(start, stop):  # ghost batches
         g = (o // period) % groups
         w = weights[o, 0] if masked is not None else 1.0
         for c in range(channels):
