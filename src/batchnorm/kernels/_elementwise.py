@@ -229,32 +229,26 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
     x2 = rows_view(x)
     out2 = rows_view(out)
     channels = x2.shape[1]
-    if groups == 1 and masked is None:
-        # The common case with its coefficients as rows: vectorised over the channels, the
-        # block's two halves side by side as in normalize_rows_block.
-        h = high[0]
-        lo = low[0]
-        a = k_dy[0]
-        d = mean_dy[0]
-        b = k_centred[0]
-        q = (stop - start) // 2  # rows per half
-        for o in range(start, start + q):
-            for c in range(channels):
-                hc, lc, ac, dc, bc = h[c], lo[c], a[c], d[c], b[c]
-                out2[o, c] = ac * ((dy2[o, c] - dc) - bc * ((x2[o, c] - hc) - lc))
-                out2[o + q, c] = ac * ((dy2[o + q, c] - dc) - bc * ((x2[o + q, c] - hc) - lc))
-        for o in range(start + 2 * q, stop):
-            for c in range(channels):
-                out2[o, c] = a[c] * ((dy2[o, c] - d[c]) - b[c] * ((x2[o, c] - h[c]) - lo[c]))
-        return
     if groups == 1:
-        # A mask with one weight per row (padded sequences), the same way.
+        # The common case with its coefficients as rows: vectorised over the channels, the
+        # block's two halves side by side as in normalize_rows_block; with a mask, one weight
+        # per row (padded sequences).
         h = high[0]
         lo = low[0]
         a = k_dy[0]
         d = mean_dy[0]
         b = k_centred[0]
         q = (stop - start) // 2  # rows per half
+        if masked is None:
+            for o in range(start, start + q):
+                for c in range(channels):
+                    hc, lc, ac, dc, bc = h[c], lo[c], a[c], d[c], b[c]
+                    out2[o, c] = ac * ((dy2[o, c] - dc) - bc * ((x2[o, c] - hc) - lc))
+                    out2[o + q, c] = ac * ((dy2[o + q, c] - dc) - bc * ((x2[o + q, c] - hc) - lc))
+            for o in range(start + 2 * q, stop):
+                for c in range(channels):
+                    out2[o, c] = a[c] * ((dy2[o, c] - d[c]) - b[c] * ((x2[o, c] - h[c]) - lo[c]))
+            return
         for o in range(start, start + q):
             w0 = weights[o, 0]
             w1 = weights[o + q, 0]
