@@ -87,8 +87,8 @@ def expm1_nonpositive(v):  # type: ignore[no-untyped-def]
     -10^2.5 to -10^-320: within 1 ulp in float64, and within half an ulp once rounded to
     float32 (the C library's float32 expm1: 0.76 ulp).
     """
-    z = np.float64(v)
-    z = -60.0 if z < -60.0 else z  # expm1(-60) rounds to -1; also -inf
+    wide = np.float64(v)
+    z = -60.0 if wide < -60.0 else wide  # expm1(-60) rounds to -1; also -inf
     k = np.floor(z * _LOG2_E + 0.5)
     r = z - k * _LN_2
     # Horner's rule for r (1 + r / 2! + r^2 / 3! + ... + r^12 / 13!)
