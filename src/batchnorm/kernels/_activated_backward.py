@@ -81,6 +81,32 @@ def activated_sums_rows_block(  # type: ignore[no-untyped-def]
     # Per-channel rows, made again only where the group changes (a view per row of a long
     # loop is what slows these passes).
     h, f, b, m, u0, u1 = high[0], factor[0], shift[0], mean[0], sums[0, 0], sums[1, 0]
+    if groups == 1:
+        # Row r of each half of the block side by side, the accumulators updated once for both
+        # (see batchnorm.kernels._statistics.moments_rows_block).
+        q = (stop - start) // 2  # rows per half
+        for o in range(start, start + q):
+            for c in range(channels):
+                hc, fc, bc, mc = h[c], f[c], b[c], m[c]
+                v0 = x2[o, c]
+                v1 = x2[o + q, c]
+                d0 = np.float64(
+                    delta(dy2[o, c], (v0 - hc) * fc + bc, y2[o, c], exponential, leaky, slope, zero)
+                )
+                d1 = np.float64(
+                    delta(
+                        dy2[o + q, c],
+                        (v1 - hc) * fc + bc,
+                        y2[o + q, c],
+                        exponential,
+                        leaky,
+                        slope,
+                        zero,
+                    )
+                )
+                u0[c] += d0 + d1
+                u1[c] += d0 * (np.float64(v0) - mc) + d1 * (np.float64(v1) - mc)
+        start = start + 2 * q  # the last row, if the count is odd, below
     for o in range(start, stop):
         if groups > 1:
             g = (o // period) % groups
@@ -139,6 +165,29 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
     exponential, leaky, slope, zero = derivative
     groups, channels = high.shape[0], x2.shape[1]
     h, lo, f, b, a, m, k = high[0], low[0], factor[0], shift[0], k_dy[0], mean_dy[0], k_centred[0]
+    if groups == 1 and masked is None:
+        # The block's halves side by side: each coefficient loaded once for two values.
+        q = (stop - start) // 2  # rows per half
+        for o in range(start, start + q):
+            for c in range(channels):
+                hc, lc, fc, bc, ac, mc, kc = h[c], lo[c], f[c], b[c], a[c], m[c], k[c]
+                v0 = x2[o, c]
+                v1 = x2[o + q, c]
+                d0 = delta(
+                    dy2[o, c], (v0 - hc) * fc + bc, y2[o, c], exponential, leaky, slope, zero
+                )
+                d1 = delta(
+                    dy2[o + q, c],
+                    (v1 - hc) * fc + bc,
+                    y2[o + q, c],
+                    exponential,
+                    leaky,
+                    slope,
+                    zero,
+                )
+                out2[o, c] = ac * ((d0 - mc) - kc * ((v0 - hc) - lc))
+                out2[o + q, c] = ac * ((d1 - mc) - kc * ((v1 - hc) - lc))
+        start = start + 2 * q  # the last row, if the count is odd, below
     for o in range(start, stop):
         if groups > 1:
             g = (o // period) % groups
