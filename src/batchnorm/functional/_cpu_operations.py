@@ -115,11 +115,12 @@ def normalize_into(
     epsilon: float,
     groups: int,
     activation: Activation | None,
-    out3: np.ndarray,
+    out3: np.ndarray | None,
 ) -> None:
     """The affine kernel of :func:`normalize_prepared` writing into ``out3``, an array in the
-    canonical layout (``prepared.x3`` itself for in-place training: each value is read before
-    it is written)."""
+    canonical layout, or over ``prepared.x3`` itself when None (in-place training: each value
+    is read before it is written; :data:`batchnorm.kernels.affine_normalize` says why not
+    ``out3=prepared.x3``)."""
     plan = prepared.plan
     normalize = prepared.compiled(plan.affine_normalize)
     normalize(

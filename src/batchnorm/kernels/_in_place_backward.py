@@ -65,7 +65,8 @@ def log1p_nonpositive(u):  # type: ignore[no-untyped-def]
     m, e = (m * 4.0, e + 2.0) if m * 4.0 < 2.0 else (m, e)
     m, e = (m * 2.0, e + 1.0) if m * 2.0 < 2.0 else (m, e)
     near = wide >= -0.5
-    s = wide / (2.0 + wide) if near else (m - 1.0) / (m + 1.0)
+    # one division (selected operands): two selected quotients cost two vector divisions
+    s = (wide if near else m - 1.0) / (2.0 + wide if near else m + 1.0)
     t = s * s
     # Horner's rule for 1 + t / 3 + t^2 / 5 + ... + t^17 / 35
     p = 1.0 / 35
