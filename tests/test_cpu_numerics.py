@@ -92,6 +92,25 @@ def test_tensor_training_flag_backward_through_the_layer():
     torch.testing.assert_close(layer.moving_mean, plain.moving_mean)
 
 
+@pytest.mark.parametrize("flag", [True, False])
+def test_an_eager_cpu_tensor_flag_runs_one_branch_like_a_bool(flag):
+    # Read as a bool, as tf's smart_cond reads an eager tensor: the same output, gradients and
+    # buffers as the bool to the bit, and memory="in_place" (which refuses a flag that computes
+    # both branches, as both would read x) accepts it.
+    torch.manual_seed(5)
+    x0 = torch.randn(6, 3, 5) * 2 + 1
+    results = []
+    for training in (torch.tensor(flag), flag):
+        layer = BatchNormalization(3, axis=1, activation="leaky_relu", memory="in_place")
+        layer.moving_mean.fill_(0.5)
+        source = x0.clone().requires_grad_()
+        y = layer(source * 1.0, training=training)
+        y.square().sum().backward()
+        results.append((y.detach(), source.grad, layer.gamma.grad, *layer.buffers()))
+    for from_tensor, from_bool in zip(*results, strict=True):
+        assert torch.equal(from_tensor, from_bool)
+
+
 # Inductor's own import of torch.jit warns (torch 2.13), not our code.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])

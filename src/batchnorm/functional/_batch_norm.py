@@ -42,6 +42,7 @@ from batchnorm.functional._validation import (
     check_tensor_shape,
     check_virtual_batch_size,
     normalize_axes,
+    training_flag,
 )
 
 VarianceEstimator = Literal["biased", "unbiased"]
@@ -212,8 +213,9 @@ def batch_norm(
         x: input, any floating dtype; float16/bfloat16 are computed in float32.
         statistics: per-channel state (:class:`BatchNormStatistics`).
         gamma, beta: per-channel scale and offset, or None.
-        training: Python bool, or a 0-d bool tensor (both branches are computed and selected,
-            so the call traces without a graph break).
+        training: Python bool, or a 0-d bool tensor: eager calls read one on the CPU as a
+            bool; traced calls and other devices compute both branches and select one, so the
+            call traces without a graph break.
         use_global_stats: None, True or False, as above.
         activation, activation_param: ``y = f(batch norm)`` with ``f`` one of "identity",
             "relu", "leaky_relu" (param: negative slope, default 0.01), "elu" (param: alpha,
@@ -317,11 +319,7 @@ def batch_norm_step(
         check_tensor_shape(tensor, expected, f"statistics.{name}")
     check_tensor_shape(gamma, channel_shape, "gamma")
     check_tensor_shape(beta, channel_shape, "beta")
-    if isinstance(training, torch.Tensor) and (training.ndim != 0 or training.dtype != torch.bool):
-        raise ValueError(
-            "`training` must be a Python bool or a 0-d bool tensor. "
-            f"Received: training with shape {tuple(training.shape)} and dtype {training.dtype}"
-        )
+    training = training_flag(training)
     weights = None if mask is None else check_mask(mask, x, axes)
     # Which statistics normalise (training) and whether the moving ones step (update).
     update: bool | torch.Tensor = training
@@ -503,10 +501,11 @@ def _check_in_place_call(
     training: bool | torch.Tensor,
 ) -> None:
     """Why this call cannot train in place, as an error (before anything is computed)."""
-    if training is not True:
+    if isinstance(training, torch.Tensor):
         raise ValueError(
-            "memory='in_place' needs a Python bool `training` (a tensor flag computes both "
-            "branches, which both read x). Received: training as a tensor"
+            "memory='in_place' needs a Python bool `training`, or a CPU tensor in an eager "
+            "call (a flag traced or on another device computes both branches, which both read "
+            f"x). Received: training as a tensor on {training.device}"
         )
     check_in_place_settings(options.activation, options.synchronized)
     channel_shape = tuple(x_given.shape[a] for a in axes)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def check_axis_type(axis: Any) -> list[int]:
@@ -181,3 +182,31 @@ def check_mask_values(mask: Any) -> torch.Tensor:
             f"Received: a mask with {' and '.join(problems)} values"
         )
     return mask
+
+
+def training_flag(training: bool | torch.Tensor) -> bool | torch.Tensor:
+    """``training`` as the step takes it: a Python bool, or a 0-d bool tensor.
+
+    An eager call reads a tensor on the CPU as a bool (free: no device to wait for), as
+    TensorFlow's ``smart_cond`` does in eager mode, and so runs one branch. Traced calls
+    (``torch.compile``, ``torch.jit.trace``, fake or proxy tensors, functorch transforms) and
+    tensors on another device keep the tensor: both branches are computed and one is selected,
+    which traces without a graph break and never waits for the device.
+    """
+    if not isinstance(training, torch.Tensor):
+        return training
+    if training.ndim != 0 or training.dtype != torch.bool:
+        raise ValueError(
+            "`training` must be a Python bool or a 0-d bool tensor. "
+            f"Received: training with shape {tuple(training.shape)} and dtype {training.dtype}"
+        )
+    if (
+        type(training) is torch.Tensor  # not a fake, proxy or other subclass
+        and training.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and torch._C._get_tracing_state() is None  # not inside torch.jit.trace
+        and not torch._C._functorch.is_functorch_wrapped_tensor(training)
+        and _get_current_dispatch_mode() is None
+    ):
+        return bool(training)
+    return training

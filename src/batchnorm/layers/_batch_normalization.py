@@ -24,6 +24,7 @@ from batchnorm.functional._validation import (
     check_positive,
     check_renorm_clipping,
     check_virtual_batch_size,
+    training_flag,
 )
 from batchnorm.layers import _constraints as constraints
 from batchnorm.layers import _initializers as initializers
@@ -441,6 +442,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 not count in the batch statistics.
         """
         compiling = torch.compiler.is_compiling()  # traced: no shortcut, nothing remembered
+        if isinstance(training, torch.Tensor) and not compiling:
+            training = training_flag(training)  # a bool where reading it is free
         direct_calls: DirectCalls | None = None if compiling else self.__dict__.get("_direct_calls")
         if (
             direct_calls is not None

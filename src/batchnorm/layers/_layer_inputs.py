@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from batchnorm.functional._validation import check_floating_input, normalize_axes
+from batchnorm.functional._validation import check_floating_input, normalize_axes, training_flag
 
 
 class CalledLayer(Protocol):
@@ -28,19 +28,14 @@ class CalledLayer(Protocol):
 
 def resolve_training(training: Any, trainable: bool, module_training: bool) -> bool | torch.Tensor:
     """The mode of a call: ``trainable=False`` forces inference (tf-keras 2); None follows the
-    module's mode; a 0-d bool tensor stays a tensor (both branches run, for torch.compile)."""
+    module's mode; a 0-d bool tensor is read as a bool where that is free and safe, and stays a
+    tensor otherwise (both branches run: :func:`training_flag`)."""
     if not trainable:
         return False
     if training is None:
         return bool(module_training)
     if isinstance(training, torch.Tensor):
-        if training.ndim != 0 or training.dtype != torch.bool:
-            raise ValueError(
-                "`training` must be a Python bool or a 0-d bool tensor. "
-                f"Received: training with shape {tuple(training.shape)} and dtype "
-                f"{training.dtype}"
-            )
-        return training
+        return training_flag(training)
     if isinstance(training, (bool, np.bool_)):
         return bool(training)
     raise TypeError(
