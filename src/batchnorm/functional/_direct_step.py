@@ -11,7 +11,8 @@ and the call is a plain training step, this runs it instead: the same statistics
 
 A plain step: a Python ``training=True``, one channel axis, x, the buffers and gamma/beta of one
 float32/float64 dtype, a non-empty batch, exponential or debiased moving averages (no renorm), no
-adjustment, no synchronization, no ``use_global_stats``, a mask with one weight per position, and
+adjustment, no synchronization, ``use_global_stats`` None or False (batch statistics, moving ones
+updated: a plain step), a mask with one weight per position, and
 not inside ``torch.compile`` (which traces the stateless step's custom operators).
 
 Inference (:func:`infer`) has nothing to update; it skips only the stateless step's general
@@ -87,7 +88,7 @@ def train_in_place(
         or statistics.renorm
         or options.adjustment is not None
         or options.synchronized
-        or options.use_global_stats is not None
+        or options.use_global_stats  # True: the moving statistics normalise, nothing steps
         or not _one_kernel_dtype(x, statistics, gamma, beta)
         or x.numel() == 0
         or torch.compiler.is_compiling()
@@ -217,7 +218,7 @@ class DirectCalls:
             and not options.in_place
             and options.adjustment is None
             and not options.synchronized
-            and options.use_global_stats is None
+            and not options.use_global_stats
             and all(t.is_contiguous() and not t.requires_grad for t in self.moving if t is not None)
         )
         self.signatures: dict[_Signature, tuple[CpuPlan, int] | None] = {}
