@@ -84,6 +84,13 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
         for numbers in case["modes"].values():
             assert numbers["seconds"]["batchnorm"] > 0 and numbers["seconds"]["torch"] > 0
     assert {t["target"].split(":")[0] for t in report["summary"]["targets"]} >= {"renorm NHWC"}
+    # Each variant is timed beside the plain layer in the same rounds, and compared with it.
+    targets = {t["target"]: t["measured"] for t in report["summary"]["targets"]}
+    assert {c["name"] for c in report["extra_cases"]} == {"renorm NHWC", "ghost NHWC", "mask NLC"}
+    for case in report["extra_cases"]:
+        seconds = case["modes"]["train forward"]["seconds"]
+        ratio = targets[f"{case['name']}: train forward / plain <= 1.3"]
+        assert seconds["plain"] > 0 and ratio == seconds["batchnorm"] / seconds["plain"]
     assert {t["verdict"] for t in report["summary"]["targets"]} <= {"met", "NO", "unclear"}
     assert {m["name"] for m in report["models"]} == {
         "mlp 784-1000-10, batch 64",
