@@ -189,18 +189,41 @@ def test_gradcheck_float64(shape, axes, ghost, use_mask):
     assert torch.autograd.gradgradcheck(function, (x, gamma, beta))
 
 
-def test_inference_gradients_match_torch_ops(torch_ops_backend):
-    x = torch.randn(5, 4, 3, dtype=torch.float64)
-    stats = [torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5]
-    scale = torch.rand(4, dtype=torch.float64)
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [
+        ((5, 4, 3), (1,)),  # channel planes
+        ((7, 4), (1,)),  # rows
+        ((3, 5, 4), (2,)),  # channels last
+        ((3, 4, 2, 5), (1, 3)),  # two channel axes (a copy)
+        ((64, 16, 20, 17), (1,)),  # several row blocks (threaded)
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("affine", [True, False])
+def test_inference_gradients_match_torch_ops(shape, axes, dtype, affine, torch_ops_backend):
+    # The kernels' backward (dy * scale * inv in the affine pass, per-channel float64 sums) against
+    # the torch ops' float64 formulas, for x, the statistics, gamma and beta.
+    torch.manual_seed(6)
+    channels = tuple(shape[a] for a in axes)
+    x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+    stats = [torch.randn(channels, dtype=dtype), torch.rand(channels, dtype=dtype) + 0.5]
+    parameters = [torch.rand(channels, dtype=dtype) + 0.5, torch.randn(channels, dtype=dtype)]
+    up = torch.randn(shape, dtype=dtype)
     results = []
-    for backend in (TorchOpsBackend(), NUMBA_CPU):
-        inputs = [t.clone().requires_grad_() for t in (x, *stats, scale)]
-        y = backend.normalize(inputs[0], (1,), inputs[1], inputs[2], inputs[3], None, 1e-3)
-        grads = torch.autograd.grad((y * torch.arange(60.0).reshape(5, 4, 3)).sum(), inputs)
-        results.append(grads)
-    for ours, theirs in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(ours, theirs)
+    # The reference in float64 (torch's own float32 autograd sums in float32).
+    for backend, as_type in ((TorchOpsBackend(), torch.float64), (NUMBA_CPU, dtype)):
+        inputs = [t.to(as_type).requires_grad_() for t in (x, *stats, *parameters)]
+        scale, offset = inputs[3:] if affine else (None, None)
+        y = backend.normalize(inputs[0], axes, inputs[1], inputs[2], scale, offset, 1e-3)
+        wanted = inputs if affine else inputs[:3]
+        results.append(torch.autograd.grad((y * up.to(as_type)).sum(), wanted))
+    for ours, reference in zip(results[1], results[0], strict=True):
+        assert ours.dtype == dtype
+        if dtype == torch.float64:
+            torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+        else:  # float32 results of float64 arithmetic: one rounding
+            torch.testing.assert_close(ours, reference.float(), rtol=2e-7, atol=0)
 
 
 @pytest.mark.parametrize("renorm", [False, True])

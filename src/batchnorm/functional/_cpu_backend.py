@@ -29,6 +29,7 @@ from batchnorm.functional._cpu_operations import (
     TrainStep,
     batch_moments_impl,
     moments_of,
+    normalize_backward_impl,
     normalize_batch_backward_impl,
     normalize_batch_gradients,
     normalize_batch_impl,
@@ -238,9 +239,15 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])
-        dx, dmean, dvariance, dscale, doffset = normalize_gradients(
-            grad, ctx.saved_tensors, ctx.axes, ctx.epsilon, needs
-        )
+        if torch.is_grad_enabled():  # create_graph=True: torch ops, differentiable again
+            dx, dmean, dvariance, dscale, doffset = normalize_gradients(
+                grad, ctx.saved_tensors, ctx.axes, ctx.epsilon, needs
+            )
+        else:
+            x, mean, variance, scale = ctx.saved_tensors
+            dx, dmean, dvariance, dscale, doffset = normalize_backward_impl(
+                grad, x, mean, variance, scale, ctx.axes, ctx.epsilon, needs
+            )
         return dx, None, dmean, dvariance, dscale, doffset, None
 
 
