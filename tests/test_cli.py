@@ -80,7 +80,12 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
     report = json.loads(json_path.read_text())
     assert {c["name"] for c in report["cases"]} >= {"dense NC", "sequence NLC", "small-batch NC"}
     for case in report["cases"]:
-        assert set(case["modes"]) == {"train forward", "inference", "train forward+backward"}
+        assert set(case["modes"]) == {
+            "train forward",
+            "inference",
+            "train forward+backward",
+            "inference forward+backward",
+        }
         for numbers in case["modes"].values():
             assert numbers["seconds"]["batchnorm"] > 0 and numbers["seconds"]["torch"] > 0
     assert {t["target"].split(":")[0] for t in report["summary"]["targets"]} >= {"renorm NHWC"}

@@ -39,6 +39,7 @@ from batchnorm.functional._cpu_operations import (
     train_backward_impl,
     train_in_place_impl,
 )
+from batchnorm.functional._cpu_plan import prepare
 
 
 # ---------------------------------------------------------------------------- custom operators
@@ -232,9 +233,10 @@ def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, axes, mean, variance, scale, offset, epsilon):  # type: ignore[no-untyped-def, override]
+        prepared = prepare(x, axes, None, False)
         ctx.save_for_backward(x, mean, variance, scale)
-        ctx.axes, ctx.epsilon = axes, epsilon
-        return normalize_impl(x, axes, mean, variance, scale, offset, epsilon)
+        ctx.axes, ctx.epsilon, ctx.prepared = axes, epsilon, prepared
+        return normalize_impl(x, axes, mean, variance, scale, offset, epsilon, prepared=prepared)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
@@ -244,9 +246,9 @@ class _Normalize(torch.autograd.Function):
                 grad, ctx.saved_tensors, ctx.axes, ctx.epsilon, needs
             )
         else:
-            x, mean, variance, scale = ctx.saved_tensors
+            x, mean, variance, scale = ctx.saved_tensors  # checks that x was not modified
             dx, dmean, dvariance, dscale, doffset = normalize_backward_impl(
-                grad, x, mean, variance, scale, ctx.axes, ctx.epsilon, needs
+                grad, ctx.prepared, mean, variance, scale, ctx.epsilon, needs, x.dtype
             )
         return dx, None, dmean, dvariance, dscale, doffset, None
 

@@ -470,8 +470,12 @@ def normalize_impl(
     offset: torch.Tensor | None,
     epsilon: float,
     activation: Activation | None = None,
+    prepared: Prepared | None = None,
 ) -> torch.Tensor:
-    prepared = prepare(x, axes, None, False)
+    """Inference ``f((x - mean) / sqrt(variance + epsilon) * scale + offset)``; ``prepared``: x
+    as :func:`prepare` gives it, when the caller has it already."""
+    if prepared is None:
+        prepared = prepare(x, axes, None, False)
     layout = prepared.layout
     return normalize_prepared(
         prepared,
@@ -488,68 +492,53 @@ def normalize_impl(
 
 def normalize_backward_impl(
     grad: torch.Tensor,
-    x: torch.Tensor,
+    prepared: Prepared,
     mean: torch.Tensor,
     variance: torch.Tensor,
     scale: torch.Tensor | None,
-    axes: list[int],
     epsilon: float,
     needs: tuple[bool, ...],
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, ...]:
-    """``(dx, dmean, dvariance, dscale, doffset)`` of :func:`normalize_impl` (the formulas of
-    :func:`normalize_gradients`) in at most two kernel passes, each result only where ``needs``
-    says so (x, mean, variance, scale, offset).
-
-    ``dx = dy * scale * inv`` is the affine kernel run on dy with mean 0 and offset 0; the
-    statistics and parameters need ``Sdy`` and ``Sdy(x - mean)`` per channel, the gradient-sums
-    kernel's float64 sums. A batch norm kept in inference while the rest of a model trains
-    (fine-tuning) runs this on every step: with float64 torch ops it was 8x torch's time.
+    """``(dx, dmean, dvariance, dscale, doffset)`` of :func:`normalize_impl` on the input
+    ``prepared`` (x of ``dtype``) (the formulas of :func:`normalize_gradients`) in one kernel call
+    (:data:`batchnorm.kernels.inference_backward`), each result only where ``needs`` says so (x,
+    mean, variance, scale, offset). A batch norm kept in inference while the rest of a model
+    trains (fine-tuning) runs this on every step: with float64 torch ops it took 8x torch's time.
     """
-    prepared = prepare(x, axes, None, False)
     plan, layout = prepared.plan, prepared.layout
     dy3 = _canonical_gradient(grad, prepared)
-    scale_c = _to_canonical(scale, layout, 1.0)
-    variance_row = _statistic_row(variance, layout, 1.0)
-    dx = None
-    if needs[0]:
-        out, out3 = plan.fresh()
-        zeros = constant_channels(layout.channels, 0.0, dy3.dtype.type)
-        normalize = prepared.compiled(plan.affine_normalize)
-        normalize(
-            dy3,
-            zeros.reshape(1, -1),
-            variance_row,
-            scale_c,
-            zeros,
-            epsilon,
-            1,
-            layout.period,
-            plan.blocks,
-            out3,
-            None,
-            0.0,
-        )
-        dx = out if out.dtype == x.dtype else out.to(x.dtype)
-    if not any(needs[1:]):
-        return dx, None, None, None, None
-    gradient_sums = prepared.compiled(plan.gradient_sums)
-    sums = gradient_sums(
-        dy3, prepared.x3, _to_canonical(mean, layout, 0.0, 1), 1, layout.period, plan.blocks
+    dx, dx3 = plan.fresh() if needs[0] else (None, None)
+    backward = prepared.compiled(plan.inference_backward)
+    gradients = backward(
+        dy3,
+        prepared.x3,
+        _statistic_row(mean, layout, 0.0),
+        _statistic_row(variance, layout, 1.0),
+        _to_canonical(scale, layout, 1.0),
+        epsilon,
+        True if any(needs[1:]) else None,
+        layout.period,
+        plan.blocks,
+        dx3,
     )
-    sum_dy, sum_dy_centred = sums[0, 0], sums[1, 0]
-    inv = 1.0 / np.sqrt(variance_row[0].astype(np.float64) + epsilon)
-    gamma = scale_c.astype(np.float64)
-    channel_shape = tuple(x.shape[a] for a in axes)
+    if dx is not None and dx.dtype != dtype:
+        dx = dx.to(dtype)
+    channel_shape = tuple(mean.shape)
 
-    def gradient(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return _from_canonical(array, layout, channel_shape).to(dtype)
+    def gradient(row: int, dtype: torch.dtype) -> torch.Tensor:
+        values = gradients[row]
+        if dtype == torch.float32:  # rounded by NumPy: a torch conversion costs more per call
+            values = values.astype(np.float32)
+        tensor = _from_canonical(values, layout, channel_shape)
+        return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
     return (
         dx,
-        gradient(-sum_dy * gamma * inv, mean.dtype) if needs[1] else None,
-        gradient(-0.5 * gamma * inv**3 * sum_dy_centred, variance.dtype) if needs[2] else None,
-        gradient(sum_dy_centred * inv, scale.dtype) if needs[3] and scale is not None else None,
-        gradient(sum_dy, grad.dtype) if needs[4] else None,
+        gradient(0, mean.dtype) if needs[1] else None,
+        gradient(1, variance.dtype) if needs[2] else None,
+        gradient(2, scale.dtype) if needs[3] and scale is not None else None,
+        gradient(3, grad.dtype) if needs[4] else None,
     )
 
 

@@ -46,6 +46,7 @@ class CpuPlan:
         "dtype",
         "gradient_sums",
         "in_place_backward",
+        "inference_backward",
         "input_gradient",
         "inverse",
         "layout",
@@ -80,6 +81,7 @@ class CpuPlan:
         self.train_backward = pick(kernels.train_backward)
         self.train_backward_activated = pick(kernels.train_backward_activated)
         self.in_place_backward = pick(kernels.in_place_backward)
+        self.inference_backward = pick(kernels.inference_backward)
 
     def parallel(self) -> bool:
         """Whether to call the threaded builds: more than one block and more than one thread."""

@@ -18,6 +18,7 @@ Kernels do not call kernels (see :mod:`batchnorm.kernels._training`).
 from batchnorm.kernels._activated_backward import train_backward_activated
 from batchnorm.kernels._elementwise import affine_normalize, batch_norm_input_gradient
 from batchnorm.kernels._in_place_backward import in_place_backward
+from batchnorm.kernels._inference_backward import inference_backward
 from batchnorm.kernels._jit import Kernel, blocks_for, run, set_threads
 from batchnorm.kernels._statistics import batch_moments, gradient_sums
 from batchnorm.kernels._training import train_backward, train_forward
@@ -30,6 +31,7 @@ __all__ = [
     "blocks_for",
     "gradient_sums",
     "in_place_backward",
+    "inference_backward",
     "run",
     "set_threads",
     "train_backward",
