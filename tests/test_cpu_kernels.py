@@ -52,6 +52,11 @@ def run_train_step(x, axes, *, ghost=None, mask=None, gamma=None, beta=None, eps
 
 LAYOUTS = [
     ((64, 1), (1,)),
+    # One channel, one value per row, viewed as planes: 60 of 5, one of 4099 (a prime), and 64
+    # of 8192 (threaded row blocks).
+    ((6, 50, 1), (2,)),
+    ((4099, 1), (1,)),
+    ((1 << 19, 1), (1,)),
     ((2, 3), (1,)),
     ((5, 7, 9), (1,)),
     ((5, 7, 9), (2,)),
@@ -170,6 +175,7 @@ def test_repeated_runs_are_bit_identical():
         ((8, 3), (1,), 2, False),
         ((4, 2, 3, 3), (1,), 2, False),
         ((6, 3, 2, 2), (1, 3), None, False),
+        ((300, 1), (1,), None, True),  # one channel as planes, masked
     ],
 )
 def test_gradcheck_float64(shape, axes, ghost, use_mask):
