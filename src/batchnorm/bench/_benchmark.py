@@ -140,7 +140,9 @@ def interleaved_timings(
     """Each function timed by ``blocked_autorange`` once per round, round-robin, after a warm-up.
 
     On CUDA, ``Timer`` synchronises the device around every timed block; on MPS and XPU the clock
-    synchronises itself."""
+    synchronises itself. The functions run with the process's thread count (``Timer`` would set
+    torch, and so the kernels, to one thread)."""
+    threads = torch.get_num_threads()
     for function in functions.values():
         function()
         function()
@@ -148,9 +150,12 @@ def interleaved_timings(
     clock = _synchronizing_timer(device)
     for _ in range(rounds):
         for name, function in functions.items():
-            measurement = Timer("f()", globals={"f": function}, timer=clock).blocked_autorange(
-                min_run_time=min_run_time
-            )
+            measurement = Timer(
+                "f()",
+                globals={"f": function},
+                timer=clock,
+                num_threads=threads,
+            ).blocked_autorange(min_run_time=min_run_time)
             times[name].extend(measurement.times)
     timings = {}
     for name, values in times.items():
