@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -217,6 +220,26 @@ def test_masked_results_are_bit_identical_for_one_and_two_threads(dtype):
     torch.manual_seed(0)
     x = (torch.randn(33007, 16) * 3 + 5).to(dtype)
     _assert_one_and_two_threads_agree(x, -1, mask=torch.rand(33007) > 0.25)
+
+
+def test_a_threaded_call_keeps_torchs_thread_count():
+    # Numba's OpenMP pool, started by the first threaded call, set the process's OpenMP thread
+    # count back to every core: torch.set_num_threads(1) was undone, for torch's own operators
+    # and for every later kernel call. A fresh process, where the pool has not started yet.
+    program = (
+        "import torch\n"
+        "from batchnorm import BatchNormalization\n"
+        "torch.set_num_threads(1)\n"
+        "layer = BatchNormalization(64)\n"
+        "x = torch.randn(8192, 64, requires_grad=True)\n"
+        "layer(x, training=True).sum().backward()\n"
+        "layer(x, training=False)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=600, check=True
+    )
+    assert result.stdout.split() == ["1"]
 
 
 @pytest.mark.parametrize("layout", ["rows", "planes"])

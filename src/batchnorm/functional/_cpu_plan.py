@@ -85,7 +85,7 @@ class CpuPlan:
 
     def parallel(self) -> bool:
         """Whether to call the threaded builds: more than one block and more than one thread."""
-        return self.blocks > 1 and kernels.set_threads(torch.get_num_threads()) > 1
+        return self.blocks > 1 and kernel_threads() > 1
 
     def canonical(self, array: np.ndarray) -> np.ndarray:
         """An array laid out like the plan's input as ``(rows, channels, inner)``; a view."""
@@ -135,6 +135,23 @@ class Prepared(NamedTuple):
     def compiled(self, kernel: Kernel) -> Any:
         """The kernel's threaded build when this call runs threaded, else its serial one."""
         return kernel.parallel if self.parallel else kernel.serial
+
+
+def kernel_threads() -> int:
+    """Sets the kernels' thread count to torch's, and returns it.
+
+    Numba's OpenMP pool shares the OpenMP runtime with torch: starting it (on the first threaded
+    call) set the process's OpenMP thread count back to every core, so a program that had called
+    ``torch.set_num_threads(1)`` ran torch's own operators on all cores from then on, and
+    the kernels with it. Torch's count is put back when starting the pool changed it.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return 1
+    count = kernels.set_threads(threads)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return count
 
 
 # Plans of the input signatures seen. Only plans that view x without a copy are kept: the others
