@@ -78,3 +78,42 @@ def reference_inference(x, mean_state, var_state, gamma, beta, *, axes, epsilon)
     return (x - mean_state.reshape(view)) / np.sqrt(
         var_state.reshape(view) + epsilon
     ) * gamma.reshape(view) + beta.reshape(view)
+
+
+def reference_renorm_step(
+    x, upstream, state, gamma, beta, *, momentum, renorm_momentum, epsilon, clipping
+):
+    """One Batch Renormalization training step over the last axis in float64 (SEMANTICS.md 10).
+
+    ``state``: dict of moving_mean, moving_stddev, renorm_mean, renorm_stddev. Returns
+    ``(y, dx, dgamma, dbeta, new_state)``, new_state with moving_variance too; r and d are
+    constants to the gradients.
+    """
+    x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+    dy = np.asarray(upstream, np.float64).reshape(x.shape)
+    gamma, beta = np.asarray(gamma, np.float64), np.asarray(beta, np.float64)
+    mean, variance = x.mean(0), x.var(0)
+    stddev = np.sqrt(variance + epsilon)
+    renorm_stddev = np.maximum(state["renorm_stddev"], np.sqrt(epsilon))
+    r = np.clip(stddev / renorm_stddev, clipping.get("rmin"), clipping.get("rmax"))
+    d = (mean - state["renorm_mean"]) / renorm_stddev
+    if "dmax" in clipping:
+        d = np.clip(d, -clipping["dmax"], clipping["dmax"])
+    x_hat = (x - mean) / stddev
+    y = x_hat * (r * gamma) + (d * gamma + beta)
+    dx = (r * gamma / stddev) * (dy - dy.mean(0) - x_hat * (dy * x_hat).mean(0))
+    dgamma = (dy * (x_hat * r + d)).sum(0)
+    dbeta = dy.sum(0)
+
+    def step(old, new, m):
+        return old * m + new * (1 - m)
+
+    moving_stddev = step(state["moving_stddev"], stddev, momentum)
+    new_state = {
+        "moving_mean": step(state["moving_mean"], mean, momentum),
+        "moving_stddev": moving_stddev,
+        "moving_variance": np.maximum(moving_stddev**2 - epsilon, 0.0),
+        "renorm_mean": step(state["renorm_mean"], mean, renorm_momentum),
+        "renorm_stddev": step(state["renorm_stddev"], stddev, renorm_momentum),
+    }
+    return y, dx, dgamma, dbeta, new_state

@@ -20,7 +20,9 @@ the same pass where the backend can. The step passes it only when an activation 
 A backend may also provide ``train_in_place(x, axis, moving, scale, offset, weights,
 ghost_batches, momentum, epsilon, unbiased)``: the training output over one channel axis with the
 moving statistics stepped in place, in one native call (the layer's eager path; see
-:mod:`batchnorm.functional._direct_step`).
+:mod:`batchnorm.functional._direct_step`). With Batch Renormalization the call also gets the
+keyword ``renorm`` (:class:`batchnorm.functional._cpu_operations.RenormStep`: the renorm buffers,
+stepped in the same call, and the settings); without renorm it is not passed.
 
 The torch-op backend (:mod:`batchnorm.functional._torch_ops`) serves every device and is the
 reference; faster backends register for a device type (:mod:`batchnorm.functional._dispatch`).

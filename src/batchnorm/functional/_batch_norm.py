@@ -29,7 +29,7 @@ from batchnorm.functional._moving_average import (
     debiased_weight_update,
     moving_average_update,
 )
-from batchnorm.functional._renorm import renorm_correction
+from batchnorm.functional._renorm import compose_transforms, renorm_correction
 from batchnorm.functional._synchronized import resolve_process_group, synchronized_moments
 from batchnorm.functional._synchronized_normalize import synchronized_normalize
 from batchnorm.functional._torch_ops import TorchOpsBackend
@@ -107,21 +107,6 @@ pytree.register_pytree_node(
     _unflatten_statistics,
     serialized_type_name="batchnorm.functional.BatchNormStatistics",
 )
-
-
-def _compose(
-    scale: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    then_scale: torch.Tensor | None,
-    then_offset: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Apply ``(scale, offset)`` first, then ``(then_scale, then_offset)``: tf-keras' _compose_transforms."""
-    if then_scale is not None:
-        scale = then_scale if scale is None else scale * then_scale
-        offset = None if offset is None else offset * then_scale
-    if then_offset is not None:
-        offset = then_offset if offset is None else offset + then_offset
-    return scale, offset
 
 
 def check_mask(mask: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
@@ -386,7 +371,7 @@ def batch_norm_step(
             view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
             scale = None if scale is None else scale.reshape(view)
             offset = None if offset is None else offset.reshape(view)
-        scale, offset = _compose(
+        scale, offset = compose_transforms(
             adjust_scale.to(compute_dtype), adjust_offset.to(compute_dtype), scale, offset
         )
 
@@ -437,7 +422,7 @@ def batch_norm_step(
             epsilon,
             options.renorm_clipping,
         )
-        scale, offset = _compose(correction.r, correction.d, scale, offset)
+        scale, offset = compose_transforms(correction.r, correction.d, scale, offset)
     if in_place and not empty:
         y_train = _normalize_in_place(
             backend,

@@ -26,6 +26,7 @@ from batchnorm.functional._backend import Moments
 from batchnorm.functional._cpu_in_place import normalize_in_place_kernels
 from batchnorm.functional._cpu_operations import (
     SUPPORTED_DTYPES,
+    RenormStep,
     TrainStep,
     batch_moments_impl,
     moments_of,
@@ -215,6 +216,7 @@ class TrainInPlace(torch.autograd.Function):
                 ctx.ghost_batches,
                 normalize_batch_backward_impl,
                 ctx.training_pass.activation,
+                ctx.training_pass.correction,
             )
         else:
             dx, dscale, doffset = train_backward_impl(
@@ -339,10 +341,11 @@ class NumbaCpuBackend:
         epsilon: float,
         unbiased: bool,
         activation: Activation | None = None,
+        renorm: RenormStep | None = None,
     ) -> torch.Tensor:
         """Training output over one channel axis; the moving statistics step in place.
         ``activation`` runs in the forward's normalising pass and, under autograd, is folded
-        into the backward's two passes.
+        into the backward's two passes; ``renorm``'s statistics step in the same call.
 
         Eager only (``torch.compile`` traces :meth:`batch_moments` and :meth:`normalize_batch`).
         """
@@ -354,8 +357,9 @@ class NumbaCpuBackend:
             moving,
             momentum,
             unbiased,
+            activation=activation,
+            renorm=renorm,
         )
-        step = step._replace(activation=activation)
         if _needs_autograd(x, scale, offset):
             y: torch.Tensor = TrainInPlace.apply(x, scale, offset, step)  # type: ignore[no-untyped-call]
             return y

@@ -10,7 +10,9 @@ exposes these functions to PyTorch's autograd, ``torch.compile`` and ``torch.exp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,6 +27,7 @@ from batchnorm.functional._cpu_plan import (
     prepare,
     shared_array,
 )
+from batchnorm.functional._renorm import compose_transforms
 from batchnorm.functional._torch_ops import TORCH_OPS
 from batchnorm.kernels._elementwise import ELU, LEAKY_RELU, RELU
 
@@ -211,10 +214,13 @@ class TrainingPass(NamedTuple):
     mean: np.ndarray  # [groups, C] float64
     variance: np.ndarray
     total_weight: np.ndarray
-    scale: np.ndarray  # [C]
-    offset: np.ndarray  # [C]
+    scale: np.ndarray  # [C], what the pass normalised with (r * gamma with renorm)
+    offset: np.ndarray  # [C] (d * gamma + beta with renorm)
     activation: Activation | None  # applied in the forward: the backward folds in f'
     output: np.ndarray  # the canonical output (elu's backward reads it), else x's
+    # Batch Renormalization's (r, d), [2, C] float64: constants to autograd, they turn the
+    # gradients of scale and offset into gamma's, r * dscale + d * doffset. None without.
+    correction: np.ndarray | None = None
 
 
 class StepArrays(NamedTuple):
@@ -226,6 +232,35 @@ class StepArrays(NamedTuple):
     moving_variance: np.ndarray
     average_weight: np.ndarray  # [1] float64 (Caffe's scale factor), a dummy without one
     debiased: bool
+    # Batch Renormalization: (moving_stddev, renorm_mean, renorm_stddev) views; None without.
+    renorm: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+
+class RenormStep(NamedTuple):
+    """Batch Renormalization's part of a one-call training step (tf-keras semantics, see
+    :func:`batchnorm.functional._renorm.renorm_correction`): its buffers, contiguous tensors of
+    x's dtype over one channel axis, stepped in place, and its settings."""
+
+    moving_stddev: torch.Tensor
+    renorm_mean: torch.Tensor
+    renorm_stddev: torch.Tensor
+    momentum: float  # renorm_momentum
+    clipping: Mapping[str, float]  # rmin, rmax, dmax, each optional
+
+    def limits(self) -> np.ndarray:
+        """``(rmin, rmax, dmax)`` float64, infinite where not given (an array the kernels only
+        read, made once per distinct value)."""
+        clipping = self.clipping
+        return _clipping_limits(
+            clipping.get("rmin", -math.inf),
+            clipping.get("rmax", math.inf),
+            clipping.get("dmax", math.inf),
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _clipping_limits(rmin: float, rmax: float, dmax: float) -> np.ndarray:
+    return np.array([rmin, rmax, dmax], np.float64)
 
 
 def step_arrays(
@@ -233,6 +268,7 @@ def step_arrays(
     offset: torch.Tensor | None,
     moving: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     layout: CanonicalLayout,
+    renorm: RenormStep | None = None,
 ) -> StepArrays:
     """Views of gamma, beta and the moving statistics (one channel axis, contiguous)."""
     moving_mean, moving_variance, average_weight = moving
@@ -243,6 +279,13 @@ def step_arrays(
         shared_array(moving_variance),
         _NO_AVERAGE_WEIGHT if average_weight is None else shared_array(average_weight).reshape(1),
         average_weight is not None,
+        None
+        if renorm is None
+        else (
+            shared_array(renorm.moving_stddev),
+            shared_array(renorm.renorm_mean),
+            shared_array(renorm.renorm_stddev),
+        ),
     )
 
 
@@ -267,6 +310,7 @@ class TrainStep(NamedTuple):
     arrays: StepArrays | None = None
     prepared: Prepared | None = None
     activation: Activation | None = None  # applied in the normalising pass (no autograd only)
+    renorm: RenormStep | None = None
 
 
 def train_in_place_impl(
@@ -283,7 +327,15 @@ def train_in_place_impl(
     plan = prepared.plan
     arrays = step.arrays
     if arrays is None:
-        arrays = step_arrays(scale, offset, step.moving, plan.layout)
+        arrays = step_arrays(scale, offset, step.moving, plan.layout, step.renorm)
+    renorm, correction, composed = None, None, None
+    if step.renorm is not None and arrays.renorm is not None:
+        # The clipping is read on every call: a schedule may relax it in place, as in tf-keras.
+        channels = plan.layout.channels
+        correction = np.empty((2, channels))
+        composed = np.empty((2, channels), prepared.x3.dtype)
+        limits, renorm_momentum = step.renorm.limits(), step.renorm.momentum
+        renorm = (*arrays.renorm, limits, renorm_momentum, correction, composed)
     epsilon, ghost_batches, momentum, unbiased = (
         step.epsilon,
         step.ghost_batches,
@@ -309,21 +361,23 @@ def train_in_place_impl(
         arrays.debiased,
         momentum,
         unbiased,
+        renorm,
         *activation_code(step.activation),
     )
-    moving_mean, moving_variance, average_weight = step.moving
-    torch.autograd.graph.increment_version(
-        [moving_mean, moving_variance] if average_weight is None else list(step.moving)  # type: ignore[arg-type]
-    )
+    stepped = [t for t in step.moving if t is not None]
+    if step.renorm is not None:
+        stepped.extend(step.renorm[:3])
+    torch.autograd.graph.increment_version(stepped)  # type: ignore[arg-type]
     training_pass = TrainingPass(
         prepared,
         mean,
         variance,
         total,
-        arrays.scale,
-        arrays.offset,
+        arrays.scale if composed is None else composed[0],
+        arrays.offset if composed is None else composed[1],
         step.activation,
         out3 if reads_output(step.activation) else prepared.x3,
+        correction,
     )
     return out, training_pass
 
@@ -374,7 +428,10 @@ def train_backward_impl(
             plan.blocks,
             dx3,
         )
-    parameter_dtype = np.float64 if training_pass.scale.dtype == np.float64 else np.float32
+    if training_pass.correction is not None:  # gamma's gradient from scale' = r * gamma and
+        r, d = training_pass.correction  # offset' = d * gamma + beta
+        dscale = r * dscale + d * doffset
+    parameter_dtype = prepared.x3.dtype
     return (
         dx,
         torch.from_numpy(dscale.astype(parameter_dtype, copy=False)),
@@ -554,18 +611,24 @@ def normalize_batch_gradients(
     ghost_batches: int,
     backward_op: Any,
     activation: Activation | None = None,
+    correction: np.ndarray | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dscale, doffset)`` of the training output, or of ``f(output)`` with an
     ``activation`` (under create_graph only: :func:`train_backward_impl` folds it into the
-    kernels otherwise)."""
+    kernels otherwise); with renorm's ``correction`` (r, d) of a one-call step (create_graph
+    only), of the output normalised with ``r * scale`` and ``d * scale + offset``."""
     x, mean, variance, total_weight, scale, offset, weights = saved
     if torch.is_grad_enabled():
         # create_graph=True: the saved tensors carry their history, so a torch-op recomputation
         # gives a gradient that is itself differentiable.
         inputs = [x, scale, offset]
+        used_scale, used_offset = scale, offset
+        if correction is not None:  # r and d are constants (tf.stop_gradient)
+            r, d = torch.from_numpy(correction).to(x.dtype)
+            used_scale, used_offset = compose_transforms(r, d, scale, offset)
         moments = TORCH_OPS.batch_moments(x, tuple(axes), weights, ghost_batches)
         y = TORCH_OPS.normalize_batch(
-            x, tuple(axes), moments, scale, offset, epsilon, weights, ghost_batches
+            x, tuple(axes), moments, used_scale, used_offset, epsilon, weights, ghost_batches
         )
         y = activate(y, activation)
         wanted = [t for t in inputs if t is not None and t.requires_grad]

@@ -10,8 +10,8 @@ and the call is a plain training step, this runs it instead: the same statistics
 ``running_mean`` and ``running_var``.
 
 A plain step: a Python ``training=True``, one channel axis, x, the buffers and gamma/beta of one
-float32/float64 dtype, a non-empty batch, exponential or debiased moving averages (no renorm), no
-adjustment, no synchronization, ``use_global_stats`` None or False (batch statistics, moving ones
+float32/float64 dtype, a non-empty batch, exponential or debiased moving averages (with or
+without Batch Renormalization, whose buffers step in the same call), no adjustment, no synchronization, ``use_global_stats`` None or False (batch statistics, moving ones
 updated: a plain step), a mask with one weight per position, and
 not inside ``torch.compile`` (which traces the stateless step's custom operators).
 
@@ -40,6 +40,7 @@ from batchnorm.functional._batch_norm import (
 )
 from batchnorm.functional._cpu_backend import NUMBA_CPU, TrainInPlace
 from batchnorm.functional._cpu_operations import (
+    RenormStep,
     StepArrays,
     TrainStep,
     normalize_prepared,
@@ -66,6 +67,36 @@ def _one_kernel_dtype(
     )
 
 
+def renorm_step(statistics: BatchNormStatistics, options: BatchNormOptions) -> RenormStep | None:
+    """Batch Renormalization's buffers and settings for a one-call step, None without renorm."""
+    moving_stddev, renorm_mean, renorm_stddev = (
+        statistics.moving_stddev,
+        statistics.renorm_mean,
+        statistics.renorm_stddev,
+    )
+    if moving_stddev is None or renorm_mean is None or renorm_stddev is None:
+        return None
+    return RenormStep(
+        moving_stddev, renorm_mean, renorm_stddev, options.renorm_momentum, options.renorm_clipping
+    )
+
+
+def _renorm_steppable(renorm: RenormStep | None, dtype: torch.dtype) -> bool:
+    """No renorm, or renorm buffers that the kernels can step in place (else the stateless
+    step runs)."""
+    return renorm is None or all(_steppable(t, dtype) for t in renorm[:3])
+
+
+def _steppable(tensor: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """A buffer the kernels can step in place through a NumPy view."""
+    return (
+        tensor is not None
+        and tensor.dtype == dtype
+        and tensor.is_contiguous()
+        and not tensor.requires_grad
+    )
+
+
 def train_in_place(
     x: torch.Tensor,
     statistics: BatchNormStatistics,
@@ -85,7 +116,6 @@ def train_in_place(
     if (
         len(axes) != 1
         or options.in_place
-        or statistics.renorm
         or options.adjustment is not None
         or options.synchronized
         or options.use_global_stats  # True: the moving statistics normalise, nothing steps
@@ -112,6 +142,11 @@ def train_in_place(
     )
     if any(t is not None and (not t.is_contiguous() or t.requires_grad) for t in moving):
         return None
+    renorm = renorm_step(statistics, options)
+    if not _renorm_steppable(renorm, x.dtype):
+        return None
+    # Only with renorm: a backend registered with the older signature still serves plain steps.
+    extra = {} if renorm is None else {"renorm": renorm}
     y: torch.Tensor = fused(
         x,
         axes[0],
@@ -124,6 +159,7 @@ def train_in_place(
         options.epsilon,
         options.unbiased_moving_variance,
         **activation_keyword(options.activation),
+        **extra,
     )
     return y
 
@@ -200,6 +236,9 @@ class DirectCalls:
                 (buffers, "moving_mean"),
                 (buffers, "moving_variance"),
                 (buffers, "moving_average_weight"),
+                (buffers, "moving_stddev"),
+                (buffers, "renorm_mean"),
+                (buffers, "renorm_stddev"),
             )
         )
         self.pointers = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
@@ -209,12 +248,15 @@ class DirectCalls:
         assert moving_mean is not None
         self.dtype = moving_mean.dtype
         self.channels = moving_mean.shape[0]
-        _, _, _, moving_variance, average_weight = self.tensors
+        moving_variance, average_weight = self.tensors[3], self.tensors[4]
         assert moving_variance is not None
         self.moving = (moving_mean, moving_variance, average_weight)
         self.can_infer = options.use_global_stats is not False
+        statistics = BatchNormStatistics(moving_mean, moving_variance, *self.tensors[5:])
+        self.renorm = renorm_step(statistics, options)
         self.can_train = (
-            not renorm
+            (self.renorm is not None or not renorm)
+            and _renorm_steppable(self.renorm, self.dtype)
             and not options.in_place
             and options.adjustment is None
             and not options.synchronized
@@ -237,13 +279,19 @@ class DirectCalls:
     def current(self) -> bool:
         """Whether the layer still holds the tensors (and memory) this was built over."""
         parameters, buffers = self._parameters, self._buffers
-        gamma, beta, moving_mean, moving_variance, average_weight = self.tensors
+        gamma, beta, moving_mean, moving_variance, average_weight, *renorm = self.tensors
         if (
             parameters.get("gamma") is not gamma
             or parameters.get("beta") is not beta
             or buffers.get("moving_mean") is not moving_mean
             or buffers.get("moving_variance") is not moving_variance
             or buffers.get("moving_average_weight") is not average_weight
+        ):
+            return False
+        if self.renorm is not None and (
+            buffers.get("moving_stddev") is not renorm[0]
+            or buffers.get("renorm_mean") is not renorm[1]
+            or buffers.get("renorm_stddev") is not renorm[2]
         ):
             return False
         return self.pointers == tuple(0 if t is None else t.data_ptr() for t in self.tensors)
@@ -315,6 +363,7 @@ class DirectCalls:
             arrays,
             prepare_with(plan, x),
             options.activation,
+            self.renorm,
         )
         if needs_grad:
             y: torch.Tensor = TrainInPlace.apply(x, gamma, beta, step)  # type: ignore[no-untyped-call]
@@ -339,7 +388,7 @@ class DirectCalls:
                 entry = (plan, ghost_batches)
                 if self.arrays is None:
                     gamma, beta = self.tensors[0], self.tensors[1]
-                    self.arrays = step_arrays(gamma, beta, self.moving, plan.layout)
+                    self.arrays = step_arrays(gamma, beta, self.moving, plan.layout, self.renorm)
                     self.statistic_rows = (
                         self.arrays.moving_mean.reshape(1, -1),
                         self.arrays.moving_variance.reshape(1, -1),

@@ -8,6 +8,23 @@ from typing import NamedTuple
 import torch
 
 
+def compose_transforms(
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    then_scale: torch.Tensor | None,
+    then_offset: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Apply ``(scale, offset)`` first, then ``(then_scale, then_offset)``: tf-keras'
+    _compose_transforms, ``(scale * then_scale, offset * then_scale + then_offset)``, a
+    missing term the identity (renorm's r and d, an adjustment, composed with gamma and beta)."""
+    if then_scale is not None:
+        scale = then_scale if scale is None else scale * then_scale
+        offset = None if offset is None else offset * then_scale
+    if then_offset is not None:
+        offset = then_offset if offset is None else offset + then_offset
+    return scale, offset
+
+
 class RenormCorrection(NamedTuple):
     r: torch.Tensor
     d: torch.Tensor

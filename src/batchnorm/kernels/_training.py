@@ -38,24 +38,84 @@ from batchnorm.kernels._statistics import (
 
 
 @setup_helper
+def ghost_averages(mean, variance, total):  # type: ignore[no-untyped-def]
+    """The batch ``(m, v, n)`` per channel: the ``[groups, C]`` statistics averaged over the
+    ghost batches (views of row 0 with one group)."""
+    groups, channels = mean.shape
+    if groups == 1:
+        return mean[0], variance[0], total[0]
+    averaged = np.empty(3 * channels, np.float64).reshape((3, channels))
+    m, v, n = averaged[0], averaged[1], averaged[2]
+    for c in range(channels):
+        mean_sum = 0.0
+        variance_sum = 0.0
+        total_sum = 0.0
+        for g in range(groups):
+            mean_sum += mean[g, c]
+            variance_sum += variance[g, c]
+            total_sum += total[g, c]
+        m[c] = mean_sum / groups
+        v[c] = variance_sum / groups
+        n[c] = total_sum / groups
+    return m, v, n
+
+
+@setup_helper
+def renorm_composition(m, v, scale, offset, epsilon, renorm):  # type: ignore[no-untyped-def]
+    """Batch Renormalization's correction, from the renorm statistics before this step's update:
+
+    ``s = sqrt(v + epsilon)``, ``s_r = max(renorm_stddev, sqrt(epsilon))``,
+    ``r = clip(s / s_r, rmin, rmax)``, ``d = clip((m - renorm_mean) / s_r, -dmax, dmax)``
+    (``limits = (rmin, rmax, dmax)``, infinite where not given), written to ``correction``
+    ``[2, C]`` float64; the normalising pass's ``scale' = r * scale`` and
+    ``offset' = d * scale + offset`` to ``composed`` ``[2, C]`` (x's dtype), which it returns.
+    A NaN stays NaN through the clipping, as through ``torch.clamp``.
+    """
+    _, renorm_mean, renorm_stddev, limits, _, correction, composed = renorm
+    floor = np.sqrt(epsilon)
+    rmin, rmax, dmax = limits[0], limits[1], limits[2]
+    for c in range(m.shape[0]):
+        stddev = np.float64(renorm_stddev[c])
+        stddev = floor if stddev < floor else stddev
+        r = np.sqrt(v[c] + epsilon) / stddev
+        d = (m[c] - np.float64(renorm_mean[c])) / stddev
+        r = rmin if r < rmin else r
+        r = rmax if r > rmax else r
+        d = -dmax if d < -dmax else d
+        d = dmax if d > dmax else d
+        correction[0, c] = r
+        correction[1, c] = d
+        gamma = np.float64(scale[c])
+        composed[0, c] = r * gamma
+        composed[1, c] = d * gamma + np.float64(offset[c])
+    return composed
+
+
+@setup_helper
 def update_moving_statistics(  # type: ignore[no-untyped-def]
-    mean,
-    variance,
-    total,
+    m,
+    v,
+    n,
     moving_mean,
     moving_variance,
     average_weight,
     debiased,
     momentum,
     unbiased,
+    epsilon,
+    renorm,
 ):
-    """One moving-average step, in place, with the mean of the ghost batches' statistics.
+    """One moving-average step, in place, with the batch mean ``m``, biased variance ``v`` and
+    weight ``n`` per channel (:func:`ghost_averages`).
 
-    With ``m``, ``v``, ``n`` the batch mean, biased variance and weight per channel (averaged over
-    ghost batches) and ``v' = v * n / (n - 1)`` if ``unbiased`` and ``n > 1`` (else ``v``):
+    With ``v' = v * n / (n - 1)`` if ``unbiased`` and ``n > 1`` (else ``v``):
 
     - exponential (Keras): ``M <- M - (M - m) * (1 - momentum)``, the same for ``V`` with ``v'``;
-    - ``debiased`` (Caffe): ``s <- momentum * s + 1``, then ``M <- M + (m - M) / s``.
+    - ``debiased`` (Caffe): ``s <- momentum * s + 1``, then ``M <- M + (m - M) / s``;
+    - with ``renorm`` (Batch Renormalization, tf-keras): ``moving_stddev`` steps as ``M`` with
+      ``sqrt(v' + epsilon)``, then ``V = relu(moving_stddev^2 - epsilon)``; ``renorm_mean`` and
+      ``renorm_stddev`` step exponentially with ``renorm_momentum`` towards ``m`` and
+      ``sqrt(v + epsilon)``.
 
     A channel whose weights sum to 0 (masked out entirely) saw no sample and keeps its
     statistics, as after an empty batch; ``s`` steps only when some channel saw one.
@@ -63,23 +123,7 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
     Computed in float64 and rounded once into the buffers' dtype (the composed torch-op path rounds
     each operation in that dtype: the two differ by at most an ulp).
     """
-    groups, channels = mean.shape
-    if groups == 1:
-        m, v, n = mean[0], variance[0], total[0]
-    else:
-        averaged = np.empty(3 * channels, np.float64).reshape((3, channels))
-        m, v, n = averaged[0], averaged[1], averaged[2]
-        for c in range(channels):
-            mean_sum = 0.0
-            variance_sum = 0.0
-            total_sum = 0.0
-            for g in range(groups):
-                mean_sum += mean[g, c]
-                variance_sum += variance[g, c]
-                total_sum += total[g, c]
-            m[c] = mean_sum / groups
-            v[c] = variance_sum / groups
-            n[c] = total_sum / groups
+    channels = m.shape[0]
     seen = False
     for c in range(channels):
         if n[c] > 0.0:
@@ -96,8 +140,13 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
     for c in range(channels):
         count = n[c]
         target = v[c] * (count / (count - 1.0)) if unbiased and count > 1.0 else v[c]
+        if renorm is not None:
+            target = np.sqrt(target + epsilon)  # moving_stddev's target
         old_mean = np.float64(moving_mean[c])
-        old_variance = np.float64(moving_variance[c])
+        if renorm is None:
+            old_variance = np.float64(moving_variance[c])
+        else:
+            old_variance = np.float64(renorm[0][c])
         if debiased:
             new_mean = old_mean + (m[c] - old_mean) / weight
             new_variance = old_variance + (target - old_variance) / weight
@@ -105,7 +154,22 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
             new_mean = old_mean - (old_mean - m[c]) * (1.0 - momentum)
             new_variance = old_variance - (old_variance - target) * (1.0 - momentum)
         moving_mean[c] = new_mean if count != 0.0 else old_mean
-        moving_variance[c] = new_variance if count != 0.0 else old_variance
+        if renorm is None:
+            moving_variance[c] = new_variance if count != 0.0 else old_variance
+        else:
+            moving_stddev, renorm_mean, renorm_stddev, _, renorm_momentum, _, _ = renorm
+            moving_stddev[c] = new_variance if count != 0.0 else old_variance
+            stddev = np.float64(moving_stddev[c])
+            variance = stddev * stddev - epsilon
+            variance = 0.0 if variance < 0.0 else variance  # relu; NaN stays NaN
+            old = np.float64(moving_variance[c])
+            moving_variance[c] = variance if count != 0.0 else old
+            old = np.float64(renorm_mean[c])
+            new = old - (old - m[c]) * (1.0 - renorm_momentum)
+            renorm_mean[c] = new if count != 0.0 else old
+            old = np.float64(renorm_stddev[c])
+            new = old - (old - np.sqrt(v[c] + epsilon)) * (1.0 - renorm_momentum)
+            renorm_stddev[c] = new if count != 0.0 else old
 
 
 @kernel
@@ -126,12 +190,18 @@ def train_forward(  # type: ignore[no-untyped-def]
     debiased,
     momentum,
     unbiased,
+    renorm,
     activation,
     parameter,
 ):
     """Batch moments, ``out = f((x - mean) / sqrt(variance + epsilon) * scale + offset)`` (``f``
     the activation of code ``activation``, None for none), and the moving-average step
     (:func:`update_moving_statistics`) in one call.
+
+    ``renorm`` (Batch Renormalization), None or ``(moving_stddev, renorm_mean, renorm_stddev,
+    limits, renorm_momentum, correction, composed)``: the pass normalises with
+    ``r * scale`` and ``d * scale + offset`` (:func:`renorm_composition`) and the renorm
+    statistics step too.
 
     Returns the batch ``(mean, variance, total_weight)``, each ``[groups, C]`` float64.
     """
@@ -140,19 +210,28 @@ def train_forward(  # type: ignore[no-untyped-def]
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
     moments_blocks(x, weights, masked, first, groups, period, blocks, partial)
     mean, variance, total = moments_from_sums(partial, first, masked, rows, inner, groups, period)
-    high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
+    m, v, n = ghost_averages(mean, variance, total)
+    if renorm is None:
+        high, factor, shift = affine_coefficients(mean, variance, scale, offset, epsilon, x)
+    else:
+        composed = renorm_composition(m, v, scale, offset, epsilon, renorm)
+        high, factor, shift = affine_coefficients(
+            mean, variance, composed[0], composed[1], epsilon, x
+        )
     constants = activation_constants(parameter, x)
     normalize_blocks(x, high, factor, shift, groups, period, blocks, out, activation, constants)
     update_moving_statistics(
-        mean,
-        variance,
-        total,
+        m,
+        v,
+        n,
         moving_mean,
         moving_variance,
         average_weight,
         debiased,
         momentum,
         unbiased,
+        epsilon,
+        renorm,
     )
     return mean, variance, total
 
