@@ -20,6 +20,7 @@ from torch import nn
 from batchnorm import BatchNormalization
 from batchnorm.functional import register_backend
 from batchnorm.functional._cpu_backend import NUMBA_CPU
+from batchnorm.functional._torch_ops import TorchOpsBackend
 
 
 def _pair(channels: int, dims: int, momentum: float = 0.9, dtype=torch.float32):
@@ -174,3 +175,64 @@ def test_new_signatures_and_bad_inputs_take_the_general_path():
         strided = torch.randn(4, 16)[:, ::2].t()  # (8, 4), not contiguous
         expected = layer(strided.contiguous(), training=False)
         torch.testing.assert_close(layer(strided, training=False), expected)
+
+
+MASKED_CASES = [
+    # (shape, axis, mask shape, options, memory format)
+    ((16, 10, 6), -1, (16, 10), {}, None),  # a Keras mask, channels last
+    ((8, 6, 5, 5), 1, (8, 5, 5), {}, None),  # one weight per position, planes
+    ((8, 6, 5, 5), 1, (8, 5, 5), {}, torch.channels_last),  # planes stored channels last
+    ((16, 10, 6), -1, (16, 10), {"virtual_batch_size": 4}, None),
+    ((16, 10, 6), -1, (16, 10), {"renorm": True, "renorm_clipping": {"rmax": 1.5}}, None),
+    ((16, 10, 6), -1, (16, 10), {"activation": "relu"}, None),
+]
+
+
+@pytest.mark.parametrize(("shape", "axis", "mask_shape", "options", "memory"), MASKED_CASES)
+def test_masked_calls_take_the_shortcut_and_equal_the_torch_op_path(
+    shape, axis, mask_shape, options, memory, monkeypatch
+):
+    """Masked training and inference calls run the shortcut; float64 results (outputs,
+    gradients, buffers, over three steps with a bool, an integer and a float mask) equal the
+    composed torch-op path's."""
+    from batchnorm.functional._direct_step import DirectCalls
+
+    covered = []
+    original = DirectCalls.__call__
+
+    def spy(self, x, training, mask=None):
+        y = original(self, x, training, mask)
+        covered.append(y is not None)
+        return y
+
+    monkeypatch.setattr(DirectCalls, "__call__", spy)
+    generator = torch.Generator().manual_seed(5)
+    inputs = [
+        torch.randn(shape, generator=generator, dtype=torch.float64) * 3 + 1 for _ in range(3)
+    ]
+    if memory is not None:
+        inputs = [x.contiguous(memory_format=memory) for x in inputs]
+    draws = [torch.rand(mask_shape, generator=generator) for _ in range(3)]
+    masks = [draws[0] > 0.3, (draws[1] > 0.5).to(torch.int64), draws[2] * 2]
+    upstream = torch.randn(shape, generator=generator, dtype=torch.float64)
+    results = []
+    for backend in (TorchOpsBackend(), NUMBA_CPU):
+        register_backend("cpu", backend)
+        try:
+            layer = BatchNormalization(
+                shape[axis], axis=axis, fused=False, dtype=torch.float64, **options
+            )
+            outputs = []
+            for x, mask in zip(inputs, masks, strict=True):
+                x_grad = x.clone().requires_grad_()
+                y = layer(x_grad, training=True, mask=mask)
+                y.backward(upstream)
+                outputs += [y.detach(), x_grad.grad, layer(x, training=False, mask=mask)]
+            outputs += [*(p.grad for p in layer.parameters()), *layer.buffers()]
+            results.append(outputs)
+        finally:
+            register_backend("cpu", NUMBA_CPU)
+    for ours, reference in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    # Every call of the kernel run after the first (which builds the layer and its shortcut).
+    assert covered == [True] * 5

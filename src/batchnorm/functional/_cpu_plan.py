@@ -184,17 +184,40 @@ def prepare(
     parallel = plan.parallel()
     if weights is None:
         return Prepared(plan, source, x3, NO_WEIGHTS[dtype], None, parallel)
-    squeezed = weights.detach().squeeze(tuple(axes)) if weights.ndim == x.ndim else weights.detach()
-    w2 = canonical_weights(squeezed, plan.layout, tuple(axes), dtype).numpy()
-    return Prepared(plan, source, x3, w2, True, parallel)
+    return Prepared(plan, source, x3, _mask_rows(weights, plan, axes, dtype), True, parallel)
 
 
-def prepare_with(plan: CpuPlan, x: torch.Tensor) -> Prepared:
-    """x, of the plan's signature and a kernel dtype, without a mask: :func:`prepare` without
-    the search for its plan."""
+def _mask_rows(
+    weights: torch.Tensor, plan: CpuPlan, axes: list[int], dtype: torch.dtype
+) -> np.ndarray:
+    """Weights of one value per position (x's shape, size 1 on the channel axes, or without
+    them) as the kernels read them: ``(rows, inner)`` in x's memory order."""
+    detached = weights.detach()
+    layout = plan.layout
+    rank = len(layout.order)
+    squeezed = detached.squeeze(tuple(axes)) if detached.dim() == rank else detached
+    if layout.order == tuple(range(rank)) and squeezed.is_cpu and squeezed.dtype != torch.bfloat16:
+        # x in logical order: the mask's memory order is x's; converted by NumPy, which costs
+        # a microsecond where torch's conversion, reshape and copy cost several per call.
+        rows = squeezed.numpy().reshape(layout.rows, layout.inner)
+        return np.ascontiguousarray(rows, np.float64 if dtype == torch.float64 else np.float32)
+    return canonical_weights(squeezed, layout, tuple(axes), dtype).numpy()
+
+
+def prepare_with(
+    plan: CpuPlan,
+    x: torch.Tensor,
+    axes: list[int] | None = None,
+    weights: torch.Tensor | None = None,
+) -> Prepared:
+    """x, of the plan's signature and a kernel dtype, and the weights of a mask over ``axes``
+    (as :func:`prepare` takes them) or none: :func:`prepare` without the search for its plan."""
     detached = x.detach()
     x3 = plan.canonical(detached.numpy())
-    return Prepared(plan, detached, x3, NO_WEIGHTS[x.dtype], None, plan.parallel())
+    if weights is None or axes is None:
+        return Prepared(plan, detached, x3, NO_WEIGHTS[x.dtype], None, plan.parallel())
+    w2 = _mask_rows(weights, plan, axes, x.dtype)
+    return Prepared(plan, detached, x3, w2, True, plan.parallel())
 
 
 def plan_of(x: torch.Tensor, axes: list[int], batch_outermost: bool) -> CpuPlan | None:

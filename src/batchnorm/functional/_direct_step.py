@@ -130,10 +130,9 @@ def train_in_place(
         return None
     weights = None
     if mask is not None:
-        weights = check_mask(mask, x, axes)
-        if weights.shape[axes[0]] != 1:
+        weights = position_weights(mask, x, axes[0])
+        if weights is None:
             return None  # weights that vary inside a channel: the composed path
-        weights = weights.expand([1 if i == axes[0] else size for i, size in enumerate(x.shape)])
     ghost_batches = check_ghost_batches(x, axes, options.virtual_batch_size)
     moving = (
         statistics.moving_mean,
@@ -162,6 +161,16 @@ def train_in_place(
         **extra,
     )
     return y
+
+
+def position_weights(mask: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor | None:
+    """The mask (checked as the stateless step checks it) as weights of x's shape with size 1 on
+    the channel ``axis``; None for weights that vary inside a channel (a Keras mask with the
+    channel axis not last), which only the composed path takes."""
+    weights = check_mask(mask, x, (axis,))
+    if weights.shape[axis] != 1:
+        return None
+    return weights.expand([1 if i == axis else size for i, size in enumerate(x.shape)])
 
 
 def infer(
@@ -208,7 +217,8 @@ class DirectCalls:
     the same tensors over the same memory (``.to()``, ``load_state_dict`` with ``assign=True``,
     ``.data =`` all change that). Per input signature ``(shape, strides)`` it keeps the kernel
     plan and the number of ghost batches. A call it does not cover returns None, and the layer
-    takes its general path: a mask, a non-bool ``training``, another dtype or device,
+    takes its general path: a mask on a ``fused=True`` layer (ignored there, with a warning) or
+    one that varies inside a channel, a non-bool ``training``, another dtype or device,
     ``torch.compile`` tracing, vmap/grad transforms, another backend registered for CPU.
 
     The results are those of :func:`train_in_place` and :func:`infer`, which run the same
@@ -226,6 +236,7 @@ class DirectCalls:
         training: bool,
         trainable: bool,
         renorm: bool,
+        masks: bool = True,
     ) -> None:
         self._parameters, self._buffers = parameters, buffers
         self.tensors = tuple(
@@ -244,6 +255,7 @@ class DirectCalls:
         self.pointers = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
         self.axis, self.rank, self.options = axis, rank, options
         self.training, self.trainable = training and trainable, trainable
+        self.masks = masks  # False: a mask is ignored, with a warning (the general path's)
         moving_mean = self.tensors[2]
         assert moving_mean is not None
         self.dtype = moving_mean.dtype
@@ -296,10 +308,14 @@ class DirectCalls:
             return False
         return self.pointers == tuple(0 if t is None else t.data_ptr() for t in self.tensors)
 
-    def __call__(self, x: torch.Tensor, training: bool | None) -> torch.Tensor | None:
-        """The layer's output for ``layer(x, training)`` without a mask, or None (not covered)."""
+    def __call__(
+        self, x: torch.Tensor, training: bool | None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The layer's output for ``layer(x, training, mask)``, or None (not covered)."""
         training = self.training if training is None else training and self.trainable
         if not (self.can_train if training else self.can_infer):
+            return None
+        if mask is not None and not self.masks:
             return None
         if (
             type(x) is not torch.Tensor  # subclasses may override what the kernels bypass
@@ -318,6 +334,11 @@ class DirectCalls:
         if entry is None:
             return None
         plan, ghost_batches = entry  # type: ignore[misc]
+        weights = None
+        if mask is not None:
+            weights = position_weights(mask, x, self.axis)  # checked in inference too
+            if weights is None:
+                return None
         gamma, beta = self.tensors[0], self.tensors[1]
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad
@@ -352,16 +373,17 @@ class DirectCalls:
                 x.dtype,
                 options.activation,
             )
+        axes = [self.axis]
         step = TrainStep(
-            [self.axis],
+            axes,
             options.epsilon,
-            None,
+            None if weights is None else weights.detach(),
             ghost_batches,
             self.moving,
             options.momentum,
             options.unbiased_moving_variance,
             arrays,
-            prepare_with(plan, x),
+            prepare_with(plan, x, axes, weights),
             options.activation,
             self.renorm,
         )

@@ -445,16 +445,12 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         if isinstance(training, torch.Tensor) and not compiling:
             training = training_flag(training)  # a bool where reading it is free
         direct_calls: DirectCalls | None = None if compiling else self.__dict__.get("_direct_calls")
-        if (
-            direct_calls is not None
-            and mask is None
-            and (training is None or type(training) is bool)
-        ):
+        if direct_calls is not None and (training is None or type(training) is bool):
             if self._trainable and (self.training if training is None else training):
                 with self._update_lock:
-                    y = direct_calls(x, training)
+                    y = direct_calls(x, training, mask)
             else:
-                y = direct_calls(x, training)
+                y = direct_calls(x, training, mask)
             if y is not None:
                 return y
         check_input(self, x)

@@ -109,6 +109,7 @@ def make_direct_calls(layer: SteppingLayer) -> DirectCalls | None:
         training=layer.training,
         trainable=layer._trainable,
         renorm=layer.renorm,
+        masks=not layer.fused,
     )
 
 
