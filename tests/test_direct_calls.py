@@ -236,3 +236,63 @@ def test_masked_calls_take_the_shortcut_and_equal_the_torch_op_path(
         torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
     # Every call of the kernel run after the first (which builds the layer and its shortcut).
     assert covered == [True] * 5
+
+
+@pytest.mark.parametrize(
+    ("shape", "memory"),
+    [
+        ((32, 6), None),
+        ((8, 6, 5, 5), None),
+        ((8, 6, 5, 5), torch.channels_last),
+        ((4096, 80), None),
+    ],
+)
+def test_inference_with_gradients_follows_torch(shape, memory):
+    """A layer in inference whose gamma and beta still learn (fine-tuning with frozen
+    statistics): output, first and second-order gradients equal torch's eval-mode module in
+    float64, on every call of the shortcut."""
+    dims = len(shape)
+    layer, reference = _pair(shape[1], dims, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _ in range(2):  # moving statistics away from their initial values
+            x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1
+            layer(x, training=True)
+            reference(x)
+    layer.eval()
+    reference.eval()
+    for _ in range(3):
+        x = torch.randn(shape, generator=generator, dtype=torch.float64) * 3 - 1
+        if memory is not None:
+            x = x.contiguous(memory_format=memory)
+        upstream = torch.randn(shape, generator=generator, dtype=torch.float64)
+        results = []
+        for module, parameters in ((layer, [layer.gamma, layer.beta]), (reference, None)):
+            parameters = parameters or [reference.weight, reference.bias]
+            x_grad = x.clone().requires_grad_()
+            y = module(x_grad)
+            first = torch.autograd.grad(
+                (y * upstream).sum(), [x_grad, *parameters], create_graph=True
+            )
+            second = torch.autograd.grad(
+                sum((g * g).sum() for g in first), [x_grad, *parameters], allow_unused=True
+            )
+            y_again = module(x_grad)
+            plain = torch.autograd.grad((y_again * upstream).sum(), [x_grad, *parameters])
+            results.append(
+                [y, *first, *(torch.zeros(()) if g is None else g for g in second), *plain]
+            )
+        for ours, theirs in zip(*results, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_a_training_call_between_an_inference_forward_and_its_backward_raises():
+    layer = BatchNormalization(4)
+    x = torch.randn(16, 4, requires_grad=True)
+    layer(x, training=True)
+    y = layer(x, training=False)
+    y_first = layer(x, training=False)  # the shortcut's call
+    layer(torch.randn(16, 4), training=True)  # steps the moving statistics in place
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y_first.sum().backward()
+    del y

@@ -210,8 +210,8 @@ def test_repeated_calls_take_the_direct_calls_and_the_fused_backward(monkeypatch
     direct, fused = [], []
     original_call, original_backward = DirectCalls.__call__, cpu_backend.train_backward_impl
 
-    def call(self, x, training):
-        y = original_call(self, x, training)
+    def call(self, x, training, mask=None):
+        y = original_call(self, x, training, mask)
         direct.append(y is not None)
         return y
 

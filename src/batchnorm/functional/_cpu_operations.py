@@ -313,6 +313,21 @@ class TrainStep(NamedTuple):
     renorm: RenormStep | None = None
 
 
+class InferenceCall(NamedTuple):
+    """A layer's inference call as the kernels read it (:class:`InferenceWithGradients`): x
+    prepared, the moving statistics ``[1, C]`` and gamma/beta ``[C]`` as arrays (views)."""
+
+    prepared: Prepared
+    mean: np.ndarray
+    variance: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+    epsilon: float
+    axes: list[int]
+    moving_mean: torch.Tensor  # what ``mean`` and ``variance`` view
+    moving_variance: torch.Tensor
+
+
 def train_in_place_impl(
     x: torch.Tensor, scale: torch.Tensor | None, offset: torch.Tensor | None, step: TrainStep
 ) -> tuple[torch.Tensor, TrainingPass]:
@@ -566,21 +581,16 @@ def normalize_backward_impl(
     mean, variance, scale, offset). A batch norm kept in inference while the rest of a model
     trains (fine-tuning) runs this on every step: with float64 torch ops it took 8x torch's time.
     """
-    plan, layout = prepared.plan, prepared.layout
-    dy3 = _canonical_gradient(grad, prepared)
-    dx, dx3 = plan.fresh() if needs[0] else (None, None)
-    backward = prepared.compiled(plan.inference_backward)
-    gradients = backward(
-        dy3,
-        prepared.x3,
+    layout = prepared.layout
+    dx, gradients = inference_gradients(
+        grad,
+        prepared,
         _statistic_row(mean, layout, 0.0),
         _statistic_row(variance, layout, 1.0),
         _to_canonical(scale, layout, 1.0),
         epsilon,
-        True if any(needs[1:]) else None,
-        layout.period,
-        plan.blocks,
-        dx3,
+        needs[0],
+        any(needs[1:]),
     )
     if dx is not None and dx.dtype != dtype:
         dx = dx.to(dtype)
@@ -600,6 +610,38 @@ def normalize_backward_impl(
         gradient(2, scale.dtype) if needs[3] and scale is not None else None,
         gradient(3, grad.dtype) if needs[4] else None,
     )
+
+
+def inference_gradients(
+    grad: torch.Tensor,
+    prepared: Prepared,
+    mean: np.ndarray,
+    variance: np.ndarray,
+    scale: np.ndarray,
+    epsilon: float,
+    input_wanted: bool,
+    sums_wanted: bool,
+) -> tuple[torch.Tensor | None, np.ndarray]:
+    """The inference backward's kernel call on arrays (``mean``, ``variance`` ``[1, C]``,
+    ``scale`` ``[C]``): dx in the input's layout when ``input_wanted`` (else None), and the
+    float64 ``[dM, dV, dgamma, dbeta]`` rows ``[4, C]`` when ``sums_wanted``."""
+    plan = prepared.plan
+    dy3 = _canonical_gradient(grad, prepared)
+    dx, dx3 = plan.fresh() if input_wanted else (None, None)
+    backward = prepared.compiled(plan.inference_backward)
+    gradients = backward(
+        dy3,
+        prepared.x3,
+        mean,
+        variance,
+        scale,
+        epsilon,
+        True if sums_wanted else None,
+        plan.layout.period,
+        plan.blocks,
+        dx3,
+    )
+    return dx, gradients
 
 
 # ---------------------------------------------------------------------------- gradients

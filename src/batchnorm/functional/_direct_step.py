@@ -38,8 +38,9 @@ from batchnorm.functional._batch_norm import (
     check_ghost_batches,
     check_mask,
 )
-from batchnorm.functional._cpu_backend import NUMBA_CPU, TrainInPlace
+from batchnorm.functional._cpu_backend import NUMBA_CPU, InferenceWithGradients, TrainInPlace
 from batchnorm.functional._cpu_operations import (
+    InferenceCall,
     RenormStep,
     StepArrays,
     TrainStep,
@@ -350,6 +351,25 @@ class DirectCalls:
         options = self.options
         if not training:
             moving_mean, moving_variance, _ = self.moving
+            mean, variance = self.statistic_rows  # type: ignore[misc]
+            if (
+                needs_grad
+                and options.activation is None
+                and not (moving_mean.requires_grad or moving_variance.requires_grad)
+            ):
+                call = InferenceCall(
+                    prepare_with(plan, x),
+                    mean,  # type: ignore[arg-type]
+                    variance,  # type: ignore[arg-type]
+                    arrays.scale,
+                    arrays.offset,
+                    options.epsilon,
+                    [self.axis],
+                    moving_mean,
+                    moving_variance,
+                )
+                y: torch.Tensor = InferenceWithGradients.apply(x, gamma, beta, call)  # type: ignore[no-untyped-call]
+                return y
             if needs_grad:
                 return NUMBA_CPU.normalize(
                     x,
@@ -361,7 +381,6 @@ class DirectCalls:
                     options.epsilon,
                     options.activation,
                 )
-            mean, variance = self.statistic_rows  # type: ignore[misc]
             return normalize_prepared(
                 prepare_with(plan, x),
                 mean,  # type: ignore[arg-type]
@@ -388,8 +407,8 @@ class DirectCalls:
             self.renorm,
         )
         if needs_grad:
-            y: torch.Tensor = TrainInPlace.apply(x, gamma, beta, step)  # type: ignore[no-untyped-call]
-            return y
+            trained: torch.Tensor = TrainInPlace.apply(x, gamma, beta, step)  # type: ignore[no-untyped-call]
+            return trained
         return train_in_place_impl(x, gamma, beta, step)[0]
 
     def _plan(self, x: torch.Tensor, signature: _Signature) -> tuple[CpuPlan, int] | None:
