@@ -37,7 +37,6 @@ from batchnorm.functional._cpu_operations import (
     normalize_batch_impl,
     normalize_gradients,
     normalize_impl,
-    normalize_prepared,
     reads_output,
     train_backward_impl,
     train_in_place_impl,
@@ -274,16 +273,7 @@ class InferenceWithGradients(torch.autograd.Function):
         ctx.save_for_backward(x, scale)
         ctx.call = call
         ctx.versions = (call.moving_mean._version, call.moving_variance._version)
-        return normalize_prepared(
-            call.prepared,
-            call.mean,
-            call.variance,
-            call.scale,
-            call.offset,
-            call.epsilon,
-            1,
-            x.dtype,
-        )
+        return call.output(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]

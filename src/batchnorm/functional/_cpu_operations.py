@@ -327,6 +327,20 @@ class InferenceCall(NamedTuple):
     moving_mean: torch.Tensor  # what ``mean`` and ``variance`` view
     moving_variance: torch.Tensor
 
+    def output(self, dtype: torch.dtype, activation: Activation | None = None) -> torch.Tensor:
+        """``f((x - M) / sqrt(V + epsilon) * gamma + beta)`` in ``dtype`` (one kernel call)."""
+        return normalize_prepared(
+            self.prepared,
+            self.mean,
+            self.variance,
+            self.scale,
+            self.offset,
+            self.epsilon,
+            1,
+            dtype,
+            activation,
+        )
+
 
 def train_in_place_impl(
     x: torch.Tensor, scale: torch.Tensor | None, offset: torch.Tensor | None, step: TrainStep

@@ -44,7 +44,6 @@ from batchnorm.functional._cpu_operations import (
     RenormStep,
     StepArrays,
     TrainStep,
-    normalize_prepared,
     step_arrays,
     train_in_place_impl,
 )
@@ -351,26 +350,11 @@ class DirectCalls:
         options = self.options
         if not training:
             moving_mean, moving_variance, _ = self.moving
-            mean, variance = self.statistic_rows  # type: ignore[misc]
-            if (
-                needs_grad
-                and options.activation is None
-                and not (moving_mean.requires_grad or moving_variance.requires_grad)
+            if needs_grad and (
+                options.activation is not None
+                or moving_mean.requires_grad
+                or moving_variance.requires_grad
             ):
-                call = InferenceCall(
-                    prepare_with(plan, x),
-                    mean,  # type: ignore[arg-type]
-                    variance,  # type: ignore[arg-type]
-                    arrays.scale,
-                    arrays.offset,
-                    options.epsilon,
-                    [self.axis],
-                    moving_mean,
-                    moving_variance,
-                )
-                y: torch.Tensor = InferenceWithGradients.apply(x, gamma, beta, call)  # type: ignore[no-untyped-call]
-                return y
-            if needs_grad:
                 return NUMBA_CPU.normalize(
                     x,
                     (self.axis,),
@@ -381,17 +365,22 @@ class DirectCalls:
                     options.epsilon,
                     options.activation,
                 )
-            return normalize_prepared(
+            mean, variance = self.statistic_rows  # type: ignore[misc]
+            call = InferenceCall(
                 prepare_with(plan, x),
                 mean,  # type: ignore[arg-type]
                 variance,  # type: ignore[arg-type]
                 arrays.scale,
                 arrays.offset,
                 options.epsilon,
-                1,
-                x.dtype,
-                options.activation,
+                [self.axis],
+                moving_mean,
+                moving_variance,
             )
+            if needs_grad:
+                y: torch.Tensor = InferenceWithGradients.apply(x, gamma, beta, call)  # type: ignore[no-untyped-call]
+                return y
+            return call.output(x.dtype, options.activation)
         axes = [self.axis]
         step = TrainStep(
             axes,
