@@ -204,7 +204,9 @@ def _assert_one_and_two_threads_agree(x, axis, mask=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("shape", "axis"), [((33007, 16), -1), ((37, 16, 29, 31), 1)])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((33007, 16), -1), ((33007, 5), -1), ((37, 16, 29, 31), 1)]
+)
 def test_results_are_bit_identical_for_one_and_two_threads(shape, axis, dtype):
     # Row blocks come from the shape, and their partial sums are added in block order: the
     # threaded build over 2 threads and the serial build give the same bits. The shapes do not

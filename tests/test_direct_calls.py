@@ -20,7 +20,7 @@ from torch import nn
 from batchnorm import BatchNormalization
 from batchnorm.functional import register_backend
 from batchnorm.functional._cpu_backend import NUMBA_CPU
-from batchnorm.functional._torch_ops import TorchOpsBackend
+from tests.backends import assert_equal_to_reference, torch_ops_and_kernels
 
 
 def _pair(channels: int, dims: int, momentum: float = 0.9, dtype=torch.float32):
@@ -215,25 +215,21 @@ def test_masked_calls_take_the_shortcut_and_equal_the_torch_op_path(
     draws = [torch.rand(mask_shape, generator=generator) for _ in range(3)]
     masks = [draws[0] > 0.3, (draws[1] > 0.5).to(torch.int64), draws[2] * 2]
     upstream = torch.randn(shape, generator=generator, dtype=torch.float64)
-    results = []
-    for backend in (TorchOpsBackend(), NUMBA_CPU):
-        register_backend("cpu", backend)
-        try:
-            layer = BatchNormalization(
-                shape[axis], axis=axis, fused=False, dtype=torch.float64, **options
-            )
-            outputs = []
-            for x, mask in zip(inputs, masks, strict=True):
-                x_grad = x.clone().requires_grad_()
-                y = layer(x_grad, training=True, mask=mask)
-                y.backward(upstream)
-                outputs += [y.detach(), x_grad.grad, layer(x, training=False, mask=mask)]
-            outputs += [*(p.grad for p in layer.parameters()), *layer.buffers()]
-            results.append(outputs)
-        finally:
-            register_backend("cpu", NUMBA_CPU)
-    for ours, reference in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+    def run():
+        layer = BatchNormalization(
+            shape[axis], axis=axis, fused=False, dtype=torch.float64, **options
+        )
+        outputs = []
+        for x, mask in zip(inputs, masks, strict=True):
+            x_grad = x.clone().requires_grad_()
+            y = layer(x_grad, training=True, mask=mask)
+            y.backward(upstream)
+            outputs += [y.detach(), x_grad.grad, layer(x, training=False, mask=mask)]
+        return [*outputs, *(p.grad for p in layer.parameters()), *layer.buffers()]
+
+    reference, ours = torch_ops_and_kernels(run)
+    assert_equal_to_reference(ours, reference, 1e-12)
     # Every call of the kernel run after the first (which builds the layer and its shortcut).
     assert covered == [True] * 5
 

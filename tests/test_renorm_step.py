@@ -10,9 +10,7 @@ import torch
 import batchnorm.functional._cpu_backend as cpu_backend
 import batchnorm.functional._direct_step as direct_step
 from batchnorm import BatchNormalization
-from batchnorm.functional import register_backend
-from batchnorm.functional._cpu_backend import NUMBA_CPU
-from batchnorm.functional._torch_ops import TorchOpsBackend
+from tests.backends import assert_equal_to_reference, torch_ops_and_kernels
 from tests.numpy_reference import reference_renorm_step
 
 STATE = ("moving_mean", "moving_stddev", "moving_variance", "renorm_mean", "renorm_stddev")
@@ -105,41 +103,36 @@ def test_one_call_renorm_equals_the_torch_op_path(shape, axis, options):
     if masked:
         kept = [size for i, size in enumerate(shape) if i != axis % len(shape)]  # one per position
         mask = torch.rand(kept, generator=generator) > 0.3
-    results = []
-    try:
-        for backend in (TorchOpsBackend(), NUMBA_CPU):
-            register_backend("cpu", backend)
-            layer = BatchNormalization(
-                shape[axis],
-                axis=axis,
-                renorm=True,
-                renorm_clipping={"rmax": 3.0, "dmax": 5.0},
-                renorm_momentum=0.5,
-                momentum=0.7,
-                dtype=torch.float64,
-                **options,
+
+    def run():
+        layer = BatchNormalization(
+            shape[axis],
+            axis=axis,
+            renorm=True,
+            renorm_clipping={"rmax": 3.0, "dmax": 5.0},
+            renorm_momentum=0.5,
+            momentum=0.7,
+            dtype=torch.float64,
+            **options,
+        )
+        outputs = []
+        for step, x in enumerate(inputs):
+            if step == 2:
+                layer.renorm_clipping["rmax"] = 1.0
+                layer.renorm_clipping["dmax"] = 0.1
+            x_grad = x.clone().requires_grad_()
+            y = layer(x_grad, training=True, mask=mask)
+            wanted = [x_grad, *layer.parameters()]
+            first = torch.autograd.grad((y * upstream).sum(), wanted, create_graph=True)
+            second = torch.autograd.grad(
+                sum((g * g).sum() for g in first), wanted, allow_unused=True
             )
-            outputs = []
-            for step, x in enumerate(inputs):
-                if step == 2:
-                    layer.renorm_clipping["rmax"] = 1.0
-                    layer.renorm_clipping["dmax"] = 0.1
-                x_grad = x.clone().requires_grad_()
-                y = layer(x_grad, training=True, mask=mask)
-                wanted = [x_grad, *layer.parameters()]
-                first = torch.autograd.grad((y * upstream).sum(), wanted, create_graph=True)
-                second = torch.autograd.grad(
-                    sum((g * g).sum() for g in first), wanted, allow_unused=True
-                )
-                outputs += [y.detach(), *(g.detach() for g in first)]
-                outputs += [torch.zeros(()) if g is None else g for g in second]
-            outputs += [buffer.clone() for buffer in layer.buffers()]
-            results.append(outputs)
-    finally:
-        register_backend("cpu", NUMBA_CPU)
-    assert len(results[0]) == len(results[1])
-    for ours, reference in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+            outputs += [y.detach(), *(g.detach() for g in first)]
+            outputs += [torch.zeros(()) if g is None else g for g in second]
+        return [*outputs, *(buffer.clone() for buffer in layer.buffers())]
+
+    reference, ours = torch_ops_and_kernels(run)
+    assert_equal_to_reference(ours, reference, 1e-12)
 
 
 def test_renorm_training_is_one_kernel_call(monkeypatch):

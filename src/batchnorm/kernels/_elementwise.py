@@ -20,6 +20,7 @@ from batchnorm.kernels._jit import (
     runner,
     setup_helper,
 )
+from batchnorm.kernels._narrow_rows import tiled, virtual_copies, virtual_rows
 
 
 @setup_helper
@@ -148,6 +149,25 @@ def normalize_rows_block(  # type: ignore[no-untyped-def]
     x2 = rows_view(x)
     out2 = x2 if out is None else rows_view(out)
     channels = x2.shape[1]
+    copies = virtual_copies(channels)
+    if groups == 1 and copies > 1:
+        # A few channels: virtual rows of copies * C values (batchnorm.kernels._narrow_rows),
+        # with the coefficients tiled; the rows left over one by one below.
+        width = copies * channels
+        h = tiled(high[0], copies)
+        f = tiled(factor[0], copies)
+        b = tiled(shift[0], copies)
+        xv = virtual_rows(x2, start, stop, copies)
+        ov = xv if out is None else virtual_rows(out2, start, stop, copies)
+        for r in range(xv.shape[0]):
+            for j in range(width):
+                v = (xv[r, j] - h[j]) * f[j] + b[j]
+                ov[r, j] = v if activation is None else activated(v, activation, constants)
+        for o in range(start + xv.shape[0] * copies, stop):
+            for c in range(channels):
+                v = (x2[o, c] - h[c]) * f[c] + b[c]
+                out2[o, c] = v if activation is None else activated(v, activation, constants)
+        return
     if groups == 1:
         # The coefficients as one row each, loop-invariant: vectorised over the channels. Row
         # r of each half of the block side by side (rows r and r + q, then the last row if
@@ -286,6 +306,26 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
     x2 = rows_view(x)
     out2 = rows_view(out)
     channels = x2.shape[1]
+    copies = virtual_copies(channels)
+    if groups == 1 and masked is None and copies > 1:
+        # A few channels: virtual rows, as in normalize_rows_block.
+        width = copies * channels
+        h = tiled(high[0], copies)
+        lo = tiled(low[0], copies)
+        a = tiled(k_dy[0], copies)
+        d = tiled(mean_dy[0], copies)
+        b = tiled(k_centred[0], copies)
+        xv = virtual_rows(x2, start, stop, copies)
+        dyv = virtual_rows(dy2, start, stop, copies)
+        ov = virtual_rows(out2, start, stop, copies)
+        for r in range(xv.shape[0]):
+            for j in range(width):
+                centred = (xv[r, j] - h[j]) - lo[j]
+                ov[r, j] = a[j] * ((dyv[r, j] - d[j]) - b[j] * centred)
+        for o in range(start + xv.shape[0] * copies, stop):
+            for c in range(channels):
+                out2[o, c] = a[c] * ((dy2[o, c] - d[c]) - b[c] * ((x2[o, c] - h[c]) - lo[c]))
+        return
     if groups == 1:
         # The common case with its coefficients as rows: vectorised over the channels, the
         # block's two halves side by side as in normalize_rows_block; with a mask, one weight

@@ -24,6 +24,7 @@ from batchnorm.kernels._jit import (
     runner,
     setup_helper,
 )
+from batchnorm.kernels._narrow_rows import narrow_gradient_sums, narrow_moments, virtual_copies
 
 
 @setup_helper
@@ -113,6 +114,10 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
     """
     x2 = rows_view(x)
     channels = x2.shape[1]
+    copies = virtual_copies(channels)
+    if masked is None and groups == 1 and copies > 1:  # a few channels: virtual rows
+        narrow_moments(x2, shift, start, stop, copies, sums[1, 0], sums[2, 0])
+        return
     if masked is None:
         # Without a mask, runs of rows of one group (the whole block, or `period` rows of a
         # ghost batch) each with its row of accumulators, updated once per four rows (they
@@ -256,6 +261,10 @@ def gradient_sums_rows_block(dy, x, mean, groups, period, start, stop, sums):  #
     dy2 = rows_view(dy)
     x2 = rows_view(x)
     channels = x2.shape[1]
+    copies = virtual_copies(channels)
+    if groups == 1 and copies > 1:  # a few channels: virtual rows
+        narrow_gradient_sums(dy2, x2, mean[0], start, stop, copies, sums[0, 0], sums[1, 0])
+        return
     if groups == 1:
         # One row of accumulators, four rows (one per quarter) per update, as in
         # moments_rows_block.
