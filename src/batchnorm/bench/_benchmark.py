@@ -77,6 +77,8 @@ MAIN_CASES = [
     BenchCase("small-batch NC", (32, 4096), -1, False),
     BenchCase("tiny dense NC", (32, 64), -1, False),
     BenchCase("tiny conv NCHW", (8, 16, 8, 8), 1, False),
+    # A few channels stored last (an image batch's RGB): the kernels' virtual rows.
+    BenchCase("RGB NHWC", (32, 112, 112, 3), -1, False),
 ]
 EXTRA_CASES = [
     BenchCase("renorm NHWC", (64, 56, 56, 64), -1, False, {"renorm": True}),
