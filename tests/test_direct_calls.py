@@ -285,10 +285,8 @@ def test_inference_with_gradients_follows_torch(shape, memory):
 def test_a_training_call_between_an_inference_forward_and_its_backward_raises():
     layer = BatchNormalization(4)
     x = torch.randn(16, 4, requires_grad=True)
-    layer(x, training=True)
-    y = layer(x, training=False)
-    y_first = layer(x, training=False)  # the shortcut's call
+    layer(x, training=True)  # builds the layer and its shortcut
+    y = layer(x, training=False)  # the shortcut's inference call with gradients
     layer(torch.randn(16, 4), training=True)  # steps the moving statistics in place
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y_first.sum().backward()
-    del y
+        y.sum().backward()

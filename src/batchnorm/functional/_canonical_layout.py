@@ -125,8 +125,6 @@ def canonical_weights(
     weights: torch.Tensor, layout: CanonicalLayout, axes: tuple[int, ...], dtype: torch.dtype
 ) -> torch.Tensor:
     """A mask with the shape of x minus its channel axes, as a contiguous ``(rows, inner)`` array."""
-    if layout.order == tuple(range(len(layout.order))):  # x in logical order: a reshape
-        return weights.to(dtype).reshape(layout.rows, layout.inner).contiguous()
     remaining = [d for d in range(len(layout.order)) if d not in axes]
     order = [remaining.index(d) for d in layout.order if d not in axes]
     return weights.to(dtype).permute(order).contiguous().reshape(layout.rows, layout.inner)

@@ -358,7 +358,8 @@ def train_in_place_impl(
     if arrays is None:
         arrays = step_arrays(scale, offset, step.moving, plan.layout, step.renorm)
     renorm, correction, composed = None, None, None
-    if step.renorm is not None and arrays.renorm is not None:
+    if step.renorm is not None:
+        assert arrays.renorm is not None, "step arrays made without the step's renorm buffers"
         # The clipping is read on every call: a schedule may relax it in place, as in tf-keras.
         channels = plan.layout.channels
         correction = np.empty((2, channels))
