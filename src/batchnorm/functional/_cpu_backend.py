@@ -13,8 +13,8 @@ Each operation has one implementation on tensors (``*_impl`` in
   (it dominates on small batches).
 
 Under ``create_graph=True`` the backward is recomputed with torch ops so that second derivatives
-exist. float16/bfloat16 are converted to float32 around the kernels (Numba has no half type); the
-layer step converts them once, before the first operation (``reads_half_precision = False``).
+exist. float16/bfloat16 data are read and written by the kernels as their bits and computed in
+float32 (:mod:`batchnorm.kernels._half`): no conversion pass on either side.
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ class NumbaCpuBackend:
     """Batch norm on CPU tensors through the Numba kernels."""
 
     name = "numba"
-    reads_half_precision = False  # Numba has no half type
+    reads_half_precision = True  # as bits (batchnorm.kernels._half)
 
     def supports(self, x: torch.Tensor) -> bool:
         if x.device.type != "cpu" or x.dtype not in SUPPORTED_DTYPES or x.ndim == 0:

@@ -23,9 +23,11 @@ from batchnorm.functional._canonical_layout import CanonicalLayout
 from batchnorm.functional._cpu_plan import (
     KERNEL_DTYPES,
     Prepared,
+    compute_dtype,
     constant_channels,
     prepare,
     shared_array,
+    storage_array,
 )
 from batchnorm.functional._renorm import compose_transforms
 from batchnorm.functional._torch_ops import TORCH_OPS
@@ -363,7 +365,7 @@ def train_in_place_impl(
         # The clipping is read on every call: a schedule may relax it in place, as in tf-keras.
         channels = plan.layout.channels
         correction = np.empty((2, channels))
-        composed = np.empty((2, channels), prepared.x3.dtype)
+        composed = np.empty((2, channels), plan.compute_dtype)
         limits, renorm_momentum = step.renorm.limits(), step.renorm.momentum
         renorm = (*arrays.renorm, limits, renorm_momentum, correction, composed)
     epsilon, ghost_batches, momentum, unbiased = (
@@ -461,7 +463,7 @@ def train_backward_impl(
     if training_pass.correction is not None:  # gamma's gradient from scale' = r * gamma and
         r, d = training_pass.correction  # offset' = d * gamma + beta
         dscale = r * dscale + d * doffset
-    parameter_dtype = prepared.x3.dtype
+    parameter_dtype = prepared.plan.compute_dtype
     return (
         dx,
         torch.from_numpy(dscale.astype(parameter_dtype, copy=False)),
@@ -474,11 +476,11 @@ def _canonical_gradient(grad: torch.Tensor, prepared: Prepared) -> np.ndarray:
     grad = grad.detach()
     source = prepared.source
     if grad.dtype == source.dtype and grad.stride() == source.stride():
-        return prepared.plan.canonical(grad.numpy())
+        return prepared.plan.canonical(storage_array(grad))
     # A gradient of expanded ones (from .sum()) has zero strides: the kernels need it dense.
     # Viewed and copied by NumPy: the same by torch ops took 5 us, and 15 us inside autograd's
     # backward (a (32, 64) inference forward+backward is ~90 us in all).
-    array = grad.numpy() if grad.dtype == source.dtype else grad.to(source.dtype).numpy()
+    array = storage_array(grad if grad.dtype == source.dtype else grad.to(source.dtype))
     return np.ascontiguousarray(prepared.plan.canonical(array))
 
 
@@ -623,7 +625,7 @@ def normalize_backward_impl(
         gradient(0, mean.dtype) if needs[1] else None,
         gradient(1, variance.dtype) if needs[2] else None,
         gradient(2, scale.dtype) if needs[3] and scale is not None else None,
-        gradient(3, grad.dtype) if needs[4] else None,
+        gradient(3, compute_dtype(grad.dtype)) if needs[4] else None,
     )
 
 

@@ -30,10 +30,26 @@ from batchnorm.functional._canonical_layout import (
 from batchnorm.kernels._jit import Kernel, LayoutKernel
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
+# Half precision, read and written by the kernels as its bits (batchnorm.kernels._half): float16
+# as uint16, bfloat16 as int16; computed in float32.
+HALF_BITS: dict[torch.dtype, type] = {torch.float16: np.uint16, torch.bfloat16: np.int16}
 NO_WEIGHTS: dict[torch.dtype, np.ndarray] = {
     torch.float32: np.zeros((1, 1), np.float32),
     torch.float64: np.zeros((1, 1), np.float64),
 }
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in for data of ``dtype``: float32 for half precision."""
+    return torch.float32 if dtype in HALF_BITS else dtype
+
+
+def storage_array(tensor: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor of a kernel dtype (half precision: of its bits)."""
+    bits = HALF_BITS.get(tensor.dtype)
+    if bits is None:
+        return tensor.numpy()
+    return tensor.view(torch.int16).numpy().view(bits)
 
 
 class CpuPlan:
@@ -43,6 +59,7 @@ class CpuPlan:
         "affine_normalize",
         "batch_moments",
         "blocks",
+        "compute_dtype",
         "dtype",
         "gradient_sums",
         "in_place_backward",
@@ -53,6 +70,7 @@ class CpuPlan:
         "memory_shape",
         "reuses_memory",
         "shape3",
+        "torch_dtype",
         "train_backward",
         "train_backward_activated",
         "train_forward",
@@ -62,7 +80,9 @@ class CpuPlan:
     def __init__(self, layout: CanonicalLayout, sizes: tuple[int, ...], dtype: torch.dtype):
         identity = layout.order == tuple(range(len(layout.order)))
         self.layout = layout
-        self.dtype = np.float64 if dtype == torch.float64 else np.float32
+        self.torch_dtype = dtype
+        self.dtype = HALF_BITS.get(dtype, np.float64 if dtype == torch.float64 else np.float32)
+        self.compute_dtype = np.float64 if dtype == torch.float64 else np.float32
         self.shape3 = (layout.rows, layout.channels, layout.inner)
         self.transpose = None if identity else layout.order
         self.memory_shape = tuple(sizes[d] for d in layout.order)
@@ -109,6 +129,8 @@ class CpuPlan:
         else:  # small: from the C allocator's heap, without the checks (microseconds a call)
             array = np.empty(self.memory_shape, self.dtype)
         fresh = torch.from_numpy(array)
+        if self.torch_dtype in HALF_BITS:  # uint16 or int16 bits, viewed as what they hold
+            fresh = torch.from_numpy(array.view(np.int16)).view(self.torch_dtype)
         canonical = array.reshape(self.shape3)
         if self.inverse is None:
             return fresh, canonical
@@ -165,7 +187,7 @@ def prepare(
 ) -> Prepared:
     """x (and the mask's weights) in canonical layout, with the plan of x's signature."""
     dtype = x.dtype
-    if dtype is not torch.float32 and dtype is not torch.float64:
+    if dtype not in KERNEL_DTYPES and dtype not in HALF_BITS:
         dtype = torch.float32
         x = x.to(dtype)
     detached = x.detach()
@@ -180,8 +202,9 @@ def prepare(
             _PLANS[key] = plan
     else:
         source = detached
-    x3 = plan.canonical(source.numpy())
+    x3 = plan.canonical(storage_array(source))
     parallel = plan.parallel()
+    dtype = compute_dtype(dtype)  # of the weights
     if weights is None:
         return Prepared(plan, source, x3, NO_WEIGHTS[dtype], None, parallel)
     return Prepared(plan, source, x3, _mask_rows(weights, plan, axes, dtype), True, parallel)
@@ -213,10 +236,11 @@ def prepare_with(
     """x, of the plan's signature and a kernel dtype, and the weights of a mask over ``axes``
     (as :func:`prepare` takes them) or none: :func:`prepare` without the search for its plan."""
     detached = x.detach()
-    x3 = plan.canonical(detached.numpy())
+    x3 = plan.canonical(storage_array(detached))
+    dtype = compute_dtype(x.dtype)  # of the weights
     if weights is None or axes is None:
-        return Prepared(plan, detached, x3, NO_WEIGHTS[x.dtype], None, plan.parallel())
-    w2 = _mask_rows(weights, plan, axes, x.dtype)
+        return Prepared(plan, detached, x3, NO_WEIGHTS[dtype], None, plan.parallel())
+    w2 = _mask_rows(weights, plan, axes, dtype)
     return Prepared(plan, detached, x3, w2, True, plan.parallel())
 
 

@@ -48,7 +48,13 @@ from batchnorm.functional._cpu_operations import (
     step_arrays,
     train_in_place_impl,
 )
-from batchnorm.functional._cpu_plan import CpuPlan, plan_of, prepare_with
+from batchnorm.functional._cpu_plan import (
+    HALF_BITS,
+    CpuPlan,
+    compute_dtype,
+    plan_of,
+    prepare_with,
+)
 from batchnorm.functional._dispatch import backend_for, registered_backend
 
 
@@ -58,8 +64,9 @@ def _one_kernel_dtype(
     gamma: torch.Tensor | None,
     beta: torch.Tensor | None,
 ) -> bool:
-    """x, the moving statistics and gamma/beta all float32, or all float64: nothing to cast."""
-    dtype = x.dtype
+    """The moving statistics and gamma/beta all float32, or all float64, and x of that dtype
+    (or half precision with float32 ones, which the kernels read as it is): nothing to cast."""
+    dtype = compute_dtype(x.dtype)
     return (
         dtype in (torch.float32, torch.float64)
         and statistics.moving_mean.dtype == dtype
@@ -143,7 +150,7 @@ def train_in_place(
     if any(t is not None and (not t.is_contiguous() or t.requires_grad) for t in moving):
         return None
     renorm = renorm_step(statistics, options)
-    if not _renorm_steppable(renorm, x.dtype):
+    if not _renorm_steppable(renorm, compute_dtype(x.dtype)):
         return None
     # Only with renorm: a backend registered with the older signature still serves plain steps.
     extra = {} if renorm is None else {"renorm": renorm}
@@ -260,6 +267,7 @@ class DirectCalls:
         moving_mean = self.tensors[2]
         assert moving_mean is not None
         self.dtype = moving_mean.dtype
+        self.half_reads = self.dtype is torch.float32  # half-precision x: read by the kernels
         self.channels = moving_mean.shape[0]
         moving_variance, average_weight = self.tensors[3], self.tensors[4]
         assert moving_variance is not None
@@ -320,7 +328,7 @@ class DirectCalls:
             return None
         if (
             type(x) is not torch.Tensor  # subclasses may override what the kernels bypass
-            or x.dtype is not self.dtype
+            or (x.dtype is not self.dtype and not (x.dtype in HALF_BITS and self.half_reads))
             or not x.is_cpu
             or torch.compiler.is_compiling()
             or torch._C._functorch.is_functorch_wrapped_tensor(x)

@@ -32,6 +32,7 @@ from batchnorm.kernels._elementwise import (
     gradient_coefficients,
     split_mean,
 )
+from batchnorm.kernels._half import compute_dtype, narrowed, widened
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
@@ -51,7 +52,7 @@ def derivative_constants(activation, parameter, dtype_example):  # type: ignore[
     exp(z)`` (elu, read as ``y + slope``), ``slope`` (leaky_relu) or exactly 0 (relu, so that an
     infinite gradient where the output is 0 gives 0, as torch's); ``slope`` and ``zero`` in the
     compute dtype."""
-    constants = np.empty(2, dtype_example.dtype)
+    constants = np.empty(2, compute_dtype(dtype_example))
     constants[0] = parameter if activation != RELU else 0.0
     constants[1] = 0.0
     return activation == ELU, activation == LEAKY_RELU, constants[0], constants[1]
@@ -88,16 +89,24 @@ def activated_sums_rows_block(  # type: ignore[no-untyped-def]
         for o in range(start, start + q):
             for c in range(channels):
                 hc, fc, bc, mc = h[c], f[c], b[c], m[c]
-                v0 = x2[o, c]
-                v1 = x2[o + q, c]
+                v0 = widened(x2[o, c])
+                v1 = widened(x2[o + q, c])
                 d0 = np.float64(
-                    delta(dy2[o, c], (v0 - hc) * fc + bc, y2[o, c], exponential, leaky, slope, zero)
+                    delta(
+                        widened(dy2[o, c]),
+                        (v0 - hc) * fc + bc,
+                        widened(y2[o, c]),
+                        exponential,
+                        leaky,
+                        slope,
+                        zero,
+                    )
                 )
                 d1 = np.float64(
                     delta(
-                        dy2[o + q, c],
+                        widened(dy2[o + q, c]),
                         (v1 - hc) * fc + bc,
-                        y2[o + q, c],
+                        widened(y2[o + q, c]),
                         exponential,
                         leaky,
                         slope,
@@ -112,10 +121,16 @@ def activated_sums_rows_block(  # type: ignore[no-untyped-def]
             g = (o // period) % groups
             h, f, b, m, u0, u1 = high[g], factor[g], shift[g], mean[g], sums[0, g], sums[1, g]
         for c in range(channels):
-            v = x2[o, c]
+            v = widened(x2[o, c])
             d = np.float64(
                 delta(
-                    dy2[o, c], (v - h[c]) * f[c] + b[c], y2[o, c], exponential, leaky, slope, zero
+                    widened(dy2[o, c]),
+                    (v - h[c]) * f[c] + b[c],
+                    widened(y2[o, c]),
+                    exponential,
+                    leaky,
+                    slope,
+                    zero,
                 )
             )
             u0[c] += d
@@ -143,10 +158,16 @@ def activated_sums_planes_block(  # type: ignore[no-untyped-def]
             a0 = 0.0
             a1 = 0.0
             for i in range(inner):
-                v = row[i]
+                v = widened(row[i])
                 d = np.float64(
                     delta(
-                        grad_row[i], (v - h) * f + b, output_row[i], exponential, leaky, slope, zero
+                        widened(grad_row[i]),
+                        (v - h) * f + b,
+                        widened(output_row[i]),
+                        exponential,
+                        leaky,
+                        slope,
+                        zero,
                     )
                 )
                 a0 += d
@@ -171,22 +192,28 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
         for o in range(start, start + q):
             for c in range(channels):
                 hc, lc, fc, bc, ac, mc, kc = h[c], lo[c], f[c], b[c], a[c], m[c], k[c]
-                v0 = x2[o, c]
-                v1 = x2[o + q, c]
+                v0 = widened(x2[o, c])
+                v1 = widened(x2[o + q, c])
                 d0 = delta(
-                    dy2[o, c], (v0 - hc) * fc + bc, y2[o, c], exponential, leaky, slope, zero
-                )
-                d1 = delta(
-                    dy2[o + q, c],
-                    (v1 - hc) * fc + bc,
-                    y2[o + q, c],
+                    widened(dy2[o, c]),
+                    (v0 - hc) * fc + bc,
+                    widened(y2[o, c]),
                     exponential,
                     leaky,
                     slope,
                     zero,
                 )
-                out2[o, c] = ac * ((d0 - mc) - kc * ((v0 - hc) - lc))
-                out2[o + q, c] = ac * ((d1 - mc) - kc * ((v1 - hc) - lc))
+                d1 = delta(
+                    widened(dy2[o + q, c]),
+                    (v1 - hc) * fc + bc,
+                    widened(y2[o + q, c]),
+                    exponential,
+                    leaky,
+                    slope,
+                    zero,
+                )
+                out2[o, c] = narrowed(ac * ((d0 - mc) - kc * ((v0 - hc) - lc)), out2)
+                out2[o + q, c] = narrowed(ac * ((d1 - mc) - kc * ((v1 - hc) - lc)), out2)
         start = start + 2 * q  # the last row, if the count is odd, below
     for o in range(start, stop):
         if groups > 1:
@@ -196,18 +223,32 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
         if masked is not None:
             w = weights[o, 0]
             for c in range(channels):
-                v = x2[o, c]
+                v = widened(x2[o, c])
                 d = delta(
-                    dy2[o, c], (v - h[c]) * f[c] + b[c], y2[o, c], exponential, leaky, slope, zero
+                    widened(dy2[o, c]),
+                    (v - h[c]) * f[c] + b[c],
+                    widened(y2[o, c]),
+                    exponential,
+                    leaky,
+                    slope,
+                    zero,
                 )
-                out2[o, c] = a[c] * ((d - w * m[c]) - w * k[c] * ((v - h[c]) - lo[c]))
+                out2[o, c] = narrowed(
+                    a[c] * ((d - w * m[c]) - w * k[c] * ((v - h[c]) - lo[c])), out2
+                )
         else:
             for c in range(channels):
-                v = x2[o, c]
+                v = widened(x2[o, c])
                 d = delta(
-                    dy2[o, c], (v - h[c]) * f[c] + b[c], y2[o, c], exponential, leaky, slope, zero
+                    widened(dy2[o, c]),
+                    (v - h[c]) * f[c] + b[c],
+                    widened(y2[o, c]),
+                    exponential,
+                    leaky,
+                    slope,
+                    zero,
                 )
-                out2[o, c] = a[c] * ((d - m[c]) - k[c] * ((v - h[c]) - lo[c]))
+                out2[o, c] = narrowed(a[c] * ((d - m[c]) - k[c] * ((v - h[c]) - lo[c])), out2)
 
 
 @helper
@@ -237,18 +278,30 @@ def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
                 weight_row = weights[o]
                 for i in range(inner):
                     w = weight_row[i]
-                    v = row[i]
+                    v = widened(row[i])
                     d = delta(
-                        grad_row[i], (v - h) * f + b, output_row[i], exponential, leaky, slope, zero
+                        widened(grad_row[i]),
+                        (v - h) * f + b,
+                        widened(output_row[i]),
+                        exponential,
+                        leaky,
+                        slope,
+                        zero,
                     )
-                    target[i] = a * ((d - w * m) - w * k * ((v - h) - lo))
+                    target[i] = narrowed(a * ((d - w * m) - w * k * ((v - h) - lo)), target)
             else:
                 for i in range(inner):
-                    v = row[i]
+                    v = widened(row[i])
                     d = delta(
-                        grad_row[i], (v - h) * f + b, output_row[i], exponential, leaky, slope, zero
+                        widened(grad_row[i]),
+                        (v - h) * f + b,
+                        widened(output_row[i]),
+                        exponential,
+                        leaky,
+                        slope,
+                        zero,
                     )
-                    target[i] = a * ((d - m) - k * ((v - h) - lo))
+                    target[i] = narrowed(a * ((d - m) - k * ((v - h) - lo)), target)
 
 
 activated_sums_block = by_layout(activated_sums_rows_block, activated_sums_planes_block)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from batchnorm.kernels._half import compute_dtype, narrowed, widened
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
@@ -26,8 +27,8 @@ from batchnorm.kernels._narrow_rows import tiled, virtual_copies, virtual_rows
 @setup_helper
 def split_mean(mean, dtype_example):  # type: ignore[no-untyped-def]
     """``mean`` (float64) as ``high + low``, both of the compute dtype."""
-    high = np.empty(mean.size, dtype_example.dtype).reshape(mean.shape)
-    low = np.empty(mean.size, dtype_example.dtype).reshape(mean.shape)
+    high = np.empty(mean.size, compute_dtype(dtype_example)).reshape(mean.shape)
+    low = np.empty(mean.size, compute_dtype(dtype_example)).reshape(mean.shape)
     for g in range(mean.shape[0]):
         for c in range(mean.shape[1]):
             high[g, c] = mean[g, c]
@@ -44,9 +45,9 @@ def affine_coefficients(mean, variance, scale, offset, epsilon, dtype_example): 
     ``x * factor + (offset - mean * factor)``.
     """
     groups, channels = variance.shape
-    high = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
-    factor = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
-    shift = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
+    high = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
+    factor = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
+    shift = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
     for g in range(groups):
         for c in range(channels):
             high[g, c] = mean[g, c]
@@ -64,7 +65,7 @@ NO_ACTIVATION, RELU, LEAKY_RELU, ELU = 0, 1, 2, 3
 def activation_constants(parameter, dtype_example):  # type: ignore[no-untyped-def]
     """``(0, parameter)`` in the compute dtype: :func:`activated` then computes in it (a float64
     constant there made the kernels around it 3x slower, even without an activation)."""
-    values = np.empty(2, dtype_example.dtype)
+    values = np.empty(2, compute_dtype(dtype_example))
     values[0] = 0.0
     values[1] = parameter
     return values[0], values[1]
@@ -161,12 +162,14 @@ def normalize_rows_block(  # type: ignore[no-untyped-def]
         ov = xv if out is None else virtual_rows(out2, start, stop, copies)
         for r in range(xv.shape[0]):
             for j in range(width):
-                v = (xv[r, j] - h[j]) * f[j] + b[j]
-                ov[r, j] = v if activation is None else activated(v, activation, constants)
+                v = (widened(xv[r, j]) - h[j]) * f[j] + b[j]
+                v = v if activation is None else activated(v, activation, constants)
+                ov[r, j] = narrowed(v, ov)
         for o in range(start + xv.shape[0] * copies, stop):
             for c in range(channels):
-                v = (x2[o, c] - h[c]) * f[c] + b[c]
-                out2[o, c] = v if activation is None else activated(v, activation, constants)
+                v = (widened(x2[o, c]) - h[c]) * f[c] + b[c]
+                v = v if activation is None else activated(v, activation, constants)
+                out2[o, c] = narrowed(v, out2)
         return
     if groups == 1:
         # The coefficients as one row each, loop-invariant: vectorised over the channels. Row
@@ -183,26 +186,30 @@ def normalize_rows_block(  # type: ignore[no-untyped-def]
             for o in range(start, start + q):
                 for c in range(channels):
                     hc, fc, bc = h[c], f[c], b[c]
-                    out2[o, c] = (x2[o, c] - hc) * fc + bc
-                    out2[o + q, c] = (x2[o + q, c] - hc) * fc + bc
+                    out2[o, c] = narrowed((widened(x2[o, c]) - hc) * fc + bc, out2)
+                    out2[o + q, c] = narrowed((widened(x2[o + q, c]) - hc) * fc + bc, out2)
             for o in range(start + 2 * q, stop):
                 for c in range(channels):
-                    out2[o, c] = (x2[o, c] - h[c]) * f[c] + b[c]
+                    out2[o, c] = narrowed((widened(x2[o, c]) - h[c]) * f[c] + b[c], out2)
         else:
             for o in range(start, start + q):
                 for c in range(channels):
                     hc, fc, bc = h[c], f[c], b[c]
-                    out2[o, c] = activated((x2[o, c] - hc) * fc + bc, activation, constants)
-                    out2[o + q, c] = activated((x2[o + q, c] - hc) * fc + bc, activation, constants)
+                    v0 = activated((widened(x2[o, c]) - hc) * fc + bc, activation, constants)
+                    v1 = activated((widened(x2[o + q, c]) - hc) * fc + bc, activation, constants)
+                    out2[o, c] = narrowed(v0, out2)
+                    out2[o + q, c] = narrowed(v1, out2)
             for o in range(start + 2 * q, stop):
                 for c in range(channels):
-                    out2[o, c] = activated((x2[o, c] - h[c]) * f[c] + b[c], activation, constants)
+                    v = activated((widened(x2[o, c]) - h[c]) * f[c] + b[c], activation, constants)
+                    out2[o, c] = narrowed(v, out2)
         return
     for o in range(start, stop):
         g = (o // period) % groups
         for c in range(channels):
-            v = (x2[o, c] - high[g, c]) * factor[g, c] + shift[g, c]
-            out2[o, c] = v if activation is None else activated(v, activation, constants)
+            v = (widened(x2[o, c]) - high[g, c]) * factor[g, c] + shift[g, c]
+            v = v if activation is None else activated(v, activation, constants)
+            out2[o, c] = narrowed(v, out2)
 
 
 @helper
@@ -222,10 +229,11 @@ def normalize_planes_block(  # type: ignore[no-untyped-def]
             target = row if out is None else out[o, c]
             if activation is None:
                 for i in range(inner):
-                    target[i] = (row[i] - h) * f + b
+                    target[i] = narrowed((widened(row[i]) - h) * f + b, target)
             else:
                 for i in range(inner):
-                    target[i] = activated((row[i] - h) * f + b, activation, constants)
+                    v = activated((widened(row[i]) - h) * f + b, activation, constants)
+                    target[i] = narrowed(v, target)
 
 
 normalize_block = by_layout(normalize_rows_block, normalize_planes_block)
@@ -271,9 +279,11 @@ def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_ex
     factored out, a channel with one value per batch (``dy == mean_dy``) gets exactly 0.
     """
     groups, channels = variance.shape
-    k_dy = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
-    mean_dy = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
-    k_centred = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
+    k_dy = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
+    mean_dy = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
+    k_centred = np.empty(groups * channels, compute_dtype(dtype_example)).reshape(
+        (groups, channels)
+    )
     for g in range(groups):
         for c in range(channels):
             inv = 1.0 / np.sqrt(variance[g, c] + epsilon)
@@ -320,11 +330,12 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
         ov = virtual_rows(out2, start, stop, copies)
         for r in range(xv.shape[0]):
             for j in range(width):
-                centred = (xv[r, j] - h[j]) - lo[j]
-                ov[r, j] = a[j] * ((dyv[r, j] - d[j]) - b[j] * centred)
+                centred = (widened(xv[r, j]) - h[j]) - lo[j]
+                ov[r, j] = narrowed(a[j] * ((widened(dyv[r, j]) - d[j]) - b[j] * centred), ov)
         for o in range(start + xv.shape[0] * copies, stop):
             for c in range(channels):
-                out2[o, c] = a[c] * ((dy2[o, c] - d[c]) - b[c] * ((x2[o, c] - h[c]) - lo[c]))
+                centred = (widened(x2[o, c]) - h[c]) - lo[c]
+                out2[o, c] = narrowed(a[c] * ((widened(dy2[o, c]) - d[c]) - b[c] * centred), out2)
         return
     if groups == 1:
         # The common case with its coefficients as rows: vectorised over the channels, the
@@ -340,35 +351,45 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
             for o in range(start, start + q):
                 for c in range(channels):
                     hc, lc, ac, dc, bc = h[c], lo[c], a[c], d[c], b[c]
-                    out2[o, c] = ac * ((dy2[o, c] - dc) - bc * ((x2[o, c] - hc) - lc))
-                    out2[o + q, c] = ac * ((dy2[o + q, c] - dc) - bc * ((x2[o + q, c] - hc) - lc))
+                    centred0 = (widened(x2[o, c]) - hc) - lc
+                    centred1 = (widened(x2[o + q, c]) - hc) - lc
+                    v0 = ac * ((widened(dy2[o, c]) - dc) - bc * centred0)
+                    v1 = ac * ((widened(dy2[o + q, c]) - dc) - bc * centred1)
+                    out2[o, c] = narrowed(v0, out2)
+                    out2[o + q, c] = narrowed(v1, out2)
             for o in range(start + 2 * q, stop):
                 for c in range(channels):
-                    out2[o, c] = a[c] * ((dy2[o, c] - d[c]) - b[c] * ((x2[o, c] - h[c]) - lo[c]))
+                    centred = (widened(x2[o, c]) - h[c]) - lo[c]
+                    v = a[c] * ((widened(dy2[o, c]) - d[c]) - b[c] * centred)
+                    out2[o, c] = narrowed(v, out2)
             return
         for o in range(start, start + q):
             w0 = weights[o, 0]
             w1 = weights[o + q, 0]
             for c in range(channels):
                 hc, lc, ac, dc, bc = h[c], lo[c], a[c], d[c], b[c]
-                centred0 = (x2[o, c] - hc) - lc
-                centred1 = (x2[o + q, c] - hc) - lc
-                out2[o, c] = ac * ((dy2[o, c] - w0 * dc) - w0 * bc * centred0)
-                out2[o + q, c] = ac * ((dy2[o + q, c] - w1 * dc) - w1 * bc * centred1)
+                centred0 = (widened(x2[o, c]) - hc) - lc
+                centred1 = (widened(x2[o + q, c]) - hc) - lc
+                v0 = ac * ((widened(dy2[o, c]) - w0 * dc) - w0 * bc * centred0)
+                v1 = ac * ((widened(dy2[o + q, c]) - w1 * dc) - w1 * bc * centred1)
+                out2[o, c] = narrowed(v0, out2)
+                out2[o + q, c] = narrowed(v1, out2)
         for o in range(start + 2 * q, stop):
             w = weights[o, 0]
             for c in range(channels):
-                centred = (x2[o, c] - h[c]) - lo[c]
-                out2[o, c] = a[c] * ((dy2[o, c] - w * d[c]) - w * b[c] * centred)
+                centred = (widened(x2[o, c]) - h[c]) - lo[c]
+                v = a[c] * ((widened(dy2[o, c]) - w * d[c]) - w * b[c] * centred)
+                out2[o, c] = narrowed(v, out2)
         return
     for o in range(start, stop):  # ghost batches
         g = (o // period) % groups
         w = weights[o, 0] if masked is not None else 1.0
         for c in range(channels):
-            centred = (x2[o, c] - high[g, c]) - low[g, c]
-            out2[o, c] = k_dy[g, c] * (
-                (dy2[o, c] - w * mean_dy[g, c]) - w * k_centred[g, c] * centred
+            centred = (widened(x2[o, c]) - high[g, c]) - low[g, c]
+            v = k_dy[g, c] * (
+                (widened(dy2[o, c]) - w * mean_dy[g, c]) - w * k_centred[g, c] * centred
             )
+            out2[o, c] = narrowed(v, out2)
 
 
 @helper
@@ -405,10 +426,13 @@ def input_gradient_planes_block(  # type: ignore[no-untyped-def]
                 weight_row = weights[o]
                 for i in range(inner):
                     w = weight_row[i]
-                    target[i] = a * ((grad_row[i] - w * d) - w * b * ((row[i] - h) - lo))
+                    centred = (widened(row[i]) - h) - lo
+                    v = a * ((widened(grad_row[i]) - w * d) - w * b * centred)
+                    target[i] = narrowed(v, target)
             else:
                 for i in range(inner):
-                    target[i] = a * ((grad_row[i] - d) - b * ((row[i] - h) - lo))
+                    v = a * ((widened(grad_row[i]) - d) - b * ((widened(row[i]) - h) - lo))
+                    target[i] = narrowed(v, target)
 
 
 input_gradient_block = by_layout(input_gradient_rows_block, input_gradient_planes_block)

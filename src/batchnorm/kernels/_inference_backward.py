@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from batchnorm.kernels._elementwise import activation_constants, normalize_blocks
+from batchnorm.kernels._half import compute_dtype
 from batchnorm.kernels._jit import kernel, setup_helper
 from batchnorm.kernels._statistics import gradient_sums_blocks, sum_blocks
 
@@ -26,8 +27,8 @@ def input_gradient_factor(variance, scale, epsilon, dtype_example):  # type: ign
     """``(0, scale * inv, 0)`` as ``[1, C]`` rows of the compute dtype: the normalising pass's
     ``(high, factor, shift)`` that turn it into ``dx = dy * scale * inv``."""
     channels = scale.shape[0]
-    zero = np.empty(channels, dtype_example.dtype).reshape((1, channels))
-    factor = np.empty(channels, dtype_example.dtype).reshape((1, channels))
+    zero = np.empty(channels, compute_dtype(dtype_example)).reshape((1, channels))
+    factor = np.empty(channels, compute_dtype(dtype_example)).reshape((1, channels))
     for c in range(channels):
         zero[0, c] = 0.0
         factor[0, c] = np.float64(scale[c]) / np.sqrt(np.float64(variance[0, c]) + epsilon)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from batchnorm.kernels._half import widened
 from batchnorm.kernels._jit import setup_helper
 
 # Rows of fewer channels than this are read as virtual rows of about VIRTUAL_WIDTH values.
@@ -74,12 +75,12 @@ def narrow_moments(x2, shift, start, stop, copies, t1, t2):  # type: ignore[no-u
     xv = virtual_rows(x2, start, stop, copies)
     for r in range(xv.shape[0]):
         for j in range(width):
-            v = np.float64(xv[r, j]) - k[j]
+            v = np.float64(widened(xv[r, j])) - k[j]
             a1[j] += v
             a2[j] += v * v
     for o in range(start + xv.shape[0] * copies, stop):
         for c in range(channels):
-            v = np.float64(x2[o, c]) - shift[c]
+            v = np.float64(widened(x2[o, c])) - shift[c]
             a1[c] += v
             a2[c] += v * v
     fold(a1, t1)
@@ -99,13 +100,13 @@ def narrow_gradient_sums(dy2, x2, mean, start, stop, copies, u0, u1):  # type: i
     dyv = virtual_rows(dy2, start, stop, copies)
     for r in range(xv.shape[0]):
         for j in range(width):
-            d = np.float64(dyv[r, j])
+            d = np.float64(widened(dyv[r, j]))
             a0[j] += d
-            a1[j] += d * (np.float64(xv[r, j]) - m[j])
+            a1[j] += d * (np.float64(widened(xv[r, j])) - m[j])
     for o in range(start + xv.shape[0] * copies, stop):
         for c in range(channels):
-            d = np.float64(dy2[o, c])
+            d = np.float64(widened(dy2[o, c]))
             a0[c] += d
-            a1[c] += d * (np.float64(x2[o, c]) - mean[c])
+            a1[c] += d * (np.float64(widened(x2[o, c])) - mean[c])
     fold(a0, u0)
     fold(a1, u1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from batchnorm.kernels._half import widened
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
@@ -38,7 +39,7 @@ def first_values(x, weights, masked):  # type: ignore[no-untyped-def]
         for i in range(inner):
             if masked is None or weights[o, i] != 0:
                 for c in range(channels):
-                    shift[c] = x[o, c, i]
+                    shift[c] = widened(x[o, c, i])
                 return shift
     for c in range(channels):
         shift[c] = 0.0
@@ -98,7 +99,7 @@ def weighted_row(x2, o, w, shift, t1, t2):  # type: ignore[no-untyped-def]
     if w == 0:
         return 0.0
     for c in range(x2.shape[1]):
-        v = np.float64(x2[o, c]) - shift[c]
+        v = np.float64(widened(x2[o, c])) - shift[c]
         t1[c] += w * v
         t2[c] += w * v * v
     return w
@@ -138,15 +139,15 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
             for r in range(o, o + q):
                 for c in range(channels):
                     k = shift[c]
-                    v0 = np.float64(x2[r, c]) - k
-                    v1 = np.float64(x2[r + q, c]) - k
-                    v2 = np.float64(x2[r + 2 * q, c]) - k
-                    v3 = np.float64(x2[r + 3 * q, c]) - k
+                    v0 = np.float64(widened(x2[r, c])) - k
+                    v1 = np.float64(widened(x2[r + q, c])) - k
+                    v2 = np.float64(widened(x2[r + 2 * q, c])) - k
+                    v3 = np.float64(widened(x2[r + 3 * q, c])) - k
                     t1[c] += (v0 + v1) + (v2 + v3)
                     t2[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
             for r in range(o + 4 * q, run_stop):
                 for c in range(channels):
-                    v = np.float64(x2[r, c]) - shift[c]
+                    v = np.float64(widened(x2[r, c])) - shift[c]
                     t1[c] += v
                     t2[c] += v * v
             o = run_stop
@@ -172,10 +173,10 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
             total += (w0 + w1) + (w2 + w3)
             for c in range(channels):
                 k = shift[c]
-                v0 = np.float64(x2[o, c]) - k if w0 != 0 else 0.0
-                v1 = np.float64(x2[o + q, c]) - k if w1 != 0 else 0.0
-                v2 = np.float64(x2[o + 2 * q, c]) - k if w2 != 0 else 0.0
-                v3 = np.float64(x2[o + 3 * q, c]) - k if w3 != 0 else 0.0
+                v0 = np.float64(widened(x2[o, c])) - k if w0 != 0 else 0.0
+                v1 = np.float64(widened(x2[o + q, c])) - k if w1 != 0 else 0.0
+                v2 = np.float64(widened(x2[o + 2 * q, c])) - k if w2 != 0 else 0.0
+                v3 = np.float64(widened(x2[o + 3 * q, c])) - k if w3 != 0 else 0.0
                 t1[c] += (w0 * v0 + w1 * v1) + (w2 * v2 + w3 * v3)
                 t2[c] += (w0 * v0 * v0 + w1 * v1 * v1) + (w2 * v2 * v2 + w3 * v3 * v3)
         for o in range(start + 4 * q, stop):
@@ -192,7 +193,7 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
         w = np.float64(weights[o, 0])
         if w != 0:
             for c in range(channels):
-                v = np.float64(x2[o, c]) - shift[c]
+                v = np.float64(widened(x2[o, c])) - shift[c]
                 s0[g, c] += w
                 s1[g, c] += w * v
                 s2[g, c] += w * v * v
@@ -212,13 +213,13 @@ def moments_planes_block(x, weights, masked, shift, groups, period, start, stop,
             if masked is not None:
                 for i in range(inner):
                     w = np.float64(weights[o, i])
-                    v = np.float64(x[o, c, i]) - k
+                    v = np.float64(widened(x[o, c, i])) - k
                     a0 += w
                     a1 += w * v
                     a2 += w * v * v
             else:
                 for i in range(inner):
-                    v = np.float64(x[o, c, i]) - k
+                    v = np.float64(widened(x[o, c, i])) - k
                     a1 += v
                     a2 += v * v
             sums[0, g, c] += a0
@@ -275,29 +276,32 @@ def gradient_sums_rows_block(dy, x, mean, groups, period, start, stop, sums):  #
         for o in range(start, start + q):
             for c in range(channels):
                 k = m[c]
-                d0 = np.float64(dy2[o, c])
-                d1 = np.float64(dy2[o + q, c])
-                d2 = np.float64(dy2[o + 2 * q, c])
-                d3 = np.float64(dy2[o + 3 * q, c])
+                d0 = np.float64(widened(dy2[o, c]))
+                d1 = np.float64(widened(dy2[o + q, c]))
+                d2 = np.float64(widened(dy2[o + 2 * q, c]))
+                d3 = np.float64(widened(dy2[o + 3 * q, c]))
                 u0[c] += (d0 + d1) + (d2 + d3)
-                u1[c] += (d0 * (np.float64(x2[o, c]) - k) + d1 * (np.float64(x2[o + q, c]) - k)) + (
-                    d2 * (np.float64(x2[o + 2 * q, c]) - k)
-                    + d3 * (np.float64(x2[o + 3 * q, c]) - k)
+                u1[c] += (
+                    d0 * (np.float64(widened(x2[o, c])) - k)
+                    + d1 * (np.float64(widened(x2[o + q, c])) - k)
+                ) + (
+                    d2 * (np.float64(widened(x2[o + 2 * q, c])) - k)
+                    + d3 * (np.float64(widened(x2[o + 3 * q, c])) - k)
                 )
         for o in range(start + 4 * q, stop):
             for c in range(channels):
-                d = np.float64(dy2[o, c])
+                d = np.float64(widened(dy2[o, c]))
                 u0[c] += d
-                u1[c] += d * (np.float64(x2[o, c]) - m[c])
+                u1[c] += d * (np.float64(widened(x2[o, c])) - m[c])
         return
     t0 = sums[0]
     t1 = sums[1]
     for o in range(start, stop):
         g = (o // period) % groups
         for c in range(channels):
-            d = np.float64(dy2[o, c])
+            d = np.float64(widened(dy2[o, c]))
             t0[g, c] += d
-            t1[g, c] += d * (np.float64(x2[o, c]) - mean[g, c])
+            t1[g, c] += d * (np.float64(widened(x2[o, c])) - mean[g, c])
 
 
 @helper
@@ -311,9 +315,9 @@ def gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, sums): 
             a0 = 0.0
             a1 = 0.0
             for i in range(inner):
-                d = np.float64(dy[o, c, i])
+                d = np.float64(widened(dy[o, c, i]))
                 a0 += d
-                a1 += d * (np.float64(x[o, c, i]) - m)
+                a1 += d * (np.float64(widened(x[o, c, i])) - m)
             sums[0, g, c] += a0
             sums[1, g, c] += a1
 

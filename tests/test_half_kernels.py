@@ -1,0 +1,127 @@
+"""float16/bfloat16 inputs read and written by the CPU kernels as their bits.
+
+Oracle: the conversions must equal torch's on every half value, and a half input must give what
+the float32 kernels give on ``x.float()``, rounded as ``.to(half)`` rounds: the half kernels
+compute in float32 on the exact float32 values of the input. The statistics and the gamma/beta
+gradients (float64 sums of the same values) are bit-equal. y and dL/dx may differ by one half
+ulp in a few elements: LLVM may contract a multiply and an add into one rounding in one build
+and not in another ("contract" fast-math), which moves a float32 result by an ulp, and the
+rounding to half then flips where that result lies near a midpoint.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import BatchNormalization
+from batchnorm.kernels._half import narrowed, widened
+
+HALF = {torch.bfloat16: np.int16, torch.float16: np.uint16}
+
+
+@numba.njit
+def _widen_all(bits, out):  # type: ignore[no-untyped-def]
+    for i in range(bits.shape[0]):
+        out[i] = widened(bits[i])
+
+
+@numba.njit
+def _narrow_all(values, out):  # type: ignore[no-untyped-def]
+    for i in range(values.shape[0]):
+        out[i] = narrowed(values[i], out)
+
+
+@pytest.mark.parametrize("dtype", list(HALF))
+def test_conversions_equal_torchs(dtype):
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    widened_values = np.empty(65536, np.float32)
+    _widen_all(bits.numpy().view(HALF[dtype]), widened_values)
+    expected = bits.view(dtype).float().numpy()
+    nan = np.isnan(expected)
+    assert (np.isnan(widened_values) == nan).all()
+    assert (widened_values[~nan].view(np.int32) == expected[~nan].view(np.int32)).all()
+
+    generator = np.random.default_rng(0)
+    # Every float32 bit pattern class: random bits (all exponents, NaN, inf, subnormals), the
+    # half values themselves and the midpoints between neighbours (ties to even).
+    random_bits = generator.integers(-(2**31), 2**31, 2_000_000, dtype=np.int64).astype(np.int32)
+    exact = expected[~nan]
+    midpoints = (exact[:-1].astype(np.float64) + exact[1:]) / 2
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, 1e-45], np.float32)
+    values = np.concatenate(
+        [random_bits.view(np.float32), exact, midpoints.astype(np.float32), special]
+    )
+    narrowed_bits = np.empty(values.shape, HALF[dtype])
+    _narrow_all(values, narrowed_bits)
+    expected_bits = torch.from_numpy(values).to(dtype).view(torch.int16).numpy()
+    nan = np.isnan(values)
+    assert (narrowed_bits[~nan].view(np.int16) == expected_bits[~nan]).all()
+    back = torch.from_numpy(narrowed_bits.view(np.int16)).view(dtype).float().numpy()
+    assert np.isnan(back[nan]).all()
+
+
+CASES = {
+    "planes": ((8, 16, 12, 12), 1, {}, None),
+    "channels_last": ((8, 16, 12, 12), 1, {}, torch.channels_last),
+    "rows masked": ((16, 50, 24), -1, {}, "mask"),
+    "narrow rows": ((4, 20, 20, 3), -1, {}, None),
+    "ghost batches": ((64, 40), -1, {"virtual_batch_size": 16}, None),
+    "renorm": ((32, 24), -1, {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}}, None),
+    "relu": ((8, 16, 12, 12), 1, {"activation": "relu"}, None),
+    "threaded": ((16, 32, 32, 32), 1, {}, None),
+}
+
+
+def _steps(x, layer, upstream, mask, training):
+    """Two training steps then an inference step with gradients; everything they produce."""
+    results = []
+    for flag in (training, training, False):
+        source = x.detach().clone().requires_grad_()
+        y = layer(source, training=flag, mask=mask)
+        y.backward(upstream)
+        results += [y, source.grad, layer.gamma.grad.clone(), layer.beta.grad.clone()]
+        layer.gamma.grad = layer.beta.grad = None
+    buffers = [b.clone() for b in layer.buffers()]
+    return results, buffers
+
+
+@pytest.mark.parametrize("training", [True, torch.tensor(True)], ids=["bool", "tensor"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", list(HALF))
+def test_half_steps_equal_the_float32_kernels_rounded(dtype, case, training):
+    # A bool flag takes the layer's one-call shortcut, a tensor flag the general step.
+    shape, axis, options, extra = CASES[case]
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3 + 2).to(dtype)
+    if extra is torch.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mask = (torch.rand(shape[:-1]) > 0.3) if extra == "mask" else None
+    upstream = torch.randn(shape).to(dtype)
+    half = BatchNormalization(shape[axis], axis=axis, momentum=0.5, **options)
+    single = BatchNormalization(shape[axis], axis=axis, momentum=0.5, **options)
+    half_results, half_buffers = _steps(x, half, upstream, mask, training)
+    single_results, single_buffers = _steps(x.float(), single, upstream.float(), mask, training)
+    for index, (got, expected) in enumerate(zip(half_results, single_results, strict=True)):
+        if index % 4 < 2:  # y and dL/dx: half, as the float32 results round
+            assert got.dtype == dtype
+            assert got.stride() == x.stride()
+            _assert_rounded_from(got, expected)
+        else:
+            assert torch.equal(got, expected), index
+    for got, expected in zip(half_buffers, single_buffers, strict=True):
+        assert torch.equal(got, expected)
+
+
+def _assert_rounded_from(got, single):
+    """``got`` is ``single.to(got.dtype)``, but for at most 1% of the elements one ulp off."""
+    rounded = single.to(got.dtype)
+    differ = got != rounded
+    assert differ.float().mean() <= 0.01
+    ulp = torch.finfo(got.dtype).eps * single[differ].abs().float()
+    tiny = torch.finfo(got.dtype).smallest_normal
+    assert (
+        (got[differ].float() - single[differ]).abs() <= torch.maximum(ulp, ulp.new_tensor(tiny))
+    ).all()
