@@ -38,7 +38,7 @@ import tempfile
 import time
 import timeit
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,7 @@ class BenchCase:
     large: bool
     options: dict[str, Any] = field(default_factory=dict)
     mask: bool = False
+    dtype: str = "float32"  # the input's (half precision: float32 parameters, as Keras keeps)
 
 
 MAIN_CASES = [
@@ -79,6 +80,7 @@ MAIN_CASES = [
     BenchCase("tiny conv NCHW", (8, 16, 8, 8), 1, False),
     # A few channels stored last (an image batch's RGB): the kernels' virtual rows.
     BenchCase("RGB NHWC", (32, 112, 112, 3), -1, False),
+    BenchCase("bfloat16 NCHW", (32, 128, 28, 28), 1, False, dtype="bfloat16"),
 ]
 EXTRA_CASES = [
     BenchCase("renorm NHWC", (64, 56, 56, 64), -1, False, {"renorm": True}),
@@ -109,7 +111,7 @@ def quick_cases() -> tuple[list[BenchCase], list[BenchCase]]:
         shape = case.shape
         if math.prod(shape) > 100_000:
             shape = tuple(max(2, s // 8) for s in shape)
-        return BenchCase(case.name, shape, case.axis, case.large, case.options, case.mask)
+        return replace(case, shape=shape)
 
     return [shrink(c) for c in MAIN_CASES], [shrink(c) for c in EXTRA_CASES]
 
@@ -299,7 +301,7 @@ def run_case(
     case: BenchCase, rounds: int, modes: tuple[str, ...] = MODES, device: str = "cpu"
 ) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(case.shape, generator=generator).to(device)
+    x = torch.randn(case.shape, generator=generator).to(device, getattr(torch, case.dtype))
     functions = _mode_functions(case, x)
     ghost = bool(case.options.get("virtual_batch_size"))
     _, layout = canonical_layout(x, (case.axis % x.ndim,), ghost)
