@@ -720,7 +720,8 @@ def normalize_gradients(
     inv = torch.rsqrt(variance.to(torch.float64) + epsilon)
     gamma = torch.ones_like(inv) if scale is None else scale.to(torch.float64)
     # y is affine in x: an element-wise product, differentiable again for double backward.
-    dx = (grad * (gamma * inv).to(grad.dtype).reshape(view)).to(x.dtype)
+    compute = compute_dtype(grad.dtype)  # float32 for half precision, as the kernels
+    dx = (grad.to(compute) * (gamma * inv).to(compute).reshape(view)).to(x.dtype)
     dmean = dvariance = dscale = doffset = None
     if any(needs[1:]):
         reduce = tuple(i for i in range(x.ndim) if i not in axes)
@@ -732,5 +733,5 @@ def normalize_gradients(
             (-0.5 * gamma * inv**3 * sum_dy_centred).to(variance.dtype) if needs[2] else None
         )
         dscale = (sum_dy_centred * inv).to(scale.dtype) if needs[3] and scale is not None else None
-        doffset = sum_dy.to(grad.dtype) if needs[4] else None
+        doffset = sum_dy.to(compute_dtype(grad.dtype)) if needs[4] else None
     return dx, dmean, dvariance, dscale, doffset

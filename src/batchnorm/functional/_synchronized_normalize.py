@@ -47,7 +47,7 @@ class _KernelSynchronizedNormalize(torch.autograd.Function):
         ctx.save_for_backward(x, mean, variance, total_weight, scale, weights)
         ctx.axes, ctx.epsilon, ctx.ghost_batches, ctx.group = axes, epsilon, ghost_batches, group
         ctx.call = current_call(group)
-        ctx.has_offset = offset is not None
+        ctx.offset_dtype = None if offset is None else offset.dtype
         return normalize_batch_impl(
             x, list(axes), mean, variance, scale, offset, epsilon, ghost_batches
         )
@@ -74,7 +74,7 @@ class _KernelSynchronizedNormalize(torch.autograd.Function):
             None,
             None,
             None if scale is None else dscale.to(scale.dtype),
-            doffset.to(dy.dtype) if ctx.has_offset else None,
+            None if ctx.offset_dtype is None else doffset.to(ctx.offset_dtype),
             None,
             None,
             None,
