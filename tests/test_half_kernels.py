@@ -162,3 +162,42 @@ def test_half_steps_compile_and_differentiate_twice(dtype):
     largest = second[torch.float32].abs().max()
     error = (second[dtype] - second[torch.float32]).abs().max()
     assert error <= 4 * torch.finfo(dtype).eps * largest
+
+
+@pytest.mark.parametrize("activation", [None, "leaky_relu", "elu"])
+@pytest.mark.parametrize("case", ["planes", "channels_last", "rows masked"])
+@pytest.mark.parametrize("dtype", list(HALF))
+def test_in_place_half_steps_write_over_x_and_follow_the_default_step(dtype, case, activation):
+    # memory="in_place" writes the half output over x and rebuilds the normalised input from it
+    # in the backward: y equals the default step's, the gradients are within the output's
+    # rounding (an ulp of half precision, relative to the largest).
+    shape, axis, _, extra = CASES[case]
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 2 + 1).to(dtype)
+    if extra is torch.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mask = (torch.rand(shape[:-1]) > 0.3) if extra == "mask" else None
+    upstream = torch.randn(shape).to(dtype)
+    results = {}
+    for memory in ("in_place", "default"):
+        layer = BatchNormalization(shape[axis], axis=axis, activation=activation, memory=memory)
+        layer.build(x.shape)
+        with torch.no_grad():
+            layer.gamma.copy_(torch.linspace(0.5, 1.5, shape[axis]))
+        leaf = x.clone().requires_grad_()
+        source = leaf * 1  # not a leaf: the in-place step may write over it
+        y = layer(source, training=True, mask=mask)
+        assert (y.data_ptr() == source.data_ptr()) == (memory == "in_place")
+        if memory == "in_place":  # the kernels' pass, not the torch-op fallback
+            assert type(y.grad_fn).__name__ == "_InPlaceKernelsBackward"
+        y.backward(upstream)
+        results[memory] = (y.detach(), leaf.grad, layer.gamma.grad, layer.beta.grad)
+    (y, dx, dgamma, dbeta), (y_default, dx_default, dgamma_default, dbeta_default) = (
+        results["in_place"],
+        results["default"],
+    )
+    assert y.dtype == dtype and torch.equal(y, y_default)
+    eps = torch.finfo(dtype).eps
+    assert (dx.float() - dx_default.float()).abs().max() <= eps * dx_default.float().abs().max()
+    assert (dgamma - dgamma_default).abs().max() <= eps * dgamma_default.abs().max()
+    torch.testing.assert_close(dbeta, dbeta_default, rtol=1e-6, atol=0)

@@ -178,7 +178,7 @@ def _train_from_threads(layer, x, calls, threads, mask=None):
 
 THREADED_CASES = [
     # shape, layer options, input dtype, mask: the direct calls, the in-place step, the
-    # threaded kernels and the stateless step (renorm, half-precision input, a mask)
+    # threaded kernels and the one-call step's variants (renorm, half-precision input, a mask)
     ((32, 6), {}, torch.float32, False),
     ((64, 4096), {}, torch.float32, False),
     ((16, 6), {"renorm": True}, torch.float32, False),

@@ -335,12 +335,8 @@ def batch_norm_step(
         # One weight per position (a Keras mask over size-1 channel axes broadcasts too).
         weights = weights.expand([1 if i in axes else size for i, size in enumerate(x.shape)])
     output_dtype = x.dtype
-    if x.dtype in (torch.float16, torch.bfloat16) and (
-        not backend.reads_half_precision or options.in_place
-    ):
-        # Converted once here rather than in each of the backend's passes (in-place training
-        # writes over a float32 copy: its backward rebuilds x from the output, which half
-        # precision would round).
+    if x.dtype in (torch.float16, torch.bfloat16) and not backend.reads_half_precision:
+        # Converted once here rather than in each of the backend's passes.
         x = x.to(compute_dtype)
 
     # Each backend applies the activation itself (the CPU kernels in their normalising pass).

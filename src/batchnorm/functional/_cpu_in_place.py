@@ -24,7 +24,14 @@ from batchnorm.functional._cpu_operations import (
     activation_code,
     normalize_into,
 )
-from batchnorm.functional._cpu_plan import KERNEL_DTYPES, Prepared, prepare
+from batchnorm.functional._cpu_plan import (
+    HALF_BITS,
+    KERNEL_DTYPES,
+    Prepared,
+    compute_dtype,
+    prepare,
+    storage_array,
+)
 from batchnorm.kernels._elementwise import NO_ACTIVATION
 
 
@@ -55,11 +62,11 @@ def normalize_in_place_kernels(
     """``f(batch norm of x)`` written over ``x``; None (nothing done) where the kernels cannot
     write into x's own memory (another dtype, a layout that needs a copy, tracing)."""
     if (
-        x.dtype not in KERNEL_DTYPES
+        (x.dtype not in KERNEL_DTYPES and x.dtype not in HALF_BITS)
         or x.device.type != "cpu"
         or torch.compiler.is_compiling()
         or torch._C._functorch.is_functorch_wrapped_tensor(x)
-        or any(t is not None and t.dtype != x.dtype for t in (scale, offset))
+        or any(t is not None and t.dtype != compute_dtype(x.dtype) for t in (scale, offset))
         or any(t is not None and t.ndim != len(axes) for t in (scale, offset))
     ):
         return None
@@ -120,11 +127,11 @@ class _InPlaceKernels(torch.autograd.Function):
         in_place_pass: InPlacePass = ctx.in_place_pass
         prepared = in_place_pass.prepared
         plan = prepared.plan
-        y3 = plan.canonical(y.detach().numpy())
+        y3 = plan.canonical(storage_array(y.detach()))
         dy3 = _canonical_gradient(grad, prepared)
         dx, dx3 = plan.fresh()
         code, parameter = activation_code(in_place_pass.activation)
-        floor = elu_inverse_floor(y3.dtype)
+        floor = elu_inverse_floor(plan.torch_dtype)  # where y rounds to -alpha
         backward = prepared.compiled(plan.in_place_backward)
         dscale, doffset = backward(
             dy3,

@@ -27,6 +27,7 @@ import numpy as np
 from numba import prange
 
 from batchnorm.kernels._elementwise import ELU
+from batchnorm.kernels._half import compute_dtype, narrowed, widened
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
@@ -93,7 +94,7 @@ def recovered(y, g, exponential, slope, inverse_slope, floor):  # type: ignore[n
 @setup_helper
 def inverse_constants(activation, parameter, floor, dtype_example):  # type: ignore[no-untyped-def]
     """``(exponential, slope, 1 / slope, floor)`` in the compute dtype (identity: slope 1)."""
-    constants = np.empty(3, dtype_example.dtype)
+    constants = np.empty(3, compute_dtype(dtype_example))
     constants[0] = parameter
     constants[1] = 1.0 / parameter
     constants[2] = floor
@@ -104,8 +105,8 @@ def inverse_constants(activation, parameter, floor, dtype_example):  # type: ign
 def channel_coefficients(scale, offset, dtype_example):  # type: ignore[no-untyped-def]
     """``(1 / gamma, beta)`` per channel in the compute dtype."""
     channels = scale.shape[0]
-    reciprocal = np.empty(channels, dtype_example.dtype)
-    shift = np.empty(channels, dtype_example.dtype)
+    reciprocal = np.empty(channels, compute_dtype(dtype_example))
+    shift = np.empty(channels, compute_dtype(dtype_example))
     for c in range(channels):
         reciprocal[c] = 1.0 / np.float64(scale[c])
         shift[c] = offset[c]
@@ -116,9 +117,13 @@ def channel_coefficients(scale, offset, dtype_example):  # type: ignore[no-untyp
 def gradient_factors(variance, total, scale, sums, epsilon, dtype_example):  # type: ignore[no-untyped-def]
     """``(s, S_0 / W, S_1 / W)`` per group and channel in the compute dtype."""
     groups, channels = variance.shape
-    factor = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
-    mean_delta = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
-    mean_product = np.empty(groups * channels, dtype_example.dtype).reshape((groups, channels))
+    factor = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
+    mean_delta = np.empty(groups * channels, compute_dtype(dtype_example)).reshape(
+        (groups, channels)
+    )
+    mean_product = np.empty(groups * channels, compute_dtype(dtype_example)).reshape(
+        (groups, channels)
+    )
     for g in range(groups):
         for c in range(channels):
             per_weight = 1.0 / total[g, c] if total[g, c] > 0 else 0.0
@@ -141,7 +146,9 @@ def sums_rows_block(dy, y, channel, inverse, groups, period, start, stop, sums):
             g = (o // period) % groups
             u0, u1 = sums[0, g], sums[1, g]
         for c in range(channels):
-            z, d = recovered(y2[o, c], dy2[o, c], exponential, slope, inverse_slope, floor)
+            z, d = recovered(
+                widened(y2[o, c]), widened(dy2[o, c]), exponential, slope, inverse_slope, floor
+            )
             d64 = np.float64(d)
             u0[c] += d64
             u1[c] += d64 * np.float64((z - shift[c]) * reciprocal[c])
@@ -164,7 +171,12 @@ def sums_planes_block(dy, y, channel, inverse, groups, period, start, stop, sums
             a1 = 0.0
             for i in range(inner):
                 z, d = recovered(
-                    output_row[i], grad_row[i], exponential, slope, inverse_slope, floor
+                    widened(output_row[i]),
+                    widened(grad_row[i]),
+                    exponential,
+                    slope,
+                    inverse_slope,
+                    floor,
                 )
                 d64 = np.float64(d)
                 a0 += d64
@@ -191,14 +203,18 @@ def gradient_rows_block(  # type: ignore[no-untyped-def]
         if masked is not None:
             w = weights[o, 0]
             for c in range(channels):
-                z, d = recovered(y2[o, c], dy2[o, c], exponential, slope, inverse_slope, floor)
+                z, d = recovered(
+                    widened(y2[o, c]), widened(dy2[o, c]), exponential, slope, inverse_slope, floor
+                )
                 x_hat = (z - shift[c]) * reciprocal[c]
-                out2[o, c] = s[c] * ((d - w * m0[c]) - w * x_hat * m1[c])
+                out2[o, c] = narrowed(s[c] * ((d - w * m0[c]) - w * x_hat * m1[c]), out2)
         else:
             for c in range(channels):
-                z, d = recovered(y2[o, c], dy2[o, c], exponential, slope, inverse_slope, floor)
+                z, d = recovered(
+                    widened(y2[o, c]), widened(dy2[o, c]), exponential, slope, inverse_slope, floor
+                )
                 x_hat = (z - shift[c]) * reciprocal[c]
-                out2[o, c] = s[c] * ((d - m0[c]) - x_hat * m1[c])
+                out2[o, c] = narrowed(s[c] * ((d - m0[c]) - x_hat * m1[c]), out2)
 
 
 @helper
@@ -227,15 +243,25 @@ def gradient_planes_block(  # type: ignore[no-untyped-def]
                 for i in range(inner):
                     w = weight_row[i]
                     z, d = recovered(
-                        output_row[i], grad_row[i], exponential, slope, inverse_slope, floor
+                        widened(output_row[i]),
+                        widened(grad_row[i]),
+                        exponential,
+                        slope,
+                        inverse_slope,
+                        floor,
                     )
-                    target[i] = s * ((d - w * m0) - w * ((z - b) * r) * m1)
+                    target[i] = narrowed(s * ((d - w * m0) - w * ((z - b) * r) * m1), target)
             else:
                 for i in range(inner):
                     z, d = recovered(
-                        output_row[i], grad_row[i], exponential, slope, inverse_slope, floor
+                        widened(output_row[i]),
+                        widened(grad_row[i]),
+                        exponential,
+                        slope,
+                        inverse_slope,
+                        floor,
                     )
-                    target[i] = s * ((d - m0) - ((z - b) * r) * m1)
+                    target[i] = narrowed(s * ((d - m0) - ((z - b) * r) * m1), target)
 
 
 @setup_helper

@@ -146,11 +146,10 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             the activation (InPlace-ABN). Needs an invertible activation (None, "identity",
             "leaky_relu" with a slope > 0, "elu"), nonzero gamma, an input nothing else needs
             (a leaf requiring grad is refused; a backward that needed it raises), and no
-            ``synchronized``; no double backward; float16/bfloat16 inputs are computed in a
-            float32 copy, which is overwritten instead. Inference with the moving statistics is
-            not affected (with
-            ``use_global_stats=False`` every call normalises with the batch's statistics and
-            so writes in place, as InPlaceABN in eval mode).
+            ``synchronized``; no double backward; float16/bfloat16 outputs are written over
+            x too (the backward rebuilds x from the rounded output). Inference with the moving
+            statistics is not affected (with ``use_global_stats=False`` every call normalises
+            with the batch's statistics and so writes in place, as InPlaceABN in eval mode).
 
     Shape:
         Input: any rank; output: same shape and dtype. float16/bfloat16 inputs are computed with
