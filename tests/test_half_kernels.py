@@ -11,6 +11,8 @@ rounding to half then flips where that result lies near a midpoint.
 
 from __future__ import annotations
 
+import copy
+
 import numba
 import numpy as np
 import pytest
@@ -201,3 +203,53 @@ def test_in_place_half_steps_write_over_x_and_follow_the_default_step(dtype, cas
     assert (dx.float() - dx_default.float()).abs().max() <= eps * dx_default.float().abs().max()
     assert (dgamma - dgamma_default).abs().max() <= eps * dgamma_default.abs().max()
     torch.testing.assert_close(dbeta, dbeta_default, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, torch.tensor(True)], ids=["bool", "tensor"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", list(HALF))
+def test_half_layers_equal_float32_layers_rounded(dtype, case, training):
+    # A layer converted to half precision (``layer.to(torch.bfloat16)``: parameters and moving
+    # statistics in half too) against a float32 layer holding the same values: before each
+    # step the float32 layer gets the half layer's buffers, so that both start from the same
+    # numbers; the half results are the float32 ones rounded (the moving statistics are
+    # computed in float64 and rounded once to half, the float32 ones to float32: at most an ulp
+    # of half apart).
+    shape, axis, options, extra = CASES[case]
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3 + 2).to(dtype)
+    if extra is torch.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mask = (torch.rand(shape[:-1]) > 0.3) if extra == "mask" else None
+    upstream = torch.randn(shape).to(dtype)
+    single = BatchNormalization(shape[axis], axis=axis, momentum=0.5, **options)
+    single.build(x.shape)
+    with torch.no_grad():
+        single.gamma.copy_(torch.linspace(0.5, 1.5, shape[axis]))
+        single.beta.copy_(torch.linspace(-1, 1, shape[axis]))
+    half = copy.deepcopy(single).to(dtype)
+    with torch.no_grad():  # the values half precision holds
+        for kept, copied in zip(half.parameters(), single.parameters(), strict=True):
+            copied.copy_(kept)
+    eps = torch.finfo(dtype).eps
+    for flag in (training, training, False):
+        with torch.no_grad():
+            for kept, copied in zip(half.buffers(), single.buffers(), strict=True):
+                copied.copy_(kept)
+        results = []
+        for layer, source in ((half, x), (single, x.float())):
+            source = source.clone().requires_grad_()
+            y = layer(source, training=flag, mask=mask)
+            y.backward(upstream.to(source.dtype))
+            results.append((y, source.grad, layer.gamma.grad, layer.beta.grad))
+            layer.gamma.grad = layer.beta.grad = None
+        (y, dx, dgamma, dbeta), (y32, dx32, dgamma32, dbeta32) = results
+        for got, expected in ((y, y32), (dx, dx32)):
+            assert got.dtype == dtype and got.stride() == x.stride()
+            _assert_rounded_from(got, expected)
+        for got, expected in ((dgamma, dgamma32), (dbeta, dbeta32)):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), expected, rtol=eps, atol=0)
+        for got, expected in zip(half.buffers(), single.buffers(), strict=True):
+            assert got.dtype == (torch.float64 if got.ndim == 0 else dtype)
+            torch.testing.assert_close(got.double(), expected.double(), rtol=eps, atol=0)

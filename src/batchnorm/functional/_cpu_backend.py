@@ -19,6 +19,7 @@ float32 (:mod:`batchnorm.kernels._half`): no conversion pass on either side.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from batchnorm.functional._activation import Activation, activate
@@ -272,6 +273,7 @@ class InferenceWithGradients(torch.autograd.Function):
     def forward(ctx, x, scale, offset, call):  # type: ignore[no-untyped-def, override]
         ctx.save_for_backward(x, scale)
         ctx.call = call
+        ctx.offset_dtype = None if offset is None else offset.dtype
         ctx.versions = (call.moving_mean._version, call.moving_variance._version)
         return call.output(x.dtype)
 
@@ -305,10 +307,18 @@ class InferenceWithGradients(torch.autograd.Function):
         )
         dscale = doffset = None
         if needs_scale:
-            dscale = torch.from_numpy(gradients[2].astype(call.scale.dtype))
+            dscale = _parameter_gradient(gradients[2], scale.dtype)
         if needs_offset:
-            doffset = torch.from_numpy(gradients[3].astype(call.offset.dtype))
+            doffset = _parameter_gradient(gradients[3], ctx.offset_dtype)
         return dx, dscale, doffset, None
+
+
+def _parameter_gradient(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A float64 ``[C]`` gradient as a tensor of the parameter's dtype (rounded by NumPy where it
+    can: a torch conversion costs more per call)."""
+    if dtype == torch.float32:
+        return torch.from_numpy(values.astype(np.float32))
+    return torch.from_numpy(values).to(dtype)
 
 
 def _needs_autograd(*tensors: torch.Tensor | None) -> bool:

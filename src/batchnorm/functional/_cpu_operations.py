@@ -21,6 +21,7 @@ import torch
 from batchnorm.functional._activation import Activation, activate
 from batchnorm.functional._canonical_layout import CanonicalLayout
 from batchnorm.functional._cpu_plan import (
+    HALF_BITS,
     KERNEL_DTYPES,
     Prepared,
     compute_dtype,
@@ -48,7 +49,7 @@ def _to_canonical(
         tensor is not None
         and groups is None
         and tensor.ndim == 1
-        and tensor.dtype in KERNEL_DTYPES
+        and (tensor.dtype in KERNEL_DTYPES or tensor.dtype in HALF_BITS)
         and layout.channel_permutation == (0,)
     ):
         return shared_array(tensor)  # the common case, on every call: a view
@@ -76,7 +77,11 @@ def _to_canonical(
 def _statistic_row(tensor: torch.Tensor, layout: CanonicalLayout, fill: float) -> np.ndarray:
     """A per-channel statistic as ``[1, C]``: a view of a float32/float64 tensor (the moving
     statistics at inference, read on every call), else the float64 copy of :func:`_to_canonical`."""
-    if tensor.ndim == 1 and tensor.dtype in KERNEL_DTYPES and layout.channel_permutation == (0,):
+    if (
+        tensor.ndim == 1
+        and (tensor.dtype in KERNEL_DTYPES or tensor.dtype in HALF_BITS)
+        and layout.channel_permutation == (0,)
+    ):
         return shared_array(tensor).reshape(1, -1)
     return _to_canonical(tensor, layout, fill, 1)
 

@@ -259,11 +259,12 @@ _ARRAYS_KEPT = 1024
 
 
 def shared_array(tensor: torch.Tensor) -> np.ndarray:
-    """``tensor.detach().numpy()``, remembered for the next call with the same tensor."""
+    """``tensor.detach().numpy()`` (of its bits for half precision, :func:`storage_array`),
+    remembered for the next call with the same tensor."""
     entry = _ARRAYS.get(id(tensor))
     if entry is not None and entry[0] == tensor.data_ptr() and entry[1] == tensor.shape:
         return entry[2]
-    array = tensor.detach().numpy()
+    array = storage_array(tensor.detach())
     if len(_ARRAYS) >= _ARRAYS_KEPT:
         _ARRAYS.clear()
     _ARRAYS[id(tensor)] = (tensor.data_ptr(), tensor.shape, array)

@@ -51,11 +51,13 @@ from batchnorm.functional._cpu_operations import (
 from batchnorm.functional._cpu_plan import (
     HALF_BITS,
     CpuPlan,
-    compute_dtype,
     plan_of,
     prepare_with,
 )
 from batchnorm.functional._dispatch import backend_for, registered_backend
+
+# The dtypes whose parameters and buffers the kernels read (and step) in place.
+KERNEL_TENSOR_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _one_kernel_dtype(
@@ -64,12 +66,12 @@ def _one_kernel_dtype(
     gamma: torch.Tensor | None,
     beta: torch.Tensor | None,
 ) -> bool:
-    """The moving statistics and gamma/beta all float32, or all float64, and x of that dtype
-    (or half precision with float32 ones, which the kernels read as it is): nothing to cast."""
-    dtype = compute_dtype(x.dtype)
+    """The moving statistics and gamma/beta all of x's dtype, or all float32 with a half-precision
+    x (Keras' mixed policies): the kernels read them as they are, nothing to cast."""
+    dtype = statistics.moving_mean.dtype
     return (
-        dtype in (torch.float32, torch.float64)
-        and statistics.moving_mean.dtype == dtype
+        dtype in KERNEL_TENSOR_DTYPES
+        and (x.dtype == dtype or (x.dtype in HALF_BITS and dtype == torch.float32))
         and statistics.moving_variance.dtype == dtype
         and all(p is None or p.dtype == dtype for p in (gamma, beta))
     )
@@ -150,7 +152,7 @@ def train_in_place(
     if any(t is not None and (not t.is_contiguous() or t.requires_grad) for t in moving):
         return None
     renorm = renorm_step(statistics, options)
-    if not _renorm_steppable(renorm, compute_dtype(x.dtype)):
+    if not _renorm_steppable(renorm, statistics.moving_mean.dtype):
         return None
     # Only with renorm: a backend registered with the older signature still serves plain steps.
     extra = {} if renorm is None else {"renorm": renorm}
@@ -292,7 +294,7 @@ class DirectCalls:
     def applicable(cls, dtype: torch.dtype, tensors: tuple[torch.Tensor | None, ...]) -> bool:
         """One kernel dtype for everything, all on the CPU, the Numba backend registered."""
         return (
-            dtype in (torch.float32, torch.float64)
+            dtype in KERNEL_TENSOR_DTYPES
             and all(t is None or (t.dtype == dtype and t.is_cpu) for t in tensors[:4])
             and registered_backend("cpu") is NUMBA_CPU
         )

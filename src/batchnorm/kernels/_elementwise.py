@@ -50,10 +50,13 @@ def affine_coefficients(mean, variance, scale, offset, epsilon, dtype_example): 
     shift = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
     for g in range(groups):
         for c in range(channels):
-            high[g, c] = mean[g, c]
-            f = np.float64(scale[c]) / np.sqrt(variance[g, c] + epsilon)
+            m = np.float64(widened(mean[g, c]))
+            high[g, c] = m
+            f = np.float64(widened(scale[c])) / np.sqrt(
+                np.float64(widened(variance[g, c])) + epsilon
+            )
             factor[g, c] = f
-            shift[g, c] = np.float64(offset[c]) - (mean[g, c] - np.float64(high[g, c])) * f
+            shift[g, c] = np.float64(widened(offset[c])) - (m - np.float64(high[g, c])) * f
     return high, factor, shift
 
 
@@ -288,7 +291,7 @@ def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_ex
         for c in range(channels):
             inv = 1.0 / np.sqrt(variance[g, c] + epsilon)
             per_weight = 1.0 / total_weight[g, c] if total_weight[g, c] > 0 else 0.0
-            k_dy[g, c] = np.float64(scale[c]) * inv
+            k_dy[g, c] = np.float64(widened(scale[c])) * inv
             mean_dy[g, c] = sums[0, g, c] * per_weight
             k_centred[g, c] = inv * inv * sums[1, g, c] * per_weight
     return k_dy, mean_dy, k_centred

@@ -108,8 +108,8 @@ def channel_coefficients(scale, offset, dtype_example):  # type: ignore[no-untyp
     reciprocal = np.empty(channels, compute_dtype(dtype_example))
     shift = np.empty(channels, compute_dtype(dtype_example))
     for c in range(channels):
-        reciprocal[c] = 1.0 / np.float64(scale[c])
-        shift[c] = offset[c]
+        reciprocal[c] = 1.0 / np.float64(widened(scale[c]))
+        shift[c] = widened(offset[c])
     return reciprocal, shift
 
 
@@ -127,7 +127,7 @@ def gradient_factors(variance, total, scale, sums, epsilon, dtype_example):  # t
     for g in range(groups):
         for c in range(channels):
             per_weight = 1.0 / total[g, c] if total[g, c] > 0 else 0.0
-            factor[g, c] = np.float64(scale[c]) / np.sqrt(variance[g, c] + epsilon)
+            factor[g, c] = np.float64(widened(scale[c])) / np.sqrt(variance[g, c] + epsilon)
             mean_delta[g, c] = sums[0, g, c] * per_weight
             mean_product[g, c] = sums[1, g, c] * per_weight
     return factor, mean_delta, mean_product

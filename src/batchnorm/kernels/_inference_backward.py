@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from batchnorm.kernels._elementwise import activation_constants, normalize_blocks
-from batchnorm.kernels._half import compute_dtype
+from batchnorm.kernels._half import compute_dtype, widened
 from batchnorm.kernels._jit import kernel, setup_helper
 from batchnorm.kernels._statistics import gradient_sums_blocks, sum_blocks
 
@@ -31,7 +31,8 @@ def input_gradient_factor(variance, scale, epsilon, dtype_example):  # type: ign
     factor = np.empty(channels, compute_dtype(dtype_example)).reshape((1, channels))
     for c in range(channels):
         zero[0, c] = 0.0
-        factor[0, c] = np.float64(scale[c]) / np.sqrt(np.float64(variance[0, c]) + epsilon)
+        gamma = np.float64(widened(scale[c]))
+        factor[0, c] = gamma / np.sqrt(np.float64(widened(variance[0, c])) + epsilon)
     return zero, factor
 
 
@@ -41,8 +42,8 @@ def statistic_gradients(sums, variance, scale, epsilon):  # type: ignore[no-unty
     channels = scale.shape[0]
     gradients = np.empty(4 * channels, np.float64).reshape((4, channels))
     for c in range(channels):
-        inv = 1.0 / np.sqrt(np.float64(variance[0, c]) + epsilon)
-        gamma = np.float64(scale[c])
+        inv = 1.0 / np.sqrt(np.float64(widened(variance[0, c])) + epsilon)
+        gamma = np.float64(widened(scale[c]))
         gradients[0, c] = -sums[0, 0, c] * gamma * inv
         gradients[1, c] = -0.5 * gamma * inv * inv * inv * sums[1, 0, c]
         gradients[2, c] = sums[1, 0, c] * inv

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchnorm.kernels._half import widened
+from batchnorm.kernels._half import compute_dtype, widened
 from batchnorm.kernels._jit import setup_helper
 
 # Rows of fewer channels than this are read as virtual rows of about VIRTUAL_WIDTH values.
@@ -37,12 +37,13 @@ def virtual_copies(channels):  # type: ignore[no-untyped-def]
 
 @setup_helper
 def tiled(values, copies):  # type: ignore[no-untyped-def]
-    """``values`` (``[C]``) repeated ``copies`` times, in their dtype."""
+    """``values`` (``[C]``) repeated ``copies`` times, in their compute dtype (half bits
+    widened)."""
     channels = values.shape[0]
-    result = np.empty(copies * channels, values.dtype)
+    result = np.empty(copies * channels, compute_dtype(values))
     for k in range(copies):
         for c in range(channels):
-            result[k * channels + c] = values[c]
+            result[k * channels + c] = widened(values[c])
     return result
 
 
@@ -107,6 +108,6 @@ def narrow_gradient_sums(dy2, x2, mean, start, stop, copies, u0, u1):  # type: i
         for c in range(channels):
             d = np.float64(widened(dy2[o, c]))
             a0[c] += d
-            a1[c] += d * (np.float64(widened(x2[o, c])) - mean[c])
+            a1[c] += d * (np.float64(widened(x2[o, c])) - widened(mean[c]))
     fold(a0, u0)
     fold(a1, u1)

@@ -275,7 +275,7 @@ def gradient_sums_rows_block(dy, x, mean, groups, period, start, stop, sums):  #
         q = (stop - start) // 4  # rows per quarter
         for o in range(start, start + q):
             for c in range(channels):
-                k = m[c]
+                k = widened(m[c])
                 d0 = np.float64(widened(dy2[o, c]))
                 d1 = np.float64(widened(dy2[o + q, c]))
                 d2 = np.float64(widened(dy2[o + 2 * q, c]))
@@ -292,7 +292,7 @@ def gradient_sums_rows_block(dy, x, mean, groups, period, start, stop, sums):  #
             for c in range(channels):
                 d = np.float64(widened(dy2[o, c]))
                 u0[c] += d
-                u1[c] += d * (np.float64(widened(x2[o, c])) - m[c])
+                u1[c] += d * (np.float64(widened(x2[o, c])) - widened(m[c]))
         return
     t0 = sums[0]
     t1 = sums[1]
@@ -301,7 +301,7 @@ def gradient_sums_rows_block(dy, x, mean, groups, period, start, stop, sums):  #
         for c in range(channels):
             d = np.float64(widened(dy2[o, c]))
             t0[g, c] += d
-            t1[g, c] += d * (np.float64(widened(x2[o, c])) - mean[g, c])
+            t1[g, c] += d * (np.float64(widened(x2[o, c])) - widened(mean[g, c]))
 
 
 @helper
@@ -311,7 +311,7 @@ def gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, sums): 
     for o in range(start, stop):
         g = (o // period) % groups
         for c in range(channels):
-            m = mean[g, c]
+            m = widened(mean[g, c])
             a0 = 0.0
             a1 = 0.0
             for i in range(inner):

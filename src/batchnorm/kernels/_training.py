@@ -27,6 +27,7 @@ from batchnorm.kernels._elementwise import (
     normalize_blocks,
     split_mean,
 )
+from batchnorm.kernels._half import narrowed, widened
 from batchnorm.kernels._jit import kernel, setup_helper
 from batchnorm.kernels._statistics import (
     first_values,
@@ -75,19 +76,19 @@ def renorm_composition(m, v, scale, offset, epsilon, renorm):  # type: ignore[no
     floor = np.sqrt(epsilon)
     rmin, rmax, dmax = limits[0], limits[1], limits[2]
     for c in range(m.shape[0]):
-        stddev = np.float64(renorm_stddev[c])
+        stddev = np.float64(widened(renorm_stddev[c]))
         stddev = floor if stddev < floor else stddev
         r = np.sqrt(v[c] + epsilon) / stddev
-        d = (m[c] - np.float64(renorm_mean[c])) / stddev
+        d = (m[c] - np.float64(widened(renorm_mean[c]))) / stddev
         r = rmin if r < rmin else r
         r = rmax if r > rmax else r
         d = -dmax if d < -dmax else d
         d = dmax if d > dmax else d
         correction[0, c] = r
         correction[1, c] = d
-        gamma = np.float64(scale[c])
+        gamma = np.float64(widened(scale[c]))
         composed[0, c] = r * gamma
-        composed[1, c] = d * gamma + np.float64(offset[c])
+        composed[1, c] = d * gamma + np.float64(widened(offset[c]))
     return composed
 
 
@@ -142,34 +143,38 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
         target = v[c] * (count / (count - 1.0)) if unbiased and count > 1.0 else v[c]
         if renorm is not None:
             target = np.sqrt(target + epsilon)  # moving_stddev's target
-        old_mean = np.float64(moving_mean[c])
+        old_mean = np.float64(widened(moving_mean[c]))
         if renorm is None:
-            old_variance = np.float64(moving_variance[c])
+            old_variance = np.float64(widened(moving_variance[c]))
         else:
-            old_variance = np.float64(renorm[0][c])
+            old_variance = np.float64(widened(renorm[0][c]))
         if debiased:
             new_mean = old_mean + (m[c] - old_mean) / weight
             new_variance = old_variance + (target - old_variance) / weight
         else:
             new_mean = old_mean - (old_mean - m[c]) * (1.0 - momentum)
             new_variance = old_variance - (old_variance - target) * (1.0 - momentum)
-        moving_mean[c] = new_mean if count != 0.0 else old_mean
+        moving_mean[c] = narrowed(new_mean if count != 0.0 else old_mean, moving_mean)
         if renorm is None:
-            moving_variance[c] = new_variance if count != 0.0 else old_variance
+            moving_variance[c] = narrowed(
+                new_variance if count != 0.0 else old_variance, moving_variance
+            )
         else:
             moving_stddev, renorm_mean, renorm_stddev, _, renorm_momentum, _, _ = renorm
-            moving_stddev[c] = new_variance if count != 0.0 else old_variance
-            stddev = np.float64(moving_stddev[c])
+            moving_stddev[c] = narrowed(
+                new_variance if count != 0.0 else old_variance, moving_stddev
+            )
+            stddev = np.float64(widened(moving_stddev[c]))
             variance = stddev * stddev - epsilon
             variance = 0.0 if variance < 0.0 else variance  # relu; NaN stays NaN
-            old = np.float64(moving_variance[c])
-            moving_variance[c] = variance if count != 0.0 else old
-            old = np.float64(renorm_mean[c])
+            old = np.float64(widened(moving_variance[c]))
+            moving_variance[c] = narrowed(variance if count != 0.0 else old, moving_variance)
+            old = np.float64(widened(renorm_mean[c]))
             new = old - (old - m[c]) * (1.0 - renorm_momentum)
-            renorm_mean[c] = new if count != 0.0 else old
-            old = np.float64(renorm_stddev[c])
+            renorm_mean[c] = narrowed(new if count != 0.0 else old, renorm_mean)
+            old = np.float64(widened(renorm_stddev[c]))
             new = old - (old - np.sqrt(v[c] + epsilon)) * (1.0 - renorm_momentum)
-            renorm_stddev[c] = new if count != 0.0 else old
+            renorm_stddev[c] = narrowed(new if count != 0.0 else old, renorm_stddev)
 
 
 @kernel
