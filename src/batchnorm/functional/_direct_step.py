@@ -10,14 +10,15 @@ and the call is a plain training step, this runs it instead: the same statistics
 ``running_mean`` and ``running_var``.
 
 A plain step: a Python ``training=True``, one channel axis, x, the buffers and gamma/beta of one
-float32/float64 dtype, a non-empty batch, exponential or debiased moving averages (with or
-without Batch Renormalization, whose buffers step in the same call), no adjustment, no
+dtype (float32, float64, float16 or bfloat16; half precision is read as its bits), or a half x
+with float32 buffers and gamma/beta, a non-empty batch, exponential or debiased moving averages
+(with or without Batch Renormalization, whose buffers step in the same call), no adjustment, no
 synchronization, ``use_global_stats`` None or False (batch statistics, moving ones updated: a
 plain step), a mask with one weight per position, and not inside ``torch.compile`` (which traces
 the stateless step's custom operators).
 
 Inference (:func:`infer`) has nothing to update; it skips only the stateless step's general
-checks and casts when x, the buffers and gamma/beta share one float32/float64 dtype.
+checks and casts for the same dtypes.
 
 :class:`DirectCalls` goes further for the calls that a layer repeats (no mask, a bool
 ``training``, a CPU input of a signature seen before): everything those calls decide from the
