@@ -42,7 +42,8 @@ def _to_canonical(
 ) -> np.ndarray:
     """A per-channel tensor ``(..., *channel_shape)`` as an array ``(..., C)`` in memory order.
 
-    float32/float64 tensors are shared, not copied; None becomes ``fill``. With ``groups`` the
+    float32/float64/float16/bfloat16 tensors are shared, not copied (half precision as its bits,
+    which the kernels widen); None becomes ``fill``. With ``groups`` the
     result is ``[groups, C]`` float64 (statistics).
     """
     if (
@@ -75,7 +76,7 @@ def _to_canonical(
 
 
 def _statistic_row(tensor: torch.Tensor, layout: CanonicalLayout, fill: float) -> np.ndarray:
-    """A per-channel statistic as ``[1, C]``: a view of a float32/float64 tensor (the moving
+    """A per-channel statistic as ``[1, C]``: a view of a tensor of a kernel dtype (the moving
     statistics at inference, read on every call), else the float64 copy of :func:`_to_canonical`."""
     if (
         tensor.ndim == 1

@@ -128,9 +128,10 @@ class CpuPlan:
             array = output_memory.empty(self.memory_shape, self.dtype)
         else:  # small: from the C allocator's heap, without the checks (microseconds a call)
             array = np.empty(self.memory_shape, self.dtype)
-        fresh = torch.from_numpy(array)
         if self.torch_dtype in HALF_BITS:  # uint16 or int16 bits, viewed as what they hold
             fresh = torch.from_numpy(array.view(np.int16)).view(self.torch_dtype)
+        else:
+            fresh = torch.from_numpy(array)
         canonical = array.reshape(self.shape3)
         if self.inverse is None:
             return fresh, canonical
