@@ -17,9 +17,11 @@ import numba
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
 
 from batchnorm import BatchNormalization
 from batchnorm.kernels._half import narrowed, widened
+from tests.numerics_cases import laid_out, numerics_cases
 
 HALF = {torch.bfloat16: np.int16, torch.float16: np.uint16}
 
@@ -253,3 +255,52 @@ def test_half_layers_equal_float32_layers_rounded(dtype, case, training):
         for got, expected in zip(half.buffers(), single.buffers(), strict=True):
             assert got.dtype == (torch.float64 if got.ndim == 0 else dtype)
             torch.testing.assert_close(got.double(), expected.double(), rtol=eps, atol=0)
+
+
+def _assert_within_an_ulp(got, single):
+    """Each element of ``got`` is ``single`` rounded to its dtype, or an ulp off that."""
+    ulp = torch.finfo(got.dtype).eps * single.abs()
+    tiny = torch.finfo(got.dtype).smallest_normal
+    finite = torch.isfinite(single)
+    assert torch.equal(got[~finite].float(), single[~finite].to(got.dtype).float())
+    error = (got[finite].float() - single[finite]).abs()
+    assert (error <= torch.clamp(ulp[finite], min=tiny)).all(), error.max()
+
+
+@pytest.mark.parametrize("dtype", list(HALF))
+@settings(max_examples=25, deadline=None)
+@given(case=numerics_cases())
+def test_half_search_follows_the_float32_kernels(case, dtype):
+    # The float32 search's draws (layouts, masks with far padding, offsets, magnitudes) in half
+    # precision, through the shortcut: the statistics are the float32 layer's on the same values,
+    # bit for bit, and the outputs its outputs rounded.
+    rng = np.random.default_rng(case["seed"])
+    shape, axis = case["shape"], case["axis"]
+    largest = float(torch.finfo(dtype).max) / 4
+    scale = min(case["magnitude"], largest / 10)
+    means = rng.normal(size=shape[axis]) * case["offset_ratio"] * scale
+    x = rng.normal(size=shape) * scale + np.expand_dims(
+        means, [d for d in range(len(shape)) if d != axis]
+    )
+    mask = None
+    if case["mask"] is not None:
+        assume(case["mask"] == "per_position" or axis == len(shape) - 1)
+        mask = torch.from_numpy(
+            rng.uniform(size=[s for d, s in enumerate(shape) if d != axis]) > 0.3
+        )
+        weights = mask.unsqueeze(-1 if list(mask.shape) == shape[:-1] else axis)
+        x = np.where(weights.expand(shape).numpy(), x, case["padding"] * scale)
+    assume(np.abs(x).max() < largest)
+    x_half = laid_out(x.astype(np.float32), axis, case["layout"]).to(dtype)
+    results = []
+    for source in (x_half, x_half.float()):
+        layer = BatchNormalization(shape[axis], axis=axis, momentum=0.0, fused=False)
+        with torch.no_grad():
+            y = layer(source, training=True, mask=mask)
+            y_inference = layer(source, training=False)
+        results.append((y, y_inference, layer.moving_mean, layer.moving_variance))
+    (y, y_inference, mean, variance), (y32, y_inference32, mean32, variance32) = results
+    assert torch.equal(mean, mean32) and torch.equal(variance, variance32)
+    for got, single in ((y, y32), (y_inference, y_inference32)):
+        assert got.dtype == dtype
+        _assert_within_an_ulp(got, single)

@@ -13,43 +13,12 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import assume, example, given, settings
-from hypothesis import strategies as st
 
 from batchnorm import BatchNormalization
 from batchnorm.functional import register_backend
 from batchnorm.functional._cpu_backend import NUMBA_CPU
+from tests.numerics_cases import laid_out, numerics_cases
 from tests.numpy_reference import reference_inference, reference_train_step
-
-
-@st.composite
-def numerics_cases(draw):
-    rank = draw(st.integers(2, 4))
-    shape = [draw(st.integers(2, 9)) for _ in range(rank)]
-    axis = draw(st.integers(1, rank - 1))
-    return {
-        "shape": shape,
-        "axis": axis,
-        # memory order: logical, channels last (the axis moved innermost), or reversed
-        "layout": draw(st.sampled_from(["contiguous", "channels_last", "reversed"])),
-        "mask": draw(st.sampled_from([None, "keras", "per_position"])),
-        "padding": draw(st.sampled_from([0.0, -1e4, 1e9])),
-        "offset_ratio": draw(st.sampled_from([0.0, 1.0, 1e3, 1e6])),
-        "magnitude": draw(st.sampled_from([1.0, 1e-20, 1e18, 1e19, 1e24, 1e30])),
-        "seed": draw(st.integers(0, 2**31 - 1)),
-    }
-
-
-def _laid_out(x: np.ndarray, axis: int, layout: str) -> torch.Tensor:
-    tensor = torch.from_numpy(x)
-    if layout == "contiguous":
-        return tensor
-    order = (
-        [d for d in range(x.ndim) if d != axis] + [axis]
-        if layout == "channels_last"
-        else list(reversed(range(x.ndim)))
-    )
-    inverse = [order.index(d) for d in range(x.ndim)]
-    return tensor.permute(order).contiguous().permute(inverse)
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch ops"])
@@ -101,7 +70,7 @@ def test_float32_statistics_match_the_float64_reference(case, backend):
     with torch.no_grad():
         layer.gamma.copy_(torch.from_numpy(gamma))
         layer.beta.copy_(torch.from_numpy(beta))
-    x_tensor = _laid_out(x32, axis, case["layout"])
+    x_tensor = laid_out(x32, axis, case["layout"])
     mask_tensor = None if mask is None else torch.from_numpy(mask)
     if backend == "torch ops":
         register_backend("cpu", None)
