@@ -39,7 +39,7 @@ typecheck: $(STAMP_DEV)
 # count (the main run uses two, whatever the machine has).
 KERNEL_TESTS := tests/test_cpu_kernels.py tests/test_cpu_numerics.py tests/test_numerics_search.py \
 	tests/test_direct_calls.py tests/test_masks.py tests/test_numpy_reference.py \
-	tests/test_narrow_rows.py tests/test_renorm_step.py
+	tests/test_narrow_rows.py tests/test_renorm_step.py tests/test_half_kernels.py
 
 unit: $(STAMP_DEV)
 	OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 $(BIN)/python -m pytest
