@@ -59,12 +59,15 @@ def derivative_constants(activation, parameter, dtype_example):  # type: ignore[
 
 
 @setup_helper
-def delta(g, z, y, exponential, leaky, slope, zero):  # type: ignore[no-untyped-def]
-    """``g * f'(z)``, elu's from its output ``y`` (``f'(z) = y + alpha`` for ``z <= 0``: an exp
-    per element would make the pass compute-bound); the flags are the same for a whole kernel
-    call, so the compiler hoists their tests out of the loops."""
+def delta(dy, z, y, exponential, leaky, slope, zero):  # type: ignore[no-untyped-def]
+    """``dy * f'(z)`` for the loaded gradient and output elements ``dy``, ``y`` (half precision
+    widened, :mod:`batchnorm.kernels._half`), elu's from its output (``f'(z) = y + alpha`` for
+    ``z <= 0``: an exp per element would make the pass compute-bound); the flags are the same
+    for a whole kernel call, so the compiler hoists their tests out of the loops."""
+    g = widened(dy)
+    output = widened(y)
     if exponential:
-        return g if y > 0 else g * (y + slope)
+        return g if output > 0 else g * (output + slope)
     if leaky:
         return g if z > 0 else g * slope
     return g if z > 0 else zero
@@ -92,21 +95,13 @@ def activated_sums_rows_block(  # type: ignore[no-untyped-def]
                 v0 = widened(x2[o, c])
                 v1 = widened(x2[o + q, c])
                 d0 = np.float64(
-                    delta(
-                        widened(dy2[o, c]),
-                        (v0 - hc) * fc + bc,
-                        widened(y2[o, c]),
-                        exponential,
-                        leaky,
-                        slope,
-                        zero,
-                    )
+                    delta(dy2[o, c], (v0 - hc) * fc + bc, y2[o, c], exponential, leaky, slope, zero)
                 )
                 d1 = np.float64(
                     delta(
-                        widened(dy2[o + q, c]),
+                        dy2[o + q, c],
                         (v1 - hc) * fc + bc,
-                        widened(y2[o + q, c]),
+                        y2[o + q, c],
                         exponential,
                         leaky,
                         slope,
@@ -124,13 +119,7 @@ def activated_sums_rows_block(  # type: ignore[no-untyped-def]
             v = widened(x2[o, c])
             d = np.float64(
                 delta(
-                    widened(dy2[o, c]),
-                    (v - h[c]) * f[c] + b[c],
-                    widened(y2[o, c]),
-                    exponential,
-                    leaky,
-                    slope,
-                    zero,
+                    dy2[o, c], (v - h[c]) * f[c] + b[c], y2[o, c], exponential, leaky, slope, zero
                 )
             )
             u0[c] += d
@@ -161,13 +150,7 @@ def activated_sums_planes_block(  # type: ignore[no-untyped-def]
                 v = widened(row[i])
                 d = np.float64(
                     delta(
-                        widened(grad_row[i]),
-                        (v - h) * f + b,
-                        widened(output_row[i]),
-                        exponential,
-                        leaky,
-                        slope,
-                        zero,
+                        grad_row[i], (v - h) * f + b, output_row[i], exponential, leaky, slope, zero
                     )
                 )
                 a0 += d
@@ -195,18 +178,12 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
                 v0 = widened(x2[o, c])
                 v1 = widened(x2[o + q, c])
                 d0 = delta(
-                    widened(dy2[o, c]),
-                    (v0 - hc) * fc + bc,
-                    widened(y2[o, c]),
-                    exponential,
-                    leaky,
-                    slope,
-                    zero,
+                    dy2[o, c], (v0 - hc) * fc + bc, y2[o, c], exponential, leaky, slope, zero
                 )
                 d1 = delta(
-                    widened(dy2[o + q, c]),
+                    dy2[o + q, c],
                     (v1 - hc) * fc + bc,
-                    widened(y2[o + q, c]),
+                    y2[o + q, c],
                     exponential,
                     leaky,
                     slope,
@@ -225,13 +202,7 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
             for c in range(channels):
                 v = widened(x2[o, c])
                 d = delta(
-                    widened(dy2[o, c]),
-                    (v - h[c]) * f[c] + b[c],
-                    widened(y2[o, c]),
-                    exponential,
-                    leaky,
-                    slope,
-                    zero,
+                    dy2[o, c], (v - h[c]) * f[c] + b[c], y2[o, c], exponential, leaky, slope, zero
                 )
                 out2[o, c] = narrowed(
                     a[c] * ((d - w * m[c]) - w * k[c] * ((v - h[c]) - lo[c])), out2
@@ -240,13 +211,7 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
             for c in range(channels):
                 v = widened(x2[o, c])
                 d = delta(
-                    widened(dy2[o, c]),
-                    (v - h[c]) * f[c] + b[c],
-                    widened(y2[o, c]),
-                    exponential,
-                    leaky,
-                    slope,
-                    zero,
+                    dy2[o, c], (v - h[c]) * f[c] + b[c], y2[o, c], exponential, leaky, slope, zero
                 )
                 out2[o, c] = narrowed(a[c] * ((d - m[c]) - k[c] * ((v - h[c]) - lo[c])), out2)
 
@@ -280,26 +245,14 @@ def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
                     w = weight_row[i]
                     v = widened(row[i])
                     d = delta(
-                        widened(grad_row[i]),
-                        (v - h) * f + b,
-                        widened(output_row[i]),
-                        exponential,
-                        leaky,
-                        slope,
-                        zero,
+                        grad_row[i], (v - h) * f + b, output_row[i], exponential, leaky, slope, zero
                     )
                     target[i] = narrowed(a * ((d - w * m) - w * k * ((v - h) - lo)), target)
             else:
                 for i in range(inner):
                     v = widened(row[i])
                     d = delta(
-                        widened(grad_row[i]),
-                        (v - h) * f + b,
-                        widened(output_row[i]),
-                        exponential,
-                        leaky,
-                        slope,
-                        zero,
+                        grad_row[i], (v - h) * f + b, output_row[i], exponential, leaky, slope, zero
                     )
                     target[i] = narrowed(a * ((d - m) - k * ((v - h) - lo)), target)
 

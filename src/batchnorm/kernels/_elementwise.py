@@ -27,8 +27,9 @@ from batchnorm.kernels._narrow_rows import tiled, virtual_copies, virtual_rows
 @setup_helper
 def split_mean(mean, dtype_example):  # type: ignore[no-untyped-def]
     """``mean`` (float64) as ``high + low``, both of the compute dtype."""
-    high = np.empty(mean.size, compute_dtype(dtype_example)).reshape(mean.shape)
-    low = np.empty(mean.size, compute_dtype(dtype_example)).reshape(mean.shape)
+    dtype = compute_dtype(dtype_example)
+    high = np.empty(mean.size, dtype).reshape(mean.shape)
+    low = np.empty(mean.size, dtype).reshape(mean.shape)
     for g in range(mean.shape[0]):
         for c in range(mean.shape[1]):
             high[g, c] = mean[g, c]
@@ -45,9 +46,10 @@ def affine_coefficients(mean, variance, scale, offset, epsilon, dtype_example): 
     ``x * factor + (offset - mean * factor)``.
     """
     groups, channels = variance.shape
-    high = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
-    factor = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
-    shift = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
+    dtype = compute_dtype(dtype_example)
+    high = np.empty(groups * channels, dtype).reshape((groups, channels))
+    factor = np.empty(groups * channels, dtype).reshape((groups, channels))
+    shift = np.empty(groups * channels, dtype).reshape((groups, channels))
     for g in range(groups):
         for c in range(channels):
             m = np.float64(widened(mean[g, c]))
@@ -282,11 +284,10 @@ def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_ex
     factored out, a channel with one value per batch (``dy == mean_dy``) gets exactly 0.
     """
     groups, channels = variance.shape
-    k_dy = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
-    mean_dy = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
-    k_centred = np.empty(groups * channels, compute_dtype(dtype_example)).reshape(
-        (groups, channels)
-    )
+    dtype = compute_dtype(dtype_example)
+    k_dy = np.empty(groups * channels, dtype).reshape((groups, channels))
+    mean_dy = np.empty(groups * channels, dtype).reshape((groups, channels))
+    k_centred = np.empty(groups * channels, dtype).reshape((groups, channels))
     for g in range(groups):
         for c in range(channels):
             inv = 1.0 / np.sqrt(variance[g, c] + epsilon)

@@ -81,8 +81,11 @@ def log1p_nonpositive(u):  # type: ignore[no-untyped-def]
 
 
 @setup_helper
-def recovered(y, g, exponential, slope, inverse_slope, floor):  # type: ignore[no-untyped-def]
-    """``(z, delta)`` from the output ``y`` and its gradient ``g`` (see the module docstring)."""
+def recovered(output, dy, exponential, slope, inverse_slope, floor):  # type: ignore[no-untyped-def]
+    """``(z, delta)`` from the loaded output and gradient elements (half precision widened,
+    :mod:`batchnorm.kernels._half`); see the module docstring."""
+    y = widened(output)
+    g = widened(dy)
     if y > 0:
         return y, g
     if exponential:
@@ -105,8 +108,9 @@ def inverse_constants(activation, parameter, floor, dtype_example):  # type: ign
 def channel_coefficients(scale, offset, dtype_example):  # type: ignore[no-untyped-def]
     """``(1 / gamma, beta)`` per channel in the compute dtype."""
     channels = scale.shape[0]
-    reciprocal = np.empty(channels, compute_dtype(dtype_example))
-    shift = np.empty(channels, compute_dtype(dtype_example))
+    dtype = compute_dtype(dtype_example)
+    reciprocal = np.empty(channels, dtype)
+    shift = np.empty(channels, dtype)
     for c in range(channels):
         reciprocal[c] = 1.0 / np.float64(widened(scale[c]))
         shift[c] = widened(offset[c])
@@ -117,13 +121,10 @@ def channel_coefficients(scale, offset, dtype_example):  # type: ignore[no-untyp
 def gradient_factors(variance, total, scale, sums, epsilon, dtype_example):  # type: ignore[no-untyped-def]
     """``(s, S_0 / W, S_1 / W)`` per group and channel in the compute dtype."""
     groups, channels = variance.shape
-    factor = np.empty(groups * channels, compute_dtype(dtype_example)).reshape((groups, channels))
-    mean_delta = np.empty(groups * channels, compute_dtype(dtype_example)).reshape(
-        (groups, channels)
-    )
-    mean_product = np.empty(groups * channels, compute_dtype(dtype_example)).reshape(
-        (groups, channels)
-    )
+    dtype = compute_dtype(dtype_example)
+    factor = np.empty(groups * channels, dtype).reshape((groups, channels))
+    mean_delta = np.empty(groups * channels, dtype).reshape((groups, channels))
+    mean_product = np.empty(groups * channels, dtype).reshape((groups, channels))
     for g in range(groups):
         for c in range(channels):
             per_weight = 1.0 / total[g, c] if total[g, c] > 0 else 0.0
@@ -146,9 +147,7 @@ def sums_rows_block(dy, y, channel, inverse, groups, period, start, stop, sums):
             g = (o // period) % groups
             u0, u1 = sums[0, g], sums[1, g]
         for c in range(channels):
-            z, d = recovered(
-                widened(y2[o, c]), widened(dy2[o, c]), exponential, slope, inverse_slope, floor
-            )
+            z, d = recovered(y2[o, c], dy2[o, c], exponential, slope, inverse_slope, floor)
             d64 = np.float64(d)
             u0[c] += d64
             u1[c] += d64 * np.float64((z - shift[c]) * reciprocal[c])
@@ -171,12 +170,7 @@ def sums_planes_block(dy, y, channel, inverse, groups, period, start, stop, sums
             a1 = 0.0
             for i in range(inner):
                 z, d = recovered(
-                    widened(output_row[i]),
-                    widened(grad_row[i]),
-                    exponential,
-                    slope,
-                    inverse_slope,
-                    floor,
+                    output_row[i], grad_row[i], exponential, slope, inverse_slope, floor
                 )
                 d64 = np.float64(d)
                 a0 += d64
@@ -203,16 +197,12 @@ def gradient_rows_block(  # type: ignore[no-untyped-def]
         if masked is not None:
             w = weights[o, 0]
             for c in range(channels):
-                z, d = recovered(
-                    widened(y2[o, c]), widened(dy2[o, c]), exponential, slope, inverse_slope, floor
-                )
+                z, d = recovered(y2[o, c], dy2[o, c], exponential, slope, inverse_slope, floor)
                 x_hat = (z - shift[c]) * reciprocal[c]
                 out2[o, c] = narrowed(s[c] * ((d - w * m0[c]) - w * x_hat * m1[c]), out2)
         else:
             for c in range(channels):
-                z, d = recovered(
-                    widened(y2[o, c]), widened(dy2[o, c]), exponential, slope, inverse_slope, floor
-                )
+                z, d = recovered(y2[o, c], dy2[o, c], exponential, slope, inverse_slope, floor)
                 x_hat = (z - shift[c]) * reciprocal[c]
                 out2[o, c] = narrowed(s[c] * ((d - m0[c]) - x_hat * m1[c]), out2)
 
@@ -243,23 +233,13 @@ def gradient_planes_block(  # type: ignore[no-untyped-def]
                 for i in range(inner):
                     w = weight_row[i]
                     z, d = recovered(
-                        widened(output_row[i]),
-                        widened(grad_row[i]),
-                        exponential,
-                        slope,
-                        inverse_slope,
-                        floor,
+                        output_row[i], grad_row[i], exponential, slope, inverse_slope, floor
                     )
                     target[i] = narrowed(s * ((d - w * m0) - w * ((z - b) * r) * m1), target)
             else:
                 for i in range(inner):
                     z, d = recovered(
-                        widened(output_row[i]),
-                        widened(grad_row[i]),
-                        exponential,
-                        slope,
-                        inverse_slope,
-                        floor,
+                        output_row[i], grad_row[i], exponential, slope, inverse_slope, floor
                     )
                     target[i] = narrowed(s * ((d - m0) - ((z - b) * r) * m1), target)
 

@@ -27,8 +27,9 @@ def input_gradient_factor(variance, scale, epsilon, dtype_example):  # type: ign
     """``(0, scale * inv, 0)`` as ``[1, C]`` rows of the compute dtype: the normalising pass's
     ``(high, factor, shift)`` that turn it into ``dx = dy * scale * inv``."""
     channels = scale.shape[0]
-    zero = np.empty(channels, compute_dtype(dtype_example)).reshape((1, channels))
-    factor = np.empty(channels, compute_dtype(dtype_example)).reshape((1, channels))
+    dtype = compute_dtype(dtype_example)
+    zero = np.empty(channels, dtype).reshape((1, channels))
+    factor = np.empty(channels, dtype).reshape((1, channels))
     for c in range(channels):
         zero[0, c] = 0.0
         gamma = np.float64(widened(scale[c]))
