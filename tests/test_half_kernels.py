@@ -79,6 +79,18 @@ CASES = {
 }
 
 
+def _case_inputs(case, dtype, spread, offset):
+    """A case's x (``spread * randn + offset`` in ``dtype``, laid out as the case says), mask
+    (or None) and upstream gradient, from seed 0."""
+    shape, _, _, extra = CASES[case]
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * spread + offset).to(dtype)
+    if extra is torch.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mask = (torch.rand(shape[:-1]) > 0.3) if extra == "mask" else None
+    return x, mask, torch.randn(shape).to(dtype)
+
+
 def _steps(x, layer, upstream, mask, training):
     """Two training steps then an inference step with gradients; everything they produce."""
     results = []
@@ -113,13 +125,8 @@ def _matrix(cases: list[str], tensor_flag: tuple[str, ...], float16: tuple[str, 
 )
 def test_half_steps_equal_the_float32_kernels_rounded(dtype, case, training):
     # A bool flag takes the layer's one-call shortcut, a tensor flag the general step.
-    shape, axis, options, extra = CASES[case]
-    torch.manual_seed(0)
-    x = (torch.randn(shape) * 3 + 2).to(dtype)
-    if extra is torch.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    mask = (torch.rand(shape[:-1]) > 0.3) if extra == "mask" else None
-    upstream = torch.randn(shape).to(dtype)
+    shape, axis, options, _ = CASES[case]
+    x, mask, upstream = _case_inputs(case, dtype, spread=3, offset=2)
     half = BatchNormalization(shape[axis], axis=axis, momentum=0.5, **options)
     single = BatchNormalization(shape[axis], axis=axis, momentum=0.5, **options)
     half_results, half_buffers = _steps(x, half, upstream, mask, training)
@@ -198,13 +205,8 @@ def test_in_place_half_steps_write_over_x_and_follow_the_default_step(dtype, cas
     # memory="in_place" writes the half output over x and rebuilds the normalised input from it
     # in the backward: y equals the default step's, the gradients are within the output's
     # rounding (an ulp of half precision, relative to the largest).
-    shape, axis, _, extra = CASES[case]
-    torch.manual_seed(0)
-    x = (torch.randn(shape) * 2 + 1).to(dtype)
-    if extra is torch.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    mask = (torch.rand(shape[:-1]) > 0.3) if extra == "mask" else None
-    upstream = torch.randn(shape).to(dtype)
+    shape, axis, _, _ = CASES[case]
+    x, mask, upstream = _case_inputs(case, dtype, spread=2, offset=1)
     results = {}
     for memory in ("in_place", "default"):
         layer = BatchNormalization(shape[axis], axis=axis, activation=activation, memory=memory)
@@ -241,13 +243,8 @@ def test_half_layers_equal_float32_layers_rounded(dtype, case, training):
     # numbers; the half results are the float32 ones rounded (the moving statistics are
     # computed in float64 and rounded once to half, the float32 ones to float32: at most an ulp
     # of half apart).
-    shape, axis, options, extra = CASES[case]
-    torch.manual_seed(0)
-    x = (torch.randn(shape) * 3 + 2).to(dtype)
-    if extra is torch.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    mask = (torch.rand(shape[:-1]) > 0.3) if extra == "mask" else None
-    upstream = torch.randn(shape).to(dtype)
+    shape, axis, options, _ = CASES[case]
+    x, mask, upstream = _case_inputs(case, dtype, spread=3, offset=2)
     single = BatchNormalization(shape[axis], axis=axis, momentum=0.5, **options)
     single.build(x.shape)
     with torch.no_grad():

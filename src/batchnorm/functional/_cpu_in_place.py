@@ -25,8 +25,7 @@ from batchnorm.functional._cpu_operations import (
     normalize_into,
 )
 from batchnorm.functional._cpu_plan import (
-    HALF_BITS,
-    KERNEL_DTYPES,
+    VIEWED_DTYPES,
     Prepared,
     compute_dtype,
     prepare,
@@ -62,7 +61,7 @@ def normalize_in_place_kernels(
     """``f(batch norm of x)`` written over ``x``; None (nothing done) where the kernels cannot
     write into x's own memory (another dtype, a layout that needs a copy, tracing)."""
     if (
-        (x.dtype not in KERNEL_DTYPES and x.dtype not in HALF_BITS)
+        x.dtype not in VIEWED_DTYPES
         or x.device.type != "cpu"
         or torch.compiler.is_compiling()
         or torch._C._functorch.is_functorch_wrapped_tensor(x)

@@ -21,8 +21,8 @@ import torch
 from batchnorm.functional._activation import Activation, activate
 from batchnorm.functional._canonical_layout import CanonicalLayout
 from batchnorm.functional._cpu_plan import (
-    HALF_BITS,
     KERNEL_DTYPES,
+    VIEWED_DTYPES,
     Prepared,
     compute_dtype,
     constant_channels,
@@ -50,7 +50,7 @@ def _to_canonical(
         tensor is not None
         and groups is None
         and tensor.ndim == 1
-        and (tensor.dtype in KERNEL_DTYPES or tensor.dtype in HALF_BITS)
+        and tensor.dtype in VIEWED_DTYPES
         and layout.channel_permutation == (0,)
     ):
         return shared_array(tensor)  # the common case, on every call: a view
@@ -78,11 +78,7 @@ def _to_canonical(
 def _statistic_row(tensor: torch.Tensor, layout: CanonicalLayout, fill: float) -> np.ndarray:
     """A per-channel statistic as ``[1, C]``: a view of a tensor of a kernel dtype (the moving
     statistics at inference, read on every call), else the float64 copy of :func:`_to_canonical`."""
-    if (
-        tensor.ndim == 1
-        and (tensor.dtype in KERNEL_DTYPES or tensor.dtype in HALF_BITS)
-        and layout.channel_permutation == (0,)
-    ):
+    if tensor.ndim == 1 and tensor.dtype in VIEWED_DTYPES and layout.channel_permutation == (0,):
         return shared_array(tensor).reshape(1, -1)
     return _to_canonical(tensor, layout, fill, 1)
 

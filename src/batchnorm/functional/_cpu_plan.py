@@ -33,6 +33,8 @@ KERNEL_DTYPES = (torch.float32, torch.float64)
 # Half precision, read and written by the kernels as its bits (batchnorm.kernels._half): float16
 # as uint16, bfloat16 as int16; computed in float32.
 HALF_BITS: dict[torch.dtype, type] = {torch.float16: np.uint16, torch.bfloat16: np.int16}
+# The dtypes whose tensors the kernels read (and write) through a NumPy view, without a copy.
+VIEWED_DTYPES = (*KERNEL_DTYPES, *HALF_BITS)
 NO_WEIGHTS: dict[torch.dtype, np.ndarray] = {
     torch.float32: np.zeros((1, 1), np.float32),
     torch.float64: np.zeros((1, 1), np.float64),
@@ -188,7 +190,7 @@ def prepare(
 ) -> Prepared:
     """x (and the mask's weights) in canonical layout, with the plan of x's signature."""
     dtype = x.dtype
-    if dtype not in KERNEL_DTYPES and dtype not in HALF_BITS:
+    if dtype not in VIEWED_DTYPES:
         dtype = torch.float32
         x = x.to(dtype)
     detached = x.detach()

@@ -51,14 +51,18 @@ from batchnorm.functional._cpu_operations import (
 )
 from batchnorm.functional._cpu_plan import (
     HALF_BITS,
+    VIEWED_DTYPES,
     CpuPlan,
     plan_of,
     prepare_with,
 )
 from batchnorm.functional._dispatch import backend_for, registered_backend
 
-# The dtypes whose parameters and buffers the kernels read (and step) in place.
-KERNEL_TENSOR_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+def _reads(x_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether the kernels take x of ``x_dtype`` with parameters and buffers of ``dtype`` as
+    they are: the same dtype, or half-precision x with float32 ones (Keras' mixed policies)."""
+    return x_dtype == dtype or (x_dtype in HALF_BITS and dtype == torch.float32)
 
 
 def _one_kernel_dtype(
@@ -67,12 +71,12 @@ def _one_kernel_dtype(
     gamma: torch.Tensor | None,
     beta: torch.Tensor | None,
 ) -> bool:
-    """The moving statistics and gamma/beta all of x's dtype, or all float32 with a half-precision
-    x (Keras' mixed policies): the kernels read them as they are, nothing to cast."""
+    """The moving statistics and gamma/beta all of one dtype that the kernels read with x's
+    (:func:`_reads`): nothing to cast."""
     dtype = statistics.moving_mean.dtype
     return (
-        dtype in KERNEL_TENSOR_DTYPES
-        and (x.dtype == dtype or (x.dtype in HALF_BITS and dtype == torch.float32))
+        dtype in VIEWED_DTYPES
+        and _reads(x.dtype, dtype)
         and statistics.moving_variance.dtype == dtype
         and all(p is None or p.dtype == dtype for p in (gamma, beta))
     )
@@ -270,7 +274,6 @@ class DirectCalls:
         moving_mean = self.tensors[2]
         assert moving_mean is not None
         self.dtype = moving_mean.dtype
-        self.half_reads = self.dtype is torch.float32  # half-precision x: read by the kernels
         self.channels = moving_mean.shape[0]
         moving_variance, average_weight = self.tensors[3], self.tensors[4]
         assert moving_variance is not None
@@ -295,7 +298,7 @@ class DirectCalls:
     def applicable(cls, dtype: torch.dtype, tensors: tuple[torch.Tensor | None, ...]) -> bool:
         """One kernel dtype for everything, all on the CPU, the Numba backend registered."""
         return (
-            dtype in KERNEL_TENSOR_DTYPES
+            dtype in VIEWED_DTYPES
             and all(t is None or (t.dtype == dtype and t.is_cpu) for t in tensors[:4])
             and registered_backend("cpu") is NUMBA_CPU
         )
@@ -331,7 +334,7 @@ class DirectCalls:
             return None
         if (
             type(x) is not torch.Tensor  # subclasses may override what the kernels bypass
-            or (x.dtype is not self.dtype and not (x.dtype in HALF_BITS and self.half_reads))
+            or (x.dtype is not self.dtype and not _reads(x.dtype, self.dtype))
             or not x.is_cpu
             or torch.compiler.is_compiling()
             or torch._C._functorch.is_functorch_wrapped_tensor(x)
