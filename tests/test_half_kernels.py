@@ -12,6 +12,10 @@ rounding to half then flips where that result lies near a midpoint.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -40,6 +44,12 @@ def _narrow_all(values, out):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("dtype", list(HALF))
 def test_conversions_equal_torchs(dtype):
+    check_conversions(dtype)
+
+
+def check_conversions(dtype: torch.dtype) -> None:
+    """widened and narrowed equal torch's conversions on every half bit pattern and on float32
+    values of every class."""
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     widened_values = np.empty(65536, np.float32)
     _widen_all(bits.numpy().view(HALF[dtype]), widened_values)
@@ -65,6 +75,58 @@ def test_conversions_equal_torchs(dtype):
     assert (narrowed_bits[~nan].view(np.int16) == expected_bits[~nan]).all()
     back = torch.from_numpy(narrowed_bits.view(np.int16)).view(dtype).float().numpy()
     assert np.isnan(back[nan]).all()
+
+
+_WITHOUT_F16C = """
+import torch
+from batchnorm import BatchNormalization
+from tests.test_half_kernels import _assert_rounded_from, check_conversions
+
+check_conversions(torch.float16)
+torch.manual_seed(0)
+x = (torch.randn(6, 3, 4) * 3 + 2).to(torch.float16)
+half, single = BatchNormalization(3, axis=1), BatchNormalization(3, axis=1)
+for flag in (True, False):
+    _assert_rounded_from(half(x, training=flag), single(x.float(), training=flag))
+print("converted")
+"""
+
+
+def test_float16_converts_on_targets_without_f16c(tmp_path):
+    # NUMBA_CPU_NAME=generic compiles for no CPU features (no F16C): LLVM's half conversions
+    # would be libcalls Numba cannot link, and the process would abort. The kernels convert on
+    # the bits there, with the same results (a cold cache of its own: Numba keys its cache on the
+    # CPU features anyway).
+    environment = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_F16C],
+        env=environment,
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "converted"
+
+
+@pytest.mark.parametrize("dtype", list(HALF))
+def test_a_layer_takes_half_and_float32_inputs_of_one_shape(dtype):
+    # The layer's one-call shortcut keeps a plan per input signature; a float32 x and a half x
+    # of the same shape and strides need different ones.
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 5, 5) * 3 + 2
+    mixed = BatchNormalization(4, axis=1)
+    for training in (True, False):
+        for source in (x, x.to(dtype), x):
+            fresh = BatchNormalization(4, axis=1)
+            fresh.load_state_dict(mixed.state_dict())
+            got = mixed(source, training=training)
+            expected = fresh(source, training=training)
+            assert got.dtype == source.dtype
+            assert torch.equal(got, expected)
+            for mixed_buffer, fresh_buffer in zip(mixed.buffers(), fresh.buffers(), strict=True):
+                assert torch.equal(mixed_buffer, fresh_buffer)
 
 
 CASES = {

@@ -220,7 +220,7 @@ def infer(
     )
 
 
-_Signature = tuple[torch.Size, tuple[int, ...]]
+_Signature = tuple[torch.Size, tuple[int, ...], torch.dtype]
 _UNSEEN: Any = object()
 
 
@@ -230,7 +230,7 @@ class DirectCalls:
     Built by the layer for its current settings (it drops the object when an attribute is set);
     holds the layer's parameter and buffer dicts and checks on every call that they still hold
     the same tensors over the same memory (``.to()``, ``load_state_dict`` with ``assign=True``,
-    ``.data =`` all change that). Per input signature ``(shape, strides)`` it keeps the kernel
+    ``.data =`` all change that). Per input signature ``(shape, strides, dtype)`` it keeps the kernel
     plan and the number of ghost batches. A call it does not cover returns None, and the layer
     takes its general path: a mask on a ``fused=True`` layer (ignored there, with a warning) or
     one that varies inside a channel, a non-bool ``training``, another dtype or device,
@@ -342,7 +342,7 @@ class DirectCalls:
             or not self.current()
         ):
             return None
-        signature = (x.shape, x.stride())
+        signature = (x.shape, x.stride(), x.dtype)  # a half x and a float32 x: two plans
         entry = self.signatures.get(signature, _UNSEEN)
         if entry is _UNSEEN:
             entry = self._plan(x, signature)
