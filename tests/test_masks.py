@@ -42,6 +42,11 @@ def _assert_state_equal(before: dict[str, torch.Tensor], layer: BatchNormalizati
             ValueError,
             r"Received: a mask with negative and infinite values",
         ),
+        (
+            torch.ones(8, device="meta"),
+            ValueError,
+            r"`mask` must be on the device of `x` .* Received: mask.device=meta for x.device=cpu",
+        ),
     ],
 )
 @pytest.mark.parametrize("fused", [False, None])
@@ -57,6 +62,8 @@ def test_bad_masks_raise_and_change_nothing(mask, error, match, fused):
 def test_functional_moments_checks_mask_values():
     with pytest.raises(ValueError, match=r"Received: a mask with negative values"):
         moments(torch.randn(4, 3), [0], mask=-torch.ones(4, 1))
+    with pytest.raises(ValueError, match=r"Received: mask.device=meta for x.device=cpu"):
+        moments(torch.randn(4, 3), [0], mask=torch.ones(4, 1, device="meta"))
 
 
 @pytest.mark.parametrize("moving_average", ["ema", "debiased"])

@@ -116,9 +116,9 @@ def check_mask(mask: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]) -> to
     it along that axis, whatever the channel axis is; with ``axis=-1`` that is the shape of ``x``
     without its channel axis. For other channel axes a mask of the shape of ``x`` without the
     channel axes (one weight per position, shared by the channels) is accepted too; when both
-    readings have the same shape, Keras' is taken.
+    readings have the same shape, Keras' is taken. The mask must be on ``x``'s device.
     """
-    check_mask_values(mask)
+    check_mask_values(mask, x)
     keras_shape = tuple(x.shape[:-1])
     if tuple(mask.shape) == keras_shape:
         return mask.unsqueeze(-1)

@@ -38,7 +38,7 @@ def moments(
     dims = normalize_axes(axes, x.ndim)
     weights = None
     if mask is not None:
-        check_mask_values(mask)
+        check_mask_values(mask, x)
         try:
             torch.broadcast_shapes(tuple(mask.shape), tuple(x.shape))  # type: ignore[no-untyped-call]
         except RuntimeError as error:

@@ -147,9 +147,9 @@ def check_tensor_shape(
         )
 
 
-def check_mask_values(mask: Any) -> torch.Tensor:
-    """``mask`` checked as frequency weights: a real (bool, integer or floating) tensor whose
-    values are finite and >= 0.
+def check_mask_values(mask: Any, x: torch.Tensor) -> torch.Tensor:
+    """``mask`` checked as frequency weights for ``x``: a real (bool, integer or floating)
+    tensor on ``x``'s device whose values are finite and >= 0.
 
     The value check reads the mask once (it is the size of ``x`` without its channel axes); it is
     skipped while ``torch.compile`` traces, where it would break the graph.
@@ -158,6 +158,11 @@ def check_mask_values(mask: Any) -> torch.Tensor:
         raise TypeError(
             "`mask` must be a torch.Tensor (`torch.as_tensor(mask)` converts an array). "
             f"Received: mask of type {type(mask).__name__}"
+        )
+    if mask.device != x.device:
+        raise ValueError(
+            "`mask` must be on the device of `x` (`mask.to(x.device)` moves it). "
+            f"Received: mask.device={mask.device} for x.device={x.device}"
         )
     if mask.is_complex():
         raise TypeError(
