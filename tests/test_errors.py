@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import batchnorm
 from batchnorm import BatchNormalization, constraints, initializers, regularizers
 from batchnorm.functional import BatchNormStatistics, batch_norm, batch_normalization, moments
 
@@ -405,3 +406,32 @@ def test_an_adjustment_of_the_wrong_shape_is_named_and_changes_nothing(bad, matc
     after = layer.state_dict()
     for key, value in before.items():
         assert torch.equal(value, after[key]), key
+
+
+@pytest.mark.parametrize(
+    "entry_point",
+    [
+        batchnorm.convert,
+        batchnorm.convert_sync,
+        batchnorm.apply_constraints,
+        lambda model: batchnorm.apply_constraints_after_step(
+            torch.optim.SGD([torch.ones(1)]), model
+        ),
+    ],
+    ids=["convert", "convert_sync", "apply_constraints", "apply_constraints_after_step"],
+)
+@pytest.mark.parametrize("model", [None, "model", [BatchNormalization(3)]])
+def test_model_entry_points_name_a_model_that_is_not_a_module(entry_point, model):
+    with pytest.raises(
+        TypeError,
+        match=rf"`model` must be an nn.Module. Received: model of type {type(model).__name__}",
+    ):
+        entry_point(model)
+
+
+def test_apply_constraints_after_step_names_an_optimizer_that_is_not_one():
+    with pytest.raises(
+        TypeError,
+        match=r"`optimizer` must be a torch.optim.Optimizer. Received: optimizer of type dict",
+    ):
+        batchnorm.apply_constraints_after_step({}, BatchNormalization(3))

@@ -93,6 +93,16 @@ def check_bool(value: Any, argument: str) -> bool:
     return bool(value)
 
 
+def check_module(value: Any, argument: str = "model") -> torch.nn.Module:
+    """An ``nn.Module`` (a model, or a batch norm itself), or a TypeError naming ``argument``."""
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(
+            f"`{argument}` must be an nn.Module. Received: {argument} of type "
+            f"{type(value).__name__}"
+        )
+    return value
+
+
 def check_virtual_batch_size(value: Any) -> int | None:
     if value is None:
         return None

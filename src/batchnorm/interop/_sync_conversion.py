@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from batchnorm.functional._synchronized import check_synchronized
+from batchnorm.functional._validation import check_module
 from batchnorm.interop._torch_conversion import convert
 from batchnorm.layers import BatchNormalization
 
@@ -34,6 +35,7 @@ def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
         >>> model = convert_sync(model)  # then wrap it in DistributedDataParallel
     """
+    check_module(model)
     check_synchronized(True, process_group, None)
     model = convert(model, to="batchnorm")
     for module in model.modules():

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from batchnorm.functional._validation import check_module
 from batchnorm.interop._activation_conversion import (
     ActivatedBatchNorm,
     describe,
@@ -307,6 +308,7 @@ def convert(model: nn.Module, to: Literal["batchnorm", "torch"] = "batchnorm") -
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
         >>> model = convert(model)  # model[1] is a BatchNormalization
     """
+    check_module(model)
     if to not in ("batchnorm", "torch"):
         raise ValueError(f"`to` must be 'batchnorm' or 'torch'. Received: to={to!r}")
 

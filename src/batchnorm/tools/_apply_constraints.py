@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from batchnorm.functional._validation import check_module
 from batchnorm.layers import BatchNormalization
 
 # Per optimizer, the handle of the hook registered for each model (by id: the hook holds the
@@ -23,6 +24,7 @@ _HOOKS: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, RemovableHand
 
 def apply_constraints(model: torch.nn.Module) -> None:
     """Apply ``gamma_constraint`` / ``beta_constraint`` of every BatchNormalization in ``model``."""
+    check_module(model)
     for module in model.modules():
         if isinstance(module, BatchNormalization):
             module.apply_constraints()
@@ -42,6 +44,12 @@ def apply_constraints_after_step(
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> handle = apply_constraints_after_step(optimizer, model)
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            "`optimizer` must be a torch.optim.Optimizer. Received: optimizer of type "
+            f"{type(optimizer).__name__}"
+        )
+    check_module(model)
     handles = _HOOKS.setdefault(optimizer, {})
     handle = handles.get(id(model))
     if handle is not None and _registered(handle):

@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from batchnorm.functional._activation import Activation, activate, check_activation
-from batchnorm.functional._validation import check_axis_type
+from batchnorm.functional._validation import check_axis_type, check_module
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools import _batch_norm_modules as bn
 from batchnorm.tools._fold_weights import fold_weights
@@ -133,10 +133,7 @@ def fold(
         >>> print(result)  # pairs folded, batch norms left and why, largest difference
         >>> fast_model = result.model
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"`model` must be an nn.Module. Received: model of type {type(model).__name__}"
-        )
+    check_module(model)
     notes: list[str] = []
     if any(module.training for module in model.modules()):
         message = (

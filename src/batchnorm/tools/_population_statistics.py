@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchnorm.functional._validation import check_module
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools import _batch_norm_modules as bn
 from batchnorm.tools._progress import Progress
@@ -149,10 +150,7 @@ def check_model_and_batches(
     model: Any, batches: Any, num_batches: Any, caller: str
 ) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the batch norms of ``model``, after checking the arguments ``caller`` shares."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"`model` must be an nn.Module. Received: model of type {type(model).__name__}"
-        )
+    check_module(model)
     check_num_batches(num_batches)
     layers = bn.batch_norm_modules(model)
     if not layers:
