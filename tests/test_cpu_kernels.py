@@ -203,6 +203,8 @@ def test_gradcheck_float64(shape, axes, ghost, use_mask):
         ((3, 5, 4), (2,)),  # channels last
         ((3, 4, 2, 5), (1, 3)),  # two channel axes (a copy)
         ((64, 16, 20, 17), (1,)),  # several row blocks (threaded)
+        ((9, 40), (1,)),  # rows wider than the virtual rows: the fused pass, rows left over
+        ((8195, 40), (1,)),  # the same in several row blocks (threaded)
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -184,7 +184,8 @@ def test_composed_path_keeps_the_variance_exact_when_the_mean_rounds_in_float32(
 
 
 def _assert_one_and_two_threads_agree(x, axis, mask=None):
-    """One training step and backward on 1 and on 2 threads: the same bits."""
+    """One training step and backward, then an inference call and its backward (the layer's
+    statistics fixed, gamma and beta learning), on 1 and on 2 threads: the same bits."""
     upstream = torch.randn(x.shape).to(x.dtype)
 
     def run(threads: int):
@@ -195,7 +196,11 @@ def _assert_one_and_two_threads_agree(x, axis, mask=None):
             x_grad = x.clone().requires_grad_()
             y = layer(x_grad, training=True, mask=mask)
             y.backward(upstream)
-            return y, x_grad.grad, layer.gamma.grad, layer.moving_variance
+            trained = (y, x_grad.grad, layer.gamma.grad.clone(), layer.moving_variance)
+            layer.gamma.grad = layer.beta.grad = None
+            x_inference = x.clone().requires_grad_()
+            layer(x_inference, training=False, mask=mask).backward(upstream)
+            return (*trained, x_inference.grad, layer.gamma.grad, layer.beta.grad)
         finally:
             torch.set_num_threads(previous)
 

@@ -8,18 +8,41 @@ sums ``S_0 = sum(dy)``, ``S_1 = sum(dy (x - M))`` (float64):
     dx = dy\\, \\gamma\\, inv, \\quad d\\gamma = S_1\\, inv, \\quad d\\beta = S_0, \\quad
     dM = -S_0\\, \\gamma\\, inv, \\quad dV = -\\tfrac12 \\gamma\\, inv^3 S_1.
 
-``dx`` is the normalising pass run on ``dy`` with mean 0 and offset 0; the sums are the
-gradient-sums pass. Either is skipped when nothing needs it.
+When both are wanted (a batch norm in inference inside a model that trains: the usual case),
+one pass reads ``dy`` and ``x`` once and writes ``dx`` beside the sums
+(:data:`input_gradient_and_sums_block`): 0.72-0.74x the two passes' time on channel planes,
+0.83-0.92x on channels-last and dense inputs, 0.86x on (32, 4096) (one process, 2 threads,
+interleaved). Alone, ``dx`` is the normalising pass run on ``dy`` with mean 0 and offset 0,
+and the sums the gradient-sums pass. Rows of a few channels (virtual rows, :mod:`batchnorm.kernels._narrow_rows`)
+run the two passes block by block.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import prange
 
-from batchnorm.kernels._elementwise import activation_constants, normalize_blocks
-from batchnorm.kernels._half import compute_dtype, widened
-from batchnorm.kernels._jit import kernel, setup_helper
-from batchnorm.kernels._statistics import gradient_sums_blocks, sum_blocks
+from batchnorm.kernels._elementwise import (
+    activation_constants,
+    normalize_blocks,
+    normalize_rows_block,
+)
+from batchnorm.kernels._half import compute_dtype, narrowed, widened
+from batchnorm.kernels._jit import (
+    block_rows,
+    by_layout,
+    helper,
+    kernel,
+    rows_view,
+    runner,
+    setup_helper,
+)
+from batchnorm.kernels._narrow_rows import virtual_copies
+from batchnorm.kernels._statistics import (
+    gradient_sums_blocks,
+    gradient_sums_rows_block,
+    sum_blocks,
+)
 
 
 @setup_helper
@@ -52,6 +75,99 @@ def statistic_gradients(sums, variance, scale, epsilon):  # type: ignore[no-unty
     return gradients
 
 
+@helper
+def input_gradient_and_sums_rows_block(  # type: ignore[no-untyped-def]
+    dy, x, mean, zero, factor, period, start, stop, sums, out, constants
+):
+    """Rows ``start:stop`` (channels last): ``out = dy * factor`` and ``sums[0] += dy``,
+    ``sums[1] += dy * (x - mean)`` (float64, ``sums[2, 1, C]``).
+
+    Row r of each half of the block side by side, as in the normalising pass: six streams
+    (dy, x and dx, two each). Four rows per update as in the gradient-sums pass made twelve,
+    and on 64 channels (NHWC) the fused pass ran 1.25x the two passes' time; with two per update
+    it runs 0.83-0.92x on channels-last and dense inputs. The sums are the gradient-sums
+    pass's added two rows at a time instead of four (equal but for the last bits). ``dx`` is
+    the normalising pass's ``(dy - 0) * factor + 0``, the same value."""
+    dy2 = rows_view(dy)
+    x2 = rows_view(x)
+    out2 = rows_view(out)
+    channels = x2.shape[1]
+    if virtual_copies(channels) > 1:  # a few channels: the two passes' virtual rows
+        normalize_rows_block(dy, zero, factor, zero, 1, period, start, stop, out, None, constants)
+        gradient_sums_rows_block(dy, x, mean, 1, period, start, stop, sums)
+        return
+    u0 = sums[0, 0]
+    u1 = sums[1, 0]
+    m = mean[0]
+    f = factor[0]
+    q = (stop - start) // 2  # rows per half
+    for o in range(start, start + q):
+        for c in range(channels):
+            k = widened(m[c])
+            fc = f[c]
+            e0 = widened(dy2[o, c])
+            e1 = widened(dy2[o + q, c])
+            out2[o, c] = narrowed(e0 * fc, out2)
+            out2[o + q, c] = narrowed(e1 * fc, out2)
+            d0 = np.float64(e0)
+            d1 = np.float64(e1)
+            u0[c] += d0 + d1
+            u1[c] += d0 * (np.float64(widened(x2[o, c])) - k) + d1 * (
+                np.float64(widened(x2[o + q, c])) - k
+            )
+    for o in range(start + 2 * q, stop):
+        for c in range(channels):
+            e = widened(dy2[o, c])
+            out2[o, c] = narrowed(e * f[c], out2)
+            d = np.float64(e)
+            u0[c] += d
+            u1[c] += d * (np.float64(widened(x2[o, c])) - widened(m[c]))
+
+
+@helper
+def input_gradient_and_sums_planes_block(  # type: ignore[no-untyped-def]
+    dy, x, mean, zero, factor, period, start, stop, sums, out, constants
+):
+    """Rows ``start:stop`` (channel planes): ``out = dy * factor`` and the sums of
+    :func:`~batchnorm.kernels._statistics.gradient_sums_planes_block`, plane by plane."""
+    channels, inner = x.shape[1], x.shape[2]
+    for o in range(start, stop):
+        for c in range(channels):
+            m = widened(mean[0, c])
+            f = factor[0, c]
+            dy_row = dy[o, c]
+            x_row = x[o, c]
+            target = out[o, c]
+            a0 = 0.0
+            a1 = 0.0
+            for i in range(inner):
+                e = widened(dy_row[i])
+                target[i] = narrowed(e * f, target)
+                d = np.float64(e)
+                a0 += d
+                a1 += d * (np.float64(widened(x_row[i])) - m)
+            sums[0, 0, c] += a0
+            sums[1, 0, c] += a1
+
+
+input_gradient_and_sums_block = by_layout(
+    input_gradient_and_sums_rows_block, input_gradient_and_sums_planes_block
+)
+
+
+@runner
+def input_gradient_and_sums_blocks(  # type: ignore[no-untyped-def]
+    dy, x, mean, zero, factor, period, blocks, partial, out, constants
+):
+    """The layout's :data:`input_gradient_and_sums_block` on each row block, its sums into
+    ``partial[block]``."""
+    for block in prange(blocks):
+        start, stop = block_rows(x.shape[0], blocks, block)
+        input_gradient_and_sums_block(
+            dy, x, mean, zero, factor, period, start, stop, partial[block], out, constants
+        )
+
+
 @kernel
 def inference_backward(  # type: ignore[no-untyped-def]
     dy, x, mean, variance, scale, epsilon, sums_wanted, period, blocks, out
@@ -62,12 +178,19 @@ def inference_backward(  # type: ignore[no-untyped-def]
     ``mean``, ``variance``: ``[1, C]``; ``scale``: ``[C]``.
     """
     channels = x.shape[1]
-    if out is not None:
-        zero, factor = input_gradient_factor(variance, scale, epsilon, dy)
-        constants = activation_constants(0.0, dy)
-        normalize_blocks(dy, zero, factor, zero, 1, period, blocks, out, None, constants)
     if sums_wanted is None:
+        if out is not None:
+            zero, factor = input_gradient_factor(variance, scale, epsilon, dy)
+            constants = activation_constants(0.0, dy)
+            normalize_blocks(dy, zero, factor, zero, 1, period, blocks, out, None, constants)
         return np.empty(0, np.float64).reshape((0, channels))
     partial = np.zeros((blocks, 2, 1, channels), np.float64)
-    gradient_sums_blocks(dy, x, mean, 1, period, blocks, partial)
+    if out is None:
+        gradient_sums_blocks(dy, x, mean, 1, period, blocks, partial)
+    else:
+        zero, factor = input_gradient_factor(variance, scale, epsilon, dy)
+        constants = activation_constants(0.0, dy)
+        input_gradient_and_sums_blocks(
+            dy, x, mean, zero, factor, period, blocks, partial, out, constants
+        )
     return statistic_gradients(sum_blocks(partial), variance, scale, epsilon)
