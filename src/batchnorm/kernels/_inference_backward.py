@@ -178,18 +178,17 @@ def inference_backward(  # type: ignore[no-untyped-def]
     ``mean``, ``variance``: ``[1, C]``; ``scale``: ``[C]``.
     """
     channels = x.shape[1]
+    if out is not None:
+        zero, factor = input_gradient_factor(variance, scale, epsilon, dy)
+        constants = activation_constants(0.0, dy)
     if sums_wanted is None:
         if out is not None:
-            zero, factor = input_gradient_factor(variance, scale, epsilon, dy)
-            constants = activation_constants(0.0, dy)
             normalize_blocks(dy, zero, factor, zero, 1, period, blocks, out, None, constants)
         return np.empty(0, np.float64).reshape((0, channels))
     partial = np.zeros((blocks, 2, 1, channels), np.float64)
     if out is None:
         gradient_sums_blocks(dy, x, mean, 1, period, blocks, partial)
     else:
-        zero, factor = input_gradient_factor(variance, scale, epsilon, dy)
-        constants = activation_constants(0.0, dy)
         input_gradient_and_sums_blocks(
             dy, x, mean, zero, factor, period, blocks, partial, out, constants
         )
