@@ -5,7 +5,12 @@
   bit-identical for any thread count, and between the serial and the threaded build. The blocks
   run in :class:`Runner` loops (``prange``), the only functions compiled with ``parallel=True``.
 - ``cache``: compiled code is written next to the sources (or Numba's user cache directory), so a
-  second process starts without compiling.
+  second process starts without compiling. Numba keys an entry by its function's name and the
+  stamp of that function's own file, so an edit to a helper in another file left the functions
+  calling it running the old code from the cache; every compiled function's name therefore
+  carries a digest of all the kernel sources (:data:`SOURCES_DIGEST`), and entries of other
+  sources are never read (they stay on disk until deleted). The threaded runners are not cached
+  (see :class:`Runner`).
 - ``fastmath``: reassociation and contraction only, so reductions vectorise; no ``nnan``/``ninf``,
   so NaN and Inf inputs propagate as in PyTorch.
 - ``error_model="numpy"``: divisions are not tested for zero (:func:`compiled`).
@@ -19,8 +24,10 @@ Numba's front end, so these one-liners get no helper either.
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 import types
+from pathlib import Path
 from typing import Any
 
 import numba
@@ -28,8 +35,27 @@ import numba
 FASTMATH = {"reassoc", "contract", "nsz"}
 
 
+def sources_digest(folder: Path) -> str:
+    """A digest of the ``*.py`` files in ``folder``: names and contents, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# The kernel sources' digest, appended to every compiled function's name (see the module
+# docstring): a cache entry is used only by the sources it was compiled from.
+SOURCES_DIGEST = sources_digest(Path(__file__).parent)
+
+
 def compiled(
-    function: Any, *, parallel: bool = False, inline: bool = False, from_python: bool = True
+    function: Any,
+    *,
+    parallel: bool = False,
+    inline: bool = False,
+    from_python: bool = True,
+    cache: bool = True,
 ) -> Any:
     """``function`` compiled with the package's options (every compiled function goes here).
 
@@ -48,10 +74,10 @@ def compiled(
     # Numba's type stubs do not list the wrapper options: passed through a plain dict.
     wrappers: dict[str, Any] = {"no_cpython_wrapper": not from_python, "no_cfunc_wrapper": True}
     return numba.njit(
-        function,
+        _renamed(function, f"_{SOURCES_DIGEST}"),
         parallel=parallel,
         inline="always" if inline else "never",
-        cache=True,
+        cache=cache,
         fastmath=FASTMATH,
         nogil=True,
         error_model="numpy",
@@ -78,6 +104,14 @@ class Runner:
     to compile (a first (32, 64, 56, 56) training step took 12 s with a cold cache). A runner
     is compiled once per layout and build and shared by every kernel that runs its pass.
 
+    The threaded builds are not cached on disk (the kernels calling them are, with the runner's
+    code in them): a kernel compiled in a process that had loaded its runner from the cache was
+    written to the cache in a form that crashed (a segmentation fault) every later process that
+    loaded it, Numba's issue 8578 (a cached function calling a ``parallel=True`` one). After a
+    training step in one process, ``gradient_sums`` (which synchronized batch norm's backward
+    runs) on a large input crashed the second process that ran it. Compiled in every process that compiles a kernel calling it, a
+    runner costs a few tenths of a second where a new kernel meets a runner compiled before.
+
     The serial and threaded builds give the same bits only while LLVM compiles the block helper
     alike in both places: allocating the kernels' `partial` sums as a reshaped 1-D array (like
     their other temporaries) let it optimise the inlined helper differently, and 1- and 2-thread
@@ -97,7 +131,7 @@ class Runner:
         if key not in self._builds:
             copy = bound(self.function, layout, build)
             if build == "parallel":
-                self._builds[key] = compiled(copy, parallel=True, from_python=False)
+                self._builds[key] = compiled(copy, parallel=True, from_python=False, cache=False)
             else:
                 self._builds[key] = compiled(copy, inline=True)
         return self._builds[key]

@@ -1,0 +1,91 @@
+"""The kernels' on-disk cache: entries that later processes load must run, and must be of the
+current sources.
+
+Oracles: float64 NumPy sums of the same arrays, and a process's exit status (a segmentation
+fault kills it with SIGSEGV).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from batchnorm import kernels
+from batchnorm.kernels._jit import SOURCES_DIGEST, sources_digest
+
+# One step per process, all sharing one cache folder. "backward" compiles the training backward
+# (threaded build, channel planes), whose gradient-sums runner is then on disk; "sums" compiles
+# the gradient-sums kernel, which calls the same runner. Each prints its largest error against
+# float64 NumPy.
+_STEP = """
+import sys
+import numpy as np
+from batchnorm import kernels
+rows, channels, inner = 64, 8, 1024  # 2^19 values: the threaded build
+rng = np.random.default_rng(0)
+x = rng.standard_normal((rows, channels, inner), dtype=np.float32)
+dy = rng.standard_normal((rows, channels, inner), dtype=np.float32)
+blocks = kernels.blocks_for(x.size, rows)
+assert blocks > 1
+mean = x.astype(np.float64).mean((0, 2))[None]
+dy_sum = dy.astype(np.float64).sum((0, 2))
+if sys.argv[1] == "sums":
+    sums = kernels.gradient_sums.for_inner(inner).parallel(dy, x, mean, 1, rows, blocks)
+    print(np.abs(sums[0, 0] - dy_sum).max() / np.abs(dy_sum).max())
+else:
+    variance = x.astype(np.float64).var((0, 2))[None]
+    total = np.full((1, channels), float(rows * inner))
+    _, doffset = kernels.train_backward.for_inner(inner).parallel(
+        dy, x, np.zeros((1, 1), np.float32), None, mean, variance, total,
+        np.ones(channels, np.float32), 1e-3, 1, rows, blocks, np.empty_like(x),
+    )
+    print(np.abs(doffset - dy_sum).max() / np.abs(dy_sum).max())
+"""
+
+
+def test_a_kernel_compiled_beside_a_cached_runner_loads_in_later_processes(tmp_path):
+    # A kernel compiled in a process that had loaded its threaded runner from the cache was
+    # cached in a form that crashed every process loading it (Numba's issue 8578): here the
+    # third process, which loads the gradient-sums kernel the second one compiled.
+    environment = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    for step in ("backward", "sums", "sums"):
+        result = subprocess.run(
+            [sys.executable, "-c", _STEP, step],
+            env=environment,
+            cwd=Path(__file__).parents[1],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, (step, result.returncode, result.stderr[-3000:])
+        assert float(result.stdout.strip()) < 1e-12, (step, result.stdout)
+
+
+def test_the_sources_digest_changes_with_any_source_file(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    (tmp_path / "notes.txt").write_text("not a source\n")
+    before = sources_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("changed\n")
+    assert sources_digest(tmp_path) == before
+    (tmp_path / "b.py").write_text("y = 3\n")
+    edited = sources_digest(tmp_path)
+    assert edited != before
+    (tmp_path / "c.py").write_text("")
+    assert sources_digest(tmp_path) not in (before, edited)
+
+
+def test_compiled_functions_are_named_for_the_current_sources():
+    # Numba keys a cache entry by the function's name and its own file's stamp: with the digest
+    # of every kernel source in the name, an edit to a helper in another file cannot leave a
+    # kernel calling it running the old code from the cache.
+    assert sources_digest(Path(kernels.__file__).parent) == SOURCES_DIGEST
+    for dispatcher in (
+        kernels.train_forward.planes.serial,
+        kernels.train_backward.rows.parallel,
+        kernels._statistics.moments_rows_block,
+        kernels._statistics.sum_blocks,
+    ):
+        assert dispatcher.py_func.__name__.endswith(f"_{SOURCES_DIGEST}")
