@@ -158,8 +158,9 @@ class Prepared(NamedTuple):
         return self.plan.layout
 
     def compiled(self, kernel: Kernel) -> Any:
-        """The kernel's threaded build when this call runs threaded, else its serial one."""
-        return kernel.parallel if self.parallel else kernel.serial
+        """The kernel's threaded build when this call runs threaded (one Python thread at a
+        time, :attr:`Kernel.threaded`), else its serial one."""
+        return kernel.threaded if self.parallel else kernel.serial
 
 
 def kernel_threads() -> int:

@@ -205,6 +205,29 @@ class Kernel:
         return compiled(bound(self.function, self.layout, "parallel"))
 
     @functools.cached_property
+    def threaded(self) -> Any:
+        """The threaded build, launched by one Python thread at a time: a call made while
+        another thread's threaded kernel runs takes the serial build (the same results).
+
+        Numba's "workqueue" threading layer, the one it falls back to where it finds neither
+        TBB nor an OpenMP runtime (macOS, slim Linux images without libgomp), aborts the
+        process when two threads launch parallel work at once (four threads running a layer
+        on a (32, 64, 32, 32) input did); the OpenMP and TBB layers would only oversubscribe
+        the cores.
+        """
+        parallel, serial = self.parallel, self.serial
+
+        def launch(*args: Any) -> Any:
+            if not _LAUNCH.acquire(blocking=False):
+                return serial(*args)
+            try:
+                return parallel(*args)
+            finally:
+                _LAUNCH.release()
+
+        return launch
+
+    @functools.cached_property
     def serial(self) -> Any:
         return compiled(bound(self.function, self.layout, "serial"))
 
@@ -254,6 +277,10 @@ class LayoutKernel:
         """The serial build, chosen by the first array argument's layout."""
         return self.for_inner(args[0].shape[2]).serial(*args)
 
+    def threaded(self, *args: Any) -> Any:
+        """:attr:`Kernel.threaded`, chosen by the first array argument's layout."""
+        return self.for_inner(args[0].shape[2]).threaded(*args)
+
 
 def helper(function: Any) -> Any:
     """A serial compiled function that kernels call for a loop over a block of rows."""
@@ -301,9 +328,14 @@ def blocks_for(elements: int, rows: int) -> int:
 
 
 def run(kernel: Kernel | LayoutKernel, parallel: bool, *args: Any) -> Any:
-    """Call the threaded build when ``parallel``, the serial one otherwise (same results)."""
-    build = kernel.parallel if parallel else kernel.serial
+    """Call the threaded build when ``parallel`` (:attr:`Kernel.threaded`), the serial one
+    otherwise (same results)."""
+    build = kernel.threaded if parallel else kernel.serial
     return build(*args)
+
+
+# Held while a threaded kernel runs (see Kernel.threaded).
+_LAUNCH = threading.Lock()
 
 
 _threads_set: dict[int, int] = {}
