@@ -12,10 +12,6 @@ rounding to half then flips where that result lies near a midpoint.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -26,6 +22,7 @@ from hypothesis import assume, given, settings
 from batchnorm import BatchNormalization
 from batchnorm.kernels._half import narrowed, widened
 from tests.numerics_cases import laid_out, numerics_cases
+from tests.snippets import run_program
 
 HALF = {torch.bfloat16: np.int16, torch.float16: np.uint16}
 
@@ -97,15 +94,7 @@ def test_float16_converts_on_targets_without_f16c(tmp_path):
     # would be libcalls Numba cannot link, and the process would abort. The kernels convert on
     # the bits there, with the same results (a cold cache of its own: Numba keys its cache on the
     # CPU features anyway).
-    environment = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_F16C],
-        env=environment,
-        cwd=Path(__file__).parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_program(_WITHOUT_F16C, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "converted"
 

@@ -7,13 +7,11 @@ fault kills it with SIGSEGV).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from batchnorm import kernels
 from batchnorm.kernels._jit import SOURCES_DIGEST, sources_digest
+from tests.snippets import run_program
 
 # One step per process, all sharing one cache folder. "backward" compiles the training backward
 # (threaded build, channel planes), whose gradient-sums runner is then on disk; "sums" compiles
@@ -49,16 +47,8 @@ def test_a_kernel_compiled_beside_a_cached_runner_loads_in_later_processes(tmp_p
     # A kernel compiled in a process that had loaded its threaded runner from the cache was
     # cached in a form that crashed every process loading it (Numba's issue 8578): here the
     # third process, which loads the gradient-sums kernel the second one compiled.
-    environment = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     for step in ("backward", "sums", "sums"):
-        result = subprocess.run(
-            [sys.executable, "-c", _STEP, step],
-            env=environment,
-            cwd=Path(__file__).parents[1],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        result = run_program(_STEP, step, NUMBA_CACHE_DIR=str(tmp_path))
         assert result.returncode == 0, (step, result.returncode, result.stderr[-3000:])
         assert float(result.stdout.strip()) < 1e-12, (step, result.stdout)
 

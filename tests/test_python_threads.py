@@ -8,12 +8,9 @@ results are bit-identical for any thread count and between the serial and thread
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.snippets import run_program
 
 _CONCURRENT_CALLS = """
 import threading
@@ -63,14 +60,6 @@ print(numba.threading_layer(), failures)
 def test_layers_called_from_four_threads_at_once(layer):
     # Numba's workqueue layer (its fallback without TBB or an OpenMP runtime: macOS, slim Linux
     # images) aborted the process when two threads launched a threaded kernel at once.
-    environment = {**os.environ, "NUMBA_THREADING_LAYER": layer, "NUMBA_NUM_THREADS": "2"}
-    result = subprocess.run(
-        [sys.executable, "-c", _CONCURRENT_CALLS],
-        env=environment,
-        cwd=Path(__file__).parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_program(_CONCURRENT_CALLS, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [layer, "[]"]
