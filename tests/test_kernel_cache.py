@@ -79,3 +79,29 @@ def test_compiled_functions_are_named_for_the_current_sources():
         kernels._statistics.sum_blocks,
     ):
         assert dispatcher.py_func.__name__.endswith(f"_{SOURCES_DIGEST}")
+
+
+_WITHOUT_A_CACHE_FOLDER = """
+import warnings
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from batchnorm import BatchNormalization
+torch.manual_seed(0)
+x = torch.randn(16, 5) * 3 + 1
+y = BatchNormalization(5, epsilon=1e-3)(x, training=False).double()
+expected = x.double() / (1 + 1e-3) ** 0.5  # moving mean 0, moving variance 1
+print(sum("NUMBA_CACHE_DIR" in str(w.message) for w in caught), float((y - expected).abs().max()))
+"""
+
+
+def test_the_package_imports_and_runs_where_no_cache_folder_is_writable():
+    # A read-only install whose user cache folder is read-only too (AWS Lambda, read-only
+    # containers): Numba raised "cannot cache function ... no locator available" from every
+    # cached function's decorator, so `import batchnorm` failed. Numba's locators are limited
+    # here to the one for IPython cells, which finds none for the package's files either.
+    result = run_program(_WITHOUT_A_CACHE_FOLDER, NUMBA_CACHE_LOCATOR_CLASSES="IPythonCacheLocator")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings, error = result.stdout.split()
+    assert int(warnings) == 1  # one warning, naming NUMBA_CACHE_DIR
+    assert float(error) < 1e-5

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import threading
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +73,37 @@ def compiled(
     0.17-0.34 s each, 0.2 s less LLVM over a first training step).
     """
     # Numba's type stubs do not list the wrapper options: passed through a plain dict.
-    wrappers: dict[str, Any] = {"no_cpython_wrapper": not from_python, "no_cfunc_wrapper": True}
-    return numba.njit(
-        _renamed(function, f"_{SOURCES_DIGEST}"),
-        parallel=parallel,
-        inline="always" if inline else "never",
-        cache=cache,
-        fastmath=FASTMATH,
-        nogil=True,
-        error_model="numpy",
-        **wrappers,
-    )
+    options: dict[str, Any] = {
+        "parallel": parallel,
+        "inline": "always" if inline else "never",
+        "fastmath": FASTMATH,
+        "nogil": True,
+        "error_model": "numpy",
+        "no_cpython_wrapper": not from_python,
+        "no_cfunc_wrapper": True,
+    }
+    renamed = _renamed(function, f"_{SOURCES_DIGEST}")
+    if cache and not _uncached["warned"]:
+        try:
+            return numba.njit(renamed, cache=True, **options)
+        except RuntimeError as error:  # Numba found no folder it can write its cache to
+            if "cannot cache function" not in str(error):
+                raise
+            _uncached["warned"] = True
+            warnings.warn(
+                "batchnorm: Numba has no writable cache folder (the package's folder and the "
+                "user cache folder are read-only), so the CPU kernels compile again in every "
+                "process; set NUMBA_CACHE_DIR to a writable folder to keep them. "
+                f"Numba said: {error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return numba.njit(renamed, cache=False, **options)
+
+
+# Whether Numba found no writable cache folder (read-only installs: AWS Lambda, read-only
+# containers), where `cache=True` raised at `import batchnorm`; compiled() then stops caching.
+_uncached = {"warned": False}
 
 
 # Below this many elements a kernel runs as one block on the calling thread: waking the pool
