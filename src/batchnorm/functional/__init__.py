@@ -7,6 +7,8 @@
   ``functional_call``.
 """
 
+import warnings
+
 from batchnorm.functional._backend import BatchNormBackend, Moments
 from batchnorm.functional._batch_norm import BatchNormStatistics, batch_norm
 from batchnorm.functional._composed import compile_composed
@@ -24,8 +26,17 @@ from batchnorm.functional._normalization import batch_normalization
 from batchnorm.functional._output_memory import release_output_memory
 from batchnorm.functional._renorm import RenormCorrection, renorm_correction
 from batchnorm.functional._torch_ops import TORCH_OPS, TorchOpsBackend
+from batchnorm.kernels._jit import jit_enabled
 
-register_backend("cpu", NUMBA_CPU)
+if jit_enabled():
+    register_backend("cpu", NUMBA_CPU)
+else:  # the kernels cannot run uncompiled: the CPU takes the composed torch ops
+    warnings.warn(
+        "batchnorm: NUMBA_DISABLE_JIT is set, so batch norm runs on the CPU with composed torch "
+        "ops instead of the Numba kernels (the same results within float rounding, slower).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 apply_environment()
 
 __all__ = [

@@ -106,6 +106,13 @@ def compiled(
 _uncached = {"warned": False}
 
 
+def jit_enabled() -> bool:
+    """Whether Numba compiles: ``NUMBA_DISABLE_JIT=1`` (set to debug other Numba code) makes every
+    compiled function plain Python, in which the kernels' intrinsics (half precision's bit
+    conversions) cannot run."""
+    return not numba.config.DISABLE_JIT  # type: ignore[attr-defined]
+
+
 # Below this many elements a kernel runs as one block on the calling thread: waking the pool
 # costs more (on the 2-core machine a (32, 4096) training forward took 250 us serial and 350 us
 # on 2 threads; (128, 1024) was level). Above it, blocks of at least BLOCK_ELEMENTS, at most

@@ -1,8 +1,9 @@
-"""The kernels' on-disk cache: entries that later processes load must run, and must be of the
-current sources.
+"""The package under Numba's process-wide settings: its on-disk cache (entries that later
+processes load must run, and must be of the current sources; no writable cache folder at all),
+and Numba's JIT switched off.
 
-Oracles: float64 NumPy sums of the same arrays, and a process's exit status (a segmentation
-fault kills it with SIGSEGV).
+Oracles: float64 NumPy sums of the same arrays, float64 formulas, and a process's exit status (a
+segmentation fault kills it with SIGSEGV).
 """
 
 from __future__ import annotations
@@ -105,3 +106,37 @@ def test_the_package_imports_and_runs_where_no_cache_folder_is_writable():
     warnings, error = result.stdout.split()
     assert int(warnings) == 1  # one warning, naming NUMBA_CACHE_DIR
     assert float(error) < 1e-5
+
+
+_WITHOUT_JIT = """
+import warnings
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from batchnorm import BatchNormalization
+torch.manual_seed(0)
+x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
+layer = BatchNormalization(3, axis=1, momentum=0.5, dtype=torch.float64)
+y = layer(x, training=True)
+y.backward(torch.ones_like(y))
+detached = x.detach()
+mean, variance = detached.mean((0, 2)), detached.var((0, 2), unbiased=False)
+expected = (detached - mean[:, None]) / torch.sqrt(variance[:, None] + 1e-3)
+errors = [
+    (y - expected).abs().max(),
+    x.grad.abs().max(),  # the gradient of sum(y) is 0
+    (layer.moving_variance - (0.5 + 0.5 * variance)).abs().max(),
+]
+print(sum("NUMBA_DISABLE_JIT" in str(w.message) for w in caught), float(max(errors)))
+"""
+
+
+def test_the_layer_runs_with_numba_jit_disabled():
+    # NUMBA_DISABLE_JIT=1 (set to debug other Numba code) makes compiled functions plain Python,
+    # where the kernels' intrinsics raised NotImplementedError on the first call. The CPU then
+    # takes the composed torch ops, with one warning.
+    result = run_program(_WITHOUT_JIT, NUMBA_DISABLE_JIT="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings, error = result.stdout.split()
+    assert int(warnings) == 1
+    assert float(error) < 1e-12
