@@ -83,13 +83,13 @@ def compiled(
         "no_cfunc_wrapper": True,
     }
     renamed = _renamed(function, f"_{SOURCES_DIGEST}")
-    if cache and not _uncached["warned"]:
+    if cache and _cache_folder["writable"]:
         try:
             return numba.njit(renamed, cache=True, **options)
         except RuntimeError as error:  # Numba found no folder it can write its cache to
             if "cannot cache function" not in str(error):
                 raise
-            _uncached["warned"] = True
+            _cache_folder["writable"] = False
             warnings.warn(
                 "batchnorm: Numba has no writable cache folder (the package's folder and the "
                 "user cache folder are read-only), so the CPU kernels compile again in every "
@@ -101,9 +101,10 @@ def compiled(
     return numba.njit(renamed, cache=False, **options)
 
 
-# Whether Numba found no writable cache folder (read-only installs: AWS Lambda, read-only
-# containers), where `cache=True` raised at `import batchnorm`; compiled() then stops caching.
-_uncached = {"warned": False}
+# False once Numba found no writable cache folder (read-only installs: AWS Lambda, read-only
+# containers), where `cache=True` raised at `import batchnorm`: compiled() then stops caching
+# (and has warned once).
+_cache_folder = {"writable": True}
 
 
 def jit_enabled() -> bool:
@@ -137,8 +138,9 @@ class Runner:
     written to the cache in a form that crashed (a segmentation fault) every later process that
     loaded it, Numba's issue 8578 (a cached function calling a ``parallel=True`` one). After a
     training step in one process, ``gradient_sums`` (which synchronized batch norm's backward
-    runs) on a large input crashed the second process that ran it. Compiled in every process that compiles a kernel calling it, a
-    runner costs a few tenths of a second where a new kernel meets a runner compiled before.
+    runs) on a large input crashed the second process that ran it. Compiled in every process
+    that compiles a kernel calling it, a runner costs a few tenths of a second where a new
+    kernel meets a runner compiled before.
 
     The serial and threaded builds give the same bits only while LLVM compiles the block helper
     alike in both places: allocating the kernels' `partial` sums as a reshaped 1-D array (like
