@@ -36,6 +36,7 @@ from batchnorm.kernels._half import compute_dtype, narrowed, widened
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
+    elementwise_helper,
     helper,
     kernel,
     rows_view,
@@ -159,7 +160,7 @@ def activated_sums_planes_block(  # type: ignore[no-untyped-def]
             sums[1, g, c] += a1
 
 
-@helper
+@elementwise_helper
 def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
     dy, x, y, weights, masked, coefficients, derivative, period, start, stop, out
 ):
@@ -216,7 +217,7 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
                 out2[o, c] = narrowed(a[c] * ((d - m[c]) - k[c] * ((v - h[c]) - lo[c])), out2)
 
 
-@helper
+@elementwise_helper
 def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
     dy, x, y, weights, masked, coefficients, derivative, period, start, stop, out
 ):

@@ -15,7 +15,7 @@ from batchnorm.kernels._half import compute_dtype, narrowed, widened
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
-    helper,
+    elementwise_helper,
     kernel,
     rows_view,
     runner,
@@ -140,7 +140,7 @@ def activated(v, activation, constants):  # type: ignore[no-untyped-def]
     return v
 
 
-@helper
+@elementwise_helper
 def normalize_rows_block(  # type: ignore[no-untyped-def]
     x, high, factor, shift, groups, period, start, stop, out, activation, constants
 ):
@@ -217,7 +217,7 @@ def normalize_rows_block(  # type: ignore[no-untyped-def]
             out2[o, c] = narrowed(v, out2)
 
 
-@helper
+@elementwise_helper
 def normalize_planes_block(  # type: ignore[no-untyped-def]
     x, high, factor, shift, groups, period, start, stop, out, activation, constants
 ):
@@ -298,7 +298,7 @@ def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_ex
     return k_dy, mean_dy, k_centred
 
 
-@helper
+@elementwise_helper
 def input_gradient_rows_block(  # type: ignore[no-untyped-def]
     dy,
     x,
@@ -396,7 +396,7 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
             out2[o, c] = narrowed(v, out2)
 
 
-@helper
+@elementwise_helper
 def input_gradient_planes_block(  # type: ignore[no-untyped-def]
     dy,
     x,

@@ -31,6 +31,7 @@ from batchnorm.kernels._half import compute_dtype, narrowed, widened
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
+    elementwise_helper,
     helper,
     kernel,
     rows_view,
@@ -179,7 +180,7 @@ def sums_planes_block(dy, y, channel, inverse, groups, period, start, stop, sums
             sums[1, g, c] += a1
 
 
-@helper
+@elementwise_helper
 def gradient_rows_block(  # type: ignore[no-untyped-def]
     dy, y, weights, masked, channel, inverse, factors, period, start, stop, out
 ):
@@ -207,7 +208,7 @@ def gradient_rows_block(  # type: ignore[no-untyped-def]
                 out2[o, c] = narrowed(s[c] * ((d - m0[c]) - x_hat * m1[c]), out2)
 
 
-@helper
+@elementwise_helper
 def gradient_planes_block(  # type: ignore[no-untyped-def]
     dy, y, weights, masked, channel, inverse, factors, period, start, stop, out
 ):

@@ -57,6 +57,7 @@ def compiled(
     inline: bool = False,
     from_python: bool = True,
     cache: bool = True,
+    reassociate: bool = True,
 ) -> Any:
     """``function`` compiled with the package's options (every compiled function goes here).
 
@@ -76,7 +77,7 @@ def compiled(
     options: dict[str, Any] = {
         "parallel": parallel,
         "inline": "always" if inline else "never",
-        "fastmath": FASTMATH,
+        "fastmath": FASTMATH if reassociate else FASTMATH - {"reassoc"},
         "nogil": True,
         "error_model": "numpy",
         "no_cpython_wrapper": not from_python,
@@ -315,6 +316,18 @@ class LayoutKernel:
 def helper(function: Any) -> Any:
     """A serial compiled function that kernels call for a loop over a block of rows."""
     return compiled(function, from_python=False)
+
+
+def elementwise_helper(function: Any) -> Any:
+    """A :func:`helper` whose loop computes each output value on its own (no sum across
+    values), compiled without reassociation, which such a loop does not need to vectorise.
+
+    With it, LLVM rewrote the input gradient's ``a * ((dy - d) - b * ((x - h) - lo))`` one way
+    in the process that compiled the kernel and another in the code it wrote to the cache: a
+    first (32, 16, 32, 32) training backward in a fresh cache gave dx one ulp away from every
+    later process's in 25% of the values (tests/test_numba_environment.py).
+    """
+    return compiled(function, from_python=False, reassociate=False)
 
 
 def setup_helper(function: Any) -> Any:
