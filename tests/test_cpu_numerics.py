@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +9,7 @@ import torch
 from batchnorm import BatchNormalization, kernels
 from batchnorm.functional import register_backend
 from batchnorm.functional._cpu_backend import NUMBA_CPU
+from tests.snippets import run_program
 
 
 def _reference_moments(x: torch.Tensor, mask: torch.Tensor | None = None):
@@ -243,9 +241,8 @@ def test_a_threaded_call_keeps_torchs_thread_count():
         "layer(x, training=False)\n"
         "print(torch.get_num_threads())\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, timeout=600, check=True
-    )
+    result = run_program(program)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["1"]
 
 

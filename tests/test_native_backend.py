@@ -3,10 +3,6 @@ when a GPU is present (those tests are skipped otherwise)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -22,6 +18,7 @@ from batchnorm.functional import (
     register_backend,
 )
 from tests.numpy_reference import reference_train_step
+from tests.snippets import run_program
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -225,10 +222,8 @@ def test_environment_variable_forces_a_backend():
         "direct = layer.__dict__.get('_direct_calls'); "
         "print(backend_for(x).name, direct is not None and direct(x, True) is not None)"
     )
-    environment = dict(os.environ, BATCHNORM_BACKEND="native")
-    result = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, env=environment, check=True
-    )
+    result = run_program(program, BATCHNORM_BACKEND="native")
+    assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["native", "False"]
 
 

@@ -12,7 +12,8 @@
   sources are never read (they stay on disk until deleted). The threaded runners are not cached
   (see :class:`Runner`).
 - ``fastmath``: reassociation and contraction only, so reductions vectorise; no ``nnan``/``ninf``,
-  so NaN and Inf inputs propagate as in PyTorch.
+  so NaN and Inf inputs propagate as in PyTorch. Element-wise block helpers go without
+  reassociation (:func:`elementwise_helper`).
 - ``error_model="numpy"``: divisions are not tested for zero (:func:`compiled`).
 
 Kernels compare rather than call ``min``/``max``, and zero with loops rather than call
@@ -72,6 +73,10 @@ def compiled(
     CPython wrapper, and no function gets a C-callable wrapper (nothing takes one): less for
     Numba to lower and LLVM to compile on a cold cache (helpers 0.12-0.20 s instead of
     0.17-0.34 s each, 0.2 s less LLVM over a first training step).
+
+    ``cache=False`` (the threaded runners, see :class:`Runner`) keeps it off Numba's on-disk
+    cache; ``reassociate=False`` (:func:`elementwise_helper`) drops ``reassoc`` from the
+    fast-math flags.
     """
     # Numba's type stubs do not list the wrapper options: passed through a plain dict.
     options: dict[str, Any] = {
@@ -218,6 +223,10 @@ def bound(function: Any, layout: str, build: str) -> Any:
         elif isinstance(value, Runner):
             namespace[name] = value.build(layout, build)
     return _renamed(function, f"_{layout}_{build}", namespace)
+
+
+# Held while a threaded kernel runs (see Kernel.threaded).
+_LAUNCH = threading.Lock()
 
 
 class Kernel:
@@ -375,10 +384,6 @@ def run(kernel: Kernel | LayoutKernel, parallel: bool, *args: Any) -> Any:
     otherwise (same results)."""
     build = kernel.threaded if parallel else kernel.serial
     return build(*args)
-
-
-# Held while a threaded kernel runs (see Kernel.threaded).
-_LAUNCH = threading.Lock()
 
 
 _threads_set: dict[int, int] = {}
