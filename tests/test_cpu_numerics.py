@@ -143,6 +143,58 @@ def test_one_value_per_channel_gives_beta_and_an_exactly_zero_input_gradient(sha
     assert torch.equal(x.grad, torch.zeros(shape))
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch ops"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, axis", [((8, 3), -1), ((6, 4, 1, 1), 1), ((6, 1, 1, 4), -1)])
+def test_ghost_batches_of_one_sample_give_beta_and_an_exactly_zero_gradient(
+    backend, dtype, shape, axis
+):
+    # virtual_batch_size=1: every ghost batch holds one value per channel. The kernels shifted each channel
+    # by the whole batch's first value, so a sample far from it left rounding in its variance
+    # (1.1e4 instead of 0 for float64 values near 1e10) and in its output and gradients.
+    torch.manual_seed(6)
+    channels = shape[axis]
+    x = (torch.randn(shape, dtype=dtype) * 1e10 + 1e10).requires_grad_()
+    layer = BatchNormalization(
+        channels, axis=axis, virtual_batch_size=1, momentum=0.0, fused=False, dtype=dtype
+    )
+    with torch.no_grad():
+        layer.gamma.uniform_(1, 2)
+        layer.beta.normal_()
+    if backend == "torch ops":
+        register_backend("cpu", None)
+    try:
+        y = layer(x, training=True)
+        y.mul(torch.randn(shape, dtype=dtype)).sum().backward()
+    finally:
+        register_backend("cpu", NUMBA_CPU)
+    view = [channels if i == axis % len(shape) else 1 for i in range(len(shape))]
+    assert torch.equal(y, layer.beta.detach().reshape(view).expand(shape))
+    assert torch.equal(layer.moving_variance, torch.zeros(channels, dtype=dtype))
+    assert torch.equal(x.grad, torch.zeros(shape, dtype=dtype))
+    assert torch.equal(layer.gamma.grad, torch.zeros(channels, dtype=dtype))
+
+
+@pytest.mark.parametrize("shape, axis", [((64, 8), -1), ((16, 4, 5, 6), 1), ((16, 5, 6, 4), -1)])
+def test_ghost_batches_far_apart_keep_the_variance_accurate(shape, axis):
+    # Four ghost batches at offsets 1e5 apart with unit spread: each is shifted by its own
+    # first sample (the whole batch's first one cost the variance 7.6e-6 relative error).
+    torch.manual_seed(7)
+    x = torch.randn(shape)
+    for ghost, offset in enumerate((0.0, 1e5, -1e5, 3e5)):
+        x[ghost::4] += offset  # sample o is in ghost batch o % 4
+    layer = BatchNormalization(
+        shape[axis], axis=axis, virtual_batch_size=shape[0] // 4, momentum=0.0, fused=False
+    )
+    with torch.no_grad():
+        layer(x, training=True)
+    x64 = x.double().movedim(axis, -1)
+    variance = torch.stack(
+        [x64[g::4].reshape(-1, shape[axis]).var(0, unbiased=False) for g in range(4)]
+    ).mean(0)
+    torch.testing.assert_close(layer.moving_variance.double(), variance, rtol=1e-6, atol=0)
+
+
 def test_float32_values_near_3e18_keep_the_gamma_gradient():
     torch.manual_seed(5)
     x = torch.randn(1000, 8) * 3e18

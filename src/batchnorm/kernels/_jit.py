@@ -12,8 +12,13 @@
   sources are never read (they stay on disk until deleted). The threaded runners are not cached
   (see :class:`Runner`).
 - ``fastmath``: reassociation and contraction only, so reductions vectorise; no ``nnan``/``ninf``,
-  so NaN and Inf inputs propagate as in PyTorch. Element-wise block helpers go without
-  reassociation (:func:`elementwise_helper`).
+  so NaN and Inf inputs propagate as in PyTorch. Only the block helpers that sum along their
+  loop keep reassociation: element-wise block helpers go without it (:func:`elementwise_helper`),
+  and so do kernels and runners (the set-up helpers inlined into them, which add the blocks'
+  partial sums and turn them into coefficients, are per-channel loops that vectorise without
+  it). With it, LLVM was free to add the partial sums in another order in the serial and the
+  threaded build of a kernel, and did once the per-ghost-batch shifts changed the code around
+  them: 1- and 2-thread moments differed in the last bit.
 - ``error_model="numpy"``: divisions are not tested for zero (:func:`compiled`).
 
 Kernels compare rather than call ``min``/``max``, and zero with loops rather than call
@@ -75,8 +80,8 @@ def compiled(
     0.17-0.34 s each, 0.2 s less LLVM over a first training step).
 
     ``cache=False`` (the threaded runners, see :class:`Runner`) keeps it off Numba's on-disk
-    cache; ``reassociate=False`` (:func:`elementwise_helper`) drops ``reassoc`` from the
-    fast-math flags.
+    cache; ``reassociate=False`` (kernels, runners, :func:`elementwise_helper`) drops
+    ``reassoc`` from the fast-math flags.
     """
     # Numba's type stubs do not list the wrapper options: passed through a plain dict.
     options: dict[str, Any] = {
@@ -167,9 +172,11 @@ class Runner:
         if key not in self._builds:
             copy = bound(self.function, layout, build)
             if build == "parallel":
-                self._builds[key] = compiled(copy, parallel=True, from_python=False, cache=False)
+                self._builds[key] = compiled(
+                    copy, parallel=True, from_python=False, cache=False, reassociate=False
+                )
             else:
-                self._builds[key] = compiled(copy, inline=True)
+                self._builds[key] = compiled(copy, inline=True, reassociate=False)
         return self._builds[key]
 
     def __call__(self, *args: Any) -> Any:
@@ -242,7 +249,7 @@ class Kernel:
 
     @functools.cached_property
     def parallel(self) -> Any:
-        return compiled(bound(self.function, self.layout, "parallel"))
+        return compiled(bound(self.function, self.layout, "parallel"), reassociate=False)
 
     @functools.cached_property
     def threaded(self) -> Any:
@@ -269,7 +276,7 @@ class Kernel:
 
     @functools.cached_property
     def serial(self) -> Any:
-        return compiled(bound(self.function, self.layout, "serial"))
+        return compiled(bound(self.function, self.layout, "serial"), reassociate=False)
 
 
 def _renamed(function: Any, suffix: str, namespace: dict[str, Any] | None = None) -> Any:

@@ -1,8 +1,8 @@
 """Per-channel sums for batch statistics, in one pass, with float64 accumulators.
 
 Inputs are in canonical layout ``x[o, c, i]`` (rows, channels, inner elements). Row ``o`` belongs to
-group ``(o // period) % groups`` (ghost batches; ``groups = 1`` otherwise). Each channel is shifted by
-its first element with non-zero weight ``k`` before summing, so
+group ``(o // period) % groups`` (ghost batches; ``groups = 1`` otherwise). Each group's channel is
+shifted by its first element with non-zero weight ``k`` before summing, so
 
     mean = k + S1 / S0,   variance = S2 / S0 - (S1 / S0)^2
 
@@ -29,20 +29,34 @@ from batchnorm.kernels._narrow_rows import narrow_gradient_sums, narrow_moments,
 
 
 @setup_helper
-def first_values(x, weights, masked):  # type: ignore[no-untyped-def]
-    """Each channel's first element with a non-zero weight (float64): the shift that keeps the
-    sums well conditioned. A masked element (padding far from the data) must not be the shift.
+def first_values(x, weights, masked, groups, period):  # type: ignore[no-untyped-def]
+    """Each group's first element with a non-zero weight, per channel (``[groups, C]``
+    float64): the shift that keeps the group's sums well conditioned. A masked element (padding
+    far from the data) must not be the shift, and neither may another ghost batch's value: a
+    group one row long has sums of exactly 0 (variance 0, output beta, gradient 0), and
+    groups far apart keep their variance's precision. 0 for a group without weight.
     """
     rows, channels, inner = x.shape
-    shift = np.empty(channels, np.float64)
+    shift = np.empty(groups * channels, np.float64).reshape((groups, channels))
+    found = np.empty(groups, np.bool_)
+    for g in range(groups):
+        found[g] = False
+        for c in range(channels):
+            shift[g, c] = 0.0
+    missing = groups
     for o in range(rows):
+        g = (o // period) % groups
+        if found[g]:
+            continue
         for i in range(inner):
             if masked is None or weights[o, i] != 0:
                 for c in range(channels):
-                    shift[c] = widened(x[o, c, i])
-                return shift
-    for c in range(channels):
-        shift[c] = 0.0
+                    shift[g, c] = widened(x[o, c, i])
+                found[g] = True
+                missing -= 1
+                break
+        if missing == 0:
+            break
     return shift
 
 
@@ -64,9 +78,10 @@ def sum_blocks(partial):  # type: ignore[no-untyped-def]
 
 @setup_helper
 def moments_from_sums(partial, shift, masked, rows, inner, groups, period):  # type: ignore[no-untyped-def]
-    """Mean, variance and total weight from the per-block shifted sums ``[blocks, 3, groups, C]``."""
+    """Mean, variance and total weight from the per-block shifted sums ``[blocks, 3, groups, C]``
+    and the shifts ``[groups, C]``."""
     sums = sum_blocks(partial)
-    channels = shift.shape[0]
+    channels = shift.shape[1]
     mean = np.empty(groups * channels, np.float64).reshape((groups, channels))
     variance = np.empty(groups * channels, np.float64).reshape((groups, channels))
     total_weight = np.empty(groups * channels, np.float64).reshape((groups, channels))
@@ -86,7 +101,7 @@ def moments_from_sums(partial, shift, masked, rows, inner, groups, period):  # t
             variance[g, c] = 0.0
             if total > 0:
                 centred = sums[1, g, c] / total
-                mean[g, c] = shift[c] + centred
+                mean[g, c] = shift[g, c] + centred  # EXPERIMENT
                 spread = sums[2, g, c] / total - centred * centred
                 variance[g, c] = 0.0 if spread < 0.0 else spread  # max(spread, 0.0), NaN kept
     return mean, variance, total_weight
@@ -117,7 +132,7 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
     channels = x2.shape[1]
     copies = virtual_copies(channels)
     if masked is None and groups == 1 and copies > 1:  # a few channels: virtual rows
-        narrow_moments(x2, shift, start, stop, copies, sums[1, 0], sums[2, 0])
+        narrow_moments(x2, shift[0], start, stop, copies, sums[1, 0], sums[2, 0])
         return
     if masked is None:
         # Without a mask, runs of rows of one group (the whole block, or `period` rows of a
@@ -135,10 +150,11 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
             run_stop = stop if groups == 1 or stop < period_stop else period_stop
             t1 = sums[1, g]
             t2 = sums[2, g]
+            kg = shift[g]
             q = (run_stop - o) // 4  # rows per quarter
             for r in range(o, o + q):
                 for c in range(channels):
-                    k = shift[c]
+                    k = kg[c]
                     v0 = np.float64(widened(x2[r, c])) - k
                     v1 = np.float64(widened(x2[r + q, c])) - k
                     v2 = np.float64(widened(x2[r + 2 * q, c])) - k
@@ -147,7 +163,7 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
                     t2[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
             for r in range(o + 4 * q, run_stop):
                 for c in range(channels):
-                    v = np.float64(widened(x2[r, c])) - shift[c]
+                    v = np.float64(widened(x2[r, c])) - kg[c]
                     t1[c] += v
                     t2[c] += v * v
             o = run_stop
@@ -161,6 +177,7 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
         # one of the four had weight 0 made a random 80% mask cost 1.5x this.)
         t1 = sums[1, 0]
         t2 = sums[2, 0]
+        k0 = shift[0]
         total = 0.0
         q = (stop - start) // 4  # rows per quarter
         for o in range(start, start + q):
@@ -172,7 +189,7 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
                 continue
             total += (w0 + w1) + (w2 + w3)
             for c in range(channels):
-                k = shift[c]
+                k = k0[c]
                 v0 = np.float64(widened(x2[o, c])) - k if w0 != 0 else 0.0
                 v1 = np.float64(widened(x2[o + q, c])) - k if w1 != 0 else 0.0
                 v2 = np.float64(widened(x2[o + 2 * q, c])) - k if w2 != 0 else 0.0
@@ -180,7 +197,7 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
                 t1[c] += (w0 * v0 + w1 * v1) + (w2 * v2 + w3 * v3)
                 t2[c] += (w0 * v0 * v0 + w1 * v1 * v1) + (w2 * v2 * v2 + w3 * v3 * v3)
         for o in range(start + 4 * q, stop):
-            total += weighted_row(x2, o, np.float64(weights[o, 0]), shift, t1, t2)
+            total += weighted_row(x2, o, np.float64(weights[o, 0]), k0, t1, t2)
         t0 = sums[0, 0]
         for c in range(channels):
             t0[c] += total
@@ -193,7 +210,7 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
         w = np.float64(weights[o, 0])
         if w != 0:
             for c in range(channels):
-                v = np.float64(widened(x2[o, c])) - shift[c]
+                v = np.float64(widened(x2[o, c])) - shift[g, c]
                 s0[g, c] += w
                 s1[g, c] += w * v
                 s2[g, c] += w * v * v
@@ -206,7 +223,7 @@ def moments_planes_block(x, weights, masked, shift, groups, period, start, stop,
     for o in range(start, stop):
         g = (o // period) % groups
         for c in range(channels):
-            k = shift[c]
+            k = shift[g, c]
             a0 = 0.0
             a1 = 0.0
             a2 = 0.0
@@ -246,7 +263,7 @@ def batch_moments(x, weights, masked, groups, period, blocks):  # type: ignore[n
     :func:`moments_planes_block`).
     """
     rows, channels, inner = x.shape
-    shift = first_values(x, weights, masked)
+    shift = first_values(x, weights, masked, groups, period)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
     moments_blocks(x, weights, masked, shift, groups, period, blocks, partial)
     return moments_from_sums(partial, shift, masked, rows, inner, groups, period)

@@ -211,7 +211,7 @@ def train_forward(  # type: ignore[no-untyped-def]
     Returns the batch ``(mean, variance, total_weight)``, each ``[groups, C]`` float64.
     """
     rows, channels, inner = x.shape
-    first = first_values(x, weights, masked)
+    first = first_values(x, weights, masked, groups, period)
     partial = np.zeros((blocks, 3, groups, channels), np.float64)
     moments_blocks(x, weights, masked, first, groups, period, blocks, partial)
     mean, variance, total = moments_from_sums(partial, first, masked, rows, inner, groups, period)
