@@ -1,5 +1,5 @@
-"""Draws of the numerics searches: shapes, channel axes, memory layouts, masks with padding far
-from the data, offsets up to |mean| / std = 1e6 and magnitudes up to 1e30
+"""Draws of the numerics searches: shapes, channel axes, ghost batches, memory layouts, masks with
+padding far from the data, offsets up to |mean| / std = 1e6 and magnitudes up to 1e30
 (tests/test_numerics_search.py, tests/test_half_kernels.py)."""
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ def numerics_cases(draw):
     rank = draw(st.integers(2, 4))
     shape = [draw(st.integers(2, 9)) for _ in range(rank)]
     axis = draw(st.integers(1, rank - 1))
+    # ghost batches of one or two samples (virtual_batch_size), the batch a multiple of them
+    ghost = draw(st.sampled_from([None, 1, 2]))
+    if ghost is not None:
+        shape[0] = ghost * draw(st.integers(2, 4))
     return {
+        "ghost": ghost,
         "shape": shape,
         "axis": axis,
         # memory order: logical, channels last (the axis moved innermost), or reversed

@@ -435,6 +435,7 @@ def test_gradcheck_and_gradgradcheck_through_the_layer(name, param, options, mas
     assert torch.autograd.gradcheck(lambda x: layer(x, training=True, mask=mask), (x_only,))
     assert torch.autograd.gradgradcheck(lambda x: layer(x, training=True, mask=mask), (x_only,))
     assert torch.autograd.gradcheck(lambda x: layer(x, training=False), (x_only,))
+    assert torch.autograd.gradgradcheck(lambda x: layer(x, training=False), (x_only,))
 
 
 @pytest.mark.parametrize(("name", "param"), [("relu", None), ("leaky_relu", 0.2), ("elu", 0.5)])
@@ -459,6 +460,39 @@ def test_double_backward_matches_the_oracle(name, param):
         close(ours.beta.grad, plain.beta.grad, 1e-9)
         ours.zero_grad(set_to_none=True)
         plain.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("name", "param"), [("relu", None), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("elu", 0.5)]
+)
+def test_inference_with_gradients_gives_the_output_and_gradients_of_the_oracle(name, param, dtype):
+    # A batch norm kept in inference while gamma and beta learn: the activation runs in the
+    # inference kernel, so the output is the no-grad call's, bit for bit (torch's elu there
+    # differed in the last bit, and in the last bit between thread counts), and the gradients
+    # are those of batch norm then torch's activation, in float64.
+    reference = {"relu": F.relu, "leaky_relu": F.leaky_relu, "elu": F.elu}[name]
+    arguments = () if param is None else (param,)
+    ours, plain = pair(5, -1, name, param, dtype=dtype)
+    generator = torch.Generator().manual_seed(16)
+    x = (torch.randn(12, 777, 5, generator=generator) * 2 + 0.5).to(getattr(torch, dtype))
+    upstream = torch.randn(x.shape, generator=generator).to(x.dtype)
+    with torch.no_grad():
+        ours(x, training=True)
+        plain(x, training=True)
+        expected_output = ours(x, training=False)
+    ours_x = x.clone().requires_grad_()
+    y = ours(ours_x, training=False)
+    assert torch.equal(y.detach(), expected_output)
+    (y * upstream).sum().backward()
+    plain64 = BatchNormalization(5, momentum=0.6, dtype="float64")
+    plain64.load_state_dict({k: v.double() for k, v in plain.state_dict().items()})
+    plain_x = x.double().requires_grad_()
+    (reference(plain64(plain_x, training=False), *arguments) * upstream.double()).sum().backward()
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    close(ours_x.grad.double(), plain_x.grad, tolerance)
+    close(ours.gamma.grad.double(), plain64.gamma.grad, tolerance)
+    close(ours.beta.grad.double(), plain64.beta.grad, tolerance)
 
 
 # ---------------------------------------------------------------------------- threads
@@ -488,6 +522,13 @@ def threaded_run(threads, name, param, memory_format, ghost, masked):
         results += [y.detach(), x.grad, layer.gamma.grad, layer.beta.grad]
         results += [layer.moving_mean.clone(), layer.moving_variance.clone()]
         layer.zero_grad(set_to_none=True)
+    # Inference with gradients (frozen statistics, gamma and beta learning): the activation
+    # runs in the kernel, whose elu does not depend on the thread count (torch's elu differs in
+    # the last bit at its threads' chunk boundaries).
+    x_inference = x.detach().clone().requires_grad_()
+    y = layer(x_inference, training=False)
+    (y * upstream).sum().backward()
+    results += [y.detach(), x_inference.grad, layer.gamma.grad, layer.beta.grad]
     with torch.no_grad():
         results.append(layer(x.detach(), training=True))
         results.append(layer(x.detach(), training=False))

@@ -1,7 +1,7 @@
 """A hypothesis search for float32 inputs that break the statistics, through every CPU backend.
 
-Layouts (contiguous, channels-last memory, transposed views), masks (none, Keras-shaped, one weight
-per position) with padding values far from the data, offsets up to |mean| / std = 1e6 and values
+Layouts (contiguous, channels-last memory, transposed views), ghost batches of one or two samples,
+masks (none, Keras-shaped, one weight per position) with padding values far from the data, offsets up to |mean| / std = 1e6 and values
 up to 1e30: each draw runs one training step and one inference call of the layer with the Numba
 backend and with the torch-op backend, against the float64 reference of tests/numpy_reference.py
 fed the same float32 values.
@@ -38,15 +38,34 @@ from tests.numpy_reference import reference_inference, reference_train_step
         "seed": 3,
     }
 )
+# Ghost batches 1e6 apart: each shifted by the whole batch's first value, the kernels' variance
+# was 1e-3 off (relative); each shifted by its own first value, it is exact.
+@example(
+    case={
+        "ghost": 1,
+        "shape": [3, 4, 5],
+        "axis": 1,
+        "layout": "contiguous",
+        "mask": None,
+        "padding": 0.0,
+        "offset_ratio": 1e6,
+        "magnitude": 1.0,
+        "seed": 3,
+    }
+)
 def test_float32_statistics_match_the_float64_reference(case, backend):
     rng = np.random.default_rng(case["seed"])
-    shape, axis = case["shape"], case["axis"]
+    shape, axis, ghost = case["shape"], case["axis"], case.get("ghost")
     channels = shape[axis]
     scale = case["magnitude"]
     means = rng.normal(size=channels) * case["offset_ratio"] * scale
     x = rng.normal(size=shape) * scale + np.expand_dims(
         means, [d for d in range(len(shape)) if d != axis]
     )
+    if ghost is not None:  # ghost batches far apart too (sample o is in ghost batch o % count)
+        count = shape[0] // ghost
+        apart = rng.normal(size=count) * case["offset_ratio"] * scale
+        x = x + np.expand_dims(apart[np.arange(shape[0]) % count], list(range(1, len(shape))))
     mask = weights = None
     if case["mask"] is not None:
         # A Keras mask drops the last axis: it is one weight per position when that is the
@@ -59,14 +78,19 @@ def test_float32_statistics_match_the_float64_reference(case, backend):
         keras_style = mask_shape == shape[:-1]
         weights = np.expand_dims(mask, -1 if keras_style else axis).astype(np.float64)
         weights = np.broadcast_to(weights, shape)
-        others = tuple(d for d in range(len(shape)) if d != axis)
-        assume(np.all(weights.sum(axis=others) > 0))  # every channel has a value
+        # every channel of every ghost batch (sample o is in ghost batch o % count) has a value
+        count = 1 if ghost is None else shape[0] // ghost
+        channel_last = np.moveaxis(weights, axis, -1)
+        for g in range(count):
+            assume(np.all(channel_last[g::count].reshape(-1, channels).sum(axis=0) > 0))
         x = np.where(weights > 0, x, case["padding"] * scale)
     assume(np.abs(x).max() < 3e38)  # the data fit in float32
     x32 = x.astype(np.float32)
     gamma = rng.uniform(0.5, 2.0, channels)
     beta = rng.normal(size=channels)
-    layer = BatchNormalization(channels, axis=axis, momentum=0.0, epsilon=1e-3, fused=False)
+    layer = BatchNormalization(
+        channels, axis=axis, momentum=0.0, epsilon=1e-3, fused=False, virtual_batch_size=ghost
+    )
     with torch.no_grad():
         layer.gamma.copy_(torch.from_numpy(gamma))
         layer.beta.copy_(torch.from_numpy(beta))
@@ -90,6 +114,7 @@ def test_float32_statistics_match_the_float64_reference(case, backend):
         axes=(axis,),
         momentum=0.0,
         epsilon=1e-3,
+        virtual_batch_size=ghost,
         weights=weights,
     )
     rounding = 2.0**-24  # float32's relative rounding: the moving statistics are stored in it

@@ -134,6 +134,25 @@ def derivative_from_output(y: torch.Tensor, activation: Activation | None) -> to
     return torch.where(positive, torch.ones_like(y), y + activation.parameter)
 
 
+def gradient_through_output(
+    grad: torch.Tensor, y: torch.Tensor, activation: Activation
+) -> torch.Tensor:
+    """``grad * f'(z)`` from ``y = f(z)``, in one pass of torch's own backward op read from the
+    output (exact element-wise arithmetic: a select, leaky_relu's ``grad * a``, elu's
+    ``grad * (y + alpha)``). Only where ``y``'s sign is ``z``'s: relu, and the invertible
+    activations (see :attr:`Activation.invertible`)."""
+    assert activation.name == "relu" or activation.invertible
+    aten = torch.ops.aten
+    result: torch.Tensor
+    if activation.name == "relu":
+        result = aten.threshold_backward(grad, y, 0)
+    elif activation.name == "leaky_relu":
+        result = aten.leaky_relu_backward(grad, y, activation.parameter, True)
+    else:
+        result = aten.elu_backward(grad, activation.parameter, 1, 1, True, y)
+    return result
+
+
 def invert(y: torch.Tensor, activation: Activation | None) -> torch.Tensor:
     """``z = f^{-1}(y)``; only for invertible activations (see :attr:`Activation.invertible`).
 

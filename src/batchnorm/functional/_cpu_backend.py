@@ -22,11 +22,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from batchnorm.functional._activation import Activation, activate
+from batchnorm.functional._activation import Activation, activate, gradient_through_output
 from batchnorm.functional._backend import Moments
 from batchnorm.functional._cpu_in_place import normalize_in_place_kernels
 from batchnorm.functional._cpu_operations import (
     SUPPORTED_DTYPES,
+    InferenceCall,
     RenormStep,
     TrainStep,
     batch_moments_impl,
@@ -270,17 +271,20 @@ class InferenceWithGradients(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, offset, call):  # type: ignore[no-untyped-def, override]
-        ctx.save_for_backward(x, scale)
-        ctx.call = call
+    def forward(ctx, x, scale, offset, call, activation):  # type: ignore[no-untyped-def, override]
+        if activation is not None and activation.name == "identity":
+            activation = None
+        y = call.output(x.dtype, activation)
+        ctx.save_for_backward(x, scale, offset, None if activation is None else y)
+        ctx.call, ctx.activation = call, activation
         ctx.offset_dtype = None if offset is None else offset.dtype
         ctx.versions = (call.moving_mean._version, call.moving_variance._version)
-        return call.output(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
-        x, scale = ctx.saved_tensors  # checks that neither was modified
-        call = ctx.call
+        x, scale, offset, y = ctx.saved_tensors  # checks that none was modified
+        call, activation = ctx.call, ctx.activation
         if ctx.versions != (call.moving_mean._version, call.moving_variance._version):
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an "
@@ -289,12 +293,18 @@ class InferenceWithGradients(torch.autograd.Function):
             )
         needs_x, needs_scale, needs_offset = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: torch ops, differentiable again
+            if activation is not None:
+                grad = grad * _activation_derivative(x, scale, offset, call, activation)
             needs = (needs_x, False, False, needs_scale, needs_offset)
             saved = (x, call.moving_mean, call.moving_variance, scale)
             dx, _, _, dscale, doffset = normalize_gradients(
                 grad, saved, call.axes, call.epsilon, needs
             )
-            return dx, dscale, doffset, None
+            return dx, dscale, doffset, None, None
+        if activation is not None and (activation.invertible or activation.name == "relu"):
+            grad = gradient_through_output(grad, y, activation)  # y's sign is z's
+        elif activation is not None:  # leaky_relu with a slope <= 0: f'(z) from z
+            grad = grad * _activation_derivative(x, scale, offset, call, activation)
         dx, gradients = inference_gradients(
             grad,
             call.prepared,
@@ -310,7 +320,33 @@ class InferenceWithGradients(torch.autograd.Function):
             dscale = _parameter_gradient(gradients[2], scale.dtype)
         if needs_offset:
             doffset = _parameter_gradient(gradients[3], ctx.offset_dtype)
-        return dx, dscale, doffset, None
+        return dx, dscale, doffset, None, None
+
+
+def _activation_derivative(
+    x: torch.Tensor,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    call: InferenceCall,
+    activation: Activation,
+) -> torch.Tensor:
+    """``f'(z)`` of the inference output's ``z = (x - M) / sqrt(V + epsilon) * gamma + beta``,
+    differentiable in x, gamma and beta (double backward: elu's ``f'' = f'`` below 0)."""
+    view = [x.shape[i] if i in call.axes else 1 for i in range(x.ndim)]
+    inv = torch.rsqrt(call.moving_variance.to(torch.float64) + call.epsilon).reshape(view)
+    z = (x.to(torch.float64) - call.moving_mean.to(torch.float64).reshape(view)) * inv
+    if scale is not None:
+        z = z * scale.to(torch.float64).reshape(view)
+    if offset is not None:
+        z = z + offset.to(torch.float64).reshape(view)
+    positive = z > 0
+    if activation.name == "relu":
+        return positive.to(x.dtype)
+    a = activation.parameter
+    assert a is not None
+    if activation.name == "leaky_relu":
+        return torch.where(positive, 1.0, a).to(x.dtype)
+    return torch.where(positive, 1.0, a * torch.exp(z)).to(x.dtype)
 
 
 def _parameter_gradient(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -365,11 +365,7 @@ class DirectCalls:
         options = self.options
         if not training:
             moving_mean, moving_variance, _ = self.moving
-            if needs_grad and (
-                options.activation is not None
-                or moving_mean.requires_grad
-                or moving_variance.requires_grad
-            ):
+            if needs_grad and (moving_mean.requires_grad or moving_variance.requires_grad):
                 return NUMBA_CPU.normalize(
                     x,
                     (self.axis,),
@@ -393,7 +389,9 @@ class DirectCalls:
                 moving_variance,
             )
             if needs_grad:
-                y: torch.Tensor = InferenceWithGradients.apply(x, gamma, beta, call)  # type: ignore[no-untyped-call]
+                y: torch.Tensor = InferenceWithGradients.apply(  # type: ignore[no-untyped-call]
+                    x, gamma, beta, call, options.activation
+                )
                 return y
             return call.output(x.dtype, options.activation)
         axes = [self.axis]
