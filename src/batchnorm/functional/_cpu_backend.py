@@ -275,7 +275,10 @@ class InferenceWithGradients(torch.autograd.Function):
         if activation is not None and activation.name == "identity":
             activation = None
         y = call.output(x.dtype, activation)
-        ctx.save_for_backward(x, scale, offset, None if activation is None else y)
+        # beta and y only with an activation (its derivative reads them): without one, beta
+        # may change in place before the backward, as before.
+        activated = activation is not None
+        ctx.save_for_backward(x, scale, offset if activated else None, y if activated else None)
         ctx.call, ctx.activation = call, activation
         ctx.offset_dtype = None if offset is None else offset.dtype
         ctx.versions = (call.moving_mean._version, call.moving_variance._version)
