@@ -149,9 +149,9 @@ def test_one_value_per_channel_gives_beta_and_an_exactly_zero_input_gradient(sha
 def test_ghost_batches_of_one_sample_give_beta_and_an_exactly_zero_gradient(
     backend, dtype, shape, axis
 ):
-    # virtual_batch_size=1: every ghost batch holds one value per channel. The kernels shifted each channel
-    # by the whole batch's first value, so a sample far from it left rounding in its variance
-    # (1.1e4 instead of 0 for float64 values near 1e10) and in its output and gradients.
+    # virtual_batch_size=1: every ghost batch holds one value per channel. The kernels shifted
+    # each channel by the whole batch's first value, so a sample far from it left rounding in its
+    # variance (1.1e4 instead of 0 for float64 values near 1e10) and in its output and gradients.
     torch.manual_seed(6)
     channels = shape[axis]
     x = (torch.randn(shape, dtype=dtype) * 1e10 + 1e10).requires_grad_()

@@ -1,8 +1,8 @@
 """A hypothesis search for float32 inputs that break the statistics, through every CPU backend.
 
-Layouts (contiguous, channels-last memory, transposed views), ghost batches of one or two samples,
-masks (none, Keras-shaped, one weight per position) with padding values far from the data, offsets up to |mean| / std = 1e6 and values
-up to 1e30: each draw runs one training step and one inference call of the layer with the Numba
+Layouts (contiguous, channels-last memory, transposed views), ghost batches of one or two samples
+(up to 1e6 standard deviations apart), masks (none, Keras-shaped, one weight per position) with
+padding values far from the data, offsets up to |mean| / std = 1e6 and values up to 1e30: each draw runs one training step and one inference call of the layer with the Numba
 backend and with the torch-op backend, against the float64 reference of tests/numpy_reference.py
 fed the same float32 values.
 """
@@ -57,13 +57,13 @@ def test_float32_statistics_match_the_float64_reference(case, backend):
     rng = np.random.default_rng(case["seed"])
     shape, axis, ghost = case["shape"], case["axis"], case.get("ghost")
     channels = shape[axis]
+    count = 1 if ghost is None else shape[0] // ghost  # ghost batches; sample o is in o % count
     scale = case["magnitude"]
     means = rng.normal(size=channels) * case["offset_ratio"] * scale
     x = rng.normal(size=shape) * scale + np.expand_dims(
         means, [d for d in range(len(shape)) if d != axis]
     )
-    if ghost is not None:  # ghost batches far apart too (sample o is in ghost batch o % count)
-        count = shape[0] // ghost
+    if ghost is not None:  # ghost batches far apart too
         apart = rng.normal(size=count) * case["offset_ratio"] * scale
         x = x + np.expand_dims(apart[np.arange(shape[0]) % count], list(range(1, len(shape))))
     mask = weights = None
@@ -78,8 +78,7 @@ def test_float32_statistics_match_the_float64_reference(case, backend):
         keras_style = mask_shape == shape[:-1]
         weights = np.expand_dims(mask, -1 if keras_style else axis).astype(np.float64)
         weights = np.broadcast_to(weights, shape)
-        # every channel of every ghost batch (sample o is in ghost batch o % count) has a value
-        count = 1 if ghost is None else shape[0] // ghost
+        # every channel of every ghost batch has a value
         channel_last = np.moveaxis(weights, axis, -1)
         for g in range(count):
             assume(np.all(channel_last[g::count].reshape(-1, channels).sum(axis=0) > 0))

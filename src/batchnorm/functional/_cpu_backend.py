@@ -44,6 +44,7 @@ from batchnorm.functional._cpu_operations import (
     train_in_place_impl,
 )
 from batchnorm.functional._cpu_plan import prepare
+from batchnorm.functional._torch_ops import affine_normalize
 
 
 # ---------------------------------------------------------------------------- custom operators
@@ -336,12 +337,18 @@ def _activation_derivative(
     """``f'(z)`` of the inference output's ``z = (x - M) / sqrt(V + epsilon) * gamma + beta``,
     differentiable in x, gamma and beta (double backward: elu's ``f'' = f'`` below 0)."""
     view = [x.shape[i] if i in call.axes else 1 for i in range(x.ndim)]
-    inv = torch.rsqrt(call.moving_variance.to(torch.float64) + call.epsilon).reshape(view)
-    z = (x.to(torch.float64) - call.moving_mean.to(torch.float64).reshape(view)) * inv
-    if scale is not None:
-        z = z * scale.to(torch.float64).reshape(view)
-    if offset is not None:
-        z = z + offset.to(torch.float64).reshape(view)
+
+    def wide(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(torch.float64).reshape(view)
+
+    z = affine_normalize(
+        x.to(torch.float64),
+        call.moving_mean.to(torch.float64).reshape(view),
+        call.moving_variance.to(torch.float64).reshape(view),
+        wide(scale),
+        wide(offset),
+        call.epsilon,
+    )
     positive = z > 0
     if activation.name == "relu":
         return positive.to(x.dtype)

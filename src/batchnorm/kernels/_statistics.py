@@ -101,7 +101,7 @@ def moments_from_sums(partial, shift, masked, rows, inner, groups, period):  # t
             variance[g, c] = 0.0
             if total > 0:
                 centred = sums[1, g, c] / total
-                mean[g, c] = shift[g, c] + centred  # EXPERIMENT
+                mean[g, c] = shift[g, c] + centred
                 spread = sums[2, g, c] / total - centred * centred
                 variance[g, c] = 0.0 if spread < 0.0 else spread  # max(spread, 0.0), NaN kept
     return mean, variance, total_weight
