@@ -4,6 +4,7 @@ memory is handed out again only once nothing refers to it, and what is kept is b
 from __future__ import annotations
 
 import gc
+import math
 
 import numpy as np
 import pytest
@@ -122,3 +123,40 @@ def test_a_bad_environment_value_is_named(monkeypatch: pytest.MonkeyPatch) -> No
         output_memory._limit_from_environment()
     monkeypatch.setenv("BATCHNORM_OUTPUT_MEMORY_MB", "1.5")
     assert output_memory._limit_from_environment() == int(1.5 * (1 << 20))
+
+
+@pytest.mark.parametrize(
+    "shape", [(32, 4096), LARGE, (3, 5, 4099)], ids=["heap", "kept", "odd-sized rows"]
+)
+def test_outputs_from_the_aligned_size_start_on_a_cache_line(shape: tuple[int, ...]) -> None:
+    """Training output, input gradient and inference output start on a 64-byte boundary, as
+    torch's allocator places them (np.empty gives 16 or 32), and hold the values of an output
+    computed into torch's own memory."""
+    assert math.prod(shape) * 4 >= output_memory.ALIGNED_FROM
+    torch.manual_seed(1)
+    layer = BatchNormalization(shape[1], axis=1)
+    x = torch.randn(shape, requires_grad=True)
+    upstream = torch.randn(shape)
+    outputs = []
+    for _ in range(3):  # the kept arrays are handed out again from the second call
+        y = layer(x, training=True)
+        y.backward(upstream)
+        with torch.no_grad():
+            inferred = layer(x, training=False)
+        outputs.append((y.detach(), x.grad, inferred))
+        x.grad = None
+    reference = torch.nn.functional.batch_norm(
+        x.detach(), None, None, training=True, eps=layer.epsilon
+    )
+    for y, dx, inferred in outputs:
+        assert [t.data_ptr() % output_memory.ALIGNMENT for t in (y, dx, inferred)] == [0, 0, 0]
+        torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_aligned_empty_is_an_array_of_the_shape_and_dtype_on_the_boundary() -> None:
+    for shape, dtype in [((3, 7), np.float32), ((5,), np.float64), ((2, 3, 4), np.uint16)]:
+        array = output_memory.aligned_empty(shape, dtype)
+        assert (array.shape, array.dtype) == (shape, np.dtype(dtype))
+        assert array.ctypes.data % output_memory.ALIGNMENT == 0 and array.flags.c_contiguous
+        array[...] = 1  # writable, all of it
+        assert array.sum() == math.prod(shape)

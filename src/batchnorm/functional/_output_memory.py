@@ -14,6 +14,13 @@ What is kept is bounded: at most ``BATCHNORM_OUTPUT_MEMORY_MB`` MiB (read on imp
 512, 0 keeps nothing), the least recently used shapes given back first.
 :func:`release_output_memory` gives everything unused back now. Arrays below the threshold come
 from the C allocator's heap, which reuses memory by itself.
+
+Every output of at least :data:`ALIGNED_FROM` bytes starts on a 64-byte boundary (a cache line,
+as torch's CPU allocator aligns): ``np.empty`` gives 16 or 32 (glibc's heap, or 16 past a page
+for an mmap-backed array), and on an Intel Xeon (Sapphire Rapids) a normalising pass writing
+rows of 4096 float32 values that start 16, 32 or 48 bytes into a cache line took 32-38 us
+against 22 us aligned (each 32-byte store straddles two lines every other time); the input
+gradient 47-48 against 39-41 us.
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ from collections import OrderedDict
 import numpy as np
 
 SMALLEST_KEPT = 1 << 20  # bytes
+ALIGNMENT = 64  # bytes
+# Smaller outputs come from np.empty as they are: aligning costs about a microsecond, more than
+# a misaligned pass loses below this size.
+ALIGNED_FROM = 1 << 15  # bytes
 _DEFAULT_LIMIT_MB = 512
 
 
@@ -59,18 +70,29 @@ _UNUSED = sys.getrefcount(_kept_alone[0])
 del _kept_alone
 
 
-def is_kept(shape: tuple[int, ...], dtype: type | np.dtype) -> bool:
-    """Whether arrays of this shape and dtype are large enough to be kept (the limit aside)."""
-    return math.prod(shape) * np.dtype(dtype).itemsize >= SMALLEST_KEPT
+def is_aligned(shape: tuple[int, ...], dtype: type | np.dtype) -> bool:
+    """Whether :func:`empty` aligns arrays of this shape and dtype (and may keep them)."""
+    return math.prod(shape) * np.dtype(dtype).itemsize >= ALIGNED_FROM
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` whose data start on an :data:`ALIGNMENT`-byte boundary: a view
+    into a byte array ``ALIGNMENT`` bytes longer."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + ALIGNMENT, np.uint8)
+    return np.ndarray(shape, dtype, raw, -raw.ctypes.data % ALIGNMENT)
 
 
 def empty(shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
     """An uninitialised array, in memory that a previous output no longer needs where there is
-    one (see the module docstring)."""
+    one (see the module docstring); aligned from :data:`ALIGNED_FROM` bytes."""
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
-    if size < SMALLEST_KEPT or _state["limit"] == 0:
+    if size < ALIGNED_FROM:
         return np.empty(shape, dtype)
+    if size < SMALLEST_KEPT or _state["limit"] == 0:
+        return aligned_empty(shape, dtype)
     key = (shape, dtype)
     with _lock:
         arrays = _kept.get(key)
@@ -79,7 +101,7 @@ def empty(shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
             unused = _unused_indices(arrays)
             if unused:
                 return arrays[unused[0]]
-        array = np.empty(shape, dtype)
+        array = aligned_empty(shape, dtype)
         if _make_room(size):
             _kept.setdefault(key, []).append(array)
             _state["bytes"] += size
