@@ -28,7 +28,7 @@ more.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -224,6 +224,28 @@ _Signature = tuple[torch.Size, tuple[int, ...], torch.dtype]
 _UNSEEN: Any = object()
 
 
+def _applied(function: type[torch.autograd.Function]) -> Callable[..., torch.Tensor]:
+    """``function.apply`` without its Python wrapper: torch's C++ ``_FunctionBase.apply`` bound
+    to ``function``, as the wrapper ends by calling it.
+
+    What the wrapper does first is moot for :class:`DirectCalls`: it binds default arguments
+    for a ``setup_context`` (these functions define none), unwraps dead functorch wrappers
+    (x is tested not to be one, gamma and beta are the layer's own parameters) and sends calls
+    under functorch transforms elsewhere (which DirectCalls leaves to the general path). That
+    was 2-4 us of Python a call, more with the interpreter's data out of the caches after a
+    large kernel.
+    """
+    apply: Callable[..., torch.Tensor] = vars(torch._C._FunctionBase)["apply"].__get__(
+        None, function
+    )
+    return apply
+
+
+_train_in_place = _applied(TrainInPlace)
+_infer_with_gradients = _applied(InferenceWithGradients)
+_DATA_PTR = torch.Tensor.data_ptr
+
+
 class DirectCalls:
     """A layer's repeated plain calls on CPU, with everything fixed by its settings decided once.
 
@@ -267,7 +289,8 @@ class DirectCalls:
                 (buffers, "renorm_stddev"),
             )
         )
-        self.pointers = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
+        self.held = [t for t in self.tensors if t is not None]
+        self.pointers = list(map(_DATA_PTR, self.held))
         self.axis, self.rank, self.options = axis, rank, options
         self.training, self.trainable = training and trainable, trainable
         self.masks = masks  # False: a mask is ignored, with a warning (the general path's)
@@ -321,7 +344,7 @@ class DirectCalls:
             or buffers.get("renorm_stddev") is not renorm[2]
         ):
             return False
-        return self.pointers == tuple(0 if t is None else t.data_ptr() for t in self.tensors)
+        return self.pointers == list(map(_DATA_PTR, self.held))
 
     def __call__(
         self, x: torch.Tensor, training: bool | None, mask: torch.Tensor | None = None
@@ -337,6 +360,7 @@ class DirectCalls:
             or (x.dtype is not self.dtype and not _reads(x.dtype, self.dtype))
             or not x.is_cpu
             or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()  # _applied's condition
             or torch._C._functorch.is_functorch_wrapped_tensor(x)
             or registered_backend("cpu") is not NUMBA_CPU
             or not self.current()
@@ -389,10 +413,7 @@ class DirectCalls:
                 moving_variance,
             )
             if needs_grad:
-                y: torch.Tensor = InferenceWithGradients.apply(  # type: ignore[no-untyped-call]
-                    x, gamma, beta, call, options.activation
-                )
-                return y
+                return _infer_with_gradients(x, gamma, beta, call, options.activation)
             return call.output(x.dtype, options.activation)
         axes = [self.axis]
         step = TrainStep(
@@ -409,8 +430,7 @@ class DirectCalls:
             self.renorm,
         )
         if needs_grad:
-            trained: torch.Tensor = TrainInPlace.apply(x, gamma, beta, step)  # type: ignore[no-untyped-call]
-            return trained
+            return _train_in_place(x, gamma, beta, step)
         return train_in_place_impl(x, gamma, beta, step)[0]
 
     def _plan(self, x: torch.Tensor, signature: _Signature) -> tuple[CpuPlan, int] | None:
