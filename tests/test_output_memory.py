@@ -160,3 +160,18 @@ def test_aligned_empty_is_an_array_of_the_shape_and_dtype_on_the_boundary() -> N
         assert array.ctypes.data % output_memory.ALIGNMENT == 0 and array.flags.c_contiguous
         array[...] = 1  # writable, all of it
         assert array.sum() == math.prod(shape)
+
+
+def test_memory_of_a_live_half_precision_output_is_never_handed_out() -> None:
+    """A bfloat16 output's tensor holds a view of the kept array's buffer, not the array: its
+    memory was handed out again for the input gradient, and the output read as that."""
+    torch.manual_seed(0)
+    layer = BatchNormalization(16, axis=1)
+    x = (torch.randn(LARGE) * 3 + 2).to(torch.bfloat16).requires_grad_()
+    y = layer(x, training=True)
+    expected = torch.nn.functional.batch_norm(
+        x.detach().float(), None, None, training=True, eps=layer.epsilon
+    )
+    y.backward(torch.randn(LARGE).to(torch.bfloat16))
+    assert x.grad is not None and x.grad.data_ptr() != y.data_ptr()
+    torch.testing.assert_close(y.detach().float(), expected, rtol=0.01, atol=0.02)

@@ -7,8 +7,9 @@ made a training forward into new memory cost 1.5x the same forward into memory u
 server asks for the same shapes again and again, so the arrays handed out for outputs of at
 least :data:`SMALLEST_KEPT` bytes are kept here, by ``(shape, dtype)``, and handed out again
 once no tensor, view or array refers to them: each output tensor is made by
-``torch.from_numpy``, whose storage holds a reference to the array, so the array's reference
-count says exactly whether anything can still read or write it.
+``torch.from_numpy``, whose storage holds a reference to the array (or to a view of it, which
+refers to the array's buffer), so the reference counts of the array and its buffer say exactly
+whether anything can still read or write it.
 
 What is kept is bounded: at most ``BATCHNORM_OUTPUT_MEMORY_MB`` MiB (read on import; default
 512, 0 keeps nothing), the least recently used shapes given back first.
@@ -58,23 +59,6 @@ _kept: OrderedDict[tuple[tuple[int, ...], np.dtype], list[np.ndarray]] = Ordered
 _state = {"bytes": 0, "limit": _limit_from_environment()}
 
 
-def _unused_indices(arrays: list[np.ndarray]) -> list[int]:
-    """The indices of the kept arrays that nothing but this list refers to."""
-    return [i for i in range(len(arrays)) if sys.getrefcount(arrays[i]) == _UNUSED]
-
-
-# The reference count of an array held by a list alone, as _unused_indices reads it (the list,
-# the call's argument): measured rather than assumed.
-_kept_alone = [np.empty(1)]
-_UNUSED = sys.getrefcount(_kept_alone[0])
-del _kept_alone
-
-
-def is_aligned(shape: tuple[int, ...], dtype: type | np.dtype) -> bool:
-    """Whether :func:`empty` aligns arrays of this shape and dtype (and may keep them)."""
-    return math.prod(shape) * np.dtype(dtype).itemsize >= ALIGNED_FROM
-
-
 def aligned_empty(shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
     """``np.empty(shape, dtype)`` whose data start on an :data:`ALIGNMENT`-byte boundary: a view
     into a byte array ``ALIGNMENT`` bytes longer."""
@@ -82,6 +66,35 @@ def aligned_empty(shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
     size = math.prod(shape) * dtype.itemsize
     raw = np.empty(size + ALIGNMENT, np.uint8)
     return np.ndarray(shape, dtype, raw, -raw.ctypes.data % ALIGNMENT)
+
+
+def _unused_indices(arrays: list[np.ndarray]) -> list[int]:
+    """The indices of the kept arrays that nothing but this list refers to.
+
+    A kept array is a view of its byte buffer (:func:`aligned_empty`), and NumPy makes a view of
+    a view refer to the buffer, not to the view it was taken from: a half-precision output's
+    tensor holds ``array.view(np.int16)``, which counts on the buffer alone. Both counts are
+    read (checking the array's alone handed out the memory of a live bfloat16 output again).
+    """
+    return [
+        i
+        for i in range(len(arrays))
+        if sys.getrefcount(arrays[i]) == _UNUSED
+        and sys.getrefcount(arrays[i].base) == _BUFFER_UNUSED
+    ]
+
+
+# The reference counts of a kept array held by a list alone and of its buffer, as
+# _unused_indices reads them: measured rather than assumed.
+_kept_alone = [aligned_empty((1,), np.float32)]
+_UNUSED = sys.getrefcount(_kept_alone[0])
+_BUFFER_UNUSED = sys.getrefcount(_kept_alone[0].base)
+del _kept_alone
+
+
+def is_aligned(shape: tuple[int, ...], dtype: type | np.dtype) -> bool:
+    """Whether :func:`empty` aligns arrays of this shape and dtype (and may keep them)."""
+    return math.prod(shape) * np.dtype(dtype).itemsize >= ALIGNED_FROM
 
 
 def empty(shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
