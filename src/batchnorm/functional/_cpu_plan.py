@@ -126,8 +126,8 @@ class CpuPlan:
         the 2-core development machine a new 51 MB output cost 37 ms to fill from
         torch.empty_like and 11 ms from NumPy (5 ms into memory already touched). Large outputs
         reuse the memory of earlier ones that nothing refers to any more
-        (:mod:`batchnorm.functional._output_memory`), which avoids even those. From a few
-        tens of KB they start on a cache line, as torch's do.
+        (:mod:`batchnorm.functional._output_memory`), which avoids even those. From
+        128 KiB they start on a cache line, as torch's do.
         """
         array: np.ndarray
         if self.plain_memory:
