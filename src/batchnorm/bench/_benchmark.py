@@ -53,6 +53,7 @@ from batchnorm.bench._activation import (
     fused_functions,
     run_memory_case,
 )
+from batchnorm.bench._machine import cpu_facts
 from batchnorm.functional._canonical_layout import canonical_layout
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools._progress import Progress
@@ -624,7 +625,7 @@ def run_benchmark(
         "device_name": _device_name(device),
         "machine": {
             "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
+            **cpu_facts(),
             "torch": torch.__version__,
             "python": sys.version.split()[0],
             "platform": sys.platform,

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing.spawn import start_processes
 
+from batchnorm.bench._machine import cpu_facts
 from batchnorm.functional._synchronized import communicated_bytes
 from batchnorm.layers import BatchNormalization
 
@@ -141,7 +142,7 @@ def run_sync_benchmark(*, quick: bool = False, repeats: int = 9) -> dict[str, An
         ranks = [json.loads(Path(directory, f"rank{r}.json").read_text()) for r in range(2)]
     return {
         "machine": {
-            "cpu_count": os.cpu_count(),
+            **cpu_facts(),
             "threads_per_process": 1,
             "torch": torch.__version__,
         },
