@@ -547,7 +547,9 @@ def threaded_run(threads, name, param, memory_format, ghost, masked):
 )
 @pytest.mark.parametrize(("name", "param"), [("relu", None), ("leaky_relu", 0.1), ("elu", 0.5)])
 def test_thread_count_does_not_change_results(name, param, memory_format, ghost, masked):
-    assert blocks_for(64 * 16 * 16 * 16, 64) > 1  # several row blocks: the threaded kernels
+    assert (
+        blocks_for(64 * 16 * 16 * 16, 64, 16 * 16) > 1
+    )  # several row blocks: the threaded kernels
     threads = torch.get_num_threads()
     try:
         one = threaded_run(1, name, param, memory_format, ghost, masked)

@@ -26,7 +26,7 @@ rows, channels, inner = 64, 8, 1024  # 2^19 values: the threaded build
 rng = np.random.default_rng(0)
 x = rng.standard_normal((rows, channels, inner), dtype=np.float32)
 dy = rng.standard_normal((rows, channels, inner), dtype=np.float32)
-blocks = kernels.blocks_for(x.size, rows)
+blocks = kernels.blocks_for(x.size, rows, inner)
 assert blocks > 1
 mean = x.astype(np.float64).mean((0, 2))[None]
 dy_sum = dy.astype(np.float64).sum((0, 2))

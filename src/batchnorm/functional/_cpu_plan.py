@@ -92,7 +92,9 @@ class CpuPlan:
         # call less than output_memory.empty's checks).
         self.plain_memory = not output_memory.is_aligned(self.memory_shape, self.dtype)
         self.inverse = None if identity else inverse_permutation(list(layout.order))
-        self.blocks = kernels.blocks_for(layout.rows * layout.channels * layout.inner, layout.rows)
+        self.blocks = kernels.blocks_for(
+            layout.rows * layout.channels * layout.inner, layout.rows, layout.inner
+        )
 
         def pick(operation: LayoutKernel) -> Kernel:
             return operation.for_inner(layout.inner)
