@@ -94,7 +94,7 @@ def run_bench(arguments: argparse.Namespace) -> int:
     machine = report["machine"]
     where = "" if report["device"] == "cpu" else f"{report['device_name']} ({report['device']}), "
     print(
-        f"{where}CPU {_cpu(machine)} ({machine['cpu_count']} cores), {machine['threads']} threads, "
+        f"{where}CPU {machine['cpu_model']} ({machine['cpu_count']} cores), {machine['threads']} threads, "
         f"torch {machine['torch']}; "
         f"medians over {report['repeats']} interleaved rounds of blocked_autorange; spread = "
         "interquartile range / median; floor = one copy of the input into preallocated memory"
@@ -169,7 +169,7 @@ def _run_sync_bench(arguments: argparse.Namespace) -> int:
     report = run_sync_benchmark(quick=arguments.quick, repeats=arguments.repeats)
     machine = report["machine"]
     print(
-        f"CPU {_cpu(machine)} ({machine['cpu_count']} cores), {report['world_size']} gloo "
+        f"CPU {machine['cpu_model']} ({machine['cpu_count']} cores), {report['world_size']} gloo "
         "processes on 127.0.0.1, "
         f"1 thread each, torch {machine['torch']}; training step = forward + backward, "
         f"medians of {report['repeats']} runs (rank 0)"
@@ -178,8 +178,3 @@ def _run_sync_bench(arguments: argparse.Namespace) -> int:
     arguments.json.write_text(json.dumps(report, indent=1) + "\n")
     print(f"numbers written to {arguments.json}")
     return 0
-
-
-def _cpu(machine: dict[str, Any]) -> str:
-    """The report's CPU model (reports written before it was recorded have none)."""
-    return str(machine.get("cpu_model", "of unknown model"))
