@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm import BatchNormalization
+from batchnorm import BatchNormalization, kernels
+from batchnorm.functional._cpu_plan import prepare
 from batchnorm.kernels._narrow_rows import NARROW_CHANNELS, VIRTUAL_WIDTH
 from tests.backends import assert_equal_to_reference, torch_ops_and_kernels
 from tests.numpy_reference import reference_train_step
@@ -65,3 +66,68 @@ def test_narrow_rows_in_float32_follow_the_float64_reference(channels):
     np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-7)
     np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-5)
     np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_narrow_and_rows_builds_agree_on_ghost_batches():
+    """The narrow build's block helpers take any ghost-batch grouping, run by run of rows of one
+    group (the layer sends ghost batches to the rows build, but a direct kernel call on narrow
+    rows takes the narrow one): every pass equals the rows build's in float64, and the moments
+    the per-group float64 reference."""
+    rng = np.random.default_rng(5)
+    rows, channels, groups, period = 1003, 3, 4, 7  # row o is in group (o // 7) % 4
+    x = rng.normal(20.0, 3.0, (rows, channels, 1))
+    dy = rng.normal(0.0, 1.0, (rows, channels, 1))
+    scale, offset = rng.normal(1.0, 0.1, channels), rng.normal(0.0, 0.1, channels)
+    no_weights = np.zeros((1, 1))
+    group_of_row = (np.arange(rows) // period) % groups
+
+    def passes(build: str) -> list[np.ndarray]:
+        moments = kernels.batch_moments.for_layout(build).serial
+        mean, variance, total = moments(x, no_weights, None, groups, period, 1)
+        sums = kernels.gradient_sums.for_layout(build).serial(dy, x, mean, groups, period, 1)
+        y = np.empty_like(x)
+        kernels.affine_normalize.for_layout(build).serial(
+            x, mean, variance, scale, offset, 1e-3, groups, period, 1, y, None, 0.0
+        )
+        dx = np.empty_like(x)
+        kernels.batch_norm_input_gradient.for_layout(build).serial(
+            dy,
+            x,
+            no_weights,
+            None,
+            mean,
+            variance,
+            total,
+            scale,
+            sums,
+            1e-3,
+            groups,
+            period,
+            1,
+            dx,
+        )
+        return [mean, variance, total, sums, y, dx]
+
+    narrow, wide = passes("narrow"), passes("rows")
+    for ours, theirs in zip(narrow, wide, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    for g in range(groups):
+        values = x[group_of_row == g, :, 0]
+        np.testing.assert_allclose(narrow[0][g], values.mean(0), rtol=1e-13)
+        np.testing.assert_allclose(narrow[1][g], values.var(0), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("shape", "ghost_batches", "build"),
+    [
+        ((64, NARROW_CHANNELS - 1), False, "narrow"),
+        ((64, NARROW_CHANNELS), False, "rows"),
+        ((64, 3), True, "rows"),  # ghost batches: the rows build
+        ((8, 3, 5), False, "planes"),  # channels first
+    ],
+)
+def test_a_plan_takes_the_build_of_its_layout(shape, ghost_batches, build):
+    x = torch.zeros(shape)
+    plan = prepare(x, [1], None, ghost_batches).plan
+    assert plan.train_forward is kernels.train_forward.for_layout(build)
+    assert plan.inference_backward is kernels.inference_backward.for_layout(build)

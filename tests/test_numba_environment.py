@@ -31,12 +31,12 @@ assert blocks > 1
 mean = x.astype(np.float64).mean((0, 2))[None]
 dy_sum = dy.astype(np.float64).sum((0, 2))
 if sys.argv[1] == "sums":
-    sums = kernels.gradient_sums.for_inner(inner).parallel(dy, x, mean, 1, rows, blocks)
+    sums = kernels.gradient_sums.planes.parallel(dy, x, mean, 1, rows, blocks)
     print(np.abs(sums[0, 0] - dy_sum).max() / np.abs(dy_sum).max())
 else:
     variance = x.astype(np.float64).var((0, 2))[None]
     total = np.full((1, channels), float(rows * inner))
-    _, doffset = kernels.train_backward.for_inner(inner).parallel(
+    _, doffset = kernels.train_backward.planes.parallel(
         dy, x, np.zeros((1, 1), np.float32), None, mean, variance, total,
         np.ones(channels, np.float32), 1e-3, 1, rows, blocks, np.empty_like(x),
     )
@@ -76,6 +76,7 @@ def test_compiled_functions_are_named_for_the_current_sources():
     for dispatcher in (
         kernels.train_forward.planes.serial,
         kernels.train_backward.rows.parallel,
+        kernels.train_backward.narrow.serial,
         kernels._statistics.moments_rows_block,
         kernels._statistics.sum_blocks,
     ):

@@ -432,31 +432,36 @@ def run_model_case(name: str, rounds: int, device: str = "cpu") -> dict[str, Any
 
 _FIRST_CALL = (
     "import sys, time, torch; t = time.perf_counter(); import batchnorm; "
-    "shape = tuple(int(s) for s in sys.argv[1].split(',')); "
-    "layer = batchnorm.BatchNormalization(shape[1], axis=1); "
+    "shape = tuple(int(s) for s in sys.argv[1].split(',')); axis = int(sys.argv[2]); "
+    "layer = batchnorm.BatchNormalization(shape[axis], axis=axis); "
     "x = torch.randn(shape, requires_grad=True); "
     "layer(x, training=True).sum().backward(); layer(x, training=False); "
     "print(time.perf_counter() - t)"
 )
 
-# The first-call inputs: a tiny one (the serial kernels) and an early conv layer's (the threaded
-# ones, which cost more to compile).
-FIRST_CALL_SHAPES = {"small": (4, 3, 5), "conv": (32, 64, 56, 56)}
+# The first-call inputs, (shape, channel axis): a tiny one (the serial kernels), an early conv
+# layer's (the threaded ones, which cost more to compile), both channels first, and a dense
+# batch with Keras' default axis -1 (channels last: the rows kernels).
+FIRST_CALL_INPUTS = {
+    "small": ((4, 3, 5), 1),
+    "conv": ((32, 64, 56, 56), 1),
+    "dense": ((64, 1000), -1),
+}
 
 
 def first_call_seconds() -> dict[str, dict[str, Any]]:
     """Import plus a first training step (forward and backward) and inference call, per input of
-    :data:`FIRST_CALL_SHAPES`, in two fresh processes that share an empty Numba cache folder:
+    :data:`FIRST_CALL_INPUTS`, in two fresh processes that share an empty Numba cache folder:
     the first compiles the kernels it needs ("cold_cache"), the second finds them on disk
     ("warm_cache")."""
     seconds: dict[str, dict[str, Any]] = {}
-    for label, shape in FIRST_CALL_SHAPES.items():
-        seconds[label] = {"shape": list(shape)}
+    for label, (shape, axis) in FIRST_CALL_INPUTS.items():
+        seconds[label] = {"shape": list(shape), "axis": axis}
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "NUMBA_CACHE_DIR": cache}
             for name in ("cold_cache", "warm_cache"):
                 output = subprocess.run(
-                    [sys.executable, "-c", _FIRST_CALL, ",".join(map(str, shape))],
+                    [sys.executable, "-c", _FIRST_CALL, ",".join(map(str, shape)), str(axis)],
                     env=env,
                     capture_output=True,
                     text=True,

@@ -102,7 +102,8 @@ def run_bench(arguments: argparse.Namespace) -> int:
     for label, first in report.get("first_call_seconds", {}).items():
         shape = "x".join(map(str, first["shape"]))
         print(
-            f"first training step and inference call, {label} input {shape}: "
+            f"first training step and inference call, {label} input {shape}, "
+            f"axis {first['axis']}: "
             f"{first['cold_cache']:.1f} s with JIT compilation, "
             f"{first['warm_cache']:.1f} s from the on-disk cache"
         )

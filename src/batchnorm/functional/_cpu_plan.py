@@ -3,7 +3,8 @@
 An input signature is ``(shape, strides, dtype, channel axes, ghost batches or not)``. Its
 :class:`CpuPlan` holds the canonical ``(rows, channels, inner)`` layout
 (:mod:`batchnorm.functional._canonical_layout`), the row blocks, the compiled kernels for that
-layout (the ``rows`` build for channels last, ``planes`` otherwise), and how to allocate an output
+layout (the ``rows`` or ``narrow`` build for channels last, ``planes`` otherwise:
+:func:`batchnorm.kernels._jit.layout_for`), and how to allocate an output
 laid out like the input. Plans are kept per signature, so a call with a signature seen before
 does no layout search, no kernel choice and no shape arithmetic: on a (32, 64) batch that work
 cost more than the kernel itself.
@@ -27,7 +28,7 @@ from batchnorm.functional._canonical_layout import (
     canonical_weights,
     inverse_permutation,
 )
-from batchnorm.kernels._jit import Kernel, LayoutKernel
+from batchnorm.kernels._jit import Kernel, LayoutKernel, layout_for
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
 # Half precision, read and written by the kernels as its bits (batchnorm.kernels._half): float16
@@ -79,7 +80,13 @@ class CpuPlan:
         "transpose",
     )
 
-    def __init__(self, layout: CanonicalLayout, sizes: tuple[int, ...], dtype: torch.dtype):
+    def __init__(
+        self,
+        layout: CanonicalLayout,
+        sizes: tuple[int, ...],
+        dtype: torch.dtype,
+        ghost_batches: bool = False,
+    ):
         identity = layout.order == tuple(range(len(layout.order)))
         self.layout = layout
         self.torch_dtype = dtype
@@ -96,8 +103,10 @@ class CpuPlan:
             layout.rows * layout.channels * layout.inner, layout.rows, layout.inner
         )
 
+        build = layout_for(layout.channels, layout.inner, ghost_batches)
+
         def pick(operation: LayoutKernel) -> Kernel:
-            return operation.for_inner(layout.inner)
+            return operation.for_layout(build)
 
         self.affine_normalize = pick(kernels.affine_normalize)
         self.batch_moments = pick(kernels.batch_moments)
@@ -205,7 +214,7 @@ def prepare(
     plan = _PLANS.get(key)
     if plan is None:
         source, layout = canonical_layout(detached, tuple(axes), batch_outermost)
-        plan = CpuPlan(layout, tuple(source.shape), dtype)
+        plan = CpuPlan(layout, tuple(source.shape), dtype, batch_outermost)
         if not layout.copied:
             if len(_PLANS) >= _PLANS_KEPT:
                 _PLANS.clear()

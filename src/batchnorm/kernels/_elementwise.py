@@ -16,6 +16,7 @@ from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
     elementwise_helper,
+    group_run,
     kernel,
     rows_view,
     runner,
@@ -155,27 +156,6 @@ def normalize_rows_block(  # type: ignore[no-untyped-def]
     x2 = rows_view(x)
     out2 = x2 if out is None else rows_view(out)
     channels = x2.shape[1]
-    copies = virtual_copies(channels)
-    if groups == 1 and copies > 1:
-        # A few channels: virtual rows of copies * C values (batchnorm.kernels._narrow_rows),
-        # with the coefficients tiled; the rows left over one by one below.
-        width = copies * channels
-        h = tiled(high[0], copies)
-        f = tiled(factor[0], copies)
-        b = tiled(shift[0], copies)
-        xv = virtual_rows(x2, start, stop, copies)
-        ov = xv if out is None else virtual_rows(out2, start, stop, copies)
-        for r in range(xv.shape[0]):
-            for j in range(width):
-                v = (widened(xv[r, j]) - h[j]) * f[j] + b[j]
-                v = v if activation is None else activated(v, activation, constants)
-                ov[r, j] = narrowed(v, ov)
-        for o in range(start + xv.shape[0] * copies, stop):
-            for c in range(channels):
-                v = (widened(x2[o, c]) - h[c]) * f[c] + b[c]
-                v = v if activation is None else activated(v, activation, constants)
-                out2[o, c] = narrowed(v, out2)
-        return
     if groups == 1:
         # The coefficients as one row each, loop-invariant: vectorised over the channels. Row
         # r of each half of the block side by side (rows r and r + q, then the last row if
@@ -241,7 +221,40 @@ def normalize_planes_block(  # type: ignore[no-untyped-def]
                     target[i] = narrowed(v, target)
 
 
-normalize_block = by_layout(normalize_rows_block, normalize_planes_block)
+@elementwise_helper
+def normalize_narrow_block(  # type: ignore[no-untyped-def]
+    x, high, factor, shift, groups, period, start, stop, out, activation, constants
+):
+    """:func:`normalize_rows_block` for rows of a few channels (the narrow build): each run of
+    rows of one group as virtual rows of ``copies * C`` values (batchnorm.kernels._narrow_rows),
+    with its group's coefficients tiled; the rows left over one by one."""
+    x2 = rows_view(x)
+    out2 = x2 if out is None else rows_view(out)
+    channels = x2.shape[1]
+    copies = virtual_copies(channels)
+    width = copies * channels
+    o = start
+    while o < stop:
+        g, run_stop = group_run(o, stop, groups, period)
+        h = tiled(high[g], copies)
+        f = tiled(factor[g], copies)
+        b = tiled(shift[g], copies)
+        xv = virtual_rows(x2, o, run_stop, copies)
+        ov = xv if out is None else virtual_rows(out2, o, run_stop, copies)
+        for r in range(xv.shape[0]):
+            for j in range(width):
+                v = (widened(xv[r, j]) - h[j]) * f[j] + b[j]
+                v = v if activation is None else activated(v, activation, constants)
+                ov[r, j] = narrowed(v, ov)
+        for r in range(o + xv.shape[0] * copies, run_stop):
+            for c in range(channels):
+                v = (widened(x2[r, c]) - h[c]) * f[c] + b[c]
+                v = v if activation is None else activated(v, activation, constants)
+                out2[r, c] = narrowed(v, out2)
+        o = run_stop
+
+
+normalize_block = by_layout(normalize_rows_block, normalize_planes_block, normalize_narrow_block)
 
 
 @runner
@@ -320,27 +333,6 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
     x2 = rows_view(x)
     out2 = rows_view(out)
     channels = x2.shape[1]
-    copies = virtual_copies(channels)
-    if groups == 1 and masked is None and copies > 1:
-        # A few channels: virtual rows, as in normalize_rows_block.
-        width = copies * channels
-        h = tiled(high[0], copies)
-        lo = tiled(low[0], copies)
-        a = tiled(k_dy[0], copies)
-        d = tiled(mean_dy[0], copies)
-        b = tiled(k_centred[0], copies)
-        xv = virtual_rows(x2, start, stop, copies)
-        dyv = virtual_rows(dy2, start, stop, copies)
-        ov = virtual_rows(out2, start, stop, copies)
-        for r in range(xv.shape[0]):
-            for j in range(width):
-                centred = (widened(xv[r, j]) - h[j]) - lo[j]
-                ov[r, j] = narrowed(a[j] * ((widened(dyv[r, j]) - d[j]) - b[j] * centred), ov)
-        for o in range(start + xv.shape[0] * copies, stop):
-            for c in range(channels):
-                centred = (widened(x2[o, c]) - h[c]) - lo[c]
-                out2[o, c] = narrowed(a[c] * ((widened(dy2[o, c]) - d[c]) - b[c] * centred), out2)
-        return
     if groups == 1:
         # The common case with its coefficients as rows: vectorised over the channels, the
         # block's two halves side by side as in normalize_rows_block; with a mask, one weight
@@ -439,7 +431,75 @@ def input_gradient_planes_block(  # type: ignore[no-untyped-def]
                     target[i] = narrowed(v, target)
 
 
-input_gradient_block = by_layout(input_gradient_rows_block, input_gradient_planes_block)
+@elementwise_helper
+def input_gradient_narrow_block(  # type: ignore[no-untyped-def]
+    dy,
+    x,
+    weights,
+    masked,
+    high,
+    low,
+    k_dy,
+    mean_dy,
+    k_centred,
+    groups,
+    period,
+    start,
+    stop,
+    out,
+):
+    """:func:`input_gradient_rows_block` for rows of a few channels (the narrow build): each run
+    of rows of one group as virtual rows, as in :func:`normalize_narrow_block`; with a mask,
+    the rows block's loops."""
+    if masked is not None:
+        input_gradient_rows_block(
+            dy,
+            x,
+            weights,
+            masked,
+            high,
+            low,
+            k_dy,
+            mean_dy,
+            k_centred,
+            groups,
+            period,
+            start,
+            stop,
+            out,
+        )
+        return
+    dy2 = rows_view(dy)
+    x2 = rows_view(x)
+    out2 = rows_view(out)
+    channels = x2.shape[1]
+    copies = virtual_copies(channels)
+    width = copies * channels
+    o = start
+    while o < stop:
+        g, run_stop = group_run(o, stop, groups, period)
+        h = tiled(high[g], copies)
+        lo = tiled(low[g], copies)
+        a = tiled(k_dy[g], copies)
+        d = tiled(mean_dy[g], copies)
+        b = tiled(k_centred[g], copies)
+        xv = virtual_rows(x2, o, run_stop, copies)
+        dyv = virtual_rows(dy2, o, run_stop, copies)
+        ov = virtual_rows(out2, o, run_stop, copies)
+        for r in range(xv.shape[0]):
+            for j in range(width):
+                centred = (widened(xv[r, j]) - h[j]) - lo[j]
+                ov[r, j] = narrowed(a[j] * ((widened(dyv[r, j]) - d[j]) - b[j] * centred), ov)
+        for r in range(o + xv.shape[0] * copies, run_stop):
+            for c in range(channels):
+                centred = (widened(x2[r, c]) - h[c]) - lo[c]
+                out2[r, c] = narrowed(a[c] * ((widened(dy2[r, c]) - d[c]) - b[c] * centred), out2)
+        o = run_stop
+
+
+input_gradient_block = by_layout(
+    input_gradient_rows_block, input_gradient_planes_block, input_gradient_narrow_block
+)
 
 
 @runner

@@ -13,8 +13,8 @@ one pass reads ``dy`` and ``x`` once and writes ``dx`` beside the sums
 (:data:`input_gradient_and_sums_block`): 0.72-0.74x the two passes' time on channel planes,
 0.83-0.92x on channels-last and dense inputs, 0.86x on (32, 4096) (one process, 2 threads,
 interleaved). Alone, ``dx`` is the normalising pass run on ``dy`` with mean 0 and offset 0,
-and the sums the gradient-sums pass. Rows of a few channels (virtual rows, :mod:`batchnorm.kernels._narrow_rows`)
-run the two passes block by block.
+and the sums the gradient-sums pass. Rows of a few channels (the narrow build's virtual rows,
+:mod:`batchnorm.kernels._narrow_rows`) run the two passes block by block.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from numba import prange
 from batchnorm.kernels._elementwise import (
     activation_constants,
     normalize_blocks,
-    normalize_rows_block,
+    normalize_narrow_block,
 )
 from batchnorm.kernels._half import compute_dtype, narrowed, widened
 from batchnorm.kernels._jit import (
@@ -37,10 +37,9 @@ from batchnorm.kernels._jit import (
     runner,
     setup_helper,
 )
-from batchnorm.kernels._narrow_rows import virtual_copies
 from batchnorm.kernels._statistics import (
     gradient_sums_blocks,
-    gradient_sums_rows_block,
+    gradient_sums_narrow_block,
     sum_blocks,
 )
 
@@ -92,10 +91,6 @@ def input_gradient_and_sums_rows_block(  # type: ignore[no-untyped-def]
     x2 = rows_view(x)
     out2 = rows_view(out)
     channels = x2.shape[1]
-    if virtual_copies(channels) > 1:  # a few channels: the two passes' virtual rows
-        normalize_rows_block(dy, zero, factor, zero, 1, period, start, stop, out, None, constants)
-        gradient_sums_rows_block(dy, x, mean, 1, period, start, stop, sums)
-        return
     u0 = sums[0, 0]
     u1 = sums[1, 0]
     m = mean[0]
@@ -150,8 +145,20 @@ def input_gradient_and_sums_planes_block(  # type: ignore[no-untyped-def]
             sums[1, 0, c] += a1
 
 
+@helper
+def input_gradient_and_sums_narrow_block(  # type: ignore[no-untyped-def]
+    dy, x, mean, zero, factor, period, start, stop, sums, out, constants
+):
+    """:func:`input_gradient_and_sums_rows_block` for rows of a few channels (the narrow build):
+    the narrow normalising and gradient-sums passes, each on virtual rows."""
+    normalize_narrow_block(dy, zero, factor, zero, 1, period, start, stop, out, None, constants)
+    gradient_sums_narrow_block(dy, x, mean, 1, period, start, stop, sums)
+
+
 input_gradient_and_sums_block = by_layout(
-    input_gradient_and_sums_rows_block, input_gradient_and_sums_planes_block
+    input_gradient_and_sums_rows_block,
+    input_gradient_and_sums_planes_block,
+    input_gradient_and_sums_narrow_block,
 )
 
 

@@ -10,9 +10,10 @@ are taken per virtual element and folded back into the ``C`` channels at the end
 (the rows left over, fewer than ``copies``, run one by one). The order of additions depends on
 the shape alone, so results stay the same for any thread count.
 
-Used by the rows block helpers of the moments, gradient sums, normalising and input-gradient
-passes without a mask and ghost batches (:mod:`batchnorm.kernels._statistics`,
-:mod:`batchnorm.kernels._elementwise`).
+Used by the narrow build's block helpers (:func:`batchnorm.kernels._jit.layout_for`) of the
+moments, gradient sums, normalising, input-gradient and inference-backward passes without a mask
+(:mod:`batchnorm.kernels._statistics`, :mod:`batchnorm.kernels._elementwise`,
+:mod:`batchnorm.kernels._inference_backward`), run by run of rows of one ghost batch.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from __future__ import annotations
 import numpy as np
 
 from batchnorm.kernels._half import compute_dtype, widened
-from batchnorm.kernels._jit import setup_helper
+from batchnorm.kernels._jit import NARROW_CHANNELS, setup_helper
 
-# Rows of fewer channels than this are read as virtual rows of about VIRTUAL_WIDTH values.
-NARROW_CHANNELS = 16
+# Rows of fewer than NARROW_CHANNELS channels (the "narrow" build, batchnorm.kernels._jit.layout_for)
+# are read as virtual rows of about VIRTUAL_WIDTH values.
 VIRTUAL_WIDTH = 64
 
 

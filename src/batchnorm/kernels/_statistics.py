@@ -19,6 +19,7 @@ from batchnorm.kernels._half import widened
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
+    group_run,
     helper,
     kernel,
     rows_view,
@@ -130,10 +131,6 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
     """
     x2 = rows_view(x)
     channels = x2.shape[1]
-    copies = virtual_copies(channels)
-    if masked is None and groups == 1 and copies > 1:  # a few channels: virtual rows
-        narrow_moments(x2, shift[0], start, stop, copies, sums[1, 0], sums[2, 0])
-        return
     if masked is None:
         # Without a mask, runs of rows of one group (the whole block, or `period` rows of a
         # ghost batch) each with its row of accumulators, updated once per four rows (they
@@ -145,9 +142,7 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
         # (one thread).
         o = start
         while o < stop:
-            g = (o // period) % groups
-            period_stop = (o // period + 1) * period
-            run_stop = stop if groups == 1 or stop < period_stop else period_stop
+            g, run_stop = group_run(o, stop, groups, period)
             t1 = sums[1, g]
             t2 = sums[2, g]
             kg = shift[g]
@@ -244,7 +239,24 @@ def moments_planes_block(x, weights, masked, shift, groups, period, start, stop,
             sums[2, g, c] += a2
 
 
-moments_block = by_layout(moments_rows_block, moments_planes_block)
+@helper
+def moments_narrow_block(x, weights, masked, shift, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
+    """:func:`moments_rows_block` for rows of a few channels (the narrow build): each run of
+    rows of one group read as virtual rows (:func:`narrow_moments`); with a mask, the rows
+    block's loops."""
+    if masked is not None:
+        moments_rows_block(x, weights, masked, shift, groups, period, start, stop, sums)
+        return
+    x2 = rows_view(x)
+    copies = virtual_copies(x2.shape[1])
+    o = start
+    while o < stop:
+        g, run_stop = group_run(o, stop, groups, period)
+        narrow_moments(x2, shift[g], o, run_stop, copies, sums[1, g], sums[2, g])
+        o = run_stop
+
+
+moments_block = by_layout(moments_rows_block, moments_planes_block, moments_narrow_block)
 
 
 @runner
@@ -279,10 +291,6 @@ def gradient_sums_rows_block(dy, x, mean, groups, period, start, stop, sums):  #
     dy2 = rows_view(dy)
     x2 = rows_view(x)
     channels = x2.shape[1]
-    copies = virtual_copies(channels)
-    if groups == 1 and copies > 1:  # a few channels: virtual rows
-        narrow_gradient_sums(dy2, x2, mean[0], start, stop, copies, sums[0, 0], sums[1, 0])
-        return
     if groups == 1:
         # One row of accumulators, four rows (one per quarter) per update, as in
         # moments_rows_block.
@@ -339,7 +347,23 @@ def gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, sums): 
             sums[1, g, c] += a1
 
 
-gradient_sums_block = by_layout(gradient_sums_rows_block, gradient_sums_planes_block)
+@helper
+def gradient_sums_narrow_block(dy, x, mean, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
+    """:func:`gradient_sums_rows_block` for rows of a few channels (the narrow build): each run
+    of rows of one group read as virtual rows (:func:`narrow_gradient_sums`)."""
+    dy2 = rows_view(dy)
+    x2 = rows_view(x)
+    copies = virtual_copies(x2.shape[1])
+    o = start
+    while o < stop:
+        g, run_stop = group_run(o, stop, groups, period)
+        narrow_gradient_sums(dy2, x2, mean[g], o, run_stop, copies, sums[0, g], sums[1, g])
+        o = run_stop
+
+
+gradient_sums_block = by_layout(
+    gradient_sums_rows_block, gradient_sums_planes_block, gradient_sums_narrow_block
+)
 
 
 @runner
