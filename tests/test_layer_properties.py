@@ -184,6 +184,71 @@ def test_stateless_batch_norm_with_vmap_and_functional_call():
     torch.testing.assert_close(y, layer(xs[0], training=False))
 
 
+def _trained_pair():
+    """This layer and ``nn.BatchNorm1d`` with the same gamma, beta, moving statistics and
+    epsilon, both in inference."""
+    torch.manual_seed(0)
+    ours = BatchNormalization(4)
+    ours(torch.randn(16, 4) * 2 + 1, training=True)
+    with torch.no_grad():
+        ours.gamma.copy_(torch.randn(4))
+        ours.beta.copy_(torch.randn(4))
+    theirs = torch.nn.BatchNorm1d(4, eps=ours.epsilon)
+    with torch.no_grad():
+        theirs.weight.copy_(ours.gamma)
+        theirs.bias.copy_(ours.beta)
+        theirs.running_mean.copy_(ours.moving_mean)
+        theirs.running_var.copy_(ours.moving_variance)
+    return ours.eval(), theirs.eval()
+
+
+def test_torch_func_transforms_see_through_the_layer():
+    # Under vmap/grad/jacrev the layer's parameters are functorch wrappers without storage
+    # (functional_call puts them in the layer): those calls take the torch ops, and give what
+    # nn.BatchNorm1d gives under the same transforms.
+    ours, theirs = _trained_pair()
+    x = torch.randn(8, 4)
+    names = {"gamma": "weight", "beta": "bias"}
+
+    def gradients(module, per_sample):
+        params = {n: p.detach() for n, p in module.named_parameters()}
+        buffers = dict(module.named_buffers())
+
+        def loss(p, x):
+            return torch.func.functional_call(module, (p, buffers), (x,)).pow(2).sum()
+
+        if per_sample:
+            found = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[:, None])
+        else:
+            found = torch.func.grad(loss)(params, x)
+        return {names.get(n, n): g for n, g in found.items()}
+
+    for per_sample in (False, True):
+        torch.testing.assert_close(gradients(ours, per_sample), gradients(theirs, per_sample))
+    torch.testing.assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(theirs)(x))
+    # And the layer's own call afterwards still takes the kernels' shortcut, on its own tensors.
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert vars(ours)["_direct_calls"] is not None
+
+
+def test_a_training_call_under_grad_is_refused_as_torch_refuses_it():
+    # The moving statistics would be updated in place inside the transform: an error, as for
+    # nn.BatchNorm1d, and nothing changes.
+    ours, theirs = _trained_pair()
+    x = torch.randn(8, 4)
+    before = snapshot(ours)
+    for module in (ours.train(), theirs.train()):
+        params = {n: p.detach() for n, p in module.named_parameters()}
+        buffers = dict(module.named_buffers())
+
+        def loss(p, module=module, buffers=buffers):
+            return torch.func.functional_call(module, (p, buffers), (x,)).sum()
+
+        with pytest.raises(RuntimeError, match="in-place operation"):
+            torch.func.grad(loss)(params)
+    assert_same_state(before, ours)
+
+
 def test_state_dict_round_trip_into_unbuilt_layer():
     layer = BatchNormalization(axis=1, renorm=True, gamma_initializer="random_normal")
     for _ in range(3):

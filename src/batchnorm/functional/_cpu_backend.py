@@ -43,7 +43,7 @@ from batchnorm.functional._cpu_operations import (
     train_backward_impl,
     train_in_place_impl,
 )
-from batchnorm.functional._cpu_plan import prepare
+from batchnorm.functional._cpu_plan import kernels_can_read, prepare
 from batchnorm.functional._torch_ops import affine_normalize
 
 
@@ -380,10 +380,7 @@ class NumbaCpuBackend:
     def supports(self, x: torch.Tensor) -> bool:
         if x.device.type != "cpu" or x.dtype not in SUPPORTED_DTYPES or x.ndim == 0:
             return False
-        # vmap / grad transforms wrap tensors that NumPy cannot see: those take the torch ops.
-        return torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(
-            x
-        )
+        return torch.compiler.is_compiling() or kernels_can_read(x)
 
     def batch_moments(
         self,

@@ -28,6 +28,7 @@ from batchnorm.functional._cpu_plan import (
     VIEWED_DTYPES,
     Prepared,
     compute_dtype,
+    kernels_can_read,
     prepare,
     storage_array,
 )
@@ -64,7 +65,7 @@ def normalize_in_place_kernels(
         x.dtype not in VIEWED_DTYPES
         or x.device.type != "cpu"
         or torch.compiler.is_compiling()
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or not kernels_can_read(x)
         or any(t is not None and t.dtype != compute_dtype(x.dtype) for t in (scale, offset))
         or any(t is not None and t.ndim != len(axes) for t in (scale, offset))
     ):

@@ -47,6 +47,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF_BITS else dtype
 
 
+def kernels_can_read(x: torch.Tensor) -> bool:
+    """Whether the kernels can read a call's tensors through NumPy: ``x`` is not a functorch
+    wrapper (``vmap``, ``grad``, ``jacrev``, ...), and no transform is active either, under which
+    the layer's parameters may be wrappers of their own (``torch.func.functional_call`` puts
+    them in the layer) even when ``x`` is a plain tensor captured by the function. Wrappers have
+    no storage for NumPy to view: those calls take the torch ops, which the transforms see
+    through."""
+    return not (
+        torch._C._are_functorch_transforms_active()
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
+
+
 def storage_array(tensor: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor of a kernel dtype (half precision: of its bits)."""
     bits = HALF_BITS.get(tensor.dtype)

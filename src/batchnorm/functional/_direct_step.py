@@ -53,6 +53,7 @@ from batchnorm.functional._cpu_plan import (
     HALF_BITS,
     VIEWED_DTYPES,
     CpuPlan,
+    kernels_can_read,
     plan_of,
     prepare_with,
 )
@@ -360,8 +361,7 @@ class DirectCalls:
             or (x.dtype is not self.dtype and not _reads(x.dtype, self.dtype))
             or not x.is_cpu
             or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active()  # _applied's condition
-            or torch._C._functorch.is_functorch_wrapped_tensor(x)
+            or not kernels_can_read(x)  # also _applied's condition
             or registered_backend("cpu") is not NUMBA_CPU
             or not self.current()
         ):

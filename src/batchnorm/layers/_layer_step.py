@@ -18,6 +18,7 @@ import torch
 from batchnorm.functional import BatchNormStatistics
 from batchnorm.functional._activation import Activation
 from batchnorm.functional._batch_norm import BatchNormOptions, batch_norm_step, check_mask
+from batchnorm.functional._cpu_plan import kernels_can_read
 from batchnorm.functional._direct_step import DirectCalls, infer, train_in_place
 
 STATISTIC_NAMES = BatchNormStatistics._fields
@@ -127,7 +128,11 @@ def run_step(
     assert axes is not None
     remembered = vars(layer)
     direct_calls = remembered.get("_direct_calls")
-    if not compiling and (direct_calls is None or not direct_calls.current()):
+    if (
+        not compiling
+        and kernels_can_read(x)  # the shortcut reads the layer's tensors' memory
+        and (direct_calls is None or not direct_calls.current())
+    ):
         remembered["_direct_calls"] = make_direct_calls(layer)
     if mask is not None and layer.fused:
         check_mask(mask, x, axes)  # a malformed mask is an error, as without fusing
