@@ -9,7 +9,8 @@ a dummy), ``activation`` an activation code or None. The kernels test ``masked i
 ``activation is None``, which Numba resolves from the argument's type before compiling, so a plain
 call compiles no mask or activation branches. Threaded loops live in
 :class:`~batchnorm.kernels._jit.Runner` functions, one per pass; kernels and runners are written
-once and compiled per layout (rows: channels last; planes: ``inner > 1``), a runner's call to its
+once and compiled per layout (rows: channels last; narrow: channels last, fewer than 16 channels;
+planes: ``inner > 1``; :func:`~batchnorm.kernels._jit.layout_for`), a runner's call to its
 pass's :class:`~batchnorm.kernels._jit.ByLayout` block helpers bound to that layout's helper, and a
 kernel's calls to runners bound to its layout and build (:func:`~batchnorm.kernels._jit.bound`).
 Kernels do not call kernels (see :mod:`batchnorm.kernels._training`).
