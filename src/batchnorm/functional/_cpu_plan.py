@@ -98,7 +98,7 @@ class CpuPlan:
         layout: CanonicalLayout,
         sizes: tuple[int, ...],
         dtype: torch.dtype,
-        ghost_batches: bool = False,
+        ghost_batches: bool,
     ):
         identity = layout.order == tuple(range(len(layout.order)))
         self.layout = layout

@@ -126,9 +126,9 @@ def jit_enabled() -> bool:
 
 
 # Below this many elements a kernel runs as one block on the calling thread: waking the pool
-# costs more. Above it, blocks of at least BLOCK_ELEMENTS, at most MAX_BLOCKS of them. On the
-# 2-core Intel Xeon (Sapphire Rapids) VM, against torch in one process, 2 blocks from 2^16
-# elements instead of serial up to 2^18: (32, 4096), (64, 2048) and (128, 1024) training
+# costs more. Above it, blocks of at least BLOCK_ELEMENTS, at most MAX_BLOCKS of them (so, both
+# being 2^16, two blocks from 2^17 elements). On the 2-core Intel Xeon (Sapphire Rapids) VM,
+# against torch in one process, 2 blocks from 2^17 elements instead of serial up to 2^18: (32, 4096), (64, 2048) and (128, 1024) training
 # forward+backward 1.8-1.96x torch's -> 1.3-1.65x, inference forward+backward 2.1-2.4x ->
 # 1.5-1.7x, the forwards level or better; (64, 1000) 2 blocks instead of 1 was a wash (training
 # forward 0.78 -> 0.97x). A serial kernel streams the whole input and output through the
@@ -197,7 +197,6 @@ def runner(function: Any) -> Runner:
 # Channels-last rows of fewer channels than this take the "narrow" build, which reads them as
 # wide virtual rows (batchnorm.kernels._narrow_rows).
 NARROW_CHANNELS = 16
-LAYOUTS = ("rows", "narrow", "planes")
 
 
 def layout_for(channels: int, inner: int, ghost_batches: bool = False) -> str:
@@ -219,7 +218,7 @@ def layout_for(channels: int, inner: int, ghost_batches: bool = False) -> str:
 
 
 class ByLayout:
-    """A pass's block helpers for the layouts (:data:`LAYOUTS`), which a runner calls by one
+    """A pass's block helpers for the layouts (:func:`layout_for`), which a runner calls by one
     name: its rows build calls ``rows``, its planes build ``planes``, its narrow build
     ``narrow`` (``rows`` where the pass has no narrow helper) (:func:`bound`). All take the
     canonical ``x[o, c, i]``; a rows or narrow helper views it as ``x2[o, c]``
@@ -340,7 +339,7 @@ class LayoutKernel:
         self.__name__ = function.__name__
 
     def for_layout(self, layout: str) -> Kernel:
-        """The build for ``layout`` (one of :data:`LAYOUTS`)."""
+        """The build for ``layout``, as :func:`layout_for` names it."""
         build: Kernel = getattr(self, layout)
         return build
 
