@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from hypothesis import assume
 from hypothesis import strategies as st
 
 
@@ -30,6 +31,44 @@ def numerics_cases(draw):
         "magnitude": draw(st.sampled_from([1.0, 1e-20, 1e18, 1e19, 1e24, 1e30])),
         "seed": draw(st.integers(0, 2**31 - 1)),
     }
+
+
+def numerics_inputs(case):
+    """``(rng, x, mask, weights)`` of a draw: x of the draw's offsets and magnitude (float64, its
+    values fit in float32), ghost batches far apart too, masked positions set to the padding;
+    the boolean mask as the layer takes it and its weights broadcast to x (None without); the
+    generator, to draw what else a test needs after these."""
+    rng = np.random.default_rng(case["seed"])
+    shape, axis, ghost = case["shape"], case["axis"], case.get("ghost")
+    channels = shape[axis]
+    count = 1 if ghost is None else shape[0] // ghost  # ghost batches; sample o is in o % count
+    scale = case["magnitude"]
+    means = rng.normal(size=channels) * case["offset_ratio"] * scale
+    x = rng.normal(size=shape) * scale + np.expand_dims(
+        means, [d for d in range(len(shape)) if d != axis]
+    )
+    if ghost is not None:  # ghost batches far apart too
+        apart = rng.normal(size=count) * case["offset_ratio"] * scale
+        x = x + np.expand_dims(apart[np.arange(shape[0]) % count], list(range(1, len(shape))))
+    mask = weights = None
+    if case["mask"] is not None:
+        # A Keras mask drops the last axis: it is one weight per position when that is the
+        # channel axis, and is drawn only then.
+        assume(case["mask"] == "per_position" or axis == len(shape) - 1)
+        mask_shape = [s for d, s in enumerate(shape) if d != axis]
+        mask = rng.uniform(size=mask_shape) > 0.3
+        # A mask shaped like x without its last axis is Keras' (broadcast along that axis),
+        # whichever the channel axis is.
+        keras_style = mask_shape == shape[:-1]
+        weights = np.expand_dims(mask, -1 if keras_style else axis).astype(np.float64)
+        weights = np.broadcast_to(weights, shape)
+        # every channel of every ghost batch has a value
+        channel_last = np.moveaxis(weights, axis, -1)
+        for g in range(count):
+            assume(np.all(channel_last[g::count].reshape(-1, channels).sum(axis=0) > 0))
+        x = np.where(weights > 0, x, case["padding"] * scale)
+    assume(np.abs(x).max() < 3e38)  # the data fit in float32
+    return rng, x, mask, weights
 
 
 def laid_out(x: np.ndarray, axis: int, layout: str) -> torch.Tensor:

@@ -5,6 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def _ghost_batches(batch, virtual_batch_size):
+    """The sample indices of each ghost batch: sample ``o`` is in ghost batch ``o % count``
+    (tf-keras reshapes the batch to ``[virtual_batch_size, count, ...]``)."""
+    if virtual_batch_size is None:
+        return [np.arange(batch)]
+    count = batch // virtual_batch_size
+    return [np.arange(j, batch, count) for j in range(count)]
+
+
 def reference_train_step(
     x,
     mean_state,
@@ -30,11 +39,7 @@ def reference_train_step(
     reduce = tuple(i for i in range(ndim) if i not in axes)
     gamma = np.ones(channel_shape) if gamma is None else np.asarray(gamma, np.float64)
     beta = np.zeros(channel_shape) if beta is None else np.asarray(beta, np.float64)
-    if virtual_batch_size is None:
-        groups = [np.arange(x.shape[0])]
-    else:
-        ghost_count = x.shape[0] // virtual_batch_size
-        groups = [np.arange(j, x.shape[0], ghost_count) for j in range(ghost_count)]
+    groups = _ghost_batches(x.shape[0], virtual_batch_size)
     y = np.empty_like(x)
     means, variances, counts = [], [], []
     for index in groups:
@@ -117,3 +122,71 @@ def reference_renorm_step(
         "renorm_stddev": step(state["renorm_stddev"], stddev, renorm_momentum),
     }
     return y, dx, dgamma, dbeta, new_state
+
+
+def reference_train_gradients(
+    x,
+    upstream,
+    gamma,
+    *,
+    axes,
+    epsilon,
+    virtual_batch_size=None,
+    weights=None,
+    magnitudes=False,
+    normalised_floor=None,
+    mean_rounding=0.0,
+):
+    """``(dx, dgamma, dbeta)`` of ``sum(upstream * y)`` for the training output ``y`` of
+    :func:`reference_train_step` (the batch's own statistics), in float64.
+
+    Per ghost batch and channel, with ``w`` the weights (1 without), ``W = sum(w)``,
+    ``m`` and ``v`` the weighted mean and variance, ``inv = 1 / sqrt(v + epsilon)`` and the
+    sums over every position (masked ones too: their outputs depend on ``m`` and ``v``)
+    ``S1 = sum(dy)``, ``S2 = sum(dy * (x - m))``:
+    ``dx = gamma * inv * (dy - w * S1 / W - w * inv^2 * (x - m) * S2 / W)``,
+    ``dgamma = sum(dy * (x - m) * inv)``, ``dbeta = sum(dy)`` (over every ghost batch).
+
+    ``magnitudes=True`` gives the same expressions with every term and factor replaced by its
+    absolute value: the size of what each result is computed from (the tests' tolerances).
+    ``normalised_floor`` (per channel, with ``magnitudes``) is added to every normalised value's
+    size ``|x - m| * inv``: an InPlace-ABN backward reads ``x_hat = (y - beta) / gamma`` from
+    the rounded output, which is off by ``|beta / gamma|`` roundings where ``x_hat`` is tiny.
+    ``mean_rounding`` (relative, with ``magnitudes``) widens every ``|x - m|`` by that much of
+    ``|m|``: a mean rounded before centring.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(upstream, dtype=np.float64)
+    ndim = x.ndim
+    channel_shape = tuple(x.shape[a] for a in axes)
+    view = [x.shape[i] if i in axes else 1 for i in range(ndim)]
+    reduce = tuple(i for i in range(ndim) if i not in axes)
+    gamma = np.ones(channel_shape) if gamma is None else np.asarray(gamma, np.float64)
+    scale = gamma.reshape(view)
+    absolute = np.abs if magnitudes else (lambda value: value)
+    groups = _ghost_batches(x.shape[0], virtual_batch_size)
+    all_weights = np.ones(x.shape) if weights is None else np.broadcast_to(weights, x.shape)
+    dx = np.empty_like(x)
+    dgamma = np.zeros(channel_shape)
+    dbeta = np.zeros(channel_shape)
+    for index in groups:
+        part, d, w = x[index], dy[index], np.asarray(all_weights[index], np.float64)
+        total = w.sum(axis=reduce, keepdims=True)
+        per_weight = np.where(total > 0, 1.0 / np.maximum(total, 1e-300), 0.0)
+        mean = (w * part).sum(axis=reduce, keepdims=True) * per_weight
+        centred = part - mean
+        inv = 1.0 / np.sqrt((w * centred**2).sum(axis=reduce, keepdims=True) * per_weight + epsilon)
+        if magnitudes:
+            centred = np.abs(centred) + mean_rounding * np.abs(mean)
+        if normalised_floor is not None:
+            centred = centred + np.reshape(normalised_floor, view) / inv
+        s1 = absolute(d).sum(axis=reduce, keepdims=True)
+        s2 = (absolute(d) * absolute(centred)).sum(axis=reduce, keepdims=True)
+        if magnitudes:
+            inner = np.abs(d) + w * s1 * per_weight + w * inv**2 * np.abs(centred) * s2 * per_weight
+        else:
+            inner = d - w * s1 * per_weight - w * inv**2 * centred * s2 * per_weight
+        dx[index] = absolute(scale) * inv * inner
+        dgamma += (absolute(d) * absolute(centred) * inv).sum(axis=reduce).reshape(channel_shape)
+        dbeta += absolute(d).sum(axis=reduce).reshape(channel_shape)
+    return dx, dgamma, dbeta

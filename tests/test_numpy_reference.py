@@ -10,7 +10,11 @@ from hypothesis import strategies as st
 
 from batchnorm import BatchNormalization
 from batchnorm.functional import NATIVE, NUMBA_CPU, register_backend
-from tests.numpy_reference import reference_inference, reference_train_step
+from tests.numpy_reference import (
+    reference_inference,
+    reference_train_gradients,
+    reference_train_step,
+)
 
 
 @st.composite
@@ -133,3 +137,54 @@ def test_train_and_inference_match_float64_reference(config, cpu_backend):
         epsilon=config["epsilon"],
     )
     np.testing.assert_allclose(y_test.detach().numpy(), expected_test, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "ghost", "masked"),
+    [
+        ((5, 3), (1,), None, False),
+        ((4, 3, 2), (1,), None, True),
+        ((6, 2, 3), (2,), 3, False),
+        ((6, 2, 3), (1,), 2, True),
+        ((3, 2, 2), (1, 2), None, False),
+    ],
+)
+def test_the_gradient_reference_matches_central_differences(shape, axes, ghost, masked):
+    # The closed form of reference_train_gradients against central differences of
+    # reference_train_step's sum(dy * y), independent of any derivation.
+    rng = np.random.default_rng(7)
+    x = rng.normal(0.5, 2.0, shape)
+    dy = rng.normal(size=shape)
+    channel_shape = tuple(shape[a] for a in axes)
+    gamma, beta = rng.uniform(0.5, 2.0, channel_shape), rng.normal(size=channel_shape)
+    weights = None
+    if masked:
+        weights = rng.uniform(size=[s if i not in axes else 1 for i, s in enumerate(shape)]) > 0.3
+        weights = weights.astype(np.float64)
+        weights[0] = 1.0  # every channel of every ghost batch keeps a value
+    options = {"axes": axes, "epsilon": 1e-3, "virtual_batch_size": ghost, "weights": weights}
+
+    def loss(x, gamma, beta):
+        y = reference_train_step(
+            x, np.zeros(channel_shape), np.ones(channel_shape), gamma, beta, momentum=0.5, **options
+        )[0]
+        return float((dy * y).sum())
+
+    def central_differences(values, evaluate):
+        gradient = np.empty_like(values)
+        for index in np.ndindex(values.shape):
+            step = 1e-6 * max(1.0, abs(values[index]))
+            up, down = values.copy(), values.copy()
+            up[index] += step
+            down[index] -= step
+            gradient[index] = (evaluate(up) - evaluate(down)) / (2 * step)
+        return gradient
+
+    dx, dgamma, dbeta = reference_train_gradients(x, dy, gamma, **options)
+    expected = (
+        central_differences(x, lambda v: loss(v, gamma, beta)),
+        central_differences(gamma, lambda v: loss(x, v, beta)),
+        central_differences(beta, lambda v: loss(x, gamma, v)),
+    )
+    for actual, numeric in zip((dx, dgamma, dbeta), expected, strict=True):
+        np.testing.assert_allclose(actual, numeric, rtol=1e-6, atol=1e-7)

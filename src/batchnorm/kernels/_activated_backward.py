@@ -10,7 +10,7 @@ compute-bound) and use ``delta`` where they used ``dy``:
 
 .. math::
     S_\\delta = \\sum \\delta, \\quad S_{\\delta c} = \\sum \\delta (x - \\mu), \\quad
-    dx = s \\big((\\delta - w S_\\delta / W) - w\\, inv^2 S_{\\delta c} / W\\, (x - \\mu)\\big)
+    dx = s \\big((\\delta - w S_\\delta / W) - w\\, (inv S_{\\delta c} / W)\\, (x - \\mu)\\, inv\\big)
 
 (:func:`batchnorm.kernels._elementwise.gradient_coefficients`). ``f'`` follows torch's backward
 of each activation at the kink: relu ``z > 0``, leaky_relu 1 or ``a``, elu 1 or
@@ -166,16 +166,18 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
 ):
     """``dx`` on rows ``start:stop`` (channels last); ``coefficients`` as the kernels make them."""
     dy2, x2, y2, out2 = rows_view(dy), rows_view(x), rows_view(y), rows_view(out)
-    high, low, factor, shift, k_dy, mean_dy, k_centred = coefficients
+    high, low, inverse, factor, shift, k_dy, mean_dy, k_normalised = coefficients
     exponential, leaky, slope, zero = derivative
     groups, channels = high.shape[0], x2.shape[1]
-    h, lo, f, b, a, m, k = high[0], low[0], factor[0], shift[0], k_dy[0], mean_dy[0], k_centred[0]
+    h, lo, r, f, b = high[0], low[0], inverse[0], factor[0], shift[0]
+    a, m, k = k_dy[0], mean_dy[0], k_normalised[0]
     if groups == 1 and masked is None:
         # The block's halves side by side: each coefficient loaded once for two values.
         q = (stop - start) // 2  # rows per half
         for o in range(start, start + q):
             for c in range(channels):
-                hc, lc, fc, bc, ac, mc, kc = h[c], lo[c], f[c], b[c], a[c], m[c], k[c]
+                hc, lc, rc, fc, bc = h[c], lo[c], r[c], f[c], b[c]
+                ac, mc, kc = a[c], m[c], k[c]
                 v0 = widened(x2[o, c])
                 v1 = widened(x2[o + q, c])
                 d0 = delta(
@@ -190,14 +192,14 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
                     slope,
                     zero,
                 )
-                out2[o, c] = narrowed(ac * ((d0 - mc) - kc * ((v0 - hc) - lc)), out2)
-                out2[o + q, c] = narrowed(ac * ((d1 - mc) - kc * ((v1 - hc) - lc)), out2)
+                out2[o, c] = narrowed(ac * ((d0 - mc) - kc * (((v0 - hc) - lc) * rc)), out2)
+                out2[o + q, c] = narrowed(ac * ((d1 - mc) - kc * (((v1 - hc) - lc) * rc)), out2)
         start = start + 2 * q  # the last row, if the count is odd, below
     for o in range(start, stop):
         if groups > 1:
             g = (o // period) % groups
-            h, lo, f, b = high[g], low[g], factor[g], shift[g]
-            a, m, k = k_dy[g], mean_dy[g], k_centred[g]
+            h, lo, r, f, b = high[g], low[g], inverse[g], factor[g], shift[g]
+            a, m, k = k_dy[g], mean_dy[g], k_normalised[g]
         if masked is not None:
             w = weights[o, 0]
             for c in range(channels):
@@ -206,7 +208,7 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
                     dy2[o, c], (v - h[c]) * f[c] + b[c], y2[o, c], exponential, leaky, slope, zero
                 )
                 out2[o, c] = narrowed(
-                    a[c] * ((d - w * m[c]) - w * k[c] * ((v - h[c]) - lo[c])), out2
+                    a[c] * ((d - w * m[c]) - w * k[c] * (((v - h[c]) - lo[c]) * r[c])), out2
                 )
         else:
             for c in range(channels):
@@ -214,7 +216,9 @@ def activated_gradient_rows_block(  # type: ignore[no-untyped-def]
                 d = delta(
                     dy2[o, c], (v - h[c]) * f[c] + b[c], y2[o, c], exponential, leaky, slope, zero
                 )
-                out2[o, c] = narrowed(a[c] * ((d - m[c]) - k[c] * ((v - h[c]) - lo[c])), out2)
+                out2[o, c] = narrowed(
+                    a[c] * ((d - m[c]) - k[c] * (((v - h[c]) - lo[c]) * r[c])), out2
+                )
 
 
 @elementwise_helper
@@ -222,7 +226,7 @@ def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
     dy, x, y, weights, masked, coefficients, derivative, period, start, stop, out
 ):
     """``dx`` on rows ``start:stop`` (channel planes)."""
-    high, low, factor, shift, k_dy, mean_dy, k_centred = coefficients
+    high, low, inverse, factor, shift, k_dy, mean_dy, k_normalised = coefficients
     exponential, leaky, slope, zero = derivative
     groups = high.shape[0]
     channels, inner = x.shape[1], x.shape[2]
@@ -231,10 +235,11 @@ def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
         for c in range(channels):
             h = high[g, c]
             lo = low[g, c]
+            r = inverse[g, c]
             f = factor[g, c]
             b = shift[g, c]
             a = k_dy[g, c]
-            k = k_centred[g, c]
+            k = k_normalised[g, c]
             m = mean_dy[g, c]
             row = x[o, c]
             grad_row = dy[o, c]
@@ -248,14 +253,14 @@ def activated_gradient_planes_block(  # type: ignore[no-untyped-def]
                     d = delta(
                         grad_row[i], (v - h) * f + b, output_row[i], exponential, leaky, slope, zero
                     )
-                    target[i] = narrowed(a * ((d - w * m) - w * k * ((v - h) - lo)), target)
+                    target[i] = narrowed(a * ((d - w * m) - w * k * (((v - h) - lo) * r)), target)
             else:
                 for i in range(inner):
                     v = widened(row[i])
                     d = delta(
                         grad_row[i], (v - h) * f + b, output_row[i], exponential, leaky, slope, zero
                     )
-                    target[i] = narrowed(a * ((d - m) - k * ((v - h) - lo)), target)
+                    target[i] = narrowed(a * ((d - m) - k * (((v - h) - lo) * r)), target)
 
 
 activated_sums_block = by_layout(activated_sums_rows_block, activated_sums_planes_block)
@@ -322,8 +327,10 @@ def train_backward_activated(  # type: ignore[no-untyped-def]
     )
     sums = sum_blocks(partial)
     _, low = split_mean(mean, x)
-    k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
-    coefficients = (high, low, factor, shift, k_dy, mean_dy, k_centred)
+    k_dy, mean_dy, k_normalised, inverse = gradient_coefficients(
+        variance, total, scale, sums, epsilon, x
+    )
+    coefficients = (high, low, inverse, factor, shift, k_dy, mean_dy, k_normalised)
     activated_gradient_blocks(
         dy, x, y, weights, masked, coefficients, derivative, period, blocks, out
     )

@@ -291,24 +291,31 @@ def affine_normalize(  # type: ignore[no-untyped-def]
 
 @setup_helper
 def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_example):  # type: ignore[no-untyped-def]
-    """``k_dy = s = scale * inv``, ``mean_dy = Sdy / W``, ``k_centred = inv^2 Sdc / W``.
+    """``k_dy = s = scale * inv``, ``mean_dy = Sdy / W``, ``k_normalised = inv Sdc / W`` and
+    ``inv = 1 / sqrt(variance + epsilon)``, in the compute dtype.
 
-    The input gradient is ``s * ((dy - w * mean_dy) - w * k_centred * (x - mean))``: with ``s``
-    factored out, a channel with one value per batch (``dy == mean_dy``) gets exactly 0.
+    The input gradient is ``s * ((dy - w * mean_dy) - w * k_normalised * x_hat)`` with
+    ``x_hat = (x - mean) * inv``: with ``s`` factored out, a channel with one value per batch
+    (``dy == mean_dy``, ``x_hat == 0``) gets exactly 0. ``inv^2 Sdc / W`` as one coefficient
+    overflowed float32 where masked values lie far from a channel of tiny variance (``Sdc``
+    sums over masked positions too), and ``0 * inf`` made every gradient of the channel NaN;
+    ``inv Sdc / W`` is the mean of ``dy * x_hat``, of the size of the outputs' gradients.
     """
     groups, channels = variance.shape
     dtype = compute_dtype(dtype_example)
     k_dy = np.empty(groups * channels, dtype).reshape((groups, channels))
     mean_dy = np.empty(groups * channels, dtype).reshape((groups, channels))
-    k_centred = np.empty(groups * channels, dtype).reshape((groups, channels))
+    k_normalised = np.empty(groups * channels, dtype).reshape((groups, channels))
+    inverse = np.empty(groups * channels, dtype).reshape((groups, channels))
     for g in range(groups):
         for c in range(channels):
             inv = 1.0 / np.sqrt(variance[g, c] + epsilon)
             per_weight = 1.0 / total_weight[g, c] if total_weight[g, c] > 0 else 0.0
             k_dy[g, c] = np.float64(widened(scale[c])) * inv
             mean_dy[g, c] = sums[0, g, c] * per_weight
-            k_centred[g, c] = inv * inv * sums[1, g, c] * per_weight
-    return k_dy, mean_dy, k_centred
+            k_normalised[g, c] = inv * sums[1, g, c] * per_weight
+            inverse[g, c] = inv
+    return k_dy, mean_dy, k_normalised, inverse
 
 
 @elementwise_helper
@@ -319,9 +326,10 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
     masked,
     high,
     low,
+    inverse,
     k_dy,
     mean_dy,
-    k_centred,
+    k_normalised,
     groups,
     period,
     start,
@@ -339,51 +347,52 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
         # per row (padded sequences).
         h = high[0]
         lo = low[0]
+        i = inverse[0]
         a = k_dy[0]
         d = mean_dy[0]
-        b = k_centred[0]
+        b = k_normalised[0]
         q = (stop - start) // 2  # rows per half
         if masked is None:
             for o in range(start, start + q):
                 for c in range(channels):
-                    hc, lc, ac, dc, bc = h[c], lo[c], a[c], d[c], b[c]
-                    centred0 = (widened(x2[o, c]) - hc) - lc
-                    centred1 = (widened(x2[o + q, c]) - hc) - lc
-                    v0 = ac * ((widened(dy2[o, c]) - dc) - bc * centred0)
-                    v1 = ac * ((widened(dy2[o + q, c]) - dc) - bc * centred1)
+                    hc, lc, ic, ac, dc, bc = h[c], lo[c], i[c], a[c], d[c], b[c]
+                    normalised0 = ((widened(x2[o, c]) - hc) - lc) * ic
+                    normalised1 = ((widened(x2[o + q, c]) - hc) - lc) * ic
+                    v0 = ac * ((widened(dy2[o, c]) - dc) - bc * normalised0)
+                    v1 = ac * ((widened(dy2[o + q, c]) - dc) - bc * normalised1)
                     out2[o, c] = narrowed(v0, out2)
                     out2[o + q, c] = narrowed(v1, out2)
             for o in range(start + 2 * q, stop):
                 for c in range(channels):
-                    centred = (widened(x2[o, c]) - h[c]) - lo[c]
-                    v = a[c] * ((widened(dy2[o, c]) - d[c]) - b[c] * centred)
+                    normalised = ((widened(x2[o, c]) - h[c]) - lo[c]) * i[c]
+                    v = a[c] * ((widened(dy2[o, c]) - d[c]) - b[c] * normalised)
                     out2[o, c] = narrowed(v, out2)
             return
         for o in range(start, start + q):
             w0 = weights[o, 0]
             w1 = weights[o + q, 0]
             for c in range(channels):
-                hc, lc, ac, dc, bc = h[c], lo[c], a[c], d[c], b[c]
-                centred0 = (widened(x2[o, c]) - hc) - lc
-                centred1 = (widened(x2[o + q, c]) - hc) - lc
-                v0 = ac * ((widened(dy2[o, c]) - w0 * dc) - w0 * bc * centred0)
-                v1 = ac * ((widened(dy2[o + q, c]) - w1 * dc) - w1 * bc * centred1)
+                hc, lc, ic, ac, dc, bc = h[c], lo[c], i[c], a[c], d[c], b[c]
+                normalised0 = ((widened(x2[o, c]) - hc) - lc) * ic
+                normalised1 = ((widened(x2[o + q, c]) - hc) - lc) * ic
+                v0 = ac * ((widened(dy2[o, c]) - w0 * dc) - w0 * bc * normalised0)
+                v1 = ac * ((widened(dy2[o + q, c]) - w1 * dc) - w1 * bc * normalised1)
                 out2[o, c] = narrowed(v0, out2)
                 out2[o + q, c] = narrowed(v1, out2)
         for o in range(start + 2 * q, stop):
             w = weights[o, 0]
             for c in range(channels):
-                centred = (widened(x2[o, c]) - h[c]) - lo[c]
-                v = a[c] * ((widened(dy2[o, c]) - w * d[c]) - w * b[c] * centred)
+                normalised = ((widened(x2[o, c]) - h[c]) - lo[c]) * i[c]
+                v = a[c] * ((widened(dy2[o, c]) - w * d[c]) - w * b[c] * normalised)
                 out2[o, c] = narrowed(v, out2)
         return
     for o in range(start, stop):  # ghost batches
         g = (o // period) % groups
         w = weights[o, 0] if masked is not None else 1.0
         for c in range(channels):
-            centred = (widened(x2[o, c]) - high[g, c]) - low[g, c]
+            normalised = ((widened(x2[o, c]) - high[g, c]) - low[g, c]) * inverse[g, c]
             v = k_dy[g, c] * (
-                (widened(dy2[o, c]) - w * mean_dy[g, c]) - w * k_centred[g, c] * centred
+                (widened(dy2[o, c]) - w * mean_dy[g, c]) - w * k_normalised[g, c] * normalised
             )
             out2[o, c] = narrowed(v, out2)
 
@@ -396,9 +405,10 @@ def input_gradient_planes_block(  # type: ignore[no-untyped-def]
     masked,
     high,
     low,
+    inverse,
     k_dy,
     mean_dy,
-    k_centred,
+    k_normalised,
     groups,
     period,
     start,
@@ -412,8 +422,9 @@ def input_gradient_planes_block(  # type: ignore[no-untyped-def]
         for c in range(channels):
             h = high[g, c]
             lo = low[g, c]
+            r = inverse[g, c]
             a = k_dy[g, c]
-            b = k_centred[g, c]
+            b = k_normalised[g, c]
             d = mean_dy[g, c]
             row = x[o, c]
             grad_row = dy[o, c]
@@ -422,12 +433,13 @@ def input_gradient_planes_block(  # type: ignore[no-untyped-def]
                 weight_row = weights[o]
                 for i in range(inner):
                     w = weight_row[i]
-                    centred = (widened(row[i]) - h) - lo
-                    v = a * ((widened(grad_row[i]) - w * d) - w * b * centred)
+                    normalised = ((widened(row[i]) - h) - lo) * r
+                    v = a * ((widened(grad_row[i]) - w * d) - w * b * normalised)
                     target[i] = narrowed(v, target)
             else:
                 for i in range(inner):
-                    v = a * ((widened(grad_row[i]) - d) - b * ((widened(row[i]) - h) - lo))
+                    normalised = ((widened(row[i]) - h) - lo) * r
+                    v = a * ((widened(grad_row[i]) - d) - b * normalised)
                     target[i] = narrowed(v, target)
 
 
@@ -439,9 +451,10 @@ def input_gradient_narrow_block(  # type: ignore[no-untyped-def]
     masked,
     high,
     low,
+    inverse,
     k_dy,
     mean_dy,
-    k_centred,
+    k_normalised,
     groups,
     period,
     start,
@@ -459,9 +472,10 @@ def input_gradient_narrow_block(  # type: ignore[no-untyped-def]
             masked,
             high,
             low,
+            inverse,
             k_dy,
             mean_dy,
-            k_centred,
+            k_normalised,
             groups,
             period,
             start,
@@ -480,20 +494,23 @@ def input_gradient_narrow_block(  # type: ignore[no-untyped-def]
         g, run_stop = group_run(o, stop, groups, period)
         h = tiled(high[g], copies)
         lo = tiled(low[g], copies)
+        i = tiled(inverse[g], copies)
         a = tiled(k_dy[g], copies)
         d = tiled(mean_dy[g], copies)
-        b = tiled(k_centred[g], copies)
+        b = tiled(k_normalised[g], copies)
         xv = virtual_rows(x2, o, run_stop, copies)
         dyv = virtual_rows(dy2, o, run_stop, copies)
         ov = virtual_rows(out2, o, run_stop, copies)
         for r in range(xv.shape[0]):
             for j in range(width):
-                centred = (widened(xv[r, j]) - h[j]) - lo[j]
-                ov[r, j] = narrowed(a[j] * ((widened(dyv[r, j]) - d[j]) - b[j] * centred), ov)
+                normalised = ((widened(xv[r, j]) - h[j]) - lo[j]) * i[j]
+                ov[r, j] = narrowed(a[j] * ((widened(dyv[r, j]) - d[j]) - b[j] * normalised), ov)
         for r in range(o + xv.shape[0] * copies, run_stop):
             for c in range(channels):
-                centred = (widened(x2[r, c]) - h[c]) - lo[c]
-                out2[r, c] = narrowed(a[c] * ((widened(dy2[r, c]) - d[c]) - b[c] * centred), out2)
+                normalised = ((widened(x2[r, c]) - h[c]) - lo[c]) * i[c]
+                out2[r, c] = narrowed(
+                    a[c] * ((widened(dy2[r, c]) - d[c]) - b[c] * normalised), out2
+                )
         o = run_stop
 
 
@@ -504,7 +521,20 @@ input_gradient_block = by_layout(
 
 @runner
 def input_gradient_blocks(  # type: ignore[no-untyped-def]
-    dy, x, weights, masked, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out
+    dy,
+    x,
+    weights,
+    masked,
+    high,
+    low,
+    inverse,
+    k_dy,
+    mean_dy,
+    k_normalised,
+    groups,
+    period,
+    blocks,
+    out,
 ):
     """The layout's :data:`input_gradient_block` on each row block."""
     for block in prange(blocks):
@@ -516,9 +546,10 @@ def input_gradient_blocks(  # type: ignore[no-untyped-def]
             masked,
             high,
             low,
+            inverse,
             k_dy,
             mean_dy,
-            k_centred,
+            k_normalised,
             groups,
             period,
             start,
@@ -548,11 +579,11 @@ def batch_norm_input_gradient(  # type: ignore[no-untyped-def]
 
     With ``inv = 1 / sqrt(variance + epsilon)``, ``s = scale * inv``, ``W`` the total weight,
     ``Sdy = sums[0]``, ``Sdc = sums[1] = sum(dy * (x - mean))``:
-    ``out = s * ((dy - w * Sdy / W) - w * inv^2 * Sdc / W * (x - mean))`` (w = 1 without
-    weights).
+    ``out = s * ((dy - w * Sdy / W) - w * (inv * Sdc / W) * (x - mean) * inv)`` (w = 1
+    without weights; :func:`gradient_coefficients`).
     """
     high, low = split_mean(mean, x)
-    k_dy, mean_dy, k_centred = gradient_coefficients(
+    k_dy, mean_dy, k_normalised, inverse = gradient_coefficients(
         variance, total_weight, scale, sums, epsilon, x
     )
     input_gradient_blocks(
@@ -562,9 +593,10 @@ def batch_norm_input_gradient(  # type: ignore[no-untyped-def]
         masked,
         high,
         low,
+        inverse,
         k_dy,
         mean_dy,
-        k_centred,
+        k_normalised,
         groups,
         period,
         blocks,

@@ -271,8 +271,23 @@ def train_backward(  # type: ignore[no-untyped-def]
     gradient_sums_blocks(dy, x, mean, groups, period, blocks, partial)
     sums = sum_blocks(partial)
     high, low = split_mean(mean, x)
-    k_dy, mean_dy, k_centred = gradient_coefficients(variance, total, scale, sums, epsilon, x)
+    k_dy, mean_dy, k_normalised, inverse = gradient_coefficients(
+        variance, total, scale, sums, epsilon, x
+    )
     input_gradient_blocks(
-        dy, x, weights, masked, high, low, k_dy, mean_dy, k_centred, groups, period, blocks, out
+        dy,
+        x,
+        weights,
+        masked,
+        high,
+        low,
+        inverse,
+        k_dy,
+        mean_dy,
+        k_normalised,
+        groups,
+        period,
+        blocks,
+        out,
     )
     return parameter_gradients(sums, variance, epsilon)
