@@ -26,48 +26,42 @@ def reduced_moments(
 ) -> Moments:
     """Mean, biased variance and total weight over ``reduce_dims``, kept with size-1 dimensions.
 
-    With ``W = sum(w)``, ``m = sum(w x) / W`` accumulated in float64 and ``k = m`` rounded to
-    ``x.dtype``, the mean is ``m`` and the variance is
-
-    .. math:: \\sigma^2 = \\frac{\\sum w (x - k)^2}{W} - (m - k)^2
-
-    with the squares taken and summed in float64: exact to float64 precision although ``k``, the
-    mean that normalises, is rounded to float32, and no float32 square overflows where the
-    variance fits (deviations near 1e19 square past float32's 3.4e38). Centring on ``k`` alone left the variance off by
-    ``(m - k)^2``, 1e-2 relative at ``|mean| / std ~ 1e6``. ``(x - k)`` is exact in float32
-    wherever ``x`` is within a factor 2 of ``k`` (Sterbenz), which is where it matters.
+    With ``W = sum(w)``, the mean ``m = sum(w x) / W`` and the variance
+    ``sum(w (x - m)^2) / W`` are accumulated in float64 (x.dtype on MPS, which has none), the
+    deviations ``x - m`` taken in float64 too: exact to float64 precision, and no float32
+    square overflows where the variance fits (deviations near 1e19 square past float32's
+    3.4e38). The gradient is as exact, value by value: centring on ``m`` rounded to float32
+    (as this did before) cost the variance ``(m - k)^2``, which a correction restored, but left
+    the gradient the rounding, and summed the variance's gradient with respect to that mean
+    over float32 terms of the channel's size; where masked values lie far from a channel's
+    data those terms are large, and dx near the mean was off by up to 2e-2 of its own size.
     """
     if not reduce_dims:
         # torch reads dim=() as "every dim"; reducing over nothing leaves each value its own mean.
         ones = torch.ones_like(x) if weights is None else weights.to(x.dtype) + torch.zeros_like(x)
         return Moments(x * (ones > 0), torch.zeros_like(x), ones)
     accumulator = _accumulator(x)
+    # tf.nn.moments centres with stop_gradient(mean): the same first derivative, but a wrong
+    # second one, so the mean stays attached here (double backward must be exact).
     if weights is None:
         elements = math.prod([x.shape[i] for i in reduce_dims])
-        exact_mean = x.sum(dim=reduce_dims, keepdim=True, dtype=accumulator) / max(elements, 1)
-        mean = exact_mean.to(x.dtype)
-        # tf.nn.moments centres with stop_gradient(mean): the same first derivative, but a wrong
-        # second one, so the mean stays attached here (double backward must be exact).
-        squared = (x - mean).to(accumulator).square().sum(dim=reduce_dims, keepdim=True)
-        count = torch.full_like(exact_mean, elements)
+        mean = x.sum(dim=reduce_dims, keepdim=True, dtype=accumulator) / max(elements, 1)
+        # x - mean promotes to the mean's dtype: the deviations are taken in float64.
+        squared = (x - mean).square().sum(dim=reduce_dims, keepdim=True)
+        count = torch.full_like(mean, elements)
     else:
         weights = weights.to(x.dtype)
         count = (weights + torch.zeros_like(x)).sum(
             dim=reduce_dims, keepdim=True, dtype=accumulator
         )
         weighted_sum = (weights * x).sum(dim=reduce_dims, keepdim=True, dtype=accumulator)
-        exact_mean = divide_no_nan(weighted_sum, count)
-        mean = exact_mean.to(x.dtype)
-        squared = (weights.to(accumulator) * (x - mean).to(accumulator).square()).sum(
-            dim=reduce_dims, keepdim=True
-        )
-    residual = exact_mean - mean.to(accumulator)
-    # d(residual)/dx = 0: the rounding passes the gradient through, so derivatives are exact.
-    variance = (divide_no_nan(squared, count) - residual.square()).clamp(min=0)
+        mean = divide_no_nan(weighted_sum, count)
+        squared = (weights.to(accumulator) * (x - mean).square()).sum(dim=reduce_dims, keepdim=True)
+    variance = divide_no_nan(squared, count)
     # Mean and variance stay in the accumulator's dtype (float64 except on MPS), as the CPU
     # kernels return them: normalising with a float32-rounded mean costs |mean| / std * 6e-8 of
     # the output's unit, 0.06 at |mean| / std = 1e6.
-    return Moments(exact_mean, variance, count.to(x.dtype).detach())
+    return Moments(mean, variance, count.to(x.dtype).detach())
 
 
 def affine_normalize(
