@@ -1,6 +1,7 @@
 """Draws of the numerics searches: shapes, channel axes, ghost batches, memory layouts, masks with
-padding far from the data, offsets up to |mean| / std = 1e6 and magnitudes up to 1e30
-(tests/test_numerics_search.py, tests/test_half_kernels.py)."""
+padding far from the data (Keras' with the channel axis not last vary inside each channel: the
+composed torch-op path), offsets up to |mean| / std = 1e6 and magnitudes up to 1e30
+(tests/test_numerics_search.py, tests/test_gradient_search.py, tests/test_half_kernels.py)."""
 
 from __future__ import annotations
 
@@ -52,14 +53,14 @@ def numerics_inputs(case):
         x = x + np.expand_dims(apart[np.arange(shape[0]) % count], list(range(1, len(shape))))
     mask = weights = None
     if case["mask"] is not None:
-        # A Keras mask drops the last axis: it is one weight per position when that is the
-        # channel axis, and is drawn only then.
-        assume(case["mask"] == "per_position" or axis == len(shape) - 1)
-        mask_shape = [s for d, s in enumerate(shape) if d != axis]
-        mask = rng.uniform(size=mask_shape) > 0.3
-        # A mask shaped like x without its last axis is Keras' (broadcast along that axis),
-        # whichever the channel axis is.
+        # A Keras mask drops x's last axis: one weight per position where that is the channel
+        # axis, else weights that vary inside each channel (the composed torch-op path). A mask
+        # shaped like x without the channel axis is one weight per position; where both shapes
+        # coincide, the layer reads Keras'.
+        per_position = [s for d, s in enumerate(shape) if d != axis]
+        mask_shape = shape[:-1] if case["mask"] == "keras" else per_position
         keras_style = mask_shape == shape[:-1]
+        mask = rng.uniform(size=mask_shape) > 0.3
         weights = np.expand_dims(mask, -1 if keras_style else axis).astype(np.float64)
         weights = np.broadcast_to(weights, shape)
         # every channel of every ghost batch has a value
