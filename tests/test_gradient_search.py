@@ -2,7 +2,8 @@
 
 The draws of tests/test_numerics_search.py (layouts, ghost batches, masks with padding far from
 the data, offsets up to |mean| / std = 1e6, values up to 1e30), with a fused activation, in
-training (the batch's statistics) and in inference (the moving ones) and, where it applies,
+training (the batch's statistics) and in inference (the moving ones), through the layer's
+one-call shortcut (a bool flag) and its general step (a tensor flag) and, where it applies,
 ``memory="in_place"``: each draw runs one forward and backward of the layer, with the Numba
 backend and with the torch-op backend, and compares dx, dgamma and dbeta with the float64
 formulas of tests/numpy_reference.py fed the same float32 values.
@@ -37,6 +38,9 @@ def gradient_cases(draw):
     # InPlace-ABN: the backward recovers the normalised input from the output (training only,
     # invertible activations)
     case["in_place"] = draw(st.booleans()) and case["training"]
+    # A tensor flag takes the layer's general step (moments, then normalising, each a call with
+    # its own backward), a bool its one-call shortcut.
+    case["tensor_flag"] = draw(st.booleans())
     return case
 
 
@@ -97,7 +101,10 @@ def _run_layer(case, x, upstream, gamma, beta, mask, backend):
                 layer(source, training=True, mask=mask_tensor)
         # in place: the output is written over a copy of the leaf (the leaf itself is refused)
         x_in = source.clone() if case["in_place"] else source
-        y = layer(x_in, training=case["training"], mask=mask_tensor)
+        flag = case["training"]
+        y = layer(
+            x_in, training=torch.tensor(flag) if case.get("tensor_flag") else flag, mask=mask_tensor
+        )
         y.backward(dy)
     finally:
         register_backend("cpu", NUMBA_CPU)
