@@ -260,14 +260,38 @@ def _assert_one_and_two_threads_agree(x, axis, mask=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    ("shape", "axis"), [((33007, 16), -1), ((33007, 5), -1), ((37, 16, 29, 31), 1)]
+    ("shape", "axis"),
+    [((33007, 16), -1), ((33007, 5), -1), ((37, 16, 29, 31), 1), ((6, 32771), -1)],
 )
 def test_results_are_bit_identical_for_one_and_two_threads(shape, axis, dtype):
     # Row blocks come from the shape, and their partial sums are added in block order: the
     # threaded build over 2 threads and the serial build give the same bits. The shapes do not
     # divide into the blocks evenly; float64 shows any change in the order of the float64 sums.
+    # (6, 32771): one block for the reducing passes, two of three rows for inference's.
     torch.manual_seed(0)
     _assert_one_and_two_threads_agree((torch.randn(shape) * 3 + 5).to(dtype), axis)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_short_batches_normalise_every_row_in_finer_blocks(threads):
+    # Inference's normalising pass keeps no partial sums, so it splits the rows of a wide, short
+    # batch into blocks the reducing passes do not take (kernels.blocks_for): every row of every
+    # block, the odd one of each block included, against the float64 formula.
+    torch.manual_seed(4)
+    shape = (7, 40009)  # four blocks (one and two rows) for inference, one for the rest
+    x = torch.randn(shape) * 2 + 1
+    layer = BatchNormalization(shape[1], momentum=0.0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        layer(x, training=True)
+        y = layer(x, training=False)
+    finally:
+        torch.set_num_threads(previous)
+    mean, variance = layer.moving_mean.double(), layer.moving_variance.double()
+    expected = (x.double() - mean) / torch.sqrt(variance + layer.epsilon) * layer.gamma.double()
+    expected += layer.beta.double()
+    torch.testing.assert_close(y.double(), expected, rtol=4e-7, atol=4e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -26,6 +26,7 @@ from batchnorm.functional._cpu_plan import (
     Prepared,
     compute_dtype,
     constant_channels,
+    kernel_threads,
     prepare,
     shared_array,
     storage_array,
@@ -129,7 +130,12 @@ def normalize_into(
     is read before it is written; :data:`batchnorm.kernels.affine_normalize` says why not
     ``out3=prepared.x3``)."""
     plan = prepared.plan
-    normalize = prepared.compiled(plan.affine_normalize)
+    blocks = plan.normalize_blocks
+    if blocks == plan.blocks:
+        normalize = prepared.compiled(plan.affine_normalize)
+    else:  # more blocks than the reducing passes take (see CpuPlan)
+        threaded = kernel_threads() > 1
+        normalize = plan.affine_normalize.threaded if threaded else plan.affine_normalize.serial
     normalize(
         prepared.x3,
         mean,
@@ -139,7 +145,7 @@ def normalize_into(
         epsilon,
         groups,
         plan.layout.period,
-        plan.blocks,
+        blocks,
         out3,
         *activation_code(activation),
     )

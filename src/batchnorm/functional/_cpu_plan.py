@@ -84,6 +84,7 @@ class CpuPlan:
         "inverse",
         "layout",
         "memory_shape",
+        "normalize_blocks",
         "plain_memory",
         "shape3",
         "torch_dtype",
@@ -112,9 +113,11 @@ class CpuPlan:
         # call less than output_memory.empty's checks).
         self.plain_memory = not output_memory.is_aligned(self.memory_shape, self.dtype)
         self.inverse = None if identity else inverse_permutation(list(layout.order))
-        self.blocks = kernels.blocks_for(
-            layout.rows * layout.channels * layout.inner, layout.rows, layout.inner
-        )
+        elements = layout.rows * layout.channels * layout.inner
+        self.blocks = kernels.blocks_for(elements, layout.rows, layout.inner)
+        # The normalising pass alone (inference, the general training path) keeps no partial
+        # sums: it may split rows more finely.
+        self.normalize_blocks = kernels.blocks_for(elements, layout.rows, layout.inner, sums=False)
 
         build = layout_for(layout.channels, layout.inner, ghost_batches)
 

@@ -423,16 +423,20 @@ def kernel(function: Any) -> LayoutKernel:
 MIN_BLOCK_ROW_VALUES = 8
 
 
-def blocks_for(elements: int, rows: int, inner: int) -> int:
+def blocks_for(elements: int, rows: int, inner: int, sums: bool = True) -> int:
     """Row blocks for a pass over ``elements`` values in ``rows`` rows of ``inner`` values per
-    channel, from the shape alone.
+    channel, from the shape alone; ``sums=False`` for an element-wise pass (normalising alone),
+    whose blocks keep no partial sums and so need no minimum of rows: (8, 32768) inference ran
+    serially, 1.4-1.5x torch's time, and takes 4 blocks of 2 rows.
 
     A power of two (1, 2, 4, 8 or 16), so that 1, 2, 4, 8 or 16 threads get equal shares; the
     reduction order, and so every result, does not depend on the thread count.
     """
     if elements < PARALLEL_THRESHOLD:
         return 1
-    blocks = min(MAX_BLOCKS, rows, elements // BLOCK_ELEMENTS, rows * inner // MIN_BLOCK_ROW_VALUES)
+    blocks = min(MAX_BLOCKS, rows, elements // BLOCK_ELEMENTS)
+    if sums:
+        blocks = min(blocks, rows * inner // MIN_BLOCK_ROW_VALUES)
     return 1 << (max(1, blocks).bit_length() - 1)
 
 
