@@ -64,16 +64,24 @@ def first_values(x, weights, masked, groups, period):  # type: ignore[no-untyped
 @setup_helper
 def sum_blocks(partial):  # type: ignore[no-untyped-def]
     """The per-thread partial sums ``[blocks, k, groups, C]`` added in block order
-    (deterministic). Plain loops: array expressions here cost a second of JIT compilation."""
+    (deterministic). Plain loops: array expressions here cost a second of JIT compilation.
+
+    Block by block over contiguous rows of channels, which vectorise: with the blocks innermost
+    (one strided load per block and value) adding two blocks of 3 x 4096 sums took 17 us, now
+    4.6, the same bits.
+    """
     blocks, kinds, groups, channels = partial.shape
     sums = np.empty(kinds * groups * channels, np.float64).reshape((kinds, groups, channels))
     for k in range(kinds):
         for g in range(groups):
+            total = sums[k, g]
+            first = partial[0, k, g]
             for c in range(channels):
-                total = partial[0, k, g, c]
-                for block in range(1, blocks):
-                    total += partial[block, k, g, c]
-                sums[k, g, c] = total
+                total[c] = first[c]
+            for block in range(1, blocks):
+                part = partial[block, k, g]
+                for c in range(channels):
+                    total[c] += part[c]
     return sums
 
 
