@@ -116,7 +116,9 @@ def _run_layer(case, x, upstream, gamma, beta, mask, backend):
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch ops"])
-@settings(max_examples=40, deadline=None)
+# 25 draws a run: each new layout, activation and path compiles its kernels on a cold cache (about
+# a minute of the suite in a fresh clone); searches of 4000 draws a backend passed (session 37).
+@settings(max_examples=25, deadline=None)
 @given(case=gradient_cases())
 # Found by the search: one value per channel kept by the mask, the masked one 2e36 away. The
 # kernels' coefficient inv^2 S_dc / W overflowed float32 (2e39) and 0 * inf made dx NaN.
