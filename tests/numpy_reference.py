@@ -5,6 +5,22 @@ from __future__ import annotations
 import numpy as np
 
 
+def _channel_layout(shape, axes):
+    """``(channel_shape, view, reduce)``: the statistics' shape, that shape broadcastable
+    against x, and the axes reduced."""
+    channel_shape = tuple(shape[a] for a in axes)
+    view = [shape[i] if i in axes else 1 for i in range(len(shape))]
+    reduce = tuple(i for i in range(len(shape)) if i not in axes)
+    return channel_shape, view, reduce
+
+
+def _per_channel(values, channel_shape, default):
+    """gamma or beta as float64, ``default`` everywhere for None."""
+    if values is None:
+        return np.full(channel_shape, default)
+    return np.asarray(values, np.float64)
+
+
 def _ghost_batches(batch, virtual_batch_size):
     """The sample indices of each ghost batch: sample ``o`` is in ghost batch ``o % count``
     (tf-keras reshapes the batch to ``[virtual_batch_size, count, ...]``)."""
@@ -33,12 +49,9 @@ def reference_train_step(
     Statistics arrays are per channel (``x.shape[a] for a in axes``).
     """
     x = np.asarray(x, dtype=np.float64)
-    ndim = x.ndim
-    channel_shape = tuple(x.shape[a] for a in axes)
-    view = [x.shape[i] if i in axes else 1 for i in range(ndim)]
-    reduce = tuple(i for i in range(ndim) if i not in axes)
-    gamma = np.ones(channel_shape) if gamma is None else np.asarray(gamma, np.float64)
-    beta = np.zeros(channel_shape) if beta is None else np.asarray(beta, np.float64)
+    channel_shape, view, reduce = _channel_layout(x.shape, axes)
+    gamma = _per_channel(gamma, channel_shape, 1.0)
+    beta = _per_channel(beta, channel_shape, 0.0)
     groups = _ghost_batches(x.shape[0], virtual_batch_size)
     y = np.empty_like(x)
     means, variances, counts = [], [], []
@@ -76,10 +89,9 @@ def reference_train_step(
 
 def reference_inference(x, mean_state, var_state, gamma, beta, *, axes, epsilon):
     x = np.asarray(x, dtype=np.float64)
-    view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
-    channel_shape = tuple(x.shape[a] for a in axes)
-    gamma = np.ones(channel_shape) if gamma is None else np.asarray(gamma, np.float64)
-    beta = np.zeros(channel_shape) if beta is None else np.asarray(beta, np.float64)
+    channel_shape, view, _ = _channel_layout(x.shape, axes)
+    gamma = _per_channel(gamma, channel_shape, 1.0)
+    beta = _per_channel(beta, channel_shape, 0.0)
     return (x - mean_state.reshape(view)) / np.sqrt(
         var_state.reshape(view) + epsilon
     ) * gamma.reshape(view) + beta.reshape(view)
@@ -157,11 +169,8 @@ def reference_train_gradients(
     """
     x = np.asarray(x, dtype=np.float64)
     dy = np.asarray(upstream, dtype=np.float64)
-    ndim = x.ndim
-    channel_shape = tuple(x.shape[a] for a in axes)
-    view = [x.shape[i] if i in axes else 1 for i in range(ndim)]
-    reduce = tuple(i for i in range(ndim) if i not in axes)
-    gamma = np.ones(channel_shape) if gamma is None else np.asarray(gamma, np.float64)
+    channel_shape, view, reduce = _channel_layout(x.shape, axes)
+    gamma = _per_channel(gamma, channel_shape, 1.0)
     scale = gamma.reshape(view)
     absolute = np.abs if magnitudes else (lambda value: value)
     groups = _ghost_batches(x.shape[0], virtual_batch_size)
