@@ -261,13 +261,20 @@ def _assert_one_and_two_threads_agree(x, axis, mask=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     ("shape", "axis"),
-    [((33007, 16), -1), ((33007, 5), -1), ((37, 16, 29, 31), 1), ((6, 32771), -1)],
+    [
+        ((33007, 16), -1),
+        ((33007, 5), -1),
+        ((37, 16, 29, 31), 1),
+        ((6, 32771), -1),
+        ((61, 1001), -1),
+    ],
 )
 def test_results_are_bit_identical_for_one_and_two_threads(shape, axis, dtype):
     # Row blocks come from the shape, and their partial sums are added in block order: the
     # threaded build over 2 threads and the serial build give the same bits. The shapes do not
     # divide into the blocks evenly; float64 shows any change in the order of the float64 sums.
-    # (6, 32771): one block for the reducing passes, two of three rows for inference's.
+    # (6, 32771): one block for the reducing passes, two of three rows for inference's;
+    # (61, 1001): two blocks (31 and 30 rows) for the reducing passes, one for inference's.
     torch.manual_seed(0)
     _assert_one_and_two_threads_agree((torch.randn(shape) * 3 + 5).to(dtype), axis)
 

@@ -133,8 +133,8 @@ def normalize_into(
     blocks = plan.normalize_blocks
     if blocks == plan.blocks:
         normalize = prepared.compiled(plan.affine_normalize)
-    else:  # more blocks than the reducing passes take (see CpuPlan)
-        threaded = kernel_threads() > 1
+    else:  # the reducing passes split the rows otherwise (see CpuPlan)
+        threaded = blocks > 1 and kernel_threads() > 1
         normalize = plan.affine_normalize.threaded if threaded else plan.affine_normalize.serial
     normalize(
         prepared.x3,

@@ -116,7 +116,9 @@ class CpuPlan:
         elements = layout.rows * layout.channels * layout.inner
         self.blocks = kernels.blocks_for(elements, layout.rows, layout.inner)
         # The normalising pass alone (inference, the general training path) keeps no partial
-        # sums: it may split rows more finely.
+        # sums and does little per value: it splits rows its own way (more finely in wide,
+        # short batches; not below 2^17 values, where the reducing passes already take two
+        # blocks: kernels.SUMS_PARALLEL_THRESHOLD).
         self.normalize_blocks = kernels.blocks_for(elements, layout.rows, layout.inner, sums=False)
 
         build = layout_for(layout.channels, layout.inner, ghost_batches)

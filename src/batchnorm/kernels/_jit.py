@@ -125,18 +125,27 @@ def jit_enabled() -> bool:
     return not numba.config.DISABLE_JIT  # type: ignore[attr-defined]
 
 
-# Below this many elements a kernel runs as one block on the calling thread: waking the pool
-# costs more. Above it, blocks of at least BLOCK_ELEMENTS, at most MAX_BLOCKS of them (so, both
-# being 2^16, two blocks from 2^17 elements). On the 2-core Intel Xeon (Sapphire Rapids) VM,
-# against torch in one process, 2 blocks from 2^17 elements instead of serial up to 2^18: (32, 4096), (64, 2048) and (128, 1024) training
-# forward+backward 1.8-1.96x torch's -> 1.3-1.65x, inference forward+backward 2.1-2.4x ->
-# 1.5-1.7x, the forwards level or better; (64, 1000) 2 blocks instead of 1 was a wash (training
-# forward 0.78 -> 0.97x). A serial kernel streams the whole input and output through the
-# calling core's L2 (2 MiB), out of which they push the interpreter's own data: Python around a
-# (32, 64) forward+backward took 175 us after 4 MB of traffic instead of 57 (torch's 135
-# instead of 47); two blocks split that traffic between both cores' caches.
+# Below this many elements the normalising pass alone runs as one block on the calling thread:
+# waking the pool costs more. Above it, blocks of at least BLOCK_ELEMENTS, at most MAX_BLOCKS of
+# them (so, both being 2^16, two blocks from 2^17 elements). On the 2-core Intel Xeon (Sapphire
+# Rapids) VM, against torch in one process, 2 blocks from 2^17 elements instead of serial up to
+# 2^18: (32, 4096), (64, 2048) and (128, 1024) training forward+backward 1.8-1.96x torch's ->
+# 1.3-1.65x, inference forward+backward 2.1-2.4x -> 1.5-1.7x, the forwards level or better. A
+# serial kernel streams the whole input and output through the calling core's L2 (2 MiB), out
+# of which they push the interpreter's own data: Python around a (32, 64) forward+backward took
+# 175 us after 4 MB of traffic instead of 57 (torch's 135 instead of 47); two blocks split that
+# traffic between both cores' caches.
 PARALLEL_THRESHOLD = 1 << 16
 BLOCK_ELEMENTS = 1 << 16
+# The kernels that sum (moments, gradient sums, a training step's forward and backward, the
+# inference backward) take two blocks from here. They do several float64 operations a value
+# where the normalising pass does one float32 multiply-add, so splitting pays off sooner: on
+# the Intel VM (session 38, old and new code alternating), training forward+backward of
+# (64, 1000) (the MLP step's batch norm) 1.53-1.58x torch's time -> 1.30-1.36x,
+# (12, 64, 8, 8) 1.32-1.34x -> 1.21-1.24x; the training forward alone 0.81-0.85x -> 0.90-0.91x
+# on (64, 1000). From 2^15 elements two blocks lost ((32, 1024) forward+backward 1.35x ->
+# 1.49x), and on the normalising pass alone ((64, 1024) inference 1.11x -> 1.23x).
+SUMS_PARALLEL_THRESHOLD = 3 << 14
 MAX_BLOCKS = 16
 
 
@@ -432,11 +441,12 @@ def blocks_for(elements: int, rows: int, inner: int, sums: bool = True) -> int:
     A power of two (1, 2, 4, 8 or 16), so that 1, 2, 4, 8 or 16 threads get equal shares; the
     reduction order, and so every result, does not depend on the thread count.
     """
-    if elements < PARALLEL_THRESHOLD:
+    if elements < (SUMS_PARALLEL_THRESHOLD if sums else PARALLEL_THRESHOLD):
         return 1
-    blocks = min(MAX_BLOCKS, rows, elements // BLOCK_ELEMENTS)
-    if sums:
-        blocks = min(blocks, rows * inner // MIN_BLOCK_ROW_VALUES)
+    blocks = elements // BLOCK_ELEMENTS
+    if sums:  # at least 2 from SUMS_PARALLEL_THRESHOLD, with MIN_BLOCK_ROW_VALUES a block
+        blocks = min(max(2, blocks), rows * inner // MIN_BLOCK_ROW_VALUES)
+    blocks = min(MAX_BLOCKS, rows, blocks)
     return 1 << (max(1, blocks).bit_length() - 1)
 
 
