@@ -44,7 +44,6 @@ from batchnorm.kernels._jit import (
     setup_helper,
 )
 from batchnorm.kernels._statistics import sum_blocks
-from batchnorm.kernels._training import parameter_gradients
 
 
 @setup_helper
@@ -327,11 +326,11 @@ def train_backward_activated(  # type: ignore[no-untyped-def]
     )
     sums = sum_blocks(partial)
     _, low = split_mean(mean, x)
-    k_dy, mean_dy, k_normalised, inverse = gradient_coefficients(
+    k_dy, mean_dy, k_normalised, inverse, parameter_gradients = gradient_coefficients(
         variance, total, scale, sums, epsilon, x
     )
     coefficients = (high, low, inverse, factor, shift, k_dy, mean_dy, k_normalised)
     activated_gradient_blocks(
         dy, x, y, weights, masked, coefficients, derivative, period, blocks, out
     )
-    return parameter_gradients(sums, variance, epsilon)
+    return parameter_gradients

@@ -292,7 +292,9 @@ def affine_normalize(  # type: ignore[no-untyped-def]
 @setup_helper
 def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_example):  # type: ignore[no-untyped-def]
     """``k_dy = s = scale * inv``, ``mean_dy = Sdy / W``, ``k_normalised = inv Sdc / W`` and
-    ``inv = 1 / sqrt(variance + epsilon)``, in the compute dtype.
+    ``inv = 1 / sqrt(variance + epsilon)``, in the compute dtype, and the parameters'
+    gradients ``dscale = sum_g inv Sdc`` and ``doffset = sum_g Sdy`` (float64 ``[C]``; the
+    backward kernels return them), all from one ``inv`` per channel and group.
 
     The input gradient is ``s * ((dy - w * mean_dy) - w * k_normalised * x_hat)`` with
     ``x_hat = (x - mean) * inv``: with ``s`` factored out, a channel with one value per batch
@@ -307,6 +309,11 @@ def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_ex
     mean_dy = np.empty(groups * channels, dtype).reshape((groups, channels))
     k_normalised = np.empty(groups * channels, dtype).reshape((groups, channels))
     inverse = np.empty(groups * channels, dtype).reshape((groups, channels))
+    dscale = np.empty(channels, np.float64)
+    doffset = np.empty(channels, np.float64)
+    for c in range(channels):
+        dscale[c] = 0.0
+        doffset[c] = 0.0
     for g in range(groups):
         for c in range(channels):
             inv = 1.0 / np.sqrt(variance[g, c] + epsilon)
@@ -315,7 +322,9 @@ def gradient_coefficients(variance, total_weight, scale, sums, epsilon, dtype_ex
             mean_dy[g, c] = sums[0, g, c] * per_weight
             k_normalised[g, c] = inv * sums[1, g, c] * per_weight
             inverse[g, c] = inv
-    return k_dy, mean_dy, k_normalised, inverse
+            dscale[c] += sums[1, g, c] * inv
+            doffset[c] += sums[0, g, c]
+    return k_dy, mean_dy, k_normalised, inverse, (dscale, doffset)
 
 
 @elementwise_helper
@@ -583,7 +592,7 @@ def batch_norm_input_gradient(  # type: ignore[no-untyped-def]
     without weights; :func:`gradient_coefficients`).
     """
     high, low = split_mean(mean, x)
-    k_dy, mean_dy, k_normalised, inverse = gradient_coefficients(
+    k_dy, mean_dy, k_normalised, inverse, _ = gradient_coefficients(
         variance, total_weight, scale, sums, epsilon, x
     )
     input_gradient_blocks(

@@ -241,37 +241,20 @@ def train_forward(  # type: ignore[no-untyped-def]
     return mean, variance, total
 
 
-@setup_helper
-def parameter_gradients(sums, variance, epsilon):  # type: ignore[no-untyped-def]
-    """``dscale = sum_g Sdc / sqrt(variance + epsilon)`` and ``doffset = sum_g Sdy`` per channel."""
-    groups, channels = variance.shape
-    dscale = np.empty(channels, np.float64)
-    doffset = np.empty(channels, np.float64)
-    for c in range(channels):
-        dscale[c] = 0.0
-        doffset[c] = 0.0
-    for g in range(groups):
-        for c in range(channels):
-            inv = 1.0 / np.sqrt(variance[g, c] + epsilon)
-            dscale[c] += sums[1, g, c] * inv
-            doffset[c] += sums[0, g, c]
-    return dscale, doffset
-
-
 @kernel
 def train_backward(  # type: ignore[no-untyped-def]
     dy, x, weights, masked, mean, variance, total, scale, epsilon, groups, period, blocks, out
 ):
     """The batch-norm backward with the batch's own statistics, in one call: ``out = dL/dx``
     (:data:`batchnorm.kernels.batch_norm_input_gradient`), returns ``(dscale, doffset)`` ``[C]``
-    float64 (:func:`parameter_gradients`).
+    float64 (:func:`~batchnorm.kernels._elementwise.gradient_coefficients`).
     """
     channels = x.shape[1]
     partial = np.zeros((blocks, 2, groups, channels), np.float64)
     gradient_sums_blocks(dy, x, mean, groups, period, blocks, partial)
     sums = sum_blocks(partial)
     high, low = split_mean(mean, x)
-    k_dy, mean_dy, k_normalised, inverse = gradient_coefficients(
+    k_dy, mean_dy, k_normalised, inverse, parameter_gradients = gradient_coefficients(
         variance, total, scale, sums, epsilon, x
     )
     input_gradient_blocks(
@@ -290,4 +273,4 @@ def train_backward(  # type: ignore[no-untyped-def]
         blocks,
         out,
     )
-    return parameter_gradients(sums, variance, epsilon)
+    return parameter_gradients
