@@ -126,7 +126,7 @@ def test_a_bad_environment_value_is_named(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize(
-    "shape", [(32, 4096), LARGE, (3, 5, 4099)], ids=["heap", "kept", "odd-sized rows"]
+    "shape", [(32, 4096), LARGE, (3, 5, 4099)], ids=["torch.empty", "kept", "odd-sized rows"]
 )
 def test_outputs_from_the_aligned_size_start_on_a_cache_line(shape: tuple[int, ...]) -> None:
     """Training output, input gradient and inference output start on a 64-byte boundary, as
@@ -151,6 +151,25 @@ def test_outputs_from_the_aligned_size_start_on_a_cache_line(shape: tuple[int, .
     for y, dx, inferred in outputs:
         assert [t.data_ptr() % output_memory.ALIGNMENT for t in (y, dx, inferred)] == [0, 0, 0]
         torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_outputs_from_torch_memory_hold_the_kernel_results() -> None:
+    """A bfloat16 output of 256 KiB comes from torch.empty (viewed by the kernels as its bits):
+    the training output and input gradient equal the float32 computation's, rounded."""
+    shape = (64, 2048)
+    assert output_memory.source(shape, np.int16) == "torch"
+    torch.manual_seed(2)
+    x = torch.randn(shape).to(torch.bfloat16).requires_grad_()
+    upstream = torch.randn(shape).to(torch.bfloat16)
+    layer = BatchNormalization(shape[1])
+    y = layer(x, training=True)
+    y.backward(upstream)
+    x32 = x.detach().float().requires_grad_()
+    reference = torch.nn.functional.batch_norm(x32, None, None, training=True, eps=layer.epsilon)
+    reference.backward(upstream.float())
+    assert y.dtype == x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference.detach(), rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(x.grad.float(), x32.grad, rtol=1.6e-2, atol=1e-2)
 
 
 def test_aligned_empty_is_an_array_of_the_shape_and_dtype_on_the_boundary() -> None:

@@ -83,9 +83,9 @@ class CpuPlan:
         "input_gradient",
         "inverse",
         "layout",
+        "memory",
         "memory_shape",
         "normalize_blocks",
-        "plain_memory",
         "shape3",
         "torch_dtype",
         "train_backward",
@@ -109,9 +109,7 @@ class CpuPlan:
         self.shape3 = (layout.rows, layout.channels, layout.inner)
         self.transpose = None if identity else layout.order
         self.memory_shape = tuple(sizes[d] for d in layout.order)
-        # Outputs below output_memory.ALIGNED_FROM come straight from np.empty (microseconds a
-        # call less than output_memory.empty's checks).
-        self.plain_memory = not output_memory.is_aligned(self.memory_shape, self.dtype)
+        self.memory = output_memory.source(self.memory_shape, self.dtype)
         self.inverse = None if identity else inverse_permutation(list(layout.order))
         elements = layout.rows * layout.channels * layout.inner
         self.blocks = kernels.blocks_for(elements, layout.rows, layout.inner)
@@ -147,26 +145,29 @@ class CpuPlan:
         return array.reshape(self.shape3)
 
     def fresh(self) -> tuple[torch.Tensor, np.ndarray]:
-        """An uninitialised tensor shaped and laid out like the input, allocated by NumPy, and
-        its canonical array.
+        """An uninitialised tensor shaped and laid out like the input, and its canonical array,
+        from where :func:`batchnorm.functional._output_memory.source` says.
 
         NumPy advises the kernel to back large allocations with transparent huge pages, so
         writing a fresh output takes far fewer page faults than with torch's CPU allocator: on
         the 2-core development machine a new 51 MB output cost 37 ms to fill from
         torch.empty_like and 11 ms from NumPy (5 ms into memory already touched). Large outputs
         reuse the memory of earlier ones that nothing refers to any more
-        (:mod:`batchnorm.functional._output_memory`), which avoids even those. From
-        128 KiB they start on a cache line, as torch's do.
+        (:mod:`batchnorm.functional._output_memory`), which avoids even those.
         """
         array: np.ndarray
-        if self.plain_memory:
-            array = np.empty(self.memory_shape, self.dtype)
+        if self.memory == "torch":
+            fresh = torch.empty(self.memory_shape, dtype=self.torch_dtype)
+            array = storage_array(fresh)
         else:
-            array = output_memory.empty(self.memory_shape, self.dtype)
-        if self.torch_dtype in HALF_BITS:  # uint16 or int16 bits, viewed as what they hold
-            fresh = torch.from_numpy(array.view(np.int16)).view(self.torch_dtype)
-        else:
-            fresh = torch.from_numpy(array)
+            if self.memory == "numpy":
+                array = np.empty(self.memory_shape, self.dtype)
+            else:
+                array = output_memory.empty(self.memory_shape, self.dtype)
+            if self.torch_dtype in HALF_BITS:  # uint16 or int16 bits, viewed as what they hold
+                fresh = torch.from_numpy(array.view(np.int16)).view(self.torch_dtype)
+            else:
+                fresh = torch.from_numpy(array)
         canonical = array.reshape(self.shape3)
         if self.inverse is None:
             return fresh, canonical
