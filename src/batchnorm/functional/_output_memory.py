@@ -104,8 +104,8 @@ def source(shape: tuple[int, ...], dtype: type | np.dtype) -> str:
     In the middle band :func:`empty` aligned a NumPy array by hand, which took more Python
     (1.5-2 us a call alone; 9-13 us inside a model, whose layers had pushed the interpreter's
     data out of the caches): in a ``Linear(784, 1000)-ReLU-BN-Linear(10)`` inference at batch
-    64 on the Intel VM, the batch norm's share of the model's time went from 102-112 us to
-    89-94 us (torch's: 38-53 us), three alternating runs of 60 rounds.
+    64 on the Intel VM, the batch norm's share of the model's time went from 102-116 us to
+    91-92 us (torch's: 39-56 us), three alternating runs of 60 rounds.
     """
     size = math.prod(shape) * np.dtype(dtype).itemsize
     if size < ALIGNED_FROM:

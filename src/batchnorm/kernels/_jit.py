@@ -144,7 +144,9 @@ BLOCK_ELEMENTS = 1 << 16
 # (64, 1000) (the MLP step's batch norm) 1.53-1.58x torch's time -> 1.30-1.36x,
 # (12, 64, 8, 8) 1.32-1.34x -> 1.21-1.24x; the training forward alone 0.81-0.85x -> 0.90-0.91x
 # on (64, 1000). From 2^15 elements two blocks lost ((32, 1024) forward+backward 1.35x ->
-# 1.49x), and on the normalising pass alone ((64, 1024) inference 1.11x -> 1.23x).
+# 1.49x), and on the normalising pass alone ((64, 1024) inference 1.11x -> 1.23x). The cost: an
+# input of 49,152-131,071 elements compiles the threaded builds on its first call (a model with
+# a larger batch norm input compiles them anyway): a cold (64, 1000) first call 5.5-5.9 -> 9.0 s.
 SUMS_PARALLEL_THRESHOLD = 3 << 14
 MAX_BLOCKS = 16
 
