@@ -274,7 +274,8 @@ def test_results_are_bit_identical_for_one_and_two_threads(shape, axis, dtype):
     # threaded build over 2 threads and the serial build give the same bits. The shapes do not
     # divide into the blocks evenly; float64 shows any change in the order of the float64 sums.
     # (6, 32771): one block for the reducing passes, two of three rows for inference's;
-    # (61, 1001): two blocks (31 and 30 rows) for the reducing passes, one for inference's.
+    # (61, 1001): two blocks (31 and 30 rows) for the reducing passes and for an inference
+    # forward whose backward follows, one for inference alone.
     torch.manual_seed(0)
     _assert_one_and_two_threads_agree((torch.randn(shape) * 3 + 5).to(dtype), axis)
 

@@ -275,7 +275,7 @@ class InferenceWithGradients(torch.autograd.Function):
     def forward(ctx, x, scale, offset, call, activation):  # type: ignore[no-untyped-def, override]
         if activation is not None and activation.name == "identity":
             activation = None
-        y = call.output(x.dtype, activation)
+        y = call.output(x.dtype, activation, backward_follows=True)
         # beta and y only with an activation (its derivative reads them): without one, beta
         # may change in place before the backward, as before.
         activated = activation is not None
