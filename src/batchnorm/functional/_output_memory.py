@@ -114,13 +114,12 @@ def source(shape: tuple[int, ...], dtype: type | np.dtype) -> str:
 
 
 def empty(shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
-    """An uninitialised array, in memory that a previous output no longer needs where there is
-    one (see the module docstring); aligned from :data:`ALIGNED_FROM` bytes."""
+    """An uninitialised aligned array for an output that :func:`source` sends here (``"kept"``:
+    at least :data:`SMALLEST_KEPT` bytes), in memory that a previous output no longer needs
+    where there is one (see the module docstring)."""
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
-    if size < ALIGNED_FROM:
-        return np.empty(shape, dtype)
-    if size < SMALLEST_KEPT or _state["limit"] == 0:
+    if _state["limit"] == 0:
         return aligned_empty(shape, dtype)
     key = (shape, dtype)
     with _lock:
