@@ -129,7 +129,7 @@ class _InPlaceKernels(torch.autograd.Function):
         plan = prepared.plan
         y3 = plan.canonical(storage_array(y.detach()))
         dy3 = _canonical_gradient(grad, prepared)
-        dx, dx3 = plan.fresh()
+        dx, dx3 = plan.fresh(prepared.source)
         code, parameter = activation_code(in_place_pass.activation)
         floor = elu_inverse_floor(plan.torch_dtype)  # where y rounds to -alpha
         backward = prepared.compiled(plan.in_place_backward)

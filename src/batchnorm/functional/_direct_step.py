@@ -46,6 +46,8 @@ from batchnorm.functional._cpu_operations import (
     RenormStep,
     StepArrays,
     TrainStep,
+    activation_code,
+    normalize_plain,
     step_arrays,
     train_in_place_impl,
 )
@@ -295,6 +297,7 @@ class DirectCalls:
         self.axis, self.rank, self.options = axis, rank, options
         self.training, self.trainable = training and trainable, trainable
         self.masks = masks  # False: a mask is ignored, with a warning (the general path's)
+        self.activation_code = activation_code(options.activation)
         moving_mean = self.tensors[2]
         assert moving_mean is not None
         self.dtype = moving_mean.dtype
@@ -401,6 +404,17 @@ class DirectCalls:
                     options.activation,
                 )
             mean, variance = self.statistic_rows  # type: ignore[misc]
+            if not needs_grad:
+                return normalize_plain(
+                    plan,
+                    x,
+                    mean,  # type: ignore[arg-type]
+                    variance,  # type: ignore[arg-type]
+                    arrays.scale,
+                    arrays.offset,
+                    options.epsilon,
+                    self.activation_code,
+                )
             call = InferenceCall(
                 prepare_with(plan, x),
                 mean,  # type: ignore[arg-type]
@@ -412,9 +426,7 @@ class DirectCalls:
                 moving_mean,
                 moving_variance,
             )
-            if needs_grad:
-                return _infer_with_gradients(x, gamma, beta, call, options.activation)
-            return call.output(x.dtype, options.activation)
+            return _infer_with_gradients(x, gamma, beta, call, options.activation)
         axes = [self.axis]
         step = TrainStep(
             axes,
