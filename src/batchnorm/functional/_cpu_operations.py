@@ -538,8 +538,10 @@ def train_backward_impl(
 
 
 def _canonical_gradient(grad: torch.Tensor, prepared: Prepared) -> np.ndarray:
-    """The upstream gradient as a dense canonical array, a view where it is laid out like x."""
-    grad = grad.detach()
+    """The upstream gradient as a dense canonical array, a view where it is laid out like x
+    (detached only where it requires grad, under ``create_graph``: see
+    :meth:`CpuPlan.kernel_view`)."""
+    grad = grad.detach() if grad.requires_grad else grad
     source = prepared.source
     if grad.dtype == source.dtype and grad.stride() == source.stride():
         return prepared.plan.canonical(storage_array(grad))
