@@ -139,9 +139,8 @@ def normalize_plain(
     :meth:`CpuPlan.fresh`'s ``empty_like`` and :meth:`CpuPlan.kernel_view`; torch's 39-49 us),
     where the same calls cost a few microseconds in a loop.
     """
-    blocks = plan.normalize_blocks
     out, out3 = plan.fresh(x)
-    plan.normalize_kernel(blocks)(
+    plan.normalize(
         plan.kernel_view(x),
         mean,
         variance,
@@ -149,10 +148,9 @@ def normalize_plain(
         offset,
         epsilon,
         1,
-        plan.layout.period,
-        blocks,
+        plan.normalize_blocks,
         out3,
-        *code,
+        code,
     )
     return out
 
@@ -175,9 +173,7 @@ def normalize_into(
     ``out3=prepared.x3``), in ``blocks`` row blocks (the plan's ``normalize_blocks`` when
     None)."""
     plan = prepared.plan
-    if blocks is None:
-        blocks = plan.normalize_blocks
-    plan.normalize_kernel(blocks)(
+    plan.normalize(
         prepared.x3,
         mean,
         variance,
@@ -185,10 +181,9 @@ def normalize_into(
         offset,
         epsilon,
         groups,
-        plan.layout.period,
-        blocks,
+        plan.normalize_blocks if blocks is None else blocks,
         out3,
-        *activation_code(activation),
+        activation_code(activation),
     )
 
 
@@ -394,20 +389,25 @@ class InferenceCall(NamedTuple):
         1.74-1.87x; split alike, 1.58-1.63x, 1.52-1.62x and 1.54-1.56x (2 runs each,
         alternating). Inference alone keeps the normalising pass's own split.
         """
-        plan = self.prepared.plan
-        blocks = max(plan.blocks, plan.normalize_blocks) if backward_follows else None
-        return normalize_prepared(
-            self.prepared,
+        prepared = self.prepared
+        plan = prepared.plan
+        blocks = plan.normalize_blocks
+        if backward_follows:
+            blocks = max(plan.blocks, blocks)
+        out, out3 = plan.fresh(prepared.source)
+        plan.normalize(
+            prepared.x3,
             self.mean,
             self.variance,
             self.scale,
             self.offset,
             self.epsilon,
             1,
-            dtype,
-            activation,
             blocks,
+            out3,
+            activation_code(activation),
         )
+        return out if out.dtype == dtype else out.to(dtype)
 
 
 def train_in_place_impl(

@@ -192,12 +192,39 @@ class CpuPlan:
         loop)."""
         return self.canonical(storage_array(x.detach() if x.requires_grad else x))
 
-    def normalize_kernel(self, blocks: int) -> Any:
-        """The affine kernel's build for a pass in ``blocks`` row blocks: threaded (one Python
-        thread at a time, :attr:`Kernel.threaded`) with more than one block and thread, else
-        serial (the same results)."""
+    def normalize(
+        self,
+        x3: np.ndarray,
+        mean: np.ndarray,
+        variance: np.ndarray,
+        scale: np.ndarray,
+        offset: np.ndarray,
+        epsilon: float,
+        groups: int,
+        blocks: int,
+        out3: np.ndarray | None,
+        code: tuple[int | None, float],
+    ) -> None:
+        """The affine kernel, ``out3 = f((x3 - mean) / sqrt(variance + epsilon) * scale +
+        offset)`` (statistics ``[groups, C]``; ``code``, the activation's ``(code,
+        parameter)``), in ``blocks`` row blocks: threaded (one Python thread at a time,
+        :attr:`Kernel.threaded`) with more than one block and thread, else serial (the same
+        results)."""
         kernel = self.affine_normalize
-        return kernel.threaded if blocks > 1 and kernel_threads() > 1 else kernel.serial
+        build = kernel.threaded if blocks > 1 and kernel_threads() > 1 else kernel.serial
+        build(
+            x3,
+            mean,
+            variance,
+            scale,
+            offset,
+            epsilon,
+            groups,
+            self.layout.period,
+            blocks,
+            out3,
+            *code,
+        )
 
 
 class Prepared(NamedTuple):
