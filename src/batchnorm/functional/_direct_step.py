@@ -353,7 +353,10 @@ class DirectCalls:
     def __call__(
         self, x: torch.Tensor, training: bool | None, mask: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """The layer's output for ``layer(x, training, mask)``, or None (not covered)."""
+        """The layer's output for ``layer(x, training, mask)``, or None (not covered).
+
+        Called outside ``torch.compile`` tracing only: the layer reads
+        ``torch.compiler.is_compiling()`` once and does not call this while tracing."""
         training = self.training if training is None else training and self.trainable
         if not (self.can_train if training else self.can_infer):
             return None
@@ -363,7 +366,6 @@ class DirectCalls:
             type(x) is not torch.Tensor  # subclasses may override what the kernels bypass
             or (x.dtype is not self.dtype and not _reads(x.dtype, self.dtype))
             or not x.is_cpu
-            or torch.compiler.is_compiling()
             or not kernels_can_read(x)  # also _applied's condition
             or registered_backend("cpu") is not NUMBA_CPU
             or not self.current()
