@@ -198,7 +198,7 @@ class TrainInPlace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, offset, step):  # type: ignore[no-untyped-def, override]
-        y, training_pass = train_in_place_impl(x, scale, offset, step)
+        y, training_pass = train_in_place_impl(x, scale, offset, step, backward_follows=True)
         # elu's backward reads y: saved, so autograd refuses a backward after y was modified.
         output = y if reads_output(step.activation) else None
         ctx.save_for_backward(x, scale, offset, step.weights, output)

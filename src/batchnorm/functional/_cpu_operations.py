@@ -13,8 +13,10 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
+import numba
 import numpy as np
 import torch
 
@@ -27,12 +29,14 @@ from batchnorm.functional._cpu_plan import (
     Prepared,
     compute_dtype,
     constant_channels,
+    kernel_threads,
     prepare,
     shared_array,
     storage_array,
 )
 from batchnorm.functional._renorm import compose_transforms
 from batchnorm.functional._torch_ops import TORCH_OPS
+from batchnorm.kernels._ahead import Request, compiling_ahead
 from batchnorm.kernels._elementwise import ELU, LEAKY_RELU, RELU
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -411,12 +415,20 @@ class InferenceCall(NamedTuple):
 
 
 def train_in_place_impl(
-    x: torch.Tensor, scale: torch.Tensor | None, offset: torch.Tensor | None, step: TrainStep
+    x: torch.Tensor,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    step: TrainStep,
+    backward_follows: bool = False,
 ) -> tuple[torch.Tensor, TrainingPass]:
     """:func:`batch_moments_impl` then :func:`normalize_batch_impl` in one kernel call, which also
     steps the moving statistics in place; returns ``y`` and what :func:`train_backward_impl` needs.
 
     The moving statistics' version counters are bumped, so autograd still sees that they changed.
+
+    A plan's first call that compiles the kernel first starts a helper compiling the kernels its
+    next calls take (:func:`_requests_after_step`, :mod:`batchnorm.kernels._ahead`): the
+    backward where ``backward_follows``, and the layer's inference.
     """
     prepared = step.prepared
     if prepared is None:
@@ -442,26 +454,39 @@ def train_in_place_impl(
     )
     out, out3 = plan.fresh(prepared.source)
     forward = prepared.compiled(plan.train_forward)
-    mean, variance, total = forward(
-        prepared.x3,
-        prepared.weights,
-        prepared.masked,
-        ghost_batches,
-        plan.layout.period,
-        plan.blocks,
-        arrays.scale,
-        arrays.offset,
-        epsilon,
-        out3,
-        arrays.moving_mean,
-        arrays.moving_variance,
-        arrays.average_weight,
-        arrays.debiased,
-        momentum,
-        unbiased,
-        renorm,
-        *activation_code(step.activation),
-    )
+    if plan.ahead_asked:
+        ahead_of_step: AbstractContextManager[None] = _NOTHING_AHEAD
+    else:
+        plan.ahead_asked = True
+        scale_array = arrays.scale if composed is None else composed[0]
+        ahead_of_step = compiling_ahead(
+            plan.train_forward,
+            "parallel" if prepared.parallel else "serial",
+            lambda: _requests_after_step(
+                prepared, arrays, scale_array, out3, step.activation, backward_follows
+            ),
+        )
+    with ahead_of_step:
+        mean, variance, total = forward(
+            prepared.x3,
+            prepared.weights,
+            prepared.masked,
+            ghost_batches,
+            plan.layout.period,
+            plan.blocks,
+            arrays.scale,
+            arrays.offset,
+            epsilon,
+            out3,
+            arrays.moving_mean,
+            arrays.moving_variance,
+            arrays.average_weight,
+            arrays.debiased,
+            momentum,
+            unbiased,
+            renorm,
+            *activation_code(step.activation),
+        )
     stepped = [t for t in step.moving if t is not None]
     if step.renorm is not None:
         stepped.extend(step.renorm[:3])
@@ -478,6 +503,57 @@ def train_in_place_impl(
         correction,
     )
     return out, training_pass
+
+
+_NOTHING_AHEAD = nullcontext()
+
+
+def _requests_after_step(
+    prepared: Prepared,
+    arrays: StepArrays,
+    scale: np.ndarray,
+    out3: np.ndarray,
+    activation: Activation | None,
+    backward_follows: bool,
+) -> list[Request]:
+    """The kernel calls a layer's first training step leads to, with the Numba signatures they
+    will have: :func:`train_backward_impl`'s (an upstream gradient laid out like x; a step
+    without an activation) where ``backward_follows``, and the affine kernel's of the layer's
+    inference on an input of the same signature, without gradients (:func:`normalize_plain`) and
+    with them (:meth:`InferenceCall.output`), the statistics as ``DirectCalls`` keeps them
+    (``[1, C]`` views of the buffers). tests/test_compile_ahead.py checks them against the
+    calls' own."""
+    plan = prepared.plan
+    typeof: Any = numba.typeof  # untyped for mypy
+    x3, out = typeof(prepared.x3), typeof(out3)
+    index, real = numba.types.int64, numba.types.float64
+    code = activation_code(activation)
+    requests: list[Request] = []
+    if backward_follows and code[0] is None:
+        statistics = numba.types.Array(real, 2, "C")
+        backward = (
+            *(x3, x3, typeof(prepared.weights), typeof(prepared.masked)),
+            *(statistics, statistics, statistics, typeof(scale)),
+            *(real, index, index, index, out),
+        )
+        requests.append(
+            (plan.train_backward, "parallel" if prepared.parallel else "serial", backward)
+        )
+    rows = typeof(arrays.moving_mean.reshape(1, -1))
+    inference = (
+        *(x3, rows, rows, typeof(arrays.scale), typeof(arrays.offset)),
+        *(real, index, index, index, out, typeof(code[0]), real),
+    )
+    threads = kernel_threads()
+    builds = []
+    # Without gradients in the normalising pass's blocks; with them (InferenceCall.output) in
+    # at least the reducing passes' blocks.
+    for blocks in (plan.normalize_blocks, max(plan.blocks, plan.normalize_blocks)):
+        build = "parallel" if blocks > 1 and threads > 1 else "serial"
+        if build not in builds:
+            builds.append(build)
+            requests.append((plan.affine_normalize, build, inference))
+    return requests
 
 
 def train_backward_impl(

@@ -28,6 +28,7 @@ from batchnorm.functional._canonical_layout import (
     canonical_weights,
     inverse_permutation,
 )
+from batchnorm.kernels import _ahead as ahead
 from batchnorm.kernels._jit import Kernel, LayoutKernel, layout_for
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -73,6 +74,7 @@ class CpuPlan:
 
     __slots__ = (
         "affine_normalize",
+        "ahead_asked",
         "batch_moments",
         "blocks",
         "compute_dtype",
@@ -133,6 +135,9 @@ class CpuPlan:
         self.train_backward_activated = pick(kernels.train_backward_activated)
         self.in_place_backward = pick(kernels.in_place_backward)
         self.inference_backward = pick(kernels.inference_backward)
+        # Whether a first training step of this plan has asked for its next kernels to be
+        # compiled ahead (batchnorm.functional._cpu_operations.train_in_place_impl).
+        self.ahead_asked = False
 
     def parallel(self) -> bool:
         """Whether to call the threaded builds: more than one block and more than one thread."""
@@ -211,7 +216,10 @@ class CpuPlan:
         :attr:`Kernel.threaded`) with more than one block and thread, else serial (the same
         results)."""
         kernel = self.affine_normalize
-        build = kernel.threaded if blocks > 1 and kernel_threads() > 1 else kernel.serial
+        threaded = blocks > 1 and kernel_threads() > 1
+        if ahead.pending:
+            ahead.wait_for(kernel, "parallel" if threaded else "serial")
+        build = kernel.threaded if threaded else kernel.serial
         build(
             x3,
             mean,
@@ -246,7 +254,10 @@ class Prepared(NamedTuple):
 
     def compiled(self, kernel: Kernel) -> Any:
         """The kernel's threaded build when this call runs threaded (one Python thread at a
-        time, :attr:`Kernel.threaded`), else its serial one."""
+        time, :attr:`Kernel.threaded`), else its serial one (after the helper compiling it
+        ahead, if one is: :mod:`batchnorm.kernels._ahead`)."""
+        if ahead.pending:
+            ahead.wait_for(kernel, "parallel" if self.parallel else "serial")
         return kernel.threaded if self.parallel else kernel.serial
 
 

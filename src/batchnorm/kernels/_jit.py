@@ -118,6 +118,11 @@ def compiled(
 _cache_folder = {"writable": True}
 
 
+def cache_folder_writable() -> bool:
+    """Whether compiled kernels are written to Numba's on-disk cache (see :func:`compiled`)."""
+    return _cache_folder["writable"]
+
+
 def jit_enabled() -> bool:
     """Whether Numba compiles: ``NUMBA_DISABLE_JIT=1`` (set to debug other Numba code) makes every
     compiled function plain Python, in which the kernels' intrinsics (half precision's bit
