@@ -141,9 +141,9 @@ def test_renorm_training_is_one_kernel_call(monkeypatch):
     steps = []
     original = cpu_backend.train_in_place_impl
 
-    def spy(x, scale, offset, step):
+    def spy(x, scale, offset, step, **options):
         steps.append(step.renorm is not None)
-        return original(x, scale, offset, step)
+        return original(x, scale, offset, step, **options)
 
     monkeypatch.setattr(cpu_backend, "train_in_place_impl", spy)
     monkeypatch.setattr(direct_step, "train_in_place_impl", spy)

@@ -5,17 +5,21 @@ inference) into Numba's on-disk cache, from which this process then loads them.
 A cold first call is JIT compilation, one Python thread's work: on the 2-core Intel VM a 4x3x5
 training step and inference call took 4.3 s, of which 2.1 s compiling the forward kernel and
 1.5 s the backward and inference kernels. A helper imports only :mod:`batchnorm.kernels` (a
-stand-in ``batchnorm`` package module, so not torch: 0.2-0.3 s) and compiled those two in 2.1 s
-beside the forward's compilation: 2.9 s in all (64x1000, with the threaded builds: 8.9 -> 5.9 s).
+stand-in ``batchnorm`` package module, so not torch: 0.2-0.3 s) and compiled those in 2.1 s
+beside the forward's compilation: 2.85-2.88 s in all (64x1000, with the threaded builds: 8.9-9.0
+s -> 5.8-5.9 s).
 
 - A helper starts only when the first call really compiles (Numba's ``numba:compile`` event for
   that kernel's dispatcher: a cache hit fires none), where more than one CPU is available, Numba
-  compiles and has a writable cache folder, and ``BATCHNORM_COMPILE_AHEAD`` is not ``0``.
-- A call that needs a kernel asked of a helper first waits for that helper (at most
-  :data:`WAIT_SECONDS`), then calls it: Numba finds it in the cache. A kernel the helper did not
-  write (another signature than predicted, a helper that failed) is compiled here as before, and
-  the results are the same bits either way (``tests/test_numba_environment.py``).
-- Helpers still running when this process exits are stopped.
+  compiles and has a writable cache folder, ``sys.executable`` is a Python interpreter, and
+  ``BATCHNORM_COMPILE_AHEAD`` is not ``0``.
+- The helper prints each request's index once it is done. A call that needs a kernel asked of a
+  helper first waits for that line (at most :data:`WAIT_SECONDS`), then calls the kernel: Numba
+  finds it in the cache. A kernel the helper did not write (another signature than predicted, a
+  helper that failed) is compiled here as before, and the results are the same bits either way
+  (tests/test_compile_ahead.py, tests/test_numba_environment.py).
+- Helpers still running when this process exits are stopped; a forked child forgets its
+  parent's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numba
 from numba.core import event
 
 from batchnorm.kernels._jit import Kernel, cache_folder_writable, jit_enabled
@@ -80,7 +85,8 @@ class _Helper:
                     if not line:  # ended: what it did not report, this process compiles
                         self.done.update(range(index + 1))
                         return
-                    self.done.add(int(line))
+                    if line.strip().isdigit():  # the helper's own lines, not a library's
+                        self.done.add(int(line))
             finally:
                 timer.cancel()
 
@@ -172,6 +178,7 @@ def start(requests: list[Request]) -> None:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-c", _HELPER_SOURCE, _PACKAGE_FOLDER],
+                env=_helper_environment(),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
@@ -196,6 +203,17 @@ def _close_finished() -> None:
             _helpers.remove(helper)
             if helper.process.stdout is not None:
                 helper.process.stdout.close()
+
+
+def _helper_environment() -> dict[str, str]:
+    """This process's environment, with the cache folder Numba uses here where it was set in
+    ``numba.config`` rather than in ``NUMBA_CACHE_DIR``: the helper must write where this
+    process reads."""
+    environment = dict(os.environ)
+    folder = getattr(numba.config, "CACHE_DIR", "")
+    if folder:
+        environment["NUMBA_CACHE_DIR"] = str(folder)
+    return environment
 
 
 def wait_for(kernel: Kernel, build: str) -> None:
