@@ -19,17 +19,21 @@ from tests.snippets import run_program
 
 
 @pytest.mark.parametrize(
-    ("shape", "axis", "dtype"),
+    ("shape", "axis", "dtype", "activation"),
     [
-        ((5, 3, 7), 1, torch.float32),  # channel planes, serial
-        ((96, 1000), -1, torch.float32),  # rows, threaded reducing passes, serial inference
-        ((4, 64, 33, 33), 1, torch.float32),  # planes, threaded throughout
-        ((50, 6), -1, torch.float32),  # narrow rows
-        ((6, 4, 5, 16), -1, torch.bfloat16),  # half-precision bits
-        ((7, 3, 9), 1, torch.float64),
+        ((5, 3, 7), 1, torch.float32, None),  # channel planes, serial
+        ((96, 1000), -1, torch.float32, None),  # rows, threaded reducing passes, serial inference
+        ((4, 64, 33, 33), 1, torch.float32, None),  # planes, threaded throughout
+        ((50, 6), -1, torch.float32, None),  # narrow rows
+        ((6, 4, 5, 16), -1, torch.bfloat16, None),  # half-precision bits
+        ((7, 3, 9), 1, torch.float64, None),
+        ((5, 3, 7), 1, torch.float32, "relu"),  # the activation's backward, reading x
+        ((40, 12), -1, torch.float32, "elu"),  # reading the output
     ],
 )
-def test_the_predicted_signatures_are_those_the_calls_take(monkeypatch, shape, axis, dtype):
+def test_the_predicted_signatures_are_those_the_calls_take(
+    monkeypatch, shape, axis, dtype, activation
+):
     asked: list[list[_ahead.Request]] = []
 
     def record(kernel, build, requests):  # type: ignore[no-untyped-def]
@@ -37,7 +41,7 @@ def test_the_predicted_signatures_are_those_the_calls_take(monkeypatch, shape, a
         return _cpu_operations._NOTHING_AHEAD
 
     monkeypatch.setattr(_cpu_operations, "compiling_ahead", record)
-    layer = batchnorm.BatchNormalization(axis=axis).to(dtype)
+    layer = batchnorm.BatchNormalization(axis=axis, activation=activation).to(dtype)
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     layer(x.detach(), training=True)  # builds the layer
     _reset_plans()
@@ -48,7 +52,8 @@ def test_the_predicted_signatures_are_those_the_calls_take(monkeypatch, shape, a
     layer(x, training=False).backward(torch.randn(shape, dtype=dtype))
     assert asked, "the first training step asked for nothing"
     requests = asked[0]
-    assert [kernel.function.__name__ for kernel, _, _ in requests][:1] == ["train_backward"]
+    backward = "train_backward" if activation is None else "train_backward_activated"
+    assert [kernel.function.__name__ for kernel, _, _ in requests][:1] == [backward]
     for kernel, build, signature in requests:
         assert signature in getattr(kernel, build).signatures, (kernel.__name__, build, signature)
 

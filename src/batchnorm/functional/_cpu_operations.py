@@ -458,12 +458,12 @@ def train_in_place_impl(
         ahead_of_step: AbstractContextManager[None] = _NOTHING_AHEAD
     else:
         plan.ahead_asked = True
-        scale_array = arrays.scale if composed is None else composed[0]
+        used = (arrays.scale, arrays.offset) if composed is None else (composed[0], composed[1])
         ahead_of_step = compiling_ahead(
             plan.train_forward,
             "parallel" if prepared.parallel else "serial",
             lambda: _requests_after_step(
-                prepared, arrays, scale_array, out3, step.activation, backward_follows
+                prepared, arrays, used, out3, step.activation, backward_follows
             ),
         )
     with ahead_of_step:
@@ -511,14 +511,15 @@ _NOTHING_AHEAD = nullcontext()
 def _requests_after_step(
     prepared: Prepared,
     arrays: StepArrays,
-    scale: np.ndarray,
+    used: tuple[np.ndarray, np.ndarray],
     out3: np.ndarray,
     activation: Activation | None,
     backward_follows: bool,
 ) -> list[Request]:
     """The kernel calls a layer's first training step leads to, with the Numba signatures they
-    will have: :func:`train_backward_impl`'s (an upstream gradient laid out like x; a step
-    without an activation) where ``backward_follows``, and the affine kernel's of the layer's
+    will have: :func:`train_backward_impl`'s (an upstream gradient laid out like x; the
+    activation's backward with a fused activation; ``used``, the scale and offset the step
+    normalised with) where ``backward_follows``, and the affine kernel's of the layer's
     inference on an input of the same signature, without gradients (:func:`normalize_plain`) and
     with them (:meth:`InferenceCall.output`), the statistics as ``DirectCalls`` keeps them
     (``[1, C]`` views of the buffers). tests/test_compile_ahead.py checks them against the
@@ -529,16 +530,21 @@ def _requests_after_step(
     index, real = numba.types.int64, numba.types.float64
     code = activation_code(activation)
     requests: list[Request] = []
-    if backward_follows and code[0] is None:
+    build = "parallel" if prepared.parallel else "serial"
+    if backward_follows:
         statistics = numba.types.Array(real, 2, "C")
-        backward = (
-            *(x3, x3, typeof(prepared.weights), typeof(prepared.masked)),
-            *(statistics, statistics, statistics, typeof(scale)),
-            *(real, index, index, index, out),
-        )
-        requests.append(
-            (plan.train_backward, "parallel" if prepared.parallel else "serial", backward)
-        )
+        weights = (typeof(prepared.weights), typeof(prepared.masked))
+        moments = (statistics, statistics, statistics)
+        if code[0] is None:
+            plain = (x3, x3, *weights, *moments, typeof(used[0]), real, index, index, index, out)
+            requests.append((plan.train_backward, build, plain))
+        else:  # with the output where the derivative reads it (elu), else x
+            output = out if reads_output(activation) else x3
+            activated = (
+                *(x3, x3, output, *weights, *moments, typeof(used[0]), typeof(used[1])),
+                *(real, typeof(code[0]), real, index, index, index, out),
+            )
+            requests.append((plan.train_backward_activated, build, activated))
     rows = typeof(arrays.moving_mean.reshape(1, -1))
     inference = (
         *(x3, rows, rows, typeof(arrays.scale), typeof(arrays.offset)),
