@@ -29,7 +29,6 @@ from batchnorm.functional._cpu_plan import (
     Prepared,
     compute_dtype,
     constant_channels,
-    kernel_threads,
     prepare,
     shared_array,
     storage_array,
@@ -152,7 +151,7 @@ def normalize_plain(
         offset,
         epsilon,
         1,
-        plan.normalize_blocks,
+        plan.inference_blocks(backward_follows=False),
         out3,
         code,
     )
@@ -393,25 +392,18 @@ class InferenceCall(NamedTuple):
         1.74-1.87x; split alike, 1.58-1.63x, 1.52-1.62x and 1.54-1.56x (2 runs each,
         alternating). Inference alone keeps the normalising pass's own split.
         """
-        prepared = self.prepared
-        plan = prepared.plan
-        blocks = plan.normalize_blocks
-        if backward_follows:
-            blocks = max(plan.blocks, blocks)
-        out, out3 = plan.fresh(prepared.source)
-        plan.normalize(
-            prepared.x3,
+        return normalize_prepared(
+            self.prepared,
             self.mean,
             self.variance,
             self.scale,
             self.offset,
             self.epsilon,
             1,
-            blocks,
-            out3,
-            activation_code(activation),
+            dtype,
+            activation,
+            self.prepared.plan.inference_blocks(backward_follows),
         )
-        return out if out.dtype == dtype else out.to(dtype)
 
 
 def train_in_place_impl(
@@ -550,12 +542,9 @@ def _requests_after_step(
         *(x3, rows, rows, typeof(arrays.scale), typeof(arrays.offset)),
         *(real, index, index, index, out, typeof(code[0]), real),
     )
-    threads = kernel_threads()
     builds = []
-    # Without gradients in the normalising pass's blocks; with them (InferenceCall.output) in
-    # at least the reducing passes' blocks.
-    for blocks in (plan.normalize_blocks, max(plan.blocks, plan.normalize_blocks)):
-        build = "parallel" if blocks > 1 and threads > 1 else "serial"
+    for backward_follows_inference in (False, True):  # normalize_plain, InferenceCall.output
+        build = plan.normalize_build(plan.inference_blocks(backward_follows_inference))
         if build not in builds:
             builds.append(build)
             requests.append((plan.affine_normalize, build, inference))

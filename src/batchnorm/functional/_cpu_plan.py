@@ -197,6 +197,20 @@ class CpuPlan:
         loop)."""
         return self.canonical(storage_array(x.detach() if x.requires_grad else x))
 
+    def inference_blocks(self, backward_follows: bool) -> int:
+        """The affine kernel's row blocks for an inference call: the normalising pass's own,
+        or, where a backward follows (:class:`InferenceWithGradients`), at least the reducing
+        passes' (so that each thread of the backward finds its rows of x in its own core's
+        cache)."""
+        if backward_follows:
+            return max(self.blocks, self.normalize_blocks)
+        return self.normalize_blocks
+
+    def normalize_build(self, blocks: int) -> str:
+        """The affine kernel's build for ``blocks`` row blocks: ``"parallel"`` with more than
+        one block and thread, else ``"serial"`` (the same results)."""
+        return "parallel" if blocks > 1 and kernel_threads() > 1 else "serial"
+
     def normalize(
         self,
         x3: np.ndarray,
@@ -212,15 +226,14 @@ class CpuPlan:
     ) -> None:
         """The affine kernel, ``out3 = f((x3 - mean) / sqrt(variance + epsilon) * scale +
         offset)`` (statistics ``[groups, C]``; ``code``, the activation's ``(code,
-        parameter)``), in ``blocks`` row blocks: threaded (one Python thread at a time,
-        :attr:`Kernel.threaded`) with more than one block and thread, else serial (the same
-        results)."""
+        parameter)``), in ``blocks`` row blocks, in :meth:`normalize_build`'s build (the
+        threaded one launched by one Python thread at a time, :attr:`Kernel.threaded`)."""
         kernel = self.affine_normalize
-        threaded = blocks > 1 and kernel_threads() > 1
+        build = self.normalize_build(blocks)
         if ahead.pending:
-            ahead.wait_for(kernel, "parallel" if threaded else "serial")
-        build = kernel.threaded if threaded else kernel.serial
-        build(
+            ahead.wait_for(kernel, build)
+        run = kernel.threaded if build == "parallel" else kernel.serial
+        run(
             x3,
             mean,
             variance,
