@@ -9,11 +9,13 @@ and a process run with ``BATCHNORM_COMPILE_AHEAD=0``.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import batchnorm
-from batchnorm.functional import _cpu_operations
+from batchnorm.functional import _cpu_training_call
 from batchnorm.kernels import _ahead
 from tests.snippets import run_program
 
@@ -38,9 +40,9 @@ def test_the_predicted_signatures_are_those_the_calls_take(
 
     def record(kernel, build, requests):  # type: ignore[no-untyped-def]
         asked.append(requests())
-        return _cpu_operations._NOTHING_AHEAD
+        return contextlib.nullcontext()
 
-    monkeypatch.setattr(_cpu_operations, "compiling_ahead", record)
+    monkeypatch.setattr(_cpu_training_call, "compiling_ahead", record)
     layer = batchnorm.BatchNormalization(axis=axis, activation=activation).to(dtype)
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     layer(x.detach(), training=True)  # builds the layer

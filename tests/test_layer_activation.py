@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-import batchnorm.functional._cpu_backend as cpu_backend
 from batchnorm import BatchNormalization, fold
+from batchnorm.functional._cpu_training_call import TrainingCall
 from batchnorm.functional._direct_step import DirectCalls
 from batchnorm.kernels import blocks_for
 
@@ -208,19 +208,19 @@ def test_repeated_calls_take_the_direct_calls_and_the_fused_backward(monkeypatch
     # What the oracle tests above compare: the cached direct calls, and the kernels' backward
     # with the activation folded in (not a torch op after batch norm).
     direct, fused = [], []
-    original_call, original_backward = DirectCalls.__call__, cpu_backend.train_backward_impl
+    original_call, original_backward = DirectCalls.__call__, TrainingCall.backward
 
     def call(self, x, training, mask=None):
         y = original_call(self, x, training, mask)
         direct.append(y is not None)
         return y
 
-    def backward(grad, training_pass, *args):
-        fused.append(training_pass.activation)
-        return original_backward(grad, training_pass, *args)
+    def backward(self, grad, training_pass):
+        fused.append(self.activation)
+        return original_backward(self, grad, training_pass)
 
     monkeypatch.setattr(DirectCalls, "__call__", call)
-    monkeypatch.setattr(cpu_backend, "train_backward_impl", backward)
+    monkeypatch.setattr(TrainingCall, "backward", backward)
     ours, _ = pair(6, 1, name, param)
     for step in range(3):
         x = (torch.randn(8, 6, 5, dtype=torch.float64) + step).requires_grad_()

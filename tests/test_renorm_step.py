@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import batchnorm.functional._cpu_backend as cpu_backend
-import batchnorm.functional._direct_step as direct_step
 from batchnorm import BatchNormalization
+from batchnorm.functional._cpu_training_call import TrainingCall
 from tests.backends import assert_equal_to_reference, torch_ops_and_kernels
 from tests.numpy_reference import reference_renorm_step
 
@@ -139,14 +138,13 @@ def test_renorm_training_is_one_kernel_call(monkeypatch):
     """Renorm steps take the one-call kernel path (the composed path ran two kernels and two
     dozen torch ops, 9x a plain step on small inputs), with and without a mask."""
     steps = []
-    original = cpu_backend.train_in_place_impl
+    original = TrainingCall.forward
 
-    def spy(x, scale, offset, step, **options):
-        steps.append(step.renorm is not None)
-        return original(x, scale, offset, step, **options)
+    def spy(self, *arguments, **options):
+        steps.append(self.renorm is not None)
+        return original(self, *arguments, **options)
 
-    monkeypatch.setattr(cpu_backend, "train_in_place_impl", spy)
-    monkeypatch.setattr(direct_step, "train_in_place_impl", spy)
+    monkeypatch.setattr(TrainingCall, "forward", spy)
     layer = BatchNormalization(8, renorm=True)
     x = torch.randn(16, 8, requires_grad=True)
     layer(x, training=True).sum().backward()

@@ -28,22 +28,17 @@ from batchnorm.functional._cpu_in_place import normalize_in_place_kernels
 from batchnorm.functional._cpu_operations import (
     SUPPORTED_DTYPES,
     InferenceCall,
-    RenormStep,
-    TrainStep,
     batch_moments_impl,
     inference_gradients,
-    moments_of,
     normalize_backward_impl,
     normalize_batch_backward_impl,
     normalize_batch_gradients,
     normalize_batch_impl,
     normalize_gradients,
     normalize_impl,
-    reads_output,
-    train_backward_impl,
-    train_in_place_impl,
 )
 from batchnorm.functional._cpu_plan import kernels_can_read, prepare
+from batchnorm.functional._cpu_training_call import RenormStep, TrainingCall, step_arrays
 from batchnorm.functional._torch_ops import affine_normalize
 
 
@@ -193,43 +188,41 @@ class _NormalizeBatch(torch.autograd.Function):
 
 class TrainInPlace(torch.autograd.Function):
     """The training forward in one kernel call (moving statistics stepped in place), and its
-    backward in one more (or, under ``create_graph=True``, :func:`normalize_batch_gradients`).
-    ``step.activation`` is applied in the forward's pass and folded into the backward's."""
+    backward in one more (or, under ``create_graph=True``, :func:`normalize_batch_gradients`):
+    a :class:`TrainingCall` on ``source``, x or its one copy, with the mask's ``weights``
+    (detached) or none. The call's activation is applied in the forward's pass and folded into
+    the backward's."""
 
     @staticmethod
-    def forward(ctx, x, scale, offset, step):  # type: ignore[no-untyped-def, override]
-        y, training_pass = train_in_place_impl(x, scale, offset, step, backward_follows=True)
+    def forward(ctx, x, scale, offset, call, source, weights):  # type: ignore[no-untyped-def, override]
+        y, training_pass = call.forward(source, weights, backward_follows=True)
         # elu's backward reads y: saved, so autograd refuses a backward after y was modified.
-        output = y if reads_output(step.activation) else None
-        ctx.save_for_backward(x, scale, offset, step.weights, output)
+        ctx.save_for_backward(x, scale, offset, weights, y if call.reads_output else None)
         ctx.training_pass = training_pass
-        ctx.axes, ctx.epsilon, ctx.ghost_batches = step.axes, step.epsilon, step.ghost_batches
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
         x, scale, offset, weights, _ = ctx.saved_tensors  # checks that x (and y) were not modified
+        training_pass = ctx.training_pass
+        call = training_pass.call
         if torch.is_grad_enabled():
-            channel_shape = tuple(x.shape[a] for a in ctx.axes)
-            mean, variance, total = moments_of(ctx.training_pass, channel_shape)
+            mean, variance, total = training_pass.moments()
             dx, dscale, doffset = normalize_batch_gradients(
                 grad,
                 (x, mean, variance, total, scale, offset, weights),
-                ctx.axes,
-                ctx.epsilon,
-                ctx.ghost_batches,
+                call.axes,
+                call.epsilon,
+                call.ghost_batches,
                 normalize_batch_backward_impl,
-                ctx.training_pass.activation,
-                ctx.training_pass.correction,
+                call.activation,
+                training_pass.correction,
             )
         else:
-            dx, dscale, doffset = train_backward_impl(
-                grad, ctx.training_pass, ctx.epsilon, ctx.ghost_batches
-            )
-            dx = dx if dx.dtype == x.dtype else dx.to(x.dtype)
-            dscale = None if scale is None else _as_dtype(dscale, scale.dtype)
-            doffset = None if offset is None else _as_dtype(doffset, offset.dtype)
-        return dx, dscale, doffset, None
+            dx, dscale, doffset = call.backward(grad, training_pass)
+            dscale = None if scale is None else dscale
+            doffset = None if offset is None else doffset
+        return dx, dscale, doffset, None, None, None
 
 
 def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -458,21 +451,25 @@ class NumbaCpuBackend:
 
         Eager only (``torch.compile`` traces :meth:`batch_moments` and :meth:`normalize_batch`).
         """
-        step = TrainStep(
-            [axis],
-            epsilon,
-            None if weights is None else weights.detach(),
-            ghost_batches,
+        prepared = prepare(x, [axis], None, ghost_batches > 1)
+        plan = prepared.plan
+        call = TrainingCall(
+            plan,
+            step_arrays(scale, offset, moving, plan.layout, renorm),
+            axis,
             moving,
-            momentum,
-            unbiased,
+            epsilon=epsilon,
+            momentum=momentum,
+            unbiased=unbiased,
+            ghost_batches=ghost_batches,
             activation=activation,
             renorm=renorm,
         )
+        weights = None if weights is None else weights.detach()
         if _needs_autograd(x, scale, offset):
-            y: torch.Tensor = TrainInPlace.apply(x, scale, offset, step)  # type: ignore[no-untyped-call]
+            y: torch.Tensor = TrainInPlace.apply(x, scale, offset, call, prepared.source, weights)  # type: ignore[no-untyped-call]
             return y
-        return train_in_place_impl(x, scale, offset, step)[0]
+        return call.forward(prepared.source, weights)[0]
 
     # ``memory="in_place"`` training on the kernels (batchnorm.functional._cpu_in_place); None
     # where they cannot write into x.

@@ -18,11 +18,11 @@ import torch
 from batchnorm.functional._activation import Activation, elu_inverse_floor
 from batchnorm.functional._backend import Moments
 from batchnorm.functional._cpu_operations import (
-    _canonical_gradient,
-    _from_canonical,
-    _to_canonical,
     activation_code,
+    canonical_gradient,
+    from_canonical,
     normalize_into,
+    to_canonical,
 )
 from batchnorm.functional._cpu_plan import (
     VIEWED_DTYPES,
@@ -76,15 +76,15 @@ def normalize_in_place_kernels(
     layout = prepared.layout
     in_place_pass = InPlacePass(
         prepared,
-        _to_canonical(moments.variance.detach(), layout, 1.0, ghost_batches),
-        _to_canonical(moments.total_weight.detach(), layout, 0.0, ghost_batches),
-        _to_canonical(scale, layout, 1.0),
-        _to_canonical(offset, layout, 0.0),
+        to_canonical(moments.variance.detach(), layout, 1.0, ghost_batches),
+        to_canonical(moments.total_weight.detach(), layout, 0.0, ghost_batches),
+        to_canonical(scale, layout, 1.0),
+        to_canonical(offset, layout, 0.0),
         activation,
         epsilon,
         ghost_batches,
     )
-    mean = _to_canonical(moments.mean.detach(), layout, 0.0, ghost_batches)
+    mean = to_canonical(moments.mean.detach(), layout, 0.0, ghost_batches)
     y: torch.Tensor = _InPlaceKernels.apply(x, scale, offset, mean, in_place_pass)  # type: ignore[no-untyped-call]
     return y
 
@@ -128,7 +128,7 @@ class _InPlaceKernels(torch.autograd.Function):
         prepared = in_place_pass.prepared
         plan = prepared.plan
         y3 = plan.canonical(storage_array(y.detach()))
-        dy3 = _canonical_gradient(grad, prepared)
+        dy3 = canonical_gradient(grad, prepared.plan, prepared.source)
         dx, dx3 = plan.fresh(prepared.source)
         code, parameter = activation_code(in_place_pass.activation)
         floor = elu_inverse_floor(plan.torch_dtype)  # where y rounds to -alpha
@@ -165,4 +165,4 @@ def _parameter_gradient(
 ) -> torch.Tensor:
     """A ``[C]`` float64 gradient in memory order as a tensor shaped like ``parameter``."""
     channel_shape = tuple(parameter.shape)
-    return _from_canonical(gradient, prepared.layout, channel_shape).to(parameter.dtype)
+    return from_canonical(gradient, prepared.layout, channel_shape).to(parameter.dtype)

@@ -1,22 +1,20 @@
 """The CPU batch-norm operations on tensors: Numba kernels over a ``(rows, channels, inner)`` view.
 
 Passes over the input: training forward two (moments, normalise), inference one, backward two
-(gradient sums, input gradient). Per-channel arithmetic runs in NumPy on ``[groups, C]`` arrays.
-Fresh outputs are allocated by NumPy (see :meth:`CpuPlan.fresh`); layouts, row blocks and kernels
-come from the plan of the input's signature (:mod:`batchnorm.functional._cpu_plan`). float16/bfloat16 are converted to
-float32 around the kernels (Numba has no half type). :mod:`batchnorm.functional._cpu_backend`
-exposes these functions to PyTorch's autograd, ``torch.compile`` and ``torch.export``.
+(gradient sums, input gradient); a layer's one-call training step (one pass for its forward, one
+for its backward) is :mod:`batchnorm.functional._cpu_training_call`. Per-channel arithmetic runs
+in NumPy on ``[groups, C]`` arrays. Layouts, row blocks, kernels and output memory come from the
+plan of the input's signature (:mod:`batchnorm.functional._cpu_plan`). float16/bfloat16 are read
+and written by the kernels as their bits and computed in float32 (Numba has no half type).
+:mod:`batchnorm.functional._cpu_backend` exposes these functions to PyTorch's autograd,
+``torch.compile`` and ``torch.export``.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import numba
 import numpy as np
 import torch
 
@@ -35,13 +33,12 @@ from batchnorm.functional._cpu_plan import (
 )
 from batchnorm.functional._renorm import compose_transforms
 from batchnorm.functional._torch_ops import TORCH_OPS
-from batchnorm.kernels._ahead import Request, compiling_ahead
 from batchnorm.kernels._elementwise import ELU, LEAKY_RELU, RELU
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _to_canonical(
+def to_canonical(
     tensor: torch.Tensor | None, layout: CanonicalLayout, fill: float, groups: int | None = None
 ) -> np.ndarray:
     """A per-channel tensor ``(..., *channel_shape)`` as an array ``(..., C)`` in memory order.
@@ -81,17 +78,17 @@ def _to_canonical(
 
 def _statistic_row(tensor: torch.Tensor, layout: CanonicalLayout, fill: float) -> np.ndarray:
     """A per-channel statistic as ``[1, C]``: a view of a tensor of a kernel dtype (the moving
-    statistics at inference, read on every call), else the float64 copy of :func:`_to_canonical`."""
+    statistics at inference, read on every call), else the float64 copy of :func:`to_canonical`."""
     if tensor.ndim == 1 and tensor.dtype in VIEWED_DTYPES and layout.channel_permutation == (0,):
         return shared_array(tensor).reshape(1, -1)
-    return _to_canonical(tensor, layout, fill, 1)
+    return to_canonical(tensor, layout, fill, 1)
 
 
 def _float64(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to(torch.float64).numpy()
 
 
-def _from_canonical(
+def from_canonical(
     array: np.ndarray, layout: CanonicalLayout, channel_shape: tuple[int, ...]
 ) -> torch.Tensor:
     if layout.channel_permutation == (0,) and array.flags.c_contiguous:
@@ -224,9 +221,7 @@ def batch_moments_impl(
         plan.blocks,
     )
     channel_shape = tuple(x.shape[a] for a in axes)
-    return tuple(
-        _from_canonical(a, prepared.layout, channel_shape) for a in (mean, variance, total)
-    )  # type: ignore[return-value]
+    return tuple(from_canonical(a, prepared.layout, channel_shape) for a in (mean, variance, total))  # type: ignore[return-value]
 
 
 def normalize_batch_impl(
@@ -244,122 +239,15 @@ def normalize_batch_impl(
     layout = prepared.layout
     return normalize_prepared(
         prepared,
-        _to_canonical(mean, layout, 0.0, ghost_batches),
-        _to_canonical(variance, layout, 1.0, ghost_batches),
-        _to_canonical(scale, layout, 1.0),
-        _to_canonical(offset, layout, 0.0),
+        to_canonical(mean, layout, 0.0, ghost_batches),
+        to_canonical(variance, layout, 1.0, ghost_batches),
+        to_canonical(scale, layout, 1.0),
+        to_canonical(offset, layout, 0.0),
         epsilon,
         ghost_batches,
         x.dtype,
         activation,
     )
-
-
-class TrainingPass(NamedTuple):
-    """What the one-call training forward leaves for its backward: the canonical input and the
-    batch statistics as the kernels read them, so the backward prepares nothing again."""
-
-    prepared: Prepared
-    mean: np.ndarray  # [groups, C] float64
-    variance: np.ndarray
-    total_weight: np.ndarray
-    scale: np.ndarray  # [C], what the pass normalised with (r * gamma with renorm)
-    offset: np.ndarray  # [C] (d * gamma + beta with renorm)
-    activation: Activation | None  # applied in the forward: the backward folds in f'
-    output: np.ndarray  # the canonical output (elu's backward reads it), else x's
-    # Batch Renormalization's (r, d), [2, C] float64: constants to autograd, they turn the
-    # gradients of scale and offset into gamma's, r * dscale + d * doffset. None without.
-    correction: np.ndarray | None = None
-
-
-class StepArrays(NamedTuple):
-    """The per-channel tensors of a one-call training step as the kernels read them (views)."""
-
-    scale: np.ndarray
-    offset: np.ndarray
-    moving_mean: np.ndarray
-    moving_variance: np.ndarray
-    average_weight: np.ndarray  # [1] float64 (Caffe's scale factor), a dummy without one
-    debiased: bool
-    # Batch Renormalization: (moving_stddev, renorm_mean, renorm_stddev) views; None without.
-    renorm: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-
-
-class RenormStep(NamedTuple):
-    """Batch Renormalization's part of a one-call training step (tf-keras semantics, see
-    :func:`batchnorm.functional._renorm.renorm_correction`): its buffers, contiguous tensors of
-    x's dtype over one channel axis, stepped in place, and its settings."""
-
-    moving_stddev: torch.Tensor
-    renorm_mean: torch.Tensor
-    renorm_stddev: torch.Tensor
-    momentum: float  # renorm_momentum
-    clipping: Mapping[str, float]  # rmin, rmax, dmax, each optional
-
-    def limits(self) -> np.ndarray:
-        """``(rmin, rmax, dmax)`` float64, infinite where not given (an array the kernels only
-        read, made once per distinct value)."""
-        clipping = self.clipping
-        return _clipping_limits(
-            clipping.get("rmin", -math.inf),
-            clipping.get("rmax", math.inf),
-            clipping.get("dmax", math.inf),
-        )
-
-
-@functools.lru_cache(maxsize=64)
-def _clipping_limits(rmin: float, rmax: float, dmax: float) -> np.ndarray:
-    return np.array([rmin, rmax, dmax], np.float64)
-
-
-def step_arrays(
-    scale: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    moving: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    layout: CanonicalLayout,
-    renorm: RenormStep | None = None,
-) -> StepArrays:
-    """Views of gamma, beta and the moving statistics (one channel axis, contiguous)."""
-    moving_mean, moving_variance, average_weight = moving
-    return StepArrays(
-        _to_canonical(scale, layout, 1.0),
-        _to_canonical(offset, layout, 0.0),
-        shared_array(moving_mean),
-        shared_array(moving_variance),
-        _NO_AVERAGE_WEIGHT if average_weight is None else shared_array(average_weight).reshape(1),
-        average_weight is not None,
-        None
-        if renorm is None
-        else (
-            shared_array(renorm.moving_stddev),
-            shared_array(renorm.renorm_mean),
-            shared_array(renorm.renorm_stddev),
-        ),
-    )
-
-
-_NO_AVERAGE_WEIGHT = np.zeros(1, np.float64)
-
-
-class TrainStep(NamedTuple):
-    """What a one-call training step needs besides x, gamma and beta.
-
-    ``moving`` is ``(moving_mean, moving_variance, moving_average_weight or None)``: contiguous
-    tensors of x's dtype over ONE channel axis, written through NumPy views (``arrays``, made
-    by :func:`train_in_place_impl` when None; ``prepared``, x as the kernels read it, likewise).
-    """
-
-    axes: list[int]
-    epsilon: float
-    weights: torch.Tensor | None
-    ghost_batches: int
-    moving: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-    momentum: float
-    unbiased: bool
-    arrays: StepArrays | None = None
-    prepared: Prepared | None = None
-    activation: Activation | None = None  # applied in the normalising pass (no autograd only)
-    renorm: RenormStep | None = None
 
 
 class InferenceCall(NamedTuple):
@@ -406,233 +294,18 @@ class InferenceCall(NamedTuple):
         )
 
 
-def train_in_place_impl(
-    x: torch.Tensor,
-    scale: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    step: TrainStep,
-    backward_follows: bool = False,
-) -> tuple[torch.Tensor, TrainingPass]:
-    """:func:`batch_moments_impl` then :func:`normalize_batch_impl` in one kernel call, which also
-    steps the moving statistics in place; returns ``y`` and what :func:`train_backward_impl` needs.
-
-    The moving statistics' version counters are bumped, so autograd still sees that they changed.
-
-    A plan's first call that compiles the kernel first starts a helper compiling the kernels its
-    next calls take (:func:`_requests_after_step`, :mod:`batchnorm.kernels._ahead`): the
-    backward where ``backward_follows``, and the layer's inference.
-    """
-    prepared = step.prepared
-    if prepared is None:
-        prepared = prepare(x, step.axes, step.weights, step.ghost_batches > 1)
-    plan = prepared.plan
-    arrays = step.arrays
-    if arrays is None:
-        arrays = step_arrays(scale, offset, step.moving, plan.layout, step.renorm)
-    renorm, correction, composed = None, None, None
-    if step.renorm is not None:
-        assert arrays.renorm is not None, "step arrays made without the step's renorm buffers"
-        # The clipping is read on every call: a schedule may relax it in place, as in tf-keras.
-        channels = plan.layout.channels
-        correction = np.empty((2, channels))
-        composed = np.empty((2, channels), plan.compute_dtype)
-        limits, renorm_momentum = step.renorm.limits(), step.renorm.momentum
-        renorm = (*arrays.renorm, limits, renorm_momentum, correction, composed)
-    epsilon, ghost_batches, momentum, unbiased = (
-        step.epsilon,
-        step.ghost_batches,
-        step.momentum,
-        step.unbiased,
-    )
-    out, out3 = plan.fresh(prepared.source)
-    forward = prepared.compiled(plan.train_forward)
-    if plan.ahead_asked:
-        ahead_of_step: AbstractContextManager[None] = _NOTHING_AHEAD
-    else:
-        plan.ahead_asked = True
-        used = (arrays.scale, arrays.offset) if composed is None else (composed[0], composed[1])
-        ahead_of_step = compiling_ahead(
-            plan.train_forward,
-            "parallel" if prepared.parallel else "serial",
-            lambda: _requests_after_step(
-                prepared, arrays, used, out3, step.activation, backward_follows
-            ),
-        )
-    with ahead_of_step:
-        mean, variance, total = forward(
-            prepared.x3,
-            prepared.weights,
-            prepared.masked,
-            ghost_batches,
-            plan.layout.period,
-            plan.blocks,
-            arrays.scale,
-            arrays.offset,
-            epsilon,
-            out3,
-            arrays.moving_mean,
-            arrays.moving_variance,
-            arrays.average_weight,
-            arrays.debiased,
-            momentum,
-            unbiased,
-            renorm,
-            *activation_code(step.activation),
-        )
-    stepped = [t for t in step.moving if t is not None]
-    if step.renorm is not None:
-        stepped.extend(step.renorm[:3])
-    torch.autograd.graph.increment_version(stepped)  # type: ignore[arg-type]
-    training_pass = TrainingPass(
-        prepared,
-        mean,
-        variance,
-        total,
-        arrays.scale if composed is None else composed[0],
-        arrays.offset if composed is None else composed[1],
-        step.activation,
-        out3 if reads_output(step.activation) else prepared.x3,
-        correction,
-    )
-    return out, training_pass
-
-
-_NOTHING_AHEAD = nullcontext()
-
-
-def _requests_after_step(
-    prepared: Prepared,
-    arrays: StepArrays,
-    used: tuple[np.ndarray, np.ndarray],
-    out3: np.ndarray,
-    activation: Activation | None,
-    backward_follows: bool,
-) -> list[Request]:
-    """The kernel calls a layer's first training step leads to, with the Numba signatures they
-    will have: :func:`train_backward_impl`'s (an upstream gradient laid out like x; the
-    activation's backward with a fused activation; ``used``, the scale and offset the step
-    normalised with) where ``backward_follows``, and the affine kernel's of the layer's
-    inference on an input of the same signature, without gradients (:func:`normalize_plain`) and
-    with them (:meth:`InferenceCall.output`), the statistics as ``DirectCalls`` keeps them
-    (``[1, C]`` views of the buffers). tests/test_compile_ahead.py checks them against the
-    calls' own."""
-    plan = prepared.plan
-    typeof: Any = numba.typeof  # untyped for mypy
-    x3, out = typeof(prepared.x3), typeof(out3)
-    index, real = numba.types.int64, numba.types.float64
-    code = activation_code(activation)
-    requests: list[Request] = []
-    build = "parallel" if prepared.parallel else "serial"
-    if backward_follows:
-        statistics = numba.types.Array(real, 2, "C")
-        weights = (typeof(prepared.weights), typeof(prepared.masked))
-        moments = (statistics, statistics, statistics)
-        if code[0] is None:
-            plain = (x3, x3, *weights, *moments, typeof(used[0]), real, index, index, index, out)
-            requests.append((plan.train_backward, build, plain))
-        else:  # with the output where the derivative reads it (elu), else x
-            output = out if reads_output(activation) else x3
-            activated = (
-                *(x3, x3, output, *weights, *moments, typeof(used[0]), typeof(used[1])),
-                *(real, typeof(code[0]), real, index, index, index, out),
-            )
-            requests.append((plan.train_backward_activated, build, activated))
-    rows = typeof(arrays.moving_mean.reshape(1, -1))
-    inference = (
-        *(x3, rows, rows, typeof(arrays.scale), typeof(arrays.offset)),
-        *(real, index, index, index, out, typeof(code[0]), real),
-    )
-    builds = []
-    for backward_follows_inference in (False, True):  # normalize_plain, InferenceCall.output
-        build = plan.normalize_build(plan.inference_blocks(backward_follows_inference))
-        if build not in builds:
-            builds.append(build)
-            requests.append((plan.affine_normalize, build, inference))
-    return requests
-
-
-def train_backward_impl(
-    grad: torch.Tensor, training_pass: TrainingPass, epsilon: float, ghost_batches: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dscale, doffset)`` of :func:`train_in_place_impl`'s output in one kernel call (as
-    :func:`normalize_batch_backward_impl`, without re-preparing the input); with the forward's
-    activation folded in (:mod:`batchnorm.kernels._activated_backward`)."""
-    prepared = training_pass.prepared
-    dy3 = _canonical_gradient(grad, prepared)
-    plan = prepared.plan
-    dx, dx3 = plan.fresh(prepared.source)
-    statistics = (training_pass.mean, training_pass.variance, training_pass.total_weight)
-    code, parameter = activation_code(training_pass.activation)
-    if code is None:
-        backward = prepared.compiled(plan.train_backward)
-        dscale, doffset = backward(
-            dy3,
-            prepared.x3,
-            prepared.weights,
-            prepared.masked,
-            *statistics,
-            training_pass.scale,
-            epsilon,
-            ghost_batches,
-            plan.layout.period,
-            plan.blocks,
-            dx3,
-        )
-    else:
-        backward = prepared.compiled(plan.train_backward_activated)
-        dscale, doffset = backward(
-            dy3,
-            prepared.x3,
-            training_pass.output,
-            prepared.weights,
-            prepared.masked,
-            *statistics,
-            training_pass.scale,
-            training_pass.offset,
-            epsilon,
-            code,
-            parameter,
-            ghost_batches,
-            plan.layout.period,
-            plan.blocks,
-            dx3,
-        )
-    if training_pass.correction is not None:  # gamma's gradient from scale' = r * gamma and
-        r, d = training_pass.correction  # offset' = d * gamma + beta
-        dscale = r * dscale + d * doffset
-    parameter_dtype = prepared.plan.compute_dtype
-    return (
-        dx,
-        torch.from_numpy(dscale.astype(parameter_dtype, copy=False)),
-        torch.from_numpy(doffset.astype(parameter_dtype, copy=False)),
-    )
-
-
-def _canonical_gradient(grad: torch.Tensor, prepared: Prepared) -> np.ndarray:
-    """The upstream gradient as a dense canonical array, a view where it is laid out like x
-    (detached only where it requires grad, under ``create_graph``: see
-    :meth:`CpuPlan.kernel_view`)."""
+def canonical_gradient(grad: torch.Tensor, plan: CpuPlan, source: torch.Tensor) -> np.ndarray:
+    """The upstream gradient of an output for ``source`` (x of the plan's signature, or its
+    one copy) as a dense canonical array, a view where it is laid out like x (detached only
+    where it requires grad, under ``create_graph``: see :meth:`CpuPlan.kernel_view`)."""
     grad = grad.detach() if grad.requires_grad else grad
-    source = prepared.source
     if grad.dtype == source.dtype and grad.stride() == source.stride():
-        return prepared.plan.canonical(storage_array(grad))
+        return plan.canonical(storage_array(grad))
     # A gradient of expanded ones (from .sum()) has zero strides: the kernels need it dense.
     # Viewed and copied by NumPy: the same by torch ops took 5 us, and 15 us inside autograd's
     # backward (a (32, 64) inference forward+backward is ~90 us in all).
     array = storage_array(grad if grad.dtype == source.dtype else grad.to(source.dtype))
-    return np.ascontiguousarray(prepared.plan.canonical(array))
-
-
-def moments_of(
-    training_pass: TrainingPass, channel_shape: tuple[int, ...]
-) -> tuple[torch.Tensor, ...]:
-    """The batch ``(mean, variance, total_weight)`` of a training pass as tensors
-    ``(groups, *channel_shape)`` float64."""
-    layout = training_pass.prepared.layout
-    return tuple(
-        _from_canonical(a, layout, channel_shape)
-        for a in (training_pass.mean, training_pass.variance, training_pass.total_weight)
-    )
+    return np.ascontiguousarray(plan.canonical(array))
 
 
 def normalize_batch_backward_impl(
@@ -658,16 +331,16 @@ def normalize_batch_backward_impl(
     prepared = prepare(x, axes, weights, ghost_batches > 1)
     plan = prepared.plan
     layout = plan.layout
-    dy3 = _canonical_gradient(grad, prepared)
-    mean_c = _to_canonical(mean, layout, 0.0, ghost_batches)
-    variance_c = _to_canonical(variance, layout, 1.0, ghost_batches)
+    dy3 = canonical_gradient(grad, prepared.plan, prepared.source)
+    mean_c = to_canonical(mean, layout, 0.0, ghost_batches)
+    variance_c = to_canonical(variance, layout, 1.0, ghost_batches)
     gradient_sums = prepared.compiled(plan.gradient_sums)
     sums = gradient_sums(dy3, prepared.x3, mean_c, ghost_batches, layout.period, plan.blocks)
     channel_shape = tuple(x.shape[a] for a in axes)
     global_sums = sums
     if reduce_sums is not None:
-        reduced = reduce_sums(_from_canonical(sums, layout, channel_shape))
-        global_sums = np.ascontiguousarray(_to_canonical(reduced, layout, 0.0), np.float64)
+        reduced = reduce_sums(from_canonical(sums, layout, channel_shape))
+        global_sums = np.ascontiguousarray(to_canonical(reduced, layout, 0.0), np.float64)
     dx, dx3 = plan.fresh(prepared.source)
     input_gradient = prepared.compiled(plan.input_gradient)
     input_gradient(
@@ -677,8 +350,8 @@ def normalize_batch_backward_impl(
         prepared.masked,
         mean_c,
         variance_c,
-        _to_canonical(total_weight, layout, 1.0, ghost_batches),
-        _to_canonical(scale, layout, 1.0),
+        to_canonical(total_weight, layout, 1.0, ghost_batches),
+        to_canonical(scale, layout, 1.0),
         global_sums,
         epsilon,
         ghost_batches,
@@ -687,8 +360,8 @@ def normalize_batch_backward_impl(
         dx3,
     )
     inv = 1.0 / np.sqrt(variance_c + epsilon)
-    dscale = _from_canonical((sums[1] * inv).sum(0), layout, channel_shape)
-    doffset = _from_canonical(sums[0].sum(0), layout, channel_shape)
+    dscale = from_canonical((sums[1] * inv).sum(0), layout, channel_shape)
+    doffset = from_canonical(sums[0].sum(0), layout, channel_shape)
     return dx.to(x.dtype), dscale, doffset
 
 
@@ -712,8 +385,8 @@ def normalize_impl(
         prepared,
         _statistic_row(mean, layout, 0.0),
         _statistic_row(variance, layout, 1.0),
-        _to_canonical(scale, layout, 1.0),
-        _to_canonical(offset, layout, 0.0),
+        to_canonical(scale, layout, 1.0),
+        to_canonical(offset, layout, 0.0),
         epsilon,
         1,
         x.dtype,
@@ -743,7 +416,7 @@ def normalize_backward_impl(
         prepared,
         _statistic_row(mean, layout, 0.0),
         _statistic_row(variance, layout, 1.0),
-        _to_canonical(scale, layout, 1.0),
+        to_canonical(scale, layout, 1.0),
         epsilon,
         needs[0],
         any(needs[1:]),
@@ -756,7 +429,7 @@ def normalize_backward_impl(
         values = gradients[row]
         if dtype == torch.float32:  # rounded by NumPy: a torch conversion costs more per call
             values = values.astype(np.float32)
-        tensor = _from_canonical(values, layout, channel_shape)
+        tensor = from_canonical(values, layout, channel_shape)
         return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
     return (
@@ -782,7 +455,7 @@ def inference_gradients(
     ``scale`` ``[C]``): dx in the input's layout when ``input_wanted`` (else None), and the
     float64 ``[dM, dV, dgamma, dbeta]`` rows ``[4, C]`` when ``sums_wanted``."""
     plan = prepared.plan
-    dy3 = _canonical_gradient(grad, prepared)
+    dy3 = canonical_gradient(grad, prepared.plan, prepared.source)
     dx, dx3 = plan.fresh(prepared.source) if input_wanted else (None, None)
     backward = prepared.compiled(plan.inference_backward)
     gradients = backward(
@@ -812,7 +485,7 @@ def normalize_batch_gradients(
     correction: np.ndarray | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dscale, doffset)`` of the training output, or of ``f(output)`` with an
-    ``activation`` (under create_graph only: :func:`train_backward_impl` folds it into the
+    ``activation`` (under create_graph only: :meth:`TrainingCall.backward` folds it into the
     kernels otherwise); with renorm's ``correction`` (r, d) of a one-call step (create_graph
     only), of the output normalised with ``r * scale`` and ``d * scale + offset``."""
     x, mean, variance, total_weight, scale, offset, weights = saved
@@ -835,7 +508,7 @@ def normalize_batch_gradients(
             next(found) if t is not None and t.requires_grad else None for t in inputs
         )
         return dx, dscale, doffset
-    assert activation is None, "the kernels' backward with an activation is train_backward_impl"
+    assert activation is None, "the kernels' backward with an activation is TrainingCall.backward"
     dx, dscale, doffset = backward_op(
         grad, x, axes, mean, variance, total_weight, scale, epsilon, weights, ghost_batches
     )

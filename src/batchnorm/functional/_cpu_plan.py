@@ -136,7 +136,7 @@ class CpuPlan:
         self.in_place_backward = pick(kernels.in_place_backward)
         self.inference_backward = pick(kernels.inference_backward)
         # Whether a first training step of this plan has asked for its next kernels to be
-        # compiled ahead (batchnorm.functional._cpu_operations.train_in_place_impl).
+        # compiled ahead (batchnorm.functional._cpu_training_call.TrainingCall.forward).
         self.ahead_asked = False
 
     def parallel(self) -> bool:
@@ -266,12 +266,17 @@ class Prepared(NamedTuple):
         return self.plan.layout
 
     def compiled(self, kernel: Kernel) -> Any:
-        """The kernel's threaded build when this call runs threaded (one Python thread at a
-        time, :attr:`Kernel.threaded`), else its serial one (after the helper compiling it
-        ahead, if one is: :mod:`batchnorm.kernels._ahead`)."""
-        if ahead.pending:
-            ahead.wait_for(kernel, "parallel" if self.parallel else "serial")
-        return kernel.threaded if self.parallel else kernel.serial
+        """``kernel``'s build for this call (:func:`compiled_build`)."""
+        return compiled_build(kernel, self.parallel)
+
+
+def compiled_build(kernel: Kernel, parallel: bool) -> Any:
+    """The kernel's threaded build for a call that runs threaded (one Python thread at a time,
+    :attr:`Kernel.threaded`), else its serial one, after the helper compiling it ahead, if one
+    is (:mod:`batchnorm.kernels._ahead`)."""
+    if ahead.pending:
+        ahead.wait_for(kernel, "parallel" if parallel else "serial")
+    return kernel.threaded if parallel else kernel.serial
 
 
 def kernel_threads() -> int:
@@ -322,10 +327,10 @@ def prepare(
     dtype = compute_dtype(dtype)  # of the weights
     if weights is None:
         return Prepared(plan, source, x3, NO_WEIGHTS[dtype], None, parallel)
-    return Prepared(plan, source, x3, _mask_rows(weights, plan, axes, dtype), True, parallel)
+    return Prepared(plan, source, x3, mask_rows(weights, plan, axes, dtype), True, parallel)
 
 
-def _mask_rows(
+def mask_rows(
     weights: torch.Tensor, plan: CpuPlan, axes: list[int], dtype: torch.dtype
 ) -> np.ndarray:
     """Weights of one value per position (x's shape, size 1 on the channel axes, or without
@@ -355,7 +360,7 @@ def prepare_with(
     dtype = compute_dtype(x.dtype)  # of the weights
     if weights is None or axes is None:
         return Prepared(plan, detached, x3, NO_WEIGHTS[dtype], None, plan.parallel())
-    w2 = _mask_rows(weights, plan, axes, dtype)
+    w2 = mask_rows(weights, plan, axes, dtype)
     return Prepared(plan, detached, x3, w2, True, plan.parallel())
 
 

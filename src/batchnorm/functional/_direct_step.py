@@ -41,16 +41,7 @@ from batchnorm.functional._batch_norm import (
     check_mask,
 )
 from batchnorm.functional._cpu_backend import NUMBA_CPU, InferenceWithGradients, TrainInPlace
-from batchnorm.functional._cpu_operations import (
-    InferenceCall,
-    RenormStep,
-    StepArrays,
-    TrainStep,
-    activation_code,
-    normalize_plain,
-    step_arrays,
-    train_in_place_impl,
-)
+from batchnorm.functional._cpu_operations import InferenceCall, activation_code, normalize_plain
 from batchnorm.functional._cpu_plan import (
     HALF_BITS,
     VIEWED_DTYPES,
@@ -58,6 +49,12 @@ from batchnorm.functional._cpu_plan import (
     kernels_can_read,
     plan_of,
     prepare_with,
+)
+from batchnorm.functional._cpu_training_call import (
+    RenormStep,
+    StepArrays,
+    TrainingCall,
+    step_arrays,
 )
 from batchnorm.functional._dispatch import backend_for, registered_backend
 
@@ -317,7 +314,7 @@ class DirectCalls:
             and not options.use_global_stats
             and all(t.is_contiguous() and not t.requires_grad for t in self.moving if t is not None)
         )
-        self.signatures: dict[_Signature, tuple[CpuPlan, int] | None] = {}
+        self.signatures: dict[_Signature, tuple[CpuPlan, TrainingCall | None] | None] = {}
         self.arrays: StepArrays | None = None
         self.statistic_rows: tuple[object, object] | None = None
 
@@ -377,7 +374,9 @@ class DirectCalls:
             entry = self._plan(x, signature)
         if entry is None:
             return None
-        plan, ghost_batches = entry  # type: ignore[misc]
+        plan: CpuPlan
+        training_call: TrainingCall | None
+        plan, training_call = entry  # type: ignore[misc]
         weights = None
         if mask is not None:
             weights = position_weights(mask, x, self.axis)  # checked in inference too
@@ -429,30 +428,24 @@ class DirectCalls:
                 moving_variance,
             )
             return _infer_with_gradients(x, gamma, beta, call, options.activation)
-        axes = [self.axis]
-        step = TrainStep(
-            axes,
-            options.epsilon,
-            None if weights is None else weights.detach(),
-            ghost_batches,
-            self.moving,
-            options.momentum,
-            options.unbiased_moving_variance,
-            arrays,
-            prepare_with(plan, x, axes, weights),
-            options.activation,
-            self.renorm,
-        )
+        assert training_call is not None
+        if weights is not None and weights.requires_grad:
+            weights = weights.detach()
         if needs_grad:
-            return _train_in_place(x, gamma, beta, step)
-        return train_in_place_impl(x, gamma, beta, step)[0]
+            y: torch.Tensor = _train_in_place(x, gamma, beta, training_call, x, weights)
+            return y
+        return training_call.forward(x, weights)[0]
 
-    def _plan(self, x: torch.Tensor, signature: _Signature) -> tuple[CpuPlan, int] | None:
-        """The plan and ghost batches of a new signature; None (remembered) for an input the
-        general path must see: another rank or channel count, an empty batch, ghost batches
-        that do not divide the batch, a layout that needs a copy."""
+    def _plan(
+        self, x: torch.Tensor, signature: _Signature
+    ) -> tuple[CpuPlan, TrainingCall | None] | None:
+        """The plan and training call (None where this layer does not train here) of a new
+        signature; None (remembered) for an input the general path must see: another rank or
+        channel count, an empty batch, ghost batches that do not divide the batch, a layout
+        that needs a copy."""
         axis, entry = self.axis, None
-        virtual_batch_size = self.options.virtual_batch_size
+        options = self.options
+        virtual_batch_size = options.virtual_batch_size
         if (
             x.ndim == self.rank
             and x.shape[axis] == self.channels
@@ -462,7 +455,6 @@ class DirectCalls:
             ghost_batches = 1 if virtual_batch_size is None else x.shape[0] // virtual_batch_size
             plan = plan_of(x, [axis], ghost_batches > 1)
             if plan is not None:
-                entry = (plan, ghost_batches)
                 if self.arrays is None:
                     gamma, beta = self.tensors[0], self.tensors[1]
                     self.arrays = step_arrays(gamma, beta, self.moving, plan.layout, self.renorm)
@@ -470,6 +462,21 @@ class DirectCalls:
                         self.arrays.moving_mean.reshape(1, -1),
                         self.arrays.moving_variance.reshape(1, -1),
                     )
+                training_call = None
+                if self.can_train:
+                    training_call = TrainingCall(
+                        plan,
+                        self.arrays,
+                        axis,
+                        self.moving,
+                        epsilon=options.epsilon,
+                        momentum=options.momentum,
+                        unbiased=options.unbiased_moving_variance,
+                        ghost_batches=ghost_batches,
+                        activation=options.activation,
+                        renorm=self.renorm,
+                    )
+                entry = (plan, training_call)
         if len(self.signatures) >= 64:
             self.signatures.clear()
         self.signatures[signature] = entry
