@@ -9,8 +9,6 @@ and a process run with ``BATCHNORM_COMPILE_AHEAD=0``.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -37,12 +35,13 @@ def test_the_predicted_signatures_are_those_the_calls_take(
     monkeypatch, shape, axis, dtype, activation
 ):
     asked: list[list[_ahead.Request]] = []
+    original = _cpu_training_call.first_call
 
-    def record(kernel, build, requests):  # type: ignore[no-untyped-def]
-        asked.append(requests())
-        return contextlib.nullcontext()
+    def record(kernel, parallel, arguments, requests):  # type: ignore[no-untyped-def]
+        asked.append(requests(("serial", "parallel") if parallel else ("serial",)))
+        return original(kernel, parallel, arguments, requests)
 
-    monkeypatch.setattr(_cpu_training_call, "compiling_ahead", record)
+    monkeypatch.setattr(_cpu_training_call, "first_call", record)
     layer = batchnorm.BatchNormalization(axis=axis, activation=activation).to(dtype)
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     layer(x.detach(), training=True)  # builds the layer
@@ -56,8 +55,10 @@ def test_the_predicted_signatures_are_those_the_calls_take(
     requests = asked[0]
     backward = "train_backward" if activation is None else "train_backward_activated"
     assert [kernel.function.__name__ for kernel, _, _ in requests][:1] == [backward]
+    # The serial and threaded builds take the same arguments: a call here may have taken either.
     for kernel, build, signature in requests:
-        assert signature in getattr(kernel, build).signatures, (kernel.__name__, build, signature)
+        taken = {*kernel.serial.signatures, *kernel.parallel.signatures}
+        assert signature in taken, (kernel.__name__, build, signature)
 
 
 def _reset_plans() -> None:
@@ -109,3 +110,48 @@ def test_a_cold_first_step_loads_what_the_helper_compiled(tmp_path, shape, axis)
     assert int(hits) == 2  # the backward and the inference, both from the helper's entries
     assert int(hits_alone) == 0
     assert sums == sums_alone  # the same bits
+
+
+_UNTIL_THREADED = """
+import sys, time, torch, batchnorm
+from batchnorm import kernels
+torch.manual_seed(0)
+torch.set_num_threads(2)
+# Moving statistics that stay as they are (Keras' momentum): every step gives the same bits.
+layer = batchnorm.BatchNormalization(axis=-1, momentum=1.0)
+x = torch.randn(96, 1000, requires_grad=True)
+dy = torch.randn(96, 1000)
+
+def step():
+    x.grad = None
+    y = layer(x, training=True)
+    y.backward(dy)
+    return torch.cat([y.detach().flatten(), x.grad.flatten(), layer.moving_mean.clone()])
+
+forward = kernels.train_forward.for_layout("rows")
+backward = kernels.train_backward.for_layout("rows")
+first = step()
+serial_first = bool(forward.serial.signatures) and not forward.parallel.signatures
+deadline = time.monotonic() + 300
+while not (forward.parallel.signatures and backward.parallel.signatures):
+    assert time.monotonic() < deadline, "the threaded builds never came"
+    time.sleep(0.1)
+    later = step()
+    assert torch.equal(first, later)
+later = step()
+hits = sum(forward.parallel.stats.cache_hits.values()) + sum(
+    backward.parallel.stats.cache_hits.values()
+)
+print(serial_first, hits, torch.equal(first, later))
+"""
+
+
+@pytest.mark.skipif(not _ahead.enabled(), reason="compiling ahead is off on this machine")
+def test_a_cold_threaded_step_runs_serial_until_the_helper_wrote_the_threaded_builds(tmp_path):
+    # (96, 1000): two row blocks in the reducing passes, run threaded on two threads.
+    result = run_program(_UNTIL_THREADED, NUMBA_CACHE_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    serial_first, hits, same = result.stdout.split()
+    assert serial_first == "True"  # the first step compiled the serial build only
+    assert int(hits) == 2  # then both threaded builds came from the helper's cache entries
+    assert same == "True"  # with the serial builds' bits

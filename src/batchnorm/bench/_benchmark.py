@@ -460,15 +460,34 @@ def first_call_seconds() -> dict[str, dict[str, Any]]:
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "NUMBA_CACHE_DIR": cache}
             for name in ("cold_cache", "warm_cache"):
-                output = subprocess.run(
+                process = subprocess.Popen(
                     [sys.executable, "-c", _FIRST_CALL, ",".join(map(str, shape)), str(axis)],
                     env=env,
-                    capture_output=True,
+                    stdout=subprocess.PIPE,
                     text=True,
-                    check=True,
+                    start_new_session=hasattr(os, "killpg"),
                 )
-                seconds[label][name] = float(output.stdout.strip().splitlines()[-1])
+                output, _ = process.communicate()
+                if process.returncode:
+                    raise subprocess.CalledProcessError(process.returncode, process.args, output)
+                _wait_for_helpers(process.pid)
+                seconds[label][name] = float(output.strip().splitlines()[-1])
     return seconds
+
+
+def _wait_for_helpers(session: int, timeout: float = 120.0) -> None:
+    """Until the processes a first-call process left (its helpers compiling ahead, which finish
+    writing Numba's cache after it ends: :mod:`batchnorm.kernels._ahead`) have ended, so that
+    the next process finds the whole cache and shares the CPUs with none of them."""
+    if not hasattr(os, "killpg"):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(session, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 def geometric_mean(values: list[float]) -> float:

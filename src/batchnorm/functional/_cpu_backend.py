@@ -265,15 +265,15 @@ class InferenceWithGradients(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, offset, call, activation):  # type: ignore[no-untyped-def, override]
-        if activation is not None and activation.name == "identity":
-            activation = None
-        y = call.output(x.dtype, activation, backward_follows=True)
+    def forward(ctx, x, scale, offset, call):  # type: ignore[no-untyped-def, override]
+        y = call.output(x, backward_follows=True)
         # beta and y only with an activation (its derivative reads them): without one, beta
         # may change in place before the backward, as before.
-        activated = activation is not None
-        ctx.save_for_backward(x, scale, offset if activated else None, y if activated else None)
-        ctx.call, ctx.activation = call, activation
+        if call.activation is None:
+            ctx.save_for_backward(x, scale, None, None)
+        else:
+            ctx.save_for_backward(x, scale, offset, y)
+        ctx.call = call
         ctx.offset_dtype = None if offset is None else offset.dtype
         ctx.versions = (call.moving_mean._version, call.moving_variance._version)
         return y
@@ -281,7 +281,8 @@ class InferenceWithGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
         x, scale, offset, y = ctx.saved_tensors  # checks that none was modified
-        call, activation = ctx.call, ctx.activation
+        call = ctx.call
+        activation = call.activation
         if ctx.versions != (call.moving_mean._version, call.moving_variance._version):
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an "
@@ -297,14 +298,15 @@ class InferenceWithGradients(torch.autograd.Function):
             dx, _, _, dscale, doffset = normalize_gradients(
                 grad, saved, call.axes, call.epsilon, needs
             )
-            return dx, dscale, doffset, None, None
+            return dx, dscale, doffset, None
         if activation is not None and (activation.invertible or activation.name == "relu"):
             grad = gradient_through_output(grad, y, activation)  # y's sign is z's
         elif activation is not None:  # leaky_relu with a slope <= 0: f'(z) from z
             grad = grad * _activation_derivative(x, scale, offset, call, activation)
         dx, gradients = inference_gradients(
             grad,
-            call.prepared,
+            call.plan,
+            x,
             call.mean,
             call.variance,
             call.scale,
@@ -317,7 +319,7 @@ class InferenceWithGradients(torch.autograd.Function):
             dscale = _parameter_gradient(gradients[2], scale.dtype)
         if needs_offset:
             doffset = _parameter_gradient(gradients[3], ctx.offset_dtype)
-        return dx, dscale, doffset, None, None
+        return dx, dscale, doffset, None
 
 
 def _activation_derivative(

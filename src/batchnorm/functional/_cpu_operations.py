@@ -25,6 +25,7 @@ from batchnorm.functional._cpu_plan import (
     VIEWED_DTYPES,
     CpuPlan,
     Prepared,
+    compiled_build,
     compute_dtype,
     constant_channels,
     prepare,
@@ -127,11 +128,12 @@ def normalize_plain(
     offset: np.ndarray,
     epsilon: float,
     code: tuple[int | None, float],
+    backward_follows: bool = False,
 ) -> torch.Tensor:
-    """A layer's inference output without gradients, ``f((x - M) / sqrt(V + epsilon) * gamma
-    + beta)``: the affine kernel on x (of the plan's signature and dtype) into a new tensor, in
-    the plan's normalising blocks; ``mean`` and ``variance`` ``[1, C]``, ``scale`` and ``offset``
-    ``[C]``, ``code`` the activation's :func:`activation_code`.
+    """A layer's inference output, ``f((x - M) / sqrt(V + epsilon) * gamma + beta)``: the
+    affine kernel on x (of the plan's signature and dtype) into a new tensor, in the plan's
+    :meth:`CpuPlan.inference_blocks`; ``mean`` and ``variance`` ``[1, C]``, ``scale`` and
+    ``offset`` ``[C]``, ``code`` the activation's :func:`activation_code`.
 
     :func:`normalize_prepared` without the :class:`Prepared` input and the calls between: inside
     a model the batch norm's share of ``Linear(784, 1000)-ReLU-BN-Linear(10)`` inference at
@@ -148,7 +150,7 @@ def normalize_plain(
         offset,
         epsilon,
         1,
-        plan.inference_blocks(backward_follows=False),
+        plan.inference_blocks(backward_follows),
         out3,
         code,
     )
@@ -251,10 +253,11 @@ def normalize_batch_impl(
 
 
 class InferenceCall(NamedTuple):
-    """A layer's inference call as the kernels read it (:class:`InferenceWithGradients`): x
-    prepared, the moving statistics ``[1, C]`` and gamma/beta ``[C]`` as arrays (views)."""
+    """A layer's inference calls with gradients on inputs of one signature, as the kernels read
+    them (:class:`~batchnorm.functional._cpu_backend.InferenceWithGradients`): the plan, the
+    moving statistics ``[1, C]`` and gamma/beta ``[C]`` as arrays (views), the activation."""
 
-    prepared: Prepared
+    plan: CpuPlan
     mean: np.ndarray
     variance: np.ndarray
     scale: np.ndarray
@@ -263,34 +266,23 @@ class InferenceCall(NamedTuple):
     axes: list[int]
     moving_mean: torch.Tensor  # what ``mean`` and ``variance`` view
     moving_variance: torch.Tensor
+    activation: Activation | None  # None for none or the identity
+    code: tuple[int | None, float]  # the activation's activation_code
 
-    def output(
-        self,
-        dtype: torch.dtype,
-        activation: Activation | None = None,
-        backward_follows: bool = False,
-    ) -> torch.Tensor:
-        """``f((x - M) / sqrt(V + epsilon) * gamma + beta)`` in ``dtype`` (one kernel call).
-
-        With ``backward_follows`` (:class:`InferenceWithGradients`) the rows are split at least
-        as the inference backward splits them (the plan's reducing blocks), so that each thread
-        of the backward finds its rows of x in its own core's cache. On the Intel VM, with the
-        forward in one block and the backward in two, inference forward+backward of
-        (64, 1000) took 1.94-1.99x torch's time, (96, 1000) 2.08-2.09x, (16, 8, 8, 64)
-        1.74-1.87x; split alike, 1.58-1.63x, 1.52-1.62x and 1.54-1.56x (2 runs each,
-        alternating). Inference alone keeps the normalising pass's own split.
-        """
-        return normalize_prepared(
-            self.prepared,
+    def output(self, x: torch.Tensor, backward_follows: bool = False) -> torch.Tensor:
+        """``f((x - M) / sqrt(V + epsilon) * gamma + beta)`` for x of the plan's signature (one
+        kernel call), its rows split for a backward that follows where one does
+        (:meth:`CpuPlan.inference_blocks`)."""
+        return normalize_plain(
+            self.plan,
+            x,
             self.mean,
             self.variance,
             self.scale,
             self.offset,
             self.epsilon,
-            1,
-            dtype,
-            activation,
-            self.prepared.plan.inference_blocks(backward_follows),
+            self.code,
+            backward_follows,
         )
 
 
@@ -413,7 +405,8 @@ def normalize_backward_impl(
     layout = prepared.layout
     dx, gradients = inference_gradients(
         grad,
-        prepared,
+        prepared.plan,
+        prepared.source,
         _statistic_row(mean, layout, 0.0),
         _statistic_row(variance, layout, 1.0),
         to_canonical(scale, layout, 1.0),
@@ -443,7 +436,8 @@ def normalize_backward_impl(
 
 def inference_gradients(
     grad: torch.Tensor,
-    prepared: Prepared,
+    plan: CpuPlan,
+    source: torch.Tensor,
     mean: np.ndarray,
     variance: np.ndarray,
     scale: np.ndarray,
@@ -452,15 +446,15 @@ def inference_gradients(
     sums_wanted: bool,
 ) -> tuple[torch.Tensor | None, np.ndarray]:
     """The inference backward's kernel call on arrays (``mean``, ``variance`` ``[1, C]``,
-    ``scale`` ``[C]``): dx in the input's layout when ``input_wanted`` (else None), and the
-    float64 ``[dM, dV, dgamma, dbeta]`` rows ``[4, C]`` when ``sums_wanted``."""
-    plan = prepared.plan
-    dy3 = canonical_gradient(grad, prepared.plan, prepared.source)
-    dx, dx3 = plan.fresh(prepared.source) if input_wanted else (None, None)
-    backward = prepared.compiled(plan.inference_backward)
+    ``scale`` ``[C]``) for the input ``source`` (x of the plan's signature, or its one copy): dx
+    in the input's layout when ``input_wanted`` (else None), and the float64
+    ``[dM, dV, dgamma, dbeta]`` rows ``[4, C]`` when ``sums_wanted``."""
+    dy3 = canonical_gradient(grad, plan, source)
+    dx, dx3 = plan.fresh(source) if input_wanted else (None, None)
+    backward = compiled_build(plan.inference_backward, plan.parallel())
     gradients = backward(
         dy3,
-        prepared.x3,
+        plan.kernel_view(source),
         mean,
         variance,
         scale,

@@ -42,7 +42,8 @@ from batchnorm.functional._cpu_plan import (
     mask_rows,
     shared_array,
 )
-from batchnorm.kernels._ahead import Request, compiling_ahead
+from batchnorm.kernels._ahead import Request, first_call
+from batchnorm.kernels._jit import Kernel
 
 
 class StepArrays(NamedTuple):
@@ -261,14 +262,14 @@ class TrainingCall:
         else:
             plan.ahead_asked = True
             used = self.scale_offset if composed is None else (composed[0], composed[1])
-            with compiling_ahead(
+            mean, variance, total = first_call(
                 kernel,
-                "parallel" if parallel else "serial",
-                lambda: self._requests_after(
-                    x3, rows, masked, parallel, used, out3, backward_follows
+                parallel,
+                arguments,
+                lambda builds: self._requests_after(
+                    arguments, used, out3, backward_follows, builds
                 ),
-            ):
-                mean, variance, total = compiled_build(kernel, parallel)(*arguments)
+            )
         torch.autograd.graph.increment_version(self.stepped)  # type: ignore[arg-type]
         output = out3 if self.reads_output else x3
         return out, TrainingPass(
@@ -351,53 +352,61 @@ class TrainingCall:
 
     def _requests_after(
         self,
-        x3: np.ndarray,
-        weights: np.ndarray,
-        masked: bool | None,
-        parallel: bool,
+        arguments: tuple[Any, ...],
         used: tuple[np.ndarray, np.ndarray],
         out3: np.ndarray,
         backward_follows: bool,
+        builds: tuple[str, ...],
     ) -> list[Request]:
-        """The kernel calls a layer's first training step leads to, with the Numba signatures
-        they will have: :meth:`backward`'s (an upstream gradient laid out like x; the
+        """The kernel calls that the first training step called with the forward kernel's
+        ``arguments`` leads to, with the Numba signatures they will have, in each of ``builds``
+        (the serial ones first): :meth:`backward`'s (an upstream gradient laid out like x; the
         activation's backward with a fused activation; ``used``, the scale and offset the step
         normalised with) where ``backward_follows``, and the affine kernel's of the layer's
-        inference on an input of the same signature, without gradients
-        (:func:`~batchnorm.functional._cpu_operations.normalize_plain`) and with them
-        (:meth:`~batchnorm.functional._cpu_operations.InferenceCall.output`), the statistics as
-        ``DirectCalls`` keeps them (``[1, C]`` views of the buffers).
+        inference on an input of the same signature, without gradients and with them
+        (:class:`~batchnorm.functional._cpu_operations.InferenceCall`), the statistics as
+        ``DirectCalls`` keeps them (``[1, C]`` views of the buffers); with the threaded builds,
+        the forward's own (the first step ran the serial one: :func:`first_call`).
         tests/test_compile_ahead.py checks them against the calls' own."""
         plan, arrays = self.plan, self.arrays
         typeof: Any = numba.typeof  # untyped for mypy
+        x3, weights, masked = arguments[:3]
         x, out = typeof(x3), typeof(out3)
         index, real = numba.types.int64, numba.types.float64
         code = self.code
-        requests: list[Request] = []
-        if backward_follows:
-            build = "parallel" if parallel else "serial"
-            statistics = numba.types.Array(real, 2, "C")
-            mask = (typeof(weights), typeof(masked))
-            moments = (statistics, statistics, statistics)
-            if code[0] is None:
-                plain = (x, x, *mask, *moments, typeof(used[0]), real, index, index, index, out)
-                requests.append((plan.train_backward, build, plain))
-            else:  # with the output where the derivative reads it (elu), else x
-                output = out if self.reads_output else x
-                activated = (
-                    *(x, x, output, *mask, *moments, typeof(used[0]), typeof(used[1])),
-                    *(real, typeof(code[0]), real, index, index, index, out),
-                )
-                requests.append((plan.train_backward_activated, build, activated))
+        statistics = numba.types.Array(real, 2, "C")
+        mask = (typeof(weights), typeof(masked))
+        moments = (statistics, statistics, statistics)
+        backward: tuple[Kernel, tuple[Any, ...]]
+        if code[0] is None:
+            plain = (x, x, *mask, *moments, typeof(used[0]), real, index, index, index, out)
+            backward = (plan.train_backward, plain)
+        else:  # with the output where the derivative reads it (elu), else x
+            output = out if self.reads_output else x
+            activated = (
+                *(x, x, output, *mask, *moments, typeof(used[0]), typeof(used[1])),
+                *(real, typeof(code[0]), real, index, index, index, out),
+            )
+            backward = (plan.train_backward_activated, activated)
         rows = typeof(arrays.moving_mean.reshape(1, -1))
         inference = (
             *(x, rows, rows, typeof(arrays.scale), typeof(arrays.offset)),
             *(real, index, index, index, out, typeof(code[0]), real),
         )
-        builds = []
-        for backward_follows_inference in (False, True):  # normalize_plain, InferenceCall.output
-            build = plan.normalize_build(plan.inference_blocks(backward_follows_inference))
-            if build not in builds:
-                builds.append(build)
+        inference_builds = {
+            plan.normalize_build(plan.inference_blocks(backward_follows_inference))
+            for backward_follows_inference in (False, True)  # without gradients, with them
+        }
+        requests: list[Request] = []
+        for build in builds:
+            if build == "parallel":
+                forward = tuple(typeof(argument) for argument in arguments)
+                requests.append((plan.train_forward, build, forward))
+            if backward_follows:
+                requests.append((backward[0], build, backward[1]))
+            # Serial builds serve while threaded ones are being compiled.
+            if build in inference_builds or build == "serial":
                 requests.append((plan.affine_normalize, build, inference))
+        if "parallel" in inference_builds and "parallel" not in builds:
+            requests.append((plan.affine_normalize, "parallel", inference))
         return requests

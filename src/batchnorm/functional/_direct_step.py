@@ -41,14 +41,12 @@ from batchnorm.functional._batch_norm import (
     check_mask,
 )
 from batchnorm.functional._cpu_backend import NUMBA_CPU, InferenceWithGradients, TrainInPlace
-from batchnorm.functional._cpu_operations import InferenceCall, activation_code, normalize_plain
+from batchnorm.functional._cpu_operations import InferenceCall, activation_code
 from batchnorm.functional._cpu_plan import (
     HALF_BITS,
     VIEWED_DTYPES,
-    CpuPlan,
     kernels_can_read,
     plan_of,
-    prepare_with,
 )
 from batchnorm.functional._cpu_training_call import (
     RenormStep,
@@ -221,6 +219,8 @@ def infer(
 
 
 _Signature = tuple[torch.Size, tuple[int, ...], torch.dtype]
+# A signature's training and inference calls (None where the layer takes the general path).
+_Entry = tuple[TrainingCall | None, InferenceCall | None]
 _UNSEEN: Any = object()
 
 
@@ -252,8 +252,9 @@ class DirectCalls:
     Built by the layer for its current settings (it drops the object when an attribute is set);
     holds the layer's parameter and buffer dicts and checks on every call that they still hold
     the same tensors over the same memory (``.to()``, ``load_state_dict`` with ``assign=True``,
-    ``.data =`` all change that). Per input signature ``(shape, strides, dtype)`` it keeps the kernel
-    plan and the number of ghost batches. A call it does not cover returns None, and the layer
+    ``.data =`` all change that). Per input signature ``(shape, strides, dtype)`` it keeps a
+    :class:`TrainingCall` and an :class:`InferenceCall`: the kernel plan, the views of gamma,
+    beta and the buffers, and the kernels' fixed arguments. A call it does not cover returns None, and the layer
     takes its general path: a mask on a ``fused=True`` layer (ignored there, with a warning) or
     one that varies inside a channel, a non-bool ``training``, another dtype or device,
     ``torch.compile`` tracing, vmap/grad transforms, another backend registered for CPU.
@@ -294,7 +295,6 @@ class DirectCalls:
         self.axis, self.rank, self.options = axis, rank, options
         self.training, self.trainable = training and trainable, trainable
         self.masks = masks  # False: a mask is ignored, with a warning (the general path's)
-        self.activation_code = activation_code(options.activation)
         moving_mean = self.tensors[2]
         assert moving_mean is not None
         self.dtype = moving_mean.dtype
@@ -314,9 +314,8 @@ class DirectCalls:
             and not options.use_global_stats
             and all(t.is_contiguous() and not t.requires_grad for t in self.moving if t is not None)
         )
-        self.signatures: dict[_Signature, tuple[CpuPlan, TrainingCall | None] | None] = {}
+        self.signatures: dict[_Signature, _Entry | None] = {}
         self.arrays: StepArrays | None = None
-        self.statistic_rows: tuple[object, object] | None = None
 
     @classmethod
     def applicable(cls, dtype: torch.dtype, tensors: tuple[torch.Tensor | None, ...]) -> bool:
@@ -374,9 +373,9 @@ class DirectCalls:
             entry = self._plan(x, signature)
         if entry is None:
             return None
-        plan: CpuPlan
         training_call: TrainingCall | None
-        plan, training_call = entry  # type: ignore[misc]
+        inference_call: InferenceCall | None
+        training_call, inference_call = entry  # type: ignore[misc]
         weights = None
         if mask is not None:
             weights = position_weights(mask, x, self.axis)  # checked in inference too
@@ -388,46 +387,26 @@ class DirectCalls:
             or (gamma is not None and gamma.requires_grad)
             or (beta is not None and beta.requires_grad)
         )
-        arrays = self.arrays
-        assert arrays is not None
-        options = self.options
         if not training:
-            moving_mean, moving_variance, _ = self.moving
-            if needs_grad and (moving_mean.requires_grad or moving_variance.requires_grad):
+            assert inference_call is not None
+            if not needs_grad:
+                return inference_call.output(x)
+            if (
+                inference_call.moving_mean.requires_grad
+                or inference_call.moving_variance.requires_grad
+            ):
+                options = self.options
                 return NUMBA_CPU.normalize(
                     x,
                     (self.axis,),
-                    moving_mean,
-                    moving_variance,
+                    inference_call.moving_mean,
+                    inference_call.moving_variance,
                     gamma,
                     beta,
                     options.epsilon,
                     options.activation,
                 )
-            mean, variance = self.statistic_rows  # type: ignore[misc]
-            if not needs_grad:
-                return normalize_plain(
-                    plan,
-                    x,
-                    mean,  # type: ignore[arg-type]
-                    variance,  # type: ignore[arg-type]
-                    arrays.scale,
-                    arrays.offset,
-                    options.epsilon,
-                    self.activation_code,
-                )
-            call = InferenceCall(
-                prepare_with(plan, x),
-                mean,  # type: ignore[arg-type]
-                variance,  # type: ignore[arg-type]
-                arrays.scale,
-                arrays.offset,
-                options.epsilon,
-                [self.axis],
-                moving_mean,
-                moving_variance,
-            )
-            return _infer_with_gradients(x, gamma, beta, call, options.activation)
+            return _infer_with_gradients(x, gamma, beta, inference_call)
         assert training_call is not None
         if weights is not None and weights.requires_grad:
             weights = weights.detach()
@@ -436,13 +415,11 @@ class DirectCalls:
             return y
         return training_call.forward(x, weights)[0]
 
-    def _plan(
-        self, x: torch.Tensor, signature: _Signature
-    ) -> tuple[CpuPlan, TrainingCall | None] | None:
-        """The plan and training call (None where this layer does not train here) of a new
-        signature; None (remembered) for an input the general path must see: another rank or
-        channel count, an empty batch, ghost batches that do not divide the batch, a layout
-        that needs a copy."""
+    def _plan(self, x: torch.Tensor, signature: _Signature) -> _Entry | None:
+        """The training call and inference call (None where this layer does not train, or
+        infer, here) of a new signature; None (remembered) for an input the general path
+        must see: another rank or channel count, an empty batch, ghost batches that do not
+        divide the batch, a layout that needs a copy."""
         axis, entry = self.axis, None
         options = self.options
         virtual_batch_size = options.virtual_batch_size
@@ -458,10 +435,6 @@ class DirectCalls:
                 if self.arrays is None:
                     gamma, beta = self.tensors[0], self.tensors[1]
                     self.arrays = step_arrays(gamma, beta, self.moving, plan.layout, self.renorm)
-                    self.statistic_rows = (
-                        self.arrays.moving_mean.reshape(1, -1),
-                        self.arrays.moving_variance.reshape(1, -1),
-                    )
                 training_call = None
                 if self.can_train:
                     training_call = TrainingCall(
@@ -476,7 +449,23 @@ class DirectCalls:
                         activation=options.activation,
                         renorm=self.renorm,
                     )
-                entry = (plan, training_call)
+                inference_call = None
+                if self.can_infer:
+                    activation = options.activation
+                    inference_call = InferenceCall(
+                        plan,
+                        self.arrays.moving_mean.reshape(1, -1),
+                        self.arrays.moving_variance.reshape(1, -1),
+                        self.arrays.scale,
+                        self.arrays.offset,
+                        options.epsilon,
+                        [axis],
+                        self.moving[0],
+                        self.moving[1],
+                        None if activation is None or activation.name == "identity" else activation,
+                        activation_code(activation),
+                    )
+                entry = (training_call, inference_call)
         if len(self.signatures) >= 64:
             self.signatures.clear()
         self.signatures[signature] = entry

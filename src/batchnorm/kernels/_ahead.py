@@ -6,25 +6,34 @@ A cold first call is JIT compilation, one Python thread's work: on the 2-core In
 training step and inference call took 4.3 s, of which 2.1 s compiling the forward kernel and
 1.5 s the backward and inference kernels. A helper imports only :mod:`batchnorm.kernels` (a
 stand-in ``batchnorm`` package module, so not torch: 0.2-0.3 s) and compiled those in 2.1 s
-beside the forward's compilation: 2.85-2.88 s in all (64x1000, with the threaded builds: 8.9-9.0
-s -> 5.8-5.9 s).
+beside the forward's compilation: 2.6-2.9 s in all.
 
 - A helper starts only when the first call really compiles (Numba's ``numba:compile`` event for
   that kernel's dispatcher: a cache hit fires none), where more than one CPU is available, Numba
   compiles and has a writable cache folder, ``sys.executable`` is a Python interpreter, and
   ``BATCHNORM_COMPILE_AHEAD`` is not ``0``.
-- The helper prints each request's index once it is done. A call that needs a kernel asked of a
-  helper first waits for that line (at most :data:`WAIT_SECONDS`), then calls the kernel: Numba
-  finds it in the cache. A kernel the helper did not write (another signature than predicted, a
-  helper that failed) is compiled here as before, and the results are the same bits either way
-  (tests/test_compile_ahead.py, tests/test_numba_environment.py).
-- Helpers still running when this process exits are stopped; a forked child forgets its
-  parent's.
+- Threaded builds cost twice the JIT of serial ones (Numba compiles each parallel loop as a
+  gufunc of its own): a 64x1000 training forward 4.2 s against 2.1. Where a first call would
+  compile the threaded build, it runs the serial one, and the helper compiles the serial
+  builds of the next calls, then the threaded ones; calls take the serial builds (the same
+  results) until the helper has written the threaded ones (:func:`first_call`,
+  :func:`build_for`). Cold first calls on the Intel VM: 32x64x56x56 3.8-3.9 s -> 2.8 s,
+  64x1000 5.8-5.9 s -> 3.3 s.
+- The helper prints each request's index once it is done; a thread here reads those lines. A
+  call that needs a kernel asked of a helper first waits for that line (at most
+  :data:`WAIT_SECONDS`), then calls the kernel: Numba finds it in the cache. A kernel the
+  helper did not write (another signature than predicted, a helper that failed) is compiled
+  here as before, and the results are the same bits either way (tests/test_compile_ahead.py,
+  tests/test_numba_environment.py).
+- Helpers still running when this process exits finish their list on their own (at most the
+  threaded builds' JIT, some seconds; stopping where the cache folder has gone), so that the
+  next process finds every kernel in the cache; a forked child forgets its parent's.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import pickle
 import subprocess
@@ -50,45 +59,61 @@ _PACKAGE_FOLDER = str(Path(__file__).resolve().parents[1])
 # neither the package's __init__ nor torch's import; the kernels' names, files and so Numba's
 # cache entries are the asking process's.
 _HELPER_SOURCE = """
-import pickle, sys, types
+import os, pickle, sys, types
 package = types.ModuleType("batchnorm")
 package.__path__ = [sys.argv[1]]
 sys.modules["batchnorm"] = package
 from batchnorm import kernels
+cache = os.environ.get("NUMBA_CACHE_DIR")
 for index, (name, layout, build, signature) in enumerate(pickle.load(sys.stdin.buffer)):
+    if cache and not os.path.isdir(cache):
+        break  # a temporary cache folder, removed since
     try:
         getattr(getattr(kernels, name).for_layout(layout), build).compile(signature)
     except Exception:  # the asking process compiles what is missing itself
         pass
-    print(index, flush=True)
+    try:
+        print(index, flush=True)
+    except OSError:  # the asking process has ended: the rest is for the next one
+        pass
 """
 
 
 class _Helper:
-    """A helper process, which prints the index of each request once it is compiled (or failed)."""
+    """A helper process, which prints the index of each request once it is compiled (or failed);
+    a thread of this process reads those lines as they come."""
 
     def __init__(self, process: subprocess.Popen[bytes]) -> None:
         self.process = process
         self.done: set[int] = set()
-        self.lock = threading.Lock()
+        self.ended = False
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, name="batchnorm-compile-ahead", daemon=True).start()
+
+    def _read(self) -> None:
+        stdout = self.process.stdout
+        assert stdout is not None
+        for line in stdout:
+            if line.strip().isdigit():  # the helper's own lines, not a library's
+                with self.changed:
+                    self.done.add(int(line))
+                    self.changed.notify_all()
+        stdout.close()
+        self.process.wait()  # ended (or closed its output): reaped here
+        with self.changed:  # what it did not report, the asking process compiles
+            self.ended = True
+            self.changed.notify_all()
+
+    def finished(self, index: int) -> bool:
+        """Whether request ``index`` is done or the helper has ended (without waiting)."""
+        return index in self.done or self.ended
 
     def wait(self, index: int) -> None:
-        """Until request ``index`` is done or the helper has ended (at most WAIT_SECONDS)."""
-        with self.lock:
-            stdout = self.process.stdout
-            assert stdout is not None
-            timer = threading.Timer(WAIT_SECONDS, self.process.kill)
-            timer.start()
-            try:
-                while index not in self.done:
-                    line = stdout.readline()
-                    if not line:  # ended: what it did not report, this process compiles
-                        self.done.update(range(index + 1))
-                        return
-                    if line.strip().isdigit():  # the helper's own lines, not a library's
-                        self.done.add(int(line))
-            finally:
-                timer.cancel()
+        """Until request ``index`` is done or the helper has ended (at most WAIT_SECONDS, after
+        which the helper is stopped)."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.finished(index), WAIT_SECONDS):
+                self.stop()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -195,14 +220,11 @@ def start(requests: list[Request]) -> None:
 
 
 def _close_finished() -> None:
-    """Drops the helpers that have ended and that no pending request names (the lock is held),
-    closing their pipes."""
+    """Drops the helpers that have ended and that no pending request names (the lock is held)."""
     named = {id(helper) for helper, _ in pending.values()}
     for helper in list(_helpers):
-        if id(helper) not in named and helper.process.poll() is not None:
+        if id(helper) not in named and helper.ended:
             _helpers.remove(helper)
-            if helper.process.stdout is not None:
-                helper.process.stdout.close()
 
 
 def _helper_environment() -> dict[str, str]:
@@ -226,11 +248,110 @@ def wait_for(kernel: Kernel, build: str) -> None:
         helper.wait(index)
 
 
+def build_for(kernel: Kernel, parallel: bool) -> Callable[..., Any]:
+    """The build of ``kernel`` a call takes while helpers compile builds ahead: the threaded
+    one where the call runs threaded (``parallel``), except while the helper compiling it has
+    not written it yet, when the serial one serves where it is asked of a helper too, compiled
+    here or in Numba's cache (the two builds give the same results; :func:`first_call`); after
+    the helper compiling the build taken, if one is."""
+    name = kernel.__name__
+    if parallel:
+        entry = pending.get((name, "parallel"))
+        if entry is not None and not entry[0].finished(entry[1]):
+            if (name, "serial") in pending:
+                wait_for(kernel, "serial")
+                serial: Callable[..., Any] = kernel.serial
+                return serial
+            return functools.partial(_serial_unless_compiling, kernel)
+    wait_for(kernel, "parallel" if parallel else "serial")
+    build: Callable[..., Any] = kernel.threaded if parallel else kernel.serial
+    return build
+
+
+def _serial_unless_compiling(kernel: Kernel, *arguments: Any) -> Any:
+    """The serial build where it is compiled here or in the cache, else the threaded one once
+    its helper has written it."""
+    try:
+        return _without_compiling(kernel.serial, kernel.serial, arguments)
+    except _WouldCompileError:
+        wait_for(kernel, "parallel")
+        return kernel.threaded(*arguments)
+
+
+def first_call(
+    kernel: Kernel,
+    parallel: bool,
+    arguments: tuple[Any, ...],
+    requests: Callable[[tuple[str, ...]], list[Request]],
+) -> Any:
+    """A plan's first call of ``kernel`` on ``arguments`` (its threaded build where
+    ``parallel``); where that compiles here, a helper first starts compiling ``requests(builds)``,
+    the kernels the next calls take in each of ``builds``.
+
+    Where the threaded build would compile, the call takes the serial build (half the JIT: 2.1
+    against 4.2 s for a 64x1000 training forward on the Intel VM, whose parallel loops Numba
+    compiles as gufuncs of their own) and the helper compiles the serial builds of the next
+    calls, then the threaded ones (this kernel's too): the calls take the serial builds until
+    the helper has written the threaded ones (:func:`build_for`). Where the serial build is in
+    the cache and the threaded one is not (a process that ended before its helper was done),
+    the helper compiles the threaded builds alone.
+    """
+    if not enabled():
+        return build_for(kernel, parallel)(*arguments)
+    if parallel:
+        try:
+            return _without_compiling(kernel.threaded, kernel.parallel, arguments)
+        except _WouldCompileError:
+            pass
+        try:  # the serial builds may be in the cache without the threaded ones
+            result = _without_compiling(kernel.serial, kernel.serial, arguments)
+        except _WouldCompileError:
+            builds: tuple[str, ...] = ("serial", "parallel")
+        else:
+            start(requests(("parallel",)))
+            return result
+    else:
+        builds = ("serial",)
+    with compiling_ahead(kernel, "serial", lambda: requests(builds)):
+        return kernel.serial(*arguments)
+
+
+def _without_compiling(
+    call: Callable[..., Any], dispatcher: Any, arguments: tuple[Any, ...]
+) -> Any:
+    """``call(*arguments)``, or :class:`_WouldCompileError` where ``dispatcher`` would compile
+    (raised at the start of its compilation, before Numba does any work, which leaves the
+    dispatcher as it was)."""
+    with event.install_listener("numba:compile", _Refuse(dispatcher)):
+        return call(*arguments)
+
+
+class _WouldCompileError(Exception):
+    """A build that is neither compiled in this process nor in Numba's cache."""
+
+
+class _Refuse(event.Listener):  # type: ignore[misc]
+    """Stops a call of ``dispatcher`` before it compiles (:func:`_without_compiling`)."""
+
+    def __init__(self, dispatcher: Any) -> None:
+        self.dispatcher = dispatcher
+
+    def on_start(self, occurrence: event.Event) -> None:
+        if occurrence.data.get("dispatcher") is self.dispatcher:
+            raise _WouldCompileError
+
+    def on_end(self, occurrence: event.Event) -> None:
+        pass
+
+
 @atexit.register
-def _stop_helpers() -> None:
+def _leave_helpers() -> None:
+    """Helpers still running at exit finish their list on their own (the next process finds
+    their kernels in the cache); this process no longer waits for them, and its ``Popen``
+    objects must not warn at shutdown that they are still running."""
     with _lock:
         pending.clear()
-        helpers = list(_helpers)
+        for helper in _helpers:
+            if helper.process.poll() is None:
+                helper.process.returncode = 0  # not ours to wait for any more
         _helpers.clear()
-    for helper in helpers:
-        helper.stop()
