@@ -225,10 +225,6 @@ class TrainInPlace(torch.autograd.Function):
         return dx, dscale, doffset, None, None, None
 
 
-def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
 class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, axes, mean, variance, scale, offset, epsilon):  # type: ignore[no-untyped-def, override]

@@ -107,15 +107,11 @@ def normalize_prepared(
     groups: int,
     out_dtype: torch.dtype,
     activation: Activation | None = None,
-    blocks: int | None = None,
 ) -> torch.Tensor:
     """The affine kernel (and ``activation``, in the same pass) on an input already prepared,
-    into a new tensor with x's memory layout; the statistics are ``[groups, C]`` arrays;
-    ``blocks`` as :func:`normalize_into` takes it."""
+    into a new tensor with x's memory layout; the statistics are ``[groups, C]`` arrays."""
     out, out3 = prepared.plan.fresh(prepared.source)
-    normalize_into(
-        prepared, mean, variance, scale, offset, epsilon, groups, activation, out3, blocks
-    )
+    normalize_into(prepared, mean, variance, scale, offset, epsilon, groups, activation, out3)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
@@ -167,13 +163,11 @@ def normalize_into(
     groups: int,
     activation: Activation | None,
     out3: np.ndarray | None,
-    blocks: int | None = None,
 ) -> None:
     """The affine kernel of :func:`normalize_prepared` writing into ``out3``, an array in the
     canonical layout, or over ``prepared.x3`` itself when None (in-place training: each value
     is read before it is written; :data:`batchnorm.kernels.affine_normalize` says why not
-    ``out3=prepared.x3``), in ``blocks`` row blocks (the plan's ``normalize_blocks`` when
-    None)."""
+    ``out3=prepared.x3``), in the plan's normalising row blocks."""
     plan = prepared.plan
     plan.normalize(
         prepared.x3,
@@ -183,7 +177,7 @@ def normalize_into(
         offset,
         epsilon,
         groups,
-        plan.normalize_blocks if blocks is None else blocks,
+        plan.normalize_blocks,
         out3,
         activation_code(activation),
     )
@@ -253,9 +247,10 @@ def normalize_batch_impl(
 
 
 class InferenceCall(NamedTuple):
-    """A layer's inference calls with gradients on inputs of one signature, as the kernels read
-    them (:class:`~batchnorm.functional._cpu_backend.InferenceWithGradients`): the plan, the
-    moving statistics ``[1, C]`` and gamma/beta ``[C]`` as arrays (views), the activation."""
+    """A layer's inference calls on inputs of one signature as the kernels read them, without
+    gradients and with them (:class:`~batchnorm.functional._cpu_backend.InferenceWithGradients`):
+    the plan, the moving statistics ``[1, C]`` and gamma/beta ``[C]`` as arrays (views), the
+    activation."""
 
     plan: CpuPlan
     mean: np.ndarray

@@ -347,23 +347,6 @@ def mask_rows(
     return canonical_weights(squeezed, layout, tuple(axes), dtype).numpy()
 
 
-def prepare_with(
-    plan: CpuPlan,
-    x: torch.Tensor,
-    axes: list[int] | None = None,
-    weights: torch.Tensor | None = None,
-) -> Prepared:
-    """x, of the plan's signature and a kernel dtype, and the weights of a mask over ``axes``
-    (as :func:`prepare` takes them) or none: :func:`prepare` without the search for its plan."""
-    detached = x.detach() if x.requires_grad else x
-    x3 = plan.canonical(storage_array(detached))
-    dtype = compute_dtype(x.dtype)  # of the weights
-    if weights is None or axes is None:
-        return Prepared(plan, detached, x3, NO_WEIGHTS[dtype], None, plan.parallel())
-    w2 = mask_rows(weights, plan, axes, dtype)
-    return Prepared(plan, detached, x3, w2, True, plan.parallel())
-
-
 def plan_of(x: torch.Tensor, axes: list[int], batch_outermost: bool) -> CpuPlan | None:
     """The plan of x's signature (x float32 or float64), None when x must be copied."""
     plan = prepare(x, axes, None, batch_outermost).plan

@@ -254,8 +254,8 @@ class DirectCalls:
     the same tensors over the same memory (``.to()``, ``load_state_dict`` with ``assign=True``,
     ``.data =`` all change that). Per input signature ``(shape, strides, dtype)`` it keeps a
     :class:`TrainingCall` and an :class:`InferenceCall`: the kernel plan, the views of gamma,
-    beta and the buffers, and the kernels' fixed arguments. A call it does not cover returns None, and the layer
-    takes its general path: a mask on a ``fused=True`` layer (ignored there, with a warning) or
+    beta and the buffers, and the kernels' fixed arguments. A call it does not cover returns
+    None, and the layer takes its general path: a mask on a ``fused=True`` layer (ignored there, with a warning) or
     one that varies inside a channel, a non-bool ``training``, another dtype or device,
     ``torch.compile`` tracing, vmap/grad transforms, another backend registered for CPU.
 
