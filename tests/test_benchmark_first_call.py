@@ -17,3 +17,6 @@ def test_first_call_runs_each_input_cold_then_warm(monkeypatch):
     assert seconds["small"]["axis"] == 1
     for name in ("cold_cache", "warm_cache"):
         assert math.isfinite(seconds["small"][name]) and seconds["small"][name] > 0
+        # The training step ends before the inference call after it.
+        step = seconds["small"][name.replace("_cache", "_step")]
+        assert 0 < step < seconds["small"][name]

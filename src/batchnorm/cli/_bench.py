@@ -104,8 +104,10 @@ def run_bench(arguments: argparse.Namespace) -> int:
         print(
             f"first training step and inference call, {label} input {shape}, "
             f"axis {first['axis']}: "
-            f"{first['cold_cache']:.1f} s with JIT compilation, "
-            f"{first['warm_cache']:.1f} s from the on-disk cache"
+            f"{first['cold_cache']:.1f} s with JIT compilation "
+            f"(training step alone {first['cold_step']:.1f} s), "
+            f"{first['warm_cache']:.1f} s from the on-disk cache "
+            f"({first['warm_step']:.1f} s)"
         )
     print(format_table(report))
     arguments.json.write_text(json.dumps(report, indent=1) + "\n")
