@@ -451,34 +451,58 @@ FIRST_CALL_INPUTS = {
 }
 
 
-def first_call_seconds() -> dict[str, dict[str, Any]]:
+def first_call_seconds(rounds: int = 2) -> dict[str, dict[str, Any]]:
     """Import plus a first training step (forward and backward) and inference call, per input of
     :data:`FIRST_CALL_INPUTS`, in two fresh processes that share an empty Numba cache folder:
     the first compiles the kernels it needs ("cold_cache"), the second finds them on disk
     ("warm_cache"); "cold_step" and "warm_step" are the same processes' seconds to the end of
     the training step, before the inference call (which may wait for the helper compiling its
-    kernel: :mod:`batchnorm.kernels._ahead`)."""
+    kernel: :mod:`batchnorm.kernels._ahead`).
+
+    ``rounds`` pairs of processes, each pair with a new empty cache folder: each figure is the
+    median of its rounds, and its spread (``"spread"``, by name) the range over the median."""
     seconds: dict[str, dict[str, Any]] = {}
+    names = ("cold_cache", "cold_step", "warm_cache", "warm_step")
     for label, (shape, axis) in FIRST_CALL_INPUTS.items():
+        runs: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(rounds):
+            with tempfile.TemporaryDirectory() as cache:
+                env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+                for cold in (True, False):
+                    step, total = _first_call_process(shape, axis, env)
+                    runs["cold_step" if cold else "warm_step"].append(step)
+                    runs["cold_cache" if cold else "warm_cache"].append(total)
         seconds[label] = {"shape": list(shape), "axis": axis}
-        with tempfile.TemporaryDirectory() as cache:
-            env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-            for name in ("cold_cache", "warm_cache"):
-                process = subprocess.Popen(
-                    [sys.executable, "-c", _FIRST_CALL, ",".join(map(str, shape)), str(axis)],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    start_new_session=hasattr(os, "killpg"),
-                )
-                output, _ = process.communicate()
-                if process.returncode:
-                    raise subprocess.CalledProcessError(process.returncode, process.args, output)
-                _wait_for_helpers(process.pid)
-                step, total = (float(line) for line in output.strip().splitlines()[-2:])
-                seconds[label][name] = total
-                seconds[label][name.replace("_cache", "_step")] = step
+        seconds[label].update({name: statistics.median(runs[name]) for name in names})
+        seconds[label]["spread"] = {
+            name: (max(runs[name]) - min(runs[name])) / statistics.median(runs[name])
+            for name in names
+        }
     return seconds
+
+
+def _first_call_process(
+    shape: tuple[int, ...], axis: int, env: dict[str, str]
+) -> tuple[float, float]:
+    """One fresh process of :data:`_FIRST_CALL`: seconds to the end of the training step, and
+    to the end of the inference call; after it, until the helpers it left have ended."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _FIRST_CALL, ",".join(map(str, shape)), str(axis)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=hasattr(os, "killpg"),
+    )
+    output, _ = process.communicate()
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, process.args, output)
+    _wait_for_helpers(process.pid)
+    step, total = (float(line) for line in output.strip().splitlines()[-2:])
+    return step, total
+
+
+# The issue's first-call targets: seconds to the end of a first training step.
+FIRST_STEP_BOUNDS = {"cold_step": 3.0, "warm_step": 0.5}
 
 
 def _wait_for_helpers(session: int, timeout: float = 120.0) -> None:
@@ -516,12 +540,15 @@ def summarise(
     models: list[dict[str, Any]],
     fused: list[dict[str, Any]] | None = None,
     memory: dict[str, Any] | None = None,
+    first_call: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The issues' targets, each with the measured value, its spread and a verdict.
 
     ``fused`` (:func:`run_fused_case` results) adds fused / separate <= 0.8 per case and mode;
     ``memory`` (:func:`run_memory_case`) adds in-place / separate peak memory <= 0.6, a single
-    measurement (spread 0), left out where the peak could not be measured."""
+    measurement (spread 0), left out where the peak could not be measured; ``first_call``
+    (:func:`first_call_seconds`) adds the first training step's seconds per input, cold and
+    warm (:data:`FIRST_STEP_BOUNDS`)."""
     targets: list[tuple[str, float, float, float]] = []
     for r in main:
         worst = max(MODES, key=lambda m: r["modes"][m]["ratio_to_torch"]["value"])
@@ -563,6 +590,18 @@ def summarise(
             )
         )
     targets += activation_targets(fused or [], memory)
+    for label, first in (first_call or {}).items():
+        shape = "x".join(map(str, first["shape"]))
+        for name, bound in FIRST_STEP_BOUNDS.items():
+            cache = "cold" if name == "cold_step" else "warm"
+            targets.append(
+                (
+                    f"{label} {shape}: first training step, {cache} cache, seconds",
+                    first[name],
+                    first["spread"][name],
+                    bound,
+                )
+            )
     return {
         "targets": [
             {
@@ -701,7 +740,14 @@ def run_benchmark(
     if activation:
         report["fused_activation"] = fused_results
         report["memory"] = memory
-    report["summary"] = summarise(main_results, extra_results, model_results, fused_results, memory)
+    report["summary"] = summarise(
+        main_results,
+        extra_results,
+        model_results,
+        fused_results,
+        memory,
+        report.get("first_call_seconds"),
+    )
     return report
 
 
