@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 from batchnorm.bench import _benchmark
 
@@ -29,9 +30,7 @@ def _first_call(cold: list[float], warm: list[float]) -> dict[str, dict[str, obj
     runs = {"cold_step": cold, "warm_step": warm}
     runs["cold_cache"] = [v + 0.1 for v in cold]
     runs["warm_cache"] = [v + 0.1 for v in warm]
-    middle = {
-        name: sorted(v)[len(v) // 2] if len(v) % 2 else sum(v) / len(v) for name, v in runs.items()
-    }
+    middle = {name: statistics.median(v) for name, v in runs.items()}
     spread = {name: (max(v) - min(v)) / middle[name] for name, v in runs.items()}
     return {"dense": {"shape": [64, 1000], "axis": -1, **middle, "spread": spread}}
 

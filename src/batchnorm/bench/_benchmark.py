@@ -450,6 +450,10 @@ FIRST_CALL_INPUTS = {
     "dense": ((64, 1000), -1),
 }
 
+# The issue's first-call targets: seconds to the end of a first training step, with Numba's
+# cache empty ("cold") and filled ("warm").
+FIRST_STEP_BOUNDS = {"cold": 3.0, "warm": 0.5}
+
 
 def first_call_seconds(rounds: int = 2) -> dict[str, dict[str, Any]]:
     """Import plus a first training step (forward and backward) and inference call, per input of
@@ -462,21 +466,21 @@ def first_call_seconds(rounds: int = 2) -> dict[str, dict[str, Any]]:
     ``rounds`` pairs of processes, each pair with a new empty cache folder: each figure is the
     median of its rounds, and its spread (``"spread"``, by name) the range over the median."""
     seconds: dict[str, dict[str, Any]] = {}
-    names = ("cold_cache", "cold_step", "warm_cache", "warm_step")
     for label, (shape, axis) in FIRST_CALL_INPUTS.items():
-        runs: dict[str, list[float]] = {name: [] for name in names}
+        runs: dict[str, list[float]] = {
+            f"{cache}_{span}": [] for cache in ("cold", "warm") for span in ("cache", "step")
+        }
         for _ in range(rounds):
-            with tempfile.TemporaryDirectory() as cache:
-                env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-                for cold in (True, False):
+            with tempfile.TemporaryDirectory() as folder:
+                env = {**os.environ, "NUMBA_CACHE_DIR": folder}
+                for cache in ("cold", "warm"):
                     step, total = _first_call_process(shape, axis, env)
-                    runs["cold_step" if cold else "warm_step"].append(step)
-                    runs["cold_cache" if cold else "warm_cache"].append(total)
-        seconds[label] = {"shape": list(shape), "axis": axis}
-        seconds[label].update({name: statistics.median(runs[name]) for name in names})
+                    runs[f"{cache}_step"].append(step)
+                    runs[f"{cache}_cache"].append(total)
+        medians = {name: statistics.median(values) for name, values in runs.items()}
+        seconds[label] = {"shape": list(shape), "axis": axis, **medians}
         seconds[label]["spread"] = {
-            name: (max(runs[name]) - min(runs[name])) / statistics.median(runs[name])
-            for name in names
+            name: (max(values) - min(values)) / medians[name] for name, values in runs.items()
         }
     return seconds
 
@@ -499,10 +503,6 @@ def _first_call_process(
     _wait_for_helpers(process.pid)
     step, total = (float(line) for line in output.strip().splitlines()[-2:])
     return step, total
-
-
-# The issue's first-call targets: seconds to the end of a first training step.
-FIRST_STEP_BOUNDS = {"cold_step": 3.0, "warm_step": 0.5}
 
 
 def _wait_for_helpers(session: int, timeout: float = 120.0) -> None:
@@ -592,13 +592,12 @@ def summarise(
     targets += activation_targets(fused or [], memory)
     for label, first in (first_call or {}).items():
         shape = "x".join(map(str, first["shape"]))
-        for name, bound in FIRST_STEP_BOUNDS.items():
-            cache = "cold" if name == "cold_step" else "warm"
+        for cache, bound in FIRST_STEP_BOUNDS.items():
             targets.append(
                 (
                     f"{label} {shape}: first training step, {cache} cache, seconds",
-                    first[name],
-                    first["spread"][name],
+                    first[f"{cache}_step"],
+                    first["spread"][f"{cache}_step"],
                     bound,
                 )
             )
