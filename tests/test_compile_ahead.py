@@ -9,6 +9,7 @@ and a process run with ``BATCHNORM_COMPILE_AHEAD=0``.
 
 from __future__ import annotations
 
+import numba
 import pytest
 import torch
 
@@ -54,7 +55,11 @@ def test_the_predicted_signatures_are_those_the_calls_take(
     assert asked, "the first training step asked for nothing"
     requests = asked[0]
     backward = "train_backward" if activation is None else "train_backward_activated"
-    assert [kernel.function.__name__ for kernel, _, _ in requests][:1] == [backward]
+    names = [kernel.function.__name__ for kernel, _, _ in requests]
+    # Channel planes (axis 1 here) first ask for the inference kernel, whose normalising
+    # block helper the forward then loads; rows first ask for the backward.
+    first = ["affine_normalize", backward] if axis == 1 else [backward]
+    assert names[: len(first)] == first
     # The serial and threaded builds take the same arguments: a call here may have taken either.
     for kernel, build, signature in requests:
         taken = {*kernel.serial.signatures, *kernel.parallel.signatures}
@@ -155,3 +160,20 @@ def test_a_cold_threaded_step_runs_serial_until_the_helper_wrote_the_threaded_bu
     assert serial_first == "True"  # the first step compiled the serial build only
     assert int(hits) == 2  # then both threaded builds came from the helper's cache entries
     assert same == "True"  # with the serial builds' bits
+
+
+def _plus_one(value):  # type: ignore[no-untyped-def]
+    return value + 1
+
+
+def test_never_cached_tells_a_function_without_a_cache_entry(tmp_path, monkeypatch):
+    # A first call starts its helper at once where Numba's cache has no index file for the
+    # kernel: true before the first compilation writes one, false after it, and false for a
+    # function Numba does not cache (nothing to tell).
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+    cached = numba.njit(cache=True)(_plus_one)
+    assert _ahead.never_cached(cached)
+    assert cached(1) == 2
+    assert not _ahead.never_cached(cached)
+    assert numba.njit(cache=True)(_plus_one)._cache._cache_path.startswith(str(tmp_path))
+    assert not _ahead.never_cached(numba.njit(cache=False)(_plus_one))

@@ -8,10 +8,15 @@ training step and inference call took 4.3 s, of which 2.1 s compiling the forwar
 stand-in ``batchnorm`` package module, so not torch: 0.2-0.3 s) and compiled those in 2.1 s
 beside the forward's compilation: 2.6-2.9 s in all.
 
-- A helper starts only when the first call really compiles (Numba's ``numba:compile`` event for
-  that kernel's dispatcher: a cache hit fires none), where more than one CPU is available, Numba
-  compiles and has a writable cache folder, ``sys.executable`` is a Python interpreter, and
-  ``BATCHNORM_COMPILE_AHEAD`` is not ``0``.
+- A helper starts only when the first call really compiles, where more than one CPU is
+  available, Numba compiles and has a writable cache folder, ``sys.executable`` is a Python
+  interpreter, and ``BATCHNORM_COMPILE_AHEAD`` is not ``0``. Where Numba's cache has no index
+  file for the kernel (:func:`never_cached`) the helper starts before the call, while this
+  process still imports Numba's compiler libraries (0.2-0.3 s it used to wait for); elsewhere
+  when Numba starts compiling it (its ``numba:compile`` event for that kernel's dispatcher: a
+  cache hit fires none).
+- The helper blocks SciPy's import: Numba's first compilation probes for BLAS by importing it
+  (0.1 s where it is installed) and the kernels call no BLAS.
 - Threaded builds cost twice the JIT of serial ones (Numba compiles each parallel loop as a
   gufunc of its own): a 64x1000 training forward 4.2 s against 2.1. Where a first call would
   compile the threaded build, it runs the serial one, and the helper compiles the serial
@@ -60,6 +65,9 @@ _PACKAGE_FOLDER = str(Path(__file__).resolve().parents[1])
 # cache entries are the asking process's.
 _HELPER_SOURCE = """
 import os, pickle, sys, types
+# Numba's first compilation probes for BLAS by importing SciPy (0.1 s where it is installed);
+# the kernels call no BLAS.
+sys.modules.setdefault("scipy", None)
 package = types.ModuleType("batchnorm")
 package.__path__ = [sys.argv[1]]
 sys.modules["batchnorm"] = package
@@ -298,6 +306,10 @@ def first_call(
     """
     if not enabled():
         return build_for(kernel, parallel)(*arguments)
+    if never_cached(kernel.serial):
+        # It compiles here for sure: the helper starts before Numba's own set-up in this
+        # process (importing its libraries, 0.2-0.3 s) rather than after it.
+        start(requests(("serial", "parallel") if parallel else ("serial",)))
     if parallel:
         try:
             return _without_compiling(kernel.threaded, kernel.parallel, arguments)
@@ -314,6 +326,16 @@ def first_call(
         builds = ("serial",)
     with compiling_ahead(kernel, "serial", lambda: requests(builds)):
         return kernel.serial(*arguments)
+
+
+def never_cached(dispatcher: Any) -> bool:
+    """Whether Numba's on-disk cache holds no entry for ``dispatcher``'s function at all (no
+    index file), so that its first call compiles; False where that cannot be told (no cache)."""
+    try:
+        index = dispatcher._cache._cache_file._index_path
+    except AttributeError:
+        return False
+    return not os.path.exists(index)
 
 
 def _without_compiling(

@@ -39,21 +39,23 @@ def first_values(x, weights, masked, groups, period):  # type: ignore[no-untyped
     """
     rows, channels, inner = x.shape
     shift = np.empty(groups * channels, np.float64).reshape((groups, channels))
-    found = np.empty(groups, np.bool_)
+    # 1.0 once group g has its shift: float64 rather than bool, an array type the kernels
+    # allocate anyway (each dtype of np.empty is one more function Numba compiles cold).
+    found = np.empty(groups, np.float64)
     for g in range(groups):
-        found[g] = False
+        found[g] = 0.0
         for c in range(channels):
             shift[g, c] = 0.0
     missing = groups
     for o in range(rows):
         g = (o // period) % groups
-        if found[g]:
+        if found[g] != 0.0:
             continue
         for i in range(inner):
             if masked is None or weights[o, i] != 0:
                 for c in range(channels):
                     shift[g, c] = widened(x[o, c, i])
-                found[g] = True
+                found[g] = 1.0
                 missing -= 1
                 break
         if missing == 0:

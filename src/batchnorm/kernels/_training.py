@@ -98,28 +98,27 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
     v,
     n,
     moving_mean,
-    moving_variance,
+    moving_second,
     average_weight,
     debiased,
     momentum,
     unbiased,
     epsilon,
-    renorm,
+    root,
 ):
     """One moving-average step, in place, with the batch mean ``m``, biased variance ``v`` and
-    weight ``n`` per channel (:func:`ghost_averages`).
+    weight ``n`` per channel (:func:`ghost_averages`); returns whether it stepped.
 
-    With ``v' = v * n / (n - 1)`` if ``unbiased`` and ``n > 1`` (else ``v``):
+    With ``v' = v * n / (n - 1)`` if ``unbiased`` and ``n > 1`` (else ``v``), and the second
+    statistic's target ``t = v'`` (``moving_second`` the moving variance), or with ``root``
+    (Batch Renormalization: ``moving_second`` the moving stddev) ``t = sqrt(v' + epsilon)``:
 
-    - exponential (Keras): ``M <- M - (M - m) * (1 - momentum)``, the same for ``V`` with ``v'``;
-    - ``debiased`` (Caffe): ``s <- momentum * s + 1``, then ``M <- M + (m - M) / s``;
-    - with ``renorm`` (Batch Renormalization, tf-keras): ``moving_stddev`` steps as ``M`` with
-      ``sqrt(v' + epsilon)``, then ``V = relu(moving_stddev^2 - epsilon)``; ``renorm_mean`` and
-      ``renorm_stddev`` step exponentially with ``renorm_momentum`` towards ``m`` and
-      ``sqrt(v + epsilon)``.
+    - exponential (Keras): ``M <- M - (M - m) * (1 - momentum)``, the same for the second with
+      ``t``;
+    - ``debiased`` (Caffe): ``s <- momentum * s + 1``, then ``M <- M + (m - M) / s``.
 
     A channel whose weights sum to 0 (masked out entirely) saw no sample and keeps its
-    statistics, as after an empty batch; ``s`` steps only when some channel saw one.
+    statistics, as after an empty batch; nothing steps (``s`` included) when no channel saw one.
 
     Computed in float64 and rounded once into the buffers' dtype (the composed torch-op path rounds
     each operation in that dtype: the two differ by at most an ulp).
@@ -131,7 +130,7 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
             seen = True
             break
     if not seen:
-        return
+        return False
     weight = 1.0
     if debiased:
         average_weight[0] = np.float64(average_weight[0]) * momentum + 1.0
@@ -141,40 +140,41 @@ def update_moving_statistics(  # type: ignore[no-untyped-def]
     for c in range(channels):
         count = n[c]
         target = v[c] * (count / (count - 1.0)) if unbiased and count > 1.0 else v[c]
-        if renorm is not None:
-            target = np.sqrt(target + epsilon)  # moving_stddev's target
+        target = np.sqrt(target + epsilon) if root else target
         old_mean = np.float64(widened(moving_mean[c]))
-        if renorm is None:
-            old_variance = np.float64(widened(moving_variance[c]))
-        else:
-            old_variance = np.float64(widened(renorm[0][c]))
+        old_second = np.float64(widened(moving_second[c]))
         if debiased:
             new_mean = old_mean + (m[c] - old_mean) / weight
-            new_variance = old_variance + (target - old_variance) / weight
+            new_second = old_second + (target - old_second) / weight
         else:
             new_mean = old_mean - (old_mean - m[c]) * (1.0 - momentum)
-            new_variance = old_variance - (old_variance - target) * (1.0 - momentum)
+            new_second = old_second - (old_second - target) * (1.0 - momentum)
         moving_mean[c] = narrowed(new_mean if count != 0.0 else old_mean, moving_mean)
-        if renorm is None:
-            moving_variance[c] = narrowed(
-                new_variance if count != 0.0 else old_variance, moving_variance
-            )
-        else:
-            moving_stddev, renorm_mean, renorm_stddev, _, renorm_momentum, _, _ = renorm
-            moving_stddev[c] = narrowed(
-                new_variance if count != 0.0 else old_variance, moving_stddev
-            )
-            stddev = np.float64(widened(moving_stddev[c]))
-            variance = stddev * stddev - epsilon
-            variance = 0.0 if variance < 0.0 else variance  # relu; NaN stays NaN
-            old = np.float64(widened(moving_variance[c]))
-            moving_variance[c] = narrowed(variance if count != 0.0 else old, moving_variance)
-            old = np.float64(widened(renorm_mean[c]))
-            new = old - (old - m[c]) * (1.0 - renorm_momentum)
-            renorm_mean[c] = narrowed(new if count != 0.0 else old, renorm_mean)
-            old = np.float64(widened(renorm_stddev[c]))
-            new = old - (old - np.sqrt(v[c] + epsilon)) * (1.0 - renorm_momentum)
-            renorm_stddev[c] = narrowed(new if count != 0.0 else old, renorm_stddev)
+        moving_second[c] = narrowed(new_second if count != 0.0 else old_second, moving_second)
+    return True
+
+
+@setup_helper
+def update_renorm_statistics(m, v, n, moving_variance, epsilon, renorm):  # type: ignore[no-untyped-def]
+    """Batch Renormalization's part of the step (tf-keras), after :func:`update_moving_statistics`
+    stepped ``moving_stddev``: ``V = relu(moving_stddev^2 - epsilon)``, and ``renorm_mean`` and
+    ``renorm_stddev`` step exponentially with ``renorm_momentum`` towards ``m`` and
+    ``sqrt(v + epsilon)``; a channel that saw no sample keeps its values. Apart from
+    :func:`update_moving_statistics` so that a step without renorm inlines none of it."""
+    moving_stddev, renorm_mean, renorm_stddev, _, renorm_momentum, _, _ = renorm
+    for c in range(m.shape[0]):
+        count = n[c]
+        stddev = np.float64(widened(moving_stddev[c]))
+        variance = stddev * stddev - epsilon
+        variance = 0.0 if variance < 0.0 else variance  # relu; NaN stays NaN
+        old = np.float64(widened(moving_variance[c]))
+        moving_variance[c] = narrowed(variance if count != 0.0 else old, moving_variance)
+        old = np.float64(widened(renorm_mean[c]))
+        new = old - (old - m[c]) * (1.0 - renorm_momentum)
+        renorm_mean[c] = narrowed(new if count != 0.0 else old, renorm_mean)
+        old = np.float64(widened(renorm_stddev[c]))
+        new = old - (old - np.sqrt(v[c] + epsilon)) * (1.0 - renorm_momentum)
+        renorm_stddev[c] = narrowed(new if count != 0.0 else old, renorm_stddev)
 
 
 @kernel
@@ -225,19 +225,23 @@ def train_forward(  # type: ignore[no-untyped-def]
         )
     constants = activation_constants(parameter, x)
     normalize_blocks(x, high, factor, shift, groups, period, blocks, out, activation, constants)
-    update_moving_statistics(
+    # With renorm the second moving statistic is moving_stddev (renorm[0]).
+    second = moving_variance if renorm is None else renorm[0]
+    stepped = update_moving_statistics(
         m,
         v,
         n,
         moving_mean,
-        moving_variance,
+        second,
         average_weight,
         debiased,
         momentum,
         unbiased,
         epsilon,
-        renorm,
+        renorm is not None,
     )
+    if renorm is not None and stepped:
+        update_renorm_statistics(m, v, n, moving_variance, epsilon, renorm)
     return mean, variance, total
 
 
