@@ -68,23 +68,23 @@ def sum_blocks(partial):  # type: ignore[no-untyped-def]
     """The per-thread partial sums ``[blocks, k, groups, C]`` added in block order
     (deterministic). Plain loops: array expressions here cost a second of JIT compilation.
 
-    Block by block over contiguous rows of channels, which vectorise: with the blocks innermost
-    (one strided load per block and value) adding two blocks of 3 x 4096 sums took 17 us, now
-    4.6, the same bits.
+    Block by block over each block's sums as one contiguous row, which vectorises: with the
+    blocks innermost (one strided load per block and value) adding two blocks of 3 x 4096 sums
+    took 17 us, then 4.6, the same bits. One flat loop rather than one per kind and group: 48
+    fewer statements for Numba to compile in each kernel that inlines it.
     """
     blocks, kinds, groups, channels = partial.shape
-    sums = np.empty(kinds * groups * channels, np.float64).reshape((kinds, groups, channels))
-    for k in range(kinds):
-        for g in range(groups):
-            total = sums[k, g]
-            first = partial[0, k, g]
-            for c in range(channels):
-                total[c] = first[c]
-            for block in range(1, blocks):
-                part = partial[block, k, g]
-                for c in range(channels):
-                    total[c] += part[c]
-    return sums
+    size = kinds * groups * channels
+    flat = partial.reshape((blocks, size))  # each block's sums, contiguous
+    sums = np.empty(size, np.float64)
+    first = flat[0]
+    for i in range(size):
+        sums[i] = first[i]
+    for block in range(1, blocks):
+        part = flat[block]
+        for i in range(size):
+            sums[i] += part[i]
+    return sums.reshape((kinds, groups, channels))
 
 
 @setup_helper
