@@ -176,6 +176,7 @@ def test_repeated_runs_are_bit_identical():
         ((4, 2, 3, 3), (1,), 2, False),
         ((6, 3, 2, 2), (1, 3), None, False),
         ((300, 1), (1,), None, True),  # one channel as planes, masked
+        ((8, 5, 3), (2,), 2, True),  # channels last, ghost batches and a mask: runs of rows
     ],
 )
 def test_gradcheck_float64(shape, axes, ghost, use_mask):

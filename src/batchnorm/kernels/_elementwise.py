@@ -350,60 +350,54 @@ def input_gradient_rows_block(  # type: ignore[no-untyped-def]
     x2 = rows_view(x)
     out2 = rows_view(out)
     channels = x2.shape[1]
-    if groups == 1:
-        # The common case with its coefficients as rows: vectorised over the channels, the
-        # block's two halves side by side as in normalize_rows_block; with a mask, one weight
-        # per row (padded sequences).
-        h = high[0]
-        lo = low[0]
-        i = inverse[0]
-        a = k_dy[0]
-        d = mean_dy[0]
-        b = k_normalised[0]
-        q = (stop - start) // 2  # rows per half
+    # Runs of rows of one group (the whole block without ghost batches), each with its
+    # coefficients as rows: vectorised over the channels, the run's two halves side by side as
+    # in normalize_rows_block; with a mask, one weight per row (padded sequences). Without a
+    # mask the weights are left out (a weight of 1 multiplies exactly: the same values).
+    o = start
+    while o < stop:
+        g, run_stop = group_run(o, stop, groups, period)
+        h = high[g]
+        lo = low[g]
+        i = inverse[g]
+        a = k_dy[g]
+        d = mean_dy[g]
+        b = k_normalised[g]
+        q = (run_stop - o) // 2  # rows per half
         if masked is None:
-            for o in range(start, start + q):
+            for r in range(o, o + q):
                 for c in range(channels):
                     hc, lc, ic, ac, dc, bc = h[c], lo[c], i[c], a[c], d[c], b[c]
-                    normalised0 = ((widened(x2[o, c]) - hc) - lc) * ic
-                    normalised1 = ((widened(x2[o + q, c]) - hc) - lc) * ic
-                    v0 = ac * ((widened(dy2[o, c]) - dc) - bc * normalised0)
-                    v1 = ac * ((widened(dy2[o + q, c]) - dc) - bc * normalised1)
-                    out2[o, c] = narrowed(v0, out2)
-                    out2[o + q, c] = narrowed(v1, out2)
-            for o in range(start + 2 * q, stop):
+                    normalised0 = ((widened(x2[r, c]) - hc) - lc) * ic
+                    normalised1 = ((widened(x2[r + q, c]) - hc) - lc) * ic
+                    v0 = ac * ((widened(dy2[r, c]) - dc) - bc * normalised0)
+                    v1 = ac * ((widened(dy2[r + q, c]) - dc) - bc * normalised1)
+                    out2[r, c] = narrowed(v0, out2)
+                    out2[r + q, c] = narrowed(v1, out2)
+            for r in range(o + 2 * q, run_stop):
                 for c in range(channels):
-                    normalised = ((widened(x2[o, c]) - h[c]) - lo[c]) * i[c]
-                    v = a[c] * ((widened(dy2[o, c]) - d[c]) - b[c] * normalised)
-                    out2[o, c] = narrowed(v, out2)
-            return
-        for o in range(start, start + q):
-            w0 = weights[o, 0]
-            w1 = weights[o + q, 0]
-            for c in range(channels):
-                hc, lc, ic, ac, dc, bc = h[c], lo[c], i[c], a[c], d[c], b[c]
-                normalised0 = ((widened(x2[o, c]) - hc) - lc) * ic
-                normalised1 = ((widened(x2[o + q, c]) - hc) - lc) * ic
-                v0 = ac * ((widened(dy2[o, c]) - w0 * dc) - w0 * bc * normalised0)
-                v1 = ac * ((widened(dy2[o + q, c]) - w1 * dc) - w1 * bc * normalised1)
-                out2[o, c] = narrowed(v0, out2)
-                out2[o + q, c] = narrowed(v1, out2)
-        for o in range(start + 2 * q, stop):
-            w = weights[o, 0]
-            for c in range(channels):
-                normalised = ((widened(x2[o, c]) - h[c]) - lo[c]) * i[c]
-                v = a[c] * ((widened(dy2[o, c]) - w * d[c]) - w * b[c] * normalised)
-                out2[o, c] = narrowed(v, out2)
-        return
-    for o in range(start, stop):  # ghost batches
-        g = (o // period) % groups
-        w = weights[o, 0] if masked is not None else 1.0
-        for c in range(channels):
-            normalised = ((widened(x2[o, c]) - high[g, c]) - low[g, c]) * inverse[g, c]
-            v = k_dy[g, c] * (
-                (widened(dy2[o, c]) - w * mean_dy[g, c]) - w * k_normalised[g, c] * normalised
-            )
-            out2[o, c] = narrowed(v, out2)
+                    normalised = ((widened(x2[r, c]) - h[c]) - lo[c]) * i[c]
+                    v = a[c] * ((widened(dy2[r, c]) - d[c]) - b[c] * normalised)
+                    out2[r, c] = narrowed(v, out2)
+        else:
+            for r in range(o, o + q):
+                w0 = weights[r, 0]
+                w1 = weights[r + q, 0]
+                for c in range(channels):
+                    hc, lc, ic, ac, dc, bc = h[c], lo[c], i[c], a[c], d[c], b[c]
+                    normalised0 = ((widened(x2[r, c]) - hc) - lc) * ic
+                    normalised1 = ((widened(x2[r + q, c]) - hc) - lc) * ic
+                    v0 = ac * ((widened(dy2[r, c]) - w0 * dc) - w0 * bc * normalised0)
+                    v1 = ac * ((widened(dy2[r + q, c]) - w1 * dc) - w1 * bc * normalised1)
+                    out2[r, c] = narrowed(v0, out2)
+                    out2[r + q, c] = narrowed(v1, out2)
+            for r in range(o + 2 * q, run_stop):
+                w = weights[r, 0]
+                for c in range(channels):
+                    normalised = ((widened(x2[r, c]) - h[c]) - lo[c]) * i[c]
+                    v = a[c] * ((widened(dy2[r, c]) - w * d[c]) - w * b[c] * normalised)
+                    out2[r, c] = narrowed(v, out2)
+        o = run_stop
 
 
 @elementwise_helper

@@ -301,42 +301,37 @@ def gradient_sums_rows_block(dy, x, mean, groups, period, start, stop, sums):  #
     dy2 = rows_view(dy)
     x2 = rows_view(x)
     channels = x2.shape[1]
-    if groups == 1:
-        # One row of accumulators, four rows (one per quarter) per update, as in
-        # moments_rows_block.
-        u0 = sums[0, 0]
-        u1 = sums[1, 0]
-        m = mean[0]
-        q = (stop - start) // 4  # rows per quarter
-        for o in range(start, start + q):
+    # Runs of rows of one group (the whole block without ghost batches), each with its row of
+    # accumulators, four rows (one per quarter of the run) per update, as in
+    # moments_rows_block; one loop nest for both.
+    o = start
+    while o < stop:
+        g, run_stop = group_run(o, stop, groups, period)
+        u0 = sums[0, g]
+        u1 = sums[1, g]
+        m = mean[g]
+        q = (run_stop - o) // 4  # rows per quarter
+        for r in range(o, o + q):
             for c in range(channels):
                 k = widened(m[c])
-                d0 = np.float64(widened(dy2[o, c]))
-                d1 = np.float64(widened(dy2[o + q, c]))
-                d2 = np.float64(widened(dy2[o + 2 * q, c]))
-                d3 = np.float64(widened(dy2[o + 3 * q, c]))
+                d0 = np.float64(widened(dy2[r, c]))
+                d1 = np.float64(widened(dy2[r + q, c]))
+                d2 = np.float64(widened(dy2[r + 2 * q, c]))
+                d3 = np.float64(widened(dy2[r + 3 * q, c]))
                 u0[c] += (d0 + d1) + (d2 + d3)
                 u1[c] += (
-                    d0 * (np.float64(widened(x2[o, c])) - k)
-                    + d1 * (np.float64(widened(x2[o + q, c])) - k)
+                    d0 * (np.float64(widened(x2[r, c])) - k)
+                    + d1 * (np.float64(widened(x2[r + q, c])) - k)
                 ) + (
-                    d2 * (np.float64(widened(x2[o + 2 * q, c])) - k)
-                    + d3 * (np.float64(widened(x2[o + 3 * q, c])) - k)
+                    d2 * (np.float64(widened(x2[r + 2 * q, c])) - k)
+                    + d3 * (np.float64(widened(x2[r + 3 * q, c])) - k)
                 )
-        for o in range(start + 4 * q, stop):
+        for r in range(o + 4 * q, run_stop):
             for c in range(channels):
-                d = np.float64(widened(dy2[o, c]))
+                d = np.float64(widened(dy2[r, c]))
                 u0[c] += d
-                u1[c] += d * (np.float64(widened(x2[o, c])) - widened(m[c]))
-        return
-    t0 = sums[0]
-    t1 = sums[1]
-    for o in range(start, stop):
-        g = (o // period) % groups
-        for c in range(channels):
-            d = np.float64(widened(dy2[o, c]))
-            t0[g, c] += d
-            t1[g, c] += d * (np.float64(widened(x2[o, c])) - widened(mean[g, c]))
+                u1[c] += d * (np.float64(widened(x2[r, c])) - widened(m[c]))
+        o = run_stop
 
 
 @helper
