@@ -9,13 +9,17 @@ and a process run with ``BATCHNORM_COMPILE_AHEAD=0``.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import pytest
 import torch
 
 import batchnorm
+from batchnorm import kernels
 from batchnorm.functional import _cpu_training_call
 from batchnorm.kernels import _ahead
+from batchnorm.kernels._jit import BlockBuild, bound, compiled, layout_for
 from tests.snippets import run_program
 
 
@@ -56,14 +60,32 @@ def test_the_predicted_signatures_are_those_the_calls_take(
     requests = asked[0]
     backward = "train_backward" if activation is None else "train_backward_activated"
     names = [kernel.function.__name__ for kernel, _, _ in requests]
-    # Channel planes (axis 1 here) first ask for the inference kernel, whose normalising
-    # block helper the forward then loads; rows first ask for the backward.
-    first = ["affine_normalize", backward] if axis == 1 else [backward]
+    # The forward's normalising block helper comes first, which the forward then loads: on
+    # channel planes through the inference kernel, on rows alone; narrow rows start with the
+    # backward.
+    layout = layout_for(shape[axis], math.prod(shape[axis:][1:]))
+    first = {
+        "planes": ["affine_normalize", backward],
+        "rows": ["normalize_block", backward],
+        "narrow": [backward],
+    }[layout]
     assert names[: len(first)] == first
     # The serial and threaded builds take the same arguments: a call here may have taken either.
     for kernel, build, signature in requests:
+        if isinstance(kernel, BlockBuild):
+            _type_forward_again(kernel.layout)
         taken = {*kernel.serial.signatures, *kernel.parallel.signatures}
         assert signature in taken, (kernel.__name__, build, signature)
+
+
+def _type_forward_again(layout: str) -> None:
+    """A forward kernel loaded from Numba's cache leaves the block helpers it calls unknown to
+    their dispatchers: its serial build compiled again, uncached, for the signatures it was
+    called with, makes them compile (or load) what it calls."""
+    forward = kernels.train_forward.for_layout(layout)
+    fresh = compiled(bound(forward.function, layout, "serial"), reassociate=False, cache=False)
+    for signature in {*forward.serial.signatures, *forward.parallel.signatures}:
+        fresh.compile(signature)
 
 
 def _reset_plans() -> None:

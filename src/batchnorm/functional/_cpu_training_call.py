@@ -42,6 +42,7 @@ from batchnorm.functional._cpu_plan import (
     mask_rows,
     shared_array,
 )
+from batchnorm.kernels import normalize_block
 from batchnorm.kernels._ahead import Request, first_call
 from batchnorm.kernels._jit import Kernel
 
@@ -370,6 +371,7 @@ class TrainingCall:
         tests/test_compile_ahead.py checks them against the calls' own."""
         plan, arrays = self.plan, self.arrays
         typeof: Any = numba.typeof  # untyped for mypy
+        tuple_type: Any = numba.types.UniTuple
         x3, weights, masked = arguments[:3]
         x, out = typeof(x3), typeof(out3)
         index, real = numba.types.int64, numba.types.float64
@@ -397,21 +399,30 @@ class TrainingCall:
             plan.normalize_build(plan.inference_blocks(backward_follows_inference))
             for backward_follows_inference in (False, True)  # without gradients, with them
         }
-        # Serial builds serve while threaded ones are being compiled. On channel planes the
-        # forward compiles longer than the backward, and the helper compiles the serial
-        # inference kernel first: its normalising pass's block helper is the training
-        # forward's, which this process, still compiling the forward, then loads from the
-        # helper's cache entry rather than compiling it (0.3 s). On rows the forward's lead is
-        # smaller than the helper's own start and set-up plus the inference kernel: the
-        # backward comes first (64x1000's step waited 0.4 s longer the other way).
-        inference_first = plan.train_forward.layout == "planes"
+        # Serial builds serve while threaded ones are being compiled. The forward compiles
+        # longer than the backward, so the helper first compiles the forward's normalising
+        # block helper, which this process, still compiling the forward, then loads from the
+        # helper's cache entry rather than compiling it (0.3-0.4 s): on channel planes through
+        # the serial inference kernel, whose block helper it is too (the whole kernel costs
+        # little more there); on rows alone, where the helper's backward has less to spare
+        # (the inference kernel ahead of it made 64x1000's step wait 0.3 s longer).
+        layout = plan.train_forward.layout
         requests: list[Request] = []
+        if layout == "rows" and "serial" in builds:
+            compute = numba.from_dtype(np.dtype(plan.compute_dtype))
+            coefficients = numba.types.Array(compute, 2, "C")
+            constants = tuple_type(compute, 2)  # the activation's (0, parameter)
+            block = (
+                *(x, coefficients, coefficients, coefficients, index, index, index, index),
+                *(out, typeof(code[0]), constants),
+            )
+            requests.append((normalize_block.for_layout(layout), "serial", block))
         for build in builds:
             inference_wanted = build in inference_builds or build == "serial"
             if build == "parallel":
                 forward = tuple(typeof(argument) for argument in arguments)
                 requests.append((plan.train_forward, build, forward))
-            elif inference_first:
+            elif layout == "planes":
                 requests.append((plan.affine_normalize, build, inference))
                 inference_wanted = False
             if backward_follows:

@@ -17,7 +17,11 @@ Kernels do not call kernels (see :mod:`batchnorm.kernels._training`).
 """
 
 from batchnorm.kernels._activated_backward import train_backward_activated
-from batchnorm.kernels._elementwise import affine_normalize, batch_norm_input_gradient
+from batchnorm.kernels._elementwise import (
+    affine_normalize,
+    batch_norm_input_gradient,
+    normalize_block,
+)
 from batchnorm.kernels._in_place_backward import in_place_backward
 from batchnorm.kernels._inference_backward import inference_backward
 from batchnorm.kernels._jit import Kernel, blocks_for, run, set_threads
@@ -33,6 +37,7 @@ __all__ = [
     "gradient_sums",
     "in_place_backward",
     "inference_backward",
+    "normalize_block",
     "run",
     "set_threads",
     "train_backward",

@@ -17,6 +17,10 @@ beside the forward's compilation: 2.6-2.9 s in all.
   cache hit fires none).
 - The helper blocks SciPy's import: Numba's first compilation probes for BLAS by importing it
   (0.1 s where it is installed) and the kernels call no BLAS.
+- A request may name a block helper of one layout (:class:`~batchnorm.kernels._jit.BlockBuild`)
+  rather than a kernel's build: the forward compiling here loads it from the helper's cache
+  entry where the helper wrote it first, and compiles it itself otherwise (nothing waits for
+  it).
 - Threaded builds cost twice the JIT of serial ones (Numba compiles each parallel loop as a
   gufunc of its own): a 64x1000 training forward 4.2 s against 2.1. Where a first call would
   compile the threaded build, it runs the serial one, and the helper compiles the serial
@@ -52,10 +56,10 @@ from typing import Any
 import numba
 from numba.core import event
 
-from batchnorm.kernels._jit import Kernel, cache_folder_writable, jit_enabled
+from batchnorm.kernels._jit import BlockBuild, Kernel, cache_folder_writable, jit_enabled
 
 # A kernel's build ("serial" or "parallel") and the Numba signature it will be called with.
-Request = tuple[Kernel, str, tuple[Any, ...]]
+Request = tuple[Kernel | BlockBuild, str, tuple[Any, ...]]
 
 WAIT_SECONDS = 120.0
 _PACKAGE_FOLDER = str(Path(__file__).resolve().parents[1])

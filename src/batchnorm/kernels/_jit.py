@@ -243,14 +243,37 @@ class ByLayout:
     def __init__(self, rows: Any, planes: Any, narrow: Any = None) -> None:
         self.rows, self.planes = rows, planes
         self.narrow = rows if narrow is None else narrow
+        # The pass's name, as batchnorm.kernels exports it where it does (BlockBuild); the
+        # Python function itself where Numba does not compile (NUMBA_DISABLE_JIT=1).
+        name = getattr(rows, "py_func", rows).__name__
+        self.__name__ = name.split("_rows_block")[0] + "_block"
 
     def __call__(self, *args: Any) -> Any:
         """Only runners call block helpers (they have no CPython wrapper)."""
         raise TypeError("block helpers are called from runners only")
 
+    def for_layout(self, layout: str) -> BlockBuild:
+        """The layout's helper as a target of a compile-ahead request, as a kernel's build is
+        (:mod:`batchnorm.kernels._ahead`)."""
+        return BlockBuild(self, layout)
+
 
 def by_layout(rows: Any, planes: Any, narrow: Any = None) -> ByLayout:
     return ByLayout(rows, planes, narrow)
+
+
+class BlockBuild:
+    """A pass's block helper for one layout, named like a :class:`Kernel`'s build for a helper
+    process to compile ahead: ``function`` is the :class:`ByLayout` that
+    :mod:`batchnorm.kernels` exports by ``name``; ``serial`` and ``parallel`` are the one
+    compiled helper, which the serial and threaded runners both call. A kernel compiled later
+    loads it from Numba's cache (nothing waits for it)."""
+
+    def __init__(self, helpers: ByLayout, layout: str) -> None:
+        self.function = helpers
+        self.layout = layout
+        self.serial = self.parallel = getattr(helpers, layout)
+        self.__name__ = f"{helpers.__name__}_{layout}"
 
 
 def bound(function: Any, layout: str, build: str) -> Any:
