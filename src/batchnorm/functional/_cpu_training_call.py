@@ -367,8 +367,10 @@ class TrainingCall:
         inference on an input of the same signature, without gradients and with them
         (:class:`~batchnorm.functional._cpu_operations.InferenceCall`), the statistics as
         ``DirectCalls`` keeps them (``[1, C]`` views of the buffers); with the threaded builds,
-        the forward's own (the first step ran the serial one: :func:`first_call`).
-        tests/test_compile_ahead.py checks them against the calls' own."""
+        the forward's own (the first step ran the serial one: :func:`first_call`); on rows,
+        first, the forward's normalising block helper (a
+        :class:`~batchnorm.kernels._jit.BlockBuild`). tests/test_compile_ahead.py checks them
+        against the calls' own."""
         plan, arrays = self.plan, self.arrays
         typeof: Any = numba.typeof  # untyped for mypy
         tuple_type: Any = numba.types.UniTuple

@@ -264,8 +264,8 @@ def by_layout(rows: Any, planes: Any, narrow: Any = None) -> ByLayout:
 
 class BlockBuild:
     """A pass's block helper for one layout, named like a :class:`Kernel`'s build for a helper
-    process to compile ahead: ``function`` is the :class:`ByLayout` that
-    :mod:`batchnorm.kernels` exports by ``name``; ``serial`` and ``parallel`` are the one
+    process to compile ahead: ``function`` is the :class:`ByLayout`, which
+    :mod:`batchnorm.kernels` exports under its ``__name__``; ``serial`` and ``parallel`` are the one
     compiled helper, which the serial and threaded runners both call. A kernel compiled later
     loads it from Numba's cache (nothing waits for it)."""
 
