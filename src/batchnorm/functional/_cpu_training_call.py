@@ -420,16 +420,15 @@ class TrainingCall:
             )
             requests.append((normalize_block.for_layout(layout), "serial", block))
         for build in builds:
-            inference_wanted = build in inference_builds or build == "serial"
+            inference_first = build == "serial" and layout == "planes"
             if build == "parallel":
                 forward = tuple(typeof(argument) for argument in arguments)
                 requests.append((plan.train_forward, build, forward))
-            elif layout == "planes":
+            if inference_first:
                 requests.append((plan.affine_normalize, build, inference))
-                inference_wanted = False
             if backward_follows:
                 requests.append((backward[0], build, backward[1]))
-            if inference_wanted:
+            if (build == "serial" or build in inference_builds) and not inference_first:
                 requests.append((plan.affine_normalize, build, inference))
         if "parallel" in inference_builds and "parallel" not in builds:
             requests.append((plan.affine_normalize, "parallel", inference))
