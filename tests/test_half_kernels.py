@@ -3,7 +3,9 @@
 Oracle: the conversions must equal torch's on every half value, and a half input must give what
 the float32 kernels give on ``x.float()``, rounded as ``.to(half)`` rounds: the half kernels
 compute in float32 on the exact float32 values of the input. The statistics and the gamma/beta
-gradients (float64 sums of the same values) are bit-equal. y and dL/dx may differ by one half
+gradients (float64 sums of the same values) are bit-equal, except on channel planes, which sum
+half data in float32 chunks (batchnorm.kernels._plane_sums): there within float32 rounding of
+the float64 sums (relative 1e-6 of their scale). y and dL/dx may differ by one half
 ulp in a few elements: LLVM may contract a multiply and an add into one rounding in one build
 and not in another ("contract" fast-math), which moves a float32 result by an ulp, and the
 rounding to half then flips where that result lies near a midpoint.
@@ -128,6 +130,8 @@ CASES = {
     "relu": ((8, 16, 12, 12), 1, {"activation": "relu"}, None),
     "threaded": ((16, 32, 32, 32), 1, {}, None),
 }
+# The cases on the channel-planes kernels, whose sums of half data are float32 chunks.
+PLANE_CASES = {"planes", "relu", "threaded"}
 
 
 def _case_inputs(case, dtype, spread, offset):
@@ -188,9 +192,20 @@ def test_half_steps_equal_the_float32_kernels_rounded(dtype, case, training):
             assert got.stride() == x.stride()
             _assert_rounded_from(got, expected)
         else:
-            assert torch.equal(got, expected), index
+            _assert_sums_match(got, expected, case in PLANE_CASES)
     for got, expected in zip(half_buffers, single_buffers, strict=True):
+        _assert_sums_match(got, expected, case in PLANE_CASES)
+
+
+def _assert_sums_match(got, expected, planes):
+    """Statistics and gamma/beta gradients: float64 sums of the same float32 values, so equal
+    to the float32 kernels' to the bit; on channel planes, which sum half data in float32 chunks
+    (batchnorm.kernels._plane_sums), within float32 rounding of the largest."""
+    if not planes:
         assert torch.equal(got, expected)
+        return
+    scale = expected.double().abs().max()
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-6, atol=1e-6 * scale)
 
 
 def _assert_rounded_from(got, single):
@@ -347,7 +362,7 @@ def _assert_within_an_ulp(got, single):
 def test_half_search_follows_the_float32_kernels(case, dtype):
     # The float32 search's draws (layouts, masks with far padding, offsets, magnitudes) in half
     # precision, through the shortcut: the statistics are the float32 layer's on the same values,
-    # bit for bit, and the outputs its outputs rounded.
+    # and the outputs its outputs rounded.
     rng = np.random.default_rng(case["seed"])
     shape, axis = case["shape"], case["axis"]
     largest = float(torch.finfo(dtype).max) / 4
@@ -374,7 +389,11 @@ def test_half_search_follows_the_float32_kernels(case, dtype):
             y_inference = layer(source, training=False)
         results.append((y, y_inference, layer.moving_mean, layer.moving_variance))
     (y, y_inference, mean, variance), (y32, y_inference32, mean32, variance32) = results
-    assert torch.equal(mean, mean32) and torch.equal(variance, variance32)
+    # Within float32 rounding of the statistics' scale: channel planes sum half data in float32
+    # chunks (batchnorm.kernels._plane_sums); elsewhere they are equal to the bit.
+    scale = variance32.double().sqrt() + mean32.double().abs()
+    assert ((mean.double() - mean32.double()).abs() <= 1e-6 * scale).all(), (mean, mean32)
+    torch.testing.assert_close(variance.double(), variance32.double(), rtol=2e-6, atol=0)
     for got, single in ((y, y32), (y_inference, y_inference32)):
         assert got.dtype == dtype
         _assert_within_an_ulp(got, single)

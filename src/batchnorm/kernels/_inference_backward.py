@@ -37,6 +37,7 @@ from batchnorm.kernels._jit import (
     runner,
     setup_helper,
 )
+from batchnorm.kernels._plane_sums import add_input_gradient_and_sums
 from batchnorm.kernels._statistics import (
     gradient_sums_blocks,
     gradient_sums_narrow_block,
@@ -137,25 +138,10 @@ def input_gradient_and_sums_planes_block(  # type: ignore[no-untyped-def]
     dy, x, mean, zero, factor, period, start, stop, sums, out, constants
 ):
     """Rows ``start:stop`` (channel planes): ``out = dy * factor`` and the sums of
-    :func:`~batchnorm.kernels._statistics.gradient_sums_planes_block`, plane by plane."""
-    channels, inner = x.shape[1], x.shape[2]
+    :func:`~batchnorm.kernels._statistics.gradient_sums_planes_block`, plane by plane
+    (:func:`~batchnorm.kernels._plane_sums.add_input_gradient_and_sums`)."""
     for o in range(start, stop):
-        for c in range(channels):
-            m = widened(mean[0, c])
-            f = factor[0, c]
-            dy_row = dy[o, c]
-            x_row = x[o, c]
-            target = out[o, c]
-            a0 = 0.0
-            a1 = 0.0
-            for i in range(inner):
-                e = widened(dy_row[i])
-                target[i] = narrowed(e * f, target)
-                d = np.float64(e)
-                a0 += d
-                a1 += d * (np.float64(widened(x_row[i])) - m)
-            sums[0, 0, c] += a0
-            sums[1, 0, c] += a1
+        add_input_gradient_and_sums(dy[o], x[o], mean[0], factor[0], out[o], sums[0, 0], sums[1, 0])
 
 
 @helper

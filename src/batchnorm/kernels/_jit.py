@@ -40,6 +40,9 @@ from typing import Any
 import numba
 
 FASTMATH = {"reassoc", "contract", "nsz"}
+# The options of functions compiled from an ``overload`` (batchnorm.kernels._plane_sums): a
+# :func:`helper`'s, as the block helpers that call them.
+OVERLOAD_OPTIONS: Any = {"fastmath": FASTMATH, "error_model": "numpy", "nogil": True}
 
 
 def sources_digest(folder: Path) -> str:

@@ -27,6 +27,7 @@ from batchnorm.kernels._jit import (
     setup_helper,
 )
 from batchnorm.kernels._narrow_rows import narrow_gradient_sums, narrow_moments, virtual_copies
+from batchnorm.kernels._plane_sums import add_gradient_sums, add_moments
 
 
 @setup_helper
@@ -223,27 +224,25 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
 
 @helper
 def moments_planes_block(x, weights, masked, shift, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
-    """Rows ``start:stop`` of ``x[o, c, i]`` (channel planes) added into ``sums[3, groups, C]``."""
+    """Rows ``start:stop`` of ``x[o, c, i]`` (channel planes) added into ``sums[3, groups, C]``;
+    without a mask, sample by sample (:func:`~batchnorm.kernels._plane_sums.add_moments`)."""
     channels, inner = x.shape[1], x.shape[2]
     for o in range(start, stop):
         g = (o // period) % groups
+        if masked is None:
+            add_moments(x[o], shift[g], sums[1, g], sums[2, g])
+            continue
         for c in range(channels):
             k = shift[g, c]
             a0 = 0.0
             a1 = 0.0
             a2 = 0.0
-            if masked is not None:
-                for i in range(inner):
-                    w = np.float64(weights[o, i])
-                    v = np.float64(widened(x[o, c, i])) - k
-                    a0 += w
-                    a1 += w * v
-                    a2 += w * v * v
-            else:
-                for i in range(inner):
-                    v = np.float64(widened(x[o, c, i])) - k
-                    a1 += v
-                    a2 += v * v
+            for i in range(inner):
+                w = np.float64(weights[o, i])
+                v = np.float64(widened(x[o, c, i])) - k
+                a0 += w
+                a1 += w * v
+                a2 += w * v * v
             sums[0, g, c] += a0
             sums[1, g, c] += a1
             sums[2, g, c] += a2
@@ -336,20 +335,11 @@ def gradient_sums_rows_block(dy, x, mean, groups, period, start, stop, sums):  #
 
 @helper
 def gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
-    """Rows ``start:stop`` (channel planes) added into ``sums[2, groups, C]``."""
-    channels, inner = x.shape[1], x.shape[2]
+    """Rows ``start:stop`` (channel planes) added into ``sums[2, groups, C]``, sample by sample
+    (:func:`~batchnorm.kernels._plane_sums.add_gradient_sums`)."""
     for o in range(start, stop):
         g = (o // period) % groups
-        for c in range(channels):
-            m = widened(mean[g, c])
-            a0 = 0.0
-            a1 = 0.0
-            for i in range(inner):
-                d = np.float64(widened(dy[o, c, i]))
-                a0 += d
-                a1 += d * (np.float64(widened(x[o, c, i])) - m)
-            sums[0, g, c] += a0
-            sums[1, g, c] += a1
+        add_gradient_sums(dy[o], x[o], mean[g], sums[0, g], sums[1, g])
 
 
 @helper
