@@ -397,3 +397,56 @@ def test_half_search_follows_the_float32_kernels(case, dtype):
     for got, single in ((y, y32), (y_inference, y_inference32)):
         assert got.dtype == dtype
         _assert_within_an_ulp(got, single)
+
+
+@pytest.mark.parametrize(
+    "case", ["outlier first", "scale 1e-18", "scale 1e19", "offset 200", "nan in a channel"]
+)
+def test_half_planes_sum_in_float32_with_float64_accuracy(case):
+    # The half-planes build sums each bfloat16 plane in float32 (batchnorm.kernels._half_sums),
+    # centred on the plane, and again in float64 where float32 would lose or overflow the
+    # squares and products: statistics and gamma/beta gradients against a float64 reference on
+    # the same values. Planes of 300 values: a full chunk and a short one.
+    torch.manual_seed(7)
+    x = torch.randn(6, 4, 15, 20)
+    if case == "outlier first":
+        x[0, :, 0, 0] = 1000.0
+    elif case == "scale 1e-18":  # squares summing below 1e-30: the float64 sums
+        x = x * 1e-18
+    elif case == "scale 1e19":  # squares beyond float32's range: the float64 sums
+        x = x * 1e19
+    elif case == "offset 200":
+        x = x + 200.0
+    else:
+        x[2, 1, 3, 4] = float("nan")
+    x = x.to(torch.bfloat16)
+    upstream = torch.randn(x.shape).to(torch.bfloat16)
+    layer = BatchNormalization(4, axis=1, momentum=0.0, fused=False)
+    layer.build(x.shape)
+    with torch.no_grad():  # M - (M - v) is v exactly from 0 (from 1, 1e-36 is lost in 1 - v)
+        layer.moving_variance.zero_()
+    source = x.clone().requires_grad_()
+    layer(source, training=True).backward(upstream)
+    values = x.double()
+    mean = values.mean((0, 2, 3))
+    variance = values.var((0, 2, 3), unbiased=False)
+    normalised = (values - mean.view(1, -1, 1, 1)) / (variance.view(1, -1, 1, 1) + 1e-3).sqrt()
+    dy = upstream.double()
+    expected = {
+        "moving_variance": (layer.moving_variance, variance, variance.abs()),
+        "moving_mean": (layer.moving_mean, mean, variance.sqrt() + mean.abs()),
+        "gamma gradient": (layer.gamma.grad, (dy * normalised).sum((0, 2, 3)), None),
+        "beta gradient": (layer.beta.grad, dy.sum((0, 2, 3)), None),
+    }
+    magnitude = {
+        "gamma gradient": (dy * normalised).abs().sum((0, 2, 3)),
+        "beta gradient": dy.abs().sum((0, 2, 3)),
+    }
+    for name, (got, reference, scale) in expected.items():
+        scale = magnitude[name] if scale is None else scale
+        got = got.double()
+        nan = reference.isnan()
+        assert torch.equal(got.isnan(), nan), name
+        error = (got - reference).abs()[~nan]
+        # float32 storage (2^-24 relative) and sums within float32 rounding of their magnitude
+        assert (error <= 1e-6 * scale[~nan] + 1e-300).all(), (name, error, scale)

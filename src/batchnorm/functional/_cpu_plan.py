@@ -121,7 +121,7 @@ class CpuPlan:
         # blocks: kernels.SUMS_PARALLEL_THRESHOLD).
         self.normalize_blocks = kernels.blocks_for(elements, layout.rows, layout.inner, sums=False)
 
-        build = layout_for(layout.channels, layout.inner, ghost_batches)
+        build = layout_for(layout.channels, layout.inner, ghost_batches, dtype in HALF_BITS)
 
         def pick(operation: LayoutKernel) -> Kernel:
             return operation.for_layout(build)

@@ -420,7 +420,7 @@ class TrainingCall:
             )
             requests.append((normalize_block.for_layout(layout), "serial", block))
         for build in builds:
-            inference_first = build == "serial" and layout == "planes"
+            inference_first = build == "serial" and layout in ("planes", "half_planes")
             if build == "parallel":
                 forward = tuple(typeof(argument) for argument in arguments)
                 requests.append((plan.train_forward, build, forward))

@@ -28,6 +28,7 @@ from batchnorm.kernels._elementwise import (
     normalize_narrow_block,
 )
 from batchnorm.kernels._half import compute_dtype, narrowed, widened
+from batchnorm.kernels._half_sums import plane_gradient_sums_of_half
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
@@ -37,7 +38,6 @@ from batchnorm.kernels._jit import (
     runner,
     setup_helper,
 )
-from batchnorm.kernels._plane_sums import add_input_gradient_and_sums
 from batchnorm.kernels._statistics import (
     gradient_sums_blocks,
     gradient_sums_narrow_block,
@@ -138,10 +138,25 @@ def input_gradient_and_sums_planes_block(  # type: ignore[no-untyped-def]
     dy, x, mean, zero, factor, period, start, stop, sums, out, constants
 ):
     """Rows ``start:stop`` (channel planes): ``out = dy * factor`` and the sums of
-    :func:`~batchnorm.kernels._statistics.gradient_sums_planes_block`, plane by plane
-    (:func:`~batchnorm.kernels._plane_sums.add_input_gradient_and_sums`)."""
+    :func:`~batchnorm.kernels._statistics.gradient_sums_planes_block`, plane by plane."""
+    channels, inner = x.shape[1], x.shape[2]
     for o in range(start, stop):
-        add_input_gradient_and_sums(dy[o], x[o], mean[0], factor[0], out[o], sums[0, 0], sums[1, 0])
+        for c in range(channels):
+            m = widened(mean[0, c])
+            f = factor[0, c]
+            dy_row = dy[o, c]
+            x_row = x[o, c]
+            target = out[o, c]
+            a0 = 0.0
+            a1 = 0.0
+            for i in range(inner):
+                e = widened(dy_row[i])
+                target[i] = narrowed(e * f, target)
+                d = np.float64(e)
+                a0 += d
+                a1 += d * (np.float64(widened(x_row[i])) - m)
+            sums[0, 0, c] += a0
+            sums[1, 0, c] += a1
 
 
 @helper
@@ -154,10 +169,32 @@ def input_gradient_and_sums_narrow_block(  # type: ignore[no-untyped-def]
     gradient_sums_narrow_block(dy, x, mean, 1, period, start, stop, sums)
 
 
+@helper
+def input_gradient_and_sums_half_planes_block(  # type: ignore[no-untyped-def]
+    dy, x, mean, zero, factor, period, start, stop, sums, out, constants
+):
+    """:func:`input_gradient_and_sums_planes_block` for float16/bfloat16 data: ``out`` plane by
+    plane, then the plane's sums in float32
+    (:func:`~batchnorm.kernels._half_sums.plane_gradient_sums_of_half`), while it is in cache."""
+    channels, inner = x.shape[1], x.shape[2]
+    for o in range(start, stop):
+        for c in range(channels):
+            f = factor[0, c]
+            dy_row = dy[o, c]
+            target = out[o, c]
+            for i in range(inner):
+                target[i] = narrowed(widened(dy_row[i]) * f, target)
+            m = np.float64(widened(mean[0, c]))
+            a0, a1 = plane_gradient_sums_of_half(dy_row, x[o, c], m)
+            sums[0, 0, c] += a0
+            sums[1, 0, c] += a1
+
+
 input_gradient_and_sums_block = by_layout(
     input_gradient_and_sums_rows_block,
     input_gradient_and_sums_planes_block,
     input_gradient_and_sums_narrow_block,
+    input_gradient_and_sums_half_planes_block,
 )
 
 

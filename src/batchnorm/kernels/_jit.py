@@ -40,9 +40,6 @@ from typing import Any
 import numba
 
 FASTMATH = {"reassoc", "contract", "nsz"}
-# The options of functions compiled from an ``overload`` (batchnorm.kernels._plane_sums): a
-# :func:`helper`'s, as the block helpers that call them.
-OVERLOAD_OPTIONS: Any = {"fastmath": FASTMATH, "error_model": "numpy", "nogil": True}
 
 
 def sources_digest(folder: Path) -> str:
@@ -218,10 +215,12 @@ def runner(function: Any) -> Runner:
 NARROW_CHANNELS = 16
 
 
-def layout_for(channels: int, inner: int, ghost_batches: bool = False) -> str:
-    """The build a call on a canonical ``x[o, c, i]`` takes: ``"planes"`` for ``inner > 1``;
-    for channels last (``inner == 1``), ``"narrow"`` for fewer than :data:`NARROW_CHANNELS`
-    channels without ghost batches (virtual rows), ``"rows"`` otherwise.
+def layout_for(channels: int, inner: int, ghost_batches: bool = False, half: bool = False) -> str:
+    """The build a call on a canonical ``x[o, c, i]`` takes: ``"planes"`` for ``inner > 1``
+    (``"half_planes"`` for float16/bfloat16 data, ``half``: their sums in float32 chunks,
+    :mod:`batchnorm.kernels._half_sums`); for channels last (``inner == 1``), ``"narrow"`` for
+    fewer than :data:`NARROW_CHANNELS` channels without ghost batches (virtual rows), ``"rows"``
+    otherwise.
 
     Each build compiles only its own block helpers: with the narrow rows' loops in the rows
     helpers, a first (64, 1000) training step and inference call with a cold cache took 8.3 s
@@ -230,7 +229,7 @@ def layout_for(channels: int, inner: int, ghost_batches: bool = False) -> str:
     coefficients again and again.
     """
     if inner != 1:
-        return "planes"
+        return "half_planes" if half else "planes"
     if channels < NARROW_CHANNELS and not ghost_batches:
         return "narrow"
     return "rows"
@@ -239,13 +238,15 @@ def layout_for(channels: int, inner: int, ghost_batches: bool = False) -> str:
 class ByLayout:
     """A pass's block helpers for the layouts (:func:`layout_for`), which a runner calls by one
     name: its rows build calls ``rows``, its planes build ``planes``, its narrow build
-    ``narrow`` (``rows`` where the pass has no narrow helper) (:func:`bound`). All take the
+    ``narrow`` (``rows`` where the pass has no narrow helper), its half-planes build
+    ``half_planes`` (``planes`` where the pass has none) (:func:`bound`). All take the
     canonical ``x[o, c, i]``; a rows or narrow helper views it as ``x2[o, c]``
     (:func:`rows_view`)."""
 
-    def __init__(self, rows: Any, planes: Any, narrow: Any = None) -> None:
+    def __init__(self, rows: Any, planes: Any, narrow: Any = None, half_planes: Any = None) -> None:
         self.rows, self.planes = rows, planes
         self.narrow = rows if narrow is None else narrow
+        self.half_planes = planes if half_planes is None else half_planes
         # The pass's name, as batchnorm.kernels exports it where it does (BlockBuild); the
         # Python function itself where Numba does not compile (NUMBA_DISABLE_JIT=1).
         name = getattr(rows, "py_func", rows).__name__
@@ -261,8 +262,8 @@ class ByLayout:
         return BlockBuild(self, layout)
 
 
-def by_layout(rows: Any, planes: Any, narrow: Any = None) -> ByLayout:
-    return ByLayout(rows, planes, narrow)
+def by_layout(rows: Any, planes: Any, narrow: Any = None, half_planes: Any = None) -> ByLayout:
+    return ByLayout(rows, planes, narrow, half_planes)
 
 
 class BlockBuild:
@@ -367,7 +368,8 @@ class LayoutKernel:
     """One kernel function compiled per layout (:func:`layout_for`), each build on first use.
 
     ``rows``: ``inner == 1`` (channels last: rows of C contiguous values); ``narrow``: rows of
-    a few channels; ``planes``: channel planes of ``inner`` contiguous values. Each build's
+    a few channels; ``planes``: channel planes of ``inner`` contiguous values; ``half_planes``:
+    the same of float16/bfloat16 data (their bits, ``int16``/``uint16``). Each build's
     runners call its layout's block helpers (:class:`ByLayout`): Numba optimises each loop nest
     better in a function of its own (the planes loop reached memcpy speed alone and ran ~1.25x
     slower compiled beside the rows loop), and a call compiles only its layout's loops.
@@ -377,6 +379,7 @@ class LayoutKernel:
         self.rows = Kernel(function, "rows")
         self.narrow = Kernel(function, "narrow")
         self.planes = Kernel(function, "planes")
+        self.half_planes = Kernel(function, "half_planes")
         self.__doc__ = function.__doc__
         self.__name__ = function.__name__
 
@@ -387,7 +390,8 @@ class LayoutKernel:
 
     def for_array(self, x: Any) -> Kernel:
         """The build for a canonical ``x[o, c, i]`` without ghost batches (:func:`layout_for`)."""
-        return self.for_layout(layout_for(x.shape[1], x.shape[2]))
+        half = x.dtype.kind in "iu"  # half data as their bits
+        return self.for_layout(layout_for(x.shape[1], x.shape[2], half=half))
 
     def parallel(self, *args: Any) -> Any:
         """The threaded build, chosen by the first array argument's layout."""

@@ -16,6 +16,7 @@ import numpy as np
 from numba import prange
 
 from batchnorm.kernels._half import widened
+from batchnorm.kernels._half_sums import plane_gradient_sums_of_half, plane_moments_of_half
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
@@ -27,7 +28,6 @@ from batchnorm.kernels._jit import (
     setup_helper,
 )
 from batchnorm.kernels._narrow_rows import narrow_gradient_sums, narrow_moments, virtual_copies
-from batchnorm.kernels._plane_sums import add_gradient_sums, add_moments
 
 
 @setup_helper
@@ -224,25 +224,27 @@ def moments_rows_block(x, weights, masked, shift, groups, period, start, stop, s
 
 @helper
 def moments_planes_block(x, weights, masked, shift, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
-    """Rows ``start:stop`` of ``x[o, c, i]`` (channel planes) added into ``sums[3, groups, C]``;
-    without a mask, sample by sample (:func:`~batchnorm.kernels._plane_sums.add_moments`)."""
+    """Rows ``start:stop`` of ``x[o, c, i]`` (channel planes) added into ``sums[3, groups, C]``."""
     channels, inner = x.shape[1], x.shape[2]
     for o in range(start, stop):
         g = (o // period) % groups
-        if masked is None:
-            add_moments(x[o], shift[g], sums[1, g], sums[2, g])
-            continue
         for c in range(channels):
             k = shift[g, c]
             a0 = 0.0
             a1 = 0.0
             a2 = 0.0
-            for i in range(inner):
-                w = np.float64(weights[o, i])
-                v = np.float64(widened(x[o, c, i])) - k
-                a0 += w
-                a1 += w * v
-                a2 += w * v * v
+            if masked is not None:
+                for i in range(inner):
+                    w = np.float64(weights[o, i])
+                    v = np.float64(widened(x[o, c, i])) - k
+                    a0 += w
+                    a1 += w * v
+                    a2 += w * v * v
+            else:
+                for i in range(inner):
+                    v = np.float64(widened(x[o, c, i])) - k
+                    a1 += v
+                    a2 += v * v
             sums[0, g, c] += a0
             sums[1, g, c] += a1
             sums[2, g, c] += a2
@@ -265,7 +267,26 @@ def moments_narrow_block(x, weights, masked, shift, groups, period, start, stop,
         o = run_stop
 
 
-moments_block = by_layout(moments_rows_block, moments_planes_block, moments_narrow_block)
+@helper
+def moments_half_planes_block(x, weights, masked, shift, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
+    """:func:`moments_planes_block` for float16/bfloat16 data: each plane summed in float32
+    (:func:`~batchnorm.kernels._half_sums.plane_moments_of_half`); with a mask, the float64
+    loops of :func:`moments_planes_block`."""
+    if masked is not None:
+        moments_planes_block(x, weights, masked, shift, groups, period, start, stop, sums)
+        return
+    channels = x.shape[1]
+    for o in range(start, stop):
+        g = (o // period) % groups
+        for c in range(channels):
+            a1, a2 = plane_moments_of_half(x[o, c], shift[g, c])
+            sums[1, g, c] += a1
+            sums[2, g, c] += a2
+
+
+moments_block = by_layout(
+    moments_rows_block, moments_planes_block, moments_narrow_block, moments_half_planes_block
+)
 
 
 @runner
@@ -335,11 +356,20 @@ def gradient_sums_rows_block(dy, x, mean, groups, period, start, stop, sums):  #
 
 @helper
 def gradient_sums_planes_block(dy, x, mean, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
-    """Rows ``start:stop`` (channel planes) added into ``sums[2, groups, C]``, sample by sample
-    (:func:`~batchnorm.kernels._plane_sums.add_gradient_sums`)."""
+    """Rows ``start:stop`` (channel planes) added into ``sums[2, groups, C]``."""
+    channels, inner = x.shape[1], x.shape[2]
     for o in range(start, stop):
         g = (o // period) % groups
-        add_gradient_sums(dy[o], x[o], mean[g], sums[0, g], sums[1, g])
+        for c in range(channels):
+            m = widened(mean[g, c])
+            a0 = 0.0
+            a1 = 0.0
+            for i in range(inner):
+                d = np.float64(widened(dy[o, c, i]))
+                a0 += d
+                a1 += d * (np.float64(widened(x[o, c, i])) - m)
+            sums[0, g, c] += a0
+            sums[1, g, c] += a1
 
 
 @helper
@@ -356,8 +386,24 @@ def gradient_sums_narrow_block(dy, x, mean, groups, period, start, stop, sums): 
         o = run_stop
 
 
+@helper
+def gradient_sums_half_planes_block(dy, x, mean, groups, period, start, stop, sums):  # type: ignore[no-untyped-def]
+    """:func:`gradient_sums_planes_block` for float16/bfloat16 data: each plane summed in
+    float32 (:func:`~batchnorm.kernels._half_sums.plane_gradient_sums_of_half`)."""
+    channels = x.shape[1]
+    for o in range(start, stop):
+        g = (o // period) % groups
+        for c in range(channels):
+            a0, a1 = plane_gradient_sums_of_half(dy[o, c], x[o, c], mean[g, c])
+            sums[0, g, c] += a0
+            sums[1, g, c] += a1
+
+
 gradient_sums_block = by_layout(
-    gradient_sums_rows_block, gradient_sums_planes_block, gradient_sums_narrow_block
+    gradient_sums_rows_block,
+    gradient_sums_planes_block,
+    gradient_sums_narrow_block,
+    gradient_sums_half_planes_block,
 )
 
 
