@@ -4,7 +4,7 @@ Oracle: the conversions must equal torch's on every half value, and a half input
 the float32 kernels give on ``x.float()``, rounded as ``.to(half)`` rounds: the half kernels
 compute in float32 on the exact float32 values of the input. The statistics and the gamma/beta
 gradients (float64 sums of the same values) are bit-equal, except on channel planes, which sum
-half data in float32 chunks (batchnorm.kernels._plane_sums): there within float32 rounding of
+half data in float32 chunks (batchnorm.kernels._half_sums): there within float32 rounding of
 the float64 sums (relative 1e-6 of their scale). y and dL/dx may differ by one half
 ulp in a few elements: LLVM may contract a multiply and an add into one rounding in one build
 and not in another ("contract" fast-math), which moves a float32 result by an ulp, and the
@@ -200,7 +200,7 @@ def test_half_steps_equal_the_float32_kernels_rounded(dtype, case, training):
 def _assert_sums_match(got, expected, planes):
     """Statistics and gamma/beta gradients: float64 sums of the same float32 values, so equal
     to the float32 kernels' to the bit; on channel planes, which sum half data in float32 chunks
-    (batchnorm.kernels._plane_sums), within float32 rounding of the largest."""
+    (batchnorm.kernels._half_sums), within float32 rounding of the largest."""
     if not planes:
         assert torch.equal(got, expected)
         return
@@ -390,7 +390,7 @@ def test_half_search_follows_the_float32_kernels(case, dtype):
         results.append((y, y_inference, layer.moving_mean, layer.moving_variance))
     (y, y_inference, mean, variance), (y32, y_inference32, mean32, variance32) = results
     # Within float32 rounding of the statistics' scale: channel planes sum half data in float32
-    # chunks (batchnorm.kernels._plane_sums); elsewhere they are equal to the bit.
+    # chunks (batchnorm.kernels._half_sums); elsewhere they are equal to the bit.
     scale = variance32.double().sqrt() + mean32.double().abs()
     assert ((mean.double() - mean32.double()).abs() <= 1e-6 * scale).all(), (mean, mean32)
     torch.testing.assert_close(variance.double(), variance32.double(), rtol=2e-6, atol=0)
@@ -432,18 +432,18 @@ def test_half_planes_sum_in_float32_with_float64_accuracy(case):
     variance = values.var((0, 2, 3), unbiased=False)
     normalised = (values - mean.view(1, -1, 1, 1)) / (variance.view(1, -1, 1, 1) + 1e-3).sqrt()
     dy = upstream.double()
+    # (result, float64 reference, the scale its error is measured against)
     expected = {
         "moving_variance": (layer.moving_variance, variance, variance.abs()),
         "moving_mean": (layer.moving_mean, mean, variance.sqrt() + mean.abs()),
-        "gamma gradient": (layer.gamma.grad, (dy * normalised).sum((0, 2, 3)), None),
-        "beta gradient": (layer.beta.grad, dy.sum((0, 2, 3)), None),
-    }
-    magnitude = {
-        "gamma gradient": (dy * normalised).abs().sum((0, 2, 3)),
-        "beta gradient": dy.abs().sum((0, 2, 3)),
+        "gamma gradient": (
+            layer.gamma.grad,
+            (dy * normalised).sum((0, 2, 3)),
+            (dy * normalised).abs().sum((0, 2, 3)),
+        ),
+        "beta gradient": (layer.beta.grad, dy.sum((0, 2, 3)), dy.abs().sum((0, 2, 3))),
     }
     for name, (got, reference, scale) in expected.items():
-        scale = magnitude[name] if scale is None else scale
         got = got.double()
         nan = reference.isnan()
         assert torch.equal(got.isnan(), nan), name
