@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -289,6 +291,22 @@ def test_model_exports_with_torch_export():
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
     assert "batchnorm.normalize" in str(exported.graph)
+
+
+def test_export_of_a_called_model_assigns_no_attribute():
+    """A traced call leaves the layer's remembered input signature alone: it holds a buffer,
+    and torch.export warned that a tensor attribute was assigned during export."""
+    model = make_model().eval()
+    x = torch.randn(2, 3, 6, 6)
+    model(x)  # builds the layer
+    expected = model(x)
+    remembered = vars(model[1]).get("_accepted_input")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exported = torch.export.export(model, (x,))
+    assert not [w for w in caught if "assigned during export" in str(w.message)]
+    assert vars(model[1]).get("_accepted_input") is remembered
+    torch.testing.assert_close(exported.module()(x), expected)
 
 
 def test_runners_and_block_helpers_are_not_callable_from_python():

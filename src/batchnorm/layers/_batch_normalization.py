@@ -452,7 +452,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 y = direct_calls(x, training, mask)
             if y is not None:
                 return y
-        check_input(self, x)
+        check_input(self, x, remember=not compiling)
         resolved = resolve_training(training, self._trainable, self.training)
         if compiling:  # a traced graph updates the buffers by itself, without the lock
             if self._input_rank is None:

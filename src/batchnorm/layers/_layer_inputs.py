@@ -43,8 +43,12 @@ def resolve_training(training: Any, trainable: bool, module_training: bool) -> b
     )
 
 
-def check_input(layer: CalledLayer, x: torch.Tensor) -> None:
-    """A floating tensor of the built rank with the built channels (axes valid for its rank)."""
+def check_input(layer: CalledLayer, x: torch.Tensor, remember: bool = True) -> None:
+    """A floating tensor of the built rank with the built channels (axes valid for its rank).
+
+    ``remember=False`` (a call that ``torch.compile`` or ``torch.export`` traces) leaves the
+    layer as it was: the remembered signature holds a buffer, and ``torch.export`` warned that a
+    tensor attribute was assigned during export."""
     # The checks depend only on x's shape and dtype and on what the build fixed: a built layer
     # remembers the last signature it accepted (they cost microseconds per call).
     memory = vars(layer)
@@ -58,7 +62,7 @@ def check_input(layer: CalledLayer, x: torch.Tensor) -> None:
     ):
         return
     _check_new_input(layer, x)
-    if layer._input_rank is not None:
+    if remember and layer._input_rank is not None:
         memory["_accepted_input"] = (moving_mean, x.shape, x.dtype)
 
 
