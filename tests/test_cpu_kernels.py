@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import warnings
 
 import numpy as np
@@ -291,6 +293,39 @@ def test_model_exports_with_torch_export():
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
     assert "batchnorm.normalize" in str(exported.graph)
+
+
+# torch 2.13 deprecates torch.jit's trace, save and load.
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+@pytest.mark.parametrize("training", [False, True])
+def test_model_traces_with_torch_jit_trace(training):
+    """torch.jit.trace records torch ops only, so traced calls take them (a kernel's output
+    would be a constant in the graph, and the tracer's tensor sizes failed in Numba's typing):
+    the trace, saved and loaded, computes eager's output on another batch size and, in
+    training, steps the moving statistics as eager does; the layer's shape checks raise no
+    TracerWarning."""
+    torch.manual_seed(0)
+    model = make_model()
+    x = torch.randn(2, 3, 6, 6)
+    model(x)
+    model.train(training)
+    eager = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, x, check_trace=False)
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    eager(x)  # the step the trace took
+    saved = io.BytesIO()
+    torch.jit.save(traced, saved)
+    saved.seek(0)
+    loaded = torch.jit.load(saved)
+    graph = str(loaded.inlined_graph)
+    assert "batchnorm::" not in graph and "prim::PythonOp" not in graph
+    later = torch.randn(5, 3, 6, 6) * 3 + 1
+    torch.testing.assert_close(loaded(later), eager(later))
+    buffers = dict(loaded.named_buffers())
+    for name in ("moving_mean", "moving_variance"):
+        torch.testing.assert_close(buffers[f"1.{name}"], getattr(eager[1], name))
 
 
 def test_export_of_a_called_model_assigns_no_attribute():

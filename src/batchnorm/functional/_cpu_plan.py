@@ -54,10 +54,17 @@ def kernels_can_read(x: torch.Tensor) -> bool:
     the layer's parameters may be wrappers of their own (``torch.func.functional_call`` puts
     them in the layer) even when ``x`` is a plain tensor captured by the function. Wrappers have
     no storage for NumPy to view: those calls take the torch ops, which the transforms see
-    through."""
+    through.
+
+    Nor inside ``torch.jit.trace``: the tracer records torch operators only, so a kernel's output
+    would enter the TorchScript graph as a constant (and the tracer turns sizes into tensors,
+    which Numba cannot type: the trace failed with a TypingError). Traced calls take the torch
+    ops, which a TorchScript file keeps (loadable without this package, from C++ too).
+    """
     return not (
         torch._C._are_functorch_transforms_active()
         or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or torch._C._get_tracing_state() is not None
     )
 
 

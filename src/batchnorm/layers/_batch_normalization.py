@@ -452,6 +452,22 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 y = direct_calls(x, training, mask)
             if y is not None:
                 return y
+        if torch._C._get_tracing_state() is None:
+            return self._checked_call(x, training, mask, compiling)
+        # torch.jit.trace: the torch ops run (the kernels are invisible to the tracer, see
+        # kernels_can_read), and the trace keeps this call's rank, channels and options, as
+        # any trace does; the tracer warned at each of the checks that read x's sizes.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return self._checked_call(x, training, mask, compiling)
+
+    def _checked_call(
+        self,
+        x: torch.Tensor,
+        training: bool | torch.Tensor | None,
+        mask: torch.Tensor | None,
+        compiling: bool,
+    ) -> torch.Tensor:
         check_input(self, x, remember=not compiling)
         resolved = resolve_training(training, self._trainable, self.training)
         if compiling:  # a traced graph updates the buffers by itself, without the lock
