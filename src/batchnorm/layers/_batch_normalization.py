@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.jit._trace import TracerWarning
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from batchnorm.functional import BatchNormStatistics
@@ -458,7 +459,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         # kernels_can_read), and the trace keeps this call's rank, channels and options, as
         # any trace does; the tracer warned at each of the checks that read x's sizes.
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", TracerWarning)
             return self._checked_call(x, training, mask, compiling)
 
     def _checked_call(
