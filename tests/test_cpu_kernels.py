@@ -328,6 +328,28 @@ def test_model_traces_with_torch_jit_trace(training):
         torch.testing.assert_close(buffers[f"1.{name}"], getattr(eager[1], name))
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_model_traces_with_torch_fx_as_one_module_call(training):
+    """torch.fx.symbolic_trace traced into the layer, whose checks branch on x's sizes, and
+    failed ("symbolically traced variables cannot be used as inputs to control flow"): the
+    layer is one call_module node, as torch's batch norm modules are, and the graph module
+    computes and steps as the model does."""
+    torch.manual_seed(0)
+    model = make_model().train(training)
+    eager = copy.deepcopy(model)
+    graph_module = torch.fx.symbolic_trace(model)
+    calls = [n.target for n in graph_module.graph.nodes if n.op == "call_module"]
+    assert calls == ["0", "1", "2", "3", "4"]
+    for _ in range(2):
+        x = torch.randn(5, 3, 6, 6)
+        torch.testing.assert_close(graph_module(x), eager(x), rtol=0, atol=0)
+    buffers = dict(graph_module.named_buffers())
+    for name in ("moving_mean", "moving_variance"):
+        torch.testing.assert_close(buffers[f"1.{name}"], getattr(eager[1], name), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="trace a model that contains the layer"):
+        torch.fx.symbolic_trace(BatchNormalization(3))
+
+
 def test_export_of_a_called_model_assigns_no_attribute():
     """A traced call leaves the layer's remembered input signature alone: it holds a buffer,
     and torch.export warned that a tensor attribute was assigned during export."""

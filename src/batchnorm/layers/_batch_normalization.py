@@ -453,6 +453,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 y = direct_calls(x, training, mask)
             if y is not None:
                 return y
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf_call(self, x, training, mask)
         if torch._C._get_tracing_state() is None:
             return self._checked_call(x, training, mask, compiling)
         # torch.jit.trace: the torch ops run (the kernels are invisible to the tracer, see
@@ -635,3 +637,27 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         }
         defaults = {"moving_variance_estimator": "auto", "moving_average": "ema"}
         return {k: v for k, v in options.items() if v != defaults.get(k)}
+
+
+def _fx_leaf_call(
+    layer: BatchNormalization,
+    x: torch.fx.Proxy,
+    training: bool | torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> torch.fx.Proxy:
+    """The layer as one ``call_module`` node of a ``torch.fx`` graph, as torch's own modules are.
+
+    ``torch.fx.symbolic_trace`` traces through modules from outside ``torch.nn``, and this
+    layer's checks branch on ``x``'s sizes, which a symbolic trace cannot do ("symbolically
+    traced variables cannot be used as inputs to control flow"). The graph module calls the
+    layer itself, so the call keeps every path (kernels, moving-statistics updates)."""
+    tracer = x.tracer
+    name = tracer.path_of_module(layer)  # type: ignore[attr-defined]
+    if not name:
+        raise TypeError(
+            "torch.fx traces a BatchNormalization layer as one call of the module around it: "
+            "trace a model that contains the layer, or pass it to the tracer as a leaf. "
+            f"Received: the layer {layer.name} as the traced root"
+        )
+    kwargs = {"training": training, "mask": mask}
+    return tracer.create_proxy("call_module", name, (x,), kwargs)
