@@ -25,6 +25,7 @@ from torch.multiprocessing.spawn import start_processes
 
 from batchnorm.bench._machine import cpu_facts
 from batchnorm.functional._synchronized import communicated_bytes
+from batchnorm.kernels import _ahead as ahead
 from batchnorm.layers import BatchNormalization
 
 WORLD_SIZE = 2
@@ -44,6 +45,9 @@ def interleaved_medians(functions: dict[str, Callable[[], Any]], repeats: int) -
     A fixed number of calls, not ``blocked_autorange``: the ranks' collectives must pair up, so
     every rank has to make the same calls.
     """
+    for function in functions.values():
+        function()
+    ahead.finish_helpers()  # see interleaved_timings: every rank makes the same calls
     for function in functions.values():
         function()
     times: dict[str, list[float]] = {name: [] for name in functions}
