@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from batchnorm import BatchNormalization, kernels
-from batchnorm.functional import register_backend
+from batchnorm.functional import force_backend, register_backend
 from batchnorm.functional._cpu_backend import NUMBA_CPU
 from tests.snippets import run_program
 
@@ -59,6 +59,29 @@ def test_inf_and_nan_at_masked_positions_change_no_statistic(shape):
     mean, variance = _reference_moments(x, mask)
     torch.testing.assert_close(padded["zero"][0].double(), mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(padded["zero"][1].double(), variance, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize(("shape", "axis"), [((6, 3, 7, 5), 1), ((64, 9, 4, 8), -1)])
+def test_inf_and_nan_at_masked_positions_change_no_statistic_in_any_layout(shape, axis, backend):
+    # Channel planes and the composed torch ops summed 0 * v: NaN for inf or NaN padding, in
+    # the moving statistics from then on, where the rows kernels selected such values to 0.
+    torch.manual_seed(3)
+    x = torch.randn(shape) * 2 + 3
+    channel = axis % x.ndim
+    mask = torch.rand([s for i, s in enumerate(shape) if i != channel]) > 0.25
+    positions = mask.unsqueeze(channel).expand_as(x)
+    force_backend(backend)
+    try:
+        for value in (float("inf"), float("nan")):
+            layer = BatchNormalization(shape[axis], axis=axis, fused=False, momentum=0.0)
+            layer(x.masked_fill(~positions, value), training=True, mask=mask)
+            kept = x.movedim(channel, -1)[positions.movedim(channel, -1)].reshape(-1, shape[axis])
+            mean, variance = _reference_moments(kept)
+            torch.testing.assert_close(layer.moving_mean.double(), mean, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(layer.moving_variance.double(), variance, rtol=1e-6, atol=0)
+    finally:
+        force_backend(None)
 
 
 @pytest.mark.parametrize("shape", [(1000, 8), (10, 8, 8, 4)])

@@ -51,6 +51,9 @@ def reduced_moments(
         count = torch.full_like(mean, elements)
     else:
         weights = weights.to(x.dtype)
+        # A value of weight 0 adds exactly 0, whatever it is (inf or NaN padding: 0 * inf is
+        # NaN), as in the kernels; no gradient reaches it through the statistics.
+        x = torch.where(weights != 0, x, torch.zeros_like(x))
         count = (weights + torch.zeros_like(x)).sum(
             dim=reduce_dims, keepdim=True, dtype=accumulator
         )
