@@ -59,7 +59,7 @@ def kernels_can_read(x: torch.Tensor) -> bool:
     Nor inside ``torch.jit.trace``: the tracer records torch operators only, so a kernel's output
     would enter the TorchScript graph as a constant (and the tracer turns sizes into tensors,
     which Numba cannot type: the trace failed with a TypingError). Traced calls take the torch
-    ops, which a TorchScript file keeps (loadable without this package, from C++ too).
+    ops, which a TorchScript file keeps (it loads without this package).
     """
     return not (
         torch._C._are_functorch_transforms_active()

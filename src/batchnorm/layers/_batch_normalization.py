@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.jit._trace import TracerWarning
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from batchnorm.functional import BatchNormStatistics
@@ -54,6 +53,7 @@ from batchnorm.layers._layer_inputs import check_input, resolve_training
 from batchnorm.layers._layer_repr import layer_repr
 from batchnorm.layers._layer_state import load_layer_state, record_estimator
 from batchnorm.layers._layer_step import layer_statistics, run_step
+from batchnorm.layers._layer_tracing import fx_leaf_call, without_tracer_warnings
 from batchnorm.layers._lazy_weights import (
     materialize,
     register_placeholders,
@@ -454,14 +454,10 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             if y is not None:
                 return y
         if isinstance(x, torch.fx.Proxy):
-            return _fx_leaf_call(self, x, training, mask)
+            return fx_leaf_call(self, x, training, mask)
         if torch._C._get_tracing_state() is None:
             return self._checked_call(x, training, mask, compiling)
-        # torch.jit.trace: the torch ops run (the kernels are invisible to the tracer, see
-        # kernels_can_read), and the trace keeps this call's rank, channels and options, as
-        # any trace does; the tracer warned at each of the checks that read x's sizes.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TracerWarning)
+        with without_tracer_warnings():  # torch.jit.trace
             return self._checked_call(x, training, mask, compiling)
 
     def _checked_call(
@@ -637,27 +633,3 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         }
         defaults = {"moving_variance_estimator": "auto", "moving_average": "ema"}
         return {k: v for k, v in options.items() if v != defaults.get(k)}
-
-
-def _fx_leaf_call(
-    layer: BatchNormalization,
-    x: torch.fx.Proxy,
-    training: bool | torch.Tensor | None,
-    mask: torch.Tensor | None,
-) -> torch.fx.Proxy:
-    """The layer as one ``call_module`` node of a ``torch.fx`` graph, as torch's own modules are.
-
-    ``torch.fx.symbolic_trace`` traces through modules from outside ``torch.nn``, and this
-    layer's checks branch on ``x``'s sizes, which a symbolic trace cannot do ("symbolically
-    traced variables cannot be used as inputs to control flow"). The graph module calls the
-    layer itself, so the call keeps every path (kernels, moving-statistics updates)."""
-    tracer = x.tracer
-    name = tracer.path_of_module(layer)  # type: ignore[attr-defined]
-    if not name:
-        raise TypeError(
-            "torch.fx traces a BatchNormalization layer as one call of the module around it: "
-            "trace a model that contains the layer, or pass it to the tracer as a leaf. "
-            f"Received: the layer {layer.name} as the traced root"
-        )
-    kwargs = {"training": training, "mask": mask}
-    return tracer.create_proxy("call_module", name, (x,), kwargs)
