@@ -303,17 +303,20 @@ def test_model_traces_with_torch_jit_trace(training):
     would be a constant in the graph, and the tracer's tensor sizes failed in Numba's typing):
     the trace, saved and loaded, computes eager's output on another batch size and, in
     training, steps the moving statistics as eager does; the layer's shape checks raise no
-    TracerWarning."""
+    TracerWarning, and it remembers no traced input signature."""
     torch.manual_seed(0)
     model = make_model()
     x = torch.randn(2, 3, 6, 6)
     model(x)
     model.train(training)
     eager = copy.deepcopy(model)
+    remembered = vars(model[1]).get("_accepted_input")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         traced = torch.jit.trace(model, x, check_trace=False)
     assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    # The tracer's sizes are 0-d tensors: the layer must not keep them as its input signature.
+    assert vars(model[1]).get("_accepted_input") is remembered
     eager(x)  # the step the trace took
     saved = io.BytesIO()
     torch.jit.save(traced, saved)

@@ -456,9 +456,11 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         if isinstance(x, torch.fx.Proxy):
             return fx_leaf_call(self, x, training, mask)
         if torch._C._get_tracing_state() is None:
-            return self._checked_call(x, training, mask, compiling)
-        with without_tracer_warnings():  # torch.jit.trace
-            return self._checked_call(x, training, mask, compiling)
+            return self._checked_call(x, training, mask, compiling, remember=not compiling)
+        # torch.jit.trace: its sizes are 0-d tensors, which the layer must not remember (later
+        # eager calls compared them with their own sizes)
+        with without_tracer_warnings():
+            return self._checked_call(x, training, mask, compiling, remember=False)
 
     def _checked_call(
         self,
@@ -466,8 +468,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         training: bool | torch.Tensor | None,
         mask: torch.Tensor | None,
         compiling: bool,
+        remember: bool,
     ) -> torch.Tensor:
-        check_input(self, x, remember=not compiling)
+        check_input(self, x, remember=remember)
         resolved = resolve_training(training, self._trainable, self.training)
         if compiling:  # a traced graph updates the buffers by itself, without the lock
             if self._input_rank is None:

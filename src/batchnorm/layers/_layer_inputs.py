@@ -46,8 +46,8 @@ def resolve_training(training: Any, trainable: bool, module_training: bool) -> b
 def check_input(layer: CalledLayer, x: torch.Tensor, remember: bool = True) -> None:
     """A floating tensor of the built rank with the built channels (axes valid for its rank).
 
-    ``remember=False`` (a call that ``torch.compile`` or ``torch.export`` traces) leaves the
-    layer as it was: the remembered signature holds a buffer, and ``torch.export`` warned that a
+    ``remember=False`` (a call that ``torch.compile``, ``torch.export`` or ``torch.jit.trace``
+    traces) leaves the layer as it was: the remembered signature holds a buffer, and ``torch.export`` warned that a
     tensor attribute was assigned during export."""
     # The checks depend only on x's shape and dtype and on what the build fixed: a built layer
     # remembers the last signature it accepted (they cost microseconds per call).
