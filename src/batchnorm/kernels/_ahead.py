@@ -116,13 +116,14 @@ class _Helper:
             self.ended = True
             self.changed.notify_all()
 
-    def finished(self, index: int) -> bool:
-        """Whether request ``index`` is done or the helper has ended (without waiting)."""
-        return index in self.done or self.ended
+    def finished(self, index: int | None = None) -> bool:
+        """Whether request ``index`` (every request: None) is done or the helper has ended
+        (without waiting)."""
+        return (index is not None and index in self.done) or self.ended
 
-    def wait(self, index: int) -> None:
-        """Until request ``index`` is done or the helper has ended (at most WAIT_SECONDS, after
-        which the helper is stopped)."""
+    def wait(self, index: int | None = None) -> None:
+        """Until request ``index`` (every request: None) is done or the helper has ended (at
+        most WAIT_SECONDS, after which the helper is stopped)."""
         with self.changed:
             if not self.changed.wait_for(lambda: self.finished(index), WAIT_SECONDS):
                 self.stop()
@@ -270,13 +271,7 @@ def finish_helpers() -> None:
     with _lock:
         helpers = list(_helpers)
     for helper in helpers:
-        with helper.changed:
-            if not helper.changed.wait_for(functools.partial(_ended, helper), WAIT_SECONDS):
-                helper.stop()
-
-
-def _ended(helper: _Helper) -> bool:
-    return helper.ended
+        helper.wait()
 
 
 def build_for(kernel: Kernel, parallel: bool) -> Callable[..., Any]:
