@@ -9,6 +9,8 @@ import torch
 from batchnorm import BatchNormalization, kernels
 from batchnorm.functional import force_backend, register_backend
 from batchnorm.functional._cpu_backend import NUMBA_CPU
+from batchnorm.kernels._statistics import STREAMED_RUN_BYTES
+from tests.numpy_reference import reference_train_gradients
 from tests.snippets import run_program
 
 
@@ -151,6 +153,36 @@ def test_tensor_training_flag_backward_under_torch_compile(backend):
     torch.testing.assert_close(layer.moving_mean, plain.moving_mean)
 
 
+# Channels-last rows of 128 float32 channels in 16 row blocks of 2305 rows: each block's dy and
+# x take more than kernels._statistics.STREAMED_RUN_BYTES, so the gradient sums add two rows
+# per update (the runs that fit the caches add four, as every other test's do).
+STREAMED_ROWS_SHAPE = (36871, 128)
+
+
+def test_long_channels_last_blocks_give_the_float64_gradients():
+    rows, channels = STREAMED_ROWS_SHAPE
+    blocks = kernels.blocks_for(rows * channels, rows, 1)
+    assert rows // blocks * 2 * channels * 4 > STREAMED_RUN_BYTES  # the streamed loop runs
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=STREAMED_ROWS_SHAPE) * 3 + 5).astype(np.float32)
+    upstream = rng.normal(size=STREAMED_ROWS_SHAPE).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    layer = BatchNormalization(channels, fused=False)
+    with torch.no_grad():
+        layer.gamma.copy_(torch.from_numpy(gamma))
+    x_grad = torch.from_numpy(x).requires_grad_()
+    layer(x_grad, training=True).backward(torch.from_numpy(upstream))
+    options = {"axes": (1,), "epsilon": layer.epsilon}
+    expected = reference_train_gradients(x, upstream, gamma, **options)
+    sizes = reference_train_gradients(x, upstream, gamma, magnitudes=True, **options)
+    actual = (x_grad.grad, layer.gamma.grad, layer.beta.grad)
+    names = ("dx", "dgamma", "dbeta")
+    for name, value, wanted, size in zip(names, actual, expected, sizes, strict=True):
+        error = np.abs(value.numpy().astype(np.float64) - wanted)
+        # a few float32 roundings of the size of what each result is computed from
+        assert np.all(error <= 1e-5 * size), (name, (error / size).max())
+
+
 @pytest.mark.parametrize("shape, axis", [((1, 8), -1), ((1, 4, 1, 1), 1)])
 def test_one_value_per_channel_gives_beta_and_an_exactly_zero_input_gradient(shape, axis):
     torch.manual_seed(4)
@@ -290,6 +322,7 @@ def _assert_one_and_two_threads_agree(x, axis, mask=None):
         ((37, 16, 29, 31), 1),
         ((6, 32771), -1),
         ((61, 1001), -1),
+        (STREAMED_ROWS_SHAPE, -1),
     ],
 )
 def test_results_are_bit_identical_for_one_and_two_threads(shape, axis, dtype):
@@ -298,7 +331,8 @@ def test_results_are_bit_identical_for_one_and_two_threads(shape, axis, dtype):
     # divide into the blocks evenly; float64 shows any change in the order of the float64 sums.
     # (6, 32771): one block for the reducing passes, two of three rows for inference's;
     # (61, 1001): two blocks (31 and 30 rows) for the reducing passes and for an inference
-    # forward whose backward follows, one for inference alone.
+    # forward whose backward follows, one for inference alone. STREAMED_ROWS_SHAPE: gradient
+    # sums two rows per update.
     torch.manual_seed(0)
     _assert_one_and_two_threads_agree((torch.randn(shape) * 3 + 5).to(dtype), axis)
 
