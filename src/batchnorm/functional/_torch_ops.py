@@ -53,10 +53,8 @@ def reduced_moments(
         weights = weights.to(x.dtype)
         # A value of weight 0 adds exactly 0, whatever it is (inf or NaN padding: 0 * inf is
         # NaN), as in the kernels; no gradient reaches it through the statistics.
-        x = torch.where(weights != 0, x, torch.zeros_like(x))
-        count = (weights + torch.zeros_like(x)).sum(
-            dim=reduce_dims, keepdim=True, dtype=accumulator
-        )
+        x = torch.where(weights != 0, x, 0.0)
+        count = weights.broadcast_to(x.shape).sum(dim=reduce_dims, keepdim=True, dtype=accumulator)
         weighted_sum = (weights * x).sum(dim=reduce_dims, keepdim=True, dtype=accumulator)
         mean = divide_no_nan(weighted_sum, count)
         squared = (weights.to(accumulator) * (x - mean).square()).sum(dim=reduce_dims, keepdim=True)
