@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -79,6 +80,17 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
     assert "\r" not in err and err.count("\n") == 1 and err.startswith("bench: 100%")
     report = json.loads(json_path.read_text())
     assert {c["name"] for c in report["cases"]} >= {"dense NC", "sequence NLC", "small-batch NC"}
+    # The run's memory speed: the largest input's copy floor, read and written.
+    bandwidth = report["copy_bandwidth"]
+
+    def size(case):
+        return math.prod(case["shape"]) * getattr(torch, case["dtype"]).itemsize
+
+    largest = max(report["cases"], key=size)
+    assert bandwidth["case"] == largest["name"] and bandwidth["seconds"] == largest["floor_seconds"]
+    expected = 2 * size(largest) / largest["floor_seconds"] / 1e9
+    assert bandwidth["gigabytes_per_second"] == pytest.approx(expected)
+    assert f"memory during the run: the copy floor of {largest['name']}" in out
     for case in report["cases"]:
         assert set(case["modes"]) == {
             "train forward",

@@ -754,6 +754,7 @@ def run_benchmark(
     report["cases"] = main_results
     report["extra_cases"] = extra_results
     report["models"] = model_results
+    report["copy_bandwidth"] = copy_bandwidth(main_results)
     if activation:
         report["fused_activation"] = fused_results
         report["memory"] = memory
@@ -766,6 +767,32 @@ def run_benchmark(
         report.get("first_call_seconds"),
     )
     return report
+
+
+def copy_bandwidth(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The memory speed of the run: the copy floor of the case with the largest input, as
+    ``{"case", "megabytes", "seconds", "gigabytes_per_second"}`` (bytes read plus bytes written,
+    over the floor's median time).
+
+    Every floor multiple is over this copy, and on a shared machine it moves by itself: on the
+    2-core AMD EPYC machine a 33.5 MB copy took 0.46-0.58 ms for minutes at a time (part of it
+    from the L3 cache), then 0.92-1.07 ms, while the kernels' passes, partly compute-bound,
+    moved less; the floor multiples of two runs minutes apart differed by up to 1.6x.
+    """
+    largest = max(results, key=lambda r: math.prod(r["shape"]) * _itemsize(r["dtype"]))
+    size = math.prod(largest["shape"]) * _itemsize(largest["dtype"])
+    seconds = largest["floor_seconds"]
+    return {
+        "case": largest["name"],
+        "megabytes": size / 1e6,
+        "seconds": seconds,
+        "gigabytes_per_second": 2 * size / seconds / 1e9,
+    }
+
+
+def _itemsize(dtype: str) -> int:
+    itemsize: int = getattr(torch, dtype).itemsize
+    return itemsize
 
 
 def _device_name(device: str) -> str:

@@ -99,6 +99,13 @@ def run_bench(arguments: argparse.Namespace) -> int:
         f"medians over {report['repeats']} interleaved rounds of blocked_autorange; spread = "
         "interquartile range / median; floor = one copy of the input into preallocated memory"
     )
+    bandwidth = report["copy_bandwidth"]
+    print(
+        f"memory during the run: the copy floor of {bandwidth['case']} "
+        f"({bandwidth['megabytes']:.1f} MB) took {bandwidth['seconds'] * 1e3:.3f} ms, "
+        f"{bandwidth['gigabytes_per_second']:.0f} GB/s read and written (on a shared machine this "
+        "moves between runs, and every floor multiple with it)"
+    )
     for label, first in report.get("first_call_seconds", {}).items():
         shape = "x".join(map(str, first["shape"]))
         print(
