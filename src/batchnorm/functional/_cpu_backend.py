@@ -262,15 +262,14 @@ class InferenceWithGradients(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, offset, call):  # type: ignore[no-untyped-def, override]
-        x3 = call.plan.kernel_view(x)
-        y = call.output(x, backward_follows=True, x3=x3)
+        y = call.output(x, backward_follows=True)
         # beta and y only with an activation (its derivative reads them): without one, beta
         # may change in place before the backward, as before.
         if call.activation is None:
             ctx.save_for_backward(x, scale, None, None)
         else:
             ctx.save_for_backward(x, scale, offset, y)
-        ctx.call, ctx.x3 = call, x3  # x's kernel view, for the backward's kernel
+        ctx.call = call
         ctx.offset_dtype = None if offset is None else offset.dtype
         ctx.versions = (call.moving_mean._version, call.moving_variance._version)
         return y
@@ -304,7 +303,6 @@ class InferenceWithGradients(torch.autograd.Function):
             grad,
             call.plan,
             x,
-            ctx.x3,
             call.mean,
             call.variance,
             call.scale,

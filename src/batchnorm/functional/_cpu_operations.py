@@ -125,11 +125,9 @@ def normalize_plain(
     epsilon: float,
     code: tuple[int | None, float],
     backward_follows: bool = False,
-    x3: np.ndarray | None = None,
 ) -> torch.Tensor:
     """A layer's inference output, ``f((x - M) / sqrt(V + epsilon) * gamma + beta)``: the
-    affine kernel on x (of the plan's signature and dtype; ``x3``, its
-    :meth:`CpuPlan.kernel_view`, where the caller has it) into a new tensor, in the plan's
+    affine kernel on x (of the plan's signature and dtype) into a new tensor, in the plan's
     :meth:`CpuPlan.inference_blocks`; ``mean`` and ``variance`` ``[1, C]``, ``scale`` and
     ``offset`` ``[C]``, ``code`` the activation's :func:`activation_code`.
 
@@ -141,7 +139,7 @@ def normalize_plain(
     """
     out, out3 = plan.fresh(x)
     plan.normalize(
-        plan.kernel_view(x) if x3 is None else x3,
+        plan.kernel_view(x),
         mean,
         variance,
         scale,
@@ -266,12 +264,10 @@ class InferenceCall(NamedTuple):
     activation: Activation | None  # None for none or the identity
     code: tuple[int | None, float]  # the activation's activation_code
 
-    def output(
-        self, x: torch.Tensor, backward_follows: bool = False, x3: np.ndarray | None = None
-    ) -> torch.Tensor:
+    def output(self, x: torch.Tensor, backward_follows: bool = False) -> torch.Tensor:
         """``f((x - M) / sqrt(V + epsilon) * gamma + beta)`` for x of the plan's signature (one
-        kernel call; ``x3``, x's kernel view, where the caller keeps it), its rows split for a
-        backward that follows where one does (:meth:`CpuPlan.inference_blocks`)."""
+        kernel call), its rows split for a backward that follows where one does
+        (:meth:`CpuPlan.inference_blocks`)."""
         return normalize_plain(
             self.plan,
             x,
@@ -282,7 +278,6 @@ class InferenceCall(NamedTuple):
             self.epsilon,
             self.code,
             backward_follows,
-            x3,
         )
 
 
@@ -407,7 +402,6 @@ def normalize_backward_impl(
         grad,
         prepared.plan,
         prepared.source,
-        prepared.x3,
         _statistic_row(mean, layout, 0.0),
         _statistic_row(variance, layout, 1.0),
         to_canonical(scale, layout, 1.0),
@@ -439,7 +433,6 @@ def inference_gradients(
     grad: torch.Tensor,
     plan: CpuPlan,
     source: torch.Tensor,
-    x3: np.ndarray,
     mean: np.ndarray,
     variance: np.ndarray,
     scale: np.ndarray,
@@ -448,16 +441,15 @@ def inference_gradients(
     sums_wanted: bool,
 ) -> tuple[torch.Tensor | None, np.ndarray]:
     """The inference backward's kernel call on arrays (``mean``, ``variance`` ``[1, C]``,
-    ``scale`` ``[C]``) for the input ``source`` (x of the plan's signature, or its one copy) and
-    ``x3``, its kernel view (kept from the forward: viewing it again took 1.2 us): dx in the
-    input's layout when ``input_wanted`` (else None), and the float64 ``[dM, dV, dgamma, dbeta]``
-    rows ``[4, C]`` when ``sums_wanted``."""
+    ``scale`` ``[C]``) for the input ``source`` (x of the plan's signature, or its one copy): dx
+    in the input's layout when ``input_wanted`` (else None), and the float64
+    ``[dM, dV, dgamma, dbeta]`` rows ``[4, C]`` when ``sums_wanted``."""
     dy3 = canonical_gradient(grad, plan, source)
     dx, dx3 = plan.fresh(source) if input_wanted else (None, None)
     backward = compiled_build(plan.inference_backward, plan.parallel())
     gradients = backward(
         dy3,
-        x3,
+        plan.kernel_view(source),
         mean,
         variance,
         scale,
