@@ -215,9 +215,9 @@ def test_repeated_calls_take_the_direct_calls_and_the_fused_backward(monkeypatch
         direct.append(y is not None)
         return y
 
-    def backward(self, grad, training_pass):
+    def backward(self, grad, training_pass, *saved):
         fused.append(self.activation)
-        return original_backward(self, grad, training_pass)
+        return original_backward(self, grad, training_pass, *saved)
 
     monkeypatch.setattr(DirectCalls, "__call__", call)
     monkeypatch.setattr(TrainingCall, "backward", backward)

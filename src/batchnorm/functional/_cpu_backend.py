@@ -37,7 +37,7 @@ from batchnorm.functional._cpu_operations import (
     normalize_gradients,
     normalize_impl,
 )
-from batchnorm.functional._cpu_plan import kernels_can_read, prepare
+from batchnorm.functional._cpu_plan import Prepared, kernels_can_read, prepare
 from batchnorm.functional._cpu_training_call import RenormStep, TrainingCall, step_arrays
 from batchnorm.functional._torch_ops import affine_normalize
 
@@ -197,13 +197,17 @@ class TrainInPlace(torch.autograd.Function):
     def forward(ctx, x, scale, offset, call, source, weights):  # type: ignore[no-untyped-def, override]
         y, training_pass = call.forward(source, weights, backward_follows=True)
         # elu's backward reads y: saved, so autograd refuses a backward after y was modified.
-        ctx.save_for_backward(x, scale, offset, weights, y if call.reads_output else None)
+        # x's copy, where the forward read one, is saved too: every tensor the backward reads
+        # goes through save_for_backward (and its hooks: torch.utils.checkpoint frees them).
+        saved = (x, scale, offset, weights, y if call.reads_output else None)
+        ctx.save_for_backward(*saved, None if source is x else source)
         ctx.training_pass = training_pass
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
-        x, scale, offset, weights, _ = ctx.saved_tensors  # checks that x (and y) were not modified
+        # checks that x (and y) were not modified
+        x, scale, offset, weights, y, copy = ctx.saved_tensors
         training_pass = ctx.training_pass
         call = training_pass.call
         if torch.is_grad_enabled():
@@ -219,7 +223,8 @@ class TrainInPlace(torch.autograd.Function):
                 training_pass.correction,
             )
         else:
-            dx, dscale, doffset = call.backward(grad, training_pass)
+            source = x if copy is None else copy
+            dx, dscale, doffset = call.backward(grad, training_pass, source, y)
             dscale = None if scale is None else dscale
             doffset = None if offset is None else doffset
         return dx, dscale, doffset, None, None, None
@@ -229,21 +234,28 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, axes, mean, variance, scale, offset, epsilon):  # type: ignore[no-untyped-def, override]
         prepared = prepare(x, axes, None, False)
-        ctx.save_for_backward(x, mean, variance, scale)
-        ctx.axes, ctx.epsilon, ctx.prepared = axes, epsilon, prepared
+        # x's copy, where the kernels read one, is saved too, and only the plan is kept on ctx:
+        # every tensor the backward reads goes through save_for_backward (and its hooks).
+        copy = None if prepared.source is x else prepared.source
+        ctx.save_for_backward(x, mean, variance, scale, copy)
+        ctx.axes, ctx.epsilon = axes, epsilon
+        ctx.kernels = (prepared.plan, prepared.weights, prepared.masked, prepared.parallel)
         return normalize_impl(x, axes, mean, variance, scale, offset, epsilon, prepared=prepared)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])
+        x, mean, variance, scale, copy = ctx.saved_tensors  # checks that x was not modified
         if torch.is_grad_enabled():  # create_graph=True: torch ops, differentiable again
             dx, dmean, dvariance, dscale, doffset = normalize_gradients(
-                grad, ctx.saved_tensors, ctx.axes, ctx.epsilon, needs
+                grad, (x, mean, variance, scale), ctx.axes, ctx.epsilon, needs
             )
         else:
-            x, mean, variance, scale = ctx.saved_tensors  # checks that x was not modified
+            plan, weights, masked, parallel = ctx.kernels
+            source = x if copy is None else copy
+            prepared = Prepared(plan, source, plan.kernel_view(source), weights, masked, parallel)
             dx, dmean, dvariance, dscale, doffset = normalize_backward_impl(
-                grad, ctx.prepared, mean, variance, scale, ctx.epsilon, needs, x.dtype
+                grad, prepared, mean, variance, scale, ctx.epsilon, needs, x.dtype
             )
         return dx, None, dmean, dvariance, dscale, doffset, None
 

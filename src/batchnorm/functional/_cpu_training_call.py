@@ -117,19 +117,21 @@ _NO_AVERAGE_WEIGHT = np.zeros(1, np.float64)
 
 
 class TrainingPass(NamedTuple):
-    """What one training forward leaves for its backward: x as the kernels read it and the batch
-    statistics, so the backward prepares nothing again."""
+    """What one training forward leaves for its backward besides the tensors autograd saves:
+    the batch statistics and the kernels' settings, so the backward prepares little again.
+
+    Nothing here refers to x, its copy or the output: those reach the backward through
+    ``save_for_backward`` only, so saved-tensor hooks see them. A NumPy view of x kept here
+    held x's memory past ``torch.utils.checkpoint``: each checkpointed batch norm's input stayed
+    in memory until the backward (67 MB more for a 64x64x64x64 input)."""
 
     call: TrainingCall
-    source: torch.Tensor  # x or its one copy, of the plan's signature
-    x3: np.ndarray  # its canonical view
     weights: np.ndarray  # the mask's (rows, inner) weights, a dummy without a mask
     masked: bool | None  # True with a mask, None without (the kernels' type for "no mask")
     parallel: bool  # the threaded builds: the backward runs as the forward ran
     mean: np.ndarray  # [groups, C] float64
     variance: np.ndarray
     total_weight: np.ndarray
-    output: np.ndarray  # the canonical output (elu's backward reads it), else x3
     # Batch Renormalization's (r, d) [2, C] float64, constants to autograd: they turn the
     # gradients of scale and offset into gamma's, r * dscale + d * doffset; and the scale and
     # offset the pass normalised with, ``r * gamma`` and ``d * gamma + beta`` [2, C]. None
@@ -272,20 +274,8 @@ class TrainingCall:
                 ),
             )
         torch.autograd.graph.increment_version(self.stepped)  # type: ignore[arg-type]
-        output = out3 if self.reads_output else x3
         return out, TrainingPass(
-            self,
-            source,
-            x3,
-            rows,
-            masked,
-            parallel,
-            mean,
-            variance,
-            total,
-            output,
-            correction,
-            composed,
+            self, rows, masked, parallel, mean, variance, total, correction, composed
         )
 
     def _renorm_arguments(self) -> tuple[tuple[Any, ...], np.ndarray, np.ndarray]:
@@ -301,13 +291,20 @@ class TrainingCall:
         return arguments, correction, composed
 
     def backward(
-        self, grad: torch.Tensor, training_pass: TrainingPass
+        self,
+        grad: torch.Tensor,
+        training_pass: TrainingPass,
+        source: torch.Tensor,
+        output: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dx, dgamma, dbeta)`` of :meth:`forward`'s output in one kernel call, in the dtypes
-        of x and of the moving statistics (gamma's and beta's)."""
+        of x and of the moving statistics (gamma's and beta's); ``source`` is what the forward
+        read (x or its one copy) and ``output`` its output where the activation's derivative
+        reads it (elu), both as autograd saved them."""
         plan, passed = self.plan, training_pass
-        dy3 = canonical_gradient(grad, plan, passed.source)
-        dx, dx3 = plan.fresh(passed.source)
+        x3 = plan.kernel_view(source)
+        dy3 = canonical_gradient(grad, plan, source)
+        dx, dx3 = plan.fresh(source)
         statistics = (passed.mean, passed.variance, passed.total_weight)
         composed = passed.composed
         scale, offset = self.scale_offset if composed is None else (composed[0], composed[1])
@@ -317,7 +314,7 @@ class TrainingCall:
             backward = compiled_build(plan.train_backward, passed.parallel)
             dscale, doffset = backward(
                 dy3,
-                passed.x3,
+                x3,
                 passed.weights,
                 passed.masked,
                 *statistics,
@@ -329,8 +326,8 @@ class TrainingCall:
             backward = compiled_build(plan.train_backward_activated, passed.parallel)
             dscale, doffset = backward(
                 dy3,
-                passed.x3,
-                passed.output,
+                x3,
+                x3 if output is None else plan.kernel_view(output),
                 passed.weights,
                 passed.masked,
                 *statistics,
