@@ -779,8 +779,8 @@ def copy_bandwidth(results: list[dict[str, Any]]) -> dict[str, Any]:
     from the L3 cache), then 0.92-1.07 ms, while the kernels' passes, partly compute-bound,
     moved less; the floor multiples of two runs minutes apart differed by up to 1.6x.
     """
-    largest = max(results, key=lambda r: math.prod(r["shape"]) * _itemsize(r["dtype"]))
-    size = math.prod(largest["shape"]) * _itemsize(largest["dtype"])
+    largest = max(results, key=_input_bytes)
+    size = _input_bytes(largest)
     seconds = largest["floor_seconds"]
     return {
         "case": largest["name"],
@@ -790,9 +790,11 @@ def copy_bandwidth(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _itemsize(dtype: str) -> int:
-    itemsize: int = getattr(torch, dtype).itemsize
-    return itemsize
+def _input_bytes(result: dict[str, Any]) -> int:
+    """The bytes of a case's input, from its shape and dtype name."""
+    itemsize: int = getattr(torch, result["dtype"]).itemsize
+    elements: int = math.prod(result["shape"])
+    return elements * itemsize
 
 
 def _device_name(device: str) -> str:
