@@ -381,19 +381,22 @@ def test_runners_and_block_helpers_are_not_callable_from_python():
         _statistics.moments_block(x, x, None, np.zeros(3), 1, 4, 0, 4, np.zeros((3, 1, 3)))
 
 
-@pytest.mark.parametrize("call", ["layer training", "layer inference", "backend normalize"])
+@pytest.mark.parametrize(
+    "call", ["layer training", "layer training with a mask", "layer inference", "backend normalize"]
+)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_the_autograd_graph_refers_to_x_only_through_saved_tensors(call, memory_format):
     """torch.utils.checkpoint (non-reentrant) drops what save_for_backward saved and recomputes
     it in the backward: anything else on the graph that refers to x (a NumPy view of it on ctx)
     kept each checkpointed batch norm's input in memory until the backward. Here the saved
-    tensors are dropped by hooks, and x's memory must be freed with x."""
+    tensors are dropped by hooks, and x's memory, and the mask's, must be freed with them
+    (a float32 mask: the kernels read a view of it)."""
     import gc
     import weakref
 
     from batchnorm.functional._cpu_backend import NUMBA_CPU
 
-    layer = BatchNormalization(8, axis=1)
+    layer = BatchNormalization(8, axis=1, fused=False)  # fused=True ignores masks (tf-keras)
     layer(torch.randn(4, 8, 5, 5), training=True)
     channels_last = memory_format == torch.channels_last
     shape = (4, 5, 5, 8) if channels_last else (4, 8, 5, 5)
@@ -403,6 +406,11 @@ def test_the_autograd_graph_refers_to_x_only_through_saved_tensors(call, memory_
     x = x.permute(0, 3, 1, 2) if channels_last else x
     assert x.is_contiguous(memory_format=memory_format) and x.data_ptr() == memory.ctypes.data
     del memory
+    mask_memory = np.ones((4, 5, 5), np.float32)
+    mask_memory[0, 0] = 0.0
+    mask_alive = weakref.ref(mask_memory)
+    mask = torch.from_numpy(mask_memory) if call.endswith("mask") else None
+    del mask_memory
 
     def unpack(_: object) -> torch.Tensor:
         raise AssertionError("no backward here")
@@ -413,8 +421,9 @@ def test_the_autograd_graph_refers_to_x_only_through_saved_tensors(call, memory_
                 x, (1,), layer.moving_mean, layer.moving_variance, layer.gamma, layer.beta, 1e-3
             )
         else:
-            y = layer(x, training=call == "layer training")
+            y = layer(x, training=call.startswith("layer training"), mask=mask)
     assert y.grad_fn is not None  # gamma and beta learn: a graph was recorded
-    del x
+    del x, mask
     gc.collect()
     assert alive() is None
+    assert mask_alive() is None

@@ -224,7 +224,7 @@ class TrainInPlace(torch.autograd.Function):
             )
         else:
             source = x if copy is None else copy
-            dx, dscale, doffset = call.backward(grad, training_pass, source, y)
+            dx, dscale, doffset = call.backward(grad, training_pass, source, weights, y)
             dscale = None if scale is None else dscale
             doffset = None if offset is None else doffset
         return dx, dscale, doffset, None, None, None

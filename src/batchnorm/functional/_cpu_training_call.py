@@ -120,13 +120,13 @@ class TrainingPass(NamedTuple):
     """What one training forward leaves for its backward besides the tensors autograd saves:
     the batch statistics and the kernels' settings, so the backward prepares little again.
 
-    Nothing here refers to x, its copy or the output: those reach the backward through
-    ``save_for_backward`` only, so saved-tensor hooks see them. A NumPy view of x kept here
-    held x's memory past ``torch.utils.checkpoint``: each checkpointed batch norm's input stayed
-    in memory until the backward (67 MB more for a 64x64x64x64 input)."""
+    Nothing here refers to x, its copy, the output or the mask: those reach the backward
+    through ``save_for_backward`` only, so saved-tensor hooks see them. A NumPy view of x kept
+    here held x's memory past ``torch.utils.checkpoint``: each checkpointed batch norm's input
+    stayed in memory until the backward (67 MB more for a 64x64x64x64 input); the mask's rows
+    kept here held the mask (a view of a float32 mask, a copy of any other)."""
 
     call: TrainingCall
-    weights: np.ndarray  # the mask's (rows, inner) weights, a dummy without a mask
     masked: bool | None  # True with a mask, None without (the kernels' type for "no mask")
     parallel: bool  # the threaded builds: the backward runs as the forward ran
     mean: np.ndarray  # [groups, C] float64
@@ -275,7 +275,7 @@ class TrainingCall:
             )
         torch.autograd.graph.increment_version(self.stepped)  # type: ignore[arg-type]
         return out, TrainingPass(
-            self, rows, masked, parallel, mean, variance, total, correction, composed
+            self, masked, parallel, mean, variance, total, correction, composed
         )
 
     def _renorm_arguments(self) -> tuple[tuple[Any, ...], np.ndarray, np.ndarray]:
@@ -295,14 +295,21 @@ class TrainingCall:
         grad: torch.Tensor,
         training_pass: TrainingPass,
         source: torch.Tensor,
+        weights: torch.Tensor | None = None,
         output: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dx, dgamma, dbeta)`` of :meth:`forward`'s output in one kernel call, in the dtypes
         of x and of the moving statistics (gamma's and beta's); ``source`` is what the forward
-        read (x or its one copy) and ``output`` its output where the activation's derivative
-        reads it (elu), both as autograd saved them."""
+        read (x or its one copy), ``weights`` the mask's weights it took (None without a mask)
+        and ``output`` its output where the activation's derivative reads it (elu), all as
+        autograd saved them."""
         plan, passed = self.plan, training_pass
         x3 = plan.kernel_view(source)
+        rows = (
+            self.no_weights
+            if weights is None
+            else mask_rows(weights, plan, self.axes, self.weights_dtype)
+        )
         dy3 = canonical_gradient(grad, plan, source)
         dx, dx3 = plan.fresh(source)
         statistics = (passed.mean, passed.variance, passed.total_weight)
@@ -315,7 +322,7 @@ class TrainingCall:
             dscale, doffset = backward(
                 dy3,
                 x3,
-                passed.weights,
+                rows,
                 passed.masked,
                 *statistics,
                 scale,
@@ -328,7 +335,7 @@ class TrainingCall:
                 dy3,
                 x3,
                 x3 if output is None else plan.kernel_view(output),
-                passed.weights,
+                rows,
                 passed.masked,
                 *statistics,
                 scale,
