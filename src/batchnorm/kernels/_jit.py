@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import sys
 import threading
 import types
 import warnings
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numba
+from numba.np.ufunc import parallel as numba_parallel
 
 FASTMATH = {"reassoc", "contract", "nsz"}
 
@@ -496,14 +499,38 @@ def run(kernel: Kernel | LayoutKernel, parallel: bool, *args: Any) -> Any:
 
 _threads_set: dict[int, int] = {}
 
+# Whether this process was forked from one whose Numba pool runs on GNU OpenMP (Numba's "omp"
+# layer on Linux), which cannot run in a forked child: Numba terminates the child on its first
+# threaded call ("Terminating: fork() called from a process already using GNU OpenMP, this is
+# unsafe."), which killed every worker of a Hogwild-style torch.multiprocessing training after
+# the parent had trained. Such a child runs the serial builds (the same results).
+_forked_from_openmp = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_from_openmp
+    if (
+        numba_parallel._is_initialized
+        and sys.platform.startswith("linux")
+        and numba_parallel.threading_layer() == "omp"  # type: ignore[no-untyped-call]
+    ):
+        _forked_from_openmp = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def set_threads(count: int) -> int:
-    """Use ``count`` threads (clamped to Numba's pool); returns the count in effect.
+    """Use ``count`` threads (clamped to Numba's pool); returns the count in effect: 1 in a
+    process forked from one that started Numba's GNU OpenMP pool, which cannot run there.
 
     Numba's setting is per calling thread; asking Numba each call costs microseconds that show
     on small batches, so what was set is remembered per thread. Results do not depend on it:
     the kernels' row blocks come from the shape (:func:`blocks_for`).
     """
+    if _forked_from_openmp:
+        return 1
     limit: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
     count = max(1, min(int(count), limit))
     caller = threading.get_ident()
