@@ -381,9 +381,15 @@ class NumbaCpuBackend:
     reads_half_precision = True  # as bits (batchnorm.kernels._half)
 
     def supports(self, x: torch.Tensor) -> bool:
+        """CPU tensors of the kernels' dtypes, read by the kernels or traced as their custom
+        ops; not while ``torch.onnx.export`` traces (torch.export, then a translation of every
+        operator into ONNX, which has none for the custom ops: the composed torch ops translate)
+        nor inside ``torch.jit.trace`` (:func:`kernels_can_read`)."""
         if x.device.type != "cpu" or x.dtype not in SUPPORTED_DTYPES or x.ndim == 0:
             return False
-        return torch.compiler.is_compiling() or kernels_can_read(x)
+        if torch.compiler.is_compiling():
+            return not torch.onnx.is_in_onnx_export()
+        return kernels_can_read(x)
 
     def batch_moments(
         self,
