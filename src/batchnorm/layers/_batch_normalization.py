@@ -58,6 +58,7 @@ from batchnorm.layers._lazy_weights import (
     materialize,
     register_placeholders,
 )
+from batchnorm.layers._parametrized import parameters_behind
 from batchnorm.layers._presets import Framework, preset_kwargs
 
 
@@ -415,11 +416,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             parameter.requires_grad_(self._trainable)
 
     def _affine_parameters(self) -> list[nn.Parameter]:
-        return [
-            getattr(self, n)
-            for n in ("gamma", "beta")
-            if isinstance(getattr(self, n, None), nn.Parameter)
-        ]
+        """gamma and beta, or the originals of their parametrizations."""
+        return [p for name in ("gamma", "beta") for _, p in parameters_behind(self, name)]
 
     def statistics(self) -> BatchNormStatistics:
         """The current buffers as a :class:`~batchnorm.functional.BatchNormStatistics`."""

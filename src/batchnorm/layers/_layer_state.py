@@ -59,6 +59,7 @@ class LoadingLayer(TensorOwner, Protocol):
     moving_variance_estimator: str
     moving_mean: torch.Tensor
     _non_persistent_buffers_set: set[str]
+    _modules: dict[str, Any]
     _input_rank: int | None
     _update_lock: Any
 
@@ -129,6 +130,7 @@ def check_load(
         channel_axes=len(check_axis_type(layer.axis)),
         estimator=layer._stored_estimator(layer.fused),
         estimator_setting=layer.moving_variance_estimator,
+        children=tuple(layer._modules),
     )
 
 
@@ -153,14 +155,21 @@ def plan_load(
     channel_axes: int,
     estimator: str | None,
     estimator_setting: str = "auto",
+    children: tuple[str, ...] = (),
 ) -> LoadPlan:
     """Check a load of ``state_dict`` into a layer whose tensors (or placeholders) are ``targets``.
 
     ``channel_shape`` is the layer's, None while unbuilt (then the checkpoint's ``moving_mean``
     gives it, with ``channel_axes`` dims); ``estimator`` is the variance the layer stores, None
-    while undecided, and ``estimator_setting`` its ``moving_variance_estimator``.
+    while undecided, and ``estimator_setting`` its ``moving_variance_estimator``. Keys under
+    the layer's ``children`` (``parametrizations`` of torch.nn.utils.parametrize) are theirs
+    to load, as torch leaves them to a module's children.
     """
-    keys = {key[len(prefix) :]: key for key in state_dict if key.startswith(prefix)}
+    keys = {
+        key[len(prefix) :]: key
+        for key in state_dict
+        if key.startswith(prefix) and key[len(prefix) :].split(".", 1)[0] not in children
+    }
     plan = LoadPlan([], [], [], None, [], None)
     torch_keys = [name for name in _TORCH_KEYS if name in keys]
     if torch_keys and "moving_mean" not in keys:

@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.functional._validation import normalize_axes
 from batchnorm.layers import BatchNormalization
+from batchnorm.layers._parametrized import parameters_behind
 
 TorchBatchNorm = _BatchNorm
 
@@ -68,8 +69,15 @@ def affine(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]
     )
 
 
+def named_affine_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters that gamma and beta come from, with their paths in ``module``: themselves,
+    or the originals of their ``torch.nn.utils.parametrize`` parametrizations."""
+    names = ("gamma", "beta") if isinstance(module, BatchNormalization) else ("weight", "bias")
+    return [named for name in names for named in parameters_behind(module, name)]
+
+
 def affine_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in affine(module) if isinstance(p, nn.Parameter)]
+    return [p for _, p in named_affine_parameters(module)]
 
 
 def stores_unbiased_variance(module: nn.Module) -> bool:

@@ -13,9 +13,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools._batch_norm_modules import (
-    affine_parameters,
     batch_norm_modules,
     display_name,
+    named_affine_parameters,
     statistics_buffers,
 )
 
@@ -185,9 +185,9 @@ def _freeze_module(module: nn.Module, *, statistics: bool, affine: bool) -> None
             state["class"] = type(module)
             module.__class__ = _FROZEN_CLASSES[type(module)]
     if affine:
-        names = [n for n in ("gamma", "beta", "weight", "bias") if _is_parameter(module, n)]
-        state["requires_grad"] = {n: getattr(module, n).requires_grad for n in names}
-        for parameter in affine_parameters(module):
+        named = named_affine_parameters(module)
+        state["requires_grad"] = {path: p.requires_grad for path, p in named}
+        for _, parameter in named:
             parameter.requires_grad_(False)
     setattr(module, _STATE, state)
 
@@ -200,9 +200,5 @@ def _unfreeze_module(module: nn.Module) -> None:
         module.use_global_stats = state["use_global_stats"]
     if "class" in state:
         module.__class__ = state["class"]
-    for name, requires_grad in state.get("requires_grad", {}).items():
-        getattr(module, name).requires_grad_(requires_grad)
-
-
-def _is_parameter(module: nn.Module, name: str) -> bool:
-    return isinstance(getattr(module, name, None), nn.Parameter)
+    for path, requires_grad in state.get("requires_grad", {}).items():
+        module.get_parameter(path).requires_grad_(requires_grad)
