@@ -47,7 +47,13 @@ from batchnorm.layers._layer_arguments import (
     check_fused,
     check_name,
 )
-from batchnorm.layers._layer_build import buffer_dtypes, build_layer, first_call, initial_weights
+from batchnorm.layers._layer_build import (
+    buffer_dtypes,
+    build_layer,
+    first_call,
+    initial_weights,
+    reset_weights,
+)
 from batchnorm.layers._layer_config import layer_config, layer_kwargs_from_config
 from batchnorm.layers._layer_inputs import check_input, resolve_training
 from batchnorm.layers._layer_repr import layer_repr
@@ -325,6 +331,21 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         materialized = materialize(self, values, parameters=("gamma", "beta"))
         self.built = True
         return materialized
+
+    def reset_running_stats(self) -> None:
+        """The moving statistics back to their initial values, in place, as
+        ``nn.BatchNorm2d.reset_running_stats``: ``moving_mean_initializer``'s and
+        ``moving_variance_initializer``'s, renorm's from them (``moving_stddev`` and
+        ``renorm_stddev`` their square root), the debiased average's weight 0. Nothing before
+        the build."""
+        reset_weights(self, BatchNormStatistics._fields)
+
+    def reset_parameters(self) -> None:
+        """gamma and beta from their initializers and the moving statistics from theirs
+        (:meth:`reset_running_stats`), in place, as ``nn.BatchNorm2d.reset_parameters``: what
+        a model made on the meta device (``torch.device("meta")``, then ``to_empty``) calls on
+        each module to get its initial values. Nothing before the build."""
+        reset_weights(self, ("gamma", "beta", *BatchNormStatistics._fields))
 
     # ------------------------------------------------------------------ checkpoints
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:

@@ -82,11 +82,15 @@ def buffer_dtypes(layer: BuildingLayer) -> dict[str, torch.dtype]:
 
 
 def initial_weights(
-    layer: BuildingLayer, channel_shape: tuple[int, ...], keras_shape: tuple[int, ...] | None
+    layer: BuildingLayer,
+    channel_shape: tuple[int, ...],
+    keras_shape: tuple[int, ...] | None,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every weight's initial value, in the per-channel shape; initializers see ``keras_shape``."""
+    """Every weight's initial value, in the per-channel shape, on ``device`` (the layer's
+    construction device by default); initializers see ``keras_shape``."""
     init_shape = keras_shape or channel_shape
-    dtype, device = layer.dtype_policy.parameter_dtype, layer._device
+    dtype, device = layer.dtype_policy.parameter_dtype, device or layer._device
 
     def initial(initializer: Callable[..., torch.Tensor]) -> torch.Tensor:
         value = torch.as_tensor(initializer(init_shape, dtype=dtype, device=device))
@@ -106,6 +110,27 @@ def initial_weights(
     if layer.moving_average == "debiased":
         values["moving_average_weight"] = torch.zeros((), dtype=torch.float64, device=device)
     return values
+
+
+def reset_weights(layer: BuildingLayer, names: tuple[str, ...]) -> None:
+    """Write the initial values of the weights ``names`` (those the layer has) into its tensors,
+    in place (their memory, dtype and device stay); nothing before the build. Initializers see
+    the Keras shape where the layer was built on an input (as at the build)."""
+    if not layer.built:
+        return
+    channel_shape = tuple(layer.moving_mean.shape)
+    keras_shape = None
+    if layer._axes is not None and layer._input_rank is not None:
+        keras_shape = keras_parameter_shape(
+            channel_shape, layer._axes, layer._input_rank, layer.virtual_batch_size
+        )
+    device = layer.moving_mean.device
+    values = initial_weights(layer, channel_shape, keras_shape, device)
+    with torch.no_grad():
+        for name in names:
+            target = layer._parameters.get(name, layer._buffers.get(name))
+            if target is not None and name in values:
+                target.copy_(values[name])
 
 
 def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]:
