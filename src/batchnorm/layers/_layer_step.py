@@ -20,7 +20,7 @@ from batchnorm.functional._activation import Activation
 from batchnorm.functional._batch_norm import BatchNormOptions, batch_norm_step, check_mask
 from batchnorm.functional._cpu_plan import kernels_can_read
 from batchnorm.functional._direct_step import DirectCalls, infer, train_in_place
-from batchnorm.layers._parametrized import affine_tensors, has_parametrizations
+from batchnorm.layers._parametrized import affine_tensors, rerouted
 
 STATISTIC_NAMES = BatchNormStatistics._fields
 
@@ -93,9 +93,9 @@ def step_options(layer: SteppingLayer) -> BatchNormOptions:
 
 def make_direct_calls(layer: SteppingLayer) -> DirectCalls | None:
     """The shortcut for the layer's repeated plain calls (None where none applies: also with a
-    parametrized tensor, which the shortcut would not see computed on each call)."""
+    parametrized or pruned tensor, which the shortcut would not see computed on each call)."""
     assert layer._axes is not None and layer._input_rank is not None
-    if has_parametrizations(layer):  # type: ignore[arg-type]
+    if rerouted(layer):  # type: ignore[arg-type]
         return None
     tensors = (
         layer._parameters.get("gamma"),

@@ -1,11 +1,13 @@
-"""gamma and beta under torch.nn.utils.parametrize (a positive gamma, a constrained offset):
-``layer.gamma`` is then ``f(original)``, computed on each access and differentiable to the
-original. The layer read gamma from its ``_parameters``, where a parametrized gamma is not:
-it normalised without gamma (outputs off by the whole scale) and the original got no gradient.
+"""gamma and beta rerouted by torch.nn.utils.parametrize (a positive gamma, a constrained
+offset) or torch.nn.utils.prune (network slimming prunes batch norm scales): ``layer.gamma`` is
+then computed from another parameter (``parametrizations.gamma.original``, ``gamma_orig``),
+differentiably. The layer read gamma from its ``_parameters``, where a rerouted gamma is not:
+it normalised without gamma (outputs off by the whole scale) and the parameter behind it got no
+gradient.
 
-Oracle: torch's ``nn.BatchNorm2d`` with the same parametrization on its weight and bias and
-Keras' conventions mapped (momentum 1 - 0.99, eps 1e-3, the unbiased moving variance that
-torch stores).
+Oracle: torch's ``nn.BatchNorm2d`` with the same parametrization or pruning on its weight and
+bias and Keras' conventions mapped (momentum 1 - 0.99, eps 1e-3, the unbiased moving variance
+that torch stores).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from batchnorm import BatchNormalization, freeze, unfreeze
 
@@ -28,7 +30,7 @@ class Halved(nn.Module):
         return value / 2
 
 
-def _pair() -> tuple[BatchNormalization, nn.BatchNorm2d]:
+def _pair(reroute: str = "parametrize") -> tuple[BatchNormalization, nn.BatchNorm2d]:
     torch.manual_seed(0)
     ours = BatchNormalization(8, axis=1, moving_variance_estimator="unbiased")
     theirs = nn.BatchNorm2d(8, eps=1e-3, momentum=0.01)
@@ -37,15 +39,27 @@ def _pair() -> tuple[BatchNormalization, nn.BatchNorm2d]:
         ours.gamma.copy_(gamma), ours.beta.copy_(beta)
         theirs.weight.copy_(gamma), theirs.bias.copy_(beta)
     for module, (scale, offset) in ((ours, ("gamma", "beta")), (theirs, ("weight", "bias"))):
-        parametrize.register_parametrization(module, scale, Positive())
-        parametrize.register_parametrization(module, offset, Halved())
+        if reroute == "parametrize":
+            parametrize.register_parametrization(module, scale, Positive())
+            parametrize.register_parametrization(module, offset, Halved())
+        else:  # the smallest half of each, by magnitude
+            prune.l1_unstructured(module, scale, amount=0.5)
+            prune.l1_unstructured(module, offset, amount=0.5)
     return ours, theirs
 
 
+def _behind(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter that ``name`` is computed from."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, f"{name}_orig")
+
+
+@pytest.mark.parametrize("reroute", ["parametrize", "prune"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_parametrized_gamma_and_beta_follow_torchs_module(training, memory_format):
-    ours, theirs = _pair()
+def test_rerouted_gamma_and_beta_follow_torchs_module(reroute, training, memory_format):
+    ours, theirs = _pair(reroute)
     ours.train(training), theirs.train(training)
     for step in range(3):  # the second call takes the layer's shortcut where one applies
         x = (torch.randn(16, 8, 5, 5) * 3 + 1).to(memory_format=memory_format)
@@ -56,8 +70,7 @@ def test_parametrized_gamma_and_beta_follow_torchs_module(training, memory_forma
         ours_y.backward(upstream), theirs_y.backward(upstream)
         torch.testing.assert_close(ours_x.grad, theirs_x.grad, rtol=1e-4, atol=1e-5)
         for name, torch_name in (("gamma", "weight"), ("beta", "bias")):
-            ours_original = ours.parametrizations[name].original
-            theirs_original = theirs.parametrizations[torch_name].original
+            ours_original, theirs_original = _behind(ours, name), _behind(theirs, torch_name)
             assert ours_original.grad is not None, (step, name)
             torch.testing.assert_close(
                 ours_original.grad, theirs_original.grad, rtol=1e-4, atol=1e-4
@@ -66,9 +79,10 @@ def test_parametrized_gamma_and_beta_follow_torchs_module(training, memory_forma
         torch.testing.assert_close(ours.moving_variance, theirs.running_var)
 
 
-def test_trainable_and_freeze_reach_the_originals():
-    ours, _ = _pair()
-    originals = [ours.parametrizations[n].original for n in ("gamma", "beta")]
+@pytest.mark.parametrize("reroute", ["parametrize", "prune"])
+def test_trainable_and_freeze_reach_the_parameters_behind(reroute):
+    ours, _ = _pair(reroute)
+    originals = [_behind(ours, n) for n in ("gamma", "beta")]
     ours.trainable = False
     assert not any(p.requires_grad for p in originals)
     ours.trainable = True
