@@ -10,6 +10,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 import batchnorm
 from batchnorm import BatchNormalization
@@ -229,6 +230,31 @@ def test_torch_func_transforms_see_through_the_layer():
     # And the layer's own call afterwards still takes the kernels' shortcut, on its own tensors.
     torch.testing.assert_close(ours(x), theirs(x))
     assert vars(ours)["_direct_calls"] is not None
+
+
+# torch's forward AD loads its decompositions through torch.jit.script on first use
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_mode_ad_gives_torchs_tangents(training):
+    # torch.autograd.forward_ad: the kernels' autograd functions have no forward-mode
+    # derivative (a dual input raised NotImplementedError); inside dual_level() the layer takes
+    # the torch ops: the output and tangent are nn.BatchNorm1d's, and the moving statistics
+    # step as in a plain call.
+    ours, theirs = _trained_pair()
+    ours.train(training), theirs.train(training)
+    x, tangent = torch.randn(8, 4) * 2 + 1, torch.randn(8, 4)
+    plain = copy.deepcopy(ours)
+    plain(x)
+    results = []
+    for module in (ours, theirs):
+        with forward_ad.dual_level():
+            y = module(forward_ad.make_dual(x, tangent))
+            results.append(forward_ad.unpack_dual(y))
+    (y_ours, t_ours), (y_theirs, t_theirs) = results
+    torch.testing.assert_close(y_ours, y_theirs)
+    torch.testing.assert_close(t_ours, t_theirs)
+    torch.testing.assert_close(ours.moving_mean, plain.moving_mean)
+    torch.testing.assert_close(ours.moving_variance, plain.moving_variance)
 
 
 def test_a_training_call_under_grad_is_refused_as_torch_refuses_it():

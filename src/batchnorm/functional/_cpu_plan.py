@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from batchnorm import kernels
 from batchnorm.functional import _output_memory as output_memory
@@ -60,11 +61,15 @@ def kernels_can_read(x: torch.Tensor) -> bool:
     would enter the TorchScript graph as a constant (and the tracer turns sizes into tensors,
     which Numba cannot type: the trace failed with a TypingError). Traced calls take the torch
     ops, which a TorchScript file keeps (it loads without this package).
+
+    Nor inside ``torch.autograd.forward_ad.dual_level()``: the kernels' autograd functions have
+    no forward-mode derivative (a dual input raised NotImplementedError), the torch ops have.
     """
     return not (
         torch._C._are_functorch_transforms_active()
         or torch._C._functorch.is_functorch_wrapped_tensor(x)
         or torch._C._get_tracing_state() is not None
+        or forward_ad._current_level >= 0
     )
 
 
