@@ -257,6 +257,38 @@ def test_forward_mode_ad_gives_torchs_tangents(training):
     torch.testing.assert_close(ours.moving_variance, plain.moving_variance)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_vectorized_jacobians_are_torchs(training):
+    # torch.autograd.functional.jacobian(vectorize=True) runs the backward under the older vmap,
+    # with a batched upstream gradient that the kernels cannot read ("Batching rule not
+    # implemented for aten::detach"): such a backward takes the torch ops.
+    ours, theirs = _trained_pair()
+    ours.double().train(training), theirs.double().train(training)
+    x = torch.randn(8, 4, dtype=torch.float64) * 2 + 1
+    jacobians = [
+        torch.autograd.functional.jacobian(module, x, vectorize=True) for module in (ours, theirs)
+    ]
+    torch.testing.assert_close(*jacobians)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batched_gradients_equal_one_backward_each(training):
+    # torch.autograd.grad(is_grads_batched=True), through an NCHW layer with a fused activation:
+    # the batched backward (torch ops) gives each gradient the kernels' backward gives alone.
+    torch.manual_seed(0)
+    layer = BatchNormalization(axis=1, activation="elu")
+    layer(torch.randn(4, 3, 5, 5), training=True)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    upstream = torch.randn(5, 4, 3, 5, 5)
+    y = layer(x, training=training)
+    inputs = (x, layer.gamma, layer.beta)
+    batched = torch.autograd.grad(y, inputs, upstream, retain_graph=True, is_grads_batched=True)
+    for i, gradient in enumerate(upstream):
+        alone = torch.autograd.grad(y, inputs, gradient, retain_graph=True)
+        for found, expected in zip(batched, alone, strict=True):
+            torch.testing.assert_close(found[i], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_training_call_under_grad_is_refused_as_torch_refuses_it():
     # The moving statistics would be updated in place inside the transform: an error, as for
     # nn.BatchNorm1d, and nothing changes.

@@ -36,6 +36,7 @@ from batchnorm.functional._cpu_operations import (
     normalize_batch_impl,
     normalize_gradients,
     normalize_impl,
+    torch_ops_backward,
 )
 from batchnorm.functional._cpu_plan import Prepared, kernels_can_read, prepare
 from batchnorm.functional._cpu_training_call import RenormStep, TrainingCall, step_arrays
@@ -210,7 +211,7 @@ class TrainInPlace(torch.autograd.Function):
         x, scale, offset, weights, y, copy = ctx.saved_tensors
         training_pass = ctx.training_pass
         call = training_pass.call
-        if torch.is_grad_enabled():
+        if torch_ops_backward(grad):  # create_graph=True, or a batched gradient
             mean, variance, total = training_pass.moments()
             dx, dscale, doffset = normalize_batch_gradients(
                 grad,
@@ -246,7 +247,7 @@ class _Normalize(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])
         x, mean, variance, scale, copy = ctx.saved_tensors  # checks that x was not modified
-        if torch.is_grad_enabled():  # create_graph=True: torch ops, differentiable again
+        if torch_ops_backward(grad):  # create_graph=True, or a batched gradient
             dx, dmean, dvariance, dscale, doffset = normalize_gradients(
                 grad, (x, mean, variance, scale), ctx.axes, ctx.epsilon, needs
             )
@@ -298,7 +299,7 @@ class InferenceWithGradients(torch.autograd.Function):
                 "were updated (a training call) before the backward of that call"
             )
         needs_x, needs_scale, needs_offset = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: torch ops, differentiable again
+        if torch_ops_backward(grad):  # create_graph=True, or a batched gradient
             if activation is not None:
                 grad = grad * _activation_derivative(x, scale, offset, call, activation)
             needs = (needs_x, False, False, needs_scale, needs_offset)

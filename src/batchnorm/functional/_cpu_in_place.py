@@ -124,6 +124,12 @@ class _InPlaceKernels(torch.autograd.Function):
                 "memory='in_place' has no double backward (create_graph=True): its backward "
                 "works from the output alone. Use memory='default'."
             )
+        if not kernels_can_read(grad):
+            raise RuntimeError(
+                "memory='in_place' has no batched backward (torch.autograd.functional's "
+                "vectorize=True, torch.autograd.grad's is_grads_batched=True): its backward "
+                "works from the output alone. Use memory='default'."
+            )
         in_place_pass: InPlacePass = ctx.in_place_pass
         prepared = in_place_pass.prepared
         plan = prepared.plan

@@ -28,6 +28,7 @@ from batchnorm.functional._cpu_plan import (
     compiled_build,
     compute_dtype,
     constant_channels,
+    kernels_can_read,
     prepare,
     shared_array,
     storage_array,
@@ -463,6 +464,16 @@ def inference_gradients(
 
 
 # ---------------------------------------------------------------------------- gradients
+def torch_ops_backward(grad: torch.Tensor) -> bool:
+    """Whether a backward takes the torch ops rather than the kernels: under create_graph=True
+    (the gradient must be differentiable again), and for a batched upstream gradient, a
+    functorch wrapper without storage for the kernels to read
+    (``torch.autograd.functional.jacobian(vectorize=True)``,
+    ``torch.autograd.grad(is_grads_batched=True)``: "Batching rule not implemented for
+    aten::detach" before)."""
+    return torch.is_grad_enabled() or not kernels_can_read(grad)
+
+
 def normalize_batch_gradients(
     grad: torch.Tensor,
     saved: tuple[Any, ...],
@@ -474,25 +485,31 @@ def normalize_batch_gradients(
     correction: np.ndarray | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dscale, doffset)`` of the training output, or of ``f(output)`` with an
-    ``activation`` (under create_graph only: :meth:`TrainingCall.backward` folds it into the
-    kernels otherwise); with renorm's ``correction`` (r, d) of a one-call step (create_graph
-    only), of the output normalised with ``r * scale`` and ``d * scale + offset``."""
+    ``activation`` (on the torch ops only: :meth:`TrainingCall.backward` folds it into the
+    kernels otherwise); with renorm's ``correction`` (r, d) of a one-call step (torch ops
+    only), of the output normalised with ``r * scale`` and ``d * scale + offset``.
+
+    The torch ops (:func:`torch_ops_backward`) recompute the output from the saved tensors and
+    differentiate it: under create_graph=True the saved tensors carry their history, so the
+    gradient is itself differentiable."""
     x, mean, variance, total_weight, scale, offset, weights = saved
-    if torch.is_grad_enabled():
-        # create_graph=True: the saved tensors carry their history, so a torch-op recomputation
-        # gives a gradient that is itself differentiable.
+    if torch_ops_backward(grad):
+        differentiable = torch.is_grad_enabled()
         inputs = [x, scale, offset]
         used_scale, used_offset = scale, offset
         if correction is not None:  # r and d are constants (tf.stop_gradient)
             r, d = torch.from_numpy(correction).to(x.dtype)
             used_scale, used_offset = compose_transforms(r, d, scale, offset)
-        moments = TORCH_OPS.batch_moments(x, tuple(axes), weights, ghost_batches)
-        y = TORCH_OPS.normalize_batch(
-            x, tuple(axes), moments, used_scale, used_offset, epsilon, weights, ghost_batches
-        )
-        y = activate(y, activation)
+        with torch.enable_grad():  # a batched gradient's backward runs without grad mode
+            moments = TORCH_OPS.batch_moments(x, tuple(axes), weights, ghost_batches)
+            y = TORCH_OPS.normalize_batch(
+                x, tuple(axes), moments, used_scale, used_offset, epsilon, weights, ghost_batches
+            )
+            y = activate(y, activation)
         wanted = [t for t in inputs if t is not None and t.requires_grad]
-        found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
+        found = iter(
+            torch.autograd.grad(y, wanted, grad, create_graph=differentiable, allow_unused=True)
+        )
         dx, dscale, doffset = (
             next(found) if t is not None and t.requires_grad else None for t in inputs
         )
