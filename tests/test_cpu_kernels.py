@@ -427,3 +427,36 @@ def test_the_autograd_graph_refers_to_x_only_through_saved_tensors(call, memory_
     gc.collect()
     assert alive() is None
     assert mask_alive() is None
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "options", [{}, {"activation": "elu"}, {"renorm": True}, {"virtual_batch_size": 2}]
+)
+def test_non_reentrant_checkpointing_of_a_fresh_layer(training, options):
+    """torch.utils.checkpoint (non-reentrant) recomputes the forward in the backward and
+    compares how many tensors the two saved. A fresh layer's first call took the general path,
+    which saved x once more than the shortcut that the recomputation took (an alias of x as its
+    "copy", and the moving statistics in inference): the backward raised CheckpointError.
+    Oracle: the same model without checkpointing; in training the recomputation steps the
+    moving statistics a second time, as torch's modules do."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(checkpointed):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        layer = BatchNormalization(4, axis=1, **options)
+        x = torch.randn(4, 3, 6, 6, requires_grad=True)
+
+        def block(v):
+            return layer(conv(v), training=training)
+
+        y = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+        y.pow(2).sum().backward()
+        if checkpointed is False and training:
+            with torch.no_grad():
+                block(x)  # the recomputation's second step
+        return [x.grad, conv.weight.grad, layer.gamma.grad, *layer.buffers()]
+
+    for found, expected in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)

@@ -200,8 +200,11 @@ class TrainInPlace(torch.autograd.Function):
         # elu's backward reads y: saved, so autograd refuses a backward after y was modified.
         # x's copy, where the forward read one, is saved too: every tensor the backward reads
         # goes through save_for_backward (and its hooks: torch.utils.checkpoint frees them).
+        # Where there is no copy, source is x (or x detached): not saved, so that every path
+        # saves the same tensors (non-reentrant checkpointing compares their number between
+        # the forward and its recomputation).
         saved = (x, scale, offset, weights, y if call.reads_output else None)
-        ctx.save_for_backward(*saved, None if source is x else source)
+        ctx.save_for_backward(*saved, source if call.plan.layout.copied else None)
         ctx.training_pass = training_pass
         return y
 
@@ -237,7 +240,7 @@ class _Normalize(torch.autograd.Function):
         prepared = prepare(x, axes, None, False)
         # x's copy, where the kernels read one, is saved too, and only the plan is kept on ctx:
         # every tensor the backward reads goes through save_for_backward (and its hooks).
-        copy = None if prepared.source is x else prepared.source
+        copy = prepared.source if prepared.plan.layout.copied else None
         ctx.save_for_backward(x, mean, variance, scale, copy)
         ctx.axes, ctx.epsilon = axes, epsilon
         ctx.kernels = (prepared.plan, prepared.weights, prepared.masked, prepared.parallel)

@@ -127,7 +127,11 @@ def run_step(
     compiling: bool = False,
 ) -> torch.Tensor:
     """The call on a built layer, whose checks have passed; in training, the buffers are updated
-    in place (the caller holds the layer's lock)."""
+    in place (the caller holds the layer's lock).
+
+    A shortcut made here serves this call too: the first call then saves for its backward what
+    the calls after it save (non-reentrant ``torch.utils.checkpoint`` compares their number
+    between a forward and its recomputation, which takes the shortcut)."""
     axes = layer._axes
     assert axes is not None
     remembered = vars(layer)
@@ -137,7 +141,11 @@ def run_step(
         and kernels_can_read(x)  # the shortcut reads the layer's tensors' memory
         and (direct_calls is None or not direct_calls.current())
     ):
-        remembered["_direct_calls"] = make_direct_calls(layer)
+        direct_calls = remembered["_direct_calls"] = make_direct_calls(layer)
+        if direct_calls is not None and type(resolved) is bool:
+            y = direct_calls(x, resolved, mask)
+            if y is not None:
+                return y
     if mask is not None and layer.fused:
         check_mask(mask, x, axes)  # a malformed mask is an error, as without fusing
         warnings.warn(
