@@ -361,8 +361,8 @@ def _activation_derivative(
         return positive.to(x.dtype)
     a = activation.parameter
     assert a is not None
-    if activation.name == "leaky_relu":
-        return torch.where(positive, 1.0, a).to(x.dtype)
+    if activation.name == "leaky_relu":  # the slope in float64 (two Python scalars: float32)
+        return torch.where(positive, z.new_ones(()), z.new_full((), a)).to(x.dtype)
     return torch.where(positive, 1.0, a * torch.exp(z)).to(x.dtype)
 
 
