@@ -163,6 +163,19 @@ def test_double_backward_is_refused_with_a_clear_error():
         torch.autograd.grad(y.square().sum(), x, create_graph=True)
 
 
+def test_batched_backward_is_refused_with_a_clear_error():
+    # torch.autograd.grad(is_grads_batched=True) hands the backward a batched gradient without
+    # storage; the in-place backward has no torch-op version to send it to.
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    state = BatchNormStatistics(
+        torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    )
+    y, _ = batch_norm(x * 1.0, state, axis=-1, training=True, memory="in_place")
+    upstream = torch.randn(4, 6, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"no batched backward.*memory='default'"):
+        torch.autograd.grad(y, x, upstream, is_grads_batched=True)
+
+
 def test_a_layout_the_kernels_cannot_view_is_written_in_place_by_torch_ops():
     # Channel axes 0 and 2 of a (C0, N, C2) tensor are not adjacent in memory: the kernels would
     # need a copy, so the torch-op version writes x itself.

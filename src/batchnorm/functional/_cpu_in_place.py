@@ -31,6 +31,7 @@ from batchnorm.functional._cpu_plan import (
     kernels_can_read,
     prepare,
     storage_array,
+    storageless,
 )
 from batchnorm.kernels._elementwise import NO_ACTIVATION
 
@@ -124,7 +125,7 @@ class _InPlaceKernels(torch.autograd.Function):
                 "memory='in_place' has no double backward (create_graph=True): its backward "
                 "works from the output alone. Use memory='default'."
             )
-        if not kernels_can_read(grad):
+        if storageless(grad):
             raise RuntimeError(
                 "memory='in_place' has no batched backward (torch.autograd.functional's "
                 "vectorize=True, torch.autograd.grad's is_grads_batched=True): its backward "

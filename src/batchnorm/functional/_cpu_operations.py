@@ -31,6 +31,7 @@ from batchnorm.functional._cpu_plan import (
     prepare,
     shared_array,
     storage_array,
+    storageless,
 )
 from batchnorm.functional._renorm import compose_transforms
 from batchnorm.functional._torch_ops import TORCH_OPS
@@ -463,19 +464,13 @@ def inference_gradients(
 
 
 # ---------------------------------------------------------------------------- gradients
-_FUNCTORCH_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
-_LEGACY_BATCHED = torch._C._functorch.is_legacy_batchedtensor
-
-
 def torch_ops_backward(grad: torch.Tensor) -> bool:
     """Whether a backward takes the torch ops rather than the kernels: under create_graph=True
-    (the gradient must be differentiable again), and for a batched upstream gradient, a
-    wrapper without storage for the kernels to read (``torch.func.vmap`` over a backward;
-    the older vmap of ``torch.autograd.functional.jacobian(vectorize=True)`` and
-    ``torch.autograd.grad(is_grads_batched=True)``: "Batching rule not implemented for
-    aten::detach" before). The two tests of :func:`kernels_can_read` that concern the tensor:
+    (the gradient must be differentiable again), and for a batched upstream gradient without
+    storage for the kernels to read (:func:`storageless`: "Batching rule not implemented for
+    aten::detach" before). Only the test of :func:`kernels_can_read` that concerns the tensor:
     0.1 us on every backward against its 0.3."""
-    return torch.is_grad_enabled() or _FUNCTORCH_WRAPPED(grad) or _LEGACY_BATCHED(grad)
+    return torch.is_grad_enabled() or storageless(grad)
 
 
 def normalize_batch_gradients(

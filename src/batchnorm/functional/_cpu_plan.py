@@ -62,18 +62,28 @@ def kernels_can_read(x: torch.Tensor) -> bool:
     which Numba cannot type: the trace failed with a TypingError). Traced calls take the torch
     ops, which a TorchScript file keeps (it loads without this package).
 
-    Nor for a tensor of the older vmap, which ``torch.autograd.functional.jacobian`` and
-    ``hessian`` (``vectorize=True``) and ``torch.autograd.grad(is_grads_batched=True)`` pass to
-    a backward as its upstream gradient. Nor inside ``torch.autograd.forward_ad.dual_level()``: the kernels' autograd functions have
-    no forward-mode derivative (a dual input raised NotImplementedError), the torch ops have.
+    Nor for a batched tensor of the older vmap (:func:`storageless`). Nor inside
+    ``torch.autograd.forward_ad.dual_level()``: the kernels' autograd functions have no
+    forward-mode derivative (a dual input raised NotImplementedError), the torch ops have.
     """
     return not (
         torch._C._are_functorch_transforms_active()
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
-        or torch._C._functorch.is_legacy_batchedtensor(x)  # torch.autograd.functional's vmap
+        or storageless(x)
         or torch._C._get_tracing_state() is not None
         or forward_ad._current_level >= 0
     )
+
+
+_FUNCTORCH_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
+_LEGACY_BATCHED = torch._C._functorch.is_legacy_batchedtensor
+
+
+def storageless(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a wrapper without storage for NumPy to view: a functorch wrapper,
+    or a batched tensor of the older vmap, which ``torch.autograd.functional.jacobian`` and
+    ``hessian`` (``vectorize=True``) and ``torch.autograd.grad(is_grads_batched=True)`` pass to
+    a backward as its upstream gradient."""
+    return _FUNCTORCH_WRAPPED(tensor) or _LEGACY_BATCHED(tensor)
 
 
 def storage_array(tensor: torch.Tensor) -> np.ndarray:
