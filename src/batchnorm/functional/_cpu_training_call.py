@@ -249,10 +249,7 @@ class TrainingCall:
         """
         plan = self.plan
         x3 = plan.kernel_view(source)
-        if weights is None:
-            rows, masked = self.no_weights, None
-        else:
-            rows, masked = mask_rows(weights, plan, self.axes, self.weights_dtype), True
+        rows, masked = self._mask_rows(weights), None if weights is None else True
         parallel = plan.parallel()
         out, out3 = plan.fresh(source)
         correction = composed = renorm = None
@@ -277,6 +274,13 @@ class TrainingCall:
         return out, TrainingPass(
             self, masked, parallel, mean, variance, total, correction, composed
         )
+
+    def _mask_rows(self, weights: torch.Tensor | None) -> np.ndarray:
+        """The mask's ``weights`` as the kernels read them, ``(rows, inner)``; a dummy without a
+        mask. The forward and the backward derive them alike (nothing keeps them between)."""
+        if weights is None:
+            return self.no_weights
+        return mask_rows(weights, self.plan, self.axes, self.weights_dtype)
 
     def _renorm_arguments(self) -> tuple[tuple[Any, ...], np.ndarray, np.ndarray]:
         """The forward kernel's renorm argument, with the ``correction`` and ``composed``
@@ -305,11 +309,7 @@ class TrainingCall:
         autograd saved them."""
         plan, passed = self.plan, training_pass
         x3 = plan.kernel_view(source)
-        rows = (
-            self.no_weights
-            if weights is None
-            else mask_rows(weights, plan, self.axes, self.weights_dtype)
-        )
+        rows = self._mask_rows(weights)
         dy3 = canonical_gradient(grad, plan, source)
         dx, dx3 = plan.fresh(source)
         statistics = (passed.mean, passed.variance, passed.total_weight)
