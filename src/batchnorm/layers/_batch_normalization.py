@@ -338,14 +338,14 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         ``moving_variance_initializer``'s, renorm's from them (``moving_stddev`` and
         ``renorm_stddev`` their square root), the debiased average's weight 0. Nothing before
         the build."""
-        reset_weights(self, BatchNormStatistics._fields)
+        reset_weights(self, affine=False)
 
     def reset_parameters(self) -> None:
         """gamma and beta from their initializers and the moving statistics from theirs
         (:meth:`reset_running_stats`), in place, as ``nn.BatchNorm2d.reset_parameters``: what
         a model made on the meta device (``torch.device("meta")``, then ``to_empty``) calls on
         each module to get its initial values. Nothing before the build."""
-        reset_weights(self, ("gamma", "beta", *BatchNormStatistics._fields))
+        reset_weights(self, affine=True)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:

@@ -86,9 +86,12 @@ def initial_weights(
     channel_shape: tuple[int, ...],
     keras_shape: tuple[int, ...] | None,
     device: torch.device | None = None,
+    affine: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Every weight's initial value, in the per-channel shape, on ``device`` (the layer's
-    construction device by default); initializers see ``keras_shape``."""
+    construction device by default); initializers see ``keras_shape``. Without ``affine``, the
+    moving statistics' only (gamma's and beta's initializers are not called: a random one
+    would draw from the generator for nothing)."""
     init_shape = keras_shape or channel_shape
     dtype, device = layer.dtype_policy.parameter_dtype, device or layer._device
 
@@ -97,9 +100,9 @@ def initial_weights(
         return value.to(dtype=dtype, device=device).reshape(channel_shape).clone()
 
     values = {}
-    if layer.scale:
+    if affine and layer.scale:
         values["gamma"] = initial(layer.gamma_initializer)
-    if layer.center:
+    if affine and layer.center:
         values["beta"] = initial(layer.beta_initializer)
     values["moving_mean"] = initial(layer.moving_mean_initializer)
     values["moving_variance"] = initial(layer.moving_variance_initializer)
@@ -112,10 +115,11 @@ def initial_weights(
     return values
 
 
-def reset_weights(layer: BuildingLayer, names: tuple[str, ...]) -> None:
-    """Write the initial values of the weights ``names`` (those the layer has) into its tensors,
-    in place (their memory, dtype and device stay); nothing before the build. Initializers see
-    the Keras shape where the layer was built on an input (as at the build)."""
+def reset_weights(layer: BuildingLayer, affine: bool) -> None:
+    """Write the initial values of the moving statistics, and of gamma and beta with ``affine``,
+    into the layer's tensors, in place (their memory, dtype and device stay); nothing before the
+    build. Initializers see the Keras shape where the layer was built on an input (as at the
+    build)."""
     if not layer.built:
         return
     channel_shape = tuple(layer.moving_mean.shape)
@@ -125,12 +129,12 @@ def reset_weights(layer: BuildingLayer, names: tuple[str, ...]) -> None:
             channel_shape, layer._axes, layer._input_rank, layer.virtual_batch_size
         )
     device = layer.moving_mean.device
-    values = initial_weights(layer, channel_shape, keras_shape, device)
+    values = initial_weights(layer, channel_shape, keras_shape, device, affine)
     with torch.no_grad():
-        for name in names:
+        for name, value in values.items():
             target = layer._parameters.get(name, layer._buffers.get(name))
-            if target is not None and name in values:
-                target.copy_(values[name])
+            if target is not None:  # None: a gamma or beta rerouted by parametrize or prune
+                target.copy_(value)
 
 
 def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]:

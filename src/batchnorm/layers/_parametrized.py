@@ -19,12 +19,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-_AFFINE = ("gamma", "beta")
 
-
-def rerouted(module: nn.Module, names: tuple[str, ...] = _AFFINE) -> bool:
-    """Whether a tensor of the module is parametrized, or one of ``names`` pruned."""
-    return "parametrizations" in module._modules or any(name in vars(module) for name in names)
+def rerouted(module: nn.Module) -> bool:
+    """Whether a tensor of the module is parametrized, or gamma or beta pruned."""
+    attributes = vars(module)
+    return "parametrizations" in module._modules or "gamma" in attributes or "beta" in attributes
 
 
 def affine_tensors(layer: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
