@@ -191,7 +191,7 @@ def suite_worker(rank: int, world_size: int, directory: Path, tasks: list[str]) 
     """Run ``tasks`` in order in one set of processes (each spawn costs seconds of imports).
 
     "layers-float64" / "layers-float32", "torch-ops" (layers-float64 with the torch-op backend,
-    the path other devices take), "ddp" and "errors" (last: it shuts the group down).
+    the path other devices take), "ddp", "fsdp" and "errors" (last: it shuts the group down).
     """
     for task in tasks:
         if task == "torch-ops":
@@ -202,6 +202,8 @@ def suite_worker(rank: int, world_size: int, directory: Path, tasks: list[str]) 
             layer_worker(rank, world_size, directory, getattr(torch, task.removeprefix("layers-")))
         elif task == "ddp":
             ddp_worker(rank, world_size, directory, DDP_STEPS)
+        elif task == "fsdp":
+            fsdp_worker(rank, world_size, directory, DDP_STEPS)
         elif task == "errors":
             error_worker(rank, world_size, directory)
         if dist.is_initialized():
@@ -430,9 +432,8 @@ def cnn_model() -> SmallCnn:
     return SmallCnn().double()
 
 
-def ddp_worker(rank: int, world_size: int, directory: Path, steps: int) -> None:
-    """The small CNN, converted, under DistributedDataParallel; final weights to ``ddp{r}.pt``."""
-    model = nn.parallel.DistributedDataParallel(batchnorm.convert_sync(cnn_model()))
+def train_on_shares(model: nn.Module, rank: int, world_size: int, steps: int) -> None:
+    """SGD on the small CNN's data, this rank taking its share of every batch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     share = 8 // world_size
     for x, target in cnn_data(steps):
@@ -441,4 +442,30 @@ def ddp_worker(rank: int, world_size: int, directory: Path, steps: int) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def ddp_worker(rank: int, world_size: int, directory: Path, steps: int) -> None:
+    """The small CNN, converted, under DistributedDataParallel; final weights to ``ddp{r}.pt``."""
+    model = nn.parallel.DistributedDataParallel(batchnorm.convert_sync(cnn_model()))
+    train_on_shares(model, rank, world_size, steps)
     torch.save(model.module.state_dict(), directory / f"ddp{rank}.pt")
+
+
+def fsdp_worker(rank: int, world_size: int, directory: Path, steps: int) -> None:
+    """The small CNN, converted, sharded by FSDP2 (``fully_shard``: the batch norm layer in a
+    shard of its own, then the rest); final weights to ``fsdp{r}.pt``.
+
+    FSDP2 frees each unsharded parameter's memory after the forward and refills it for the
+    backward by resizing its storage, which a storage NumPy had viewed through
+    ``Tensor.numpy()`` refused."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = batchnorm.convert_sync(cnn_model())
+    fully_shard(model.norm)
+    fully_shard(model)
+    train_on_shares(model, rank, world_size, steps)
+    state = {
+        key: value.full_tensor() if isinstance(value, dist.tensor.DTensor) else value
+        for key, value in model.state_dict().items()
+    }
+    torch.save(state, directory / f"fsdp{rank}.pt")

@@ -281,3 +281,39 @@ def test_get_config_warns_that_adjustment_is_left_out_as_tf_keras_does():
         config = layer.get_config()
     assert "adjustment" not in config
     assert BatchNormalization.from_config(config).adjustment is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [
+        ({"axis": 1, "renorm": True}, (8, 3, 4, 4)),
+        ({"axis": -1, "dtype": "bfloat16"}, (16, 3)),
+        ({"axis": [1, 2], "virtual_batch_size": 4}, (8, 3, 2)),
+    ],
+)
+def test_parameters_and_buffers_stay_resizable(kwargs, shape):
+    """FSDP frees an unsharded parameter's memory after the forward and refills it for the
+    backward by resizing its storage; ``Tensor.numpy()`` forbids that for good, and the kernels
+    once viewed gamma, beta and the buffers through it ("Trying to resize storage that is not
+    resizable")."""
+    torch.manual_seed(0)
+    layer = BatchNormalization(**kwargs)
+    x = torch.randn(shape).to(layer.dtype_policy.parameter_dtype).requires_grad_()
+    layer(x, training=True).sum().backward()
+    layer(x, training=False).sum().backward()
+    layer.get_weights()
+    for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+        storage = tensor.untyped_storage()
+        size = storage.nbytes()
+        storage.resize_(0)  # raised RuntimeError
+        storage.resize_(size)
+        assert tensor.untyped_storage().nbytes() == size, name
+    # Memory refilled at another address: the kernels read the new memory, not a stale view.
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.fill_(2.0)
+        layer.moving_mean.fill_(0.0)
+        layer.moving_variance.fill_(1.0)
+    expected = 2.0 * x.detach().float() / (1.0 + layer.epsilon) ** 0.5 + 2.0
+    actual = layer(x, training=False).detach().float()
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)

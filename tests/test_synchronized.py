@@ -23,7 +23,8 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 def two_ranks(tmp_path_factory):
     """One spawn of 2 gloo processes runs every 2-rank check; the tests below read its files."""
     directory = tmp_path_factory.mktemp("two_ranks")
-    tasks = ["layers-float64", "layers-float32", "layers-bfloat16", "torch-ops", "ddp", "errors"]
+    tasks = ["layers-float64", "layers-float32", "layers-bfloat16", "torch-ops", "ddp", "fsdp"]
+    tasks.append("errors")
     spawn(sync_workers.suite_worker, 2, directory, tasks)
     return directory
 
@@ -195,7 +196,9 @@ def test_call_order_errors_raise_on_every_rank(two_ranks):
     assert first["order_sizes"] == second["order_sizes"].replace("(16,)", "(8,)")
 
 
-def test_ddp_cnn_matches_single_process_training(two_ranks):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_data_parallel_cnn_matches_single_process_training(two_ranks, wrapper):
+    """DistributedDataParallel and FSDP2's fully_shard, each rank on half of every batch."""
     model = sync_workers.cnn_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, target in sync_workers.cnn_data(sync_workers.DDP_STEPS):
@@ -206,7 +209,7 @@ def test_ddp_cnn_matches_single_process_training(two_ranks):
     expected = model.state_dict()
     renamed = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean"}
     renamed["running_var"] = "moving_variance"
-    for state in _rank_results(two_ranks, "ddp", 2):
+    for state in _rank_results(two_ranks, wrapper, 2):
         for key, value in expected.items():
             if key.endswith("num_batches_tracked"):
                 continue

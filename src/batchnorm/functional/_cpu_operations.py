@@ -29,6 +29,7 @@ from batchnorm.functional._cpu_plan import (
     compute_dtype,
     constant_channels,
     prepare,
+    resizable_array,
     shared_array,
     storage_array,
     storageless,
@@ -63,7 +64,7 @@ def to_canonical(
         array = np.full(layout.channels, fill)
     else:
         detached = tensor.detach()
-        array = detached.numpy() if detached.dtype in KERNEL_DTYPES else _float64(detached)
+        array = resizable_array(detached) if detached.dtype in KERNEL_DTYPES else _float64(detached)
         permutation = layout.channel_permutation
         lead = array.ndim - len(permutation)
         if permutation != tuple(range(len(permutation))):

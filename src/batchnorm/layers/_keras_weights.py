@@ -138,7 +138,10 @@ def layer_keras_shape(layer: WeightedLayer) -> tuple[int, ...]:
 def get_layer_weights(layer: WeightedLayer) -> list[np.ndarray]:
     shape = layer_keras_shape(layer)
     return [
-        getattr(layer, n).detach().cpu().numpy().reshape(shape).copy() for n in weight_names(layer)
+        # A copy before NumPy sees it: Tensor.numpy() would leave the weight's storage unresizable
+        # (see batchnorm.functional._cpu_plan.resizable_array).
+        getattr(layer, n).detach().to("cpu", copy=True).numpy().reshape(shape)
+        for n in weight_names(layer)
     ]
 
 
