@@ -110,6 +110,33 @@ def test_one_value_per_channel_gives_beta():
     np.testing.assert_array_equal(y.detach().numpy(), np.array([[0.1, -0.2, 0.3]], np.float32))
 
 
+@pytest.fixture
+def default_float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_dtype_none_takes_torchs_default_dtype_as_torchs_modules_do(default_float64):
+    """Keras' dtype=None is its global policy; torch's is the default dtype: after
+    torch.set_default_dtype(torch.float64) the layer's weights are float64, lazy or not, like
+    nn.BatchNorm1d's beside it, and its moving statistics follow a float64 reference."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 4) * 3 + 1e4
+    for layer in (BatchNormalization(), BatchNormalization(4), BatchNormalization(4, axis=1)):
+        layer(x, training=True)
+        assert layer.get_config()["dtype"] == "float64"
+        for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+            assert tensor.dtype == torch.nn.BatchNorm1d(4).weight.dtype == torch.float64, name
+        expected = 0.01 * x.var(0, unbiased=False) + 0.99
+        torch.testing.assert_close(layer.moving_variance, expected, rtol=1e-12, atol=0)
+    # An explicit dtype, and a float32 torch module converted, stay float32.
+    assert BatchNormalization(4, dtype="float32").gamma.dtype == torch.float32
+    converted = batchnorm.from_torch(torch.nn.BatchNorm1d(4, dtype=torch.float32))
+    assert converted.gamma.dtype == converted.moving_mean.dtype == torch.float32
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_keep_their_dtype_with_float32_state(dtype):
     layer = BatchNormalization(4)

@@ -116,7 +116,10 @@ def _layer_from(module: Any, activated: ActivatedBatchNorm | None) -> BatchNorma
     lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()  # type: ignore[no-untyped-call, misc]
     present = [] if lazy else [t for t in (module.weight, module.running_mean) if t is not None]
     reference = present[0] if present else None
-    dtype = "float64" if reference is not None and reference.dtype == torch.float64 else None
+    if reference is None:  # a lazy module: its dtype is decided when it materialises
+        dtype = None
+    else:
+        dtype = "float64" if reference.dtype == torch.float64 else "float32"
     device = reference.device if reference is not None else None
     cumulative = module.momentum is None
     options: dict[str, Any] = {

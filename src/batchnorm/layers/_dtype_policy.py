@@ -35,8 +35,13 @@ _TORCH_NAMES = {
 
 
 def resolve_dtype_policy(dtype: Any) -> DTypePolicy:
+    """The policy ``dtype`` names. ``None`` names torch's default dtype when the layer is made:
+    Keras' ``None`` is its global policy (``floatx``, float32 unless set), and torch's modules
+    take ``torch.get_default_dtype()``; after ``torch.set_default_dtype(torch.float64)`` a
+    float32 batch norm among float64 layers lost precision in its moving statistics, and FSDP1
+    refuses to flatten parameters of mixed dtypes."""
     if dtype is None:
-        return _POLICIES["float32"]
+        return resolve_dtype_policy(torch.get_default_dtype())
     if isinstance(dtype, torch.dtype):
         if dtype not in _TORCH_NAMES:
             raise ValueError(
