@@ -105,3 +105,63 @@ def test_a_parametrized_layer_round_trips_its_state_dict():
         assert torch.equal(tensor, state[name]), name
     x = torch.randn(4, 8, 3, 3)
     torch.testing.assert_close(fresh(x, training=False), ours(x, training=False), rtol=0, atol=0)
+
+
+class Doubled(nn.Module):
+    """An invertible parametrization: assigning the parametrized tensor writes right_inverse."""
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return value * 2
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value / 2
+
+
+@pytest.mark.parametrize("reroute", ["parametrize", "prune"])
+def test_set_weights_and_constraints_write_the_parameters_behind(reroute):
+    """set_weights and constraints wrote into the computed gamma, which the next access or call
+    computed afresh: they were lost. Oracle: torch's module given the same value the way torch
+    writes one (assigning a parametrized weight, loading a pruned one's original)."""
+    torch.manual_seed(0)
+    ours = BatchNormalization(8, axis=1, moving_variance_estimator="unbiased")
+    ours.gamma_constraint = lambda gamma: gamma.clamp(min=0.25)
+    theirs = nn.BatchNorm2d(8, eps=1e-3, momentum=0.01)
+    if reroute == "parametrize":
+        parametrize.register_parametrization(ours, "gamma", Doubled())
+        parametrize.register_parametrization(theirs, "weight", Doubled())
+    else:
+        prune.l1_unstructured(ours, "gamma", amount=0.5)
+        prune.l1_unstructured(theirs, "weight", amount=0.5)
+        theirs.weight_mask.copy_(ours.gamma_mask)
+    gamma, beta = torch.linspace(-1, 2, 8), torch.linspace(-1, 1, 8)
+    ours.set_weights([gamma.numpy(), beta.numpy(), torch.zeros(8).numpy(), torch.ones(8).numpy()])
+    with torch.no_grad():
+        theirs.bias.copy_(beta)
+        if reroute == "parametrize":
+            theirs.weight = gamma
+        else:
+            theirs.weight_orig.copy_(gamma)
+    expected_gamma = gamma if reroute == "parametrize" else gamma * ours.gamma_mask
+    torch.testing.assert_close(torch.from_numpy(ours.get_weights()[0]), expected_gamma)
+    x = torch.randn(4, 8, 3, 3)
+    torch.testing.assert_close(ours(x, training=True), theirs(x), rtol=1e-5, atol=1e-5)
+    # The constraint clamps gamma at 0.25: as if torch's module had been given the clamped value.
+    ours.apply_constraints()
+    with torch.no_grad():
+        clamped = theirs.weight.clamp(min=0.25)
+        if reroute == "parametrize":
+            theirs.weight = clamped
+        else:
+            theirs.weight_orig.copy_(clamped)
+    torch.testing.assert_close(ours(x, training=True), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_set_weights_refuses_a_parametrization_without_right_inverse_and_writes_nothing():
+    ours, _ = _pair()  # Positive has no right_inverse
+    ours(torch.randn(4, 8, 3, 3), training=True)
+    before = {name: tensor.clone() for name, tensor in ours.state_dict().items()}
+    arrays = [torch.full((8,), 3.0).numpy()] * 4
+    with pytest.raises(ValueError, match=r"`gamma` is parametrized by Positive.*right_inverse"):
+        ours.set_weights(arrays)
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, before[name]), name

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from batchnorm.functional._validation import check_axis_type
+from batchnorm.layers._parametrized import check_writable, write_weight
 
 
 def keras_parameter_shape(
@@ -155,12 +156,14 @@ def set_layer_weights(layer: WeightedLayer, weights: Sequence[Any]) -> None:
             weights, names, check_axis_type(layer.axis), layer.virtual_batch_size
         )
     tensors = weights_from_arrays(weights, names, channel_shape)
+    for name in names:
+        check_writable(layer, name)
     with layer._update_lock, torch.no_grad():
         if not layer.built:
             layer._create_weights(channel_shape)
         for name, value in zip(names, tensors, strict=True):
             target = getattr(layer, name)
-            target.copy_(value.to(dtype=target.dtype, device=target.device))
+            write_weight(layer, name, value.to(dtype=target.dtype, device=target.device))
 
 
 def regularization_losses(layer: WeightedLayer) -> list[torch.Tensor]:
@@ -182,4 +185,4 @@ def apply_layer_constraints(layer: WeightedLayer) -> None:
         weight = getattr(layer, name, None)
         if constraint is not None and weight is not None:
             constrained = constraint(weight.reshape(layer_keras_shape(layer)))
-            weight.copy_(constrained.reshape(weight.shape))
+            write_weight(layer, name, constrained.reshape(weight.shape))

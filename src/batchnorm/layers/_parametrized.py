@@ -9,6 +9,10 @@ Either way ``layer.gamma`` is differentiable to the parameter behind it. A call 
 beta from ``_parameters`` (an attribute lookup through ``nn.Module.__getattr__`` costs more on
 small inputs) and, where they are rerouted, the attributes: before, it normalised without gamma
 (not in ``_parameters`` any more) and the parameter behind it got no gradient.
+
+Writes (``set_weights``, constraints) go to the parameters behind (:func:`write_weight`): before,
+they went into the computed tensor, which the next access or call computed afresh, so a
+parametrized or pruned gamma ignored ``set_weights`` and its constraint silently.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 
 def rerouted(module: nn.Module) -> bool:
@@ -50,3 +54,40 @@ def parameters_behind(module: nn.Module, name: str) -> list[tuple[str, nn.Parame
         if isinstance(tensor, nn.Parameter):
             return [(path, tensor)]
     return []
+
+
+def check_writable(module: nn.Module, name: str) -> None:
+    """Raise ValueError where :func:`write_weight` cannot write ``name``: a parametrization
+    without ``right_inverse`` (checked before anything is written)."""
+    if not parametrize.is_parametrized(module, name):
+        return
+    chain: nn.Module = module.parametrizations[name]  # type: ignore[index, assignment]
+    missing = [type(p).__name__ for p in chain if not hasattr(p, "right_inverse")]
+    if missing:
+        raise ValueError(
+            f"`{name}` is parametrized by {', '.join(missing)}, which has no right_inverse: a "
+            f"value for `{name}` (set_weights, a constraint) cannot be written to the parameter "
+            "behind it. Give the parametrization a right_inverse method, or write "
+            f"`parametrizations.{name}.original` directly. Received: parametrizations "
+            f"{[type(p).__name__ for p in chain]}"
+        )
+
+
+def write_weight(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Make the tensor ``name`` equal ``value`` (under ``torch.no_grad()``), through whatever
+    computes it: a plain parameter is copied into; a parametrized one is assigned, which torch
+    turns into its parametrizations' ``right_inverse`` writing the originals; a pruned one has
+    its original (``name + "_orig"``) copied into and the attribute recomputed, masked, as the
+    next call would (torch's own load of a pruned module's state writes the original too)."""
+    if parametrize.is_parametrized(module, name):
+        check_writable(module, name)
+        setattr(module, name, value)
+        return
+    original = module._parameters.get(f"{name}_orig")
+    if original is not None and name in vars(module):
+        original.copy_(value)
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+                setattr(module, name, hook.apply_mask(module))
+        return
+    getattr(module, name).copy_(value)
