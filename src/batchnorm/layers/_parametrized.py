@@ -56,12 +56,12 @@ def parameters_behind(module: nn.Module, name: str) -> list[tuple[str, nn.Parame
     return []
 
 
-def check_writable(module: nn.Module, name: str) -> None:
+def check_writable(module: Any, name: str) -> None:
     """Raise ValueError where :func:`write_weight` cannot write ``name``: a parametrization
     without ``right_inverse`` (checked before anything is written)."""
     if not parametrize.is_parametrized(module, name):
         return
-    chain: nn.Module = module.parametrizations[name]  # type: ignore[index, assignment]
+    chain: parametrize.ParametrizationList = module.parametrizations[name]
     missing = [type(p).__name__ for p in chain if not hasattr(p, "right_inverse")]
     if missing:
         raise ValueError(
@@ -73,7 +73,7 @@ def check_writable(module: nn.Module, name: str) -> None:
         )
 
 
-def write_weight(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def write_weight(module: Any, name: str, value: torch.Tensor) -> None:
     """Make the tensor ``name`` equal ``value`` (under ``torch.no_grad()``), through whatever
     computes it: a plain parameter is copied into; a parametrized one is assigned, which torch
     turns into its parametrizations' ``right_inverse`` writing the originals; a pruned one has
@@ -88,6 +88,6 @@ def write_weight(module: nn.Module, name: str, value: torch.Tensor) -> None:
         original.copy_(value)
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
-                setattr(module, name, hook.apply_mask(module))
+                setattr(module, name, hook.apply_mask(module))  # type: ignore[no-untyped-call]
         return
     getattr(module, name).copy_(value)
