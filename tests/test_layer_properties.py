@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchnorm
 from batchnorm import BatchNormalization
@@ -581,3 +584,46 @@ def test_adjustment_varying_inside_a_channel_uses_elementwise_scale():
             (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-3) * layer.gamma + layer.beta
         ).detach(),
     )
+
+
+def test_fake_tensors_and_dispatch_modes_see_torch_operators():
+    """FakeTensorMode (shape propagation, memory estimation) and every TorchDispatchMode must see
+    each operator: a fake input reached the kernels and failed (".numpy() is not supported for
+    tensor subclasses"), a layer made with num_features under FakeTensorMode failed as
+    nn.LazyBatchNorm2d does (its lazy placeholders), and a mode saw no arithmetic at all."""
+    with FakeTensorMode():
+        layer = BatchNormalization(4, axis=1, renorm=True)
+        x = torch.randn(2, 4, 3, 3, requires_grad=True)
+        y = layer(x, training=True)
+        y.sum().backward()
+    assert isinstance(y, FakeTensor) and y.shape == x.shape
+    assert isinstance(layer.gamma.grad, FakeTensor)
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 3, 3)
+    layer = BatchNormalization(4, axis=1, momentum=0.9, moving_variance_estimator="unbiased")
+    reference = nn.BatchNorm2d(4, eps=1e-3)
+    arithmetic = {"mul", "sub", "add", "rsqrt", "var_mean", "mean", "sum"}
+    with Recorder() as recorder:
+        y = layer(x, training=True)
+    assert recorder.names & arithmetic
+    torch.testing.assert_close(y, reference(x))
+    torch.testing.assert_close(layer.moving_variance, reference.running_var)
+    # A backward under a mode, of a forward outside it.
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    upstream = torch.randn_like(x)
+    y = layer(ours, training=True)
+    with Recorder() as recorder:
+        y.backward(upstream)
+    assert recorder.names & arithmetic
+    reference(theirs).backward(upstream)
+    torch.testing.assert_close(ours.grad, theirs.grad)

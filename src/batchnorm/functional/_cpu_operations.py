@@ -469,9 +469,10 @@ def torch_ops_backward(grad: torch.Tensor) -> bool:
     """Whether a backward takes the torch ops rather than the kernels: under create_graph=True
     (the gradient must be differentiable again), and for a batched upstream gradient without
     storage for the kernels to read (:func:`storageless`: "Batching rule not implemented for
-    aten::detach" before). Only the test of :func:`kernels_can_read` that concerns the tensor:
-    0.1 us on every backward against its 0.3."""
-    return torch.is_grad_enabled() or storageless(grad)
+    aten::detach" before), or a fake one, and under a dispatch mode, which must see each
+    operator. Only the tests of :func:`kernels_can_read` that can change between a forward
+    and its backward: 0.1 us on every backward against its 0.3."""
+    return torch.is_grad_enabled() or storageless(grad) or torch._C._len_torch_dispatch_stack() > 0
 
 
 def normalize_batch_gradients(

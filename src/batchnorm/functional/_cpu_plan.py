@@ -65,9 +65,15 @@ def kernels_can_read(x: torch.Tensor) -> bool:
     Nor for a batched tensor of the older vmap (:func:`storageless`). Nor inside
     ``torch.autograd.forward_ad.dual_level()``: the kernels' autograd functions have no
     forward-mode derivative (a dual input raised NotImplementedError), the torch ops have.
+
+    Nor while a dispatch mode is active (``FakeTensorMode``, ``FlopCounterMode``, memory
+    trackers: every ``TorchDispatchMode``), which must see each operator; a fake input failed
+    with ".numpy() is not supported for tensor subclasses". Nor for a tensor subclass that
+    dispatches in Python (``DTensor``, ``FakeTensor``: :func:`storageless`).
     """
     return not (
         torch._C._are_functorch_transforms_active()
+        or torch._C._len_torch_dispatch_stack() > 0
         or storageless(x)
         or torch._C._get_tracing_state() is not None
         or forward_ad._current_level >= 0
@@ -76,14 +82,21 @@ def kernels_can_read(x: torch.Tensor) -> bool:
 
 _FUNCTORCH_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
 _LEGACY_BATCHED = torch._C._functorch.is_legacy_batchedtensor
+_DISPATCH_KEYS = torch._C._dispatch_keys
+_PYTHON_KEY = torch._C.DispatchKey.Python
 
 
 def storageless(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a wrapper without storage for NumPy to view: a functorch wrapper,
-    or a batched tensor of the older vmap, which ``torch.autograd.functional.jacobian`` and
+    a batched tensor of the older vmap, which ``torch.autograd.functional.jacobian`` and
     ``hessian`` (``vectorize=True``) and ``torch.autograd.grad(is_grads_batched=True)`` pass to
-    a backward as its upstream gradient."""
-    return _FUNCTORCH_WRAPPED(tensor) or _LEGACY_BATCHED(tensor)
+    a backward as its upstream gradient, or a subclass that dispatches in Python (``DTensor``,
+    ``FakeTensor``; a plain ``torch.Tensor`` is not tested further)."""
+    return (
+        _FUNCTORCH_WRAPPED(tensor)
+        or _LEGACY_BATCHED(tensor)
+        or (type(tensor) is not torch.Tensor and _DISPATCH_KEYS(tensor).has(_PYTHON_KEY))
+    )
 
 
 def storage_array(tensor: torch.Tensor) -> np.ndarray:

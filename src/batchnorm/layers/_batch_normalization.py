@@ -275,19 +275,19 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         self._axes: tuple[int, ...] | None = None
         self._input_rank: int | None = None
         self.built = False
-        channel_shape = None
         if num_features is not None:
-            channel_shape = channel_shape_argument(num_features, axis)
-        register_placeholders(
-            self,
-            [n for n, on in (("gamma", self.scale), ("beta", self.center)) if on],
-            buffer_dtypes(self),
-            dtype=self.dtype_policy.parameter_dtype,
-            device=device,
-            requires_grad=self._trainable,
-        )
-        if channel_shape is not None:
-            self._create_weights(channel_shape, keras_shape=None)
+            # Made at once, without placeholders: torch's lazy placeholders cannot be made under
+            # FakeTensorMode (nor can nn.LazyBatchNorm2d), where nn.BatchNorm2d(4) can.
+            self._create_weights(channel_shape_argument(num_features, axis), keras_shape=None)
+        else:
+            register_placeholders(
+                self,
+                [n for n, on in (("gamma", self.scale), ("beta", self.center)) if on],
+                buffer_dtypes(self),
+                dtype=self.dtype_policy.parameter_dtype,
+                device=device,
+                requires_grad=self._trainable,
+            )
 
     # ------------------------------------------------------------------ building
     @property
@@ -328,7 +328,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         place (their dtype and device follow ``.to()``). Returns the names materialised.
         """
         values = initial_weights(self, channel_shape, keras_shape)
-        materialized = materialize(self, values, parameters=("gamma", "beta"))
+        materialized = materialize(
+            self, values, parameters=("gamma", "beta"), requires_grad=self._trainable
+        )
         self.built = True
         return materialized
 

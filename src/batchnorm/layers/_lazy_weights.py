@@ -92,14 +92,18 @@ def register_placeholders(
 
 
 def materialize(
-    module: TensorOwner, values: Mapping[str, torch.Tensor], parameters: Iterable[str]
+    module: TensorOwner,
+    values: Mapping[str, torch.Tensor],
+    parameters: Iterable[str],
+    requires_grad: bool,
 ) -> list[str]:
     """Give ``module`` the tensors ``values`` and return the names materialised in place.
 
     A placeholder becomes a tensor of its value's shape, in the placeholder's own dtype and device
     (those ``.to()`` set), holding the value: the same Python object, so references to it stay
-    valid. A name without a placeholder is registered anew (a parameter if in ``parameters``);
-    placeholders that ``values`` does not name (an option changed before the build) are removed.
+    valid. A name without a placeholder is registered anew (a parameter if in ``parameters``,
+    with ``requires_grad``); placeholders that ``values`` does not name (an option changed
+    before the build) are removed.
     """
     parameter_names = set(parameters)
     materialized = []
@@ -111,8 +115,8 @@ def materialize(
                 current.copy_(value)
                 materialized.append(name)
             elif name in parameter_names:
-                requires_grad = True if current is None else current.requires_grad
-                module.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
+                wanted = requires_grad if current is None else current.requires_grad
+                module.register_parameter(name, nn.Parameter(value, requires_grad=wanted))
             else:
                 module.register_buffer(name, value)
     for store in (module._parameters, module._buffers):
