@@ -120,6 +120,7 @@ def _normalize_batch_op_backward(ctx, grad):  # type: ignore[no-untyped-def]
         ctx.epsilon,
         ctx.ghost_batches,
         normalize_batch_backward_op,
+        through_dispatcher=True,
     )
     return dx, None, None, None, None, dscale, doffset, None, None, None
 

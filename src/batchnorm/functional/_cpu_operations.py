@@ -28,6 +28,7 @@ from batchnorm.functional._cpu_plan import (
     compiled_build,
     compute_dtype,
     constant_channels,
+    dispatched_in_python,
     prepare,
     resizable_array,
     shared_array,
@@ -465,14 +466,20 @@ def inference_gradients(
 
 
 # ---------------------------------------------------------------------------- gradients
-def torch_ops_backward(grad: torch.Tensor) -> bool:
+def torch_ops_backward(grad: torch.Tensor, through_dispatcher: bool = False) -> bool:
     """Whether a backward takes the torch ops rather than the kernels: under create_graph=True
-    (the gradient must be differentiable again), and for a batched upstream gradient without
+    (the gradient must be differentiable again), for a batched upstream gradient without
     storage for the kernels to read (:func:`storageless`: "Batching rule not implemented for
-    aten::detach" before), or a fake one, and under a dispatch mode, which must see each
-    operator. Only the tests of :func:`kernels_can_read` that can change between a forward
-    and its backward: 0.1 us on every backward against its 0.3."""
-    return torch.is_grad_enabled() or storageless(grad) or torch._C._len_torch_dispatch_stack() > 0
+    aten::detach" before) and, for a backward that calls the kernels directly rather than
+    ``through_dispatcher`` (a custom operator, which the dispatcher hands to its fake
+    implementation or to a mode), under a dispatch mode or for a gradient that dispatches in
+    Python (:func:`dispatched_in_python`). Only the tests of :func:`kernels_can_read` that can
+    change between a forward and its backward: 0.1 us on every backward against its 0.3."""
+    return (
+        torch.is_grad_enabled()
+        or storageless(grad)
+        or (not through_dispatcher and dispatched_in_python(grad))
+    )
 
 
 def normalize_batch_gradients(
@@ -484,6 +491,7 @@ def normalize_batch_gradients(
     backward_op: Any,
     activation: Activation | None = None,
     correction: np.ndarray | None = None,
+    through_dispatcher: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dscale, doffset)`` of the training output, or of ``f(output)`` with an
     ``activation`` (on the torch ops only: :meth:`TrainingCall.backward` folds it into the
@@ -492,9 +500,11 @@ def normalize_batch_gradients(
 
     The torch ops (:func:`torch_ops_backward`) recompute the output from the saved tensors and
     differentiate it: under create_graph=True the saved tensors carry their history, so the
-    gradient is itself differentiable."""
+    gradient is itself differentiable. ``through_dispatcher``: ``backward_op`` is a custom
+    operator (:func:`torch_ops_backward`); under ``torch.compile`` the torch ops would
+    differentiate saved tensors that the traced backward holds without their history."""
     x, mean, variance, total_weight, scale, offset, weights = saved
-    if torch_ops_backward(grad):
+    if torch_ops_backward(grad, through_dispatcher):
         differentiable = torch.is_grad_enabled()
         inputs = [x, scale, offset]
         used_scale, used_offset = scale, offset

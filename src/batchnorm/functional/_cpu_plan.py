@@ -69,12 +69,12 @@ def kernels_can_read(x: torch.Tensor) -> bool:
     Nor while a dispatch mode is active (``FakeTensorMode``, ``FlopCounterMode``, memory
     trackers: every ``TorchDispatchMode``), which must see each operator; a fake input failed
     with ".numpy() is not supported for tensor subclasses". Nor for a tensor subclass that
-    dispatches in Python (``DTensor``, ``FakeTensor``: :func:`storageless`).
+    dispatches in Python (``DTensor``, ``FakeTensor``): :func:`dispatched_in_python`.
     """
     return not (
         torch._C._are_functorch_transforms_active()
-        or torch._C._len_torch_dispatch_stack() > 0
         or storageless(x)
+        or dispatched_in_python(x)
         or torch._C._get_tracing_state() is not None
         or forward_ad._current_level >= 0
     )
@@ -88,14 +88,20 @@ _PYTHON_KEY = torch._C.DispatchKey.Python
 
 def storageless(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a wrapper without storage for NumPy to view: a functorch wrapper,
-    a batched tensor of the older vmap, which ``torch.autograd.functional.jacobian`` and
+    or a batched tensor of the older vmap, which ``torch.autograd.functional.jacobian`` and
     ``hessian`` (``vectorize=True``) and ``torch.autograd.grad(is_grads_batched=True)`` pass to
-    a backward as its upstream gradient, or a subclass that dispatches in Python (``DTensor``,
-    ``FakeTensor``; a plain ``torch.Tensor`` is not tested further)."""
-    return (
-        _FUNCTORCH_WRAPPED(tensor)
-        or _LEGACY_BATCHED(tensor)
-        or (type(tensor) is not torch.Tensor and _DISPATCH_KEYS(tensor).has(_PYTHON_KEY))
+    a backward as its upstream gradient."""
+    return _FUNCTORCH_WRAPPED(tensor) or _LEGACY_BATCHED(tensor)
+
+
+def dispatched_in_python(tensor: torch.Tensor) -> bool:
+    """Whether operators on ``tensor`` go through Python: a dispatch mode is active
+    (``FakeTensorMode``, ``FlopCounterMode``, the tracing of ``torch.compile``'s backward), or
+    ``tensor`` is a subclass that dispatches in Python (``DTensor``, ``FakeTensor``; a plain
+    ``torch.Tensor`` is not tested further). A kernel called directly would bypass them; a
+    custom operator goes through them."""
+    return torch._C._len_torch_dispatch_stack() > 0 or (
+        type(tensor) is not torch.Tensor and _DISPATCH_KEYS(tensor).has(_PYTHON_KEY)
     )
 
 
