@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from batchnorm import BatchNormalization
 from batchnorm.functional import (
@@ -367,6 +369,29 @@ def test_export_of_a_called_model_assigns_no_attribute():
     assert not [w for w in caught if "assigned during export" in str(w.message)]
     assert vars(model[1]).get("_accepted_input") is remembered
     torch.testing.assert_close(exported.module()(x), expected)
+
+
+def test_a_training_export_leaves_no_fake_tensor_in_the_layer():
+    """torch.export traces with fake buffers: the layer kept them in its cache of the moving
+    statistics, and a deepcopy of the model after a training-mode export failed ("Cannot
+    access data pointer of Tensor (e.g. FakeTensor, FunctionalTensor)"). The exported step,
+    with a dynamic batch size, steps the statistics as eager does."""
+    torch.manual_seed(0)
+    model = make_model()
+    model(torch.randn(2, 3, 6, 6))
+    batch = torch.export.Dim("batch", min=2, max=64)
+    exported = torch.export.export(
+        model, (torch.randn(4, 3, 6, 6),), dynamic_shapes={"input": {0: batch}}
+    )
+    eager = copy.deepcopy(model)  # raised
+    held = [v for v in vars(model[1]).values() if isinstance(v, tuple)]
+    assert not [t for t in itertools.chain(*held) if isinstance(t, FakeTensor)]
+    x = torch.randn(7, 3, 6, 6)
+    module = exported.module()
+    torch.testing.assert_close(module(x), eager(x))
+    buffers = dict(module.named_buffers())
+    for name in ("moving_mean", "moving_variance"):
+        torch.testing.assert_close(buffers[f"1.{name}"], getattr(eager[1], name))
 
 
 def test_runners_and_block_helpers_are_not_callable_from_python():

@@ -55,15 +55,21 @@ class SteppingLayer(Protocol):
     def _stores_unbiased_variance(self) -> bool: ...
 
 
-def layer_statistics(layer: SteppingLayer) -> BatchNormStatistics:
-    """The layer's buffers as a BatchNormStatistics (the same tuple while they are the same)."""
+def layer_statistics(layer: SteppingLayer, remember: bool = True) -> BatchNormStatistics:
+    """The layer's buffers as a BatchNormStatistics (the same tuple while they are the same).
+
+    ``remember=False`` (a call that ``torch.compile`` or ``torch.export`` traces, whose
+    buffers are fake stand-ins) keeps nothing: the layer kept the fakes, and a ``deepcopy``
+    of a model after its training-mode export failed on them ("Cannot access data pointer of
+    Tensor (e.g. FakeTensor, FunctionalTensor)")."""
     present = tuple(layer._buffers.get(n) for n in STATISTIC_NAMES)
     cached = vars(layer).get("_statistics")
     # Identity, not tensor equality; the cached tensors stay alive, so ids are not reused.
     if cached is not None and all(a is b for a, b in zip(cached, present, strict=True)):
         return cached  # type: ignore[no-any-return]
     statistics = BatchNormStatistics(*present)  # type: ignore[arg-type]
-    vars(layer)["_statistics"] = statistics
+    if remember:
+        vars(layer)["_statistics"] = statistics
     return statistics
 
 
@@ -155,7 +161,7 @@ def run_step(
             stacklevel=5,
         )
         mask = None
-    buffers = statistics = layer_statistics(layer)
+    buffers = statistics = layer_statistics(layer, remember=not compiling)
     if isinstance(resolved, torch.Tensor):
         # Both branches run; the inference one saves the moving statistics for its backward,
         # so it must not see the buffers that the update below overwrites in place.
