@@ -12,6 +12,8 @@ that torch stores).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -165,3 +167,23 @@ def test_set_weights_refuses_a_parametrization_without_right_inverse_and_writes_
         ours.set_weights(arrays)
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+
+
+def test_a_parametrized_layer_deep_copies():
+    """A parametrized module is deep-copied member by member (parametrize's class copies
+    ``__dict__``, past the layer's ``__getstate__``): the layer's lock failed to copy ("cannot
+    pickle '_thread.RLock' object"), and so did deepcopy, fold and EMA copies of such a model.
+    The copy steps as the original does, on its own parameters, buffers and lock. (A pruned
+    module, torch's as ours, cannot be deep-copied after a call: its computed weight is not a
+    graph leaf.)"""
+    ours, _ = _pair("parametrize")
+    x = torch.randn(4, 8, 3, 3)
+    ours(x, training=True)
+    copied = copy.deepcopy(ours)
+    assert copied._update_lock is not ours._update_lock
+    for (name, a), (_, b) in zip(ours.named_parameters(), copied.named_parameters(), strict=True):
+        assert a is not b and torch.equal(a, b), name
+    later = torch.randn(4, 8, 3, 3) * 2 + 1
+    torch.testing.assert_close(copied(later, training=True), ours(later, training=True))
+    torch.testing.assert_close(copied.moving_variance, ours.moving_variance)
+    torch.testing.assert_close(copied(later, training=False), ours(later, training=False))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -66,6 +65,7 @@ from batchnorm.layers._lazy_weights import (
 )
 from batchnorm.layers._parametrized import parameters_behind
 from batchnorm.layers._presets import Framework, preset_kwargs
+from batchnorm.layers._update_lock import UpdateLock
 
 
 class BatchNormalization(LazyModuleMixin, nn.Module):
@@ -176,7 +176,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
     renorm_mean: torch.Tensor
     renorm_stddev: torch.Tensor
     moving_average_weight: torch.Tensor
-    _update_lock: threading.RLock
+    _update_lock: UpdateLock
     _activation: Activation | None  # checked from activation / activation_param
     # A lazy module to torch (and torch.compile, which builds one before tracing it), that stays
     # this class when built: torch's LazyBatchNorm becomes BatchNorm.
@@ -224,7 +224,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         # Their handles stay until the build: torch.compile looks for `_initialize_hook`.
         self._initialize_hook.remove()
         self._load_hook.remove()
-        self.__dict__["_update_lock"] = threading.RLock()
+        self.__dict__["_update_lock"] = UpdateLock()
         self.synchronized, self.process_group = check_synchronized(
             synchronized, process_group, fused
         )
@@ -532,12 +532,11 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
         state.pop("_direct_calls", None)  # NumPy views of this layer's memory: rebuilt on use
-        state.pop("_update_lock", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[no-untyped-call]
-        self.__dict__["_update_lock"] = threading.RLock()
+        self.__dict__.setdefault("_update_lock", UpdateLock())  # pickled without one before
 
     def _replicate_for_data_parallel(self) -> BatchNormalization:
         if not self.built:
@@ -546,7 +545,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 "replicate. Run a dummy forward pass (or pass `num_features`) first."
             )
         replica: BatchNormalization = nn.Module._replicate_for_data_parallel(self)  # type: ignore[no-untyped-call]
-        replica.__dict__["_update_lock"] = threading.RLock()  # replicas run side by side
+        replica.__dict__["_update_lock"] = UpdateLock()  # replicas run side by side
         return replica
 
     def _stores_unbiased_variance(self) -> bool:
