@@ -136,7 +136,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         virtual_batch_size: ghost-batch size; must divide the training batch.
         adjustment: ``f(input_shape) -> (a, b)`` applied in training: scale ``a * gamma``,
             offset ``b * gamma + beta``.
-        dtype: parameter/compute policy (None = float32, "float64", "mixed_float16", ...).
+        dtype: parameter/compute policy (None = torch's default dtype when the layer is made,
+            float32 unless changed; "float64", "mixed_float16", ...).
         device: where to create the weights.
         name: layer name (default ``batch_normalization_<n>``).
         synchronized: training statistics over the global batch of a torch.distributed process
