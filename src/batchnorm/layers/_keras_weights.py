@@ -127,7 +127,19 @@ def weight_names(layer: WeightedLayer) -> list[str]:
     return names
 
 
-def layer_keras_shape(layer: WeightedLayer) -> tuple[int, ...]:
+class ShapedLayer(Protocol):
+    """What :func:`layer_keras_shape` reads from a layer."""
+
+    virtual_batch_size: int | None
+    moving_mean: torch.Tensor
+    _axes: tuple[int, ...] | None
+    _input_rank: int | None
+
+
+def layer_keras_shape(layer: ShapedLayer) -> tuple[int, ...]:
+    """The shape Keras gives the layer's weights: the per-channel shape placed in the built
+    input's rank (:func:`keras_parameter_shape`), or the per-channel shape itself before the
+    layer has seen an input."""
     channel_shape = tuple(layer.moving_mean.shape)
     if layer._axes is None or layer._input_rank is None:
         return channel_shape

@@ -18,7 +18,7 @@ import torch
 from batchnorm.functional._validation import check_axis_type, normalize_axes
 from batchnorm.layers._dtype_policy import DTypePolicy
 from batchnorm.layers._fused import resolve_fused_at_build
-from batchnorm.layers._keras_weights import keras_parameter_shape
+from batchnorm.layers._keras_weights import keras_parameter_shape, layer_keras_shape
 from batchnorm.layers._layer_state import estimator_mismatch
 from batchnorm.layers._lazy_weights import TensorOwner, unmaterialize
 
@@ -123,11 +123,7 @@ def reset_weights(layer: BuildingLayer, affine: bool) -> None:
     if not layer.built:
         return
     channel_shape = tuple(layer.moving_mean.shape)
-    keras_shape = None
-    if layer._axes is not None and layer._input_rank is not None:
-        keras_shape = keras_parameter_shape(
-            channel_shape, layer._axes, layer._input_rank, layer.virtual_batch_size
-        )
+    keras_shape = layer_keras_shape(layer)
     device = layer.moving_mean.device
     values = initial_weights(layer, channel_shape, keras_shape, device, affine)
     with torch.no_grad():
