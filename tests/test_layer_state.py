@@ -298,7 +298,7 @@ def test_parameters_and_buffers_stay_resizable(kwargs, shape):
     resizable")."""
     torch.manual_seed(0)
     layer = BatchNormalization(**kwargs)
-    x = torch.randn(shape).to(layer.dtype_policy.parameter_dtype).requires_grad_()
+    x = torch.randn(shape).to(layer.dtype_policy.compute_dtype).requires_grad_()
     layer(x, training=True).sum().backward()
     layer(x, training=False).sum().backward()
     layer.get_weights()
