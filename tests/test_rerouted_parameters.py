@@ -187,3 +187,49 @@ def test_a_parametrized_layer_deep_copies():
     torch.testing.assert_close(copied(later, training=True), ours(later, training=True))
     torch.testing.assert_close(copied.moving_variance, ours.moving_variance)
     torch.testing.assert_close(copied(later, training=False), ours(later, training=False))
+
+
+@pytest.mark.parametrize("reroute", ["Doubled", "Positive", "prune"])
+def test_reset_parameters_resets_the_parameters_behind(reroute):
+    """``reset_parameters`` skipped a rerouted gamma and beta, so a meta-device model
+    (``to_empty`` then ``reset_parameters``) kept uninitialised memory behind them. Oracle:
+    torch's module made afresh with the same rerouting, whose originals registration or pruning
+    set from the initial values (through right_inverse, or unchanged where there is none)."""
+    ours = BatchNormalization(8, axis=1, beta_initializer="ones")
+    theirs = nn.BatchNorm2d(8)
+    with torch.no_grad():
+        theirs.bias.fill_(1.0)
+    for module, names in ((ours, ("gamma", "beta")), (theirs, ("weight", "bias"))):
+        for name in names:
+            if reroute == "prune":
+                prune.random_unstructured(module, name, amount=0.5)
+            else:
+                parametrization = Doubled() if reroute == "Doubled" else Positive()
+                parametrize.register_parametrization(module, name, parametrization)
+    if reroute == "prune":
+        theirs.weight_mask.copy_(ours.gamma_mask), theirs.bias_mask.copy_(ours.beta_mask)
+        theirs.weight = theirs.weight_orig * theirs.weight_mask  # as its next call would
+        theirs.bias = theirs.bias_orig * theirs.bias_mask
+    with torch.no_grad():  # a training run, or to_empty's garbage, moves the parameters behind
+        for name in ("gamma", "beta"):
+            _behind(ours, name).uniform_(-5, 5)
+        ours.moving_mean.fill_(3.0)
+    ours.reset_parameters()
+    for name, torch_name in (("gamma", "weight"), ("beta", "bias")):
+        torch.testing.assert_close(_behind(ours, name), _behind(theirs, torch_name))
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, torch_name))
+    torch.testing.assert_close(ours.moving_mean, torch.zeros(8))
+
+
+def test_constraints_check_both_weights_before_writing_either():
+    """A constraint on gamma (plain) and beta (parametrized without right_inverse): the refusal
+    came after gamma had been projected. Now nothing is written."""
+    ours = BatchNormalization(8, axis=1)
+    ours.gamma_constraint = lambda gamma: gamma.clamp(max=0.5)
+    ours.beta_constraint = lambda beta: beta.clamp(max=0.5)
+    parametrize.register_parametrization(ours, "beta", Positive())
+    before = {name: tensor.clone() for name, tensor in ours.state_dict().items()}
+    with pytest.raises(ValueError, match=r"`beta` is parametrized by Positive.*right_inverse"):
+        ours.apply_constraints()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, before[name]), name

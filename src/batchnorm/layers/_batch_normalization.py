@@ -347,7 +347,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         """gamma and beta from their initializers and the moving statistics from theirs
         (:meth:`reset_running_stats`), in place, as ``nn.BatchNorm2d.reset_parameters``: what
         a model made on the meta device (``torch.device("meta")``, then ``to_empty``) calls on
-        each module to get its initial values. Nothing before the build."""
+        each module to get its initial values. A gamma or beta rerouted by parametrize or prune
+        has the parameters behind it reset, as registering the parametrization sets them from
+        the initial value. Nothing before the build."""
         reset_weights(self, affine=True)
 
     # ------------------------------------------------------------------ checkpoints

@@ -191,10 +191,16 @@ def regularization_losses(layer: WeightedLayer) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def apply_layer_constraints(layer: WeightedLayer) -> None:
-    """Project gamma/beta in place with their constraints; nothing before the build."""
+    """Project gamma/beta in place with their constraints; nothing before the build. Both
+    projections are computed and checked writable before either is written."""
+    projected: dict[str, torch.Tensor] = {}
     for name in ("gamma", "beta") if layer.built else ():
         constraint = getattr(layer, f"{name}_constraint")
         weight = getattr(layer, name, None)
         if constraint is not None and weight is not None:
             constrained = constraint(weight.reshape(layer_keras_shape(layer)))
-            write_weight(layer, name, constrained.reshape(weight.shape))
+            projected[name] = constrained.reshape(weight.shape)
+    for name in projected:
+        check_writable(layer, name)
+    for name, value in projected.items():
+        write_weight(layer, name, value)

@@ -21,6 +21,7 @@ from batchnorm.layers._fused import resolve_fused_at_build
 from batchnorm.layers._keras_weights import keras_parameter_shape, layer_keras_shape
 from batchnorm.layers._layer_state import estimator_mismatch
 from batchnorm.layers._lazy_weights import TensorOwner, unmaterialize
+from batchnorm.layers._parametrized import write_weight
 
 # What a build sets, restored by a first call that raises; the last two are torch's lazy-module
 # hook handles, which a built layer no longer has (see BatchNormalization.__init__).
@@ -117,8 +118,8 @@ def initial_weights(
 
 def reset_weights(layer: BuildingLayer, affine: bool) -> None:
     """Write the initial values of the moving statistics, and of gamma and beta with ``affine``,
-    into the layer's tensors, in place (their memory, dtype and device stay); nothing before the
-    build. Initializers see the Keras shape where the layer was built on an input (as at the
+    into the layer's tensors, in place (their memory, dtype and device stay); a rerouted gamma or
+    beta has the parameters behind it written (:func:`write_weight`); nothing before the build. Initializers see the Keras shape where the layer was built on an input (as at the
     build)."""
     if not layer.built:
         return
@@ -126,11 +127,9 @@ def reset_weights(layer: BuildingLayer, affine: bool) -> None:
     keras_shape = layer_keras_shape(layer)
     device = layer.moving_mean.device
     values = initial_weights(layer, channel_shape, keras_shape, device, affine)
-    with torch.no_grad():
-        for name, value in values.items():
-            target = layer._parameters.get(name, layer._buffers.get(name))
-            if target is not None:  # None: a gamma or beta rerouted by parametrize or prune
-                target.copy_(value)
+    for name, value in values.items():
+        # Through a parametrization or pruning of gamma or beta too: their originals are reset.
+        write_weight(layer, name, value)
 
 
 def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]:

@@ -10,9 +10,10 @@ beta from ``_parameters`` (an attribute lookup through ``nn.Module.__getattr__``
 small inputs) and, where they are rerouted, the attributes: before, it normalised without gamma
 (not in ``_parameters`` any more) and the parameter behind it got no gradient.
 
-Writes (``set_weights``, constraints) go to the parameters behind (:func:`write_weight`): before,
-they went into the computed tensor, which the next access or call computed afresh, so a
-parametrized or pruned gamma ignored ``set_weights`` and its constraint silently.
+Writes (``set_weights``, constraints, ``reset_parameters``) go to the parameters behind
+(:func:`write_weight`): before, they went into the computed tensor, which the next access or call
+computed afresh, so a parametrized or pruned gamma ignored ``set_weights`` and its constraint
+silently, and ``reset_parameters`` skipped it.
 """
 
 from __future__ import annotations
@@ -74,20 +75,35 @@ def check_writable(module: Any, name: str) -> None:
 
 
 def write_weight(module: Any, name: str, value: torch.Tensor) -> None:
-    """Make the tensor ``name`` equal ``value`` (under ``torch.no_grad()``), through whatever
-    computes it: a plain parameter is copied into; a parametrized one is assigned, which torch
-    turns into its parametrizations' ``right_inverse`` writing the originals; a pruned one has
-    its original (``name + "_orig"``) copied into and the attribute recomputed, masked, as the
-    next call would (torch's own load of a pruned module's state writes the original too)."""
-    if parametrize.is_parametrized(module, name):
-        check_writable(module, name)
-        setattr(module, name, value)
-        return
-    original = module._parameters.get(f"{name}_orig")
-    if original is not None and name in vars(module):
-        original.copy_(value)
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
-                setattr(module, name, hook.apply_mask(module))  # type: ignore[no-untyped-call]
-        return
-    getattr(module, name).copy_(value)
+    """Make the tensor ``name`` equal ``value``, in place, through whatever computes it.
+
+    A plain parameter or buffer is copied into. A parametrized one has its originals written as
+    ``register_parametrization`` sets them: ``value`` through each parametrization's
+    ``right_inverse``, last first, the identity where one has none (callers that must not guess
+    refuse those first with :func:`check_writable`); torch's own assignment would raise there, and
+    it swaps the originals' storage where this copies into it. A pruned one has its original
+    (``name + "_orig"``) copied into and the attribute recomputed, masked, as the next call would
+    (torch's own load of a pruned module's state writes the original too).
+    """
+    with torch.no_grad():
+        if parametrize.is_parametrized(module, name):
+            chain: parametrize.ParametrizationList = module.parametrizations[name]
+            inverted: Any = value
+            for parametrization in reversed(chain):
+                inverse = getattr(parametrization, "right_inverse", None)
+                if inverse is not None:
+                    inverted = inverse(inverted)
+            if chain.is_tensor:
+                chain.original.copy_(inverted)
+            else:
+                for index, part in enumerate(inverted):
+                    getattr(chain, f"original{index}").copy_(part)
+            return
+        original = module._parameters.get(f"{name}_orig")
+        if original is not None and name in vars(module):
+            original.copy_(value)
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+                    setattr(module, name, hook.apply_mask(module))  # type: ignore[no-untyped-call]
+            return
+        getattr(module, name).copy_(value)
