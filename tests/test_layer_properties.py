@@ -319,22 +319,100 @@ def test_batched_gradients_equal_one_backward_each(training):
             torch.testing.assert_close(found[i], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_training_call_under_grad_is_refused_as_torch_refuses_it():
-    # The moving statistics would be updated in place inside the transform: an error, as for
-    # nn.BatchNorm1d, and nothing changes.
-    ours, theirs = _trained_pair()
-    x = torch.randn(8, 4)
-    before = snapshot(ours)
-    for module in (ours.train(), theirs.train()):
-        params = {n: p.detach() for n, p in module.named_parameters()}
-        buffers = dict(module.named_buffers())
+# torch's forward AD loads its decompositions through torch.jit.script on first use
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jvp", "hessian"])
+def test_a_training_call_under_torch_func_transforms(transform):
+    """A training call under torch.func.grad (a MAML-style inner loop), jacrev, jvp or hessian
+    failed when it wrote the moving statistics ("attempted to call in-place operation that would
+    mutate a captured Tensor"), as ``nn.BatchNorm1d`` with running statistics fails; torch's way
+    out, ``torch.func.replace_all_batch_norm_modules_``, does not reach this layer. Now the
+    derivatives are those of ``nn.BatchNorm1d(track_running_stats=False)``, and the moving
+    statistics step as in the same call outside the transform."""
+    ours, _ = _trained_pair()
+    ours.train().double()
+    theirs = torch.nn.BatchNorm1d(4, eps=ours.epsilon, track_running_stats=False).double()
+    with torch.no_grad():
+        theirs.weight.copy_(ours.gamma), theirs.bias.copy_(ours.beta)
+    x, tangent = torch.randn(6, 4, dtype=torch.float64) * 2 + 1, torch.randn(6, 4).double()
+    plain = copy.deepcopy(ours)
+    plain(x)
 
-        def loss(p, module=module, buffers=buffers):
-            return torch.func.functional_call(module, (p, buffers), (x,)).sum()
+    def derivative(module):
+        def loss(z):
+            return module(z).pow(3).sum()
 
-        with pytest.raises(RuntimeError, match="in-place operation"):
-            torch.func.grad(loss)(params)
-    assert_same_state(before, ours)
+        if transform == "grad":
+            return torch.func.grad(loss)(x)
+        if transform == "jacrev":
+            return torch.func.jacrev(module)(x)
+        if transform == "jvp":
+            return torch.func.jvp(module, (x,), (tangent,))
+        return torch.func.hessian(loss)(x)
+
+    torch.testing.assert_close(derivative(ours), derivative(theirs))
+    torch.testing.assert_close(ours.moving_mean, plain.moving_mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(ours.moving_variance, plain.moving_variance, rtol=1e-14, atol=0)
+
+
+def test_maml_inner_steps_under_grad_with_functional_call():
+    """Gradients with respect to gamma and beta passed in by functional_call, through a
+    channels-first layer with a tensor ``training`` flag: those of torch's module without
+    running statistics; the moving statistics step once per call, as outside the transform."""
+    torch.manual_seed(0)
+    ours = BatchNormalization(axis=1)
+    ours(torch.randn(4, 3, 5, 5), training=True)
+    theirs = torch.nn.BatchNorm2d(3, eps=ours.epsilon, track_running_stats=False)
+    plain = copy.deepcopy(ours)
+    params = {"gamma": torch.randn(3), "beta": torch.randn(3)}
+    x = torch.randn(4, 3, 5, 5) * 3 - 1
+    for _ in range(2):
+        found = torch.func.grad(
+            lambda p: (
+                torch.func.functional_call(ours, p, (x,), {"training": torch.tensor(True)})
+                .pow(2)
+                .mean()
+            )
+        )(params)
+        expected = torch.func.grad(
+            lambda p: (
+                torch.func.functional_call(theirs, {"weight": p["gamma"], "bias": p["beta"]}, (x,))
+                .pow(2)
+                .mean()
+            )
+        )(params)
+        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-5)
+        plain(x, training=True)
+        torch.testing.assert_close(ours.moving_mean, plain.moving_mean)
+        torch.testing.assert_close(ours.moving_variance, plain.moving_variance)
+        params = {n: p - 0.1 * found[n] for n, p in params.items()}
+
+
+def test_vmapped_training_takes_stacked_moving_statistics_and_refuses_unstacked_ones():
+    """Each vmapped batch has its own statistics: stacked buffers (an ensemble through
+    stack_module_state and functional_call, grad inside vmap too) take them, as each model's own
+    call would; the layer's own unstacked buffers get a clear error and stay as they were."""
+    torch.manual_seed(0)
+    models = [BatchNormalization(4) for _ in range(3)]
+    for model in models:
+        model(torch.randn(8, 4), training=True)
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0])
+    xs = torch.randn(3, 8, 4) * 2 + 1
+
+    def loss(p, b, z):
+        return torch.func.functional_call(base, (p, b), (z,), {"training": True}).pow(3).sum()
+
+    found = torch.func.vmap(torch.func.grad(loss))(params, buffers, xs)
+    for i, (model, z) in enumerate(zip(models, xs, strict=True)):
+        model(z, training=True).pow(3).sum().backward()
+        torch.testing.assert_close(found["gamma"][i], model.gamma.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(buffers["moving_mean"][i], model.moving_mean)
+        torch.testing.assert_close(buffers["moving_variance"][i], model.moving_variance)
+    before = snapshot(base)
+    with pytest.raises(RuntimeError, match=r"training under torch.func.vmap.*stack_module_state"):
+        torch.func.vmap(lambda z: base(z, training=True))(xs)
+    assert_same_state(before, base)
 
 
 def test_state_dict_round_trip_into_unbuilt_layer():

@@ -20,6 +20,7 @@ from batchnorm.functional._activation import Activation
 from batchnorm.functional._batch_norm import BatchNormOptions, batch_norm_step, check_mask
 from batchnorm.functional._cpu_plan import kernels_can_read
 from batchnorm.functional._direct_step import DirectCalls, infer, train_in_place
+from batchnorm.layers._moving_update import write_moving_statistics
 from batchnorm.layers._parametrized import affine_tensors, rerouted
 
 STATISTIC_NAMES = BatchNormStatistics._fields
@@ -28,6 +29,7 @@ STATISTIC_NAMES = BatchNormStatistics._fields
 class SteppingLayer(Protocol):
     """What these functions read and set on a :class:`~batchnorm.BatchNormalization` layer."""
 
+    name: str
     momentum: float
     epsilon: float
     renorm: bool
@@ -179,8 +181,5 @@ def run_step(
         return direct
     y, updated = batch_norm_step(x, statistics, gamma, beta, axes, options, resolved, mask)
     if resolved is not False:
-        with torch.no_grad():
-            for old, new in zip(buffers, updated, strict=True):
-                if old is not None and new is not None and new is not old:
-                    old.copy_(new)
+        write_moving_statistics(layer.name, buffers, updated)
     return y
