@@ -63,7 +63,7 @@ from batchnorm.layers._lazy_weights import (
     materialize,
     register_placeholders,
 )
-from batchnorm.layers._parametrized import parameters_behind
+from batchnorm.layers._parametrized import affine_parameters_behind
 from batchnorm.layers._presets import Framework, preset_kwargs
 from batchnorm.layers._update_lock import UpdateLock
 
@@ -438,12 +438,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
     @trainable.setter
     def trainable(self, value: bool) -> None:
         self._trainable = check_bool(value, "trainable")
-        for parameter in self._affine_parameters():
+        for _, parameter in affine_parameters_behind(self):
             parameter.requires_grad_(self._trainable)
-
-    def _affine_parameters(self) -> list[nn.Parameter]:
-        """gamma and beta, or the originals of their parametrizations."""
-        return [p for name in ("gamma", "beta") for _, p in parameters_behind(self, name)]
 
     def statistics(self) -> BatchNormStatistics:
         """The current buffers as a :class:`~batchnorm.functional.BatchNormStatistics`."""

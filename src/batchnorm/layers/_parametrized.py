@@ -57,6 +57,14 @@ def parameters_behind(module: nn.Module, name: str) -> list[tuple[str, nn.Parame
     return []
 
 
+def affine_parameters_behind(
+    module: nn.Module, names: tuple[str, str] = ("gamma", "beta")
+) -> list[tuple[str, nn.Parameter]]:
+    """:func:`parameters_behind` of the scale and the offset (``names``: gamma and beta, or a
+    torch batch norm's weight and bias), in that order: what ``trainable`` and ``freeze`` set."""
+    return [named for name in names for named in parameters_behind(module, name)]
+
+
 def check_writable(module: Any, name: str) -> None:
     """Raise ValueError where :func:`write_weight` cannot write ``name``: a parametrization
     without ``right_inverse`` (checked before anything is written)."""

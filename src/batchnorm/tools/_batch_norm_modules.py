@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.functional._validation import normalize_axes
 from batchnorm.layers import BatchNormalization
-from batchnorm.layers._parametrized import parameters_behind
+from batchnorm.layers._parametrized import affine_parameters_behind
 
 TorchBatchNorm = _BatchNorm
 
@@ -73,7 +73,7 @@ def named_affine_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]
     """The parameters that gamma and beta come from, with their paths in ``module``: themselves,
     or the originals of their ``torch.nn.utils.parametrize`` parametrizations."""
     names = ("gamma", "beta") if isinstance(module, BatchNormalization) else ("weight", "bias")
-    return [named for name in names for named in parameters_behind(module, name)]
+    return affine_parameters_behind(module, names)
 
 
 def affine_parameters(module: nn.Module) -> list[nn.Parameter]:
