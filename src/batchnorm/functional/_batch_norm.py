@@ -213,6 +213,8 @@ def batch_norm(
             leaf requiring grad nor saved by the operation that produced it, and no
             synchronization. On the CPU the kernels write into x and run the backward from
             the output (:mod:`batchnorm.functional._cpu_in_place`); no double backward.
+            Under ``torch.func`` transforms (``grad``, ``vmap``, ...) it computes out of
+            place, as "default" does.
 
     Returns:
         ``y`` in ``x.dtype`` and the new statistics (detached).
@@ -383,7 +385,10 @@ def batch_norm_step(
     empty = math.prod(x.shape) == 0
     y_train: torch.Tensor | None = None
     train_batch, expresses = (getattr(backend, name, None) for name in ("train_batch", "expresses"))
-    in_place = options.in_place
+    # Under torch.func transforms the output is computed out of place, as with
+    # memory="default": the autograd.Function that overwrites x cannot run there (the transforms
+    # need functions written with setup_context), nor can the checks read a wrapper's memory.
+    in_place = options.in_place and not torch._C._are_functorch_transforms_active()
     if in_place:
         # A converted copy of x (another dtype) is overwritten instead of x itself.
         _check_in_place_call(x_given, axes, scale, options, training)
