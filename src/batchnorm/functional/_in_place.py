@@ -61,6 +61,14 @@ def check_in_place(x: torch.Tensor, scale: torch.Tensor | None) -> None:
             "grad (autograd needs a leaf's value). Received: x with requires_grad=True and no "
             "history"
         )
+    if not torch.compiler.is_compiling() and shares_memory_within(x):
+        raise ValueError(
+            "memory='in_place' overwrites its input, each element of which must have memory of "
+            "its own: in x several elements share memory (a view made by expand, unfold or "
+            "as_strided), and writing the output over them would give values that depend on "
+            "the order of the writes. clone() x first, or use memory='default'. Received: x of "
+            f"shape {tuple(x.shape)} with strides {x.stride()}"
+        )
     saved_as = _saved_by_producer(x)
     if saved_as is not None:
         raise ValueError(
@@ -74,6 +82,27 @@ def check_in_place(x: torch.Tensor, scale: torch.Tensor | None) -> None:
             "memory='in_place' recovers the normalised input as (z - beta) / gamma: every "
             "gamma must be nonzero. Received: a gamma with zeros"
         )
+
+
+def shares_memory_within(x: torch.Tensor) -> bool:
+    """Whether two elements of ``x`` are the same memory (``torch.nn.ReLU(inplace=True)`` checks
+    only for an expanded dimension and writes over the other overlapping views).
+
+    The dimensions, by increasing stride, each step past every element the smaller ones reach:
+    then none overlaps, exactly. Where one does not, x may still interleave without sharing
+    (strides (2, 3) for shape (3, 2)): its element offsets are counted."""
+    if x.numel() == 0:
+        return False
+    reach = 0  # the largest offset the dimensions so far reach
+    for stride, size in sorted((s, n) for s, n in zip(x.stride(), x.shape, strict=True) if n > 1):
+        if stride <= reach:
+            break
+        reach += stride * (size - 1)
+    else:
+        return False
+    last = sum(s * (n - 1) for s, n in zip(x.stride(), x.shape, strict=True))
+    offsets = torch.arange(last + 1).as_strided(x.shape, x.stride())
+    return bool(torch.bincount(offsets.reshape(-1)).max() > 1)
 
 
 def _saved_by_producer(x: torch.Tensor) -> str | None:
