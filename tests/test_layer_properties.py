@@ -359,6 +359,32 @@ def test_a_training_call_under_torch_func_transforms(transform, memory):
     torch.testing.assert_close(ours.moving_variance, plain.moving_variance, rtol=1e-14, atol=0)
 
 
+# torch.compile's first use in a process loads modules that go through torch.jit
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torch_compile_of_a_grad_through_a_training_call():
+    """torch.compile over torch.func.grad of a training call failed: the compiled path took the
+    custom operators, whose autograd functorch cannot run ("must override the setup_context
+    staticmethod"), then the moving statistics' copy ("mutate a captured Tensor"). Now it
+    gives the eager transform's gradient, and the statistics step once per call."""
+    ours, _ = _trained_pair()
+    ours.train()
+    theirs = torch.nn.BatchNorm1d(4, eps=ours.epsilon, track_running_stats=False)
+    with torch.no_grad():
+        theirs.weight.copy_(ours.gamma), theirs.bias.copy_(ours.beta)
+    plain = copy.deepcopy(ours)
+    x = torch.randn(8, 4) * 2 + 1
+
+    def input_gradient(module):
+        return torch.func.grad(lambda z: module(z).pow(3).sum())
+
+    found = torch.compile(input_gradient(ours))(x)
+    torch.testing.assert_close(found, input_gradient(theirs)(x), rtol=1e-4, atol=1e-5)
+    plain(x)
+    torch.testing.assert_close(ours.moving_mean, plain.moving_mean)
+    torch.testing.assert_close(ours.moving_variance, plain.moving_variance)
+
+
 def test_maml_inner_steps_under_grad_with_functional_call():
     """Gradients with respect to gamma and beta passed in by functional_call, through a
     channels-first layer with a tensor ``training`` flag: those of torch's module without

@@ -389,11 +389,15 @@ class NumbaCpuBackend:
         """CPU tensors of the kernels' dtypes, read by the kernels or traced as their custom
         ops; not while ``torch.onnx.export`` traces (torch.export, then a translation of every
         operator into ONNX, which has none for the custom ops: the composed torch ops translate)
-        nor inside ``torch.jit.trace`` (:func:`kernels_can_read`)."""
+        nor inside ``torch.jit.trace`` (:func:`kernels_can_read`). Nor under ``torch.func``
+        transforms, eager or traced by ``torch.compile``: the custom operators' autograd
+        functions cannot run there, the composed torch ops can."""
         if x.device.type != "cpu" or x.dtype not in SUPPORTED_DTYPES or x.ndim == 0:
             return False
         if torch.compiler.is_compiling():
-            return not torch.onnx.is_in_onnx_export()
+            return not (
+                torch.onnx.is_in_onnx_export() or torch._C._are_functorch_transforms_active()
+            )
         return kernels_can_read(x)
 
     def batch_moments(
