@@ -135,3 +135,21 @@ def test_the_root_holds_only_the_public_modules():
             ast.parse((PACKAGE_ROOT / folder / "__init__.py").read_text())
         )
         assert docstring, f"{folder}/__init__.py says what lives there"
+
+
+def test_importing_the_package_leaves_torchs_heavy_subsystems_alone():
+    """``import batchnorm`` costs what the layer needs: a ``torch.compiler.disable`` decorator
+    at module level imported ``torch._dynamo`` with the package (0.65 s of a 0.5 s budget for a
+    first call from a warm cache). Neither it nor ``torch._inductor`` comes in unless used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; before = set(sys.modules); import batchnorm; "
+        "print(sorted(m for m in set(sys.modules) - before "
+        "if m.split('.')[:2] in (['torch', '_dynamo'], ['torch', '_inductor'])))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert found == "[]", found

@@ -362,27 +362,39 @@ def test_a_training_call_under_torch_func_transforms(transform, memory):
 # torch.compile's first use in a process loads modules that go through torch.jit
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-def test_torch_compile_of_a_grad_through_a_training_call():
-    """torch.compile over torch.func.grad of a training call failed: the compiled path took the
-    custom operators, whose autograd functorch cannot run ("must override the setup_context
-    staticmethod"), then the moving statistics' copy ("mutate a captured Tensor"). Now it
-    gives the eager transform's gradient, and the statistics step once per call."""
+def test_torch_func_transforms_traced_by_torch_compile():
+    """torch.compile over a torch.func transform took the custom operators, whose autograd
+    functions functorch cannot run ("must override the setup_context staticmethod"): jacrev of
+    an inference call and a vmapped ensemble's training failed. They give the eager results now.
+    A grad of a training call with the layer's own buffers fails there as nn.BatchNorm1d's with
+    running statistics does (the copy into them does not trace), changing nothing; it must not
+    leave the layer's forward skipped by later compiles (a fallback to eager there did)."""
+    torch.manual_seed(0)
     ours, _ = _trained_pair()
-    ours.train()
-    theirs = torch.nn.BatchNorm1d(4, eps=ours.epsilon, track_running_stats=False)
-    with torch.no_grad():
-        theirs.weight.copy_(ours.gamma), theirs.bias.copy_(ours.beta)
-    plain = copy.deepcopy(ours)
     x = torch.randn(8, 4) * 2 + 1
+    jacobian = torch.func.jacrev(lambda z: ours(z, training=False))
+    torch.testing.assert_close(torch.compile(jacobian)(x), jacobian(x))
 
-    def input_gradient(module):
-        return torch.func.grad(lambda z: module(z).pow(3).sum())
+    models = [copy.deepcopy(ours) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    xs = torch.randn(3, 8, 4) * 2 + 1
 
-    found = torch.compile(input_gradient(ours))(x)
-    torch.testing.assert_close(found, input_gradient(theirs)(x), rtol=1e-4, atol=1e-5)
-    plain(x)
-    torch.testing.assert_close(ours.moving_mean, plain.moving_mean)
-    torch.testing.assert_close(ours.moving_variance, plain.moving_variance)
+    def ensemble(p, b, z):
+        return torch.func.functional_call(ours, (p, b), (z,), {"training": True})
+
+    found = torch.compile(torch.func.vmap(ensemble))(params, buffers, xs)
+    for i, (model, z) in enumerate(zip(models, xs, strict=True)):
+        torch.testing.assert_close(found[i], model(z, training=True))
+        torch.testing.assert_close(buffers["moving_mean"][i], model.moving_mean)
+
+    before = snapshot(ours)
+    gradient = torch.func.grad(lambda z: ours(z, training=True).pow(3).sum())
+    with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+        torch.compile(gradient)(x)
+    assert_same_state(before, ours)
+    torch.testing.assert_close(
+        torch.compile(ours, fullgraph=True)(x, training=False), ours(x, training=False)
+    )
 
 
 def test_maml_inner_steps_under_grad_with_functional_call():

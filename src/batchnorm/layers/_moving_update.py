@@ -48,13 +48,17 @@ def write_moving_statistics(
     updated: Iterable[torch.Tensor | None],
 ) -> None:
     """Copy each updated statistic into its buffer (the layer ``name``'s), under no_grad; every
-    value is checked before any is written. Outside the transforms, a plain copy."""
+    value is checked before any is written. Outside the transforms, and traced by
+    ``torch.compile``, a plain copy: functorch's functions below do not trace, and neither a
+    disabled function nor an error here fails cleanly there (either made torch.compile fall
+    back to eager inside the transform and skip the layer's forward in every later compile);
+    a copy into captured buffers fails as nn.BatchNorm1d's does, and changes nothing."""
     pairs = [
         (old, new)
         for old, new in zip(buffers, updated, strict=True)
         if old is not None and new is not None and new is not old
     ]
-    if not torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
         with torch.no_grad():
             for old, new in pairs:
                 old.copy_(new)
@@ -62,12 +66,9 @@ def write_moving_statistics(
     write_primal_values(name, pairs)
 
 
-@torch.compiler.disable  # type: ignore[untyped-decorator]
 def write_primal_values(name: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Each pair's :func:`writable_value` copied into its buffer with the transforms above the
-    buffer set aside. Run eagerly: ``torch.compile`` cannot trace functorch's C functions, and
-    tracing the copy alone fails as in eager ("mutate a captured Tensor"); the break this
-    leaves in a transform traced by ``torch.compile`` runs the transform eagerly."""
+    buffer set aside."""
     pairs = [(old, writable_value(name, new, old)) for old, new in pairs]
     with torch.no_grad():
         for old, value in pairs:
