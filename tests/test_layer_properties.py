@@ -706,6 +706,18 @@ def test_adjustment_varying_inside_a_channel_uses_elementwise_scale():
     )
 
 
+class Recorder(TorchDispatchMode):
+    """A dispatch mode that records the names of the operators it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_fake_tensors_and_dispatch_modes_see_torch_operators():
     """FakeTensorMode (shape propagation, memory estimation) and every TorchDispatchMode must see
     each operator: a fake input reached the kernels and failed (".numpy() is not supported for
@@ -718,15 +730,6 @@ def test_fake_tensors_and_dispatch_modes_see_torch_operators():
         y.sum().backward()
     assert isinstance(y, FakeTensor) and y.shape == x.shape
     assert isinstance(layer.gamma.grad, FakeTensor)
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: set[str] = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     x = torch.randn(8, 4, 3, 3)
@@ -747,3 +750,32 @@ def test_fake_tensors_and_dispatch_modes_see_torch_operators():
     assert recorder.names & arithmetic
     reference(theirs).backward(upstream)
     torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"activation": "elu"}, {"virtual_batch_size": 4}, {"masked": True}]
+)
+def test_an_in_place_backward_under_a_dispatch_mode_shows_its_arithmetic(options):
+    """memory='in_place', forward outside a dispatch mode and backward inside it: the backward
+    called the kernels directly, unseen by the mode (a FlopCounterMode around the backward alone
+    counted nothing of it). It now takes the torch ops there, with the kernels' gradients."""
+    options = dict(options)
+    masked = options.pop("masked", False)
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 3, 3) * 2 + 1
+    mask = (torch.rand(8, 3, 3) > 0.3).float() if masked else None
+    upstream = torch.randn_like(x)
+    gradients = []
+    for recording in (False, True):
+        layer = BatchNormalization(4, axis=1, fused=False, memory="in_place", **options)
+        a = x.clone().requires_grad_()
+        y = layer(a * 1, training=True, mask=mask)
+        recorder = Recorder()
+        if recording:
+            with recorder:
+                y.backward(upstream)
+            assert {"sum", "rsqrt"} <= recorder.names, recorder.names
+        else:
+            y.backward(upstream)
+        gradients.append((a.grad, layer.gamma.grad, layer.beta.grad))
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ from batchnorm.functional._in_place import (
     InPlaceNormalizeActivate,
     check_in_place,
     check_in_place_settings,
+    grouped_in_place,
 )
 from batchnorm.functional._moving_average import (
     debiased_average_update,
@@ -32,7 +33,6 @@ from batchnorm.functional._moving_average import (
 from batchnorm.functional._renorm import compose_transforms, renorm_correction
 from batchnorm.functional._synchronized import resolve_process_group, synchronized_moments
 from batchnorm.functional._synchronized_normalize import synchronized_normalize
-from batchnorm.functional._torch_ops import TorchOpsBackend
 from batchnorm.functional._validation import (
     check_floating_input,
     check_fraction,
@@ -530,21 +530,12 @@ def _normalize_in_place(
         )
         if y is not None:
             return y
-    # Ghost batch j holds samples {j, j + G, ...}, grouped as the composed ops group them.
-    grouped, reduce_dims, statistic_view = TorchOpsBackend._grouped(x, axes, ghost_batches)
-    parameter_view = statistic_view if ghost_batches == 1 else [1, 1, *statistic_view[2:]]
-    if weights is not None and ghost_batches > 1:
-        weights = weights.reshape(-1, ghost_batches, *weights.shape[1:])
+    statistics = (moments.mean.detach(), moments.variance.detach())
+    grouped, reduce_dims, *viewed = grouped_in_place(
+        x, axes, ghost_batches, scale, offset, statistics, weights
+    )
     grouped_y = InPlaceNormalizeActivate.apply(  # type: ignore[no-untyped-call]
-        grouped,
-        None if scale is None else scale.reshape(parameter_view),
-        None if offset is None else offset.reshape(parameter_view),
-        moments.mean.detach().reshape(statistic_view),
-        moments.variance.detach().reshape(statistic_view),
-        None if weights is None else weights.detach(),
-        epsilon,
-        activation,
-        reduce_dims,
+        grouped, *viewed, epsilon, activation, reduce_dims
     )
     return grouped_y.reshape(x.shape)  # type: ignore[no-any-return]
 

@@ -28,11 +28,13 @@ from batchnorm.functional._cpu_plan import (
     VIEWED_DTYPES,
     Prepared,
     compute_dtype,
+    dispatched_in_python,
     kernels_can_read,
     prepare,
     storage_array,
     storageless,
 )
+from batchnorm.functional._in_place import grouped_in_place, in_place_gradients
 from batchnorm.kernels._elementwise import NO_ACTIVATION
 
 
@@ -47,6 +49,10 @@ class InPlacePass(NamedTuple):
     activation: Activation | None
     epsilon: float
     ghost_batches: int
+    # For a backward under a dispatch mode (torch ops, see _InPlaceKernels.backward).
+    axes: tuple[int, ...]
+    variance_tensor: torch.Tensor  # the batch variance as the caller gave it, detached
+    weights_tensor: torch.Tensor | None
 
 
 def normalize_in_place_kernels(
@@ -84,6 +90,9 @@ def normalize_in_place_kernels(
         activation,
         epsilon,
         ghost_batches,
+        axes,
+        moments.variance.detach(),
+        None if weights is None else weights.detach(),
     )
     mean = to_canonical(moments.mean.detach(), layout, 0.0, ghost_batches)
     y: torch.Tensor = _InPlaceKernels.apply(x, scale, offset, mean, in_place_pass)  # type: ignore[no-untyped-call]
@@ -132,6 +141,8 @@ class _InPlaceKernels(torch.autograd.Function):
                 "works from the output alone. Use memory='default'."
             )
         in_place_pass: InPlacePass = ctx.in_place_pass
+        if dispatched_in_python(grad):
+            return _gradients_in_torch_ops(y, grad, scale, offset, in_place_pass)
         prepared = in_place_pass.prepared
         plan = prepared.plan
         y3 = plan.canonical(storage_array(y.detach()))
@@ -165,6 +176,39 @@ class _InPlaceKernels(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _gradients_in_torch_ops(
+    y: torch.Tensor,
+    grad: torch.Tensor,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    in_place_pass: InPlacePass,
+) -> tuple[Any, ...]:
+    """The backward in torch ops (:func:`batchnorm.functional._in_place.in_place_gradients`),
+    for a backward under a dispatch mode, which must see each operator (the kernels would run
+    unseen by a ``FlopCounterMode`` around the backward alone)."""
+    p = in_place_pass
+    grouped, dims, scale_view, offset_view, variance, weights = grouped_in_place(
+        y, p.axes, p.ghost_batches, scale, offset, (p.variance_tensor,), p.weights_tensor
+    )
+    dx, dscale, doffset = in_place_gradients(
+        grouped,
+        grad.reshape(grouped.shape),
+        scale_view,
+        offset_view,
+        torch.rsqrt(variance + p.epsilon),
+        weights,
+        p.activation,
+        dims,
+    )
+    return (
+        dx.reshape(y.shape),
+        None if dscale is None or scale is None else dscale.reshape(scale.shape),
+        None if doffset is None or offset is None else doffset.reshape(offset.shape),
+        None,
+        None,
+    )
 
 
 def _parameter_gradient(

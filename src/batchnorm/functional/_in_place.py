@@ -34,6 +34,7 @@ from batchnorm.functional._activation import (
     derivative_from_output,
     invert,
 )
+from batchnorm.functional._torch_ops import TorchOpsBackend
 
 
 def check_in_place_settings(activation: Activation | None, synchronized: bool) -> None:
@@ -160,27 +161,71 @@ class InPlaceNormalizeActivate(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         y, scale, offset, inverse_std, weights = ctx.saved_tensors
-        dims = ctx.reduce_dims
-        compute = inverse_std.dtype
-        z = invert(y.to(compute), ctx.activation)
-        derivative = derivative_from_output(y.to(compute), ctx.activation)
-        delta = grad.to(compute) if derivative is None else grad.to(compute) * derivative
-        centred = z if offset is None else z - offset
-        x_hat = centred if scale is None else centred / scale
-        sum_delta = delta.sum(dim=dims, keepdim=True)
-        sum_delta_x_hat = (delta * x_hat).sum(dim=dims, keepdim=True)
-        if weights is None:
-            count = y.numel() // max(sum_delta.numel(), 1)
-            share: torch.Tensor | float = 1.0 / count
-        else:
-            weights = weights.to(compute)
-            total = (weights + torch.zeros_like(y, dtype=compute)).sum(dim=dims, keepdim=True)
-            share = weights / total.clamp(min=torch.finfo(compute).tiny)
-        factor = inverse_std if scale is None else inverse_std * scale
-        dx = factor * (delta - share * sum_delta - x_hat * (share * sum_delta_x_hat))
-        dscale = None if scale is None else _reduce_to(sum_delta_x_hat, scale)
-        doffset = None if offset is None else _reduce_to(sum_delta, offset)
-        return dx.to(y.dtype), dscale, doffset, None, None, None, None, None, None
+        dx, dscale, doffset = in_place_gradients(
+            y, grad, scale, offset, inverse_std, weights, ctx.activation, ctx.reduce_dims
+        )
+        return dx, dscale, doffset, None, None, None, None, None, None
+
+
+def in_place_gradients(
+    y: torch.Tensor,
+    grad: torch.Tensor,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    inverse_std: torch.Tensor,
+    weights: torch.Tensor | None,
+    activation: Activation | None,
+    dims: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dgamma, dbeta)`` from the in-place output ``y`` alone (the module docstring's
+    formulas), in torch ops, with everything in the grouped view of :func:`grouped_in_place`;
+    computed in ``inverse_std``'s dtype, ``dx`` returned in ``y``'s."""
+    compute = inverse_std.dtype
+    z = invert(y.to(compute), activation)
+    derivative = derivative_from_output(y.to(compute), activation)
+    delta = grad.to(compute) if derivative is None else grad.to(compute) * derivative
+    centred = z if offset is None else z - offset
+    x_hat = centred if scale is None else centred / scale
+    sum_delta = delta.sum(dim=dims, keepdim=True)
+    sum_delta_x_hat = (delta * x_hat).sum(dim=dims, keepdim=True)
+    if weights is None:
+        count = y.numel() // max(sum_delta.numel(), 1)
+        share: torch.Tensor | float = 1.0 / count
+    else:
+        weights = weights.to(compute)
+        total = (weights + torch.zeros_like(y, dtype=compute)).sum(dim=dims, keepdim=True)
+        share = weights / total.clamp(min=torch.finfo(compute).tiny)
+    factor = inverse_std if scale is None else inverse_std * scale
+    dx = factor * (delta - share * sum_delta - x_hat * (share * sum_delta_x_hat))
+    dscale = None if scale is None else _reduce_to(sum_delta_x_hat, scale)
+    doffset = None if offset is None else _reduce_to(sum_delta, offset)
+    return dx.to(y.dtype), dscale, doffset
+
+
+def grouped_in_place(
+    x: torch.Tensor,
+    axes: tuple[int, ...],
+    ghost_batches: int,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    statistics: tuple[torch.Tensor, ...],
+    weights: torch.Tensor | None,
+) -> tuple[Any, ...]:
+    """``x`` grouped by ghost batch (sample ``j`` in batch ``j % G``, as the composed ops group
+    them), the dims to reduce, and ``scale``, ``offset``, each of ``statistics`` (per ghost batch
+    and channel) and the mask's ``weights`` viewed to broadcast against it."""
+    grouped, reduce_dims, statistic_view = TorchOpsBackend._grouped(x, axes, ghost_batches)
+    parameter_view = statistic_view if ghost_batches == 1 else [1, 1, *statistic_view[2:]]
+    if weights is not None and ghost_batches > 1:
+        weights = weights.reshape(-1, ghost_batches, *weights.shape[1:])
+    return (
+        grouped,
+        reduce_dims,
+        None if scale is None else scale.reshape(parameter_view),
+        None if offset is None else offset.reshape(parameter_view),
+        *(t.reshape(statistic_view) for t in statistics),
+        None if weights is None else weights.detach(),
+    )
 
 
 def _reduce_to(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
