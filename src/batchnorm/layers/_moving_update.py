@@ -48,11 +48,14 @@ def write_moving_statistics(
     updated: Iterable[torch.Tensor | None],
 ) -> None:
     """Copy each updated statistic into its buffer (the layer ``name``'s), under no_grad; every
-    value is checked before any is written. Outside the transforms, and traced by
-    ``torch.compile``, a plain copy: functorch's functions below do not trace, and neither a
-    disabled function nor an error here fails cleanly there (either made torch.compile fall
-    back to eager inside the transform and skip the layer's forward in every later compile);
-    a copy into captured buffers fails as nn.BatchNorm1d's does, and changes nothing."""
+    value is checked before any is written.
+
+    Outside the transforms, a plain copy. Traced by ``torch.compile`` too: functorch's functions
+    used below do not trace, so inside a compiled ``grad`` the copy into the layer's own buffers
+    fails as ``nn.BatchNorm1d``'s does, changing nothing. (Running it eagerly instead, through
+    ``torch.compiler.disable``, a graph break or an error raised here, made torch.compile fall
+    back to eager inside the transform and mark the layer's ``forward`` skipped for every later
+    compile in the process.)"""
     pairs = [
         (old, new)
         for old, new in zip(buffers, updated, strict=True)
