@@ -90,8 +90,11 @@ def shares_memory_within(x: torch.Tensor) -> bool:
     only for an expanded dimension and writes over the other overlapping views).
 
     The dimensions, by increasing stride, each step past every element the smaller ones reach:
-    then none overlaps, exactly. Where one does not, x may still interleave without sharing
-    (strides (2, 3) for shape (3, 2)): its element offsets are counted."""
+    then none overlaps, exactly. Where one does not, more elements than offsets between the
+    first and the last share memory for sure (an expanded dimension, overlapping ``unfold``
+    windows), without counting them; otherwise x may still interleave without sharing (strides
+    (2, 3) for shape (3, 2)), and its element offsets are counted (at most as many as the
+    offsets it spans)."""
     if x.numel() == 0:
         return False
     reach = 0  # the largest offset the dimensions so far reach
@@ -102,6 +105,8 @@ def shares_memory_within(x: torch.Tensor) -> bool:
     else:
         return False
     last = sum(s * (n - 1) for s, n in zip(x.stride(), x.shape, strict=True))
+    if x.numel() > last + 1:
+        return True
     offsets = torch.arange(last + 1).as_strided(x.shape, x.stride())
     return bool(torch.bincount(offsets.reshape(-1)).max() > 1)
 
