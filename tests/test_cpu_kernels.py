@@ -333,6 +333,27 @@ def test_model_traces_with_torch_jit_trace(training):
         torch.testing.assert_close(buffers[f"1.{name}"], getattr(eager[1], name))
 
 
+# torch 2.13 deprecates torch.jit's script.
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+def test_torch_jit_script_is_refused_with_the_ways_that_work():
+    """torch.jit.script failed deep in TorchScript's compiler ("Unknown type annotation:
+    'nn.Parameter'"). It is refused naming torch.jit.trace, torch.export, torch.compile and
+    convert(to='torch'); the last, suggested, scripts and computes what the layer computes."""
+    from batchnorm import SampleNormalization, convert
+
+    torch.manual_seed(0)
+    model = make_model()
+    x = torch.randn(4, 3, 6, 6)
+    model(x * 2 + 1)  # a training step: moving statistics away from their initial values
+    expected = model.eval()(x)
+    with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile.*torch.jit.trace"):
+        torch.jit.script(model)
+    scripted = torch.jit.script(convert(copy.deepcopy(model), to="torch"))
+    torch.testing.assert_close(scripted(x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"cannot compile SampleNormalization: .*torch.compile$"):
+        torch.jit.script(torch.nn.Sequential(SampleNormalization(axis=1)))
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_model_traces_with_torch_fx_as_one_module_call(training):
     """torch.fx.symbolic_trace traced into the layer, whose checks branch on x's sizes, and

@@ -58,7 +58,11 @@ from batchnorm.layers._layer_inputs import check_input, resolve_training
 from batchnorm.layers._layer_repr import layer_repr
 from batchnorm.layers._layer_state import load_layer_state, record_estimator
 from batchnorm.layers._layer_step import layer_statistics, run_step
-from batchnorm.layers._layer_tracing import fx_leaf_call, without_tracer_warnings
+from batchnorm.layers._layer_tracing import (
+    fx_leaf_call,
+    refuse_scripting,
+    without_tracer_warnings,
+)
 from batchnorm.layers._lazy_weights import (
     materialize,
     register_placeholders,
@@ -527,6 +531,12 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         # Any setting may change what a call does: the shortcut is rebuilt on the next call.
         self.__dict__.pop("_direct_calls", None)
         super().__setattr__(name, value)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this on each module first: a clear refusal
+        (:func:`~batchnorm.layers._layer_tracing.refuse_scripting`)."""
+        refuse_scripting(self)
+        return self
 
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]

@@ -3,7 +3,8 @@
 ``torch.fx.symbolic_trace`` records the layer as one ``call_module`` node (:func:`fx_leaf_call`);
 ``torch.jit.trace`` records the composed torch ops that its calls take there
 (:func:`batchnorm.functional._cpu_plan.kernels_can_read`); ``torch.compile`` and ``torch.export``
-trace the kernels' custom ops.
+trace the kernels' custom ops. ``torch.jit.script``, which compiles a module's Python source,
+cannot compile the layer: it is refused with the ways that work (:func:`refuse_scripting`).
 """
 
 from __future__ import annotations
@@ -51,3 +52,25 @@ def without_tracer_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TracerWarning)
         yield
+
+
+def refuse_scripting(layer: nn.Module, convertible: bool = True) -> None:
+    """Raise the error that ``torch.jit.script`` gives a model containing ``layer`` (through
+    ``__prepare_scriptable__``, which it calls on every module first). TorchScript compiles a
+    module's Python source, and these layers' forwards run Python (kernels, checks, a lazy
+    build): scripting failed deep in its compiler ("Unknown type annotation: 'nn.Parameter'").
+    ``convertible``: whether ``batchnorm.convert(model, to="torch")`` has a torch module for it."""
+    name = getattr(layer, "name", None)
+    label = type(layer).__name__ if name is None else f"{type(layer).__name__} {name}"
+    convert = (
+        ", or batchnorm.convert(model, to='torch') first for torch's scriptable batch norm where "
+        "it computes the same"
+        if convertible
+        else ""
+    )
+    raise RuntimeError(
+        f"torch.jit.script cannot compile {label}: its forward runs "
+        "Python that TorchScript cannot compile. Use torch.jit.trace(model.eval(), "
+        "example_input) (traced calls record torch ops, and the file loads without this "
+        f"package), torch.export or torch.compile{convert}"
+    )

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from batchnorm.functional._validation import check_floating_input, check_positive
+from batchnorm.layers._layer_tracing import refuse_scripting
 
 
 class SampleNormalization(nn.Module):
@@ -90,6 +91,12 @@ class SampleNormalization(nn.Module):
                 value = state_dict[f"{prefix}{name}"]
                 self._create_weights(int(value.shape[0]), value.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this on each module first: a clear refusal
+        (:func:`~batchnorm.layers._layer_tracing.refuse_scripting`)."""
+        refuse_scripting(self, convertible=False)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_floating_input(x, "x")
