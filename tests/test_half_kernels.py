@@ -450,3 +450,39 @@ def test_half_planes_sum_in_float32_with_float64_accuracy(case):
         error = (got - reference).abs()[~nan]
         # float32 storage (2^-24 relative) and sums within float32 rounding of their magnitude
         assert (error <= 1e-6 * scale[~nan] + 1e-300).all(), (name, error, scale)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_follows_torchs_batch_norm(dtype, training):
+    """CPU mixed precision (torch.autocast): the convolution before the layer runs in half
+    precision, the layer takes its half output as torch's batch norm does (not in autocast's
+    lists, so in the input's dtype, float32 statistics). Oracle: nn.BatchNorm2d with Keras'
+    conventions mapped: the same output dtype and values (within one half ulp), convolution
+    weight gradient and moving statistics."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3)
+    ours = torch.nn.Sequential(
+        copy.deepcopy(conv),
+        BatchNormalization(8, axis=1, moving_variance_estimator="unbiased"),
+        torch.nn.ReLU(),
+    )
+    theirs = torch.nn.Sequential(
+        copy.deepcopy(conv), torch.nn.BatchNorm2d(8, eps=1e-3, momentum=0.01), torch.nn.ReLU()
+    )
+    x = torch.randn(4, 3, 10, 10) * 2 + 1
+    results = []
+    for model in (ours.train(training), theirs.train(training)):
+        with torch.autocast("cpu", dtype=dtype):
+            y = model(x)
+        y.float().square().sum().backward()
+        assert model[0].weight.grad is not None
+        results.append((y, model[0].weight.grad, *list(model[1].buffers())[:2]))
+    (y_ours, grad_ours, mean_ours, var_ours), (y_theirs, grad_theirs, mean, var) = results
+    assert y_ours.dtype == y_theirs.dtype == dtype
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    torch.testing.assert_close(y_ours.float(), y_theirs.float(), rtol=ulp, atol=ulp)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-2, atol=1e-3)
+    assert mean_ours.dtype == torch.float32
+    torch.testing.assert_close(mean_ours, mean)
+    torch.testing.assert_close(var_ours, var)
