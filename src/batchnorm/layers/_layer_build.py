@@ -119,8 +119,8 @@ def initial_weights(
 def reset_weights(layer: BuildingLayer, affine: bool) -> None:
     """Write the initial values of the moving statistics, and of gamma and beta with ``affine``,
     into the layer's tensors, in place (their memory, dtype and device stay); a rerouted gamma or
-    beta has the parameters behind it written (:func:`write_weight`); nothing before the build. Initializers see the Keras shape where the layer was built on an input (as at the
-    build)."""
+    beta has the parameters behind it written (:func:`write_weight`); nothing before the build.
+    Initializers see the Keras shape where the layer was built on an input (as at the build)."""
     if not layer.built:
         return
     channel_shape = tuple(layer.moving_mean.shape)
