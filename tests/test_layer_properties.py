@@ -397,6 +397,33 @@ def test_torch_func_transforms_traced_by_torch_compile():
     )
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_vmapped_masks_are_checked_and_used(training):
+    """A mask vmapped with the input (one per ensemble member): its value check read it as a
+    bool, which vmap refuses ("data-dependent control flow"). The check reads all the vmapped
+    masks' values at once; the outputs and statistics are each member's own masked call's, and
+    a negative weight in any member is refused."""
+    torch.manual_seed(0)
+    models = [BatchNormalization(3, fused=False, renorm=True) for _ in range(2)]
+    for model in models:
+        model(torch.randn(6, 5, 3), training=True)
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0])
+    xs = torch.randn(2, 6, 5, 3) * 2 + 1
+    masks = (torch.rand(2, 6, 5) > 0.3).float()
+
+    def call(p, b, z, mask):
+        return torch.func.functional_call(base, (p, b), (z,), {"training": training, "mask": mask})
+
+    found = torch.func.vmap(call)(params, buffers, xs, masks)
+    for i, (model, z, mask) in enumerate(zip(models, xs, masks, strict=True)):
+        torch.testing.assert_close(found[i], model(z, training=training, mask=mask))
+        torch.testing.assert_close(buffers["moving_mean"][i], model.moving_mean)
+    masks[1, 0, 0] = -1.0
+    with pytest.raises(ValueError, match="a mask with negative values"):
+        torch.func.vmap(call)(params, buffers, xs, masks)
+
+
 def test_maml_inner_steps_under_grad_with_functional_call():
     """Gradients with respect to gamma and beta passed in by functional_call, through a
     channels-first layer with a tensor ``training`` flag: those of torch's module without

@@ -162,7 +162,9 @@ def check_mask_values(mask: Any, x: torch.Tensor) -> torch.Tensor:
     tensor on ``x``'s device whose values are finite and >= 0.
 
     The value check reads the mask once (it is the size of ``x`` without its channel axes); it is
-    skipped while ``torch.compile`` traces, where it would break the graph.
+    skipped while ``torch.compile`` traces, where it would break the graph. Under ``torch.func``
+    transforms it reads the values the wrappers hold: all of a vmapped mask's at once (reading a
+    vmapped tensor as a bool failed, "data-dependent control flow").
     """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(
@@ -178,17 +180,20 @@ def check_mask_values(mask: Any, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(
             f"`mask` must hold real weights (bool, integer or floating). Received: mask.dtype={mask.dtype}"
         )
+    values = mask
+    while torch._C._functorch.is_functorch_wrapped_tensor(values):
+        values = torch._C._functorch.get_unwrapped(values)
     if (
         mask.dtype != torch.bool
         and not torch.compiler.is_compiling()
-        and not bool(((mask >= 0) & (mask < math.inf)).all())
+        and not bool(((values >= 0) & (values < math.inf)).all())
     ):
         problems = [
             label
             for label, bad in (
-                ("NaN", mask.isnan()),
-                ("negative", mask < 0),
-                ("infinite", mask.isinf()),
+                ("NaN", values.isnan()),
+                ("negative", values < 0),
+                ("infinite", values.isinf()),
             )
             if bool(bad.any())
         ]
