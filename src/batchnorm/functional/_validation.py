@@ -180,14 +180,12 @@ def check_mask_values(mask: Any, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(
             f"`mask` must hold real weights (bool, integer or floating). Received: mask.dtype={mask.dtype}"
         )
+    if mask.dtype == torch.bool or torch.compiler.is_compiling():
+        return mask
     values = mask
     while torch._C._functorch.is_functorch_wrapped_tensor(values):
         values = torch._C._functorch.get_unwrapped(values)
-    if (
-        mask.dtype != torch.bool
-        and not torch.compiler.is_compiling()
-        and not bool(((values >= 0) & (values < math.inf)).all())
-    ):
+    if not bool(((values >= 0) & (values < math.inf)).all()):
         problems = [
             label
             for label, bad in (
