@@ -269,3 +269,36 @@ def test_torch_compile_builds_an_unbuilt_layer_before_tracing(as_submodule):
         torch.testing.assert_close(y, reference(x, training=True))
     assert layer.num_features == 3 and not hasattr(layer, "_initialize_hook")
     torch.testing.assert_close(layer.moving_mean, reference.moving_mean)
+
+
+@pytest.mark.parametrize("first_training", [True, False])
+def test_a_layer_built_under_inference_mode_trains_afterwards(first_training):
+    """A lazy model is often built by one dummy call under ``torch.inference_mode()``; weights
+    made there were inference tensors, and every later training call failed ("Inference tensors
+    cannot be saved for backward"). Against ``nn.BatchNorm2d`` (momentum and epsilon mapped),
+    which is not lazy and so holds normal tensors from the start."""
+    torch.manual_seed(0)
+    x, upstream = torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3)
+    ours, sample = BatchNormalization(axis=1), batchnorm.SampleNormalization(axis=1)
+    reference = nn.BatchNorm2d(4, momentum=0.01, eps=1e-3)
+    reference.train(first_training)
+    with torch.inference_mode():
+        ours(x, training=first_training)
+        reference(x)
+        sample(x)
+    tensors = [*ours.parameters(), *ours.buffers(), *sample.parameters()]
+    assert tensors and not any(t.is_inference() for t in tensors)
+    results = []
+    for layer, call in ((ours, lambda v: ours(v, training=True)), (reference.train(), reference)):
+        source = x.clone().requires_grad_()
+        output = call(source)
+        output.backward(upstream)
+        weight = layer.gamma if layer is ours else layer.weight
+        results.append((output, source.grad, weight.grad))
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    mean = ours.moving_mean
+    torch.testing.assert_close(mean, reference.running_mean, rtol=1e-6, atol=1e-7)
+    source = x.clone().requires_grad_()
+    sample(source).sum().backward()
+    assert sample.gamma.grad is not None and source.grad is not None

@@ -332,10 +332,13 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         Every initial value is computed before anything is written; placeholders are filled in
         place (their dtype and device follow ``.to()``). Returns the names materialised.
         """
-        values = initial_weights(self, channel_shape, keras_shape)
-        materialized = materialize(
-            self, values, parameters=("gamma", "beta"), requires_grad=self._trainable
-        )
+        # Weights made under torch.inference_mode (a first call there, to build a lazy model)
+        # would be inference tensors, which no later training call could save for backward.
+        with torch.inference_mode(False):
+            values = initial_weights(self, channel_shape, keras_shape)
+            materialized = materialize(
+                self, values, parameters=("gamma", "beta"), requires_grad=self._trainable
+            )
         self.built = True
         return materialized
 

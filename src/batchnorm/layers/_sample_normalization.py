@@ -76,10 +76,12 @@ class SampleNormalization(nn.Module):
             self._create_weights(int(num_features), torch.float32)
 
     def _create_weights(self, features: int, dtype: torch.dtype) -> None:
-        if self.scale:
-            self.gamma = nn.Parameter(torch.ones(features, dtype=dtype))
-        if self.center:
-            self.beta = nn.Parameter(torch.zeros(features, dtype=dtype))
+        # Normal tensors even when built under torch.inference_mode, so that training works later.
+        with torch.inference_mode(False):
+            if self.scale:
+                self.gamma = nn.Parameter(torch.ones(features, dtype=dtype))
+            if self.center:
+                self.beta = nn.Parameter(torch.zeros(features, dtype=dtype))
         self.num_features = features
 
     def _load_from_state_dict(
