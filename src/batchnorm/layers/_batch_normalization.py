@@ -69,6 +69,7 @@ from batchnorm.layers._lazy_weights import (
 )
 from batchnorm.layers._parametrized import affine_parameters_behind
 from batchnorm.layers._presets import Framework, preset_kwargs
+from batchnorm.layers._recomputation import recomputing, step_once
 from batchnorm.layers._update_lock import UpdateLock
 
 
@@ -475,7 +476,10 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         if direct_calls is not None and (training is None or type(training) is bool):
             if self._trainable and (self.training if training is None else training):
                 with self._update_lock:
-                    y = direct_calls(x, training, mask)
+                    if self.renorm or recomputing():
+                        y = step_once(self, lambda: direct_calls(x, training, mask))
+                    else:
+                        y = direct_calls(x, training, mask)
             else:
                 y = direct_calls(x, training, mask)
             if y is not None:
@@ -528,7 +532,11 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         *,
         compiling: bool = False,
     ) -> torch.Tensor:
-        return run_step(self, x, resolved, mask, compiling=compiling)
+        if compiling or resolved is False or not (self.renorm or recomputing()):
+            return run_step(self, x, resolved, mask, compiling=compiling)
+        y = step_once(self, lambda: run_step(self, x, resolved, mask))
+        assert y is not None
+        return y
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Any setting may change what a call does: the shortcut is rebuilt on the next call.

@@ -1,0 +1,106 @@
+"""One update of the moving statistics per training step under activation checkpointing.
+
+``torch.utils.checkpoint`` (reentrant or not) runs a checkpointed forward a second time while
+autograd computes the gradients, to get back the tensors it did not keep. A batch norm in
+training mode then steps its moving statistics twice per step: ``nn.BatchNorm2d`` does (pytorch
+issue 96136, open), so the moving averages of a checkpointed model drift from those of the same
+model trained without it (with momentum ``m`` per step, as if trained with ``m ** 2``).
+
+The layer takes a training call made while autograd's engine runs a backward
+(``torch._C._current_graph_task_id() != -1``; -1 outside one) for the recomputation. That call
+computes what the first one did, through the same path (the checkpoint checks that it saves the
+same tensors), then its buffers get back the values they held before it: the update happens
+once, in the forward.
+
+Batch Renormalization's correction ``r = sigma_B / sigma``, ``d = (mu_B - mu) / sigma`` reads
+the renorm statistics, which the forward has already stepped: the recomputation gets the values
+they held before that forward (remembered by each renorm training step, with the buffers'
+versions after it). Where the layer was called again since, or another of its calls was
+recomputed first (a layer shared by several checkpointed blocks), what was remembered is not
+what the call being recomputed read: it then reads the buffers as they are, with a warning. (The
+non-reentrant checkpoint takes only the tensors saved for the backward from the recomputation,
+and the correction is not one of them, so its gradients stay exact there.)
+
+A training call that a backward hook makes during a backward is taken for a recomputation too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from batchnorm.functional import BatchNormStatistics
+
+_STATISTICS = BatchNormStatistics._fields
+_current_graph_task = torch._C._current_graph_task_id
+
+
+class RecomputedLayer(Protocol):
+    """What these functions read and set on a :class:`~batchnorm.BatchNormalization` layer."""
+
+    name: str
+    renorm: bool
+    _buffers: dict[str, torch.Tensor | None]
+
+
+def recomputing() -> bool:
+    """Whether autograd's engine is running a backward on this thread (a checkpoint's
+    recomputation calls the layer there)."""
+    return bool(_current_graph_task() != -1)
+
+
+def _statistics(layer: RecomputedLayer) -> list[torch.Tensor]:
+    buffers = layer._buffers
+    return [t for t in (buffers.get(name) for name in _STATISTICS) if t is not None]
+
+
+def _versions(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(t._version for t in tensors)
+
+
+def _write_unversioned(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """Copy ``values`` into ``tensors`` without bumping their version counters (through
+    ``.data``, which shares the memory but not the counter): what the call saved for its
+    backward stays valid."""
+    with torch.no_grad():
+        for tensor, value in zip(tensors, values, strict=True):
+            tensor.data.copy_(value)
+
+
+def step_once(
+    layer: RecomputedLayer, run: Callable[[], torch.Tensor | None]
+) -> torch.Tensor | None:
+    """``run()``, a training call of ``layer`` that steps its moving statistics, made so that a
+    checkpoint's recomputation of it steps nothing (see the module docstring).
+
+    Called with the layer's lock held, only for a renorm layer or during a recomputation."""
+    statistics = _statistics(layer)
+    if not recomputing():  # a renorm layer's forward: remember what its correction read
+        with torch.no_grad():
+            before = [t.clone() for t in statistics]
+        y = run()
+        vars(layer)["_renorm_before"] = (_versions(statistics), before)
+        return y
+    with torch.no_grad():
+        after = [t.clone() for t in statistics]
+    if layer.renorm:
+        remembered = vars(layer).get("_renorm_before")
+        if remembered is not None and remembered[0] == _versions(statistics):
+            _write_unversioned(statistics, remembered[1])
+        else:
+            warnings.warn(
+                f"Layer {layer.name} (renorm=True) is recomputed by activation checkpointing "
+                "after another training call of the same layer: its renorm correction reads "
+                "the renorm statistics as they are now, not as the recomputed call read them.",
+                UserWarning,
+                stacklevel=4,
+            )
+    try:
+        return run()
+    finally:
+        # The call bumped the versions, so a second recomputation since the forward (of
+        # another call of a shared layer) no longer matches what was remembered, and warns.
+        _write_unversioned(statistics, after)

@@ -1,0 +1,131 @@
+"""Activation checkpointing (``torch.utils.checkpoint``) steps the moving statistics once per
+training step, as the same model trained without it does.
+
+The checkpoint runs a checkpointed forward again during the backward; ``nn.BatchNorm2d`` then
+updates its running statistics twice per step (pytorch issue 96136), and a renorm layer's
+recomputation read the renorm statistics that its own forward had already stepped, which made
+the reentrant checkpoint's gradients wrong. The oracle is the same model trained without
+checkpointing (bit-equal buffers and gradients), and ``nn.BatchNorm2d`` for the plain layer's
+moving mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from batchnorm import BatchNormalization
+
+MASK = torch.rand(8, 6, 6, generator=torch.Generator().manual_seed(1)) > 0.3
+
+CASES = {
+    "plain": ({}, {}),
+    "renorm": (
+        {"renorm": True, "renorm_clipping": {"rmax": 3.0, "dmax": 5.0}, "renorm_momentum": 0.9},
+        {},
+    ),
+    "ghost batches": ({"virtual_batch_size": 2}, {}),
+    "mask": ({"fused": False}, {"mask": MASK}),
+    "in place": ({"memory": "in_place"}, {}),
+    "activation": ({"activation": "relu"}, {}),
+    "tensor training flag": ({}, {"training": torch.tensor(True)}),
+    "debiased": ({"moving_average": "debiased"}, {}),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, call: dict, **options):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = BatchNormalization(axis=1, momentum=0.9, **options)
+        self.call = call
+
+    def forward(self, x):
+        call = {"training": True, **self.call}
+        mask = call.pop("mask", None)
+        if mask is not None:  # a Keras mask: the input without its last axis
+            call["mask"] = mask.permute(0, 2, 1)[..., : x.shape[2]].permute(0, 2, 1)
+        return torch.relu(self.bn(self.conv(x).permute(0, 2, 3, 1), **call).permute(0, 3, 1, 2))
+
+
+def train(model, steps, checkpointed, reentrant):
+    gradients = []
+    for step in range(steps):
+        model.zero_grad()
+        x = (
+            torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(step)) + step
+        ).requires_grad_()
+        y = checkpoint(model, x, use_reentrant=reentrant) if checkpointed else model(x)
+        y.square().sum().backward()
+        gradients.append([x.grad, *(p.grad for p in model.parameters())])
+    return gradients
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_checkpointed_model_trains_as_without_checkpointing(case, reentrant):
+    options, call = CASES[case]
+    torch.manual_seed(0)
+    model = Block(call, **options)
+    plain = copy.deepcopy(model)
+    got = train(model, 3, checkpointed=True, reentrant=reentrant)
+    expected = train(plain, 3, checkpointed=False, reentrant=reentrant)
+    for step_got, step_expected in zip(got, expected, strict=True):
+        for a, b in zip(step_got, step_expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (name, a), b in zip(model.bn.named_buffers(), plain.bn.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_the_moving_mean_steps_once_per_step_as_nn_batchnorm_without_checkpointing(reentrant):
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(5, 4), BatchNormalization(momentum=0.9))
+    reference = nn.Sequential(copy.deepcopy(ours[0]), nn.BatchNorm1d(4, momentum=0.1, eps=1e-3))
+    weights = torch.randn(16, 4)
+    for step in range(4):
+        x = torch.randn(16, 5).requires_grad_() + step
+        (checkpoint(ours, x, use_reentrant=reentrant) * weights).sum().backward()
+        (reference(x) * weights).sum().backward()
+    torch.testing.assert_close(ours[1].moving_mean, reference[1].running_mean)
+    torch.testing.assert_close(ours[0].weight.grad, reference[0].weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_a_shared_renorm_layer_recomputed_after_its_later_call_warns():
+    """The reentrant checkpoint recomputes the second block first; the first block's
+    recomputation can no longer read the renorm statistics its forward read."""
+    torch.manual_seed(0)
+    layer = BatchNormalization(renorm=True, renorm_momentum=0.5)
+    layer(torch.randn(8, 4) * 3 + 1, training=True)
+    x = torch.randn(8, 4, requires_grad=True)
+    y = checkpoint(lambda t: layer(t, training=True) * 2, x, use_reentrant=True)
+    y = checkpoint(lambda t: layer(t, training=True) ** 2, y, use_reentrant=True)
+    before = [b.clone() for b in layer.buffers()]
+    with pytest.warns(UserWarning, match="after another training call of the same layer"):
+        y.sum().backward()
+    for a, b in zip(layer.buffers(), before, strict=True):  # still stepped once per call
+        assert torch.equal(a, b)
+
+
+def test_a_shared_plain_layer_steps_once_per_call():
+    torch.manual_seed(0)
+    layer = BatchNormalization(momentum=0.5)
+    twin = copy.deepcopy(layer)
+    weights = torch.randn(8, 4)
+    x = torch.randn(8, 4, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = checkpoint(lambda t: layer(t, training=True) * weights, x, use_reentrant=True)
+        y = checkpoint(lambda t: layer(t, training=True) * weights, y, use_reentrant=True)
+        y.sum().backward()
+    got = x.grad
+    x.grad = None
+    (twin(twin(x, training=True) * weights, training=True) * weights).sum().backward()
+    torch.testing.assert_close(got, x.grad, rtol=0, atol=0)
+    for a, b in zip(layer.buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
