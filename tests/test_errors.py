@@ -219,6 +219,19 @@ def state(layer):
         ),
         (
             {},
+            lambda layer: layer(torch.ones(8, 3).to(torch.float8_e4m3fn), training=True),
+            TypeError,
+            r"`x` must be a floating-point tensor \(float16, bfloat16, float32 or float64\)\. "
+            r"Received: x.dtype=torch.float8_e4m3fn",
+        ),
+        (
+            {},
+            lambda layer: layer(torch.randn(8, 3, device="meta"), training=True),
+            RuntimeError,
+            r"`gamma` must be on the input's device, meta. Received: gamma.device=cpu",
+        ),
+        (
+            {},
             lambda layer: layer([[1.0, 2.0, 3.0]], training=True),
             TypeError,
             r"`x` must be a torch.Tensor",
@@ -292,6 +305,31 @@ def test_axis_out_of_range_for_input():
         BatchNormalization(axis=-3).build((4, 3))
     with pytest.raises(ValueError, match=r"`axis` contains duplicate axes"):
         BatchNormalization(axis=[1, -1]).build((4, 3))
+
+
+def test_a_0d_input_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"`x` must have at least one axis.*Received: an input"):
+        BatchNormalization()(torch.tensor(1.0), training=True)
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_a_layer_left_on_the_meta_device_names_it_for_a_cpu_input(built):
+    """A model made on the meta device and never materialised met a CPU input inside NumPy
+    ("data is NULL but array contains data"); the layer stays as it was."""
+    with torch.device("meta"):
+        layer = BatchNormalization(3 if built else None)
+    hint = r"to_empty\(device=\.\.\.\)" if built else r"move the unbuilt layer there first"
+    for training in (True, False):
+        with pytest.raises(
+            RuntimeError, match=rf"`gamma` must be on the input's device, cpu.*{hint}"
+        ):
+            layer(torch.randn(4, 3), training=training)
+    assert layer.built is built and layer.moving_mean.device.type == "meta"
+    with pytest.raises(RuntimeError, match=r"`statistics.moving_mean` must be on the input's"):
+        batch_norm(
+            torch.randn(4, 3),
+            BatchNormStatistics(*(t.to("meta") for t in (torch.zeros(3), torch.ones(3)))),
+        )
 
 
 def test_fused_true_on_unsupported_rank_raises_at_build():

@@ -39,6 +39,7 @@ from batchnorm.functional._validation import (
     check_mask_values,
     check_positive,
     check_renorm_clipping,
+    check_same_device,
     check_tensor_shape,
     check_virtual_batch_size,
     normalize_axes,
@@ -306,6 +307,14 @@ def batch_norm_step(
         check_tensor_shape(tensor, expected, f"statistics.{name}")
     check_tensor_shape(gamma, channel_shape, "gamma")
     check_tensor_shape(beta, channel_shape, "beta")
+    check_same_device(
+        x,
+        {
+            **{f"statistics.{n}": t for n, t in zip(statistics._fields, statistics, strict=True)},
+            "gamma": gamma,
+            "beta": beta,
+        },
+    )
     training = training_flag(training)
     weights = None if mask is None else check_mask(mask, x, axes)
     # Which statistics normalise (training) and whether the moving ones step (update).

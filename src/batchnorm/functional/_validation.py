@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parameter import is_lazy
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
@@ -37,6 +38,11 @@ def check_axis_type(axis: Any) -> list[int]:
 def normalize_axes(axis: Any, ndim: int) -> tuple[int, ...]:
     """Sorted non-negative channel axes for an input of rank ``ndim``; negative axes count from the end."""
     axes = check_axis_type(axis)
+    if ndim == 0:
+        raise ValueError(
+            "`x` must have at least one axis (its channel axis): a 0-d tensor has none. "
+            f"Received: an input of rank 0 for axis={axis!r}"
+        )
     resolved = []
     for a in axes:
         if not -ndim <= a < ndim:
@@ -50,12 +56,17 @@ def normalize_axes(axis: Any, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(resolved))
 
 
+INPUT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
 def check_floating_input(x: Any, argument: str = "x") -> None:
+    """A tensor of one of :data:`INPUT_DTYPES` (float8 types are floating too, but nothing
+    computes batch norm in them: torch's promotion refused them deep inside)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"`{argument}` must be a torch.Tensor. Received: {argument} of type {type(x).__name__}"
         )
-    if not x.is_floating_point():
+    if x.dtype not in INPUT_DTYPES:
         raise TypeError(
             f"`{argument}` must be a floating-point tensor (float16, bfloat16, float32 or float64). "
             f"Received: {argument}.dtype={x.dtype}"
@@ -145,6 +156,30 @@ def check_renorm_clipping(clipping: Any) -> dict[str, float]:
             f"`renorm_clipping` needs dmax >= 0. Received: renorm_clipping={dict(clipping)!r}"
         )
     return {key: float(value) for key, value in values.items()}
+
+
+def check_same_device(x: torch.Tensor, tensors: dict[str, torch.Tensor | None]) -> None:
+    """Each of ``tensors`` (named as the caller's arguments) on ``x``'s device. A layer made on
+    the meta device and never materialised met a CPU input inside NumPy ("data is NULL")."""
+    for name, tensor in tensors.items():
+        if (
+            tensor is not None
+            and tensor.device != x.device
+            # a CPU scalar goes with any device (a placeholder has no shape yet)
+            and not (tensor.is_cpu and not is_lazy(tensor) and tensor.ndim == 0)
+        ):
+            hint = ""
+            if is_lazy(tensor):
+                hint = " (move the unbuilt layer there first: `.to(x.device)`)"
+            elif tensor.device.type == "meta":
+                hint = (
+                    " (a model made on the meta device needs `to_empty(device=...)` and "
+                    "`reset_parameters()` first)"
+                )
+            raise RuntimeError(
+                f"`{name}` must be on the input's device, {x.device}{hint}. "
+                f"Received: {name}.device={tensor.device}, x.device={x.device}"
+            )
 
 
 def check_tensor_shape(

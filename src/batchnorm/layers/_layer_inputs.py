@@ -11,7 +11,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from batchnorm.functional._validation import check_floating_input, normalize_axes, training_flag
+from batchnorm.functional._validation import (
+    check_floating_input,
+    check_same_device,
+    normalize_axes,
+    training_flag,
+)
 
 
 class CalledLayer(Protocol):
@@ -23,6 +28,7 @@ class CalledLayer(Protocol):
     moving_mean: torch.Tensor
     _axes: tuple[int, ...] | None
     _input_rank: int | None
+    _parameters: dict[str, Any]
     _buffers: dict[str, Any]
 
 
@@ -59,11 +65,12 @@ def check_input(layer: CalledLayer, x: torch.Tensor, remember: bool = True) -> N
         and accepted[0] is moving_mean
         and accepted[1] == x.shape
         and accepted[2] == x.dtype
+        and accepted[3] == x.device
     ):
         return
     _check_new_input(layer, x)
     if remember and layer._input_rank is not None:
-        memory["_accepted_input"] = (moving_mean, x.shape, x.dtype)
+        memory["_accepted_input"] = (moving_mean, x.shape, x.dtype, x.device)
 
 
 def _check_new_input(layer: CalledLayer, x: torch.Tensor) -> None:
@@ -82,3 +89,4 @@ def _check_new_input(layer: CalledLayer, x: torch.Tensor) -> None:
             f"axis {layer.axis}, but the input has {channel_shape}. "
             f"Received: x.shape={tuple(x.shape)}"
         )
+    check_same_device(x, {**layer._parameters, **layer._buffers})  # placeholders too
