@@ -69,7 +69,7 @@ from batchnorm.layers._lazy_weights import (
 )
 from batchnorm.layers._parametrized import affine_parameters_behind
 from batchnorm.layers._presets import Framework, preset_kwargs
-from batchnorm.layers._recomputation import recomputing, step_once
+from batchnorm.layers._recomputation import guards_step, step_once
 from batchnorm.layers._update_lock import UpdateLock
 
 
@@ -476,7 +476,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         if direct_calls is not None and (training is None or type(training) is bool):
             if self._trainable and (self.training if training is None else training):
                 with self._update_lock:
-                    if self.renorm or recomputing():
+                    if guards_step(self.renorm):
                         y = step_once(self, lambda: direct_calls(x, training, mask))
                     else:
                         y = direct_calls(x, training, mask)
@@ -532,7 +532,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         *,
         compiling: bool = False,
     ) -> torch.Tensor:
-        if compiling or resolved is False or not (self.renorm or recomputing()):
+        if compiling or resolved is False or not guards_step(self.renorm):
             return run_step(self, x, resolved, mask, compiling=compiling)
         y = step_once(self, lambda: run_step(self, x, resolved, mask))
         assert y is not None

@@ -13,9 +13,10 @@ same tensors), then its buffers get back the values they held before it: the upd
 once, in the forward.
 
 Batch Renormalization's correction ``r = sigma_B / sigma``, ``d = (mu_B - mu) / sigma`` reads
-the renorm statistics, which the forward has already stepped: the recomputation gets the values
-they held before that forward (remembered by each renorm training step, with the buffers'
-versions after it). Where the layer was called again since, or another of its calls was
+the renorm statistics (``renorm_mean``, ``renorm_stddev``), which the forward has already
+stepped: the recomputation gets the values they held before that forward (remembered by each
+renorm training step, with their versions after it, where a checkpoint may recompute the call: under ``no_grad`` or saved-tensor
+hooks). Where the layer was called again since, or another of its calls was
 recomputed first (a layer shared by several checkpointed blocks), what was remembered is not
 what the call being recomputed read: it then reads the buffers as they are, with a warning. (The
 non-reentrant checkpoint takes only the tensors saved for the backward from the recomputation,
@@ -36,6 +37,11 @@ from batchnorm.functional import BatchNormStatistics
 
 _STATISTICS = BatchNormStatistics._fields
 _current_graph_task = torch._C._current_graph_task_id
+# The innermost saved-tensor hooks (None where none are active); the check is skipped (True)
+# where torch does not have it.
+_saved_tensor_hooks = getattr(
+    torch._C._autograd, "_top_saved_tensors_default_hooks", lambda ignore_tracing: True
+)
 
 
 class RecomputedLayer(Protocol):
@@ -50,6 +56,16 @@ def recomputing() -> bool:
     """Whether autograd's engine is running a backward on this thread (a checkpoint's
     recomputation calls the layer there)."""
     return bool(_current_graph_task() != -1)
+
+
+def guards_step(renorm: bool) -> bool:
+    """Whether a training call of a layer goes through :func:`step_once`: a recomputation, or a
+    renorm layer's call that a checkpoint may recompute (the reentrant checkpoint runs its
+    forward under ``no_grad``, the non-reentrant one under saved-tensor hooks). Other calls
+    skip remembering the renorm statistics (3-4 us on a small renorm step)."""
+    return recomputing() or (
+        renorm and (not torch.is_grad_enabled() or _saved_tensor_hooks(False) is not None)
+    )
 
 
 def _statistics(layer: RecomputedLayer) -> list[torch.Tensor]:
@@ -70,26 +86,35 @@ def _write_unversioned(tensors: list[torch.Tensor], values: list[torch.Tensor]) 
             tensor.data.copy_(value)
 
 
+def _corrected_by(layer: RecomputedLayer) -> list[torch.Tensor]:
+    """The buffers Batch Renormalization's correction reads (none without renorm)."""
+    buffers = layer._buffers
+    if not layer.renorm:
+        return []
+    return [t for t in (buffers.get("renorm_mean"), buffers.get("renorm_stddev")) if t is not None]
+
+
 def step_once(
     layer: RecomputedLayer, run: Callable[[], torch.Tensor | None]
 ) -> torch.Tensor | None:
     """``run()``, a training call of ``layer`` that steps its moving statistics, made so that a
     checkpoint's recomputation of it steps nothing (see the module docstring).
 
-    Called with the layer's lock held, only for a renorm layer or during a recomputation."""
-    statistics = _statistics(layer)
-    if not recomputing():  # a renorm layer's forward: remember what its correction read
+    Called with the layer's lock held, where :func:`guards_step`."""
+    corrected = _corrected_by(layer)
+    if not recomputing():  # a renorm layer's forward: remember what its correction reads
         with torch.no_grad():
-            before = [t.clone() for t in statistics]
+            before = [t.clone() for t in corrected]
         y = run()
-        vars(layer)["_renorm_before"] = (_versions(statistics), before)
+        vars(layer)["_renorm_before"] = (_versions(corrected), before)
         return y
+    statistics = _statistics(layer)
     with torch.no_grad():
         after = [t.clone() for t in statistics]
-    if layer.renorm:
+    if corrected:
         remembered = vars(layer).get("_renorm_before")
-        if remembered is not None and remembered[0] == _versions(statistics):
-            _write_unversioned(statistics, remembered[1])
+        if remembered is not None and remembered[0] == _versions(corrected):
+            _write_unversioned(corrected, remembered[1])
         else:
             warnings.warn(
                 f"Layer {layer.name} (renorm=True) is recomputed by activation checkpointing "
