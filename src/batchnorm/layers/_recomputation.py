@@ -14,13 +14,15 @@ once, in the forward.
 
 Batch Renormalization's correction ``r = sigma_B / sigma``, ``d = (mu_B - mu) / sigma`` reads
 the renorm statistics (``renorm_mean``, ``renorm_stddev``), which the forward has already
-stepped: the recomputation gets the values they held before that forward (remembered by each
-renorm training step, with their versions after it, where a checkpoint may recompute the call: under ``no_grad`` or saved-tensor
-hooks). Where the layer was called again since, or another of its calls was
-recomputed first (a layer shared by several checkpointed blocks), what was remembered is not
+stepped: the recomputation gets the values they held before that forward. A renorm training
+step that a checkpoint may recompute (one under ``no_grad``, as the reentrant checkpoint runs
+its forward, or under saved-tensor hooks, as the non-reentrant one does) remembers them, with
+their versions after the step. Where the layer was called again since, or another of its calls
+was recomputed first (a layer shared by several checkpointed blocks), what was remembered is not
 what the call being recomputed read: it then reads the buffers as they are, with a warning. (The
-non-reentrant checkpoint takes only the tensors saved for the backward from the recomputation,
-and the correction is not one of them, so its gradients stay exact there.)
+non-reentrant checkpoint takes only the tensors saved for the backward from the recomputation:
+there the gradients still matched training without checkpointing in the cases tried, a fused
+ReLU included; the reentrant one's did not.)
 
 A training call that a backward hook makes during a backward is taken for a recomputation too.
 """
