@@ -129,3 +129,20 @@ def test_a_shared_plain_layer_steps_once_per_call():
     torch.testing.assert_close(got, x.grad, rtol=0, atol=0)
     for a, b in zip(layer.buffers(), twin.buffers(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_a_compiled_model_with_a_checkpoint_inside_steps_once():
+    """torch.compile traces the checkpoint as one region: its recomputation is part of the
+    compiled backward, which does not write the buffers again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), BatchNormalization(momentum=0.9), nn.Linear(4, 3))
+    model[1](torch.randn(2, 4), training=True)
+    plain = copy.deepcopy(model)
+    compiled = torch.compile(lambda v: checkpoint(model, v, use_reentrant=False))
+    x = torch.randn(8, 4)
+    compiled(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    torch.testing.assert_close(model[1].moving_mean, plain[1].moving_mean)
+    torch.testing.assert_close(model[1].moving_variance, plain[1].moving_variance)
+    torch.testing.assert_close(model[0].weight.grad, plain[0].weight.grad)
