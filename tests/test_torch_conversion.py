@@ -139,6 +139,28 @@ def test_convert_swaps_every_batch_norm_and_keeps_outputs():
     torch.testing.assert_close(back(x), original(x), rtol=1e-5, atol=1e-5)
 
 
+def test_convert_keeps_a_shared_batch_norm_shared():
+    """A batch norm used at several places (twice in one parent, and in another parent): convert
+    replaced it at its first place only, leaving torch's module at the others, so the two no
+    longer shared their weights and statistics. Oracle: the torch model, trained alike."""
+    torch.manual_seed(0)
+    shared = nn.BatchNorm1d(4, momentum=0.01, eps=1e-3)
+    original = nn.Sequential(
+        nn.Sequential(nn.Linear(4, 4), shared), nn.Linear(4, 4), shared, nn.Sequential(shared)
+    )
+    model = batchnorm.convert(copy.deepcopy(original), to="batchnorm")
+    layer = model[2]
+    assert isinstance(layer, batchnorm.BatchNormalization)
+    assert model[0][1] is layer and model[3][0] is layer
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    for x in _batches((4,), steps=3, smallest=16):
+        torch.testing.assert_close(model(x), original(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.moving_mean, shared.running_mean, rtol=1e-5, atol=1e-6)
+    back = batchnorm.convert(model, to="torch")
+    assert back[0][1] is back[2] is back[3][0]
+    assert isinstance(back[2], nn.BatchNorm1d)
+
+
 def test_convert_of_a_batch_norm_itself_returns_the_converted_module():
     converted = batchnorm.convert(nn.BatchNorm2d(3))
     assert isinstance(converted, batchnorm.BatchNormalization)

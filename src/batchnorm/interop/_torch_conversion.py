@@ -338,12 +338,20 @@ def convert(model: nn.Module, to: Literal["batchnorm", "torch"] = "batchnorm") -
 
     if is_source(model):
         return converted(model)
-    replacements = [
-        (parent, name, converted(child))
+    # Every place a batch norm sits, shared ones included (named_children() and modules() list a
+    # module once: a batch norm used twice was converted at its first place only, or into two
+    # layers that no longer shared their weights); each is converted once, and every place
+    # gets that one conversion.
+    places = [
+        (parent, name, child)
         for parent in model.modules()
-        for name, child in parent.named_children()
-        if is_source(child)
+        for name, child in parent._modules.items()
+        if child is not None and is_source(child)
     ]
-    for parent, name, replacement in replacements:
-        setattr(parent, name, replacement)
+    conversions: dict[int, nn.Module] = {}
+    for _, _, child in places:
+        if id(child) not in conversions:
+            conversions[id(child)] = converted(child)
+    for parent, name, child in places:
+        setattr(parent, name, conversions[id(child)])
     return model
