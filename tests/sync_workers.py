@@ -191,7 +191,8 @@ def suite_worker(rank: int, world_size: int, directory: Path, tasks: list[str]) 
     """Run ``tasks`` in order in one set of processes (each spawn costs seconds of imports).
 
     "layers-float64" / "layers-float32", "torch-ops" (layers-float64 with the torch-op backend,
-    the path other devices take), "ddp", "fsdp" and "errors" (last: it shuts the group down).
+    the path other devices take), "ddp", "fsdp", "fsdp-bfloat16" and "errors" (last: it shuts
+    the group down).
     """
     for task in tasks:
         if task == "torch-ops":
@@ -204,6 +205,8 @@ def suite_worker(rank: int, world_size: int, directory: Path, tasks: list[str]) 
             ddp_worker(rank, world_size, directory, DDP_STEPS)
         elif task == "fsdp":
             fsdp_worker(rank, world_size, directory, DDP_STEPS)
+        elif task == "fsdp-bfloat16":
+            fsdp_worker(rank, world_size, directory, DDP_STEPS, mixed_precision=True)
         elif task == "errors":
             error_worker(rank, world_size, directory)
         if dist.is_initialized():
@@ -451,21 +454,30 @@ def ddp_worker(rank: int, world_size: int, directory: Path, steps: int) -> None:
     torch.save(model.module.state_dict(), directory / f"ddp{rank}.pt")
 
 
-def fsdp_worker(rank: int, world_size: int, directory: Path, steps: int) -> None:
+def fsdp_worker(
+    rank: int, world_size: int, directory: Path, steps: int, mixed_precision: bool = False
+) -> None:
     """The small CNN, converted, sharded by FSDP2 (``fully_shard``: the batch norm layer in a
-    shard of its own, then the rest); final weights to ``fsdp{r}.pt``.
+    shard of its own, then the rest); final weights to ``fsdp{r}.pt``. With
+    ``mixed_precision``, a float32 model that FSDP2 runs in bfloat16 (``MixedPrecisionPolicy``:
+    parameters and inputs cast for the forward, gradients reduced in float32); final weights
+    to ``fsdp-bfloat16{r}.pt``.
 
     FSDP2 frees each unsharded parameter's memory after the forward and refills it for the
     backward by resizing its storage, which a storage NumPy had viewed through
     ``Tensor.numpy()`` refused."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = batchnorm.convert_sync(cnn_model())
-    fully_shard(model.norm)
-    fully_shard(model)
+    policy = MixedPrecisionPolicy()
+    if mixed_precision:
+        model = model.float()
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fully_shard(model.norm, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     train_on_shares(model, rank, world_size, steps)
     state = {
         key: value.full_tensor() if isinstance(value, dist.tensor.DTensor) else value
         for key, value in model.state_dict().items()
     }
-    torch.save(state, directory / f"fsdp{rank}.pt")
+    torch.save(state, directory / f"fsdp{'-bfloat16' if mixed_precision else ''}{rank}.pt")

@@ -24,6 +24,7 @@ def two_ranks(tmp_path_factory):
     """One spawn of 2 gloo processes runs every 2-rank check; the tests below read its files."""
     directory = tmp_path_factory.mktemp("two_ranks")
     tasks = ["layers-float64", "layers-float32", "layers-bfloat16", "torch-ops", "ddp", "fsdp"]
+    tasks.append("fsdp-bfloat16")
     tasks.append("errors")
     spawn(sync_workers.suite_worker, 2, directory, tasks)
     return directory
@@ -196,9 +197,13 @@ def test_call_order_errors_raise_on_every_rank(two_ranks):
     assert first["order_sizes"] == second["order_sizes"].replace("(16,)", "(8,)")
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "fsdp-bfloat16"])
 def test_data_parallel_cnn_matches_single_process_training(two_ranks, wrapper):
-    """DistributedDataParallel and FSDP2's fully_shard, each rank on half of every batch."""
+    """DistributedDataParallel and FSDP2's fully_shard, each rank on half of every batch;
+    "fsdp-bfloat16" with FSDP2's mixed precision (bfloat16 parameters and inputs in the forward,
+    float32 gradient reduction and weights), against float64 training at bfloat16's tolerance:
+    the layer normalises bfloat16 inputs with bfloat16 gamma and beta, and keeps its moving
+    statistics in float32."""
     model = sync_workers.cnn_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, target in sync_workers.cnn_data(sync_workers.DDP_STEPS):
@@ -209,13 +214,18 @@ def test_data_parallel_cnn_matches_single_process_training(two_ranks, wrapper):
     expected = model.state_dict()
     renamed = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean"}
     renamed["running_var"] = "moving_variance"
+    tolerance = TOLERANCE[torch.bfloat16 if wrapper == "fsdp-bfloat16" else torch.float64]
     for state in _rank_results(two_ranks, wrapper, 2):
         for key, value in expected.items():
             if key.endswith("num_batches_tracked"):
                 continue
             module, _, leaf = key.rpartition(".")
             ours = f"{module}.{renamed[leaf]}" if module == "norm" else key
-            torch.testing.assert_close(state[ours], value, rtol=1e-9, atol=1e-9, msg=key)
+            if wrapper == "fsdp-bfloat16":
+                assert state[ours].dtype == torch.float32, key
+            torch.testing.assert_close(
+                state[ours].to(value.dtype), value, rtol=tolerance, atol=tolerance, msg=key
+            )
 
 
 def test_without_process_group_behaves_as_unsynchronized():
