@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
+import batchnorm
 from batchnorm import BatchNormalization, freeze, unfreeze
 
 
@@ -233,3 +234,42 @@ def test_constraints_check_both_weights_before_writing_either():
         ours.apply_constraints()
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+
+
+@pytest.mark.parametrize("reroute", ["parametrize", "prune"])
+def test_conversions_carry_the_rerouting_over(reroute):
+    """convert (and from_torch, to_torch) took the computed scale and offset, the
+    parametrization or the mask baked in: a converted model trained on without its constraint
+    or its pruning. The converted module computes the same values from copies of the same
+    parameters behind them, and trains them as torch's module does."""
+    _, theirs = _pair(reroute)
+    converted = batchnorm.convert(theirs, to="batchnorm")  # a new module: theirs stays
+    assert isinstance(converted, BatchNormalization)
+    names = (("gamma", "weight"), ("beta", "bias"))
+    for name, torch_name in names:
+        assert torch.equal(_behind(converted, name), _behind(theirs, torch_name))
+        assert _behind(converted, name) is not _behind(theirs, torch_name)
+    if reroute == "prune":
+        assert torch.equal(converted.gamma_mask, theirs.weight_mask)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (converted, theirs)]
+    for _ in range(2):
+        x = torch.randn(16, 8, 5, 5) * 3 + 1
+        upstream = torch.randn_like(x)
+        for module, optimizer in zip((converted, theirs), optimizers, strict=True):
+            optimizer.zero_grad()
+            module(x).backward(upstream)
+            optimizer.step()
+        for name, torch_name in names:
+            torch.testing.assert_close(
+                _behind(converted, name), _behind(theirs, torch_name), rtol=1e-4, atol=1e-5
+            )
+            torch.testing.assert_close(getattr(converted, name), getattr(theirs, torch_name))
+    back = batchnorm.convert(nn.Sequential(converted), to="torch")[0]
+    assert isinstance(back, nn.BatchNorm2d)
+    for name, torch_name in names:
+        assert torch.equal(_behind(back, torch_name), _behind(converted, name))
+    if reroute == "parametrize":
+        assert [type(p) for p in back.parametrizations.weight] == [Positive]
+    x = torch.randn(4, 8, 5, 5)
+    converted.eval(), back.eval()
+    torch.testing.assert_close(back(x), converted(x), rtol=1e-5, atol=1e-5)

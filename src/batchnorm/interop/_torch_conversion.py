@@ -31,6 +31,7 @@ from batchnorm.interop._activation_conversion import (
     is_activated_batch_norm,
     torch_activation,
 )
+from batchnorm.interop._rerouting_conversion import carry_rerouting
 from batchnorm.layers import BatchNormalization
 
 _TORCH_CLASSES: dict[int, tuple[type[_BatchNorm], type[_BatchNorm]]] = {
@@ -143,6 +144,7 @@ def _layer_from(module: Any, activated: ActivatedBatchNorm | None) -> BatchNorma
     )
     if not lazy:
         _copy_state(module, layer, to_layer=True)
+        carry_rerouting(module, layer, _NAME_PAIRS[:2])
         if activated is not None:
             activated.finish(module, layer)
     layer.train(module.training)
@@ -288,6 +290,7 @@ def _torch_batch_norm(
             int(reference.shape[0]), device=reference.device, dtype=reference.dtype, **options
         )
         _copy_state(module, layer, to_layer=False)
+        carry_rerouting(layer, module, [(ours, theirs) for theirs, ours in _NAME_PAIRS[:2]])
     module.train(layer.training)
     return module
 
