@@ -146,3 +146,36 @@ def test_a_compiled_model_with_a_checkpoint_inside_steps_once():
     torch.testing.assert_close(model[1].moving_mean, plain[1].moving_mean)
     torch.testing.assert_close(model[1].moving_variance, plain[1].moving_variance)
     torch.testing.assert_close(model[0].weight.grad, plain[0].weight.grad)
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_selective_activation_checkpointing_steps_once(renorm):
+    """Selective checkpointing replays the forward's operators through a dispatch mode; the
+    layer's own bookkeeping (copies of its statistics) must not be among them: the backward
+    failed with "aten.clone.default encountered during backward but not found in storage". Under
+    the mode the layer takes the torch ops, so the oracle (the kernels, no checkpoint) agrees
+    within float32 rounding."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        saved = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def contexts():
+        return create_selective_checkpoint_contexts(policy)
+
+    torch.manual_seed(0)
+    options = {"renorm": True, "renorm_clipping": {"rmax": 2.0, "dmax": 1.0}} if renorm else {}
+    model = nn.Sequential(
+        nn.Linear(4, 4), BatchNormalization(momentum=0.8, **options), nn.Linear(4, 3)
+    )
+    plain = copy.deepcopy(model)
+    for step in range(3):
+        x, weights = torch.randn(8, 4) + step, torch.randn(8, 3)
+        model.zero_grad(), plain.zero_grad()
+        y = checkpoint(model, x, use_reentrant=False, context_fn=contexts)
+        (y * weights).sum().backward()
+        (plain(x) * weights).sum().backward()
+        for a, b in zip(model[1].buffers(), plain[1].buffers(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model[0].weight.grad, plain[0].weight.grad, rtol=1e-4, atol=1e-5)

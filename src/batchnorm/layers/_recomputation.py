@@ -29,11 +29,13 @@ A training call that a backward hook makes during a backward is taken for a reco
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from batchnorm.functional import BatchNormStatistics
 
@@ -79,11 +81,27 @@ def _versions(tensors: list[torch.Tensor]) -> tuple[int, ...]:
     return tuple(t._version for t in tensors)
 
 
+@contextlib.contextmanager
+def _unseen() -> Iterator[None]:
+    """Bookkeeping that no dispatch mode sees and autograd does not record: selective activation
+    checkpointing (``create_selective_checkpoint_contexts``) replays the forward's operators in
+    the recomputation and failed on copies that only one of them made ("aten.clone.default
+    encountered during backward but not found in storage"); FlopCounterMode and memory trackers
+    would count them."""
+    with torch.no_grad(), _disable_current_modes():
+        yield
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    with _unseen():
+        return [t.clone() for t in tensors]
+
+
 def _write_unversioned(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
     """Copy ``values`` into ``tensors`` without bumping their version counters (through
     ``.data``, which shares the memory but not the counter): what the call saved for its
     backward stays valid."""
-    with torch.no_grad():
+    with _unseen():
         for tensor, value in zip(tensors, values, strict=True):
             tensor.data.copy_(value)
 
@@ -105,14 +123,12 @@ def step_once(
     Called with the layer's lock held, where :func:`guards_step`."""
     corrected = _corrected_by(layer)
     if not recomputing():  # a renorm layer's forward: remember what its correction reads
-        with torch.no_grad():
-            before = [t.clone() for t in corrected]
+        before = _copies(corrected)
         y = run()
         vars(layer)["_renorm_before"] = (_versions(corrected), before)
         return y
     statistics = _statistics(layer)
-    with torch.no_grad():
-        after = [t.clone() for t in statistics]
+    after = _copies(statistics)
     if corrected:
         remembered = vars(layer).get("_renorm_before")
         if remembered is not None and remembered[0] == _versions(corrected):
