@@ -307,14 +307,11 @@ def batch_norm_step(
         check_tensor_shape(tensor, expected, f"statistics.{name}")
     check_tensor_shape(gamma, channel_shape, "gamma")
     check_tensor_shape(beta, channel_shape, "beta")
-    check_same_device(
-        x,
-        {
-            **{f"statistics.{n}": t for n, t in zip(statistics._fields, statistics, strict=True)},
-            "gamma": gamma,
-            "beta": beta,
-        },
-    )
+    device = x.device
+    if any(t is not None and t.device != device for t in (*statistics, gamma, beta)):
+        named = zip(statistics._fields, statistics, strict=True)
+        tensors = {f"statistics.{n}": t for n, t in named} | {"gamma": gamma, "beta": beta}
+        check_same_device(x, tensors)  # names the first on another device
     training = training_flag(training)
     weights = None if mask is None else check_mask(mask, x, axes)
     # Which statistics normalise (training) and whether the moving ones step (update).
