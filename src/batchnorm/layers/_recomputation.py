@@ -41,11 +41,19 @@ from batchnorm.functional import BatchNormStatistics
 
 _STATISTICS = BatchNormStatistics._fields
 _current_graph_task = torch._C._current_graph_task_id
-# The innermost saved-tensor hooks (None where none are active); the check is skipped (True)
-# where torch does not have it.
-_saved_tensor_hooks = getattr(
-    torch._C._autograd, "_top_saved_tensors_default_hooks", lambda ignore_tracing: True
-)
+# The innermost saved-tensor hooks (None where none are active): torch 2.13 takes whether to
+# ignore tracing, some earlier versions nothing; where torch has no such function, every renorm
+# step counts as one that a checkpoint may recompute.
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    if _top_hooks is None:
+        return True
+    try:
+        return _top_hooks(False) is not None
+    except TypeError:
+        return _top_hooks() is not None
 
 
 class RecomputedLayer(Protocol):
@@ -68,7 +76,7 @@ def guards_step(renorm: bool) -> bool:
     forward under ``no_grad``, the non-reentrant one under saved-tensor hooks). Other calls
     skip remembering the renorm statistics (3-4 us on a small renorm step)."""
     return recomputing() or (
-        renorm and (not torch.is_grad_enabled() or _saved_tensor_hooks(False) is not None)
+        renorm and (not torch.is_grad_enabled() or _saved_tensor_hooks_active())
     )
 
 
