@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import batchnorm
 from batchnorm import BatchNormalization, BatchNormStatistics
@@ -191,7 +192,7 @@ def suite_worker(rank: int, world_size: int, directory: Path, tasks: list[str]) 
     """Run ``tasks`` in order in one set of processes (each spawn costs seconds of imports).
 
     "layers-float64" / "layers-float32", "torch-ops" (layers-float64 with the torch-op backend,
-    the path other devices take), "ddp", "fsdp", "fsdp-bfloat16" and "errors" (last: it shuts
+    the path other devices take), "ddp", "fsdp", "fsdp-bfloat16", "fsdp-checkpoint" and "errors" (last: it shuts
     the group down).
     """
     for task in tasks:
@@ -207,6 +208,8 @@ def suite_worker(rank: int, world_size: int, directory: Path, tasks: list[str]) 
             fsdp_worker(rank, world_size, directory, DDP_STEPS)
         elif task == "fsdp-bfloat16":
             fsdp_worker(rank, world_size, directory, DDP_STEPS, mixed_precision=True)
+        elif task == "fsdp-checkpoint":
+            fsdp_worker(rank, world_size, directory, DDP_STEPS, checkpointed=True)
         elif task == "errors":
             error_worker(rank, world_size, directory)
         if dist.is_initialized():
@@ -414,9 +417,17 @@ class SmallCnn(nn.Module):
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.norm = nn.BatchNorm2d(4, momentum=0.2)
         self.head = nn.Linear(4 * 5 * 5, 2)
+        self.checkpointed = False  # conv-norm-relu under torch.utils.checkpoint (non-reentrant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.norm(self.conv(x))).flatten(1))
+        if self.checkpointed:
+            features = checkpoint(self.block, x, use_reentrant=False)
+        else:
+            features = self.block(x)
+        return self.head(features.flatten(1))
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.conv(x)))
 
 
 def cnn_data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -455,13 +466,20 @@ def ddp_worker(rank: int, world_size: int, directory: Path, steps: int) -> None:
 
 
 def fsdp_worker(
-    rank: int, world_size: int, directory: Path, steps: int, mixed_precision: bool = False
+    rank: int,
+    world_size: int,
+    directory: Path,
+    steps: int,
+    mixed_precision: bool = False,
+    checkpointed: bool = False,
 ) -> None:
     """The small CNN, converted, sharded by FSDP2 (``fully_shard``: the batch norm layer in a
     shard of its own, then the rest); final weights to ``fsdp{r}.pt``. With
     ``mixed_precision``, a float32 model that FSDP2 runs in bfloat16 (``MixedPrecisionPolicy``:
     parameters and inputs cast for the forward, gradients reduced in float32); final weights
-    to ``fsdp-bfloat16{r}.pt``.
+    to ``fsdp-bfloat16{r}.pt``. With ``checkpointed``, the conv-norm-relu block under
+    activation checkpointing (its moving statistics step once a step); to
+    ``fsdp-checkpoint{r}.pt``.
 
     FSDP2 frees each unsharded parameter's memory after the forward and refills it for the
     backward by resizing its storage, which a storage NumPy had viewed through
@@ -469,6 +487,7 @@ def fsdp_worker(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = batchnorm.convert_sync(cnn_model())
+    model.checkpointed = checkpointed
     policy = MixedPrecisionPolicy()
     if mixed_precision:
         model = model.float()
@@ -480,4 +499,5 @@ def fsdp_worker(
         key: value.full_tensor() if isinstance(value, dist.tensor.DTensor) else value
         for key, value in model.state_dict().items()
     }
-    torch.save(state, directory / f"fsdp{'-bfloat16' if mixed_precision else ''}{rank}.pt")
+    suffix = "-bfloat16" if mixed_precision else "-checkpoint" if checkpointed else ""
+    torch.save(state, directory / f"fsdp{suffix}{rank}.pt")

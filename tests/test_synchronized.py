@@ -24,7 +24,7 @@ def two_ranks(tmp_path_factory):
     """One spawn of 2 gloo processes runs every 2-rank check; the tests below read its files."""
     directory = tmp_path_factory.mktemp("two_ranks")
     tasks = ["layers-float64", "layers-float32", "layers-bfloat16", "torch-ops", "ddp", "fsdp"]
-    tasks.append("fsdp-bfloat16")
+    tasks += ["fsdp-bfloat16", "fsdp-checkpoint"]
     tasks.append("errors")
     spawn(sync_workers.suite_worker, 2, directory, tasks)
     return directory
@@ -197,13 +197,15 @@ def test_call_order_errors_raise_on_every_rank(two_ranks):
     assert first["order_sizes"] == second["order_sizes"].replace("(16,)", "(8,)")
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "fsdp-bfloat16"])
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "fsdp-bfloat16", "fsdp-checkpoint"])
 def test_data_parallel_cnn_matches_single_process_training(two_ranks, wrapper):
     """DistributedDataParallel and FSDP2's fully_shard, each rank on half of every batch;
     "fsdp-bfloat16" with FSDP2's mixed precision (bfloat16 parameters and inputs in the forward,
     float32 gradient reduction and weights), against float64 training at bfloat16's tolerance:
     the layer normalises bfloat16 inputs with bfloat16 gamma and beta, and keeps its moving
-    statistics in float32."""
+    statistics in float32; "fsdp-checkpoint" with the conv-norm-relu block under activation
+    checkpointing, whose recomputation steps the moving statistics of the synchronized layer
+    no second time."""
     model = sync_workers.cnn_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, target in sync_workers.cnn_data(sync_workers.DDP_STEPS):
