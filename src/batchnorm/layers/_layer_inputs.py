@@ -50,13 +50,14 @@ def resolve_training(training: Any, trainable: bool, module_training: bool) -> b
 
 
 def check_input(layer: CalledLayer, x: torch.Tensor, remember: bool = True) -> None:
-    """A floating tensor of the built rank with the built channels (axes valid for its rank).
+    """A floating tensor of the built rank with the built channels (axes valid for its rank), on
+    the device of the layer's tensors.
 
     ``remember=False`` (a call that ``torch.compile``, ``torch.export`` or ``torch.jit.trace``
     traces) leaves the layer as it was: the remembered signature holds a buffer, and ``torch.export`` warned that a
     tensor attribute was assigned during export."""
-    # The checks depend only on x's shape and dtype and on what the build fixed: a built layer
-    # remembers the last signature it accepted (they cost microseconds per call).
+    # The checks depend only on x's shape, dtype and device and on what the build fixed: a built
+    # layer remembers the last signature it accepted (they cost microseconds per call).
     memory = vars(layer)
     accepted = memory.get("_accepted_input")
     moving_mean = layer._buffers.get("moving_mean")
