@@ -63,3 +63,30 @@ def test_compiled_composed_path_with_inductor(composed_on_cpu):
     for a, b in zip(eager[0], compiled[0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(eager[1], compiled[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_renorm_compiled_with_inductor_corrects_with_the_statistics_before_the_step():
+    """Inductor's partitioner recomputes cheap values in the backward: renorm's r and d were
+    recomputed there from renorm_mean and renorm_stddev, which the forward had already stepped
+    in place, and every gradient was off (3e-3 here; aot_eager, which saves them, was right).
+    Oracle: the same model eager, against which the buffers and gradients agree."""
+    import copy
+
+    torch.manual_seed(0)
+    options = {"renorm": True, "renorm_clipping": {"rmax": 2.0, "dmax": 1.0}}
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 4), BatchNormalization(momentum=0.8, **options), torch.nn.Linear(4, 3)
+    )
+    model[1](torch.randn(2, 4) * 3 + 2, training=True)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    for step in range(3):
+        x, weights = torch.randn(8, 4) + step, torch.randn(8, 3)
+        model.zero_grad(), eager.zero_grad()
+        (compiled(x) * weights).sum().backward()
+        (eager(x) * weights).sum().backward()
+        for a, b in zip(model.parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+        for a, b in zip(model[1].buffers(), eager[1].buffers(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

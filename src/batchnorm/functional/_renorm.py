@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import torch
 
+from batchnorm.functional._pinned_read import pinned_read
+
 
 def compose_transforms(
     scale: torch.Tensor | None,
@@ -52,6 +54,8 @@ def renorm_correction(
     """
     stddev = torch.sqrt(variance + epsilon)
     floor = math.sqrt(epsilon)
+    # The step updates both in place afterwards: a compiled backward must not read them again.
+    renorm_mean, renorm_stddev = pinned_read(renorm_mean), pinned_read(renorm_stddev)
     renorm_stddev = torch.clamp(renorm_stddev.to(stddev.dtype), min=floor)
     r = stddev.detach() / renorm_stddev
     d = (mean.detach() - renorm_mean.to(mean.dtype)) / renorm_stddev

@@ -1,0 +1,39 @@
+"""A read of a buffer that the same compiled step then updates, kept for the backward.
+
+``torch.compile`` (inductor) partitions a training step's graph with the min-cut partitioner,
+which recomputes cheap values in the backward instead of saving them, reading their inputs
+again there. A buffer that the forward updates in place is then read after the update: Batch
+Renormalization's ``r = sigma_B / sigma`` and ``d = (mu_B - mu) / sigma`` were recomputed from
+``renorm_mean`` and ``renorm_stddev`` already stepped, and gamma's, beta's and x's gradients
+were off (by 3e-3 on a (8, 4) Linear-renorm-Linear step; ``aot_eager``, which recomputes
+nothing, was right). pytorch pull request 197039 (open) fixes the partitioner.
+
+Until then the values are read through :func:`pinned_read`, a custom operator (an identity
+copy) while ``torch.compile`` traces: the partitioner recomputes only operators on its
+allowlist, so it saves the copy for the backward. Eager calls read the tensor itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.custom_op("batchnorm::pinned_read", mutates_args=())
+def _pinned_read_op(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone()
+
+
+@_pinned_read_op.register_fake
+def _(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(tensor)
+
+
+def pinned_read(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a compiled graph's backward must see it: before the step updates it. A copy
+    through an operator the partitioner does not recompute while ``torch.compile`` traces (not
+    under ``torch.onnx.export``, which has no translation for it); ``tensor`` itself otherwise.
+    Detached: what reads it here carries no gradient (renorm's r and d)."""
+    if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+        result: torch.Tensor = _pinned_read_op(tensor.detach())
+        return result
+    return tensor
