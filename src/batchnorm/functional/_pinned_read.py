@@ -11,16 +11,40 @@ nothing, was right). pytorch pull request 197039 (open) fixes the partitioner.
 Until then the values are read through :func:`pinned_read`, a custom operator (an identity
 copy) while ``torch.compile`` traces: the partitioner recomputes only operators on its
 allowlist, so it saves the copy for the backward. Eager calls read the tensor itself.
+
+Inside a checkpoint that the compiled graph contains, the backward recomputes everything, that
+operator too (1.5e-2 off on the same step). Run inside a backward, the operator therefore
+returns the copy that its last run outside one made for the same buffer: the values the
+forward read, where the layer ran once since (a layer called twice before the backward, or
+one shared by two checkpointed blocks, gets its last call's; the eager path warns there, see
+:mod:`batchnorm.layers._recomputation`).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
+
+# The copy that the last read of each buffer outside a backward made, by the buffer's memory
+# address (the most recent first out when there are more than _KEPT).
+_LAST_COPY: OrderedDict[int, torch.Tensor] = OrderedDict()
+_KEPT = 256
 
 
 @torch.library.custom_op("batchnorm::pinned_read", mutates_args=())
 def _pinned_read_op(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.clone()
+    address = tensor.data_ptr()
+    if torch._C._current_graph_task_id() != -1:  # a compiled checkpoint's recomputation
+        copy = _LAST_COPY.get(address)
+        if copy is not None and copy.shape == tensor.shape and copy.dtype == tensor.dtype:
+            return copy.clone()
+    copy = tensor.clone()
+    _LAST_COPY[address] = copy
+    _LAST_COPY.move_to_end(address)
+    while len(_LAST_COPY) > _KEPT:
+        _LAST_COPY.popitem(last=False)
+    return copy.clone()
 
 
 @_pinned_read_op.register_fake
