@@ -27,7 +27,7 @@ from collections import OrderedDict
 import torch
 
 # The copy that the last read of each buffer outside a backward made, by the buffer's memory
-# address (the most recent first out when there are more than _KEPT).
+# address (the least recently read dropped first beyond _KEPT).
 _LAST_COPY: OrderedDict[int, torch.Tensor] = OrderedDict()
 _KEPT = 256
 
