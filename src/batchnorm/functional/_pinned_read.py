@@ -26,6 +26,13 @@ from collections import OrderedDict
 
 import torch
 
+
+def recomputing() -> bool:
+    """Whether autograd's engine is running a backward on this thread, where a checkpoint
+    recomputes a forward (``torch._C._current_graph_task_id()`` is -1 outside one)."""
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
 # The copy that the last read of each buffer outside a backward made, by the buffer's memory
 # address (the least recently read dropped first beyond _KEPT).
 _LAST_COPY: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -35,7 +42,7 @@ _KEPT = 256
 @torch.library.custom_op("batchnorm::pinned_read", mutates_args=())
 def _pinned_read_op(tensor: torch.Tensor) -> torch.Tensor:
     address = tensor.data_ptr()
-    if torch._C._current_graph_task_id() != -1:  # a compiled checkpoint's recomputation
+    if recomputing():  # a compiled checkpoint's recomputation
         copy = _LAST_COPY.get(address)
         if copy is not None and copy.shape == tensor.shape and copy.dtype == tensor.dtype:
             return copy.clone()

@@ -38,9 +38,9 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from batchnorm.functional import BatchNormStatistics
+from batchnorm.functional._pinned_read import recomputing
 
 _STATISTICS = BatchNormStatistics._fields
-_current_graph_task = torch._C._current_graph_task_id
 # The innermost saved-tensor hooks (None where none are active): torch 2.13 takes whether to
 # ignore tracing, some earlier versions nothing; where torch has no such function, every renorm
 # step counts as one that a checkpoint may recompute.
@@ -62,12 +62,6 @@ class RecomputedLayer(Protocol):
     name: str
     renorm: bool
     _buffers: dict[str, torch.Tensor | None]
-
-
-def recomputing() -> bool:
-    """Whether autograd's engine is running a backward on this thread (a checkpoint's
-    recomputation calls the layer there)."""
-    return bool(_current_graph_task() != -1)
 
 
 def guards_step(renorm: bool) -> bool:
