@@ -285,6 +285,10 @@ def check_use_global_stats(value: Any) -> bool | None:
     return value
 
 
+# What batch_norm_step checks is on x's device, named as the caller passed them.
+_DEVICE_CHECKED = (*(f"statistics.{n}" for n in BatchNormStatistics._fields), "gamma", "beta")
+
+
 def batch_norm_step(
     x: torch.Tensor,
     statistics: BatchNormStatistics,
@@ -307,11 +311,7 @@ def batch_norm_step(
         check_tensor_shape(tensor, expected, f"statistics.{name}")
     check_tensor_shape(gamma, channel_shape, "gamma")
     check_tensor_shape(beta, channel_shape, "beta")
-    device = x.device
-    if any(t is not None and t.device != device for t in (*statistics, gamma, beta)):
-        named = zip(statistics._fields, statistics, strict=True)
-        tensors = {f"statistics.{n}": t for n, t in named} | {"gamma": gamma, "beta": beta}
-        check_same_device(x, tensors)  # names the first on another device
+    check_same_device(x, _DEVICE_CHECKED, (*statistics, gamma, beta))
     training = training_flag(training)
     weights = None if mask is None else check_mask(mask, x, axes)
     # Which statistics normalise (training) and whether the moving ones step (update).

@@ -90,4 +90,5 @@ def _check_new_input(layer: CalledLayer, x: torch.Tensor) -> None:
             f"axis {layer.axis}, but the input has {channel_shape}. "
             f"Received: x.shape={tuple(x.shape)}"
         )
-    check_same_device(x, {**layer._parameters, **layer._buffers})  # placeholders too
+    tensors = layer._parameters | layer._buffers  # placeholders too
+    check_same_device(x, tensors.keys(), tensors.values())
