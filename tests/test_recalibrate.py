@@ -87,6 +87,10 @@ def test_batch_formats_and_num_batches():
         assert result.batches == 2
         for key, value in model.state_dict().items():
             torch.testing.assert_close(value, reference.state_dict()[key], rtol=0, atol=0)
+    # An iterator is left at the first batch not used: nothing is drawn and dropped.
+    shared = iter(batches)
+    recalibrate(trained_net(), shared, num_batches=2, progress=False)
+    assert next(shared) is batches[2]
 
 
 def conv_net() -> nn.Module:
@@ -214,6 +218,32 @@ def test_fused_ghost_batch_renorm_and_masked_layers():
     np.testing.assert_allclose(masked.moving_mean.numpy(), kept.mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(masked.moving_variance.numpy(), kept.var(0), rtol=1e-5)
     assert result.samples == {"": len(kept)}
+
+
+@pytest.mark.parametrize("length", [3, 5])
+def test_keras_mask_with_the_channel_axis_not_last(length):
+    """A mask of x's shape without its LAST axis weighs (sample, channel) pairs, broadcast along
+    the last axis (Keras' reading, the layer's own): the population statistics weigh the same,
+    whether or not the channel count equals the last axis' length (3 = 3 once read the other
+    way, with the weights silently misplaced; 5 != 3 failed to broadcast)."""
+    generator = torch.Generator().manual_seed(8)
+    data = [
+        (
+            torch.randn(n, 3, length, generator=generator) * 2 + 1,
+            (torch.rand(n, 3, generator=generator) > 0.4).float(),
+        )
+        for n in (6, 4)
+    ]
+    layer = BatchNormalization(axis=1)
+    recalibrate(
+        layer, data, progress=False, forward=lambda layer, batch: layer(batch[0], mask=batch[1])
+    )
+    x = np.concatenate([x.numpy() for x, _ in data]).astype(np.float64)
+    w = np.broadcast_to(np.concatenate([m.numpy() for _, m in data])[:, :, None], x.shape)
+    mean = (w * x).sum((0, 2)) / w.sum((0, 2))
+    variance = (w * (x - mean[:, None]) ** 2).sum((0, 2)) / w.sum((0, 2))  # biased: not fused
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-5)
 
 
 def test_frozen_and_statistics_free_layers_are_skipped():

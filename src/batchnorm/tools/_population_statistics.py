@@ -14,12 +14,14 @@ rank ends with identical numbers.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from batchnorm.functional._batch_norm import check_mask
 from batchnorm.functional._validation import check_module
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools import _batch_norm_modules as bn
@@ -230,9 +232,9 @@ def collect_population_statistics(
     bar = Progress(label, total, enabled=progress)
     count = 0
     try:
-        for batch in batches:
-            if num_batches is not None and count >= num_batches:
-                break
+        # islice: no batch beyond the last one used is drawn from the iterable (a generator or
+        # a shared iterator keeps it).
+        for batch in itertools.islice(batches, num_batches):
             run(model, batch)
             _restore(layers, saved)
             first_batch[0] = False
@@ -258,10 +260,9 @@ def _mask_weights(
     mask = args[2] if len(args) > 2 else kwargs.get("mask")
     if mask is None:
         return None
-    weights: torch.Tensor = torch.as_tensor(mask)
-    for a in axes:
-        weights = weights.unsqueeze(a)
-    return weights
+    # The layer's own reading (Keras' shape first: x without its last axis), so the statistics
+    # weigh what the layer's training call weighs.
+    return check_mask(torch.as_tensor(mask, device=x.device), x, axes)
 
 
 def _length(batches: Any) -> int | None:
