@@ -332,3 +332,124 @@ def test_fold_layers_never_called():
         x = torch.randn(2, 3, 2, 2)
         folded = fold(model, x)
     assert folded.folded == [("0", "1"), ("2", "3")] and folded.max_difference < 1e-5
+
+
+class SharedNorm(nn.Module):
+    """One batch norm registered under two names (an attribute and a place in a Sequential)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(4)
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3), self.norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+def test_a_batch_norm_registered_twice_is_replaced_at_every_place():
+    """named_modules() lists the module once, under `norm`: replaced there only, `block.1`
+    still ran the batch norm after the folded convolution (1.5 off)."""
+    model = randomise(SharedNorm().double()).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    result = fold(model, x)
+    assert result.folded == [("block.0", "norm")]
+    assert isinstance(result.model.block[1], FoldedBatchNorm)
+    assert result.model.block[1] is result.model.norm
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class TiedDecoder(nn.Module):
+    """An autoencoder whose decoder reads the encoder's weight (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = nn.Linear(6, 4)
+        self.norm = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.norm(self.encode(x)))
+        return nn.functional.linear(hidden, self.encode.weight.t())
+
+
+def test_a_weight_the_forward_also_reads_is_not_folded():
+    """Folding rewrites the encoder's weight, which the decoder reads too (1.5 off before)."""
+    model = randomise(TiedDecoder()).eval()
+    x = torch.randn(5, 6)
+    result = fold(model, x)
+    assert result.folded == []
+    assert result.not_folded == {
+        "norm": "the forward also reads encode.weight directly, which folding would change"
+    }
+    assert result.max_difference == 0.0
+
+
+def rerouted_conv(kind: str) -> nn.Module:
+    """A Conv2d whose weight or bias is computed from other tensors on each call."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 4, 3).double()
+    if kind == "weight_norm":
+        nn.utils.parametrizations.weight_norm(conv)
+    elif kind == "spectral_norm":
+        nn.utils.parametrizations.spectral_norm(conv)
+    elif kind == "softplus_bias":
+        nn.utils.parametrize.register_parametrization(conv, "bias", nn.Softplus())
+    elif kind == "pruned":
+        nn.utils.prune.l1_unstructured(conv, "weight", amount=0.5)
+    elif kind == "hooked_weight_norm":
+        with pytest.warns(FutureWarning, match="weight_norm"):
+            conv = nn.utils.weight_norm(conv)
+    elif kind == "hooked_spectral_norm":
+        conv = nn.utils.spectral_norm(conv)
+    return conv
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "weight_norm",
+        "spectral_norm",
+        "softplus_bias",
+        "pruned",
+        "hooked_weight_norm",
+        "hooked_spectral_norm",
+    ],
+)
+def test_parametrized_pruned_and_hooked_layers_fold_with_their_computed_weight(kind):
+    """The computed weight (and bias) is folded, as remove_parametrizations(leave_parametrized=
+    True) / prune.remove give it, and the original keeps its rerouting. Before: KeyError
+    "attribute 'weight' already exists" (parametrizations), deepcopy's "Only Tensors created
+    explicitly by the user" (pruning, torch.nn.utils.weight_norm), or a TypeError."""
+    model = nn.Sequential(rerouted_conv(kind), randomise(nn.BatchNorm2d(4).double())).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    expected = model(x)
+    state = copy.deepcopy(model.state_dict())
+    result = fold(model, x)
+    assert result.folded == [("0", "1")]
+    torch.testing.assert_close(result.model(x), expected, rtol=1e-12, atol=1e-12)
+    folded_conv = result.model[0]
+    assert type(folded_conv) is nn.Conv2d and not folded_conv._forward_pre_hooks
+    assert isinstance(folded_conv.weight, nn.Parameter)
+    # the original is untouched: same state, same output (a deep copy shares a parametrized
+    # class, from which removing the parametrization deleted the original's `weight`)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert model.state_dict().keys() == state.keys()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["layer", "norm"])
+def test_a_pair_with_a_forward_hook_is_not_folded(where):
+    """A forward hook on the layer (it saw the layer's output) or the batch norm (it no longer
+    runs) would be bypassed: the output was 0.97 off."""
+    model = randomise(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+
+    def doubled(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * 2
+
+    model[0 if where == "layer" else 1].register_forward_hook(doubled)
+    result = fold(model, torch.randn(2, 3, 6, 6))
+    owner = "0" if where == "layer" else "the batch norm"
+    assert result.not_folded == {
+        "1": f"{owner} has forward hooks that folding would bypass ({doubled.__qualname__})"
+    }
+    assert result.max_difference == 0.0

@@ -12,6 +12,9 @@ from typing import Any, cast
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm, remove_spectral_norm
+from torch.nn.utils.weight_norm import WeightNorm, remove_weight_norm
 
 from batchnorm.functional._activation import Activation, activate, check_activation
 from batchnorm.functional._validation import check_axis_type, check_module
@@ -22,6 +25,9 @@ from batchnorm.tools._fold_weights import fold_weights
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 FOLDABLE_LAYERS = (*_CONVOLUTIONS, *_TRANSPOSED, nn.Linear)
+# The forward pre-hooks that compute a weight from others (pruning, torch.nn.utils.weight_norm and
+# spectral_norm): folding bakes them in. Any other hook on a pair's modules stops the fold.
+_REROUTING_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
 
 
 @dataclasses.dataclass
@@ -102,8 +108,10 @@ def fold(
     Conv2d followed by ``axis=-1`` does not). A torch batch norm after a Linear is taken to see
     2-D input (its channel axis is 1); give ``example_input`` to have ranks checked. Batch norms
     that cannot be folded (batch statistics at inference, several channel axes, shared layers,
-    a layer whose output has other users...) stay, in inference mode, and are listed with the
-    reason.
+    a layer whose output has other users, a layer weight the forward also reads, a forward hook
+    on either module...) stay, in inference mode, and are listed with the reason. A batch norm
+    registered under several names is replaced at each; a parametrized, pruned or
+    weight-normalised layer is folded with the weight it computes (its rerouting baked in).
 
     Where tracing fails (data-dependent control flow), name the pairs by hand:
     ``pairs=[("features.0", "features.1"), ...]`` as ``(layer, batch_norm)`` qualified names
@@ -142,7 +150,7 @@ def fold(
         )
         warnings.warn(message, UserWarning, stacklevel=2)
         notes.append(message)
-    folded_model = copy.deepcopy(model).eval()
+    folded_model = _deep_copy(model).eval()
     modules = dict(folded_model.named_modules())
     inputs = None if example_input is None else _as_inputs(example_input)
     reference: Any = None
@@ -159,9 +167,10 @@ def fold(
         if reason is not None:
             not_folded[norm_name] = reason
             continue
+        _bake_rerouting(modules[layer_name])
         _fold_pair(modules[layer_name], modules[norm_name])
         kept = _fused_activation(modules[norm_name])
-        _replace(folded_model, norm_name, FoldedBatchNorm(layer_name, kept))
+        _replace(folded_model, modules[norm_name], FoldedBatchNorm(layer_name, kept))
         folded.append((layer_name, norm_name))
     not_folded = {name: not_folded[name] for name in modules if name in not_folded}
     max_difference = None
@@ -170,6 +179,18 @@ def fold(
             output = folded_model(*inputs)
         max_difference = _max_difference(reference, output)
     return FoldResult(folded_model, folded, not_folded, max_difference, notes)
+
+
+def _deep_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy``, with each computed tensor a module keeps as a plain attribute (pruning's
+    and ``torch.nn.utils.weight_norm``'s weight, which their hooks recompute on every call and
+    which deepcopy refuses: "Only Tensors created explicitly by the user...") copied detached."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def _as_inputs(example_input: Any) -> tuple[Any, ...]:
@@ -214,13 +235,15 @@ def _traced_pairs(
         )
         return [], dict.fromkeys(norms, reason)
     calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
+    # Tensors the forward reads from a module itself (a decoder tied to an encoder's weight)
+    read = [str(node.target) for node in graph.nodes if node.op == "get_attr"]
     candidates: list[tuple[str, str]] = []
     not_folded: dict[str, str] = {}
     for node in graph.nodes:
         if node.op != "call_module" or not bn.is_batch_norm(modules[str(node.target)]):
             continue
         name = str(node.target)
-        problem = _why_not_a_pair(node, modules, calls)
+        problem = _why_not_a_pair(node, modules, calls, read)
         if problem is None:
             source = cast(fx.Node, node.args[0])
             candidates.append((str(source.target), name))
@@ -232,7 +255,9 @@ def _traced_pairs(
     return candidates, not_folded
 
 
-def _why_not_a_pair(node: fx.Node, modules: dict[str, nn.Module], calls: Counter) -> str | None:
+def _why_not_a_pair(
+    node: fx.Node, modules: dict[str, nn.Module], calls: Counter, read: list[str]
+) -> str | None:
     name = str(node.target)
     if calls[name] > 1:
         return f"called {calls[name]} times in the forward"
@@ -250,6 +275,9 @@ def _why_not_a_pair(node: fx.Node, modules: dict[str, nn.Module], calls: Counter
         return f"{layer_name} is called {calls[layer_name]} times in the forward"
     if len(source.users) != 1:
         return f"the output of {layer_name} is also used elsewhere"
+    for target in read:
+        if target.startswith((f"{layer_name}.", f"{name}.")):
+            return f"the forward also reads {target} directly, which folding would change"
     return None
 
 
@@ -305,6 +333,12 @@ def _why_not_foldable(
     layer: nn.Module, norm: nn.Module, layer_name: str, ranks: dict[str, int]
 ) -> str | None:
     buffers = bn.statistics_buffers(norm)
+    for module, role in ((layer, layer_name), (norm, "the batch norm")):
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        foreign = [h for h in hooks if not isinstance(h, _REROUTING_HOOKS)]
+        if foreign:
+            names = ", ".join(getattr(h, "__qualname__", type(h).__name__) for h in foreign)
+            return f"{role} has forward hooks that folding would bypass ({names})"
     if isinstance(norm, BatchNormalization) and not norm.built:
         return "not built yet: call the model once or pass example_input"
     if buffers is None or not bn.normalises_with_moving_statistics(norm):
@@ -344,6 +378,29 @@ def _out_channels(layer: nn.Module) -> int:
     return int(weight.shape[0])
 
 
+def _bake_rerouting(layer: nn.Module) -> None:
+    """Make the layer's weight and bias plain parameters holding the values its parametrizations,
+    pruning or ``torch.nn.utils.weight_norm``/``spectral_norm`` compute (in eval mode: no power
+    iteration), as ``remove_parametrizations(leave_parametrized=True)`` and ``prune.remove`` do."""
+    if parametrize.is_parametrized(layer):
+        # A class of the copy's own: a deep copy shares the original's parametrized class, from
+        # which removing the last parametrization deletes the property (the original module
+        # then had no `weight`).
+        shared = type(layer)
+        own = {k: v for k, v in vars(shared).items() if k not in ("__dict__", "__weakref__")}
+        layer.__class__ = type(shared.__name__, shared.__bases__, own)
+    for name in ("weight", "bias"):
+        if parametrize.is_parametrized(layer, name):
+            parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
+    for hook in list(layer._forward_pre_hooks.values()):
+        if isinstance(hook, prune.BasePruningMethod):
+            prune.remove(layer, hook._tensor_name)  # type: ignore[no-untyped-call]
+        elif isinstance(hook, WeightNorm):
+            remove_weight_norm(layer, hook.name)
+        elif isinstance(hook, SpectralNorm):
+            remove_spectral_norm(layer, hook.name)
+
+
 def _fold_pair(layer: nn.Module, norm: nn.Module) -> None:
     buffers = bn.statistics_buffers(norm)
     assert buffers is not None
@@ -371,9 +428,17 @@ def _fused_activation(norm: nn.Module) -> Activation | None:
     )
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every place ``old`` sits (a module registered under two names is listed
+    once by ``named_modules()``: replaced at one place, the other one still ran it)."""
+    places = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent._modules.items()
+        if child is old
+    ]
+    for parent, name in places:
+        setattr(parent, name, new)
 
 
 def _max_difference(reference: Any, output: Any) -> float:
