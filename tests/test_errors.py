@@ -338,6 +338,19 @@ def test_fused_true_on_unsupported_rank_raises_at_build():
         layer.build((4, 3))
 
 
+@pytest.mark.parametrize("build", ["build", "inference call"])
+def test_ghost_batches_on_a_negative_axis_that_is_the_batch_axis_raise_at_build(build):
+    """axis=-2 on rank 2 is axis 0: tf-keras' build refuses it with ghost batches; it was
+    accepted until a training call (a frozen layer or inference calls never raised)."""
+    layer = BatchNormalization(axis=-2, virtual_batch_size=2)
+    with pytest.raises(ValueError, match=r"axis cannot include 0. Received: axis=-2 \(axis 0"):
+        if build == "build":
+            layer.build((4, 3))
+        else:
+            layer(torch.randn(4, 3), training=False)
+    assert not layer.built and layer._input_rank is None
+
+
 def test_fused_auto_on_rank4_batch_axis_raises_like_tf_keras():
     with pytest.raises(ValueError, match=r"Unsupported axis. The use of `fused=True`"):
         BatchNormalization(axis=-4).build((2, 3, 4, 5))

@@ -32,9 +32,16 @@ def build_layer(spec, arrays):
     kwargs = dict(spec["layer"])
     name = spec["name"]
     if spec["adjustment"]:
-        axis = kwargs.get("axis", -1)
-        view = [1] * len(spec["input_shape"])
-        view[axis] = spec["input_shape"][axis]
+        # True: per channel; "per_sample": (N, 1, ...); "along_last": (1, ..., L)
+        shape = spec["input_shape"]
+        view = [1] * len(shape)
+        if spec["adjustment"] == "per_sample":
+            view[0] = shape[0]
+        elif spec["adjustment"] == "along_last":
+            view[-1] = shape[-1]
+        else:
+            axis = kwargs.get("axis", -1)
+            view[axis] = shape[axis]
         scale = torch.tensor(arrays[f"{name}/adjustment_scale"]).reshape(view)
         bias = torch.tensor(arrays[f"{name}/adjustment_bias"]).reshape(view)
         kwargs["adjustment"] = lambda shape: (scale, bias)

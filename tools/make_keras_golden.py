@@ -15,6 +15,7 @@ gradients and weights that tf-keras produced).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -143,6 +144,22 @@ CASES = [
     # shape of x without its LAST axis, whatever the channel axis, and is broadcast along it.
     case("mask_axis1_rank3", (6, 3, 4), {"axis": 1}, mask=True),
     case("mask_axis1_rank4", (4, 3, 2, 5), {"axis": 1, "fused": False}, mask=True),
+    # An adjustment that varies inside a channel: one factor per sample with as many samples as
+    # channels (a (4, 1) factor was taken for a per-channel one), and one along the last axis
+    # with renorm and the channel axis not last (r and d were broadcast along the last axis).
+    case("adjustment_per_sample_no_scale", (4, 4), {"scale": False}, adjustment="per_sample"),
+    case(
+        "adjustment_per_sample_no_affine",
+        (3, 3),
+        {"scale": False, "center": False},
+        adjustment="per_sample",
+    ),
+    case(
+        "adjustment_along_last_renorm_axis1",
+        (4, 3, 5),
+        {"axis": 1, "renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}},
+        adjustment="along_last",
+    ),
 ]
 
 CONSTRAINTS = [
@@ -158,11 +175,27 @@ CONSTRAINTS = [
 ]
 
 
-def adjustment_arrays(channels, rng):
+def adjustment_arrays(shape, rng):
+    """The adjustment's (scale, bias) in the shape they broadcast from against x."""
     return (
-        rng.uniform(0.5, 1.5, channels).astype("float32"),
-        rng.normal(0.0, 0.3, channels).astype("float32"),
+        rng.uniform(0.5, 1.5, shape).astype("float32"),
+        rng.normal(0.0, 0.3, shape).astype("float32"),
     )
+
+
+def adjustment_shape(spec):
+    """True: per channel (the channel axis' size, else 1); "per_sample": (N, 1, ...);
+    "along_last": (1, ..., L)."""
+    shape = spec["input_shape"]
+    broadcast = [1] * len(shape)
+    if spec["adjustment"] == "per_sample":
+        broadcast[0] = shape[0]
+    elif spec["adjustment"] == "along_last":
+        broadcast[-1] = shape[-1]
+    else:
+        axis = spec["layer"].get("axis", -1)
+        broadcast[axis] = shape[axis]
+    return broadcast
 
 
 def initial_weights(layer, rng):
@@ -200,11 +233,10 @@ def run_case(spec, arrays, rng):
     kwargs = dict(spec["layer"])
     layer_shape = spec["input_shape"]
     if spec["adjustment"]:
-        axis = kwargs.get("axis", -1)
-        channels = layer_shape[axis]
-        adj_scale, adj_bias = adjustment_arrays(channels, rng)
-        broadcast = [1] * len(layer_shape)
-        broadcast[axis] = channels
+        broadcast = adjustment_shape(spec)
+        # per channel: drawn as a vector, as before (the earlier cases' draws are unchanged)
+        drawn = [math.prod(broadcast)] if spec["adjustment"] is True else broadcast
+        adj_scale, adj_bias = adjustment_arrays(drawn, rng)
         arrays[f"{name}/adjustment_scale"] = adj_scale
         arrays[f"{name}/adjustment_bias"] = adj_bias
         kwargs["adjustment"] = lambda shape: (

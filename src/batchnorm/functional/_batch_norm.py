@@ -366,6 +366,9 @@ def batch_norm_step(
         return _as_dtype(inference_output(), output_dtype), statistics
 
     scale, offset = cast(gamma), cast(beta)
+    # Set where the adjustment varies inside a channel: every per-channel term is then viewed
+    # against x, and the composed scale and offset are full-rank (broadcast against x).
+    inside_channels: list[int] | None = None
     if options.adjustment is not None:
         adjust_scale, adjust_offset = _adjustment_of(options.adjustment, x)
         channel_scale = _per_channel(adjust_scale, x, axes)
@@ -376,12 +379,14 @@ def batch_norm_step(
             # An adjustment that varies inside a channel only fits the composed-op path, with
             # scale and offset broadcast against x instead of per channel.
             backend = composed_backend()
-            view = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
-            scale = None if scale is None else scale.reshape(view)
-            offset = None if offset is None else offset.reshape(view)
+            inside_channels = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+            scale = None if scale is None else scale.reshape(inside_channels)
+            offset = None if offset is None else offset.reshape(inside_channels)
         scale, offset = compose_transforms(
             adjust_scale.to(compute_dtype), adjust_offset.to(compute_dtype), scale, offset
         )
+        if inside_channels is not None:
+            scale, offset = (_full_rank(t, x.ndim) for t in (scale, offset))
 
     ghost_batches = 1 if virtual_batch_size is None else x.shape[0] // virtual_batch_size
     # Only a training call synchronizes (with use_global_stats=False, inference normalises with
@@ -433,7 +438,10 @@ def batch_norm_step(
             epsilon,
             options.renorm_clipping,
         )
-        scale, offset = compose_transforms(correction.r, correction.d, scale, offset)
+        r, d = correction.r, correction.d
+        if inside_channels is not None:
+            r, d = r.reshape(inside_channels), d.reshape(inside_channels)
+        scale, offset = compose_transforms(r, d, scale, offset)
     if in_place and not empty:
         y_train = _normalize_in_place(
             backend,
@@ -576,6 +584,15 @@ def _mean_over_ghost_batches(per_ghost_batch: torch.Tensor) -> torch.Tensor:
     if per_ghost_batch.shape[0] == 1:
         return per_ghost_batch[0]
     return per_ghost_batch.mean(dim=0)
+
+
+def _full_rank(tensor: torch.Tensor | None, rank: int) -> torch.Tensor | None:
+    """``tensor`` with leading size-1 dims up to ``rank`` (the same broadcast against x): the
+    backends take a full-rank scale or offset as broadcast against x, a shorter one as per
+    channel."""
+    if tensor is None or tensor.ndim >= rank:
+        return tensor
+    return tensor.reshape((1,) * (rank - tensor.ndim) + tuple(tensor.shape))
 
 
 def _per_channel(

@@ -173,7 +173,6 @@ def synchronized_normalize(
     compute = x.to(torch.promote_types(x.dtype, torch.float32))
     grouped, reduce_dims, view = TorchOpsBackend._grouped(compute, axes, ghost_batches)
     parameter_view = view if ghost_batches == 1 else [1, 1, *view[2:]]
-    channels = moments.mean[0].numel()
     grouped_weights = None
     if weights is not None:
         grouped_weights = weights.detach().to(compute.dtype)
@@ -184,8 +183,8 @@ def synchronized_normalize(
         moments.mean,
         moments.variance,
         moments.total_weight,
-        TorchOpsBackend._parameter(scale, parameter_view, channels),
-        TorchOpsBackend._parameter(offset, parameter_view, channels),
+        TorchOpsBackend._parameter(scale, parameter_view),
+        TorchOpsBackend._parameter(offset, parameter_view),
         grouped_weights,
         epsilon,
         view,

@@ -127,11 +127,11 @@ class TorchOpsBackend:
         return True
 
     @staticmethod
-    def _parameter(
-        tensor: torch.Tensor | None, view: list[int], channel_count: int
-    ) -> torch.Tensor | None:
-        """Per-channel parameters take the view; tensors already broadcastable to x stay as they are."""
-        if tensor is None or (tensor.ndim == len(view) and tensor.numel() != channel_count):
+    def _parameter(tensor: torch.Tensor | None, view: list[int]) -> torch.Tensor | None:
+        """Per-channel parameters take the view; full-rank tensors are broadcast against x as
+        they are (a per-sample ``(N, 1)`` factor with N equal to the channel count included,
+        which was viewed as per-channel)."""
+        if tensor is None or tensor.ndim == len(view):
             return tensor
         return tensor.reshape(view)
 
@@ -176,13 +176,12 @@ class TorchOpsBackend:
     ) -> torch.Tensor:
         grouped, _, view = self._grouped(_upcast(x), axes, ghost_batches)
         parameter_view = view if ghost_batches == 1 else [1, 1, *view[2:]]
-        channels = moments.mean[0].numel()
         y = split_mean_normalize(
             grouped,
             moments.mean.reshape(view),
             moments.variance.reshape(view),
-            self._parameter(scale, parameter_view, channels),
-            self._parameter(offset, parameter_view, channels),
+            self._parameter(scale, parameter_view),
+            self._parameter(offset, parameter_view),
             epsilon,
         )
         return activate(y, activation).reshape(x.shape).to(x.dtype)

@@ -139,6 +139,13 @@ def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]
     if layer._input_rank is not None:
         return []
     axes = normalize_axes(layer.axis, rank)
+    if layer.virtual_batch_size is not None and 0 in axes:
+        # tf-keras' build checks the resolved axes (the constructor saw a negative one)
+        raise ValueError(
+            "When using `virtual_batch_size`, the batch dimension must be 0 and thus axis "
+            f"cannot include 0. Received: axis={layer.axis!r} (axis 0 of an input of rank "
+            f"{rank})"
+        )
     fused = resolve_fused_at_build(layer.fused, axes, rank)
     channel_shape = tuple(input_shape[a] for a in axes)
     keras_shape = keras_parameter_shape(channel_shape, axes, rank, layer.virtual_batch_size)
