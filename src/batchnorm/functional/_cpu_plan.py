@@ -443,9 +443,11 @@ def resizable_array(tensor: torch.Tensor) -> np.ndarray:
 
 # NumPy views of the long-lived per-channel tensors (parameters, buffers), by id: making one
 # costs about a microsecond, four times on every call. An entry is used only while the tensor
-# still has the same memory and shape; the view keeps its tensor alive, so an id cannot
-# be reused while its entry exists. Cleared when it grows past _ARRAYS_KEPT.
-_ARRAYS: dict[int, tuple[int, torch.Size, np.ndarray]] = {}
+# still has the same memory, shape and strides (``.data =`` changes them on the same object);
+# it holds the tensor itself, so its id cannot be reused while the entry exists (holding a
+# detached alias did not: a freed view's id went to the next view, with other strides, which
+# got the old view's array). Cleared when it grows past _ARRAYS_KEPT.
+_ARRAYS: dict[int, tuple[torch.Tensor, int, torch.Size, tuple[int, ...], np.ndarray]] = {}
 _ARRAYS_KEPT = 1024
 
 
@@ -453,12 +455,17 @@ def shared_array(tensor: torch.Tensor) -> np.ndarray:
     """:func:`resizable_array` of ``tensor``, remembered for the next call with the same tensor
     and memory."""
     entry = _ARRAYS.get(id(tensor))
-    if entry is not None and entry[0] == tensor.data_ptr() and entry[1] == tensor.shape:
-        return entry[2]
+    if (
+        entry is not None
+        and entry[1] == tensor.data_ptr()
+        and entry[2] == tensor.shape
+        and entry[3] == tensor.stride()
+    ):
+        return entry[4]
     array = resizable_array(tensor.detach())
     if len(_ARRAYS) >= _ARRAYS_KEPT:
         _ARRAYS.clear()
-    _ARRAYS[id(tensor)] = (tensor.data_ptr(), tensor.shape, array)
+    _ARRAYS[id(tensor)] = (tensor, tensor.data_ptr(), tensor.shape, tensor.stride(), array)
     return array
 
 

@@ -244,6 +244,8 @@ def _applied(function: type[torch.autograd.Function]) -> Callable[..., torch.Ten
 _train_in_place = _applied(TrainInPlace)
 _infer_with_gradients = _applied(InferenceWithGradients)
 _DATA_PTR = torch.Tensor.data_ptr
+_STRIDE = torch.Tensor.stride
+_SHAPE = torch.Tensor.size
 
 
 class DirectCalls:
@@ -251,8 +253,8 @@ class DirectCalls:
 
     Built by the layer for its current settings (it drops the object when an attribute is set);
     holds the layer's parameter and buffer dicts and checks on every call that they still hold
-    the same tensors over the same memory (``.to()``, ``load_state_dict`` with ``assign=True``,
-    ``.data =`` all change that). Per input signature ``(shape, strides, dtype)`` it keeps a
+    the same tensors over the same memory, strides and shapes (``.to()``, ``load_state_dict``
+    with ``assign=True``, ``.data =`` all change that). Per input signature ``(shape, strides, dtype)`` it keeps a
     :class:`TrainingCall` and an :class:`InferenceCall`: the kernel plan, the views of gamma,
     beta and the buffers, and the kernels' fixed arguments. A call it does not cover returns
     None, and the layer takes its general path: a mask on a ``fused=True`` layer (ignored there, with a warning) or
@@ -291,7 +293,7 @@ class DirectCalls:
             )
         )
         self.held = [t for t in self.tensors if t is not None]
-        self.pointers = list(map(_DATA_PTR, self.held))
+        self.memory = self._memory()
         self.axis, self.rank, self.options = axis, rank, options
         self.training, self.trainable = training and trainable, trainable
         self.masks = masks  # False: a mask is ignored, with a warning (the general path's)
@@ -344,7 +346,13 @@ class DirectCalls:
             or buffers.get("renorm_stddev") is not renorm[2]
         ):
             return False
-        return self.pointers == list(map(_DATA_PTR, self.held))
+        return self.memory == self._memory()
+
+    def _memory(self) -> tuple[list[int], list[tuple[int, ...]], list[torch.Size]]:
+        """The held tensors' addresses, strides and shapes: what the kept NumPy views were made
+        over (``.data = flat[::2]`` after ``flat[:4]`` keeps the address, not the strides)."""
+        held = self.held
+        return list(map(_DATA_PTR, held)), list(map(_STRIDE, held)), list(map(_SHAPE, held))
 
     def __call__(
         self, x: torch.Tensor, training: bool | None, mask: torch.Tensor | None = None
