@@ -90,6 +90,22 @@ def test_to_torch_round_trip_is_exact(torch_class, feature_shape, kwargs):
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("torch_class", "feature_shape", "kwargs"), CASES)
+def test_converted_back_before_any_call_keeps_the_class(torch_class, feature_shape, kwargs):
+    """A layer converted from torch and not called since has no input rank, but its class says
+    which torch class it came from: `convert(convert(model), to="torch")` raised "has not seen
+    an input ... pass `dims`" (and `convert` takes no `dims`)."""
+    reference = torch_class(feature_shape[0], **kwargs)
+    for x in _batches(feature_shape, steps=2):
+        reference(x)
+    model = nn.Sequential(reference)
+    back = batchnorm.convert(batchnorm.convert(copy.deepcopy(model)), to="torch")
+    assert type(back[0]) is torch_class
+    for key, value in back[0].state_dict().items():
+        if key != "num_batches_tracked" or reference.momentum is None:
+            torch.testing.assert_close(value, reference.state_dict()[key], rtol=0, atol=0)
+
+
 def test_lazy_batch_norm_converts_to_a_lazy_layer():
     reference = nn.LazyBatchNorm2d(momentum=0.2)
     layer = batchnorm.from_torch(reference)
@@ -213,6 +229,7 @@ def test_sync_batch_norm_converts_to_a_synchronized_layer_and_back():
     plain = nn.BatchNorm2d(3, momentum=0.2)
     for x in _batches((3, 2, 2), steps=4):  # no process group: the single-process result
         torch.testing.assert_close(layer(x), plain(x), rtol=1e-6, atol=1e-6)
+    assert type(batchnorm.to_torch(batchnorm.from_torch(nn.SyncBatchNorm(3)))) is nn.SyncBatchNorm
     layer.build((2, 3, 2, 2))
     back = batchnorm.to_torch(layer)
     assert type(back) is nn.SyncBatchNorm

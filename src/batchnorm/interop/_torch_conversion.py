@@ -40,6 +40,8 @@ _TORCH_CLASSES: dict[int, tuple[type[_BatchNorm], type[_BatchNorm]]] = {
     3: (nn.BatchNorm3d, nn.LazyBatchNorm3d),
 }
 _SPATIAL_DIMS_OF_RANK = {2: 1, 3: 1, 4: 2, 5: 3}
+# A layer converted from torch remembers its class's dims, for to_torch before any call.
+_TORCH_DIMS = "_torch_dims"
 
 
 def _complement(momentum: float) -> float:
@@ -142,6 +144,9 @@ def _layer_from(module: Any, activated: ActivatedBatchNorm | None) -> BatchNorma
         device=device,
         **options,
     )
+    for dims, classes in _TORCH_CLASSES.items():
+        if isinstance(module, classes):
+            vars(layer)[_TORCH_DIMS] = dims
     if not lazy:
         _copy_state(module, layer, to_layer=True)
         carry_rerouting(module, layer, _NAME_PAIRS[:2])
@@ -223,7 +228,8 @@ def to_torch(layer: BatchNormalization, *, dims: int | None = None) -> _BatchNor
     """The torch.nn.BatchNorm1d/2d/3d equal to ``layer``, step for step.
 
     The class follows the input rank the layer was built for (rank 2 or 3: 1d, 4: 2d, 5: 3d), or
-    ``dims`` (1, 2 or 3) when given; an unbuilt layer gives the Lazy class, a synchronized one
+    ``dims`` (1, 2 or 3) when given, or, for a layer converted from torch and not called since,
+    the class it came from; an unbuilt layer gives the Lazy class, a synchronized one
     torch.nn.SyncBatchNorm (which torch runs on GPUs only). Raises ValueError
     listing every setting torch cannot express (renorm, ghost batches, adjustment, regularizers or
     constraints, biased moving variance, debiased averaging with momentum != 1,
@@ -258,12 +264,16 @@ def _torch_batch_norm(
         )
     if dims is None:
         rank = layer._input_rank
-        if rank is None:
-            raise ValueError(
-                f"Layer {layer.name} has not seen an input, so the torch class is unknown: pass "
-                "`dims` (1 for BatchNorm1d, 2 for BatchNorm2d, 3 for BatchNorm3d). Received: dims=None"
-            )
-        dims = _SPATIAL_DIMS_OF_RANK.get(rank)
+        if rank is not None:
+            dims = _SPATIAL_DIMS_OF_RANK.get(rank)
+        else:  # the class it was converted from; SyncBatchNorm serves every rank
+            dims = vars(layer).get(_TORCH_DIMS, 1 if layer.synchronized else None)
+            if dims is None:
+                raise ValueError(
+                    f"Layer {layer.name} has not seen an input, so the torch class is unknown: "
+                    "pass `dims` (1 for BatchNorm1d, 2 for BatchNorm2d, 3 for BatchNorm3d). "
+                    "Received: dims=None"
+                )
     if dims not in _TORCH_CLASSES:
         raise ValueError(f"`dims` must be 1, 2 or 3. Received: dims={dims!r}")
     eager_class, lazy_class = _TORCH_CLASSES[dims]
