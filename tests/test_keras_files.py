@@ -7,6 +7,7 @@ input/output pair of the whole model (Conv2D -> BN -> ReLU -> Flatten -> Dense -
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -762,3 +763,114 @@ def test_keras_archive_with_a_damaged_weights_member_names_the_path(tmp_path):
         ValueError, match=r"lacks or garbles what a Keras file of its format holds.*damaged.keras"
     ):
         read_batch_norm_layers(path)
+
+
+# ---------------------------------------------------------------------------- where layers sit
+PLACED_FILES = [
+    "tfk_repeated.h5",
+    "k3_repeated.keras",
+    "tfk_time_distributed.h5",
+    "k3_time_distributed.keras",
+]
+
+
+def placed_weights(arrays, file: str, spec) -> dict[str, np.ndarray]:
+    model_path = spec["path"].rpartition("/")[0]
+    return {
+        name: arrays[f"files/{source(file)}/{model_path}/{spec['name']}/{name}"]
+        for name in spec["weight_names"]
+    }
+
+
+@pytest.mark.parametrize("file", PLACED_FILES)
+def test_each_layer_gets_its_own_weights_and_config_where_names_do_not_say(file, arrays):
+    """Two nested models each holding a "bn" (tf-keras: the last config won for both; Keras 3:
+    their weights were swapped), and a layer inside TimeDistributed (tf-keras: dropped, so
+    loading by order shifted every later layer)."""
+    layers = read_batch_norm_layers(GOLDEN / file)
+    specs = FILES[file]["batch_norm_layers"]
+    assert [layer.path for layer in layers] == [spec["path"] for spec in specs]
+    for layer, spec in zip(layers, specs, strict=True):
+        assert layer.name == spec["name"]
+        for key in ("momentum", "epsilon", "center", "scale"):
+            assert layer.config[key] == spec["config"][key], (spec["path"], key)
+        expected = placed_weights(arrays, file, spec)
+        assert list(layer.weights) == list(expected)
+        for name, value in expected.items():
+            np.testing.assert_array_equal(layer.weights[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("file", "mapping"),
+    [
+        ("tfk_time_distributed.h5", None),
+        ("k3_time_distributed.keras", None),
+        # weights only: layers come in group-name order, so they are paired by name
+        ("k3_time_distributed.weights.h5", {"td_bn": "wrapped", "after": "after"}),
+    ],
+)
+def test_time_distributed_model_reproduces_the_keras_output(file, mapping, arrays):
+    """TimeDistributed(BatchNormalization) over (batch, 2, 3) inputs is, in inference, a batch
+    norm over the last axis: the loaded layers give Keras' output."""
+    model = nn.Sequential()
+    model.add_module("wrapped", BatchNormalization(3, epsilon=0.1))
+    model.add_module("after", BatchNormalization(3, momentum=0.9))
+    report = load_weights(
+        model, GOLDEN / file, mapping=mapping, configure=True, strict=mapping is None
+    )
+    assert [entry.status for entry in report] == ["loaded", "loaded"]
+    assert_close(
+        infer(model, arrays, file), arrays[f"files/{source(file)}/y"], 1e-5, "model output"
+    )
+
+
+@pytest.mark.parametrize("file", ["tfk_repeated.h5", "k3_repeated.keras"])
+def test_a_name_that_two_nested_layers_share_is_mapped_by_path(file, arrays):
+    """mapping={"bn": ...} loaded both layers into one module, with one's weights and the
+    other's epsilon; it is refused, and paths name each layer."""
+    model = nn.ModuleDict({"first": BatchNormalization(3), "second": BatchNormalization(3)})
+    with pytest.raises(
+        ValueError, match=r"several layers of the file share \(\{'bn': \['zz/bn', 'aa/bn'\]\}\)"
+    ):
+        load_weights(model, GOLDEN / file, mapping={"bn": "first"}, configure=True)
+    assert model["first"].epsilon == 1e-3  # nothing configured
+    report = load_weights(
+        model, GOLDEN / file, mapping={"aa/bn": "first", "zz/bn": "second"}, configure=True
+    )
+    assert report.ok and [entry.keras_name for entry in report] == ["zz/bn", "aa/bn"]
+    assert (model["second"].momentum, model["second"].epsilon) == (0.5, 0.1)
+    assert (model["first"].momentum, model["first"].epsilon) == (0.99, 0.001)
+    for module, spec in zip(
+        (model["second"], model["first"]), FILES[file]["batch_norm_layers"], strict=True
+    ):
+        weights = dict(zip(module._weight_names(), module.get_weights(), strict=True))
+        for name, value in placed_weights(arrays, file, spec).items():
+            np.testing.assert_array_equal(weights[name], value, err_msg=name)
+
+
+def test_inspect_lists_layers_of_nested_models_by_path(tmp_path, capsys):
+    """Keyed by name, the second "bn" replaced the first: a NaN variance in one went unseen."""
+    from batchnorm.__main__ import main
+
+    assert main(["inspect", str(GOLDEN / "k3_repeated.keras")]) == 0
+    shown = capsys.readouterr().out
+    assert "zz/bn" in shown and "aa/bn" in shown and "2 layer(s)" in shown
+
+
+def test_a_keras_layer_torch_cannot_express_is_a_mismatch(arrays):
+    """A frozen (trainable=False) or ghost-batch Keras layer loads into torch's batch norm, but
+    its training steps differ there: listed, where nothing was."""
+    from batchnorm.interop.keras._compare import torch_differences
+
+    record = read_batch_norm_layers(GOLDEN / "k3_repeated.keras")[0]
+    for setting, value in (("trainable", False), ("virtual_batch_size", 2)):
+        changed = dataclasses.replace(record, config={**record.config, setting: value})
+        differences, _ = torch_differences(changed, nn.BatchNorm1d(3, eps=0.1, momentum=0.5))
+        assert [(d.setting, d.in_file, d.resolution) for d in differences] == [
+            (setting, value, "adapt")
+        ]
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(ValueError, match=r"a directory such as a TensorFlow SavedModel"):
+        read_batch_norm_layers(tmp_path)

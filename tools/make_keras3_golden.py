@@ -14,7 +14,10 @@ It writes into tests/golden/:
 - keras_files.json plus the model files tfk_model.h5 (tf-keras ``model.save``), tfk_weights.h5
   (tf-keras ``model.save_weights``), tfk_nested.h5 (a Sequential inside a functional model),
   k3_model.keras (Keras 3 ``model.save``), k3_model.weights.h5 (Keras 3 ``model.save_weights``),
-  tfk_no_bn.h5 and k3_no_bn.keras (no batch norm);
+  tfk_no_bn.h5 and k3_no_bn.keras (no batch norm), and in both Keras the layouts where a layer's
+  name does not say where its weights are: two nested models that each hold a layer named "bn"
+  (tfk_repeated.h5, k3_repeated.keras) and a BatchNormalization inside TimeDistributed
+  (tfk_time_distributed.h5, k3_time_distributed.keras, k3_time_distributed.weights.h5);
   the JSON records each file's batch-norm weights and an inference input/output pair, the
   convolution and dense weights are in keras3_cases.npz under ``files/``.
 """
@@ -233,7 +236,68 @@ def make_files(arrays):
     plain.save(OUT / "tfk_no_bn.h5")
     plain3 = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
     plain3.save(OUT / "k3_no_bn.keras")
+    make_placement_files(files, arrays)
     return files
+
+
+def repeated_names(keras_module):
+    """A Sequential "zz" and a functional model "aa", each holding a batch norm named "bn" with
+    its own settings (Keras 3 saves "aa"'s group, functional/, before "zz"'s, sequential/)."""
+    layers = keras_module.layers
+    zz = keras_module.Sequential(
+        [
+            keras_module.Input((4,)),
+            layers.Dense(3, name="zz_dense"),
+            layers.BatchNormalization(momentum=0.5, epsilon=0.1, name="bn"),
+        ],
+        name="zz",
+    )
+    inner = keras_module.Input((3,))
+    aa = keras_module.Model(inner, layers.BatchNormalization(name="bn")(inner), name="aa")
+    x = keras_module.Input((4,))
+    return keras_module.Model(x, aa(zz(x))), [
+        ("zz/bn", zz.get_layer("bn")),
+        ("aa/bn", aa.get_layer("bn")),
+    ]
+
+
+def time_distributed(keras_module):
+    """A batch norm inside TimeDistributed, then one after it, on (batch, 2, 3) inputs."""
+    layers = keras_module.layers
+    inner = layers.BatchNormalization(epsilon=0.1, name="td_bn")
+    x = keras_module.Input((2, 3))
+    wrapped = layers.TimeDistributed(inner, name="td")
+    after = layers.BatchNormalization(momentum=0.9, name="after")
+    model = keras_module.Model(x, after(wrapped(x)))
+    return model, [("td/td_bn", inner), ("after", after)]
+
+
+def make_placement_files(files, arrays):
+    rng = np.random.default_rng(SEED + 2)
+    for keras_module, prefix, suffix in ((tf_keras, "tfk", ".h5"), (keras, "k3", ".keras")):
+        keras_module.utils.set_random_seed(SEED)
+        for stem, make, shape in (
+            ("repeated", repeated_names, (4,)),
+            ("time_distributed", time_distributed, (2, 3)),
+        ):
+            model, placed = make(keras_module)
+            train_a_little(model, rng, shape)
+            key = f"{prefix}_{stem}{suffix}"
+            if keras_module is tf_keras:  # its optimizer weights of two "bn/gamma:0" collide
+                model.save(OUT / key, include_optimizer=False)
+            else:
+                model.save(OUT / key)
+            x = rng.standard_normal((4, *shape)).astype("float32")
+            arrays[f"files/{key}/x"] = x
+            arrays[f"files/{key}/y"] = np.asarray(model(x, training=False))
+            layers = []
+            for path, layer in placed:
+                record = bn_weights(layer, f"files/{key}/{path.rpartition('/')[0]}", arrays)
+                layers.append({**record, "path": path})
+            files[key] = {"batch_norm_layers": layers}
+            if prefix == "k3" and stem == "time_distributed":
+                model.save_weights(OUT / "k3_time_distributed.weights.h5")
+                files["k3_time_distributed.weights.h5"] = {**files[key], "arrays_of": key}
 
 
 def main() -> int:

@@ -262,5 +262,8 @@ def _keras_statistics(path: Path) -> dict[str, dict[str, Any]]:
         entries["kind"] = f"BatchNormalization ({layer.file_format})"
         if layer.config is not None and "momentum" in layer.config:
             entries["momentum"] = float(layer.config["momentum"])
-        layers[layer.name] = entries
+        # by path ("encoder/bn"): layers of two nested models may share a name; a weights-only
+        # file has no paths, so a repeated name gets its location in the file
+        key = layer.path if layer.path not in layers else f"{layer.path} at {layer.location}"
+        layers[key] = entries
     return layers

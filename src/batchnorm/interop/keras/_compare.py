@@ -217,6 +217,22 @@ def torch_differences(
                     "momentum (PyTorch convention)", torch_momentum, module.momentum, "configure"
                 )
             )
+        # What torch's batch norm cannot do: the weights load, its training steps differ.
+        if config.get("trainable", True) is False:
+            differences.append(
+                Difference(
+                    "trainable", False, "not in PyTorch (train() uses batch statistics)", "adapt"
+                )
+            )
+        if config.get("virtual_batch_size"):
+            differences.append(
+                Difference(
+                    "virtual_batch_size",
+                    config["virtual_batch_size"],
+                    "not in PyTorch (one batch)",
+                    "adapt",
+                )
+            )
     estimator = file_variance_estimator(record, None)
     if estimator != "unbiased":
         notes.append(

@@ -8,8 +8,10 @@ Layout, as tf-keras 2.x writes it (checked with tf-keras 2.20.1)::
     /model_weights/<layer>/<bn>/gamma:0, beta:0, moving_mean:0, moving_variance:0, ...
 
 A nested model is one top-level layer whose ``weight_names`` list the weights of all its inner
-layers, each under the inner layer's name. Weights are found through ``weight_names`` (their
-names say which is which); configs come from ``model_config``.
+layers, each under the inner layer's name; a wrapped layer's (TimeDistributed) are under the
+wrapper's name. Weights are found through ``weight_names`` (their names say which is which);
+configs come from ``model_config``, matched by the top-level layer and the owner's name (two
+nested models may each hold a layer called "bn").
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from batchnorm.interop.keras._records import (
     BATCH_NORM_WEIGHT_NAMES,
+    BatchNormConfig,
     KerasBatchNormLayer,
     batch_norm_configs,
     decode,
@@ -35,37 +38,45 @@ def read_tf_keras_h5(handle: Any) -> list[KerasBatchNormLayer]:
     """Every batch-norm layer of an open tf-keras HDF5 file, in the model's layer order."""
     root = handle.get("model_weights", handle)
     version = decode(root.attrs.get("keras_version", handle.attrs.get("keras_version", "")))
-    configs: dict[str, tuple[Any, int | None]] = {}
+    configs: dict[tuple[str, str], BatchNormConfig] = {}
     has_config = "model_config" in handle.attrs
     if has_config:
         model_config = json.loads(decode(handle.attrs["model_config"]))
-        configs = {name: (config, rank) for name, config, rank in batch_norm_configs(model_config)}
+        configs = {_weights_key(found): found for found in batch_norm_configs(model_config)}
     layers = []
     for layer_name in (decode(n) for n in root.attrs["layer_names"]):
         group = root[layer_name]
         for prefix, names in _weights_by_owner(group).items():
-            name = prefix.split("/")[-1]
+            owner = prefix.split("/")[-1]
             if not {"moving_mean", "moving_variance"} <= set(names):
                 continue
-            if has_config and name not in configs:
+            found = configs.get((layer_name, owner))
+            if has_config and found is None:
                 continue  # another layer type that happens to track moving statistics
-            config, rank = configs.get(name, (None, None))
             weights = {
                 base: np.asarray(group[full_name])
                 for base, full_name in sorted(names.items(), key=_keras_order)
             }
             layers.append(
                 KerasBatchNormLayer(
-                    name=name,
+                    name=owner if found is None else found.name,
                     weights=weights,
-                    config=config,
+                    config=None if found is None else found.config,
                     file_format="tf-keras HDF5",
                     location=f"{group.name}/{prefix}",
-                    input_rank=rank,
+                    input_rank=None if found is None else found.rank,
                     keras_version=version or None,
+                    path=owner if found is None else found.path,
                 )
             )
     return layers
+
+
+def _weights_key(found: BatchNormConfig) -> tuple[str, str]:
+    """(top-level layer, owner name in weight_names) under which the layer's weights are saved."""
+    top = found.enclosing[0] if found.enclosing else found.name
+    owner = found.enclosing[-1] if found.wrapped else found.name
+    return top, owner
 
 
 def _weights_by_owner(group: Any) -> dict[str, dict[str, str]]:

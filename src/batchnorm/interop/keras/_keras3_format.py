@@ -9,8 +9,10 @@ A ``.keras`` file is a zip archive holding ``config.json`` (the model config), `
 
 Variables carry no names: for BatchNormalization they are gamma (if scale), beta (if center),
 moving_mean, moving_variance, then with renorm moving_stddev, renorm_mean, renorm_stddev. The
-group names count per class, not per layer name, so layers are found by the ``name`` attribute
-and ordered as ``config.json`` lists them.
+group names count per class within each model, in layer order, so a layer's group follows from
+its place in ``config.json`` (:class:`~batchnorm.interop.keras._records.BatchNormConfig`); its
+``name`` attribute confirms it. Where it does not (a layer class with another snake-cased name),
+the layer is found by that attribute, in ``config.json`` order.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from batchnorm.interop.keras._records import (
 
 _ARCHIVE_MEMBERS = ("config.json", "model.weights.h5")
 _SNAKE_GROUP = re.compile(r"^batch_normalization(_\d+)?$")
+_WRAPPER_GROUP = re.compile(r"^time_distributed(_\d+)?$")
 # A weights-only file does not name the variables; the count does, except which of gamma and
 # beta a layer with 3 (6 with renorm) holds.
 _AFFINE, _STATISTICS, _RENORM = (
@@ -69,14 +72,19 @@ def read_keras_archive(path: Path, h5py: Any) -> list[KerasBatchNormLayer]:
     with h5py.File(io.BytesIO(weights_bytes), "r") as handle:
         groups = _vars_groups(handle)
         layers = []
-        for name, config, rank in batch_norm_configs(model_config):
+        for found in batch_norm_configs(model_config):
+            name, config, rank = found.name, found.config, found.rank
             candidates = groups.get(name, [])
-            if not candidates:
+            location = f"/{found.keras3_group}/vars"
+            placed = [entry for entry in candidates if entry[0] == location]
+            if placed:  # its own group, whatever the order of the other layers of that name
+                candidates.remove(placed[0])
+            elif not candidates:
                 raise ValueError(
                     f"The `.keras` file's config.json lists BatchNormalization layer {name!r}, "
                     f"but model.weights.h5 holds no variables for it. Received: path={str(path)!r}"
                 )
-            location, arrays = candidates.pop(0)
+            location, arrays = placed[0] if placed else candidates.pop(0)
             names = _variable_names(config)
             if len(names) != len(arrays):
                 raise ValueError(
@@ -93,6 +101,7 @@ def read_keras_archive(path: Path, h5py: Any) -> list[KerasBatchNormLayer]:
                     location=location,
                     input_rank=rank,
                     keras_version=version,
+                    path=found.path,
                 )
             )
     return layers
@@ -112,8 +121,7 @@ def read_keras3_weights_h5(handle: Any) -> list[KerasBatchNormLayer]:
     layers = []
     for name, found in _vars_groups(handle).items():
         for location, arrays in found:
-            owner = location.rsplit("/", 2)[-2]
-            if not _SNAKE_GROUP.match(owner):
+            if not _batch_norm_group(location, name, arrays):
                 continue
             names = _NAMES_BY_COUNT.get(len(arrays))
             if names is None:
@@ -131,6 +139,24 @@ def read_keras3_weights_h5(handle: Any) -> list[KerasBatchNormLayer]:
                 )
             )
     return sorted(layers, key=lambda layer: _creation_order(layer.location))
+
+
+def _batch_norm_group(location: str, name: str, arrays: list[np.ndarray]) -> bool:
+    """Whether a weights-only file's vars group is a BatchNormalization layer's: its group is
+    ``batch_normalization[_<n>]``, or it is the layer a TimeDistributed wraps (group ``layer``)
+    with the variables of a batch norm: 3 to 7 vectors of one length (2, as a layer norm's
+    gamma and beta, only with a batch-norm name)."""
+    parts = location.strip("/").split("/")
+    if len(parts) < 2:  # the model's own vars
+        return False
+    if _SNAKE_GROUP.match(parts[-2]):
+        return True
+    if parts[-2] != "layer" or len(parts) < 3 or not _WRAPPER_GROUP.match(parts[-3]):
+        return False
+    shapes = {array.shape for array in arrays}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1 or len(arrays) not in _NAMES_BY_COUNT:
+        return False
+    return len(arrays) >= 3 or bool(_SNAKE_GROUP.match(name))
 
 
 def _vars_groups(handle: Any) -> dict[str, list[tuple[str, list[np.ndarray]]]]:

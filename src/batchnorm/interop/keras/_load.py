@@ -126,7 +126,7 @@ def load_weights(
             steps.append(LayerLoad(None, module_name, "not in file", ()))
         elif module is None:
             status: Status = "unused" if mapping is not None else "no module"
-            steps.append(LayerLoad(record.name, None, status, ()))
+            steps.append(LayerLoad(record.path, None, status, ()))
         else:
             steps.append(_plan(record, str(module_name), module, configure, str(path)))
     plans = [step for step in steps if isinstance(step, _Plan)]
@@ -150,7 +150,7 @@ def _entry(step: LayerLoad | _Plan) -> LayerLoad:
         return step
     notes = [f"configured {d.setting}: {d.in_module!r} -> {d.in_file!r}" for d in step.configure]
     return LayerLoad(
-        step.record.name,
+        step.record.path,
         step.module_name,
         "loaded" if step.loadable else "skipped",
         tuple(step.remaining),
@@ -184,12 +184,22 @@ def _pairs_by_mapping(
             "`mapping` must be a dict {keras_layer_name: module_qualified_name} of strings. "
             f"Received: mapping={mapping!r}"
         )
-    by_name = {record.name: record for record in records}
-    unknown = [name for name in mapping if name not in by_name]
+    # A layer is named by its name, or by its path where nested models repeat a name.
+    by_key: dict[str, list[KerasBatchNormLayer]] = {}
+    for record in records:
+        for key in dict.fromkeys((record.name, record.path)):
+            by_key.setdefault(key, []).append(record)
+    unknown = [name for name in mapping if name not in by_key]
     if unknown:
         raise ValueError(
             f"`mapping` names Keras layers {unknown} that the file does not have; it has "
             f"{_names(records)}. Received: mapping={dict(mapping)!r}"
+        )
+    shared = {key: [r.path for r in by_key[key]] for key in mapping if len(by_key[key]) > 1}
+    if shared:
+        raise ValueError(
+            f"`mapping` names Keras layers by a name that several layers of the file share "
+            f"({shared}); name each by its path instead. Received: mapping={dict(mapping)!r}"
         )
     available = dict(modules)
     missing = [name for name in mapping.values() if name not in available]
@@ -208,7 +218,7 @@ def _pairs_by_mapping(
         )
     pairs: list[tuple[KerasBatchNormLayer | None, str | None, BatchNormModule | None]] = []
     for record in records:
-        target = mapping.get(record.name)
+        target = mapping.get(record.path, mapping.get(record.name))
         pairs.append((record, target, None if target is None else available[target]))
     return pairs
 
@@ -253,7 +263,7 @@ def _check_fits(plan: _Plan, path: str) -> None:
             weights_from_arrays(_layer_arrays(plan), names, tuple(module.moving_mean.shape))
         except ValueError as error:
             raise ValueError(
-                f"Keras layer {record.name!r} (path={path!r}) cannot be loaded into module "
+                f"Keras layer {record.path!r} (path={path!r}) cannot be loaded into module "
                 f"{shown(plan.module_name)!r}: {error}"
             ) from None
     else:
@@ -272,7 +282,7 @@ def _check_fits(plan: _Plan, path: str) -> None:
     if wrong:
         shapes = ", ".join(f"`{name}` of shape {shape}" for name, shape in wrong.items())
         raise ValueError(
-            f"Keras layer {record.name!r} holds {size} values per weight, which module "
+            f"Keras layer {record.path!r} holds {size} values per weight, which module "
             f"{shown(plan.module_name)!r} must take. Received: {shapes} in the module, "
             f"path={path!r}"
         )
@@ -308,7 +318,7 @@ def _check_setting(record: KerasBatchNormLayer, difference: Difference) -> None:
             check_renorm_clipping(value)
     except (TypeError, ValueError) as error:
         raise ValueError(
-            f"Keras layer {record.name!r} in the file has an invalid setting: {error}"
+            f"Keras layer {record.path!r} in the file has an invalid setting: {error}"
         ) from None
 
 
@@ -370,4 +380,4 @@ def _layer_arrays(plan: _Plan) -> list[np.ndarray]:
 
 
 def _names(records: list[KerasBatchNormLayer]) -> str:
-    return f"{len(records)} batch-norm layers {[r.name for r in records]}"
+    return f"{len(records)} batch-norm layers {[r.path for r in records]}"

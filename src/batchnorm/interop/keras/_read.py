@@ -55,6 +55,12 @@ def read_batch_norm_layers(path: str | os.PathLike[str]) -> list[KerasBatchNormL
             f"`path` must be a str or os.PathLike. Received: path of type {type(path).__name__}"
         )
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(
+            "`path` must name a Keras file (.h5, .keras); a directory such as a TensorFlow "
+            "SavedModel or a Keras `export()` folder holds no weights this reads. "
+            f"Received: path={str(path)!r}, a directory"
+        )
     if not file.is_file():
         raise FileNotFoundError(
             f"`path` must name an existing Keras file. Received: path={str(path)!r}"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -38,6 +39,9 @@ class KerasBatchNormLayer:
         file_format: ``"tf-keras HDF5"`` (tf.keras 2.x ``.h5``) or ``"Keras 3"`` (``.keras``).
         location: where the weights are inside the file (an HDF5 group path).
         input_rank: the input rank the layer was built for, when the file records it.
+        path: the names of the nested models and wrappers around the layer and its own, joined
+            by "/" (``"encoder/bn"``; ``name`` for a layer of the model itself, or where the
+            file has no config): unique where names repeat across nested models.
     """
 
     name: str
@@ -47,6 +51,11 @@ class KerasBatchNormLayer:
     location: str
     input_rank: int | None = None
     keras_version: str | None = field(default=None, compare=False)
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            object.__setattr__(self, "path", self.name)
 
     @property
     def channel_shape(self) -> tuple[int, ...]:
@@ -102,39 +111,78 @@ def import_h5py() -> Any:
     return h5py
 
 
-def walk_layer_configs(config: Any) -> Iterator[Mapping[str, Any]]:
-    """Every layer entry ``{"class_name", "config", ...}`` in a model config, depth first.
-
-    Nested models (their ``config["layers"]``) and wrappers (``config["layer"]``) are entered, so
-    the order is the order in which Keras creates and saves the layers.
-    """
-    if isinstance(config, Mapping):
-        if "class_name" in config and isinstance(config.get("config"), Mapping):
-            yield config
-            inner = config["config"]
-            for key in ("layers", "layer"):
-                yield from walk_layer_configs(inner.get(key))
-    elif isinstance(config, list):
-        for entry in config:
-            yield from walk_layer_configs(entry)
-
-
 def is_batch_norm_entry(entry: Mapping[str, Any]) -> bool:
     """tf-keras writes BatchNormalization (V1/V2 in old files), SyncBatchNormalization too."""
     class_name = str(entry.get("class_name", ""))
     return "BatchNormalization" in class_name
 
 
-def batch_norm_configs(model_config: Any) -> list[tuple[str, Mapping[str, Any], int | None]]:
-    """(name, layer config, input rank or None) of every batch-norm layer in a model config."""
-    found = []
-    for entry in walk_layer_configs(model_config):
+class BatchNormConfig(NamedTuple):
+    """A batch-norm layer's entry in a model config, with where it sits.
+
+    ``enclosing`` holds the names of the nested models and wrappers around it, outermost first
+    (the saved model itself not included); ``wrapped`` whether the innermost of them is a
+    wrapper (TimeDistributed: ``config["layer"]``). ``keras3_group`` is the HDF5 group of its
+    variables in a Keras 3 ``model.weights.h5``: per container, the snake-cased class name
+    numbered in layer order (``layers/sequential/layers/batch_normalization_1``), a wrapped
+    layer under its wrapper's ``layer``."""
+
+    name: str
+    config: Mapping[str, Any]
+    rank: int | None
+    enclosing: tuple[str, ...]
+    wrapped: bool
+    keras3_group: str
+
+    @property
+    def path(self) -> str:
+        return "/".join((*self.enclosing, self.name))
+
+
+def batch_norm_configs(model_config: Any) -> list[BatchNormConfig]:
+    """Every batch-norm layer in a model config, depth first (the order Keras saves them in)."""
+    found: list[BatchNormConfig] = []
+
+    def visit(entry: Any, enclosing: tuple[str, ...], wrapped: bool, group: str) -> None:
+        if not (isinstance(entry, Mapping) and isinstance(entry.get("config"), Mapping)):
+            return
+        inner = entry["config"]
+        name = str(inner.get("name"))
         if is_batch_norm_entry(entry):
-            layer_config = entry["config"]
             shape = (entry.get("build_config") or {}).get("input_shape")
             rank = len(shape) if isinstance(shape, list) else None
-            found.append((str(layer_config.get("name")), layer_config, rank))
+            found.append(BatchNormConfig(name, inner, rank, enclosing, wrapped, group))
+        children = inner.get("layers")
+        if isinstance(children, list):
+            visit_container(children, (*enclosing, name), f"{group}/layers")
+        if isinstance(inner.get("layer"), Mapping):
+            visit(inner["layer"], (*enclosing, name), True, f"{group}/layer")
+
+    def visit_container(entries: list[Any], enclosing: tuple[str, ...], prefix: str) -> None:
+        used: dict[str, int] = {}
+        for entry in entries:
+            snake = (
+                _snake_case(str(entry.get("class_name", ""))) if isinstance(entry, Mapping) else ""
+            )
+            count = used.get(snake)
+            used[snake] = 0 if count is None else count + 1
+            group = snake if count is None else f"{snake}_{count + 1}"
+            visit(entry, enclosing, False, f"{prefix}/{group}")
+
+    if isinstance(model_config, Mapping) and is_batch_norm_entry(model_config):
+        visit(model_config, (), False, "")
+    elif isinstance(model_config, Mapping) and isinstance(model_config.get("config"), Mapping):
+        children = model_config["config"].get("layers")
+        if isinstance(children, list):
+            visit_container(children, (), "layers")
     return found
+
+
+def _snake_case(class_name: str) -> str:
+    """Keras 3's ``naming.to_snake_case``: "BatchNormalization" -> "batch_normalization"."""
+    name = re.sub(r"\W+", "", class_name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 def decode(value: Any) -> str:

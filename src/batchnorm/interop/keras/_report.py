@@ -15,7 +15,9 @@ class LayerLoad(NamedTuple):
 
     ``status`` is "loaded", "skipped" (the weights do not fit), "no module" (a file layer with
     no module left to take it), "not in file" (a module with no file layer) or "unused" (a file
-    layer an explicit mapping leaves out). ``differences`` are those left after configuring;
+    layer an explicit mapping leaves out). ``keras_name`` is the layer's path in the file's
+    model (``"encoder/bn"`` for a layer of a nested model; its name otherwise). ``differences``
+    are those left after configuring;
     ``notes`` say what was configured or could not be checked.
     """
 
