@@ -323,6 +323,16 @@ def error_worker(rank: int, world_size: int, directory: Path) -> None:
         dx.sum().backward()
 
     attempt("double_backward", second_derivative)
+
+    # A loss linear in the output: no incoming gradient requires grad, and the gradient came
+    # back with no graph, so a gradient penalty was dropped without a word.
+    def gradient_penalty() -> None:
+        x = torch.randn(4, 3, requires_grad=True)
+        task = (good(x, training=True) * torch.randn(4, 3)).sum()
+        (dx,) = torch.autograd.grad(task, x, create_graph=True)
+        (task + (dx**2).sum()).backward()
+
+    attempt("gradient_penalty", gradient_penalty)
     # Every rank empty: nothing to learn, the statistics stay as they were.
     before = {k: v.clone() for k, v in good.state_dict().items()}
     empty_y = good(torch.randn(0, 3), training=True)

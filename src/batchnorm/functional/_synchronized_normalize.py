@@ -23,10 +23,11 @@ through other calls, or skips one, raises on every rank instead of mixing or abo
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from batchnorm.functional._backend import BatchNormBackend, Moments
 from batchnorm.functional._cpu_backend import NumbaCpuBackend
@@ -36,6 +37,41 @@ from batchnorm.functional._cpu_operations import (
 )
 from batchnorm.functional._synchronized import current_call, reduce_gradient_sums
 from batchnorm.functional._torch_ops import TorchOpsBackend, divide_no_nan
+
+_NOT_TWICE = (
+    b"Synchronized batch norm is not twice differentiable: its gradient goes through an "
+    b"all-reduce that is not differentiated. Differentiate the unsynchronized layer "
+    b"(synchronized=False) instead, or leave create_graph=True out"
+)
+
+
+def _first_order(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """``once_differentiable``, also where only the saved inputs require grad.
+
+    torch's ``once_differentiable`` makes the gradients raise when differentiated only if an
+    incoming gradient requires grad. For a loss linear in the output (``(y * c).sum()``) none
+    does, and under ``create_graph=True`` it returned gradients with no graph at all: a gradient
+    penalty built from them was silently dropped (its second-order term lost)."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx: Any, *grads: torch.Tensor) -> Any:
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        inputs = (*grads, *ctx.saved_tensors)
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            return outputs
+        delayed = torch._C._functions.DelayedError(_NOT_TWICE, len(outputs))
+
+        def attached(gradient: torch.Tensor | None) -> torch.Tensor | None:
+            if gradient is None:
+                return None
+            return gradient.detach().requires_grad_()
+
+        return delayed(*map(attached, outputs))  # type: ignore[arg-type]  # None: no gradient
+
+    return wrapped
 
 
 class _KernelSynchronizedNormalize(torch.autograd.Function):
@@ -53,7 +89,7 @@ class _KernelSynchronizedNormalize(torch.autograd.Function):
         )
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, dy):  # type: ignore[no-untyped-def, override]
         x, mean, variance, total_weight, scale, weights = ctx.saved_tensors
         dx, dscale, doffset = normalize_batch_backward_impl(
@@ -109,7 +145,7 @@ class _TorchSynchronizedNormalize(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, dy):  # type: ignore[no-untyped-def, override]
         x, mean, inv, total_weight, scale, weights = ctx.saved_tensors
         xhat = (x - mean) * inv
