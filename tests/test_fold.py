@@ -453,3 +453,41 @@ def test_a_pair_with_a_forward_hook_is_not_folded(where):
         "1": f"{owner} has forward hooks that folding would bypass ({doubled.__qualname__})"
     }
     assert result.max_difference == 0.0
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d as its source writes it (detection backbones):
+    statistics and affine parameters are buffers, always used."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        bias = b - rm * scale
+        return x * scale + bias
+
+
+def test_frozen_batch_norm_2d_of_detection_backbones_folds():
+    """Traced into before (not a torch.nn leaf), it was neither folded nor listed."""
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), FrozenBatchNorm2d(4, eps=1e-3), nn.ReLU()
+    ).double()
+    generator = torch.Generator().manual_seed(1)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(model[1], name).copy_(torch.randn(4, generator=generator))
+    model[1].running_var.copy_(torch.rand(4, generator=generator) + 0.2)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    result = fold(model.eval(), x)
+    assert result.folded == [("0", "1")] and isinstance(result.model[1], FoldedBatchNorm)
+    assert result.max_difference < 1e-12

@@ -25,6 +25,21 @@ def is_batch_norm(module: object) -> bool:
     return isinstance(module, (BatchNormalization, _BatchNorm))
 
 
+def is_frozen_batch_norm(module: object) -> bool:
+    """torchvision's ``FrozenBatchNorm2d`` (detection backbones), or detectron2's and DETR's of
+    the same name: buffers ``weight``, ``bias``, ``running_mean``, ``running_var`` and ``eps``,
+    always normalising with them. Recognised by name and attributes (torchvision not needed)."""
+    return (
+        type(module).__name__ == "FrozenBatchNorm2d"
+        and isinstance(module, nn.Module)
+        and isinstance(getattr(module, "eps", None), (int, float))
+        and all(
+            isinstance(module._buffers.get(name), torch.Tensor)
+            for name in ("weight", "bias", "running_mean", "running_var")
+        )
+    )
+
+
 def batch_norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every batch norm in ``model`` (``""`` for the model itself)."""
     return [(name, module) for name, module in model.named_modules() if is_batch_norm(module)]

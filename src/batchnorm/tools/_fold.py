@@ -81,9 +81,14 @@ class FoldedBatchNorm(nn.Module):
         return f"into={self.into!r}, activation={self.activation.name}{parameter}"
 
 
+def _is_norm(module: object) -> bool:
+    """A batch norm fold can fold: ours, torch's, or a ``FrozenBatchNorm2d``."""
+    return bn.is_batch_norm(module) or bn.is_frozen_batch_norm(module)
+
+
 class _BatchNormLeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return bn.is_batch_norm(m) or super().is_leaf_module(m, module_qualified_name)
+        return _is_norm(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def fold(
@@ -101,7 +106,8 @@ def fold(
 
     with the moving mean ``m`` and variance ``v`` as stored. Pairs are found by ``torch.fx``
     tracing (batch norms are leaves): a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or
-    ``Linear`` called once whose output feeds only a batch norm (ours or torch's), grouped and
+    ``Linear`` called once whose output feeds only a batch norm (ours, torch's, or a
+    ``FrozenBatchNorm2d`` of torchvision, detectron2 or DETR), grouped and
     depthwise convolutions and layers without bias included. The batch norm's channel axis must
     be the layer's output channel: axis 1 after a convolution, the last axis after a Linear
     (so a Linear on channels-last data followed by ``BatchNormalization(axis=-1)`` folds, a
@@ -208,7 +214,7 @@ def _run_recording_ranks(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any
                     lambda _m, _a, out, name=name: ranks.__setitem__(name, out.ndim)
                 )
             )
-        elif bn.is_batch_norm(module):
+        elif _is_norm(module):
             handles.append(
                 module.register_forward_pre_hook(
                     lambda _m, args, name=name: ranks.__setitem__(name, args[0].ndim)
@@ -225,7 +231,7 @@ def _run_recording_ranks(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any
 def _traced_pairs(
     model: nn.Module, modules: dict[str, nn.Module]
 ) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    norms = [name for name, module in modules.items() if bn.is_batch_norm(module)]
+    norms = [name for name, module in modules.items() if _is_norm(module)]
     try:
         graph = _BatchNormLeafTracer().trace(model)
     except Exception as error:
@@ -240,7 +246,7 @@ def _traced_pairs(
     candidates: list[tuple[str, str]] = []
     not_folded: dict[str, str] = {}
     for node in graph.nodes:
-        if node.op != "call_module" or not bn.is_batch_norm(modules[str(node.target)]):
+        if node.op != "call_module" or not _is_norm(modules[str(node.target)]):
             continue
         name = str(node.target)
         problem = _why_not_a_pair(node, modules, calls, read)
@@ -312,7 +318,7 @@ def _checked_pairs(
                 f"`pairs`: {layer_name} must be a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear. "
                 f"Received: {type(modules[layer_name]).__name__}"
             )
-        if not bn.is_batch_norm(modules[norm_name]):
+        if not _is_norm(modules[norm_name]):
             raise ValueError(
                 f"`pairs`: {norm_name} must be a batch norm. "
                 f"Received: {type(modules[norm_name]).__name__}"
@@ -324,7 +330,7 @@ def _checked_pairs(
     not_folded = {
         name: "not named in `pairs`"
         for name, module in modules.items()
-        if bn.is_batch_norm(module) and name not in seen
+        if _is_norm(module) and name not in seen
     }
     return candidates, not_folded
 
