@@ -203,7 +203,7 @@ def state(layer):
             {},
             lambda layer: layer(torch.randn(8, 5), training=True),
             ValueError,
-            r"was built for \(3,\) channels on axis \[1\], but the input has \(5,\). Received: x.shape=\(8, 5\)",
+            r"was built for \(3,\) channels on axes \[1\] \(sizes in ascending axis order, as `num_features` takes them\), but the input has \(5,\). Received: x.shape=\(8, 5\)",
         ),
         (
             {},
@@ -486,3 +486,38 @@ def test_apply_constraints_after_step_names_an_optimizer_that_is_not_one():
         match=r"`optimizer` must be a torch.optim.Optimizer. Received: optimizer of type dict",
     ):
         batchnorm.apply_constraints_after_step({}, BatchNormalization(3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"training": None},
+            TypeError,
+            r"`training` must be a bool or a 0-d bool tensor. Received: training=None",
+        ),
+        ({"training": 1}, TypeError, r"Received: training=1"),
+        ({"training": "yes"}, TypeError, r"Received: training='yes'"),
+        (
+            {"synchronized": "no"},
+            TypeError,
+            r"`synchronized` must be True or False. Received: synchronized='no'",
+        ),
+    ],
+)
+def test_functional_batch_norm_names_a_bad_training_or_synchronized(kwargs, error, match):
+    """torch's where() or a silent bool() took them before."""
+    statistics = BatchNormStatistics(torch.zeros(3), torch.ones(3))
+    with pytest.raises(error, match=match):
+        batch_norm(torch.randn(4, 3), statistics, **kwargs)
+
+
+def test_functional_batch_norm_names_statistics_that_are_not_batch_norm_statistics():
+    with pytest.raises(
+        TypeError,
+        match=r"`statistics` must be a batchnorm.functional.BatchNormStatistics.*Received: statistics of type tuple",
+    ):
+        batch_norm(torch.randn(4, 3), (torch.zeros(3), torch.ones(3)), training=True)
+    statistics = BatchNormStatistics(torch.zeros(3), torch.ones(3))
+    _, new = batch_norm(torch.randn(4, 3), statistics, training=np.bool_(True))
+    assert not torch.equal(new.moving_mean, statistics.moving_mean)

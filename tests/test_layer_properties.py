@@ -806,3 +806,110 @@ def test_an_in_place_backward_under_a_dispatch_mode_shows_its_arithmetic(options
             y.backward(upstream)
         gradients.append((a.grad, layer.gamma.grad, layer.beta.grad))
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-5)
+
+
+def test_ghost_batch_configs_keep_unbuilt_axes_and_shift_built_tf_keras_ones():
+    """tf-keras writes a built ghost-batch layer's axes shifted by the ghost dimension (all >= 2,
+    as axis 0 is refused); an unbuilt layer's as given. This layer's own unbuilt config of
+    axis [2, 3] came back as [1, 2], and tf-keras' unbuilt {"axis": [1]} failed to load."""
+    layer = BatchNormalization(axis=[2, 3], virtual_batch_size=2)
+    assert BatchNormalization.from_config(json.loads(json.dumps(layer.get_config()))).axis == [2, 3]
+    unbuilt_tf_keras = {"axis": [1], "virtual_batch_size": 2}  # tf_keras' get_config(), unbuilt
+    assert BatchNormalization.from_config(unbuilt_tf_keras).axis == [1]
+    built_tf_keras = {"axis": [2], "virtual_batch_size": 2}  # tf_keras' for axis=1, built
+    assert BatchNormalization.from_config(built_tf_keras).axis == [1]
+
+
+def test_keras_3_variance_scaling_configs_with_fan_axes_load():
+    """Keras 3.15 writes `input_axes` and `output_axes` for VarianceScaling and its presets
+    (these dicts are keras.layers.BatchNormalization(...).get_config()'s): refused before."""
+    config = {
+        "gamma_initializer": {
+            "module": "keras.initializers",
+            "class_name": "VarianceScaling",
+            "config": {
+                "seed": 1,
+                "scale": 2.0,
+                "mode": "fan_out",
+                "distribution": "uniform",
+                "input_axes": [0],
+                "output_axes": [1],
+            },
+            "registered_name": None,
+        },
+        "moving_mean_initializer": {
+            "module": "keras.initializers",
+            "class_name": "GlorotUniform",
+            "config": {"seed": None, "input_axes": None, "output_axes": None},
+            "registered_name": None,
+        },
+    }
+    layer = BatchNormalization.from_config(config)
+    initializer = layer.gamma_initializer
+    assert (initializer.input_axes, initializer.output_axes) == ([0], [1])
+    # fan_out = the size of axis 1 (100), not of the last axis' receptive field; Keras 3 draws
+    # std 0.1414 for this shape (sqrt(2 / 100))
+    sample = initializer((400, 100))
+    assert sample.std().item() == pytest.approx(np.sqrt(2.0 / 100), rel=0.02)
+    assert layer.get_config()["gamma_initializer"]["config"]["output_axes"] == [1]
+
+
+def test_unsorted_axes_take_keras_arrays_in_axis_position_order():
+    """axis=[3, 1]: the layer keeps channels in ascending axis order, (3, 6) for (N, 3, 5, 6).
+    tf-keras' get_weights() arrays (1, 3, 1, 6) built an unbuilt layer for (6, 3), which then
+    refused its own input."""
+    arrays = [np.arange(18, dtype=np.float32).reshape(1, 3, 1, 6) + i for i in range(4)]
+    layer = BatchNormalization(axis=[3, 1])
+    layer.set_weights(arrays)
+    assert layer.num_features == (3, 6)
+    layer(torch.randn(2, 3, 5, 6), training=False)
+    for got, given in zip(layer.get_weights(), arrays, strict=True):
+        np.testing.assert_array_equal(got, given)
+
+
+def test_set_weights_refuses_arrays_with_channels_in_another_order():
+    """(6, 3) arrays for a (3, 6) layer were reshaped, scrambling channels (tf-keras refuses)."""
+    layer = BatchNormalization((3, 6), axis=[1, 3])
+    before = [w.copy() for w in layer.get_weights()]
+    for shape in ((6, 3), (1, 6, 1, 3)):
+        with pytest.raises(ValueError, match=r"per-channel shape \(3, 6\).*Received: shape"):
+            layer.set_weights([np.ones(shape, np.float32)] * 4)
+    for got, was in zip(layer.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, was)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_keep_the_scale_factor_in_float64(dtype):
+    """`.to(float16)` converted Caffe's scale factor, which the kernels then read and wrote as
+    the bits of a float16: 4 batches stored 2.4e-7, and the average was lost on `.float()`."""
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.randn(8, 3, generator=generator) * 2 + i for i in range(5)]
+    reference = BatchNormalization(3, moving_average="debiased", momentum=1.0)
+    layer = BatchNormalization(3, moving_average="debiased", momentum=1.0).to(dtype)
+    assert layer.moving_average_weight.dtype == torch.float64
+    for batch in batches[:4]:
+        reference(batch.to(dtype).float(), training=True)
+        layer(batch.to(dtype), training=True)
+    assert layer.moving_average_weight.item() == 4.0
+    layer.float()
+    layer(batches[4], training=True)
+    reference(batches[4], training=True)
+    assert layer.moving_average_weight.item() == 5.0
+    torch.testing.assert_close(layer.moving_mean, reference.moving_mean, rtol=1e-2, atol=1e-2)
+
+
+def test_constraints_after_a_step_leave_frozen_layers_alone():
+    """Keras constrains only the variables its optimizer updates: a trainable=False layer's beta
+    kept [-1, 2, -3, 4] in tf-keras and Keras 3 fit(); it was projected to [0, 2, 0, 4]."""
+    frozen = BatchNormalization(4, beta_constraint="non_neg", trainable=False)
+    trained = BatchNormalization(4, beta_constraint="non_neg")
+    beta = torch.tensor([-1.0, 2.0, -3.0, 4.0])
+    with torch.no_grad():
+        frozen.beta.copy_(beta)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), frozen, trained)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=10.0)
+    batchnorm.apply_constraints_after_step(optimizer, model)
+    (model(torch.randn(8, 4)).sum() - 100 * trained.beta.sum()).backward()
+    optimizer.step()
+    assert torch.equal(frozen.beta.detach(), beta)
+    assert (trained.beta >= 0).all()

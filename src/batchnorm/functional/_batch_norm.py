@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
@@ -34,6 +35,7 @@ from batchnorm.functional._renorm import compose_transforms, renorm_correction
 from batchnorm.functional._synchronized import resolve_process_group, synchronized_moments
 from batchnorm.functional._synchronized_normalize import synchronized_normalize
 from batchnorm.functional._validation import (
+    check_bool,
     check_floating_input,
     check_fraction,
     check_mask_values,
@@ -229,6 +231,17 @@ def batch_norm(
         >>> y, state = batch_norm(x, state, training=True)
     """
     check_floating_input(x)
+    if not isinstance(statistics, BatchNormStatistics):
+        raise TypeError(
+            "`statistics` must be a batchnorm.functional.BatchNormStatistics "
+            "(BatchNormStatistics(moving_mean, moving_variance)). "
+            f"Received: statistics of type {type(statistics).__name__}"
+        )
+    if not isinstance(training, (bool, np.bool_, torch.Tensor)):
+        raise TypeError(
+            f"`training` must be a bool or a 0-d bool tensor. Received: training={training!r}"
+        )
+    training = training if isinstance(training, torch.Tensor) else bool(training)
     if moving_variance_estimator not in ("biased", "unbiased"):
         raise ValueError(
             "`moving_variance_estimator` must be 'biased' or 'unbiased'. "
@@ -243,7 +256,7 @@ def batch_norm(
         virtual_batch_size=check_virtual_batch_size(virtual_batch_size),
         adjustment=adjustment,
         use_global_stats=check_use_global_stats(use_global_stats),
-        synchronized=bool(synchronized),
+        synchronized=check_bool(synchronized, "synchronized"),
         process_group=process_group,
         activation=check_activation(activation, activation_param),
         in_place=check_memory(memory) == "in_place",

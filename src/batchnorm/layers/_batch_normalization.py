@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -109,7 +110,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
     lost; inference calls run concurrently.
 
     Args:
-        num_features: channel count (int), or a tuple for several axes; creates the weights
+        num_features: channel count (int), or a tuple for several axes (in ascending axis
+            order, the order of ``moving_mean.shape``); creates the weights
             now. Without it gamma/beta and the buffers are placeholders (torch's
             ``UninitializedParameter`` / ``UninitializedBuffer``, as ``nn.LazyBatchNorm2d`` has)
             until the first input, ``build(input_shape)``, ``set_weights`` or ``load_state_dict``
@@ -361,6 +363,21 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         reset_weights(self, affine=True)
 
     # ------------------------------------------------------------------ checkpoints
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> BatchNormalization:
+        """torch's conversions, with Caffe's scale factor kept in float64 (it counts batches,
+        exactly to 2**53, as torch's ``num_batches_tracked`` stays int64): ``.half()`` and
+        ``.to(torch.bfloat16)`` converted it, and the kernels read and wrote it as the bits of
+        a float16 (4.0 stored as 2.4e-7), lost at the next conversion."""
+        counter = self._buffers.get("moving_average_weight")
+        kept = None
+        if counter is not None and not nn.parameter.is_lazy(counter):
+            kept = counter.detach().clone()
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        after = self._buffers.get("moving_average_weight")
+        if kept is not None and after is not None and after.dtype != torch.float64:
+            self._buffers["moving_average_weight"] = kept.to(after.device)
+        return self
+
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         # An unbuilt layer saves no tensors (placeholders would not load with weights_only).
         if self.built:
@@ -586,9 +603,11 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         """Current regularization penalties (differentiable), gamma's first, as tf-keras lists them."""
         return regularization_losses(self)
 
-    def apply_constraints(self) -> None:
-        """Project gamma/beta with their constraints (run after each optimizer step)."""
-        apply_layer_constraints(self)
+    def apply_constraints(self, updated: AbstractSet[int] | None = None) -> None:
+        """Project gamma/beta with their constraints (run after each optimizer step); with
+        ``updated``, the ids of the parameters that step changed, only those weights (Keras
+        constrains only the variables its optimizer updates: a frozen layer's stay as they are)."""
+        apply_layer_constraints(self, updated)
 
     def _weight_names(self) -> list[str]:
         return weight_names(self)

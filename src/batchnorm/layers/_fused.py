@@ -19,16 +19,25 @@ def fused_unsupported_reason(
 ) -> str | None:
     """Why ``fused=True`` cannot be honoured (tf-keras' ``_raise_if_fused_cannot_be_used``), or None."""
     if renorm:
-        return "Passing both `fused=True` and `renorm=True` is not supported."
+        return (
+            "Passing both `fused=True` and `renorm=True` is not supported (pass fused=None or "
+            "False with renorm). Received: fused=True, renorm=True"
+        )
     if len(axis) > 1 or axis[0] not in (-4, -3, -1, 1, 3, 4):
         return (
             "Passing `fused=True` is only supported when axis is 1 or 3 for input rank 4, "
             f"or 1 or 4 for input rank 5. Received: axis={axis}"
         )
     if virtual_batch_size is not None:
-        return "Passing `fused=True` is not supported when `virtual_batch_size` is specified."
+        return (
+            "Passing `fused=True` is not supported when `virtual_batch_size` is specified. "
+            f"Received: fused=True, virtual_batch_size={virtual_batch_size}"
+        )
     if adjustment_given:
-        return "Passing `fused=True` is not supported when `adjustment` is specified."
+        return (
+            "Passing `fused=True` is not supported when `adjustment` is specified. "
+            "Received: fused=True with an adjustment"
+        )
     if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return (
             "Passing `fused=True` is only supported when the compute dtype is float16, bfloat16 "

@@ -9,7 +9,7 @@ seeded with ``seed`` when given: the distribution matches Keras, the draws canno
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -128,8 +128,18 @@ class TruncatedNormal(Initializer):
         return {"mean": self.mean, "stddev": self.stddev, "seed": self.seed}
 
 
-def compute_fans(shape: Shape) -> tuple[int, int]:
-    """tf-keras' ``_compute_fans``: vectors use their length, kernels multiply the receptive field."""
+def compute_fans(
+    shape: Shape,
+    input_axes: Sequence[int] | None = None,
+    output_axes: Sequence[int] | None = None,
+) -> tuple[int, int]:
+    """tf-keras' ``_compute_fans``: vectors use their length, kernels multiply the receptive field;
+    with Keras 3.15's ``input_axes`` and ``output_axes`` both given, the products of those axes."""
+    if input_axes is not None and output_axes is not None:
+        return (
+            math.prod(shape[a] for a in input_axes),
+            math.prod(shape[a] for a in output_axes),
+        )
     if len(shape) < 1:
         return 1, 1
     if len(shape) == 1:
@@ -149,7 +159,16 @@ class VarianceScaling(Initializer):
         mode: str = "fan_in",
         distribution: str = "truncated_normal",
         seed: int | None = None,
+        input_axes: Sequence[int] | None = None,
+        output_axes: Sequence[int] | None = None,
     ) -> None:
+        for name, axes in (("input_axes", input_axes), ("output_axes", output_axes)):
+            if axes is not None and not (
+                isinstance(axes, (list, tuple)) and all(isinstance(a, int) for a in axes)
+            ):
+                raise ValueError(
+                    f"`{name}` must be None or a list of ints. Received: {name}={axes!r}"
+                )
         if scale <= 0.0:
             raise ValueError(f"`scale` must be positive. Received: scale={scale}")
         if mode not in ("fan_in", "fan_out", "fan_avg"):
@@ -162,11 +181,13 @@ class VarianceScaling(Initializer):
                 f"'uniform'. Received: distribution={distribution!r}"
             )
         self.scale, self.mode, self.distribution, self.seed = scale, mode, distribution, seed
+        self.input_axes = None if input_axes is None else list(input_axes)
+        self.output_axes = None if output_axes is None else list(output_axes)
 
     def __call__(
         self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None
     ) -> torch.Tensor:
-        fan_in, fan_out = compute_fans(tuple(shape))
+        fan_in, fan_out = compute_fans(tuple(shape), self.input_axes, self.output_axes)
         fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2.0}[self.mode]
         variance = self.scale / max(1.0, fan)
         generator = _generator(self.seed)
@@ -188,17 +209,28 @@ class VarianceScaling(Initializer):
             "mode": self.mode,
             "distribution": self.distribution,
             "seed": self.seed,
+            **self._axes_config(),
         }
+
+    def _axes_config(self) -> dict[str, Any]:
+        """Keras 3.15's fan axes, written only when set (tf-keras' configs have neither)."""
+        axes = {"input_axes": self.input_axes, "output_axes": self.output_axes}
+        return {key: value for key, value in axes.items() if value is not None}
 
 
 def _variance_scaling_preset(
     class_name: str, scale: float, mode: str, distribution: str
 ) -> type[VarianceScaling]:
-    def initialise(self: VarianceScaling, seed: int | None = None) -> None:
-        VarianceScaling.__init__(self, scale, mode, distribution, seed)
+    def initialise(
+        self: VarianceScaling,
+        seed: int | None = None,
+        input_axes: Sequence[int] | None = None,
+        output_axes: Sequence[int] | None = None,
+    ) -> None:
+        VarianceScaling.__init__(self, scale, mode, distribution, seed, input_axes, output_axes)
 
     def get_config(self: VarianceScaling) -> dict[str, Any]:
-        return {"seed": self.seed}
+        return {"seed": self.seed, **self._axes_config()}
 
     preset = type(
         class_name, (VarianceScaling,), {"__init__": initialise, "get_config": get_config}

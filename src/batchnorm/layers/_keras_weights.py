@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from batchnorm.functional._validation import check_axis_type
-from batchnorm.layers._parametrized import check_writable, write_weight
+from batchnorm.layers._parametrized import check_writable, parameters_behind, write_weight
 
 
 def keras_parameter_shape(
@@ -64,7 +65,8 @@ def channel_shape_of_arrays(
     rank = len(shape) - (virtual_batch_size is not None)
     ghost = int(virtual_batch_size is not None)
     if len(shape) > len(axis) and all(-rank <= a < rank for a in axis):
-        return tuple(shape[a % rank + ghost * (a % rank > 0)] for a in axis)
+        # in ascending axis order, as the layer keeps its channels (axis=[3, 1]: axis 1 first)
+        return tuple(shape[p + ghost * (p > 0)] for p in sorted(a % rank for a in axis))
     raise ValueError(
         f"`weights` cannot give the channel shape of a layer with axis={axis} that is not built: "
         "pass the arrays in tf-keras' full-rank shape or the per-channel shape, or build the "
@@ -83,10 +85,11 @@ def weights_from_arrays(
         tensor = torch.as_tensor(
             np.asarray(array) if not isinstance(array, torch.Tensor) else array
         )
+        # The sizes in order: a (6, 3) array is not the (3, 6) channels reshaped (tf-keras
+        # refuses it too; it was taken, its values scrambled across channels).
         if tensor.numel() != size or (
             tensor.ndim > 1
-            and sorted(d for d in tensor.shape if d != 1)
-            != sorted(d for d in channel_shape if d != 1)
+            and [d for d in tensor.shape if d != 1] != [d for d in channel_shape if d != 1]
         ):
             raise ValueError(
                 f"Weight `{name}` must have {size} values in the per-channel shape {channel_shape} "
@@ -190,13 +193,18 @@ def regularization_losses(layer: WeightedLayer) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def apply_layer_constraints(layer: WeightedLayer) -> None:
+def apply_layer_constraints(layer: WeightedLayer, updated: AbstractSet[int] | None = None) -> None:
     """Project gamma/beta in place with their constraints; nothing before the build. Both
-    projections are computed and checked writable before either is written."""
+    projections are computed and checked writable before either is written. With ``updated``
+    (the ids of the parameters an optimizer step changed), only a weight whose parameters are
+    among them, as Keras constrains only the variables its optimizer updates."""
     projected: dict[str, torch.Tensor] = {}
     for name in ("gamma", "beta") if layer.built else ():
         constraint = getattr(layer, f"{name}_constraint")
         weight = getattr(layer, name, None)
+        behind = parameters_behind(layer, name)  # type: ignore[arg-type]
+        if updated is not None and not any(id(p) in updated for _, p in behind):
+            continue
         if constraint is not None and weight is not None:
             constrained = constraint(weight.reshape(layer_keras_shape(layer)))
             projected[name] = constrained.reshape(weight.shape)

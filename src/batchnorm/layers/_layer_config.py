@@ -123,7 +123,25 @@ def layer_config(layer: ConfiguredLayer) -> dict[str, Any]:
     if layer.built:
         shape = tuple(layer.moving_mean.shape)
         config["num_features"] = shape[0] if len(shape) == 1 else list(shape)
+    elif _read_as_shifted(config):
+        # Unbuilt, its axes as given: the key says so (see layer_kwargs_from_config).
+        config["num_features"] = None
     return config
+
+
+def _read_as_shifted(kwargs: Mapping[str, Any]) -> bool:
+    """Whether a config's axes are tf-keras' of a built ghost-batch layer, each shifted by the
+    ghost dimension: a list of positive axes, all >= 2 (axis 0 cannot be a channel axis there,
+    so a shifted one is never 1), without ``num_features`` (which this layer's own configs
+    hold when built, unshifted, and as None when not built). An unbuilt tf-keras layer keeps its
+    axes as given: one given as [2, 3] is read as [1, 2]."""
+    axis = kwargs.get("axis")
+    return (
+        kwargs.get("virtual_batch_size") is not None
+        and "num_features" not in kwargs
+        and isinstance(axis, list)
+        and all(isinstance(a, int) and a >= 2 for a in axis)
+    )
 
 
 def layer_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,16 +159,10 @@ def layer_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
             f"Unknown BatchNormalization config keys {unknown}; expected keys among "
             f"{sorted(_INIT_KEYS)}. Received: config={dict(config)!r}"
         )
-    axis = kwargs.get("axis")
-    if (
-        kwargs.get("virtual_batch_size") is not None
-        and "num_features" not in kwargs
-        and isinstance(axis, list)
-        and all(isinstance(a, int) and a > 0 for a in axis)
-    ):
+    if _read_as_shifted(kwargs):
         # tf-keras writes the axes of a built ghost-batch layer shifted by its extra ghost
         # dimension; this layer's own configs carry num_features and are not shifted.
-        kwargs["axis"] = [a - 1 for a in axis]
+        kwargs["axis"] = [a - 1 for a in kwargs["axis"]]
     if kwargs.get("renorm_clipping") is not None:
         kwargs["renorm_clipping"] = dict(kwargs["renorm_clipping"])
     return kwargs

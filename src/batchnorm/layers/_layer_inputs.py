@@ -87,8 +87,8 @@ def _check_new_input(layer: CalledLayer, x: torch.Tensor) -> None:
     if layer.built and channel_shape != tuple(layer.moving_mean.shape):
         raise ValueError(
             f"Layer {layer.name} was built for {tuple(layer.moving_mean.shape)} channels on "
-            f"axis {layer.axis}, but the input has {channel_shape}. "
-            f"Received: x.shape={tuple(x.shape)}"
+            f"axes {list(axes)} (sizes in ascending axis order, as `num_features` takes them), "
+            f"but the input has {channel_shape}. Received: x.shape={tuple(x.shape)}"
         )
     tensors = layer._parameters | layer._buffers  # placeholders too
     check_same_device(x, tensors.keys(), tensors.values())

@@ -7,6 +7,7 @@ nothing of constraints, so this hook does it.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -22,18 +23,21 @@ _HOOKS: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, RemovableHand
 )
 
 
-def apply_constraints(model: torch.nn.Module) -> None:
-    """Apply ``gamma_constraint`` / ``beta_constraint`` of every BatchNormalization in ``model``."""
+def apply_constraints(model: torch.nn.Module, updated: AbstractSet[int] | None = None) -> None:
+    """Apply ``gamma_constraint`` / ``beta_constraint`` of every BatchNormalization in ``model``;
+    with ``updated`` (ids of parameters an optimizer step changed), only to those weights."""
     check_module(model)
     for module in model.modules():
         if isinstance(module, BatchNormalization):
-            module.apply_constraints()
+            module.apply_constraints(updated)
 
 
 def apply_constraints_after_step(
     optimizer: torch.optim.Optimizer, model: torch.nn.Module
 ) -> RemovableHandle:
-    """Register a hook that applies the constraints after every ``optimizer.step()``.
+    """Register a hook that applies the constraints after every ``optimizer.step()``, to the
+    weights that step changed (the optimizer's parameters with a gradient), as Keras constrains
+    only the variables its optimizer updates: a frozen layer's gamma and beta stay as they are.
 
     Call it once, before the training loop. It is idempotent: calling it again for the same
     optimizer and model registers nothing more and returns the same handle (until
@@ -55,8 +59,16 @@ def apply_constraints_after_step(
     if handle is not None and _registered(handle):
         return handle
 
-    def hook(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-        apply_constraints(model)
+    def hook(step_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        # The parameters the step changed: the optimizer's, with a gradient. A frozen layer's
+        # (not in the optimizer, or without gradients) keep their values, as in Keras.
+        updated = {
+            id(p)
+            for group in step_optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        }
+        apply_constraints(model, updated)
 
     handle = optimizer.register_step_post_hook(hook)
     handles[id(model)] = handle
