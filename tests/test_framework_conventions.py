@@ -103,7 +103,10 @@ def test_like_sets_the_preset_and_overrides_win(framework):
     preset = batchnorm.FRAMEWORK_PRESETS[framework]
     layer = BatchNormalization.like(framework, 3)
     for key, value in preset.items():
-        assert getattr(layer, key) == value, key
+        if key.endswith("_initializer"):
+            assert layer.get_config()[key]["class_name"].lower() == value, key
+        else:
+            assert getattr(layer, key) == value, key
     assert BatchNormalization.like(framework, 3, epsilon=0.5).epsilon == 0.5
     assert tuple(layer.moving_mean.shape) == (3,)
 
@@ -175,6 +178,16 @@ class CaffeBatchNorm:
 def test_caffe_preset_follows_caffe_blobs_through_training_and_test():
     caffe = CaffeBatchNorm(3, maf=0.9)
     layer = BatchNormalization.like("caffe", 3, momentum=0.9, dtype="float64")
+    # Before any step the blobs and their scale factor are 0: mean 0, variance 0 (x / sqrt(eps));
+    # the preset started the moving variance at 1 (x / sqrt(1 + eps)).
+    x = _data((2, 3, 2, 2), 1, seed=3)[0]
+    for frozen in (
+        layer,
+        BatchNormalization.like("caffe", 3, dtype="float64", use_global_stats=True),
+    ):
+        np.testing.assert_allclose(
+            frozen(torch.tensor(x), training=False).numpy(), caffe.forward(x, True), rtol=1e-10
+        )
     for x in _data((4, 3, 2, 2), 6, seed=4):
         y = layer(torch.tensor(x), training=True)
         np.testing.assert_allclose(y.numpy(), caffe.forward(x, False), rtol=1e-10, atol=1e-10)

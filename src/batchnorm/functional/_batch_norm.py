@@ -185,8 +185,9 @@ def batch_norm(
     ``use_global_stats`` decouples the statistics used from ``training``: None uses batch
     statistics in training and moving ones in inference; True always normalises with the moving
     statistics and never updates them (Caffe's TEST phase; gamma/beta still get gradients);
-    False always normalises with batch statistics (Keras 1 ``mode=2``, PyTorch
-    ``track_running_stats=False``) and updates the moving ones in training only.
+    False always normalises with batch statistics (the outputs of Keras 1 ``mode=2`` and PyTorch
+    ``track_running_stats=False``, neither of which updates moving statistics) and updates the
+    moving ones in training only.
 
     Options, with tf-keras semantics: Batch Renormalization when ``statistics`` carries the renorm
     buffers (``renorm_clipping`` keys rmin/rmax/dmax, ``renorm_momentum``); ``virtual_batch_size``

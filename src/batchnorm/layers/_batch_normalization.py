@@ -137,7 +137,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         use_global_stats: None (batch statistics in training, moving ones in inference), True
             (moving statistics always, never updated; gamma/beta still train: Caffe's TEST
             phase) or False (batch statistics always; moving ones still update in training:
-            Keras 1 ``mode=2``, PyTorch ``track_running_stats=False``; Caffe's
+            the outputs of Keras 1 ``mode=2`` and PyTorch ``track_running_stats=False``, which
+            keep no moving statistics up to date; Caffe's
             ``use_global_stats: false`` also updates in its TEST phase, here updates follow
             ``training``).
         virtual_batch_size: ghost-batch size; must divide the training batch.

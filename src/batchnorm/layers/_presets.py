@@ -46,13 +46,16 @@ FRAMEWORK_PRESETS: dict[str, dict[str, Any]] = {
         "use_global_stats": None,
     },
     # Caffe BatchNorm: scale-factor (debiased) average with fraction 0.999, m/(m-1) variance, no
-    # gamma/beta (those live in a following Scale layer), global stats in the TEST phase.
+    # gamma/beta (those live in a following Scale layer), global stats in the TEST phase. Its blobs
+    # start at 0: with the scale factor s = 0 it normalises with mean 0 and variance 0
+    # (x / sqrt(eps)) until the first training step, hence the zero moving variance.
     "caffe": {
         "axis": 1,
         "momentum": 0.999,
         "epsilon": 1e-5,
         "moving_variance_estimator": "unbiased",
         "moving_average": "debiased",
+        "moving_variance_initializer": "zeros",
         "center": False,
         "scale": False,
         "use_global_stats": None,
