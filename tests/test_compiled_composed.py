@@ -97,3 +97,27 @@ def test_renorm_compiled_with_inductor_corrects_with_the_statistics_before_the_s
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
         for a, b in zip(model[1].buffers(), eager[1].buffers(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("momentum", [1.0, 0.9])
+def test_compiled_debiased_average_steps_its_scale_factor(momentum):
+    """torch.compile (aot_eager, as inductor) dropped the in-place write into the 0-d float64
+    scale factor: it stayed 0, and the moving mean was the last batch's (3.0, not 2.0)."""
+    offsets = torch.tensor([[-1.0], [0.0], [0.0], [1.0]])
+    batches = [offsets + mean for mean in (1.0, 2.0, 3.0)]
+    layers = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        layer = BatchNormalization(axis=-1, moving_average="debiased", momentum=momentum)
+        layer.build((4, 1))
+        call = torch.compile(layer, backend="aot_eager") if compiled else layer
+        for x in batches:
+            call(x, training=True)
+        layers.append(layer)
+    eager, compiled_layer = layers
+    weight = 3.0 if momentum == 1.0 else 1 + momentum + momentum**2
+    assert eager.moving_average_weight.item() == pytest.approx(weight)
+    assert compiled_layer.moving_average_weight.item() == pytest.approx(weight)
+    torch.testing.assert_close(compiled_layer.moving_mean, eager.moving_mean)
+    torch.testing.assert_close(compiled_layer.moving_variance, eager.moving_variance)

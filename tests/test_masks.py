@@ -8,6 +8,7 @@ import torch
 
 from batchnorm import BatchNormalization
 from batchnorm.functional import BatchNormStatistics, batch_norm, moments
+from tests.backends import torch_ops_and_kernels
 from tests.numpy_reference import reference_train_step
 
 
@@ -132,3 +133,42 @@ def test_partial_masks_still_match_the_float64_reference():
     np.testing.assert_allclose(y.detach().numpy(), expected_y, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(layer.moving_mean.numpy(), expected_mean, rtol=1e-12)
     np.testing.assert_allclose(layer.moving_variance.numpy(), expected_variance, rtol=1e-12)
+
+
+@pytest.mark.parametrize("ghost", [None, 2])
+def test_unbiased_moving_variance_with_a_weight_count_between_one_and_two(ghost):
+    """n / (n - 1) for a weighted count n in (1, 2): the torch-op step clamped n - 1 to 1, so
+    the factor was n (0.4286 stored where the kernels and the formula give 0.5714)."""
+    if ghost is None:
+        x = torch.tensor([[0.0], [1.0], [5.0]], dtype=torch.float64)
+        mask = torch.tensor([1.0, 0.75, 0.0], dtype=torch.float64)
+    else:  # ghost counts 2, 2, 2, 1: their mean is 1.75
+        x = torch.arange(16, dtype=torch.float64).reshape(8, 2) ** 1.5
+        mask = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.float64)
+
+    def run() -> list[torch.Tensor]:
+        layer = BatchNormalization(
+            axis=-1,
+            momentum=0.0,
+            moving_variance_estimator="unbiased",
+            virtual_batch_size=ghost,
+            dtype="float64",
+        )
+        layer(x, training=True, mask=mask)
+        return [layer.moving_variance]
+
+    torch_ops, kernels = torch_ops_and_kernels(run)
+    groups = 1 if ghost is None else x.shape[0] // ghost
+    weights = mask.numpy().reshape(-1, groups).T if ghost else mask.numpy()[None]
+    values = (
+        x.numpy().reshape(-1, groups, x.shape[1]).transpose(1, 0, 2) if ghost else x.numpy()[None]
+    )
+    variances, counts = [], []
+    for w, v in zip(weights, values, strict=True):
+        mean = (w[:, None] * v).sum(0) / w.sum()
+        variances.append((w[:, None] * (v - mean) ** 2).sum(0) / w.sum())
+        counts.append(w.sum())
+    count = np.mean(counts)
+    expected = np.mean(variances, axis=0) * count / (count - 1)
+    for result in (torch_ops, kernels):
+        np.testing.assert_allclose(result[0].numpy(), expected, rtol=1e-12)

@@ -675,8 +675,11 @@ def _updated_statistics(
     momentum, renorm_momentum, epsilon = options.momentum, options.renorm_momentum, options.epsilon
     stored_variance = batch_variance
     if options.unbiased_moving_variance:
-        # tf's fused kernel: factor n / (n - 1), and 1 when a channel has a single element.
-        bessel = torch.where(count > 1, count / (count - 1).clamp(min=1), torch.ones_like(count))
+        # tf's fused kernel: factor n / (n - 1), and 1 when a channel has a single element. A
+        # weighted count may lie between 1 and 2 (masks, ghost batches): n - 1 must not be
+        # clamped to 1 there (the factor came out n), only kept off 0 where it is not taken.
+        ones = torch.ones_like(count)
+        bessel = torch.where(count > 1, count / torch.where(count > 1, count - 1, ones), ones)
         stored_variance = batch_variance * bessel
     weight = statistics.moving_average_weight
     if weight is not None:

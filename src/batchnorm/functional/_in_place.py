@@ -131,6 +131,35 @@ def _saved_by_producer(x: torch.Tensor) -> str | None:
     return None
 
 
+# Elements per slice of the float32 copy a half-precision input is normalised in (4 MiB).
+_HALF_SLICE = 1 << 20
+
+
+def _normalize_half_into(
+    x: torch.Tensor,
+    high: torch.Tensor,
+    factor: torch.Tensor,
+    shift: torch.Tensor,
+    activation: Activation | None,
+) -> None:
+    """``x <- f((x - high) * factor + shift)`` for a float16/bfloat16 ``x``, computed in
+    ``factor``'s dtype and rounded once into ``x``, in slices along dim 0 (the wider copy stays
+    at most 4 MiB). Three in-place steps in half precision each rounded, and near 0 (z about
+    1e-3 against beta) gave 0 or the other sign: the backward reads the activation's slope from
+    the output's sign, and leaky_relu's gradients were 30-60% off."""
+    compute = factor.dtype
+    rows = max(1, _HALF_SLICE // max(1, x[0].numel()))
+    for start in range(0, x.shape[0], rows):
+        piece = slice(start, start + rows)
+        # the per-channel tensors broadcast along dim 0 unless they vary along it
+        high_part, factor_part, shift_part = (
+            t if t.ndim < x.ndim or t.shape[0] == 1 else t[piece] for t in (high, factor, shift)
+        )
+        z = (x[piece].to(compute) - high_part.to(compute)) * factor_part + shift_part
+        activate_(z, activation)
+        x[piece].copy_(z)
+
+
 class InPlaceNormalizeActivate(torch.autograd.Function):
     """``f(gamma * (x - mean) / sqrt(var + epsilon) + beta)`` written over ``x`` (the batch
     statistics given, detached; broadcast against ``x`` in its grouped view)."""
@@ -156,8 +185,11 @@ class InPlaceNormalizeActivate(torch.autograd.Function):
         if offset is not None:
             shift = shift + offset
         with torch.no_grad():
-            x.sub_(high).mul_(factor.to(x.dtype)).add_(shift.to(x.dtype))
-            activate_(x, activation)
+            if x.dtype in (torch.float16, torch.bfloat16) and x.numel():
+                _normalize_half_into(x, high, factor, shift, activation)
+            else:
+                x.sub_(high).mul_(factor.to(x.dtype)).add_(shift.to(x.dtype))
+                activate_(x, activation)
         ctx.mark_dirty(x)
         ctx.save_for_backward(x, scale, offset, inverse_std, weights)
         ctx.activation, ctx.reduce_dims = activation, reduce_dims

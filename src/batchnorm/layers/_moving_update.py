@@ -64,7 +64,13 @@ def write_moving_statistics(
     if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
         with torch.no_grad():
             for old, new in pairs:
-                old.copy_(new)
+                # Through a 1-element view: torch.compile (aot_eager, inductor) drops an in-place
+                # write into a 0-d float64 buffer (Caffe's scale factor stayed 0, so a debiased
+                # average was the last batch's statistics); a 1-d view of it is written.
+                if old.ndim == 0:
+                    old.view(-1).copy_(new.reshape(-1))
+                else:
+                    old.copy_(new)
         return
     write_primal_values(name, pairs)
 
