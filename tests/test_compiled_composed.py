@@ -3,6 +3,8 @@ same numbers as eager."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -121,3 +123,64 @@ def test_compiled_debiased_average_steps_its_scale_factor(momentum):
     assert compiled_layer.moving_average_weight.item() == pytest.approx(weight)
     torch.testing.assert_close(compiled_layer.moving_mean, eager.moving_mean)
     torch.testing.assert_close(compiled_layer.moving_variance, eager.moving_variance)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_in_place_training_has_the_eager_gradients():
+    """A compiled graph took memory="in_place"'s write under no_grad for an identity: gamma and
+    beta got no gradient, the layer before a wrong one. Compiled, the step runs out of place."""
+
+    def model(memory: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(4, 5), BatchNormalization(5, memory=memory), torch.nn.Linear(5, 3)
+        ).double()
+
+    x = torch.randn(8, 4, dtype=torch.float64) * 2 + 1
+    weights = torch.randn(8, 3, dtype=torch.float64)
+    results = []
+    for memory, compiled in (("default", False), ("in_place", True)):
+        torch._dynamo.reset()
+        network = model(memory)
+        call = torch.compile(network, backend="aot_eager") if compiled else network
+        (call(x) * weights).sum().backward()
+        norm = network[1]
+        results.append(
+            [network[0].weight.grad, norm.gamma.grad, norm.beta.grad, norm.moving_mean.clone()]
+        )
+    for compiled_value, eager_value in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(compiled_value, eager_value, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("training", [False, True])
+def test_compiled_layer_on_channel_axes_not_adjacent(training):
+    """axis=[1, 3] of NCHW: the custom operators returned their kernels' strides, not the ones
+    their fake implementations declare, and the compiled graph's views failed on them."""
+    layer = BatchNormalization(axis=[1, 3])
+    layer.build((8, 3, 2, 5))
+    x = torch.randn(8, 3, 2, 5)
+
+    def run(module: BatchNormalization, inputs: torch.Tensor) -> torch.Tensor:
+        return module(inputs, training=training).reshape(8, -1) * 2 + 1
+
+    torch._dynamo.reset()
+    eager, traced = copy.deepcopy(layer), copy.deepcopy(layer)
+    with torch.no_grad():
+        expected = run(eager, x)
+        compiled = torch.compile(lambda inputs: run(traced, inputs), backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(traced.moving_mean, eager.moving_mean)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_fused_layer_given_a_mask_compiles_in_one_graph():
+    """The warning that a fused layer ignores its mask stopped fullgraph=True ("Dynamo does not
+    know how to trace _warnings.warn"); eager calls still warn."""
+    layer = BatchNormalization()
+    x, mask = torch.randn(2, 3, 4, 5), torch.rand(2, 3, 4) > 0.5
+    with pytest.warns(UserWarning, match="Masking is not supported with `fused=True`"):
+        expected = layer(x, training=False, mask=mask)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, training=False, mask=mask), expected)

@@ -44,6 +44,17 @@ from batchnorm.functional._torch_ops import affine_normalize
 
 
 # ---------------------------------------------------------------------------- custom operators
+def _as_declared(result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``result`` with the strides the operators' fake implementations declare,
+    ``torch.empty_like(x)``'s. The kernels write channel axes that are not adjacent in x (axes
+    [1, 3] of NCHW) in their own order: a traced graph planned views for the declared strides,
+    which failed on the real ones ("view size is not compatible", inductor's stride asserts)."""
+    declared = torch.empty_like(x, dtype=result.dtype)
+    if result.stride() == declared.stride():
+        return result
+    return declared.copy_(result)
+
+
 @torch.library.custom_op("batchnorm::batch_moments", mutates_args=())
 def batch_moments_op(
     x: torch.Tensor, axes: list[int], weights: torch.Tensor | None, ghost_batches: int
@@ -70,7 +81,8 @@ def normalize_batch_op(
     weights: torch.Tensor | None,
     ghost_batches: int,
 ) -> torch.Tensor:
-    return normalize_batch_impl(x, axes, mean, variance, scale, offset, epsilon, ghost_batches)
+    y = normalize_batch_impl(x, axes, mean, variance, scale, offset, epsilon, ghost_batches)
+    return _as_declared(y, x)
 
 
 @normalize_batch_op.register_fake
@@ -91,9 +103,10 @@ def normalize_batch_backward_op(
     weights: torch.Tensor | None,
     ghost_batches: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return normalize_batch_backward_impl(
+    dx, dscale, doffset = normalize_batch_backward_impl(
         grad, x, axes, mean, variance, total_weight, scale, epsilon, weights, ghost_batches
     )
+    return _as_declared(dx, x), dscale, doffset
 
 
 @normalize_batch_backward_op.register_fake
@@ -140,7 +153,7 @@ def normalize_op(
     offset: torch.Tensor | None,
     epsilon: float,
 ) -> torch.Tensor:
-    return normalize_impl(x, axes, mean, variance, scale, offset, epsilon)
+    return _as_declared(normalize_impl(x, axes, mean, variance, scale, offset, epsilon), x)
 
 
 @normalize_op.register_fake

@@ -156,12 +156,15 @@ def run_step(
                 return y
     if mask is not None and layer.fused:
         check_mask(mask, x, axes)  # a malformed mask is an error, as without fusing
-        warnings.warn(
-            "Masking is not supported with `fused=True` (as in tf-keras): `mask` is ignored "
-            "for the normalization. Pass fused=False to use it.",
-            UserWarning,
-            stacklevel=5,
-        )
+        # Not while compiling: dynamo cannot trace warnings.warn (fullgraph=True failed there);
+        # the eager calls before and after warn.
+        if not compiling:
+            warnings.warn(
+                "Masking is not supported with `fused=True` (as in tf-keras): `mask` is ignored "
+                "for the normalization. Pass fused=False to use it.",
+                UserWarning,
+                stacklevel=5,
+            )
         mask = None
     buffers = statistics = layer_statistics(layer, remember=not compiling)
     if isinstance(resolved, torch.Tensor):
