@@ -444,10 +444,16 @@ def rows_view(x):  # type: ignore[no-untyped-def]
 
 @setup_helper
 def block_rows(rows, blocks, block):  # type: ignore[no-untyped-def]
-    """The rows ``(start, stop)`` of block ``block`` of ``blocks`` near-equal row blocks."""
+    """The rows ``(start, stop)`` of block ``block`` of ``blocks`` near-equal row blocks;
+    ``start <= stop`` always (the last blocks may be empty: 130 rows in 16 blocks of 9 gave
+    block 15 the rows (135, 130), and the helpers that split a block in halves or quarters
+    then ran their remainder loop back over rows 129 and 130: counted twice in masked
+    statistics and gradient sums, normalised twice in place)."""
     rows_per_block = (rows + blocks - 1) // blocks
     stop = (block + 1) * rows_per_block
-    return block * rows_per_block, rows if rows < stop else stop  # min(rows, stop)
+    stop = rows if rows < stop else stop  # min(rows, stop)
+    start = block * rows_per_block
+    return (stop if stop < start else start), stop
 
 
 @setup_helper
