@@ -15,6 +15,8 @@ tensor, for the same reason.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -442,21 +444,38 @@ def resizable_array(tensor: torch.Tensor) -> np.ndarray:
 
 
 # NumPy views of the long-lived per-channel tensors (parameters, buffers), by id: making one
-# costs about a microsecond, four times on every call. An entry is used only while the tensor
-# still has the same memory, shape and strides (``.data =`` changes them on the same object);
-# it holds the tensor itself, so its id cannot be reused while the entry exists (holding a
-# detached alias did not: a freed view's id went to the next view, with other strides, which
-# got the old view's array). Cleared when it grows past _ARRAYS_KEPT.
-_ARRAYS: dict[int, tuple[torch.Tensor, int, torch.Size, tuple[int, ...], np.ndarray]] = {}
+# costs about a microsecond, four times on every call. An entry is used only while it refers to
+# the same tensor object (a weak reference: a freed view's id went to the next view, with other
+# strides, which got the old view's array) with the same memory, shape and strides (``.data =``
+# changes them on the same object). The entry goes when its tensor does: holding the tensor kept
+# deleted layers' weights, a sliced hypernetwork output's whole base and gamma's autograd graph
+# alive, up to _ARRAYS_KEPT of them (+650 MB over a 700-step hypernetwork loop); the array
+# holds the memory only as long as the tensor lives. Cleared when it grows past _ARRAYS_KEPT.
+_ARRAYS: dict[
+    int, tuple[weakref.ref[torch.Tensor], int, torch.Size, tuple[int, ...], np.ndarray]
+] = {}
 _ARRAYS_KEPT = 1024
+
+
+def _forget(key: int) -> Callable[[weakref.ref[torch.Tensor]], None]:
+    """The weak reference's callback: drop the entry its tensor had (not a newer one)."""
+
+    def forget(reference: weakref.ref[torch.Tensor]) -> None:
+        entry = _ARRAYS.get(key)
+        if entry is not None and entry[0] is reference:
+            del _ARRAYS[key]
+
+    return forget
 
 
 def shared_array(tensor: torch.Tensor) -> np.ndarray:
     """:func:`resizable_array` of ``tensor``, remembered for the next call with the same tensor
     and memory."""
-    entry = _ARRAYS.get(id(tensor))
+    key = id(tensor)
+    entry = _ARRAYS.get(key)
     if (
         entry is not None
+        and entry[0]() is tensor
         and entry[1] == tensor.data_ptr()
         and entry[2] == tensor.shape
         and entry[3] == tensor.stride()
@@ -465,7 +484,8 @@ def shared_array(tensor: torch.Tensor) -> np.ndarray:
     array = resizable_array(tensor.detach())
     if len(_ARRAYS) >= _ARRAYS_KEPT:
         _ARRAYS.clear()
-    _ARRAYS[id(tensor)] = (tensor, tensor.data_ptr(), tensor.shape, tensor.stride(), array)
+    reference = weakref.ref(tensor, _forget(key))
+    _ARRAYS[key] = (reference, tensor.data_ptr(), tensor.shape, tensor.stride(), array)
     return array
 
 
