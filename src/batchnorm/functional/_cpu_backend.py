@@ -49,10 +49,10 @@ def _as_declared(result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     ``torch.empty_like(x)``'s. The kernels write channel axes that are not adjacent in x (axes
     [1, 3] of NCHW) in their own order: a traced graph planned views for the declared strides,
     which failed on the real ones ("view size is not compatible", inductor's stride asserts)."""
-    declared = torch.empty_like(x, dtype=result.dtype)
-    if result.stride() == declared.stride():
+    # the strides on the meta device: nothing allocated where they match
+    if result.stride() == torch.empty_like(x, dtype=result.dtype, device="meta").stride():
         return result
-    return declared.copy_(result)
+    return torch.empty_like(x, dtype=result.dtype).copy_(result)
 
 
 @torch.library.custom_op("batchnorm::batch_moments", mutates_args=())
