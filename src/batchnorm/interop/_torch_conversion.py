@@ -31,6 +31,7 @@ from batchnorm.interop._activation_conversion import (
     is_activated_batch_norm,
     torch_activation,
 )
+from batchnorm.interop._module_places import module_places
 from batchnorm.interop._rerouting_conversion import carry_rerouting
 from batchnorm.layers import BatchNormalization
 
@@ -351,16 +352,9 @@ def convert(model: nn.Module, to: Literal["batchnorm", "torch"] = "batchnorm") -
 
     if is_source(model):
         return converted(model)
-    # Every place a batch norm sits, shared ones included (named_children() and modules() list a
-    # module once: a batch norm used twice was converted at its first place only, or into two
-    # layers that no longer shared their weights); each is converted once, and every place
-    # gets that one conversion.
-    places = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent._modules.items()
-        if child is not None and is_source(child)
-    ]
+    # Every place a batch norm sits, shared ones included; each is converted once, and every
+    # place gets that one conversion (two conversions no longer shared their weights).
+    places = module_places(model, is_source)
     conversions: dict[int, nn.Module] = {}
     for _, _, child in places:
         if id(child) not in conversions:

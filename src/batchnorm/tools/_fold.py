@@ -18,6 +18,7 @@ from torch.nn.utils.weight_norm import WeightNorm, remove_weight_norm
 
 from batchnorm.functional._activation import Activation, activate, check_activation
 from batchnorm.functional._validation import check_axis_type, check_module
+from batchnorm.interop._module_places import module_places
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools import _batch_norm_modules as bn
 from batchnorm.tools._fold_weights import fold_weights
@@ -435,15 +436,8 @@ def _fused_activation(norm: nn.Module) -> Activation | None:
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` at every place ``old`` sits (a module registered under two names is listed
-    once by ``named_modules()``: replaced at one place, the other one still ran it)."""
-    places = [
-        (parent, name)
-        for parent in model.modules()
-        for name, child in parent._modules.items()
-        if child is old
-    ]
-    for parent, name in places:
+    """Put ``new`` at every place ``old`` sits (:func:`module_places`)."""
+    for parent, name, _ in module_places(model, lambda child: child is old):
         setattr(parent, name, new)
 
 
