@@ -32,18 +32,9 @@ def build_layer(spec, arrays):
     kwargs = dict(spec["layer"])
     name = spec["name"]
     if spec["adjustment"]:
-        # True: per channel; "per_sample": (N, 1, ...); "along_last": (1, ..., L)
-        shape = spec["input_shape"]
-        view = [1] * len(shape)
-        if spec["adjustment"] == "per_sample":
-            view[0] = shape[0]
-        elif spec["adjustment"] == "along_last":
-            view[-1] = shape[-1]
-        else:
-            axis = kwargs.get("axis", -1)
-            view[axis] = shape[axis]
-        scale = torch.tensor(arrays[f"{name}/adjustment_scale"]).reshape(view)
-        bias = torch.tensor(arrays[f"{name}/adjustment_bias"]).reshape(view)
+        # saved in the shape they broadcast from against x (per channel, per sample, ...)
+        scale = torch.tensor(arrays[f"{name}/adjustment_scale"])
+        bias = torch.tensor(arrays[f"{name}/adjustment_bias"])
         kwargs["adjustment"] = lambda shape: (scale, bias)
     layer = BatchNormalization(**kwargs)
     layer.build(spec["input_shape"])

@@ -236,13 +236,11 @@ def run_case(spec, arrays, rng):
         broadcast = adjustment_shape(spec)
         # per channel: drawn as a vector, as before (the earlier cases' draws are unchanged)
         drawn = [math.prod(broadcast)] if spec["adjustment"] is True else broadcast
-        adj_scale, adj_bias = adjustment_arrays(drawn, rng)
+        adj_scale, adj_bias = (a.reshape(broadcast) for a in adjustment_arrays(drawn, rng))
+        # saved as they broadcast against x: the tests take them as they are
         arrays[f"{name}/adjustment_scale"] = adj_scale
         arrays[f"{name}/adjustment_bias"] = adj_bias
-        kwargs["adjustment"] = lambda shape: (
-            tf.reshape(tf.constant(adj_scale), broadcast),
-            tf.reshape(tf.constant(adj_bias), broadcast),
-        )
+        kwargs["adjustment"] = lambda shape: (tf.constant(adj_scale), tf.constant(adj_bias))
     layer = tf_keras.layers.BatchNormalization(**kwargs)
     layer.build(tuple(layer_shape))
     weights = initial_weights(layer, rng)
