@@ -252,9 +252,9 @@ class DirectCalls:
 
     Built by the layer for its current settings (it drops the object when an attribute is set);
     holds the layer's parameter and buffer dicts and checks on every call that they still hold
-    the same tensors over the same memory and strides (``.to()``, ``load_state_dict``
-    with ``assign=True``, ``.data =`` all change that). Per input signature ``(shape, strides, dtype)`` it keeps a
-    :class:`TrainingCall` and an :class:`InferenceCall`: the kernel plan, the views of gamma,
+    the same tensors over the same memory and strides (``.to()``, ``load_state_dict`` with
+    ``assign=True``, ``.data =`` all change that). Per input signature ``(shape, strides,
+    dtype)`` it keeps a :class:`TrainingCall` and an :class:`InferenceCall`: the kernel plan, the views of gamma,
     beta and the buffers, and the kernels' fixed arguments. A call it does not cover returns
     None, and the layer takes its general path: a mask on a ``fused=True`` layer (ignored there, with a warning) or
     one that varies inside a channel, a non-bool ``training``, another dtype or device,

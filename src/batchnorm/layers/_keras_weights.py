@@ -202,8 +202,10 @@ def apply_layer_constraints(layer: WeightedLayer, updated: AbstractSet[int] | No
     for name in ("gamma", "beta") if layer.built else ():
         constraint = getattr(layer, f"{name}_constraint")
         weight = getattr(layer, name, None)
-        behind = parameters_behind(layer, name)  # type: ignore[arg-type]
-        if updated is not None and not any(id(p) in updated for _, p in behind):
+        if updated is not None and not any(
+            id(p) in updated
+            for _, p in parameters_behind(layer, name)  # type: ignore[arg-type]
+        ):
             continue
         if constraint is not None and weight is not None:
             constrained = constraint(weight.reshape(layer_keras_shape(layer)))
