@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import batchnorm
 from batchnorm import BatchNormalization
 from batchnorm.functional import BatchNormStatistics, batch_norm
+from tests.backends import torch_ops_and_kernels
 
 
 def snapshot(layer):
@@ -913,3 +914,44 @@ def test_constraints_after_a_step_leave_frozen_layers_alone():
     optimizer.step()
     assert torch.equal(frozen.beta.detach(), beta)
     assert (trained.beta >= 0).all()
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize(
+    ("x", "axis"),
+    [
+        (torch.randn(4, 3, 5, 6), [1, 3]),  # channel axes not adjacent: the kernels read a copy
+        (torch.randn(4, 5, 6, 3).permute(0, 3, 1, 2), [1, 3]),  # channels last, adjacent there
+        (torch.randn(4, 3, 5, 6).permute(0, 2, 1, 3), [2, 3]),
+        (torch.randn(4, 3, 5, 12)[..., ::2], 1),  # not dense: a contiguous output
+    ],
+)
+def test_output_is_laid_out_as_torch_lays_out_x(x, axis, training, requires_grad):
+    """An eager output has the strides torch's own ops give a result of x
+    (``torch.empty_like(x)``'s), as under torch.compile: before, axes [1, 3] of a contiguous
+    NCHW x came back in the kernels' order, and ``y.view(n, -1)`` failed on it. The values are
+    the torch ops backend's, and the input gradient reaches x in x's layout."""
+    x = x.detach().requires_grad_(requires_grad)
+    layer = BatchNormalization(axis=axis, fused=False)
+    layer.build(x.shape)
+    with torch.no_grad():
+        layer.gamma.uniform_(0.5, 2.0)
+        layer.beta.normal_()
+
+    def run():
+        y = copy.deepcopy(layer)(x, training=training)
+        gradient = None
+        if requires_grad:
+            (gradient,) = torch.autograd.grad(
+                (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum(), x
+            )
+        return [y, gradient]
+
+    expected, (y, gradient) = torch_ops_and_kernels(run)
+    assert y.stride() == torch.empty_like(x).stride()
+    if x.is_contiguous():
+        assert y.view(x.shape[0], -1).shape == (x.shape[0], x[0].numel())
+    torch.testing.assert_close(y, expected[0], rtol=1e-5, atol=1e-5)
+    if requires_grad:
+        torch.testing.assert_close(gradient, expected[1], rtol=1e-4, atol=1e-5)

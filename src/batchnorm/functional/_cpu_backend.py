@@ -55,6 +55,15 @@ def _as_declared(result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, dtype=result.dtype).copy_(result)
 
 
+def _laid_out_like(result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An eager output with :func:`_as_declared`'s strides, as torch's ops lay out a result of x
+    (a contiguous x gives a contiguous output, which ``.view(n, -1)`` takes): one stride
+    comparison where they are x's own (every layout the kernels read in place), a copy only
+    where the channel axes are not adjacent in x (axes [1, 3] of NCHW), which the kernels read
+    through a copy already. Differentiable (``copy_``)."""
+    return result if result.stride() == x.stride() else _as_declared(result, x)
+
+
 @torch.library.custom_op("batchnorm::batch_moments", mutates_args=())
 def batch_moments_op(
     x: torch.Tensor, axes: list[int], weights: torch.Tensor | None, ghost_batches: int
@@ -453,18 +462,21 @@ class NumbaCpuBackend:
         if torch.compiler.is_compiling():
             y: torch.Tensor = normalize_batch_op(*arguments)
         elif _needs_autograd(x, scale, offset):
-            y = _NormalizeBatch.apply(*arguments)  # type: ignore[no-untyped-call]
+            y = _laid_out_like(_NormalizeBatch.apply(*arguments), x)  # type: ignore[no-untyped-call]
         else:
-            return normalize_batch_impl(
+            return _laid_out_like(
+                normalize_batch_impl(
+                    x,
+                    list(axes),
+                    moments.mean,
+                    moments.variance,
+                    scale,
+                    offset,
+                    epsilon,
+                    ghost_batches,
+                    activation,
+                ),
                 x,
-                list(axes),
-                moments.mean,
-                moments.variance,
-                scale,
-                offset,
-                epsilon,
-                ghost_batches,
-                activation,
             )
         return activate(y, activation)
 
@@ -506,8 +518,9 @@ class NumbaCpuBackend:
         weights = None if weights is None else weights.detach()
         if _needs_autograd(x, scale, offset):
             y: torch.Tensor = TrainInPlace.apply(x, scale, offset, call, prepared.source, weights)  # type: ignore[no-untyped-call]
-            return y
-        return call.forward(prepared.source, weights)[0]
+        else:
+            y = call.forward(prepared.source, weights)[0]
+        return _laid_out_like(y, x)
 
     # ``memory="in_place"`` training on the kernels (batchnorm.functional._cpu_in_place); None
     # where they cannot write into x.
@@ -528,9 +541,9 @@ class NumbaCpuBackend:
         if torch.compiler.is_compiling():
             y: torch.Tensor = normalize_op(*arguments)
         elif _needs_autograd(x, mean, variance, scale, offset):
-            y = _Normalize.apply(*arguments)  # type: ignore[no-untyped-call]
+            y = _laid_out_like(_Normalize.apply(*arguments), x)  # type: ignore[no-untyped-call]
         else:
-            return normalize_impl(*arguments, activation)
+            return _laid_out_like(normalize_impl(*arguments, activation), x)
         return activate(y, activation)
 
 
