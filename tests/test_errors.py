@@ -521,3 +521,191 @@ def test_functional_batch_norm_names_statistics_that_are_not_batch_norm_statisti
     statistics = BatchNormStatistics(torch.zeros(3), torch.ones(3))
     _, new = batch_norm(torch.randn(4, 3), statistics, training=np.bool_(True))
     assert not torch.equal(new.moving_mean, statistics.moving_mean)
+
+
+def _trained_layer(**kwargs):
+    layer = BatchNormalization(3, axis=1, **kwargs)
+    layer(torch.randn(16, 3, 4, 4) * 2 + 5, training=True)
+    return layer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting", "value", "error", "match"),
+    [
+        ({}, "momentum", 2.0, ValueError, r"`momentum` must be a number in \[0, 1\]"),
+        ({}, "momentum", float("nan"), ValueError, r"Received: momentum=nan"),
+        ({}, "momentum", "0.9", ValueError, r"Received: momentum='0.9'"),
+        ({}, "renorm_momentum", -1, ValueError, r"`renorm_momentum` must be a number"),
+        ({}, "epsilon", "1e-3", ValueError, r"`epsilon` must be a finite number > 0"),
+        ({}, "virtual_batch_size", 0, ValueError, r"`virtual_batch_size` must be a positive"),
+        ({}, "adjustment", 5, TypeError, r"`adjustment` must be a callable"),
+        ({}, "use_global_stats", "no", TypeError, r"`use_global_stats` must be None, True"),
+        ({}, "moving_variance_estimator", "bogus", ValueError, r"must be one of 'auto'"),
+        ({}, "moving_average", "sma", ValueError, r"`moving_average` must be one of"),
+        ({}, "renorm_clipping", {"rmax": "x"}, ValueError, r"`renorm_clipping\['rmax'\]`"),
+        ({}, "renorm", True, ValueError, r"`renorm` cannot change once the layer is built"),
+        ({}, "center", False, ValueError, r"`center` cannot change once the layer is built"),
+        ({}, "scale", "no", TypeError, r"`scale` must be True or False"),
+        ({}, "axis", 2, ValueError, r"`axis` cannot change once the layer is built"),
+        ({}, "gamma_regularizer", "l3", ValueError, r"gamma_regularizer"),
+        ({"fused": True}, "virtual_batch_size", 8, ValueError, r"set `fused = False` first"),
+        ({"renorm": True}, "fused", True, ValueError, r"`fused=True` and `renorm=True`"),
+        ({"virtual_batch_size": 8}, "adjustment", lambda s: s, ValueError, r"virtual_batch_size"),
+    ],
+)
+def test_a_setting_assigned_later_is_checked_as_the_constructor_checks_it(
+    kwargs, setting, value, error, match
+):
+    """``layer.momentum = 2.0`` on a trained layer was taken as it came: the moving mean
+    diverged, ``use_global_stats = "no"`` froze the layer, ``epsilon = "1e-3"`` reached the
+    kernels as a Numba typing error, ``renorm = True`` was ignored (no buffers). Now the
+    assignment raises the constructor's error and nothing changes."""
+    layer = _trained_layer(**kwargs)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    old = getattr(layer, setting)
+    with pytest.raises(error, match=match):
+        setattr(layer, setting, value)
+    assert getattr(layer, setting) is old
+    for key, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
+
+
+def test_settings_assigned_later_are_kept_as_the_constructor_keeps_them():
+    """Valid assignments still work, normalised as the constructor normalises them."""
+    layer = _trained_layer(fused=False)
+    layer.momentum, layer.epsilon = np.float32(0.5), 1e-5
+    layer.axis = -3  # the same axis on the built rank
+    layer.gamma_regularizer = "l2"
+    layer.virtual_batch_size = 8
+    layer.use_global_stats = False
+    assert type(layer.momentum) is float and layer.momentum == 0.5
+    assert layer.axis == [1]
+    assert isinstance(layer.gamma_regularizer, regularizers.L2)
+    x = torch.randn(16, 3, 4, 4)
+    expected = BatchNormalization(3, axis=1, momentum=0.5, epsilon=1e-5, virtual_batch_size=8)
+    expected.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x, training=True), expected(x, training=True))
+    torch.testing.assert_close(layer.moving_mean, expected.moving_mean)
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_set_weights_that_fails_on_a_conversion_writes_nothing(built):
+    """An array that passes the shape checks but cannot be converted (a meta tensor) raised
+    after gamma, beta and the moving mean were written, or after an unbuilt layer was built
+    (which then refused an input of another channel count)."""
+    layer = _trained_layer() if built else BatchNormalization(axis=1)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    arrays = [np.full(3, value, np.float32) for value in (7.0, 8.0, 9.0)]
+    with pytest.raises(NotImplementedError, match="meta"):
+        layer.set_weights([*arrays, torch.ones(3, device="meta")])
+    assert layer.built is built
+    for key, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
+    if not built:
+        layer(torch.randn(4, 5, 2), training=True)
+        assert layer.num_features == 5
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "channels"),
+    [((None, 28, 28, 16), -1, 16), ([None, 16], -1, 16), ((None, 3, None, None), 1, 3)],
+)
+def test_build_takes_keras_shapes_with_unknown_sizes(shape, axis, channels):
+    """Keras builds with None for the batch size; ``int(None)`` raised a TypeError."""
+    layer = BatchNormalization(axis=axis)
+    layer.build(shape)
+    assert layer.num_features == channels
+    x = torch.randn(2, *(channels if s == channels else 3 for s in shape[1:]))
+    assert layer(x, training=True).shape == x.shape
+
+
+@pytest.mark.parametrize(
+    ("shape", "error", "match"),
+    [
+        ("abc", TypeError, r"`input_shape` must be a sequence of non-negative ints"),
+        (None, TypeError, r"Received: input_shape=None"),
+        ((8, -3), TypeError, r"Received: input_shape=\(8, -3\)"),
+        ((8, 3.5), TypeError, r"Received: input_shape=\(8, 3.5\)"),  # built 3 channels before
+        ((None, None), ValueError, r"needs a known size on the channel axis 1"),
+        ((8, 0), ValueError, r"no channels"),
+    ],
+)
+def test_build_refuses_shapes_it_cannot_build_from(shape, error, match):
+    layer = BatchNormalization()
+    with pytest.raises(error, match=match):
+        layer.build(shape)
+    assert not layer.built
+
+
+def test_nothing_builds_a_layer_without_channels():
+    """``num_features=0`` and ``load_state_dict`` refused zero channels; a first call on an
+    (8, 0) input and ``set_weights`` with empty arrays built such a layer."""
+    layer = BatchNormalization()
+    with pytest.raises(ValueError, match="no channels"):
+        layer(torch.randn(8, 0), training=True)
+    with pytest.raises(ValueError, match="no channels"):
+        layer.set_weights([np.zeros(0, np.float32)] * 4)
+    assert not layer.built
+
+
+@pytest.mark.parametrize("fused", [1, 0.0, "True"])
+def test_fused_takes_only_none_or_a_bool(fused):
+    """``fused=1`` passed the ``in (None, True, False)`` test and was kept as 1."""
+    with pytest.raises(TypeError, match=r"`fused` must be None, True or False"):
+        BatchNormalization(3, fused=fused)
+    assert BatchNormalization(3, fused=np.bool_(False)).get_config()["fused"] is False
+
+
+@pytest.mark.parametrize("path", ["plain", "float64", "masked"])
+@pytest.mark.parametrize("bad", [None, [1.0, 2.0], 3.0])
+def test_a_built_layer_answers_a_non_tensor_with_the_input_error(path, bad):
+    """After a call through the checked path, the remembered-signature test read ``x.shape``
+    first: an AttributeError on None."""
+    layer = BatchNormalization(axis=1, fused=False)
+    layer(torch.randn(8, 3, 4, 4), training=True)
+    if path == "float64":
+        layer(torch.randn(8, 3, 4, 4, dtype=torch.float64), training=True)
+    elif path == "masked":
+        layer(torch.randn(8, 3, 4, 4), training=True, mask=torch.ones(8, 3, 4))
+    with pytest.raises(TypeError, match=r"`x` must be a torch.Tensor"):
+        layer(bad, training=True)
+
+
+def _flag_calls():
+    from pathlib import Path
+
+    from batchnorm.interop.keras import load_weights
+    from batchnorm.tools._fold_weights import fold_weights
+
+    golden = Path(__file__).parent / "golden" / "tfk_model.h5"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), BatchNormalization(3))
+    return [
+        ("statistics", lambda v: batchnorm.freeze(model, statistics=v)),
+        ("affine", lambda v: batchnorm.freeze(model, affine=v)),
+        ("configure", lambda v: load_weights(model, golden, configure=v)),
+        ("strict", lambda v: load_weights(model, golden, strict=v)),
+        (
+            "transposed",
+            lambda v: fold_weights(torch.ones(3, 2), None, *torch.ones(4, 3), 1e-3, transposed=v),
+        ),
+        ("keepdims", lambda v: moments(torch.randn(4, 3), [0], keepdims=v)),
+        ("progress", lambda v: batchnorm.recalibrate(model, [torch.randn(2, 4)], progress=v)),
+        ("progress", lambda v: batchnorm.diagnose(model, [torch.randn(2, 4)], progress=v)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("value", ["False", None, 0])
+def test_yes_no_options_of_the_tools_take_only_bools(index, value):
+    """A string "False" read as True: ``freeze(statistics="False")`` froze the statistics,
+    ``load_weights(configure="False")`` configured, ``strict=None`` loaded non-strictly."""
+    name, call = _flag_calls()[index]
+    with pytest.raises(TypeError, match=rf"`{name}` must be True or False. Received: {name}="):
+        call(value)
+
+
+@pytest.mark.parametrize("tool", ["recalibrate", "diagnose"])
+def test_a_forward_that_is_not_callable_is_named(tool):
+    model = torch.nn.Sequential(BatchNormalization(3))
+    with pytest.raises(TypeError, match=r"`forward` must be a callable forward\(model, batch\)"):
+        getattr(batchnorm, tool)(model, [torch.randn(2, 3)], forward=5)

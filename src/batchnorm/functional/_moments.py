@@ -8,6 +8,7 @@ import torch
 
 from batchnorm.functional._torch_ops import reduced_moments
 from batchnorm.functional._validation import (
+    check_bool,
     check_floating_input,
     check_mask_values,
     normalize_axes,
@@ -35,6 +36,7 @@ def moments(
         >>> mean, variance = moments(torch.randn(8, 3), axes=[0])
     """
     check_floating_input(x)
+    keepdims = check_bool(keepdims, "keepdims")
     dims = normalize_axes(axes, x.ndim)
     weights = None
     if mask is not None:

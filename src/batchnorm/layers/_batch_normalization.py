@@ -49,6 +49,7 @@ from batchnorm.layers._layer_arguments import (
 )
 from batchnorm.layers._layer_build import (
     buffer_dtypes,
+    build_input_shape,
     build_layer,
     first_call,
     initial_weights,
@@ -57,6 +58,7 @@ from batchnorm.layers._layer_build import (
 from batchnorm.layers._layer_config import layer_config, layer_kwargs_from_config
 from batchnorm.layers._layer_inputs import check_input, resolve_training
 from batchnorm.layers._layer_repr import layer_repr
+from batchnorm.layers._layer_settings import checked_setting
 from batchnorm.layers._layer_state import load_layer_state, record_estimator
 from batchnorm.layers._layer_step import layer_statistics, run_step
 from batchnorm.layers._layer_tracing import (
@@ -276,7 +278,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             adjustment_given=adjustment is not None,
             compute_dtype=self.dtype_policy.compute_dtype,
         )
-        self._fused_argument = fused
+        self._fused_argument = None if fused is None else bool(fused)
         self.name = check_name(name)
         self._set_activation(activation, activation_param, memory)
         self._device = device
@@ -307,14 +309,15 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         shape = tuple(self.moving_mean.shape)
         return shape[0] if len(shape) == 1 else shape
 
-    def build(self, input_shape: Sequence[int]) -> None:
-        """Create the weights for inputs of ``input_shape`` (Keras' ``build``); idempotent.
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        """Create the weights for inputs of ``input_shape`` (Keras' ``build``, None where a size
+        is not known, as the batch size; the channel sizes must be); idempotent.
 
         Fixes the input rank, the channel axes and (for ``fused=None``) tf-keras' path; the
         placeholders of a lazy layer are materialised in place.
         """
         with self._update_lock:
-            self._build(tuple(int(s) for s in input_shape))
+            self._build(build_input_shape(input_shape, self.axis))
 
     def _build(self, input_shape: tuple[int, ...]) -> list[str]:
         return build_layer(self, input_shape)
@@ -557,6 +560,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         return y
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if "built" in self.__dict__:  # constructed: a setting is checked as the constructor does
+            value = checked_setting(self, name, value)
         # Any setting may change what a call does: the shortcut is rebuilt on the next call.
         self.__dict__.pop("_direct_calls", None)
         super().__setattr__(name, value)

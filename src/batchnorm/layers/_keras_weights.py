@@ -58,6 +58,11 @@ def channel_shape_of_arrays(
     reference = names.index("moving_mean")
     array = arrays[reference]
     shape = tuple(array.shape if isinstance(array, torch.Tensor) else np.shape(array))
+    if 0 in shape:  # as num_features=0 and load_state_dict refuse them
+        raise ValueError(
+            "`weights` cannot build a layer with no channels. "
+            f"Received: moving_mean of shape {shape}"
+        )
     if len(axis) == 1:
         return (math.prod(shape),)
     if len(shape) == len(axis):
@@ -173,12 +178,18 @@ def set_layer_weights(layer: WeightedLayer, weights: Sequence[Any]) -> None:
     tensors = weights_from_arrays(weights, names, channel_shape)
     for name in names:
         check_writable(layer, name)
+    # Converted before anything is built or written (a meta tensor cannot be copied): the
+    # placeholders of an unbuilt layer have the dtype and device its weights will have.
+    targets = [getattr(layer, name) for name in names]
+    converted = [
+        value.to(dtype=target.dtype, device=target.device)
+        for value, target in zip(tensors, targets, strict=True)
+    ]
     with layer._update_lock, torch.no_grad():
         if not layer.built:
             layer._create_weights(channel_shape)
-        for name, value in zip(names, tensors, strict=True):
-            target = getattr(layer, name)
-            write_weight(layer, name, value.to(dtype=target.dtype, device=target.device))
+        for name, value in zip(names, converted, strict=True):
+            write_weight(layer, name, value)
 
 
 def regularization_losses(layer: WeightedLayer) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 
 from batchnorm.functional._validation import check_axis_type
@@ -84,8 +85,9 @@ def check_fused(
 ) -> bool | None:
     """The path before the build: ``fused=True`` must be possible; ``fused=None`` becomes False
     when the options rule fusing out, and stays None (decided at the build) otherwise."""
-    if fused not in (None, True, False):
+    if fused is not None and not isinstance(fused, (bool, np.bool_)):  # 1 == True, 0.0 == False
         raise TypeError(f"`fused` must be None, True or False. Received: fused={fused!r}")
+    fused = None if fused is None else bool(fused)
     reason = fused_unsupported_reason(
         axis=check_axis_type(axis),
         renorm=renorm,

@@ -10,7 +10,8 @@ as before the call: placeholders again, no rank fixed, as if never called.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -132,6 +133,31 @@ def reset_weights(layer: BuildingLayer, affine: bool) -> None:
         write_weight(layer, name, value)
 
 
+def build_input_shape(input_shape: Any, axis: Any) -> tuple[int, ...]:
+    """``build``'s ``input_shape`` as sizes: Keras passes None for the batch size (and any size
+    it does not know yet); only the channel axes' sizes are read, and must be known. None
+    elsewhere becomes 1."""
+    valid = isinstance(input_shape, (Sequence, torch.Size)) and not isinstance(
+        input_shape, (str, bytes)
+    )
+    sizes = list(input_shape) if valid else []
+    if not valid or not all(
+        s is None or (isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) >= 0)
+        for s in sizes
+    ):
+        raise TypeError(
+            "`input_shape` must be a sequence of non-negative ints (None where unknown, as Keras' "
+            f"batch size). Received: input_shape={input_shape!r}"
+        )
+    for a in normalize_axes(axis, len(sizes)):
+        if sizes[a] is None:
+            raise ValueError(
+                f"`input_shape` needs a known size on the channel axis {a}. "
+                f"Received: input_shape={input_shape!r} for axis={axis!r}"
+            )
+    return tuple(1 if s is None else int(s) for s in sizes)
+
+
 def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]:
     """Keras' ``build`` for inputs of ``input_shape`` (nothing when the rank is fixed already);
     every check runs before anything is set. Returns the names materialised in place."""
@@ -148,6 +174,11 @@ def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]
         )
     fused = resolve_fused_at_build(layer.fused, axes, rank)
     channel_shape = tuple(input_shape[a] for a in axes)
+    if 0 in channel_shape:  # as num_features=0 and load_state_dict refuse them
+        raise ValueError(
+            f"An input with no channels cannot build the layer: axis {list(axes)} has size 0. "
+            f"Received: input_shape={input_shape}"
+        )
     keras_shape = keras_parameter_shape(channel_shape, axes, rank, layer.virtual_batch_size)
     if layer.built:
         built_shape = tuple(layer.moving_mean.shape)

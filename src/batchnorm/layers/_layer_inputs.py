@@ -64,6 +64,7 @@ def check_input(layer: CalledLayer, x: torch.Tensor, remember: bool = True) -> N
     if (
         accepted is not None
         and accepted[0] is moving_mean
+        and isinstance(x, torch.Tensor)  # else the check's own error, not an AttributeError
         and accepted[1] == x.shape
         and accepted[2] == x.dtype
         and accepted[3] == x.device

@@ -73,7 +73,7 @@ def diagnose(
         >>> report = batchnorm.diagnose(model, [next(iter(loader))[0] for _ in range(4)])
         >>> print(report)
     """
-    layers = check_model_and_batches(model, batches, num_batches, "diagnose")
+    layers = check_model_and_batches(model, batches, num_batches, "diagnose", progress, forward)
     _check_steps(steps)
     current = copy.deepcopy(model)
     current_layers = dict(bn.batch_norm_modules(current))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from batchnorm.functional._validation import check_bool
+
 
 def fold_weights(
     weight: torch.Tensor,
@@ -52,6 +54,7 @@ def fold_weights(
         >>> w, b = fold_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
         ...                     bn.weight, bn.bias, bn.eps)
     """
+    transposed = check_bool(transposed, "transposed")
     if weight.ndim < 2:
         raise ValueError(
             "`weight` must have at least 2 dims (out, in, ...). "

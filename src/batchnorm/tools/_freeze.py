@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.functional._validation import check_bool
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools._batch_norm_modules import (
     batch_norm_modules,
@@ -97,6 +98,7 @@ def freeze(model: nn.Module, *, statistics: bool = True, affine: bool = True) ->
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
         >>> batchnorm.freeze(model).train()  # statistics stay frozen in training mode
     """
+    statistics, affine = check_bool(statistics, "statistics"), check_bool(affine, "affine")
     if not statistics and not affine:
         raise ValueError(
             "`freeze` needs something to freeze: `statistics` or `affine` must be True. "

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from batchnorm.functional._batch_norm import check_mask
-from batchnorm.functional._validation import check_module
+from batchnorm.functional._validation import check_bool, check_module
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools import _batch_norm_modules as bn
 from batchnorm.tools._progress import Progress
@@ -149,11 +149,17 @@ def check_num_batches(num_batches: Any) -> int | None:
 
 
 def check_model_and_batches(
-    model: Any, batches: Any, num_batches: Any, caller: str
+    model: Any, batches: Any, num_batches: Any, caller: str, progress: Any, forward: Any
 ) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the batch norms of ``model``, after checking the arguments ``caller`` shares."""
     check_module(model)
     check_num_batches(num_batches)
+    check_bool(progress, "progress")
+    if forward is not None and not callable(forward):
+        raise TypeError(
+            "`forward` must be a callable forward(model, batch) or None. "
+            f"Received: forward={forward!r}"
+        )
     layers = bn.batch_norm_modules(model)
     if not layers:
         raise ValueError(

@@ -106,7 +106,7 @@ def recalibrate(
     Example:
         >>> batchnorm.recalibrate(model, train_loader, num_batches=200)
     """
-    layers = check_model_and_batches(model, batches, num_batches, "recalibrate")
+    layers = check_model_and_batches(model, batches, num_batches, "recalibrate", progress, forward)
     population = collect_population_statistics(
         model,
         batches,

@@ -108,6 +108,7 @@ def load_weights(
         raise TypeError(
             f"`model` must be a torch.nn.Module. Received: model of type {type(model).__name__}"
         )
+    configure, strict = check_bool(configure, "configure"), check_bool(strict, "strict")
     records = read_batch_norm_layers(path)
     modules = batch_norm_modules(model)
     if mapping is None:
