@@ -163,8 +163,8 @@ def test_duplicate_axes_are_refused_at_construction(num_features):
         (
             torch.ones(7),
             ValueError,
-            r"`mask` must have the shape of `x` without its channel axis, \(2, 3, 3\). "
-            r"Received: mask.shape=\(7,\)",
+            r"`mask` must have the shape of `x` without its channel axis, \(2, 3, 3\), or one "
+            r"that broadcasts to \(2, 3, 3\). Received: mask.shape=\(7,\)",
         ),
         ([1.0, 0.0], TypeError, r"`mask` must be a torch.Tensor.*Received: mask of type list"),
     ],
@@ -240,7 +240,8 @@ def state(layer):
             {},
             lambda layer: layer(torch.randn(8, 3), training=True, mask=torch.ones(7)),
             ValueError,
-            r"`mask` must have the shape of `x` without its channel axis, \(8,\). Received: mask.shape=\(7,\)",
+            r"`mask` must have the shape of `x` without its channel axis, \(8,\), or one that "
+            r"broadcasts to \(8,\). Received: mask.shape=\(7,\)",
         ),
         (
             {},
@@ -424,7 +425,7 @@ def test_mask_error_names_both_accepted_shapes_when_they_differ():
     with pytest.raises(
         ValueError,
         match=r"without its last axis, \(2, 3\) \(as Keras\), or without its channel axes, "
-        r"\(2, 4\)\. Received: mask.shape=\(3, 4\)",
+        r"\(2, 4\), or one that broadcasts to \(2, 3\)\. Received: mask.shape=\(3, 4\)",
     ):
         layer(torch.randn(2, 3, 4), training=True, mask=torch.ones(3, 4, dtype=torch.bool))
 
@@ -709,3 +710,116 @@ def test_a_forward_that_is_not_callable_is_named(tool):
     model = torch.nn.Sequential(BatchNormalization(3))
     with pytest.raises(TypeError, match=r"`forward` must be a callable forward\(model, batch\)"):
         getattr(batchnorm, tool)(model, [torch.randn(2, 3)], forward=5)
+
+
+@pytest.mark.parametrize(
+    ("statistics", "gamma", "match"),
+    [
+        (
+            BatchNormStatistics(torch.zeros(3, dtype=torch.int64), torch.ones(3)),
+            None,
+            r"`statistics.moving_mean` must be a floating-point torch.Tensor.*int64",
+        ),
+        (
+            BatchNormStatistics(torch.zeros(3), torch.ones(3, dtype=torch.complex64)),
+            None,
+            r"`statistics.moving_variance` must be a floating-point",
+        ),
+        (BatchNormStatistics(None, torch.ones(3)), None, r"`statistics.moving_mean`.*None"),
+        (BatchNormStatistics(torch.zeros(3), torch.ones(3)), np.ones(3), r"`gamma`.*ndarray"),
+        (BatchNormStatistics(torch.zeros(3), torch.ones(3)), 2.0, r"`gamma`.*float"),
+    ],
+)
+def test_functional_statistics_and_parameters_must_be_floating_tensors(statistics, gamma, match):
+    """Integer statistics were taken: the moving statistics came back truncated (moving mean
+    [2.5, 2.0, 2.5] for [2.519, 2.248, 2.768]); torch's batch_norm refuses them."""
+    with pytest.raises(TypeError, match=match):
+        batch_norm(torch.randn(8, 3) + 2, statistics, gamma, training=True, momentum=0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"adjustment": lambda s: s, "virtual_batch_size": 2}, ValueError, "adjustment"),
+        ({"adjustment": 5}, TypeError, r"`adjustment` must be a callable"),
+        ({"process_group": object()}, ValueError, r"only used with `synchronized=True`"),
+    ],
+)
+def test_functional_batch_norm_checks_the_combinations_the_layer_checks(kwargs, error, match):
+    statistics = BatchNormStatistics(torch.zeros(3), torch.ones(3))
+    with pytest.raises(error, match=match):
+        batch_norm(torch.randn(8, 3), statistics, training=True, **kwargs)
+
+
+def _unclear_before():
+    from batchnorm.tools._fold_weights import fold_weights
+
+    bn = torch.nn.BatchNorm2d(3)
+    bn.momentum = 2.0
+    wrong_shape = lambda s, dtype=None, device=None: torch.ones(5)  # noqa: E731
+    constant = {"class_name": "Constant", "config": {"value": "x"}}
+    return [
+        (lambda: BatchNormalization(3, beta_initializer=constant), r"`value` must be a number"),
+        (
+            lambda: BatchNormalization(
+                3, gamma_regularizer={"class_name": "L2", "config": {"l2": "a"}}
+            ),
+            r"`l2` must be a non-negative number. Received: l2='a'",
+        ),
+        (
+            lambda: BatchNormalization(axis=1, gamma_initializer=wrong_shape)(torch.randn(8, 3)),
+            r"An initializer must return a tensor of shape \(3,\). Received: shape \(5,\)",
+        ),
+        (lambda: batchnorm.from_torch(bn), r"Received: momentum=2.0"),  # not the complement -1.0
+        (lambda: BatchNormalization.like(["torch"], 3), r"`framework` must be one of"),
+        (
+            lambda: BatchNormalization(3, gamma_constraint="non_neg").apply_constraints(
+                updated="x"
+            ),
+            r"`updated` must be a set",
+        ),
+        (
+            lambda: batch_normalization(
+                torch.randn(8, 3), np.zeros(3), torch.ones(3), None, None, 1e-3
+            ),
+            r"`mean` must be a torch.Tensor",
+        ),
+        (
+            lambda: batch_normalization(
+                torch.randn(8, 3), torch.zeros(4), torch.ones(3), None, None, 1e-3
+            ),
+            r"`mean` must broadcast against `x` of shape \(8, 3\)",
+        ),
+        (
+            lambda: fold_weights(
+                np.ones((4, 3)), None, torch.zeros(4), torch.ones(4), None, None, 1e-3
+            ),
+            r"`weight` must be a torch.Tensor",
+        ),
+        (
+            lambda: batchnorm.diagnose(
+                torch.nn.Sequential(BatchNormalization(3)), [torch.randn(16, 3)], steps={"bn": 3}
+            ),
+            r"`steps` names layers the model does not hold: \['bn'\]",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_errors_that_named_nothing_now_name_the_argument(index):
+    """Before: "could not convert string to float", "shape '[3]' is invalid for input of size
+    5", "unhashable type: 'list'", numpy's AttributeError, torch's broadcast error, a
+    from_torch error quoting the converted momentum, an unknown layer in diagnose's steps
+    ignored."""
+    call, match = _unclear_before()[index]
+    with pytest.raises((TypeError, ValueError), match=match):
+        call()
+
+
+def test_fold_weights_still_takes_none_for_the_optional_tensors():
+    from batchnorm.tools._fold_weights import fold_weights
+
+    mean, variance = torch.zeros(4), torch.full((4,), 3.0)
+    weight, bias = fold_weights(torch.ones(4, 3), None, mean, variance, None, None, 1.0)
+    torch.testing.assert_close(weight, torch.full((4, 3), 0.5))
+    torch.testing.assert_close(bias, torch.zeros(4))

@@ -97,6 +97,35 @@ def test_use_global_stats_false_uses_batch_statistics_in_inference_without_updat
     np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * mean, rtol=1e-6)
 
 
+@pytest.mark.parametrize("training", [False, torch.tensor(False), True, torch.tensor(True)])
+@pytest.mark.parametrize("option", ["renorm", "adjustment"])
+def test_use_global_stats_false_inference_leaves_out_renorm_and_the_adjustment(option, training):
+    """An inference call with use_global_stats=False normalises with the batch statistics; renorm's
+    r, d and the adjustment belong to training calls (r = 1, d = 0 at inference). It normalised
+    with the renorm moving statistics instead (off by up to 4.8). Training calls keep both."""
+    kwargs = (
+        {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}}
+        if option == "renorm"
+        else {"adjustment": lambda shape: (torch.full((4,), 2.0), torch.full((4,), 0.5))}
+    )
+    layer = BatchNormalization(4, use_global_stats=False, epsilon=1e-3, momentum=0.5, **kwargs)
+    for _ in range(3):  # renorm statistics away from the batch's
+        layer(torch.randn(16, 4) * 3 + 2, training=True)
+    x = torch.tensor(_data((6, 4), 1)[0], dtype=torch.float32)
+    reference = layer.state_dict()
+    y = layer(x, training=training)
+    mean, variance, _ = _channel_moments(x.double().numpy(), 1)
+    normalised = (x.double().numpy() - mean) / np.sqrt(variance + 1e-3)
+    if not bool(training):
+        np.testing.assert_allclose(y.detach().numpy(), normalised, rtol=1e-5, atol=1e-5)
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, reference[key]), key
+    elif option == "adjustment":
+        np.testing.assert_allclose(y.detach().numpy(), 2 * normalised + 0.5, rtol=1e-5, atol=1e-5)
+    else:  # a training call is corrected towards the renorm statistics
+        assert np.abs(y.detach().numpy() - normalised).max() > 0.1
+
+
 # ---------------------------------------------------------------- presets
 @pytest.mark.parametrize("framework", ["keras", "keras3", "torch", "caffe", "flax"])
 def test_like_sets_the_preset_and_overrides_win(framework):

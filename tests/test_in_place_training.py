@@ -18,6 +18,7 @@ import torch
 
 from batchnorm import BatchNormalization
 from batchnorm.functional import BatchNormStatistics, batch_norm
+from tests.backends import torch_ops_and_kernels
 
 CASES = [
     # shape, axis, layer options, mask
@@ -208,3 +209,43 @@ def test_two_threads_training_one_layer_lose_no_update(shape, options, dtype, ma
         torch.testing.assert_close(threaded.moving_variance, serial.moving_variance, rtol=0, atol=0)
         if average == "debiased":
             assert threaded.moving_average_weight.item() == 2 * calls
+
+
+@pytest.mark.parametrize(
+    ("dtype", "alpha", "beta"),
+    [
+        (torch.float32, 0.85, -18.0),  # -alpha rounds below alpha in float32
+        (torch.float32, 1.7, -30.0),
+        (torch.bfloat16, 0.2, -3.0),  # half precision saturates at moderate z
+        (torch.float16, 0.3, -6.0),
+    ],
+)
+def test_in_place_elu_backward_through_saturated_outputs_is_finite(dtype, alpha, beta):
+    """Where elu's output rounded to exactly -alpha and that is below alpha in x's dtype,
+    ``y / alpha`` fell below -1 and the inverse's log1p gave NaN, which filled the channel's
+    dx and dgamma (kernels and torch ops); ``memory="default"`` was finite. Now both memories
+    agree, on both backends."""
+    torch.manual_seed(0)
+    x = (torch.randn(32, 4, 3, 3) * 2).to(dtype)
+
+    def gradients(memory):
+        layer = BatchNormalization(
+            4, axis=1, activation="elu", activation_param=alpha, memory=memory, fused=False
+        )
+        with torch.no_grad():
+            layer.beta.copy_(torch.tensor([beta, beta / 3, 0.0, beta]))
+        source = x.clone().requires_grad_()
+        y = layer(source * 1, training=True)
+        weights = torch.linspace(-1, 1, y.numel()).view_as(y).to(dtype)
+        return list(torch.autograd.grad(y, [source, layer.gamma, layer.beta], weights))
+
+    for backend_results in torch_ops_and_kernels(
+        lambda: gradients("in_place") + gradients("default")
+    ):
+        in_place, default = backend_results[:3], backend_results[3:]
+        for ours, expected in zip(in_place, default, strict=True):
+            assert torch.isfinite(ours).all()
+            tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(
+                ours.float(), expected.float(), rtol=tolerance, atol=tolerance * 10
+            )

@@ -172,3 +172,104 @@ def test_unbiased_moving_variance_with_a_weight_count_between_one_and_two(ghost)
     expected = np.mean(variances, axis=0) * count / (count - 1)
     for result in (torch_ops, kernels):
         np.testing.assert_allclose(result[0].numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((4, 5, 3), -1), ((4, 3, 5), 1), ((6, 3), -1)])
+def test_a_mask_that_requires_grad_is_differentiated_as_tf_keras_does(shape, axis):
+    """tf-keras differentiates the batch statistics with respect to the mask's weights
+    (tf.nn.weighted_moments); the CPU kernels read them as constants, so a float mask that
+    requires grad got None (axis=-1, per-position masks) while the composed ops differentiated
+    it. Now such a mask takes the composed ops, on the layer's first and repeated calls; checked
+    against autograd through the weighted-moments formula in float64."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    mask = (torch.rand(shape[:-1], dtype=torch.float64) + 0.2).requires_grad_()
+    dy = torch.randn(shape, dtype=torch.float64)
+    channels = shape[axis]
+    layer = BatchNormalization(channels, axis=axis, dtype="float64")
+    for _ in range(2):  # the first call and the layer's repeated-call shortcut
+        mask.grad = None
+        (layer(x, training=True, mask=mask) * dy).sum().backward()
+        ours = mask.grad
+        assert ours is not None
+
+        reference_mask = mask.detach().clone().requires_grad_()
+        weights = reference_mask.unsqueeze(-1).expand(shape)  # Keras: broadcast along the last axis
+        dims = [d for d in range(len(shape)) if d != axis % len(shape)]
+        total = weights.sum(dims, keepdim=True)
+        mean = (weights * x).sum(dims, keepdim=True) / total
+        variance = (weights * (x - mean) ** 2).sum(dims, keepdim=True) / total
+        y = (x - mean) / torch.sqrt(variance + 1e-3)
+        (y * dy).sum().backward()
+        torch.testing.assert_close(ours, reference_mask.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_mask_that_requires_grad_under_no_grad_takes_the_kernels():
+    layer = BatchNormalization(3, fused=False)
+    x, mask = torch.randn(8, 3), torch.rand(8).requires_grad_()
+    with torch.no_grad():
+        y = layer(x, training=True, mask=mask)
+    assert not y.requires_grad
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.tensor([[1.0], [0.0], [1.0], [0.5]]),  # per sequence: (N, 1)
+        torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0]),  # per step, shared by the batch: (L,)
+        torch.tensor(1.0),
+        torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.25]]),  # (1, L)
+    ],
+)
+def test_a_mask_that_broadcasts_to_keras_shape_is_taken_as_tf_keras_takes_it(mask, axis):
+    """tf-keras takes any mask broadcastable to x after its expand_dims(mask, -1): a (N, 1)
+    per-sequence mask of (N, L, C) data was refused here. It gives the same as the mask
+    expanded to x's shape without its last axis."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 5) * 2 + 1
+    channels = x.shape[axis]
+    layer = BatchNormalization(channels, axis=axis, fused=False)
+    expected_layer = BatchNormalization(channels, axis=axis, fused=False)
+    y = layer(x, training=True, mask=mask)
+    expected = expected_layer(x, training=True, mask=mask.expand(4, 5))
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(layer.moving_mean, expected_layer.moving_mean)
+    torch.testing.assert_close(layer.moving_variance, expected_layer.moving_variance)
+
+
+def test_a_mask_that_broadcasts_to_nothing_is_refused():
+    with pytest.raises(ValueError, match=r"or one that broadcasts to \(4, 5\)"):
+        BatchNormalization(3, fused=False)(torch.randn(4, 5, 3), training=True, mask=torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["keras mask, channels first", "adjustment inside channels"])
+def test_half_precision_input_gradient_on_the_composed_ops_is_rounded_once(dtype, path):
+    """The composed ops (Keras masks with the channel axis not last, adjustments varying inside
+    a channel) upcast x in each pass; under autograd each cast rounded its share of dx to half
+    precision before the shares were added: bfloat16 dx 3.8e-2 off relative to its largest
+    value, float16 6.4e-3. Now within one rounding of half precision (float32 arithmetic)."""
+    if path == "keras mask, channels first":
+        kwargs, call = {}, {"mask": torch.ones(2, 8)}
+    else:
+        kwargs = {"adjustment": lambda shape: (torch.tensor([[[0.5]], [[2.0]]]), torch.zeros(1))}
+        call = {}
+
+    def input_gradient(x, dy, layer_dtype):
+        layer = BatchNormalization(8, axis=1, fused=False, dtype=layer_dtype, **kwargs)
+        x = x.detach().requires_grad_()
+        (layer(x, training=True, **call).double() * dy).sum().backward()
+        return x.grad.double()
+
+    errors = []
+    for seed in range(8):
+        generator = torch.Generator().manual_seed(seed)
+        # two values a channel (after global pooling, say): dx's terms cancel
+        x = (torch.randn(2, 8, 1, generator=generator) * 2 + 3).to(dtype)
+        # the upstream gradient as it reaches a half-precision output
+        dy = torch.randn(2, 8, 1, generator=generator).to(dtype).double()
+        ours = input_gradient(x, dy, "float32")
+        reference = input_gradient(x.double(), dy, "float64")
+        errors.append(float((ours - reference).abs().max() / reference.abs().max()))
+    assert max(errors) <= torch.finfo(dtype).eps

@@ -159,7 +159,10 @@ def invert(y: torch.Tensor, activation: Activation | None) -> torch.Tensor:
     elu's inverse ``log1p(y / alpha)`` is -inf where ``y`` rounded to ``-alpha`` (``z`` below
     about -17 in float32, -37 in float64): there ``f'(z) = y + alpha = 0``, so the gradient
     reaching ``z`` is 0, and ``z`` is clamped to the most negative value that still rounds to a
-    distinct ``y``, which keeps the batch sums finite.
+    distinct ``y``, which keeps the batch sums finite. Where ``-alpha`` itself rounds below
+    ``alpha`` (alpha 0.85 in float32; half precision at moderate ``z``), ``y / alpha`` falls
+    below -1 and log1p gave NaN, which spread over the channel's gradients: it is clamped to
+    -1 first (a NaN ``y`` stays NaN).
     """
     if activation is None or activation.name == "identity":
         return y
@@ -168,4 +171,4 @@ def invert(y: torch.Tensor, activation: Activation | None) -> torch.Tensor:
     if activation.name == "leaky_relu":
         return torch.where(y > 0, y, y / a)
     floor = elu_inverse_floor(y.dtype)
-    return torch.where(y > 0, y, torch.log1p(y / a).clamp(min=floor))
+    return torch.where(y > 0, y, torch.log1p((y / a).clamp(min=-1.0)).clamp(min=floor))

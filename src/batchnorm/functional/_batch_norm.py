@@ -32,9 +32,15 @@ from batchnorm.functional._moving_average import (
     moving_average_update,
 )
 from batchnorm.functional._renorm import compose_transforms, renorm_correction
-from batchnorm.functional._synchronized import resolve_process_group, synchronized_moments
+from batchnorm.functional._synchronized import (
+    check_synchronized,
+    resolve_process_group,
+    synchronized_moments,
+)
 from batchnorm.functional._synchronized_normalize import synchronized_normalize
+from batchnorm.functional._torch_ops import TorchOpsBackend
 from batchnorm.functional._validation import (
+    check_adjustment,
     check_bool,
     check_floating_input,
     check_fraction,
@@ -127,6 +133,10 @@ def check_mask(mask: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]) -> to
         return mask.unsqueeze(-1)
     per_position = tuple(size for i, size in enumerate(x.shape) if i not in axes)
     if tuple(mask.shape) != per_position:
+        if _broadcasts_to(tuple(mask.shape), keras_shape):
+            # tf-keras: "broadcastable to inputs" after its expand_dims(mask, -1), as a
+            # per-sequence (N, 1) mask of (N, L, C) data.
+            return mask.expand(keras_shape).unsqueeze(-1)
         expected = (
             f"without its channel axis, {per_position}"
             if keras_shape == per_position
@@ -134,8 +144,9 @@ def check_mask(mask: torch.Tensor, x: torch.Tensor, axes: tuple[int, ...]) -> to
             f"axes, {per_position}"
         )
         raise ValueError(
-            f"`mask` must have the shape of `x` {expected}. "
-            f"Received: mask.shape={tuple(mask.shape)} for x.shape={tuple(x.shape)}"
+            f"`mask` must have the shape of `x` {expected}, or one that broadcasts to "
+            f"{keras_shape}. Received: mask.shape={tuple(mask.shape)} for "
+            f"x.shape={tuple(x.shape)}"
         )
     weights = mask
     for a in axes:
@@ -248,6 +259,9 @@ def batch_norm(
             "`moving_variance_estimator` must be 'biased' or 'unbiased'. "
             f"Received: moving_variance_estimator={moving_variance_estimator!r}"
         )
+    check_adjustment(adjustment, virtual_batch_size, axis)
+    # a group without synchronized=True is refused (the group itself is checked where it is used)
+    check_synchronized(synchronized, None if synchronized is True else process_group, None)
     options = BatchNormOptions(
         momentum=check_fraction(momentum, "momentum"),
         epsilon=check_positive(epsilon, "epsilon"),
@@ -322,6 +336,10 @@ def batch_norm_step(
     channel_shape = tuple(x.shape[a] for a in axes)
     for name, tensor in zip(BatchNormStatistics._fields, statistics, strict=True):
         expected = () if name == "moving_average_weight" else channel_shape
+        if tensor is None and name in ("moving_mean", "moving_variance"):
+            raise TypeError(
+                f"`statistics.{name}` must be a floating-point torch.Tensor. Received: None"
+            )
         check_tensor_shape(tensor, expected, f"statistics.{name}")
     check_tensor_shape(gamma, channel_shape, "gamma")
     check_tensor_shape(beta, channel_shape, "beta")
@@ -349,7 +367,11 @@ def batch_norm_step(
         # upcast inside each backend, which may read them in their own type.
         x = x.to(compute_dtype)
     backend = backend_for(x)
-    if weights is not None and any(weights.shape[a] != 1 for a in axes):
+    if weights is not None and weights.requires_grad and torch.is_grad_enabled():
+        # A mask that requires grad: the composed ops differentiate the weighted moments, as
+        # tf-keras' weighted_moments does (the kernels read the weights as constants).
+        backend = composed_backend()
+    elif weights is not None and any(weights.shape[a] != 1 for a in axes):
         # Keras' mask on a channel axis that is not last weighs (sample, channel) positions:
         # weights that vary inside a channel only fit the composed-op path.
         backend = composed_backend()
@@ -383,8 +405,12 @@ def batch_norm_step(
     # Set where the adjustment varies inside a channel: every per-channel term is then viewed
     # against x, and the composed scale and offset are full-rank (broadcast against x).
     inside_channels: list[int] | None = None
-    if options.adjustment is not None:
+    # The adjustment and renorm's correction belong to training calls: an inference call with
+    # use_global_stats=False normalises with the batch statistics alone (r = 1, d = 0).
+    if options.adjustment is not None and update is not False:
         adjust_scale, adjust_offset = _adjustment_of(options.adjustment, x)
+        adjust_scale = _in_training(update, adjust_scale, 1.0)
+        adjust_offset = _in_training(update, adjust_offset, 0.0)
         channel_scale = _per_channel(adjust_scale, x, axes)
         channel_offset = _per_channel(adjust_offset, x, axes)
         if channel_scale is not None and channel_offset is not None:
@@ -402,6 +428,17 @@ def batch_norm_step(
         if inside_channels is not None:
             scale, offset = (_full_rank(t, x.ndim) for t in (scale, offset))
 
+    if (
+        x.dtype in (torch.float16, torch.bfloat16)
+        and isinstance(backend, TorchOpsBackend)
+        and x.requires_grad
+        and torch.is_grad_enabled()
+    ):
+        # The composed ops upcast in each pass (moments, normalisation): under autograd each
+        # cast rounded its share of dx to half precision before the shares were added (masked
+        # bfloat16 dx 4e-2 off, float16 0.11 on a case tf-keras gets to 8e-5). One cast here,
+        # whose backward rounds the sum once.
+        x = x.to(compute_dtype)
     ghost_batches = 1 if virtual_batch_size is None else x.shape[0] // virtual_batch_size
     # Only a training call synchronizes (with use_global_stats=False, inference normalises with
     # the local batch, as torch.nn.SyncBatchNorm in eval mode): inference never communicates.
@@ -449,7 +486,11 @@ def batch_norm_step(
     new_statistics = _updated_statistics(statistics, batch_mean, batch_variance, count, options)
     if weights is not None:
         new_statistics = _keep_unseen_channels(count > 0, new_statistics, statistics)
-    if statistics.renorm_mean is not None and statistics.renorm_stddev is not None:
+    if (
+        statistics.renorm_mean is not None
+        and statistics.renorm_stddev is not None
+        and update is not False
+    ):
         correction = renorm_correction(
             batch_mean,
             batch_variance,
@@ -458,7 +499,7 @@ def batch_norm_step(
             epsilon,
             options.renorm_clipping,
         )
-        r, d = correction.r, correction.d
+        r, d = _in_training(update, correction.r, 1.0), _in_training(update, correction.d, 0.0)
         if inside_channels is not None:
             r, d = r.reshape(inside_channels), d.reshape(inside_channels)
         scale, offset = compose_transforms(r, d, scale, offset)
@@ -492,6 +533,20 @@ def batch_norm_step(
         return _as_dtype(y_train, output_dtype), new_statistics
     y, selected = _select_branch(training, y_train, inference_output(), new_statistics, statistics)
     return _as_dtype(y, output_dtype), selected
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    return len(shape) <= len(target) and all(
+        size in (1, full) for size, full in zip(reversed(shape), reversed(target), strict=False)
+    )
+
+
+def _in_training(update: bool | torch.Tensor, value: torch.Tensor, neutral: float) -> torch.Tensor:
+    """``value`` in a training call, ``neutral`` in an inference one: a tensor ``update`` flag
+    (use_global_stats=False under a tensor ``training``) selects without a branch."""
+    if not isinstance(update, torch.Tensor):
+        return value if update else torch.full_like(value, neutral)
+    return torch.where(update, value, torch.full_like(value, neutral))
 
 
 def _adjustment_of(adjustment: Adjustment, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

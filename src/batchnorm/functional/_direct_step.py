@@ -146,6 +146,8 @@ def train_in_place(
         weights = position_weights(mask, x, axes[0])
         if weights is None:
             return None  # weights that vary inside a channel: the composed path
+        if weights.requires_grad and torch.is_grad_enabled():
+            return None  # the stateless step differentiates the mask's weights
     ghost_batches = check_ghost_batches(x, axes, options.virtual_batch_size)
     moving = (
         statistics.moving_mean,
@@ -417,8 +419,8 @@ class DirectCalls:
                 )
             return _infer_with_gradients(x, gamma, beta, inference_call)
         assert training_call is not None
-        if weights is not None and weights.requires_grad:
-            weights = weights.detach()
+        if weights is not None and weights.requires_grad and torch.is_grad_enabled():
+            return None  # the general path differentiates the mask's weights
         if needs_grad:
             y: torch.Tensor = _train_in_place(x, gamma, beta, training_call, x, weights)
             return y

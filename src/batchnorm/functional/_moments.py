@@ -9,6 +9,7 @@ import torch
 from batchnorm.functional._torch_ops import reduced_moments
 from batchnorm.functional._validation import (
     check_bool,
+    check_broadcasts,
     check_floating_input,
     check_mask_values,
     normalize_axes,
@@ -41,13 +42,7 @@ def moments(
     weights = None
     if mask is not None:
         check_mask_values(mask, x)
-        try:
-            torch.broadcast_shapes(tuple(mask.shape), tuple(x.shape))  # type: ignore[no-untyped-call]
-        except RuntimeError as error:
-            raise ValueError(
-                f"`mask` must broadcast to the shape of `x` {tuple(x.shape)}. "
-                f"Received: mask.shape={tuple(mask.shape)}"
-            ) from error
+        check_broadcasts(mask, x, "mask", "broadcast to the shape of")
         weights = mask
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     result = reduced_moments(x.to(compute_dtype), dims, weights)

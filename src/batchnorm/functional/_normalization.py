@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 
 from batchnorm.functional._torch_ops import affine_normalize
-from batchnorm.functional._validation import check_floating_input, check_positive
+from batchnorm.functional._validation import (
+    check_broadcasts,
+    check_floating_input,
+    check_positive,
+)
 
 
 def batch_normalization(
@@ -31,4 +35,19 @@ def batch_normalization(
     """
     check_floating_input(x)
     check_positive(epsilon, "epsilon")
+    for name, tensor in (
+        ("mean", mean),
+        ("variance", variance),
+        ("offset", offset),
+        ("scale", scale),
+    ):
+        if tensor is None and name in ("offset", "scale"):
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"`{name}` must be a torch.Tensor that broadcasts against `x`"
+                f"{'' if name in ('mean', 'variance') else ' or None'}. "
+                f"Received: {name} of type {type(tensor).__name__}"
+            )
+        check_broadcasts(tensor, x, name, "broadcast against")
     return affine_normalize(x, mean, variance, scale, offset, epsilon)

@@ -186,10 +186,51 @@ def check_same_device(
             )
 
 
+def check_adjustment(adjustment: Any, virtual_batch_size: int | None, axis: Any) -> None:
+    """tf-keras' rules: ``adjustment`` is a callable, not combined with ghost batches, whose
+    batch axis 0 cannot be a channel axis."""
+    if adjustment is not None and not callable(adjustment):
+        raise TypeError(
+            "`adjustment` must be a callable (input_shape) -> (scale, offset) or None. "
+            f"Received: adjustment={adjustment!r}"
+        )
+    if adjustment is not None and virtual_batch_size is not None:
+        raise ValueError(
+            "When using `virtual_batch_size`, `adjustment` cannot be specified. "
+            f"Received: virtual_batch_size={virtual_batch_size}, adjustment={adjustment!r}"
+        )
+    if virtual_batch_size is not None and 0 in check_axis_type(axis):
+        raise ValueError(
+            "When using `virtual_batch_size`, the batch dimension must be 0 and thus axis "
+            f"cannot include 0. Received: axis={axis!r}"
+        )
+
+
+def check_broadcasts(tensor: torch.Tensor, x: torch.Tensor, argument: str, what: str) -> None:
+    """``tensor`` broadcasts against ``x`` (``what`` says how, for the error)."""
+    try:
+        torch.broadcast_shapes(tuple(tensor.shape), tuple(x.shape))  # type: ignore[no-untyped-call]
+    except RuntimeError as error:
+        raise ValueError(
+            f"`{argument}` must {what} `x` of shape {tuple(x.shape)}. "
+            f"Received: {argument}.shape={tuple(tensor.shape)}"
+        ) from error
+
+
 def check_tensor_shape(
     tensor: torch.Tensor | None, expected: tuple[int, ...], argument: str
 ) -> None:
-    if tensor is not None and tuple(tensor.shape) != expected:
+    """A floating-point tensor of the ``expected`` per-channel shape, or None. An integer one
+    was taken: the moving statistics came back truncated to integers (torch refuses them)."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        dtype = f" of dtype {tensor.dtype}" if isinstance(tensor, torch.Tensor) else ""
+        raise TypeError(
+            f"`{argument}` must be a floating-point torch.Tensor. "
+            f"Received: {argument}, a {type(tensor).__name__}{dtype}"
+        )
+    if tuple(tensor.shape) != expected:
         raise ValueError(
             f"`{argument}` must have the per-channel shape {expected}. "
             f"Received: {argument}.shape={tuple(tensor.shape)}"

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from batchnorm.functional._validation import check_module
+from batchnorm.functional._validation import check_fraction, check_module
 from batchnorm.interop._activation_conversion import (
     ActivatedBatchNorm,
     describe,
@@ -126,6 +126,8 @@ def _layer_from(module: Any, activated: ActivatedBatchNorm | None) -> BatchNorma
         dtype = "float64" if reference.dtype == torch.float64 else "float32"
     device = reference.device if reference is not None else None
     cumulative = module.momentum is None
+    if not cumulative:  # named as torch's, not as the complement the layer would report
+        check_fraction(module.momentum, "momentum")
     options: dict[str, Any] = {
         "synchronized": isinstance(module, nn.SyncBatchNorm),
         "process_group": getattr(module, "process_group", None),

@@ -90,7 +90,9 @@ def recovered(output, dy, exponential, slope, inverse_slope, floor):  # type: ig
     if y > 0:
         return y, g
     if exponential:
-        z = log1p_nonpositive(y * inverse_slope)
+        # y / alpha is >= -1 but for the rounding of y and of 1 / alpha (log1p gave NaN there)
+        u = y * inverse_slope
+        z = log1p_nonpositive(-1.0 if u < -1.0 else u)  # NaN kept, as below
         return floor if floor > z else z, g * (y + slope)  # max(z, floor), NaN kept
     return y * inverse_slope, g * slope
 

@@ -19,6 +19,7 @@ from batchnorm.functional._direct_step import DirectCalls
 from batchnorm.functional._in_place import check_in_place_settings
 from batchnorm.functional._synchronized import check_synchronized
 from batchnorm.functional._validation import (
+    check_adjustment,
     check_bool,
     check_fraction,
     check_positive,
@@ -41,7 +42,6 @@ from batchnorm.layers._layer_arguments import (
     MovingAverage,
     MovingVarianceEstimator,
     channel_shape_argument,
-    check_adjustment,
     check_axis_argument,
     check_choice,
     check_fused,

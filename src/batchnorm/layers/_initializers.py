@@ -9,6 +9,7 @@ seeded with ``seed`` when given: the distribution matches Keras, the draws canno
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,7 +67,9 @@ class Ones(Initializer):
 
 class Constant(Initializer):
     def __init__(self, value: float = 0.0) -> None:
-        self.value = value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"Constant's `value` must be a number. Received: value={value!r}")
+        self.value: float = value
 
     def __call__(
         self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None

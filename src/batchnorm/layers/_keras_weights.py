@@ -209,6 +209,11 @@ def apply_layer_constraints(layer: WeightedLayer, updated: AbstractSet[int] | No
     projections are computed and checked writable before either is written. With ``updated``
     (the ids of the parameters an optimizer step changed), only a weight whose parameters are
     among them, as Keras constrains only the variables its optimizer updates."""
+    if updated is not None and not isinstance(updated, AbstractSet):
+        raise TypeError(
+            "`updated` must be a set of the ids of the parameters a step changed, or None. "
+            f"Received: updated of type {type(updated).__name__}"
+        )
     projected: dict[str, torch.Tensor] = {}
     for name in ("gamma", "beta") if layer.built else ():
         constraint = getattr(layer, f"{name}_constraint")

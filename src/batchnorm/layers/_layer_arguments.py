@@ -54,26 +54,6 @@ def channel_shape_argument(num_features: Any, axis: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def check_adjustment(adjustment: Any, virtual_batch_size: int | None, axis: Any) -> None:
-    """tf-keras' rules: ``adjustment`` is a callable, not combined with ghost batches, whose
-    batch axis 0 cannot be a channel axis."""
-    if adjustment is not None and not callable(adjustment):
-        raise TypeError(
-            "`adjustment` must be a callable (input_shape) -> (scale, offset) or None. "
-            f"Received: adjustment={adjustment!r}"
-        )
-    if adjustment is not None and virtual_batch_size is not None:
-        raise ValueError(
-            "When using `virtual_batch_size`, `adjustment` cannot be specified. "
-            f"Received: virtual_batch_size={virtual_batch_size}, adjustment={adjustment!r}"
-        )
-    if virtual_batch_size is not None and 0 in check_axis_type(axis):
-        raise ValueError(
-            "When using `virtual_batch_size`, the batch dimension must be 0 and thus axis "
-            f"cannot include 0. Received: axis={axis!r}"
-        )
-
-
 def check_fused(
     fused: Any,
     *,

@@ -10,6 +10,7 @@ as before the call: placeholders again, no rank fixed, as if never called.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -99,6 +100,11 @@ def initial_weights(
 
     def initial(initializer: Callable[..., torch.Tensor]) -> torch.Tensor:
         value = torch.as_tensor(initializer(init_shape, dtype=dtype, device=device))
+        if value.numel() != math.prod(channel_shape):
+            raise ValueError(
+                f"An initializer must return a tensor of shape {tuple(init_shape)}. Received: "
+                f"shape {tuple(value.shape)} from {initializer!r}"
+            )
         return value.to(dtype=dtype, device=device).reshape(channel_shape).clone()
 
     values = {}

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from batchnorm.functional._batch_norm import check_use_global_stats
 from batchnorm.functional._synchronized import check_synchronized
 from batchnorm.functional._validation import (
+    check_adjustment,
     check_axis_type,
     check_bool,
     check_fraction,
@@ -34,7 +35,6 @@ from batchnorm.layers._fused import fused_unsupported_reason
 from batchnorm.layers._layer_arguments import (
     MovingAverage,
     MovingVarianceEstimator,
-    check_adjustment,
     check_axis_argument,
     check_choice,
     check_fused,

@@ -84,7 +84,7 @@ _FRAMEWORK_LABELS = {
 
 def preset_kwargs(framework: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The layer arguments of ``framework``'s preset, updated with ``overrides``."""
-    if framework not in FRAMEWORK_PRESETS:
+    if not isinstance(framework, str) or framework not in FRAMEWORK_PRESETS:
         raise ValueError(
             f"`framework` must be one of {', '.join(repr(f) for f in get_args(Framework))}. "
             f"Received: framework={framework!r}"

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +24,9 @@ class Regularizer(KerasObject):
 
 
 def _coefficient(name: str, value: float) -> float:
-    value = float(value)
-    if not value >= 0.0:
-        raise ValueError(f"`{name}` must be a non-negative number. Received: {name}={value}")
-    return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0.0:
+        raise ValueError(f"`{name}` must be a non-negative number. Received: {name}={value!r}")
+    return float(value)
 
 
 class L1(Regularizer):

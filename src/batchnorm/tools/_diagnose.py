@@ -74,7 +74,7 @@ def diagnose(
         >>> print(report)
     """
     layers = check_model_and_batches(model, batches, num_batches, "diagnose", progress, forward)
-    _check_steps(steps)
+    _check_steps(steps, [name for name, _ in layers])
     current = copy.deepcopy(model)
     current_layers = dict(bn.batch_norm_modules(current))
     before = {name: _statistics_copy(module) for name, module in current_layers.items()}
@@ -113,7 +113,13 @@ def diagnose(
     return DiagnosisReport(rows, population.batches)
 
 
-def _check_steps(steps: Any) -> None:
+def _check_steps(steps: Any, names: list[str]) -> None:
+    unknown = [key for key in steps if key not in names] if isinstance(steps, Mapping) else []
+    if unknown:
+        raise ValueError(
+            f"`steps` names layers the model does not hold: {unknown}; its batch norms are "
+            f"{names}. Received: steps={steps!r}"
+        )
     values = list(steps.values()) if isinstance(steps, Mapping) else [steps]
     for value in values:
         if value is not None and (

@@ -55,6 +55,14 @@ def fold_weights(
         ...                     bn.weight, bn.bias, bn.eps)
     """
     transposed = check_bool(transposed, "transposed")
+    optional = ("bias", "gamma", "beta")
+    arguments = {"weight": weight, "bias": bias, "mean": mean, "variance": variance}
+    for name, tensor in {**arguments, "gamma": gamma, "beta": beta}.items():
+        if not isinstance(tensor, torch.Tensor) and not (tensor is None and name in optional):
+            raise TypeError(
+                f"`{name}` must be a torch.Tensor{' or None' if name in optional else ''}. "
+                f"Received: {name} of type {type(tensor).__name__}"
+            )
     if weight.ndim < 2:
         raise ValueError(
             "`weight` must have at least 2 dims (out, in, ...). "
