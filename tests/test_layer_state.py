@@ -317,3 +317,71 @@ def test_parameters_and_buffers_stay_resizable(kwargs, shape):
     expected = 2.0 * x.detach().float() / (1.0 + layer.epsilon) ** 0.5 + 2.0
     actual = layer(x, training=False).detach().float()
     torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("operation", ["load_state_dict", "double", "swap_tensors"])
+def test_torch_swap_tensors_path_works_on_a_layer_that_has_run(operation):
+    """With torch.__future__.set_swap_module_params_on_conversion(True), load_state_dict and
+    .to() swap each parameter's tensor in place, which torch.utils.swap_tensors refuses for a
+    tensor with a weak reference: the kernels' view cache held one on every parameter and
+    buffer of a layer that had run once."""
+    layer = BatchNormalization(3, axis=1, fused=False)
+    x = torch.randn(8, 3, 4, 4)
+    layer(x, training=True)
+    layer(x, training=False)
+    source = BatchNormalization(3, axis=1, fused=False)
+    source(x * 2 + 1, training=True)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        if operation == "load_state_dict":
+            layer.load_state_dict(source.state_dict())
+            for key, value in source.state_dict().items():
+                assert torch.equal(layer.state_dict()[key], value), key
+        elif operation == "double":
+            layer.double()
+            assert layer.gamma.dtype == torch.float64
+            x = x.double()
+        else:
+            torch.utils.swap_tensors(layer.gamma, torch.nn.Parameter(torch.full((3,), 2.0)))
+            assert torch.equal(layer.gamma, torch.full((3,), 2.0))
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    reference = torch.nn.BatchNorm2d(3, eps=layer.epsilon).to(x.dtype).eval()
+    with torch.no_grad():
+        reference.weight.copy_(layer.gamma)
+        reference.bias.copy_(layer.beta)
+        reference.running_mean.copy_(layer.moving_mean)
+        reference.running_var.copy_(layer.moving_variance)
+    torch.testing.assert_close(layer(x, training=False), reference(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_lazy_debiased_layer_converted_to_half_precision_keeps_a_float64_scale_factor(dtype):
+    """A built layer kept Caffe's scale factor float64 through .half(); an unbuilt one's
+    placeholder was converted, so it was built float16 and the kernels read its bits (s =
+    5.96e-08 after 4 steps instead of 3.439, the moving mean off by 80%)."""
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 3) * 2 + 1 for _ in range(4)]
+    lazy = BatchNormalization(moving_average="debiased", momentum=0.9).to(dtype)
+    built = BatchNormalization(3, moving_average="debiased", momentum=0.9).to(dtype)
+    for batch in batches:
+        lazy(batch.to(lazy.gamma.dtype), training=True)
+        built(batch.to(built.gamma.dtype), training=True)
+    assert lazy.moving_average_weight.dtype == torch.float64
+    expected = sum(0.9**i for i in range(4))
+    assert lazy.moving_average_weight.item() == pytest.approx(expected, rel=1e-12)
+    assert torch.equal(lazy.moving_mean, built.moving_mean)
+
+
+def test_config_with_numpy_numbers_is_json_ready():
+    """activation_param was kept as given: np.float32(0.2) made get_config() fail json.dumps
+    (momentum, epsilon and the others were already written as Python floats)."""
+    import json
+
+    layer = BatchNormalization(
+        3, momentum=np.float32(0.9), activation="leaky_relu", activation_param=np.float32(0.2)
+    )
+    config = json.loads(json.dumps(layer.get_config()))
+    assert config["activation_param"] == pytest.approx(0.2)
+    assert BatchNormalization.from_config(config).activation_param == pytest.approx(0.2)

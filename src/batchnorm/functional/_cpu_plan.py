@@ -15,8 +15,6 @@ tensor, for the same reason.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -400,14 +398,14 @@ def plan_of(x: torch.Tensor, axes: list[int], batch_outermost: bool) -> CpuPlan 
 
 
 class _TensorMemory:
-    """A tensor's memory as NumPy's array interface describes it, and the tensor, kept alive by
-    the NumPy array made from it (the array's base)."""
+    """A tensor's memory as NumPy's array interface describes it, and (with ``keep``) the
+    tensor, kept alive by the NumPy array made from it (the array's base)."""
 
     __slots__ = ("__array_interface__", "tensor")
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, keep: bool = True):
         itemsize = tensor.element_size()
-        self.tensor = tensor
+        self.tensor = tensor if keep else None
         self.__array_interface__ = {
             "data": (tensor.data_ptr(), False),
             "shape": tuple(tensor.shape),
@@ -443,49 +441,33 @@ def resizable_array(tensor: torch.Tensor) -> np.ndarray:
     return np.asarray(_TensorMemory(tensor))
 
 
-# NumPy views of the long-lived per-channel tensors (parameters, buffers), by id: making one
-# costs about a microsecond, four times on every call. An entry is used only while it refers to
-# the same tensor object (a weak reference: a freed view's id went to the next view, with other
-# strides, which got the old view's array) with the same memory, shape and strides (``.data =``
-# changes them on the same object). The entry goes when its tensor does: holding the tensor kept
-# deleted layers' weights, a sliced hypernetwork output's whole base and gamma's autograd graph
-# alive, up to _ARRAYS_KEPT of them (+650 MB over a 700-step hypernetwork loop); the array
-# holds the memory only as long as the tensor lives. Cleared when it grows past _ARRAYS_KEPT.
-_ARRAYS: dict[
-    int, tuple[weakref.ref[torch.Tensor], int, torch.Size, tuple[int, ...], np.ndarray]
-] = {}
+# NumPy views of the long-lived per-channel tensors (parameters, buffers), by the memory they
+# describe: making one costs about a microsecond, four times on every call. The key is the
+# whole description (address, shape, strides, dtype), so an entry is right for any live tensor
+# that has it, whichever object that is (a freed view's memory taken by the next tensor, ``.data
+# =`` on the same object). The arrays do not refer to the tensors: holding them kept deleted
+# layers' weights, a sliced hypernetwork output's whole base and gamma's autograd graph alive,
+# and the weak references that replaced that made torch.utils.swap_tensors (and with it
+# load_state_dict and .to() under torch.__future__.set_swap_module_params_on_conversion) refuse
+# every parameter of a layer that had run once. An entry is handed out only for a live tensor
+# with its description, so its memory is that tensor's; whoever keeps the array keeps the
+# tensor (the layer's shortcut does). Cleared when it grows past _ARRAYS_KEPT.
+_ArrayKey = tuple[int, torch.Size, tuple[int, ...], torch.dtype]
+_ARRAYS: dict[_ArrayKey, np.ndarray] = {}
 _ARRAYS_KEPT = 1024
 
 
-def _forget(key: int) -> Callable[[weakref.ref[torch.Tensor]], None]:
-    """The weak reference's callback: drop the entry its tensor had (not a newer one)."""
-
-    def forget(reference: weakref.ref[torch.Tensor]) -> None:
-        entry = _ARRAYS.get(key)
-        if entry is not None and entry[0] is reference:
-            del _ARRAYS[key]
-
-    return forget
-
-
 def shared_array(tensor: torch.Tensor) -> np.ndarray:
-    """:func:`resizable_array` of ``tensor``, remembered for the next call with the same tensor
-    and memory."""
-    key = id(tensor)
-    entry = _ARRAYS.get(key)
-    if (
-        entry is not None
-        and entry[0]() is tensor
-        and entry[1] == tensor.data_ptr()
-        and entry[2] == tensor.shape
-        and entry[3] == tensor.stride()
-    ):
-        return entry[4]
-    array = resizable_array(tensor.detach())
+    """:func:`resizable_array` of ``tensor``, remembered for the next tensor with the same
+    memory, shape, strides and dtype."""
+    key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+    array = _ARRAYS.get(key)
+    if array is not None:
+        return array
+    array = np.asarray(_TensorMemory(tensor.detach(), keep=False))
     if len(_ARRAYS) >= _ARRAYS_KEPT:
         _ARRAYS.clear()
-    reference = weakref.ref(tensor, _forget(key))
-    _ARRAYS[key] = (reference, tensor.data_ptr(), tensor.shape, tensor.stride(), array)
+    _ARRAYS[key] = array
     return array
 
 

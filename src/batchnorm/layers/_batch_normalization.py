@@ -371,15 +371,20 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         """torch's conversions, with Caffe's scale factor kept in float64 (it counts batches,
         exactly to 2**53, as torch's ``num_batches_tracked`` stays int64): ``.half()`` and
         ``.to(torch.bfloat16)`` converted it, and the kernels read and wrote it as the bits of
-        a float16 (4.0 stored as 2.4e-7), lost at the next conversion."""
+        a float16 (4.0 stored as 2.4e-7), lost at the next conversion. A lazy layer's placeholder
+        stays float64 too (it was built in the converted dtype)."""
         counter = self._buffers.get("moving_average_weight")
         kept = None
         if counter is not None and not nn.parameter.is_lazy(counter):
             kept = counter.detach().clone()
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         after = self._buffers.get("moving_average_weight")
-        if kept is not None and after is not None and after.dtype != torch.float64:
-            self._buffers["moving_average_weight"] = kept.to(after.device)
+        if after is not None and after.dtype != torch.float64:
+            self._buffers["moving_average_weight"] = (
+                nn.parameter.UninitializedBuffer(device=after.device, dtype=torch.float64)  # type: ignore[call-arg]
+                if kept is None
+                else kept.to(after.device)
+            )
         return self
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
@@ -428,7 +433,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         self.__dict__.update(
             _activation=activation,
             _activation_name=name,
-            _activation_param=parameter,
+            _activation_param=None if parameter is None else float(parameter),  # JSON-ready
             _memory=memory,
         )  # assigning a property went through __setattr__, which dropped the direct calls
 
