@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,3 +342,43 @@ def test_bench_png_without_matplotlib_stops_before_timing(tmp_path, monkeypatch,
     )
     assert main(["bench", "--png", str(tmp_path / "chart.png")]) == 2
     assert "--png needs matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["demo", "inspect"])
+def test_an_output_path_where_no_file_can_be_made_stops_before_work(
+    option, tmp_path, monkeypatch, capsys
+):
+    """For root, os.access says a folder is writable even on /proc and /sys; the command then
+    trained or inspected and failed writing (a traceback, exit 1). The check now makes a file
+    there (and removes it), so the command stops at once with exit status 2."""
+    import batchnorm.cli._paths as paths
+
+    _no_training(monkeypatch)
+    monkeypatch.setattr(paths.os, "access", lambda *_: True)  # what root is told
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(paths.tempfile, "TemporaryFile", refuse)
+    arguments = (
+        ["demo", "modes", "--out", str(tmp_path / "out")]
+        if option == "demo"
+        else ["inspect", "missing.pt", "--json", str(tmp_path / "report.json")]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    assert f"({str(tmp_path)!r} is not writable)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="no /proc")
+def test_a_folder_under_proc_is_not_writable_even_for_root():
+    import argparse
+
+    from batchnorm.cli._paths import output_directory, output_file
+
+    with pytest.raises(argparse.ArgumentTypeError, match="is not writable"):
+        output_directory("/proc/demo-out")
+    with pytest.raises(argparse.ArgumentTypeError, match="is not writable"):
+        output_file("/proc/report.json")

@@ -167,3 +167,31 @@ def test_inspect_json_into_a_directory_stops_before_reading(tmp_path, capsys):
         main(["inspect", str(tmp_path / "missing.pt"), "--json", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "argument --json: must be a file to write, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["model.h5", "model.hdf5", "model.keras"])
+def test_a_torch_checkpoint_with_a_keras_name_is_read_as_torch(name, tmp_path, capsys):
+    """The suffix won over the content: a state_dict saved as "model.h5" was refused as a
+    damaged Keras archive (exit 2); the same bytes named .pt read."""
+    path = tmp_path / name
+    torch.save(nn.BatchNorm1d(4).state_dict(), path)
+    report = inspect_checkpoint(path)
+    assert len(report.layers) == 1 and not report.problems
+    assert main(["inspect", str(path)]) == 0
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_statistics_without_dense_values_are_named(kind, tmp_path, capsys):
+    """torch.load reads a state_dict of meta or sparse tensors; inspect then crashed with a
+    traceback (exit 1). Now exit 2 naming the tensor."""
+    path = tmp_path / "state.pt"
+    if kind == "meta":
+        with torch.device("meta"):
+            state = nn.Sequential(nn.BatchNorm2d(4)).state_dict()
+    else:
+        state = {"bn.running_mean": torch.zeros(4).to_sparse(), "bn.running_var": torch.ones(4)}
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"is a (meta tensor|torch.sparse_coo tensor)"):
+        inspect_checkpoint(path)
+    assert main(["inspect", str(path)]) == 2
+    assert "Traceback" not in capsys.readouterr().err

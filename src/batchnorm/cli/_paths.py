@@ -16,7 +16,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be made in ``folder``, found by making (and removing) one: for root,
+    ``os.access`` says yes even on /sys and /proc, where the write then failed after the work."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def output_directory(text: str) -> Path:
@@ -33,7 +46,7 @@ def output_directory(text: str) -> Path:
             f"must be a directory to write into, but it cannot be created: {str(existing)!r} "
             f"is a file. Received: {text!r}"
         )
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not _can_write_in(existing):
         raise argparse.ArgumentTypeError(
             f"must be a directory this user can write into. Received: {text!r} "
             f"({str(existing)!r} is not writable)"
@@ -54,7 +67,7 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(
             f"must be a file in an existing directory. Received: {text!r} ({str(folder)!r} {state})"
         )
-    writable = os.access(path, os.W_OK) if path.exists() else os.access(folder, os.W_OK | os.X_OK)
+    writable = os.access(path, os.W_OK) if path.exists() else _can_write_in(folder)
     if not writable:
         raise argparse.ArgumentTypeError(
             f"must be a file this user can write. Received: {text!r} "

@@ -147,7 +147,10 @@ def inspect_checkpoint(path: str | Path) -> DiagnosisReport:
         )
     with path.open("rb") as stream:
         head = stream.read(512)
-    if path.suffix.lower() in KERAS_SUFFIXES or _is_keras_file(path, head):
+    # The content decides; a Keras name decides only for a file torch did not write (a torch
+    # state_dict saved as "model.h5" was refused as a damaged Keras archive).
+    keras_named = path.suffix.lower() in KERAS_SUFFIXES
+    if _is_keras_file(path, head) or (keras_named and not _is_torch_file(path, head)):
         return inspect_statistics(_keras_statistics(path))
     if not _may_be_torch_file(head):
         received = "an empty file" if not head else f"a file starting with {head[:24]!r}"
@@ -169,6 +172,15 @@ def inspect_checkpoint(path: str | Path) -> DiagnosisReport:
         raise ValueError(
             f"No batch-norm statistics (keys ending in running_mean or moving_mean) in {str(path)!r}"
         )
+    for prefix, entries in layers.items():
+        for leaf, tensor in entries.items():
+            if tensor.is_meta or tensor.layout != torch.strided:
+                kind = "meta tensor (no values)" if tensor.is_meta else f"{tensor.layout} tensor"
+                raise ValueError(
+                    f"Could not read the statistics in {str(path)!r}: `{prefix}.{leaf}` is a "
+                    f"{kind}. Expected dense tensors with values (a model saved before its "
+                    "meta-device parameters were materialised holds none)"
+                )
     return inspect_statistics(layers)
 
 
@@ -186,6 +198,17 @@ def _is_keras_file(path: Path, head: bytes) -> bool:
         with zipfile.ZipFile(path) as archive:
             # Keras 3 keeps the weights of a .keras archive there; torch under <name>/data/.
             return "model.weights.h5" in archive.namelist()
+    except zipfile.BadZipFile:
+        return False
+
+
+def _is_torch_file(path: Path, head: bytes) -> bool:
+    """torch.save's formats: a zip archive holding ``<name>/data.pkl``, or the legacy ones."""
+    if not head.startswith(_ZIP_SIGNATURE):
+        return _may_be_torch_file(head)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
     except zipfile.BadZipFile:
         return False
 
