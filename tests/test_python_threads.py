@@ -8,6 +8,9 @@ results are bit-identical for any thread count and between the serial and thread
 
 from __future__ import annotations
 
+import threading
+
+import numba
 import pytest
 
 from tests.snippets import run_program
@@ -63,3 +66,23 @@ def test_layers_called_from_four_threads_at_once(layer):
     result = run_program(_CONCURRENT_CALLS, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [layer, "[]"]
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="Numba has one thread")
+def test_a_new_thread_gets_the_thread_count_even_with_an_ended_threads_id():
+    """Numba's thread count is per thread; what was set was remembered by thread id, and Python
+    gives a new thread an ended one's id: the new thread skipped the setting and ran on Numba's
+    default count."""
+    from batchnorm.kernels._jit import set_threads
+
+    counts = []
+
+    def work():
+        set_threads(1)
+        counts.append(numba.get_num_threads())
+
+    for _ in range(8):  # one after another: the ids are reused
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    assert counts == [1] * 8

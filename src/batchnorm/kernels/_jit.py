@@ -503,7 +503,10 @@ def run(kernel: Kernel | LayoutKernel, parallel: bool, *args: Any) -> Any:
     return build(*args)
 
 
-_threads_set: dict[int, int] = {}
+# The count this thread last gave Numba (its setting is per thread). Thread-local rather than
+# keyed by thread id: Python reuses an ended thread's id, and a new thread with it skipped the
+# setting (running on Numba's default count instead of torch's); a dict also grew per thread.
+_threads_set = threading.local()
 
 # Whether this process was forked from one whose Numba pool runs on GNU OpenMP (Numba's "omp"
 # layer on Linux), which cannot run in a forked child: Numba terminates the child on its first
@@ -539,8 +542,7 @@ def set_threads(count: int) -> int:
         return 1
     limit: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
     count = max(1, min(int(count), limit))
-    caller = threading.get_ident()
-    if _threads_set.get(caller) != count:
+    if getattr(_threads_set, "count", None) != count:
         numba.set_num_threads(count)
-        _threads_set[caller] = count
+        _threads_set.count = count
     return count
