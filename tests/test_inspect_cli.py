@@ -195,3 +195,15 @@ def test_statistics_without_dense_values_are_named(kind, tmp_path, capsys):
         inspect_checkpoint(path)
     assert main(["inspect", str(path)]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64])
+def test_statistics_that_are_not_floating_point_are_a_problem(dtype):
+    """A bool running_var got "no problem found"."""
+    report = inspect_statistics(
+        {"bn": {"running_mean": torch.zeros(4), "running_var": torch.ones(4, dtype=dtype)}}
+    )
+    name = str(dtype).removeprefix("torch.")
+    assert report.problems == {
+        "bn": [f"running_var holds {name} values: batch-norm statistics are floating-point numbers"]
+    }

@@ -248,6 +248,11 @@ def _statistic(
                     "batch-norm statistics must be real"
                 )
                 return value
+            if not value.is_floating_point():  # bool or integer: not what a batch norm keeps
+                unusable.append(
+                    f"{key} holds {str(value.dtype).removeprefix('torch.')} values: batch-norm "
+                    "statistics are floating-point numbers"
+                )
             return value.to(torch.float64)
     raise ValueError(
         f"Layer {name} needs one of {' / '.join(keys)}. Received keys: {sorted(entries)}"
