@@ -955,3 +955,36 @@ def test_output_is_laid_out_as_torch_lays_out_x(x, axis, training, requires_grad
     torch.testing.assert_close(y, expected[0], rtol=1e-5, atol=1e-5)
     if requires_grad:
         torch.testing.assert_close(gradient, expected[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "frozen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 8, 9, 9), (8, 16, 64, 64)],  # torch's allocator; from 1 MiB, NumPy's
+)
+def test_an_in_place_operation_after_a_channels_last_layer_runs(shape, dtype, mode):
+    """A channels-last output was a permuted view of fresh memory, and autograd refuses an
+    in-place operation on a view made inside a custom function: nn.ReLU(inplace=True) or
+    `out += identity` after the layer failed in training, in inference with gradients and
+    when frozen (a channels-last ResNet trained with nn.BatchNorm2d, not after convert)."""
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype=dtype, memory_format=torch.channels_last)
+    layer = BatchNormalization(
+        shape[1], axis=1, use_global_stats=True if mode == "frozen" else None
+    )
+    reference = torch.nn.BatchNorm2d(shape[1], eps=layer.epsilon, momentum=0.01).to(dtype)
+    reference.train(mode == "train")
+    if dtype != torch.float32:
+        layer = layer.to(dtype)
+    results = []
+    for module in (layer, reference):
+        source = x.clone().requires_grad_()
+        y = module(source, training=mode == "train") if module is layer else module(source)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        y.mul_(2)  # in place (as nn.ReLU(inplace=True); smooth, so bfloat16 signs do not matter)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        results.append((y.detach().float(), source.grad.float()))
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for ours, expected in zip(*results, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=tolerance, atol=tolerance)

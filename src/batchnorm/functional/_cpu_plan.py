@@ -15,6 +15,7 @@ tensor, for the same reason.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -129,6 +130,7 @@ class CpuPlan:
         "input_gradient",
         "inverse",
         "layout",
+        "logical_layout",
         "memory",
         "memory_shape",
         "normalize_blocks",
@@ -157,6 +159,12 @@ class CpuPlan:
         self.memory_shape = tuple(sizes[d] for d in layout.order)
         self.memory = output_memory.source(self.memory_shape, self.dtype)
         self.inverse = None if identity else inverse_permutation(list(layout.order))
+        # (sizes, strides) of a tensor in logical order over memory_shape's contiguous memory
+        memory_strides = [math.prod(self.memory_shape[i + 1 :]) for i in range(len(sizes))]
+        self.logical_layout = (
+            tuple(sizes),
+            tuple(memory_strides[layout.order.index(d)] for d in range(len(sizes))),
+        )
         elements = layout.rows * layout.channels * layout.inner
         self.blocks = kernels.blocks_for(elements, layout.rows, layout.inner)
         # The normalising pass alone (inference, the general training path) keeps no partial
@@ -209,27 +217,32 @@ class CpuPlan:
         logical order: half the Python of ``torch.empty(shape, dtype=...)`` (0.6 us against
         1.2 in a loop), and about 5 us less inside a model, where every torch call from Python
         costs several times its loop figure (see :meth:`kernel_view`).
+
+        The tensor is never a view of another (a permuted one was: autograd then refused an
+        in-place operation on a custom function's output, so ``nn.ReLU(inplace=True)`` after a
+        channels-last layer failed, "Output 0 of TrainInPlace is a view and is being modified
+        inplace"); it has the input's strides from the start.
         """
         array: np.ndarray
         if self.memory == "torch":
-            if self.inverse is None and type(like) is torch.Tensor:
-                fresh = torch.empty_like(like, memory_format=torch.contiguous_format)
+            if self.inverse is None:
+                if type(like) is torch.Tensor:
+                    fresh = torch.empty_like(like, memory_format=torch.contiguous_format)
+                else:
+                    fresh = torch.empty(self.memory_shape, dtype=self.torch_dtype)
                 return fresh, storage_array(fresh).reshape(self.shape3)
-            fresh = torch.empty(self.memory_shape, dtype=self.torch_dtype)
-            array = storage_array(fresh)
+            fresh = torch.empty_strided(*self.logical_layout, dtype=self.torch_dtype)
+            return fresh, self.canonical(storage_array(fresh))
+        if self.memory == "numpy":
+            array = np.empty(self.memory_shape, self.dtype)
         else:
-            if self.memory == "numpy":
-                array = np.empty(self.memory_shape, self.dtype)
-            else:
-                array = output_memory.empty(self.memory_shape, self.dtype)
-            if self.torch_dtype in HALF_BITS:  # uint16 or int16 bits, viewed as what they hold
-                fresh = torch.from_numpy(array.view(np.int16)).view(self.torch_dtype)
-            else:
-                fresh = torch.from_numpy(array)
-        canonical = array.reshape(self.shape3)
-        if self.inverse is None:
-            return fresh, canonical
-        return fresh.permute(self.inverse), canonical
+            array = output_memory.empty(self.memory_shape, self.dtype)
+        logical = array if self.inverse is None else array.transpose(self.inverse)
+        if self.torch_dtype in HALF_BITS:  # uint16 or int16 bits, viewed as what they hold
+            fresh = torch.from_numpy(logical.view(np.int16)).view(self.torch_dtype)
+        else:
+            fresh = torch.from_numpy(logical)
+        return fresh, array.reshape(self.shape3)
 
     def kernel_view(self, x: torch.Tensor) -> np.ndarray:
         """x, of the plan's signature and a kernel dtype, as the kernels read it: a canonical
