@@ -226,3 +226,27 @@ def test_inspect_reads_keras_files(name, capsys):
     assert f"no problem found in {len(layers)} layer(s)" in out
     for layer in layers:
         assert layer["config"]["name"] in out
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "prune"])
+def test_diagnose_copies_a_model_whose_hooks_keep_computed_weights(wrap):
+    """Old-style weight_norm, spectral_norm and pruning keep the weight they compute as a plain
+    attribute; after a forward with gradients deepcopy refused it ("Only Tensors created
+    explicitly by the user ... support the deepcopy protocol") and diagnose crashed."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    if wrap == "weight_norm":
+        with pytest.warns(FutureWarning, match="weight_norm"):
+            conv = nn.utils.weight_norm(conv)
+    elif wrap == "spectral_norm":
+        conv = nn.utils.spectral_norm(conv)
+    else:
+        nn.utils.prune.l1_unstructured(conv, "weight", amount=0.3)
+    model = nn.Sequential(conv, BatchNormalization(4, axis=1))
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    model(batches[0]).sum().backward()  # the computed weight now has a graph
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = diagnose(model, batches)
+    assert [layer.name for layer in report.layers] == ["1"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -491,3 +491,39 @@ def test_frozen_batch_norm_2d_of_detection_backbones_folds():
     result = fold(model.eval(), x)
     assert result.folded == [("0", "1")] and isinstance(result.model[1], FoldedBatchNorm)
     assert result.max_difference < 1e-12
+
+
+class _KeywordInput(nn.Module):
+    def __init__(self, ours: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = BatchNormalization(4, axis=1) if ours else nn.BatchNorm2d(4)
+        self.ours = ours
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(x=y) if self.ours else self.bn(input=y)
+
+
+@pytest.mark.parametrize("ours", [False, True])
+@pytest.mark.parametrize("how", ["traced", "example input", "pairs and example input"])
+def test_a_batch_norm_given_its_input_by_keyword_folds(ours, how):
+    """bn(input=y) / bn(x=y): fold read the input at args[0] (IndexError with an example
+    input) or counted the keyword input as an extra argument ("only the input can be
+    folded")."""
+    torch.manual_seed(0)
+    model = _KeywordInput(ours)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(8, 3, 6, 6) * 2 + 1)
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    if how == "traced":
+        result = fold(model)
+    elif how == "example input":
+        result = fold(model, x)
+    else:
+        result = fold(model, x, pairs=[("conv", "bn")])
+    assert result.folded == [("conv", "bn")] and result.not_folded == {}
+    torch.testing.assert_close(result.model(x), expected, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -13,6 +12,7 @@ from torch import nn
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools import _batch_norm_modules as bn
 from batchnorm.tools._diagnosis_report import DiagnosisReport, LayerDiagnosis, variance_findings
+from batchnorm.tools._model_copy import model_copy
 from batchnorm.tools._population_statistics import (
     Forward,
     PopulationStatistics,
@@ -75,7 +75,7 @@ def diagnose(
     """
     layers = check_model_and_batches(model, batches, num_batches, "diagnose", progress, forward)
     _check_steps(steps, [name for name, _ in layers])
-    current = copy.deepcopy(model)
+    current = model_copy(model)
     current_layers = dict(bn.batch_norm_modules(current))
     before = {name: _statistics_copy(module) for name, module in current_layers.items()}
     run = _default_forward if forward is None else forward
@@ -181,7 +181,7 @@ def _train_inference_gap(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
     axes = bn.channel_axes(module, x.ndim)
     channels = math.prod(x.shape[a] for a in axes)
     samples = x.numel() // channels if channels else 0
-    clone = copy.deepcopy(module)
+    clone = model_copy(module)
     if isinstance(clone, BatchNormalization):
         mask = args[2] if len(args) > 2 else kwargs.get("mask")
         y_inference = clone.forward(x, training=False, mask=mask)

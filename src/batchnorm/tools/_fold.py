@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -22,6 +21,7 @@ from batchnorm.interop._module_places import module_places
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools import _batch_norm_modules as bn
 from batchnorm.tools._fold_weights import fold_weights
+from batchnorm.tools._model_copy import model_copy
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -72,7 +72,10 @@ class FoldedBatchNorm(nn.Module):
         self.into = into
         self.activation = activation
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The input, given by position or as the batch norm takes it by name (``input`` for
+        torch's, ``x`` for ours)."""
+        x, _ = _norm_input(args, kwargs)
         return activate(x, self.activation)
 
     def extra_repr(self) -> str:
@@ -157,7 +160,7 @@ def fold(
         )
         warnings.warn(message, UserWarning, stacklevel=2)
         notes.append(message)
-    folded_model = _deep_copy(model).eval()
+    folded_model = model_copy(model).eval()
     modules = dict(folded_model.named_modules())
     inputs = None if example_input is None else _as_inputs(example_input)
     reference: Any = None
@@ -188,18 +191,6 @@ def fold(
     return FoldResult(folded_model, folded, not_folded, max_difference, notes)
 
 
-def _deep_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy``, with each computed tensor a module keeps as a plain attribute (pruning's
-    and ``torch.nn.utils.weight_norm``'s weight, which their hooks recompute on every call and
-    which deepcopy refuses: "Only Tensors created explicitly by the user...") copied detached."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
-
-
 def _as_inputs(example_input: Any) -> tuple[Any, ...]:
     return tuple(example_input) if isinstance(example_input, tuple) else (example_input,)
 
@@ -218,7 +209,10 @@ def _run_recording_ranks(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any
         elif _is_norm(module):
             handles.append(
                 module.register_forward_pre_hook(
-                    lambda _m, args, name=name: ranks.__setitem__(name, args[0].ndim)
+                    lambda _m, args, kwargs, name=name: ranks.__setitem__(
+                        name, _norm_input(args, kwargs)[0].ndim
+                    ),
+                    with_kwargs=True,
                 )
             )
     try:
@@ -252,7 +246,7 @@ def _traced_pairs(
         name = str(node.target)
         problem = _why_not_a_pair(node, modules, calls, read)
         if problem is None:
-            source = cast(fx.Node, node.args[0])
+            source = cast(fx.Node, _norm_input(node.args, node.kwargs)[0])
             candidates.append((str(source.target), name))
         else:
             not_folded[name] = problem
@@ -268,10 +262,9 @@ def _why_not_a_pair(
     name = str(node.target)
     if calls[name] > 1:
         return f"called {calls[name]} times in the forward"
-    extra = dict(zip(("training", "mask"), node.args[1:], strict=False)) | dict(node.kwargs)
+    source, extra = _norm_input(node.args, node.kwargs)
     if any(value not in (None, False) for value in extra.values()):
         return f"called with arguments {extra} (only the input can be folded)"
-    source = node.args[0]
     if not isinstance(source, fx.Node) or source.op != "call_module":
         return f"its input comes from {_describe(source)}, not a Conv/ConvTranspose/Linear"
     layer_name = str(source.target)
@@ -286,6 +279,18 @@ def _why_not_a_pair(
         if target.startswith((f"{layer_name}.", f"{name}.")):
             return f"the forward also reads {target} directly, which folding would change"
     return None
+
+
+def _norm_input(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A batch norm call's input, positional or by keyword (torch's ``input``, ours ``x``), and
+    its other arguments by name."""
+    extra = dict(kwargs)
+    if args:
+        source = args[0]
+        extra |= dict(zip(("training", "mask"), args[1:], strict=False))
+    else:
+        source = extra.pop("input", extra.pop("x", None))
+    return source, extra
 
 
 def _describe(source: Any) -> str:
