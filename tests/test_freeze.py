@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import batchnorm
 from batchnorm import BatchNormalization, freeze, frozen, unfreeze
 from batchnorm.tools._freeze import FrozenBatchNorm2d, is_frozen
 
@@ -167,3 +168,42 @@ def test_frozen_sync_batch_norm_runs_on_cpu_in_training_mode():
     torch.testing.assert_close(norm(x), expected)
     unfreeze(norm)
     assert type(norm) is nn.SyncBatchNorm
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("start", ["torch", "batchnorm"])
+def test_convert_keeps_a_frozen_batch_norm_frozen(start, affine):
+    """convert turned freeze's FrozenBatchNorm2d into a plain layer whose statistics trained
+    again (3.2 off after model.train()) and which unfreeze could not restore; a frozen layer
+    going to torch was refused (use_global_stats=True). Both directions now give a module
+    frozen as freeze would freeze it, which unfreeze restores."""
+    torch.manual_seed(0)
+    source = (
+        nn.BatchNorm2d(4)
+        if start == "torch"
+        else BatchNormalization(
+            4, axis=1, momentum=0.9, epsilon=1e-5, moving_variance_estimator="unbiased"
+        )
+    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), source)
+    for _ in range(3):
+        model(torch.randn(8, 3, 6, 6) * 2 + 1)
+    freeze(model, affine=affine)
+    model.train()
+    x = torch.randn(8, 3, 6, 6)
+    expected = model(x)
+    converted = batchnorm.convert(
+        copy.deepcopy(model), to="batchnorm" if start == "torch" else "torch"
+    )
+    converted.train()
+    statistics = [t.clone() for t in converted[1].buffers()]
+    torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
+    for before, after in zip(statistics, converted[1].buffers(), strict=True):
+        assert torch.equal(before, after)
+    assert is_frozen(converted[1])
+    assert all(p.requires_grad is not affine for p in converted[1].parameters())
+    unfreeze(converted)
+    assert not is_frozen(converted[1])
+    assert all(p.requires_grad for p in converted[1].parameters())
+    converted(x)  # training again: the statistics move
+    assert not torch.equal(statistics[0], next(converted[1].buffers()))

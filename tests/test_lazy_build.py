@@ -302,3 +302,15 @@ def test_a_layer_built_under_inference_mode_trains_afterwards(first_training):
     source = x.clone().requires_grad_()
     sample(source).sum().backward()
     assert sample.gamma.grad is not None and source.grad is not None
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_with_dynamic_shapes_builds_an_unbuilt_layer():
+    """With dynamic shapes the build sees symbolic sizes; the build's shape check took only
+    ints and refused them (a TypeError inside dynamo), once a test before had made dynamo mark
+    the shapes dynamic."""
+    torch._dynamo.reset()
+    layer = BatchNormalization(axis=1)
+    compiled = torch.compile(nn.Sequential(nn.Identity(), layer), backend="eager", dynamic=True)
+    assert compiled(torch.randn(8, 3, 4)).shape == (8, 3, 4)
+    assert layer.num_features == 3

@@ -234,3 +234,46 @@ def test_sync_batch_norm_converts_to_a_synchronized_layer_and_back():
     back = batchnorm.to_torch(layer)
     assert type(back) is nn.SyncBatchNorm
     torch.testing.assert_close(back.running_var, plain.running_var, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("to", ["batchnorm", "torch"])
+def test_convert_carries_the_batch_norms_hooks(to):
+    """A forward hook, a forward pre-hook (with kwargs) and a full backward hook on a batch norm
+    ran before convert and not after: a hook that changed the output left the converted model
+    1.28 off the original."""
+    torch.manual_seed(0)
+    bn = (
+        nn.BatchNorm2d(4)
+        if to == "batchnorm"
+        else batchnorm.BatchNormalization(
+            4, axis=1, momentum=0.9, epsilon=1e-5, moving_variance_estimator="unbiased"
+        )
+    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bn).eval()
+    calls = []
+    bn.register_forward_pre_hook(lambda m, args, kwargs: calls.append("pre"), with_kwargs=True)
+    bn.register_forward_hook(lambda m, args, out: out * 2 + 1)
+    bn.register_full_backward_hook(lambda m, grad_in, grad_out: calls.append("backward"))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    expected = model(x)
+    expected.sum().backward()
+    assert calls == ["pre", "backward"]
+    converted = batchnorm.convert(copy.deepcopy(model), to=to)
+    calls.clear()
+    y = converted(x)
+    y.sum().backward()
+    assert calls == ["pre", "backward"]
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
+def test_convert_refuses_an_old_style_hooked_scale(wrap):
+    """torch.nn.utils.weight_norm(bn) computes bn.weight from weight_g and weight_v in a hook;
+    convert took the computed tensor as gamma, so training moved another parameter (after 3
+    SGD steps the scales differed by orders of magnitude), silently."""
+    bn = getattr(nn.utils, wrap)(nn.BatchNorm2d(4))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bn)
+    with pytest.raises(ValueError, match=rf"torch.nn.utils.{wrap}'s forward hook"):
+        batchnorm.convert(model)
+    assert model[1] is bn

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 
 def carry_rerouting(source: nn.Module, target: nn.Module, names: Iterable[tuple[str, str]]) -> None:
@@ -81,3 +83,40 @@ def _copy_parameter(source: torch.Tensor, target: torch.Tensor | None) -> None:
     with torch.no_grad():
         target.copy_(source.detach().to(target.dtype))
     target.requires_grad_(source.requires_grad)
+
+
+def refuse_hooked_weights(module: nn.Module) -> None:
+    """Raise where ``module``'s scale or offset is recomputed by an old-style hook
+    (``torch.nn.utils.weight_norm`` / ``spectral_norm``): a conversion took the computed tensor
+    as a plain parameter, so the converted module trained another parameter than the original
+    (weight_g and weight_v), silently."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
+            raise ValueError(
+                f"{type(module).__name__}'s `{hook.name}` is computed by "
+                f"torch.nn.utils.{'weight_norm' if isinstance(hook, WeightNorm) else 'spectral_norm'}"
+                "'s forward hook, which a conversion cannot carry: use torch.nn.utils."
+                "parametrizations' version (carried over), or remove it first. "
+                f"Received: a {type(hook).__name__} hook on `{hook.name}`"
+            )
+
+
+def carry_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Register ``source``'s forward, forward pre- and backward hooks on ``target`` (pruning's
+    are carried by :func:`carry_rerouting`): a converted model ran none of them. The handles the
+    caller holds still name ``source``'s registrations."""
+    refuse_hooked_weights(source)
+    for key, hook in source._forward_pre_hooks.items():
+        if not isinstance(hook, prune.BasePruningMethod):
+            target._forward_pre_hooks[key] = hook
+            if key in source._forward_pre_hooks_with_kwargs:
+                target._forward_pre_hooks_with_kwargs[key] = True
+    for key, hook in source._forward_hooks.items():
+        target._forward_hooks[key] = hook
+        for flags in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            if key in getattr(source, flags):
+                getattr(target, flags)[key] = True
+    target._backward_pre_hooks.update(source._backward_pre_hooks)
+    target._backward_hooks.update(source._backward_hooks)
+    if source._backward_hooks or source._backward_pre_hooks:
+        target._is_full_backward_hook = source._is_full_backward_hook

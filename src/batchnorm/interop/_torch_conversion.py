@@ -31,8 +31,13 @@ from batchnorm.interop._activation_conversion import (
     is_activated_batch_norm,
     torch_activation,
 )
+from batchnorm.interop._frozen_batch_norm import carry_freeze, unfrozen_use_global_stats
 from batchnorm.interop._module_places import module_places
-from batchnorm.interop._rerouting_conversion import carry_rerouting
+from batchnorm.interop._rerouting_conversion import (
+    carry_hooks,
+    carry_rerouting,
+    refuse_hooked_weights,
+)
 from batchnorm.layers import BatchNormalization
 
 _TORCH_CLASSES: dict[int, tuple[type[_BatchNorm], type[_BatchNorm]]] = {
@@ -117,6 +122,7 @@ def _activated(module: nn.Module) -> ActivatedBatchNorm | None:
 
 def _layer_from(module: Any, activated: ActivatedBatchNorm | None) -> BatchNormalization:
     """The layer for a torch batch norm or an inplace_abn one (the same attributes)."""
+    refuse_hooked_weights(module)
     lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()  # type: ignore[no-untyped-call, misc]
     present = [] if lazy else [t for t in (module.weight, module.running_mean) if t is not None]
     reference = present[0] if present else None
@@ -155,6 +161,7 @@ def _layer_from(module: Any, activated: ActivatedBatchNorm | None) -> BatchNorma
         carry_rerouting(module, layer, _NAME_PAIRS[:2])
         if activated is not None:
             activated.finish(module, layer)
+    carry_freeze(module, layer)
     layer.train(module.training)
     return layer
 
@@ -202,7 +209,7 @@ def torch_incompatibilities(layer: BatchNormalization) -> list[str]:
         reasons.append(f"center={layer.center} with scale={layer.scale} (torch's affine is both)")
     if not layer.trainable:
         reasons.append("trainable=False (torch's train() would re-enable batch statistics)")
-    if layer.use_global_stats is True:
+    if unfrozen_use_global_stats(layer) is True:
         reasons.append("use_global_stats=True (torch has no moving statistics in training)")
     if layer.moving_average == "debiased" and layer.momentum != 1.0:
         reasons.append(
@@ -261,6 +268,7 @@ def _torch_batch_norm(
     layer: BatchNormalization, dims: int | None, reasons: list[str]
 ) -> _BatchNorm:
     """The torch batch norm of ``layer`` (without its activation); ValueError for ``reasons``."""
+    refuse_hooked_weights(layer)
     if reasons:
         raise ValueError(
             f"torch.nn.BatchNorm cannot express layer {layer.name}: " + "; ".join(reasons) + "."
@@ -291,7 +299,7 @@ def _torch_batch_norm(
         "eps": layer.epsilon,
         "momentum": None if layer.moving_average == "debiased" else _complement(layer.momentum),
         "affine": layer.center,
-        "track_running_stats": layer.use_global_stats is None,
+        "track_running_stats": unfrozen_use_global_stats(layer) is None,
     }
     if not layer.built:
         module: _BatchNorm = lazy_class(**options)
@@ -304,6 +312,7 @@ def _torch_batch_norm(
         )
         _copy_state(module, layer, to_layer=False)
         carry_rerouting(layer, module, [(ours, theirs) for theirs, ours in _NAME_PAIRS[:2]])
+    carry_freeze(layer, module, type(module))
     module.train(layer.training)
     return module
 
@@ -340,6 +349,7 @@ def convert(model: nn.Module, to: Literal["batchnorm", "torch"] = "batchnorm") -
         if to == "batchnorm":
             activated = _activated(module)
             layer = _layer_from(module, activated)
+            carry_hooks(module, layer)
             if activated is None or not activated.following:
                 return layer
             chain = nn.Sequential(layer, *activated.following)
@@ -347,6 +357,7 @@ def convert(model: nn.Module, to: Literal["batchnorm", "torch"] = "batchnorm") -
             return chain
         assert isinstance(module, BatchNormalization)
         batch_norm = _torch_batch_norm(module, None, torch_incompatibilities(module))
+        carry_hooks(module, batch_norm)
         activation = torch_activation(module)
         if activation is None:
             return batch_norm

@@ -148,7 +148,12 @@ def build_input_shape(input_shape: Any, axis: Any) -> tuple[int, ...]:
     )
     sizes = list(input_shape) if valid else []
     if not valid or not all(
-        s is None or (isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) >= 0)
+        s is None
+        or (  # a SymInt while torch.compile traces with dynamic shapes
+            isinstance(s, (numbers.Integral, torch.SymInt))
+            and not isinstance(s, bool)
+            and int(s) >= 0
+        )
         for s in sizes
     ):
         raise TypeError(

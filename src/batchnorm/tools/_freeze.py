@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.functional._validation import check_bool
+from batchnorm.interop._frozen_batch_norm import (  # the classes keep this import path too
+    _FROZEN_CLASSES,
+    _STATE,
+    is_frozen,
+    is_frozen_torch_batch_norm,
+)
+from batchnorm.interop._frozen_batch_norm import FrozenBatchNorm1d as FrozenBatchNorm1d
+from batchnorm.interop._frozen_batch_norm import FrozenBatchNorm2d as FrozenBatchNorm2d
+from batchnorm.interop._frozen_batch_norm import FrozenBatchNorm3d as FrozenBatchNorm3d
+from batchnorm.interop._frozen_batch_norm import FrozenSyncBatchNorm as FrozenSyncBatchNorm
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools._batch_norm_modules import (
     batch_norm_modules,
@@ -19,54 +26,6 @@ from batchnorm.tools._batch_norm_modules import (
     named_affine_parameters,
     statistics_buffers,
 )
-
-_STATE = "_batchnorm_frozen"
-
-
-class _FrozenStatistics:
-    """Mixin: normalise with the running statistics whatever ``training`` says; never update them."""
-
-    frozen_statistics = True
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        norm = cast(_BatchNorm, self)
-        norm._check_input_dim(input)  # type: ignore[no-untyped-call]
-        return F.batch_norm(
-            input, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
-        )
-
-
-class FrozenBatchNorm1d(_FrozenStatistics, nn.BatchNorm1d):
-    """A :class:`torch.nn.BatchNorm1d` frozen by :func:`batchnorm.freeze` (same state_dict keys)."""
-
-
-class FrozenBatchNorm2d(_FrozenStatistics, nn.BatchNorm2d):
-    """A :class:`torch.nn.BatchNorm2d` frozen by :func:`batchnorm.freeze` (same state_dict keys)."""
-
-
-class FrozenBatchNorm3d(_FrozenStatistics, nn.BatchNorm3d):
-    """A :class:`torch.nn.BatchNorm3d` frozen by :func:`batchnorm.freeze` (same state_dict keys)."""
-
-
-class FrozenSyncBatchNorm(_FrozenStatistics, nn.SyncBatchNorm):
-    """A :class:`torch.nn.SyncBatchNorm` frozen by :func:`batchnorm.freeze` (same state_dict keys)."""
-
-
-_FROZEN_CLASSES: dict[type, type] = {
-    nn.BatchNorm1d: FrozenBatchNorm1d,
-    nn.BatchNorm2d: FrozenBatchNorm2d,
-    nn.BatchNorm3d: FrozenBatchNorm3d,
-    nn.SyncBatchNorm: FrozenSyncBatchNorm,
-}
-
-
-def is_frozen_torch_batch_norm(module: nn.Module) -> bool:
-    return isinstance(module, _FrozenStatistics)
-
-
-def is_frozen(module: nn.Module) -> bool:
-    """Whether :func:`freeze` froze this batch norm (and :func:`unfreeze` has not undone it)."""
-    return _STATE in vars(module)
 
 
 def freeze(model: nn.Module, *, statistics: bool = True, affine: bool = True) -> nn.Module:
