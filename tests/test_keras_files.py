@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -874,3 +875,190 @@ def test_a_keras_layer_torch_cannot_express_is_a_mismatch(arrays):
 def test_a_directory_is_named_as_one(tmp_path):
     with pytest.raises(ValueError, match=r"a directory such as a TensorFlow SavedModel"):
         read_batch_norm_layers(tmp_path)
+
+
+# ------------------------------------------- batch norms that no model config lists
+# tools/make_keras3_golden.py (keras_custom.json / .npz): a custom layer "block" holding two
+# batch norms as attributes (bn1, bn2), a registered subclass "mine" (MyBN), in tf-keras a layer
+# named "a/b"; and tf-keras 2.13+'s own .keras / .weights.h5 (tfk_native).
+CUSTOM = json.loads((GOLDEN / "keras_custom.json").read_text())["files"]
+_TF_KERAS_CUSTOM_PATHS = [
+    "stem",
+    "block/batch_normalization",
+    "block/batch_normalization_1",
+    "mine",
+    "a/b",
+    "head",
+]
+CUSTOM_PATHS = {
+    "tfk_custom.h5": _TF_KERAS_CUSTOM_PATHS,
+    "tfk_custom_weights.h5": _TF_KERAS_CUSTOM_PATHS,
+    "k3_custom.keras": ["stem", "block/bn1", "block/bn2", "mine", "head"],
+    # weights only: in group-name order (batch_normalization, _1, block/..., my_bn)
+    "k3_custom.weights.h5": ["stem", "head", "block/bn1", "block/bn2", "mine"],
+}
+
+
+@pytest.fixture(scope="module")
+def custom_arrays() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / "keras_custom.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+def custom_spec(file: str, where: str) -> dict:
+    return next(s for s in CUSTOM[file]["batch_norm_layers"] if s["where"] == where)
+
+
+def custom_source(file: str) -> str:
+    return CUSTOM[file].get("arrays_of", file)
+
+
+def keras_where(path: str) -> str:
+    """Our path -> the generator's name for the layer ("block/bn1" -> "block.bn1")."""
+    return {
+        "block/batch_normalization": "block.bn1",
+        "block/batch_normalization_1": "block.bn2",
+        "block/bn1": "block.bn1",
+        "block/bn2": "block.bn2",
+    }.get(path, path)
+
+
+@pytest.mark.parametrize("file", list(CUSTOM_PATHS))
+def test_batch_norms_held_by_a_custom_layer_or_subclassed_are_all_read(file, custom_arrays):
+    """Attributes of a custom layer, a BatchNormalization subclass and a name with "/" were
+    dropped (and "a/b" named "b" in a weights-only file): every layer is read, with its own
+    weights, and its config where the file has one."""
+    layers = read_batch_norm_layers(GOLDEN / file)
+    assert [layer.path for layer in layers] == CUSTOM_PATHS[file]
+    has_config = file in ("tfk_custom.h5", "k3_custom.keras")
+    for layer in layers:
+        spec = custom_spec(file, keras_where(layer.path))
+        assert layer.name == spec["name"]
+        names = list(layer.weights)
+        assert names == spec["weight_names"]
+        for name in names:
+            expected = custom_arrays[f"{custom_source(file)}/{spec['where']}/{name}"]
+            np.testing.assert_array_equal(layer.weights[name], expected, err_msg=name)
+        if has_config and "." not in spec["where"]:
+            assert str(layer.class_name).endswith(spec["class_name"])  # tf-keras: "pkg>MyBN"
+            for key in ("momentum", "epsilon", "center", "scale"):
+                assert layer.config[key] == spec["config"][key], (layer.path, key)
+        else:  # weights only, or held by a custom layer: its config is not in the file
+            assert layer.config is None
+
+
+def custom_torch_model(file: str) -> nn.Sequential:
+    """Keras' model as a chain of our layers, in Keras' call order."""
+    model = nn.Sequential()
+    for spec in CUSTOM[file]["batch_norm_layers"]:
+        config = spec["config"]
+        model.add_module(
+            spec["where"].replace(".", "_").replace("/", "_"),
+            BatchNormalization(4, momentum=config["momentum"], epsilon=config["epsilon"]),
+        )
+    return model
+
+
+@pytest.mark.parametrize("file", list(CUSTOM_PATHS))
+def test_custom_layer_model_reproduces_the_keras_output(file, custom_arrays):
+    """Loaded by path into the torch chain, every layer gives Keras' inference output; loaded by
+    order, the full files pair each layer with its module (before, "mine" went into the module
+    of "head", and the block's layers were missing)."""
+    model = custom_torch_model(file)
+    module_of = {
+        path: keras_where(path).replace(".", "_").replace("/", "_") for path in CUSTOM_PATHS[file]
+    }
+    report = load_weights(model, GOLDEN / file, mapping=module_of, strict=False)
+    assert [entry.status for entry in report] == ["loaded"] * len(CUSTOM_PATHS[file])
+    model.eval()
+    with torch.no_grad():
+        y = model(torch.tensor(custom_arrays[f"{custom_source(file)}/x"]))
+    assert_close(y, custom_arrays[f"{custom_source(file)}/y"], 1e-5, "model output")
+    if not file.endswith("weights.h5"):  # the full files list them in call order
+        ordered = custom_torch_model(file)
+        load_weights(ordered, GOLDEN / file, strict=False)
+        ordered.eval()
+        with torch.no_grad():
+            y = ordered(torch.tensor(custom_arrays[f"{custom_source(file)}/x"]))
+        assert_close(y, custom_arrays[f"{custom_source(file)}/y"], 1e-5, "by order")
+
+
+@pytest.mark.parametrize("file", ["tfk_custom.h5", "k3_custom.keras"])
+def test_a_custom_layers_batch_norm_says_its_config_is_unknown(file):
+    model = custom_torch_model(file)
+    report = load_weights(model, GOLDEN / file, strict=False)
+    notes = {entry.keras_name: " ".join(entry.notes) for entry in report}
+    held = [path for path in CUSTOM_PATHS[file] if path.startswith("block/")]
+    assert held and all("held by a custom layer" in notes[path] for path in held)
+    assert not any("custom layer" in notes[path] for path in ("stem", "mine", "head"))
+
+
+def test_inspect_finds_a_nan_in_a_custom_layers_batch_norm(tmp_path, capsys):
+    """A diverged statistic inside a ResNet-style block was hidden ('no problem found')."""
+    from batchnorm.__main__ import main
+
+    with zipfile.ZipFile(GOLDEN / "k3_custom.keras") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    h5py = pytest.importorskip("h5py")
+    weights = tmp_path / "model.weights.h5"
+    weights.write_bytes(members["model.weights.h5"])
+    with h5py.File(weights, "r+") as handle:
+        variance = handle["layers/block/bn1/vars/3"]
+        values = variance[...]
+        values[0] = np.nan
+        variance[...] = values
+    members["model.weights.h5"] = weights.read_bytes()
+    damaged = tmp_path / "nan.keras"
+    with zipfile.ZipFile(damaged, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    assert main(["inspect", str(damaged)]) == 1
+    shown = capsys.readouterr().out
+    assert "block/bn1: NaN variance in 1 channel(s)" in shown and "5 layer(s)" in shown
+
+
+@pytest.mark.parametrize("file", ["tfk_native.keras", "tfk_native.weights.h5"])
+def test_tf_keras_own_keras_format_is_read(file, custom_arrays):
+    """tf-keras 2.13+'s model.save("m.keras") failed ("holds no variables": it writes no name
+    attributes) and its SyncBatchNormalization was skipped in the .weights.h5."""
+    layers = read_batch_norm_layers(GOLDEN / file)
+    specs = CUSTOM[file]["batch_norm_layers"]
+    assert len(layers) == 3
+    if file.endswith(".keras"):
+        assert [layer.path for layer in layers] == ["bn", "sync", "last"]
+        assert {layer.file_format for layer in layers} == {"tf-keras .keras"}
+        assert [layer.class_name for layer in layers] == [s["class_name"] for s in specs]
+    else:  # group-name order; the file does not say it is tf-keras' (README)
+        assert [layer.path for layer in layers] == [
+            "batch_normalization",
+            "batch_normalization_1",
+            "sync_batch_normalization",
+        ]
+        specs = [specs[0], specs[2], specs[1]]
+    for layer, spec in zip(layers, specs, strict=True):
+        for name in spec["weight_names"]:
+            expected = custom_arrays[f"tfk_native.keras/{spec['where']}/{name}"]
+            np.testing.assert_array_equal(layer.weights[name], expected, err_msg=name)
+
+
+def test_tf_keras_keras_file_configures_tf_keras_variance_rule(custom_arrays):
+    """The fused layers of tf-keras store the unbiased batch variance, its SyncBatchNormalization
+    the biased one: configured from the .keras file, one training step gives tf-keras' moving
+    statistics (labelled Keras 3, every layer stored the biased variance and drifted)."""
+    key = "tfk_native.keras"
+    assert CUSTOM[key]["fused"] == [True, False, True]
+    model = nn.Sequential(*(BatchNormalization() for _ in range(3)))
+    report = load_weights(model, GOLDEN / key, configure=True)
+    assert report.ok
+    assert [layer.moving_variance_estimator for layer in model] == ["auto", "biased", "auto"]
+    model.eval()
+    with torch.no_grad():
+        y = model(torch.tensor(custom_arrays[f"{key}/x"]))
+    assert_close(y, custom_arrays[f"{key}/y"], 1e-5, "inference output")
+    model.train()
+    with torch.no_grad():
+        model(torch.tensor(custom_arrays[f"{key}/x_train"]))
+    for layer, spec in zip(model, CUSTOM[key]["batch_norm_layers"], strict=True):
+        for name in ("moving_mean", "moving_variance"):
+            expected = custom_arrays[f"{key}/{spec['where']}/{name}_after_step"]
+            assert_close(getattr(layer, name), expected, 1e-5, f"{spec['where']} {name}")

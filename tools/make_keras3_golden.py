@@ -5,9 +5,10 @@ ever a dependency of batchnorm):
 
     python3.11 -m venv /tmp/tfenv
     /tmp/tfenv/bin/pip install tensorflow-cpu==2.20.0 tf-keras==2.20.1 keras==3.15.1
-    KERAS_BACKEND=tensorflow /tmp/tfenv/bin/python tools/make_keras3_golden.py
+    KERAS_BACKEND=tensorflow /tmp/tfenv/bin/python tools/make_keras3_golden.py [--only custom]
 
-It writes into tests/golden/:
+It writes into tests/golden/ (with ``--only custom``, only the last item below, leaving the
+other files as they are):
 
 - keras3_cases.json / keras3_cases.npz: Keras 3 ``BatchNormalization`` layers run for a few
   training steps (outputs, gradients, weights after every step) and then in inference.
@@ -20,10 +21,20 @@ It writes into tests/golden/:
   (tfk_time_distributed.h5, k3_time_distributed.keras, k3_time_distributed.weights.h5);
   the JSON records each file's batch-norm weights and an inference input/output pair, the
   convolution and dense weights are in keras3_cases.npz under ``files/``.
+- keras_custom.json / keras_custom.npz and the files they describe: batch norms that no model
+  config lists, in a custom layer ``Block`` holding two as attributes (the ResNet-block
+  pattern), a registered subclass of BatchNormalization and, in tf-keras, a layer named "a/b":
+  tfk_custom.h5 / tfk_custom_weights.h5 (tf-keras ``model.save`` / ``save_weights``),
+  k3_custom.keras / k3_custom.weights.h5 (Keras 3); and tf-keras 2.13+'s own ``.keras`` and
+  ``.weights.h5`` (tfk_native.keras, tfk_native.weights.h5) of a fused rank-4 layer, a
+  SyncBatchNormalization and another fused layer, with the moving variances after one training
+  step. The JSON gives every batch norm's weights (as Keras returned them, in the npz under
+  ``<file>/<layer path>/<weight>``) and config, and an inference input/output pair.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -300,14 +311,144 @@ def make_placement_files(files, arrays):
                 files["k3_time_distributed.weights.h5"] = {**files[key], "arrays_of": key}
 
 
-def main() -> int:
-    keras.utils.set_random_seed(SEED)
-    rng = np.random.default_rng(SEED)
-    arrays: dict[str, np.ndarray] = {}
-    for spec in CASES:
-        run_case(spec, arrays, rng)
+# ------------------------------------------------------- batch norms no config lists
+def custom_layer_classes(keras_module):
+    """``Block``, a layer holding two batch norms as attributes (auto-named, as in a ResNet
+    block), and ``MyBN``, a registered subclass of BatchNormalization."""
+    layers = keras_module.layers
+    register = (
+        keras.saving.register_keras_serializable("batchnorm_golden")
+        if keras_module is keras
+        else tf_keras.utils.register_keras_serializable("batchnorm_golden")
+    )
+
+    class Block(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.bn1 = layers.BatchNormalization(momentum=0.5)
+            self.bn2 = layers.BatchNormalization(epsilon=0.1)
+
+        def call(self, inputs, training=None):
+            return self.bn2(self.bn1(inputs, training=training), training=training)
+
+    class MyBN(layers.BatchNormalization):
+        pass
+
+    return register(Block), register(MyBN)
+
+
+def custom_model(keras_module):
+    """stem -> Block(bn1, bn2) -> MyBN "mine" -> ["a/b" (tf-keras only)] -> head, on (batch, 4)."""
+    keras_module.backend.clear_session()  # auto names batch_normalization, _1 inside the block
+    block_class, subclass = custom_layer_classes(keras_module)
+    layers = keras_module.layers
+    x = keras_module.Input((4,))
+    stem = layers.BatchNormalization(name="stem")
+    block = block_class(name="block")
+    mine = subclass(epsilon=0.5, momentum=0.8, name="mine")
+    head = layers.BatchNormalization(momentum=0.9, name="head")
+    y = mine(block(stem(x)))
+    placed = [("stem", stem), ("block.bn1", block.bn1), ("block.bn2", block.bn2), ("mine", mine)]
+    if keras_module is tf_keras:
+        slash = layers.BatchNormalization(epsilon=0.2, name="a/b")
+        y = slash(y)
+        placed.append(("a/b", slash))
+    placed.append(("head", head))
+    return keras_module.Model(x, head(y)), placed
+
+
+def native_tf_keras_model():
+    """tf-keras' own ``.keras`` layout: a fused rank-4 layer, a SyncBatchNormalization (never
+    fused) and another fused layer."""
+    tf_keras.backend.clear_session()
+    layers = tf_keras.layers
+    x = tf_keras.Input((4, 4, 3))
+    placed = [
+        ("bn", layers.BatchNormalization(momentum=0.5, name="bn")),
+        ("sync", layers.experimental.SyncBatchNormalization(momentum=0.5, name="sync")),
+        ("last", layers.BatchNormalization(momentum=0.8, epsilon=0.01, name="last")),
+    ]
+    y = x
+    for _, layer in placed:
+        y = layer(y)
+    return tf_keras.Model(x, y), placed
+
+
+def record_placed(arrays, key, model, placed, rng, shape):
+    x = (0.5 + 2.0 * rng.standard_normal((6, *shape))).astype("float32")
+    arrays[f"{key}/x"] = x
+    arrays[f"{key}/y"] = np.asarray(model(x, training=False))
+    layers = []
+    for where, layer in placed:
+        names = [v.name.split("/")[-1].split(":")[0] for v in layer.weights]
+        for weight_name, value in zip(names, layer.get_weights(), strict=True):
+            arrays[f"{key}/{where}/{weight_name}"] = value
+        layers.append(
+            {
+                "where": where,
+                "name": layer.name,
+                "class_name": type(layer).__name__,
+                "weight_names": names,
+                "config": _plain(layer.get_config()),
+            }
+        )
+    return {"batch_norm_layers": layers}
+
+
+def make_custom_files(arrays):
+    rng = np.random.default_rng(SEED + 3)
+    files = {}
+    for keras_module, stem, suffixes in (
+        (tf_keras, "tfk_custom", (".h5", "_weights.h5")),
+        (keras, "k3_custom", (".keras", ".weights.h5")),
+    ):
+        keras_module.utils.set_random_seed(SEED)
+        model, placed = custom_model(keras_module)
+        train_a_little(model, rng, (4,))
+        full, weights_only = (stem + suffix for suffix in suffixes)
+        if keras_module is tf_keras:
+            model.save(OUT / full, include_optimizer=False)
+        else:
+            model.save(OUT / full)
+        model.save_weights(OUT / weights_only)
+        files[full] = record_placed(arrays, full, model, placed, rng, (4,))
+        files[weights_only] = {**files[full], "arrays_of": full}
+
+    tf_keras.utils.set_random_seed(SEED)
+    model, placed = native_tf_keras_model()
+    for _, layer in placed:
+        layer.set_weights(
+            [
+                1.0 + 0.1 * rng.standard_normal(3),
+                0.1 * rng.standard_normal(3),
+                0.2 * rng.standard_normal(3),
+                rng.uniform(0.5, 1.5, 3),
+            ]
+        )
+    model.save(OUT / "tfk_native.keras")  # tf-keras 2.13+'s own format, not the legacy HDF5
+    model.save_weights(OUT / "tfk_native.weights.h5")
+    key = "tfk_native.keras"
+    files[key] = record_placed(arrays, key, model, placed, rng, (4, 4, 3))
+    files[key]["fused"] = [bool(getattr(layer, "fused", False)) for _, layer in placed]
+    x_train = (1.0 + 2.0 * rng.standard_normal((8, 4, 4, 3))).astype("float32")
+    model(tf.constant(x_train), training=True)  # one training step: moving statistics update
+    arrays[f"{key}/x_train"] = x_train
+    for where, layer in placed:
+        arrays[f"{key}/{where}/moving_variance_after_step"] = layer.get_weights()[3]
+        arrays[f"{key}/{where}/moving_mean_after_step"] = layer.get_weights()[2]
+    files["tfk_native.weights.h5"] = {**files[key], "arrays_of": key}
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only",
+        choices=["custom"],
+        help="write only the custom-layer files (keras_custom.*), leaving the others as they are",
+    )
+    options = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
-    files = make_files(arrays)
     versions = {
         "generator": "tools/make_keras3_golden.py",
         "tensorflow": tf.__version__,
@@ -315,13 +456,29 @@ def main() -> int:
         "tf_keras": tf_keras.__version__,
         "backend": keras.backend.backend(),
     }
-    document = {**versions, "cases": CASES}
-    (OUT / "keras3_cases.json").write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
-    (OUT / "keras_files.json").write_text(
-        json.dumps({**versions, "files": files}, indent=1, sort_keys=True) + "\n"
+    if options.only != "custom":
+        keras.utils.set_random_seed(SEED)
+        rng = np.random.default_rng(SEED)
+        arrays: dict[str, np.ndarray] = {}
+        for spec in CASES:
+            run_case(spec, arrays, rng)
+        files = make_files(arrays)
+        document = {**versions, "cases": CASES}
+        (OUT / "keras3_cases.json").write_text(
+            json.dumps(document, indent=1, sort_keys=True) + "\n"
+        )
+        (OUT / "keras_files.json").write_text(
+            json.dumps({**versions, "files": files}, indent=1, sort_keys=True) + "\n"
+        )
+        np.savez_compressed(OUT / "keras3_cases.npz", **arrays)
+        print(f"wrote {len(CASES)} Keras 3 cases, {len(files)} model files, {len(arrays)} arrays")
+    custom_arrays: dict[str, np.ndarray] = {}
+    custom = make_custom_files(custom_arrays)
+    (OUT / "keras_custom.json").write_text(
+        json.dumps({**versions, "files": custom}, indent=1, sort_keys=True) + "\n"
     )
-    np.savez_compressed(OUT / "keras3_cases.npz", **arrays)
-    print(f"wrote {len(CASES)} Keras 3 cases, {len(files)} model files, {len(arrays)} arrays")
+    np.savez_compressed(OUT / "keras_custom.npz", **custom_arrays)
+    print(f"wrote {len(custom)} custom-layer model files, {len(custom_arrays)} arrays")
     return 0
 
 

@@ -52,12 +52,29 @@ def file_variance_estimator(record: KerasBatchNormLayer, rank: int | None) -> st
     config = record.config
     if config is None:
         return None
+    if _synchronized(record):
+        return "biased"
     if record.renorm or config.get("virtual_batch_size") or _dtype_name(config) == "float64":
         return "biased"
     if rank is None:
         return None
     axes = [a % rank for a in _axis_list(config.get("axis", -1))]
     return "unbiased" if rank in (4, 5) and axes in ([1], [rank - 1]) else "biased"
+
+
+def _synchronized(record: KerasBatchNormLayer) -> bool:
+    """tf-keras' SyncBatchNormalization (and synchronized=True) never takes the fused path."""
+    config = record.config or {}
+    return record.class_name == "SyncBatchNormalization" or bool(config.get("synchronized"))
+
+
+def _no_config(record: KerasBatchNormLayer) -> str:
+    if "/" in record.path and record.path != record.name:
+        return (
+            "the file holds weights only, or the layer is held by a custom layer whose "
+            "config does not list it"
+        )
+    return "the file holds weights only"
 
 
 def module_variance_estimator(layer: BatchNormalization) -> str | None:
@@ -77,7 +94,7 @@ def layer_differences(
     config = record.config
     if config is None:
         notes.append(
-            "the file holds weights only: momentum, epsilon, axis and the moving-variance "
+            f"{_no_config(record)}: momentum, epsilon, axis and the moving-variance "
             "convention were not checked (tf-keras defaults assumed)"
         )
     else:
@@ -86,8 +103,9 @@ def layer_differences(
     rank = layer._input_rank if layer.built else None
     in_file = file_variance_estimator(record, rank or record.input_rank)
     in_module = module_variance_estimator(layer)
-    # An unbuilt "auto" layer follows tf-keras' rule itself, which a Keras 3 file does not.
-    undecided = in_module is None and record.file_format == "Keras 3"
+    # An unbuilt "auto" layer follows tf-keras' rule itself, which a Keras 3 file does not, nor a
+    # synchronized tf-keras layer.
+    undecided = in_module is None and (record.file_format == "Keras 3" or _synchronized(record))
     if in_file is not None and (undecided or in_module not in (None, in_file)):
         in_module_text = in_module or "auto (tf-keras rule, decided at build)"
         differences.append(
@@ -205,7 +223,7 @@ def torch_differences(
         differences.append(Difference("renorm", True, "not in PyTorch", "adapt"))
     config = record.config
     if config is None:
-        notes.append("the file holds weights only: momentum and epsilon were not checked")
+        notes.append(f"{_no_config(record)}: momentum and epsilon were not checked")
     else:
         epsilon = float(config.get("epsilon", 1e-3))
         if not _equal(epsilon, module.eps):

@@ -11,7 +11,9 @@ A nested model is one top-level layer whose ``weight_names`` list the weights of
 layers, each under the inner layer's name; a wrapped layer's (TimeDistributed) are under the
 wrapper's name. Weights are found through ``weight_names`` (their names say which is which);
 configs come from ``model_config``, matched by the top-level layer and the owner's name (two
-nested models may each hold a layer called "bn").
+nested models may each hold a layer called "bn"; a name may hold "/"). A custom layer's config
+does not list the batch norms it holds as attributes; their weights, named
+``<custom layer>/<batch norm>/gamma:0`` etc., are read without a config.
 """
 
 from __future__ import annotations
@@ -47,26 +49,40 @@ def read_tf_keras_h5(handle: Any) -> list[KerasBatchNormLayer]:
     for layer_name in (decode(n) for n in root.attrs["layer_names"]):
         group = root[layer_name]
         for prefix, names in _weights_by_owner(group).items():
-            owner = prefix.split("/")[-1]
             if not {"moving_mean", "moving_variance"} <= set(names):
                 continue
-            found = configs.get((layer_name, owner))
-            if has_config and found is None:
+            # A layer name may hold "/" ("a/b"): the whole prefix is tried before its last part.
+            found = configs.get((layer_name, prefix)) or configs.get(
+                (layer_name, prefix.rsplit("/", 1)[-1])
+            )
+            if found is None and not set(names) <= set(BATCH_NORM_WEIGHT_NAMES):
                 continue  # another layer type that happens to track moving statistics
             weights = {
                 base: np.asarray(group[full_name])
                 for base, full_name in sorted(names.items(), key=_keras_order)
             }
+            if found is not None:
+                name, path = found.name, found.path
+            else:
+                # No config for it: weights only, or an attribute of a custom layer, whose
+                # weights tf-keras names "<custom layer>/<batch norm>/gamma:0".
+                inner = prefix[len(layer_name) + 1 :] if prefix.startswith(f"{layer_name}/") else ""
+                name = layer_name if prefix == layer_name else (inner or prefix).rsplit("/", 1)[-1]
+                if prefix == layer_name or not has_config:
+                    path = prefix
+                else:
+                    path = f"{layer_name}/{inner or prefix}"
             layers.append(
                 KerasBatchNormLayer(
-                    name=owner if found is None else found.name,
+                    name=name,
                     weights=weights,
                     config=None if found is None else found.config,
                     file_format="tf-keras HDF5",
                     location=f"{group.name}/{prefix}",
                     input_rank=None if found is None else found.rank,
                     keras_version=version or None,
-                    path=owner if found is None else found.path,
+                    path=path,
+                    class_name=None if found is None else found.class_name,
                 )
             )
     return layers

@@ -6,13 +6,20 @@ A ``.keras`` file is a zip archive holding ``config.json`` (the model config), `
     /layers/<snake_class_name>[_<n>]/vars       attrs: name = the layer name
     /layers/<snake_class_name>[_<n>]/vars/0..k  the layer's variables in creation order
     /layers/<nested model>/layers/...           nested models
+    /layers/<custom layer>/<attribute>/vars     a layer held as an attribute (``self.bn1``)
 
 Variables carry no names: for BatchNormalization they are gamma (if scale), beta (if center),
 moving_mean, moving_variance, then with renorm moving_stddev, renorm_mean, renorm_stddev. The
 group names count per class within each model, in layer order, so a layer's group follows from
 its place in ``config.json`` (:class:`~batchnorm.interop.keras._records.BatchNormConfig`); its
 ``name`` attribute confirms it. Where it does not (a layer class with another snake-cased name),
-the layer is found by that attribute, in ``config.json`` order.
+the layer is found by that attribute, in ``config.json`` order. A layer held as an attribute of
+a custom layer is in no config: it is known by its variables (3 to 7 vectors of one length).
+
+tf-keras 2.13+ writes the same layout for its own ``.keras`` and ``.weights.h5``, without the
+``name`` attributes; its ``.keras`` metadata.json says ``keras_version`` 2.x, and its layers are
+labelled ``"tf-keras .keras"`` (tf-keras' moving-variance rule). Its ``.weights.h5`` cannot be
+told from a Keras 3 one that has no ``name`` attributes, and is read as Keras 3's.
 """
 
 from __future__ import annotations
@@ -23,21 +30,22 @@ import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from batchnorm.interop.keras._records import (
     BATCH_NORM_WEIGHT_NAMES,
     GAMMA_OR_BETA,
+    BatchNormConfig,
     KerasBatchNormLayer,
-    batch_norm_configs,
+    KerasFormat,
+    config_layers,
     decode,
 )
 
 _ARCHIVE_MEMBERS = ("config.json", "model.weights.h5")
-_SNAKE_GROUP = re.compile(r"^batch_normalization(_\d+)?$")
-_WRAPPER_GROUP = re.compile(r"^time_distributed(_\d+)?$")
+_SNAKE_GROUP = re.compile(r"^(sync_)?batch_normalization(_\d+)?$")
 # A weights-only file does not name the variables; the count does, except which of gamma and
 # beta a layer with 3 (6 with renorm) holds.
 _AFFINE, _STATISTICS, _RENORM = (
@@ -56,7 +64,12 @@ _NAMES_BY_COUNT = {
 
 
 def read_keras_archive(path: Path, h5py: Any) -> list[KerasBatchNormLayer]:
-    """Every batch-norm layer of a ``.keras`` archive, in the order of its config.json."""
+    """Every batch-norm layer of a ``.keras`` archive, in the order of its config.json.
+
+    A batch norm that config.json does not list (an attribute of a custom layer, whose config
+    holds only its own arguments) is found by its variables (:func:`_looks_like_batch_norm`)
+    and placed after the layer holding it, without a config.
+    """
     with zipfile.ZipFile(path) as archive:
         members = set(archive.namelist())
         missing = [m for m in _ARCHIVE_MEMBERS if m not in members]
@@ -69,42 +82,111 @@ def read_keras_archive(path: Path, h5py: Any) -> list[KerasBatchNormLayer]:
         metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in members else {}
         weights_bytes = archive.read("model.weights.h5")
     version = metadata.get("keras_version")
+    file_format = _archive_format(version)
+    entries = config_layers(model_config)
+    described = {f"/{entry.keras3_group}/vars" for entry in entries}
     with h5py.File(io.BytesIO(weights_bytes), "r") as handle:
         groups = _vars_groups(handle)
-        layers = []
-        for found in batch_norm_configs(model_config):
-            name, config, rank = found.name, found.config, found.rank
-            candidates = groups.get(name, [])
-            location = f"/{found.keras3_group}/vars"
-            placed = [entry for entry in candidates if entry[0] == location]
-            if placed:  # its own group, whatever the order of the other layers of that name
-                candidates.remove(placed[0])
-            elif not candidates:
+    by_location = {group.location: group for group in groups}
+    claimed: set[str] = set()
+    # Attribute-held batch norms, by the config layer whose group holds them (root: "").
+    held: dict[str, list[_VarsGroup]] = {}
+    for group in groups:
+        if group.location in described or not _looks_like_batch_norm(group):
+            continue
+        if group.location.split("/")[1] == "optimizer" or group.location == "/vars":
+            continue
+        holder = max(
+            (e.keras3_group for e in entries if group.location.startswith(f"/{e.keras3_group}/")),
+            key=len,
+            default="",
+        )
+        held.setdefault(holder, []).append(group)
+    paths = {entry.keras3_group: entry.path for entry in entries}
+    layers = []
+    for entry in entries:
+        if entry.batch_norm:
+            group = _config_group(entry, by_location, groups, claimed, path)
+            claimed.add(group.location)
+            names = _variable_names(entry.config)
+            if len(names) != len(group.arrays):
                 raise ValueError(
-                    f"The `.keras` file's config.json lists BatchNormalization layer {name!r}, "
-                    f"but model.weights.h5 holds no variables for it. Received: path={str(path)!r}"
-                )
-            location, arrays = placed[0] if placed else candidates.pop(0)
-            names = _variable_names(config)
-            if len(names) != len(arrays):
-                raise ValueError(
-                    f"Layer {name!r} should hold {len(names)} variables ({', '.join(names)}) for "
-                    f"its config, but the file has {len(arrays)} at {location}. "
-                    f"Received: path={str(path)!r}"
+                    f"Layer {entry.name!r} should hold {len(names)} variables "
+                    f"({', '.join(names)}) for its config, but the file has "
+                    f"{len(group.arrays)} at {group.location}. Received: path={str(path)!r}"
                 )
             layers.append(
                 KerasBatchNormLayer(
-                    name=name,
-                    weights=dict(zip(names, arrays, strict=True)),
-                    config=config,
-                    file_format="Keras 3",
-                    location=location,
-                    input_rank=rank,
+                    name=entry.name,
+                    weights=dict(zip(names, group.arrays, strict=True)),
+                    config=entry.config,
+                    file_format=file_format,
+                    location=group.location,
+                    input_rank=entry.rank,
                     keras_version=version,
-                    path=found.path,
+                    path=entry.path,
+                    class_name=entry.class_name,
                 )
             )
+        for group in held.pop(entry.keras3_group, []):
+            if group.location not in claimed:
+                layers.append(_record(group, file_format, version, paths, entry.keras3_group))
+    for group in held.get("", []):
+        if group.location not in claimed:
+            layers.append(_record(group, file_format, version, paths, ""))
     return layers
+
+
+def _archive_format(version: Any) -> KerasFormat:
+    """tf-keras 2.13+ writes ``.keras`` archives too; its metadata.json says keras_version 2.x."""
+    major = str(version or "").split(".")[0]
+    return "tf-keras .keras" if major.isdigit() and int(major) < 3 else "Keras 3"
+
+
+def _config_group(
+    entry: BatchNormConfig,
+    by_location: dict[str, _VarsGroup],
+    groups: list[_VarsGroup],
+    claimed: set[str],
+    path: Path,
+) -> _VarsGroup:
+    """The vars group of a batch norm config.json lists: the group its place in the config
+    gives, unless the group's ``name`` attribute says another layer's (tf-keras writes none);
+    else the first unclaimed group of that name."""
+    placed = by_location.get(f"/{entry.keras3_group}/vars")
+    if placed is not None and placed.name in (None, entry.name) and placed.location not in claimed:
+        return placed
+    for group in groups:
+        if group.name == entry.name and group.location not in claimed:
+            return group
+    raise ValueError(
+        f"The `.keras` file's config.json lists BatchNormalization layer {entry.name!r}, "
+        f"but model.weights.h5 holds no variables for it. Received: path={str(path)!r}"
+    )
+
+
+def _record(
+    group: _VarsGroup,
+    file_format: KerasFormat,
+    version: str | None,
+    paths: Mapping[str, str],
+    holder: str,
+) -> KerasBatchNormLayer:
+    """A batch norm found by its variables alone: no config, a path from where it sits."""
+    names = _NAMES_BY_COUNT[len(group.arrays)]
+    inner = group.location.strip("/").split("/")[:-1]
+    outer = holder.split("/") if holder else []
+    attributes = [part for part in inner[len(outer) :] if part not in ("layers", "layer")]
+    prefix = [paths[holder]] if holder else []
+    return KerasBatchNormLayer(
+        name=group.name or inner[-1],
+        weights=dict(zip(names, group.arrays, strict=True)),
+        config=None,
+        file_format=file_format,
+        location=group.location,
+        keras_version=version,
+        path="/".join([*prefix, *attributes]),
+    )
 
 
 def is_keras3_weights_h5(handle: Any) -> bool:
@@ -112,68 +194,108 @@ def is_keras3_weights_h5(handle: Any) -> bool:
 
 
 def read_keras3_weights_h5(handle: Any) -> list[KerasBatchNormLayer]:
-    """A Keras 3 ``.weights.h5`` without a config: batch-norm layers known by their group name.
+    """A Keras 3 ``.weights.h5`` without a config: batch-norm layers known by their variables.
 
     The order is that of the group names (``batch_normalization``, ``_1``, ... ``_10``), which is
     the layer order within one model; layers of nested models come after or before those of the
-    outer model by name, so pair such files with an explicit ``mapping``.
+    outer model by name, so pair such files with an explicit ``mapping``. A layer that is an
+    attribute of another (``layers/block/bn1``) is named by its path from there
+    (``"block/bn1"``).
     """
+    groups = _vars_groups(handle)
+    names_at = {group.location: group.name for group in groups}
     layers = []
-    for name, found in _vars_groups(handle).items():
-        for location, arrays in found:
-            if not _batch_norm_group(location, name, arrays):
-                continue
-            names = _NAMES_BY_COUNT.get(len(arrays))
-            if names is None:
-                raise ValueError(
-                    f"Expected 2 to 7 variables for BatchNormalization layer {name!r}. "
-                    f"Received: {len(arrays)} at {location}"
-                )
-            layers.append(
-                KerasBatchNormLayer(
-                    name=name,
-                    weights=dict(zip(names, arrays, strict=True)),
-                    config=None,
-                    file_format="Keras 3",
-                    location=location,
-                )
+    for group in groups:
+        if group.location == "/vars":
+            continue
+        if not (_named_batch_norm_group(group) or _looks_like_batch_norm(group)):
+            continue
+        names = _NAMES_BY_COUNT.get(len(group.arrays))
+        parts = group.location.strip("/").split("/")[:-1]
+        name = group.name or parts[-1]
+        if names is None:
+            raise ValueError(
+                f"Expected 2 to 7 variables for BatchNormalization layer {name!r}. "
+                f"Received: {len(group.arrays)} at {group.location}"
             )
+        layers.append(
+            KerasBatchNormLayer(
+                name=name,
+                weights=dict(zip(names, group.arrays, strict=True)),
+                config=None,
+                file_format="Keras 3",
+                location=group.location,
+                path=_weights_only_path(parts, name, names_at),
+            )
+        )
     return sorted(layers, key=lambda layer: _creation_order(layer.location))
 
 
-def _batch_norm_group(location: str, name: str, arrays: list[np.ndarray]) -> bool:
-    """Whether a weights-only file's vars group is a BatchNormalization layer's: its group is
-    ``batch_normalization[_<n>]``, or it is the layer a TimeDistributed wraps (group ``layer``)
-    with the variables of a batch norm: 3 to 7 vectors of one length (2, as a layer norm's
-    gamma and beta, only with a batch-norm name)."""
-    parts = location.strip("/").split("/")
-    if len(parts) < 2:  # the model's own vars
-        return False
-    if _SNAKE_GROUP.match(parts[-2]):
-        return True
-    if parts[-2] != "layer" or len(parts) < 3 or not _WRAPPER_GROUP.match(parts[-3]):
-        return False
+def _weights_only_path(parts: list[str], name: str, names_at: Mapping[str, str | None]) -> str:
+    """The layer's name, or for a layer held as an attribute (a group whose parent is a layer's,
+    not a ``layers`` list or a wrapper's ``layer``), the enclosing layers' names and the
+    attributes down to it: ``layers/block/bn1`` -> ``"block/bn1"``."""
+    attribute_held = any(
+        part not in ("layers", "layer") and (i == 0 or parts[i - 1] != "layers")
+        for i, part in enumerate(parts)
+    )
+    if not attribute_held:
+        return name
+    path = []
+    for i, part in enumerate(parts):
+        if part in ("layers", "layer"):
+            continue
+        if i > 0 and parts[i - 1] == "layers":
+            own = names_at.get("/" + "/".join([*parts[: i + 1], "vars"]))
+            path.append(own or part)
+        else:
+            path.append(part)
+    return "/".join(path)
+
+
+def _looks_like_batch_norm(group: _VarsGroup) -> bool:
+    """Whether a vars group no config describes is a batch norm's: 3 to 7 vectors of one length
+    (gamma and beta, the moving statistics, the renorm ones), or 2 under a batch-norm name
+    (Keras 3's ``batch_normalization[_<n>]``, tf-keras' ``sync_batch_normalization``); a
+    layer norm's two vectors or a preprocessing layer's scalar count are not."""
+    arrays = group.arrays
     shapes = {array.shape for array in arrays}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1 or len(arrays) not in _NAMES_BY_COUNT:
         return False
-    return len(arrays) >= 3 or bool(_SNAKE_GROUP.match(name))
+    parts = group.location.strip("/").split("/")
+    named = len(parts) >= 2 and (
+        bool(_SNAKE_GROUP.match(parts[-2])) or bool(_SNAKE_GROUP.match(group.name or ""))
+    )
+    return len(arrays) >= 3 or named
 
 
-def _vars_groups(handle: Any) -> dict[str, list[tuple[str, list[np.ndarray]]]]:
-    """``{layer name: [(group path, [arrays in variable order]), ...]}`` for every vars group."""
-    found: dict[str, list[tuple[str, list[np.ndarray]]]] = {}
+def _named_batch_norm_group(group: _VarsGroup) -> bool:
+    """A group Keras 3 names for a BatchNormalization (``layers/batch_normalization_2``): its
+    variables are checked, not guessed from."""
+    parts = group.location.strip("/").split("/")
+    return len(parts) >= 2 and bool(_SNAKE_GROUP.match(parts[-2]))
+
+
+class _VarsGroup(NamedTuple):
+    location: str
+    name: str | None  # Keras 3 writes the layer name as an attribute; tf-keras does not
+    arrays: list[np.ndarray]
+
+
+def _vars_groups(handle: Any) -> list[_VarsGroup]:
+    """Every vars group: its path, its ``name`` attribute and its arrays in variable order, in
+    creation order."""
+    found: list[_VarsGroup] = []
 
     def visit(name: str, item: Any) -> None:
         if name.rsplit("/", 1)[-1] == "vars" and hasattr(item, "keys"):
             keys = sorted(item.keys(), key=lambda k: int(k) if k.isdigit() else -1)
             arrays = [np.asarray(item[k]) for k in keys if k.isdigit()]
-            layer_name = decode(item.attrs.get("name", name))
-            found.setdefault(layer_name, []).append((item.name, arrays))
+            layer_name = decode(item.attrs["name"]) if "name" in item.attrs else None
+            found.append(_VarsGroup(item.name, layer_name, arrays))
 
     handle.visititems(visit)
-    for entries in found.values():
-        entries.sort(key=lambda entry: _creation_order(entry[0]))
-    return found
+    return sorted(found, key=lambda group: _creation_order(group.location))
 
 
 def _creation_order(location: str) -> list[tuple[str, int]]:

@@ -9,7 +9,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-KerasFormat = Literal["tf-keras HDF5", "Keras 3"]
+KerasFormat = Literal["tf-keras HDF5", "Keras 3", "tf-keras .keras"]
 # A Keras 3 weights-only file stores 3 (or 6 with renorm) unnamed variables for a layer with only
 # one of gamma and beta; which one is decided by the module it is loaded into.
 GAMMA_OR_BETA = "gamma_or_beta"
@@ -35,13 +35,20 @@ class KerasBatchNormLayer:
             when the layer was built with ``scale=False`` / ``center=False``. A Keras 3
             weights-only file cannot say which of the two a layer with one of them holds: that
             weight is named ``"gamma_or_beta"``.
-        config: the layer config as Keras wrote it, or None when the file holds weights only.
-        file_format: ``"tf-keras HDF5"`` (tf.keras 2.x ``.h5``) or ``"Keras 3"`` (``.keras``).
+        config: the layer config as Keras wrote it, or None when the file holds weights only or
+            the layer is an attribute of a custom layer, whose config does not list it.
+        file_format: ``"tf-keras HDF5"`` (tf.keras 2.x ``.h5``), ``"Keras 3"`` (``.keras``,
+            ``.weights.h5``) or ``"tf-keras .keras"`` (tf-keras 2.13+'s own ``.keras``).
         location: where the weights are inside the file (an HDF5 group path).
         input_rank: the input rank the layer was built for, when the file records it.
         path: the names of the nested models and wrappers around the layer and its own, joined
             by "/" (``"encoder/bn"``; ``name`` for a layer of the model itself, or where the
-            file has no config): unique where names repeat across nested models.
+            file has no config): unique where names repeat across nested models. A layer held
+            as an attribute of a custom layer is named there by its attribute in Keras 3 files
+            (``"block/bn1"``) and by its layer name in tf-keras ``.h5`` files
+            (``"block/batch_normalization"``).
+        class_name: the config's class name (``"SyncBatchNormalization"``, a subclass's name),
+            None where the file has no config for the layer.
     """
 
     name: str
@@ -52,6 +59,7 @@ class KerasBatchNormLayer:
     input_rank: int | None = None
     keras_version: str | None = field(default=None, compare=False)
     path: str = ""
+    class_name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -111,14 +119,33 @@ def import_h5py() -> Any:
     return h5py
 
 
+# The config keys of BatchNormalization that no other built-in layer has together: a registered
+# subclass (``class MyBN(BatchNormalization)``) keeps them under its own class name.
+_BATCH_NORM_CONFIG_KEYS = frozenset(
+    {
+        "momentum",
+        "epsilon",
+        "center",
+        "scale",
+        "moving_mean_initializer",
+        "moving_variance_initializer",
+    }
+)
+
+
 def is_batch_norm_entry(entry: Mapping[str, Any]) -> bool:
-    """tf-keras writes BatchNormalization (V1/V2 in old files), SyncBatchNormalization too."""
+    """tf-keras writes BatchNormalization (V1/V2 in old files), SyncBatchNormalization too; a
+    subclass is known by its config keys."""
     class_name = str(entry.get("class_name", ""))
-    return "BatchNormalization" in class_name
+    inner = entry.get("config")
+    return "BatchNormalization" in class_name or (
+        isinstance(inner, Mapping) and set(inner) >= _BATCH_NORM_CONFIG_KEYS
+    )
 
 
 class BatchNormConfig(NamedTuple):
-    """A batch-norm layer's entry in a model config, with where it sits.
+    """A layer's entry in a model config (a batch norm's unless ``batch_norm`` is False), with
+    where it sits.
 
     ``enclosing`` holds the names of the nested models and wrappers around it, outermost first
     (the saved model itself not included); ``wrapped`` whether the innermost of them is a
@@ -133,6 +160,8 @@ class BatchNormConfig(NamedTuple):
     enclosing: tuple[str, ...]
     wrapped: bool
     keras3_group: str
+    class_name: str = "BatchNormalization"
+    batch_norm: bool = True
 
     @property
     def path(self) -> str:
@@ -141,17 +170,26 @@ class BatchNormConfig(NamedTuple):
 
 def batch_norm_configs(model_config: Any) -> list[BatchNormConfig]:
     """Every batch-norm layer in a model config, depth first (the order Keras saves them in)."""
+    return [found for found in config_layers(model_config) if found.batch_norm]
+
+
+def config_layers(model_config: Any) -> list[BatchNormConfig]:
+    """Every layer in a model config, depth first, each marked whether it is a batch norm."""
     found: list[BatchNormConfig] = []
 
     def visit(entry: Any, enclosing: tuple[str, ...], wrapped: bool, group: str) -> None:
         if not (isinstance(entry, Mapping) and isinstance(entry.get("config"), Mapping)):
             return
         inner = entry["config"]
-        name = str(inner.get("name"))
-        if is_batch_norm_entry(entry):
-            shape = (entry.get("build_config") or {}).get("input_shape")
-            rank = len(shape) if isinstance(shape, list) else None
-            found.append(BatchNormConfig(name, inner, rank, enclosing, wrapped, group))
+        # Keras 3 writes a custom layer's name beside its config, not in it.
+        name = str(inner.get("name", entry.get("name")))
+        shape = (entry.get("build_config") or {}).get("input_shape")
+        rank = len(shape) if isinstance(shape, list) else None
+        class_name = str(entry.get("class_name", ""))
+        batch_norm = is_batch_norm_entry(entry)
+        found.append(
+            BatchNormConfig(name, inner, rank, enclosing, wrapped, group, class_name, batch_norm)
+        )
         children = inner.get("layers")
         if isinstance(children, list):
             visit_container(children, (*enclosing, name), f"{group}/layers")
