@@ -232,7 +232,8 @@ def batch_norm(
             place, as "default" does.
 
     Returns:
-        ``y`` in ``x.dtype`` and the new statistics (detached).
+        ``y`` in ``x.dtype`` (a float32 x with float64 statistics: float64, as torch promotes)
+        and the new statistics (detached).
 
     Shape:
         ``x``: any rank >= 1; statistics, gamma, beta: ``tuple(x.shape[a] for a in axes)``.
@@ -390,8 +391,9 @@ def batch_norm_step(
         return backend.normalize(
             x,
             axes,
-            statistics.moving_mean,
-            statistics.moving_variance,
+            # float32 statistics with a float64 x: in float64
+            _as_dtype(statistics.moving_mean, compute_dtype),
+            _as_dtype(statistics.moving_variance, compute_dtype),
             cast(gamma),
             cast(beta),
             epsilon,

@@ -171,7 +171,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             with the batch's statistics and so writes in place, as InPlaceABN in eval mode).
 
     Shape:
-        Input: any rank; output: same shape and dtype. float16/bfloat16 inputs are computed with
+        Input: any rank; output: same shape and dtype (a float32 input to a float64 layer gives
+        float64, as torch promotes). float16/bfloat16 inputs are computed with
         float32 statistics and parameters.
 
     Example:
