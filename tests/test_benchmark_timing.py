@@ -73,3 +73,25 @@ def test_the_fresh_floor_copies_into_the_inputs_own_dtype():
         x = torch.randn(4, 5).to(dtype)
         copy = fresh_copy(x)
         assert copy.dtype == dtype and torch.equal(copy, x)
+
+
+def test_the_table_gives_the_huge_page_ratio_with_its_spread():
+    """The THP allocator's ours/torch was printed bare (1.29 where its spread was 1.36)."""
+    from batchnorm.bench._benchmark import MODES, format_table
+
+    numbers = {
+        "seconds": {"batchnorm": 1e-3, "torch": 2e-3, "torch functional": 2e-3},
+        "ratio_to_torch": {"value": 0.5, "spread": 0.1},
+        "floor_multiple": {"batchnorm": 1.5, "torch": 3.0},
+        "fresh_floor_multiple": {"batchnorm": 1.0, "torch": 2.0},
+    }
+    case = {"name": "dense NC", "shape": [8, 4], "modes": {MODES[0]: numbers}}
+    thp_case = {**case, "modes": {MODES[0]: {"ratio_to_torch": {"value": 1.29, "spread": 1.36}}}}
+    report = {
+        "cases": [case],
+        "extra_cases": [],
+        "models": [],
+        "summary": {"targets": []},
+        "huge_page_run": {"cases": [thp_case], "extra_cases": []},
+    }
+    assert "| 0.50 (+-0.10) | 1.29 (+-1.36) |" in format_table(report)

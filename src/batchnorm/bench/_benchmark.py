@@ -669,6 +669,10 @@ def summarise(
     }
 
 
+def _ratio_text(ratio: dict[str, float] | None) -> str:
+    return "-" if ratio is None else f"{ratio['value']:.2f} (+-{ratio['spread']:.2f})"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """Markdown tables: every case and mode, the model steps, the fused activation and the
     conv-BN-activation memory (when the report has them), the targets."""
@@ -677,7 +681,7 @@ def format_table(report: dict[str, Any]) -> str:
     if thp is not None:
         for r in [*thp["cases"], *thp["extra_cases"]]:
             for mode, numbers in r["modes"].items():
-                thp_ratios[(r["name"], mode)] = numbers["ratio_to_torch"]["value"]
+                thp_ratios[(r["name"], mode)] = numbers["ratio_to_torch"]
     lines = [
         "| case | shape | mode | batchnorm ms | torch ms | torch functional ms | ours / torch (spread) "
         "| ours / torch, THP allocator | ours x floor | ours x fresh floor | torch x floor |",
@@ -692,7 +696,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{numbers['seconds']['batchnorm'] * 1e3:.3f} | {numbers['seconds']['torch'] * 1e3:.3f} | "
                 f"{numbers['seconds']['torch functional'] * 1e3:.3f} | "
                 f"{ratio['value']:.2f} (+-{ratio['spread']:.2f}) | "
-                f"{'-' if other is None else f'{other:.2f}'} | "
+                f"{_ratio_text(other)} | "
                 f"{numbers['floor_multiple']['batchnorm']:.2f} | "
                 f"{numbers['fresh_floor_multiple']['batchnorm']:.2f} | "
                 f"{numbers['floor_multiple']['torch']:.2f} |"
