@@ -179,3 +179,38 @@ def test_selective_activation_checkpointing_steps_once(renorm):
         for a, b in zip(model[1].buffers(), plain[1].buffers(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model[0].weight.grad, plain[0].weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory", ["default", "in_place"])
+def test_a_computed_gamma_under_checkpointing_is_read_alive_by_the_backward(memory):
+    """gamma computed by a parametrization is a new tensor on every forward; under
+    non-reentrant checkpointing the forward's saved tensors are dropped, and the kernels'
+    backward read gamma through the forward's NumPy view, which (since this session's view
+    cache) no longer kept it alive: the backward read whatever took its memory (dx 100% off,
+    or 1e34). Oracle: the same step without checkpointing."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, gamma):
+            return gamma * 2.0
+
+    torch.manual_seed(0)
+    x0, dy = torch.randn(32, 16), torch.randn(32, 16)
+
+    def gradients(use_checkpoint):
+        layer = BatchNormalization(axis=-1, memory=memory, activation="leaky_relu")
+        layer.build((4, 16))
+        parametrize.register_parametrization(layer, "gamma", Double())
+        x = x0.clone().requires_grad_()
+
+        def block(inputs):
+            return layer(inputs * 1)  # in place needs an input nothing else keeps
+
+        y = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+        clobber = [torch.full((16,), 1e6) for _ in range(200)]  # reuse freed memory
+        (y * dy).sum().backward()
+        del clobber
+        return x.grad, layer.parametrizations.gamma.original.grad
+
+    for ours, expected in zip(gradients(True), gradients(False), strict=True):
+        torch.testing.assert_close(ours, expected)

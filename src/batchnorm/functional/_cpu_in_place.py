@@ -53,6 +53,9 @@ class InPlacePass(NamedTuple):
     axes: tuple[int, ...]
     variance_tensor: torch.Tensor  # the batch variance as the caller gave it, detached
     weights_tensor: torch.Tensor | None
+    # gamma and beta, whose views ``scale`` and ``offset`` do not keep them alive (see
+    # batchnorm.functional._cpu_training_call.StepArrays.held)
+    held: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
 
 def normalize_in_place_kernels(
@@ -93,6 +96,7 @@ def normalize_in_place_kernels(
         axes,
         moments.variance.detach(),
         None if weights is None else weights.detach(),
+        (scale, offset),
     )
     mean = to_canonical(moments.mean.detach(), layout, 0.0, ghost_batches)
     y: torch.Tensor = _InPlaceKernels.apply(x, scale, offset, mean, in_place_pass)  # type: ignore[no-untyped-call]

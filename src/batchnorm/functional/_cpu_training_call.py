@@ -58,6 +58,11 @@ class StepArrays(NamedTuple):
     debiased: bool
     # Batch Renormalization: (moving_stddev, renorm_mean, renorm_stddev) views; None without.
     renorm: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # The tensors the views show, kept alive with them: the views do not hold their tensors
+    # (:func:`~batchnorm.functional._cpu_plan.shared_array`), and a backward reads gamma's view
+    # after the forward (under torch.utils.checkpoint a computed gamma was freed by then, and
+    # the backward read whatever took its memory: gradients 100% off or 1e34).
+    held: tuple[torch.Tensor | None, ...] = ()
 
 
 class RenormStep(NamedTuple):
@@ -96,6 +101,7 @@ def step_arrays(
 ) -> StepArrays:
     """Views of gamma, beta and the moving statistics (one channel axis, contiguous)."""
     moving_mean, moving_variance, average_weight = moving
+    held = (scale, offset, *moving, *(() if renorm is None else renorm[:3]))
     return StepArrays(
         to_canonical(scale, layout, 1.0),
         to_canonical(offset, layout, 0.0),
@@ -110,6 +116,7 @@ def step_arrays(
             shared_array(renorm.renorm_mean),
             shared_array(renorm.renorm_stddev),
         ),
+        held,
     )
 
 
