@@ -823,3 +823,30 @@ def test_fold_weights_still_takes_none_for_the_optional_tensors():
     weight, bias = fold_weights(torch.ones(4, 3), None, mean, variance, None, None, 1.0)
     torch.testing.assert_close(weight, torch.full((4, 3), 0.5))
     torch.testing.assert_close(bias, torch.zeros(4))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        np.array([2, 3]),
+        torch.tensor([2, 3]),
+        (torch.tensor(2), torch.tensor(3)),
+        (2, 3.0),
+        (np.int64(2), np.int32(3)),
+    ],
+    ids=["numpy array", "tensor", "0-d tensors", "whole float", "numpy ints"],
+)
+def test_build_takes_the_shapes_it_took_before(shape):
+    """This session's shape check took only sequences of Python or NumPy ints: a NumPy array,
+    an integer tensor, 0-d tensors or a whole float, all built before, were refused."""
+    layer = BatchNormalization()
+    layer.build(shape)
+    assert layer.num_features == 3
+
+
+def test_constant_takes_a_zero_dimensional_array_or_tensor():
+    """Constant(torch.tensor(0.5)) and Constant(np.array(0.5)) built gamma = 0.5 before this
+    session's value check refused them."""
+    for value in (torch.tensor(0.5), np.array(0.5), np.float32(0.5)):
+        layer = BatchNormalization(3, gamma_initializer=initializers.Constant(value))
+        assert torch.equal(layer.gamma, torch.full((3,), 0.5))

@@ -277,3 +277,19 @@ def test_convert_refuses_an_old_style_hooked_scale(wrap):
     with pytest.raises(ValueError, match=rf"torch.nn.utils.{wrap}'s forward hook"):
         batchnorm.convert(model)
     assert model[1] is bn
+
+
+def test_convert_of_a_lazy_batch_norm_does_not_carry_its_initialisation_hook():
+    """carry_hooks copied LazyModuleMixin's own _infer_parameters pre-hook (a bound method of
+    the torch module): the converted layer's first call raised AttributeError
+    ('_initialize_hook'), and a lazy round trip back to torch ('initialize_parameters')."""
+
+    def lazy_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+
+    x = torch.randn(2, 3, 5, 5)
+    converted = batchnorm.convert(lazy_model())
+    assert converted(x).shape == (2, 4, 5, 5) and converted[1].num_features == 4
+    back = batchnorm.convert(batchnorm.convert(lazy_model()), to="torch")
+    torch.testing.assert_close(back(x), lazy_model()(x))

@@ -107,11 +107,15 @@ def carry_hooks(source: nn.Module, target: nn.Module) -> None:
     caller holds still name ``source``'s registrations."""
     refuse_hooked_weights(source)
     for key, hook in source._forward_pre_hooks.items():
-        if not isinstance(hook, prune.BasePruningMethod):
+        # Not pruning's (carried with the mask), nor the module's own (a lazy module's
+        # initialisation, a bound method of ``source``: the new module has its own or none).
+        if not isinstance(hook, prune.BasePruningMethod) and not _own_hook(source, hook):
             target._forward_pre_hooks[key] = hook
             if key in source._forward_pre_hooks_with_kwargs:
                 target._forward_pre_hooks_with_kwargs[key] = True
     for key, hook in source._forward_hooks.items():
+        if _own_hook(source, hook):
+            continue
         target._forward_hooks[key] = hook
         for flags in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
             if key in getattr(source, flags):
@@ -120,3 +124,7 @@ def carry_hooks(source: nn.Module, target: nn.Module) -> None:
     target._backward_hooks.update(source._backward_hooks)
     if source._backward_hooks or source._backward_pre_hooks:
         target._is_full_backward_hook = source._is_full_backward_hook
+
+
+def _own_hook(module: nn.Module, hook: object) -> bool:
+    return getattr(hook, "__self__", None) is module

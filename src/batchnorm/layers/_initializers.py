@@ -13,6 +13,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from batchnorm.layers._keras_objects import KerasObject, resolve, serialize
@@ -67,9 +68,11 @@ class Ones(Initializer):
 
 class Constant(Initializer):
     def __init__(self, value: float = 0.0) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        zero_dimensional = isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) or zero_dimensional):
             raise TypeError(f"Constant's `value` must be a number. Received: value={value!r}")
-        self.value: float = value
+        # a 0-d array or tensor as the number it holds (JSON-ready in get_config)
+        self.value: float = float(value) if zero_dimensional else value
 
     def __call__(
         self, shape: Shape, dtype: torch.dtype = torch.float32, device: Any = None

@@ -11,10 +11,11 @@ as before the call: placeholders again, no rank fixed, as if never called.
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from batchnorm.functional._validation import check_axis_type, normalize_axes
@@ -142,31 +143,39 @@ def reset_weights(layer: BuildingLayer, affine: bool) -> None:
 def build_input_shape(input_shape: Any, axis: Any) -> tuple[int, ...]:
     """``build``'s ``input_shape`` as sizes: Keras passes None for the batch size (and any size
     it does not know yet); only the channel axes' sizes are read, and must be known. None
-    elsewhere becomes 1."""
-    valid = isinstance(input_shape, (Sequence, torch.Size)) and not isinstance(
-        input_shape, (str, bytes)
-    )
-    sizes = list(input_shape) if valid else []
-    if not valid or not all(
-        s is None
-        or (  # a SymInt while torch.compile traces with dynamic shapes
-            isinstance(s, (numbers.Integral, torch.SymInt))
-            and not isinstance(s, bool)
-            and int(s) >= 0
-        )
-        for s in sizes
-    ):
+    elsewhere becomes 1. Any iterable of sizes (a list, tuple, torch.Size, a NumPy array or
+    integer tensor), each an int, a NumPy or 0-d tensor integer, a whole float or a SymInt
+    (torch.compile with dynamic shapes)."""
+    sizes: list[int | None] = []
+    try:
+        if isinstance(input_shape, (str, bytes)):
+            raise TypeError
+        for size in input_shape:
+            sizes.append(None if size is None else _size(size))
+    except (TypeError, ValueError):
         raise TypeError(
             "`input_shape` must be a sequence of non-negative ints (None where unknown, as Keras' "
             f"batch size). Received: input_shape={input_shape!r}"
-        )
+        ) from None
     for a in normalize_axes(axis, len(sizes)):
         if sizes[a] is None:
             raise ValueError(
                 f"`input_shape` needs a known size on the channel axis {a}. "
                 f"Received: input_shape={input_shape!r} for axis={axis!r}"
             )
-    return tuple(1 if s is None else int(s) for s in sizes)
+    return tuple(1 if s is None else s for s in sizes)
+
+
+def _size(value: Any) -> int:
+    """One size as an int: TypeError/ValueError for a bool, a fraction, a negative number."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    size = int(value) if isinstance(value, torch.SymInt) else operator.index(value)
+    if size < 0:
+        raise ValueError
+    return size
 
 
 def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]:
