@@ -1062,3 +1062,16 @@ def test_tf_keras_keras_file_configures_tf_keras_variance_rule(custom_arrays):
         for name in ("moving_mean", "moving_variance"):
             expected = custom_arrays[f"{key}/{spec['where']}/{name}_after_step"]
             assert_close(getattr(layer, name), expected, 1e-5, f"{spec['where']} {name}")
+
+
+def test_a_keras3_weights_file_with_nested_layers_is_not_paired_by_order():
+    """A Keras 3 .weights.h5 records no order: its groups come in name order, so the custom
+    layer's batch norms followed "head", and by-order loading put head's weights into
+    block.bn1 (and so on), reporting every layer "loaded". Now it asks for `mapping`, and
+    changes nothing."""
+    model = custom_torch_model("k3_custom.weights.h5")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"records no layer order.*'block/bn1'.*Pass `mapping`"):
+        load_weights(model, GOLDEN / "k3_custom.weights.h5")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -118,6 +118,7 @@ def load_weights(
                 f"torch.nn.BatchNorm*d) to load the file's {_names(records)} into. "
                 f"Received: a {type(model).__name__} with none"
             )
+        _check_order_is_known(records, path)
         pairs = _pairs_by_order(records, modules)
     else:
         pairs = _pairs_by_mapping(records, modules, mapping)
@@ -157,6 +158,21 @@ def _entry(step: LayerLoad | _Plan) -> LayerLoad:
         tuple(step.remaining),
         tuple(notes + step.notes),
     )
+
+
+def _check_order_is_known(records: list[KerasBatchNormLayer], path: object) -> None:
+    """A Keras 3 weights-only file records no layer order: its groups come in name order, so
+    layers inside nested models or custom layers ("block/bn1") follow every top-level one.
+    Paired by order, they loaded into the wrong modules, each reported "loaded"."""
+    nested = [r.path for r in records if "/" in r.path]
+    weights_only = all(r.config is None for r in records)
+    if nested and weights_only and all(r.file_format == "Keras 3" for r in records):
+        raise ValueError(
+            "This Keras 3 weights-only file records no layer order and holds layers inside "
+            f"nested models or custom layers ({nested}): pairing by order could load them into "
+            "the wrong modules. Pass `mapping` ({keras_path: module_name}) or read the `.keras` "
+            f"file, whose config gives the order. Received: path={str(path)!r}"
+        )
 
 
 def _pairs_by_order(
