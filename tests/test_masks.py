@@ -273,3 +273,25 @@ def test_half_precision_input_gradient_on_the_composed_ops_is_rounded_once(dtype
         reference = input_gradient(x.double(), dy, "float64")
         errors.append(float((ours - reference).abs().max() / reference.abs().max()))
     assert max(errors) <= torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("where", ["fake", "meta"])
+def test_a_float_mask_propagates_shapes_under_fake_tensors_and_on_meta(where):
+    """The mask's value check read a fake or meta tensor's values: a float mask failed under
+    FakeTensorMode (DataDependentOutputException) and on the meta device (.item()); a bool
+    mask, or none, propagated shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run():
+        layer = BatchNormalization(3, fused=False)
+        x, mask = torch.randn(4, 5, 3), torch.rand(4, 5)
+        return layer(x, training=True, mask=mask)
+
+    if where == "fake":
+        with FakeTensorMode():
+            y = run()
+    else:
+        with torch.device("meta"):
+            y = run()
+        assert y.is_meta
+    assert y.shape == (4, 5, 3)

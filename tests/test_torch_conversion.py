@@ -293,3 +293,26 @@ def test_convert_of_a_lazy_batch_norm_does_not_carry_its_initialisation_hook():
     assert converted(x).shape == (2, 4, 5, 5) and converted[1].num_features == 4
     back = batchnorm.convert(batchnorm.convert(lazy_model()), to="torch")
     torch.testing.assert_close(back(x), lazy_model()(x))
+
+
+def test_a_converted_model_that_calls_its_batch_norm_with_input_keeps_working():
+    """torch's batch norms name their input `input`; after convert, `self.bn(input=h)` raised
+    "unexpected keyword argument 'input'"."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.bn = nn.Linear(3, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(input=self.linear(x))
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    x = torch.randn(8, 3)
+    expected = model(x)
+    converted = batchnorm.convert(model)
+    assert isinstance(converted.bn, batchnorm.BatchNormalization)
+    torch.testing.assert_close(converted(x), expected)
+    with pytest.raises(TypeError, match="as `x` or as `input`"):
+        converted.bn(x[:, :1].repeat(1, 4), input=x[:, :1].repeat(1, 4))

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.parameter import is_lazy
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -265,6 +266,8 @@ def check_mask_values(mask: Any, x: torch.Tensor) -> torch.Tensor:
     values = mask
     while torch._C._functorch.is_functorch_wrapped_tensor(values):
         values = torch._C._functorch.get_unwrapped(values)
+    if values.is_meta or isinstance(values, FakeTensor) or torch._C._len_torch_dispatch_stack():
+        return mask  # no values to read (meta, FakeTensorMode: shape propagation), as compiling
     if not bool(((values >= 0) & (values < math.inf)).all()):
         problems = [
             label

@@ -75,6 +75,8 @@ from batchnorm.layers._presets import Framework, preset_kwargs
 from batchnorm.layers._recomputation import guards_step, step_once
 from batchnorm.layers._update_lock import UpdateLock
 
+_NO_INPUT: Any = None  # forward's x when the input comes as ``input=``
+
 
 class BatchNormalization(LazyModuleMixin, nn.Module):
     """Batch normalization with the full tf-keras argument set and numerics.
@@ -483,19 +485,26 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor = _NO_INPUT,
         training: bool | torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        *,
+        input: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normalise ``x``; in training, also update the moving statistics.
 
         Args:
-            x: input tensor.
+            x: input tensor (``input=`` as torch's batch norms name it is taken too: a model
+                converted from torch that calls ``self.bn(input=h)`` keeps working).
             training: None follows ``module.training``; a bool or 0-d bool tensor overrides it.
             mask: optional weights with the shape of ``x`` without its last axis, broadcast
                 along it (tf-keras / Keras 3), or without its channel axes; masked positions do
                 not count in the batch statistics.
         """
+        if input is not None:
+            if x is not None:
+                raise TypeError("Pass the input once, as `x` or as `input`. Received: both")
+            x = input
         compiling = torch.compiler.is_compiling()  # traced: no shortcut, nothing remembered
         if isinstance(training, torch.Tensor) and not compiling:
             training = training_flag(training)  # a bool where reading it is free
