@@ -502,9 +502,10 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 not count in the batch statistics.
         """
         if input is not None:
-            if x is not None:
+            if x is None:
+                x = input
+            elif not isinstance(input, torch.fx.Proxy):  # fx traces every parameter
                 raise TypeError("Pass the input once, as `x` or as `input`. Received: both")
-            x = input
         compiling = torch.compiler.is_compiling()  # traced: no shortcut, nothing remembered
         if isinstance(training, torch.Tensor) and not compiling:
             training = training_flag(training)  # a bool where reading it is free
