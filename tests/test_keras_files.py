@@ -1075,3 +1075,14 @@ def test_a_keras3_weights_file_with_nested_layers_is_not_paired_by_order():
         load_weights(model, GOLDEN / "k3_custom.weights.h5")
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("configure", [False, True])
+def test_a_mismatch_suggests_configure_only_when_it_was_not_passed(configure):
+    """The error told a caller who had passed configure=True to pass configure=True."""
+    model = nn.Sequential(BatchNormalization(4), nn.BatchNorm1d(5))
+    with pytest.raises(ValueError) as error:
+        load_weights(model, GOLDEN / "tfk_model.h5", configure=configure)
+    message = str(error.value)
+    assert ("Pass configure=True" in message) is not configure
+    assert "strict=False to load what fits" in message

@@ -35,7 +35,7 @@ def plot_benchmark(report: dict[str, Any], path: Path) -> None:
     threads = report["machine"]["threads"]
     where = "CPU" if report.get("device", "cpu") == "cpu" else report.get("device_name", "device")
     figure.suptitle(
-        f"batchnorm vs torch's batch norm, {where}, {threads} threads (lower is better)"
+        f"batchnorm vs torch's batch norm, {where}, {threads} thread{'' if threads == 1 else 's'} (lower is better)"
     )
     # One legend for every panel, below them, where it covers no bar.
     handles, labels = axes[0].get_legend_handles_labels()

@@ -94,7 +94,7 @@ def run_bench(arguments: argparse.Namespace) -> int:
     machine = report["machine"]
     where = "" if report["device"] == "cpu" else f"{report['device_name']} ({report['device']}), "
     print(
-        f"{where}CPU {machine['cpu_model']} ({machine['cpu_count']} cores), {machine['threads']} threads, "
+        f"{where}CPU {machine['cpu_model']} ({machine['cpu_count']} cores), {machine['threads']} thread{'' if machine['threads'] == 1 else 's'}, "
         f"torch {machine['torch']}; "
         f"medians over {report['repeats']} interleaved rounds of blocked_autorange; spread = "
         "interquartile range / median; floor = one copy of the input into preallocated memory"

@@ -137,8 +137,13 @@ def load_weights(
         raise ValueError(
             f"The Keras file does not match the model in {len(report.mismatches)} way(s):\n  "
             + "\n  ".join(report.mismatches)
-            + "\nPass configure=True to adopt the file's settings where they are settings, "
-            "strict=False to load what fits and get a report, or `mapping` to pair layers "
+            + "\nPass "
+            + (
+                ""
+                if configure
+                else "configure=True to adopt the file's settings where they are settings, "
+            )
+            + "strict=False to load what fits and get a report, or `mapping` to pair layers "
             f"by name. Received: path={str(path)!r}"
         )
     for plan in plans:
