@@ -538,16 +538,18 @@ def batch_norm_step(
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    return len(shape) <= len(target) and all(
-        size in (1, full) for size, full in zip(reversed(shape), reversed(target), strict=False)
-    )
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without enlarging it."""
+    try:
+        return bool(torch.broadcast_shapes(shape, target) == target)  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        return False
 
 
 def _in_training(update: bool | torch.Tensor, value: torch.Tensor, neutral: float) -> torch.Tensor:
     """``value`` in a training call, ``neutral`` in an inference one: a tensor ``update`` flag
     (use_global_stats=False under a tensor ``training``) selects without a branch."""
-    if not isinstance(update, torch.Tensor):
-        return value if update else torch.full_like(value, neutral)
+    if not isinstance(update, torch.Tensor):  # True: callers skip the terms when it is False
+        return value
     return torch.where(update, value, torch.full_like(value, neutral))
 
 
@@ -561,11 +563,7 @@ def _adjustment_of(adjustment: Adjustment, x: torch.Tensor) -> tuple[torch.Tenso
         )
     pair = tuple(torch.as_tensor(t) for t in result)
     for name, tensor in zip(("scale", "offset"), pair, strict=True):
-        try:
-            shape = torch.broadcast_shapes(tuple(tensor.shape), tuple(x.shape))  # type: ignore[no-untyped-call]
-        except RuntimeError:
-            shape = None
-        if shape != x.shape:
+        if not _broadcasts_to(tuple(tensor.shape), tuple(x.shape)):
             raise ValueError(
                 f"`adjustment` must return a {name} that broadcasts against x of shape "
                 f"{tuple(x.shape)} without enlarging it. Received: {name} of shape "

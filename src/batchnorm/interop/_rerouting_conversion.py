@@ -103,9 +103,9 @@ def refuse_hooked_weights(module: nn.Module) -> None:
 
 def carry_hooks(source: nn.Module, target: nn.Module) -> None:
     """Register ``source``'s forward, forward pre- and backward hooks on ``target`` (pruning's
-    are carried by :func:`carry_rerouting`): a converted model ran none of them. The handles the
-    caller holds still name ``source``'s registrations."""
-    refuse_hooked_weights(source)
+    are carried by :func:`carry_rerouting`; old-style weight_norm's are refused before, by the
+    conversions' :func:`refuse_hooked_weights`): a converted model ran none of them. The handles
+    the caller holds still name ``source``'s registrations."""
     for key, hook in source._forward_pre_hooks.items():
         # Not pruning's (carried with the mask), nor the module's own (a lazy module's
         # initialisation, a bound method of ``source``: the new module has its own or none).
