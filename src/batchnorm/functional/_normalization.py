@@ -9,6 +9,7 @@ from batchnorm.functional._validation import (
     check_broadcasts,
     check_floating_input,
     check_positive,
+    check_tensor,
 )
 
 
@@ -41,13 +42,7 @@ def batch_normalization(
         ("offset", offset),
         ("scale", scale),
     ):
-        if tensor is None and name in ("offset", "scale"):
-            continue
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"`{name}` must be a torch.Tensor that broadcasts against `x`"
-                f"{'' if name in ('mean', 'variance') else ' or None'}. "
-                f"Received: {name} of type {type(tensor).__name__}"
-            )
-        check_broadcasts(tensor, x, name, "broadcast against")
+        check_tensor(tensor, name, optional=name in ("offset", "scale"))
+        if tensor is not None:
+            check_broadcasts(tensor, x, name, "broadcast against")
     return affine_normalize(x, mean, variance, scale, offset, epsilon)

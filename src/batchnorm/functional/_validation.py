@@ -60,13 +60,19 @@ def normalize_axes(axis: Any, ndim: int) -> tuple[int, ...]:
 INPUT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
+def check_tensor(value: Any, argument: str, optional: bool = False) -> None:
+    """A torch.Tensor (or, ``optional``, None)."""
+    if not isinstance(value, torch.Tensor) and not (optional and value is None):
+        raise TypeError(
+            f"`{argument}` must be a torch.Tensor{' or None' if optional else ''}. "
+            f"Received: {argument} of type {type(value).__name__}"
+        )
+
+
 def check_floating_input(x: Any, argument: str = "x") -> None:
     """A tensor of one of :data:`INPUT_DTYPES` (float8 types are floating too, but nothing
     computes batch norm in them: torch's promotion refused them deep inside)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"`{argument}` must be a torch.Tensor. Received: {argument} of type {type(x).__name__}"
-        )
+    check_tensor(x, argument)
     if x.dtype not in INPUT_DTYPES:
         raise TypeError(
             f"`{argument}` must be a floating-point tensor (float16, bfloat16, float32 or float64). "

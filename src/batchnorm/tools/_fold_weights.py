@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from batchnorm.functional._validation import check_bool
+from batchnorm.functional._validation import check_bool, check_tensor
 
 
 def fold_weights(
@@ -55,14 +55,10 @@ def fold_weights(
         ...                     bn.weight, bn.bias, bn.eps)
     """
     transposed = check_bool(transposed, "transposed")
-    optional = ("bias", "gamma", "beta")
-    arguments = {"weight": weight, "bias": bias, "mean": mean, "variance": variance}
-    for name, tensor in {**arguments, "gamma": gamma, "beta": beta}.items():
-        if not isinstance(tensor, torch.Tensor) and not (tensor is None and name in optional):
-            raise TypeError(
-                f"`{name}` must be a torch.Tensor{' or None' if name in optional else ''}. "
-                f"Received: {name} of type {type(tensor).__name__}"
-            )
+    for name, required in (("weight", weight), ("mean", mean), ("variance", variance)):
+        check_tensor(required, name)
+    for name, optional in (("bias", bias), ("gamma", gamma), ("beta", beta)):
+        check_tensor(optional, name, optional=True)
     if weight.ndim < 2:
         raise ValueError(
             "`weight` must have at least 2 dims (out, in, ...). "
