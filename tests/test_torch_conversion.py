@@ -316,3 +316,76 @@ def test_a_converted_model_that_calls_its_batch_norm_with_input_keeps_working():
     torch.testing.assert_close(converted(x), expected)
     with pytest.raises(TypeError, match="as `x` or as `input`"):
         converted.bn(x[:, :1].repeat(1, 4), input=x[:, :1].repeat(1, 4))
+
+
+class _RunningStatisticsBatchNorm(nn.BatchNorm2d):
+    """A fine-tuning idiom: always normalise with the running statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+def test_a_subclass_overriding_forward_is_refused_not_converted_as_a_plain_batch_norm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _RunningStatisticsBatchNorm(4))
+    with pytest.raises(ValueError, match=r"_RunningStatisticsBatchNorm.*overrides forward"):
+        batchnorm.convert(model)
+    assert isinstance(model[1], _RunningStatisticsBatchNorm)  # nothing replaced
+    with pytest.raises(ValueError, match="overrides forward"):
+        batchnorm.from_torch(_RunningStatisticsBatchNorm(4))
+
+
+def test_tracking_switched_off_after_training_keeps_torchs_outputs_and_buffers():
+    torch.manual_seed(0)
+    module = nn.BatchNorm2d(3)
+    for _ in range(5):
+        module(torch.randn(8, 3, 4, 4) * 2 + 5)
+    module.track_running_stats = False  # torch: batch statistics in training, stored ones in eval
+    layer = batchnorm.from_torch(copy.deepcopy(module))
+    x = torch.randn(4, 3, 4, 4) * 2 + 5
+    for mode in (True, False, True):
+        module.train(mode)
+        layer.train(mode)
+        torch.testing.assert_close(layer(x), module(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.moving_mean, module.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(layer.moving_variance, module.running_var, rtol=0, atol=0)
+    back = batchnorm.to_torch(layer).eval()
+    torch.testing.assert_close(back(x), module.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lazy_class", [nn.LazyBatchNorm1d, nn.LazyBatchNorm2d])
+def test_a_lazy_batch_norm_without_any_tensor_converts(lazy_class):
+    shape = (4, 3) if lazy_class is nn.LazyBatchNorm1d else (4, 3, 2, 2)
+    x = torch.randn(shape)
+    expected = lazy_class(affine=False, track_running_stats=False)(x)
+    layer = batchnorm.from_torch(lazy_class(affine=False, track_running_stats=False))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    model = batchnorm.convert(nn.Sequential(lazy_class(affine=False, track_running_stats=False)))
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lazy_batch_norm_keeps_the_dtype_it_materialises_with():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, dtype=torch.float64) * 1e-4 + 1e4
+    module = nn.LazyBatchNorm1d(dtype=torch.float64)
+    layer = batchnorm.from_torch(nn.LazyBatchNorm1d(dtype=torch.float64))
+    module(x)
+    layer(x)
+    assert layer.moving_mean.dtype == torch.float64
+    torch.testing.assert_close(layer.moving_mean, module.running_mean, rtol=1e-14, atol=0)
+    assert batchnorm.to_torch(layer).weight.dtype == torch.float64
+
+
+def test_torch_eps_zero_is_refused_naming_eps():
+    with pytest.raises(ValueError, match=r"`eps` must be > 0.*eps=0\.0"):
+        batchnorm.from_torch(nn.BatchNorm1d(3, eps=0.0))
+
+
+def test_keras1_mode2_port_converts_to_torch_whatever_its_variance_estimator():
+    torch.manual_seed(0)
+    layer = batchnorm.BatchNormalization(4, axis=1, use_global_stats=False)
+    module = batchnorm.to_torch(layer, dims=1)
+    assert not module.track_running_stats
+    x = torch.randn(8, 4)
+    torch.testing.assert_close(module(x), layer(x, training=False), rtol=1e-5, atol=1e-5)

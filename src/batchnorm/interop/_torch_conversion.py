@@ -7,7 +7,9 @@ PyTorch's conventions mapped to this layer's:
   ``num_batches_tracked`` as ``moving_average_weight``;
 - ``running_var`` is the unbiased variance: ``moving_variance_estimator="unbiased"``;
 - channels at dim 1: ``axis=1``; ``eps`` is ``epsilon``; ``affine`` is ``center`` and ``scale``;
-- ``track_running_stats=False`` (batch statistics always) is ``use_global_stats=False``.
+- ``track_running_stats=False`` (batch statistics always) is ``use_global_stats=False``; set
+  to False on a module that keeps its running statistics (batch statistics in training, never
+  updated; the running ones in eval) it is the ordinary layer with ``momentum=1.0``.
 
 timm's and inplace_abn's batch norms with an activation convert the same way, their activation
 becoming the layer's (:mod:`batchnorm.interop._activation_conversion`); a layer's activation
@@ -45,6 +47,9 @@ _TORCH_CLASSES: dict[int, tuple[type[_BatchNorm], type[_BatchNorm]]] = {
     2: (nn.BatchNorm2d, nn.LazyBatchNorm2d),
     3: (nn.BatchNorm3d, nn.LazyBatchNorm3d),
 }
+# torch's own forwards (the Lazy classes inherit _BatchNorm's): a subclass overriding forward
+# computes something else.
+_TORCH_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 _SPATIAL_DIMS_OF_RANK = {2: 1, 3: 1, 4: 2, 5: 3}
 # A layer converted from torch remembers its class's dims, for to_torch before any call.
 _TORCH_DIMS = "_torch_dims"
@@ -63,7 +68,10 @@ def from_torch(module: nn.Module) -> BatchNormalization:
     process group, which also runs on CPU), affine or not, with or without running
     statistics, any momentum including None. Parameters and buffers are copied (same device;
     float64 stays float64, other dtypes become float32 parameters), ``requires_grad`` and the
-    train/eval mode are kept.
+    train/eval mode are kept. Torch's ``eps`` must be > 0 (ValueError otherwise). A subclass
+    that overrides ``forward`` raises ValueError: what it computes is unknown. With
+    ``momentum=None``, torch counts an empty training batch in ``num_batches_tracked`` (the
+    next batch weighs less); the layer's debiased average steps only on batches with samples.
 
     Also takes batch norms fused with an activation, recognised by class name and attributes:
 
@@ -117,23 +125,46 @@ def _activated(module: nn.Module) -> ActivatedBatchNorm | None:
             "timm BatchNormAct2d / SyncBatchNormAct or inplace_abn ABN / InPlaceABN / "
             f"InPlaceABNSync. Received: {type(module).__name__}"
         )
+    if type(module).forward not in _TORCH_FORWARDS:
+        raise ValueError(
+            f"{type(module).__name__} is a torch batch norm subclass that overrides forward: what "
+            "it computes is unknown, and converting it as a plain batch norm would change its "
+            "outputs (a forward that always reads the running statistics, for one). Replace it "
+            "by hand, e.g. with a BatchNormalization(use_global_stats=True) holding its state. "
+            f"Received: {module!r}"
+        )
     return None
 
 
 def _layer_from(module: Any, activated: ActivatedBatchNorm | None) -> BatchNormalization:
     """The layer for a torch batch norm or an inplace_abn one (the same attributes)."""
     refuse_hooked_weights(module)
-    lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()  # type: ignore[no-untyped-call, misc]
-    present = [] if lazy else [t for t in (module.weight, module.running_mean) if t is not None]
+    # Torch turns a Lazy module into its eager class when it materialises: one still of a Lazy
+    # class has no channel count yet (affine=False, track_running_stats=False: not even an
+    # uninitialised tensor to show it).
+    lazy = isinstance(module, LazyModuleMixin)
+    present = [t for t in (module.weight, module.running_mean) if t is not None]
+    # An uninitialised tensor carries the dtype and device it will materialise with.
     reference = present[0] if present else None
-    if reference is None:  # a lazy module: its dtype is decided when it materialises
+    if reference is None:  # no tensor: the layer's default dtype
         dtype = None
     else:
         dtype = "float64" if reference.dtype == torch.float64 else "float32"
     device = reference.device if reference is not None else None
-    cumulative = module.momentum is None
-    if not cumulative:  # named as torch's, not as the complement the layer would report
+    if not float(module.eps) > 0.0:
+        raise ValueError(
+            f"The torch module's `eps` must be > 0 to convert: the layer's epsilon keeps a "
+            f"channel of constant values finite (torch's eps=0 gives NaN there). Received: "
+            f"eps={module.eps!r} in {module!r}"
+        )
+    # track_running_stats=False with running statistics kept (switched off after training):
+    # torch trains on batch statistics without updating them and normalises with them in eval,
+    # which is the ordinary layer with momentum 1 (the moving statistics never move).
+    kept = not module.track_running_stats and module.running_mean is not None
+    cumulative = module.momentum is None and not kept
+    if module.momentum is not None:  # named as torch's, not as the complement
         check_fraction(module.momentum, "momentum")
+    momentum = 1.0 if cumulative or kept else _complement(float(module.momentum))
     options: dict[str, Any] = {
         "synchronized": isinstance(module, nn.SyncBatchNorm),
         "process_group": getattr(module, "process_group", None),
@@ -142,13 +173,13 @@ def _layer_from(module: Any, activated: ActivatedBatchNorm | None) -> BatchNorma
     layer = BatchNormalization(
         None if lazy else module.num_features,
         axis=1,
-        momentum=1.0 if cumulative else _complement(float(module.momentum)),
+        momentum=momentum,
         epsilon=float(module.eps),
         center=module.affine,
         scale=module.affine,
         moving_variance_estimator="unbiased",
         moving_average="debiased" if cumulative else "ema",
-        use_global_stats=None if module.track_running_stats else False,
+        use_global_stats=None if module.track_running_stats or kept else False,
         dtype=dtype,
         device=device,
         **options,
@@ -211,12 +242,15 @@ def torch_incompatibilities(layer: BatchNormalization) -> list[str]:
         reasons.append("trainable=False (torch's train() would re-enable batch statistics)")
     if unfrozen_use_global_stats(layer) is True:
         reasons.append("use_global_stats=True (torch has no moving statistics in training)")
-    if layer.moving_average == "debiased" and layer.momentum != 1.0:
+    # use_global_stats=False becomes track_running_stats=False, which keeps no statistics:
+    # how the layer would average them does not matter.
+    averaging = unfrozen_use_global_stats(layer) is not False
+    if averaging and layer.moving_average == "debiased" and layer.momentum != 1.0:
         reasons.append(
             f"moving_average='debiased' with momentum={layer.momentum} (torch's momentum=None "
             "is the debiased average with momentum=1.0 only)"
         )
-    if not layer._stores_unbiased_variance():
+    if averaging and not layer._stores_unbiased_variance():
         reasons.append(
             "the moving variance is stored biased (torch stores the unbiased one); pass "
             "moving_variance_estimator='unbiased'"
