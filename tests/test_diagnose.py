@@ -250,3 +250,26 @@ def test_diagnose_copies_a_model_whose_hooks_keep_computed_weights(wrap):
     assert [layer.name for layer in report.layers] == ["1"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_in_place_layers_are_measured_on_their_input_and_leave_the_data_as_it_was():
+    torch.manual_seed(0)
+    data = [torch.randn(16, 3, 6, 6) * 2 + 3]
+    kept = data[0].clone()
+    measured = {}
+    for memory in ("default", "in_place"):
+        torch.manual_seed(1)
+        model = nn.Sequential(
+            nn.Flatten(start_dim=2),
+            BatchNormalization(
+                3, axis=1, activation="leaky_relu", activation_param=0.1, memory=memory
+            ),
+        )
+        recalibrate(model, data)
+        torch.testing.assert_close(data[0], kept, rtol=0, atol=0)  # not overwritten
+        report = diagnose(model.eval(), data, steps=10**6)
+        torch.testing.assert_close(data[0], kept, rtol=0, atol=0)
+        (layer,) = report.layers
+        measured[memory] = (layer.mean_shift, layer.variance_ratio, layer.problems)
+    assert measured["in_place"][:2] == pytest.approx(measured["default"][:2])
+    assert measured["in_place"][2] == measured["default"][2] == []

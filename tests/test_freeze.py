@@ -207,3 +207,69 @@ def test_convert_keeps_a_frozen_batch_norm_frozen(start, affine):
     assert all(p.requires_grad for p in converted[1].parameters())
     converted(x)  # training again: the statistics move
     assert not torch.equal(statistics[0], next(converted[1].buffers()))
+
+
+class _Positive(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.abs() + 0.1
+
+
+def test_a_parametrized_torch_batch_norm_freezes_unfreezes_and_keeps_its_parametrization():
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    bn(torch.randn(8, 3, 4, 4) * 2 + 1)
+    parametrize.register_parametrization(bn, "weight", _Positive())
+    x = torch.randn(4, 3, 4, 4)
+    expected = copy.deepcopy(bn).eval()(x)
+    freeze(bn).train()
+    assert parametrize.is_parametrized(bn, "weight")
+    torch.testing.assert_close(bn(x), expected, rtol=0, atol=0)
+    unfreeze(bn)
+    assert isinstance(bn, nn.BatchNorm2d) and not is_frozen(bn)
+    assert parametrize.is_parametrized(bn, "weight")
+    assert bn.parametrizations.weight.original.requires_grad
+
+
+def test_unfreeze_after_a_parametrization_registered_on_the_frozen_module():
+    from torch.nn.utils import parametrize
+
+    bn = freeze(nn.BatchNorm2d(3))
+    parametrize.register_parametrization(bn, "weight", _Positive())
+    unfreeze(bn)
+    assert parametrize.is_parametrized(bn, "weight") and not is_frozen(bn)
+    assert bn.parametrizations.weight.original.requires_grad  # the frozen flag undone
+    bn.train()(torch.randn(4, 3, 2, 2))  # weight still computed by the parametrization
+
+
+def test_convert_to_torch_of_a_frozen_parametrized_layer_keeps_both():
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(BatchNormalization(4, axis=1, moving_variance_estimator="unbiased"))
+    parametrize.register_parametrization(model[0], "gamma", _Positive())
+    x = torch.randn(2, 4, 3, 3)
+    expected = model.eval()(x)
+    freeze(model)
+    batchnorm.convert(model, to="torch")
+    assert parametrize.is_parametrized(model[0], "weight") and is_frozen(model[0])
+    torch.testing.assert_close(model.train()(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.BatchNorm1d(3), lambda: BatchNormalization(3)])
+def test_freeze_drops_leftover_gradients_so_no_optimizer_moves_gamma(make):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), make(), nn.Linear(3, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    model(torch.randn(8, 4)).sum().backward()
+    optimizer.step()
+    model(torch.randn(8, 4)).sum().backward()  # a gradient left on gamma and beta
+    freeze(model)
+    before = [p.detach().clone() for p in model[1].parameters()]
+    for _ in range(3):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        model(torch.randn(8, 4)).sum().backward()
+    for old, new in zip(before, model[1].parameters(), strict=True):
+        torch.testing.assert_close(new, old, rtol=0, atol=0)

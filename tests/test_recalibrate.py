@@ -341,3 +341,32 @@ def test_progress_bar_draws_only_on_a_terminal(capsys, monkeypatch):
     assert sys.stderr.getvalue() == ""
     recalibrate(trained_net(), [torch.randn(4, 4)] * 3, progress=True)
     assert "3/3" in sys.stderr.getvalue()
+
+
+def test_a_layer_not_yet_built_is_recalibrated_as_its_training_calls_see_the_batches():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 3, 3) * 2 + 1
+    mask = torch.zeros(8, 4, 3)
+    mask[:4] = 1
+    trained = BatchNormalization(4, axis=1, momentum=0.0)
+    with pytest.warns(UserWarning, match="mask"):
+        trained(x, training=True, mask=mask)  # fused (rank 4, axis 1): the mask is ignored
+    fresh = BatchNormalization(4, axis=1)
+    with pytest.warns(UserWarning, match="mask"):
+        recalibrate(fresh, [(x, mask), (x, mask)], forward=lambda m, b: m(b[0], mask=b[1]))
+    torch.testing.assert_close(fresh.moving_mean, trained.moving_mean, rtol=1e-6, atol=1e-6)
+    debiased = BatchNormalization(axis=1, moving_average="debiased", momentum=0.9)
+    recalibrate(nn.Sequential(nn.LazyBatchNorm1d(), debiased), [x[:, :, 0] for _ in range(3)])
+    assert float(debiased.moving_average_weight) == 0.0  # as built: the pass steps nothing
+
+
+def test_an_in_place_layer_does_not_overwrite_the_batches():
+    torch.manual_seed(0)
+    data = [torch.randn(8, 12) * 3 + 2 for _ in range(2)]
+    kept = [d.clone() for d in data]
+    model = nn.Sequential(BatchNormalization(12, memory="in_place"), nn.Linear(12, 2))
+    recalibrate(model, data)
+    for batch, original in zip(data, kept, strict=True):
+        torch.testing.assert_close(batch, original, rtol=0, atol=0)
+    expected = torch.cat(kept).mean(0)
+    torch.testing.assert_close(model[0].moving_mean, expected, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from batchnorm.layers import BatchNormalization
 
@@ -58,6 +59,24 @@ _FROZEN_CLASSES: dict[type, type] = {
 }
 
 
+def plain_class(module: nn.Module) -> type:
+    """``module``'s class without the subclass torch.nn.utils.parametrize generates over it."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def swap_class(module: nn.Module, new_class: type) -> None:
+    """Give ``module`` the class ``new_class``, under the generated subclass of a parametrized
+    module (whose properties compute the parametrized tensors: assigning ``new_class`` alone
+    dropped them, and ``weight`` was gone)."""
+    if not parametrize.is_parametrized(module):
+        module.__class__ = new_class
+        return
+    generated = type(module)
+    namespace = {k: v for k, v in vars(generated).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(f"Parametrized{new_class.__name__}", (new_class,), namespace)
+
+
 def is_frozen_torch_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, _FrozenStatistics)
 
@@ -90,7 +109,7 @@ def carry_freeze(source: nn.Module, target: nn.Module, torch_class: type | None 
         else:
             assert torch_class is not None
             carried["class"] = torch_class
-            target.__class__ = _FROZEN_CLASSES[torch_class]
+            swap_class(target, _FROZEN_CLASSES[torch_class])
     setattr(target, _STATE, carried)
 
 

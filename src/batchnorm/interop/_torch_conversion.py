@@ -33,7 +33,12 @@ from batchnorm.interop._activation_conversion import (
     is_activated_batch_norm,
     torch_activation,
 )
-from batchnorm.interop._frozen_batch_norm import carry_freeze, unfrozen_use_global_stats
+from batchnorm.interop._frozen_batch_norm import (
+    carry_freeze,
+    is_frozen_torch_batch_norm,
+    plain_class,
+    unfrozen_use_global_stats,
+)
 from batchnorm.interop._module_places import module_places
 from batchnorm.interop._rerouting_conversion import (
     carry_hooks,
@@ -125,7 +130,7 @@ def _activated(module: nn.Module) -> ActivatedBatchNorm | None:
             "timm BatchNormAct2d / SyncBatchNormAct or inplace_abn ABN / InPlaceABN / "
             f"InPlaceABNSync. Received: {type(module).__name__}"
         )
-    if type(module).forward not in _TORCH_FORWARDS:
+    if type(module).forward not in _TORCH_FORWARDS and not is_frozen_torch_batch_norm(module):
         raise ValueError(
             f"{type(module).__name__} is a torch batch norm subclass that overrides forward: what "
             "it computes is unknown, and converting it as a plain batch norm would change its "
@@ -346,7 +351,7 @@ def _torch_batch_norm(
         )
         _copy_state(module, layer, to_layer=False)
         carry_rerouting(layer, module, [(ours, theirs) for theirs, ours in _NAME_PAIRS[:2]])
-    carry_freeze(layer, module, type(module))
+    carry_freeze(layer, module, plain_class(module))
     module.train(layer.training)
     return module
 

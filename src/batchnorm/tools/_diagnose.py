@@ -184,6 +184,8 @@ def _train_inference_gap(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
     clone = model_copy(module)
     if isinstance(clone, BatchNormalization):
         mask = args[2] if len(args) > 2 else kwargs.get("mask")
+        if clone.memory == "in_place":  # its training call writes over the layer's real input
+            x = x.clone()
         y_inference = clone.forward(x, training=False, mask=mask)
         y_train = clone.forward(x, training=True, mask=mask)
     else:

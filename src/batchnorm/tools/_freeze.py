@@ -14,6 +14,8 @@ from batchnorm.interop._frozen_batch_norm import (  # the classes keep this impo
     _STATE,
     is_frozen,
     is_frozen_torch_batch_norm,
+    plain_class,
+    swap_class,
 )
 from batchnorm.interop._frozen_batch_norm import FrozenBatchNorm1d as FrozenBatchNorm1d
 from batchnorm.interop._frozen_batch_norm import FrozenBatchNorm2d as FrozenBatchNorm2d
@@ -128,10 +130,10 @@ def _check_freezable(name: str, module: nn.Module) -> None:
             "has no running statistics (track_running_stats=False or not initialised). Use "
             "freeze(model, statistics=False) to freeze only gamma/beta."
         )
-    if type(module) not in _FROZEN_CLASSES and not is_frozen_torch_batch_norm(module):
+    if plain_class(module) not in _FROZEN_CLASSES and not is_frozen_torch_batch_norm(module):
         raise ValueError(
             f"Cannot freeze the statistics of {display_name(name)}: class "
-            f"{type(module).__qualname__} is not one of torch.nn.BatchNorm1d/2d/3d or "
+            f"{plain_class(module).__qualname__} is not one of torch.nn.BatchNorm1d/2d/3d or "
             "SyncBatchNorm."
         )
 
@@ -143,13 +145,17 @@ def _freeze_module(module: nn.Module, *, statistics: bool, affine: bool) -> None
             state["use_global_stats"] = module.use_global_stats
             module.use_global_stats = True
         elif not is_frozen_torch_batch_norm(module):
-            state["class"] = type(module)
-            module.__class__ = _FROZEN_CLASSES[type(module)]
+            state["class"] = plain_class(module)
+            swap_class(module, _FROZEN_CLASSES[state["class"]])
     if affine:
         named = named_affine_parameters(module)
         state["requires_grad"] = {path: p.requires_grad for path, p in named}
         for _, parameter in named:
             parameter.requires_grad_(False)
+            # A gradient left from before would still move it: optimizers step every
+            # parameter with a .grad (zero_grad(set_to_none=False) keeps one, momentum and
+            # weight decay act on a zero one).
+            parameter.grad = None
     setattr(module, _STATE, state)
 
 
@@ -160,6 +166,26 @@ def _unfreeze_module(module: nn.Module) -> None:
     if "use_global_stats" in state:
         module.use_global_stats = state["use_global_stats"]
     if "class" in state:
-        module.__class__ = state["class"]
+        swap_class(module, state["class"])
     for path, requires_grad in state.get("requires_grad", {}).items():
-        module.get_parameter(path).requires_grad_(requires_grad)
+        parameter = _parameter_now(module, path)
+        if parameter is not None:
+            parameter.requires_grad_(requires_grad)
+
+
+def _parameter_now(module: nn.Module, path: str) -> nn.Parameter | None:
+    """The parameter frozen at ``path``, where it is now: a parametrization registered or
+    removed since moves it between ``weight`` and ``parametrizations.weight.original``; None
+    if it is gone."""
+    prefix, suffix = "parametrizations.", ".original"
+    moved = (
+        path[len(prefix) : -len(suffix)]
+        if path.startswith(prefix) and path.endswith(suffix)
+        else f"{prefix}{path}{suffix}"
+    )
+    for candidate in (path, moved):
+        try:
+            return module.get_parameter(candidate)
+        except AttributeError:
+            continue
+    return None

@@ -200,11 +200,18 @@ def collect_population_statistics(
     smallest: dict[str, int] = {}
     first_batch = [True]
 
-    def pre_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def pre_hook(name: str) -> Callable[..., tuple[tuple, dict] | None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             x = args[0] if args else kwargs.get("x", kwargs.get("input"))
             if not isinstance(x, torch.Tensor) or x.ndim == 0:
-                return
+                return None
+            if isinstance(module, BatchNormalization):
+                # What its first call is about to do (idempotent after it): weights for a lazy
+                # layer, and the fused path decided for fused=None (a mask counts or not).
+                module.build(x.shape)
+            # A lazy layer has materialised by now (torch's own pre-hook ran first): its
+            # buffers as built are what to restore, not what the first batch made of them.
+            saved[name].update(_buffer_copies(module, exclude=saved[name]))
             if observe is not None and first_batch[0]:
                 observe(name, module, args, kwargs)
             axes = bn.channel_axes(module, x.ndim)
@@ -215,18 +222,19 @@ def collect_population_statistics(
             if isinstance(module, BatchNormalization) and module.virtual_batch_size:
                 batch = min(batch, module.virtual_batch_size)
             smallest[name] = min(smallest.get(name, batch), batch)
+            if isinstance(module, BatchNormalization) and module.memory == "in_place":
+                # Its training call writes over its input: give it a copy, so that the
+                # caller's batch (or the activation a later module reads) stays as it was.
+                if args:
+                    return (x.clone(), *args[1:]), kwargs
+                key = "x" if "x" in kwargs else "input"
+                return args, {**kwargs, key: x.clone()}
+            return None
 
         return hook
 
     modes = {module: module.training for module in model.modules()}
-    saved = {
-        name: {
-            k: v.clone()
-            for k, v in module._buffers.items()
-            if v is not None and not nn.parameter.is_lazy(v)
-        }
-        for name, module in layers
-    }
+    saved = {name: _buffer_copies(module) for name, module in layers}
     handles = []
     for name, module in layers:
         handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
@@ -258,9 +266,20 @@ def collect_population_statistics(
     return PopulationPass(totals, count, smallest)
 
 
+def _buffer_copies(module: nn.Module, exclude: Mapping[str, Any] = {}) -> dict[str, torch.Tensor]:
+    """Copies of ``module``'s materialised buffers (lazy ones have no values yet), but those
+    named in ``exclude``."""
+    return {
+        k: v.clone()
+        for k, v in module._buffers.items()
+        if v is not None and not nn.parameter.is_lazy(v) and k not in exclude
+    }
+
+
 def _mask_weights(
     module: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor, axes: tuple[int, ...]
 ) -> torch.Tensor | None:
+    # The hook has built the layer: ``fused`` is decided (before, None read as not fused).
     if not isinstance(module, BatchNormalization) or module.fused:
         return None  # a fused layer ignores masks, as tf-keras does
     mask = args[2] if len(args) > 2 else kwargs.get("mask")
