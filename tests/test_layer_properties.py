@@ -988,3 +988,73 @@ def test_an_in_place_operation_after_a_channels_last_layer_runs(shape, dtype, mo
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     for ours, expected in zip(*results, strict=True):
         torch.testing.assert_close(ours, expected, rtol=tolerance, atol=tolerance)
+
+
+def _stored_variances(layer: BatchNormalization, x: torch.Tensor) -> torch.Tensor:
+    layer(x, training=True)
+    return layer.moving_variance.detach().clone()
+
+
+def test_fused_assigned_after_construction_is_kept_by_the_config_and_resolved_on_a_built_layer():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 2)
+    biased = x.var((0, 2, 3), unbiased=False)
+    unbiased = x.var((0, 2, 3), unbiased=True)
+    layer = BatchNormalization(axis=1, momentum=0.0)
+    layer.fused = False  # before the build: the non-fused path, the biased variance
+    torch.testing.assert_close(_stored_variances(layer, x), biased)
+    assert layer.get_config()["fused"] is False
+    copy_ = BatchNormalization.from_config(layer.get_config())
+    torch.testing.assert_close(_stored_variances(copy_, x), biased)
+    layer.fused = None  # tf-keras' automatic choice for rank 4, axis 1: fused (unbiased)
+    assert layer.fused is True and "fused" not in layer.get_config()
+    torch.testing.assert_close(_stored_variances(layer, x), unbiased)
+    dense = BatchNormalization(momentum=0.0)
+    dense(torch.randn(8, 3), training=True)
+    with pytest.raises(ValueError, match="only support 4D or 5D"):
+        dense.fused = True  # tf-keras' build refuses fused=True on rank 2
+    assert dense.fused is False
+
+
+def test_synchronized_assigned_before_the_build_takes_the_non_fused_path():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 2)
+    layer = BatchNormalization(axis=1, momentum=0.0)
+    layer.synchronized = True  # as the constructor's synchronized=True: fused=False
+    torch.testing.assert_close(_stored_variances(layer, x), x.var((0, 2, 3), unbiased=False))
+    assert layer.fused is False
+
+
+@pytest.mark.parametrize(
+    ("name", "l1", "l2"),
+    # tf-keras 2.20.1: "l1_l2" is its l1_l2() function (0.01 each); "L1L2" the class (0 each),
+    # as Keras 3.15.1 reads "L1L2" and "l1l2".
+    [("l1_l2", 0.01, 0.01), ("L1L2", 0.0, 0.0), ("l1l2", 0.0, 0.0)],
+)
+def test_regularizer_names_resolve_as_keras_resolves_them(name, l1, l2):
+    layer = BatchNormalization(4, gamma_regularizer=name)
+    with torch.no_grad():
+        layer.gamma.fill_(2.0)
+    (loss,) = layer.losses
+    assert float(loss.detach()) == pytest.approx(l1 * 8.0 + l2 * 16.0)
+
+
+@pytest.mark.parametrize(
+    ("alias", "class_name"),
+    [("zero", "Zeros"), ("one", "Ones"), ("normal", "RandomNormal"), ("uniform", "RandomUniform")],
+)
+def test_keras_short_initializer_names_are_taken(alias, class_name):
+    layer = BatchNormalization(64, gamma_initializer=alias)
+    assert layer.get_config()["gamma_initializer"]["class_name"] == class_name
+    gamma = layer.gamma.detach()
+    if alias in ("zero", "one"):
+        assert torch.equal(gamma, torch.full_like(gamma, float(alias == "one")))
+    else:  # Keras' defaults: stddev 0.05, range [-0.05, 0.05]
+        assert 0 < float(gamma.abs().max()) < (0.3 if alias == "normal" else 0.05)
+
+
+def test_compute_output_shape_is_the_input_shape():
+    layer = BatchNormalization(axis=1)
+    assert layer.compute_output_shape((None, 4, 3)) == (None, 4, 3)
+    with pytest.raises(ValueError, match="channel axis"):
+        layer.compute_output_shape((None, None, 3))

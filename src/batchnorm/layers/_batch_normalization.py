@@ -577,7 +577,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if "built" in self.__dict__:  # constructed: a setting is checked as the constructor does
-            value = checked_setting(self, name, value)
+            given, value = value, checked_setting(self, name, value)
+            if name == "fused":  # get_config writes the argument, not the path it resolved to
+                self.__dict__["_fused_argument"] = None if given is None else bool(given)
         # Any setting may change what a call does: the shortcut is rebuilt on the next call.
         self.__dict__.pop("_direct_calls", None)
         super().__setattr__(name, value)
@@ -633,6 +635,13 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
 
     def _weight_names(self) -> list[str]:
         return weight_names(self)
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        """Keras' ``compute_output_shape``: the input's shape (None where a size is unknown),
+        checked as :meth:`build` checks it."""
+        sizes = build_input_shape(input_shape, self.axis)
+        given = list(input_shape)
+        return tuple(None if g is None else size for g, size in zip(given, sizes, strict=True))
 
     def get_weights(self) -> list[np.ndarray]:
         """NumPy copies in tf-keras order and shapes: gamma, beta, moving_mean, moving_variance[, renorm]."""

@@ -275,6 +275,15 @@ _REGISTRY: dict[str, type[KerasObject]] = {
 }
 
 
+# Keras' short names (tf-keras and Keras 3 both take them).
+_ALIASES: dict[str, type[KerasObject]] = {
+    "zero": Zeros,
+    "one": Ones,
+    "normal": RandomNormal,
+    "uniform": RandomUniform,
+}
+
+
 def get(identifier: Any, *, argument: str = "initializer") -> Callable[..., torch.Tensor]:
     """Resolve an initializer name, Keras dict or callable; ``None`` is an error here."""
     if identifier is None:
@@ -283,7 +292,7 @@ def get(identifier: Any, *, argument: str = "initializer") -> Callable[..., torc
             f"Received: {argument}=None"
         )
     initializer: Callable[..., torch.Tensor] = resolve(
-        identifier, _REGISTRY, kind="initializer", argument=argument
+        identifier, {**_REGISTRY, **_ALIASES}, kind="initializer", argument=argument
     )
     return initializer
 

@@ -49,6 +49,7 @@ class BuildingLayer(TensorOwner, Protocol):
     axis: list[int] | int
     fused: bool | None
     virtual_batch_size: int | None
+    synchronized: bool
     built: bool
     moving_mean: torch.Tensor
     dtype_policy: DTypePolicy
@@ -193,6 +194,8 @@ def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]
             f"{rank})"
         )
     fused = resolve_fused_at_build(layer.fused, axes, rank)
+    if layer.fused is None and layer.synchronized:  # synchronized set after construction
+        fused = False
     channel_shape = tuple(input_shape[a] for a in axes)
     if 0 in channel_shape:  # as num_features=0 and load_state_dict refuse them
         raise ValueError(
@@ -214,7 +217,9 @@ def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]
         setting = layer.moving_variance_estimator
         raise ValueError(estimator_mismatch(layer.name, setting, stored, loaded))
     materialized = [] if layer.built else layer._create_weights(channel_shape, keras_shape)
-    layer.fused, layer._axes, layer._input_rank = fused, axes, rank
+    # The resolved path, not an argument (the setter would record it as one for get_config).
+    vars(layer)["fused"] = fused
+    layer._axes, layer._input_rank = axes, rank
     # Keras keeps the order the user gave, with negative axes made positive.
     layer.axis = [a % rank for a in check_axis_type(layer.axis)]
     for name in ("_loaded_estimator", "_initialize_hook", "_load_hook"):

@@ -31,7 +31,7 @@ from batchnorm.functional._validation import (
 from batchnorm.layers import _constraints as constraints
 from batchnorm.layers import _initializers as initializers
 from batchnorm.layers import _regularizers as regularizers
-from batchnorm.layers._fused import fused_unsupported_reason
+from batchnorm.layers._fused import fused_unsupported_reason, resolve_fused_at_build
 from batchnorm.layers._layer_arguments import (
     MovingAverage,
     MovingVarianceEstimator,
@@ -54,6 +54,7 @@ class SettingsLayer(Protocol):
     synchronized: bool
     process_group: Any
     _input_rank: int | None
+    _axes: tuple[int, ...] | None
     dtype_policy: Any
 
 
@@ -106,9 +107,13 @@ def _adjustment(layer: SettingsLayer, value: Any) -> Any:
 
 
 def _fused(layer: SettingsLayer, value: Any) -> bool | None:
+    """The path for ``fused = value``: checked as the constructor checks it and, on a layer
+    built for inputs of one rank, resolved as the build resolves it (None: tf-keras' automatic
+    choice for that rank and axis, not the non-fused path; True on an input rank other than 4
+    or 5: refused, as tf-keras' build refuses it)."""
     if value is True and layer.synchronized:
         check_synchronized(True, layer.process_group, True)
-    return check_fused(
+    fused = check_fused(
         value,
         axis=layer.axis,
         renorm=layer.renorm,
@@ -116,6 +121,12 @@ def _fused(layer: SettingsLayer, value: Any) -> bool | None:
         adjustment_given=layer.adjustment is not None,
         compute_dtype=layer.dtype_policy.compute_dtype,
     )
+    rank, axes = layer._input_rank, layer._axes
+    if rank is None or axes is None:
+        return fused
+    if fused is None and layer.synchronized:
+        return False  # as the constructor decides for a synchronized layer
+    return resolve_fused_at_build(fused, axes, rank)
 
 
 def _synchronized(layer: SettingsLayer, value: Any) -> bool:

@@ -67,8 +67,9 @@ _REGISTRY: dict[str, type[KerasObject]] = {"L1": L1, "L2": L2, "L1L2": L1L2}
 
 
 def get(identifier: Any, *, argument: str = "regularizer") -> Callable[..., torch.Tensor] | None:
-    if isinstance(identifier, str) and identifier.replace("_", "").lower() == "l1l2":
-        # tf-keras resolves this name to its l1_l2() function, whose defaults are 0.01 each.
+    if identifier == "l1_l2":
+        # tf-keras resolves this name to its l1_l2() function, whose defaults are 0.01 each;
+        # the class's names ("L1L2", "l1l2" in Keras 3) to the class, whose defaults are 0.
         return L1L2(l1=0.01, l2=0.01)
     regularizer: Callable[..., torch.Tensor] | None = resolve(
         identifier, _REGISTRY, kind="regularizer", argument=argument
