@@ -214,3 +214,18 @@ def test_a_computed_gamma_under_checkpointing_is_read_alive_by_the_backward(memo
 
     for ours, expected in zip(gradients(True), gradients(False), strict=True):
         torch.testing.assert_close(ours, expected)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_a_fresh_checkpointed_layer_compiles_with_fullgraph():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(5, 6), BatchNormalization(6), nn.Linear(6, 3))
+    twin = copy.deepcopy(body)
+    x = torch.randn(8, 5)
+    # The layer's first call under tracing cached its options in its __dict__: a side effect
+    # dynamo refuses inside the checkpoint's higher-order op.
+    compiled = torch.compile(lambda v: checkpoint(body, v, use_reentrant=False), fullgraph=True)
+    compiled(x).sum().backward()
+    twin(x).sum().backward()
+    torch.testing.assert_close(body[1].moving_mean, twin[1].moving_mean)
+    torch.testing.assert_close(body[1].gamma.grad, twin[1].gamma.grad, rtol=1e-5, atol=1e-6)

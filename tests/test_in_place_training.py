@@ -249,3 +249,51 @@ def test_in_place_elu_backward_through_saturated_outputs_is_finite(dtype, alpha,
             torch.testing.assert_close(
                 ours.float(), expected.float(), rtol=tolerance, atol=tolerance * 10
             )
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu", None])
+def test_in_place_double_backward_raises_on_every_path(activation):
+    torch.manual_seed(0)
+
+    def second_order(layer, x):
+        y = layer(x * 1, training=True)
+        (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        return torch.autograd.grad(dx.square().sum(), x)
+
+    def run():
+        layer = BatchNormalization(6, activation=activation, memory="in_place", dtype="float64")
+        x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(RuntimeError, match="no double backward"):
+            second_order(layer, x)
+        return []
+
+    torch_ops_and_kernels(run)  # the composed path's backward recorded a wrong graph
+    layer = BatchNormalization(axis=[1, 3], memory="in_place", dtype="float64")  # x copied
+    x = torch.randn(4, 3, 2, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        second_order(layer, x)
+
+
+def test_half_precision_in_place_on_the_torch_ops_overwrites_x_with_the_default_gradients():
+    from batchnorm.functional import register_backend
+    from batchnorm.functional._cpu_backend import NUMBA_CPU
+
+    torch.manual_seed(0)
+    source = torch.randn(16, 8, 4, 4) * 2 + 1
+    results = {}
+    register_backend("cpu", None)
+    try:
+        for memory in ("default", "in_place"):
+            torch.manual_seed(1)
+            layer = BatchNormalization(8, axis=1, activation="leaky_relu", memory=memory)
+            leaf = source.clone().requires_grad_()
+            x = leaf.to(torch.bfloat16)  # a non-leaf half input requiring grad
+            y = layer(x, training=True)
+            if memory == "in_place":
+                assert y.data_ptr() == x.data_ptr()  # written over x, not a float32 copy
+            y.float().mul(torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+            results[memory] = (y.detach().float(), leaf.grad, layer.gamma.grad, layer.beta.grad)
+    finally:
+        register_backend("cpu", NUMBA_CPU)
+    for ours, reference in zip(results["in_place"], results["default"], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2)

@@ -430,11 +430,22 @@ def batch_norm_step(
         if inside_channels is not None:
             scale, offset = (_full_rank(t, x.ndim) for t in (scale, offset))
 
+    # Under torch.func transforms and torch.compile the output is computed out of place, as with
+    # memory="default": the autograd.Function that overwrites x cannot run under the transforms
+    # (they need functions written with setup_context), nor can the checks read a wrapper's
+    # memory; and a compiled graph took the write under no_grad for an identity, so every
+    # gradient through the layer was wrong (gamma and beta got none).
+    in_place = (
+        options.in_place
+        and not torch._C._are_functorch_transforms_active()
+        and not torch.compiler.is_compiling()
+    )
     if (
         x.dtype in (torch.float16, torch.bfloat16)
         and isinstance(backend, TorchOpsBackend)
         and x.requires_grad
         and torch.is_grad_enabled()
+        and not in_place  # its backward rounds dx once; a float32 copy doubled its memory
     ):
         # The composed ops upcast in each pass (moments, normalisation): under autograd each
         # cast rounded its share of dx to half precision before the shares were added (masked
@@ -449,16 +460,6 @@ def batch_norm_step(
     empty = math.prod(x.shape) == 0
     y_train: torch.Tensor | None = None
     train_batch, expresses = (getattr(backend, name, None) for name in ("train_batch", "expresses"))
-    # Under torch.func transforms and torch.compile the output is computed out of place, as with
-    # memory="default": the autograd.Function that overwrites x cannot run under the transforms
-    # (they need functions written with setup_context), nor can the checks read a wrapper's
-    # memory; and a compiled graph took the write under no_grad for an identity, so every
-    # gradient through the layer was wrong (gamma and beta got none).
-    in_place = (
-        options.in_place
-        and not torch._C._are_functorch_transforms_active()
-        and not torch.compiler.is_compiling()
-    )
     if in_place:
         # A converted copy of x (another dtype) is overwritten instead of x itself.
         _check_in_place_call(x_given, axes, scale, options, training)

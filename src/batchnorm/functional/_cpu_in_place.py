@@ -34,7 +34,11 @@ from batchnorm.functional._cpu_plan import (
     storage_array,
     storageless,
 )
-from batchnorm.functional._in_place import grouped_in_place, in_place_gradients
+from batchnorm.functional._in_place import (
+    grouped_in_place,
+    in_place_gradients,
+    refuse_double_backward,
+)
 from batchnorm.kernels._elementwise import NO_ACTIVATION
 
 
@@ -133,11 +137,7 @@ class _InPlaceKernels(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         y, scale, offset = ctx.saved_tensors  # checks that y was not modified since
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "memory='in_place' has no double backward (create_graph=True): its backward "
-                "works from the output alone. Use memory='default'."
-            )
+        refuse_double_backward()
         if storageless(grad):
             raise RuntimeError(
                 "memory='in_place' has no batched backward (torch.autograd.functional's "

@@ -95,7 +95,8 @@ def step_options(layer: SteppingLayer) -> BatchNormOptions:
     if cached is not None and cached[0] == settings:
         return cached[1]  # type: ignore[no-any-return]
     options = BatchNormOptions(*settings)
-    vars(layer)["_options"] = (settings, options)
+    if not torch.compiler.is_compiling():  # a traced write to the module's __dict__ is a
+        vars(layer)["_options"] = (settings, options)  # side effect dynamo refuses (checkpoint)
     return options
 
 
