@@ -806,8 +806,9 @@ def test_each_layer_gets_its_own_weights_and_config_where_names_do_not_say(file,
     [
         ("tfk_time_distributed.h5", None),
         ("k3_time_distributed.keras", None),
-        # weights only: layers come in group-name order, so they are paired by name
+        # weights only: layers come in group-name order, so they are paired by name or path
         ("k3_time_distributed.weights.h5", {"td_bn": "wrapped", "after": "after"}),
+        ("k3_time_distributed.weights.h5", {"td/td_bn": "wrapped", "after": "after"}),
     ],
 )
 def test_time_distributed_model_reproduces_the_keras_output(file, mapping, arrays):
@@ -1086,3 +1087,262 @@ def test_a_mismatch_suggests_configure_only_when_it_was_not_passed(configure):
     message = str(error.value)
     assert ("Pass configure=True" in message) is not configure
     assert "strict=False to load what fits" in message
+
+
+# ------------------------- nested models in weights-only files, batch norms built in build()
+# tools/make_keras3_golden.py --only nested (keras_nested.json / .npz): outer = [enc = [s2 =
+# [Dense "dd", BN "bn"], BN "bn"], BN "bn"] as k3_deep.keras, k3_deep.weights.h5 and tf-keras'
+# tfk_deep.weights.h5; tf-keras .h5 files of BNs built in an RNN cell's and a custom layer's
+# build() (tfk_cell.h5, tfk_cell_weights.h5). Every BN has its own random weights.
+NESTED = json.loads((GOLDEN / "keras_nested.json").read_text())["files"]
+# Group-name order in the weights-only files; tf-keras writes no names, its groups stand in.
+DEEP_PATHS = {
+    "k3_deep.keras": ["enc/s2/bn", "enc/bn", "bn"],
+    "k3_deep.weights.h5": ["bn", "enc/bn", "enc/s2/bn"],
+    "tfk_deep.weights.h5": [
+        "batch_normalization",
+        "sequential/batch_normalization",
+        "sequential/sequential/batch_normalization",
+    ],
+}
+CELL_PATHS = ["bidir/forward_rnn/bn_cell", "bidir/backward_rnn/bn_cell", "block", "bn_end"]
+
+
+@pytest.fixture(scope="module")
+def nested_arrays() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / "keras_nested.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+def nested_source(file: str) -> str:
+    return NESTED[file].get("arrays_of", file)
+
+
+def deep_where(file: str, path: str) -> str:
+    """Our path -> the generator's path of the layer (tf-keras' group names -> Keras names)."""
+    if file.startswith("tfk_"):
+        return DEEP_PATHS["k3_deep.keras"][::-1][DEEP_PATHS[file].index(path)]
+    return path
+
+
+def assert_nested_weights(weights, nested_arrays, file: str, where: str) -> None:
+    """``weights`` (by Keras name) equal what Keras returned for the layer at ``where``."""
+    spec = next(s for s in NESTED[file]["batch_norm_layers"] if s["where"] == where)
+    assert list(weights) == spec["weight_names"]
+    for name in spec["weight_names"]:
+        expected = nested_arrays[f"{nested_source(file)}/{where}/{name}"]
+        np.testing.assert_array_equal(weights[name], expected, err_msg=f"{where} {name}")
+
+
+class DeepModel(nn.Module):
+    """The generator's deep model in torch: Dense "dd", then the three batch norms in call
+    order, each with the epsilon Keras gave it."""
+
+    def __init__(self, nested_arrays, file: str):
+        super().__init__()
+        self.dd = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.dd.weight.copy_(torch.tensor(nested_arrays[f"{nested_source(file)}/dd_0"]).T)
+            self.dd.bias.copy_(torch.tensor(nested_arrays[f"{nested_source(file)}/dd_1"]))
+        self.s2_bn = BatchNormalization.like("keras3", 3, epsilon=0.1)
+        self.enc_bn = BatchNormalization.like("keras3", 3, epsilon=0.01)
+        self.outer_bn = BatchNormalization.like("keras3", 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outer_bn(self.enc_bn(self.s2_bn(self.dd(x))))
+
+
+def deep_mapping(file: str) -> dict[str, str]:
+    modules = {"enc/s2/bn": "s2_bn", "enc/bn": "enc_bn", "bn": "outer_bn"}
+    return {path: modules[deep_where(file, path)] for path in DEEP_PATHS[file]}
+
+
+@pytest.mark.parametrize("file", list(DEEP_PATHS))
+def test_nested_models_layers_are_named_by_their_path_in_a_weights_file(file, nested_arrays):
+    """Every layer of a Keras 3 .weights.h5 was named "bn" (every one of tf-keras' own
+    "batch_normalization"), whatever model held it: each now has a path, the one the .keras
+    file gives where the file writes names, with the weights Keras saved for that layer."""
+    layers = read_batch_norm_layers(GOLDEN / file)
+    assert [layer.path for layer in layers] == DEEP_PATHS[file]
+    for layer in layers:
+        assert_nested_weights(layer.weights, nested_arrays, file, deep_where(file, layer.path))
+        assert (layer.config is None) is file.endswith(".weights.h5")
+
+
+@pytest.mark.parametrize(
+    "file", ["k3_deep.weights.h5", "tfk_deep.weights.h5", "k3_time_distributed.weights.h5"]
+)
+def test_a_weights_file_with_nested_models_or_wrappers_is_not_paired_by_order(file):
+    """Its groups come in name order ("bn" of the outer model before enc's, "after" before the
+    TimeDistributed layer): by order, the layers loaded into each other's modules, all reported
+    "loaded". Now nothing changes, and the error lists the paths `mapping` takes."""
+    model = nn.Sequential(*(BatchNormalization(3) for _ in range(3 if "deep" in file else 2)))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"records no layer order.*Pass `mapping`") as error:
+        load_weights(model, GOLDEN / file, configure=True, strict=False)
+    assert_unchanged(model, before)
+    for layer in read_batch_norm_layers(GOLDEN / file):
+        assert repr(layer.path) in str(error.value)
+
+
+@pytest.mark.parametrize("file", list(DEEP_PATHS))
+def test_nested_models_weights_load_by_path_and_reproduce_the_keras_output(file, nested_arrays):
+    """Mapped by the paths the reader gives, every module gets its own layer's weights and the
+    torch model gives Keras' inference output; the .keras file also pairs by order."""
+    for mapping in [deep_mapping(file)] + ([None] if file.endswith(".keras") else []):
+        model = DeepModel(nested_arrays, file)
+        report = load_weights(model, GOLDEN / file, mapping=mapping)
+        assert report.ok and [entry.status for entry in report] == ["loaded"] * 3
+        for module_name, where in (("s2_bn", "enc/s2/bn"), ("enc_bn", "enc/bn"), ("bn", "bn")):
+            module = getattr(model, "outer_bn" if module_name == "bn" else module_name)
+            weights = dict(zip(module._weight_names(), module.get_weights(), strict=True))
+            assert_nested_weights(weights, nested_arrays, file, where)
+        model.eval()
+        with torch.no_grad():
+            y = model(torch.tensor(nested_arrays[f"{nested_source(file)}/x"]))
+        assert_close(y, nested_arrays[f"{nested_source(file)}/y"], 1e-5, f"output, {mapping}")
+
+
+@pytest.mark.parametrize("file", ["k3_deep.weights.h5", "tfk_deep.weights.h5"])
+def test_a_name_in_mapping_is_a_path_first_and_shared_names_point_to_paths(
+    file, tmp_path, nested_arrays
+):
+    """mapping={"bn": ...} matched every layer named "bn" and the error asked for paths the
+    file did not have ("bn", "bn"). A key that is a layer's path names that layer (the outer
+    model's); without the outer layer, the name is shared and the error lists the paths, which
+    mapping then takes."""
+    import h5py
+
+    name = DEEP_PATHS[file][0]  # the outer model's layer: its path is its (group) name
+    model = nn.ModuleDict(
+        {key: BatchNormalization.like("keras3", 3) for key in ("first", "second")}
+    )
+    report = load_weights(model, GOLDEN / file, mapping={name: "first"})
+    assert [entry.status for entry in report] == ["loaded", "unused", "unused"]
+    weights = dict(zip(model["first"]._weight_names(), model["first"].get_weights(), strict=True))
+    assert_nested_weights(weights, nested_arrays, file, "bn")
+
+    inner_only = tmp_path / "inner_only.weights.h5"
+    inner_only.write_bytes((GOLDEN / file).read_bytes())
+    with h5py.File(inner_only, "r+") as handle:
+        del handle["layers/batch_normalization"]
+    shared = read_batch_norm_layers(inner_only)[0].name
+    with pytest.raises(ValueError, match=r"several layers of the file share") as error:
+        load_weights(model, inner_only, mapping={shared: "first"})
+    listed = str(error.value).split("share (")[1].split("); name")[0]
+    assert listed == repr({shared: DEEP_PATHS[file][1:]})
+    report = load_weights(
+        model, inner_only, mapping=dict(zip(DEEP_PATHS[file][1:], ("first", "second"), strict=True))
+    )
+    assert [entry.status for entry in report] == ["loaded", "loaded"]
+    for module, path in zip(("first", "second"), DEEP_PATHS[file][1:], strict=True):
+        weights = dict(zip(model[module]._weight_names(), model[module].get_weights(), strict=True))
+        assert_nested_weights(weights, nested_arrays, file, deep_where(file, path))
+
+
+def test_a_layer_named_twice_in_mapping_is_refused():
+    """By name and by path, one layer into two modules: the path used to win silently."""
+    model = nn.ModuleDict({"first": BatchNormalization(3), "second": BatchNormalization(3)})
+    with pytest.raises(ValueError, match=r"names Keras layers \['td/td_bn'\] twice"):
+        load_weights(
+            model,
+            GOLDEN / "k3_time_distributed.weights.h5",
+            mapping={"td_bn": "first", "td/td_bn": "second"},
+        )
+
+
+@pytest.mark.parametrize("file", ["tfk_cell.h5", "tfk_cell_weights.h5"])
+def test_batch_norms_built_in_a_custom_layers_build_are_read(file, nested_arrays):
+    """tf-keras names the weights of a batch norm built in a custom layer's (or an RNN cell's)
+    build() in the holder's scope, beside its Dense weights (block/kernel:0, block/gamma:0):
+    those layers were dropped, and inspect found "no problem" in the one left."""
+    layers = read_batch_norm_layers(GOLDEN / file)
+    assert [layer.path for layer in layers] == CELL_PATHS
+    for layer in layers:
+        assert_nested_weights(layer.weights, nested_arrays, file, layer.path)
+        assert (layer.config is not None) is (file == "tfk_cell.h5" and layer.path == "bn_end")
+    model = nn.ModuleDict(
+        {"cell": BatchNormalization(2), "block": BatchNormalization(3, epsilon=0.1)}
+    )
+    mapping = {"bidir/backward_rnn/bn_cell": "cell", "block": "block"}
+    report = load_weights(model, GOLDEN / file, mapping=mapping, strict=False)
+    assert [entry.status for entry in report] == ["unused", "loaded", "loaded", "unused"]
+    for module_name, where in mapping.items():
+        module = model[where]
+        weights = dict(zip(module._weight_names(), module.get_weights(), strict=True))
+        assert_nested_weights(weights, nested_arrays, file, module_name)
+
+
+def test_inspect_lists_a_batch_norm_built_in_build(capsys):
+    from batchnorm.__main__ import main
+
+    main(["inspect", str(GOLDEN / "tfk_cell.h5")])
+    shown = capsys.readouterr().out
+    assert "4 layer(s)" in shown and "bidir/backward_rnn/bn_cell" in shown
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"moving_stddev": 3},  # one renorm weight of three
+        {"gamma": 4},  # a gamma of another shape
+    ],
+)
+def test_moving_statistics_beside_other_weights_that_are_no_batch_norm_are_skipped(tmp_path, extra):
+    """Only a complete set of batch-norm weights in a custom layer's scope is read as one."""
+    rng = np.random.default_rng(0)
+    block = {"kernel": rng.random((3, 3)), "moving_mean": rng.random(3)}
+    block["moving_variance"] = rng.random(3)
+    block.update({name: rng.random(size) for name, size in extra.items()})
+    path = write_tf_keras_weights(tmp_path / "w.h5", {"block": block, "bn": bn_weights(3)})
+    assert [layer.path for layer in read_batch_norm_layers(path)] == ["bn"]
+
+
+def test_tf_keras_weights_file_of_several_batch_norm_classes_is_not_paired_by_order(
+    custom_arrays,
+):
+    """Groups sort by class name first: batch_normalization, _1, then sync_batch_normalization,
+    though the sync layer sits between the two. By order, "last" loaded into the sync layer's
+    module and back; it is refused, and the paths load by mapping."""
+    file = GOLDEN / "tfk_native.weights.h5"
+    model = nn.Sequential(*(BatchNormalization() for _ in range(3)))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"records no layer order.*'sync_batch_normalization'"):
+        load_weights(model, file, strict=False)
+    assert_unchanged(model, before)
+    mapping = {"batch_normalization": "0", "sync_batch_normalization": "1"}
+    mapping["batch_normalization_1"] = "2"
+    report = load_weights(model, file, mapping=mapping, strict=False)  # variance rule unknown
+    assert [entry.status for entry in report] == ["loaded"] * 3
+    for layer, spec in zip(model, CUSTOM["tfk_native.keras"]["batch_norm_layers"], strict=True):
+        weights = dict(zip(layer._weight_names(), layer.get_weights(), strict=True))
+        for name in spec["weight_names"]:
+            expected = custom_arrays[f"tfk_native.keras/{spec['where']}/{name}"]
+            np.testing.assert_array_equal(weights[name], expected, err_msg=spec["where"])
+
+
+def test_a_weights_file_whose_batch_norms_share_one_nested_model_pairs_by_order(tmp_path):
+    """All in one layer list of a nested model (a backbone in a Sequential), the group names
+    give the layer order: pairing by order stays allowed, by their paths."""
+    import h5py
+
+    path = tmp_path / "backbone.weights.h5"
+    layers = [bn_weights(3, seed=seed) for seed in range(2)]
+    with h5py.File(path, "w") as handle:
+        handle.create_group("layers/functional/vars").attrs["name"] = "backbone"
+        for i, (name, weights) in enumerate(zip(("bn_a", "bn_b"), layers, strict=True)):
+            group = handle.create_group(
+                "layers/functional/layers/batch_normalization" + (f"_{i}" if i else "") + "/vars"
+            )
+            group.attrs["name"] = name
+            for j, value in enumerate(weights.values()):
+                group[str(j)] = value
+    model = nn.Sequential(BatchNormalization(3), BatchNormalization(3))
+    report = load_weights(model, path, configure=True)
+    assert [(entry.keras_name, entry.module_name) for entry in report] == [
+        ("backbone/bn_a", "0"),
+        ("backbone/bn_b", "1"),
+    ]
+    for module, weights in zip(model, layers, strict=True):
+        for got, want in zip(module.get_weights(), weights.values(), strict=True):
+            np.testing.assert_array_equal(got, want)

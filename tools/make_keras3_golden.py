@@ -5,10 +5,10 @@ ever a dependency of batchnorm):
 
     python3.11 -m venv /tmp/tfenv
     /tmp/tfenv/bin/pip install tensorflow-cpu==2.20.0 tf-keras==2.20.1 keras==3.15.1
-    KERAS_BACKEND=tensorflow /tmp/tfenv/bin/python tools/make_keras3_golden.py [--only custom]
+    KERAS_BACKEND=tensorflow /tmp/tfenv/bin/python tools/make_keras3_golden.py [--only custom|nested]
 
-It writes into tests/golden/ (with ``--only custom``, only the last item below, leaving the
-other files as they are):
+It writes into tests/golden/ (with ``--only custom`` or ``--only nested``, only that item
+below, leaving the other files as they are):
 
 - keras3_cases.json / keras3_cases.npz: Keras 3 ``BatchNormalization`` layers run for a few
   training steps (outputs, gradients, weights after every step) and then in inference.
@@ -30,6 +30,15 @@ other files as they are):
   SyncBatchNormalization and another fused layer, with the moving variances after one training
   step. The JSON gives every batch norm's weights (as Keras returned them, in the npz under
   ``<file>/<layer path>/<weight>``) and config, and an inference input/output pair.
+- keras_nested.json / keras_nested.npz (``--only nested``) and the files they describe: three
+  layers named "bn" at three depths of nested Sequential models (``enc/s2/bn``, ``enc/bn``,
+  ``bn``) as k3_deep.keras, k3_deep.weights.h5 (Keras 3) and tfk_deep.weights.h5 (tf-keras
+  2.13+'s ``.weights.h5``, which names no group); and tf-keras ``.h5`` files of batch norms built
+  in a custom layer's ``build()`` and in an RNN cell under Bidirectional (tfk_cell.h5,
+  tfk_cell_weights.h5), whose weights tf-keras names in the holder's scope. Each batch norm has
+  its own random weights (no training, so no optimizer state is saved); the JSON and npz are laid
+  out as keras_custom's, ``where`` being the layer's expected path, plus the Dense "dd" weights
+  of the deep model (``<file>/dd_<i>``).
 """
 
 from __future__ import annotations
@@ -440,12 +449,140 @@ def make_custom_files(arrays):
     return files
 
 
+# ------------------------------------- nested models and batch norms built in build()
+def deep_model(keras_module):
+    """outer = [enc = [s2 = [Dense "dd", BN "bn"], BN "bn"], BN "bn"], on (batch, 3): three
+    layers named "bn" at three depths, each with its own epsilon."""
+    layers = keras_module.layers
+    s2 = keras_module.Sequential(
+        [layers.Dense(3, name="dd"), layers.BatchNormalization(epsilon=0.1, name="bn")], name="s2"
+    )
+    enc = keras_module.Sequential(
+        [keras_module.Input((3,)), s2, layers.BatchNormalization(epsilon=0.01, name="bn")],
+        name="enc",
+    )
+    model = keras_module.Sequential(
+        [keras_module.Input((3,)), enc, layers.BatchNormalization(name="bn")], name="outer"
+    )
+    placed = [("enc/s2/bn", s2.layers[-1]), ("enc/bn", enc.layers[-1]), ("bn", model.layers[-1])]
+    return model, placed
+
+
+def cell_model():
+    """tf-keras: Bidirectional(RNN(cell)) -> Block -> BN "bn_end" on (batch, 3, 4), where the
+    cell and Block build their Dense and BatchNormalization in ``build()``, so tf-keras names the
+    batch norm's weights in their scope (``block/gamma:0`` beside ``block/kernel:0``)."""
+    tf_keras.backend.clear_session()
+    layers = tf_keras.layers
+    register = tf_keras.utils.register_keras_serializable("batchnorm_golden_nested")
+
+    @register
+    class BNCell(layers.Layer):
+        def __init__(self, units=2, **kwargs):
+            super().__init__(**kwargs)
+            self.units, self.state_size = units, units
+            self.dense = layers.Dense(units, name="cell_dense")
+            self.bn = layers.BatchNormalization(momentum=0.5, name="cell_bn")
+
+        def build(self, shape):
+            self.dense.build((shape[0], shape[-1] + self.units))
+            self.bn.build((shape[0], self.units))
+            self.built = True
+
+        def call(self, inputs, states, training=None):
+            joined = tf_keras.backend.concatenate([inputs, states[0]], axis=-1)
+            h = self.bn(self.dense(joined), training=training)
+            return h, [h]
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units}
+
+    @register
+    class Block(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = layers.Dense(3, name="block_dense")
+            self.bn = layers.BatchNormalization(epsilon=0.1, name="block_bn")
+
+        def build(self, shape):
+            self.dense.build(shape)
+            self.bn.build((*shape[:-1], 3))
+            super().build(shape)
+
+        def call(self, inputs, training=None):
+            return self.bn(self.dense(inputs), training=training)
+
+    x = tf_keras.Input((3, 4))
+    bidir = layers.Bidirectional(
+        layers.RNN(BNCell(2, name="bn_cell"), return_sequences=True), name="bidir"
+    )
+    block = Block(name="block")
+    end = layers.BatchNormalization(momentum=0.9, name="bn_end")
+    model = tf_keras.Model(x, end(block(bidir(x))))
+    placed = [
+        ("bidir/forward_rnn/bn_cell", bidir.forward_layer.cell.bn),
+        ("bidir/backward_rnn/bn_cell", bidir.backward_layer.cell.bn),
+        ("block", block.bn),
+        ("bn_end", end),
+    ]
+    return model, placed
+
+
+def set_distinct_weights(placed, rng):
+    """Every batch norm gets its own gamma, beta and moving statistics, so a layer loaded into
+    another's module shows."""
+    for _, layer in placed:
+        size = layer.get_weights()[0].shape
+        layer.set_weights(
+            [
+                1.0 + 0.3 * rng.standard_normal(size),
+                0.2 * rng.standard_normal(size),
+                rng.standard_normal(size),
+                rng.uniform(0.5, 1.5, size),
+            ]
+        )
+
+
+def make_nested_files(arrays):
+    rng = np.random.default_rng(SEED + 4)
+    files = {}
+    for keras_module, stem, suffixes in (
+        (keras, "k3_deep", (".keras", ".weights.h5")),
+        (tf_keras, "tfk_deep", (".weights.h5",)),  # tf-keras 2.13+'s Keras-3 layout, no names
+    ):
+        keras_module.backend.clear_session()  # group names sequential, sequential/sequential
+        keras_module.utils.set_random_seed(SEED)
+        model, placed = deep_model(keras_module)
+        set_distinct_weights(placed, rng)
+        for suffix in suffixes:
+            if suffix == ".keras":
+                model.save(OUT / f"{stem}{suffix}")
+            else:
+                model.save_weights(OUT / f"{stem}{suffix}")
+        key = stem + suffixes[0]
+        files[key] = record_placed(arrays, key, model, placed, rng, (3,))
+        for i, value in enumerate(model.get_layer("enc").get_layer("s2").layers[0].get_weights()):
+            arrays[f"{key}/dd_{i}"] = value
+        for suffix in suffixes[1:]:
+            files[f"{stem}{suffix}"] = {**files[key], "arrays_of": key}
+
+    tf_keras.utils.set_random_seed(SEED)
+    model, placed = cell_model()
+    set_distinct_weights(placed, rng)
+    model.save(OUT / "tfk_cell.h5")
+    model.save_weights(OUT / "tfk_cell_weights.h5")
+    files["tfk_cell.h5"] = record_placed(arrays, "tfk_cell.h5", model, placed, rng, (3, 4))
+    files["tfk_cell_weights.h5"] = {**files["tfk_cell.h5"], "arrays_of": "tfk_cell.h5"}
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--only",
-        choices=["custom"],
-        help="write only the custom-layer files (keras_custom.*), leaving the others as they are",
+        choices=["custom", "nested"],
+        help="write only the custom-layer files (keras_custom.*) or the nested-model files "
+        "(keras_nested.*), leaving the others as they are",
     )
     options = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -456,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         "tf_keras": tf_keras.__version__,
         "backend": keras.backend.backend(),
     }
-    if options.only != "custom":
+    if options.only is None:
         keras.utils.set_random_seed(SEED)
         rng = np.random.default_rng(SEED)
         arrays: dict[str, np.ndarray] = {}
@@ -472,13 +609,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         np.savez_compressed(OUT / "keras3_cases.npz", **arrays)
         print(f"wrote {len(CASES)} Keras 3 cases, {len(files)} model files, {len(arrays)} arrays")
-    custom_arrays: dict[str, np.ndarray] = {}
-    custom = make_custom_files(custom_arrays)
-    (OUT / "keras_custom.json").write_text(
-        json.dumps({**versions, "files": custom}, indent=1, sort_keys=True) + "\n"
-    )
-    np.savez_compressed(OUT / "keras_custom.npz", **custom_arrays)
-    print(f"wrote {len(custom)} custom-layer model files, {len(custom_arrays)} arrays")
+    for only, stem, make in (
+        ("custom", "keras_custom", make_custom_files),
+        ("nested", "keras_nested", make_nested_files),
+    ):
+        if options.only not in (None, only):
+            continue
+        more_arrays: dict[str, np.ndarray] = {}
+        written = make(more_arrays)
+        (OUT / f"{stem}.json").write_text(
+            json.dumps({**versions, "files": written}, indent=1, sort_keys=True) + "\n"
+        )
+        np.savez_compressed(OUT / f"{stem}.npz", **more_arrays)
+        print(f"wrote {len(written)} {only} model files, {len(more_arrays)} arrays")
     return 0
 
 

@@ -13,7 +13,11 @@ wrapper's name. Weights are found through ``weight_names`` (their names say whic
 configs come from ``model_config``, matched by the top-level layer and the owner's name (two
 nested models may each hold a layer called "bn"; a name may hold "/"). A custom layer's config
 does not list the batch norms it holds as attributes; their weights, named
-``<custom layer>/<batch norm>/gamma:0`` etc., are read without a config.
+``<custom layer>/<batch norm>/gamma:0`` etc., are read without a config. One built inside the
+custom layer's (or an RNN cell's) ``build()`` has its weights in that layer's scope, beside the
+layer's others (``block/kernel:0``, ``block/gamma:0``, ``block/moving_mean:0``): a complete set of
+batch-norm weights there is read as a batch norm whose path is that scope (``"block"``,
+``"bidir/forward_rnn/bn_cell"``).
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ def read_tf_keras_h5(handle: Any) -> list[KerasBatchNormLayer]:
                 (layer_name, prefix.rsplit("/", 1)[-1])
             )
             if found is None and not set(names) <= set(BATCH_NORM_WEIGHT_NAMES):
-                continue  # another layer type that happens to track moving statistics
+                names = _batch_norm_among(names, group)
+                if not names:
+                    continue  # another layer type that happens to track moving statistics
             weights = {
                 base: np.asarray(group[full_name])
                 for base, full_name in sorted(names.items(), key=_keras_order)
@@ -102,6 +108,25 @@ def _weights_by_owner(group: Any) -> dict[str, dict[str, str]]:
         prefix, _, base = full_name.rpartition("/")
         owners.setdefault(prefix, {})[base.split(":")[0]] = full_name
     return owners
+
+
+def _batch_norm_among(names: dict[str, str], group: Any) -> dict[str, str]:
+    """The batch norm's weights among a prefix's other weights, or ``{}`` where there is none.
+
+    A custom layer (or RNN cell) that builds its sublayers in ``build()`` gets their weights
+    named in its own scope: ``block/kernel:0`` beside ``block/gamma:0``, ``block/moving_mean:0``
+    (``bidir/forward_rnn/bn_cell/...`` for a cell in a Bidirectional RNN). A complete set of
+    batch-norm weights there is read as a batch norm at that prefix: moving_mean and
+    moving_variance, gamma and beta where present (scale, center), the three renorm weights
+    together or none, all of one shape.
+    """
+    found = {base: full for base, full in names.items() if base in BATCH_NORM_WEIGHT_NAMES}
+    renorm = [name for name in BATCH_NORM_WEIGHT_NAMES[4:] if name in found]
+    if len(renorm) not in (0, 3):
+        return {}
+    if len({tuple(group[full].shape) for full in found.values()}) != 1:
+        return {}
+    return found
 
 
 def _keras_order(item: tuple[str, str]) -> int:

@@ -103,6 +103,7 @@ def read_keras_archive(path: Path, h5py: Any) -> list[KerasBatchNormLayer]:
         )
         held.setdefault(holder, []).append(group)
     paths = {entry.keras3_group: entry.path for entry in entries}
+    names_at = {group.location: group.name for group in groups}
     layers = []
     for entry in entries:
         if entry.batch_norm:
@@ -130,10 +131,12 @@ def read_keras_archive(path: Path, h5py: Any) -> list[KerasBatchNormLayer]:
             )
         for group in held.pop(entry.keras3_group, []):
             if group.location not in claimed:
-                layers.append(_record(group, file_format, version, paths, entry.keras3_group))
+                layers.append(
+                    _record(group, file_format, version, paths, entry.keras3_group, names_at)
+                )
     for group in held.get("", []):
         if group.location not in claimed:
-            layers.append(_record(group, file_format, version, paths, ""))
+            layers.append(_record(group, file_format, version, paths, "", names_at))
     return layers
 
 
@@ -171,21 +174,24 @@ def _record(
     version: str | None,
     paths: Mapping[str, str],
     holder: str,
+    names_at: Mapping[str, str | None],
 ) -> KerasBatchNormLayer:
-    """A batch norm found by its variables alone: no config, a path from where it sits."""
+    """A batch norm found by its variables alone: no config, a path from where it sits (the
+    holding layer's config path, then the attributes and layers below it, as in
+    :func:`_weights_only_path`)."""
     names = _NAMES_BY_COUNT[len(group.arrays)]
-    inner = group.location.strip("/").split("/")[:-1]
-    outer = holder.split("/") if holder else []
-    attributes = [part for part in inner[len(outer) :] if part not in ("layers", "layer")]
+    parts = group.location.strip("/").split("/")[:-1]
+    outer = len(holder.split("/")) if holder else 0
     prefix = [paths[holder]] if holder else []
+    below = [_path_part(parts, i, names_at) for i in range(outer, len(parts))]
     return KerasBatchNormLayer(
-        name=group.name or inner[-1],
+        name=group.name or parts[-1],
         weights=dict(zip(names, group.arrays, strict=True)),
         config=None,
         file_format=file_format,
         location=group.location,
         keras_version=version,
-        path="/".join([*prefix, *attributes]),
+        path="/".join([*prefix, *(part for part in below if part is not None)]),
     )
 
 
@@ -197,10 +203,11 @@ def read_keras3_weights_h5(handle: Any) -> list[KerasBatchNormLayer]:
     """A Keras 3 ``.weights.h5`` without a config: batch-norm layers known by their variables.
 
     The order is that of the group names (``batch_normalization``, ``_1``, ... ``_10``), which is
-    the layer order within one model; layers of nested models come after or before those of the
-    outer model by name, so pair such files with an explicit ``mapping``. A layer that is an
-    attribute of another (``layers/block/bn1``) is named by its path from there
-    (``"block/bn1"``).
+    the layer order within one model's layer list; layers of nested models, wrappers and custom
+    layers come after or before those of the outer model by name, so ``load_weights`` pairs such
+    files only by an explicit ``mapping``. Each layer's ``path`` says where it sits
+    (:func:`_weights_only_path`): ``"enc/s2/bn"`` for a layer of a nested model, ``"td/td_bn"``
+    inside a wrapper, ``"block/bn1"`` for an attribute of a custom layer.
     """
     groups = _vars_groups(handle)
     names_at = {group.location: group.name for group in groups}
@@ -225,32 +232,40 @@ def read_keras3_weights_h5(handle: Any) -> list[KerasBatchNormLayer]:
                 config=None,
                 file_format="Keras 3",
                 location=group.location,
-                path=_weights_only_path(parts, name, names_at),
+                path=_weights_only_path(parts, names_at),
             )
         )
     return sorted(layers, key=lambda layer: _creation_order(layer.location))
 
 
-def _weights_only_path(parts: list[str], name: str, names_at: Mapping[str, str | None]) -> str:
-    """The layer's name, or for a layer held as an attribute (a group whose parent is a layer's,
-    not a ``layers`` list or a wrapper's ``layer``), the enclosing layers' names and the
-    attributes down to it: ``layers/block/bn1`` -> ``"block/bn1"``."""
-    attribute_held = any(
-        part not in ("layers", "layer") and (i == 0 or parts[i - 1] != "layers")
-        for i, part in enumerate(parts)
+def _weights_only_path(parts: list[str], names_at: Mapping[str, str | None]) -> str:
+    """Where a layer sits, from its vars group's location without the final ``vars``: the
+    enclosing nested models, wrappers and holding layers, then the layer itself, joined by "/".
+
+    Keras 3 writes each layer's name on its vars group, the nested models' and wrappers' too,
+    so a layer gets the path the ``.keras`` reader gives it from config.json:
+    ``layers/sequential/layers/sequential/layers/batch_normalization`` with names enc, s2, bn ->
+    ``"enc/s2/bn"``; ``layers/time_distributed/layer`` (td, td_bn) -> ``"td/td_bn"``; an
+    attribute of a custom layer keeps the attribute (``layers/block/bn1`` -> ``"block/bn1"``).
+    tf-keras' ``.weights.h5`` names no group: its groups stand in
+    (``"sequential/batch_normalization"``, ``"time_distributed/layer"``).
+    """
+    return "/".join(
+        part for part in (_path_part(parts, i, names_at) for i in range(len(parts))) if part
     )
-    if not attribute_held:
-        return name
-    path = []
-    for i, part in enumerate(parts):
-        if part in ("layers", "layer"):
-            continue
-        if i > 0 and parts[i - 1] == "layers":
-            own = names_at.get("/" + "/".join([*parts[: i + 1], "vars"]))
-            path.append(own or part)
-        else:
-            path.append(part)
-    return "/".join(path)
+
+
+def _path_part(parts: list[str], i: int, names_at: Mapping[str, str | None]) -> str | None:
+    """What ``parts[i]`` adds to a layer's path: None for the ``layers`` list of a nested model
+    and a wrapper's ``layer`` slot (unless it is the layer itself), the written name of a layer
+    in a ``layers`` list or a wrapper (else its group name), the attribute name otherwise."""
+    part = parts[i]
+    last = i == len(parts) - 1
+    if part in ("layers", "layer") and not last:
+        return None
+    if part == "layer" or (i > 0 and parts[i - 1] == "layers"):
+        return names_at.get("/" + "/".join([*parts[: i + 1], "vars"])) or part
+    return part
 
 
 def _looks_like_batch_norm(group: _VarsGroup) -> bool:

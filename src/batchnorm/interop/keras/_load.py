@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -31,6 +32,9 @@ from batchnorm.interop.keras._records import GAMMA_OR_BETA, KerasBatchNormLayer
 from batchnorm.interop.keras._report import LayerLoad, LoadReport, Status, shown
 from batchnorm.layers import BatchNormalization
 from batchnorm.layers._keras_weights import weights_from_arrays
+
+# A vars group directly in a layer list: the list, then the group name without its number.
+_IN_LAYER_LIST = re.compile(r"^(.*/layers)/([^/]+?)(?:_\d+)?/vars$")
 
 
 class _Plan(NamedTuple):
@@ -67,7 +71,9 @@ def load_weights(
 
     The i-th batch-norm layer of the file (tf-keras ``.h5``, Keras 3 ``.keras``; see
     :func:`read_batch_norm_layers`) goes into the i-th :class:`~batchnorm.BatchNormalization` or
-    ``torch.nn.BatchNorm*d`` of ``model.modules()``, or as ``mapping`` says. Weights load as
+    ``torch.nn.BatchNorm*d`` of ``model.modules()``, or as ``mapping`` says. A ``.weights.h5``
+    records no layer order: it pairs by order only when its batch norms are all of one class in
+    one layer list, else it raises, listing the layers' paths for ``mapping``. Weights load as
     Keras stored them: ``moving_variance`` is tf-keras' unbiased variance for a layer on its fused
     path, and the biased one otherwise and in Keras 3; the module keeps updating it the same way
     only if it is configured the same way, so each pair is compared on channels, center, scale,
@@ -89,8 +95,9 @@ def load_weights(
     Args:
         model: the torch model (or a single batch-norm module).
         path: the Keras file.
-        mapping: ``{keras_layer_name: module_qualified_name}``; only those layers load.
-            Default None: by order.
+        mapping: ``{keras_layer_path: module_qualified_name}``; only those layers load. A key
+            that is a layer's ``path`` names that layer; otherwise a name that one layer alone
+            has. Default None: by order.
         configure: set each module's momentum, epsilon, trainable, renorm_momentum,
             renorm_clipping and moving_variance_estimator (torch: momentum, eps) from the file.
             Structure (channels, axis, center, scale, renorm) is never changed. Default False.
@@ -166,18 +173,38 @@ def _entry(step: LayerLoad | _Plan) -> LayerLoad:
 
 
 def _check_order_is_known(records: list[KerasBatchNormLayer], path: object) -> None:
-    """A Keras 3 weights-only file records no layer order: its groups come in name order, so
-    layers inside nested models or custom layers ("block/bn1") follow every top-level one.
-    Paired by order, they loaded into the wrong modules, each reported "loaded"."""
-    nested = [r.path for r in records if "/" in r.path]
+    """Refuse to pair by order a weights-only file whose layer order is not known.
+
+    A ``.weights.h5`` (Keras 3's, or tf-keras 2.13+'s in the same layout) records no layer order:
+    its groups come in name order, which is the layer order only among layers of one class in
+    one model's layer list (``batch_normalization``, ``_1``, ``_2``). A layer of a nested model
+    (``layers/sequential/layers/batch_normalization``), inside a wrapper (TimeDistributed), held
+    by a custom layer (``block/bn1``), or of another class (a subclass's ``my_bn``) sorts by its
+    group's name instead: paired by order, such layers loaded into the wrong modules, each
+    reported "loaded". The error lists every layer's path, which is what ``mapping`` takes.
+    """
     weights_only = all(r.config is None for r in records)
-    if nested and weights_only and all(r.file_format == "Keras 3" for r in records):
-        raise ValueError(
-            "This Keras 3 weights-only file records no layer order and holds layers inside "
-            f"nested models or custom layers ({nested}): pairing by order could load them into "
-            "the wrong modules. Pass `mapping` ({keras_path: module_name}) or read the `.keras` "
-            f"file, whose config gives the order. Received: path={str(path)!r}"
-        )
+    if not weights_only or not all(r.file_format == "Keras 3" for r in records):
+        return
+    lists = {_layer_list_and_class(r.location) for r in records}
+    if len(records) <= 1 or (len(lists) == 1 and None not in lists):
+        return
+    raise ValueError(
+        "This Keras 3 weights-only file records no layer order, and its batch norms are not all "
+        "in one layer list under one class name: it holds layers inside nested models, wrappers "
+        f"or custom layers, or of several classes ({[r.path for r in records]}). Pairing by "
+        "order could load them into the wrong modules. Pass `mapping` ({keras_path: "
+        "module_name}) with these paths, or read the `.keras` file, whose config gives the "
+        f"order. Received: path={str(path)!r}"
+    )
+
+
+def _layer_list_and_class(location: str) -> tuple[str, str] | None:
+    """``("/layers/sequential/layers", "batch_normalization")`` for a vars group at
+    ``/layers/sequential/layers/batch_normalization_2/vars``; None for one that is not directly
+    in a layer list (an attribute of a custom layer, the layer a wrapper holds)."""
+    match = _IN_LAYER_LIST.match(location)
+    return None if match is None else (match.group(1), match.group(2))
 
 
 def _pairs_by_order(
@@ -206,18 +233,23 @@ def _pairs_by_mapping(
             "`mapping` must be a dict {keras_layer_name: module_qualified_name} of strings. "
             f"Received: mapping={mapping!r}"
         )
-    # A layer is named by its name, or by its path where nested models repeat a name.
-    by_key: dict[str, list[KerasBatchNormLayer]] = {}
-    for record in records:
-        for key in dict.fromkeys((record.name, record.path)):
-            by_key.setdefault(key, []).append(record)
-    unknown = [name for name in mapping if name not in by_key]
+    # A layer is named by its path, or by its name where no path is that name and no other
+    # layer has it: the outer model's "bn" is path "bn", enc's "bn" is "enc/bn".
+    by_path: dict[str, list[int]] = {}
+    by_name: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        by_path.setdefault(record.path, []).append(index)
+        by_name.setdefault(record.name, []).append(index)
+    named = {key: by_path.get(key) or by_name.get(key, []) for key in mapping}
+    unknown = [key for key, found in named.items() if not found]
     if unknown:
         raise ValueError(
             f"`mapping` names Keras layers {unknown} that the file does not have; it has "
             f"{_names(records)}. Received: mapping={dict(mapping)!r}"
         )
-    shared = {key: [r.path for r in by_key[key]] for key in mapping if len(by_key[key]) > 1}
+    shared = {
+        key: [records[i].path for i in found] for key, found in named.items() if len(found) > 1
+    }
     if shared:
         raise ValueError(
             f"`mapping` names Keras layers by a name that several layers of the file share "
@@ -238,9 +270,17 @@ def _pairs_by_mapping(
             f"`mapping` sends several Keras layers into the same modules {repeated}. "
             f"Received: mapping={dict(mapping)!r}"
         )
+    chosen = [found[0] for found in named.values()]
+    twice = sorted({records[i].path for i in chosen if chosen.count(i) > 1})
+    if twice:
+        raise ValueError(
+            f"`mapping` names Keras layers {twice} twice, by name and by path. "
+            f"Received: mapping={dict(mapping)!r}"
+        )
+    target_of = dict(zip(chosen, mapping.values(), strict=True))
     pairs: list[tuple[KerasBatchNormLayer | None, str | None, BatchNormModule | None]] = []
-    for record in records:
-        target = mapping.get(record.path, mapping.get(record.name))
+    for index, record in enumerate(records):
+        target = target_of.get(index)
         pairs.append((record, target, None if target is None else available[target]))
     return pairs
 

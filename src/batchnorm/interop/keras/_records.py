@@ -42,11 +42,14 @@ class KerasBatchNormLayer:
         location: where the weights are inside the file (an HDF5 group path).
         input_rank: the input rank the layer was built for, when the file records it.
         path: the names of the nested models and wrappers around the layer and its own, joined
-            by "/" (``"encoder/bn"``; ``name`` for a layer of the model itself, or where the
-            file has no config): unique where names repeat across nested models. A layer held
-            as an attribute of a custom layer is named there by its attribute in Keras 3 files
+            by "/" (``"encoder/bn"``; ``name`` for a layer of the model itself): unique where
+            names repeat across nested models. A Keras 3 ``.weights.h5`` gives the same path
+            from the names written on its groups; tf-keras' ``.weights.h5``, which writes none,
+            gives the group names (``"sequential/batch_normalization"``). A layer held as an
+            attribute of a custom layer is named there by its attribute in Keras 3 files
             (``"block/bn1"``) and by its layer name in tf-keras ``.h5`` files
-            (``"block/batch_normalization"``).
+            (``"block/batch_normalization"``); one built in a custom layer's ``build()`` by the
+            holder's scope in tf-keras ``.h5`` files (``"block"``).
         class_name: the config's class name (``"SyncBatchNormalization"``, a subclass's name),
             None where the file has no config for the layer.
     """
