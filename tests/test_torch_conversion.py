@@ -389,3 +389,34 @@ def test_keras1_mode2_port_converts_to_torch_whatever_its_variance_estimator():
     assert not module.track_running_stats
     x = torch.randn(8, 4)
     torch.testing.assert_close(module(x), layer(x, training=False), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("to", ["batchnorm", "torch"])
+def test_an_optimizer_built_before_convert_keeps_training_gamma_and_beta(to):
+    torch.manual_seed(0)
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        batch_norm = (
+            nn.BatchNorm1d(4)
+            if to == "batchnorm"
+            else batchnorm.BatchNormalization(4, axis=1, moving_variance_estimator="unbiased")
+        )
+        net = nn.Sequential(nn.Linear(3, 4), batch_norm, nn.ReLU(), nn.Linear(4, 1))
+        with torch.no_grad():
+            net(torch.randn(8, 3))  # built, so that to_torch knows the rank
+        return net
+
+    converted, reference = model(), model()
+    optimizer = torch.optim.SGD(converted.parameters(), lr=0.5, momentum=0.9)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    batchnorm.convert(converted, to=to)  # as torch's convert_sync_batchnorm: same Parameters
+    for _ in range(5):
+        x = torch.randn(16, 3)
+        for net, opt in ((converted, optimizer), (reference, reference_optimizer)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for ours, theirs in zip(converted[1].parameters(), reference[1].parameters(), strict=True):
+        assert not torch.equal(theirs, torch.ones_like(theirs) * theirs.flatten()[0])
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

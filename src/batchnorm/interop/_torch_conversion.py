@@ -18,6 +18,7 @@ becomes a torch module after torch's batch norm.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -229,6 +230,29 @@ def _copy_state(module: nn.Module, layer: BatchNormalization, *, to_layer: bool)
                 target.requires_grad_(source.requires_grad)
 
 
+def _share_parameters(
+    source: nn.Module, target: nn.Module, pairs: Sequence[tuple[str, str]]
+) -> None:
+    """Give ``target`` the Parameter objects of ``source`` that it holds copies of (same values,
+    dtype, device and shape), as torch's ``convert_sync_batchnorm`` keeps them: an optimizer
+    built before :func:`convert` trains the converted model's gamma and beta (it held the old
+    objects, and they never moved, silently). Not where the values differ (InPlaceABN's
+    ``|weight| + eps``), the dtype changes (half becomes float32) or a parametrization computes
+    the tensor."""
+    for source_name, target_name in pairs:
+        shared = source._parameters.get(source_name)
+        copy = target._parameters.get(target_name)
+        if (
+            shared is None
+            or copy is None
+            or nn.parameter.is_lazy(shared)
+            or (shared.dtype, shared.device, shared.shape) != (copy.dtype, copy.device, copy.shape)
+            or not torch.equal(shared.detach(), copy.detach())
+        ):
+            continue
+        setattr(target, target_name, shared)
+
+
 def torch_incompatibilities(layer: BatchNormalization) -> list[str]:
     """Why torch.nn.BatchNorm cannot reproduce ``layer`` exactly (empty when it can)."""
     reasons = []
@@ -358,6 +382,8 @@ def _torch_batch_norm(
 
 def convert(model: nn.Module, to: Literal["batchnorm", "torch"] = "batchnorm") -> nn.Module:
     """Swap every batch norm in ``model`` in place and return ``model``; outputs are unchanged.
+    The new modules hold the old ones' Parameter objects where the values carry over unchanged
+    (weight/bias as gamma/beta and back), so an optimizer built before still trains them.
 
     ``to="batchnorm"`` replaces torch.nn.BatchNorm* modules, timm's BatchNormAct2d /
     SyncBatchNormAct and inplace_abn's ABN / InPlaceABN / InPlaceABNSync with
@@ -388,6 +414,7 @@ def convert(model: nn.Module, to: Literal["batchnorm", "torch"] = "batchnorm") -
         if to == "batchnorm":
             activated = _activated(module)
             layer = _layer_from(module, activated)
+            _share_parameters(module, layer, _NAME_PAIRS[:2])
             carry_hooks(module, layer)
             if activated is None or not activated.following:
                 return layer
@@ -396,6 +423,7 @@ def convert(model: nn.Module, to: Literal["batchnorm", "torch"] = "batchnorm") -
             return chain
         assert isinstance(module, BatchNormalization)
         batch_norm = _torch_batch_norm(module, None, torch_incompatibilities(module))
+        _share_parameters(module, batch_norm, [(ours, theirs) for theirs, ours in _NAME_PAIRS[:2]])
         carry_hooks(module, batch_norm)
         activation = torch_activation(module)
         if activation is None:
