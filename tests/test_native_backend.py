@@ -207,9 +207,7 @@ def test_backend_choice_by_device_and_override():
         assert backend_for(cpu) is NATIVE
     finally:
         force_backend(None)
-    with pytest.raises(
-        ValueError, match=r"`BATCHNORM_BACKEND` must be one of .* Received: 'cudnn'"
-    ):
+    with pytest.raises(ValueError, match=r"`name` must be one of .* Received: name='cudnn'"):
         force_backend("cudnn")
     assert backend_for(cpu) is NUMBA_CPU
 

@@ -250,6 +250,17 @@ def batch_norm(
             "(BatchNormStatistics(moving_mean, moving_variance)). "
             f"Received: statistics of type {type(statistics).__name__}"
         )
+    renorm_fields = ("moving_stddev", "renorm_mean", "renorm_stddev")
+    present = [name for name in renorm_fields if getattr(statistics, name) is not None]
+    if 0 < len(present) < len(renorm_fields):
+        # renorm_mean alone switches renorm on: a partial set failed an assert, or (without
+        # renorm_mean) turned renorm off and dropped moving_stddev from the returned state.
+        absent = [name for name in renorm_fields if name not in present]
+        raise ValueError(
+            "`statistics` must carry all of moving_stddev, renorm_mean and renorm_stddev "
+            "(Batch Renormalization) or none of them. Received: statistics with "
+            f"{', '.join(present)} but {', '.join(absent)}=None"
+        )
     if not isinstance(training, (bool, np.bool_, torch.Tensor)):
         raise TypeError(
             f"`training` must be a bool or a 0-d bool tensor. Received: training={training!r}"

@@ -12,7 +12,7 @@ from batchnorm.functional._validation import (
     check_broadcasts,
     check_floating_input,
     check_mask_values,
-    normalize_axes,
+    reduction_axes,
 )
 
 
@@ -29,7 +29,8 @@ def moments(
 
     Args:
         x: floating tensor.
-        axes: int or sequence of ints, the axes reduced (negative allowed).
+        axes: int or sequence of ints, the axes reduced (negative allowed); empty reduces
+            nothing (mean ``x``, variance 0, as tf.nn.moments).
         mask: optional weights broadcastable to ``x`` (bool or float).
         keepdims: keep the reduced axes with size 1.
 
@@ -38,7 +39,7 @@ def moments(
     """
     check_floating_input(x)
     keepdims = check_bool(keepdims, "keepdims")
-    dims = normalize_axes(axes, x.ndim)
+    dims = reduction_axes(axes, x.ndim)
     weights = None
     if mask is not None:
         check_mask_values(mask, x)

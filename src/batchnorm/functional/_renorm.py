@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 
 from batchnorm.functional._pinned_read import pinned_read
+from batchnorm.functional._validation import check_positive, check_renorm_clipping
 
 
 def compose_transforms(
@@ -39,7 +41,7 @@ def renorm_correction(
     renorm_mean: torch.Tensor,
     renorm_stddev: torch.Tensor,
     epsilon: float,
-    clipping: dict[str, float],
+    clipping: Mapping[str, float | None] | None,
 ) -> RenormCorrection:
     """r and d of Batch Renormalization, as tf-keras computes them.
 
@@ -48,10 +50,14 @@ def renorm_correction(
         \\quad r = \\text{clip}_{[r_{min}, r_{max}]}(s / s_r),
         \\quad d = \\text{clip}_{[-d_{max}, d_{max}]}((\\mu_B - \\text{renorm\\_mean}) / s_r)
 
-    Each bound applies only when present in ``clipping``. r and d carry no gradient
-    (tf.stop_gradient); ``stddev`` (s) does, and is the value the renorm moving averages track.
-    The training output is ``xhat * (r * gamma) + (d * gamma + beta)``.
+    Each bound applies only when present in ``clipping`` (keys rmin, rmax, dmax; a None value,
+    or ``clipping=None``, is no bound, as in tf-keras and :func:`batch_norm`; checked as
+    :func:`batch_norm` checks ``renorm_clipping``: rmax >= rmin, dmax >= 0). r and d carry no
+    gradient (tf.stop_gradient); ``stddev`` (s) does, and is the value the renorm moving
+    averages track. The training output is ``xhat * (r * gamma) + (d * gamma + beta)``.
     """
+    epsilon = check_positive(epsilon, "epsilon")
+    clipping = check_renorm_clipping(clipping, "clipping")
     stddev = torch.sqrt(variance + epsilon)
     floor = math.sqrt(epsilon)
     # The step updates both in place afterwards: a compiled backward must not read them again.

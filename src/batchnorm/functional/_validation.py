@@ -18,22 +18,29 @@ from torch.nn.parameter import is_lazy
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
-def check_axis_type(axis: Any) -> list[int]:
-    """``axis`` as a list of ints; a TypeError for anything but an int or a sequence of ints."""
+def check_axis_type(axis: Any, argument: str = "axis", allow_empty: bool = False) -> list[int]:
+    """``axis`` as a list of ints; a TypeError naming ``argument`` for anything but an int or a
+    sequence of ints (an empty one only with ``allow_empty``)."""
     if isinstance(axis, bool):
-        raise TypeError(f"`axis` must be an int or a list/tuple of ints. Received: axis={axis!r}")
+        raise TypeError(
+            f"`{argument}` must be an int or a list/tuple of ints. Received: {argument}={axis!r}"
+        )
     if isinstance(axis, numbers.Integral):
         return [int(axis)]
     if isinstance(axis, Sequence) and not isinstance(axis, str):
         items = list(axis)
-        if not items or not all(
+        if (not items and not allow_empty) or not all(
             isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in items
         ):
+            what = "a" if allow_empty else "a non-empty"
             raise TypeError(
-                f"`axis` must be an int or a non-empty list/tuple of ints. Received: axis={axis!r}"
+                f"`{argument}` must be an int or {what} list/tuple of ints. "
+                f"Received: {argument}={axis!r}"
             )
         return [int(a) for a in items]
-    raise TypeError(f"`axis` must be an int or a list/tuple of ints. Received: axis={axis!r}")
+    raise TypeError(
+        f"`{argument}` must be an int or a list/tuple of ints. Received: {argument}={axis!r}"
+    )
 
 
 def normalize_axes(axis: Any, ndim: int) -> tuple[int, ...]:
@@ -44,16 +51,27 @@ def normalize_axes(axis: Any, ndim: int) -> tuple[int, ...]:
             "`x` must have at least one axis (its channel axis): a 0-d tensor has none. "
             f"Received: an input of rank 0 for axis={axis!r}"
         )
+    return _resolved_axes(axis, axes, ndim, "axis")
+
+
+def reduction_axes(axes: Any, ndim: int) -> tuple[int, ...]:
+    """Sorted non-negative axes to reduce over (``moments``' ``axes``), for an input of rank
+    ``ndim``: an int or a sequence of ints, empty for none (as tf.nn.moments takes it)."""
+    return _resolved_axes(axes, check_axis_type(axes, "axes", allow_empty=True), ndim, "axes")
+
+
+def _resolved_axes(given: Any, axes: list[int], ndim: int, argument: str) -> tuple[int, ...]:
+    """``axes`` in range for rank ``ndim``, made non-negative, sorted, without duplicates."""
     resolved = []
     for a in axes:
         if not -ndim <= a < ndim:
             raise ValueError(
-                f"`axis` is out of range for an input of rank {ndim}: every axis must be in "
-                f"[{-ndim}, {ndim - 1}]. Received: axis={axis!r}"
+                f"`{argument}` is out of range for an input of rank {ndim}: every axis must be "
+                f"in [{-ndim}, {ndim - 1}]. Received: {argument}={given!r}"
             )
         resolved.append(a % ndim)
     if len(set(resolved)) != len(resolved):
-        raise ValueError(f"`axis` contains duplicate axes. Received: axis={axis!r}")
+        raise ValueError(f"`{argument}` contains duplicate axes. Received: {argument}={given!r}")
     return tuple(sorted(resolved))
 
 
@@ -132,36 +150,34 @@ def check_virtual_batch_size(value: Any) -> int | None:
     return int(value)
 
 
-def check_renorm_clipping(clipping: Any) -> dict[str, float]:
-    """Keys rmin, rmax, dmax only; rmax >= rmin (and >= 1 would be usual, but Keras does not ask)."""
+def check_renorm_clipping(clipping: Any, argument: str = "renorm_clipping") -> dict[str, float]:
+    """Keys rmin, rmax, dmax only; rmax >= rmin (and >= 1 would be usual, but Keras does not ask).
+    None, and None values, mean no bound (tf-keras). Errors name ``argument``."""
     if clipping is None:
         return {}
     if not isinstance(clipping, Mapping):
         raise TypeError(
-            "`renorm_clipping` must be a dict with keys among 'rmin', 'rmax', 'dmax'. "
-            f"Received: renorm_clipping={clipping!r}"
+            f"`{argument}` must be a dict with keys among 'rmin', 'rmax', 'dmax'. "
+            f"Received: {argument}={clipping!r}"
         )
     unknown = set(clipping) - {"rmin", "rmax", "dmax"}
     if unknown:
         raise ValueError(
-            "`renorm_clipping` accepts only the keys 'rmin', 'rmax' and 'dmax'. "
-            f"Received: renorm_clipping={dict(clipping)!r}"
+            f"`{argument}` accepts only the keys 'rmin', 'rmax' and 'dmax'. "
+            f"Received: {argument}={dict(clipping)!r}"
         )
     values = {key: value for key, value in clipping.items() if value is not None}
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
             raise ValueError(
-                f"`renorm_clipping['{key}']` must be a number. "
-                f"Received: renorm_clipping={dict(clipping)!r}"
+                f"`{argument}['{key}']` must be a number. Received: {argument}={dict(clipping)!r}"
             )
     if "rmin" in values and "rmax" in values and float(values["rmax"]) < float(values["rmin"]):
         raise ValueError(
-            f"`renorm_clipping` needs rmax >= rmin. Received: renorm_clipping={dict(clipping)!r}"
+            f"`{argument}` needs rmax >= rmin. Received: {argument}={dict(clipping)!r}"
         )
     if "dmax" in values and float(values["dmax"]) < 0:
-        raise ValueError(
-            f"`renorm_clipping` needs dmax >= 0. Received: renorm_clipping={dict(clipping)!r}"
-        )
+        raise ValueError(f"`{argument}` needs dmax >= 0. Received: {argument}={dict(clipping)!r}")
     return {key: float(value) for key, value in values.items()}
 
 

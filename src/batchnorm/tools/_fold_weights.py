@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from batchnorm.functional._validation import check_bool, check_tensor
+from batchnorm.functional._validation import check_bool, check_positive, check_tensor
 
 
 def fold_weights(
@@ -38,7 +38,7 @@ def fold_weights(
         bias: its bias, or None (taken as 0).
         mean, variance: the batch norm's moving statistics, shape ``(C_out,)``.
         gamma, beta: its scale and offset, or None (taken as 1 and 0).
-        epsilon: added to the variance.
+        epsilon: added to the variance, a finite number > 0.
         transposed: ``weight`` is a ConvTranspose weight.
         groups: the ConvTranspose's groups (only used with ``transposed``).
 
@@ -77,8 +77,8 @@ def fold_weights(
                 f"`{name}` must have one value per output channel, shape ({out_channels},). "
                 f"Received: {name}.shape={tuple(tensor.shape)}"
             )
-    if not epsilon > 0:
-        raise ValueError(f"`epsilon` must be a number > 0. Received: epsilon={epsilon}")
+    # batch_norm's check: an infinite epsilon folded every weight to 0.
+    epsilon = check_positive(epsilon, "epsilon")
     wide = torch.float64
     scale = torch.rsqrt(variance.detach().to(wide) + epsilon)
     if gamma is not None:
