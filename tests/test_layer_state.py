@@ -8,10 +8,12 @@ a message that says what to do; another dtype is cast with a warning.
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.nn.parameter import is_lazy
 
 from batchnorm import BatchNormalization
@@ -157,27 +159,43 @@ def test_a_load_that_raises_writes_nothing(change, match):
             assert_unbuilt(layer)
 
 
-@pytest.mark.parametrize(
-    ("change", "keys"),
-    [
-        (lambda state: state.pop("moving_variance"), r"Missing key\(s\).*moving_variance"),
-        (lambda state: state.update(extra=torch.ones(3)), r"Unexpected key\(s\).*extra"),
-        (
-            lambda state: state.update(moving_average_weight=torch.ones((), dtype=torch.float64)),
-            r"Unexpected key\(s\).*moving_average_weight",
-        ),
-    ],
-)
-def test_an_unbuilt_layer_loads_only_a_checkpoint_with_exactly_its_keys(change, keys):
+def test_an_unbuilt_layer_missing_some_of_its_keys_stays_unbuilt():
     state = trained().state_dict()
-    change(state)
+    state.pop("moving_variance")
     layer = BatchNormalization()
-    with pytest.raises(RuntimeError, match=keys):
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*moving_variance"):
         layer.load_state_dict(state)
     assert_unbuilt(layer)
     result = layer.load_state_dict(state, strict=False)  # reported, and still nothing written
-    assert result.missing_keys or result.unexpected_keys
+    assert result.missing_keys == ["moving_variance"]
     assert_unbuilt(layer)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"extra": torch.ones(3)}, {"moving_average_weight": torch.ones((), dtype=torch.float64)}],
+)
+def test_an_unbuilt_layer_loads_its_keys_beside_unexpected_ones_as_torch_modules_do(extra):
+    source = trained()
+    state = {**source.state_dict(), **extra}
+    layer = BatchNormalization()
+    result = layer.load_state_dict(state, strict=False)
+    assert result.unexpected_keys == list(extra) and result.missing_keys == []
+    for name in ("gamma", "beta", "moving_mean", "moving_variance"):  # before: nothing loaded
+        torch.testing.assert_close(getattr(layer, name), getattr(source, name), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\)"):
+        BatchNormalization().load_state_dict(state)  # strict: listed, as torch lists them
+
+
+def test_an_unbuilt_layer_given_none_of_its_keys_lists_them_as_missing():
+    source = nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormalization(axis=1))
+    source.train()(torch.randn(4, 3, 2, 2))
+    conv_only = {k: v for k, v in source.state_dict().items() if k.startswith("0.")}
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormalization(axis=1))
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*1\.gamma.*1\.moving_mean"):
+        model.load_state_dict(conv_only)  # before: "All keys matched", statistics lost
+    result = model.load_state_dict(conv_only, strict=False)
+    assert "1.moving_mean" in result.missing_keys
 
 
 def test_an_unbuilt_layer_needs_one_dim_per_channel_axis():
@@ -385,3 +403,33 @@ def test_config_with_numpy_numbers_is_json_ready():
     config = json.loads(json.dumps(layer.get_config()))
     assert config["activation_param"] == pytest.approx(0.2)
     assert BatchNormalization.from_config(config).activation_param == pytest.approx(0.2)
+
+
+def test_a_wider_dtype_takes_the_checkpoint_without_a_warning():
+    source = trained()
+    layer = BatchNormalization(dtype="float64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 into float64 loses nothing
+        layer.load_state_dict(source.state_dict())
+    torch.testing.assert_close(layer.moving_mean, source.moving_mean.double(), rtol=0, atol=0)
+
+
+def test_a_biased_checkpoint_refused_names_the_non_fused_path():
+    source = trained(moving_variance_estimator="biased")
+    layer = BatchNormalization(moving_variance_estimator="unbiased")
+    with pytest.raises(RuntimeError, match=r"or tf-keras' non-fused path\)"):
+        layer.load_state_dict(source.state_dict())
+
+
+def test_set_weights_on_a_debiased_layer_warns_that_its_weight_is_not_among_them():
+    source = BatchNormalization(3, moving_average="debiased", momentum=0.9)
+    for _ in range(3):
+        source(torch.randn(8, 3) + 1, training=True)
+    copy_ = BatchNormalization.from_config(source.get_config())
+    with pytest.warns(UserWarning, match="moving_average_weight .* is 0"):
+        copy_.set_weights(source.get_weights())
+    copy_.moving_average_weight.copy_(source.moving_average_weight)  # as the warning says
+    x = torch.randn(8, 3)
+    source(x, training=True)
+    copy_(x, training=True)
+    torch.testing.assert_close(copy_.moving_mean, source.moving_mean, rtol=0, atol=0)

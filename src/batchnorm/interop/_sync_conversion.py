@@ -47,8 +47,9 @@ def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
 def _synchronize_in_place(layer: BatchNormalization, process_group: Any) -> None:
     if layer.moving_variance_estimator == "auto" and layer.fused:
         layer.moving_variance_estimator = "unbiased"
+    given = layer._fused_argument
     layer.fused = False  # first: a synchronized layer is unfused (checked on assignment)
     layer.synchronized, layer.process_group = True, process_group
     layer.memory = "default"
-    if layer._fused_argument:
-        layer._fused_argument = False
+    # The config keeps no fused argument where none was given (synchronized implies False).
+    layer._fused_argument = None if given is None else False

@@ -9,6 +9,7 @@ One channel axis gives ``(C,)``; several give a full-rank shape with 1 on the re
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
@@ -190,6 +191,16 @@ def set_layer_weights(layer: WeightedLayer, weights: Sequence[Any]) -> None:
             layer._create_weights(channel_shape)
         for name, value in zip(names, converted, strict=True):
             write_weight(layer, name, value)
+    average_weight = getattr(layer, "moving_average_weight", None)
+    if average_weight is not None and float(average_weight) == 0.0:
+        warnings.warn(
+            f"Layer {layer.name} averages with moving_average='debiased', and its "
+            "moving_average_weight (not a Keras weight) is 0: its next training step replaces "
+            "the moving statistics just set with the batch's. To continue the average, set "
+            "`layer.moving_average_weight` too (e.g. the source layer's), or copy the state_dict.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def regularization_losses(layer: WeightedLayer) -> list[torch.Tensor]:

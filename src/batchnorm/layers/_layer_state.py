@@ -12,8 +12,12 @@ keys; the dtype shows in the tensors.
 torch.nn.BatchNorm state_dict given by mistake) before the layer writes anything, so a load that
 raises for them leaves the layer, built or not, as it was. Missing and unexpected keys are only
 listed: torch's ``load_state_dict`` raises for them when ``strict``, which a module cannot see,
-so a built layer copies what is there, as torch's modules do, and an unbuilt layer loads only a
-checkpoint with exactly its keys (otherwise it stays unbuilt; ``strict=False`` returns the keys).
+so a built layer copies what is there, as torch's modules do, and an unbuilt layer loads a
+checkpoint holding all its keys (extra ones are listed as unexpected; before session 52 they kept
+it unbuilt, loading nothing while only they were reported); with some of its keys missing it stays
+unbuilt, and with none of them they are all listed as missing (an unbuilt layer saves no tensors,
+since placeholders would not load with ``weights_only``: load a checkpoint into an unbuilt model
+with ``strict=False``, or build it first).
 """
 
 from __future__ import annotations
@@ -184,9 +188,12 @@ def plan_load(
         return plan
     present = [name for name in targets if name in keys]
     plan.unexpected = [keys[n] for n in keys if n not in targets]
-    if channel_shape is None and not present:
-        return plan  # an unbuilt layer and a checkpoint of an unbuilt layer: nothing to load
     plan.missing = [prefix + name for name in targets if name not in keys]
+    if channel_shape is None and not present:
+        # Nothing for an unbuilt layer: its keys are missing, as torch's Lazy modules list
+        # theirs (a strict load of a checkpoint without them, or torch.distributed.checkpoint's
+        # load into an unbuilt model's state_dict, reported nothing and the statistics were lost).
+        return plan
     values = {name: state_dict[keys[name]] for name in present}
     for name, value in values.items():
         if not isinstance(value, torch.Tensor):
@@ -208,7 +215,7 @@ def plan_load(
                 f"{tuple(value.shape)} from checkpoint, {source} is {expected}."
             )
         target_dtype = targets[name].dtype
-        if value.dtype != target_dtype:
+        if value.dtype != target_dtype and not _widens(value.dtype, target_dtype):
             plan.casts.append(f"{name} ({value.dtype} -> {target_dtype})")
     recorded = local_metadata.get(ESTIMATOR_KEY)
     plan.estimator = recorded if recorded in ("biased", "unbiased") else None
@@ -216,22 +223,33 @@ def plan_load(
         plan.errors.append(
             estimator_mismatch(layer_name, estimator_setting, estimator, plan.estimator)
         )
-    if channel_shape is None and (plan.missing or plan.unexpected):
-        plan.channel_shape = None  # an unbuilt layer loads an exact checkpoint or nothing
+    if channel_shape is None and plan.missing:
+        plan.channel_shape = None  # an unbuilt layer is built only from all its tensors
     return plan
 
 
 def estimator_mismatch(layer_name: str, setting: str, stored: str, in_checkpoint: str) -> str:
     path = " (tf-keras' rule for this input)" if setting == "auto" else ""
+    path_of = {"unbiased": "fused", "biased": "non-fused"}
     return (
         f"Layer {layer_name} with moving_variance_estimator='{setting}' stores the {stored} "
         f"moving variance{path}, but the checkpoint's "
         f"moving_variance is the {in_checkpoint} one (its layer had "
-        f"moving_variance_estimator='{in_checkpoint}', or tf-keras' fused path): loaded, it would "
+        f"moving_variance_estimator='{in_checkpoint}', or tf-keras' {path_of[in_checkpoint]} "
+        "path): loaded, it would "
         f"be read as another variance. Create the layer with "
         f"moving_variance_estimator='{in_checkpoint}'. Received: a state_dict recording "
         f"moving_variance_estimator='{in_checkpoint}'"
     )
+
+
+def _widens(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether every ``source`` value is exactly a ``target`` value (float32 into float64,
+    half precision into float32): nothing to warn about."""
+    if not (source.is_floating_point and target.is_floating_point):
+        return False
+    small, large = torch.finfo(source), torch.finfo(target)
+    return large.bits > small.bits and large.max >= small.max and large.eps <= small.eps
 
 
 def cast_warning(layer_name: str, casts: list[str]) -> str:

@@ -62,7 +62,13 @@ def write_moving_statistics(
         if old is not None and new is not None and new is not old
     ]
     if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
-        with torch.no_grad():
+        # torch.export records a no_grad block as a higher-order op whose saved program
+        # torch.export.load refuses (SpecViolationError, "missing val field"): exporting, the
+        # values are detached instead (the buffers themselves never require grad there).
+        exporting = torch.compiler.is_exporting()
+        if exporting:
+            pairs = [(old, new.detach()) for old, new in pairs]
+        with contextlib.nullcontext() if exporting else torch.no_grad():
             for old, new in pairs:
                 # Through a 1-element view: torch.compile (aot_eager, inductor) drops an in-place
                 # write into a 0-d float64 buffer (Caffe's scale factor stayed 0, so a debiased
