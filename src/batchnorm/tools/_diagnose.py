@@ -71,7 +71,7 @@ def diagnose(
 
     Example:
         >>> report = batchnorm.diagnose(model, [next(iter(loader))[0] for _ in range(4)])
-        >>> print(report)
+        >>> print(report)  # doctest: +SKIP
     """
     layers = check_model_and_batches(model, batches, num_batches, "diagnose", progress, forward)
     _check_steps(steps, [name for name, _ in layers])

@@ -148,7 +148,7 @@ def fold(
 
     Example:
         >>> result = batchnorm.fold(model, torch.randn(1, 3, 32, 32))
-        >>> print(result)  # pairs folded, batch norms left and why, largest difference
+        >>> print(result)  # pairs folded, the rest and why  # doctest: +SKIP
         >>> fast_model = result.model
     """
     check_module(model)

@@ -57,7 +57,7 @@ def freeze(model: nn.Module, *, statistics: bool = True, affine: bool = True) ->
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
-        >>> batchnorm.freeze(model).train()  # statistics stay frozen in training mode
+        >>> _ = batchnorm.freeze(model).train()  # statistics stay frozen in training mode
     """
     statistics, affine = check_bool(statistics, "statistics"), check_bool(affine, "affine")
     if not statistics and not affine:

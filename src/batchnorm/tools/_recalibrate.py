@@ -104,7 +104,7 @@ def recalibrate(
         A :class:`RecalibrationResult`.
 
     Example:
-        >>> batchnorm.recalibrate(model, train_loader, num_batches=200)
+        >>> batchnorm.recalibrate(model, train_loader, num_batches=200)  # doctest: +SKIP
     """
     layers = check_model_and_batches(model, batches, num_batches, "recalibrate", progress, forward)
     population = collect_population_statistics(
