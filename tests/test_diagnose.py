@@ -273,3 +273,12 @@ def test_in_place_layers_are_measured_on_their_input_and_leave_the_data_as_it_wa
         measured[memory] = (layer.mean_shift, layer.variance_ratio, layer.problems)
     assert measured["in_place"][:2] == pytest.approx(measured["default"][:2])
     assert measured["in_place"][2] == measured["default"][2] == []
+
+
+def test_diagnose_leaves_a_model_not_yet_built_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), BatchNormalization())
+    before = (model[1].built, model[1].axis, model[1].fused, sorted(model.state_dict()))
+    report = diagnose(model, [torch.randn(16, 3) for _ in range(2)], steps=0)
+    assert len(report.layers) == 1
+    assert (model[1].built, model[1].axis, model[1].fused, sorted(model.state_dict())) == before

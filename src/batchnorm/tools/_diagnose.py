@@ -53,8 +53,10 @@ def diagnose(
     Limits flagged: mean shift > 0.25 and variance ratio > 1.5 (each widened by three standard
     errors of the population estimate), gap > 0.5 (widened by two standard errors of batch
     statistics, ``sqrt(1.5 / n)``), batch < 8: see :attr:`LayerDiagnosis.limits`.
-    Pass batches like the training batches (same size), as many as you can afford. The model is not changed: the current-mode pass runs
-    on a deep copy, the population pass restores every buffer and mode.
+    Pass batches like the training batches (same size), as many as you can afford. The model is
+    not changed: both passes run on deep copies (the current-mode pass on one, the population
+    pass on another, which restores every buffer and mode; so diagnose holds the model three
+    times over).
 
     Args:
         model: a model holding batch norms.
@@ -85,8 +87,10 @@ def diagnose(
         run(current, batch)
         return run(target, batch)
 
+    # The population pass runs on a copy too: a layer not built yet would be built by it (its
+    # axis, fused path and weights decided), and a torch Lazy module materialised.
     population = collect_population_statistics(
-        model,
+        model_copy(model),
         batches,
         num_batches=num_batches,
         progress=progress,
