@@ -370,3 +370,14 @@ def test_an_in_place_layer_does_not_overwrite_the_batches():
         torch.testing.assert_close(batch, original, rtol=0, atol=0)
     expected = torch.cat(kept).mean(0)
     torch.testing.assert_close(model[0].moving_mean, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_holding_nan_is_reported_and_writes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), BatchNormalization(4))
+    batches = [torch.randn(8, 3) for _ in range(3)]
+    batches[1][2, 0] = float("nan")
+    before = model[1].moving_mean.clone()
+    result = recalibrate(model, batches)
+    assert "NaN or Inf" in result.skipped["1"]
+    torch.testing.assert_close(model[1].moving_mean, before, rtol=0, atol=0)

@@ -137,6 +137,9 @@ def _why_skipped(module: nn.Module, statistics: PopulationStatistics | None) -> 
         return "frozen (statistics fixed until unfrozen)"
     if statistics is None or not bool((statistics.count > 0).any()):
         return "saw no input (not called, or every sample masked)"
+    if not bool(torch.isfinite(statistics.mean).all() and torch.isfinite(statistics.m2).all()):
+        # Written, NaN moving statistics would make every later output NaN.
+        return "its input held NaN or Inf (statistics not finite; nothing written)"
     return None
 
 
