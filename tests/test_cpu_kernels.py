@@ -525,3 +525,24 @@ def test_a_model_exported_in_training_saves_and_loads(options):
         x = torch.randn(8, 3, 5, 5)
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loaded.state_dict()["1.moving_mean"], model[1].moving_mean)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_fresh_layer_exports_strictly_with_a_dynamic_batch(mode):
+    from torch.export import Dim
+
+    layer = getattr(BatchNormalization(4), mode)()
+    reference = copy_of(layer)
+    # Its lazy-build hook read the symbolic batch size as an int: "You marked B as dynamic but
+    # your code specialized it to be a constant (8)".
+    exported = torch.export.export(
+        layer, (torch.randn(8, 4),), dynamic_shapes=({0: Dim("B", min=2, max=64)},), strict=True
+    )
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(exported.module()(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def copy_of(module):
+    import copy
+
+    return copy.deepcopy(module)

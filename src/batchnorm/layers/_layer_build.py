@@ -147,18 +147,23 @@ def build_input_shape(input_shape: Any, axis: Any) -> tuple[int, ...]:
     elsewhere becomes 1. Any iterable of sizes (a list, tuple, torch.Size, a NumPy array or
     integer tensor), each an int, a NumPy or 0-d tensor integer, a whole float or a SymInt
     (torch.compile with dynamic shapes)."""
-    sizes: list[int | None] = []
+    given: list[Any] = []
     try:
         if isinstance(input_shape, (str, bytes)):
             raise TypeError
-        for size in input_shape:
-            sizes.append(None if size is None else _size(size))
+        given = list(input_shape)
+        # A SymInt (a dynamic size under torch.compile / torch.export) is read only on a channel
+        # axis: int() of the batch size specialised it to the example's ("You marked B as
+        # dynamic but your code specialized it to be a constant").
+        sizes = [None if s is None or isinstance(s, torch.SymInt) else _size(s) for s in given]
     except (TypeError, ValueError):
         raise TypeError(
             "`input_shape` must be a sequence of non-negative ints (None where unknown, as Keras' "
             f"batch size). Received: input_shape={input_shape!r}"
         ) from None
     for a in normalize_axes(axis, len(sizes)):
+        if isinstance(given[a], torch.SymInt):
+            sizes[a] = _size(given[a])
         if sizes[a] is None:
             raise ValueError(
                 f"`input_shape` needs a known size on the channel axis {a}. "
