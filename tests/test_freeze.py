@@ -273,3 +273,15 @@ def test_freeze_drops_leftover_gradients_so_no_optimizer_moves_gamma(make):
         model(torch.randn(8, 4)).sum().backward()
     for old, new in zip(before, model[1].parameters(), strict=True):
         torch.testing.assert_close(new, old, rtol=0, atol=0)
+
+
+def test_frozen_block_gives_back_the_gradients_accumulated_before_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), BatchNormalization(4), nn.Linear(4, 1))
+    model(torch.randn(8, 3)).sum().backward()
+    before = [p.grad.clone() for p in model[1].parameters()]
+    with frozen(model):
+        assert all(p.grad is None for p in model[1].parameters())  # no step moves them here
+        model(torch.randn(8, 3)).sum().backward()  # an auxiliary loss, gamma/beta frozen
+    for parameter, gradient in zip(model[1].parameters(), before, strict=True):
+        torch.testing.assert_close(parameter.grad, gradient, rtol=0, atol=0)

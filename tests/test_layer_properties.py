@@ -1056,5 +1056,6 @@ def test_keras_short_initializer_names_are_taken(alias, class_name):
 def test_compute_output_shape_is_the_input_shape():
     layer = BatchNormalization(axis=1)
     assert layer.compute_output_shape((None, 4, 3)) == (None, 4, 3)
-    with pytest.raises(ValueError, match="channel axis"):
-        layer.compute_output_shape((None, None, 3))
+    assert layer.compute_output_shape((None, None, 3)) == (None, None, 3)  # as Keras returns it
+    with pytest.raises(TypeError, match="input_shape"):
+        layer.compute_output_shape((None, "4", 3))

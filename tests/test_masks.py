@@ -295,3 +295,22 @@ def test_a_float_mask_propagates_shapes_under_fake_tensors_and_on_meta(where):
             y = run()
         assert y.is_meta
     assert y.shape == (4, 5, 3)
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_float_mask_weights_on_the_composed_ops_follow_the_float64_formula(offset):
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 16) + offset
+    # NCL with axis=1: Keras' mask has the shape of x without its last axis, (N, C), and weighs
+    # (sample, channel) positions, which only the composed ops take.
+    weights = torch.rand(8, 4) * 0.9 + 0.1
+    layer = BatchNormalization(4, axis=1, momentum=0.0)
+    y = layer(x, training=True, mask=weights)
+    wide = x.double()
+    w = weights.double()[:, :, None].expand(8, 4, 16)
+    total = w.sum((0, 2), keepdim=True)
+    mean = (w * wide).sum((0, 2), keepdim=True) / total
+    variance = (w * (wide - mean) ** 2).sum((0, 2), keepdim=True) / total
+    expected = (wide - mean) / torch.sqrt(variance + layer.epsilon)
+    # Each w * x was rounded to float32 before the float64 sum: 6.6e-3 off at 1e6.
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=2e-6)

@@ -420,3 +420,18 @@ def test_an_optimizer_built_before_convert_keeps_training_gamma_and_beta(to):
     for ours, theirs in zip(converted[1].parameters(), reference[1].parameters(), strict=True):
         assert not torch.equal(theirs, torch.ones_like(theirs) * theirs.flatten()[0])
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("to", ["batchnorm", "torch"])
+def test_a_model_on_the_meta_device_converts(to):
+    with torch.device("meta"):
+        norm = (
+            nn.BatchNorm2d(4)
+            if to == "batchnorm"
+            else batchnorm.BatchNormalization(4, axis=1, moving_variance_estimator="unbiased")
+        )
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), norm)
+    if to == "torch":
+        norm.build((None, 4, 2, 2))  # the rank gives the torch class
+    batchnorm.convert(model, to=to)  # torch.equal of meta tensors raised
+    assert all(p.device.type == "meta" for p in model.parameters())

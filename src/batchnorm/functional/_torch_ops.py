@@ -55,9 +55,12 @@ def reduced_moments(
         # NaN), as in the kernels; no gradient reaches it through the statistics.
         x = torch.where(weights != 0, x, 0.0)
         count = weights.broadcast_to(x.shape).sum(dim=reduce_dims, keepdim=True, dtype=accumulator)
-        weighted_sum = (weights * x).sum(dim=reduce_dims, keepdim=True, dtype=accumulator)
+        # Each product in the accumulator's dtype: weights * x in x's dtype rounded every term
+        # (0/1 weights are exact; 0.37 * x at |mean| / std = 1e6 put y 7e-3 off).
+        wide_weights = weights.to(accumulator)
+        weighted_sum = (wide_weights * x).sum(dim=reduce_dims, keepdim=True)
         mean = divide_no_nan(weighted_sum, count)
-        squared = (weights.to(accumulator) * (x - mean).square()).sum(dim=reduce_dims, keepdim=True)
+        squared = (wide_weights * (x - mean).square()).sum(dim=reduce_dims, keepdim=True)
     variance = divide_no_nan(squared, count)
     # Mean and variance stay in the accumulator's dtype (float64 except on MPS), as the CPU
     # kernels return them: normalising with a float32-rounded mean costs |mean| / std * 6e-8 of

@@ -247,7 +247,7 @@ def _share_parameters(
             or copy is None
             or nn.parameter.is_lazy(shared)
             or (shared.dtype, shared.device, shared.shape) != (copy.dtype, copy.device, copy.shape)
-            or not torch.equal(shared.detach(), copy.detach())
+            or (shared.device.type != "meta" and not torch.equal(shared.detach(), copy.detach()))
         ):
             continue
         setattr(target, target_name, shared)

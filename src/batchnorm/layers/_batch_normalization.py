@@ -59,7 +59,7 @@ from batchnorm.layers._layer_config import layer_config, layer_kwargs_from_confi
 from batchnorm.layers._layer_inputs import check_input, resolve_training
 from batchnorm.layers._layer_repr import layer_repr
 from batchnorm.layers._layer_settings import checked_setting
-from batchnorm.layers._layer_state import load_layer_state, record_estimator
+from batchnorm.layers._layer_state import load_layer_state, record_estimator, record_unbuilt
 from batchnorm.layers._layer_step import layer_statistics, run_step
 from batchnorm.layers._layer_tracing import (
     fx_leaf_call,
@@ -391,7 +391,10 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         return self
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        # An unbuilt layer saves no tensors (placeholders would not load with weights_only).
+        # An unbuilt layer saves no tensors (placeholders would not load with weights_only),
+        # only a mark in the metadata that it has none.
+        if not self.built:
+            record_unbuilt(destination, prefix)
         if self.built:
             super()._save_to_state_dict(destination, prefix, keep_vars)
             # Undecided ("auto" before the build), the buffers may hold a loaded checkpoint's.
@@ -637,11 +640,18 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         return weight_names(self)
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
-        """Keras' ``compute_output_shape``: the input's shape (None where a size is unknown),
-        checked as :meth:`build` checks it."""
-        sizes = build_input_shape(input_shape, self.axis)
-        given = list(input_shape)
-        return tuple(None if g is None else size for g, size in zip(given, sizes, strict=True))
+        """Keras' ``compute_output_shape``: the input's shape (None where a size is unknown,
+        the channel sizes too, as in tf-keras and Keras 3)."""
+        given = list(input_shape) if not isinstance(input_shape, (str, bytes)) else None
+        if given is None or any(
+            s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0)
+            for s in given
+        ):
+            raise TypeError(
+                "`input_shape` must be a sequence of non-negative ints or None. "
+                f"Received: input_shape={input_shape!r}"
+            )
+        return tuple(given)
 
     def get_weights(self) -> list[np.ndarray]:
         """NumPy copies in tf-keras order and shapes: gamma, beta, moving_mean, moving_variance[, renorm]."""

@@ -15,9 +15,10 @@ listed: torch's ``load_state_dict`` raises for them when ``strict``, which a mod
 so a built layer copies what is there, as torch's modules do, and an unbuilt layer loads a
 checkpoint holding all its keys (extra ones are listed as unexpected; before session 52 they kept
 it unbuilt, loading nothing while only they were reported); with some of its keys missing it stays
-unbuilt, and with none of them they are all listed as missing (an unbuilt layer saves no tensors,
-since placeholders would not load with ``weights_only``: load a checkpoint into an unbuilt model
-with ``strict=False``, or build it first).
+unbuilt, and with none of them they are all listed as missing, unless the checkpoint is of an
+unbuilt layer (which saves no tensors, since placeholders would not load with ``weights_only``,
+and marks its metadata instead; torch.distributed.checkpoint's load into an unbuilt model's own
+state_dict keeps that mark, so it still loads nothing there: build the model first).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from batchnorm.functional._validation import check_axis_type
 from batchnorm.layers._lazy_weights import TensorOwner, unmaterialize
 
 ESTIMATOR_KEY = "moving_variance_estimator"
+# In the metadata of a layer saved unbuilt (no tensors): its keys are not missing, there are none.
+UNBUILT_KEY = "batchnorm_unbuilt"
 # Keys that torch.nn.BatchNorm* writes and this layer never does.
 _TORCH_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 SCALAR_NAMES = ("moving_average_weight",)
@@ -138,6 +141,14 @@ def check_load(
     )
 
 
+def record_unbuilt(destination: Any, prefix: str) -> None:
+    """Mark the state_dict metadata ``state_dict()`` is filling: this layer was not built."""
+    metadata = getattr(destination, "_metadata", None)
+    local = metadata.get(prefix[:-1]) if isinstance(metadata, dict) else None
+    if isinstance(local, dict):
+        local[UNBUILT_KEY] = True
+
+
 def record_estimator(destination: Any, prefix: str, estimator: str | None) -> None:
     """Write the stored variance into the state_dict metadata ``state_dict()`` is filling."""
     metadata = getattr(destination, "_metadata", None)
@@ -190,9 +201,12 @@ def plan_load(
     plan.unexpected = [keys[n] for n in keys if n not in targets]
     plan.missing = [prefix + name for name in targets if name not in keys]
     if channel_shape is None and not present:
-        # Nothing for an unbuilt layer: its keys are missing, as torch's Lazy modules list
-        # theirs (a strict load of a checkpoint without them, or torch.distributed.checkpoint's
-        # load into an unbuilt model's state_dict, reported nothing and the statistics were lost).
+        # Nothing for an unbuilt layer: a checkpoint of an unbuilt layer (its metadata says so)
+        # has nothing to give; any other lacks its keys, listed as missing as torch's Lazy
+        # modules list theirs (a strict load of a checkpoint without them reported nothing, and
+        # the statistics were lost).
+        if local_metadata.get(UNBUILT_KEY) is True:
+            plan.missing = []
         return plan
     values = {name: state_dict[keys[name]] for name in present}
     for name, value in values.items():

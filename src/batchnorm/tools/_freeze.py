@@ -95,6 +95,9 @@ def frozen(
     """
     layers = _batch_norms_of(model, "frozen")
     before = {id(module): dict(vars(module)[_STATE]) for _, module in layers if is_frozen(module)}
+    # freeze drops gamma's and beta's gradients (an optimizer would step them); the block
+    # gives back those accumulated before it (a loss's backward, then an auxiliary one inside).
+    gradients = [(p, p.grad) for _, module in layers for _, p in named_affine_parameters(module)]
     freeze(model, statistics=statistics, affine=affine)
     try:
         yield model
@@ -104,6 +107,8 @@ def frozen(
             if id(module) in before:
                 flags = before[id(module)]
                 _freeze_module(module, statistics=flags["statistics"], affine=flags["affine"])
+        for parameter, gradient in gradients:
+            parameter.grad = gradient
 
 
 def _batch_norms_of(model: Any, function: str) -> list[tuple[str, nn.Module]]:
