@@ -207,3 +207,86 @@ def test_statistics_that_are_not_floating_point_are_a_problem(dtype):
     assert report.problems == {
         "bn": [f"running_var holds {name} values: batch-norm statistics are floating-point numbers"]
     }
+
+
+def _garbled_keras(tmp_path: Path, member: str, edit) -> Path:
+    """k3_model.keras with ``member`` (a JSON file of the archive) rewritten by ``edit``."""
+    import zipfile
+
+    path = tmp_path / "garbled.keras"
+    with zipfile.ZipFile(GOLDEN / "k3_model.keras") as source:
+        members = {name: source.read(name) for name in source.namelist()}
+    members[member] = json.dumps(edit(json.loads(members[member]))).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return path
+
+
+def _bn_dense(config: dict) -> dict:
+    return next(e for e in config["config"]["layers"] if e["config"]["name"] == "bn_dense")
+
+
+def _with_build_config(config: dict) -> dict:
+    _bn_dense(config)["build_config"] = [1]
+    return config
+
+
+@pytest.mark.parametrize(
+    ("member", "edit", "holds"),
+    [
+        ("metadata.json", lambda metadata: [], "metadata.json must be a JSON object"),
+        ("config.json", lambda config: None, "config.json must be a JSON object"),
+        ("config.json", _with_build_config, "the `build_config` of layer 'bn_dense'"),
+    ],
+)
+def test_a_keras_file_with_json_of_another_structure_is_one_line_and_exit_2(
+    member, edit, holds, tmp_path, capsys
+):
+    """Before: a traceback (AttributeError) and exit status 1, which means "problems found"."""
+    pytest.importorskip("h5py")
+    path = _garbled_keras(tmp_path, member, edit)
+    assert main(["inspect", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("batchnorm inspect: `path` lacks or garbles what a Keras file")
+    assert holds in err and "garbled.keras" in err
+
+
+@pytest.mark.parametrize(
+    ("momentum", "status", "problem"),
+    [
+        (None, 0, None),
+        ("0.5", 1, "bn_dense: momentum must be a number (Keras convention). Received: '0.5'"),
+        (True, 1, "bn_dense: momentum must be a number (Keras convention). Received: True"),
+        ([0.9], 1, "bn_dense: momentum must be a number (Keras convention). Received: [0.9]"),
+    ],
+)
+def test_a_keras_momentum_that_is_no_number_is_not_a_crash(
+    momentum, status, problem, tmp_path, capsys
+):
+    """Before: ``"momentum": null`` raised TypeError from float() (a traceback, exit 1); now a
+    null momentum is unknown and one that is not a number is a problem of its layer."""
+    pytest.importorskip("h5py")
+
+    def edit(config: dict) -> dict:
+        _bn_dense(config)["config"]["momentum"] = momentum
+        return config
+
+    path = _garbled_keras(tmp_path, "config.json", edit)
+    assert main(["inspect", str(path)]) == status
+    out, err = capsys.readouterr()
+    assert err == ""
+    if problem is not None:
+        assert problem in out
+
+
+def test_a_momentum_that_is_no_number_from_a_mapping_is_a_problem():
+    report = inspect_statistics(
+        {"bn": {"moving_mean": [0.0], "moving_variance": [1.0], "momentum": "0.9"}}
+    )
+    assert report["bn"].momentum is None
+    assert report.problems["bn"] == [
+        "momentum must be a number (Keras convention). Received: '0.9'"
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -1346,3 +1347,206 @@ def test_a_weights_file_whose_batch_norms_share_one_nested_model_pairs_by_order(
     for module, weights in zip(model, layers, strict=True):
         for got, want in zip(module.get_weights(), weights.values(), strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------- parametrized modules
+class Halved(nn.Module):
+    """weight = 2 * original: a parametrization with a right_inverse, so a value can be written."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t * 2
+
+    def right_inverse(self, t: torch.Tensor) -> torch.Tensor:
+        return t / 2
+
+
+class Doubled(nn.Module):
+    """The same without a right_inverse: nothing can be written through it."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t * 2
+
+
+def test_parametrized_torch_weight_and_bias_are_written_through_right_inverse():
+    """Before, copy_ went into the tensor the parametrization computes: the report said
+    "loaded" and the module kept weight = 2, bias = 0; the gamma = 1 fill (bn_dense has
+    scale=False) was lost the same way."""
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm1d(5))
+    for module in model:
+        parametrize.register_parametrization(module, "weight", Halved())
+        parametrize.register_parametrization(module, "bias", Halved())
+    bn_conv, bn_dense = read_batch_norm_layers(GOLDEN / "k3_model.keras")
+    report = load_weights(model, GOLDEN / "k3_model.keras", strict=False)
+    assert [entry.status for entry in report] == ["loaded", "loaded"]
+    np.testing.assert_array_equal(model[0].weight.detach(), bn_conv.weights["gamma"])
+    np.testing.assert_array_equal(model[0].bias.detach(), bn_conv.weights["beta"])
+    np.testing.assert_array_equal(model[0].running_mean, bn_conv.weights["moving_mean"])
+    np.testing.assert_array_equal(model[1].weight.detach(), np.ones(5))
+    np.testing.assert_array_equal(model[1].bias.detach(), bn_dense.weights["beta"])
+    original = model[0].parametrizations.weight.original
+    np.testing.assert_array_equal(original.detach(), bn_conv.weights["gamma"] / 2)
+
+
+@pytest.mark.parametrize("configure", [False, True])
+@pytest.mark.parametrize("kind", ["ours", "torch"])
+def test_a_later_weight_that_cannot_be_written_changes_no_earlier_module(kind, configure):
+    """The second module's beta (bias) is parametrized without a right_inverse: the load is
+    refused before the first module's weights or settings change (before, set_weights raised
+    for the second after the first was configured and loaded)."""
+    from torch.nn.utils import parametrize
+
+    if kind == "ours":
+        model = nn.Sequential(BatchNormalization(3), BatchNormalization(5, scale=False))
+        offset = "beta"
+    else:
+        model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm1d(5))
+        offset = "bias"
+    parametrize.register_parametrization(model[1], offset, Doubled())
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"Keras layer 'bn_dense' \(path='.*k3_model.keras'\) cannot be loaded into module "
+        rf"'1': `{offset}` is parametrized by Doubled, which has no right_inverse",
+    ):
+        load_weights(model, GOLDEN / "k3_model.keras", strict=False, configure=configure)
+    assert_unchanged(model, before)
+
+
+def test_a_parametrized_torch_weight_without_right_inverse_is_refused():
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    parametrize.register_parametrization(model[0], "weight", Doubled())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"`weight` is parametrized by Doubled"):
+        load_weights(model, GOLDEN / "k3_model.keras", mapping={"bn_conv": "0"}, strict=False)
+    assert_unchanged(model, before)
+
+
+# ---------------------------------------------------------------------------- garbled configs
+def rewritten_keras(tmp_path: Path, edit: dict[str, bytes]) -> Path:
+    """k3_model.keras with the archive members in ``edit`` replaced."""
+    path = tmp_path / "garbled.keras"
+    with zipfile.ZipFile(GOLDEN / "k3_model.keras") as source_archive:
+        members = {name: source_archive.read(name) for name in source_archive.namelist()}
+    members.update(edit)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return path
+
+
+def k3_model_config(**bn_dense: object) -> bytes:
+    """k3_model.keras' config.json with bn_dense's config keys set as given."""
+    with zipfile.ZipFile(GOLDEN / "k3_model.keras") as archive:
+        config = json.loads(archive.read("config.json"))
+    for layer in config["config"]["layers"]:
+        if layer["config"]["name"] == "bn_dense":
+            layer["config"].update(bn_dense)
+    return json.dumps(config).encode()
+
+
+def k3_model_with_bn_dense_entry(**entry: object) -> bytes:
+    """k3_model.keras' config.json with bn_dense's layer entry (beside its config) updated."""
+    with zipfile.ZipFile(GOLDEN / "k3_model.keras") as archive:
+        config = json.loads(archive.read("config.json"))
+    for layer in config["config"]["layers"]:
+        if layer["config"]["name"] == "bn_dense":
+            layer.update(entry)
+    return json.dumps(config).encode()
+
+
+@pytest.mark.parametrize(
+    ("member", "content", "holds"),
+    [
+        (
+            "config.json",
+            b"null",
+            "config.json must be a JSON object, as Keras writes it, but holds null",
+        ),
+        ("config.json", b"[1, 2]", r"config.json must be a JSON object.* holds \[1, 2\]"),
+        ("metadata.json", b"[]", r"metadata.json must be a JSON object.* holds \[\]"),
+        (
+            "config.json",
+            k3_model_with_bn_dense_entry(build_config=[1]),
+            r"the `build_config` of layer 'bn_dense' in the model config must be a JSON "
+            r"object.* holds \[1\]",
+        ),
+    ],
+)
+def test_json_of_another_structure_is_a_garbled_file(tmp_path, member, content, holds):
+    """Before: config.json null or a list read as a file without configs; metadata.json [] and
+    a build_config [1] raised AttributeError."""
+    path = rewritten_keras(tmp_path, {member: content})
+    match = rf"`path` lacks or garbles what a Keras file of its format holds \({holds}\)\. "
+    with pytest.raises(ValueError, match=match + r"Received: path='.*garbled.keras'"):
+        read_batch_norm_layers(path)
+    model = nn.Sequential(BatchNormalization(3), BatchNormalization(5, scale=False))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        load_weights(model, path, strict=False)
+    assert_unchanged(model, before)
+
+
+def test_a_model_config_attribute_of_another_structure_is_a_garbled_file(tmp_path):
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "garbled.h5"
+    shutil.copy(GOLDEN / "tfk_model.h5", path)
+    with h5py.File(path, "r+") as handle:
+        handle.attrs["model_config"] = "[]"
+    with pytest.raises(
+        ValueError,
+        match=r"garbles what a Keras file of its format holds \(the `model_config` attribute "
+        r"must be a JSON object, as Keras writes it, but holds \[\]\)",
+    ):
+        read_batch_norm_layers(path)
+
+
+@pytest.mark.parametrize("configure", [False, True])
+@pytest.mark.parametrize("kind", ["ours", "torch"])
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("momentum", True, "a number"),
+        ("momentum", "0.5", "a number"),
+        ("momentum", None, "a number"),
+        ("epsilon", None, "a number"),
+        ("epsilon", "abc", "a number"),
+        ("renorm_momentum", [0.9], "a number"),
+        ("axis", None, "an int or a non-empty list of ints"),
+        ("axis", "x", "an int or a non-empty list of ints"),
+        ("axis", 1.5, "an int or a non-empty list of ints"),
+        ("axis", [], "an int or a non-empty list of ints"),
+        ("axis", [True], "an int or a non-empty list of ints"),
+        ("trainable", "no", "true or false"),
+        ("center", 1, "true or false"),
+        ("virtual_batch_size", "4", "an int or null"),
+        ("renorm_clipping", [1, 2], "a JSON object or null"),
+    ],
+)
+def test_config_values_of_another_type_are_refused_for_every_module(
+    tmp_path, key, value, expected, kind, configure
+):
+    """Before: axis null / "x" / 1.5 raised TypeError or a bare ValueError from int() into our
+    layers; epsilon null a TypeError into torch modules, even with configure=False; momentum
+    true configured torch momentum 0.0 and "0.5" was taken as 0.5, where our layers refused
+    both. Now every such value is refused before anything changes, naming layer, key and value."""
+    path = rewritten_keras(tmp_path, {"config.json": k3_model_config(**{key: value})})
+    if kind == "ours":
+        model = nn.Sequential(BatchNormalization(3), BatchNormalization(5, scale=False))
+    else:
+        model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm1d(5))
+    before = snapshot(model)
+    match = (
+        rf"Keras layer 'bn_dense' in the file has an invalid setting: `{key}` must be "
+        rf"{re.escape(expected)}, as Keras writes it. Received: {key}={re.escape(repr(value))} "
+        r"in path='.*garbled.keras'"
+    )
+    with pytest.raises(ValueError, match=match):
+        load_weights(model, path, strict=False, configure=configure)
+    assert_unchanged(model, before)

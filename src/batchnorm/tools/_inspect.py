@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from batchnorm.tools._batch_norm_modules import averaging_horizon
@@ -82,7 +83,6 @@ def inspect_statistics(layers: Mapping[str, Mapping[str, Any]]) -> DiagnosisRepo
                 f"Layer {name}: the mean and variance must have the same shape. "
                 f"Received: {tuple(mean.shape)} and {tuple(variance.shape)}"
             )
-        momentum = entries.get("momentum")
         kind = entries.get("kind") or (
             "BatchNorm (torch)" if "running_mean" in entries else "BatchNormalization"
         )
@@ -91,7 +91,7 @@ def inspect_statistics(layers: Mapping[str, Mapping[str, Any]]) -> DiagnosisRepo
             kind=str(kind),
             channels=int(mean.numel()),
             steps=_step_count(entries, unusable),
-            momentum=None if momentum is None else float(momentum),
+            momentum=_momentum(entries, unusable),
             unusable=unusable,
         )
         if row.momentum is not None:
@@ -280,6 +280,24 @@ def _step_count(entries: Mapping[str, Any], unusable: list[str]) -> int | None:
     return None
 
 
+def _momentum(entries: Mapping[str, Any], unusable: list[str]) -> float | None:
+    """The saved momentum as a float, or None: where there is none (or None), and where it is
+    not a number (noted in ``unusable``): a hand-edited or damaged Keras config may hold
+    ``"momentum": "0.5"`` or ``true``, which are no momentum."""
+    value = entries.get("momentum")
+    if value is None:
+        return None
+    if not isinstance(value, (str, bytes, bool, np.bool_)) and not (
+        isinstance(value, torch.Tensor) and value.dtype == torch.bool
+    ):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    unusable.append(f"momentum must be a number (Keras convention). Received: {value!r}")
+    return None
+
+
 def _keras_statistics(path: Path) -> dict[str, dict[str, Any]]:
     """The batch-norm layers of a tf-keras ``.h5`` or Keras 3 ``.keras`` file, for inspection."""
     from batchnorm.interop.keras import read_batch_norm_layers
@@ -289,7 +307,7 @@ def _keras_statistics(path: Path) -> dict[str, dict[str, Any]]:
         entries: dict[str, Any] = dict(layer.weights)
         entries["kind"] = f"BatchNormalization ({layer.file_format})"
         if layer.config is not None and "momentum" in layer.config:
-            entries["momentum"] = float(layer.config["momentum"])
+            entries["momentum"] = layer.config["momentum"]  # checked by inspect_statistics
         # by path ("encoder/bn"): layers of two nested models may share a name; a weights-only
         # file has no paths, so a repeated name gets its location in the file
         key = layer.path if layer.path not in layers else f"{layer.path} at {layer.location}"

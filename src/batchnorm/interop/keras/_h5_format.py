@@ -33,6 +33,7 @@ from batchnorm.interop.keras._records import (
     KerasBatchNormLayer,
     batch_norm_configs,
     decode,
+    json_object,
 )
 
 
@@ -47,7 +48,9 @@ def read_tf_keras_h5(handle: Any) -> list[KerasBatchNormLayer]:
     configs: dict[tuple[str, str], BatchNormConfig] = {}
     has_config = "model_config" in handle.attrs
     if has_config:
-        model_config = json.loads(decode(handle.attrs["model_config"]))
+        model_config = json_object(
+            json.loads(decode(handle.attrs["model_config"])), "the `model_config` attribute"
+        )
         configs = {_weights_key(found): found for found in batch_norm_configs(model_config)}
     layers = []
     for layer_name in (decode(n) for n in root.attrs["layer_names"]):

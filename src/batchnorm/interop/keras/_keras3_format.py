@@ -42,6 +42,7 @@ from batchnorm.interop.keras._records import (
     KerasFormat,
     config_layers,
     decode,
+    json_object,
 )
 
 _ARCHIVE_MEMBERS = ("config.json", "model.weights.h5")
@@ -78,8 +79,12 @@ def read_keras_archive(path: Path, h5py: Any) -> list[KerasBatchNormLayer]:
                 f"`path` is a zip archive but not a Keras 3 `.keras` file: it lacks {missing}. "
                 f"Received: path={str(path)!r} holding {sorted(members)}"
             )
-        model_config = json.loads(archive.read("config.json"))
-        metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in members else {}
+        model_config = json_object(json.loads(archive.read("config.json")), "config.json")
+        metadata = (
+            json_object(json.loads(archive.read("metadata.json")), "metadata.json")
+            if "metadata.json" in members
+            else {}
+        )
         weights_bytes = archive.read("model.weights.h5")
     version = metadata.get("keras_version")
     file_format = _archive_format(version)

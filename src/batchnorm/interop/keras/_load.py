@@ -27,12 +27,22 @@ from batchnorm.interop.keras._compare import (
     torch_differences,
     value_differences,
 )
+from batchnorm.interop.keras._config_values import check_config_values
 from batchnorm.interop.keras._read import read_batch_norm_layers
 from batchnorm.interop.keras._records import GAMMA_OR_BETA, KerasBatchNormLayer
 from batchnorm.interop.keras._report import LayerLoad, LoadReport, Status, shown
 from batchnorm.layers import BatchNormalization
 from batchnorm.layers._keras_weights import weights_from_arrays
+from batchnorm.layers._layer_settings import checked_setting
+from batchnorm.layers._parametrized import check_writable, write_weight
 
+# A torch batch norm's tensors and the file weights that load into them.
+_TORCH_TENSORS = (
+    ("weight", "gamma"),
+    ("bias", "beta"),
+    ("running_mean", "moving_mean"),
+    ("running_var", "moving_variance"),
+)
 # A vars group directly in a layer list: the list, then the group name without its number.
 _IN_LAYER_LIST = re.compile(r"^(.*/layers)/([^/]+?)(?:_\d+)?/vars$")
 
@@ -88,8 +98,11 @@ def load_weights(
     Every layer is checked before any module changes, with ``strict`` True or False: a layer
     whose weights disagree in shape (gamma of 4 values, moving_mean of 5) or are not real
     numbers, a file h5py cannot read (truncated, damaged), an invalid setting taken with
-    ``configure``, or a module tensor of another size than the file's weights raises, naming the
-    layer, the sizes and the file, and leaves every module as it was. Non-finite weights and a
+    ``configure``, a config value of another type than Keras writes (``"momentum": true``,
+    ``"axis": null``; with or without ``configure``), a module tensor of another size than the
+    file's weights, or one parametrized without ``right_inverse`` raises, naming the layer, the
+    sizes (or the key and value) and the file, and leaves every module as it was. A
+    parametrized weight is written through its ``right_inverse``. Non-finite weights and a
     negative moving variance are mismatches: ``strict=False`` loads them as Keras would.
 
     Args:
@@ -292,6 +305,7 @@ def _plan(
     configure: bool,
     path: str,
 ) -> _Plan:
+    check_config_values(record, path)
     record, resolved = _resolve_gamma_or_beta(record, module)
     if isinstance(module, BatchNormalization):
         differences, notes = layer_differences(record, module)
@@ -301,7 +315,7 @@ def _plan(
     notes = resolved + notes
     settable = [d for d in differences if d.resolution == "configure"] if configure else []
     for difference in settable:
-        _check_setting(record, difference)
+        _check_setting(record, module, difference)
     remaining = [d for d in differences if d not in settable]
     plan = _Plan(record, module_name, module, settable, remaining, notes)
     if plan.loadable:
@@ -310,16 +324,30 @@ def _plan(
 
 
 def _check_fits(plan: _Plan, path: str) -> None:
-    """Fails, before any module changes, if a weight does not fit the tensor it is copied into.
+    """Fails, before any module changes, if a weight does not fit the tensor it is copied into,
+    or cannot be written to it.
 
     The channel comparison reads ``num_features`` or ``moving_mean``; this reads every tensor
-    that ``_apply`` writes, so a load never stops half-way on a size error from ``copy_``.
+    that ``_apply`` writes, so a load never stops half-way on a size error from ``copy_``, nor
+    on a parametrization without ``right_inverse`` (the check ``set_weights`` makes).
     """
     module, record = plan.module, plan.record
+    names = (
+        module._weight_names()
+        if isinstance(module, BatchNormalization)
+        else [name for name, _ in _TORCH_TENSORS]
+    )
+    try:
+        for name in names:
+            check_writable(module, name)
+    except ValueError as error:
+        raise ValueError(
+            f"Keras layer {record.path!r} (path={path!r}) cannot be loaded into module "
+            f"{shown(plan.module_name)!r}: {error}"
+        ) from None
     if isinstance(module, BatchNormalization):
         if not module.built:
             return  # its weights are created from the file's shape
-        names = module._weight_names()
         targets = {name: getattr(module, name) for name in names}
         try:
             weights_from_arrays(_layer_arrays(plan), names, tuple(module.moving_mean.shape))
@@ -329,16 +357,7 @@ def _check_fits(plan: _Plan, path: str) -> None:
                 f"{shown(plan.module_name)!r}: {error}"
             ) from None
     else:
-        targets = {
-            name: tensor
-            for name, tensor in (
-                ("weight", module.weight),
-                ("bias", module.bias),
-                ("running_mean", module.running_mean),
-                ("running_var", module.running_var),
-            )
-            if tensor is not None
-        }
+        targets = {name: tensor for name in names if (tensor := getattr(module, name)) is not None}
     size = math.prod(record.channel_shape)
     wrong = {name: tuple(t.shape) for name, t in targets.items() if t.numel() != size}
     if wrong:
@@ -367,10 +386,16 @@ def _resolve_gamma_or_beta(
     return dataclasses.replace(record, weights=weights), [note]
 
 
-def _check_setting(record: KerasBatchNormLayer, difference: Difference) -> None:
+def _check_setting(
+    record: KerasBatchNormLayer, module: BatchNormModule, difference: Difference
+) -> None:
+    """Fails, before any module changes, where ``_set`` would refuse the file's value: our
+    layer's settings are checked as its own assignment checks them."""
     value, setting = difference.in_file, difference.setting
     try:
-        if setting in ("momentum", "renorm_momentum", "momentum (PyTorch convention)"):
+        if isinstance(module, BatchNormalization) and setting != "trainable":
+            checked_setting(module, setting, value)
+        elif setting in ("momentum", "renorm_momentum", "momentum (PyTorch convention)"):
             check_fraction(value, setting)
         elif setting.startswith("epsilon"):
             check_positive(value, setting)
@@ -393,18 +418,19 @@ def _apply(plan: _Plan) -> None:
             module._create_weights(plan.record.channel_shape, keras_shape=None)
         module.set_weights(_layer_arrays(plan))
         return
+    # A parametrized weight (torch.nn.utils.parametrize) is computed on each access: it is
+    # written through its right_inverse into the parameter behind it, a pruned one into its
+    # original; copy_ into the computed tensor wrote a temporary and the module kept its values.
     with torch.no_grad():
-        for weight, target in (
-            ("gamma", module.weight),
-            ("beta", module.bias),
-            ("moving_mean", module.running_mean),
-            ("moving_variance", module.running_var),
-        ):
-            if target is not None and weight in plan.record.weights:
+        for name, weight in _TORCH_TENSORS:
+            target = getattr(module, name)
+            if target is None:
+                continue
+            if weight in plan.record.weights:
                 value = torch.as_tensor(plan.record.weights[weight].reshape(-1))
-                target.copy_(value.to(dtype=target.dtype, device=target.device))
-            elif target is not None:
-                target.fill_(1.0 if weight == "gamma" else 0.0)
+            else:
+                value = torch.full_like(target, 1.0 if weight == "gamma" else 0.0)
+            write_weight(module, name, value.to(dtype=target.dtype, device=target.device))
 
 
 def _set(module: BatchNormModule, difference: Difference) -> None:

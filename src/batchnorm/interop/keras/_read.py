@@ -15,6 +15,7 @@ from batchnorm.interop.keras._keras3_format import (
     read_keras_archive,
 )
 from batchnorm.interop.keras._records import (
+    GarbledKerasFileError,
     KerasBatchNormLayer,
     checked_weights,
     import_h5py,
@@ -80,7 +81,7 @@ def read_batch_norm_layers(path: str | os.PathLike[str]) -> list[KerasBatchNormL
         raise ValueError(
             f"`path` is a damaged `.keras` zip archive ({error}). Received: path={str(path)!r}"
         ) from error
-    except (KeyError, json.JSONDecodeError) as error:
+    except (KeyError, json.JSONDecodeError, GarbledKerasFileError) as error:
         raise ValueError(
             f"`path` lacks or garbles what a Keras file of its format holds ({error}). "
             f"Received: path={str(path)!r}"

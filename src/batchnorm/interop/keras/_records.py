@@ -78,6 +78,26 @@ class KerasBatchNormLayer:
         return "moving_stddev" in self.weights
 
 
+class GarbledKerasFileError(ValueError):
+    """A JSON part of a Keras file (config.json, metadata.json, ``model_config``) of another
+    structure than Keras writes: :func:`~batchnorm.interop.keras.read_batch_norm_layers` names
+    the file. The message says what was expected and what the file holds."""
+
+
+def json_object(value: Any, what: str) -> Mapping[str, Any]:
+    """``value`` where it is a JSON object (a dict); else :class:`GarbledKerasFileError`."""
+    if not isinstance(value, Mapping):
+        raise GarbledKerasFileError(
+            f"{what} must be a JSON object, as Keras writes it, but holds {_json_text(value)}"
+        )
+    return value
+
+
+def _json_text(value: Any) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
 def checked_weights(layer: KerasBatchNormLayer, path: str) -> KerasBatchNormLayer:
     """``layer`` with its arrays in native byte order, after checking they can be a batch norm's.
 
@@ -186,7 +206,10 @@ def config_layers(model_config: Any) -> list[BatchNormConfig]:
         inner = entry["config"]
         # Keras 3 writes a custom layer's name beside its config, not in it.
         name = str(inner.get("name", entry.get("name")))
-        shape = (entry.get("build_config") or {}).get("input_shape")
+        build_config = entry.get("build_config")
+        if build_config is not None:
+            json_object(build_config, f"the `build_config` of layer {name!r} in the model config")
+        shape = (build_config or {}).get("input_shape")
         rank = len(shape) if isinstance(shape, list) else None
         class_name = str(entry.get("class_name", ""))
         batch_norm = is_batch_norm_entry(entry)
