@@ -35,10 +35,31 @@ DEFAULT_TARGET = (0.95, 0.97)
 DEFAULT_STEPS = {"shift": 3000, "modes": 3000}
 
 
+# torch.Generator.manual_seed takes 64 bits (a negative seed wrapped onto a large one).
+_MAX_SEED = 2**64 - 1
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an int torch's generators accept, or argparse's usage error (exit status 2);
+    a larger one failed after the arguments were parsed, with a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer. Received: {text!r}") from None
+    if not 0 <= value <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"must be in [0, 2**64 - 1] (torch's seed range). Received: {text}"
+        )
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser, *, top: bool, data: bool) -> None:
     default = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
     parser.add_argument(
-        "--seed", type=int, default=default(0), help="seed for weights and batches (default 0)"
+        "--seed",
+        type=_seed,
+        default=default(0),
+        help="seed for weights and batches, 0 to 2**64 - 1 (default 0)",
     )
     # A string default: argparse runs it through `type` too, so the default folder is checked.
     parser.add_argument(

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchnorm.functional._validation import check_fraction
 from batchnorm.layers import BatchNormalization
 
 
@@ -45,6 +46,8 @@ def from_caffe(
     Example:
         >>> layer = from_caffe(np.zeros(3), np.ones(3), np.ones(1))
     """
+    # Checked under its own name: the layer's check named it `momentum`.
+    moving_average_fraction = check_fraction(moving_average_fraction, "moving_average_fraction")
     mean = _blob(mean_blob, "mean_blob")
     variance = _blob(variance_blob, "variance_blob")
     if mean.ndim != 1 or variance.shape != mean.shape:

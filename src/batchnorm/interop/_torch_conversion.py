@@ -18,6 +18,7 @@ becomes a torch module after torch's batch norm.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -348,8 +349,14 @@ def _torch_batch_norm(
                     "pass `dims` (1 for BatchNorm1d, 2 for BatchNorm2d, 3 for BatchNorm3d). "
                     "Received: dims=None"
                 )
-    if dims not in _TORCH_CLASSES:
+    # True == 1 and 2.0 == 2 found a class too.
+    if (
+        isinstance(dims, bool)
+        or not isinstance(dims, numbers.Integral)
+        or dims not in _TORCH_CLASSES
+    ):
         raise ValueError(f"`dims` must be 1, 2 or 3. Received: dims={dims!r}")
+    dims = int(dims)
     eager_class, lazy_class = _TORCH_CLASSES[dims]
     if layer.synchronized:
         if not layer.built:

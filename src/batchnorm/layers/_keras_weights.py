@@ -214,17 +214,31 @@ def regularization_losses(layer: WeightedLayer) -> list[torch.Tensor]:
     return penalties
 
 
-@torch.no_grad()
-def apply_layer_constraints(layer: WeightedLayer, updated: AbstractSet[int] | None = None) -> None:
-    """Project gamma/beta in place with their constraints; nothing before the build. Both
-    projections are computed and checked writable before either is written. With ``updated``
-    (the ids of the parameters an optimizer step changed), only a weight whose parameters are
-    among them, as Keras constrains only the variables its optimizer updates."""
+def check_updated(updated: Any) -> AbstractSet[int] | None:
+    """``updated`` as :func:`apply_layer_constraints` takes it: None, or a set of parameter ids.
+    A set of the parameters themselves raised "Boolean value of Tensor ... is ambiguous" (an
+    id and its tensor share a hash, so the set compared them)."""
     if updated is not None and not isinstance(updated, AbstractSet):
         raise TypeError(
             "`updated` must be a set of the ids of the parameters a step changed, or None. "
             f"Received: updated of type {type(updated).__name__}"
         )
+    for item in updated or ():
+        if type(item) is not int:
+            raise TypeError(
+                "`updated` must hold parameter ids (`id(parameter)`, ints). "
+                f"Received: updated holding a {type(item).__name__}"
+            )
+    return updated
+
+
+@torch.no_grad()
+def layer_constraint_projections(
+    layer: WeightedLayer, updated: AbstractSet[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """gamma/beta projected by their constraints (nothing before the build), each checked
+    writable, without writing them; with ``updated`` (checked by :func:`check_updated`), only a
+    weight whose parameters are among those ids."""
     projected: dict[str, torch.Tensor] = {}
     for name in ("gamma", "beta") if layer.built else ():
         constraint = getattr(layer, f"{name}_constraint")
@@ -239,5 +253,20 @@ def apply_layer_constraints(layer: WeightedLayer, updated: AbstractSet[int] | No
             projected[name] = constrained.reshape(weight.shape)
     for name in projected:
         check_writable(layer, name)
+    return projected
+
+
+@torch.no_grad()
+def write_constraint_projections(layer: WeightedLayer, projected: dict[str, torch.Tensor]) -> None:
+    """Write what :func:`layer_constraint_projections` computed."""
     for name, value in projected.items():
         write_weight(layer, name, value)
+
+
+def apply_layer_constraints(layer: WeightedLayer, updated: AbstractSet[int] | None = None) -> None:
+    """Project gamma/beta in place with their constraints; nothing before the build. Both
+    projections are computed and checked writable before either is written. With ``updated``
+    (the ids of the parameters an optimizer step changed), only a weight whose parameters are
+    among them, as Keras constrains only the variables its optimizer updates."""
+    projected = layer_constraint_projections(layer, check_updated(updated))
+    write_constraint_projections(layer, projected)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchnorm.functional._validation import check_floating_input, check_positive
+from batchnorm.functional._validation import check_bool, check_floating_input, check_positive
 from batchnorm.layers._layer_tracing import refuse_scripting
 
 
@@ -30,7 +30,8 @@ class SampleNormalization(nn.Module):
         axis: the feature axis (default -1).
         epsilon: added to the standard deviation (default 1e-3).
         center, scale: learn beta / gamma (default True).
-        num_features: the feature count; without it the weights are created on the first call.
+        num_features: the feature count; without it the weights are created on the first call,
+            on its input's device (or by ``load_state_dict``, in the checkpoint's size and dtype).
         epsilon_in_sqrt: Keras 1.1/1.2's ``(x - mean) / (sqrt(var + eps) + eps)`` (default False).
 
     Shape:
@@ -64,35 +65,115 @@ class SampleNormalization(nn.Module):
             raise TypeError(f"`axis` must be an int. Received: axis={axis!r}")
         self.axis = int(axis)
         self.epsilon = check_positive(epsilon, "epsilon")
-        self.center, self.scale = bool(center), bool(scale)
-        self.epsilon_in_sqrt = bool(epsilon_in_sqrt)
+        self.center = check_bool(center, "center")
+        self.scale = check_bool(scale, "scale")
+        self.epsilon_in_sqrt = check_bool(epsilon_in_sqrt, "epsilon_in_sqrt")
         self.num_features: int | None = None
         if num_features is not None:
-            if not isinstance(num_features, numbers.Integral) or num_features <= 0:
+            if (
+                isinstance(num_features, bool)  # True == 1 built one feature
+                or not isinstance(num_features, numbers.Integral)
+                or num_features <= 0
+            ):
                 raise ValueError(
                     "`num_features` must be a positive int. "
                     f"Received: num_features={num_features!r}"
                 )
             self._create_weights(int(num_features), torch.float32)
 
-    def _create_weights(self, features: int, dtype: torch.dtype) -> None:
+    def _affine_names(self) -> list[str]:
+        return [name for name, present in (("gamma", self.scale), ("beta", self.center)) if present]
+
+    def _create_weights(
+        self, features: int, dtype: torch.dtype, device: torch.device | None = None
+    ) -> None:
         # Normal tensors even when built under torch.inference_mode, so that training works later.
         with torch.inference_mode(False):
             if self.scale:
-                self.gamma = nn.Parameter(torch.ones(features, dtype=dtype))
+                self.gamma = nn.Parameter(torch.ones(features, dtype=dtype, device=device))
             if self.center:
-                self.beta = nn.Parameter(torch.zeros(features, dtype=dtype))
+                self.beta = nn.Parameter(torch.zeros(features, dtype=dtype, device=device))
         self.num_features = features
 
+    def _remove_weights(self) -> None:
+        """Back to unbuilt: undoes a build made by a call that then failed."""
+        for name in self._affine_names():
+            self._parameters.pop(name, None)
+        self.num_features = None
+
+    def _checkpoint_problem(self, state_dict: Mapping[str, Any], prefix: str) -> str | None:
+        """Why the checkpoint's gamma / beta cannot be loaded, or None: each must be a 1-D
+        floating-point tensor of the layer's feature count (an unbuilt layer takes it from the
+        checkpoint, so gamma and beta must agree)."""
+        features, source = self.num_features, "SampleNormalization has"
+        for name in self._affine_names():
+            key = f"{prefix}{name}"
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if not isinstance(value, torch.Tensor):
+                return (
+                    f"`{key}` must be a floating-point torch.Tensor. "
+                    f"Received: {key} of type {type(value).__name__}"
+                )
+            if not value.is_floating_point():
+                return (
+                    f"`{key}` must be a floating-point torch.Tensor. "
+                    f"Received: {key}.dtype={value.dtype}"
+                )
+            if value.ndim != 1:
+                return (
+                    f"`{key}` must be 1-D, one value per feature. "
+                    f"Received: {key}.shape={tuple(value.shape)}"
+                )
+            if features is not None and value.shape[0] != features:
+                return (
+                    f"size mismatch for {key}: {source} {features} features. "
+                    f"Received: {key}.shape={tuple(value.shape)}"
+                )
+            features, source = int(value.shape[0]), f"the checkpoint's `{key}` has"
+        return None
+
     def _load_from_state_dict(
-        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
-        # An unbuilt layer takes its feature count from the checkpoint.
-        for name in ("gamma", "beta"):
+        # Everything is checked before anything is built or copied: a load that fails leaves
+        # the layer as it was (an unbuilt one was left built with the checkpoint's first size).
+        problem = self._checkpoint_problem(state_dict, prefix)
+        if problem is not None:
+            error_msgs.append(problem)
+            return
+        errors_before = len(error_msgs)
+        built_here = False
+        # An unbuilt layer takes its feature count and dtype from the checkpoint.
+        for name in self._affine_names():
             if self.num_features is None and f"{prefix}{name}" in state_dict:
                 value = state_dict[f"{prefix}{name}"]
                 self._create_weights(int(value.shape[0]), value.dtype)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+                built_here = True
+        try:
+            super()._load_from_state_dict(
+                state_dict,
+                prefix,
+                local_metadata,
+                strict,
+                missing_keys,
+                unexpected_keys,
+                error_msgs,
+            )
+        except BaseException:
+            if built_here:
+                self._remove_weights()
+            raise
+        if built_here and len(error_msgs) > errors_before:
+            self._remove_weights()
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` calls this on each module first: a clear refusal
@@ -108,13 +189,31 @@ class SampleNormalization(nn.Module):
                 f"Received: x.shape={tuple(x.shape)}"
             )
         features = x.shape[self.axis]
-        if self.num_features is None:
-            self._create_weights(features, torch.promote_types(x.dtype, torch.float32))
-        elif features != self.num_features:
-            raise ValueError(
-                f"SampleNormalization was built for {self.num_features} features on axis "
-                f"{self.axis}. Received: x.shape={tuple(x.shape)}"
+        if self.num_features is not None:
+            if features != self.num_features:
+                raise ValueError(
+                    f"SampleNormalization was built for {self.num_features} features on axis "
+                    f"{self.axis}. Received: x.shape={tuple(x.shape)}"
+                )
+            return self._normalize(x)
+        if x.is_meta and self._affine_names():
+            raise RuntimeError(
+                "An unbuilt SampleNormalization builds gamma and beta on its first input's "
+                "device, and a meta tensor holds no values for them: pass `num_features` (under "
+                "`torch.device('meta')` for meta weights) or make the first call on a real "
+                f"device. Received: x.device={x.device}"
             )
+        # Built on the input's device (an unbuilt layer holds no tensor for `.to()` to move),
+        # and unbuilt again if the call fails.
+        self._create_weights(features, torch.promote_types(x.dtype, torch.float32), x.device)
+        try:
+            return self._normalize(x)
+        except BaseException:
+            self._remove_weights()
+            raise
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        features = x.shape[self.axis]
         compute = x.to(torch.promote_types(x.dtype, torch.float32))
         mean = compute.mean(dim=self.axis, keepdim=True)
         variance = (compute - mean).square().mean(dim=self.axis, keepdim=True)

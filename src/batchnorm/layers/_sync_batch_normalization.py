@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchnorm.functional._validation import check_bool
 from batchnorm.layers._batch_normalization import BatchNormalization
 
 
@@ -43,8 +44,10 @@ class SyncBatchNormalization(BatchNormalization):
         process_group: Any = None,
         **kwargs: Any,
     ) -> None:
-        if kwargs.pop("synchronized", True) is not True:
+        synchronized = kwargs.pop("synchronized", True)
+        if not check_bool(synchronized, "synchronized"):
             raise ValueError(
-                "SyncBatchNormalization is always synchronized. Received: synchronized=False"
+                "SyncBatchNormalization is always synchronized. "
+                f"Received: synchronized={synchronized!r}"
             )
         super().__init__(num_features, synchronized=True, process_group=process_group, **kwargs)

@@ -15,6 +15,11 @@ from torch.utils.hooks import RemovableHandle
 
 from batchnorm.functional._validation import check_module
 from batchnorm.layers import BatchNormalization
+from batchnorm.layers._keras_weights import (
+    check_updated,
+    layer_constraint_projections,
+    write_constraint_projections,
+)
 
 # Per optimizer, the handle of the hook registered for each model (by id: the hook holds the
 # model, so the id cannot be reused while the hook is registered).
@@ -25,11 +30,18 @@ _HOOKS: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, RemovableHand
 
 def apply_constraints(model: torch.nn.Module, updated: AbstractSet[int] | None = None) -> None:
     """Apply ``gamma_constraint`` / ``beta_constraint`` of every BatchNormalization in ``model``;
-    with ``updated`` (ids of parameters an optimizer step changed), only to those weights."""
+    with ``updated`` (ids of parameters an optimizer step changed), only to those weights.
+    Every layer's projection is computed and checked writable before any is written: a layer
+    that cannot take its projection leaves every layer as it was."""
     check_module(model)
-    for module in model.modules():
-        if isinstance(module, BatchNormalization):
-            module.apply_constraints(updated)
+    updated = check_updated(updated)
+    projections = [
+        (module, layer_constraint_projections(module, updated))
+        for module in model.modules()
+        if isinstance(module, BatchNormalization)
+    ]
+    for module, projected in projections:
+        write_constraint_projections(module, projected)
 
 
 def apply_constraints_after_step(

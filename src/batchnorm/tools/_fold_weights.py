@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from batchnorm.functional._validation import check_bool, check_positive, check_tensor
@@ -34,7 +36,8 @@ def fold_weights(
     :func:`batchnorm.fold`, like torch's ``fuse_conv_bn_weights``.
 
     Args:
-        weight: the layer's weight.
+        weight: the layer's weight. Every tensor must be floating-point (an integer one was
+            folded and truncated) and on ``weight``'s device.
         bias: its bias, or None (taken as 0).
         mean, variance: the batch norm's moving statistics, shape ``(C_out,)``.
         gamma, beta: its scale and offset, or None (taken as 1 and 0).
@@ -43,7 +46,8 @@ def fold_weights(
         groups: the ConvTranspose's groups (only used with ``transposed``).
 
     Returns:
-        ``(folded_weight, folded_bias)``, new tensors (not Parameters).
+        ``(folded_weight, folded_bias)``, new tensors (not Parameters), detached: no gradient
+        flows back to any argument.
 
     Shape:
         ``weight``: ``(C_out, ...)`` or, transposed, ``(C_in, C_out / groups, ...)``; bias, mean,
@@ -64,18 +68,42 @@ def fold_weights(
             "`weight` must have at least 2 dims (out, in, ...). "
             f"Received: weight.shape={tuple(weight.shape)}"
         )
-    if not isinstance(groups, int) or groups < 1 or (transposed and weight.shape[0] % groups):
+    if (
+        isinstance(groups, bool)  # True was taken as groups=1
+        or not isinstance(groups, numbers.Integral)
+        or groups < 1
+        or (transposed and weight.shape[0] % groups)
+    ):
         raise ValueError(
             "`groups` must be a positive int dividing weight.shape[0]. "
             f"Received: groups={groups!r} for weight.shape={tuple(weight.shape)}"
         )
+    groups = int(groups)
     out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
-    named = {"bias": bias, "mean": mean, "variance": variance, "gamma": gamma, "beta": beta}
+    named = {
+        "weight": weight,
+        "bias": bias,
+        "mean": mean,
+        "variance": variance,
+        "gamma": gamma,
+        "beta": beta,
+    }
     for name, tensor in named.items():
-        if tensor is not None and tuple(tensor.shape) != (out_channels,):
+        if tensor is None:
+            continue
+        if not tensor.is_floating_point():
+            raise TypeError(
+                f"`{name}` must be a floating-point tensor. Received: {name}.dtype={tensor.dtype}"
+            )
+        if name != "weight" and tuple(tensor.shape) != (out_channels,):
             raise ValueError(
                 f"`{name}` must have one value per output channel, shape ({out_channels},). "
                 f"Received: {name}.shape={tuple(tensor.shape)}"
+            )
+        if tensor.device != weight.device:
+            raise ValueError(
+                f"`{name}` must be on the device of `weight`, {weight.device}. "
+                f"Received: {name}.device={tensor.device}"
             )
     # batch_norm's check: an infinite epsilon folded every weight to 0.
     epsilon = check_positive(epsilon, "epsilon")
@@ -83,7 +111,9 @@ def fold_weights(
     scale = torch.rsqrt(variance.detach().to(wide) + epsilon)
     if gamma is not None:
         scale = scale * gamma.detach().to(wide)
-    shift = -mean.detach().to(wide) if bias is None else bias.detach().to(wide) - mean.to(wide)
+    shift = (
+        -mean.detach().to(wide) if bias is None else bias.detach().to(wide) - mean.detach().to(wide)
+    )
     folded_bias = shift * scale
     if beta is not None:
         folded_bias = folded_bias + beta.detach().to(wide)
