@@ -31,6 +31,7 @@ from batchnorm.layers import _constraints as constraints
 from batchnorm.layers import _initializers as initializers
 from batchnorm.layers import _regularizers as regularizers
 from batchnorm.layers._dtype_policy import resolve_dtype_policy
+from batchnorm.layers._fused import unfused_if_synchronized
 from batchnorm.layers._keras_weights import (
     apply_layer_constraints,
     get_layer_weights,
@@ -242,7 +243,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         self.synchronized, self.process_group = check_synchronized(
             synchronized, process_group, fused
         )
-        fused = False if self.synchronized else fused
+        fused = unfused_if_synchronized(fused, self.synchronized)
         self.axis: list[int] | int = check_axis_argument(axis)
         self._axis_argument = self.axis  # what the repr shows; build makes `axis` a list
         self.momentum = check_fraction(momentum, "momentum")

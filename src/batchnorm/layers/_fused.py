@@ -46,6 +46,13 @@ def fused_unsupported_reason(
     return None
 
 
+def unfused_if_synchronized(fused: bool | None, synchronized: bool) -> bool | None:
+    """``fused`` for a layer that is ``synchronized`` or not: a synchronized layer takes the
+    non-fused path where ``fused`` is None (tf-keras refuses ``fused=True`` with it, which
+    :func:`batchnorm.functional._synchronized.check_synchronized` checks)."""
+    return False if synchronized and fused is None else fused
+
+
 def resolve_fused_at_build(fused: bool | None, axes: tuple[int, ...], rank: int) -> bool:
     """tf-keras' build-time resolution: fused needs rank 4 or 5 with the channel first or last.
 

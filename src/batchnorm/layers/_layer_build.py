@@ -20,7 +20,7 @@ import torch
 
 from batchnorm.functional._validation import check_axis_type, normalize_axes
 from batchnorm.layers._dtype_policy import DTypePolicy
-from batchnorm.layers._fused import resolve_fused_at_build
+from batchnorm.layers._fused import resolve_fused_at_build, unfused_if_synchronized
 from batchnorm.layers._keras_weights import keras_parameter_shape, layer_keras_shape
 from batchnorm.layers._layer_state import estimator_mismatch
 from batchnorm.layers._lazy_weights import TensorOwner, unmaterialize
@@ -198,9 +198,10 @@ def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]
             f"cannot include 0. Received: axis={layer.axis!r} (axis 0 of an input of rank "
             f"{rank})"
         )
-    fused = resolve_fused_at_build(layer.fused, axes, rank)
-    if layer.fused is None and layer.synchronized:  # synchronized set after construction
-        fused = False
+    # synchronized may have been set after construction
+    fused = resolve_fused_at_build(
+        unfused_if_synchronized(layer.fused, layer.synchronized), axes, rank
+    )
     channel_shape = tuple(input_shape[a] for a in axes)
     if 0 in channel_shape:  # as num_features=0 and load_state_dict refuse them
         raise ValueError(

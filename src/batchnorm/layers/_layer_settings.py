@@ -31,7 +31,11 @@ from batchnorm.functional._validation import (
 from batchnorm.layers import _constraints as constraints
 from batchnorm.layers import _initializers as initializers
 from batchnorm.layers import _regularizers as regularizers
-from batchnorm.layers._fused import fused_unsupported_reason, resolve_fused_at_build
+from batchnorm.layers._fused import (
+    fused_unsupported_reason,
+    resolve_fused_at_build,
+    unfused_if_synchronized,
+)
 from batchnorm.layers._layer_arguments import (
     MovingAverage,
     MovingVarianceEstimator,
@@ -124,9 +128,7 @@ def _fused(layer: SettingsLayer, value: Any) -> bool | None:
     rank, axes = layer._input_rank, layer._axes
     if rank is None or axes is None:
         return fused
-    if fused is None and layer.synchronized:
-        return False  # as the constructor decides for a synchronized layer
-    return resolve_fused_at_build(fused, axes, rank)
+    return resolve_fused_at_build(unfused_if_synchronized(fused, layer.synchronized), axes, rank)
 
 
 def _synchronized(layer: SettingsLayer, value: Any) -> bool:
