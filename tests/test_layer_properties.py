@@ -1059,3 +1059,9 @@ def test_compute_output_shape_is_the_input_shape():
     assert layer.compute_output_shape((None, None, 3)) == (None, None, 3)  # as Keras returns it
     with pytest.raises(TypeError, match="input_shape"):
         layer.compute_output_shape((None, "4", 3))
+
+
+def test_the_l1_l2_function_named_in_a_dict_keeps_its_defaults():
+    # tf-keras 2.20.1 deserialises {"class_name": "l1_l2"} through its l1_l2() function.
+    layer = BatchNormalization(4, gamma_regularizer={"class_name": "l1_l2", "config": {"l1": 0.5}})
+    assert layer.get_config()["gamma_regularizer"]["config"] == {"l1": 0.5, "l2": 0.01}

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -71,6 +71,14 @@ def get(identifier: Any, *, argument: str = "regularizer") -> Callable[..., torc
         # tf-keras resolves this name to its l1_l2() function, whose defaults are 0.01 each;
         # the class's names ("L1L2", "l1l2" in Keras 3) to the class, whose defaults are 0.
         return L1L2(l1=0.01, l2=0.01)
+    if isinstance(identifier, Mapping) and identifier.get("class_name") == "l1_l2":
+        # The same function named in a dict: its config's values over the function's defaults.
+        config = identifier.get("config") or {}
+        identifier = {
+            **identifier,
+            "class_name": "L1L2",
+            "config": {"l1": 0.01, "l2": 0.01, **config},
+        }
     regularizer: Callable[..., torch.Tensor] | None = resolve(
         identifier, _REGISTRY, kind="regularizer", argument=argument
     )
