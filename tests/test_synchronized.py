@@ -343,3 +343,32 @@ def test_convert_sync_errors():
         batchnorm.convert_sync(nn.BatchNorm1d(3), process_group=3.5)
     with pytest.raises(ValueError, match=r"`process_group` is only used with `synchronized=True`"):
         BatchNormalization(3, process_group=object())
+
+
+def test_convert_sync_after_a_checkpoint_of_the_fused_path_keeps_its_variance():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    source = BatchNormalization(3, axis=1)
+    source(x, training=True)  # rank 4, axis 1: tf-keras' fused path, the unbiased variance
+    for layer in (BatchNormalization(3, axis=1), BatchNormalization(axis=1)):
+        layer.load_state_dict(source.state_dict())
+        synchronized = batchnorm.convert_sync(layer)
+        assert synchronized.moving_variance_estimator == "unbiased"
+        synchronized(x, training=True)  # raised: the biased path met the recorded unbiased one
+
+
+def test_synchronized_switched_back_off_takes_the_automatic_path_again():
+    layer = BatchNormalization(axis=1)
+    layer.synchronized = True
+    layer.build((None, 3, 5, 5))
+    assert layer.fused is False  # synchronized: non-fused
+    layer.synchronized = False
+    assert layer.fused is True and "fused" not in layer.get_config()  # as a fresh layer's
+
+
+def test_a_layer_training_in_place_cannot_be_set_synchronized():
+    layer = BatchNormalization(3, memory="in_place")
+    with pytest.raises(ValueError, match="does not combine with `synchronized=True`"):
+        layer.synchronized = True
+    assert layer.synchronized is False
+    assert isinstance(batchnorm.convert_sync(nn.Sequential(layer))[0], BatchNormalization)

@@ -45,11 +45,15 @@ def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
 
 
 def _synchronize_in_place(layer: BatchNormalization, process_group: Any) -> None:
-    if layer.moving_variance_estimator == "auto" and layer.fused:
+    # What the layer stores keeps being stored: tf-keras' fused path (decided, or recorded by a
+    # checkpoint loaded before the first call) stores the unbiased variance, a synchronized
+    # layer's non-fused path the biased one (the first training call raised on such a load).
+    loaded = vars(layer).get("_loaded_estimator")
+    if layer.moving_variance_estimator == "auto" and (layer.fused or loaded == "unbiased"):
         layer.moving_variance_estimator = "unbiased"
     given = layer._fused_argument
     layer.fused = False  # first: a synchronized layer is unfused (checked on assignment)
+    layer.memory = "default"  # and does not train in place (checked on assignment too)
     layer.synchronized, layer.process_group = True, process_group
-    layer.memory = "default"
     # The config keeps no fused argument where none was given (synchronized implies False).
     layer._fused_argument = None if given is None else False

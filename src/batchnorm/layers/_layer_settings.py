@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from batchnorm.functional._batch_norm import check_use_global_stats
+from batchnorm.functional._in_place import check_in_place_settings
 from batchnorm.functional._synchronized import check_synchronized
 from batchnorm.functional._validation import (
     check_adjustment,
@@ -59,6 +60,9 @@ class SettingsLayer(Protocol):
     process_group: Any
     _input_rank: int | None
     _axes: tuple[int, ...] | None
+    _fused_argument: bool | None
+    _activation: Any
+    memory: str
     dtype_policy: Any
 
 
@@ -132,6 +136,10 @@ def _fused(layer: SettingsLayer, value: Any) -> bool | None:
 
 
 def _synchronized(layer: SettingsLayer, value: Any) -> bool:
+    """``synchronized = value`` checked as the constructor checks it (a layer training in place
+    cannot be synchronized); on a built layer whose ``fused`` was left automatic (None given),
+    the path is decided again for the new value, as the build decides it (switched back off, a
+    layer built while synchronized stayed on the non-fused path its config did not say)."""
     synchronized, _ = check_synchronized(value, None, layer.fused)
     if not synchronized and layer.process_group is not None:
         raise ValueError(
@@ -139,6 +147,12 @@ def _synchronized(layer: SettingsLayer, value: Any) -> bool:
             f"with synchronized=True). Received: synchronized=False with process_group="
             f"{layer.process_group!r}"
         )
+    if synchronized and layer.memory == "in_place":
+        check_in_place_settings(layer._activation, True)
+    rank, axes = layer._input_rank, layer._axes
+    if layer._fused_argument is None and rank is not None and axes is not None:
+        fused = resolve_fused_at_build(unfused_if_synchronized(None, synchronized), axes, rank)
+        vars(layer)["fused"] = fused  # checked above; the assignment of ``value`` cannot fail
     return synchronized
 
 
