@@ -274,3 +274,13 @@ def test_demo_seed_takes_the_largest_torch_seed(tmp_path):
         main(["demo", "modes", "--steps", "2", "--seed", str(2**64 - 1), "--out", str(tmp_path)])
         == 0
     )
+
+
+def test_sample_normalization_resets_as_built_after_the_meta_recipe():
+    with torch.device("meta"):
+        layer = batchnorm.SampleNormalization(num_features=4)
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()  # missing before: gamma/beta kept uninitialised memory
+    assert torch.equal(layer.gamma.detach(), torch.ones(4))
+    assert torch.equal(layer.beta.detach(), torch.zeros(4))
+    batchnorm.SampleNormalization().reset_parameters()  # unbuilt: nothing to reset

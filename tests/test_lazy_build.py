@@ -314,3 +314,32 @@ def test_torch_compile_with_dynamic_shapes_builds_an_unbuilt_layer():
     compiled = torch.compile(nn.Sequential(nn.Identity(), layer), backend="eager", dynamic=True)
     assert compiled(torch.randn(8, 3, 4)).shape == (8, 3, 4)
     assert layer.num_features == 3
+
+
+def test_functional_call_on_an_unbuilt_layer_is_refused_and_changes_nothing():
+    layer = BatchNormalization(axis=1)
+    passed = {"gamma": torch.full((4,), 2.0), "beta": torch.ones(4)}
+    passed.update(moving_mean=torch.zeros(4), moving_variance=torch.ones(4))
+    kept = {k: v.clone() for k, v in passed.items()}
+    x = torch.randn(8, 4, 3, 3)
+    # Before: the build replaced the passed tensors with the initializers' (y 11 off), wrote
+    # them into the caller's dict, and left the layer built over its placeholders.
+    with pytest.raises(ValueError, match="not built, but its beta, gamma"):
+        torch.func.functional_call(layer, passed, (x,), {"training": True})
+    for name, value in kept.items():
+        torch.testing.assert_close(passed[name], value, rtol=0, atol=0)
+    assert_unbuilt(layer, 1)
+    layer(x, training=True)  # an ordinary first call still builds it
+    assert layer.built
+
+
+def test_an_unbuilt_debiased_layer_converted_deep_copies_and_pickles_its_float64_counter():
+    import copy
+    import pickle
+
+    layer = BatchNormalization.like("caffe").float()  # no num_features: unbuilt
+    copied = copy.deepcopy(layer)  # torch's placeholder refused: "uninitialized parameter"
+    restored = pickle.loads(pickle.dumps(layer))
+    for other in (copied, restored):
+        other(torch.randn(4, 3), training=True)
+        assert other.moving_average_weight.dtype == torch.float64  # came back float32

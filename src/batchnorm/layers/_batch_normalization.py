@@ -68,6 +68,7 @@ from batchnorm.layers._layer_tracing import (
     without_tracer_warnings,
 )
 from batchnorm.layers._lazy_weights import (
+    LazyBuffer,
     materialize,
     register_placeholders,
 )
@@ -385,7 +386,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         after = self._buffers.get("moving_average_weight")
         if after is not None and after.dtype != torch.float64:
             self._buffers["moving_average_weight"] = (
-                nn.parameter.UninitializedBuffer(device=after.device, dtype=torch.float64)  # type: ignore[call-arg]
+                # The package's placeholder, which deep-copies and pickles with its dtype
+                # (torch's refused deepcopy, and came back float32 from a pickle).
+                LazyBuffer(device=after.device, dtype=torch.float64)  # type: ignore[call-arg]
                 if kept is None
                 else kept.to(after.device)
             )

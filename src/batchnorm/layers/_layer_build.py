@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from batchnorm.functional._validation import check_axis_type, normalize_axes
 from batchnorm.layers._dtype_policy import DTypePolicy
@@ -190,6 +191,8 @@ def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]
     rank = len(input_shape)
     if layer._input_rank is not None:
         return []
+    if not layer.built:
+        _refuse_substituted_placeholders(layer)
     axes = normalize_axes(layer.axis, rank)
     if layer.virtual_batch_size is not None and 0 in axes:
         # tf-keras' build checks the resolved axes (the constructor saw a negative one)
@@ -231,6 +234,22 @@ def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]
     for name in ("_loaded_estimator", "_initialize_hook", "_load_hook"):
         vars(layer).pop(name, None)
     return materialized
+
+
+def _refuse_substituted_placeholders(layer: BuildingLayer) -> None:
+    """Raise where an unbuilt layer's placeholders hold real tensors: ``torch.func.
+    functional_call`` (or a hand-made swap) put them there for one call, and building would
+    replace them with the initializers' values (the tensors passed were ignored, the caller's
+    dict entries overwritten, and the layer left built over placeholders once the call ended)."""
+    slots = {**layer._parameters, **layer._buffers}
+    real = sorted(n for n, t in slots.items() if t is not None and not nn.parameter.is_lazy(t))
+    if real:
+        raise ValueError(
+            f"Layer {layer.name} is not built, but its {', '.join(real)} hold tensors put in "
+            "place of its placeholders (torch.func.functional_call, say): build it first "
+            "(num_features, build(input_shape) or one call), then pass its tensors. "
+            f"Received: tensors for {real}"
+        )
 
 
 def first_call(

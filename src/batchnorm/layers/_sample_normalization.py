@@ -95,6 +95,17 @@ class SampleNormalization(nn.Module):
                 self.beta = nn.Parameter(torch.zeros(features, dtype=dtype, device=device))
         self.num_features = features
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """gamma to ones and beta to zeros in place, as built (``nn.LayerNorm``'s method: the
+        meta-device recipe, ``to_empty`` then ``reset_parameters``, left them uninitialised
+        memory); nothing before the build."""
+        gamma, beta = self._parameters.get("gamma"), self._parameters.get("beta")
+        if gamma is not None:
+            gamma.fill_(1.0)
+        if beta is not None:
+            beta.fill_(0.0)
+
     def _remove_weights(self) -> None:
         """Back to unbuilt: undoes a build made by a call that then failed."""
         for name in self._affine_names():
