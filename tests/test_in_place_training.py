@@ -297,3 +297,21 @@ def test_half_precision_in_place_on_the_torch_ops_overwrites_x_with_the_default_
         register_backend("cpu", NUMBA_CPU)
     for ours, reference in zip(results["in_place"], results["default"], strict=True):
         torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2)
+
+
+def test_in_place_layers_run_under_fake_tensor_mode_and_on_the_meta_device():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), BatchNormalization(4, axis=1, memory="in_place")
+    ).train()
+    model(torch.randn(8, 3, 8, 8))
+    # Fake and meta tensors have no storage address (0 for all): every input read as saved
+    # by its producer, and gamma's zero check read a value they do not have.
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert model(mode.from_tensor(torch.randn(8, 3, 8, 8))).shape == (8, 4, 6, 6)
+    with torch.device("meta"):
+        dry = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), BatchNormalization(4, axis=1, memory="in_place")
+        ).train()
+        assert dry(torch.randn(8, 3, 8, 8)).shape == (8, 4, 6, 6)

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from batchnorm.functional._activation import (
     Activation,
@@ -70,7 +71,7 @@ def check_in_place(x: torch.Tensor, scale: torch.Tensor | None) -> None:
             "the order of the writes. clone() x first, or use memory='default'. Received: x of "
             f"shape {tuple(x.shape)} with strides {x.stride()}"
         )
-    saved_as = _saved_by_producer(x)
+    saved_as = _saved_by_producer(x) if _holds_memory(x) else None
     if saved_as is not None:
         raise ValueError(
             "memory='in_place' overwrites its input, which the operation that produced it keeps "
@@ -78,11 +79,24 @@ def check_in_place(x: torch.Tensor, scale: torch.Tensor | None) -> None:
             "in-place batch norm right after an operation that does not (a convolution or a "
             f"linear layer), or use memory='default'. Received: x saved as {saved_as}"
         )
-    if scale is not None and not torch.compiler.is_compiling() and bool((scale == 0).any()):
+    if (
+        scale is not None
+        and not torch.compiler.is_compiling()
+        and _holds_memory(x)  # under FakeTensorMode gamma may be real, the comparison not
+        and _holds_memory(scale)
+        and bool((scale == 0).any())
+    ):
         raise ValueError(
             "memory='in_place' recovers the normalised input as (z - beta) / gamma: every "
             "gamma must be nonzero. Received: a gamma with zeros"
         )
+
+
+def _holds_memory(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` has values and memory to check: a meta or fake one (a dry run, shape
+    inference under FakeTensorMode) has neither (its storage address is 0 for every tensor, so
+    each input read as saved by its producer, and reading gamma's values raised)."""
+    return tensor.device.type != "meta" and not is_fake(tensor)
 
 
 def shares_memory_within(x: torch.Tensor) -> bool:
