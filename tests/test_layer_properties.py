@@ -1065,3 +1065,24 @@ def test_the_l1_l2_function_named_in_a_dict_keeps_its_defaults():
     # tf-keras 2.20.1 deserialises {"class_name": "l1_l2"} through its l1_l2() function.
     layer = BatchNormalization(4, gamma_regularizer={"class_name": "l1_l2", "config": {"l1": 0.5}})
     assert layer.get_config()["gamma_regularizer"]["config"] == {"l1": 0.5, "l2": 0.01}
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        ("renorm", True),
+        ("virtual_batch_size", 2),
+        ("adjustment", lambda shape: (torch.ones(shape[-1]), torch.zeros(shape[-1]))),
+    ],
+)
+def test_options_assigned_before_the_first_call_rule_out_the_fused_path(setting):
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 2, 3) * 2 + 1  # rank 4, axis -1: fused unless an option rules it out
+    name, value = setting
+    given = BatchNormalization(momentum=0.0, **{name: value})
+    assigned = BatchNormalization(momentum=0.0)
+    setattr(assigned, name, value)  # before: the build took the fused path (n/(n-1) variance)
+    given(x, training=True)
+    assigned(x, training=True)
+    assert given.fused is False and assigned.fused is False
+    torch.testing.assert_close(assigned.moving_variance, given.moving_variance, rtol=0, atol=0)

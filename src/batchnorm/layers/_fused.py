@@ -6,7 +6,11 @@ It matters beyond speed: the fused path stores the Bessel-corrected batch varian
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from batchnorm.functional._validation import check_axis_type
 
 
 def fused_unsupported_reason(
@@ -46,11 +50,27 @@ def fused_unsupported_reason(
     return None
 
 
-def unfused_if_synchronized(fused: bool | None, synchronized: bool) -> bool | None:
-    """``fused`` for a layer that is ``synchronized`` or not: a synchronized layer takes the
-    non-fused path where ``fused`` is None (tf-keras refuses ``fused=True`` with it, which
-    :func:`batchnorm.functional._synchronized.check_synchronized` checks)."""
-    return False if synchronized and fused is None else fused
+def unfused_if_synchronized(
+    fused: bool | None, synchronized: bool, reason: str | None = None
+) -> bool | None:
+    """``fused``, None made False where the layer cannot fuse: it is ``synchronized`` (tf-keras
+    refuses ``fused=True`` with it, which
+    :func:`batchnorm.functional._synchronized.check_synchronized` checks), or its options rule
+    fusing out (``reason``, :func:`layer_fusing_reason`): the constructor's decision, made again
+    for settings assigned since (renorm, ghost batches or an adjustment assigned before the
+    first call left None, and the build took the fused path: the Bessel-corrected variance)."""
+    return False if fused is None and (synchronized or reason is not None) else fused
+
+
+def layer_fusing_reason(layer: Any) -> str | None:
+    """:func:`fused_unsupported_reason` for ``layer``'s current settings."""
+    return fused_unsupported_reason(
+        axis=check_axis_type(layer.axis),
+        renorm=layer.renorm,
+        virtual_batch_size=layer.virtual_batch_size,
+        adjustment_given=layer.adjustment is not None,
+        compute_dtype=layer.dtype_policy.compute_dtype,
+    )
 
 
 def resolve_fused_at_build(fused: bool | None, axes: tuple[int, ...], rank: int) -> bool:

@@ -21,7 +21,11 @@ from torch import nn
 
 from batchnorm.functional._validation import check_axis_type, normalize_axes
 from batchnorm.layers._dtype_policy import DTypePolicy
-from batchnorm.layers._fused import resolve_fused_at_build, unfused_if_synchronized
+from batchnorm.layers._fused import (
+    layer_fusing_reason,
+    resolve_fused_at_build,
+    unfused_if_synchronized,
+)
 from batchnorm.layers._keras_weights import keras_parameter_shape, layer_keras_shape
 from batchnorm.layers._layer_state import estimator_mismatch
 from batchnorm.layers._lazy_weights import TensorOwner, unmaterialize
@@ -201,10 +205,9 @@ def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]
             f"cannot include 0. Received: axis={layer.axis!r} (axis 0 of an input of rank "
             f"{rank})"
         )
-    # synchronized may have been set after construction
-    fused = resolve_fused_at_build(
-        unfused_if_synchronized(layer.fused, layer.synchronized), axes, rank
-    )
+    # synchronized, renorm, ghost batches or an adjustment may have been set since construction
+    automatic = unfused_if_synchronized(layer.fused, layer.synchronized, layer_fusing_reason(layer))
+    fused = resolve_fused_at_build(automatic, axes, rank)
     channel_shape = tuple(input_shape[a] for a in axes)
     if 0 in channel_shape:  # as num_features=0 and load_state_dict refuse them
         raise ValueError(

@@ -34,6 +34,7 @@ from batchnorm.layers import _initializers as initializers
 from batchnorm.layers import _regularizers as regularizers
 from batchnorm.layers._fused import (
     fused_unsupported_reason,
+    layer_fusing_reason,
     resolve_fused_at_build,
     unfused_if_synchronized,
 )
@@ -151,7 +152,8 @@ def _synchronized(layer: SettingsLayer, value: Any) -> bool:
         check_in_place_settings(layer._activation, True)
     rank, axes = layer._input_rank, layer._axes
     if layer._fused_argument is None and rank is not None and axes is not None:
-        fused = resolve_fused_at_build(unfused_if_synchronized(None, synchronized), axes, rank)
+        automatic = unfused_if_synchronized(None, synchronized, layer_fusing_reason(layer))
+        fused = resolve_fused_at_build(automatic, axes, rank)
         vars(layer)["fused"] = fused  # checked above; the assignment of ``value`` cannot fail
     return synchronized
 
