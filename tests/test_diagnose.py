@@ -282,3 +282,12 @@ def test_diagnose_leaves_a_model_not_yet_built_as_it_was():
     report = diagnose(model, [torch.randn(16, 3) for _ in range(2)], steps=0)
     assert len(report.layers) == 1
     assert (model[1].built, model[1].axis, model[1].fused, sorted(model.state_dict())) == before
+
+
+def test_diagnose_of_a_layer_not_yet_built_measures_it_as_it_would_build():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), BatchNormalization())
+    data = [torch.randn(32, 3) * 3 + 2 for _ in range(2)]
+    (row,) = diagnose(model, data, steps=0).layers
+    assert row.channels == 3 and row.mean_shift is not None and row.variance_ratio is not None
+    assert not model[1].built

@@ -285,3 +285,13 @@ def test_frozen_block_gives_back_the_gradients_accumulated_before_it():
         model(torch.randn(8, 3)).sum().backward()  # an auxiliary loss, gamma/beta frozen
     for parameter, gradient in zip(model[1].parameters(), before, strict=True):
         torch.testing.assert_close(parameter.grad, gradient, rtol=0, atol=0)
+
+
+def test_frozen_with_affine_false_keeps_the_gradients_made_inside():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), BatchNormalization(4), nn.Linear(4, 1))
+    with frozen(model, affine=False):  # statistics frozen, gamma/beta still train
+        model(torch.randn(8, 3)).sum().backward()
+        inside = [p.grad.clone() for p in model[1].parameters()]
+    for parameter, gradient in zip(model[1].parameters(), inside, strict=True):
+        torch.testing.assert_close(parameter.grad, gradient, rtol=0, atol=0)  # were put back None

@@ -284,3 +284,10 @@ def test_sample_normalization_resets_as_built_after_the_meta_recipe():
     assert torch.equal(layer.gamma.detach(), torch.ones(4))
     assert torch.equal(layer.beta.detach(), torch.zeros(4))
     batchnorm.SampleNormalization().reset_parameters()  # unbuilt: nothing to reset
+
+
+def test_sample_normalization_given_only_beta_stays_unbuilt():
+    layer = batchnorm.SampleNormalization()
+    with pytest.raises(RuntimeError, match=r'Missing key.*"gamma"'):
+        layer.load_state_dict({"beta": torch.zeros(5)})
+    assert layer.num_features is None and list(layer.parameters()) == []

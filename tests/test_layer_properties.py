@@ -1086,3 +1086,13 @@ def test_options_assigned_before_the_first_call_rule_out_the_fused_path(setting)
     assigned(x, training=True)
     assert given.fused is False and assigned.fused is False
     torch.testing.assert_close(assigned.moving_variance, given.moving_variance, rtol=0, atol=0)
+
+
+def test_compute_output_shape_takes_what_build_takes_and_checks_the_axis():
+    import numpy as np
+
+    layer = BatchNormalization(axis=1)
+    assert layer.compute_output_shape(np.array([2, 3])) == (2, 3)
+    assert layer.compute_output_shape((np.int64(2), 3)) == (2, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        layer.compute_output_shape((2,))

@@ -381,3 +381,14 @@ def test_a_batch_holding_nan_is_reported_and_writes_nothing():
     result = recalibrate(model, batches)
     assert "NaN or Inf" in result.skipped["1"]
     torch.testing.assert_close(model[1].moving_mean, before, rtol=0, atol=0)
+
+
+def test_nan_padding_of_weight_zero_does_not_reach_the_statistics():
+    torch.manual_seed(0)
+    layer = BatchNormalization(3)
+    x = torch.randn(4, 6, 3) + 5
+    mask = torch.ones(4, 6)
+    mask[:, 4:] = 0
+    x[:, 4:] = float("nan")  # padding the mask excludes, as the layer's training call does
+    recalibrate(layer, [(x, mask)], forward=lambda m, b: m(b[0], mask=b[1]))
+    torch.testing.assert_close(layer.moving_mean, x[:, :4].mean((0, 1)), rtol=1e-6, atol=1e-6)

@@ -372,3 +372,12 @@ def test_a_layer_training_in_place_cannot_be_set_synchronized():
         layer.synchronized = True
     assert layer.synchronized is False
     assert isinstance(batchnorm.convert_sync(nn.Sequential(layer))[0], BatchNormalization)
+
+
+def test_a_layer_constructed_synchronized_switched_off_takes_the_automatic_path():
+    layer = BatchNormalization(axis=1, synchronized=True)
+    assert "fused" not in layer.get_config()  # tf-keras writes none for a synchronized layer
+    layer.build((None, 3, 5, 5))
+    assert layer.fused is False
+    layer.synchronized = False
+    assert layer.fused is True

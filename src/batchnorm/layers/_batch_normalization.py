@@ -54,6 +54,7 @@ from batchnorm.layers._layer_build import (
     build_layer,
     first_call,
     initial_weights,
+    output_shape,
     reset_weights,
 )
 from batchnorm.layers._layer_config import layer_config, layer_kwargs_from_config
@@ -244,7 +245,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         self.synchronized, self.process_group = check_synchronized(
             synchronized, process_group, fused
         )
-        fused = unfused_if_synchronized(fused, self.synchronized)
+        given_fused, fused = fused, unfused_if_synchronized(fused, self.synchronized)
         self.axis: list[int] | int = check_axis_argument(axis)
         self._axis_argument = self.axis  # what the repr shows; build makes `axis` a list
         self.momentum = check_fraction(momentum, "momentum")
@@ -283,7 +284,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             adjustment_given=adjustment is not None,
             compute_dtype=self.dtype_policy.compute_dtype,
         )
-        self._fused_argument = None if fused is None else bool(fused)
+        # The argument as given (a synchronized layer's implied False is not one: tf-keras writes
+        # no `fused`, and switched back off the layer takes the automatic path again).
+        self._fused_argument = None if given_fused is None else bool(given_fused)
         self.name = check_name(name)
         self._set_activation(activation, activation_param, memory)
         self._device = device
@@ -645,17 +648,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
         """Keras' ``compute_output_shape``: the input's shape (None where a size is unknown,
-        the channel sizes too, as in tf-keras and Keras 3)."""
-        given = list(input_shape) if not isinstance(input_shape, (str, bytes)) else None
-        if given is None or any(
-            s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0)
-            for s in given
-        ):
-            raise TypeError(
-                "`input_shape` must be a sequence of non-negative ints or None. "
-                f"Received: input_shape={input_shape!r}"
-            )
-        return tuple(given)
+        the channel sizes too, as in tf-keras and Keras 3); an axis out of its range raises."""
+        return output_shape(input_shape, self.axis)
 
     def get_weights(self) -> list[np.ndarray]:
         """NumPy copies in tf-keras order and shapes: gamma, beta, moving_mean, moving_variance[, renorm]."""

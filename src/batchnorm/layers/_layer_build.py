@@ -177,6 +177,23 @@ def build_input_shape(input_shape: Any, axis: Any) -> tuple[int, ...]:
     return tuple(1 if s is None else s for s in sizes)
 
 
+def output_shape(input_shape: Any, axis: Any) -> tuple[int | None, ...]:
+    """Keras' ``compute_output_shape``: ``input_shape`` as given, None kept anywhere (channel
+    sizes too, as in tf-keras and Keras 3); its sizes checked as :func:`build_input_shape`
+    checks them, and ``axis`` against its rank."""
+    try:
+        if isinstance(input_shape, (str, bytes)):
+            raise TypeError
+        sizes = tuple(None if s is None else _size(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise TypeError(
+            "`input_shape` must be a sequence of non-negative ints (None where unknown). "
+            f"Received: input_shape={input_shape!r}"
+        ) from None
+    normalize_axes(axis, len(sizes))  # ValueError for an axis out of the rank's range
+    return sizes
+
+
 def _size(value: Any) -> int:
     """One size as an int: TypeError/ValueError for a bool, a fraction, a negative number."""
     if isinstance(value, (bool, np.bool_)):

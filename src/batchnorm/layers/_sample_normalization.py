@@ -161,6 +161,13 @@ class SampleNormalization(nn.Module):
         if problem is not None:
             error_msgs.append(problem)
             return
+        names = self._affine_names()
+        absent = [name for name in names if f"{prefix}{name}" not in state_dict]
+        if self.num_features is None and absent and len(absent) < len(names):
+            # An unbuilt layer is built only from all its tensors (as BatchNormalization):
+            # from beta alone it stayed built after a strict load raised for gamma.
+            missing_keys.extend(f"{prefix}{name}" for name in absent)
+            return
         errors_before = len(error_msgs)
         built_here = False
         # An unbuilt layer takes its feature count and dtype from the checkpoint.

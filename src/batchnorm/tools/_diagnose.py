@@ -88,9 +88,12 @@ def diagnose(
         return run(target, batch)
 
     # The population pass runs on a copy too: a layer not built yet would be built by it (its
-    # axis, fused path and weights decided), and a torch Lazy module materialised.
+    # axis, fused path and weights decided). The rows read that copy, whose buffers the pass
+    # restores: for a built layer the model's values, for one not built yet those it builds with.
+    measured = model_copy(model)
+    measured_layers = dict(bn.batch_norm_modules(measured))
     population = collect_population_statistics(
-        model_copy(model),
+        measured,
         batches,
         num_batches=num_batches,
         progress=progress,
@@ -103,8 +106,9 @@ def diagnose(
     if population.batches == 0:
         raise ValueError("`batches` is empty: diagnose needs at least one batch.")
     rows = []
-    for name, module in layers:
-        row = _static_row(name, module, _steps_for(name, module, steps))
+    for name, original in layers:
+        module = measured_layers[name]
+        row = _static_row(name, module, _steps_for(name, original, steps))
         statistics = population.statistics.get(name)
         if statistics is not None:
             _add_distances(row, module, statistics)

@@ -97,7 +97,9 @@ def frozen(
     before = {id(module): dict(vars(module)[_STATE]) for _, module in layers if is_frozen(module)}
     # freeze drops gamma's and beta's gradients (an optimizer would step them); the block
     # gives back those accumulated before it (a loss's backward, then an auxiliary one inside).
-    gradients = [(p, p.grad) for _, module in layers for _, p in named_affine_parameters(module)]
+    gradients = [
+        (p, p.grad) for _, module in layers for _, p in named_affine_parameters(module) if affine
+    ]  # with affine=False nothing is dropped, and gamma and beta keep training in the block
     freeze(model, statistics=statistics, affine=affine)
     try:
         yield model

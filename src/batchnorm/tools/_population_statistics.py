@@ -59,6 +59,7 @@ class PopulationStatistics:
             m2 = ((x - _keep(mean, axes, x.ndim)) ** 2).sum(dim=dims)
             return cls(count, mean, m2)
         w = weights.detach().to(torch.float64).broadcast_to(x.shape)
+        x = torch.where(w != 0, x, 0.0)  # padding of weight 0 (NaN, inf) adds exactly 0
         count = w.sum(dim=dims)
         mean = torch.where(count > 0, (w * x).sum(dim=dims) / count.clamp(min=1e-300), 0.0)
         m2 = (w * (x - _keep(mean, axes, x.ndim)) ** 2).sum(dim=dims)
