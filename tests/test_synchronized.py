@@ -381,3 +381,16 @@ def test_a_layer_constructed_synchronized_switched_off_takes_the_automatic_path(
     assert layer.fused is False
     layer.synchronized = False
     assert layer.fused is True
+
+
+@pytest.mark.parametrize("switch", ["synchronized", "renorm"])
+def test_a_setting_undone_before_the_first_call_takes_the_path_from_config_takes(switch):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 4, 4)
+    layer = BatchNormalization(axis=1, momentum=0.0, **{switch: True})
+    setattr(layer, switch, False)  # before: fused stayed False, the config said automatic
+    copy_ = BatchNormalization.from_config(layer.get_config())
+    layer(x, training=True)
+    copy_(x, training=True)
+    assert layer.fused is copy_.fused is True
+    torch.testing.assert_close(layer.moving_variance, copy_.moving_variance, rtol=0, atol=0)

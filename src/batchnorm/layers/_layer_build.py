@@ -222,8 +222,11 @@ def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]
             f"cannot include 0. Received: axis={layer.axis!r} (axis 0 of an input of rank "
             f"{rank})"
         )
-    # synchronized, renorm, ghost batches or an adjustment may have been set since construction
-    automatic = unfused_if_synchronized(layer.fused, layer.synchronized, layer_fusing_reason(layer))
+    # The `fused` argument, decided again for the settings now (synchronized, renorm, ghost
+    # batches or an adjustment may have been set, or unset, since construction), as
+    # from_config of this layer's config decides it.
+    given = vars(layer).get("_fused_argument", layer.fused)
+    automatic = unfused_if_synchronized(given, layer.synchronized, layer_fusing_reason(layer))
     fused = resolve_fused_at_build(automatic, axes, rank)
     channel_shape = tuple(input_shape[a] for a in axes)
     if 0 in channel_shape:  # as num_features=0 and load_state_dict refuse them
@@ -266,7 +269,8 @@ def _refuse_substituted_placeholders(layer: BuildingLayer) -> None:
     if real:
         raise ValueError(
             f"Layer {layer.name} is not built, but its {', '.join(real)} hold tensors put in "
-            "place of its placeholders (torch.func.functional_call, say): build it first "
+            "place of its placeholders (by torch.func.functional_call, or `.to()` under "
+            "torch.__future__.set_swap_module_params_on_conversion(True)): build it first "
             "(num_features, build(input_shape) or one call), then pass its tensors. "
             f"Received: tensors for {real}"
         )
