@@ -319,7 +319,7 @@ def test_a_layer_left_on_the_meta_device_names_it_for_a_cpu_input(built):
     ("data is NULL but array contains data"); the layer stays as it was."""
     with torch.device("meta"):
         layer = BatchNormalization(3 if built else None)
-    hint = r"to_empty\(device=\.\.\.\)" if built else r"move the unbuilt layer there first"
+    hint = r"to_empty\(device=\.\.\.\)" if built else r"build it there first"
     for training in (True, False):
         with pytest.raises(
             RuntimeError, match=rf"`gamma` must be on the input's device, cpu.*{hint}"

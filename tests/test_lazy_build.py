@@ -343,3 +343,15 @@ def test_an_unbuilt_debiased_layer_converted_deep_copies_and_pickles_its_float64
     for other in (copied, restored):
         other(torch.randn(4, 3), training=True)
         assert other.moving_average_weight.dtype == torch.float64  # came back float32
+
+
+def test_an_unbuilt_layer_made_on_the_meta_device_names_the_way_that_works():
+    with torch.device("meta"):
+        layer = BatchNormalization(axis=1)
+    x = torch.randn(8, 4, 3, 3)
+    with pytest.raises(RuntimeError, match=r"build it there first.*to_empty"):
+        layer(x)  # suggested `.to(x.device)`, which cannot copy out of a meta tensor
+    layer.build((None, 4, 3, 3))  # the way the message names
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert layer(x).shape == x.shape

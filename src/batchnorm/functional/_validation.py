@@ -196,7 +196,15 @@ def check_same_device(
             and not (tensor.is_cpu and not is_lazy(tensor) and tensor.ndim == 0)
         ):
             hint = ""
-            if is_lazy(tensor):
+            if is_lazy(tensor) and tensor.device.type == "meta":
+                # A placeholder on the meta device has no data to copy: `.to()` and `to_empty`
+                # both fail on it.
+                hint = (
+                    " (an unbuilt layer made on the meta device: build it there first, with "
+                    "`build(input_shape)` or a call on a meta batch, then `to_empty(device=...)` "
+                    "and `reset_parameters()`)"
+                )
+            elif is_lazy(tensor):
                 hint = " (move the unbuilt layer there first: `.to(x.device)`)"
             elif tensor.device.type == "meta":
                 hint = (
