@@ -62,6 +62,16 @@ def unfused_if_synchronized(
     return False if fused is None and (synchronized or reason is not None) else fused
 
 
+def built_path(
+    layer: Any, fused: bool | None, synchronized: bool, axes: tuple[int, ...], rank: int
+) -> bool:
+    """The path ``layer``, built for inputs of ``rank`` with channel ``axes``, takes for the
+    ``fused`` argument and ``synchronized`` with its other settings as they are now: what the
+    build decides, and the ``fused`` and ``synchronized`` setters decide again on a built layer."""
+    automatic = unfused_if_synchronized(fused, synchronized, layer_fusing_reason(layer))
+    return resolve_fused_at_build(automatic, axes, rank)
+
+
 def layer_fusing_reason(layer: Any) -> str | None:
     """:func:`fused_unsupported_reason` for ``layer``'s current settings."""
     return fused_unsupported_reason(

@@ -21,11 +21,7 @@ from torch import nn
 
 from batchnorm.functional._validation import check_axis_type, normalize_axes
 from batchnorm.layers._dtype_policy import DTypePolicy
-from batchnorm.layers._fused import (
-    layer_fusing_reason,
-    resolve_fused_at_build,
-    unfused_if_synchronized,
-)
+from batchnorm.layers._fused import built_path
 from batchnorm.layers._keras_weights import keras_parameter_shape, layer_keras_shape
 from batchnorm.layers._layer_state import estimator_mismatch
 from batchnorm.layers._lazy_weights import TensorOwner, unmaterialize
@@ -152,46 +148,42 @@ def build_input_shape(input_shape: Any, axis: Any) -> tuple[int, ...]:
     elsewhere becomes 1. Any iterable of sizes (a list, tuple, torch.Size, a NumPy array or
     integer tensor), each an int, a NumPy or 0-d tensor integer, a whole float or a SymInt
     (torch.compile with dynamic shapes)."""
-    given: list[Any] = []
-    try:
-        if isinstance(input_shape, (str, bytes)):
-            raise TypeError
-        given = list(input_shape)
+    sizes = _checked_sizes(input_shape)
+    for a in normalize_axes(axis, len(sizes)):
         # A SymInt (a dynamic size under torch.compile / torch.export) is read only on a channel
         # axis: int() of the batch size specialised it to the example's ("You marked B as
         # dynamic but your code specialized it to be a constant").
-        sizes = [None if s is None or isinstance(s, torch.SymInt) else _size(s) for s in given]
-    except (TypeError, ValueError):
-        raise TypeError(
-            "`input_shape` must be a sequence of non-negative ints (None where unknown, as Keras' "
-            f"batch size). Received: input_shape={input_shape!r}"
-        ) from None
-    for a in normalize_axes(axis, len(sizes)):
-        if isinstance(given[a], torch.SymInt):
-            sizes[a] = _size(given[a])
+        if isinstance(sizes[a], torch.SymInt):
+            sizes[a] = _size(sizes[a])
         if sizes[a] is None:
             raise ValueError(
                 f"`input_shape` needs a known size on the channel axis {a}. "
                 f"Received: input_shape={input_shape!r} for axis={axis!r}"
             )
-    return tuple(1 if s is None else s for s in sizes)
+    return tuple(1 if s is None or isinstance(s, torch.SymInt) else s for s in sizes)
 
 
 def output_shape(input_shape: Any, axis: Any) -> tuple[int | None, ...]:
     """Keras' ``compute_output_shape``: ``input_shape`` as given, None kept anywhere (channel
     sizes too, as in tf-keras and Keras 3); its sizes checked as :func:`build_input_shape`
     checks them, and ``axis`` against its rank."""
+    sizes = _checked_sizes(input_shape)
+    normalize_axes(axis, len(sizes))  # ValueError for an axis out of the rank's range
+    return tuple(_size(s) if isinstance(s, torch.SymInt) else s for s in sizes)
+
+
+def _checked_sizes(input_shape: Any) -> list[Any]:
+    """``input_shape`` as a list of sizes, each None, a SymInt (left as it is) or an int
+    (:func:`_size`); a TypeError naming ``input_shape`` otherwise."""
     try:
         if isinstance(input_shape, (str, bytes)):
             raise TypeError
-        sizes = tuple(None if s is None else _size(s) for s in input_shape)
+        return [s if s is None or isinstance(s, torch.SymInt) else _size(s) for s in input_shape]
     except (TypeError, ValueError):
         raise TypeError(
-            "`input_shape` must be a sequence of non-negative ints (None where unknown). "
-            f"Received: input_shape={input_shape!r}"
+            "`input_shape` must be a sequence of non-negative ints (None where unknown, as Keras' "
+            f"batch size). Received: input_shape={input_shape!r}"
         ) from None
-    normalize_axes(axis, len(sizes))  # ValueError for an axis out of the rank's range
-    return sizes
 
 
 def _size(value: Any) -> int:
@@ -226,8 +218,7 @@ def build_layer(layer: BuildingLayer, input_shape: tuple[int, ...]) -> list[str]
     # batches or an adjustment may have been set, or unset, since construction), as
     # from_config of this layer's config decides it.
     given = vars(layer).get("_fused_argument", layer.fused)
-    automatic = unfused_if_synchronized(given, layer.synchronized, layer_fusing_reason(layer))
-    fused = resolve_fused_at_build(automatic, axes, rank)
+    fused = built_path(layer, given, layer.synchronized, axes, rank)
     channel_shape = tuple(input_shape[a] for a in axes)
     if 0 in channel_shape:  # as num_features=0 and load_state_dict refuse them
         raise ValueError(

@@ -32,12 +32,7 @@ from batchnorm.functional._validation import (
 from batchnorm.layers import _constraints as constraints
 from batchnorm.layers import _initializers as initializers
 from batchnorm.layers import _regularizers as regularizers
-from batchnorm.layers._fused import (
-    fused_unsupported_reason,
-    layer_fusing_reason,
-    resolve_fused_at_build,
-    unfused_if_synchronized,
-)
+from batchnorm.layers._fused import built_path, fused_unsupported_reason
 from batchnorm.layers._layer_arguments import (
     MovingAverage,
     MovingVarianceEstimator,
@@ -133,7 +128,7 @@ def _fused(layer: SettingsLayer, value: Any) -> bool | None:
     rank, axes = layer._input_rank, layer._axes
     if rank is None or axes is None:
         return fused
-    return resolve_fused_at_build(unfused_if_synchronized(fused, layer.synchronized), axes, rank)
+    return built_path(layer, fused, layer.synchronized, axes, rank)
 
 
 def _synchronized(layer: SettingsLayer, value: Any) -> bool:
@@ -152,8 +147,7 @@ def _synchronized(layer: SettingsLayer, value: Any) -> bool:
         check_in_place_settings(layer._activation, True)
     rank, axes = layer._input_rank, layer._axes
     if layer._fused_argument is None and rank is not None and axes is not None:
-        automatic = unfused_if_synchronized(None, synchronized, layer_fusing_reason(layer))
-        fused = resolve_fused_at_build(automatic, axes, rank)
+        fused = built_path(layer, None, synchronized, axes, rank)
         vars(layer)["fused"] = fused  # checked above; the assignment of ``value`` cannot fail
     return synchronized
 
