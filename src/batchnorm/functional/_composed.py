@@ -31,11 +31,10 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 
 from batchnorm.functional._activation import Activation
 from batchnorm.functional._backend import Moments
-from batchnorm.functional._cpu_plan import dispatched_in_python, storageless
+from batchnorm.functional._cpu_plan import kernels_can_read
 from batchnorm.functional._torch_ops import TORCH_OPS, TorchOpsBackend
 
 # Compilations kept per function: each holds its graph and kernels, so the memory stays bounded.
@@ -54,16 +53,8 @@ def runs_eagerly(arguments: tuple[Any, ...]) -> bool:
     ``FlopCounterMode``, ``DTensor``): the mode must see each operator, and ``fullgraph=True``
     found no compiled frames. Also for the batched tensors of the older vmap.
     """
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-        or forward_ad._current_level >= 0
-        or torch._C._get_tracing_state() is not None  # inside torch.jit.trace
-    ):
-        return True
-    return any(
-        dispatched_in_python(tensor) or storageless(tensor) for tensor in _tensors(arguments)
-    )
+    # The same reasons the Numba kernels cannot read a call (x is always among the arguments).
+    return torch.compiler.is_compiling() or not all(map(kernels_can_read, _tensors(arguments)))
 
 
 def _tensors(arguments: tuple[Any, ...]) -> list[torch.Tensor]:

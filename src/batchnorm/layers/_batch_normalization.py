@@ -402,11 +402,11 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         # only a mark in the metadata that it has none.
         if not self.built:
             record_unbuilt(destination, prefix)
-        if self.built:
-            super()._save_to_state_dict(destination, prefix, keep_vars)
-            # Undecided ("auto" before the build), the buffers may hold a loaded checkpoint's.
-            stored = self._stored_estimator(self.fused) or self.__dict__.get("_loaded_estimator")
-            record_estimator(destination, prefix, stored)
+            return
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Undecided ("auto" before the build), the buffers may hold a loaded checkpoint's.
+        stored = self._stored_estimator(self.fused) or self.__dict__.get("_loaded_estimator")
+        record_estimator(destination, prefix, stored)
 
     def _load_from_state_dict(
         self,

@@ -143,20 +143,21 @@ def check_load(
 
 def record_unbuilt(destination: Any, prefix: str) -> None:
     """Mark the state_dict metadata ``state_dict()`` is filling: this layer was not built."""
-    metadata = getattr(destination, "_metadata", None)
-    local = metadata.get(prefix[:-1]) if isinstance(metadata, dict) else None
-    if isinstance(local, dict):
-        local[UNBUILT_KEY] = True
+    _record(destination, prefix, UNBUILT_KEY, True)
 
 
 def record_estimator(destination: Any, prefix: str, estimator: str | None) -> None:
     """Write the stored variance into the state_dict metadata ``state_dict()`` is filling."""
+    if estimator is not None:
+        _record(destination, prefix, ESTIMATOR_KEY, estimator)
+
+
+def _record(destination: Any, prefix: str, key: str, value: Any) -> None:
+    """``value`` under ``key`` in the layer's own entry of ``destination``'s metadata."""
     metadata = getattr(destination, "_metadata", None)
-    if estimator is None or not isinstance(metadata, dict):
-        return
-    local = metadata.get(prefix[:-1])
+    local = metadata.get(prefix[:-1]) if isinstance(metadata, dict) else None
     if isinstance(local, dict):
-        local[ESTIMATOR_KEY] = estimator
+        local[key] = value
 
 
 def plan_load(

@@ -182,8 +182,19 @@ def _record(
     names_at: Mapping[str, str | None],
 ) -> KerasBatchNormLayer:
     """A batch norm found by its variables alone: no config, a path from where it sits (the
-    holding layer's config path, then the attributes and layers below it, as in
-    :func:`_weights_only_path`)."""
+    holding layer's config path, then the attributes and layers below it; with no ``holder``,
+    the whole path from the file's groups).
+
+    The path, from the vars group's location without the final ``vars``: the enclosing nested
+    models, wrappers and holding layers, then the layer itself, joined by "/". Keras 3 writes
+    each layer's name on its vars group, the nested models' and wrappers' too, so a layer gets
+    the path the ``.keras`` reader gives it from config.json:
+    ``layers/sequential/layers/sequential/layers/batch_normalization`` with names enc, s2, bn ->
+    ``"enc/s2/bn"``; ``layers/time_distributed/layer`` (td, td_bn) -> ``"td/td_bn"``; an
+    attribute of a custom layer keeps the attribute (``layers/block/bn1`` -> ``"block/bn1"``).
+    tf-keras' ``.weights.h5`` names no group: its groups stand in
+    (``"sequential/batch_normalization"``, ``"time_distributed/layer"``).
+    """
     names = _NAMES_BY_COUNT[len(group.arrays)]
     parts = group.location.strip("/").split("/")[:-1]
     outer = len(holder.split("/")) if holder else 0
@@ -211,7 +222,7 @@ def read_keras3_weights_h5(handle: Any) -> list[KerasBatchNormLayer]:
     the layer order within one model's layer list; layers of nested models, wrappers and custom
     layers come after or before those of the outer model by name, so ``load_weights`` pairs such
     files only by an explicit ``mapping``. Each layer's ``path`` says where it sits
-    (:func:`_weights_only_path`): ``"enc/s2/bn"`` for a layer of a nested model, ``"td/td_bn"``
+    (:func:`_record`): ``"enc/s2/bn"`` for a layer of a nested model, ``"td/td_bn"``
     inside a wrapper, ``"block/bn1"`` for an attribute of a custom layer.
     """
     groups = _vars_groups(handle)
@@ -222,42 +233,14 @@ def read_keras3_weights_h5(handle: Any) -> list[KerasBatchNormLayer]:
             continue
         if not (_named_batch_norm_group(group) or _looks_like_batch_norm(group)):
             continue
-        names = _NAMES_BY_COUNT.get(len(group.arrays))
-        parts = group.location.strip("/").split("/")[:-1]
-        name = group.name or parts[-1]
-        if names is None:
+        if len(group.arrays) not in _NAMES_BY_COUNT:
+            name = group.name or group.location.strip("/").split("/")[-2]
             raise ValueError(
                 f"Expected 2 to 7 variables for BatchNormalization layer {name!r}. "
                 f"Received: {len(group.arrays)} at {group.location}"
             )
-        layers.append(
-            KerasBatchNormLayer(
-                name=name,
-                weights=dict(zip(names, group.arrays, strict=True)),
-                config=None,
-                file_format="Keras 3",
-                location=group.location,
-                path=_weights_only_path(parts, names_at),
-            )
-        )
-    return sorted(layers, key=lambda layer: _creation_order(layer.location))
-
-
-def _weights_only_path(parts: list[str], names_at: Mapping[str, str | None]) -> str:
-    """Where a layer sits, from its vars group's location without the final ``vars``: the
-    enclosing nested models, wrappers and holding layers, then the layer itself, joined by "/".
-
-    Keras 3 writes each layer's name on its vars group, the nested models' and wrappers' too,
-    so a layer gets the path the ``.keras`` reader gives it from config.json:
-    ``layers/sequential/layers/sequential/layers/batch_normalization`` with names enc, s2, bn ->
-    ``"enc/s2/bn"``; ``layers/time_distributed/layer`` (td, td_bn) -> ``"td/td_bn"``; an
-    attribute of a custom layer keeps the attribute (``layers/block/bn1`` -> ``"block/bn1"``).
-    tf-keras' ``.weights.h5`` names no group: its groups stand in
-    (``"sequential/batch_normalization"``, ``"time_distributed/layer"``).
-    """
-    return "/".join(
-        part for part in (_path_part(parts, i, names_at) for i in range(len(parts))) if part
-    )
+        layers.append(_record(group, "Keras 3", None, {}, "", names_at))
+    return layers  # in the groups' creation order, as _vars_groups returns them
 
 
 def _path_part(parts: list[str], i: int, names_at: Mapping[str, str | None]) -> str | None:
