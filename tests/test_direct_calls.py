@@ -355,3 +355,57 @@ def test_a_deleted_layers_tensors_are_freed():
     gc.collect()
     assert [reference() for reference in held] == [None, None, None]
     assert base() is None
+
+
+def _assign_short_moving_variance(layer: BatchNormalization) -> torch.Tensor:
+    """A 1-value moving variance viewing the start of a longer tensor, which is returned."""
+    neighbour = torch.full((8,), 7.0)
+    layer.moving_variance = neighbour[:1]
+    return neighbour
+
+
+def _assign_short_gamma(layer: BatchNormalization) -> torch.Tensor:
+    layer.gamma = nn.Parameter(torch.full((3,), 2.0))
+    return layer.gamma.detach().clone()
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("assign", [_assign_short_moving_variance, _assign_short_gamma])
+def test_a_per_channel_tensor_of_another_size_is_refused_and_nothing_around_it_written(
+    training, assign
+):
+    """As torch.nn.BatchNorm2d ("running_var should contain 4 elements not 1") and the layer's
+    general step: the shortcut read and wrote such a tensor as 4 values, past its end."""
+    x = torch.randn(8, 4, 3, 3)
+    torch_bn = nn.BatchNorm2d(4)
+    torch_bn.running_var = torch.ones(1)
+    with pytest.raises(RuntimeError, match="4 elements"):
+        torch_bn(x)
+    layer = BatchNormalization(4, axis=1)
+    around = assign(layer)
+    before = around.clone()
+    with pytest.raises(ValueError, match="per-channel shape \\(4,\\)"):
+        layer(x, training=training)
+    assert torch.equal(around, before)
+
+
+def test_a_substituted_short_buffer_is_refused_in_functional_call():
+    x = torch.randn(8, 4, 3, 3)
+    layer = BatchNormalization(4, axis=1)
+    neighbour = torch.full((8,), 7.0)
+    with pytest.raises(ValueError, match=r"statistics\.moving_variance"):
+        torch.func.functional_call(
+            layer, {"moving_variance": neighbour[:1]}, (x,), {"training": True}
+        )
+    assert torch.equal(neighbour, torch.full((8,), 7.0))
+
+
+@pytest.mark.parametrize("name", ["moving_mean", "moving_variance"])
+def test_a_buffer_resized_after_calls_is_refused(name):
+    """``resize_`` keeps the address and the strides the shortcut compared."""
+    x = torch.randn(8, 4, 3, 3)
+    layer = BatchNormalization(4, axis=1)
+    layer(x, training=True)
+    getattr(layer, name).resize_(2)
+    with pytest.raises(ValueError, match="\\(2,\\)"):
+        layer(x, training=True)

@@ -110,6 +110,34 @@ def _steppable(tensor: torch.Tensor | None, dtype: torch.dtype) -> bool:
     )
 
 
+def per_channel_shapes_agree(
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    statistics: BatchNormStatistics,
+    channel_shape: tuple[int, ...],
+) -> bool:
+    """Whether gamma, beta and the statistics have the shapes the kernels take them in:
+    ``channel_shape`` each, the debiased average's weight 0-d.
+
+    The kernels read and write a per-channel tensor through a view of ``channel_shape``'s size:
+    a buffer assigned, ``resize_``-d or substituted with fewer values was read and written past
+    its end (neighbouring memory overwritten) before session 53. The stateless step refuses it
+    with a clear error."""
+    weight = statistics.moving_average_weight
+    per_channel = (
+        gamma,
+        beta,
+        statistics.moving_mean,
+        statistics.moving_variance,
+        statistics.moving_stddev,
+        statistics.renorm_mean,
+        statistics.renorm_stddev,
+    )
+    return (weight is None or weight.ndim == 0) and all(
+        t is None or tuple(t.shape) == channel_shape for t in per_channel
+    )
+
+
 def train_in_place(
     x: torch.Tensor,
     statistics: BatchNormStatistics,
@@ -124,10 +152,11 @@ def train_in_place(
     stateless step.
 
     Same checks and errors as the stateless step for what a plain step reads (the mask, ghost
-    batches); the caller has checked the shapes of x against the statistics.
+    batches); tensors of other shapes than x's channels are left to the stateless step's errors.
     """
     if (
         len(axes) != 1
+        or not per_channel_shapes_agree(gamma, beta, statistics, (x.shape[axes[0]],))
         or options.in_place
         or options.adjustment is not None
         or options.synchronized
@@ -204,7 +233,11 @@ def infer(
 
     The mask is checked (its shape) and, as in tf-keras' inference, does not change the output.
     """
-    if not _one_kernel_dtype(x, statistics, gamma, beta):
+    channel_shape = tuple(x.shape[a] for a in axes)
+    if not (
+        _one_kernel_dtype(x, statistics, gamma, beta)
+        and per_channel_shapes_agree(gamma, beta, statistics, channel_shape)
+    ):
         return None
     if mask is not None:
         check_mask(mask, x, axes)
@@ -296,21 +329,30 @@ class DirectCalls:
         self.held = [t for t in self.tensors if t is not None]
         self.pointers = list(map(_DATA_PTR, self.held))
         self.strides = list(map(_STRIDE, self.held))
+        self.shapes = [t.shape for t in self.held]
         self.axis, self.rank, self.options = axis, rank, options
         self.training, self.trainable = training and trainable, trainable
         self.masks = masks  # False: a mask is ignored, with a warning (the general path's)
         moving_mean = self.tensors[2]
         assert moving_mean is not None
         self.dtype = moving_mean.dtype
-        self.channels = moving_mean.shape[0]
         moving_variance, average_weight = self.tensors[3], self.tensors[4]
         assert moving_variance is not None
         self.moving = (moving_mean, moving_variance, average_weight)
-        self.can_infer = options.use_global_stats is not False
-        statistics = BatchNormStatistics(moving_mean, moving_variance, *self.tensors[5:])
+        moving_stddev, renorm_mean, renorm_stddev = self.tensors[5:]
+        statistics = BatchNormStatistics(
+            moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev, average_weight
+        )
+        # Tensors of other sizes (assigned, substituted): the general path's errors.
+        agree = moving_mean.ndim == 1 and per_channel_shapes_agree(
+            self.tensors[0], self.tensors[1], statistics, tuple(moving_mean.shape)
+        )
+        self.channels = moving_mean.shape[0] if agree else -1
+        self.can_infer = agree and options.use_global_stats is not False
         self.renorm = renorm_step(statistics, options)
         self.can_train = (
-            (self.renorm is not None or not renorm)
+            agree
+            and (self.renorm is not None or not renorm)
             and _renorm_steppable(self.renorm, self.dtype)
             and not options.in_place
             and options.adjustment is None
@@ -348,13 +390,14 @@ class DirectCalls:
             or buffers.get("renorm_stddev") is not renorm[2]
         ):
             return False
-        # The addresses and strides the kept NumPy views were made over (``.data = flat[::2]``
-        # after ``flat[:4]`` keeps the address, not the strides): 0.3 us a call for the strides.
-        # Shapes are not compared (0.3 us more): per-channel tensors change shape only with the
-        # layer's channel count.
+        # The addresses, strides and shapes the kept NumPy views were made over (``.data =
+        # flat[::2]`` after ``flat[:4]`` keeps the address, not the strides; ``resize_(2)`` keeps
+        # both): 0.3 us a call each for the strides and the shapes.
         held = self.held
-        return self.pointers == list(map(_DATA_PTR, held)) and self.strides == list(
-            map(_STRIDE, held)
+        return (
+            self.pointers == list(map(_DATA_PTR, held))
+            and self.strides == list(map(_STRIDE, held))
+            and self.shapes == [t.shape for t in held]  # resize_ keeps the address
         )
 
     def __call__(
