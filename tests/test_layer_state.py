@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from batchnorm import BatchNormalization
+from batchnorm import BatchNormalization, SampleNormalization
 
 
 def trained(**kwargs):
@@ -433,3 +433,59 @@ def test_set_weights_on_a_debiased_layer_warns_that_its_weight_is_not_among_them
     source(x, training=True)
     copy_(x, training=True)
     torch.testing.assert_close(copy_.moving_mean, source.moving_mean, rtol=0, atol=0)
+
+
+def _renaming_hook(renames):
+    """A load pre-hook fixing up a legacy checkpoint's keys, as torch modules use them."""
+
+    def hook(module, state_dict, prefix, *rest):
+        for old, new in renames:
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+    return hook
+
+
+def _flattening_hook(module, state_dict, prefix, *rest):
+    for key in list(state_dict):
+        if key.startswith(prefix) and state_dict[key].ndim == 2:
+            state_dict[key] = state_dict[key].reshape(-1)
+
+
+def test_load_pre_hooks_run_before_the_checks_as_torch_runs_them():
+    """torch.nn.BatchNorm2d loads through a renaming pre-hook; the layer refused the keys as
+    missing, then ran the hook inside the copy anyway (gamma written by a load that raised)."""
+    torch_bn = nn.BatchNorm2d(4)
+    torch_bn.register_load_state_dict_pre_hook(_renaming_hook([("gamma", "weight")]))
+    checkpoint = dict(torch_bn.state_dict())
+    checkpoint["gamma"] = checkpoint.pop("weight") + 1
+    torch_bn.load_state_dict(checkpoint)
+    assert torch.equal(torch_bn.weight.detach(), torch.full((4,), 2.0))
+
+    layer = BatchNormalization(4, axis=1)
+    layer(torch.randn(8, 4, 3, 3), training=True)
+    calls = []
+    layer.register_load_state_dict_pre_hook(_renaming_hook([("weight", "gamma")]))
+    layer.register_load_state_dict_pre_hook(lambda *args: calls.append(args[2]))
+    checkpoint = dict(layer.state_dict())
+    checkpoint["weight"] = checkpoint.pop("gamma") + 1
+    result = layer.load_state_dict(checkpoint)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(layer.gamma.detach(), torch.full((4,), 2.0))
+    assert calls == [""]  # once, and kept
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: SampleNormalization(num_features=4), lambda: BatchNormalization(4, axis=1)]
+)
+def test_a_reshaping_load_pre_hook_makes_the_checkpoint_fit(make):
+    """As torch.nn.LayerNorm with the same hook: the tensors are checked as the hook left them."""
+    torch_norm = nn.LayerNorm(4)
+    torch_norm.register_load_state_dict_pre_hook(_flattening_hook)
+    torch_norm.load_state_dict({"weight": torch.full((1, 4), 2.0), "bias": torch.zeros(1, 4)})
+    layer = make()
+    layer.register_load_state_dict_pre_hook(_flattening_hook)
+    checkpoint = {key: value.reshape(1, -1) + 2 for key, value in layer.state_dict().items()}
+    layer.load_state_dict(checkpoint)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, checkpoint[key].reshape(-1)), key

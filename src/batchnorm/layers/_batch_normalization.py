@@ -73,6 +73,7 @@ from batchnorm.layers._lazy_weights import (
     materialize,
     register_placeholders,
 )
+from batchnorm.layers._load_pre_hooks import load_pre_hooks_set_aside, run_load_pre_hooks
 from batchnorm.layers._parametrized import affine_parameters_behind
 from batchnorm.layers._presets import Framework, preset_kwargs
 from batchnorm.layers._recomputation import guards_step, step_once
@@ -418,23 +419,23 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Check everything first (:mod:`batchnorm.layers._layer_state`), write only if it fits.
+        """Run the load pre-hooks (as torch does, first), then check everything
+        (:mod:`batchnorm.layers._layer_state`) and write only if it fits.
 
         An unbuilt layer takes its channel shape from a checkpoint with exactly its keys. Tensors
         of another dtype are cast to the layer's with a UserWarning (torch casts silently); a
         checkpoint that records the other moving-variance estimator is refused.
         """
-        load_layer_state(
-            self,
-            state_dict,
-            prefix,
-            local_metadata,
-            strict,
-            (missing_keys, unexpected_keys, error_msgs),
-            lambda errors: super(BatchNormalization, self)._load_from_state_dict(
-                state_dict, prefix, local_metadata, False, [], [], errors
-            ),
-        )
+        incompatible = (missing_keys, unexpected_keys, error_msgs)
+        run_load_pre_hooks(self, state_dict, prefix, local_metadata, strict, incompatible)
+
+        def copy(errors: list[str]) -> None:
+            with load_pre_hooks_set_aside(self):
+                super(BatchNormalization, self)._load_from_state_dict(
+                    state_dict, prefix, local_metadata, False, [], [], errors
+                )
+
+        load_layer_state(self, state_dict, prefix, local_metadata, strict, incompatible, copy)
 
     # ------------------------------------------------------------------ activation
     def _set_activation(self, name: Any, parameter: Any, memory: Any) -> None:
