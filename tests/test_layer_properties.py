@@ -1096,3 +1096,50 @@ def test_compute_output_shape_takes_what_build_takes_and_checks_the_axis():
     assert layer.compute_output_shape((np.int64(2), 3)) == (2, 3)
     with pytest.raises(ValueError, match="out of range"):
         layer.compute_output_shape((2,))
+
+
+def test_a_layer_run_through_functorch_transforms_still_copies_and_saves():
+    """torch's ensemble recipe (stack_module_state, vmap of functional_call) and jacrev over the
+    buffers swap functorch wrappers in for the call; the layer remembered one, and deepcopy and
+    torch.save failed ever after ("Cannot access storage of BatchedTensorImpl"), as
+    nn.BatchNorm1d's never do."""
+    x = torch.randn(2, 8, 3)
+    models = [BatchNormalization(3) for _ in range(2)]
+    for model in models:
+        model(x[0], training=False)
+    params, buffers = torch.func.stack_module_state(models)
+    torch.func.vmap(
+        lambda p, b, z: torch.func.functional_call(models[0], (p, b), (z,), {"training": False})
+    )(params, buffers, x)
+    copied = copy.deepcopy(models[0])
+    torch.save(models[0], io.BytesIO())
+    torch.testing.assert_close(copied(x[1], training=False), models[1](x[1], training=False))
+
+    layer = BatchNormalization(3)
+    layer(x[0], training=True)
+    parameters, own_buffers = dict(layer.named_parameters()), dict(layer.named_buffers())
+    torch.func.jacrev(
+        lambda b: torch.func.functional_call(layer, (parameters, b), (x[0],), {"training": False})
+    )(own_buffers)
+    layer(x[1], training=True)
+    copied = copy.deepcopy(layer)
+    torch.testing.assert_close(copied(x[1], training=False), layer(x[1], training=False))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_an_in_place_layer_goes_through_forward_mode_ad():
+    """As memory="default" (the README's promise): the in-place autograd.Function has no jvp,
+    and a dual input raised NotImplementedError there."""
+    x, tangent = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4)
+    in_place = BatchNormalization(3, axis=1, memory="in_place")
+    default = BatchNormalization(3, axis=1)
+    for _ in range(2):  # the first call and the shortcut's
+        results = []
+        for layer in (in_place, default):
+            with forward_ad.dual_level():
+                y = layer(forward_ad.make_dual(x.clone(), tangent), training=True)
+                results.append(forward_ad.unpack_dual(y))
+        (y_in_place, t_in_place), (y_default, t_default) = results
+        torch.testing.assert_close(y_in_place, y_default)
+        torch.testing.assert_close(t_in_place, t_default)
+        assert torch.equal(in_place.moving_mean, default.moving_mean)

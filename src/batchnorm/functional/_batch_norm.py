@@ -10,6 +10,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
+from torch.autograd import forward_ad
 
 from batchnorm.functional._activation import (
     Activation,
@@ -445,11 +446,13 @@ def batch_norm_step(
     # memory="default": the autograd.Function that overwrites x cannot run under the transforms
     # (they need functions written with setup_context), nor can the checks read a wrapper's
     # memory; and a compiled graph took the write under no_grad for an identity, so every
-    # gradient through the layer was wrong (gamma and beta got none).
+    # gradient through the layer was wrong (gamma and beta got none). Inside
+    # ``forward_ad.dual_level()`` too: that autograd.Function has no jvp (it raised there).
     in_place = (
         options.in_place
         and not torch._C._are_functorch_transforms_active()
         and not torch.compiler.is_compiling()
+        and forward_ad._current_level < 0
     )
     if (
         x.dtype in (torch.float16, torch.bfloat16)

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from batchnorm.functional._cpu_plan import storageless
 from batchnorm.functional._validation import (
     check_floating_input,
     check_same_device,
@@ -71,7 +72,14 @@ def check_input(layer: CalledLayer, x: torch.Tensor, remember: bool = True) -> N
     ):
         return
     _check_new_input(layer, x)
-    if remember and layer._input_rank is not None:
+    # Not a functorch wrapper that functional_call swapped in under vmap or jacrev: deepcopy
+    # and torch.save of the layer failed on it ever after ("Cannot access storage").
+    if (
+        remember
+        and layer._input_rank is not None
+        and moving_mean is not None
+        and not storageless(moving_mean)
+    ):
         memory["_accepted_input"] = (moving_mean, x.shape, x.dtype, x.device)
 
 

@@ -18,7 +18,7 @@ import torch
 from batchnorm.functional import BatchNormStatistics
 from batchnorm.functional._activation import Activation
 from batchnorm.functional._batch_norm import BatchNormOptions, batch_norm_step, check_mask
-from batchnorm.functional._cpu_plan import kernels_can_read
+from batchnorm.functional._cpu_plan import kernels_can_read, storageless
 from batchnorm.functional._direct_step import DirectCalls, infer, train_in_place
 from batchnorm.layers._moving_update import write_moving_statistics
 from batchnorm.layers._parametrized import affine_tensors, rerouted
@@ -70,7 +70,9 @@ def layer_statistics(layer: SteppingLayer, remember: bool = True) -> BatchNormSt
     if cached is not None and all(a is b for a, b in zip(cached, present, strict=True)):
         return cached  # type: ignore[no-any-return]
     statistics = BatchNormStatistics(*present)  # type: ignore[arg-type]
-    if remember:
+    # Nor functorch's wrappers, which torch.func.functional_call swaps in under vmap or jacrev:
+    # deepcopy and torch.save failed on them ever after ("Cannot access storage").
+    if remember and not any(t is not None and storageless(t) for t in present):
         vars(layer)["_statistics"] = statistics
     return statistics
 
