@@ -270,7 +270,9 @@ def test_half_steps_compile_and_differentiate_twice(dtype):
 def test_in_place_half_steps_write_over_x_and_follow_the_default_step(dtype, case, activation):
     # memory="in_place" writes the half output over x and rebuilds the normalised input from it
     # in the backward: y equals the default step's, the gradients are within the output's
-    # rounding (an ulp of half precision, relative to the largest).
+    # rounding (an ulp of half precision, relative to the largest). elu's derivative below 0,
+    # y + alpha, carries y's rounding there (the default step computes alpha * exp(z) from x):
+    # at most an ulp of y (< alpha) per element, which beta's gradient sums with |dy|.
     shape, axis, _, _ = CASES[case]
     x, mask, upstream = _case_inputs(case, dtype, spread=2, offset=1)
     results = {}
@@ -295,7 +297,12 @@ def test_in_place_half_steps_write_over_x_and_follow_the_default_step(dtype, cas
     eps = torch.finfo(dtype).eps
     assert (dx.float() - dx_default.float()).abs().max() <= eps * dx_default.float().abs().max()
     assert (dgamma - dgamma_default).abs().max() <= eps * dgamma_default.abs().max()
-    torch.testing.assert_close(dbeta, dbeta_default, rtol=1e-6, atol=0)
+    if activation == "elu":
+        others = [i for i in range(len(shape)) if i != axis % len(shape)]
+        bound = eps * upstream.float().abs().sum(others)  # alpha = 1
+        assert ((dbeta - dbeta_default).abs() <= bound).all()
+    else:
+        torch.testing.assert_close(dbeta, dbeta_default, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -334,9 +334,9 @@ class InferenceWithGradients(torch.autograd.Function):
                 grad, saved, call.axes, call.epsilon, needs
             )
             return dx, dscale, doffset, None
-        if activation is not None and (activation.invertible or activation.name == "relu"):
+        if activation is not None and _derivative_from_output(activation, y.dtype):
             grad = gradient_through_output(grad, y, activation)  # y's sign is z's
-        elif activation is not None:  # leaky_relu with a slope <= 0: f'(z) from z
+        elif activation is not None:  # f'(z) from z
             grad = grad * _activation_derivative(x, scale, offset, call, activation)
         dx, gradients = inference_gradients(
             grad,
@@ -355,6 +355,16 @@ class InferenceWithGradients(torch.autograd.Function):
         if needs_offset:
             doffset = _parameter_gradient(gradients[3], ctx.offset_dtype)
         return dx, dscale, doffset, None
+
+
+def _derivative_from_output(activation: Activation, dtype: torch.dtype) -> bool:
+    """Whether ``f'(z)`` is read from the output: where ``y``'s sign is ``z``'s (relu, the
+    invertible activations), except elu on half precision, whose ``y + alpha`` (the derivative
+    below 0) cancels to the rounding of ``y`` (gamma's gradient 200% off in bfloat16 at ``z`` =
+    -6 until session 53)."""
+    if activation.name == "elu":
+        return dtype not in (torch.float16, torch.bfloat16)
+    return activation.invertible or activation.name == "relu"
 
 
 def _activation_derivative(

@@ -6,7 +6,10 @@ gradient reaching batch norm is ``delta = dy * f'(z)``. Instead of a pass that w
 (what the activation's own backward does), both passes of :data:`batchnorm.kernels.train_backward`
 recompute ``z`` from ``x`` with the forward's coefficients (elu reads its output ``y`` instead:
 ``f'(z) = y + alpha`` where ``z <= 0`` spares an exp per element, which made the passes
-compute-bound) and use ``delta`` where they used ``dy``:
+compute-bound; not for half precision, whose rounded ``y`` loses ``alpha * exp(z)`` to the
+cancellation: at ``z = -6`` a bfloat16 ``y`` is one ulp, 3.9e-3, from ``-alpha``, where the
+derivative is 2.5e-3, and gamma's gradient was 194% off until session 53) and use ``delta``
+where they used ``dy``:
 
 .. math::
     S_\\delta = \\sum \\delta, \\quad S_{\\delta c} = \\sum \\delta (x - \\mu), \\quad
@@ -32,7 +35,7 @@ from batchnorm.kernels._elementwise import (
     gradient_coefficients,
     split_mean,
 )
-from batchnorm.kernels._half import compute_dtype, narrowed, widened
+from batchnorm.kernels._half import compute_dtype, narrowed, stores_half, widened
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
@@ -49,22 +52,28 @@ from batchnorm.kernels._statistics import sum_blocks
 @setup_helper
 def derivative_constants(activation, parameter, dtype_example):  # type: ignore[no-untyped-def]
     """``(exponential, leaky, slope, zero)``: ``f'(z) = 1`` for ``z > 0``, else ``slope *
-    exp(z)`` (elu, read as ``y + slope``), ``slope`` (leaky_relu) or exactly 0 (relu, so that an
-    infinite gradient where the output is 0 gives 0, as torch's); ``slope`` and ``zero`` in the
-    compute dtype."""
+    exp(z)`` (elu: ``exponential`` 1, read as ``y + slope``; 2 for half-precision data, computed
+    from ``z``), ``slope`` (leaky_relu) or exactly 0 (relu, so that an infinite gradient where
+    the output is 0 gives 0, as torch's); ``slope`` and ``zero`` in the compute dtype."""
     constants = np.empty(2, compute_dtype(dtype_example))
     constants[0] = parameter if activation != RELU else 0.0
     constants[1] = 0.0
-    return activation == ELU, activation == LEAKY_RELU, constants[0], constants[1]
+    exponential = 0
+    if activation == ELU:
+        exponential = 2 if stores_half(dtype_example) else 1
+    return exponential, activation == LEAKY_RELU, constants[0], constants[1]
 
 
 @setup_helper
 def delta(dy, z, y, exponential, leaky, slope, zero):  # type: ignore[no-untyped-def]
     """``dy * f'(z)`` for the loaded gradient and output elements ``dy``, ``y`` (half precision
     widened, :mod:`batchnorm.kernels._half`), elu's from its output (``f'(z) = y + alpha`` for
-    ``z <= 0``: an exp per element would make the pass compute-bound); the flags are the same
-    for a whole kernel call, so the compiler hoists their tests out of the loops."""
+    ``z <= 0``: an exp per element would make the pass compute-bound), or from ``z`` for half
+    precision (``exponential`` 2, see the module docstring); the flags are the same for a whole
+    kernel call, so the compiler hoists their tests out of the loops."""
     g = widened(dy)
+    if exponential == 2:
+        return g if z > 0 else g * (slope * np.exp(z))
     output = widened(y)
     if exponential:
         return g if output > 0 else g * (output + slope)

@@ -192,7 +192,19 @@ def _compute_dtype(typingctx, array):  # type: ignore[no-untyped-def]
     return types.DType(target)(array), codegen
 
 
+@intrinsic
+def _stores_half(typingctx, array):  # type: ignore[no-untyped-def]
+    """Whether ``array`` holds half-precision bits: a constant of the compiled kernel."""
+    half = _is_half(array.dtype)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return context.get_constant(types.boolean, half)
+
+    return types.boolean(array), codegen
+
+
 # Called from kernels only (with the value, not the typing context): typed as Any for mypy.
 widened: Any = _widened
 narrowed: Any = _narrowed
 compute_dtype: Any = _compute_dtype
+stores_half: Any = _stores_half
