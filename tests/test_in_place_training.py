@@ -315,3 +315,21 @@ def test_in_place_layers_run_under_fake_tensor_mode_and_on_the_meta_device():
             torch.nn.Conv2d(3, 4, 3), BatchNormalization(4, axis=1, memory="in_place")
         ).train()
         assert dry(torch.randn(8, 3, 8, 8)).shape == (8, 4, 6, 6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+def test_a_traced_in_place_layer_runs_and_saves():
+    """torch.jit.trace records the torch ops, as for memory="default" (the README's promise): it
+    recorded the in-place autograd.Function as a Python op, which the traced module could
+    neither run ("not supported in the JIT") nor save."""
+    import io
+
+    torch.manual_seed(0)
+    in_place = BatchNormalization(4, activation="leaky_relu", memory="in_place")
+    default = BatchNormalization(4, activation="leaky_relu")
+    x = torch.randn(8, 4)
+    traced = torch.jit.trace(in_place, (x.clone(),), check_trace=False)
+    reference = torch.jit.trace(default, (x.clone(),), check_trace=False)
+    torch.testing.assert_close(traced(x.clone()), reference(x.clone()))
+    torch.testing.assert_close(in_place.moving_mean, default.moving_mean)
+    torch.jit.save(traced, io.BytesIO())

@@ -1143,3 +1143,36 @@ def test_an_in_place_layer_goes_through_forward_mode_ad():
         torch.testing.assert_close(y_in_place, y_default)
         torch.testing.assert_close(t_in_place, t_default)
         assert torch.equal(in_place.moving_mean, default.moving_mean)
+
+
+def test_a_compiled_layer_takes_input_as_a_keyword_before_any_eager_call():
+    """torch.compile hands forward's arguments to the lazy-module hook of a layer not called
+    yet: ``input=`` (what torch's batch norms take) raised a TypeError there, as
+    nn.BatchNorm1d's does not."""
+    x = torch.randn(8, 4)
+    expected = torch.compile(nn.BatchNorm1d(4, eps=1e-3), backend="eager")(input=x)
+    for layer in (BatchNormalization(4), BatchNormalization()):
+        torch.testing.assert_close(torch.compile(layer, backend="eager")(input=x), expected)
+
+
+@pytest.mark.parametrize("setting", ["renorm_clipping", "activation_param"])
+def test_fullgraph_with_dynamic_floats_traces_the_setting_checks(setting):
+    """Under torch.compile(dynamic=True) float arguments are symbolic: math.isnan and
+    math.isfinite in the checks broke the graph (fullgraph=True raised), a comparison does not."""
+    torch._dynamo.reset()
+    x = torch.randn(8, 3)
+    statistics = BatchNormStatistics(
+        torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    )
+
+    def normalize(z, value):
+        if setting == "renorm_clipping":
+            return batch_norm(z, statistics, training=True, renorm_clipping={"rmax": value})[0]
+        plain = BatchNormStatistics(torch.zeros(3), torch.ones(3))
+        return batch_norm(z, plain, training=True, activation="leaky_relu", activation_param=value)[
+            0
+        ]
+
+    compiled = torch.compile(normalize, dynamic=True, fullgraph=True, backend="eager")
+    for value in (1.5, 0.2):
+        torch.testing.assert_close(compiled(x, value), normalize(x, value))

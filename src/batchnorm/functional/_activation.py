@@ -72,7 +72,7 @@ def check_activation(name: Any, parameter: Any = None) -> Activation | None:
     if (
         isinstance(parameter, bool)
         or not isinstance(parameter, numbers.Real)
-        or not math.isfinite(float(parameter))
+        or not -math.inf < float(parameter) < math.inf  # not math.isfinite: check_renorm_clipping
     ):
         raise ValueError(
             f"`activation_param` must be a finite number for activation={name!r}. "

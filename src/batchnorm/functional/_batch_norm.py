@@ -447,12 +447,15 @@ def batch_norm_step(
     # (they need functions written with setup_context), nor can the checks read a wrapper's
     # memory; and a compiled graph took the write under no_grad for an identity, so every
     # gradient through the layer was wrong (gamma and beta got none). Inside
-    # ``forward_ad.dual_level()`` too: that autograd.Function has no jvp (it raised there).
+    # ``forward_ad.dual_level()`` and ``torch.jit.trace`` too: that autograd.Function has no
+    # jvp (it raised there), and a trace recorded it as a Python op that the traced module could
+    # neither run nor save.
     in_place = (
         options.in_place
         and not torch._C._are_functorch_transforms_active()
         and not torch.compiler.is_compiling()
         and forward_ad._current_level < 0
+        and torch._C._get_tracing_state() is None
     )
     if (
         x.dtype in (torch.float16, torch.bfloat16)

@@ -168,7 +168,9 @@ def check_renorm_clipping(clipping: Any, argument: str = "renorm_clipping") -> d
         )
     values = {key: value for key, value in clipping.items() if value is not None}
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        # ``value != value`` for NaN: torch.compile(dynamic=True) passes symbolic floats, which
+        # math.isnan broke the graph on (fullgraph=True raised); a comparison it traces.
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
             raise ValueError(
                 f"`{argument}['{key}']` must be a number. Received: {argument}={dict(clipping)!r}"
             )

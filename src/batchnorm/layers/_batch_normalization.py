@@ -331,9 +331,19 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
     def _build(self, input_shape: tuple[int, ...]) -> list[str]:
         return build_layer(self, input_shape)
 
-    def initialize_parameters(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        """torch's lazy-module hook: :meth:`build` for the shape of ``x``."""
-        self.build(x.shape)
+    def initialize_parameters(
+        self,
+        x: torch.Tensor | None = None,
+        *args: Any,
+        input: torch.Tensor | None = None,  # forward's name for x, as torch's
+        **kwargs: Any,
+    ) -> None:
+        """torch's lazy-module hook: :meth:`build` for the shape of the input, given as ``x`` or
+        as ``input=`` (torch.compile calls it with forward's arguments: ``input=`` raised a
+        TypeError there before a first eager call); without one, :meth:`forward` raises."""
+        source = x if x is not None else input
+        if isinstance(source, torch.Tensor):
+            self.build(source.shape)
 
     def _infer_parameters(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
         # What torch.compile calls on a lazy module before tracing it (torch's version also
