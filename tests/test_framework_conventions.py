@@ -182,6 +182,40 @@ def test_config_round_trips_the_convention_options():
     assert "moving_average" not in BatchNormalization(2).get_config()
 
 
+def test_keras3_preset_has_no_fused_path_and_counts_mask_values_fully():
+    """Keras 3 has no fused path and casts the mask to bool; the preset said neither, so a
+    rank-4 layer took tf-keras' fused path, and a float mask weighed positions."""
+    preset = batchnorm.FRAMEWORK_PRESETS["keras3"]
+    assert (preset["fused"], preset["mask_weights"]) == (False, False)
+    for framework in ("keras", "torch", "caffe", "flax"):
+        layer = BatchNormalization.like(framework, 3)
+        assert layer.mask_weights is True, framework
+    layer = BatchNormalization.like("keras3", axis=1)
+    layer.build((2, 3, 4, 4))
+    assert layer.fused is False
+    assert layer._stored_estimator(layer.fused) == "biased"
+    config = layer.get_config()
+    assert (config["fused"], config["mask_weights"]) == (False, False)
+    clone = BatchNormalization.from_config(config)
+    assert (clone.fused, clone.mask_weights) == (False, False)
+    assert "mask_weights=False" in repr(layer)
+    assert "mask_weights" not in BatchNormalization(2).get_config()
+    assert BatchNormalization.like("keras3", 3, mask_weights=True).mask_weights is True
+    # The porting table's columns do not change: Keras 3 stores the biased variance.
+    assert (
+        '| Keras 3 | `"keras3"` | -1 | 0.99 (0.99) | 0.001 | biased |' in batchnorm.porting_table()
+    )
+
+
+def test_a_layer_pickled_before_mask_weights_existed_weighs_its_mask():
+    layer = BatchNormalization(3)
+    state = layer.__getstate__()
+    del state["_mask_weights"]
+    restored = BatchNormalization.__new__(BatchNormalization)
+    restored.__setstate__(state)
+    assert restored.mask_weights is True
+
+
 # ---------------------------------------------------------------- Caffe
 class CaffeBatchNorm:
     """caffe/src/caffe/layers/batch_norm_layer.cpp, in float64, written from the formulas."""

@@ -43,7 +43,24 @@ def build_layer(spec, arrays):
 
 @pytest.mark.parametrize("spec", golden_cases())
 def test_layer_matches_keras3(spec, keras3_golden):
-    _, arrays = keras3_golden
+    run_case(spec, keras3_golden[1])
+
+
+@pytest.mark.parametrize("spec", [s for s in golden_cases() if s.values[0]["mask"]])
+def test_a_float_mask_counts_as_keras3_casts_it_to_bool(spec, keras3_golden):
+    """Keras 3 casts the mask to bool (``_moments``), so its recorded steps are its steps for
+    any non-zero values in place of True: ``like("keras3")`` (``mask_weights=False``) gives
+    them; before, the layer weighed positions by the values, as tf-keras does."""
+    rng = np.random.default_rng(0)
+
+    def weights(mask: np.ndarray) -> np.ndarray:
+        return np.where(mask, rng.choice(np.array([0.3, 2.5], np.float32), mask.shape), 0.0)
+
+    run_case(spec, keras3_golden[1], weights)
+
+
+def run_case(spec, arrays, mask_as=None):
+    """Our layer through the golden case's steps (the mask replaced by ``mask_as(mask)``)."""
     name = spec["name"]
     layer = build_layer(spec, arrays)
     assert layer._weight_names() == spec["weight_names"]
@@ -53,6 +70,8 @@ def test_layer_matches_keras3(spec, keras3_golden):
     for step in range(spec["steps"]):
         x = torch.tensor(arrays[f"{name}/x_{step}"], requires_grad=True)
         mask = arrays.get(f"{name}/mask_{step}")
+        if mask is not None and mask_as is not None:
+            mask = mask_as(mask).astype(np.float32)
         y = layer(
             x, training=spec["call_training"], mask=None if mask is None else torch.tensor(mask)
         )

@@ -240,6 +240,75 @@ def test_keras3_model_needs_the_biased_estimator(arrays):
 
 
 @pytest.mark.parametrize("file", ["k3_model.keras", "k3_model.weights.h5"])
+def test_configure_from_a_keras3_file_sets_what_like_keras3_sets(file, arrays):
+    """Keras 3 has no fused path and casts the mask to bool: configure=True left the layers'
+    fused=None, so the rank-4 bn_conv took tf-keras' fused path and ignored a mask (with a
+    UserWarning), and a float mask weighed positions."""
+    model = ConvStack(
+        arrays,
+        file,
+        BatchNormalization(3, momentum=0.9, epsilon=0.01),
+        BatchNormalization(5, scale=False),
+    )
+    report = load_weights(model, GOLDEN / file, configure=True)
+    assert report.ok
+    for layer in (model.bn_conv, model.bn_dense):
+        assert (layer.fused, layer.mask_weights) == (False, False)
+    notes = " ".join(report[0].notes)
+    assert "configured fused: None -> False" in notes
+    assert "configured mask_weights: True -> False" in notes
+    assert_close(
+        infer(model, arrays, file), arrays[f"files/{source(file)}/y"], 1e-5, "model output"
+    )
+    # A masked training step then is Keras 3's (float64 reference of its formula).
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((4, 4, 4, 3)) + 1).astype(np.float32)
+    mask = rng.choice(np.array([0.0, 0.5, 2.0], np.float32), size=(4, 4, 4))
+    before_mean = model.bn_conv.moving_mean.double().numpy().copy()
+    before_variance = model.bn_conv.moving_variance.double().numpy().copy()
+    y = model.bn_conv(torch.tensor(x), training=True, mask=torch.tensor(mask))
+    keep = np.broadcast_to((mask != 0)[..., None], x.shape)
+    count = keep.sum(axis=(0, 1, 2))
+    mean = np.where(keep, x, 0.0).sum(axis=(0, 1, 2)) / (count + 1e-7)
+    variance = (np.where(keep, x - mean, 0.0) ** 2).sum(axis=(0, 1, 2)) / (count + 1e-7)
+    gamma = model.bn_conv.gamma.detach().double().numpy()
+    beta = model.bn_conv.beta.detach().double().numpy()
+    expected = (x - mean) / np.sqrt(variance + 0.01) * gamma + beta
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        model.bn_conv.moving_mean, 0.9 * before_mean + 0.1 * mean, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        model.bn_conv.moving_variance, 0.9 * before_variance + 0.1 * variance, rtol=1e-5
+    )
+
+
+def test_configure_from_a_tf_keras_file_keeps_the_fused_path_and_mask_weights(arrays):
+    model = ConvStack(
+        arrays,
+        "tfk_model.h5",
+        BatchNormalization(3),
+        BatchNormalization(5, renorm=True, center=False),
+    )
+    report = load_weights(model, GOLDEN / "tfk_model.h5", configure=True)
+    assert report.ok
+    assert (model.bn_conv.fused, model.bn_conv.mask_weights) == (None, True)
+    assert not any("fused" in note or "mask_weights" in note for note in report[0].notes)
+
+
+def test_keras3_files_need_no_configure_for_fused_or_mask_weights(arrays):
+    """Neither is in a Keras 3 config: without configure=True they are no mismatch."""
+    model = ConvStack(
+        arrays,
+        "k3_model.keras",
+        BatchNormalization(3, momentum=0.9, epsilon=0.01, moving_variance_estimator="biased"),
+        BatchNormalization(5, scale=False, moving_variance_estimator="biased"),
+    )
+    assert load_weights(model, GOLDEN / "k3_model.keras").ok
+    assert (model.bn_conv.fused, model.bn_conv.mask_weights) == (None, True)
+
+
+@pytest.mark.parametrize("file", ["k3_model.keras", "k3_model.weights.h5"])
 def test_keras3_files_load_into_unbuilt_layers(file, arrays):
     model = ConvStack(
         arrays,
@@ -1075,6 +1144,48 @@ def test_a_keras3_weights_file_with_nested_layers_is_not_paired_by_order():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"records no layer order.*'block/bn1'.*Pass `mapping`"):
         load_weights(model, GOLDEN / "k3_custom.weights.h5")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_keras3_archive_of_a_subclassed_model_asks_for_mapping_as_a_keras_file(tmp_path):
+    """A subclassed model's `.keras` config lists no layers (Keras 3 writes its class and
+    build config only), so its batch norms have no more order than in its weights: the error
+    told the caller to read the `.keras` file, which they had passed."""
+    path = tmp_path / "subclassed.keras"
+    with zipfile.ZipFile(GOLDEN / "k3_custom.keras") as source_archive:
+        members = {name: source_archive.read(name) for name in source_archive.namelist()}
+    members["config.json"] = json.dumps(
+        {
+            "module": None,
+            "class_name": "Sub",
+            "config": {
+                "trainable": True,
+                "dtype": {
+                    "module": "keras",
+                    "class_name": "DTypePolicy",
+                    "config": {"name": "float32"},
+                    "registered_name": None,
+                },
+            },
+            "registered_name": "Sub",
+            "build_config": {"input_shape": [1, 4]},
+            "compile_config": {},
+        }
+    ).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    model = custom_torch_model("k3_custom.weights.h5")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError,
+        match=r"This Keras 3 `.keras` file records no layer order.*its config lists none of "
+        r"them.*'block/bn1'.*Pass `mapping` .* with these paths. Received: path=.*subclassed",
+    ) as error:
+        load_weights(model, path)
+    assert "weights-only" not in str(error.value)
+    assert "read the `.keras` file" not in str(error.value)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
 

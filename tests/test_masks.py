@@ -314,3 +314,153 @@ def test_float_mask_weights_on_the_composed_ops_follow_the_float64_formula(offse
     expected = (wide - mean) / torch.sqrt(variance + layer.epsilon)
     # Each w * x was rounded to float32 before the float64 sum: 6.6e-3 off at 1e6.
     torch.testing.assert_close(y.double(), expected, rtol=0, atol=2e-6)
+
+
+# ------------------------------------------------ Keras 3: no fused path, the mask cast to bool
+def _keras3_masked_step(x, mask, axis, *, momentum, epsilon):
+    """Keras 3.15.1's masked training step, written plainly in float64 from its source
+    (keras/src/layers/normalization/batch_normalization.py, ``call`` and ``_moments``): the mask
+    gets a last axis, is broadcast to x's shape and cast to bool; the moments are taken over
+    the positions it keeps, dividing by their count plus ``backend.epsilon()`` (1e-7); the
+    moving statistics start at 0 and 1 and take the biased variance. Returns y (gamma 1, beta
+    0), moving_mean, moving_variance."""
+    x = np.asarray(x, np.float64)
+    axis = axis % x.ndim
+    keep = np.broadcast_to(np.asarray(mask)[..., None], x.shape).astype(bool)
+    reduce = tuple(i for i in range(x.ndim) if i != axis)
+    count = keep.sum(axis=reduce, keepdims=True).astype(np.float64)
+    mean = np.where(keep, x, 0.0).sum(axis=reduce, keepdims=True) / (count + 1e-7)
+    variance = np.where(keep, x - mean, 0.0) ** 2
+    variance = variance.sum(axis=reduce, keepdims=True) / (count + 1e-7)
+    y = (x - mean) / np.sqrt(variance + epsilon)
+    moving_mean = momentum * 0.0 + (1 - momentum) * mean.reshape(-1)
+    moving_variance = momentum * 1.0 + (1 - momentum) * variance.reshape(-1)
+    return y, moving_mean, moving_variance
+
+
+def _keras_mask(shape, seed, values=(0.0, 0.25, 1.0, 3.0)):
+    """A float mask of x's shape without its last axis, with weights other than 0 and 1 and
+    every channel keeping positions."""
+    rng = np.random.default_rng(seed)
+    mask = rng.choice(np.asarray(values), size=shape[:-1])
+    mask.reshape(-1)[:2] = (1.0, 0.25)
+    return mask.astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((4, 3, 5, 2), -1), ((4, 2, 3, 5), 1), ((3, 2, 3, 4, 2), -1), ((3, 2, 3, 4, 2), 1)],
+)
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_like_keras3_uses_the_mask_on_rank_4_and_5_as_keras3(shape, axis, mask_kind):
+    """Keras 3 has no fused path: its mask counts on rank-4/5 inputs too. ``like("keras3")``
+    left ``fused=None``, so these shapes took tf-keras' fused path, which ignores the mask
+    (with a UserWarning) and normalised with every position."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    mask = _keras_mask(shape, seed=4)
+    if mask_kind == "bool":
+        mask = mask != 0
+    layer = BatchNormalization.like("keras3", axis=axis, momentum=0.5)
+    y = layer(torch.tensor(x), training=True, mask=torch.tensor(mask))
+    assert layer.fused is False
+    expected_y, expected_mean, expected_variance = _keras3_masked_step(
+        x, mask, axis, momentum=0.5, epsilon=1e-3
+    )
+    np.testing.assert_allclose(y.detach().numpy(), expected_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), expected_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), expected_variance, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "mask_shape"),
+    [
+        ((16, 3), -1, (16,)),
+        ((6, 7, 3), -1, (6, 7)),
+        ((6, 7, 3), -1, (6, 1)),  # one weight per sequence, broadcast as tf-keras takes it
+        ((6, 3, 7), 1, (6, 3)),  # Keras' mask varies inside a channel: the composed ops
+        ((4, 3, 5, 2), -1, (4, 3, 5)),
+    ],
+)
+def test_mask_weights_false_counts_every_nonzero_value_fully_on_every_backend(
+    shape, axis, mask_shape
+):
+    """Keras 3 casts the mask to bool (``ops.cast(mask, "bool")`` in ``_moments``): a weight of
+    0.25 or 3 counts as 1. The layer weighed positions by the values (tf-keras'
+    ``tf.nn.weighted_moments``), which ``like("keras3")`` could not turn off."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
+    mask = _keras_mask((*mask_shape, 1), seed=6)
+    expected_y, expected_mean, expected_variance = _keras3_masked_step(
+        x, np.broadcast_to(mask, shape[:-1]), axis, momentum=0.9, epsilon=1e-3
+    )
+
+    def run() -> list[torch.Tensor]:
+        layer = BatchNormalization.like("keras3", axis=axis, momentum=0.9)
+        y = layer(torch.tensor(x), training=True, mask=torch.tensor(mask))
+        return [y.detach(), layer.moving_mean.clone(), layer.moving_variance.clone()]
+
+    for y, moving_mean, moving_variance in torch_ops_and_kernels(run):
+        np.testing.assert_allclose(y.numpy(), expected_y, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(moving_mean.numpy(), expected_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(moving_variance.numpy(), expected_variance, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_weights_true_keeps_tf_keras_weighting_by_default():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((12, 4)) * 3 + 5
+    weights = _keras_mask((12, 1), seed=8).astype(np.float64)
+    layer = BatchNormalization(4, momentum=0.9, dtype="float64")
+    assert layer.mask_weights is True
+    y = layer(torch.tensor(x), training=True, mask=torch.tensor(weights))
+    expected_y, expected_mean, expected_variance = reference_train_step(
+        x,
+        np.zeros(4),
+        np.ones(4),
+        None,
+        None,
+        axes=(1,),
+        momentum=0.9,
+        epsilon=1e-3,
+        weights=weights[:, None],
+    )
+    np.testing.assert_allclose(y.detach().numpy(), expected_y, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), expected_mean, rtol=1e-12)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), expected_variance, rtol=1e-12)
+
+
+def test_mask_weights_false_gives_a_mask_no_gradient_and_compiles():
+    """Keras 3's bool cast has no gradient; a compiled call sees the same 0/1 mask."""
+    rng = np.random.default_rng(9)
+    x = torch.tensor((rng.standard_normal((6, 7, 3)) + 1).astype(np.float32))
+    values = _keras_mask((6, 7, 1), seed=10)
+    mask = torch.tensor(values, requires_grad=True)
+    layer = BatchNormalization.like("keras3", 3)
+    y = layer(x, training=True, mask=mask)
+    (y * torch.linspace(-1, 1, 3)).sum().backward()
+    assert mask.grad is None
+    expected_y, _, _ = _keras3_masked_step(x.numpy(), values, -1, momentum=0.99, epsilon=1e-3)
+    np.testing.assert_allclose(y.detach().numpy(), expected_y, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(BatchNormalization.like("keras3", 3), backend="eager")
+    y_compiled = compiled(x, training=True, mask=torch.tensor(values))
+    np.testing.assert_allclose(y_compiled.detach().numpy(), expected_y, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_weights_is_checked_and_bad_masks_are_still_refused():
+    with pytest.raises(
+        TypeError, match=r"`mask_weights` must be True or False. Received: mask_weights='no'"
+    ):
+        BatchNormalization(mask_weights="no")  # type: ignore[arg-type]
+    layer = BatchNormalization(3, mask_weights=False)
+    with pytest.raises(TypeError, match=r"`mask_weights` must be True or False.*=1"):
+        layer.mask_weights = 1  # type: ignore[assignment]
+    assert layer.mask_weights is False
+    layer(torch.randn(8, 3), training=True)
+    before = _layer_state(layer)
+    with pytest.raises(ValueError, match=r"Received: a mask with negative values"):
+        layer(torch.randn(8, 3), training=True, mask=torch.tensor([1.0, -1, 1, 1, 1, 1, 1, 1]))
+    with pytest.raises(TypeError, match=r"Received: mask of type list"):
+        layer(torch.randn(8, 3), training=True, mask=[1.0] * 8)  # type: ignore[arg-type]
+    _assert_state_equal(before, layer)

@@ -22,6 +22,7 @@ from batchnorm.functional._validation import (
     check_adjustment,
     check_bool,
     check_fraction,
+    check_mask_values,
     check_positive,
     check_renorm_clipping,
     check_virtual_batch_size,
@@ -149,6 +150,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             keep no moving statistics up to date; Caffe's
             ``use_global_stats: false`` also updates in its TEST phase, here updates follow
             ``training``).
+        mask_weights: True (tf-keras): a mask's values weigh the positions in the batch
+            statistics (``tf.nn.weighted_moments``); False: a non-zero mask value counts fully,
+            as Keras 3 casts the mask to bool (``like("keras3")`` sets it). Default True.
         virtual_batch_size: ghost-batch size; must divide the training batch.
         adjustment: ``f(input_shape) -> (a, b)`` applied in training: scale ``a * gamma``,
             offset ``b * gamma + beta``.
@@ -227,6 +231,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         moving_variance_estimator: MovingVarianceEstimator = "auto",
         moving_average: MovingAverage = "ema",
         use_global_stats: bool | None = None,
+        mask_weights: bool = True,
         dtype: Any = None,
         device: Any = None,
         name: str | None = None,
@@ -276,6 +281,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         )
         self.moving_average = check_choice(moving_average, "moving_average", MovingAverage)
         self.use_global_stats = check_use_global_stats(use_global_stats)
+        self.mask_weights = mask_weights
         self.dtype_policy = resolve_dtype_policy(dtype)
         self.fused: bool | None = check_fused(
             fused,
@@ -490,6 +496,16 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
 
     # ------------------------------------------------------------------ calling
     @property
+    def mask_weights(self) -> bool:
+        """True: a mask's values weigh the positions (tf-keras); False: any non-zero value
+        counts fully (Keras 3). Setting it is checked."""
+        return self.__dict__["_mask_weights"]  # type: ignore[no-any-return]
+
+    @mask_weights.setter
+    def mask_weights(self, value: bool) -> None:
+        self.__dict__["_mask_weights"] = check_bool(value, "mask_weights")
+
+    @property
     def trainable(self) -> bool:
         return self._trainable
 
@@ -520,13 +536,19 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             training: None follows ``module.training``; a bool or 0-d bool tensor overrides it.
             mask: optional weights with the shape of ``x`` without its last axis, broadcast
                 along it (tf-keras / Keras 3), or without its channel axes; masked positions do
-                not count in the batch statistics.
+                not count in the batch statistics. With ``mask_weights=False`` any non-zero
+                value counts fully (Keras 3).
         """
         if input is not None:
             if x is None:
                 x = input
             elif not isinstance(input, torch.fx.Proxy):  # fx traces every parameter
                 raise TypeError("Pass the input once, as `x` or as `input`. Received: both")
+        if mask is not None and not self.mask_weights and isinstance(x, torch.Tensor):
+            # Keras 3 casts the mask to bool (`ops.cast(mask, "bool")` in `_moments`). Checked
+            # first, so a mask refused with weights is refused here too; a bool mask is not read
+            # again, and every path after this (kernels, composed ops, compile) sees 0/1.
+            mask = check_mask_values(mask, x) != 0
         compiling = torch.compiler.is_compiling()  # traced: no shortcut, nothing remembered
         if isinstance(training, torch.Tensor) and not compiling:
             training = training_flag(training)  # a bool where reading it is free
@@ -619,6 +641,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         self.__dict__.setdefault("_update_lock", UpdateLock())  # pickled without one before
+        self.__dict__.setdefault("_mask_weights", True)  # pickled before the setting existed
 
     def _replicate_for_data_parallel(self) -> BatchNormalization:
         if not self.built:
@@ -742,6 +765,11 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             "moving_variance_estimator": self.moving_variance_estimator,
             "moving_average": self.moving_average,
             "use_global_stats": self.use_global_stats,
+            "mask_weights": self.mask_weights,
         }
-        defaults = {"moving_variance_estimator": "auto", "moving_average": "ema"}
+        defaults = {
+            "moving_variance_estimator": "auto",
+            "moving_average": "ema",
+            "mask_weights": True,
+        }
         return {k: v for k, v in options.items() if v != defaults.get(k)}

@@ -40,6 +40,7 @@ _INIT_KEYS = {
     "name",
     "synchronized",
     # Not tf-keras keys: written only when set, so configs stay tf-keras' otherwise.
+    "mask_weights",
     "activation",
     "activation_param",
     "memory",

@@ -24,6 +24,9 @@ FRAMEWORK_PRESETS: dict[str, dict[str, Any]] = {
         "use_global_stats": None,
     },
     # Keras 3 (keras.layers.BatchNormalization): ops.moments, the biased variance on every path.
+    # It has no fused path, so a mask counts on rank-4/5 inputs too (tf-keras' fused path, which
+    # fused=None picks there, ignores it), and it casts the mask to bool (`_moments`): any
+    # non-zero value counts fully, where tf-keras weighs positions by the values.
     "keras3": {
         "axis": -1,
         "momentum": 0.99,
@@ -33,6 +36,8 @@ FRAMEWORK_PRESETS: dict[str, dict[str, Any]] = {
         "center": True,
         "scale": True,
         "use_global_stats": None,
+        "fused": False,
+        "mask_weights": False,
     },
     # torch.nn.BatchNorm2d: channels at dim 1, momentum 0.1 on the new value, unbiased running_var.
     "torch": {

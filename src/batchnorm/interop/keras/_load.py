@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -112,7 +113,9 @@ def load_weights(
             that is a layer's ``path`` names that layer; otherwise a name that one layer alone
             has. Default None: by order.
         configure: set each module's momentum, epsilon, trainable, renorm_momentum,
-            renorm_clipping and moving_variance_estimator (torch: momentum, eps) from the file.
+            renorm_clipping and moving_variance_estimator (torch: momentum, eps) from the file;
+            a Keras 3 file's layer also sets ``fused=False`` and ``mask_weights=False`` on a
+            :class:`~batchnorm.BatchNormalization`, as ``like("keras3")`` does.
             Structure (channels, axis, center, scale, renorm) is never changed. Default False.
         strict: raise ValueError listing every mismatch, before anything is loaded. With False,
             load every pair whose weights fit and report the rest. Default True.
@@ -185,7 +188,7 @@ def _entry(step: LayerLoad | _Plan) -> LayerLoad:
     )
 
 
-def _check_order_is_known(records: list[KerasBatchNormLayer], path: object) -> None:
+def _check_order_is_known(records: list[KerasBatchNormLayer], path: str | os.PathLike[str]) -> None:
     """Refuse to pair by order a weights-only file whose layer order is not known.
 
     A ``.weights.h5`` (Keras 3's, or tf-keras 2.13+'s in the same layout) records no layer order:
@@ -202,10 +205,23 @@ def _check_order_is_known(records: list[KerasBatchNormLayer], path: object) -> N
     lists = {_layer_list_and_class(r.location) for r in records}
     if len(records) <= 1 or (len(lists) == 1 and None not in lists):
         return
+    paths = [r.path for r in records]
+    if zipfile.is_zipfile(path):
+        # A `.keras` archive whose config lists none of its batch norms (a subclassed model,
+        # layers held as attributes) has no more order than its weights: the advice to read the
+        # `.keras` file instead is the weights-only file's.
+        raise ValueError(
+            "This Keras 3 `.keras` file records no layer order for its batch norms: its config "
+            "lists none of them (a subclassed model, or layers held as attributes of custom "
+            "layers), and they are not all in one layer list under one class name "
+            f"({paths}). Pairing by order could load them into the wrong modules. Pass "
+            "`mapping` ({keras_path: module_name}) with these paths. "
+            f"Received: path={str(path)!r}"
+        )
     raise ValueError(
         "This Keras 3 weights-only file records no layer order, and its batch norms are not all "
         "in one layer list under one class name: it holds layers inside nested models, wrappers "
-        f"or custom layers, or of several classes ({[r.path for r in records]}). Pairing by "
+        f"or custom layers, or of several classes ({paths}). Pairing by "
         "order could load them into the wrong modules. Pass `mapping` ({keras_path: "
         "module_name}) with these paths, or read the `.keras` file, whose config gives the "
         f"order. Received: path={str(path)!r}"
@@ -314,6 +330,8 @@ def _plan(
     differences += value_differences(record)
     notes = resolved + notes
     settable = [d for d in differences if d.resolution == "configure"] if configure else []
+    if configure and isinstance(module, BatchNormalization):
+        settable += _keras3_conventions(record, module)
     for difference in settable:
         _check_setting(record, module, difference)
     remaining = [d for d in differences if d not in settable]
@@ -321,6 +339,21 @@ def _plan(
     if plan.loadable:
         _check_fits(plan, path)
     return plan
+
+
+def _keras3_conventions(record: KerasBatchNormLayer, layer: BatchNormalization) -> list[Difference]:
+    """What ``like("keras3")`` sets beyond the config, for a Keras 3 file's layer: no fused path
+    (Keras 3 has none, so a mask counts on rank-4/5 inputs too, where tf-keras' fused path,
+    which ``fused=None`` picks there, ignores it) and bool masks (Keras 3 casts the mask to bool:
+    any non-zero value counts fully). Neither is in its config, so neither is a mismatch."""
+    if record.file_format != "Keras 3":
+        return []
+    differences = []
+    if layer.fused is not False:
+        differences.append(Difference("fused", False, layer.fused, "configure"))
+    if layer.mask_weights:
+        differences.append(Difference("mask_weights", False, True, "configure"))
+    return differences
 
 
 def _check_fits(plan: _Plan, path: str) -> None:
