@@ -13,6 +13,7 @@ from torch import nn
 
 from batchnorm import BatchNormalization, DiagnosisReport, diagnose, freeze, recalibrate
 from batchnorm.__main__ import main
+from tests.test_convert_activation import BatchNormAct2d
 
 
 def data(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -291,3 +292,54 @@ def test_diagnose_of_a_layer_not_yet_built_measures_it_as_it_would_build():
     (row,) = diagnose(model, data, steps=0).layers
     assert row.channels == 3 and row.mean_shift is not None and row.variance_ratio is not None
     assert not model[1].built
+
+
+def test_a_dropout_inside_a_batch_norm_stays_off_when_measuring():
+    """diagnose called train() on a batch norm and its copy, switching on the dropout they hold:
+    a false gap (0.71 for 0.015) and a wrong variance ratio on the next layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        BatchNormAct2d(4, act=nn.ReLU(), drop=nn.Dropout(0.5)),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+    ).eval()
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    recalibrate(model, batches, progress=False)
+    report = diagnose(model, batches, steps=10**6)
+    rows = {row.name: row for row in report.layers}
+    with torch.no_grad():  # the layer's own outputs, batch and moving statistics, no dropout
+        h = model[0](batches[0])
+        y_train = torch.relu(
+            nn.functional.batch_norm(h, None, None, model[1].weight, model[1].bias, True)
+        )
+        difference = (y_train - model[1](h)).double() / model[1].weight.abs().reshape(1, -1, 1, 1)
+    assert rows["1"].train_inference_gap == pytest.approx(float(difference.pow(2).mean().sqrt()))
+    assert rows["3"].variance_ratio == pytest.approx(1.0, abs=1e-5)
+    assert report.problems == {}
+
+
+def test_an_in_place_layer_of_a_model_in_training_mode_is_measured_on_the_caller_batch():
+    """In training mode the copy run in the current mode overwrote the caller's batch, and the
+    statistics were measured on the overwritten values (variance ratio 2.8 for 10)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        BatchNormalization(3, axis=1, memory="in_place", activation="leaky_relu"),
+        nn.Conv2d(3, 4, 1),
+    )
+    x = torch.randn(16, 3, 5, 5) * 3 + 2
+    model.eval()(x)  # built: the stored variance's estimator is decided
+    model.train()
+    kept = x.clone()
+    (row,) = diagnose(model, [x]).layers
+    torch.testing.assert_close(x, kept, rtol=0, atol=0)
+    layer = model[0]
+    mean = kept.double().mean(dim=(0, 2, 3))
+    variance = kept.double().var(dim=(0, 2, 3), unbiased=layer._stores_unbiased_variance())
+    scale = (variance + layer.epsilon).sqrt()
+    shift = ((layer.moving_mean.double() - mean).abs() / scale).max()
+    ratio = (layer.moving_variance.double() + layer.epsilon) / (variance + layer.epsilon)
+    assert row.mean_shift == pytest.approx(float(shift), rel=1e-5)
+    assert row.variance_ratio == pytest.approx(
+        float(torch.maximum(ratio, 1 / ratio).max()), rel=1e-5
+    )

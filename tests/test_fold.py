@@ -12,6 +12,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 import batchnorm
 from batchnorm import BatchNormalization, FoldedBatchNorm, fold, fold_weights
 from batchnorm.tools._batch_norm_modules import is_batch_norm
+from tests.test_convert_activation import BatchNormAct2d
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -527,3 +528,54 @@ def test_a_batch_norm_given_its_input_by_keyword_folds(ours, how):
         result = fold(model, x, pairs=[("conv", "bn")])
     assert result.folded == [("conv", "bn")] and result.not_folded == {}
     torch.testing.assert_close(result.model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _ScaledBatchNorm(nn.BatchNorm2d):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(input)
+
+
+@pytest.mark.parametrize(
+    ("act", "drop"),
+    [
+        (nn.LeakyReLU(0.2), None),
+        (nn.ReLU(), None),
+        (nn.SiLU(), None),  # no activation of ours computes it: kept as a module
+        (nn.LeakyReLU(0.2), nn.Dropout(0.5)),  # a drop: kept, identity in eval
+    ],
+)
+def test_a_timm_batch_norm_with_activation_folds_keeping_its_activation(act, drop):
+    """fold folded timm's BatchNormAct2d as a plain batch norm and dropped its act (2.7 off)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act=act, drop=drop)).eval()
+    with torch.no_grad():
+        model[1].bias.normal_()
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    expected = act(torch.nn.utils.fusion.fuse_conv_bn_eval(model[0], model[1])(x))
+    for result in (fold(model), fold(model, x), fold(model, pairs=[("0", "1")])):
+        assert result.folded == [("0", "1")]
+        torch.testing.assert_close(result.model(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_norm_subclass_overriding_forward_is_not_folded():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _ScaledBatchNorm(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for result in (fold(model, x), fold(model, pairs=[("0", "1")])):
+        assert result.folded == []
+        assert "overrides the batch norm's forward" in result.not_folded["1"]
+        torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=0)
+
+
+def test_fold_on_the_meta_device_reports_no_difference():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+        x = torch.randn(2, 3, 5, 5)
+    result = fold(model, x)
+    assert result.folded == [("0", "1")]
+    assert result.max_difference is None
+    assert any("meta device" in note for note in result.notes)
+    assert "largest difference" not in str(result)

@@ -295,3 +295,19 @@ def test_frozen_with_affine_false_keeps_the_gradients_made_inside():
         inside = [p.grad.clone() for p in model[1].parameters()]
     for parameter, gradient in zip(model[1].parameters(), inside, strict=True):
         torch.testing.assert_close(parameter.grad, gradient, rtol=0, atol=0)  # were put back None
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+def test_freeze_of_an_uninitialised_lazy_batch_norm_names_it_and_changes_nothing(statistics):
+    """With statistics=False the lazy layer was not checked: torch's "uninitialized parameter"
+    error came from inside the loop, with the layers before it left frozen."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.LazyBatchNorm2d()
+    )
+    with pytest.raises(ValueError, match=r"Cannot freeze .* of 3 \(LazyBatchNorm2d\)"):
+        freeze(model, statistics=statistics)
+    assert type(model[1]) is nn.BatchNorm2d and not is_frozen(model[1])
+    assert all(p.requires_grad for p in model[1].parameters())
+    model(torch.randn(2, 3, 4, 4))  # initialised: it freezes
+    freeze(model, statistics=statistics)
+    assert not any(p.requires_grad for p in model[3].parameters())

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from batchnorm import BatchNormalization, freeze, recalibrate
 from batchnorm.tools._progress import Progress
 from tests.distributed_recalibrate_worker import TwoNormNet, rank_batches
+from tests.test_convert_activation import BatchNormAct2d
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -392,3 +393,54 @@ def test_nan_padding_of_weight_zero_does_not_reach_the_statistics():
     x[:, 4:] = float("nan")  # padding the mask excludes, as the layer's training call does
     recalibrate(layer, [(x, mask)], forward=lambda m, b: m(b[0], mask=b[1]))
     torch.testing.assert_close(layer.moving_mean, x[:, :4].mean((0, 1)), rtol=1e-6, atol=1e-6)
+
+
+def test_a_dropout_inside_a_batch_norm_stays_off_during_the_pass():
+    """recalibrate called train() on each batch norm, which switched on the dropout it holds:
+    the next layer's population variance came out ~2.5x too large."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        BatchNormAct2d(4, act=nn.ReLU(), drop=nn.Dropout(0.5)),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+    ).eval()
+    model[1].drop.train()  # a mode of its own, to be given back exactly
+    modes = [m.training for m in model.modules()]
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    with torch.no_grad():  # float64 reference: layer 1 on batch statistics, no dropout
+        inputs = torch.cat(
+            [
+                model[2](
+                    torch.relu(
+                        nn.functional.batch_norm(
+                            model[0](x), None, None, model[1].weight, model[1].bias, True
+                        )
+                    )
+                )
+                for x in batches
+            ]
+        ).double()
+    recalibrate(model, batches, progress=False)
+    expected = inputs.var(dim=(0, 2, 3)).to(torch.float32)
+    torch.testing.assert_close(model[3].running_var, expected, rtol=1e-5, atol=1e-6)
+    assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize("num_features", [None, 6])
+def test_a_pass_that_raises_leaves_an_unbuilt_layer_unbuilt(num_features):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), BatchNormalization(num_features, axis=1))
+    layer = model[1]
+    before = (layer.built, layer.axis, layer.fused, layer._input_rank, sorted(model.state_dict()))
+    batches = [torch.randn(4, 3, 5, 5) for _ in range(2)]
+    with pytest.raises(TypeError, match="Each batch must be a tensor"):
+        recalibrate(model, [batches[0], "not a batch"], progress=False)
+    after = (layer.built, layer.axis, layer.fused, layer._input_rank, sorted(model.state_dict()))
+    assert after == before
+    # and it builds again as its first call would: the population statistics are written
+    recalibrate(model, batches, progress=False)
+    with torch.no_grad():
+        inputs = torch.cat([model[0](x) for x in batches]).double()
+    expected = inputs.mean(dim=(0, 2, 3)).to(torch.float32)
+    torch.testing.assert_close(layer.moving_mean, expected, rtol=1e-5, atol=1e-6)

@@ -435,3 +435,41 @@ def test_a_model_on_the_meta_device_converts(to):
         norm.build((None, 4, 2, 2))  # the rank gives the torch class
     batchnorm.convert(model, to=to)  # torch.equal of meta tensors raised
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_a_frozen_layer_without_global_statistics_converts_keeping_its_statistics():
+    """A frozen layer normalises with its moving statistics even where its use_global_stats
+    was False; to torch it became a FrozenBatchNorm2d with track_running_stats=False and no
+    running statistics, which raised on every call."""
+    torch.manual_seed(0)
+    layer = batchnorm.BatchNormalization(
+        4, axis=1, use_global_stats=False, momentum=0.9, moving_variance_estimator="unbiased"
+    )
+    with torch.no_grad():
+        layer.moving_mean.normal_()
+        layer.moving_variance.uniform_(0.5, 2.0)
+        layer.gamma.normal_()
+        layer.beta.normal_()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), layer)
+    x = torch.randn(8, 3, 5, 5)
+    model(x)
+    batchnorm.freeze(model)
+    h = model[0](x).detach().double()
+    view = (1, -1, 1, 1)
+    expected = (h - layer.moving_mean.double().reshape(view)) / torch.sqrt(
+        layer.moving_variance.double().reshape(view) + layer.epsilon
+    ) * layer.gamma.double().reshape(view) + layer.beta.double().reshape(view)
+    converted = batchnorm.convert(copy.deepcopy(model), to="torch")
+    statistics = (converted[1].running_mean.clone(), converted[1].running_var.clone())
+    for mode in (False, True):
+        model.train(mode)
+        converted.train(mode)
+        torch.testing.assert_close(converted(x).double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    batchnorm.unfreeze(model)
+    batchnorm.unfreeze(converted)
+    model.train()
+    converted.train()  # batch statistics in training, as the layer's; never updated
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(converted[1].running_mean, statistics[0], rtol=0, atol=0)
+    torch.testing.assert_close(converted[1].running_var, statistics[1], rtol=0, atol=0)

@@ -37,6 +37,7 @@ from batchnorm.interop._activation_conversion import (
 )
 from batchnorm.interop._frozen_batch_norm import (
     carry_freeze,
+    is_frozen,
     is_frozen_torch_batch_norm,
     plain_class,
     unfrozen_use_global_stats,
@@ -309,7 +310,10 @@ def to_torch(layer: BatchNormalization, *, dims: int | None = None) -> _BatchNor
     constraints, biased moving variance, debiased averaging with momentum != 1,
     use_global_stats=True, trainable=False, channel axes other than dim 1).
     ``use_global_stats=False`` becomes ``track_running_stats=False``: the outputs are the same,
-    the moving statistics (unused by the outputs) are dropped. A layer with an activation other
+    the moving statistics (unused by the outputs) are dropped; a layer frozen by
+    :func:`batchnorm.freeze` normalises with them, so its frozen module keeps them
+    (``track_running_stats=False`` with running statistics, which, unfrozen, trains on batch
+    statistics without updating them and normalises with them in eval). A layer with an activation other
     than "identity" raises too: :func:`convert` gives the batch norm followed by the activation
     module. ``memory="in_place"`` gives torch's ordinary batch norm (same numbers, the input is
     not overwritten).
@@ -365,11 +369,17 @@ def _torch_batch_norm(
                 "SyncBatchNorm. Build it (num_features or build(input_shape)) first."
             )
         eager_class = nn.SyncBatchNorm
+    # A frozen layer normalises with its moving statistics, also where it had
+    # use_global_stats=False: the module keeps them (torch's track_running_stats=False with
+    # statistics kept, the frozen class normalising with them; unfrozen, batch statistics in
+    # training, never updated, and the kept ones in eval).
+    batch_statistics = unfrozen_use_global_stats(layer) is False
+    keep_statistics = batch_statistics and is_frozen(layer)
     options: dict[str, Any] = {
         "eps": layer.epsilon,
         "momentum": None if layer.moving_average == "debiased" else _complement(layer.momentum),
         "affine": layer.center,
-        "track_running_stats": unfrozen_use_global_stats(layer) is None,
+        "track_running_stats": not batch_statistics or keep_statistics,
     }
     if not layer.built:
         module: _BatchNorm = lazy_class(**options)
@@ -380,6 +390,7 @@ def _torch_batch_norm(
         module = eager_class(
             int(reference.shape[0]), device=reference.device, dtype=reference.dtype, **options
         )
+        module.track_running_stats = not batch_statistics
         _copy_state(module, layer, to_layer=False)
         carry_rerouting(layer, module, [(ours, theirs) for theirs, ours in _NAME_PAIRS[:2]])
     carry_freeze(layer, module, plain_class(module))

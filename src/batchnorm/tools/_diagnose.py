@@ -19,6 +19,7 @@ from batchnorm.tools._population_statistics import (
     _default_forward,
     check_model_and_batches,
     collect_population_statistics,
+    in_place_input_copied,
 )
 
 
@@ -79,6 +80,10 @@ def diagnose(
     _check_steps(steps, [name for name, _ in layers])
     current = model_copy(model)
     current_layers = dict(bn.batch_norm_modules(current))
+    for module in current_layers.values():
+        # An in-place layer training in the current mode would write over the caller's batch,
+        # which the population pass then read.
+        module.register_forward_pre_hook(in_place_input_copied, with_kwargs=True)
     before = {name: _statistics_copy(module) for name, module in current_layers.items()}
     run = _default_forward if forward is None else forward
     gaps: dict[str, tuple[float | None, int]] = {}
@@ -197,8 +202,12 @@ def _train_inference_gap(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
         y_inference = clone.forward(x, training=False, mask=mask)
         y_train = clone.forward(x, training=True, mask=mask)
     else:
-        y_inference = clone.eval().forward(x)
-        y_train = clone.train().forward(x)
+        # The flag only: eval()/train() recurse into the batch norm's children (timm's
+        # BatchNormAct2d holds a dropout as `drop`), and train() switched that dropout on.
+        clone.training = False
+        y_inference = clone.forward(x)
+        clone.training = True
+        y_train = clone.forward(x)
     difference = (y_train.to(torch.float64) - y_inference.to(torch.float64)).cpu()
     gamma, _ = bn.affine(module)
     if gamma is not None:

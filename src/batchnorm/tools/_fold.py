@@ -11,13 +11,17 @@ from typing import Any, cast
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm, remove_spectral_norm
 from torch.nn.utils.weight_norm import WeightNorm, remove_weight_norm
 
 from batchnorm.functional._activation import Activation, activate, check_activation
 from batchnorm.functional._validation import check_axis_type, check_module
+from batchnorm.interop._activation_conversion import describe, is_activated_batch_norm
+from batchnorm.interop._frozen_batch_norm import is_frozen_torch_batch_norm
 from batchnorm.interop._module_places import module_places
+from batchnorm.interop._torch_conversion import _TORCH_FORWARDS
 from batchnorm.layers import BatchNormalization
 from batchnorm.tools import _batch_norm_modules as bn
 from batchnorm.tools._fold_weights import fold_weights
@@ -41,7 +45,8 @@ class FoldResult:
             place holds a :class:`FoldedBatchNorm` (identity).
         not_folded: ``{batch_norm: reason}`` for each batch norm left in place (inference mode).
         max_difference: largest ``|folded(x) - original(x)|`` over the outputs for
-            ``example_input`` (both in eval mode), or None without it.
+            ``example_input`` (both in eval mode), or None without it or where the outputs
+            hold no values to compare (a model on the meta device; ``notes`` says so).
         notes: remarks such as "the model was in training mode".
     """
 
@@ -122,6 +127,10 @@ def fold(
     on either module...) stay, in inference mode, and are listed with the reason. A batch norm
     registered under several names is replaced at each; a parametrized, pruned or
     weight-normalised layer is folded with the weight it computes (its rerouting baked in).
+    timm's ``BatchNormAct2d`` / ``SyncBatchNormAct`` fold keeping what follows the
+    normalisation (``act(drop(...))``: the activation in the :class:`FoldedBatchNorm`, or
+    ``drop`` and ``act`` as modules after it); any other torch batch-norm subclass overriding
+    ``forward`` is not folded (what it computes is unknown).
 
     Where tracing fails (data-dependent control flow), name the pairs by hand:
     ``pairs=[("features.0", "features.1"), ...]`` as ``(layer, batch_norm)`` qualified names
@@ -179,8 +188,11 @@ def fold(
             continue
         _bake_rerouting(modules[layer_name])
         _fold_pair(modules[layer_name], modules[norm_name])
-        kept = _fused_activation(modules[norm_name])
-        _replace(folded_model, modules[norm_name], FoldedBatchNorm(layer_name, kept))
+        kept, following = _fused_activation(modules[norm_name])
+        replacement: nn.Module = FoldedBatchNorm(layer_name, kept)
+        if following:  # timm's drop and an act FoldedBatchNorm cannot compute, as they were
+            replacement = nn.Sequential(replacement, *following).eval()
+        _replace(folded_model, modules[norm_name], replacement)
         folded.append((layer_name, norm_name))
     not_folded = {name: not_folded[name] for name in modules if name in not_folded}
     max_difference = None
@@ -188,6 +200,8 @@ def fold(
         with torch.no_grad():
             output = folded_model(*inputs)
         max_difference = _max_difference(reference, output)
+        if max_difference is None:
+            notes.append("no difference measured: the outputs are on the meta device (no values)")
     return FoldResult(folded_model, folded, not_folded, max_difference, notes)
 
 
@@ -351,6 +365,11 @@ def _why_not_foldable(
         if foreign:
             names = ", ".join(getattr(h, "__qualname__", type(h).__name__) for h in foreign)
             return f"{role} has forward hooks that folding would bypass ({names})"
+    if _computes_unknown(norm):
+        return (
+            f"{type(norm).__name__} overrides the batch norm's forward: what it computes "
+            "beyond normalising (an activation, say) is unknown, and folding would drop it"
+        )
     if isinstance(norm, BatchNormalization) and not norm.built:
         return "not built yet: call the model once or pass example_input"
     if buffers is None or not bn.normalises_with_moving_statistics(norm):
@@ -433,11 +452,30 @@ def _fold_pair(layer: nn.Module, norm: nn.Module) -> None:
     layer.bias = nn.Parameter(bias.to(weight.device), requires_grad=requires_grad)
 
 
-def _fused_activation(norm: nn.Module) -> Activation | None:
-    """The activation a batch norm applies after normalising (our layer's ``activation``)."""
-    return check_activation(
-        getattr(norm, "activation", None), getattr(norm, "activation_param", None)
+def _computes_unknown(norm: nn.Module) -> bool:
+    """A torch batch-norm subclass whose own forward does more than normalise, other than
+    timm's batch norms with an activation (:func:`describe` says what they compute) and the
+    frozen classes of :func:`batchnorm.freeze` (which normalise with the running statistics)."""
+    return (
+        isinstance(norm, _BatchNorm)
+        and type(norm).forward not in _TORCH_FORWARDS
+        and not is_frozen_torch_batch_norm(norm)
+        and not is_activated_batch_norm(norm)
     )
+
+
+def _fused_activation(norm: nn.Module) -> tuple[Activation | None, tuple[nn.Module, ...]]:
+    """The activation a batch norm applies after normalising (our layer's ``activation``, or
+    timm's ``act`` where one of ours computes it), and the modules that must still follow it
+    (timm's ``drop`` and an ``act`` no activation of ours computes)."""
+    if is_activated_batch_norm(norm):
+        activated = describe(norm)
+        options = activated.layer_options
+        kept = check_activation(options.get("activation"), options.get("activation_param"))
+        return kept, activated.following
+    if not isinstance(norm, BatchNormalization):
+        return None, ()
+    return check_activation(norm.activation, norm.activation_param), ()
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -446,11 +484,17 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
         setattr(parent, name, new)
 
 
-def _max_difference(reference: Any, output: Any) -> float:
-    pairs = zip(pytree.tree_leaves(reference), pytree.tree_leaves(output), strict=True)
-    differences = [
-        float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-        for a, b in pairs
+def _max_difference(reference: Any, output: Any) -> float | None:
+    """The largest ``|output - reference|`` over the tensors of both; None where a tensor has
+    no values to compare (the meta device)."""
+    pairs = [
+        (a, b)
+        for a, b in zip(pytree.tree_leaves(reference), pytree.tree_leaves(output), strict=True)
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    ]
+    if any(t.is_meta for pair in pairs for t in pair):
+        return None
+    differences = [
+        float((a.double() - b.double()).abs().max()) if a.numel() else 0.0 for a, b in pairs
     ]
     return max(differences, default=0.0)

@@ -53,7 +53,8 @@ def freeze(model: nn.Module, *, statistics: bool = True, affine: bool = True) ->
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; ValueError: it holds no batch norm, or a
         torch batch norm without running statistics (``track_running_stats=False``) or of a
-        subclass that cannot be frozen. Nothing is changed when it raises.
+        subclass that cannot be frozen, or (with ``affine``) a torch Lazy batch norm not yet
+        initialised. Nothing is changed when it raises.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
@@ -66,9 +67,8 @@ def freeze(model: nn.Module, *, statistics: bool = True, affine: bool = True) ->
             f"Received: statistics={statistics}, affine={affine}"
         )
     layers = _batch_norms_of(model, "freeze")
-    if statistics:
-        for name, module in layers:
-            _check_freezable(name, module)
+    for name, module in layers:  # every check before anything is changed
+        _check_freezable(name, module, statistics=statistics, affine=affine)
     for _, module in layers:
         _unfreeze_module(module)
         _freeze_module(module, statistics=statistics, affine=affine)
@@ -128,20 +128,30 @@ def _batch_norms_of(model: Any, function: str) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def _check_freezable(name: str, module: nn.Module) -> None:
+def _check_freezable(name: str, module: nn.Module, *, statistics: bool, affine: bool) -> None:
     if isinstance(module, BatchNormalization):
-        return
-    if statistics_buffers(module) is None:
+        return  # its placeholders take requires_grad_, and keep it when they materialise
+    if statistics and statistics_buffers(module) is None:
         raise ValueError(
             f"Cannot freeze the statistics of {display_name(name)} ({type(module).__name__}): it "
             "has no running statistics (track_running_stats=False or not initialised). Use "
             "freeze(model, statistics=False) to freeze only gamma/beta."
         )
-    if plain_class(module) not in _FROZEN_CLASSES and not is_frozen_torch_batch_norm(module):
+    if statistics and (
+        plain_class(module) not in _FROZEN_CLASSES and not is_frozen_torch_batch_norm(module)
+    ):
         raise ValueError(
             f"Cannot freeze the statistics of {display_name(name)}: class "
             f"{plain_class(module).__qualname__} is not one of torch.nn.BatchNorm1d/2d/3d or "
             "SyncBatchNorm."
+        )
+    # torch's placeholders refuse requires_grad_ ("Attempted to use an uninitialized parameter").
+    lazy = [path for path, p in named_affine_parameters(module) if nn.parameter.is_lazy(p)]
+    if affine and lazy:
+        raise ValueError(
+            f"Cannot freeze gamma/beta of {display_name(name)} ({type(module).__name__}): they "
+            "are not initialised yet; run the model once first. Received: uninitialised "
+            f"{', '.join(lazy)}"
         )
 
 

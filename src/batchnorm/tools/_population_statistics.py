@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,6 +24,8 @@ from torch import nn
 from batchnorm.functional._batch_norm import check_mask
 from batchnorm.functional._validation import check_bool, check_module
 from batchnorm.layers import BatchNormalization
+from batchnorm.layers._layer_build import _BUILD_STATE, _CALL_CACHES
+from batchnorm.layers._lazy_weights import unmaterialize
 from batchnorm.tools import _batch_norm_modules as bn
 from batchnorm.tools._progress import Progress
 
@@ -207,6 +209,8 @@ def collect_population_statistics(
             if not isinstance(x, torch.Tensor) or x.ndim == 0:
                 return None
             if isinstance(module, BatchNormalization):
+                if module._input_rank is None and name not in unbuilt:
+                    unbuilt[name] = _build_state(module)
                 # What its first call is about to do (idempotent after it): weights for a lazy
                 # layer, and the fused path decided for fused=None (a mask counts or not).
                 module.build(x.shape)
@@ -223,29 +227,27 @@ def collect_population_statistics(
             if isinstance(module, BatchNormalization) and module.virtual_batch_size:
                 batch = min(batch, module.virtual_batch_size)
             smallest[name] = min(smallest.get(name, batch), batch)
-            if isinstance(module, BatchNormalization) and module.memory == "in_place":
-                # Its training call writes over its input: give it a copy, so that the
-                # caller's batch (or the activation a later module reads) stays as it was.
-                if args:
-                    return (x.clone(), *args[1:]), kwargs
-                key = "x" if "x" in kwargs else "input"
-                return args, {**kwargs, key: x.clone()}
-            return None
+            return in_place_input_copied(module, args, kwargs)
 
         return hook
 
     modes = {module: module.training for module in model.modules()}
     saved = {name: _buffer_copies(module) for name, module in layers}
+    # Layers the pass builds, as they were: a pass that raises leaves them unbuilt again.
+    unbuilt: dict[str, _BuildState] = {}
     handles = []
     for name, module in layers:
         handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
     model.eval()
     for _, module in layers:
-        module.train()
+        # The flag only: train() recurses into a batch norm's children (timm's BatchNormAct2d
+        # holds its dropout as `drop`), which switched dropout on.
+        module.training = True
     length = _length(batches)
     total = length if num_batches is None else min(num_batches, length or num_batches)
     bar = Progress(label, total, enabled=progress)
     count = 0
+    completed = False
     try:
         # islice: no batch beyond the last one used is drawn from the iterable (a generator or
         # a shared iterator keeps it).
@@ -255,6 +257,7 @@ def collect_population_statistics(
             first_batch[0] = False
             count += 1
             bar.update()
+        completed = True
     finally:
         bar.close()
         _restore(layers, saved)
@@ -262,9 +265,57 @@ def collect_population_statistics(
             handle.remove()
         for module, training in modes.items():
             module.training = training
+        if not completed:
+            modules = dict(layers)
+            for name, state in unbuilt.items():
+                _unbuild(cast(BatchNormalization, modules[name]), state)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         totals, count = _gathered(layers, totals, count)
     return PopulationPass(totals, count, smallest)
+
+
+def in_place_input_copied(
+    module: nn.Module, args: tuple, kwargs: dict
+) -> tuple[tuple, dict] | None:
+    """A forward pre-hook's result giving a ``memory="in_place"`` layer a copy of its input (its
+    training call writes over its input), so that the caller's batch, or the activation a later
+    module reads, stays as it was; None (arguments unchanged) for any other module."""
+    if not isinstance(module, BatchNormalization) or module.memory != "in_place":
+        return None
+    x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+    if not isinstance(x, torch.Tensor):
+        return None
+    if args:
+        return (x.clone(), *args[1:]), kwargs
+    key = "x" if "x" in kwargs else "input"
+    return args, {**kwargs, key: x.clone()}
+
+
+@dataclasses.dataclass
+class _BuildState:
+    """An unbuilt layer's build settings and the placeholders its build materialises."""
+
+    settings: dict[str, Any]
+    placeholders: list[str]
+
+
+def _build_state(layer: BatchNormalization) -> _BuildState:
+    memory = vars(layer)
+    tensors = {**layer._parameters, **layer._buffers}
+    return _BuildState(
+        {name: memory[name] for name in _BUILD_STATE if name in memory},
+        [name for name, t in tensors.items() if t is not None and nn.parameter.is_lazy(t)],
+    )
+
+
+def _unbuild(layer: BatchNormalization, state: _BuildState) -> None:
+    """Undo the pass's build of ``layer`` as a first call that raises undoes its own
+    (placeholders back, the build settings as they were)."""
+    unmaterialize(layer, state.placeholders)
+    memory = vars(layer)
+    for name in (*_CALL_CACHES, *_BUILD_STATE):
+        memory.pop(name, None)
+    memory.update(state.settings)
 
 
 def _buffer_copies(module: nn.Module, exclude: Mapping[str, Any] = {}) -> dict[str, torch.Tensor]:
