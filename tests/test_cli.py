@@ -382,3 +382,117 @@ def test_a_folder_under_proc_is_not_writable_even_for_root():
         output_directory("/proc/demo-out")
     with pytest.raises(argparse.ArgumentTypeError, match="is not writable"):
         output_file("/proc/report.json")
+
+
+@pytest.mark.parametrize(
+    ("experiment", "name"),
+    [
+        ([], "curves.png"),
+        ([], "history.json"),
+        (["placement"], "placement.png"),
+        (["placement"], "placement.json"),
+        (["shift"], "shift.png"),
+        (["shift"], "shift.json"),
+        (["modes"], "modes.png"),
+    ],
+)
+def test_demo_out_holding_a_directory_named_as_a_result_stops_before_training(
+    experiment, name, tmp_path, monkeypatch, capsys
+):
+    """Only --out itself was checked: a folder named curves.png inside it let the training run
+    to its end and then fail writing (a traceback, exit 1)."""
+    _no_training(monkeypatch)
+    (tmp_path / name).mkdir()
+    assert main(["demo", *experiment, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"batchnorm demo: --out must be a folder where {name} can be written. "
+        f"Received: --out {tmp_path}, where {str(tmp_path / name)!r} is a directory\n"
+    )
+
+
+def test_demo_out_holding_a_result_this_user_cannot_write_stops_before_training(
+    tmp_path, monkeypatch, capsys
+):
+    import batchnorm.cli._paths as paths
+
+    _no_training(monkeypatch)
+    locked = tmp_path / "history.json"
+    locked.write_text("{}\n")
+    access = paths.os.access
+    # root may write any file, so the read-only file is what os.access says for another user
+    monkeypatch.setattr(
+        paths.os, "access", lambda path, mode: Path(path) != locked and access(path, mode)
+    )
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"where {str(locked)!r} is a file this user cannot write\n" in err
+    assert locked.read_text() == "{}\n"
+
+
+def test_demo_out_with_results_from_an_earlier_run_is_accepted(tmp_path):
+    from batchnorm.cli import build_parser
+    from batchnorm.cli._demo import OUTPUT_FILES, _check
+
+    for name in OUTPUT_FILES["classic"]:
+        (tmp_path / name).write_text("old")
+    _check(build_parser().parse_args(["demo", "--out", str(tmp_path)]), "classic")
+
+
+def _images_npz(path: Path, size: int, images=None, labels=None) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    if images is None:
+        images = rng.integers(0, 256, (20, size, size), dtype=np.uint8)
+    labels = rng.integers(0, 10, len(images)) if labels is None else labels
+    np.savez(path, x_train=images, y_train=labels, x_test=images[:5], y_test=labels[:5])
+    return path
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_demo_placement_on_images_too_small_for_its_network_exits_2(
+    size, tmp_path, monkeypatch, capsys
+):
+    """2x2 images failed in torch's convolution and 3x3 ones in its pooling (a traceback)."""
+    import batchnorm.demo._placement as placement
+
+    monkeypatch.setattr(placement, "compare", lambda *_, **__: pytest.fail("training started"))
+    data = _images_npz(tmp_path / "small.npz", size)
+    arguments = ["demo", "placement", "--data", str(data), "--out", str(tmp_path / "out")]
+    assert main(arguments) == 2
+    out, err = capsys.readouterr()
+    assert err == (
+        "batchnorm demo: the placement demo needs images of at least 4x4 pixels (Conv2D 3x3, "
+        f"then 2x2 max pooling). Received: images of {size}x{size} in MNIST ({data})\n"
+    )
+    assert "Training" not in out
+
+
+def test_placement_demo_checks_the_image_size_itself(tmp_path):
+    from batchnorm.demo._datasets import load_dataset
+    from batchnorm.demo._placement import run_placement_demo
+
+    small = load_dataset(_images_npz(tmp_path / "small.npz", 3))
+    with pytest.raises(ValueError, match=r"at least 4x4 pixels .*Received: images of 3x3"):
+        run_placement_demo(small, epochs=1, seed=0)
+    fits = load_dataset(_images_npz(tmp_path / "fits.npz", 4))
+    result = run_placement_demo(fits, epochs=1, seed=0, max_batches=1, stream=None)
+    assert sorted(result.histories) == ["bn_after_relu", "bn_before_relu"]
+
+
+def test_demo_on_images_scaled_to_0_1_exits_2_before_training(tmp_path, monkeypatch, capsys):
+    """They were cast to uint8: every pixel 0, and the demo trained on blank images."""
+    import numpy as np
+
+    import batchnorm.demo._classic as classic
+
+    monkeypatch.setattr(classic, "compare", lambda *_, **__: pytest.fail("training started"))
+    images = np.random.default_rng(0).random((20, 6, 6)).astype(np.float32)
+    data = _images_npz(tmp_path / "scaled.npz", 6, images=images)
+    assert main(["demo", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"batchnorm demo: {data} (x_train, y_train): images must be whole pixel values 0..255"
+    )
+    assert err.count("\n") == 1 and "not all whole numbers" in err

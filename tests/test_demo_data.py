@@ -245,3 +245,99 @@ def test_malformed_npz(tmp_path):
         np.save(handle, images)
     with pytest.raises(DataError, match=r"expected a \.npz archive of named arrays"):
         read_mnist(path)
+
+
+# ---- values a cast to uint8 / int64 would change ------------------------------------------------
+
+
+def _npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    np.savez(path, x_train=images, y_train=labels, x_test=images[:2], y_test=labels[:2])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "message"),
+    [
+        # the cast made every pixel of images scaled to [0, 1] a 0
+        (
+            np.full((4, 3, 3), 0.5, np.float32),
+            np.arange(4),
+            r"images must be whole pixel values 0\.\.255, as MNIST's uint8 pixels .*multiply "
+            r"them by 255 and round first\)\. Received: float32 values in \[0\.5, 0\.5\], not all",
+        ),
+        # 300 wrapped to 44
+        (
+            np.full((4, 3, 3), 300, np.int16),
+            np.arange(4),
+            r"images must be pixel values 0\.\.255, as MNIST's uint8 pixels\. Received: int16 "
+            r"values in \[300, 300\]",
+        ),
+        (
+            np.full((4, 3, 3), -1, np.int64),
+            np.arange(4),
+            r"images must be pixel values 0\.\.255, as MNIST's uint8 pixels\. Received: int64 "
+            r"values in \[-1, -1\]",
+        ),
+        (
+            np.full((4, 3, 3), np.nan, np.float64),
+            np.arange(4),
+            r"images must be pixel values 0\.\.255\. Received: float64 values with NaN or Inf",
+        ),
+        (
+            np.ones((4, 3, 3), bool),
+            np.arange(4),
+            r"images must be numbers, pixel values 0\.\.255\. Received: dtype bool",
+        ),
+        # 3.7 became 3
+        (
+            np.zeros((4, 3, 3), np.uint8),
+            np.array([0.0, 1.0, 3.7, 2.0]),
+            r"labels must be digits 0\.\.9 \(whole numbers\)\. Received: float64 values that "
+            r"are not all whole, e\.g\. 3\.7",
+        ),
+        (
+            np.zeros((4, 3, 3), np.uint8),
+            np.array([0.0, np.inf, 1.0, 2.0]),
+            r"labels must be digits 0\.\.9 \(whole numbers\)\. Received: float64 values that "
+            r"are not all whole, e\.g\. inf",
+        ),
+        # labels.min() raised numpy's _UFuncNoLoopError (a traceback)
+        (
+            np.zeros((4, 3, 3), np.uint8),
+            np.array(["1", "2", "3", "4"]),
+            r"labels must be digits 0\.\.9 \(integers\)\. Received: dtype <U1",
+        ),
+        (
+            np.zeros((4, 0, 0), np.uint8),
+            np.arange(4),
+            r"images must have at least 1x1 pixels\. Received: shape \(4, 0, 0\)",
+        ),
+    ],
+)
+def test_npz_values_a_cast_would_change_are_refused(tmp_path, images, labels, message):
+    path = _npz(tmp_path / "mnist.npz", images, labels)
+    with pytest.raises(DataError, match=r"mnist\.npz \(x_train, y_train\): " + message):
+        read_mnist(path)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int64, np.float32, np.float64])
+def test_npz_whole_pixel_values_of_any_dtype_are_read_exactly(tmp_path, dtype):
+    images, labels = random_split(6, seed=11)
+    path = _npz(tmp_path / "mnist.npz", images.astype(dtype), labels.astype(dtype))
+    split = read_mnist(path)["train"]
+    assert split.images.dtype == np.uint8 and split.labels.dtype == np.int64
+    np.testing.assert_array_equal(split.images, images)
+    np.testing.assert_array_equal(split.labels, labels)
+
+
+def test_a_header_larger_than_int64_is_truncated_with_its_exact_size(tmp_path):
+    """np.prod in int64 overflowed: "has trailing bytes ... (-4046744073709551600 bytes)"."""
+    path = tmp_path / "train-images-idx3-ubyte"
+    shape = (4_000_000_000, 60_000, 60_000)
+    path.write_bytes((0x0803).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in shape))
+    with pytest.raises(
+        DataError,
+        match=r"IDX data truncated: header says shape \(4000000000, 60000, 60000\) "
+        r"\(14400000000000000016 bytes in all\), file has 16 bytes",
+    ):
+        read_idx(path, 3)

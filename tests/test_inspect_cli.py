@@ -290,3 +290,147 @@ def test_a_momentum_that_is_no_number_from_a_mapping_is_a_problem():
     assert report.problems["bn"] == [
         "momentum must be a number (Keras convention). Received: '0.9'"
     ]
+
+
+def _damaged(source: Path, target: Path, offset: int) -> Path:
+    """``source`` with 64 bytes at ``offset`` overwritten by 0xFF: a bad HDF5 signature there."""
+    data = bytearray(source.read_bytes())
+    data[offset : offset + 64] = b"\xff" * 64
+    target.write_bytes(bytes(data))
+    return target
+
+
+def _damaged_keras_archive(tmp_path: Path) -> Path:
+    import zipfile
+
+    path = tmp_path / "damaged.keras"
+    with zipfile.ZipFile(GOLDEN / "k3_model.keras") as source:
+        members = {name: source.read(name) for name in source.namelist()}
+    weights = tmp_path / "member.weights.h5"
+    weights.write_bytes(members["model.weights.h5"])
+    members["model.weights.h5"] = _damaged(weights, weights, 1536).read_bytes()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "holds"),
+    [
+        (
+            lambda tmp: _damaged(GOLDEN / "tfk_model.h5", tmp / "damaged.h5", 6144),
+            "bad symbol table node signature",
+        ),
+        (
+            lambda tmp: _damaged(GOLDEN / "k3_model.weights.h5", tmp / "damaged.weights.h5", 6144),
+            "wrong B-tree signature",
+        ),
+        (_damaged_keras_archive, "unknown symbol table entry cache type"),
+    ],
+)
+def test_a_damaged_hdf5_structure_is_one_line_and_exit_2(make, holds, tmp_path, capsys):
+    """h5py raised RuntimeError, which was not caught: a traceback and exit status 1, which
+    means "problems found"."""
+    pytest.importorskip("h5py")
+    path = make(tmp_path)
+    with pytest.raises(OSError, match=r"it may be truncated or damaged\. Received: path="):
+        inspect_checkpoint(path)
+    assert main(["inspect", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("batchnorm inspect: `path` could not be read as a Keras file (")
+    assert holds in err and err.endswith(f"Received: path={str(path)!r}\n")
+
+
+def test_an_overflow_error_from_h5py_names_the_file(tmp_path, monkeypatch):
+    """h5py raises OverflowError for some damaged sizes and addresses (seen by the bug hunt)."""
+    pytest.importorskip("h5py")
+    from batchnorm.interop.keras import _read
+
+    def overflow(handle):
+        raise OverflowError("Python int too large to convert to C long")
+
+    monkeypatch.setattr(_read, "read_tf_keras_h5", overflow)
+    path = tmp_path / "model.h5"
+    shutil.copy(GOLDEN / "tfk_model.h5", path)
+    with pytest.raises(
+        OSError,
+        match=r"could not be read as a Keras file \(Python int too large to convert to C long\); "
+        r"it may be truncated or damaged\. Received: path='.*model\.h5'",
+    ):
+        _read.read_batch_norm_layers(path)
+
+
+@pytest.mark.parametrize(
+    ("state", "holds"),
+    [
+        (
+            {"bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(4)},
+            "Layer bn: the mean and variance must have the same shape. Received: (3,) and (4,)",
+        ),
+        (
+            {"bn.running_mean": torch.zeros(3)},
+            "Layer bn needs one of moving_variance / running_var. Received keys: ['running_mean']",
+        ),
+    ],
+)
+def test_malformed_statistics_name_the_file(state, holds, tmp_path, capsys):
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    assert main(["inspect", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"batchnorm inspect: Could not read the statistics in {str(path)!r}: {holds}\n"
+    )
+
+
+def _npz(path: Path) -> Path:
+    import numpy as np
+
+    with path.open("wb") as handle:  # a name np.savez would not extend with .npz
+        np.savez(handle, x_train=np.zeros(3), y_train=np.ones(3))
+    return path
+
+
+def _truncated_zip(path: Path) -> Path:
+    torch.save(nn.BatchNorm1d(3).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+def _truncated_legacy(path: Path) -> Path:
+    torch.save(nn.BatchNorm1d(3).state_dict(), path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:50])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "holds"),
+    [
+        (
+            _npz,
+            "it is a zip archive but not a PyTorch checkpoint (torch.save's archives hold "
+            "<name>/data.pkl). Expected a state_dict saved with torch.save (.pt/.pth), a "
+            "tf-keras .h5 or a Keras 3 .keras file. Received: a NumPy .npz archive holding "
+            "2 file(s): x_train.npy, y_train.npy",
+        ),
+        (
+            _truncated_zip,
+            "it starts like a zip archive (torch.save's format) but is truncated or damaged. "
+            "Expected a state_dict saved with torch.save",
+        ),
+        (
+            _truncated_legacy,
+            "it is not a readable PyTorch checkpoint (truncated, damaged, or not written by "
+            "torch.save). Expected a state_dict saved with torch.save",
+        ),
+    ],
+)
+def test_files_that_are_not_whole_models_get_no_state_dict_advice(make, holds, tmp_path, capsys):
+    """A NumPy .npz or a truncated checkpoint went to torch.load, and its error came with the
+    advice to save `model.state_dict()`, which was right only for a pickled model."""
+    path = make(tmp_path / "checkpoint.pt")
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"batchnorm inspect: Could not read {str(path)!r}: {holds}")
+    assert err.count("\n") == 1 and "state_dict()" not in err

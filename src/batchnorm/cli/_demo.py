@@ -3,8 +3,9 @@
 ``batchnorm demo`` alone runs the classic Keras experiment (Dense network with and without batch
 norm; training, validation on the moving averages and on population statistics, side by side).
 Options shared by every experiment (``--seed``, ``--out``, and ``--data`` / ``--inputs`` for those
-on images) may come before or after the experiment's name. The output folder is checked while the arguments are parsed: a path that
-cannot be written stops the command before any training.
+on images) may come before or after the experiment's name. The output folder is checked while the
+arguments are parsed, and the files the experiment writes there before it runs: a path that cannot
+be written stops the command before any training.
 
 Example:
     >>> import argparse
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from batchnorm.cli._paths import output_directory
+from batchnorm.cli._paths import files_to_write, output_directory
 from batchnorm.demo._datasets import INPUTS
 from batchnorm.demo._mnist import DataError
 
@@ -33,6 +34,13 @@ DEFAULT_OUT = Path("demo-output")
 DEFAULT_EPOCHS = {"classic": (30, 3), "placement": (10, 2)}
 DEFAULT_TARGET = (0.95, 0.97)
 DEFAULT_STEPS = {"shift": 3000, "modes": 3000}
+# What each experiment writes into --out (the JSON and PNG names passed to `write`, or fixed there).
+OUTPUT_FILES = {
+    "classic": ("history.json", "curves.png"),
+    "placement": ("placement.json", "placement.png"),
+    "shift": ("shift.json", "shift.png"),
+    "modes": ("modes.png",),
+}
 
 
 # torch.Generator.manual_seed takes 64 bits (a negative seed wrapped onto a large one).
@@ -210,6 +218,11 @@ def _check(arguments: argparse.Namespace, experiment: str) -> None:
     ]
     if wrong:
         raise _UsageError(f"{', '.join(wrong)} does not apply to the {experiment} demo")
+    try:
+        # A directory named curves.png let the training run and then failed writing it.
+        files_to_write(arguments.out, OUTPUT_FILES[experiment])
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
     if importlib.util.find_spec("matplotlib") is None:
         # Checked now: the plots are drawn only after the training.
         raise _UsageError(
@@ -252,6 +265,13 @@ def _run(experiment: str, arguments: argparse.Namespace) -> list[Path]:
     if arguments.limit is not None:
         dataset = dataset.limited(arguments.limit, arguments.limit)
     on_mnist = arguments.data is not None
+    if experiment == "placement":
+        from batchnorm.demo._placement import check_image_size
+
+        try:
+            check_image_size(*dataset.train_images.shape[1:])
+        except ValueError as error:
+            raise _UsageError(f"{error} in {dataset.name}") from None
     print(dataset.describe())
     if experiment == "shift":
         from batchnorm.demo._shift import run_shift_demo
@@ -269,19 +289,15 @@ def _run(experiment: str, arguments: argparse.Namespace) -> list[Path]:
     if experiment == "placement":
         from batchnorm.demo._placement import run_placement_demo as run_comparison
 
-        files = (
-            "placement.json",
-            "placement.png",
-            "BatchNormalization placement: Conv2D(64, 3x3) -> BN -> ReLU vs Conv2D -> ReLU -> BN",
+        title = (
+            "BatchNormalization placement: Conv2D(64, 3x3) -> BN -> ReLU vs Conv2D -> ReLU -> BN"
         )
     else:
         from batchnorm.demo._classic import run_classic_demo as run_comparison
 
-        files = (
-            "history.json",
-            "curves.png",
+        title = (
             "Dense(1000, relu) -> BatchNormalization -> Dense(10), with and without the "
-            "BatchNormalization layer",
+            "BatchNormalization layer"
         )
     comparison = run_comparison(
         dataset,
@@ -291,4 +307,5 @@ def _run(experiment: str, arguments: argparse.Namespace) -> list[Path]:
         max_batches=arguments.max_batches,
     )
     print(comparison.report(target))
-    return comparison.write(arguments.out, *files, target=target)
+    json_name, png_name = OUTPUT_FILES[experiment]
+    return comparison.write(arguments.out, json_name, png_name, title, target=target)

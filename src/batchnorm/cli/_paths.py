@@ -2,7 +2,8 @@
 
 A run that trains or times for minutes and then cannot write its results has wasted them; these
 checks run while the arguments are parsed (argparse also passes string defaults through them) and
-fail with argparse's usage message and exit status 2.
+fail with argparse's usage message and exit status 2. :func:`files_to_write` checks the files a
+command will write into such a folder, once it knows which.
 
 Example:
     >>> import argparse
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -74,3 +76,24 @@ def output_file(text: str) -> Path:
             f"({str(path if path.exists() else folder)!r} is not writable)"
         )
     return path
+
+
+def files_to_write(folder: Path, names: Iterable[str]) -> None:
+    """Check that the files ``names`` can be written into ``folder`` (already checked by
+    :func:`output_directory`): none is a directory or a file this user cannot write.
+
+    Raises:
+        ValueError: naming the first file that cannot be written.
+    """
+    for name in names:
+        path = folder / name
+        if path.is_dir():
+            problem = "is a directory"
+        elif path.exists() and not os.access(path, os.W_OK):
+            problem = "is a file this user cannot write"
+        else:
+            continue
+        raise ValueError(
+            f"--out must be a folder where {name} can be written. Received: --out {folder}, "
+            f"where {str(path)!r} {problem}"
+        )

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import gzip
+import math
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -74,7 +75,8 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
     if len(data) < header_size:
         raise DataError(f"{path}: truncated IDX header: {len(data)} bytes, expected {header_size}")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected_size = header_size + int(np.prod(shape, dtype=np.int64))
+    # exact: np.prod in int64 overflowed for a header of (4000000000, 60000, 60000)
+    expected_size = header_size + math.prod(shape)
     if len(data) != expected_size:
         problem = "truncated" if len(data) < expected_size else "has trailing bytes"
         raise DataError(
@@ -84,7 +86,66 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
+def _describe_values(array: np.ndarray) -> str:
+    return f"{array.dtype} values in [{array.min():g}, {array.max():g}]"
+
+
+def _checked_images(images: np.ndarray, source: str) -> np.ndarray:
+    """The images as uint8, refused where the cast would change a value (a float in [0, 1]
+    became 0, an int16 300 became 44)."""
+    if images.shape[1] == 0 or images.shape[2] == 0:
+        raise DataError(
+            f"{source}: images must have at least 1x1 pixels. Received: shape {images.shape}"
+        )
+    if images.dtype == np.uint8:
+        return np.ascontiguousarray(images)
+    if images.dtype.kind not in "iuf":
+        raise DataError(
+            f"{source}: images must be numbers, pixel values 0..255. Received: dtype {images.dtype}"
+        )
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise DataError(
+            f"{source}: images must be pixel values 0..255. Received: {images.dtype} values "
+            "with NaN or Inf"
+        )
+    if images.min() < 0 or images.max() > 255:
+        raise DataError(
+            f"{source}: images must be pixel values 0..255, as MNIST's uint8 pixels. "
+            f"Received: {_describe_values(images)}"
+        )
+    if images.dtype.kind == "f" and not np.array_equal(images, np.round(images)):
+        raise DataError(
+            f"{source}: images must be whole pixel values 0..255, as MNIST's uint8 pixels "
+            "(as uint8, images scaled to [0, 1] would all be 0: multiply them by 255 and round "
+            f"first). Received: {_describe_values(images)}, not all whole numbers"
+        )
+    return np.ascontiguousarray(images, dtype=np.uint8)
+
+
+def _checked_labels(labels: np.ndarray, source: str) -> np.ndarray:
+    """The labels as int64, refused where they are not the digits 0..9 exactly."""
+    if labels.dtype.kind not in "iuf":
+        raise DataError(
+            f"{source}: labels must be digits 0..9 (integers). Received: dtype {labels.dtype}"
+        )
+    if labels.dtype.kind == "f":
+        not_whole = labels[~(np.isfinite(labels) & (labels == np.round(labels)))]
+        if len(not_whole):
+            raise DataError(
+                f"{source}: labels must be digits 0..9 (whole numbers). "
+                f"Received: {labels.dtype} values that are not all whole, e.g. {not_whole[0]}"
+            )
+    if labels.min() < 0 or labels.max() > 9:
+        raise DataError(
+            f"{source}: labels must be digits 0..9. Received: min {labels.min()}, max {labels.max()}"
+        )
+    return labels.astype(np.int64)
+
+
 def _checked_split(images: np.ndarray, labels: np.ndarray, source: str) -> ImageSplit:
+    """The split as uint8 images and int64 labels. Only values these types hold exactly are
+    accepted: pixel values 0..255 and labels 0..9 of any integer or float dtype, as long as
+    they are whole numbers."""
     if images.ndim != 3:
         raise DataError(f"{source}: images must have shape (N, H, W). Received: {images.shape}")
     if labels.ndim != 1:
@@ -95,11 +156,7 @@ def _checked_split(images: np.ndarray, labels: np.ndarray, source: str) -> Image
         )
     if len(images) == 0:
         raise DataError(f"{source}: the split holds no images")
-    if labels.min() < 0 or labels.max() > 9:
-        raise DataError(
-            f"{source}: labels must be digits 0..9. Received: min {labels.min()}, max {labels.max()}"
-        )
-    return ImageSplit(np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int64))
+    return ImageSplit(_checked_images(images, source), _checked_labels(labels, source))
 
 
 def _find(folder: Path, prefix: str, ndim: int) -> Path | None:
@@ -147,8 +204,13 @@ def read_idx_folder(folder: str | Path) -> dict[str, ImageSplit]:
 def read_mnist_npz(path: str | Path) -> dict[str, ImageSplit]:
     """Read a Keras ``mnist.npz`` (keys ``x_train``, ``y_train``, ``x_test``, ``y_test``).
 
+    Images may be of any integer or float dtype whose values are whole pixel values 0..255 (they
+    are returned as uint8), labels of any integer or float dtype holding the digits 0..9; other
+    values are refused rather than cast (images scaled to [0, 1] would all become 0).
+
     Raises:
-        DataError: not a readable npz archive, a missing key, or arrays of the wrong shape.
+        DataError: not a readable npz archive, a missing key, arrays of the wrong shape, or
+            values that uint8 pixels or digit labels cannot hold exactly.
     """
     path = Path(path)
     try:

@@ -21,6 +21,19 @@ from batchnorm.demo._models import placement_network
 
 PLACEMENT_LABELS = {"bn_before_relu": "Conv-BN-ReLU", "bn_after_relu": "Conv-ReLU-BN"}
 PLACEMENT_BATCH_SIZE = 64
+# Conv2D 3x3 ("valid") leaves H - 2 rows and columns; 2x2 max pooling needs at least 2 of each.
+PLACEMENT_MIN_IMAGE_SIZE = 4
+
+
+def check_image_size(height: int, width: int) -> None:
+    """Raise ValueError unless ``height x width`` images fit the placement network (at least 4x4);
+    smaller ones failed inside torch's convolution or pooling, after the demo had started."""
+    if min(height, width) < PLACEMENT_MIN_IMAGE_SIZE:
+        size = PLACEMENT_MIN_IMAGE_SIZE
+        raise ValueError(
+            f"the placement demo needs images of at least {size}x{size} pixels (Conv2D 3x3, "
+            f"then 2x2 max pooling). Received: images of {height}x{width}"
+        )
 
 
 def run_placement_demo(
@@ -32,8 +45,13 @@ def run_placement_demo(
     max_batches: int | None = None,
     stream: TextIO | None = None,
 ) -> Comparison:
-    """Train the conv network with BN before (``"bn_before_relu"``) and after the ReLU."""
+    """Train the conv network with BN before (``"bn_before_relu"``) and after the ReLU.
+
+    Raises:
+        ValueError: images smaller than 4x4 (see :func:`check_image_size`).
+    """
     height, width = dataset.train_images.shape[1:]
+    check_image_size(height, width)
     return compare(
         {
             "bn_before_relu": lambda: placement_network(

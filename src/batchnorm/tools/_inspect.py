@@ -130,8 +130,11 @@ def inspect_checkpoint(path: str | Path) -> DiagnosisReport:
 
     Raises:
         FileNotFoundError: nothing at ``path``. IsADirectoryError: ``path`` is a folder.
-        OSError: the file cannot be opened. ValueError: it is not a torch checkpoint or Keras
-            file, torch cannot load it with ``weights_only=True``, or it holds no batch norm.
+        OSError: the file cannot be opened, or a Keras file is truncated or damaged.
+        ValueError: it is not a torch checkpoint or Keras file (a NumPy ``.npz`` is a zip archive
+            but not torch's), it is truncated or damaged, torch cannot load it with
+            ``weights_only=True``, it holds no batch norm, or a layer's statistics are malformed
+            (mean and variance of different shapes, one missing); the message names the file.
         ImportError: a Keras file and h5py is not installed.
     """
     path = Path(path)
@@ -151,20 +154,31 @@ def inspect_checkpoint(path: str | Path) -> DiagnosisReport:
     # state_dict saved as "model.h5" was refused as a damaged Keras archive).
     keras_named = path.suffix.lower() in KERAS_SUFFIXES
     if _is_keras_file(path, head) or (keras_named and not _is_torch_file(path, head)):
-        return inspect_statistics(_keras_statistics(path))
+        return _inspected(_keras_statistics(path), path)
     if not _may_be_torch_file(head):
         received = "an empty file" if not head else f"a file starting with {head[:24]!r}"
         raise ValueError(
             f"Could not read {str(path)!r}: it is not a PyTorch checkpoint or a Keras file. "
             f"Expected {EXPECTED_FILES}. Received: {received}"
         )
+    if head.startswith(_ZIP_SIGNATURE):
+        _check_torch_archive(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         message = without_terminal_codes(str(error)).strip()
+        if "Weights only load failed" in message:
+            raise ValueError(
+                f"Could not read {str(path)!r} as a torch state_dict with weights_only=True "
+                f"({type(error).__name__}: {message}). Save `model.state_dict()` rather than "
+                "the model."
+            ) from error
+        # EOFError, struct.error, IndexError, RuntimeError("unexpected EOF"...): the advice
+        # above was wrong for a truncated or damaged file, and for a pickle torch did not write.
         raise ValueError(
-            f"Could not read {str(path)!r} as a torch state_dict with weights_only=True "
-            f"({type(error).__name__}: {message}). Save `model.state_dict()` rather than the model."
+            f"Could not read {str(path)!r}: it is not a readable PyTorch checkpoint (truncated, "
+            f"damaged, or not written by torch.save). Expected {EXPECTED_FILES}. Received: "
+            f"{type(error).__name__}: {message or 'the data ended early'}"
         ) from error
     state_dict = _find_state_dict(loaded)
     layers = batch_norm_layers_from_state_dict(state_dict) if state_dict is not None else {}
@@ -181,7 +195,39 @@ def inspect_checkpoint(path: str | Path) -> DiagnosisReport:
                     f"{kind}. Expected dense tensors with values (a model saved before its "
                     "meta-device parameters were materialised holds none)"
                 )
-    return inspect_statistics(layers)
+    return _inspected(layers, path)
+
+
+def _inspected(layers: Mapping[str, Mapping[str, Any]], path: Path) -> DiagnosisReport:
+    """:func:`inspect_statistics`, its errors naming the file (they name only the layer)."""
+    try:
+        return inspect_statistics(layers)
+    except ValueError as error:
+        raise ValueError(f"Could not read the statistics in {str(path)!r}: {error}") from error
+
+
+def _check_torch_archive(path: Path) -> None:
+    """Refuse a zip archive torch.save did not write (a NumPy .npz) or one cut short: torch.load
+    said only "file in archive is not in a subdirectory" or "failed finding central directory",
+    and the message then advised saving a state_dict."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(
+            f"Could not read {str(path)!r}: it starts like a zip archive (torch.save's format) "
+            f"but is truncated or damaged. Expected {EXPECTED_FILES}. Received: {error}"
+        ) from error
+    if any(name.endswith("/data.pkl") for name in names):
+        return
+    numpy = bool(names) and all(name.endswith(".npy") for name in names)
+    kind = "a NumPy .npz archive" if numpy else "a zip archive"
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise ValueError(
+        f"Could not read {str(path)!r}: it is a zip archive but not a PyTorch checkpoint "
+        f"(torch.save's archives hold <name>/data.pkl). Expected {EXPECTED_FILES}. "
+        f"Received: {kind} holding {len(names)} file(s): {shown or 'none'}"
+    )
 
 
 def without_terminal_codes(text: str) -> str:

@@ -42,8 +42,8 @@ def read_batch_norm_layers(path: str | os.PathLike[str]) -> list[KerasBatchNormL
         One :class:`KerasBatchNormLayer` (name, weights by Keras name, config) per layer.
 
     Raises:
-        FileNotFoundError: no such file. OSError: h5py cannot read it (truncated or damaged);
-        the message names the file. ValueError: not a Keras file, no batch-norm layer, or a
+        FileNotFoundError: no such file. OSError: h5py cannot read it (truncated or damaged,
+        also where h5py raises RuntimeError or OverflowError); the message names the file. ValueError: not a Keras file, no batch-norm layer, or a
         layer whose weights disagree in shape (gamma of 4 values, moving_mean of 5) or are not
         real numbers. ImportError: h5py is not installed.
 
@@ -71,8 +71,9 @@ def read_batch_norm_layers(path: str | os.PathLike[str]) -> list[KerasBatchNormL
         signature = stream.read(len(_HDF5_SIGNATURE))
     try:
         layers = _read_layers(file, signature, str(path), h5py)
-    except OSError as error:
-        # h5py's messages ("truncated file: eof = ...") do not say which file.
+    except (OSError, RuntimeError, OverflowError) as error:
+        # h5py's messages ("truncated file: eof = ...") do not say which file; a damaged HDF5
+        # structure (a bad B-tree or symbol-table signature) raises RuntimeError or OverflowError.
         raise OSError(
             f"`path` could not be read as a Keras file ({error}); it may be truncated or "
             f"damaged. Received: path={str(path)!r}"
