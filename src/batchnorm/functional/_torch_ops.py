@@ -68,6 +68,22 @@ def reduced_moments(
     return Moments(mean, variance, count.to(x.dtype).detach())
 
 
+def inverse_std(shifted: torch.Tensor) -> torch.Tensor:
+    """``rsqrt(shifted)``, differentiated as ``1 / sqrt(shifted)``.
+
+    torch's rsqrt backward is ``-0.5 * grad * rsqrt(v) ** 3``: the cube underflows to 0 for
+    ``v`` above about 1e206 in float64 (std above 1e103), and the variance's share of dx was lost
+    (dx 10-24% off until session 53; the float32 path keeps a float64 variance, well below).
+    ``reciprocal(sqrt(v))`` differentiates through ``1 / s**2`` and ``1 / (2 s)``, which stay
+    normal; added to rsqrt's detached value as ``safe - safe.detach()``, exactly 0, it leaves the
+    value unchanged and gives the only gradient."""
+    inverse = torch.rsqrt(shifted)
+    if not shifted.requires_grad:
+        return inverse
+    safe = torch.sqrt(shifted).reciprocal()
+    return inverse.detach() + (safe - safe.detach())
+
+
 def affine_normalize(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -81,7 +97,7 @@ def affine_normalize(
     tf writes ``x * inv + (offset - mean * inv)``: the same value, but it cancels two large terms
     when ``|mean| >> std`` (1000 + 0.01 * randn), so the centred form is used.
     """
-    inv = torch.rsqrt(variance + epsilon)
+    inv = inverse_std(variance + epsilon)
     if scale is not None:
         inv = inv * scale
     centred = (x - mean) * inv
