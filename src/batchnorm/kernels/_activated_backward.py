@@ -35,7 +35,7 @@ from batchnorm.kernels._elementwise import (
     gradient_coefficients,
     split_mean,
 )
-from batchnorm.kernels._half import compute_dtype, narrowed, stores_half, widened
+from batchnorm.kernels._half import compute_dtype, holds_half, narrowed, widened
 from batchnorm.kernels._jit import (
     block_rows,
     by_layout,
@@ -52,16 +52,13 @@ from batchnorm.kernels._statistics import sum_blocks
 @setup_helper
 def derivative_constants(activation, parameter, dtype_example):  # type: ignore[no-untyped-def]
     """``(exponential, leaky, slope, zero)``: ``f'(z) = 1`` for ``z > 0``, else ``slope *
-    exp(z)`` (elu: ``exponential`` 1, read as ``y + slope``; 2 for half-precision data, computed
-    from ``z``), ``slope`` (leaky_relu) or exactly 0 (relu, so that an infinite gradient where
+    exp(z)`` (elu, read as ``y + slope``, or computed from ``z`` for half precision: see
+    :func:`delta`), ``slope`` (leaky_relu) or exactly 0 (relu, so that an infinite gradient where
     the output is 0 gives 0, as torch's); ``slope`` and ``zero`` in the compute dtype."""
     constants = np.empty(2, compute_dtype(dtype_example))
     constants[0] = parameter if activation != RELU else 0.0
     constants[1] = 0.0
-    exponential = 0
-    if activation == ELU:
-        exponential = 2 if stores_half(dtype_example) else 1
-    return exponential, activation == LEAKY_RELU, constants[0], constants[1]
+    return activation == ELU, activation == LEAKY_RELU, constants[0], constants[1]
 
 
 @setup_helper
@@ -69,10 +66,11 @@ def delta(dy, z, y, exponential, leaky, slope, zero):  # type: ignore[no-untyped
     """``dy * f'(z)`` for the loaded gradient and output elements ``dy``, ``y`` (half precision
     widened, :mod:`batchnorm.kernels._half`), elu's from its output (``f'(z) = y + alpha`` for
     ``z <= 0``: an exp per element would make the pass compute-bound), or from ``z`` for half
-    precision (``exponential`` 2, see the module docstring); the flags are the same for a whole
-    kernel call, so the compiler hoists their tests out of the loops."""
+    precision (:func:`~batchnorm.kernels._half.holds_half` is a compile-time constant; see the
+    module docstring); the flags are the same for a whole kernel call, so the compiler hoists
+    their tests out of the loops."""
     g = widened(dy)
-    if exponential == 2:
+    if exponential and holds_half(y):
         return g if z > 0 else g * (slope * np.exp(z))
     output = widened(y)
     if exponential:
