@@ -489,3 +489,26 @@ def test_a_reshaping_load_pre_hook_makes_the_checkpoint_fit(make):
     layer.load_state_dict(checkpoint)
     for key, value in layer.state_dict().items():
         assert torch.equal(value, checkpoint[key].reshape(-1)), key
+
+
+@pytest.mark.parametrize(
+    ("make", "source"),
+    [
+        (lambda: BatchNormalization(axis=1), lambda: BatchNormalization(3, axis=1)),
+        (lambda: SampleNormalization(), lambda: SampleNormalization(num_features=3)),
+    ],
+)
+def test_an_unbuilt_layer_runs_its_load_pre_hooks_once_built_as_torch_lazy_modules(make, source):
+    """torch's LazyBatchNorm1d runs a user's pre-hook after its own materialises the weights, so
+    the hook can read them; running every hook before the checks broke that for unbuilt layers."""
+    lazy = nn.LazyBatchNorm1d()
+    seen = []
+    lazy.register_load_state_dict_pre_hook(lambda m, *rest: seen.append(tuple(m.weight.shape)))
+    lazy.load_state_dict(nn.BatchNorm1d(3).state_dict())
+    layer = make()
+    layer.register_load_state_dict_pre_hook(lambda m, *rest: seen.append(tuple(m.gamma.shape)))
+    checkpoint = source().state_dict()
+    layer.load_state_dict(checkpoint)
+    assert seen == [(3,), (3,)]
+    for key, value in checkpoint.items():
+        assert torch.equal(layer.state_dict()[key], value)

@@ -74,7 +74,7 @@ from batchnorm.layers._lazy_weights import (
     materialize,
     register_placeholders,
 )
-from batchnorm.layers._load_pre_hooks import load_pre_hooks_set_aside, run_load_pre_hooks
+from batchnorm.layers._load_pre_hooks import run_load_pre_hooks_first
 from batchnorm.layers._parametrized import affine_parameters_behind
 from batchnorm.layers._presets import Framework, preset_kwargs
 from batchnorm.layers._recomputation import guards_step, step_once
@@ -435,7 +435,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Run the load pre-hooks (as torch does, first), then check everything
+        """Run the load pre-hooks (as torch does, first; an unbuilt layer runs them once built,
+        see :func:`run_load_pre_hooks_first`), then check everything
         (:mod:`batchnorm.layers._layer_state`) and write only if it fits.
 
         An unbuilt layer takes its channel shape from a checkpoint with exactly its keys. Tensors
@@ -443,10 +444,12 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         checkpoint that records the other moving-variance estimator is refused.
         """
         incompatible = (missing_keys, unexpected_keys, error_msgs)
-        run_load_pre_hooks(self, state_dict, prefix, local_metadata, strict, incompatible)
+        copying = run_load_pre_hooks_first(
+            self, self.built, state_dict, prefix, local_metadata, strict, incompatible
+        )
 
         def copy(errors: list[str]) -> None:
-            with load_pre_hooks_set_aside(self):
+            with copying:
                 super(BatchNormalization, self)._load_from_state_dict(
                     state_dict, prefix, local_metadata, False, [], [], errors
                 )

@@ -20,24 +20,33 @@ from typing import Any
 import torch
 
 
-def run_load_pre_hooks(
+def run_load_pre_hooks_first(
     module: torch.nn.Module,
+    built: bool,
     state_dict: Mapping[str, Any],
     prefix: str,
     local_metadata: Any,
     strict: bool,
     incompatible: tuple[list[str], list[str], list[str]],
-) -> None:
-    """The module's load pre-hooks on the checkpoint, as torch's ``_load_from_state_dict`` calls
-    them; ``incompatible`` is torch's (missing keys, unexpected keys, error messages)."""
+) -> contextlib.AbstractContextManager[None]:
+    """On a ``built`` module: its load pre-hooks on the checkpoint now, as torch's
+    ``_load_from_state_dict`` calls them (``incompatible`` is torch's missing keys, unexpected
+    keys and error messages), and the context to run torch's copy in, with them set aside. On
+    an unbuilt one: nothing now, and a context that changes nothing, so that torch's copy runs
+    them once the layer has taken the checkpoint's shape, as torch's lazy modules run a user's
+    hooks after their own materialises them (a hook may read the weights; a renaming hook
+    cannot help an unbuilt layer, nor a torch Lazy module)."""
+    if not built:
+        return contextlib.nullcontext()
     missing_keys, unexpected_keys, error_msgs = incompatible
     for hook in module._load_state_dict_pre_hooks.values():
         hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    return load_pre_hooks_set_aside(module)
 
 
 @contextlib.contextmanager
 def load_pre_hooks_set_aside(module: torch.nn.Module) -> Iterator[None]:
-    """No load pre-hooks on ``module`` inside (:func:`run_load_pre_hooks` ran them)."""
+    """No load pre-hooks on ``module`` inside (:func:`run_load_pre_hooks_first` ran them)."""
     hooks = module._load_state_dict_pre_hooks
     vars(module)["_load_state_dict_pre_hooks"] = OrderedDict()
     try:

@@ -11,7 +11,7 @@ from torch import nn
 
 from batchnorm.functional._validation import check_bool, check_floating_input, check_positive
 from batchnorm.layers._layer_tracing import refuse_scripting
-from batchnorm.layers._load_pre_hooks import load_pre_hooks_set_aside, run_load_pre_hooks
+from batchnorm.layers._load_pre_hooks import run_load_pre_hooks_first
 
 
 class SampleNormalization(nn.Module):
@@ -157,11 +157,20 @@ class SampleNormalization(nn.Module):
         error_msgs: list[str],
     ) -> None:
         # The load pre-hooks first, as torch runs them (they may rename or reshape the
-        # checkpoint's tensors); then everything is checked before anything is built or copied:
+        # checkpoint's tensors; an unbuilt layer runs them once built, as torch's lazy modules,
+        # see run_load_pre_hooks_first); then everything is checked before anything is built or copied:
         # a load that fails leaves the layer as it was (an unbuilt one was left built with the
         # checkpoint's first size).
         incompatible = (missing_keys, unexpected_keys, error_msgs)
-        run_load_pre_hooks(self, state_dict, prefix, local_metadata, strict, incompatible)
+        copying = run_load_pre_hooks_first(
+            self,
+            self.num_features is not None,
+            state_dict,
+            prefix,
+            local_metadata,
+            strict,
+            incompatible,
+        )
         problem = self._checkpoint_problem(state_dict, prefix)
         if problem is not None:
             error_msgs.append(problem)
@@ -182,7 +191,7 @@ class SampleNormalization(nn.Module):
                 self._create_weights(int(value.shape[0]), value.dtype)
                 built_here = True
         try:
-            with load_pre_hooks_set_aside(self):
+            with copying:
                 super()._load_from_state_dict(
                     state_dict,
                     prefix,
