@@ -271,14 +271,26 @@ def first_call(
     layer: BuildingLayer, input_shape: tuple[int, ...], step: Callable[[], torch.Tensor]
 ) -> torch.Tensor:
     """Build for ``input_shape``, then run ``step``; if it raises, undo the build."""
-    memory = vars(layer)
-    before = {name: memory[name] for name in _BUILD_STATE if name in memory}
+    before = build_settings(layer)
     materialized = build_layer(layer, input_shape)
     try:
         return step()
     except BaseException:
-        unmaterialize(layer, materialized)
-        for name in (*_CALL_CACHES, *_BUILD_STATE):
-            memory.pop(name, None)
-        memory.update(before)
+        undo_build(layer, before, materialized)
         raise
+
+
+def build_settings(layer: TensorOwner) -> dict[str, Any]:
+    """What a build sets, as the layer holds it now (for :func:`undo_build`)."""
+    memory = vars(layer)
+    return {name: memory[name] for name in _BUILD_STATE if name in memory}
+
+
+def undo_build(layer: TensorOwner, settings: dict[str, Any], materialized: list[str]) -> None:
+    """Undo a build: the tensors it ``materialized`` back to placeholders, the build settings
+    as :func:`build_settings` read them before it, and no call caches."""
+    unmaterialize(layer, materialized)
+    memory = vars(layer)
+    for name in (*_CALL_CACHES, *_BUILD_STATE):
+        memory.pop(name, None)
+    memory.update(settings)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +24,7 @@ from torch import nn
 from batchnorm.functional._batch_norm import check_mask
 from batchnorm.functional._validation import check_bool, check_module
 from batchnorm.layers import BatchNormalization
-from batchnorm.layers._layer_build import _BUILD_STATE, _CALL_CACHES
-from batchnorm.layers._lazy_weights import unmaterialize
+from batchnorm.layers._layer_build import build_settings, undo_build
 from batchnorm.tools import _batch_norm_modules as bn
 from batchnorm.tools._progress import Progress
 
@@ -268,7 +267,8 @@ def collect_population_statistics(
         if not completed:
             modules = dict(layers)
             for name, state in unbuilt.items():
-                _unbuild(cast(BatchNormalization, modules[name]), state)
+                # as a first call that raises undoes its own build
+                undo_build(modules[name], state.settings, state.placeholders)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         totals, count = _gathered(layers, totals, count)
     return PopulationPass(totals, count, smallest)
@@ -300,22 +300,11 @@ class _BuildState:
 
 
 def _build_state(layer: BatchNormalization) -> _BuildState:
-    memory = vars(layer)
     tensors = {**layer._parameters, **layer._buffers}
     return _BuildState(
-        {name: memory[name] for name in _BUILD_STATE if name in memory},
+        build_settings(layer),
         [name for name, t in tensors.items() if t is not None and nn.parameter.is_lazy(t)],
     )
-
-
-def _unbuild(layer: BatchNormalization, state: _BuildState) -> None:
-    """Undo the pass's build of ``layer`` as a first call that raises undoes its own
-    (placeholders back, the build settings as they were)."""
-    unmaterialize(layer, state.placeholders)
-    memory = vars(layer)
-    for name in (*_CALL_CACHES, *_BUILD_STATE):
-        memory.pop(name, None)
-    memory.update(state.settings)
 
 
 def _buffer_copies(module: nn.Module, exclude: Mapping[str, Any] = {}) -> dict[str, torch.Tensor]:
