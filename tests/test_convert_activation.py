@@ -64,6 +64,16 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(x)
 
 
+def conv_model_with_dropout_inside_a_batch_norm() -> nn.Sequential:
+    """Conv, timm's BatchNormAct2d holding a Dropout as ``drop``, conv, BatchNorm2d; eval mode."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        BatchNormAct2d(4, act=nn.ReLU(), drop=nn.Dropout(0.5)),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+    ).eval()
+
+
 class SyncBatchNormAct(nn.SyncBatchNorm):
     """timm.layers.norm_act.SyncBatchNormAct: SyncBatchNorm, then ``drop`` and ``act`` if set."""
 

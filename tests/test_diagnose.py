@@ -13,7 +13,7 @@ from torch import nn
 
 from batchnorm import BatchNormalization, DiagnosisReport, diagnose, freeze, recalibrate
 from batchnorm.__main__ import main
-from tests.test_convert_activation import BatchNormAct2d
+from tests.test_convert_activation import conv_model_with_dropout_inside_a_batch_norm
 
 
 def data(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -298,12 +298,7 @@ def test_a_dropout_inside_a_batch_norm_stays_off_when_measuring():
     """diagnose called train() on a batch norm and its copy, switching on the dropout they hold:
     a false gap (0.71 for 0.015) and a wrong variance ratio on the next layer."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3),
-        BatchNormAct2d(4, act=nn.ReLU(), drop=nn.Dropout(0.5)),
-        nn.Conv2d(4, 4, 1),
-        nn.BatchNorm2d(4),
-    ).eval()
+    model = conv_model_with_dropout_inside_a_batch_norm()
     batches = [torch.randn(16, 3, 8, 8) for _ in range(4)]
     recalibrate(model, batches, progress=False)
     report = diagnose(model, batches, steps=10**6)

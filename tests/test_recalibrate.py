@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from batchnorm import BatchNormalization, freeze, recalibrate
 from batchnorm.tools._progress import Progress
 from tests.distributed_recalibrate_worker import TwoNormNet, rank_batches
-from tests.test_convert_activation import BatchNormAct2d
+from tests.test_convert_activation import conv_model_with_dropout_inside_a_batch_norm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -399,12 +399,7 @@ def test_a_dropout_inside_a_batch_norm_stays_off_during_the_pass():
     """recalibrate called train() on each batch norm, which switched on the dropout it holds:
     the next layer's population variance came out ~2.5x too large."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3),
-        BatchNormAct2d(4, act=nn.ReLU(), drop=nn.Dropout(0.5)),
-        nn.Conv2d(4, 4, 1),
-        nn.BatchNorm2d(4),
-    ).eval()
+    model = conv_model_with_dropout_inside_a_batch_norm()
     model[1].drop.train()  # a mode of its own, to be given back exactly
     modes = [m.training for m in model.modules()]
     batches = [torch.randn(16, 3, 8, 8) for _ in range(4)]
